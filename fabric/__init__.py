@@ -1,0 +1,1 @@
+"""Execution fabric (WASM agents, placement, resource probes); see DESIGN.md. Lands with issue 5."""

@@ -1,0 +1,1 @@
+"""The real peer: asyncio runtime, ZeroMQ transport, zeroconf discovery, SQLite store, CLI."""

@@ -1,0 +1,98 @@
+"""Actors (DESIGN.md): own state, a bounded mailbox, one message at a time.
+
+A :class:`Supervisor` runs each actor. When ``handle`` raises, the crash is
+logged and counted, the actor is restarted (``on_restart``) and the same
+message is retried once; a message that crashes the actor twice is dropped as
+poison. Mailboxes are bounded: :meth:`ActorCell.tell` returns False (and the
+caller counts a drop) when full, so a flood cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+log = logging.getLogger("chimera.actors")
+
+
+@dataclass(frozen=True, slots=True)
+class ActorRef:
+    """Address of an actor: ``(peer_id, name)``."""
+
+    peer_id: str
+    name: str
+
+
+class Actor:
+    """Base class: override ``handle`` (and ``on_restart`` to reset state)."""
+
+    name = "actor"
+
+    async def handle(self, item: object) -> None:
+        raise NotImplementedError
+
+    def on_restart(self) -> None:
+        """Reset state after a crash; the default keeps it."""
+
+
+class ActorCell:
+    def __init__(self, actor: Actor, mailbox_size: int, counters: Counter) -> None:
+        self.actor = actor
+        self.mailbox: asyncio.Queue = asyncio.Queue(maxsize=mailbox_size)
+        self.counters = counters
+        self.task: asyncio.Task | None = None
+
+    def tell(self, item: object) -> bool:
+        try:
+            self.mailbox.put_nowait(item)
+            return True
+        except asyncio.QueueFull:
+            self.counters[f"drop_mailbox_full.{self.actor.name}"] += 1
+            return False
+
+    async def run(self) -> None:
+        actor = self.actor
+        while True:
+            item = await self.mailbox.get()
+            for attempt in (1, 2):
+                try:
+                    await actor.handle(item)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.counters[f"actor_crashes.{actor.name}"] += 1
+                    log.exception("actor %s crashed (attempt %d); restarting", actor.name, attempt)
+                    actor.on_restart()
+                    if attempt == 2:
+                        self.counters[f"poison_dropped.{actor.name}"] += 1
+                        log.error("actor %s: message dropped as poison", actor.name)
+
+
+class Supervisor:
+    def __init__(self, counters: Counter, mailbox_size: int) -> None:
+        self.cells: dict[str, ActorCell] = {}
+        self.counters = counters
+        self.mailbox_size = mailbox_size
+
+    def spawn(self, actor: Actor) -> ActorCell:
+        cell = ActorCell(actor, self.mailbox_size, self.counters)
+        cell.task = asyncio.get_running_loop().create_task(cell.run(), name=f"actor:{actor.name}")
+        self.cells[actor.name] = cell
+        return cell
+
+    def get(self, name: str) -> ActorCell | None:
+        return self.cells.get(name)
+
+    async def stop(self) -> None:
+        for cell in self.cells.values():
+            if cell.task is not None:
+                cell.task.cancel()
+        for cell in self.cells.values():
+            if cell.task is not None:
+                try:
+                    await cell.task
+                except (asyncio.CancelledError, Exception):
+                    pass

@@ -1,0 +1,342 @@
+"""``chimera``: the command line.
+
+Exit codes: 0 success; 1 runtime failure; 2 usage or configuration error;
+3 no running node answered (wrong ``--data-dir``?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from chimera.protocol.errors import InvalidTokenError
+from chimera.protocol.network import Network
+
+from . import admin
+from .config import ConfigError, default_data_dir, load_config
+from .keys import KeyFileError, load_network, save_network
+from .logs import setup_logging
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_NODE = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_network_init(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    if load_network(data_dir) is not None and not args.force:
+        raise CliError(f"{data_dir} already belongs to a network; `chimera network token` "
+                       "prints its token (--force replaces it)")
+    network = Network.create(name=args.name)
+    save_network(data_dir, network)
+    print(f"created network {network.name!r} ({network.fingerprint()}) in {data_dir}", file=sys.stderr)
+    print("join token (secret: share only with peers you admit):", file=sys.stderr)
+    print(network.token())
+    return EXIT_OK
+
+
+def cmd_network_token(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    network = load_network(data_dir)
+    if network is None:
+        raise CliError(f"{data_dir} belongs to no network; run `chimera network init` first")
+    try:  # a running node adds itself as a bootstrap contact for joiners
+        contact = admin.call(data_dir, "status", timeout_s=2.0)["contact"]
+        network = network.with_bootstrap((contact,))
+    except admin.AdminError:
+        pass
+    print(network.token())
+    return EXIT_OK
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
+        out[key.strip()] = value
+    if args.port is not None:
+        out["port"] = args.port
+    if args.listen is not None:
+        out["listen_host"] = args.listen
+    if args.bootstrap:
+        out["bootstrap"] = tuple(args.bootstrap)
+    if args.interface:
+        out["interfaces"] = tuple(args.interface)
+    if args.advertise:
+        out["advertise_hosts"] = tuple(args.advertise)
+    if args.no_mdns:
+        out["mdns"] = False
+    if args.profile:
+        out["profile"] = args.profile
+    if args.log_json:
+        out["log_json"] = True
+    if args.log_level:
+        out["log_level"] = args.log_level
+    return out
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config = load_config(data_dir, config_file=Path(args.config) if args.config else None,
+                         overrides=_overrides(args))
+    setup_logging(config.log_level, config.log_json)
+    network = load_network(data_dir)
+    if args.join:
+        joined = Network.from_token(args.join)
+        if network is not None and network.network_id != joined.network_id:
+            raise CliError(f"{data_dir} already belongs to network {network.fingerprint()}; "
+                           "use another --data-dir to join a different network")
+        network = joined
+        save_network(data_dir, network)
+    if network is None:
+        raise CliError(f"{data_dir} belongs to no network: run `chimera network init` "
+                       "or pass --join TOKEN")
+    from .runtime import Node
+
+    async def main() -> None:
+        node = Node(data_dir, config, network)
+        await node.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(node.stop()))
+        print(f"listening {node.contact_uri}", flush=True)
+        await node.wait_stopped()
+
+    _run(main())
+    return EXIT_OK
+
+
+def _run(coro) -> None:
+    try:
+        import uvloop  # optional extra [fast]
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _print(args: argparse.Namespace, value, text: str) -> None:
+    if args.json:
+        print(json.dumps({"ok": True, "result": value}, indent=None, default=str))
+    else:
+        print(text)
+
+
+def _call(args: argparse.Namespace, cmd: str, cargs: dict | None = None, timeout_s: float = 10.0):
+    try:
+        return admin.call(_data_dir(args), cmd, cargs, timeout_s=timeout_s)
+    except admin.AdminError as exc:
+        raise CliError(str(exc), EXIT_NO_NODE) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = _call(args, "status")
+    members = ", ".join(f"{v} {k}" for k, v in s["members"].items() if v) or "no members yet"
+    text = "\n".join([
+        f"peer id      {s['peer_id']}",
+        f"contact      {s['contact']}",
+        f"network      {s['network']} ({s['network_fingerprint']})",
+        f"incarnation  {s['incarnation']}   profile {s['profile']}   pid {s['pid']}",
+        f"uptime       {s['uptime_s']:.1f} s   RSS {s['rss_bytes'] / 2**20:.1f} MiB",
+        f"members      {members}",
+        f"mdns         {'on' if s['mdns'] else 'off'}   local health {s['local_health']}",
+        "drops        " + (", ".join(f"{k[5:]}={v}" for k, v in s["counters"].items()
+                                     if k.startswith("drop_")) or "none"),
+    ])
+    _print(args, s, text)
+    return EXIT_OK
+
+
+def peers_table(rows: list[dict]) -> str:
+    lines = [f"{'PEER ID':<52}  {'STATE':<7}  {'INC':>3}  {'RTT ms':>7}  {'SEEN s':>6}  ADDRESS"]
+    for r in rows:
+        rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}"
+        lines.append(f"{r['peer_id']:<52}  {r['state']:<7}  {r['incarnation']:>3}  {rtt:>7}  "
+                     f"{r['last_seen_s']:>6.1f}  {(r['addresses'] or ['-'])[0]}")
+    return "\n".join(lines)
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    rows = _call(args, "peers")
+    _print(args, rows, peers_table(rows) if rows else "no peers known yet")
+    return EXIT_OK
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    res = _call(args, "ping", {"peer_id": args.peer_id, "count": args.count},
+                timeout_s=5 + 2.5 * args.count)
+    ok = [r for r in res["rtt_s"] if r is not None]
+    text = "\n".join(
+        [f"{'timeout' if r is None else f'{r * 1000:.3f} ms'}" for r in res["rtt_s"]]
+        + [f"{len(ok)}/{len(res['rtt_s'])} answered"]
+    )
+    _print(args, res, text)
+    return EXIT_OK if ok else EXIT_FAIL
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    rows = _call(args, "events", {"limit": args.limit})
+    _print(args, rows, "\n".join(f"{e['at_ms']}  {e['kind']:<15} {e['peer_id']} inc={e['incarnation']}"
+                                 for e in rows) or "no events")
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .launcher import LocalNetwork
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chimera-up-"))
+    net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns)
+    print(f"starting {args.peers} peers in {workdir} (network {net.network.fingerprint()})")
+    try:
+        net.start()
+        for p in net.peers:
+            print(f"  peer {p.index}: {p.status['peer_id']}\n"
+                  f"          contact  {p.status['contact']}\n"
+                  f"          data dir {p.data_dir}   (chimera peers --data-dir {p.data_dir})")
+        print(f"join token: {workdir / 'network.token'}")
+        ok = net.wait_for(net.full_mesh, timeout_s=30)
+        print("full mesh formed" if ok else "mesh still forming (see `chimera peers`)")
+        print("press Ctrl-C to stop all peers", flush=True)
+        stop = asyncio.Event()
+
+        async def wait() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            while not stop.is_set():
+                if not all(p.alive() for p in net.peers):
+                    dead = [p.index for p in net.peers if not p.alive()]
+                    print(f"peer(s) {dead} exited; see {workdir / 'logs'}", flush=True)
+                    break
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+
+        asyncio.run(wait())
+    finally:
+        codes = net.stop()
+        print(f"stopped {len(codes)} peers (exit codes {codes})")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(peers=args.peers, workdir=Path(args.workdir) if args.workdir else None)
+
+
+# -------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chimera", description="Chimera Mesh peer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="node data directory (default: $CHIMERA_HOME or "
+                                          "the platform user data dir)")
+
+    def json_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    net = sub.add_parser("network", help="create a network or print its join token")
+    net_sub = net.add_subparsers(dest="network_command", required=True)
+    p = net_sub.add_parser("init", help="create a new network and print its join token")
+    data_dir_arg(p)
+    p.add_argument("--name", default="chimera")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_network_init)
+    p = net_sub.add_parser("token", help="print the join token of this data dir's network")
+    data_dir_arg(p)
+    p.set_defaults(func=cmd_network_token)
+
+    p = sub.add_parser("node", help="run one peer")
+    data_dir_arg(p)
+    p.add_argument("--join", metavar="TOKEN", help="join the network of this token")
+    p.add_argument("--config", help="TOML config file (default DATA_DIR/config.toml)")
+    p.add_argument("--listen", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="TCP port (default 7420; 0 = any free port)")
+    p.add_argument("--advertise", action="append", help="address peers should dial (repeatable)")
+    p.add_argument("--bootstrap", action="append", metavar="CONTACT",
+                   help="contact URI chm://PEER_ID@HOST:PORT?key=KEY (repeatable)")
+    p.add_argument("--interface", action="append", help="mDNS interface name or IPv4 (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="disable zeroconf discovery")
+    p.add_argument("--profile", help="deployment profile advertised to peers")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field")
+    p.add_argument("--log-json", action="store_true", help="JSON log lines")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_node)
+
+    for name, func, help_ in (("status", cmd_status, "status of the local node"),
+                              ("peers", cmd_peers, "members as the local node sees them")):
+        p = sub.add_parser(name, help=help_)
+        data_dir_arg(p)
+        json_arg(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("ping", help="round-trip signed echo requests to a peer")
+    data_dir_arg(p)
+    json_arg(p)
+    p.add_argument("peer_id")
+    p.add_argument("--count", type=int, default=5)
+    p.set_defaults(func=cmd_ping)
+    p = sub.add_parser("events", help="recent membership events of the local node")
+    data_dir_arg(p)
+    json_arg(p)
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("up", help="launch N peer processes on this machine")
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--workdir", help="keep each peer's data dir under this folder")
+    p.add_argument("--mdns", action="store_true", help="also discover by mDNS (default: bootstrap + peer exchange)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("demo", help="bring up a local network, show it working, stop")
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--workdir", help="keep the peers' data dirs and logs here")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"chimera: {exc}", file=sys.stderr)
+        return exc.code
+    except (ConfigError, KeyFileError, InvalidTokenError) as exc:
+        print(f"chimera: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"chimera: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

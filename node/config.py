@@ -1,0 +1,153 @@
+"""Node configuration: defaults < TOML file < environment < command-line flags.
+
+The TOML file is ``DATA_DIR/config.toml`` unless ``--config`` names another;
+environment variables are ``CHIMERA_<FIELD>`` in upper case (lists are comma
+separated); flags are the named ones of ``chimera node`` plus ``--set FIELD=VALUE``.
+Unknown keys and ill-typed values are errors with one clear line
+(:class:`ConfigError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+
+class ConfigError(Exception):
+    """A configuration value is unknown or ill-typed."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    # transport
+    listen_host: str = "0.0.0.0"
+    port: int = 7420
+    advertise_hosts: tuple[str, ...] = ()  # empty: every non-loopback IPv4 (or 127.0.0.1)
+    max_message_bytes: int = 1 << 20
+    max_clock_skew_s: float = 30.0
+    send_hwm: int = 1000
+    recv_hwm: int = 10000
+    rate_limit_msgs_per_s: float = 2000.0
+    rate_limit_burst: int = 4000
+    mailbox_size: int = 4096
+    # discovery
+    mdns: bool = True
+    interfaces: tuple[str, ...] = ()  # IPv4 addresses or interface names; empty: all
+    bootstrap: tuple[str, ...] = ()  # tcp://HOST:PORT#TRANSPORT_KEY
+    # membership (SWIM + Lifeguard)
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 0.5
+    indirect_checks: int = 3
+    suspicion_alpha: float = 4.0
+    suspicion_beta: float = 6.0
+    sync_interval_s: float = 30.0
+    reconnect_interval_s: float = 10.0
+    # operation
+    profile: str = "default"
+    log_level: str = "info"
+    log_json: bool = False
+    drop_log_interval_s: float = 60.0
+
+    def replace(self, **changes: object) -> "NodeConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+_HINTS = typing.get_type_hints(NodeConfig)
+
+
+def _coerce(name: str, value: object, source: str) -> object:
+    tp = _HINTS[name]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+        if typing.get_origin(tp) is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError("expected a list of strings")
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {name}: {exc}") from None
+    raise ConfigError(f"{source}: {name}: unsupported type")
+
+
+def default_data_dir() -> Path:
+    """``$CHIMERA_HOME`` or the platform's user data dir (platformdirs)."""
+    env = os.environ.get("CHIMERA_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("chimera-mesh", appauthor=False))
+
+
+def load_config(
+    data_dir: Path,
+    *,
+    config_file: Path | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    overrides: typing.Mapping[str, object] | None = None,
+) -> NodeConfig:
+    """Merge defaults, the TOML file, ``CHIMERA_*`` variables and ``overrides``.
+
+    Raises:
+        ConfigError: unreadable TOML, an unknown key, or an ill-typed value.
+    """
+    values: dict[str, object] = {}
+    path = config_file or data_dir / "config.toml"
+    if config_file is not None and not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        table = doc.get("node", doc)
+        for key, value in table.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[key] = _coerce(key, value, str(path))
+    env = os.environ if environ is None else environ
+    for name in _FIELDS:
+        var = "CHIMERA_" + name.upper()
+        if var in env:
+            values[name] = _coerce(name, env[var], var)
+    for key, value in (overrides or {}).items():
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, value, "flag")
+    try:
+        config = NodeConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 0 <= config.port <= 65535:
+        raise ConfigError(f"port {config.port} outside 0..65535")
+    if config.probe_timeout_s >= config.probe_interval_s:
+        raise ConfigError("probe_timeout_s must be smaller than probe_interval_s")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level {config.log_level!r}: use debug, info, warning or error")
+    return config

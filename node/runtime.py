@@ -1,0 +1,440 @@
+"""The node runtime: drives the pure cores with asyncio, ZeroMQ, zeroconf and SQLite.
+
+Receive path (per frame, cheapest first): connection rate limit (token bucket
+per ZeroMQ connection) -> strict decode + checks + Ed25519 verify
+(:class:`EnvelopeOpener`) -> the mailbox of the actor that owns the message
+kind. Every drop is counted by reason (``counters``) and logged at most once
+per peer and reason per ``drop_log_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+import psutil
+
+from chimera.protocol import PROTOCOL_VERSION
+from chimera.protocol.diagnostics import ECHO_ACTOR, EchoReply, EchoRequest
+from chimera.protocol.envelope import Envelope, EnvelopeOpener, EnvelopeSealer
+from chimera.protocol.errors import MalformedError, RemoteProtocolError
+from chimera.protocol.identity import fingerprint, public_key_from_peer_id
+from chimera.protocol.membership import (
+    MEMBERSHIP_ACTOR,
+    Connect,
+    Hello,
+    MemberEvent,
+    Membership,
+    MembershipConfig,
+    MemberState,
+    PeerContact,
+    Send,
+)
+from chimera.protocol.network import Network, format_contact_uri, parse_contact_uri
+
+from . import admin as admin_api
+from .actors import Actor, ActorRef, Supervisor
+from .config import NodeConfig
+from .discovery import Discovery, resolve_interfaces
+from .keys import load_or_create_identity, load_or_create_transport_keys
+from .logs import DropLog
+from .store import SEQ_BLOCK, Store
+from .transport import TokenBucket, Transport
+
+log = logging.getLogger("chimera.node")
+CAPABILITIES = ("membership", "echo")
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def advertise_hosts(config: NodeConfig) -> list[str]:
+    """IPv4 addresses peers should use to reach us."""
+    if config.advertise_hosts:
+        return list(config.advertise_hosts)
+    if config.listen_host not in ("0.0.0.0", ""):
+        return [config.listen_host]
+    hosts = []
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                hosts.append(a.address)
+    return hosts or ["127.0.0.1"]
+
+
+class MembershipActor(Actor):
+    name = MEMBERSHIP_ACTOR
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    async def handle(self, item: object) -> None:
+        node = self.node
+        if isinstance(item, Envelope):
+            node.membership.on_message(item.sender, item.message, time.monotonic())
+        elif isinstance(item, PeerContact):  # a discovery hint
+            node.membership.add_candidate(item, time.monotonic())
+        node.run_membership_actions()
+
+
+class EchoActor(Actor):
+    name = ECHO_ACTOR
+
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.pending: dict[int, asyncio.Future] = {}
+
+    async def handle(self, item: object) -> None:
+        assert isinstance(item, Envelope)
+        msg = item.message
+        if isinstance(msg, EchoRequest):
+            self.node.counters["echo_requests_received"] += 1
+            if msg.reply:
+                self.node.send(item.sender, EchoReply(nonce=msg.nonce, payload=msg.payload))
+        elif isinstance(msg, EchoReply):
+            fut = self.pending.pop(msg.nonce, None)
+            if fut is not None and not fut.done():
+                fut.set_result(time.perf_counter())
+
+
+class Node:
+    """One peer. ``await start()``, then ``await wait_stopped()`` / ``await stop()``."""
+
+    def __init__(self, data_dir: Path, config: NodeConfig, network: Network) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.network = network
+        self.counters: Counter = Counter()
+        self.events: deque[dict] = deque(maxlen=500)
+        self.started_mono = time.monotonic()
+        self._stopped = asyncio.Event()  # stop() has begun
+        self._closed = asyncio.Event()  # stop() has finished
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._buckets: dict[bytes, TokenBucket] = {}
+        self.discovery: Discovery | None = None
+        self.routes: dict[str, PeerContact] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.identity = load_or_create_identity(self.data_dir)
+        self.transport_keys = load_or_create_transport_keys(self.data_dir)
+        self.peer_id = self.identity.peer_id
+        self.store = Store(self.data_dir)
+        self.incarnation = self.store.bump_incarnation()
+        self._seq_limit = 0
+        self.sealer = EnvelopeSealer(self.identity, self.network.network_id, first_seq=1)
+        self._reserve_seq()
+        self.opener = EnvelopeOpener(
+            self.peer_id, self.network.network_id,
+            max_message_bytes=cfg.max_message_bytes,
+            max_clock_skew_ms=int(cfg.max_clock_skew_s * 1000),
+        )
+        self.drops = DropLog(self.counters, cfg.drop_log_interval_s, log)
+        self.transport = Transport(
+            self.network, self.transport_keys.secret, self.transport_keys.public,
+            on_frames=self._on_frames, counters=self.counters,
+            max_message_bytes=cfg.max_message_bytes, send_hwm=cfg.send_hwm, recv_hwm=cfg.recv_hwm,
+        )
+        self.port = await self.transport.start(cfg.listen_host, cfg.port)
+        self.hosts = advertise_hosts(cfg)
+        self.contact = PeerContact(
+            peer_id=self.peer_id, transport_key=self.transport_keys.public,
+            addresses=tuple(f"tcp://{h}:{self.port}" for h in self.hosts)[:8],
+            capabilities=CAPABILITIES, profile=cfg.profile,
+        )
+        now = time.monotonic()
+        self.membership = Membership(
+            self.contact, self.incarnation,
+            MembershipConfig(
+                probe_interval_s=cfg.probe_interval_s, probe_timeout_s=cfg.probe_timeout_s,
+                indirect_checks=cfg.indirect_checks, suspicion_alpha=cfg.suspicion_alpha,
+                suspicion_beta=cfg.suspicion_beta, sync_interval_s=cfg.sync_interval_s,
+                reconnect_interval_s=cfg.reconnect_interval_s,
+            ),
+            random.Random(int.from_bytes(os.urandom(8), "big")), now,
+        )
+        self.supervisor = Supervisor(self.counters, cfg.mailbox_size)
+        self.supervisor.spawn(MembershipActor(self))
+        self.echo = EchoActor(self)
+        self.supervisor.spawn(self.echo)
+        for uri in (*self.network.bootstrap, *cfg.bootstrap):
+            self.add_contact_uri(uri, static=True)
+        for contact in self.store.known_peers():
+            self.membership.add_candidate(contact, now)
+        self.admin = admin_api.AdminServer(self.data_dir / admin_api.SOCKET_NAME, self._admin_handlers())
+        await self.admin.start()
+        if cfg.mdns:
+            try:
+                self.discovery = Discovery(
+                    self.contact, self.network.network_id, self.port, self.hosts,
+                    resolve_interfaces(cfg.interfaces), self._on_discovered, self.counters)
+                await self.discovery.start()
+            except (OSError, ValueError) as exc:
+                log.warning("mDNS discovery unavailable (%s); using bootstrap and peer exchange only", exc)
+                self.discovery = None
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._membership_timer(), name="membership-timer"))
+        self.run_membership_actions()
+        log.info("peer %s listening on %s (network %s %s, incarnation %d, transport key %s)",
+                 self.peer_id, ", ".join(self.contact.addresses), self.network.name,
+                 self.network.fingerprint(), self.incarnation, fingerprint(self.transport_keys.public))
+
+    @property
+    def contact_uri(self) -> str:
+        return format_contact_uri(self.peer_id, self.hosts[0], self.port, self.transport_keys.public)
+
+    def add_contact_uri(self, uri: str, *, static: bool) -> None:
+        try:
+            peer_id, endpoint, key = parse_contact_uri(uri)
+        except MalformedError as exc:
+            log.warning("ignoring bootstrap contact: %s", exc)
+            return
+        self.membership.add_candidate(
+            PeerContact(peer_id=peer_id, transport_key=key, addresses=(endpoint,)),
+            time.monotonic(), static=static)
+
+    async def stop(self) -> None:
+        """Graceful stop: announce leave, flush briefly, close everything."""
+        if self._stopped.is_set():
+            await self._closed.wait()
+            return
+        self._stopped.set()
+        try:
+            self.membership.leave(time.monotonic())
+            self.run_membership_actions()
+            await asyncio.sleep(0.05)  # let the Leave frames reach the wire (LINGER is 0)
+        except Exception:
+            log.exception("error while announcing leave")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.discovery is not None:
+            try:
+                await asyncio.wait_for(self.discovery.close(), timeout=3)
+            except (Exception, asyncio.TimeoutError):
+                log.warning("zeroconf did not close cleanly")
+        await self.admin.close()
+        await self.supervisor.stop()
+        await self.transport.close()
+        self.store.close()
+        log.info("peer %s stopped", self.peer_id)
+        self._closed.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`stop` has completed (sockets closed, store closed)."""
+        await self._closed.wait()
+
+    # ------------------------------------------------------------------ sending
+
+    def _reserve_seq(self) -> None:
+        first = self.store.reserve_seq_block()
+        self.sealer.next_seq = max(self.sealer.next_seq, first)
+        self._seq_limit = first + SEQ_BLOCK
+
+    def _seal(self, msg: object, recipient: str) -> bytes:
+        if self.sealer.next_seq >= self._seq_limit:
+            self._reserve_seq()
+        return self.sealer.seal(msg, sent_at_ms=wall_ms(), recipient=recipient)
+
+    def send(self, peer_id: str, msg: object) -> bool:
+        """Sign and send ``msg`` to a verified member. False (counted) when unroutable."""
+        contact = self.routes.get(peer_id)
+        if contact is None or not contact.addresses:
+            self.counters["drop_unroutable"] += 1
+            return False
+        return self.transport.send(contact.transport_key, contact.addresses[0], self._seal(msg, peer_id))
+
+    def tell(self, ref: ActorRef, msg: object) -> bool:
+        """Deliver to a local actor in process, or to a remote one as an envelope."""
+        if ref.peer_id == self.peer_id:
+            cell = self.supervisor.get(ref.name)
+            return cell.tell(msg) if cell is not None else False
+        return self.send(ref.peer_id, msg)
+
+    def run_membership_actions(self) -> None:
+        for action in self.membership.take_actions():
+            if isinstance(action, Send):
+                if action.via is not None:
+                    if not isinstance(action.message, Hello):
+                        continue  # only a Hello ever goes to an unverified contact
+                    for endpoint in action.via.addresses[:2]:
+                        self.transport.send(action.via.transport_key, endpoint,
+                                            self._seal(action.message, action.peer_id))
+                else:
+                    self.send(action.peer_id, action.message)
+            elif isinstance(action, Connect):
+                old = self.routes.get(action.contact.peer_id)
+                self.routes[action.contact.peer_id] = action.contact
+                if old is not None and old.transport_key != action.contact.transport_key:
+                    for endpoint in old.addresses:
+                        self.transport.disconnect(old.transport_key, endpoint)
+                self.store.save_peer(action.contact, wall_ms(), "alive")
+            elif isinstance(action, MemberEvent):
+                self._on_member_event(action)
+        self._wake.set()
+
+    def _on_member_event(self, event: MemberEvent) -> None:
+        self.counters[f"events.{event.kind}"] += 1
+        doc = {"kind": event.kind, "peer_id": event.peer_id, "incarnation": event.incarnation,
+               "at_ms": wall_ms(), "priority": "warning" if event.kind == "peer_failed" else "info"}
+        self.events.append(doc)
+        level = logging.WARNING if event.kind in ("peer_failed", "peer_suspected") else logging.INFO
+        log.log(level, "%s %s (incarnation %d)", event.kind, event.peer_id, event.incarnation,
+                extra={"peer_id": event.peer_id, "event": event.kind})
+        state = {"peer_failed": "dead", "peer_left": "left", "peer_suspected": "suspect"}.get(
+            event.kind, "alive")
+        self.store.set_peer_state(event.peer_id, state)
+
+    # ---------------------------------------------------------------- receiving
+
+    def _on_frames(self, batch: list[tuple[bytes, bytes]]) -> None:
+        now = time.monotonic()
+        now_ms = wall_ms()
+        cfg = self.config
+        for conn_id, frame in batch:
+            self.counters["frames_received"] += 1
+            bucket = self._buckets.get(conn_id)
+            if bucket is None:
+                if len(self._buckets) > 4096:
+                    self._buckets.clear()
+                bucket = self._buckets[conn_id] = TokenBucket(cfg.rate_limit_msgs_per_s,
+                                                              cfg.rate_limit_burst, now)
+            if not bucket.take(now):
+                self.drops.record("rate_limited", f"conn:{conn_id.hex()}", "over the token bucket", now)
+                continue
+            try:
+                env = self.opener.open(frame, now_ms)
+            except RemoteProtocolError as exc:
+                self.drops.record(exc.reason, f"conn:{conn_id.hex()}", str(exc), now)
+                continue
+            self.counters["envelopes_accepted"] += 1
+            cell = self.supervisor.get(type(env.message).ACTOR)
+            if cell is None:
+                self.drops.record("no_actor", env.sender, env.kind, now)
+            elif not cell.tell(env):
+                self.drops.record("mailbox_full", env.sender, env.kind, now)
+
+    def _on_discovered(self, contact: PeerContact) -> None:
+        cell = self.supervisor.get(MEMBERSHIP_ACTOR)
+        if cell is not None:
+            cell.tell(contact)
+
+    async def _membership_timer(self) -> None:
+        while True:
+            delay = self.membership.next_deadline() - time.monotonic()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 5.0))
+                    continue  # something changed: recompute the deadline
+                except asyncio.TimeoutError:
+                    pass
+            self.membership.tick(time.monotonic())
+            self.run_membership_actions()
+
+    # -------------------------------------------------------------- diagnostics
+
+    async def ping(self, peer_id: str, count: int = 5, payload_bytes: int = 64,
+                   timeout_s: float = 2.0) -> list[float | None]:
+        """Round-trip times in seconds of ``count`` echo requests (None: timed out)."""
+        out: list[float | None] = []
+        loop = asyncio.get_running_loop()
+        for _ in range(count):
+            nonce = random.getrandbits(63)
+            fut = loop.create_future()
+            self.echo.pending[nonce] = fut
+            start = time.perf_counter()
+            if not self.send(peer_id, EchoRequest(nonce=nonce, payload=b"\0" * payload_bytes)):
+                self.echo.pending.pop(nonce, None)
+                out.append(None)
+                continue
+            try:
+                out.append(await asyncio.wait_for(fut, timeout_s) - start)
+            except asyncio.TimeoutError:
+                self.echo.pending.pop(nonce, None)
+                out.append(None)
+        return out
+
+    def status(self) -> dict:
+        states = Counter(m.state.value for m in self.membership.members.values())
+        proc = psutil.Process()
+        return {
+            "peer_id": self.peer_id,
+            "contact": self.contact_uri,
+            "addresses": list(self.contact.addresses),
+            "network": self.network.name,
+            "network_fingerprint": self.network.fingerprint(),
+            "transport_key_fingerprint": fingerprint(self.transport_keys.public),
+            "protocol_version": PROTOCOL_VERSION,
+            "incarnation": self.membership.incarnation,
+            "profile": self.config.profile,
+            "pid": os.getpid(),
+            "data_dir": str(self.data_dir),
+            "uptime_s": round(time.monotonic() - self.started_mono, 3),
+            "rss_bytes": proc.memory_info().rss,
+            "members": {s.value: states.get(s.value, 0) for s in MemberState},
+            "local_health": self.membership.local_health,
+            "mdns": self.discovery is not None,
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+    def peers(self) -> list[dict]:
+        now = time.monotonic()
+        rows = []
+        for m in sorted(self.membership.members.values(), key=lambda m: m.peer_id):
+            rows.append({
+                "peer_id": m.peer_id, "state": m.state.value, "incarnation": m.incarnation,
+                "addresses": list(m.contact.addresses), "profile": m.contact.profile,
+                "capabilities": list(m.contact.capabilities),
+                "rtt_ms": None if m.rtt_s is None else round(m.rtt_s * 1000, 3),
+                "last_seen_s": round(now - m.last_seen, 3),
+                "state_for_s": round(now - m.state_since, 3),
+            })
+        return rows
+
+    def _admin_handlers(self) -> dict:
+        async def status(args: dict) -> dict:
+            return self.status()
+
+        async def peers(args: dict) -> list:
+            return self.peers()
+
+        async def events(args: dict) -> list:
+            return list(self.events)[-int(args.get("limit", 100)):]
+
+        async def ping(args: dict) -> dict:
+            peer = str(args["peer_id"])
+            public_key_from_peer_id(peer)
+            if peer not in self.routes:
+                raise admin_api.AdminError(f"{peer} is not a verified member")
+            rtts = await self.ping(peer, count=max(1, min(int(args.get("count", 5)), 1000)))
+            return {"peer_id": peer, "rtt_s": rtts}
+
+        async def add_contact(args: dict) -> dict:
+            uri = str(args["uri"])
+            parse_contact_uri(uri)
+            self.add_contact_uri(uri, static=True)
+            self.run_membership_actions()
+            return {"added": uri}
+
+        async def stop(args: dict) -> dict:
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+            return {"stopping": True}
+
+        return {"status": status, "peers": peers, "events": events, "ping": ping,
+                "add_contact": add_contact, "stop": stop}

@@ -1,0 +1,230 @@
+"""ZeroMQ transport: one inbound ROUTER, one outbound DEALER per peer, CURVE + ZAP.
+
+* The ROUTER is a CURVE server with the node's own transport key. A ZAP handler
+  (``zmq.auth.asyncio``) admits only the network's client key, which is derived
+  from the join token: a process without the token cannot finish a handshake.
+* Every outbound DEALER is a CURVE client with the network's client keypair and
+  the peer's transport key as ``curve_serverkey``.
+* ``LINGER`` is 0 (pyzmq's default of -1 hangs shutdown), high-water marks are
+  bounded, ``ZMQ_MAXMSGSIZE`` caps what libzmq will allocate (a bigger frame
+  closes that connection), and each drop point is counted in ``counters``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, OrderedDict
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
+
+from chimera.protocol.network import Network
+
+log = logging.getLogger("chimera.transport")
+
+# libzmq closes a connection whose frame exceeds MAXMSGSIZE; keep some slack over
+# max_message_bytes so slightly-oversize frames reach the codec and are counted.
+MAXMSGSIZE_SLACK_BYTES = 64 * 1024
+
+
+class TokenBucket:
+    """Token bucket rate limiter; ``now`` is passed in (monotonic seconds)."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate_per_s, float(burst)
+        self.tokens, self.stamp = float(burst), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class _Admission:
+    """ZAP credentials provider: admit exactly the network's client key."""
+
+    def __init__(self, client_public: bytes, counters: Counter) -> None:
+        self.allowed_z85 = z85.encode(client_public)
+        self.counters = counters
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key == self.allowed_z85:
+            self.counters["handshakes_admitted"] += 1
+            return True
+        self.counters["handshakes_refused"] += 1
+        log.warning("refused a CURVE handshake from a key that is not in this network")
+        return False
+
+
+class Transport:
+    """Owns the node's sockets. Not thread-safe: use from the event loop only.
+
+    Args:
+        network: the network (client keys derive from its secret).
+        server_secret/server_public: raw 32-byte CURVE keys of this node.
+        on_frames: called with a list of ``(connection_id, frame)`` for each
+            batch of received frames (connection_id: the ROUTER routing id).
+        counters: shared counter dict; keys documented in docs/PROTOCOL.md.
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        server_secret: bytes,
+        server_public: bytes,
+        *,
+        on_frames: Callable[[list[tuple[bytes, bytes]]], None],
+        counters: Counter,
+        max_message_bytes: int,
+        send_hwm: int,
+        recv_hwm: int,
+    ) -> None:
+        self.ctx = zmq.asyncio.Context()
+        # Outbound sockets are only ever written with NOBLOCK, so they use a plain
+        # (synchronous) view of the same libzmq context: no futures per send.
+        self._sync_ctx = zmq.Context.shadow(self.ctx.underlying)
+        self.network = network
+        self.server_secret, self.server_public = server_secret, server_public
+        self.client_public, self.client_secret = network.curve_client_keypair()
+        self.on_frames = on_frames
+        self.counters = counters
+        self.max_message_bytes = max_message_bytes
+        self.send_hwm, self.recv_hwm = send_hwm, recv_hwm
+        self.router: zmq.asyncio.Socket | None = None
+        self.auth: AsyncioAuthenticator | None = None
+        self.dealers: OrderedDict[tuple[bytes, str], zmq.Socket] = OrderedDict()
+        self.port = 0
+        self._recv_task: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind the ROUTER on ``host:port`` (0: any free port); returns the port."""
+        self.auth = AsyncioAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback(
+            domain="chimera", credentials_provider=_Admission(self.client_public, self.counters)
+        )
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.RCVHWM, self.recv_hwm)
+        router.setsockopt(zmq.SNDHWM, self.send_hwm)
+        router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + MAXMSGSIZE_SLACK_BYTES)
+        router.curve_server = True
+        router.curve_secretkey = self.server_secret
+        router.curve_publickey = self.server_public
+        router.setsockopt(zmq.ZAP_DOMAIN, b"chimera")
+        endpoint_host = f"[{host}]" if ":" in host else host
+        if port:
+            router.bind(f"tcp://{endpoint_host}:{port}")
+            self.port = port
+        else:
+            self.port = router.bind_to_random_port(f"tcp://{endpoint_host}")
+        self.router = router
+        self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop())
+        return self.port
+
+    async def _recv_loop(self) -> None:
+        router = self.router
+        assert router is not None
+        # Wait on the asyncio socket, then drain through a synchronous shadow of
+        # it: one await per burst, not per frame.
+        drain = zmq.Socket.shadow(router.underlying)
+        while True:
+            try:
+                await router.poll(timeout=None, flags=zmq.POLLIN)
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            except zmq.ZMQError as exc:
+                self.counters["recv_errors"] += 1
+                log.warning("receive error: %s", exc)
+                await asyncio.sleep(0.01)
+                continue
+            batch: list[tuple[bytes, bytes]] = []
+            while len(batch) < 512:
+                try:
+                    parts = drain.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    self.counters["recv_errors"] += 1
+                    log.warning("receive error: %s", exc)
+                    break
+                if len(parts) == 2:
+                    batch.append((parts[0], parts[1]))
+                else:
+                    self.counters["drop_malformed"] += 1
+            if not batch:
+                continue
+            try:
+                self.on_frames(batch)
+            except Exception:  # the node must keep receiving whatever a handler does
+                self.counters["handler_errors"] += 1
+                log.exception("frame handler failed")
+            await asyncio.sleep(0)  # let actors run between bursts
+
+    def _dealer(self, transport_key: bytes, endpoint: str) -> zmq.Socket:
+        key = (transport_key, endpoint)
+        sock = self.dealers.get(key)
+        if sock is not None:
+            self.dealers.move_to_end(key)
+            return sock
+        sock = self._sync_ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, 16)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1024)  # nothing legitimate ever arrives on a DEALER
+        sock.curve_serverkey = transport_key
+        sock.curve_publickey = self.client_public
+        sock.curve_secretkey = self.client_secret
+        sock.connect(endpoint)
+        self.dealers[key] = sock
+        self.counters["connections_opened"] += 1
+        while len(self.dealers) > 4096:
+            _, old = self.dealers.popitem(last=False)
+            old.close(linger=0)
+        return sock
+
+    def send(self, transport_key: bytes, endpoint: str, frame: bytes) -> bool:
+        """Queue ``frame`` to the peer at ``endpoint``; False (and counted) if dropped."""
+        try:
+            self._dealer(transport_key, endpoint).send(frame, flags=zmq.NOBLOCK, copy=len(frame) < 65536)
+        except zmq.Again:
+            self.counters["drop_send_hwm"] += 1
+            return False
+        except zmq.ZMQError as exc:
+            self.counters["drop_send_error"] += 1
+            log.debug("send to %s failed: %s", endpoint, exc)
+            return False
+        self.counters["frames_sent"] += 1
+        return True
+
+    def disconnect(self, transport_key: bytes, endpoint: str) -> None:
+        sock = self.dealers.pop((transport_key, endpoint), None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    async def close(self) -> None:
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+            try:
+                await self._recv_task
+            except asyncio.CancelledError:
+                pass
+        for sock in self.dealers.values():
+            sock.close(linger=0)
+        self.dealers.clear()
+        if self.router is not None:
+            self.router.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()

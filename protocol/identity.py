@@ -1,0 +1,143 @@
+"""Peer identity: Ed25519 signing keys and the printable peer id.
+
+The peer id is the RFC 4648 base32 encoding (lowercase, no padding) of the raw
+32-byte Ed25519 public key (RFC 8032): 52 characters of ``[a-z2-7]``. It is the
+one form used everywhere (logs, shell, discovery TXT records). Because the id
+*is* the public key, any envelope can be verified from its sender field alone.
+
+Key storage lives in ``chimera.node.keys`` (this module does no I/O).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from .errors import LocalProtocolError, MalformedError
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+PEER_ID_CHARS = 52
+
+
+def b32(raw: bytes) -> str:
+    """Lowercase unpadded RFC 4648 base32 of ``raw``."""
+    return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+
+def unb32(text: str) -> bytes:
+    """Inverse of :func:`b32`. Raises ``MalformedError`` on bad characters."""
+    if not isinstance(text, str) or not text or len(text) > 256:
+        raise MalformedError("base32 text must be a non-empty str of <= 256 chars")
+    padded = text.upper() + "=" * (-len(text) % 8)
+    try:
+        return base64.b32decode(padded, casefold=False)
+    except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+        raise MalformedError(f"invalid base32: {text[:16]!r}...") from exc
+
+
+def peer_id_from_public_key(public_key: bytes) -> str:
+    """The printable peer id of a raw 32-byte Ed25519 public key."""
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise LocalProtocolError("an Ed25519 public key is 32 bytes")
+    return b32(public_key)
+
+
+def public_key_from_peer_id(peer_id: str) -> bytes:
+    """Raw 32-byte public key of ``peer_id``. Raises ``MalformedError``."""
+    if not isinstance(peer_id, str) or len(peer_id) != PEER_ID_CHARS:
+        raise MalformedError(f"a peer id is {PEER_ID_CHARS} base32 characters")
+    raw = unb32(peer_id)
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise MalformedError("a peer id decodes to 32 bytes")
+    return raw
+
+
+def short_id(peer_id: str) -> str:
+    """First 10 characters of a peer id, for dense tables only (never as a key)."""
+    return peer_id[:10]
+
+
+def fingerprint(public_material: bytes) -> str:
+    """``sha256:`` + first 16 hex digits of SHA-256 of public key material.
+
+    Used to show which key a node holds without printing the key.
+    """
+    return "sha256:" + hashlib.sha256(public_material).hexdigest()[:16]
+
+
+class SigningIdentity:
+    """An Ed25519 private key with its peer id.
+
+    Args:
+        seed: the 32-byte RFC 8032 private key seed.
+    Raises:
+        LocalProtocolError: when ``seed`` is not 32 bytes.
+    """
+
+    __slots__ = ("_private", "public_key", "peer_id")
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise LocalProtocolError("an Ed25519 seed is 32 bytes")
+        self._private = Ed25519PrivateKey.from_private_bytes(seed)
+        self.public_key: bytes = self._private.public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw
+        )
+        self.peer_id: str = peer_id_from_public_key(self.public_key)
+
+    @classmethod
+    def generate(cls) -> "SigningIdentity":
+        key = Ed25519PrivateKey.generate()
+        return cls(key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+
+    def seed_bytes(self) -> bytes:
+        """The secret seed, for the key store only. Never log it."""
+        return self._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+    def sign(self, message: bytes) -> bytes:
+        """64-byte Ed25519 signature of ``message``."""
+        return self._private.sign(message)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"SigningIdentity(peer_id={self.peer_id!r})"
+
+
+class VerifierCache:
+    """Caches parsed Ed25519 public keys (parsing costs ~10% of a verify).
+
+    Bounded: at most ``max_entries`` keys; the oldest is evicted first.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._keys: dict[bytes, Ed25519PublicKey] = {}
+        self._max = max_entries
+
+    def verify(self, public_key: bytes, signature: bytes, message: bytes) -> bool:
+        """True when ``signature`` is a valid Ed25519 signature of ``message``."""
+        key = self._keys.get(public_key)
+        if key is None:
+            try:
+                key = Ed25519PublicKey.from_public_bytes(public_key)
+            except ValueError:
+                return False
+            if len(self._keys) >= self._max:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[public_key] = key
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True

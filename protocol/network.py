@@ -1,0 +1,163 @@
+"""Networks and join tokens.
+
+A network is created once (``chimera network init``) from a random 32-byte
+secret. Everything else is derived from the secret with HKDF-SHA256 (RFC 5869):
+
+* ``network_id`` (16 bytes): public; in discovery TXT records and signatures.
+* the network's CURVE client keypair (X25519): every member connects with it,
+  and each node's ZAP handler admits only that client key, so a process
+  without the token cannot complete a handshake (docs/PROTOCOL.md, Admission).
+
+The join token is ``"chm1_" + base64url(msgpack [1, name, secret, bootstrap])``
+without padding. It contains the secret: treat it like a password.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+
+import msgpack
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .errors import InvalidTokenError, LocalProtocolError
+from .identity import fingerprint
+
+TOKEN_PREFIX = "chm1_"
+SECRET_BYTES = 32
+MAX_TOKEN_CHARS = 8192
+MAX_BOOTSTRAP = 32
+
+
+def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """A network's shared secret plus what is derived from it.
+
+    Attributes:
+        name: human label (<= 64 chars), not authenticated.
+        secret: 32 random bytes; never logged.
+        bootstrap: contact strings (``tcp://HOST:PORT#TRANSPORT_KEY``) to try
+            first, for where multicast does not reach.
+    """
+
+    name: str
+    secret: bytes
+    bootstrap: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.secret) != SECRET_BYTES:
+            raise LocalProtocolError("a network secret is 32 bytes")
+
+    @classmethod
+    def create(cls, name: str = "chimera", bootstrap: tuple[str, ...] = ()) -> "Network":
+        return cls(name=name, secret=os.urandom(SECRET_BYTES), bootstrap=tuple(bootstrap))
+
+    @property
+    def network_id(self) -> bytes:
+        return _hkdf(self.secret, b"chimera-mesh/v1 network id", 16)
+
+    def curve_client_keypair(self) -> tuple[bytes, bytes]:
+        """(public, secret) raw 32-byte X25519 keys every member connects with."""
+        seed = _hkdf(self.secret, b"chimera-mesh/v1 curve client key", 32)
+        public = X25519PrivateKey.from_private_bytes(seed).public_key()
+        return public.public_bytes(Encoding.Raw, PublicFormat.Raw), seed
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.network_id)
+
+    def with_bootstrap(self, bootstrap: tuple[str, ...]) -> "Network":
+        return Network(name=self.name, secret=self.secret, bootstrap=tuple(bootstrap))
+
+    def token(self) -> str:
+        packed = msgpack.packb([1, self.name, self.secret, list(self.bootstrap)], use_bin_type=True)
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
+
+    @classmethod
+    def from_token(cls, token: str) -> "Network":
+        """Parse a join token.
+
+        Raises:
+            InvalidTokenError: the token is not one ``token()`` produced.
+        """
+        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
+            raise InvalidTokenError(f"a join token starts with {TOKEN_PREFIX!r}")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise InvalidTokenError("join token too long")
+        body = token[len(TOKEN_PREFIX):].strip()
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            value = msgpack.unpackb(raw, raw=False, ext_hook=_no_ext, max_bin_len=64,
+                                    max_str_len=4096, max_array_len=64, max_map_len=0)
+        except Exception:
+            raise InvalidTokenError("join token is not valid base64url msgpack") from None
+        if (type(value) is not list or len(value) != 4 or value[0] != 1
+                or type(value[1]) is not str or len(value[1]) > 64
+                or type(value[2]) is not bytes or len(value[2]) != SECRET_BYTES
+                or type(value[3]) is not list or len(value[3]) > MAX_BOOTSTRAP
+                or not all(type(b) is str and len(b) < 256 for b in value[3])):
+            raise InvalidTokenError("join token has the wrong structure or version")
+        return cls(name=value[1], secret=value[2], bootstrap=tuple(value[3]))
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise ValueError("extension types are not allowed")
+
+
+# ------------------------------------------------------------------ contacts
+
+CONTACT_SCHEME = "chm"
+
+
+def format_contact_uri(peer_id: str, host: str, port: int, transport_key: bytes) -> str:
+    """``chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY`` (key: base32 of 32 bytes).
+
+    A self-certifying contact: the peer id says who must answer, the key which
+    CURVE server to expect, the host and port where to connect.
+    """
+    from .identity import b32
+
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{CONTACT_SCHEME}://{peer_id}@{host}:{port}?key={b32(transport_key)}"
+
+
+def parse_contact_uri(uri: str) -> tuple[str, str, bytes]:
+    """Parse a contact URI into (peer_id, ``tcp://HOST:PORT`` endpoint, transport key).
+
+    Raises:
+        MalformedError: anything that :func:`format_contact_uri` would not produce.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    from .errors import MalformedError
+    from .identity import public_key_from_peer_id, unb32
+
+    if not isinstance(uri, str) or len(uri) > 512:
+        raise MalformedError("a contact URI is a string of at most 512 characters")
+    try:
+        parts = urlsplit(uri.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise MalformedError(f"bad contact URI {uri[:60]!r}: {exc}") from None
+    if parts.scheme != CONTACT_SCHEME or not parts.username or not parts.hostname or not port:
+        raise MalformedError(
+            f"bad contact URI {uri[:60]!r}: expected chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY")
+    peer_id = parts.username
+    public_key_from_peer_id(peer_id)
+    keys = parse_qs(parts.query).get("key", [])
+    if len(keys) != 1:
+        raise MalformedError(f"contact URI {uri[:60]!r} needs exactly one key=")
+    key = unb32(keys[0])
+    if len(key) != 32:
+        raise MalformedError("transport key must be 32 bytes")
+    host = parts.hostname
+    endpoint = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    return peer_id, endpoint, key
