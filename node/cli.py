@@ -122,6 +122,11 @@ def cmd_node(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(node.stop()))
         print(f"listening {node.contact_uri}", flush=True)
         await node.wait_stopped()
+        # asyncio restores the default handlers when the loop closes; a second
+        # SIGTERM during interpreter teardown must not turn a clean stop into -15.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
     _run(main())
     return EXIT_OK

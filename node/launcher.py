@@ -24,8 +24,10 @@ class PeerProcess:
     log_path: Path
     proc: subprocess.Popen | None = None
     status: dict = field(default_factory=dict)
+    term_sent: bool = False
 
     def start(self) -> None:
+        self.term_sent = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -54,6 +56,12 @@ class PeerProcess:
                 time.sleep(0.05)
         raise RuntimeError(f"peer {self.index} not ready after {timeout_s} s; see {self.log_path}")
 
+    def terminate(self) -> None:
+        """Send SIGTERM once (the node stops gracefully)."""
+        if self.alive() and not self.term_sent:
+            self.term_sent = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def kill(self) -> None:
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
@@ -63,7 +71,8 @@ class PeerProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self.term_sent:
+                self.terminate()
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -145,6 +154,5 @@ class LocalNetwork:
 
     def stop(self) -> list[int | None]:
         for p in self.peers:
-            if p.alive():
-                p.proc.send_signal(signal.SIGTERM)
+            p.terminate()
         return [p.stop() for p in self.peers]

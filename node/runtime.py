@@ -336,7 +336,7 @@ class Node:
 
     async def _membership_timer(self) -> None:
         while True:
-            delay = self.membership.next_deadline() - time.monotonic()
+            delay = min(self.membership.next_deadline() - time.monotonic(), 3600.0)
             if delay > 0:
                 self._wake.clear()
                 try:
@@ -346,6 +346,7 @@ class Node:
                     pass
             self.membership.tick(time.monotonic())
             self.run_membership_actions()
+            await asyncio.sleep(0)  # never starve the loop, whatever the core reports
 
     # -------------------------------------------------------------- diagnostics
 

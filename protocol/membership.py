@@ -441,7 +441,9 @@ class Membership:
                                           self._hello(reply_requested=True)))
 
     def next_deadline(self) -> float:
-        """Monotonic time of the next timer (call :meth:`tick` then)."""
+        """Monotonic time of the next timer (call :meth:`tick` then); inf after leave."""
+        if self._left:
+            return math.inf
         deadlines = [self._next_probe_at, self._next_sync_at, self._next_reconnect_at]
         if self._probe is not None:
             deadlines.append(self._probe.period_end)
@@ -658,10 +660,13 @@ class Membership:
     def _piggyback(self, to: str) -> tuple[MemberUpdate, ...]:
         if not self._gossip:
             return ()
-        chosen = sorted(
-            (item for pid, item in self._gossip.items() if pid != to),
-            key=lambda item: -item[1],
-        )[: self.config.max_piggyback]
+        # A pending update about the recipient always goes first: a suspected
+        # member must hear the suspicion to refute it (SWIM s4.2).
+        about_to = self._gossip.get(to)
+        rest = sorted((item for pid, item in self._gossip.items() if pid != to),
+                      key=lambda item: -item[1])
+        chosen = ([about_to] if about_to else []) + rest
+        chosen = chosen[: self.config.max_piggyback]
         for item in chosen:
             item[1] -= 1
             if item[1] <= 0:
@@ -669,9 +674,7 @@ class Membership:
         return tuple(item[0] for item in chosen)
 
     def _send_member_list(self, to: str, *, reply_requested: bool) -> None:
-        updates = [self._self_update()] + [
-            self._update_of(m) for p, m in self.members.items() if p != to
-        ]
+        updates = [self._self_update()] + [self._update_of(m) for m in self.members.values()]
         for start in range(0, len(updates), 256):
             self._send(to, MemberList(members=tuple(updates[start:start + 256]),
                                       reply_requested=reply_requested and start == 0))
@@ -696,8 +699,8 @@ class Membership:
                     and update.contact.peer_id == pid:
                 self.add_candidate(update.contact, now)
             return
-        if pid == sender:
-            return  # a peer's own liveness comes from Hello / Leave, not gossip
+        if pid == sender and state is not MemberState.ALIVE:
+            return  # a peer does not declare itself suspect or dead
         inc = member.incarnation
         if state is MemberState.ALIVE:
             if update.incarnation > inc:

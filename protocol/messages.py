@@ -86,6 +86,11 @@ class _Int(_Codec):
             raise MalformedError(f"{path}: {value} outside [{self.lo}, {self.hi}]")
         return value
 
+    def dump(self, value: Any) -> int:
+        if type(value) is not int or not self.lo <= value <= self.hi:
+            raise LocalProtocolError(f"int field value {value!r} outside [{self.lo}, {self.hi}]")
+        return value
+
 
 class _Float(_Codec):
     __slots__ = ()
@@ -120,6 +125,11 @@ class _Str(_Codec):
             raise MalformedError(f"{path}: longer than {self.max_len} characters")
         return value
 
+    def dump(self, value: Any) -> str:
+        if type(value) is not str or len(value) > self.max_len:
+            raise LocalProtocolError(f"str field must be a str of <= {self.max_len} characters")
+        return value
+
 
 class _Bytes(_Codec):
     __slots__ = ("exact", "max_len")
@@ -134,6 +144,13 @@ class _Bytes(_Codec):
             raise MalformedError(f"{path}: expected exactly {self.exact} bytes")
         if len(value) > self.max_len:
             raise MalformedError(f"{path}: longer than {self.max_len} bytes")
+        return value
+
+    def dump(self, value: Any) -> bytes:
+        if type(value) is not bytes or len(value) > self.max_len or (
+                self.exact is not None and len(value) != self.exact):
+            raise LocalProtocolError(f"bytes field must be bytes of <= {self.max_len} bytes"
+                                     + (f" (exactly {self.exact})" if self.exact is not None else ""))
         return value
 
 
@@ -151,6 +168,8 @@ class _Tuple(_Codec):
         return tuple(self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value))
 
     def dump(self, value: Any) -> list:
+        if len(value) > self.max_items:
+            raise LocalProtocolError(f"sequence field has more than {self.max_items} items")
         return [self.item.dump(v) for v in value]
 
 

@@ -15,7 +15,7 @@ without padding. It contains the secret: treat it like a password.
 from __future__ import annotations
 
 import base64
-import os
+import secrets
 from dataclasses import dataclass
 
 import msgpack
@@ -58,7 +58,7 @@ class Network:
 
     @classmethod
     def create(cls, name: str = "chimera", bootstrap: tuple[str, ...] = ()) -> "Network":
-        return cls(name=name, secret=os.urandom(SECRET_BYTES), bootstrap=tuple(bootstrap))
+        return cls(name=name, secret=secrets.token_bytes(SECRET_BYTES), bootstrap=tuple(bootstrap))
 
     @property
     def network_id(self) -> bytes:

@@ -1,0 +1,62 @@
+"""Shared helpers: condition waits with generous deadlines (never fixed sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from chimera.node.config import NodeConfig
+from chimera.protocol.network import Network
+
+
+def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+async def async_wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval_s)
+    return bool(predicate())
+
+
+FAST = dict(listen_host="127.0.0.1", port=0, mdns=False, probe_interval_s=0.3,
+            probe_timeout_s=0.1, reconnect_interval_s=0.5, sync_interval_s=2.0)
+
+
+@pytest.fixture
+def network() -> Network:
+    return Network.create(name="test")
+
+
+@pytest.fixture
+def fast_config() -> NodeConfig:
+    return NodeConfig(**FAST)
+
+
+@pytest.fixture
+async def node_factory(tmp_path: Path, network: Network):
+    """Start in-process nodes; all are stopped at teardown."""
+    from chimera.node.runtime import Node
+
+    nodes: list[Node] = []
+
+    async def make(name: str, config: NodeConfig | None = None, net: Network | None = None) -> Node:
+        node = Node(tmp_path / name, config or NodeConfig(**FAST), net or network)
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        await node.stop()

@@ -1,0 +1,247 @@
+"""Envelope codec: sign/verify, tampering, replay, staleness, limits, fuzzing."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chimera.protocol.diagnostics import EchoRequest
+from chimera.protocol.envelope import (
+    SIGNING_DOMAIN,
+    EnvelopeOpener,
+    EnvelopeSealer,
+    signing_input,
+)
+from chimera.protocol.errors import (
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from chimera.protocol.identity import SigningIdentity, peer_id_from_public_key
+from chimera.protocol.membership import Hello, MemberList, MemberUpdate, PeerContact
+from chimera.protocol.messages import decode_fields, encode_fields
+from chimera.protocol.network import Network, format_contact_uri, parse_contact_uri
+
+NOW_MS = 1_700_000_000_000
+ALICE = SigningIdentity(bytes(range(32)))
+BOB = SigningIdentity(bytes(range(32, 64)))
+NET = Network(name="t", secret=b"\x02" * 32)
+
+
+def sealer(identity=ALICE, network=NET, first_seq=1):
+    return EnvelopeSealer(identity, network.network_id, first_seq=first_seq)
+
+
+def opener(**kw):
+    return EnvelopeOpener(BOB.peer_id, NET.network_id, **kw)
+
+
+def frame(msg=None, *, at=NOW_MS, recipient=None, s=None):
+    return (s or sealer()).seal(msg or EchoRequest(nonce=7, payload=b"hi"), sent_at_ms=at,
+                                recipient=recipient)
+
+
+def reason(op, data, now=NOW_MS):
+    with pytest.raises(RemoteProtocolError) as info:
+        op.open(data, now)
+    return info.value.reason
+
+
+def test_roundtrip_and_fields():
+    env = opener().open(frame(recipient=BOB.peer_id), NOW_MS)
+    assert env.sender == ALICE.peer_id
+    assert env.recipient == BOB.peer_id
+    assert env.kind == "echo_request"
+    assert env.message == EchoRequest(nonce=7, payload=b"hi")
+    assert env.seq == 1 and env.sent_at_ms == NOW_MS
+    assert "echo-request 7" in env.describe()
+
+
+def test_signature_covers_domain_network_and_payload():
+    data = frame()
+    payload, sig = data[:-64], data[-64:]
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = Ed25519PublicKey.from_public_bytes(ALICE.public_key)
+    key.verify(sig, SIGNING_DOMAIN + NET.network_id + payload)  # raises if wrong
+    assert signing_input(NET.network_id, payload).startswith(b"chimera-mesh/envelope/v1\x00")
+
+
+def test_every_flipped_byte_is_rejected():
+    data = frame(recipient=BOB.peer_id)
+    for i in range(len(data)):
+        tampered = bytearray(data)
+        tampered[i] ^= 0x01
+        with pytest.raises(RemoteProtocolError):
+            opener().open(bytes(tampered), NOW_MS)
+
+
+def test_other_network_signature_rejected():
+    other = Network(name="x", secret=b"\x03" * 32)
+    data = EnvelopeSealer(ALICE, other.network_id).seal(EchoRequest(nonce=1), sent_at_ms=NOW_MS)
+    assert reason(opener(), data) == "bad_signature"
+
+
+def test_replay_and_window():
+    op = opener()
+    s = sealer()
+    first = frame(s=s)
+    op.open(first, NOW_MS)
+    assert reason(op, first) == "replay"
+    # out-of-order delivery inside the window is accepted once
+    frames = [frame(s=s) for _ in range(5)]
+    for f in reversed(frames):
+        op.open(f, NOW_MS)
+    for f in frames:
+        assert reason(op, f) == "replay"
+    # far below the window: rejected as replay even if never seen
+    old = frame(s=sealer(first_seq=2))
+    far = sealer(first_seq=5000)
+    op.open(frame(s=far), NOW_MS)
+    assert reason(op, old) == "replay"
+
+
+def test_forged_frame_does_not_poison_replay_window():
+    op = opener()
+    s = sealer()
+    good = frame(s=s)
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    assert reason(op, bytes(bad)) == "bad_signature"
+    op.open(good, NOW_MS)  # still accepted
+
+
+def test_stale_and_future_timestamps():
+    op = opener(max_clock_skew_ms=30_000)
+    assert reason(op, frame(at=NOW_MS - 30_001)) == "stale"
+    assert reason(op, frame(at=NOW_MS + 30_001)) == "stale"
+    op.open(frame(at=NOW_MS - 29_000), NOW_MS)
+
+
+def test_wrong_recipient():
+    assert reason(opener(), frame(recipient=ALICE.peer_id)) == "wrong_recipient"
+
+
+def test_size_limits():
+    op = opener(max_message_bytes=200)
+    big = frame(EchoRequest(nonce=1, payload=b"x" * 300))
+    assert reason(op, big) == "oversize"
+    assert reason(op, b"\x00" * 10) == "malformed"
+    with pytest.raises(LocalProtocolError):  # we never send an out-of-bounds field
+        sealer().seal(EchoRequest(nonce=1, payload=b"x" * 70000), sent_at_ms=NOW_MS)
+    with pytest.raises(LocalProtocolError):
+        sealer().seal(EchoRequest(nonce=-1), sent_at_ms=NOW_MS)
+
+
+def _resign(payload_obj) -> bytes:
+    payload = msgpack.packb(payload_obj, use_bin_type=True)
+    return payload + ALICE.sign(signing_input(NET.network_id, payload))
+
+
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (lambda p: p.__setitem__(0, 2), "bad_version"),
+        (lambda p: p.__setitem__(1, "no_such_kind"), "unknown_kind"),
+        (lambda p: p[6].__setitem__("extra", 1), "malformed"),
+        (lambda p: p[6].pop("nonce"), "malformed"),
+        (lambda p: p[6].__setitem__("nonce", -1), "malformed"),
+        (lambda p: p[6].__setitem__("nonce", "7"), "malformed"),
+        (lambda p: p.__setitem__(4, 0), "malformed"),
+        (lambda p: p.append(1), "malformed"),
+        (lambda p: p.__setitem__(2, b"short"), "malformed"),
+    ],
+)
+def test_strict_decode_of_signed_but_invalid_payloads(mutate, expected):
+    payload = [1, "echo_request", ALICE.public_key, None, 1, NOW_MS,
+               {"nonce": 7, "payload": b"", "reply": True}]
+    mutate(payload)
+    assert reason(opener(), _resign(payload)) == expected
+
+
+def test_extension_types_rejected():
+    payload = msgpack.packb([1, "echo_request", ALICE.public_key, None, 1, NOW_MS,
+                             {"nonce": msgpack.ExtType(1, b"x")}], use_bin_type=True)
+    data = payload + ALICE.sign(signing_input(NET.network_id, payload))
+    assert reason(opener(), data) == "malformed"
+
+
+def test_nested_records_strict():
+    contact = PeerContact(peer_id=ALICE.peer_id, transport_key=b"k" * 32, addresses=("tcp://h:1",))
+    msg = MemberList(members=(MemberUpdate(peer_id=ALICE.peer_id, state="alive", incarnation=3,
+                                           contact=contact),))
+    env = opener().open(frame(msg), NOW_MS)
+    assert env.message == msg
+    bad = encode_fields(msg)
+    bad["members"][0]["state"] = "zombie"
+    with pytest.raises(RemoteProtocolError):
+        decode_fields(MemberList, bad)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_only_raise_documented_errors(data):
+    try:
+        opener().open(data, NOW_MS)
+    except RemoteProtocolError:
+        pass
+
+
+VALID = frame(Hello(contact=PeerContact(peer_id=ALICE.peer_id, transport_key=b"k" * 32,
+                                        addresses=("tcp://127.0.0.1:7420",)), incarnation=1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=len(VALID) - 1), st.integers(min_value=1, max_value=255),
+       st.integers(min_value=0, max_value=len(VALID)))
+def test_mutations_and_truncations_of_a_valid_frame(pos, xor, cut):
+    mutated = bytearray(VALID)
+    mutated[pos] ^= xor
+    for candidate in (bytes(mutated), VALID[:cut], VALID[cut:]):
+        try:
+            opener().open(candidate, NOW_MS)
+        except RemoteProtocolError:
+            continue
+        assert candidate == VALID  # only the untouched frame may open
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**63, max_value=2**64 - 1)
+    | st.floats() | st.text(max_size=20) | st.binary(max_size=40),
+    lambda children: st.lists(children, max_size=8) | st.dictionaries(st.text(max_size=8), children, max_size=8),
+    max_leaves=30))
+def test_arbitrary_msgpack_bodies(body):
+    payload = msgpack.packb([1, "hello", ALICE.public_key, None, 1, NOW_MS, body], use_bin_type=True)
+    try:
+        opener().open(payload + ALICE.sign(signing_input(NET.network_id, payload)), NOW_MS)
+    except RemoteProtocolError:
+        pass
+
+
+def test_identity_and_peer_id():
+    assert len(ALICE.peer_id) == 52 and ALICE.peer_id == ALICE.peer_id.lower()
+    assert peer_id_from_public_key(ALICE.public_key) == ALICE.peer_id
+    assert "seed" not in repr(ALICE) and ALICE.seed_bytes().hex() not in repr(ALICE)
+
+
+def test_token_roundtrip_and_rejection():
+    net = Network.create(name="lab", bootstrap=("chm://x@h:1?key=y",))
+    back = Network.from_token(net.token())
+    assert back == net and back.network_id == net.network_id
+    assert len(net.network_id) == 16
+    pub, sec = net.curve_client_keypair()
+    assert len(pub) == len(sec) == 32
+    for bad in ("", "chm1_", "chm1_!!!!", net.token()[:-4], "xyz" + net.token(), "chm1_" + "A" * 9000):
+        with pytest.raises(RemoteProtocolError):
+            Network.from_token(bad)
+
+
+def test_contact_uri_roundtrip():
+    uri = format_contact_uri(ALICE.peer_id, "127.0.0.1", 7420, b"\x05" * 32)
+    assert parse_contact_uri(uri) == (ALICE.peer_id, "tcp://127.0.0.1:7420", b"\x05" * 32)
+    for bad in ("tcp://127.0.0.1:1", f"chm://{ALICE.peer_id}@h:1", f"chm://bad@h:1?key=aaaa",
+                uri.replace("key=", "key=zz1"), "chm://" + "a" * 600):
+        with pytest.raises(RemoteProtocolError):
+            parse_contact_uri(bad)

@@ -1,0 +1,235 @@
+"""Membership core (SWIM + Lifeguard) driven by a small deterministic simulated network.
+
+Many cores run in one process; messages take a seeded random latency; a
+crashed peer receives and sends nothing. Everything is reproducible from the seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+
+import pytest
+
+from chimera.protocol.identity import SigningIdentity
+from chimera.protocol.membership import (
+    Ack,
+    Connect,
+    Hello,
+    MemberEvent,
+    Membership,
+    MembershipConfig,
+    MemberState,
+    MemberUpdate,
+    PeerContact,
+    Ping,
+    Send,
+)
+
+CFG = MembershipConfig(probe_interval_s=1.0, probe_timeout_s=0.4, sync_interval_s=5.0,
+                       reconnect_interval_s=2.0)
+
+
+class SimNet:
+    def __init__(self, n: int, seed: int, loss: float = 0.0) -> None:
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.loss = loss
+        self.heap: list = []
+        self.counter = itertools.count()
+        self.down: set[str] = set()
+        self.events: list[MemberEvent] = []
+        self.ids = [SigningIdentity(bytes([i + 1]) * 32).peer_id for i in range(n)]
+        self.contacts = {pid: PeerContact(peer_id=pid, transport_key=bytes([i + 1]) * 32,
+                                          addresses=(f"tcp://10.0.0.{i + 1}:7420",))
+                         for i, pid in enumerate(self.ids)}
+        self.cores = {pid: self._core(pid, 1) for pid in self.ids}
+        self.routes: dict[str, dict[str, bytes]] = {pid: {} for pid in self.ids}
+
+    def _core(self, pid: str, incarnation: int) -> Membership:
+        return Membership(self.contacts[pid], incarnation, CFG,
+                          random.Random(self.rng.getrandbits(32)), self.now)
+
+    def restart(self, pid: str, incarnation: int) -> None:
+        self.down.discard(pid)
+        self.cores[pid] = self._core(pid, incarnation)
+        self.routes[pid] = {}
+
+    def _deliver_later(self, src: str, dst: str, msg: object) -> None:
+        if self.rng.random() < self.loss:
+            return
+        at = self.now + self.rng.uniform(0.001, 0.02)
+        heapq.heappush(self.heap, (at, next(self.counter), "msg", src, dst, msg))
+
+    def flush(self, pid: str) -> None:
+        for action in self.cores[pid].take_actions():
+            if isinstance(action, Send):
+                if action.via is not None:
+                    assert isinstance(action.message, Hello), "only Hello may go to a candidate"
+                    # deliver only if the contact's key really belongs to that peer
+                    if self.contacts[action.peer_id].transport_key == action.via.transport_key:
+                        self._send(pid, action.peer_id, action.message)
+                else:
+                    assert action.peer_id in self.routes[pid], "sent to an unverified peer"
+                    self._send(pid, action.peer_id, action.message)
+            elif isinstance(action, Connect):
+                self.routes[pid][action.contact.peer_id] = action.contact.transport_key
+            elif isinstance(action, MemberEvent):
+                self.events.append((pid, action))
+
+    def _send(self, src: str, dst: str, msg: object) -> None:
+        if src in self.down or dst in self.down:
+            return
+        self._deliver_later(src, dst, msg)
+
+    def run_until(self, t: float) -> None:
+        while True:
+            next_timer = min((c.next_deadline(), pid) for pid, c in self.cores.items()
+                             if pid not in self.down)
+            next_msg = self.heap[0][0] if self.heap else float("inf")
+            at = min(next_timer[0], next_msg)
+            if at > t:
+                self.now = t
+                return
+            self.now = max(self.now, at)
+            if next_msg <= next_timer[0]:
+                _, _, _, src, dst, msg = heapq.heappop(self.heap)
+                if dst not in self.down and src not in self.down:
+                    self.cores[dst].on_message(src, msg, self.now)
+                    self.flush(dst)
+            else:
+                pid = next_timer[1]
+                self.cores[pid].tick(self.now)
+                self.flush(pid)
+
+    def bootstrap_all_to(self, first: str) -> None:
+        for pid in self.ids:
+            if pid != first:
+                self.cores[pid].add_candidate(self.contacts[first], self.now, static=True)
+                self.flush(pid)
+
+    def state_seen(self, observer: str, target: str) -> MemberState | None:
+        m = self.cores[observer].members.get(target)
+        return None if m is None else m.state
+
+    def full_mesh(self, among: list[str]) -> bool:
+        return all(self.state_seen(a, b) is MemberState.ALIVE for a in among for b in among if a != b)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bootstrap_and_peer_exchange_form_full_mesh(seed):
+    net = SimNet(8, seed)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(10.0)
+    assert net.full_mesh(net.ids)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_crash_detected_by_everyone_and_no_false_positive(seed):
+    net = SimNet(6, seed)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(10.0)
+    victim = net.ids[3]
+    net.down.add(victim)
+    crash_at = net.now
+    # expected bound: every peer probes the victim within (n-1) periods, then the
+    # suspicion timeout (at most beta * alpha * max(1, log10 n) * T)
+    min_s, max_s = net.cores[net.ids[0]].suspicion_bounds_s()
+    net.run_until(crash_at + 5 * CFG.probe_interval_s + max_s)
+    others = [p for p in net.ids if p != victim]
+    assert all(net.state_seen(o, victim) is MemberState.DEAD for o in others)
+    assert net.full_mesh(others), "a healthy peer was wrongly declared failed"
+    failed = [e for _, e in net.events if e.kind == "peer_failed"]
+    assert {e.peer_id for e in failed} == {victim}
+
+
+def test_lifeguard_confirmations_shorten_suspicion():
+    net = SimNet(6, 1)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(10.0)
+    core = net.cores[net.ids[0]]
+    target = core.members[net.ids[1]]
+    core._suspect(target, target.incarnation, core.peer_id, net.now)
+    alone = target.suspect_deadline - net.now
+    for other in net.ids[2:5]:
+        core._suspect(target, target.incarnation, other, net.now)
+    confirmed = target.suspect_deadline - net.now
+    min_s, max_s = core.suspicion_bounds_s()
+    assert alone == pytest.approx(max_s)
+    assert confirmed == pytest.approx(min_s)
+
+
+def test_suspected_peer_refutes_with_higher_incarnation():
+    net = SimNet(4, 2)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(10.0)
+    a, b = net.ids[0], net.ids[1]
+    inc = net.cores[b].incarnation
+    # a (falsely) gossips that b is suspect
+    net.cores[a].on_message(net.ids[2], Ping(probe_id=1, updates=(
+        MemberUpdate(peer_id=b, state="suspect", incarnation=inc),)), net.now)
+    net.flush(a)
+    net.run_until(net.now + 20)
+    assert net.cores[b].incarnation > inc
+    assert all(net.state_seen(o, b) is MemberState.ALIVE for o in net.ids if o != b)
+
+
+def test_restart_rejoins_with_same_id_and_new_incarnation():
+    net = SimNet(5, 3)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(10.0)
+    victim = net.ids[4]
+    net.down.add(victim)
+    net.run_until(40.0)
+    assert net.state_seen(net.ids[0], victim) is MemberState.DEAD
+    net.restart(victim, incarnation=2)
+    net.cores[victim].add_candidate(net.contacts[net.ids[1]], net.now, static=True)
+    net.flush(victim)
+    net.run_until(60.0)
+    assert net.full_mesh(net.ids)
+    assert any(e.kind == "peer_joined" and e.peer_id == victim and e.incarnation >= 2
+               for _, e in net.events)
+
+
+def test_spoofed_candidate_never_becomes_a_route():
+    net = SimNet(3, 4)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(5.0)
+    a, b = net.ids[0], net.ids[1]
+    spoof = PeerContact(peer_id=b, transport_key=b"\xee" * 32, addresses=("tcp://6.6.6.6:1",))
+    net.cores[a].add_candidate(spoof, net.now)
+    net.flush(a)
+    net.run_until(20.0)
+    assert net.routes[a][b] == net.contacts[b].transport_key
+    assert net.cores[a].members[b].contact.transport_key == net.contacts[b].transport_key
+
+
+def test_unverified_sender_is_ignored_and_acks_must_match():
+    net = SimNet(3, 5)
+    core = net.cores[net.ids[0]]
+    core.on_message(net.ids[1], Ping(probe_id=9), 0.0)
+    assert core.take_actions() == []  # not a member: no Ack to a stranger
+    core.on_message(net.ids[1], Ack(probe_id=9), 0.0)
+    assert core.take_actions() == []
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_message_loss_does_not_cause_false_failures(seed):
+    net = SimNet(6, seed, loss=0.05)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(120.0)
+    assert net.full_mesh(net.ids)
+    assert not [e for _, e in net.events if e.kind == "peer_failed"]
+
+
+def test_no_timer_after_leave():
+    net = SimNet(3, 6)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(5.0)
+    core = net.cores[net.ids[1]]
+    core.leave(net.now)
+    assert core.next_deadline() == float("inf")
+    net.flush(net.ids[1])
+    net.run_until(15.0)
+    assert all(net.state_seen(o, net.ids[1]) is MemberState.LEFT for o in (net.ids[0], net.ids[2]))

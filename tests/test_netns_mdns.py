@@ -1,0 +1,62 @@
+"""Real LAN discovery: peers in separate network namespaces on a bridge find each
+other through mDNS alone (no bootstrap contacts). Root only."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from chimera.node import admin
+from chimera.node.keys import save_network
+from chimera.protocol.network import Network
+from tests.conftest import wait_until
+from tests.netns import LanBridge, netns_available
+
+ok, why = netns_available()
+pytestmark = [pytest.mark.netns, pytest.mark.slow,
+              pytest.mark.skipif(not ok, reason=f"needs Linux network namespaces: {why}")]
+
+
+def test_three_namespaced_peers_discover_each_other_by_mdns_only(tmp_path: Path):
+    network = Network.create(name="lan")
+    n = 3
+    with LanBridge(n) as lan:
+        dirs, procs = [], []
+        for i, host in enumerate(lan.hosts):
+            d = tmp_path / f"peer-{i}"
+            save_network(d, network)
+            dirs.append(d)
+            procs.append(lan.popen(i, [
+                sys.executable, "-m", "chimera.node.cli", "node", "--data-dir", str(d),
+                "--listen", host.ip, "--port", "7420", "--interface", host.ip,
+                "--set", "probe_interval_s=0.5", "--set", "probe_timeout_s=0.2",
+            ], stdout=open(tmp_path / f"peer-{i}.log", "wb"), stderr=-2))
+        ids = []
+        for d, p in zip(dirs, procs):
+            assert wait_until(lambda: p.poll() is None and _status(d) is not None, 60), \
+                (tmp_path / "peer-0.log").read_text()[-2000:]
+            ids.append(_status(d)["peer_id"])
+            assert _status(d)["mdns"] is True
+
+        def mesh() -> bool:
+            for i, d in enumerate(dirs):
+                rows = admin.call(d, "peers")
+                alive = {r["peer_id"] for r in rows if r["state"] == "alive"}
+                if alive != set(ids) - {ids[i]}:
+                    return False
+            return True
+
+        assert wait_until(mesh, timeout_s=60), [admin.call(d, "peers") for d in dirs]
+        rows = admin.call(dirs[0], "peers")
+        assert {r["addresses"][0] for r in rows} == {f"tcp://{h.ip}:7420" for h in lan.hosts[1:]}
+        for p in procs:
+            assert lan.terminate(p) == 0
+
+
+def _status(d: Path):
+    try:
+        return admin.call(d, "status", timeout_s=2)
+    except admin.AdminError:
+        return None
