@@ -4,7 +4,7 @@ A :class:`Supervisor` runs each actor. When ``handle`` raises, the crash is
 logged and counted, the actor is restarted (``on_restart``) and the same
 message is retried once; a message that crashes the actor twice is dropped as
 poison. Mailboxes are bounded: :meth:`ActorCell.tell` returns False (and the
-caller counts a drop) when full, so a flood cannot exhaust memory.
+caller counts the drop) when full, so a flood cannot exhaust memory.
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ class ActorCell:
         try:
             self.mailbox.put_nowait(item)
             return True
-        except asyncio.QueueFull:
-            self.counters[f"drop_mailbox_full.{self.actor.name}"] += 1
+        except asyncio.QueueFull:  # the caller counts the drop with its reason
             return False
 
     async def run(self) -> None:

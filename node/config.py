@@ -39,7 +39,7 @@ class NodeConfig:
     # discovery
     mdns: bool = True
     interfaces: tuple[str, ...] = ()  # IPv4 addresses or interface names; empty: all
-    bootstrap: tuple[str, ...] = ()  # tcp://HOST:PORT#TRANSPORT_KEY
+    bootstrap: tuple[str, ...] = ()  # chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY
     # membership (SWIM + Lifeguard)
     probe_interval_s: float = 1.0
     probe_timeout_s: float = 0.5

@@ -18,9 +18,10 @@ from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from chimera.protocol import PROTOCOL_VERSION
-from chimera.protocol.errors import RemoteProtocolError
+from chimera.protocol.errors import LocalProtocolError, RemoteProtocolError
 from chimera.protocol.identity import b32, public_key_from_peer_id, unb32
 from chimera.protocol.membership import PeerContact
+from chimera.protocol.messages import decode_fields, encode_fields
 
 SERVICE_TYPE = "_chimera._tcp.local."
 log = logging.getLogger("chimera.discovery")
@@ -76,9 +77,11 @@ def contact_from_service(info: AsyncServiceInfo, network_id: bytes) -> PeerConta
         if not addresses:
             return None
         caps = tuple(c for c in props.get("caps", "").split(",") if c)[:32]
-        return PeerContact(peer_id=peer_id, transport_key=key, addresses=addresses,
-                           capabilities=caps, profile=props.get("prof", "default")[:32])
-    except (KeyError, RemoteProtocolError, ValueError):
+        contact = PeerContact(peer_id=peer_id, transport_key=key, addresses=addresses,
+                              capabilities=caps, profile=props.get("prof", "default")[:32])
+        # same bounds as a contact received on the wire
+        return decode_fields(PeerContact, encode_fields(contact), "txt")
+    except (KeyError, RemoteProtocolError, LocalProtocolError, ValueError):
         return None
 
 

@@ -23,7 +23,7 @@ import psutil
 from chimera.protocol import PROTOCOL_VERSION
 from chimera.protocol.diagnostics import ECHO_ACTOR, EchoReply, EchoRequest
 from chimera.protocol.envelope import Envelope, EnvelopeOpener, EnvelopeSealer
-from chimera.protocol.errors import MalformedError, RemoteProtocolError
+from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from chimera.protocol.identity import fingerprint, public_key_from_peer_id
 from chimera.protocol.membership import (
     MEMBERSHIP_ACTOR,
@@ -144,6 +144,7 @@ class Node:
         self.transport = Transport(
             self.network, self.transport_keys.secret, self.transport_keys.public,
             on_frames=self._on_frames, counters=self.counters,
+            on_drop=lambda reason, who, detail: self.drops.record(reason, who, detail, time.monotonic()),
             max_message_bytes=cfg.max_message_bytes, send_hwm=cfg.send_hwm, recv_hwm=cfg.recv_hwm,
         )
         self.port = await self.transport.start(cfg.listen_host, cfg.port)
@@ -263,30 +264,40 @@ class Node:
         """Deliver to a local actor in process, or to a remote one as an envelope."""
         if ref.peer_id == self.peer_id:
             cell = self.supervisor.get(ref.name)
-            return cell.tell(msg) if cell is not None else False
+            if cell is None or not cell.tell(msg):
+                self.counters[f"drop_local_{'no_actor' if cell is None else 'mailbox_full'}"] += 1
+                return False
+            return True
         return self.send(ref.peer_id, msg)
 
     def run_membership_actions(self) -> None:
         for action in self.membership.take_actions():
-            if isinstance(action, Send):
-                if action.via is not None:
-                    if not isinstance(action.message, Hello):
-                        continue  # only a Hello ever goes to an unverified contact
-                    for endpoint in action.via.addresses[:2]:
-                        self.transport.send(action.via.transport_key, endpoint,
-                                            self._seal(action.message, action.peer_id))
-                else:
-                    self.send(action.peer_id, action.message)
-            elif isinstance(action, Connect):
-                old = self.routes.get(action.contact.peer_id)
-                self.routes[action.contact.peer_id] = action.contact
-                if old is not None and old.transport_key != action.contact.transport_key:
-                    for endpoint in old.addresses:
-                        self.transport.disconnect(old.transport_key, endpoint)
-                self.store.save_peer(action.contact, wall_ms(), "alive")
-            elif isinstance(action, MemberEvent):
-                self._on_member_event(action)
+            try:
+                self._run_action(action)
+            except LocalProtocolError as exc:  # e.g. a field out of bounds: skip that action
+                self.counters["action_errors"] += 1
+                log.error("membership action %s failed: %s", type(action).__name__, exc)
         self._wake.set()
+
+    def _run_action(self, action: object) -> None:
+        if isinstance(action, Send):
+            if action.via is not None:
+                if not isinstance(action.message, Hello):
+                    return  # only a Hello ever goes to an unverified contact
+                for endpoint in action.via.addresses[:2]:
+                    self.transport.send(action.via.transport_key, endpoint,
+                                        self._seal(action.message, action.peer_id))
+            else:
+                self.send(action.peer_id, action.message)
+        elif isinstance(action, Connect):
+            old = self.routes.get(action.contact.peer_id)
+            self.routes[action.contact.peer_id] = action.contact
+            if old is not None and old.transport_key != action.contact.transport_key:
+                for endpoint in old.addresses:
+                    self.transport.disconnect(old.transport_key, endpoint)
+            self.store.save_peer(action.contact, wall_ms(), "alive")
+        elif isinstance(action, MemberEvent):
+            self._on_member_event(action)
 
     def _on_member_event(self, event: MemberEvent) -> None:
         self.counters[f"events.{event.kind}"] += 1
@@ -310,8 +321,8 @@ class Node:
             self.counters["frames_received"] += 1
             bucket = self._buckets.get(conn_id)
             if bucket is None:
-                if len(self._buckets) > 4096:
-                    self._buckets.clear()
+                if len(self._buckets) >= 4096:  # evict the least recently created
+                    self._buckets.pop(next(iter(self._buckets)))
                 bucket = self._buckets[conn_id] = TokenBucket(cfg.rate_limit_msgs_per_s,
                                                               cfg.rate_limit_burst, now)
             if not bucket.take(now):
@@ -331,8 +342,8 @@ class Node:
 
     def _on_discovered(self, contact: PeerContact) -> None:
         cell = self.supervisor.get(MEMBERSHIP_ACTOR)
-        if cell is not None:
-            cell.tell(contact)
+        if cell is not None and not cell.tell(contact):
+            self.counters["drop_discovery_hint"] += 1
 
     async def _membership_timer(self) -> None:
         while True:
@@ -344,8 +355,12 @@ class Node:
                     continue  # something changed: recompute the deadline
                 except asyncio.TimeoutError:
                     pass
-            self.membership.tick(time.monotonic())
-            self.run_membership_actions()
+            try:
+                self.membership.tick(time.monotonic())
+                self.run_membership_actions()
+            except Exception:  # a bug must not stop failure detection for good
+                self.counters["membership_timer_errors"] += 1
+                log.exception("membership tick failed")
             await asyncio.sleep(0)  # never starve the loop, whatever the core reports
 
     # -------------------------------------------------------------- diagnostics

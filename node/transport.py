@@ -31,6 +31,9 @@ log = logging.getLogger("chimera.transport")
 MAXMSGSIZE_SLACK_BYTES = 64 * 1024
 
 
+DropCallback = Callable[[str, str, str], None]  # (reason, who, detail)
+
+
 class TokenBucket:
     """Token bucket rate limiter; ``now`` is passed in (monotonic seconds)."""
 
@@ -52,16 +55,19 @@ class TokenBucket:
 class _Admission:
     """ZAP credentials provider: admit exactly the network's client key."""
 
-    def __init__(self, client_public: bytes, counters: Counter) -> None:
+    def __init__(self, client_public: bytes, counters: Counter, on_drop: DropCallback) -> None:
         self.allowed_z85 = z85.encode(client_public)
         self.counters = counters
+        self.on_drop = on_drop
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key == self.allowed_z85:
             self.counters["handshakes_admitted"] += 1
             return True
         self.counters["handshakes_refused"] += 1
-        log.warning("refused a CURVE handshake from a key that is not in this network")
+        # logged at most once per key and interval by the node's DropLog
+        self.on_drop("handshake_refused", f"curve:{key[:12].decode('ascii', 'replace')}",
+                     "CURVE client key is not this network's (no or wrong join token)")
         return False
 
 
@@ -84,6 +90,7 @@ class Transport:
         *,
         on_frames: Callable[[list[tuple[bytes, bytes]]], None],
         counters: Counter,
+        on_drop: DropCallback,
         max_message_bytes: int,
         send_hwm: int,
         recv_hwm: int,
@@ -97,6 +104,7 @@ class Transport:
         self.client_public, self.client_secret = network.curve_client_keypair()
         self.on_frames = on_frames
         self.counters = counters
+        self.on_drop = on_drop
         self.max_message_bytes = max_message_bytes
         self.send_hwm, self.recv_hwm = send_hwm, recv_hwm
         self.router: zmq.asyncio.Socket | None = None
@@ -110,10 +118,11 @@ class Transport:
         self.auth = AsyncioAuthenticator(self.ctx)
         self.auth.start()
         self.auth.configure_curve_callback(
-            domain="chimera", credentials_provider=_Admission(self.client_public, self.counters)
+            domain="chimera", credentials_provider=_Admission(self.client_public, self.counters, self.on_drop)
         )
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.IPV6, 1)
         router.setsockopt(zmq.RCVHWM, self.recv_hwm)
         router.setsockopt(zmq.SNDHWM, self.send_hwm)
         router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + MAXMSGSIZE_SLACK_BYTES)
@@ -160,7 +169,8 @@ class Transport:
                 if len(parts) == 2:
                     batch.append((parts[0], parts[1]))
                 else:
-                    self.counters["drop_malformed"] += 1
+                    self.on_drop("malformed", f"conn:{parts[0].hex()}",
+                                 f"{len(parts) - 1} frames; an envelope is exactly one")
             if not batch:
                 continue
             try:
@@ -178,6 +188,7 @@ class Transport:
             return sock
         sock = self._sync_ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.SNDHWM, self.send_hwm)
         sock.setsockopt(zmq.RCVHWM, 16)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)

@@ -45,10 +45,6 @@ class UnknownKindError(RemoteProtocolError):
     reason = "unknown_kind"
 
 
-class WrongNetworkError(RemoteProtocolError):
-    reason = "wrong_network"
-
-
 class WrongRecipientError(RemoteProtocolError):
     reason = "wrong_recipient"
 

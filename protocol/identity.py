@@ -60,8 +60,9 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     if not isinstance(peer_id, str) or len(peer_id) != PEER_ID_CHARS:
         raise MalformedError(f"a peer id is {PEER_ID_CHARS} base32 characters")
     raw = unb32(peer_id)
-    if len(raw) != PUBLIC_KEY_BYTES:
-        raise MalformedError("a peer id decodes to 32 bytes")
+    if len(raw) != PUBLIC_KEY_BYTES or b32(raw) != peer_id:
+        # exactly one spelling per key: lowercase, unused trailing bits zero
+        raise MalformedError("a peer id is the canonical lowercase base32 of 32 bytes")
     return raw
 
 

@@ -42,11 +42,14 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from .errors import LocalProtocolError
-from .identity import PEER_ID_CHARS
-from .messages import Len, MaxItems, MaxLen, message, record
+from .messages import Len, MaxItems, MaxLen, PeerId, Range, message, record
 
 MEMBERSHIP_ACTOR = "membership"
-PeerIdStr = Annotated[str, MaxLen(PEER_ID_CHARS)]
+PeerIdStr = PeerId
+# Incarnations only grow by one per refutation; a claim near 2**62 is forged.
+MAX_INCARNATION = 2**62
+Incarnation = Annotated[int, Range(0, MAX_INCARNATION)]
+ADDRESS_SCHEMES = ("tcp://",)
 
 
 class MemberState(str, enum.Enum):
@@ -73,6 +76,11 @@ class PeerContact:
     capabilities: Annotated[tuple[Annotated[str, MaxLen(64)], ...], MaxItems(32)] = ()
     profile: Annotated[str, MaxLen(32)] = "default"
 
+    def __post_init__(self) -> None:
+        for address in self.addresses:
+            if not address.startswith(ADDRESS_SCHEMES):
+                raise ValueError(f"address {address[:40]!r} is not a tcp:// endpoint")
+
     def describe(self) -> str:
         return f"{self.peer_id[:10]}@{','.join(self.addresses) or '-'}"
 
@@ -86,7 +94,7 @@ class MemberUpdate:
 
     peer_id: PeerIdStr
     state: Annotated[str, MaxLen(8)]
-    incarnation: int
+    incarnation: Incarnation
     contact: PeerContact | None = None
 
     def __post_init__(self) -> None:
@@ -106,7 +114,7 @@ class Hello:
     """A peer introduces itself; binds its peer id to its transport key."""
 
     contact: PeerContact
-    incarnation: int
+    incarnation: Incarnation
     reply_requested: bool = True
 
     def describe(self) -> str:
@@ -164,7 +172,7 @@ class MemberList:
 class Leave:
     """The sender is shutting down gracefully."""
 
-    incarnation: int
+    incarnation: Incarnation
 
     def describe(self) -> str:
         return f"leave inc={self.incarnation}"
@@ -271,6 +279,7 @@ class _Probe:
     period_end: float
     indirect_sent: bool = False
     acked: bool = False
+    helpers: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -366,8 +375,7 @@ class Membership:
             return
         member = self.members.get(sender)
         if member is None:
-            # Not verified yet: only a Hello may introduce a peer. Ask for one.
-            return
+            return  # not verified yet: only a Hello may introduce a peer
         member.last_seen = now
         if isinstance(msg, Leave):
             self._set_state(member, MemberState.LEFT, max(member.incarnation, msg.incarnation), now)
@@ -413,7 +421,8 @@ class Membership:
                 probe.indirect_sent = True
                 helpers = [p for p in self._alive_ids() if p != probe.target]
                 self.rng.shuffle(helpers)
-                for helper in helpers[: cfg.indirect_checks]:
+                probe.helpers = tuple(helpers[: cfg.indirect_checks])
+                for helper in probe.helpers:
                     self._send(helper, PingReq(probe_id=probe.probe_id, target=probe.target,
                                                updates=self._piggyback(helper)))
             if now >= probe.period_end:
@@ -616,7 +625,7 @@ class Membership:
         if probe is None or probe.acked or msg.probe_id != probe.probe_id:
             return
         direct = msg.of is None and sender == probe.target
-        indirect = msg.of == probe.target
+        indirect = msg.of == probe.target and sender in probe.helpers
         if not (direct or indirect):
             return
         probe.acked = True
@@ -688,7 +697,7 @@ class Membership:
         pid = update.peer_id
         if pid == self.peer_id:
             if state in (MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT) \
-                    and update.incarnation >= self.incarnation:
+                    and self.incarnation <= update.incarnation < MAX_INCARNATION:
                 self.incarnation = update.incarnation + 1  # refute (SWIM s4.2)
                 self._adjust_health(+1)
                 self._queue_gossip(None)

@@ -60,6 +60,11 @@ class Range:
     hi: int
 
 
+@dataclass(frozen=True, slots=True)
+class PeerIdMark:
+    """Marks a ``str`` field that must be a canonical peer id (52 chars base32)."""
+
+
 # ---------------------------------------------------------------- field codecs
 
 
@@ -128,6 +133,32 @@ class _Str(_Codec):
     def dump(self, value: Any) -> str:
         if type(value) is not str or len(value) > self.max_len:
             raise LocalProtocolError(f"str field must be a str of <= {self.max_len} characters")
+        return value
+
+
+class _PeerId(_Str):
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(52)
+
+    def check(self, value: Any, path: str) -> str:
+        from .identity import public_key_from_peer_id
+
+        value = super().check(value, path)
+        try:
+            public_key_from_peer_id(value)
+        except MalformedError as exc:
+            raise MalformedError(f"{path}: {exc}") from None
+        return value
+
+    def dump(self, value: Any) -> str:
+        from .identity import public_key_from_peer_id
+
+        try:
+            public_key_from_peer_id(value)
+        except MalformedError as exc:
+            raise LocalProtocolError(f"not a peer id: {exc}") from None
         return value
 
 
@@ -224,6 +255,8 @@ def _codec_for(tp: Any, marks: tuple = ()) -> _Codec:
     if tp is float:
         return _Float()
     if tp is str:
+        if any(isinstance(m, PeerIdMark) for m in marks):
+            return _PeerId()
         return _Str(next((m.n for m in marks if isinstance(m, MaxLen)), DEFAULT_MAX_STR))
     if tp is bytes:
         exact = next((m.n for m in marks if isinstance(m, Len)), None)
@@ -246,6 +279,17 @@ def _build_fields(cls: type) -> None:
 def encode_fields(obj: Any) -> dict:
     """Wire map of a record or message (nested records become maps)."""
     return {name: codec.dump(getattr(obj, name)) for name, codec, _ in obj.__chimera_fields__}
+
+
+PeerId = Annotated[str, PeerIdMark()]
+
+
+def reject_duplicate_keys(pairs: list) -> dict:
+    """msgpack ``object_pairs_hook``: a map with a repeated key is malformed."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise MalformedError("map with a duplicate key")
+    return out
 
 
 def decode_fields(cls: type, value: Any, path: str = "body") -> Any:

@@ -44,7 +44,7 @@ class Network:
     Attributes:
         name: human label (<= 64 chars), not authenticated.
         secret: 32 random bytes; never logged.
-        bootstrap: contact strings (``tcp://HOST:PORT#TRANSPORT_KEY``) to try
+        bootstrap: contact URIs (``chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY``) to try
             first, for where multicast does not reach.
     """
 
@@ -93,12 +93,12 @@ class Network:
             raise InvalidTokenError("join token too long")
         body = token[len(TOKEN_PREFIX):].strip()
         try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
             value = msgpack.unpackb(raw, raw=False, ext_hook=_no_ext, max_bin_len=64,
                                     max_str_len=4096, max_array_len=64, max_map_len=0)
         except Exception:
             raise InvalidTokenError("join token is not valid base64url msgpack") from None
-        if (type(value) is not list or len(value) != 4 or value[0] != 1
+        if (type(value) is not list or len(value) != 4 or type(value[0]) is not int or value[0] != 1
                 or type(value[1]) is not str or len(value[1]) > 64
                 or type(value[2]) is not bytes or len(value[2]) != SECRET_BYTES
                 or type(value[3]) is not list or len(value[3]) > MAX_BOOTSTRAP

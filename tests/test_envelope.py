@@ -245,3 +245,47 @@ def test_contact_uri_roundtrip():
                 uri.replace("key=", "key=zz1"), "chm://" + "a" * 600):
         with pytest.raises(RemoteProtocolError):
             parse_contact_uri(bad)
+
+
+def test_peer_id_has_exactly_one_spelling():
+    from chimera.protocol.identity import public_key_from_peer_id
+
+    pid = ALICE.peer_id
+    public_key_from_peer_id(pid)
+    last = "abcdefghijklmnopqrstuvwxyz234567"
+    twin = pid[:-1] + last[(last.index(pid[-1]) ^ 1)]  # differs only in unused bits
+    for bad in (pid.upper(), twin, pid[:-1], pid + "a"):
+        with pytest.raises(RemoteProtocolError):
+            public_key_from_peer_id(bad)
+
+
+def test_duplicate_map_keys_rejected():
+    body = b"\x83" + msgpack.packb("nonce") + msgpack.packb(1) + msgpack.packb("nonce") + \
+        msgpack.packb(2) + msgpack.packb("reply") + msgpack.packb(True)
+    head = msgpack.packb([1, "echo_request", ALICE.public_key, None, 1, NOW_MS], use_bin_type=True)
+    payload = b"\x97" + head[1:] + body  # 7-element array: the 6 header items, then the body
+    data = payload + ALICE.sign(signing_input(NET.network_id, payload))
+    assert reason(opener(), data) == "malformed"
+
+
+def test_gossiped_invalid_peer_id_or_address_rejected_at_decode():
+    contact = encode_fields(PeerContact(peer_id=ALICE.peer_id, transport_key=b"k" * 32,
+                                        addresses=("tcp://h:1",)))
+    for field, value in (("peer_id", "zz"), ("peer_id", ALICE.peer_id.upper()),
+                         ("addresses", ["ipc:///tmp/x"])):
+        bad = dict(contact, **{field: value})
+        with pytest.raises(RemoteProtocolError):
+            decode_fields(PeerContact, bad)
+
+
+def test_token_rejects_non_int_version_and_non_alphabet():
+    net = Network(name="t", secret=b"\x02" * 32)
+    packed = msgpack.packb([True, "t", net.secret, []], use_bin_type=True)
+    import base64
+
+    forged = "chm1_" + base64.urlsafe_b64encode(packed).decode().rstrip("=")
+    with pytest.raises(RemoteProtocolError):
+        Network.from_token(forged)
+    token = net.token()
+    with pytest.raises(RemoteProtocolError):
+        Network.from_token(token[:10] + "*" + token[10:])

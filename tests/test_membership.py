@@ -233,3 +233,39 @@ def test_no_timer_after_leave():
     net.flush(net.ids[1])
     net.run_until(15.0)
     assert all(net.state_seen(o, net.ids[1]) is MemberState.LEFT for o in (net.ids[0], net.ids[2]))
+
+
+def test_forged_huge_incarnation_claim_cannot_overflow():
+    from chimera.protocol.membership import MAX_INCARNATION
+
+    net = SimNet(3, 7)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(5.0)
+    a, b = net.ids[0], net.ids[1]
+    inc = net.cores[a].incarnation
+    net.cores[a].on_message(b, Ping(probe_id=1, updates=(
+        MemberUpdate(peer_id=a, state="suspect", incarnation=MAX_INCARNATION),)), net.now)
+    net.flush(a)
+    assert net.cores[a].incarnation == inc
+    from chimera.protocol.messages import decode_fields, encode_fields
+    with pytest.raises(Exception):
+        decode_fields(MemberUpdate, dict(encode_fields(MemberUpdate(peer_id=a, state="alive", incarnation=1)),
+                                         incarnation=MAX_INCARNATION + 1))
+
+
+def test_indirect_ack_only_from_asked_helpers():
+    net = SimNet(6, 8)  # 4 candidate helpers, indirect_checks = 3: one is not asked
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(5.0)
+    core = net.cores[net.ids[0]]
+    net.down.add(net.ids[1])
+    # run until a's probe of ids[1] has gone indirect
+    while not (core._probe and core._probe.target == net.ids[1] and core._probe.indirect_sent):
+        net.run_until(net.now + 0.05)
+    stranger = [p for p in net.ids[2:] if p not in core._probe.helpers]
+    assert stranger
+    core.on_message(stranger[0], Ack(probe_id=core._probe.probe_id, of=net.ids[1]), net.now)
+    assert not core._probe.acked
+    helper = core._probe.helpers[0]
+    core.on_message(helper, Ack(probe_id=core._probe.probe_id, of=net.ids[1]), net.now)
+    assert core._probe.acked
