@@ -147,15 +147,6 @@ class Transport:
         # it: one await per burst, not per frame.
         drain = zmq.Socket.shadow(router.underlying)
         while True:
-            try:
-                await router.poll(timeout=None, flags=zmq.POLLIN)
-            except (asyncio.CancelledError, zmq.ContextTerminated):
-                return
-            except zmq.ZMQError as exc:
-                self.counters["recv_errors"] += 1
-                log.warning("receive error: %s", exc)
-                await asyncio.sleep(0.01)
-                continue
             batch: list[tuple[bytes, bytes]] = []
             while len(batch) < 512:
                 try:
@@ -163,6 +154,8 @@ class Transport:
                 except zmq.Again:
                     break
                 except zmq.ZMQError as exc:
+                    if exc.errno == zmq.ETERM:
+                        return
                     self.counters["recv_errors"] += 1
                     log.warning("receive error: %s", exc)
                     break
@@ -171,14 +164,22 @@ class Transport:
                 else:
                     self.on_drop("malformed", f"conn:{parts[0].hex()}",
                                  f"{len(parts) - 1} frames; an envelope is exactly one")
-            if not batch:
+            if batch:
+                try:
+                    self.on_frames(batch)
+                except Exception:  # the node must keep receiving whatever a handler does
+                    self.counters["handler_errors"] += 1
+                    log.exception("frame handler failed")
+                await asyncio.sleep(0)  # let actors run between bursts
                 continue
-            try:
-                self.on_frames(batch)
-            except Exception:  # the node must keep receiving whatever a handler does
-                self.counters["handler_errors"] += 1
-                log.exception("frame handler failed")
-            await asyncio.sleep(0)  # let actors run between bursts
+            try:  # nothing queued: wait for the socket to become readable
+                await router.poll(timeout=None, flags=zmq.POLLIN)
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            except zmq.ZMQError as exc:
+                self.counters["recv_errors"] += 1
+                log.warning("receive error: %s", exc)
+                await asyncio.sleep(0.01)
 
     def _dealer(self, transport_key: bytes, endpoint: str) -> zmq.Socket:
         key = (transport_key, endpoint)

@@ -11,6 +11,7 @@ Key storage lives in ``chimera.node.keys`` (this module does no I/O).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 
 from cryptography.exceptions import InvalidSignature
@@ -48,6 +49,7 @@ def unb32(text: str) -> bytes:
         raise MalformedError(f"invalid base32: {text[:16]!r}...") from exc
 
 
+@functools.lru_cache(maxsize=65536)
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The printable peer id of a raw 32-byte Ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_BYTES:
@@ -55,6 +57,7 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return b32(public_key)
 
 
+@functools.lru_cache(maxsize=65536)  # failures raise and are not cached
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Raw 32-byte public key of ``peer_id``. Raises ``MalformedError``."""
     if not isinstance(peer_id, str) or len(peer_id) != PEER_ID_CHARS:
