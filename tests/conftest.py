@@ -60,3 +60,25 @@ async def node_factory(tmp_path: Path, network: Network):
     yield make
     for node in nodes:
         await node.stop()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite the golden transcripts under tests/testdata/")
+
+
+@pytest.fixture
+def golden(request):
+    """Compare text with ``tests/testdata/NAME`` (rewritten with --update-golden)."""
+    update = request.config.getoption("--update-golden")
+
+    def check(name: str, text: str) -> None:
+        path = Path(__file__).parent / "testdata" / name
+        if update or not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+            if not update:
+                pytest.fail(f"golden file {path} was missing and has been written; re-run")
+        assert text == path.read_text(), f"transcript differs from {path} (--update-golden rewrites it)"
+
+    return check

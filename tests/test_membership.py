@@ -269,3 +269,30 @@ def test_indirect_ack_only_from_asked_helpers():
     helper = core._probe.helpers[0]
     core.on_message(helper, Ack(probe_id=core._probe.probe_id, of=net.ids[1]), net.now)
     assert core._probe.acked
+
+
+def test_golden_transcript_join_and_crash(golden):
+    """Three peers join through one bootstrap contact, one crashes and is declared
+    dead; every delivered message and event is written with describe()."""
+    net = SimNet(3, 42)
+    short = {pid: f"p{i}" for i, pid in enumerate(net.ids)}
+    lines = []
+    original = {pid: core.on_message for pid, core in net.cores.items()}
+
+    def tap(dst):
+        def on_message(src, msg, now):
+            lines.append(f"{now:8.3f} {short[src]}->{short[dst]} {msg.describe()}")
+            return original[dst](src, msg, now)
+        return on_message
+
+    for pid, core in net.cores.items():
+        core.on_message = tap(pid)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(3.0)
+    net.down.add(net.ids[2])
+    net.run_until(12.0)
+    lines += [f"{e.at:8.3f} event@{short[obs]} {e.describe()}" for obs, e in net.events]
+    text = "\n".join(lines) + "\n"
+    for pid, name in short.items():
+        text = text.replace(pid[:10], name)
+    golden("membership_join_crash.txt", text)
