@@ -584,6 +584,11 @@ class Membership:
             if by != self.peer_id:
                 member.confirmations.add(by)
             self._queue_gossip(member)
+            if by == self.peer_id:
+                # Tell the suspect directly too (the suspicion about it rides
+                # first): if it is alive it can refute before the timeout.
+                self._send(member.peer_id, Ping(probe_id=self.rng.getrandbits(63),
+                                                updates=self._piggyback(member.peer_id)))
         k = min(self.config.indirect_checks, self.member_count() - 2)
         if k < 1:
             timeout = min_s

@@ -214,12 +214,13 @@ def test_unverified_sender_is_ignored_and_acks_must_match():
     assert core.take_actions() == []
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(20))
 def test_message_loss_does_not_cause_false_failures(seed):
     net = SimNet(6, seed, loss=0.05)
     net.bootstrap_all_to(net.ids[0])
     net.run_until(120.0)
-    assert net.full_mesh(net.ids)
+    live = (MemberState.ALIVE, MemberState.SUSPECT)  # a passing suspicion is legal under loss
+    assert all(net.state_seen(a, b) in live for a in net.ids for b in net.ids if a != b)
     assert not [e for _, e in net.events if e.kind == "peer_failed"]
 
 
