@@ -261,10 +261,17 @@ class Node:
         return self.transport.send(contact.transport_key, contact.addresses[0], self._seal(msg, peer_id))
 
     def tell(self, ref: ActorRef, msg: object) -> bool:
-        """Deliver to a local actor in process, or to a remote one as an envelope."""
+        """Deliver to a local actor in process, or to a remote one as an envelope.
+
+        Actors always receive an :class:`Envelope`; a local one is never encoded
+        or signed (``seq`` 0, ``size_bytes`` 0) and never touches the transport.
+        """
         if ref.peer_id == self.peer_id:
             cell = self.supervisor.get(ref.name)
-            if cell is None or not cell.tell(msg):
+            local = Envelope(version=PROTOCOL_VERSION, kind=type(msg).KIND, sender=self.peer_id,
+                             recipient=self.peer_id, seq=0, sent_at_ms=wall_ms(), message=msg,
+                             size_bytes=0)
+            if cell is None or not cell.tell(local):
                 self.counters[f"drop_local_{'no_actor' if cell is None else 'mailbox_full'}"] += 1
                 return False
             return True

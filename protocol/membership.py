@@ -638,12 +638,9 @@ class Membership:
         target = self.members.get(probe.target)
         if target is None:
             return
-        if direct:
+        if direct:  # an ack never clears a suspicion: only the peer's own refutation does
             rtt = now - probe.sent_at
             target.rtt_s = rtt if target.rtt_s is None else 0.8 * target.rtt_s + 0.2 * rtt
-        if target.state is MemberState.SUSPECT:
-            # We reached it, but only the peer itself may refute with a higher incarnation.
-            pass
 
     def _on_ping_req(self, sender: str, msg: PingReq, now: float) -> None:
         target = self.members.get(msg.target)
