@@ -118,7 +118,8 @@ class Node:
         self._closed = asyncio.Event()  # stop() has finished
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._buckets: dict[bytes, TokenBucket] = {}
+        self._buckets: dict[bytes | str, TokenBucket] = {}  # by owner peer id, else connection
+        self._conn_owner: dict[bytes, str] = {}  # ROUTER connection id -> first verified sender
         self.discovery: Discovery | None = None
         self.routes: dict[str, PeerContact] = {}
 
@@ -326,12 +327,18 @@ class Node:
         cfg = self.config
         for conn_id, frame in batch:
             self.counters["frames_received"] += 1
-            bucket = self._buckets.get(conn_id)
+            # Rate limit before any verification. A connection is charged to the
+            # first peer that it delivered a verified envelope for, so all of a
+            # peer's connections share one bucket and reconnecting gains nothing;
+            # a connection not yet bound gets only a small bucket of its own.
+            owner = self._conn_owner.get(conn_id)
+            key = owner if owner is not None else conn_id
+            bucket = self._buckets.get(key)
             if bucket is None:
-                if len(self._buckets) >= 4096:  # evict the least recently created
+                if len(self._buckets) >= 8192:  # evict the least recently created
                     self._buckets.pop(next(iter(self._buckets)))
-                bucket = self._buckets[conn_id] = TokenBucket(cfg.rate_limit_msgs_per_s,
-                                                              cfg.rate_limit_burst, now)
+                burst = cfg.rate_limit_burst if owner is not None else min(cfg.rate_limit_burst, 32)
+                bucket = self._buckets[key] = TokenBucket(cfg.rate_limit_msgs_per_s, burst, now)
             if not bucket.take(now):
                 self.drops.record("rate_limited", f"conn:{conn_id.hex()}", "over the token bucket", now)
                 continue
@@ -341,6 +348,11 @@ class Node:
                 self.drops.record(exc.reason, f"conn:{conn_id.hex()}", str(exc), now)
                 continue
             self.counters["envelopes_accepted"] += 1
+            if owner is None:
+                if len(self._conn_owner) >= 8192:
+                    self._conn_owner.pop(next(iter(self._conn_owner)))
+                self._conn_owner[conn_id] = env.sender
+                self._buckets.pop(conn_id, None)
             cell = self.supervisor.get(type(env.message).ACTOR)
             if cell is None:
                 self.drops.record("no_actor", env.sender, env.kind, now)

@@ -65,8 +65,8 @@ class _Admission:
             self.counters["handshakes_admitted"] += 1
             return True
         self.counters["handshakes_refused"] += 1
-        # logged at most once per key and interval by the node's DropLog
-        self.on_drop("handshake_refused", f"curve:{key[:12].decode('ascii', 'replace')}",
+        # one log line per interval for all outsiders (fresh keys cost nothing)
+        self.on_drop("handshake_refused", "outsider",
                      "CURVE client key is not this network's (no or wrong join token)")
         return False
 

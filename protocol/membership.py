@@ -252,6 +252,7 @@ class Member:
     state: MemberState
     state_since: float
     last_seen: float
+    hello_incarnation: int = 0  # from the peer's own signed Hello only (gossip cannot raise it)
     rtt_s: float | None = None
     suspect_deadline: float | None = None
     suspect_started: float | None = None
@@ -351,18 +352,16 @@ class Membership:
                 and member.contact.transport_key == contact.transport_key \
                 and member.contact.addresses == contact.addresses:
             return
-        per_peer = self.candidates.setdefault(pid, {})
-        existing = per_peer.get(contact.transport_key)
         expires = None if static else now + self.config.candidate_ttl_s
+        existing = self.candidates.get(pid, {}).get(contact.transport_key)
         if existing is not None:
             existing.contact = contact
             if existing.expires is not None:
                 existing.expires = expires
             return
-        if sum(len(v) for v in self.candidates.values()) >= self.config.max_candidates:
-            if not static:
-                return
-        per_peer[contact.transport_key] = _Candidate(
+        if not static and sum(len(v) for v in self.candidates.values()) >= self.config.max_candidates:
+            return  # bounded: a flood of hints cannot grow memory (static contacts still go in)
+        self.candidates.setdefault(pid, {})[contact.transport_key] = _Candidate(
             contact=contact, next_hello=now, backoff_s=self.config.hello_retry_min_s, expires=expires
         )
 
@@ -529,7 +528,7 @@ class Membership:
             if len(self.members) >= self.config.max_members:
                 return
             member = Member(contact=contact, incarnation=msg.incarnation, state=MemberState.ALIVE,
-                            state_since=now, last_seen=now)
+                            state_since=now, last_seen=now, hello_incarnation=msg.incarnation)
             self.members[sender] = member
             self._actions.append(Connect(contact))
             self._emit("peer_joined", member, now)
@@ -539,8 +538,15 @@ class Membership:
             return
         member.last_seen = now
         if member.contact != contact:
+            # A contact changes only with a newer incarnation of the peer (it binds
+            # once per run): an older Hello replayed by a member cannot roll the
+            # route back. A peer we had lost may come back at any incarnation.
+            newer = msg.incarnation > member.hello_incarnation
+            if not (newer or member.state in (MemberState.DEAD, MemberState.LEFT)):
+                return
             member.contact = contact
             self._actions.append(Connect(contact))
+        member.hello_incarnation = max(member.hello_incarnation, msg.incarnation)
         was = member.state
         incarnation = max(member.incarnation, msg.incarnation)
         if was is not MemberState.ALIVE:

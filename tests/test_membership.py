@@ -297,3 +297,29 @@ def test_golden_transcript_join_and_crash(golden):
     for pid, name in short.items():
         text = text.replace(pid[:10], name)
     golden("membership_join_crash.txt", text)
+
+
+def test_older_hello_cannot_roll_back_a_route():
+    net = SimNet(3, 9)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(5.0)
+    a, b = net.ids[0], net.ids[1]
+    core = net.cores[a]
+    old = net.contacts[b]
+    new = PeerContact(peer_id=b, transport_key=b"\x77" * 32, addresses=("tcp://10.0.0.99:7420",))
+    core.on_message(b, Hello(contact=new, incarnation=5, reply_requested=False), net.now)
+    assert core.members[b].contact == new
+    core.on_message(b, Hello(contact=old, incarnation=4, reply_requested=False), net.now)
+    assert core.members[b].contact == new
+    assert not [x for x in core.take_actions() if isinstance(x, Connect) and x.contact == old]
+
+
+def test_candidate_table_is_bounded_without_leftovers():
+    net = SimNet(2, 10)
+    core = net.cores[net.ids[0]]
+    for i in range(core.config.max_candidates + 50):
+        ident = SigningIdentity(i.to_bytes(4, "big") * 8)
+        core.add_candidate(PeerContact(peer_id=ident.peer_id, transport_key=b"\x01" * 32,
+                                       addresses=("tcp://10.1.0.1:1",)), 0.0)
+    assert sum(len(v) for v in core.candidates.values()) == core.config.max_candidates
+    assert all(core.candidates.values())  # no empty entries left behind

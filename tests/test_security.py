@@ -570,6 +570,58 @@ async def test_flood_from_an_admitted_connection_is_rate_limited(make_pair) -> N
     await pair.assert_serves_honest_peer()
 
 
+async def test_reconnecting_does_not_reset_the_rate_limit(make_pair) -> None:
+    """A member that opens a fresh connection for every burst shares one bucket."""
+    rate, burst, connections, per_connection = 100.0, 50, 20, 200
+    pair = await make_pair(rate_limit_msgs_per_s=rate, rate_limit_burst=burst)
+    a = pair.a
+    forger = pair.forger()
+    frames = [forger.echo(nonce=i) for i in range(connections * per_connection)]
+    before = drops(a)
+    echo_before = a.counters["echo_requests_received"]
+    keys = pair.network.curve_client_keypair()
+    errors: list[BaseException] = []
+    sockets: list[zmq.Socket] = []
+
+    def attacker() -> None:
+        try:
+            for c in range(connections):
+                sock = pair.ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDTIMEO, int(DEADLINE_S * 1000))
+                sock.curve_serverkey = a.transport_keys.public
+                sock.curve_publickey, sock.curve_secretkey = keys
+                sock.connect(pair.endpoint)
+                sockets.append(sock)
+                for frame in frames[c * per_connection:(c + 1) * per_connection]:
+                    sock.send(frame)
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=attacker, name="reconnecting-flood")
+    thread.start()
+    await asyncio.to_thread(thread.join)
+    assert not errors, errors
+
+    def handled() -> int:  # interleaved connections may also push frames below the replay window
+        return sum((drops(a) - before).values()) + a.counters["echo_requests_received"] - echo_before
+
+    await wait_for(lambda: handled() >= len(frames),
+                   lambda: f"{len(frames)} frames handled, got {handled()} ({dict(drops(a) - before)})")
+    elapsed = time.monotonic() - started
+    for sock in sockets:
+        sock.close(linger=0)
+    accepted = a.counters["echo_requests_received"] - echo_before
+    assert set(drops(a) - before) <= {"drop_rate_limited", "drop_replay"}
+    assert (drops(a) - before)["drop_rate_limited"] > 0
+    # One bucket for the sender, plus at most one frame per fresh connection
+    # before it is bound to the sender (per-connection buckets would give 20 bursts).
+    assert accepted <= burst + connections + rate * elapsed + 1, (accepted, elapsed)
+    await pair.expect_attacker_accepted(accepted)
+    await pair.assert_serves_honest_peer()
+
+
 # ------------------------------------------- 3. spoofed discovery / advertisement
 
 
