@@ -279,6 +279,9 @@ class Node:
         return self.send(ref.peer_id, msg)
 
     def run_membership_actions(self) -> None:
+        if self.membership.incarnation > self.incarnation:  # refuted: persist before it is sent
+            self.incarnation = self.membership.incarnation
+            self.store.set_meta("incarnation", self.incarnation)
         for action in self.membership.take_actions():
             try:
                 self._run_action(action)
