@@ -1,0 +1,1177 @@
+"""BFT replicated log core: Tendermint consensus (pure, sans-IO).
+
+Reference: Buchman, Kwon, Milosevic, "The latest gossip on BFT consensus"
+(2018), Algorithm 1; proposer rotation and pacing as in CometBFT. Line numbers
+in comments (``L22`` ...) refer to Algorithm 1.
+
+Model
+-----
+* Validators and weights come from a :class:`~chimera.consensus.quorum.WeightTable`
+  in force for a range of heights (:meth:`BftCore.set_weight_table`). A quorum
+  is strictly more than 2/3 of the weight (``WeightTable.passes``); round
+  skipping (L55) uses strictly more than 1/3.
+* Each height runs rounds of propose / prevote / precommit with locking
+  (``locked_round``/``locked_hash``) and ``valid_round``/``valid_block`` exactly
+  as in Algorithm 1; timeouts grow per round: ``base + round * delta``.
+* A block holds a batch of application values (sorted by SHA-256, no
+  duplicates), the proposer, the epoch and the parent block hash; its content
+  does not depend on the round, so a block re-proposed with a valid round keeps
+  its hash. ``block_hash`` = SHA-256 of the canonical msgpack of the block.
+* Proposals and votes are signed with :func:`~chimera.consensus.quorum.sign_vote`
+  (purposes ``"proposal"``, ``"prevote"``, ``"precommit"``; statements
+  ``[height, round, block_hash]`` for votes and ``[height, round, block_hash,
+  valid_round]`` for proposals), so a commit carries a
+  :class:`~chimera.consensus.quorum.QuorumCertificate` of precommits that anyone
+  holding the epoch's weight table verifies with :func:`verify_commit`.
+* Proposer of ``(height, round)``: the CometBFT proposer-priority algorithm
+  (every step adds each validator's weight to its priority, picks the highest,
+  ties to the smallest peer id, and subtracts the total weight from it). Step
+  ``(height - table_height) + round`` of the sequence that starts from all-zero
+  priorities when the table comes into force. Starting from zero, the sequence
+  repeats every ``total weight`` steps (each validator is picked exactly
+  ``weight`` times per period), so any peer (also one joining late) computes
+  the same proposer from the table and its first height alone. Unlike CometBFT,
+  priorities are *not* carried over across a table change.
+
+Beyond the paper's pseudocode (all safe: they only change what is proposed or
+which signed messages are seen, never a voting rule):
+
+* "2f+1 prevotes for id(v)" counts every voter that signed ``id(v)``: an
+  equivocator's second vote still counts for a block we know (the paper counts
+  messages), so a polka that locked a correct peer is visible to the others.
+* a polka of an earlier round seen late still raises ``valid_round`` (L36 only
+  looks at the current round), so the next correct proposer re-proposes the
+  value correct peers may be locked on; a re-proposer relays the polka's signed
+  prevotes with its proposal (what L28 needs at every peer).
+
+Gossip and catch-up
+-------------------
+Messages can be lost: every ``rebroadcast_interval_s`` the core re-broadcasts
+its own signed votes of the rounds that matter (current, previous, lock, valid
+round) and its proposal. A message of a *lower* height from a peer makes the
+core push the certified commits that peer misses; a message of a *higher*
+height makes it ask for commits (``BftCommitRequest``). Commits received are
+verified (certificate against the weight table of their height, parent hash
+against our chain) before they are applied: no peer is trusted.
+
+Driver duties (the order of :meth:`BftCore.take_actions` matters)
+-----------------------------------------------------------------
+* :class:`PersistVote`: write ``state`` durably *before* running the next
+  action (which sends the signed proposal/vote). Pass the last persisted state
+  back as ``sign_state`` on restart: the core then never signs a conflicting
+  proposal or vote for the same or an earlier (height, round, step), and it
+  restores its lock.
+* :class:`Commit`: persist the block with its certificate *before* running any
+  later action and before acknowledging its values to clients.
+* :class:`Broadcast` goes to every validator of the current table except us;
+  :class:`Send` to one peer.
+* :class:`Evidence`, :class:`Rejected`: feed reputation / audit log.
+* :class:`ServeCommits`: a peer asked for commits older than the in-memory
+  cache; answer from the store with a :class:`BftCommitResponse`.
+
+The core never reads a clock: pass ``now`` (monotonic seconds) to every input
+and call :meth:`BftCore.tick` at :meth:`BftCore.next_deadline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Annotated, Callable
+
+import msgpack
+
+from chimera.consensus.quorum import (
+    MAX_VOTERS,
+    CertificateError,
+    QuorumCertificate,
+    SignedVote,
+    WeightTable,
+    sign_vote,
+    verify_certificate,
+    verify_vote,
+)
+from chimera.protocol.errors import LocalProtocolError, RemoteProtocolError
+from chimera.protocol.identity import SigningIdentity
+from chimera.protocol.messages import Len, MaxItems, MaxLen, PeerId, Range, encode_fields, message, record
+
+BFT_ACTOR = "consensus"
+PROPOSAL = "proposal"
+PREVOTE = "prevote"
+PRECOMMIT = "precommit"
+VOTE_TYPES = (PREVOTE, PRECOMMIT)
+_STEP_RANK = {PROPOSAL: 0, PREVOTE: 1, PRECOMMIT: 2}
+NEW_HEIGHT = "new_height"  # waiting commit_wait_s before round 0 of a fresh height
+PROPOSE = "propose"
+
+MAX_HEIGHT = 2**62
+MAX_ROUND = 2**31
+MAX_EPOCH = 2**62
+MAX_BLOCK_VALUES = 256
+MAX_VALUE_BYTES = 4096
+MAX_VALUES_PER_MESSAGE = 64
+MAX_COMMITS_PER_RESPONSE = 16
+GENESIS_HASH = bytes(32)
+ONE_THIRD = Fraction(1, 3)
+
+Height = Annotated[int, Range(1, MAX_HEIGHT)]
+Round = Annotated[int, Range(0, MAX_ROUND)]
+Hash32 = Annotated[bytes, Len(32)]
+Value = Annotated[bytes, MaxLen(MAX_VALUE_BYTES)]
+
+
+def _h8(digest: bytes | None) -> str:
+    return "nil" if digest is None else digest.hex()[:8]
+
+
+def value_hash(value: bytes) -> bytes:
+    """SHA-256 of an application value (its identity in pools and blocks)."""
+    return hashlib.sha256(value).digest()
+
+
+# ------------------------------------------------------------------- wire types
+
+
+@record
+class Block:
+    """A batch of values at ``height`` on top of ``parent_hash`` (round independent).
+
+    ``values`` are sorted by :func:`value_hash`, strictly (no duplicates).
+    ``parent_hash`` is the hash of the block at ``height - 1`` (zeros at 1).
+    """
+
+    height: Height
+    epoch: Annotated[int, Range(0, MAX_EPOCH)]
+    proposer: PeerId
+    parent_hash: Hash32
+    values: Annotated[tuple[Value, ...], MaxItems(MAX_BLOCK_VALUES)] = ()
+
+    def describe(self) -> str:
+        return (f"block h={self.height} {_h8(block_hash(self))} {len(self.values)} values "
+                f"by {self.proposer[:10]}")
+
+
+def block_hash(block: Block) -> bytes:
+    """SHA-256 of the canonical msgpack encoding of ``block`` (field order fixed)."""
+    return hashlib.sha256(msgpack.packb(encode_fields(block), use_bin_type=True)).digest()
+
+
+@record
+class Vote:
+    """A signed prevote or precommit for ``block_hash`` (None: nil) in (height, round)."""
+
+    vote_type: Annotated[str, MaxLen(9)]
+    height: Height
+    round: Round
+    block_hash: Hash32 | None = None
+    signed: SignedVote
+
+    def __post_init__(self) -> None:
+        if self.vote_type not in VOTE_TYPES:
+            raise ValueError(f"unknown vote type {self.vote_type[:9]!r}")
+
+    @property
+    def voter(self) -> str:
+        return self.signed.voter
+
+    def statement(self) -> list:
+        return [self.height, self.round, self.block_hash]
+
+    def describe(self) -> str:
+        return (f"{self.vote_type} h={self.height} r={self.round} {_h8(self.block_hash)} "
+                f"by {self.voter[:10]}")
+
+
+@record
+class Equivocation:
+    """Two different signed votes of one voter for the same (type, height, round)."""
+
+    first: Vote
+    second: Vote
+
+    def describe(self) -> str:
+        a = self.first
+        return (f"equivocation by {a.voter[:10]}: {a.vote_type} h={a.height} r={a.round} "
+                f"{_h8(a.block_hash)} vs {_h8(self.second.block_hash)}")
+
+
+@record
+class CertifiedCommit:
+    """A decided block with the quorum certificate of precommits of ``round``."""
+
+    round: Round
+    block: Block
+    certificate: QuorumCertificate
+
+    @property
+    def height(self) -> int:
+        return self.block.height
+
+    def describe(self) -> str:
+        return f"commit h={self.height} r={self.round} {_h8(block_hash(self.block))} {self.certificate.describe()}"
+
+
+@record
+class SignState:
+    """What the driver persists before sending a signed proposal or vote.
+
+    ``step`` is ``"proposal"``, ``"prevote"`` or ``"precommit"``; ``locked_*``
+    carry the lock (Algorithm 1 lockedRound / id(lockedValue)) at that moment.
+    Store it with ``encode_fields`` and load it with ``decode_fields``.
+    """
+
+    height: Height
+    round: Round
+    step: Annotated[str, MaxLen(9)]
+    block_hash: Hash32 | None = None
+    valid_round: Round | None = None
+    locked_round: Round | None = None
+    locked_hash: Hash32 | None = None
+
+    def __post_init__(self) -> None:
+        if self.step not in _STEP_RANK:
+            raise ValueError(f"unknown step {self.step[:9]!r}")
+
+    def position(self) -> tuple[int, int, int]:
+        return (self.height, self.round, _STEP_RANK[self.step])
+
+    def describe(self) -> str:
+        return f"signed {self.step} h={self.height} r={self.round} {_h8(self.block_hash)}"
+
+
+@message("bft_proposal", actor=BFT_ACTOR)
+class BftProposal:
+    """The proposer of (height, round) proposes ``block`` (``valid_round``: L16 validRound)."""
+
+    height: Height
+    round: Round
+    block: Block
+    valid_round: Round | None = None
+    signed: SignedVote
+
+    def __post_init__(self) -> None:
+        if self.block.height != self.height:
+            raise ValueError("proposal height differs from its block's height")
+        if self.valid_round is not None and self.valid_round >= self.round:
+            raise ValueError("valid_round must be below round")
+
+    def statement(self, digest: bytes) -> list:
+        return [self.height, self.round, digest, self.valid_round]
+
+    def describe(self) -> str:
+        vr = "" if self.valid_round is None else f" vr={self.valid_round}"
+        return (f"proposal h={self.height} r={self.round}{vr} {_h8(block_hash(self.block))} "
+                f"{len(self.block.values)} values by {self.signed.voter[:10]}")
+
+
+@message("bft_vote", actor=BFT_ACTOR)
+class BftVote:
+    vote: Vote
+
+    def describe(self) -> str:
+        return self.vote.describe()
+
+
+@message("bft_values", actor=BFT_ACTOR)
+class BftValues:
+    """Application values for the pools of every proposer."""
+
+    values: Annotated[tuple[Value, ...], MaxItems(MAX_VALUES_PER_MESSAGE)]
+
+    def describe(self) -> str:
+        return f"values x{len(self.values)}"
+
+
+@message("bft_commit_request", actor=BFT_ACTOR)
+class BftCommitRequest:
+    """Ask for the certified commits from ``from_height`` on."""
+
+    from_height: Height
+    max_count: Annotated[int, Range(1, MAX_COMMITS_PER_RESPONSE)] = MAX_COMMITS_PER_RESPONSE
+
+    def describe(self) -> str:
+        return f"commit-request from h={self.from_height} max {self.max_count}"
+
+
+@message("bft_commit_response", actor=BFT_ACTOR)
+class BftCommitResponse:
+    """Consecutive certified commits; ``latest_height``: the sender's last committed height."""
+
+    commits: Annotated[tuple[CertifiedCommit, ...], MaxItems(MAX_COMMITS_PER_RESPONSE)]
+    latest_height: Annotated[int, Range(0, MAX_HEIGHT)]
+
+    def describe(self) -> str:
+        span = f"h={self.commits[0].height}..{self.commits[-1].height}" if self.commits else "none"
+        return f"commit-response {span} latest {self.latest_height}"
+
+
+# ------------------------------------------------------------------ verifiers
+
+
+def verify_commit(commit: CertifiedCommit, table: WeightTable, network_id: bytes) -> None:
+    """Check a certified commit against the weight table of its height's epoch.
+
+    Raises:
+        CertificateError: wrong epoch, duplicate/unknown voter, bad signature,
+            or the precommitters' weight not strictly above 2/3.
+    """
+    if commit.block.epoch != table.epoch:
+        raise CertificateError(f"block of epoch {commit.block.epoch}, table of epoch {table.epoch}")
+    statement = [commit.block.height, commit.round, block_hash(commit.block)]
+    verify_certificate(commit.certificate, table, PRECOMMIT, network_id, statement)
+
+
+def verify_equivocation(evidence: Equivocation, table: WeightTable, network_id: bytes) -> bool:
+    """True when ``evidence`` proves that a validator of ``table`` signed two conflicting votes."""
+    a, b = evidence.first, evidence.second
+    if a.voter != b.voter or a.voter not in table.weights:
+        return False
+    if (a.vote_type, a.height, a.round) != (b.vote_type, b.height, b.round) or a.block_hash == b.block_hash:
+        return False
+    return all(verify_vote(v.signed, v.vote_type, network_id, table.epoch, v.statement()) for v in (a, b))
+
+
+# ---------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class PersistVote:
+    """Persist ``state`` durably before running the next action (it sends the signature)."""
+
+    state: SignState
+
+    def describe(self) -> str:
+        return f"persist {self.state.describe()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Send ``message`` to every validator of the current table except ourselves."""
+
+    message: object
+
+    def describe(self) -> str:
+        return f"broadcast {self.message.describe()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    peer_id: str
+    message: object
+
+    def describe(self) -> str:
+        return f"send {self.peer_id[:10]} {self.message.describe()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """``commit`` is decided: persist it before any later action and before acknowledging."""
+
+    commit: CertifiedCommit
+    block_hash: bytes
+
+    @property
+    def height(self) -> int:
+        return self.commit.block.height
+
+    @property
+    def block(self) -> Block:
+        return self.commit.block
+
+    @property
+    def certificate(self) -> QuorumCertificate:
+        return self.commit.certificate
+
+    def describe(self) -> str:
+        return f"commit h={self.height} r={self.commit.round} {_h8(self.block_hash)} " \
+               f"{len(self.block.values)} values {self.certificate.describe()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """A verifiable equivocation (see :func:`verify_equivocation`)."""
+
+    equivocation: Equivocation
+
+    def describe(self) -> str:
+        return self.equivocation.describe()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Input from ``peer_id`` was dropped for ``reason`` (a reputation observation)."""
+
+    peer_id: str
+    reason: str
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"rejected {self.reason} from {self.peer_id[:10]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeCommits:
+    """``peer_id`` wants commits from ``from_height`` that are no longer cached in memory."""
+
+    peer_id: str
+    from_height: int
+    max_count: int
+
+    def describe(self) -> str:
+        return f"serve-commits {self.peer_id[:10]} from h={self.from_height}"
+
+
+@dataclass(frozen=True, slots=True)
+class BftEvent:
+    """``kind``: new_height | new_round | round_skip | timeout_propose |
+    timeout_prevote | timeout_precommit | locked | committed | sign_refused."""
+
+    kind: str
+    height: int
+    round: int
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind} h={self.height} r={self.round}" + (f" {self.detail}" if self.detail else "")
+
+
+Action = PersistVote | Broadcast | Send | Commit | Evidence | Rejected | ServeCommits | BftEvent
+
+
+# ----------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, slots=True)
+class BftConfig:
+    """Timeouts in seconds (``base + round * delta``) and limits."""
+
+    propose_timeout_s: float = 3.0
+    propose_timeout_delta_s: float = 0.5
+    prevote_timeout_s: float = 1.0
+    prevote_timeout_delta_s: float = 0.5
+    precommit_timeout_s: float = 1.0
+    precommit_timeout_delta_s: float = 0.5
+    commit_wait_s: float = 1.0  # pause after a commit before round 0 (CometBFT timeout_commit)
+    rebroadcast_interval_s: float = 2.0
+    value_regossip_interval_s: float = 5.0  # re-send our own submitted, uncommitted values
+    catchup_interval_s: float = 1.0  # per-peer rate limit of commit pushes/requests
+    max_batch: int = 64  # values per block
+    max_value_bytes: int = MAX_VALUE_BYTES
+    max_pool: int = 10_000
+    max_future_rounds: int = 4  # votes further ahead only count for round skipping
+    dedupe_heights: int = 1000  # a value committed this recently is never committed again
+    commit_cache: int = 256  # certified commits kept in memory for catch-up
+    max_response_bytes: int = 512 * 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= MAX_BLOCK_VALUES:
+            raise LocalProtocolError(f"max_batch must be in 1..{MAX_BLOCK_VALUES}")
+        if not 1 <= self.max_value_bytes <= MAX_VALUE_BYTES:
+            raise LocalProtocolError(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
+        if min(self.propose_timeout_s, self.prevote_timeout_s, self.precommit_timeout_s,
+               self.rebroadcast_interval_s) <= 0:
+            raise LocalProtocolError("timeouts and the rebroadcast interval must be > 0")
+        if min(self.propose_timeout_delta_s, self.prevote_timeout_delta_s, self.precommit_timeout_delta_s,
+               self.commit_wait_s, self.catchup_interval_s) < 0:
+            raise LocalProtocolError("deltas and waits must be >= 0")
+
+    def timeout_s(self, step: str, round_: int) -> float:
+        if step == PROPOSE:
+            return self.propose_timeout_s + round_ * self.propose_timeout_delta_s
+        if step == PREVOTE:
+            return self.prevote_timeout_s + round_ * self.prevote_timeout_delta_s
+        return self.precommit_timeout_s + round_ * self.precommit_timeout_delta_s
+
+
+# ------------------------------------------------------------ proposer rotation
+
+
+class ProposerSchedule:
+    """CometBFT proposer priorities for one weight table, from all-zero priorities.
+
+    ``proposer(height, round)`` is the validator picked at step
+    ``(height - start_height + round) mod total_weight`` of the sequence.
+    """
+
+    def __init__(self, table: WeightTable, start_height: int) -> None:
+        self.table = table
+        self.start_height = start_height
+        self.total = table.total
+        self._ids = sorted(table.weights)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._priority = {v: 0 for v in self._ids}
+        self._next_index = 0
+        self._picked: dict[int, str] = {}
+
+    def _step(self) -> str:
+        priority, weights = self._priority, self.table.weights
+        best = None
+        for v in self._ids:  # sorted: the first maximum is the smallest peer id
+            priority[v] += weights[v]
+            if best is None or priority[v] > priority[best]:
+                best = v
+        priority[best] -= self.total
+        return best
+
+    def at(self, index: int) -> str:
+        """The validator picked at step ``index`` (0-based) of the sequence."""
+        index %= self.total
+        picked = self._picked.get(index)
+        if picked is not None:
+            return picked
+        if index < self._next_index:
+            self._reset()
+        if len(self._picked) > 65536:
+            self._picked.clear()
+        while self._next_index <= index:
+            self._picked[self._next_index] = self._step()
+            self._next_index += 1
+            if self._next_index == self.total:  # back at all-zero priorities
+                self._priority = {v: 0 for v in self._ids}
+        return self._picked[index]
+
+    def proposer(self, height: int, round_: int) -> str:
+        if height < self.start_height:
+            raise LocalProtocolError(f"height {height} is before this table ({self.start_height})")
+        return self.at(height - self.start_height + round_)
+
+
+# ------------------------------------------------------------------------ state
+
+
+class _VoteSet:
+    """Votes of one (type, round) at the current height.
+
+    ``votes`` holds the first vote of each voter (for "2f+1 of any value");
+    ``by_hash`` counts, per value, every voter that signed it, so an
+    equivocator's second vote still counts for a block we know (as in the paper,
+    where messages, not voters, are counted; a polka some correct peer saw must
+    be visible to the others).
+    """
+
+    __slots__ = ("votes", "by_hash")
+
+    def __init__(self) -> None:
+        self.votes: dict[str, Vote] = {}
+        self.by_hash: dict[bytes | None, dict[str, Vote]] = {}
+
+    def add(self, vote: Vote) -> None:
+        self.votes.setdefault(vote.voter, vote)
+        self.by_hash.setdefault(vote.block_hash, {}).setdefault(vote.voter, vote)
+
+
+class BftCore:
+    """The Tendermint state machine of one validator (or observer) peer.
+
+    Args:
+        identity: our signing key; we vote only when our peer id is in the table.
+        network_id: bound into every signature (as with envelopes).
+        table: the weight table in force from ``table_height``.
+        config: timeouts and limits.
+        now: monotonic seconds at construction.
+        height: the next height to decide (last committed + 1).
+        last_block_hash: hash of the block at ``height - 1`` (zeros at height 1).
+        table_height: first height of ``table`` (proposer rotation starts there).
+        sign_state: the last :class:`SignState` persisted (after a restart).
+        validate_value: pure application check of one value (default: accept all).
+    """
+
+    def __init__(self, identity: SigningIdentity, network_id: bytes, table: WeightTable,
+                 config: BftConfig, now: float, *, height: int = 1,
+                 last_block_hash: bytes = GENESIS_HASH, table_height: int = 1,
+                 sign_state: SignState | None = None,
+                 validate_value: Callable[[bytes], bool] | None = None) -> None:
+        if not 1 <= table_height <= height:
+            raise LocalProtocolError("table_height must be in 1..height")
+        if len(last_block_hash) != 32:
+            raise LocalProtocolError("last_block_hash is 32 bytes")
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.network_id = network_id
+        self.config = config
+        self.validate_value = validate_value
+        self.height = height
+        self.drops: Counter[str] = Counter()  # reason -> count (duplicates included)
+        self._tables: list[tuple[int, ProposerSchedule]] = [(table_height, ProposerSchedule(table, table_height))]
+        self._last_hash = last_block_hash
+        self._sign_state = sign_state
+        self._actions: list[Action] = []
+        self._timers: list[tuple[float, int, str, int, int]] = []
+        self._timer_seq = 0
+        self._pool: dict[bytes, bytes] = {}  # value hash -> value, arrival order
+        self._own_pending: dict[bytes, None] = {}  # hashes of values submitted here, uncommitted
+        self._next_value_gossip = now + config.value_regossip_interval_s
+        self._recent: dict[bytes, int] = {}  # committed value hash -> height
+        self._commits: dict[int, CertifiedCommit] = {}
+        self._last_push: dict[str, float] = {}
+        self._next_request_at = now
+        self._next_rebroadcast = now + config.rebroadcast_interval_s
+        self._reset_height_state()
+        start_round = 0
+        if sign_state is not None and sign_state.height == height:
+            start_round = sign_state.round
+            self.locked_round = sign_state.locked_round
+            self.locked_hash = sign_state.locked_hash
+        self.round = start_round
+        self._schedule(now, "start", height, start_round)
+
+    # ------------------------------------------------------------- inspection
+
+    @property
+    def table(self) -> WeightTable:
+        """The weight table of the current height."""
+        return self._schedule_for(self.height).table
+
+    def table_for(self, height: int) -> WeightTable:
+        return self._schedule_for(height).table
+
+    def proposer(self, height: int, round_: int) -> str:
+        return self._schedule_for(height).proposer(height, round_)
+
+    @property
+    def pool_size(self) -> int:
+        return len(self._pool)
+
+    @property
+    def last_block_hash(self) -> bytes:
+        return self._last_hash
+
+    def cached_commits(self, from_height: int, max_count: int) -> list[CertifiedCommit]:
+        """Consecutive certified commits from ``from_height`` still held in memory."""
+        out = []
+        for h in range(from_height, min(self.height, from_height + max_count)):
+            commit = self._commits.get(h)
+            if commit is None:
+                break
+            out.append(commit)
+        return out
+
+    # ------------------------------------------------------------ public inputs
+
+    def take_actions(self) -> list[Action]:
+        """Actions produced since the last call, in the order they must run."""
+        out, self._actions = self._actions, []
+        return out
+
+    def next_deadline(self) -> float:
+        """Monotonic time at which :meth:`tick` must be called next."""
+        deadline = self._next_rebroadcast
+        if self._timers:
+            deadline = min(deadline, self._timers[0][0])
+        return deadline
+
+    def set_weight_table(self, height: int, table: WeightTable) -> None:
+        """Put ``table`` in force from ``height`` on (a height boundary).
+
+        ``height`` must be above the current height, or equal to it before the
+        height's first round started (i.e. right after a :class:`Commit`).
+        """
+        if height < self.height or (height == self.height and (self.step != NEW_HEIGHT or self.round != 0)):
+            raise LocalProtocolError(f"cannot change the weight table at height {height} "
+                                     f"(now at {self.height}, step {self.step})")
+        self._tables = [(h, s) for h, s in self._tables if h < height]
+        self._tables.append((height, ProposerSchedule(table, height)))
+        if height == self.height:  # votes verified under the old table are void
+            self._reset_height_state()
+            self.round = 0
+        self._prune_tables()
+
+    def submit(self, value: bytes, now: float) -> bool:
+        """Add an application value to the pool and gossip it; False if refused.
+
+        Refused: already pending or recently committed, pool full, or the
+        application check fails.
+        Raises:
+            LocalProtocolError: ``value`` is not bytes or too long.
+        """
+        if type(value) is not bytes or len(value) > self.config.max_value_bytes:
+            raise LocalProtocolError(f"a value is bytes of <= {self.config.max_value_bytes} bytes")
+        if not self._pool_add(value):
+            return False
+        self._own_pending[value_hash(value)] = None
+        self._actions.append(Broadcast(BftValues(values=(value,))))
+        return True
+
+    def on_message(self, sender: str, msg: object, now: float) -> None:
+        """Deliver a verified envelope's message from ``sender`` (a peer id)."""
+        try:
+            if isinstance(msg, BftVote):
+                self._on_vote(sender, msg.vote, now)
+            elif isinstance(msg, BftProposal):
+                self._on_proposal(sender, msg, now)
+            elif isinstance(msg, BftValues):
+                self._on_values(sender, msg)
+            elif isinstance(msg, BftCommitRequest):
+                self._on_commit_request(sender, msg, now)
+            elif isinstance(msg, BftCommitResponse):
+                self._on_commit_response(sender, msg, now)
+            else:
+                raise LocalProtocolError(f"not a consensus message: {type(msg).__name__}")
+        except RemoteProtocolError as exc:
+            self._reject(sender, exc.reason, str(exc))
+        self._process(now)
+
+    def tick(self, now: float) -> None:
+        """Run every timer due at ``now`` (the rebroadcast first: what the timers
+        sign next is new and goes out with its own broadcast)."""
+        if now >= self._next_rebroadcast:
+            self._next_rebroadcast = now + self.config.rebroadcast_interval_s
+            self._rebroadcast()
+            if now >= self._next_value_gossip:
+                self._next_value_gossip = now + self.config.value_regossip_interval_s
+                self._regossip_values()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, height, round_ = heapq.heappop(self._timers)
+            if height == self.height:
+                self._on_timer(kind, round_, now)
+                self._process(now)
+
+    # ------------------------------------------------------------- internals
+
+    def _schedule_for(self, height: int) -> ProposerSchedule:
+        found = None
+        for start, schedule in self._tables:
+            if start <= height:
+                found = schedule
+        if found is None:
+            raise LocalProtocolError(f"no weight table for height {height}")
+        return found
+
+    def _prune_tables(self) -> None:
+        current = [i for i, (h, _) in enumerate(self._tables) if h <= self.height]
+        if len(current) > 1:
+            del self._tables[:current[-1]]
+
+    def _reset_height_state(self) -> None:
+        self.step = NEW_HEIGHT
+        self.locked_round: int | None = None
+        self.locked_hash: bytes | None = None
+        self.valid_round: int | None = None
+        self.valid_block: Block | None = None
+        self._proposals: dict[int, tuple[bytes, int | None]] = {}
+        self._blocks: dict[bytes, Block] = {}
+        self._extra_blocks: dict[int, int] = {}
+        self._valid_cache: dict[bytes, bool] = {}
+        self._prevotes: dict[int, _VoteSet] = {}
+        self._precommits: dict[int, _VoteSet] = {}
+        self._max_round: dict[str, int] = {}
+        self._done: set[tuple[str, int]] = set()  # "for the first time" rules fired
+        self._own_votes: dict[tuple[str, int], Vote] = {}
+        self._own_proposals: dict[int, BftProposal] = {}
+        self._evidence_seen: set[tuple[str, str, int]] = set()
+
+    def _schedule(self, at: float, kind: str, height: int, round_: int) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, kind, height, round_))
+
+    def _event(self, kind: str, detail: str = "") -> None:
+        self._actions.append(BftEvent(kind, self.height, self.round, detail))
+
+    def _reject(self, sender: str, reason: str, detail: str = "") -> None:
+        self.drops[reason] += 1
+        self._actions.append(Rejected(sender, reason, detail[:200]))
+
+    def _pool_add(self, value: bytes) -> bool:
+        digest = value_hash(value)
+        if digest in self._pool or digest in self._recent:
+            self.drops["duplicate_value"] += 1
+            return False
+        if len(self._pool) >= self.config.max_pool:
+            self.drops["pool_full"] += 1
+            return False
+        if self.validate_value is not None and not self.validate_value(value):
+            self.drops["invalid_value"] += 1
+            return False
+        self._pool[digest] = value
+        return True
+
+    # ---- messages
+
+    def _on_values(self, sender: str, msg: BftValues) -> None:
+        invalid = 0
+        for value in msg.values:
+            if len(value) > self.config.max_value_bytes or (
+                    self.validate_value is not None and not self.validate_value(value)):
+                invalid += 1
+                continue
+            self._pool_add(value)
+        if invalid:
+            self._reject(sender, "invalid_value", f"{invalid} invalid values")
+
+    def _other_height(self, sender: str, height: int, now: float) -> None:
+        self.drops["other_height"] += 1
+        if height > self.height:
+            if now >= self._next_request_at:
+                self._next_request_at = now + self.config.catchup_interval_s
+                self._actions.append(Send(sender, BftCommitRequest(from_height=self.height)))
+        elif self._may_serve(sender, now):
+            self._answer(sender, height, MAX_COMMITS_PER_RESPONSE)
+
+    def _may_serve(self, sender: str, now: float) -> bool:
+        last = self._last_push.get(sender)
+        if last is not None and now - last < self.config.catchup_interval_s:
+            return False
+        if len(self._last_push) >= 4096:
+            self._last_push.clear()
+        self._last_push[sender] = now
+        return True
+
+    def _answer(self, sender: str, from_height: int, max_count: int) -> None:
+        if from_height >= self.height:
+            return
+        commits, size = [], 0
+        for commit in self.cached_commits(from_height, max_count):
+            size += 256 + sum(len(v) + 8 for v in commit.block.values) + 128 * len(commit.certificate.votes)
+            if commits and size > self.config.max_response_bytes:
+                break
+            commits.append(commit)
+        if not commits:
+            self._actions.append(ServeCommits(sender, from_height, max_count))
+            return
+        self._actions.append(Send(sender, BftCommitResponse(commits=tuple(commits),
+                                                            latest_height=self.height - 1)))
+
+    def _on_commit_request(self, sender: str, msg: BftCommitRequest, now: float) -> None:
+        if msg.from_height < self.height and self._may_serve(sender, now):
+            self._answer(sender, msg.from_height, msg.max_count)
+
+    def _on_commit_response(self, sender: str, msg: BftCommitResponse, now: float) -> None:
+        applied = False
+        for commit in msg.commits:
+            height = commit.block.height
+            if height < self.height:
+                continue
+            if height > self.height:
+                break
+            digest = self._check_commit(commit)
+            self._apply_commit(commit, digest, now, "catch-up")
+            applied = True
+        if applied and msg.latest_height >= self.height:
+            self._next_request_at = now + self.config.catchup_interval_s
+            self._actions.append(Send(sender, BftCommitRequest(from_height=self.height)))
+
+    def _check_commit(self, commit: CertifiedCommit) -> bytes:
+        verify_commit(commit, self.table_for(commit.block.height), self.network_id)
+        if commit.block.parent_hash != self._last_hash:
+            raise CertificateError(f"commit h={commit.block.height} does not extend our chain",
+                                   reason="bad_commit")
+        return block_hash(commit.block)
+
+    def _on_proposal(self, sender: str, msg: BftProposal, now: float) -> None:
+        if msg.height != self.height:
+            self._other_height(sender, msg.height, now)
+            return
+        r = msg.round
+        if r > self.round + self.config.max_future_rounds:
+            self.drops["far_future_round"] += 1
+            return
+        signer = msg.signed.voter
+        if signer != self.proposer(msg.height, r):
+            self._reject(sender, "wrong_proposer", f"r={r} by {signer[:10]}")
+            return
+        digest = block_hash(msg.block)
+        known = self._proposals.get(r)
+        if known == (digest, msg.valid_round):
+            self.drops["duplicate"] += 1
+            return
+        if not verify_vote(msg.signed, PROPOSAL, self.network_id, self.table.epoch, msg.statement(digest)):
+            self._reject(sender, "bad_signature", f"proposal r={r}")
+            return
+        self._max_round[signer] = max(self._max_round.get(signer, 0), r)
+        if known is not None:
+            self._reject(sender, "conflicting_proposal", f"r={r} by {signer[:10]}")
+            if self._extra_blocks.get(r, 0) < 2:  # keep a few: a quorum may precommit the twin
+                self._extra_blocks[r] = self._extra_blocks.get(r, 0) + 1
+                self._blocks.setdefault(digest, msg.block)
+            return
+        self._proposals[r] = (digest, msg.valid_round)
+        self._blocks[digest] = msg.block
+
+    def _on_vote(self, sender: str, vote: Vote, now: float) -> None:
+        if vote.height != self.height:
+            self._other_height(sender, vote.height, now)
+            return
+        table = self.table
+        voter = vote.voter
+        if voter not in table.weights:
+            self._reject(sender, "unknown_voter", vote.describe())
+            return
+        sets = self._prevotes if vote.vote_type == PREVOTE else self._precommits
+        votes = sets.get(vote.round)
+        if votes is not None and votes.by_hash.get(vote.block_hash, {}).get(voter) == vote:
+            self.drops["duplicate"] += 1
+            return
+        if not verify_vote(vote.signed, vote.vote_type, self.network_id, table.epoch, vote.statement()):
+            self._reject(sender, "bad_signature", vote.describe())
+            return
+        self._max_round[voter] = max(self._max_round.get(voter, 0), vote.round)
+        existing = votes.votes.get(voter) if votes is not None else None
+        if existing is not None:
+            if existing.block_hash == vote.block_hash or voter in votes.by_hash.get(vote.block_hash, {}):
+                self.drops["duplicate"] += 1
+                return
+            key = (voter, vote.vote_type, vote.round)
+            if key not in self._evidence_seen:
+                self._evidence_seen.add(key)
+                self.drops["equivocation"] += 1
+                self._actions.append(Evidence(Equivocation(first=existing, second=vote)))
+            if vote.block_hash is not None and vote.block_hash not in self._blocks:
+                self.drops["conflicting_vote"] += 1  # bounded: only votes for known blocks are kept
+                return
+        if vote.round > self.round + self.config.max_future_rounds:
+            self.drops["far_future_round"] += 1  # counted for round skipping only
+            return
+        sets.setdefault(vote.round, _VoteSet()).add(vote)
+
+    # ---- signing (never conflicting with what was persisted)
+
+    def _may_sign(self, step: str, round_: int, digest: bytes | None, valid_round: int | None) -> bool:
+        last = self._sign_state
+        position = (self.height, round_, _STEP_RANK[step])
+        if last is not None:
+            if position < last.position():
+                self._event("sign_refused", f"{step} behind {last.describe()}")
+                return False
+            if position == last.position():
+                if (last.block_hash, last.valid_round) != (digest, valid_round):
+                    self._event("sign_refused", f"{step} conflicts with {last.describe()}")
+                    return False
+                return True  # the same statement again: same (deterministic) signature
+        self._sign_state = SignState(height=self.height, round=round_, step=step, block_hash=digest,
+                                     valid_round=valid_round, locked_round=self.locked_round,
+                                     locked_hash=self.locked_hash)
+        self._actions.append(PersistVote(self._sign_state))
+        return True
+
+    def _vote(self, vote_type: str, digest: bytes | None) -> None:
+        if vote_type == PREVOTE:
+            self.step = PREVOTE
+        else:
+            self.step = PRECOMMIT
+        if self.peer_id not in self.table.weights or not self._may_sign(vote_type, self.round, digest, None):
+            return
+        statement = [self.height, self.round, digest]
+        vote = Vote(vote_type=vote_type, height=self.height, round=self.round, block_hash=digest,
+                    signed=sign_vote(self.identity, vote_type, self.network_id, self.table.epoch, statement))
+        self._own_votes[(vote_type, self.round)] = vote
+        sets = self._prevotes if vote_type == PREVOTE else self._precommits
+        sets.setdefault(self.round, _VoteSet()).add(vote)
+        self._actions.append(Broadcast(BftVote(vote=vote)))
+
+    def _make_block(self) -> Block:
+        chosen = [v for d, v in self._pool.items() if d not in self._recent][:self.config.max_batch]
+        chosen.sort(key=value_hash)
+        return Block(height=self.height, epoch=self.table.epoch, proposer=self.peer_id,
+                     parent_hash=self._last_hash, values=tuple(chosen))
+
+    def _valid(self, block: Block, digest: bytes) -> bool:
+        """Algorithm 1 valid(v)."""
+        ok = self._valid_cache.get(digest)
+        if ok is None:
+            ok = self._check_block(block)
+            self._valid_cache[digest] = ok
+        return ok
+
+    def _check_block(self, block: Block) -> bool:
+        if (block.height, block.parent_hash, block.epoch) != (self.height, self._last_hash, self.table.epoch):
+            return False
+        if block.proposer not in self.table.weights or len(block.values) > self.config.max_batch:
+            return False
+        previous = b""
+        for value in block.values:
+            digest = value_hash(value)
+            if digest <= previous or digest in self._recent or len(value) > self.config.max_value_bytes:
+                return False
+            if self.validate_value is not None and not self.validate_value(value):
+                return False
+            previous = digest
+        return True
+
+    # ---- rounds, timers, rules
+
+    def _start_round(self, round_: int, now: float) -> None:
+        """Algorithm 1 StartRound (L11-21)."""
+        self.round = round_
+        self.step = PROPOSE
+        self._event("new_round", f"proposer {self.proposer(self.height, round_)[:10]}")
+        if self.proposer(self.height, round_) != self.peer_id:
+            self._schedule(now + self.config.timeout_s(PROPOSE, round_), PROPOSE, self.height, round_)
+            return
+        if self.valid_block is not None:
+            block, valid_round = self.valid_block, self.valid_round
+        else:
+            block, valid_round = self._make_block(), None
+        digest = block_hash(block)
+        if not self._may_sign(PROPOSAL, round_, digest, valid_round):
+            self._schedule(now + self.config.timeout_s(PROPOSE, round_), PROPOSE, self.height, round_)
+            return
+        statement = [self.height, round_, digest, valid_round]
+        proposal = BftProposal(height=self.height, round=round_, block=block, valid_round=valid_round,
+                               signed=sign_vote(self.identity, PROPOSAL, self.network_id, self.table.epoch,
+                                                statement))
+        self._own_proposals[round_] = proposal
+        self._proposals[round_] = (digest, valid_round)
+        self._blocks[digest] = block
+        self._actions.append(Broadcast(proposal))
+        self._relay_polka(valid_round, digest)
+
+    def _relay_polka(self, valid_round: int | None, digest: bytes) -> None:
+        """Send the signed prevotes that justify a re-proposal (L28 needs them at every peer)."""
+        votes = self._prevotes.get(valid_round) if valid_round is not None else None
+        if votes is not None:
+            polka = votes.by_hash.get(digest, {})
+            for voter in sorted(polka):
+                self._actions.append(Broadcast(BftVote(vote=polka[voter])))
+
+    def _on_timer(self, kind: str, round_: int, now: float) -> None:
+        if kind == "start":
+            if self.step == NEW_HEIGHT:
+                self._start_round(round_, now)
+            return
+        if round_ != self.round:
+            return
+        if kind == PROPOSE and self.step == PROPOSE:  # L57
+            self._event("timeout_propose")
+            self._vote(PREVOTE, None)
+        elif kind == PREVOTE and self.step == PREVOTE:  # L61
+            self._event("timeout_prevote")
+            self._vote(PRECOMMIT, None)
+        elif kind == PRECOMMIT:  # L65
+            self._event("timeout_precommit")
+            self._start_round(round_ + 1, now)
+
+    def _process(self, now: float) -> None:
+        """Apply the upon-rules of Algorithm 1 until none fires."""
+        for _ in range(100_000):
+            if not self._rule(now):
+                return
+        raise LocalProtocolError("BFT rules did not settle")  # a bug here, never input-driven
+
+    def _rule(self, now: float) -> bool:
+        table = self.table
+        # L49: 2f+1 precommits for a block we hold, any round -> decide.
+        for r, votes in self._precommits.items():
+            for digest, voters in votes.by_hash.items():
+                if digest is not None and digest in self._blocks and table.passes(voters):
+                    block = self._blocks[digest]
+                    if (block.height, block.parent_hash) != (self.height, self._last_hash):
+                        continue
+                    cert = QuorumCertificate(votes=tuple(
+                        voters[v].signed for v in sorted(voters))[:MAX_VOTERS])
+                    self._apply_commit(CertifiedCommit(round=r, block=block, certificate=cert), digest, now,
+                                       "consensus")
+                    return True
+        # L55: more than 1/3 of the weight is in a higher round -> skip there.
+        ahead = sorted({m for m in self._max_round.values() if m > self.round}, reverse=True)
+        for r in ahead:
+            if table.passes([v for v, m in self._max_round.items() if m >= r], ONE_THIRD):
+                self._event("round_skip", f"to r={r}")
+                self._start_round(r, now)
+                return True
+        if self.step == NEW_HEIGHT:
+            return False
+        r = self.round
+        proposal = self._proposals.get(r)
+        prevotes = self._prevotes.get(r)
+        if proposal is not None and self.step == PROPOSE:
+            digest, vr = proposal
+            block = self._blocks[digest]
+            if vr is None:  # L22
+                ok = self._valid(block, digest) and (self.locked_round is None or self.locked_hash == digest)
+                self._vote(PREVOTE, digest if ok else None)
+                return True
+            old = self._prevotes.get(vr)
+            if vr < r and old is not None and digest in old.by_hash and table.passes(old.by_hash[digest]):  # L28
+                ok = self._valid(block, digest) and (
+                    self.locked_round is None or self.locked_round <= vr or self.locked_hash == digest)
+                self._vote(PREVOTE, digest if ok else None)
+                return True
+        if prevotes is not None and self.step == PREVOTE and ("L34", r) not in self._done \
+                and table.passes(prevotes.votes):  # L34
+            self._done.add(("L34", r))
+            self._schedule(now + self.config.timeout_s(PREVOTE, r), PREVOTE, self.height, r)
+            return True
+        if proposal is not None and prevotes is not None and self.step in (PREVOTE, PRECOMMIT) \
+                and ("L36", r) not in self._done:  # L36
+            digest = proposal[0]
+            block = self._blocks[digest]
+            if digest in prevotes.by_hash and table.passes(prevotes.by_hash[digest]) \
+                    and self._valid(block, digest):
+                self._done.add(("L36", r))
+                if self.step == PREVOTE:
+                    self.locked_round, self.locked_hash = r, digest
+                    self._event("locked", _h8(digest))
+                    self._vote(PRECOMMIT, digest)
+                self.valid_round, self.valid_block = r, block
+                return True
+        # Extension (safe: a re-proposal is checked by every peer against the polka, L28):
+        # a polka of an earlier round seen late still raises valid_round, so the next
+        # honest proposer re-proposes the value that correct peers may be locked on.
+        for rr, votes in self._prevotes.items():
+            if rr < r and (self.valid_round is None or rr > self.valid_round):
+                for digest, voters in votes.by_hash.items():
+                    if digest is not None and digest in self._blocks and table.passes(voters) \
+                            and self._valid(self._blocks[digest], digest):
+                        self.valid_round, self.valid_block = rr, self._blocks[digest]
+                        return True
+        if prevotes is not None and self.step == PREVOTE and None in prevotes.by_hash \
+                and table.passes(prevotes.by_hash[None]):  # L44
+            self._vote(PRECOMMIT, None)
+            return True
+        precommits = self._precommits.get(r)
+        if precommits is not None and ("L47", r) not in self._done and table.passes(precommits.votes):  # L47
+            self._done.add(("L47", r))
+            self._schedule(now + self.config.timeout_s(PRECOMMIT, r), PRECOMMIT, self.height, r)
+            return True
+        return False
+
+    def _apply_commit(self, commit: CertifiedCommit, digest: bytes, now: float, source: str) -> None:
+        height = self.height
+        self._actions.append(Commit(commit, digest))
+        self._event("committed", f"{_h8(digest)} via {source}")
+        self._commits[height] = commit
+        self._commits.pop(height - self.config.commit_cache, None)
+        for value in commit.block.values:
+            vh = value_hash(value)
+            self._pool.pop(vh, None)
+            self._own_pending.pop(vh, None)
+            self._recent[vh] = height
+        if len(self._recent) > 4 * self.config.dedupe_heights * self.config.max_batch or height % 64 == 0:
+            floor = height - self.config.dedupe_heights
+            self._recent = {d: h for d, h in self._recent.items() if h > floor}
+        self.height = height + 1
+        self._last_hash = digest
+        self._reset_height_state()
+        self.round = 0
+        self._prune_tables()
+        self._event("new_height")
+        self._schedule(now + self.config.commit_wait_s, "start", self.height, 0)
+
+    def _regossip_values(self) -> None:
+        """Our own submitted values are re-sent until committed (the first gossip may be lost)."""
+        pending = [self._pool[d] for d in self._own_pending if d in self._pool][:MAX_VALUES_PER_MESSAGE]
+        if pending:
+            self._actions.append(Broadcast(BftValues(values=tuple(pending))))
+
+    def _rebroadcast(self) -> None:
+        """Re-send our own signed messages of the rounds that still matter (lossy links)."""
+        if self.step == NEW_HEIGHT:
+            return
+        rounds = {self.round, self.round - 1, self.valid_round, self.locked_round}
+        proposal = self._proposals.get(self.round)
+        if proposal is not None:
+            rounds.add(proposal[1])
+        own = self._own_proposals.get(self.round)
+        if own is not None:
+            self._actions.append(Broadcast(own))
+            self._relay_polka(own.valid_round, block_hash(own.block))
+        for vote_type in VOTE_TYPES:
+            for r in sorted(r for r in rounds if r is not None and r >= 0):
+                vote = self._own_votes.get((vote_type, r))
+                if vote is not None:
+                    self._actions.append(Broadcast(BftVote(vote=vote)))
