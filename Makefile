@@ -18,6 +18,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_transport
+	$(PY) -m benchmarks.bench_footprint
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -166,6 +166,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"uptime       {s['uptime_s']:.1f} s   RSS {s['rss_bytes'] / 2**20:.1f} MiB",
         f"members      {members}",
         f"mdns         {'on' if s['mdns'] else 'off'}   local health {s['local_health']}",
+        "limits       " + ", ".join(f"{k}={v}" for k, v in s["limits"].items()),
+        *[f"optional     {name}: {'yes' if f['available'] else 'no'} ({f['detail']})"
+          for name, f in s["features"].items()],
         "drops        " + (", ".join(f"{k[5:]}={v}" for k, v in s["counters"].items()
                                      if k.startswith("drop_")) or "none"),
     ])
@@ -246,6 +249,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from . import service
+
+    unit = service.render_unit(args.executable or service.default_executable(), user=args.user,
+                               profile=args.profile)
+    if args.service_command == "unit":
+        print(unit, end="")
+        return EXIT_OK
+    try:
+        steps = service.install(unit, root=Path(args.root), user=args.user,
+                                activate=Path(args.root) == Path("/"))
+    except PermissionError as exc:
+        raise CliError(f"{exc.filename}: permission denied (run as root)", EXIT_FAIL) from None
+    print("\n".join(steps))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -288,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contact URI chm://PEER_ID@HOST:PORT?key=KEY (repeatable)")
     p.add_argument("--interface", action="append", help="mDNS interface name or IPv4 (repeatable)")
     p.add_argument("--no-mdns", action="store_true", help="disable zeroconf discovery")
-    p.add_argument("--profile", help="deployment profile advertised to peers")
+    p.add_argument("--profile", help="deployment profile: default or edge (1-4 GB machines); "
+                                     "advertised to peers")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -317,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep each peer's data dir under this folder")
     p.add_argument("--mdns", action="store_true", help="also discover by mDNS (default: bootstrap + peer exchange)")
     p.set_defaults(func=cmd_up)
+
+    svc = sub.add_parser("service", help="systemd unit: print it or install it")
+    svc_sub = svc.add_subparsers(dest="service_command", required=True)
+    for name, help_ in (("unit", "print the hardened systemd unit"),
+                        ("install", "install the unit (and the system user) as root")):
+        p = svc_sub.add_parser(name, help=help_)
+        p.add_argument("--executable", help="absolute path of chimera (default: this one)")
+        p.add_argument("--user", default="chimera", help="system user to run as")
+        p.add_argument("--profile", help="e.g. edge for 1-4 GB machines")
+        if name == "install":
+            p.add_argument("--root", default="/", help="install below this root (staging; "
+                                                       "no user creation, no systemctl)")
+        p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("demo", help="bring up a local network, show it working, stop")
     p.add_argument("--peers", type=int, default=4)

@@ -1,4 +1,4 @@
-"""Node configuration: defaults < TOML file < environment < command-line flags.
+"""Node configuration: defaults < profile < TOML file < environment < command-line flags.
 
 The TOML file is ``DATA_DIR/config.toml`` unless ``--config`` names another;
 environment variables are ``CHIMERA_<FIELD>`` in upper case (lists are comma
@@ -57,6 +57,26 @@ class NodeConfig:
     def replace(self, **changes: object) -> "NodeConfig":
         return dataclasses.replace(self, **changes)
 
+
+# Deployment profiles: defaults for the fields a profile changes, applied under
+# anything set explicitly (file, environment, flags). "edge" is for 1-4 GB
+# machines (Raspberry Pi and the like): smaller queues, fewer in-flight bytes,
+# slower timers; peers see the profile in membership and can place less work there.
+PROFILES: dict[str, dict[str, object]] = {
+    "default": {},
+    "edge": {
+        "max_message_bytes": 256 * 1024,
+        "send_hwm": 200,
+        "recv_hwm": 1000,
+        "mailbox_size": 512,
+        "rate_limit_msgs_per_s": 500.0,
+        "rate_limit_burst": 1000,
+        "probe_interval_s": 2.0,
+        "probe_timeout_s": 1.0,
+        "sync_interval_s": 60.0,
+        "reconnect_interval_s": 20.0,
+    },
+}
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 _HINTS = typing.get_type_hints(NodeConfig)
@@ -140,6 +160,10 @@ def load_config(
         if key not in _FIELDS:
             raise ConfigError(f"unknown setting {key!r}")
         values[key] = _coerce(key, value, "flag")
+    profile = values.get("profile", "default")
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
+    values = {**PROFILES[profile], **values}
     try:
         config = NodeConfig(**values)
     except TypeError as exc:

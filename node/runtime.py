@@ -39,6 +39,7 @@ from chimera.protocol.membership import (
 from chimera.protocol.network import Network, format_contact_uri, parse_contact_uri
 
 from . import admin as admin_api
+from . import features
 from .actors import Actor, ActorRef, Supervisor
 from .config import NodeConfig
 from .discovery import Discovery, resolve_interfaces
@@ -188,9 +189,13 @@ class Node:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._membership_timer(), name="membership-timer"))
         self.run_membership_actions()
-        log.info("peer %s listening on %s (network %s %s, incarnation %d, transport key %s)",
+        log.info("peer %s listening on %s (network %s %s, incarnation %d, transport key %s, profile %s)",
                  self.peer_id, ", ".join(self.contact.addresses), self.network.name,
-                 self.network.fingerprint(), self.incarnation, fingerprint(self.transport_keys.public))
+                 self.network.fingerprint(), self.incarnation, fingerprint(self.transport_keys.public),
+                 cfg.profile)
+        for name, feature in features.report().items():
+            if not feature["available"]:
+                log.info("optional %s unavailable: %s", name, feature["detail"])
 
     @property
     def contact_uri(self) -> str:
@@ -428,6 +433,10 @@ class Node:
             "members": {s.value: states.get(s.value, 0) for s in MemberState},
             "local_health": self.membership.local_health,
             "mdns": self.discovery is not None,
+            "features": features.report(),
+            "limits": {k: getattr(self.config, k) for k in (
+                "max_message_bytes", "send_hwm", "recv_hwm", "mailbox_size", "rate_limit_msgs_per_s",
+                "rate_limit_burst", "probe_interval_s", "probe_timeout_s", "max_clock_skew_s")},
             "counters": dict(sorted(self.counters.items())),
         }
 
