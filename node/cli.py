@@ -88,6 +88,8 @@ def _overrides(args: argparse.Namespace) -> dict:
         out["mdns"] = False
     if args.profile:
         out["profile"] = args.profile
+    if args.metrics_port is not None:
+        out["metrics_port"] = args.metrics_port
     if args.log_json:
         out["log_json"] = True
     if args.log_level:
@@ -310,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true", help="disable zeroconf discovery")
     p.add_argument("--profile", help="deployment profile: default or edge (1-4 GB machines); "
                                      "advertised to peers")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on metrics_host "
+                                                     "(127.0.0.1) at this port (needs [metrics])")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -53,6 +53,8 @@ class NodeConfig:
     log_level: str = "info"
     log_json: bool = False
     drop_log_interval_s: float = 60.0
+    metrics_port: int = -1  # Prometheus exporter: -1 off, 0 any free port
+    metrics_host: str = "127.0.0.1"
 
     def replace(self, **changes: object) -> "NodeConfig":
         return dataclasses.replace(self, **changes)
@@ -170,6 +172,8 @@ def load_config(
         raise ConfigError(str(exc)) from None
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port {config.port} outside 0..65535")
+    if not -1 <= config.metrics_port <= 65535:
+        raise ConfigError(f"metrics_port {config.metrics_port} outside -1..65535 (-1: off)")
     if config.probe_timeout_s >= config.probe_interval_s:
         raise ConfigError("probe_timeout_s must be smaller than probe_interval_s")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -25,6 +25,7 @@ class Feature:
 
 FEATURES = (
     Feature("fast_event_loop", "fast", "uvloop", "uvloop event loop (faster asyncio on Linux/macOS)"),
+    Feature("prometheus_metrics", "metrics", "prometheus_client", "Prometheus /metrics exporter"),
 )
 
 

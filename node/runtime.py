@@ -128,6 +128,7 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.config
+        self.loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = load_or_create_identity(self.data_dir)
         self.transport_keys = load_or_create_transport_keys(self.data_dir)
@@ -186,6 +187,13 @@ class Node:
             except (OSError, ValueError) as exc:
                 log.warning("mDNS discovery unavailable (%s); using bootstrap and peer exchange only", exc)
                 self.discovery = None
+        self.metrics_server = None
+        if cfg.metrics_port >= 0:
+            from . import metrics
+
+            served = metrics.serve(self, cfg.metrics_host, cfg.metrics_port)
+            if served is not None:
+                self.metrics_server = served[0]
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._membership_timer(), name="membership-timer"))
         self.run_membership_actions()
@@ -236,6 +244,9 @@ class Node:
             except (Exception, asyncio.TimeoutError):
                 log.warning("zeroconf did not close cleanly")
         await self.admin.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         await self.supervisor.stop()
         await self.transport.close()
         self.store.close()
@@ -433,6 +444,8 @@ class Node:
             "members": {s.value: states.get(s.value, 0) for s in MemberState},
             "local_health": self.membership.local_health,
             "mdns": self.discovery is not None,
+            "metrics_url": (f"http://{self.config.metrics_host}:{self.metrics_server.server_port}/metrics"
+                            if self.metrics_server is not None else None),
             "features": features.report(),
             "limits": {k: getattr(self.config, k) for k in (
                 "max_message_bytes", "send_hwm", "recv_hwm", "mailbox_size", "rate_limit_msgs_per_s",
