@@ -131,6 +131,26 @@ def verify_vote(vote: SignedVote, purpose: str, network_id: bytes, epoch: int, s
     return _verifier.verify(key, vote.signature, statement_bytes(purpose, network_id, epoch, statement))
 
 
+def verify_votes(votes: Iterable[SignedVote], table: WeightTable, purpose: str, network_id: bytes,
+                 statement: list) -> set[str]:
+    """Check each vote (distinct voter, weighted in ``table``, valid signature over
+    the statement in the table's epoch); returns the set of voters.
+
+    Raises:
+        CertificateError: on the first duplicate or unknown voter or bad signature.
+    """
+    seen: set[str] = set()
+    for vote in votes:
+        if vote.voter in seen:
+            raise CertificateError(f"voter {vote.voter[:10]} appears twice")
+        seen.add(vote.voter)
+        if vote.voter not in table.weights:
+            raise CertificateError(f"voter {vote.voter[:10]} has no weight in epoch {table.epoch}")
+        if not verify_vote(vote, purpose, network_id, table.epoch, statement):
+            raise CertificateError(f"signature of {vote.voter[:10]} does not verify")
+    return seen
+
+
 def verify_certificate(cert: QuorumCertificate, table: WeightTable, purpose: str, network_id: bytes,
                        statement: list, threshold: Fraction = TWO_THIRDS) -> None:
     """Check ``cert`` against the epoch's weight table.
@@ -139,15 +159,7 @@ def verify_certificate(cert: QuorumCertificate, table: WeightTable, purpose: str
         CertificateError: a duplicate or unknown voter, a bad signature, or the
             voters' weight not strictly above ``threshold`` of the table's total.
     """
-    seen: set[str] = set()
-    for vote in cert.votes:
-        if vote.voter in seen:
-            raise CertificateError(f"voter {vote.voter[:10]} appears twice")
-        seen.add(vote.voter)
-        if vote.voter not in table.weights:
-            raise CertificateError(f"voter {vote.voter[:10]} has no weight in epoch {table.epoch}")
-        if not verify_vote(vote, purpose, network_id, table.epoch, statement):
-            raise CertificateError(f"signature of {vote.voter[:10]} does not verify")
+    seen = verify_votes(cert.votes, table, purpose, network_id, statement)
     if not table.passes(seen, threshold):
         raise CertificateError(
             f"voters hold {table.weight_of(seen)} of {table.total} weight; need more than {threshold}")

@@ -69,6 +69,7 @@ from chimera.consensus.quorum import (
     WeightTable,
     sign_vote,
     verify_vote,
+    verify_votes,
 )
 from chimera.protocol.errors import LocalProtocolError
 from chimera.protocol.identity import SIGNATURE_BYTES, SigningIdentity
@@ -365,15 +366,7 @@ def verify_vote_certificate(cert: VoteCertificate, table: WeightTable, network_i
     if not ballot.allows(cert.choice):
         raise CertificateError(f"choice {_short(cert.choice)} is not an option of the ballot")
     statement = ballot_statement(ballot.ballot_id, cert.choice)
-    seen: set[str] = set()
-    for vote in cert.votes:
-        if vote.voter in seen:
-            raise CertificateError(f"voter {vote.voter[:10]} appears twice")
-        seen.add(vote.voter)
-        if vote.voter not in table.weights:
-            raise CertificateError(f"voter {vote.voter[:10]} has no weight in epoch {table.epoch}")
-        if not verify_vote(vote, BALLOT_PURPOSE, network_id, ballot.epoch, statement):
-            raise CertificateError(f"signature of {vote.voter[:10]} does not verify")
+    seen = verify_votes(cert.votes, table, BALLOT_PURPOSE, network_id, statement)
     if not rule_met(ballot, table, seen):
         raise CertificateError(f"certificate does not meet {ballot.rule}: {_need(ballot, table, seen)}")
 
