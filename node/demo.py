@@ -50,7 +50,8 @@ def run_demo(peers: int = 4, workdir: Path | None = None) -> int:
         console.print(f"all {peers} processes listening after {started:.2f} s; only peer 0's contact was "
                       "given to the others; the rest is peer exchange")
 
-        # 1. mesh formation
+        # 1. mesh formation (timed from the launch of the first process)
+        launched = t0
         t0 = time.monotonic()
         last = None
         while time.monotonic() - t0 < 60:
@@ -64,10 +65,10 @@ def run_demo(peers: int = 4, workdir: Path | None = None) -> int:
         else:
             console.print("[red]mesh did not form within 60 s[/red]")
             return 1
-        mesh_s = time.monotonic() - t0
-        report["full mesh formed"] = f"{mesh_s:.2f} s after start"
-        console.print(f"[bold green]full mesh[/bold green]: {peers * (peers - 1)} verified directed links "
-                      f"in {mesh_s:.2f} s")
+        mesh_s = time.monotonic() - launched
+        report["full mesh formed"] = f"{mesh_s:.2f} s after launching the first process"
+        console.print(f"[bold green]full mesh[/bold green]: {peers * (peers - 1)} verified directed links, "
+                      f"{mesh_s:.2f} s after launching the first process")
 
         # 2. signed, encrypted echo round trips between every pair
         table = Table(title="signed echo round trip, median of 20 (ms)")
