@@ -550,9 +550,12 @@ class Membership:
         was = member.state
         incarnation = max(member.incarnation, msg.incarnation)
         if was is not MemberState.ALIVE:
-            # Direct signed evidence of life beats any gossip about it.
-            self._set_state(member, MemberState.ALIVE, incarnation, now)
-            self._emit("peer_joined", member, now)
+            # Direct signed evidence of life beats any gossip about it. A peer back
+            # from dead/left rejoins (one peer_joined event); a suspect is just alive.
+            rejoined = was in (MemberState.DEAD, MemberState.LEFT)
+            self._set_state(member, MemberState.ALIVE, incarnation, now, emit=not rejoined)
+            if rejoined:
+                self._emit("peer_joined", member, now)
             self._queue_gossip(member)
             self._send_member_list(sender, reply_requested=True)
         else:
@@ -560,7 +563,8 @@ class Membership:
         if msg.reply_requested:
             self._send(sender, self._hello(reply_requested=False))
 
-    def _set_state(self, member: Member, state: MemberState, incarnation: int, now: float) -> None:
+    def _set_state(self, member: Member, state: MemberState, incarnation: int, now: float,
+                   emit: bool = True) -> None:
         previous = member.state
         member.incarnation = incarnation
         if state is not MemberState.SUSPECT:
@@ -570,6 +574,8 @@ class Membership:
             return
         member.state = state
         member.state_since = now
+        if not emit:
+            return
         kind = {
             MemberState.ALIVE: "peer_alive",
             MemberState.SUSPECT: "peer_suspected",

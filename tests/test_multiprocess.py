@@ -50,7 +50,13 @@ def test_four_processes_mesh_detect_crash_and_rejoin(tmp_path: Path):
         assert wait_until(net.full_mesh, timeout_s=60), "restarted peer did not rejoin"
         events = net.query(0, "events", {"limit": 500})
         kinds = [e["kind"] for e in events if e["peer_id"] == vid]
-        assert "peer_failed" in kinds and kinds[-1] == "peer_joined"
+        assert "peer_failed" in kinds, kinds
+        failed_at = len(kinds) - 1 - kinds[::-1].index("peer_failed")
+        # The rejoin is one peer_joined after the failure. A loaded machine may make the
+        # fresh process slow to answer its first probes (suspected, then refuted: alive),
+        # but it must not be declared failed again.
+        assert "peer_joined" in kinds[failed_at:], kinds
+        assert {r["peer_id"]: r["state"] for r in net.query(0, "peers")}[vid] == "alive"
     finally:
         codes = net.stop()
     assert codes == [0, 0, 0, 0], f"graceful SIGTERM stop failed: {codes}"
