@@ -54,3 +54,11 @@ def test_pure_cores_do_no_io_and_read_no_clock():
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
                         and node.func.id in ("open", "eval", "exec"):
                     raise AssertionError(f"{rel}:{node.lineno} calls {node.func.id}()")
+
+
+def test_simulator_and_node_never_import_each_other():
+    for layer, other in (("simulations", "chimera.node"), ("node", "chimera.simulations")):
+        for path, tree in _modules(layer):
+            for name in _imports(tree):
+                assert not (name == other or name.startswith(other + ".")), \
+                    f"{path.relative_to(ROOT)} imports {name}"

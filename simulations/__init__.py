@@ -1,0 +1,1 @@
+"""Chimera Mesh simulator: a second driver of the pure cores (virtual clock, simulated network)."""
