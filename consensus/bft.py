@@ -579,13 +579,25 @@ class BftCore:
         table_height: first height of ``table`` (proposer rotation starts there).
         sign_state: the last :class:`SignState` persisted (after a restart).
         validate_value: pure application check of one value (default: accept all).
+        on_commit: pure application hook run inside the core for every commit,
+            in height order, right after the height advanced (also for commits
+            applied during catch-up). When it returns a :class:`WeightTable`,
+            that table is put in force from the next height at once, so the
+            next commit of the same catch-up batch is verified under it (an
+            epoch change). It must be deterministic: every peer runs it on the
+            same committed blocks.
+
+    A peer that is not in the table (an observer) votes on nothing; it learns
+    new heights by asking a validator for commits every
+    ``rebroadcast_interval_s`` (validators in turn, in peer id order).
     """
 
     def __init__(self, identity: SigningIdentity, network_id: bytes, table: WeightTable,
                  config: BftConfig, now: float, *, height: int = 1,
                  last_block_hash: bytes = GENESIS_HASH, table_height: int = 1,
                  sign_state: SignState | None = None,
-                 validate_value: Callable[[bytes], bool] | None = None) -> None:
+                 validate_value: Callable[[bytes], bool] | None = None,
+                 on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None) -> None:
         if not 1 <= table_height <= height:
             raise LocalProtocolError("table_height must be in 1..height")
         if len(last_block_hash) != 32:
@@ -595,6 +607,8 @@ class BftCore:
         self.network_id = network_id
         self.config = config
         self.validate_value = validate_value
+        self.on_commit = on_commit
+        self._observer_polls = 0
         self.height = height
         self.drops: Counter[str] = Counter()  # reason -> count (duplicates included)
         self._tables: list[tuple[int, ProposerSchedule]] = [(table_height, ProposerSchedule(table, table_height))]
@@ -722,6 +736,7 @@ class BftCore:
         if now >= self._next_rebroadcast:
             self._next_rebroadcast = now + self.config.rebroadcast_interval_s
             self._rebroadcast()
+            self._observer_poll()
             if now >= self._next_value_gossip:
                 self._next_value_gossip = now + self.config.value_regossip_interval_s
                 self._regossip_values()
@@ -1148,6 +1163,11 @@ class BftCore:
         self._last_hash = digest
         self._reset_height_state()
         self.round = 0
+        if self.on_commit is not None:
+            table = self.on_commit(commit)
+            if table is not None:
+                self._tables = [(h, sch) for h, sch in self._tables if h < self.height]
+                self._tables.append((self.height, ProposerSchedule(table, self.height)))
         self._prune_tables()
         self._event("new_height")
         self._schedule(now + self.config.commit_wait_s, "start", self.height, 0)
@@ -1157,6 +1177,15 @@ class BftCore:
         pending = [self._pool[d] for d in self._own_pending if d in self._pool][:MAX_VALUES_PER_MESSAGE]
         if pending:
             self._actions.append(Broadcast(BftValues(values=tuple(pending))))
+
+    def _observer_poll(self) -> None:
+        """An observer hears no broadcast: ask the validators for new commits in turn."""
+        validators = [p for p in self.table.weights if p != self.peer_id]
+        if self.peer_id in self.table.weights or not validators:
+            return
+        target = validators[self._observer_polls % len(validators)]
+        self._observer_polls += 1
+        self._actions.append(Send(target, BftCommitRequest(from_height=self.height)))
 
     def _rebroadcast(self) -> None:
         """Re-send our own signed messages of the rounds that still matter (lossy links)."""

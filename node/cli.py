@@ -16,12 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chimera.protocol.errors import InvalidTokenError
+from chimera.protocol.errors import InvalidTokenError, LocalProtocolError
 from chimera.protocol.network import Network
 
 from . import admin
 from .config import ConfigError, default_data_dir, load_config
-from .keys import KeyFileError, load_network, save_network
+from .keys import KeyFileError, load_network, load_or_create_identity, save_network
 from .logs import setup_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_NODE = 0, 1, 2, 3
@@ -45,9 +45,20 @@ def cmd_network_init(args: argparse.Namespace) -> int:
     if load_network(data_dir) is not None and not args.force:
         raise CliError(f"{data_dir} already belongs to a network; `chimera network token` "
                        "prints its token (--force replaces it)")
-    network = Network.create(name=args.name)
+    genesis = list(args.validator or [])
+    if not args.no_local_validator:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        genesis.append(load_or_create_identity(data_dir).peer_id)
+    try:
+        network = Network.create(name=args.name, genesis=tuple(genesis), epoch_length=args.epoch_length)
+    except LocalProtocolError as exc:
+        raise CliError(str(exc)) from None
     save_network(data_dir, network)
     print(f"created network {network.name!r} ({network.fingerprint()}) in {data_dir}", file=sys.stderr)
+    if network.genesis:
+        print(f"genesis validators ({len(network.genesis)}): " + ", ".join(network.genesis), file=sys.stderr)
+    else:
+        print("no genesis validators: this network runs membership only (no consensus log)", file=sys.stderr)
     print("join token (secret: share only with peers you admit):", file=sys.stderr)
     print(network.token())
     return EXIT_OK
@@ -205,10 +216,46 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
+def _event_line(e: dict) -> str:
+    extra = " ".join(f"{k}={v}" for k, v in e.items()
+                     if k not in ("at_ms", "kind", "peer_id", "priority", "weights"))
+    return f"{e['at_ms']}  {e['kind']:<24} {e['peer_id']} {extra}".rstrip()
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     rows = _call(args, "events", {"limit": args.limit})
-    _print(args, rows, "\n".join(f"{e['at_ms']}  {e['kind']:<15} {e['peer_id']} inc={e['incarnation']}"
-                                 for e in rows) or "no events")
+    _print(args, rows, "\n".join(_event_line(e) for e in rows) or "no events")
+    return EXIT_OK
+
+
+def cmd_propose(args: argparse.Namespace) -> int:
+    res = _call(args, "propose", {"data": args.value, "timeout_s": args.timeout},
+                timeout_s=args.timeout + 5)
+    _print(args, res, f"committed at height {res['height']} (value {res['value_hash'][:16]})")
+    return EXIT_OK
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    cargs = {"limit": args.limit}
+    if args.from_height is not None:
+        cargs["from_height"] = args.from_height
+    res = _call(args, "log", cargs)
+    lines = [f"height {res['height']}"]
+    lines += [f"{d['height']:>8}.{d['index']:<3} {d['author'][:16]}  {d['data_text']}" for d in res["decisions"]]
+    if not res["decisions"]:
+        lines.append("no decisions committed yet")
+    _print(args, res, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_reputation(args: argparse.Namespace) -> int:
+    res = _call(args, "reputation")
+    lines = [f"epoch {res['epoch']}  total weight {res['total_weight']}  height {res['height']}",
+             f"{'PEER ID':<52}  {'WEIGHT':>6}  {'SHARE':>6}  {'LOCAL':>6}  NOTE"]
+    for r in res["peers"]:
+        note = " ".join(x for x, on in (("me", r["me"]), ("joining", r["joining"])) if on)
+        lines.append(f"{r['peer_id']:<52}  {r['weight']:>6}  {r['share']:>6.1%}  {r['local_score']:>6.3f}  {note}")
+    _print(args, res, "\n".join(lines))
     return EXIT_OK
 
 
@@ -294,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     p.add_argument("--name", default="chimera")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--validator", action="append", metavar="PEER_ID",
+                   help="another genesis validator of the consensus log (repeatable)")
+    p.add_argument("--no-local-validator", action="store_true",
+                   help="do not make this data dir's peer a genesis validator")
+    p.add_argument("--epoch-length", type=int, default=100, help="heights per consensus epoch")
     p.set_defaults(func=cmd_network_init)
     p = net_sub.add_parser("token", help="print the join token of this data dir's network")
     data_dir_arg(p)
@@ -331,11 +383,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("peer_id")
     p.add_argument("--count", type=int, default=5)
     p.set_defaults(func=cmd_ping)
-    p = sub.add_parser("events", help="recent membership events of the local node")
+    p = sub.add_parser("events", help="recent events of the local node (membership, consensus)")
     data_dir_arg(p)
     json_arg(p)
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_events)
+    p = sub.add_parser("propose", help="commit a decision to the consensus log and wait for it")
+    data_dir_arg(p)
+    json_arg(p)
+    p.add_argument("value", help="the decision (text, at most 2048 bytes UTF-8)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the commit")
+    p.set_defaults(func=cmd_propose)
+    p = sub.add_parser("log", help="the committed decisions of the consensus log")
+    data_dir_arg(p)
+    json_arg(p)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--from-height", type=int, help="start here (default: the latest decisions)")
+    p.set_defaults(func=cmd_log)
+    p = sub.add_parser("reputation", help="committed voting weights and this node's local scores")
+    data_dir_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_reputation)
 
     p = sub.add_parser("up", help="launch N peer processes on this machine")
     p.add_argument("--peers", type=int, default=4)

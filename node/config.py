@@ -48,6 +48,14 @@ class NodeConfig:
     suspicion_beta: float = 6.0
     sync_interval_s: float = 30.0
     reconnect_interval_s: float = 10.0
+    # consensus (the BFT log; network-wide parameters travel in the join token)
+    consensus: bool = True  # run the log when the network has genesis validators
+    consensus_validator: bool = True  # ask to join the validator set
+    consensus_propose_timeout_s: float = 3.0
+    consensus_vote_timeout_s: float = 1.0  # prevote and precommit steps
+    consensus_commit_wait_s: float = 1.0  # pause after a commit (CometBFT timeout_commit)
+    consensus_max_batch: int = 64  # values per block
+    test_equivocate: bool = False  # TEST HOOK: sign conflicting votes (tests only)
     # operation
     profile: str = "default"
     log_level: str = "info"

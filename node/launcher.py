@@ -13,7 +13,7 @@ from pathlib import Path
 from chimera.protocol.network import Network
 
 from . import admin
-from .keys import save_network
+from .keys import load_or_create_identity, save_network
 
 
 @dataclass
@@ -85,11 +85,14 @@ class LocalNetwork:
     """N peers on this machine, one network, separate data dirs under ``workdir``.
 
     Peer 0 starts first; the others get its contact URI as bootstrap and learn
-    each other by peer exchange (and mDNS when ``mdns`` is true).
+    each other by peer exchange (and mDNS when ``mdns`` is true). With
+    ``genesis`` (default) every peer's identity is created up front and all N
+    are the genesis validators of the network's consensus log.
     """
 
     def __init__(self, workdir: Path, peers: int, *, mdns: bool = False,
-                 extra_args: list[str] | None = None, name: str = "local") -> None:
+                 extra_args: list[str] | None = None, name: str = "local",
+                 genesis: bool = True, epoch_length: int = 100) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra = list(extra_args or [])
@@ -99,14 +102,21 @@ class LocalNetwork:
         if token_file.exists():
             self.network = Network.from_token(token_file.read_text().strip())
         else:
-            self.network = Network.create(name=name)
+            ids = ()
+            if genesis:
+                ids = tuple(load_or_create_identity(self._data_dir(i)).peer_id for i in range(peers))
+            self.network = Network.create(name=name, genesis=ids, epoch_length=epoch_length)
             token_file.write_text(self.network.token() + "\n")
             token_file.chmod(0o600)
         self.peers = [self._make(i) for i in range(peers)]
 
-    def _make(self, i: int) -> PeerProcess:
+    def _data_dir(self, i: int) -> Path:
         data_dir = self.workdir / f"peer-{i}"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return data_dir
+
+    def _make(self, i: int) -> PeerProcess:
+        data_dir = self._data_dir(i)
         save_network(data_dir, self.network)
         return PeerProcess(i, data_dir, ["--listen", "127.0.0.1", "--port", "0", *self.extra],
                            self.workdir / "logs" / f"peer-{i}.log")

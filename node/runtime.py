@@ -123,6 +123,7 @@ class Node:
         self._conn_owner: dict[bytes, str] = {}  # ROUTER connection id -> first verified sender
         self.discovery: Discovery | None = None
         self.routes: dict[str, PeerContact] = {}
+        self.consensus = None  # ConsensusService once started (networks with genesis validators)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -155,7 +156,8 @@ class Node:
         self.contact = PeerContact(
             peer_id=self.peer_id, transport_key=self.transport_keys.public,
             addresses=tuple(f"tcp://{h}:{self.port}" for h in self.hosts)[:8],
-            capabilities=CAPABILITIES, profile=cfg.profile,
+            capabilities=CAPABILITIES + (("consensus",) if cfg.consensus and self.network.genesis else ()),
+            profile=cfg.profile,
         )
         now = time.monotonic()
         self.membership = Membership(
@@ -196,6 +198,21 @@ class Node:
                 self.metrics_server = served[0]
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._membership_timer(), name="membership-timer"))
+        if cfg.consensus and self.network.genesis:
+            from chimera.consensus.bft import BftConfig
+
+            from .consensus import ConsensusActor, ConsensusService
+
+            self.consensus = ConsensusService(self, BftConfig(
+                propose_timeout_s=cfg.consensus_propose_timeout_s,
+                prevote_timeout_s=cfg.consensus_vote_timeout_s,
+                precommit_timeout_s=cfg.consensus_vote_timeout_s,
+                commit_wait_s=cfg.consensus_commit_wait_s,
+                max_batch=cfg.consensus_max_batch,
+                rebroadcast_interval_s=max(0.5, 2 * cfg.consensus_vote_timeout_s),
+            ))
+            self.supervisor.spawn(ConsensusActor(self.consensus))
+            self._tasks.append(loop.create_task(self.consensus.run_timer(), name="consensus-timer"))
         self.run_membership_actions()
         log.info("peer %s listening on %s (network %s %s, incarnation %d, transport key %s, profile %s)",
                  self.peer_id, ", ".join(self.contact.addresses), self.network.name,
@@ -326,6 +343,15 @@ class Node:
         elif isinstance(action, MemberEvent):
             self._on_member_event(action)
 
+    def emit_event(self, kind: str, peer_id: str, *, priority: str = "info", **fields: object) -> None:
+        """Record a typed event (admin ``events``, logs, metrics counter ``events.KIND``)."""
+        self.counters[f"events.{kind}"] += 1
+        doc = {"kind": kind, "peer_id": peer_id, "at_ms": wall_ms(), "priority": priority, **fields}
+        self.events.append(doc)
+        log.log(logging.WARNING if priority == "warning" else logging.INFO, "%s %s %s", kind, peer_id,
+                " ".join(f"{k}={v}" for k, v in fields.items() if k != "weights"),
+                extra={"peer_id": peer_id, "event": kind})
+
     def _on_member_event(self, event: MemberEvent) -> None:
         self.counters[f"events.{event.kind}"] += 1
         doc = {"kind": event.kind, "peer_id": event.peer_id, "incarnation": event.incarnation,
@@ -367,6 +393,8 @@ class Node:
                 self.drops.record(exc.reason, f"conn:{conn_id.hex()}", str(exc), now)
                 continue
             self.counters["envelopes_accepted"] += 1
+            if self.consensus is not None:
+                self.consensus.valid_counts[env.sender] += 1
             if owner is None:
                 if len(self._conn_owner) >= 8192:
                     self._conn_owner.pop(next(iter(self._conn_owner)))
@@ -447,6 +475,7 @@ class Node:
             "metrics_url": (f"http://{self.config.metrics_host}:{self.metrics_server.server_port}/metrics"
                             if self.metrics_server is not None else None),
             "features": features.report(),
+            "consensus": None if self.consensus is None else self.consensus.status(),
             "limits": {k: getattr(self.config, k) for k in (
                 "max_message_bytes", "send_hwm", "recv_hwm", "mailbox_size", "rate_limit_msgs_per_s",
                 "rate_limit_burst", "probe_interval_s", "probe_timeout_s", "max_clock_skew_s")},
@@ -492,9 +521,38 @@ class Node:
             self.run_membership_actions()
             return {"added": uri}
 
+        def need_consensus():
+            if self.consensus is None:
+                raise admin_api.AdminError(
+                    "this node runs no consensus log (the network has no genesis validators, "
+                    "or consensus = false in its config)")
+            return self.consensus
+
+        async def propose(args: dict) -> dict:
+            service = need_consensus()
+            data = args.get("data")
+            if isinstance(data, str):
+                data = data.encode()
+            if not isinstance(data, bytes):
+                raise admin_api.AdminError("propose needs data (text or bytes)")
+            timeout_s = float(args.get("timeout_s", 30.0))
+            try:
+                return await service.propose(data, max(0.1, min(timeout_s, 600.0)))
+            except LocalProtocolError as exc:
+                raise admin_api.AdminError(str(exc)) from None
+
+        async def log_(args: dict) -> dict:
+            limit = max(1, min(int(args.get("limit", 20)), 10_000))
+            start = args.get("from_height")
+            return need_consensus().log_rows(limit, None if start is None else max(1, int(start)))
+
+        async def reputation(args: dict) -> dict:
+            return need_consensus().reputation_rows()
+
         async def stop(args: dict) -> dict:
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
             return {"stopping": True}
 
         return {"status": status, "peers": peers, "events": events, "ping": ping,
-                "add_contact": add_contact, "stop": stop}
+                "add_contact": add_contact, "stop": stop, "propose": propose, "log": log_,
+                "reputation": reputation}

@@ -1,12 +1,18 @@
 """The node's SQLite store (stdlib sqlite3, WAL).
 
-Tables: ``meta`` (key/value: sequence-number floor, incarnation) and ``peers``
-(verified contacts, so a restarted node reconnects without discovery).
-Later layers add theirs (log, checkpoints, audit) through :meth:`Store.execute`.
+Tables: ``meta`` (key/value: sequence-number floor, incarnation), ``peers``
+(verified contacts, so a restarted node reconnects without discovery), and the
+consensus log: ``blocks`` (every committed height with its certificate),
+``decisions`` (the application decisions in them), ``ledger_snapshots`` (the
+shared state at each epoch boundary), ``epochs`` (each epoch's weight table),
+``evidence`` and ``blobs`` (the last signed vote state). A commit and
+everything derived from it are written in one transaction, before anything
+is acknowledged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -25,6 +31,36 @@ CREATE TABLE IF NOT EXISTS peers (
     contact BLOB NOT NULL,
     last_seen_ms INTEGER NOT NULL,
     state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    height INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL,
+    round INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    proposer TEXT NOT NULL,
+    value_count INTEGER NOT NULL,
+    committed_ms INTEGER NOT NULL,
+    commit_blob BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    height INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    author TEXT NOT NULL,
+    nonce INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (height, idx)
+);
+CREATE TABLE IF NOT EXISTS ledger_snapshots (height INTEGER PRIMARY KEY, snapshot BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch INTEGER PRIMARY KEY,
+    from_height INTEGER NOT NULL,
+    weights BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evidence (
+    height INTEGER NOT NULL,
+    offender TEXT NOT NULL,
+    PRIMARY KEY (height, offender)
 );
 """
 
@@ -90,3 +126,98 @@ class Store:
             except (RemoteProtocolError, ValueError, msgpack.UnpackException):
                 continue
         return out
+
+    # ------------------------------------------------------------ consensus
+
+    def get_blob(self, key: str) -> bytes | None:
+        row = self.db.execute("SELECT value FROM blobs WHERE key=?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_blob(self, key: str, value: bytes) -> None:
+        """Durable (synchronous=FULL) before it returns: the sign state is written here."""
+        self.db.execute("INSERT INTO blobs(key, value) VALUES(?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def save_commit(self, *, height: int, block_hash: bytes, round_: int, epoch: int, proposer: str,
+                    value_count: int, committed_ms: int, commit_blob: bytes,
+                    decisions: list[tuple[int, str, int, bytes]], offenders: list[str],
+                    snapshot: bytes | None, new_table: tuple[int, int, bytes] | None) -> None:
+        """Write one committed height and what it changed, atomically.
+
+        ``decisions``: (index, author, nonce, data); ``new_table``: (epoch,
+        from_height, msgpack weights) when the height closed an epoch.
+        A height already stored is left as it is (the same block: the log is final).
+        """
+        with self._transaction():
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO blocks(height, hash, round, epoch, proposer, value_count, "
+                "committed_ms, commit_blob) VALUES(?,?,?,?,?,?,?,?)",
+                (height, block_hash, round_, epoch, proposer, value_count, committed_ms, commit_blob))
+            if cur.rowcount == 0:
+                return
+            self.db.executemany("INSERT OR IGNORE INTO decisions(height, idx, author, nonce, data) "
+                                "VALUES(?,?,?,?,?)", [(height, *d) for d in decisions])
+            self.db.executemany("INSERT OR IGNORE INTO evidence(height, offender) VALUES(?,?)",
+                                [(height, o) for o in offenders])
+            if snapshot is not None:
+                self.db.execute("INSERT OR REPLACE INTO ledger_snapshots(height, snapshot) VALUES(?,?)",
+                                (height, snapshot))
+            if new_table is not None:
+                self.db.execute("INSERT OR REPLACE INTO epochs(epoch, from_height, weights) VALUES(?,?,?)",
+                                new_table)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def last_height(self) -> int:
+        row = self.db.execute("SELECT MAX(height) FROM blocks").fetchone()
+        return int(row[0] or 0)
+
+    def commit_blobs(self, from_height: int, limit: int) -> list[bytes]:
+        """Consecutive stored commits (msgpack of CertifiedCommit fields) from ``from_height``."""
+        rows = self.db.execute("SELECT height, commit_blob FROM blocks WHERE height >= ? "
+                               "ORDER BY height LIMIT ?", (from_height, limit)).fetchall()
+        out = []
+        for expected, (height, blob) in enumerate(rows, start=from_height):
+            if height != expected:
+                break
+            out.append(bytes(blob))
+        return out
+
+    def block_hash(self, height: int) -> bytes | None:
+        row = self.db.execute("SELECT hash FROM blocks WHERE height=?", (height,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def latest_snapshot(self) -> tuple[int, bytes] | None:
+        row = self.db.execute("SELECT height, snapshot FROM ledger_snapshots "
+                              "ORDER BY height DESC LIMIT 1").fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def blocks(self, from_height: int, limit: int) -> list[dict]:
+        rows = self.db.execute("SELECT height, hash, round, epoch, proposer, value_count, committed_ms "
+                               "FROM blocks WHERE height >= ? ORDER BY height LIMIT ?",
+                               (from_height, limit)).fetchall()
+        return [{"height": h, "hash": bytes(d).hex(), "round": r, "epoch": e, "proposer": p,
+                 "value_count": n, "committed_ms": t} for h, d, r, e, p, n, t in rows]
+
+    def decisions(self, from_height: int = 1, limit: int = 100, last: bool = False) -> list[dict]:
+        """Committed decisions in log order (``last``: the most recent ``limit``)."""
+        if last:
+            rows = self.db.execute("SELECT height, idx, author, nonce, data FROM decisions "
+                                   "ORDER BY height DESC, idx DESC LIMIT ?", (limit,)).fetchall()[::-1]
+        else:
+            rows = self.db.execute("SELECT height, idx, author, nonce, data FROM decisions "
+                                   "WHERE height >= ? ORDER BY height, idx LIMIT ?",
+                                   (from_height, limit)).fetchall()
+        return [{"height": h, "index": i, "author": a, "nonce": n, "data": bytes(d)} for h, i, a, n, d in rows]
+
+    def epoch_tables(self) -> list[tuple[int, int, bytes]]:
+        return [(int(e), int(h), bytes(w)) for e, h, w in
+                self.db.execute("SELECT epoch, from_height, weights FROM epochs ORDER BY epoch")]

@@ -8,13 +8,22 @@ secret. Everything else is derived from the secret with HKDF-SHA256 (RFC 5869):
   and each node's ZAP handler admits only that client key, so a process
   without the token cannot complete a handshake (docs/PROTOCOL.md, Admission).
 
-The join token is ``"chm1_" + base64url(msgpack [1, name, secret, bootstrap])``
-without padding. It contains the secret: treat it like a password.
+The join token is ``"chm1_" + base64url(msgpack [2, name, secret, bootstrap, genesis, epoch_length])``
+without padding (version 1 tokens, ``[1, name, secret, bootstrap]``, are still
+read: no genesis). It contains the secret: treat it like a password.
+
+``genesis`` lists the peer ids of the validators of epoch 0 of the consensus
+log (sorted, at most :data:`MAX_GENESIS`). The log's first block names
+:meth:`Network.genesis_hash` as its parent, so peers holding tokens with
+different genesis lists never accept each other's commits. A network without
+genesis validators runs membership only. ``epoch_length`` (heights per epoch,
+1..2**20) must be the same on every peer, so it travels with the token too.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import secrets
 from dataclasses import dataclass
 
@@ -24,13 +33,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .errors import InvalidTokenError, LocalProtocolError
-from .identity import fingerprint
+from .errors import InvalidTokenError, LocalProtocolError, MalformedError
+from .identity import fingerprint, public_key_from_peer_id
 
 TOKEN_PREFIX = "chm1_"
 SECRET_BYTES = 32
 MAX_TOKEN_CHARS = 8192
 MAX_BOOTSTRAP = 32
+MAX_GENESIS = 64
+DEFAULT_EPOCH_LENGTH = 100
+MAX_EPOCH_LENGTH = 1 << 20
 
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
@@ -46,19 +58,43 @@ class Network:
         secret: 32 random bytes; never logged.
         bootstrap: contact URIs (``chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY``) to try
             first, for where multicast does not reach.
+        genesis: peer ids of the epoch-0 validators (sorted, deduplicated).
+        epoch_length: heights per consensus epoch (1..MAX_EPOCH_LENGTH).
+    Raises:
+        LocalProtocolError: a secret not of 32 bytes, more than MAX_GENESIS
+            genesis validators, or one that is not a peer id.
     """
 
     name: str
     secret: bytes
     bootstrap: tuple[str, ...] = ()
+    genesis: tuple[str, ...] = ()
+    epoch_length: int = DEFAULT_EPOCH_LENGTH
 
     def __post_init__(self) -> None:
+        if type(self.epoch_length) is not int or not 1 <= self.epoch_length <= MAX_EPOCH_LENGTH:
+            raise LocalProtocolError(f"epoch_length must be an int in 1..{MAX_EPOCH_LENGTH}")
         if len(self.secret) != SECRET_BYTES:
             raise LocalProtocolError("a network secret is 32 bytes")
+        genesis = tuple(sorted(set(self.genesis)))
+        if len(genesis) > MAX_GENESIS:
+            raise LocalProtocolError(f"at most {MAX_GENESIS} genesis validators")
+        for peer_id in genesis:
+            try:
+                public_key_from_peer_id(peer_id)
+            except MalformedError as exc:
+                raise LocalProtocolError(f"genesis validator is not a peer id: {exc}") from None
+        object.__setattr__(self, "genesis", genesis)
 
     @classmethod
-    def create(cls, name: str = "chimera", bootstrap: tuple[str, ...] = ()) -> "Network":
-        return cls(name=name, secret=secrets.token_bytes(SECRET_BYTES), bootstrap=tuple(bootstrap))
+    def create(cls, name: str = "chimera", bootstrap: tuple[str, ...] = (),
+               genesis: tuple[str, ...] = (), epoch_length: int = DEFAULT_EPOCH_LENGTH) -> "Network":
+        return cls(name=name, secret=secrets.token_bytes(SECRET_BYTES), bootstrap=tuple(bootstrap),
+                   genesis=tuple(genesis), epoch_length=epoch_length)
+
+    def genesis_hash(self) -> bytes:
+        """Parent hash of the log's first block: SHA-256 of msgpack [network_id, genesis, epoch_length]."""
+        return hashlib.sha256(msgpack.packb([self.network_id, list(self.genesis), self.epoch_length])).digest()
 
     @property
     def network_id(self) -> bytes:
@@ -74,10 +110,12 @@ class Network:
         return fingerprint(self.network_id)
 
     def with_bootstrap(self, bootstrap: tuple[str, ...]) -> "Network":
-        return Network(name=self.name, secret=self.secret, bootstrap=tuple(bootstrap))
+        return Network(name=self.name, secret=self.secret, bootstrap=tuple(bootstrap), genesis=self.genesis,
+                       epoch_length=self.epoch_length)
 
     def token(self) -> str:
-        packed = msgpack.packb([1, self.name, self.secret, list(self.bootstrap)], use_bin_type=True)
+        packed = msgpack.packb([2, self.name, self.secret, list(self.bootstrap), list(self.genesis),
+                                self.epoch_length], use_bin_type=True)
         return TOKEN_PREFIX + base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
 
     @classmethod
@@ -98,13 +136,22 @@ class Network:
                                     max_str_len=4096, max_array_len=64, max_map_len=0)
         except Exception:
             raise InvalidTokenError("join token is not valid base64url msgpack") from None
-        if (type(value) is not list or len(value) != 4 or type(value[0]) is not int or value[0] != 1
+        if type(value) is list and len(value) == 4 and type(value[0]) is int and value[0] == 1:
+            value = [2, *value[1:], [], DEFAULT_EPOCH_LENGTH]  # version 1: no genesis
+        if (type(value) is not list or len(value) != 6 or type(value[0]) is not int or value[0] != 2
                 or type(value[1]) is not str or len(value[1]) > 64
                 or type(value[2]) is not bytes or len(value[2]) != SECRET_BYTES
                 or type(value[3]) is not list or len(value[3]) > MAX_BOOTSTRAP
-                or not all(type(b) is str and len(b) < 256 for b in value[3])):
+                or not all(type(b) is str and len(b) < 256 for b in value[3])
+                or type(value[4]) is not list or len(value[4]) > MAX_GENESIS
+                or not all(type(g) is str and len(g) < 128 for g in value[4])
+                or type(value[5]) is not int):
             raise InvalidTokenError("join token has the wrong structure or version")
-        return cls(name=value[1], secret=value[2], bootstrap=tuple(value[3]))
+        try:
+            return cls(name=value[1], secret=value[2], bootstrap=tuple(value[3]), genesis=tuple(value[4]),
+                       epoch_length=value[5])
+        except LocalProtocolError as exc:
+            raise InvalidTokenError(f"join token: {exc}") from None
 
 
 def _no_ext(code: int, data: bytes) -> None:

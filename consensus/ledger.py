@@ -1,0 +1,343 @@
+"""The replicated state machine on top of the BFT log (pure, deterministic).
+
+The BFT core (:mod:`chimera.consensus.bft`) agrees on blocks of opaque values;
+this module gives those values their meaning and turns committed blocks into
+the network's shared state: the application decisions, the validator set and
+the weight table of every epoch. Every honest peer applies the same committed
+blocks in the same order and therefore holds the same :class:`Ledger` state
+(no clock, no randomness, integers only).
+
+Values (docs/PROTOCOL.md, "Consensus log values") are msgpack arrays whose
+first element is a tag:
+
+* ``["decision", author, nonce, data, signature]``: an application decision
+  submitted by ``author`` (``chimera propose``). ``data`` is at most
+  :data:`MAX_DECISION_BYTES` bytes; ``nonce`` (u64) makes equal data
+  proposable twice. ``signature``: :func:`~chimera.consensus.quorum.sign_vote`
+  by ``author``, purpose ``"decision"``, epoch 0, statement ``[nonce, data]``.
+* ``["join", peer_id, signature]``: ``peer_id`` asks to become a validator.
+  Signature by ``peer_id``, purpose ``"validator_join"``, epoch 0, statement
+  ``[peer_id]`` (proof of key possession: nobody can enrol someone else).
+* ``["opinion", opinion]``: a signed :class:`~chimera.consensus.reputation.Opinion`
+  (its ``encode_fields`` map) for the current epoch.
+* ``["evidence", equivocation]``: an :class:`~chimera.consensus.bft.Equivocation`
+  (its ``encode_fields`` map) against a validator of the current epoch.
+
+:meth:`Ledger.validate_value` is the BFT core's ``validate_value``: a value
+that does not decode, or whose own signature does not verify, is never
+proposed or prevoted. Checks that depend on state (an opinion for another
+epoch, evidence against a non-validator, a second opinion by one author) are
+made when the block is applied: such a value is committed but ignored, and the
+outcome says so.
+
+Epochs: epoch ``e`` covers heights ``e * epoch_length + 1 .. (e + 1) *
+epoch_length``. When the last height of an epoch is applied, the next table is
+:func:`~chimera.consensus.reputation.next_weight_table` of the current table,
+the epoch's committed opinions and the members (current validators plus the
+epoch's committed joins); a validator with equivocation evidence committed in
+the epoch is then cut to weight 1 (the floor; removing a member is not a
+reputation decision). The new table is in force from the next height.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+
+from chimera.consensus.bft import CertifiedCommit, Equivocation, verify_equivocation
+from chimera.consensus.quorum import SignedVote, WeightTable, sign_vote, verify_vote
+from chimera.consensus.reputation import Opinion, WeightPolicy, next_weight_table, verify_opinion
+from chimera.protocol.errors import LocalProtocolError, MalformedError
+from chimera.protocol.identity import SIGNATURE_BYTES, SigningIdentity, public_key_from_peer_id
+from chimera.protocol.messages import U64_MAX, decode_fields, encode_fields, reject_duplicate_keys
+
+DECISION_PURPOSE = "decision"
+JOIN_PURPOSE = "validator_join"
+MAX_DECISION_BYTES = 2048
+"""Most bytes of application data in one decision."""
+MAX_VALUE_DECODE_BYTES = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    author: str
+    nonce: int
+    data: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    peer_id: str
+    signature: bytes
+
+
+LedgerValue = Decision | Join | Opinion | Equivocation
+
+
+def _unpack(value: bytes) -> list:
+    if type(value) is not bytes or len(value) > MAX_VALUE_DECODE_BYTES:
+        raise MalformedError("a log value is bytes of bounded size")
+    try:
+        out = msgpack.unpackb(value, raw=False, strict_map_key=True, use_list=True,
+                              object_pairs_hook=reject_duplicate_keys,
+                              ext_hook=_no_ext, max_bin_len=MAX_VALUE_DECODE_BYTES,
+                              max_str_len=MAX_VALUE_DECODE_BYTES, max_array_len=4096, max_map_len=64)
+    except MalformedError:
+        raise
+    except Exception as exc:
+        raise MalformedError(f"log value is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(out, list) or not out or not isinstance(out[0], str):
+        raise MalformedError("a log value is an array starting with its tag")
+    return out
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise MalformedError("msgpack extension types are not allowed")
+
+
+def _peer_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise MalformedError("peer id must be a string")
+    public_key_from_peer_id(value)  # raises MalformedError
+    return value
+
+
+def _signature(value: object) -> bytes:
+    if type(value) is not bytes or len(value) != SIGNATURE_BYTES:
+        raise MalformedError("signature must be 64 bytes")
+    return value
+
+
+def decode_value(value: bytes) -> LedgerValue:
+    """Decode one committed or proposed log value (no signature check).
+
+    Raises:
+        MalformedError: not one of the tagged forms above, or a field out of bounds.
+    """
+    items = _unpack(value)
+    tag = items[0]
+    if tag == "decision" and len(items) == 5:
+        _, author, nonce, data, sig = items
+        if type(nonce) is not int or not 0 <= nonce <= U64_MAX:
+            raise MalformedError("decision nonce must be a u64")
+        if type(data) is not bytes or len(data) > MAX_DECISION_BYTES:
+            raise MalformedError(f"decision data is bytes of <= {MAX_DECISION_BYTES}")
+        return Decision(_peer_id(author), nonce, data, _signature(sig))
+    if tag == "join" and len(items) == 3:
+        return Join(_peer_id(items[1]), _signature(items[2]))
+    if tag == "opinion" and len(items) == 2:
+        return decode_fields(Opinion, items[1], "opinion")
+    if tag == "evidence" and len(items) == 2:
+        return decode_fields(Equivocation, items[1], "evidence")
+    raise MalformedError(f"unknown log value tag {str(tag)[:20]!r} or wrong arity")
+
+
+def encode_decision(identity: SigningIdentity, network_id: bytes, nonce: int, data: bytes) -> bytes:
+    """A signed decision value.
+
+    Raises:
+        LocalProtocolError: ``data`` longer than :data:`MAX_DECISION_BYTES` or ``nonce`` not a u64.
+    """
+    if type(data) is not bytes or len(data) > MAX_DECISION_BYTES:
+        raise LocalProtocolError(f"decision data is bytes of <= {MAX_DECISION_BYTES}")
+    if type(nonce) is not int or not 0 <= nonce <= U64_MAX:
+        raise LocalProtocolError("nonce must be a u64")
+    vote = sign_vote(identity, DECISION_PURPOSE, network_id, 0, [nonce, data])
+    return msgpack.packb(["decision", identity.peer_id, nonce, data, vote.signature])
+
+
+def encode_join(identity: SigningIdentity, network_id: bytes) -> bytes:
+    """The signed request of ``identity`` to become a validator."""
+    vote = sign_vote(identity, JOIN_PURPOSE, network_id, 0, [identity.peer_id])
+    return msgpack.packb(["join", identity.peer_id, vote.signature])
+
+
+def encode_opinion(opinion: Opinion) -> bytes:
+    return msgpack.packb(["opinion", encode_fields(opinion)])
+
+
+def encode_evidence(evidence: Equivocation) -> bytes:
+    return msgpack.packb(["evidence", encode_fields(evidence)])
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedDecision:
+    height: int
+    index: int  # position in the block
+    author: str
+    nonce: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class ApplyOutcome:
+    """What applying one certified block changed (for the driver: events, store)."""
+
+    height: int
+    epoch: int
+    decisions: list[CommittedDecision] = field(default_factory=list)
+    joins: list[str] = field(default_factory=list)
+    opinions: list[str] = field(default_factory=list)  # authors
+    evidence: list[str] = field(default_factory=list)  # offenders
+    ignored: list[str] = field(default_factory=list)  # reasons, one per ignored value
+    new_table: WeightTable | None = None  # in force from height + 1
+
+
+class Ledger:
+    """The shared state machine; one per peer, fed every committed block in order.
+
+    Args:
+        network_id: the network's id (bound into every signature checked here).
+        genesis: the weight table of epoch 0 (from the network's genesis).
+        epoch_length: heights per epoch (>= 1).
+        policy: the network's :class:`WeightPolicy`.
+    Raises:
+        LocalProtocolError: ``epoch_length`` < 1 or ``genesis`` not of epoch 0.
+    """
+
+    def __init__(self, network_id: bytes, genesis: WeightTable, epoch_length: int,
+                 policy: WeightPolicy | None = None) -> None:
+        if type(epoch_length) is not int or epoch_length < 1:
+            raise LocalProtocolError("epoch_length must be an int >= 1")
+        if genesis.epoch != 0:
+            raise LocalProtocolError("the genesis table is the table of epoch 0")
+        self.network_id = network_id
+        self.epoch_length = epoch_length
+        self.policy = policy or WeightPolicy()
+        self.height = 0  # last applied height
+        self.table = genesis
+        self.table_height = 1
+        self.joins: set[str] = set()
+        self.opinions: dict[str, Opinion] = {}
+        self.offenders: set[str] = set()
+        self.outcomes: list[ApplyOutcome] = []  # filled by on_commit, drained by the driver
+
+    # ------------------------------------------------------------- validation
+
+    def validate_value(self, value: bytes) -> bool:
+        """State-free validity (the BFT core's ``validate_value``): decodes and self-signature holds."""
+        try:
+            item = decode_value(value)
+        except MalformedError:
+            return False
+        return self._signature_ok(item)
+
+    def _signature_ok(self, item: LedgerValue) -> bool:
+        if isinstance(item, Decision):
+            return verify_vote(SignedVote(voter=item.author, signature=item.signature), DECISION_PURPOSE,
+                               self.network_id, 0, [item.nonce, item.data])
+        if isinstance(item, Join):
+            return verify_vote(SignedVote(voter=item.peer_id, signature=item.signature), JOIN_PURPOSE,
+                               self.network_id, 0, [item.peer_id])
+        if isinstance(item, Opinion):
+            return verify_opinion(item, self.network_id)
+        return item.first.voter == item.second.voter  # checked against the table when applied
+
+    # ---------------------------------------------------------------- apply
+
+    def epoch_of(self, height: int) -> int:
+        return (height - 1) // self.epoch_length
+
+    def apply(self, commit: CertifiedCommit) -> ApplyOutcome:
+        """Apply the next certified block (heights must come in order).
+
+        Raises:
+            LocalProtocolError: ``commit`` is not the block at ``self.height + 1``.
+        """
+        height = commit.block.height
+        if height != self.height + 1:
+            raise LocalProtocolError(f"ledger at height {self.height} cannot apply height {height}")
+        out = ApplyOutcome(height=height, epoch=self.table.epoch)
+        for index, value in enumerate(commit.block.values):
+            try:
+                item = decode_value(value)
+            except MalformedError as exc:
+                out.ignored.append(f"malformed: {exc}")
+                continue
+            if not self._signature_ok(item):
+                out.ignored.append("bad signature")
+                continue
+            if isinstance(item, Decision):
+                out.decisions.append(CommittedDecision(height, index, item.author, item.nonce, item.data))
+            elif isinstance(item, Join):
+                if item.peer_id in self.table.weights or item.peer_id in self.joins:
+                    out.ignored.append("already a validator or joining")
+                else:
+                    self.joins.add(item.peer_id)
+                    out.joins.append(item.peer_id)
+            elif isinstance(item, Opinion):
+                if item.epoch != self.table.epoch or item.author not in self.table.weights:
+                    out.ignored.append("opinion for another epoch or by a non-validator")
+                elif item.author in self.opinions:
+                    out.ignored.append("second opinion of an author in one epoch")
+                else:
+                    self.opinions[item.author] = item
+                    out.opinions.append(item.author)
+            else:
+                offender = item.first.voter
+                if offender in self.offenders:
+                    out.ignored.append("evidence already committed")
+                elif not verify_equivocation(item, self.table, self.network_id):
+                    out.ignored.append("evidence does not hold under this epoch's table")
+                else:
+                    self.offenders.add(offender)
+                    out.evidence.append(offender)
+        self.height = height
+        if height % self.epoch_length == 0:
+            out.new_table = self._next_table()
+        return out
+
+    def _next_table(self) -> WeightTable:
+        members = set(self.table.weights) | self.joins
+        table = next_weight_table(self.table, self.opinions.values(), members, self.policy,
+                                  network_id=self.network_id)
+        if self.offenders:
+            weights = dict(table.weights)
+            for peer_id in self.offenders:
+                if peer_id in weights:
+                    weights[peer_id] = 1
+            table = WeightTable(epoch=table.epoch, weights=weights)
+        self.table = table
+        self.table_height = self.height + 1
+        self.joins.clear()
+        self.opinions.clear()
+        self.offenders.clear()
+        return table
+
+    def on_commit(self, commit: CertifiedCommit) -> WeightTable | None:
+        """The BFT core's ``on_commit`` hook; the outcome is queued in :attr:`outcomes`."""
+        outcome = self.apply(commit)
+        self.outcomes.append(outcome)
+        return outcome.new_table
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> bytes:
+        """Canonical msgpack of the whole state (store it with the block of ``self.height``)."""
+        return msgpack.packb({
+            "height": self.height, "epoch": self.table.epoch, "table": list(self.table.weights.items()),
+            "table_height": self.table_height, "joins": sorted(self.joins),
+            "opinions": [encode_fields(self.opinions[a]) for a in sorted(self.opinions)],
+            "offenders": sorted(self.offenders),
+        })
+
+    def restore(self, blob: bytes) -> None:
+        """Load a :meth:`snapshot` (from our own store).
+
+        Raises:
+            MalformedError: the snapshot does not decode.
+        """
+        try:
+            doc = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+            table = WeightTable(epoch=int(doc["epoch"]), weights={str(p): int(w) for p, w in doc["table"]})
+            opinions = {o.author: o for o in (decode_fields(Opinion, x, "opinion") for x in doc["opinions"])}
+            height, table_height = int(doc["height"]), int(doc["table_height"])
+            joins, offenders = set(doc["joins"]), set(doc["offenders"])
+        except MalformedError:
+            raise
+        except Exception as exc:
+            raise MalformedError(f"ledger snapshot does not decode: {type(exc).__name__}: {exc}") from None
+        self.height, self.table, self.table_height = height, table, table_height
+        self.joins, self.opinions, self.offenders = joins, opinions, offenders

@@ -1,0 +1,421 @@
+"""Drives the BFT log core, the ledger and local reputation inside a node.
+
+One actor (``consensus``) owns the :class:`~chimera.consensus.bft.BftCore`: it
+receives the ``bft_*`` envelopes, runs the core's timers and executes its
+action batches in order (DESIGN.md): a :class:`PersistVote` is written to
+SQLite (synchronous=FULL) before the next action sends the signature; a
+:class:`Commit` is written with everything the ledger derived from it in one
+transaction before any later action runs and before a ``chimera propose``
+caller hears about it. Restart: the last ledger snapshot is loaded, the blocks
+after it are replayed through the (pure) ledger, and the core resumes at the
+next height with the persisted sign state, so a node SIGKILLed at any point
+never signs a conflicting vote and keeps every commit it acknowledged.
+
+Reputation: the node's :class:`~chimera.consensus.reputation.LocalReputation`
+is fed from what this node verifies itself (valid envelopes per sender, the
+membership state of each member once per second, rejected votes, equivocation
+evidence). Once per epoch, half way through it, a validator commits its signed
+opinion of the other validators; the next epoch's table is computed from the
+committed opinions by every peer alike (:mod:`chimera.consensus.ledger`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+
+import msgpack
+
+from chimera.consensus.bft import (
+    BFT_ACTOR,
+    Broadcast,
+    BftCommitResponse,
+    BftConfig,
+    BftCore,
+    BftEvent,
+    BftVote,
+    CertifiedCommit,
+    Commit,
+    Evidence,
+    PersistVote,
+    Rejected,
+    Send,
+    ServeCommits,
+    SignState,
+    Vote,
+    value_hash,
+)
+from chimera.consensus.ledger import Ledger, encode_decision, encode_evidence, encode_join, encode_opinion
+from chimera.consensus.quorum import WeightTable, sign_vote
+from chimera.consensus.reputation import (
+    PPM,
+    LocalReputation,
+    ObservationKind,
+    WeightPolicy,
+    sign_opinion,
+)
+from chimera.protocol.envelope import Envelope
+from chimera.protocol.errors import LocalProtocolError, MalformedError
+from chimera.protocol.membership import MemberState
+from chimera.protocol.messages import decode_fields, encode_fields
+
+from .actors import Actor
+
+log = logging.getLogger("chimera.consensus")
+SIGN_STATE_KEY = "bft_sign_state"
+GENESIS_WEIGHT = WeightPolicy().weight_scale  # each genesis validator starts at full weight
+_VOTE_FAULTS = {"bad_signature", "wrong_proposer", "invalid_value", "bad_commit", "bad_certificate"}
+
+
+def _pack(obj: object) -> bytes:
+    return msgpack.packb(encode_fields(obj), use_bin_type=True)
+
+
+def _unpack_commit(blob: bytes) -> CertifiedCommit:
+    return decode_fields(CertifiedCommit, msgpack.unpackb(blob, raw=False), "commit")
+
+
+class ConsensusActor(Actor):
+    name = BFT_ACTOR
+
+    def __init__(self, service: "ConsensusService") -> None:
+        self.service = service
+
+    async def handle(self, item: object) -> None:
+        if isinstance(item, Envelope):
+            self.service.on_envelope(item)
+
+
+class ConsensusService:
+    """The consensus part of one node (created by :class:`~chimera.node.runtime.Node`)."""
+
+    def __init__(self, node, config: BftConfig) -> None:
+        self.node = node
+        net = node.network
+        self.network_id = net.network_id
+        genesis = WeightTable(epoch=0, weights={p: GENESIS_WEIGHT for p in net.genesis})
+        self.ledger = Ledger(self.network_id, genesis, net.epoch_length)
+        self.store = node.store
+        self.reputation = LocalReputation()
+        self.valid_counts: Counter[str] = Counter()
+        self.waiters: dict[bytes, asyncio.Future] = {}
+        self.counters = node.counters
+        self.last_commit_mono: float | None = None
+        self._opinion_epoch = -1
+        self._join_epoch = -1
+        self._wake = asyncio.Event()
+        self._recover()
+        sign_blob = self.store.get_blob(SIGN_STATE_KEY)
+        sign_state = None
+        if sign_blob is not None:
+            sign_state = decode_fields(SignState, msgpack.unpackb(sign_blob, raw=False), "sign_state")
+        height = self.ledger.height
+        last_hash = self.store.block_hash(height) if height else net.genesis_hash()
+        self.core = BftCore(node.identity, self.network_id, self.ledger.table, config, time.monotonic(),
+                            height=height + 1, last_block_hash=last_hash,
+                            table_height=self.ledger.table_height, sign_state=sign_state,
+                            validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit)
+        log.info("consensus at height %d, epoch %d, %s (%d validators)", height + 1, self.ledger.table.epoch,
+                 "validator" if self.is_validator else "observer", len(self.ledger.table.weights))
+
+    # ------------------------------------------------------------- recovery
+
+    def _recover(self) -> None:
+        """Ledger state = last snapshot + replay of the blocks stored after it."""
+        snap = self.store.latest_snapshot()
+        if snap is not None:
+            self.ledger.restore(snap[1])
+        last = self.store.last_height()
+        height = self.ledger.height + 1
+        while height <= last:
+            blobs = self.store.commit_blobs(height, 256)
+            if not blobs:
+                break
+            for blob in blobs:
+                self.ledger.apply(_unpack_commit(blob))
+                height += 1
+        self.ledger.outcomes.clear()
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def is_validator(self) -> bool:
+        return self.node.peer_id in self.core.table.weights if hasattr(self, "core") \
+            else self.node.peer_id in self.ledger.table.weights
+
+    @property
+    def height(self) -> int:
+        """Last committed height."""
+        return self.core.height - 1
+
+    # ---------------------------------------------------------------- inputs
+
+    def on_envelope(self, env: Envelope) -> None:
+        self.core.on_message(env.sender, env.message, time.monotonic())
+        self.run_actions()
+
+    def submit(self, value: bytes) -> bool:
+        ok = self.core.submit(value, time.monotonic())
+        self.run_actions()
+        return ok
+
+    async def propose(self, data: bytes, timeout_s: float) -> dict:
+        """Submit a signed decision and wait until it is committed (and stored).
+
+        Raises:
+            LocalProtocolError: data too long, the pool refused it, or no commit within ``timeout_s``.
+        """
+        nonce = random.getrandbits(63)
+        value = encode_decision(self.node.identity, self.network_id, nonce, data)
+        digest = value_hash(value)
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[digest] = fut
+        try:
+            if not self.submit(value):
+                raise LocalProtocolError("the consensus pool refused the value (full or duplicate)")
+            try:
+                height = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            except asyncio.TimeoutError:
+                raise LocalProtocolError(f"not committed within {timeout_s} s (is a quorum of "
+                                         f"validators up? height {self.height})") from None
+        finally:
+            self.waiters.pop(digest, None)
+        return {"height": height, "nonce": nonce, "value_hash": digest.hex()}
+
+    async def run_timer(self) -> None:
+        next_sample = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_sample:
+                next_sample = now + 1.0
+                try:
+                    self._sample_reputation(now)
+                    self._periodic_submissions()
+                except Exception:
+                    self.counters["consensus_sample_errors"] += 1
+                    log.exception("reputation sampling failed")
+            delay = min(self.core.next_deadline(), next_sample) - time.monotonic()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 5.0))
+                    continue
+                except asyncio.TimeoutError:
+                    pass
+            try:
+                self.core.tick(time.monotonic())
+                self.run_actions()
+            except Exception:
+                self.counters["consensus_timer_errors"] += 1
+                log.exception("consensus tick failed")
+            await asyncio.sleep(0)
+
+    # --------------------------------------------------------------- actions
+
+    def run_actions(self) -> None:
+        for action in self.core.take_actions():
+            try:
+                self._run(action)
+            except LocalProtocolError as exc:
+                self.counters["consensus_action_errors"] += 1
+                log.error("consensus action %s failed: %s", type(action).__name__, exc)
+        self._wake.set()
+
+    def _run(self, action: object) -> None:
+        node = self.node
+        if isinstance(action, PersistVote):
+            self.store.set_blob(SIGN_STATE_KEY, _pack(action.state))
+        elif isinstance(action, Broadcast):
+            for peer_id in self.core.table.weights:
+                if peer_id != node.peer_id:
+                    node.send(peer_id, action.message)
+            if node.config.test_equivocate and isinstance(action.message, BftVote) \
+                    and action.message.vote.voter == node.peer_id:
+                self._equivocate(action.message.vote)
+        elif isinstance(action, Send):
+            node.send(action.peer_id, action.message)
+        elif isinstance(action, Commit):
+            self._on_commit(action)
+        elif isinstance(action, Evidence):
+            offender = action.equivocation.first.voter
+            self.counters["consensus_evidence"] += 1
+            self.reputation.observe(offender, ObservationKind.EQUIVOCATION, time.monotonic())
+            log.warning("equivocation by %s: %s", offender, action.equivocation.describe())
+            node.emit_event("equivocation_detected", offender, priority="warning",
+                            detail=action.equivocation.describe())
+            try:
+                self.core.submit(encode_evidence(action.equivocation), time.monotonic())
+            except LocalProtocolError:
+                self.counters["consensus_evidence_too_large"] += 1
+        elif isinstance(action, Rejected):
+            self.counters[f"consensus_rejected.{action.reason}"] += 1
+            if action.reason in _VOTE_FAULTS:
+                self.reputation.observe(action.peer_id, ObservationKind.VOTE_FAULT, time.monotonic())
+        elif isinstance(action, ServeCommits):
+            self._serve(action)
+        elif isinstance(action, BftEvent):
+            self.counters[f"consensus_events.{action.kind}"] += 1
+
+    def _equivocate(self, vote: Vote) -> None:
+        """TEST HOOK (``test_equivocate``): also sign a conflicting vote. Never in production."""
+        other = None if vote.block_hash is not None else bytes(32)
+        twin = Vote(vote_type=vote.vote_type, height=vote.height, round=vote.round, block_hash=other,
+                    signed=sign_vote(self.node.identity, vote.vote_type, self.network_id, self.core.table.epoch,
+                                     [vote.height, vote.round, other]))
+        self.counters["test_equivocations_sent"] += 1
+        for peer_id in self.core.table.weights:
+            if peer_id != self.node.peer_id:
+                self.node.send(peer_id, BftVote(vote=twin))
+
+    def _serve(self, action: ServeCommits) -> None:
+        commits, size = [], 0
+        for blob in self.store.commit_blobs(action.from_height, action.max_count):
+            size += len(blob)
+            if commits and size > self.core.config.max_response_bytes:
+                break
+            try:
+                commits.append(_unpack_commit(blob))
+            except MalformedError:
+                self.counters["consensus_store_corrupt"] += 1
+                break
+        if commits:
+            self.counters["consensus_commits_served_from_store"] += len(commits)
+            self.node.send(action.peer_id, BftCommitResponse(commits=tuple(commits),
+                                                             latest_height=self.height))
+
+    def _on_commit(self, action: Commit) -> None:
+        outcome = self.ledger.outcomes.pop(0) if self.ledger.outcomes else None
+        if outcome is None or outcome.height != action.height:
+            raise LocalProtocolError(f"ledger outcome missing for height {action.height}")
+        block = action.block
+        snapshot = new_table = None
+        if outcome.new_table is not None:
+            snapshot = self.ledger.snapshot()
+            table = outcome.new_table
+            new_table = (table.epoch, action.height + 1, msgpack.packb(list(table.weights.items())))
+        # Durable before anything below: events, waiters, the next action.
+        self.store.save_commit(
+            height=action.height, block_hash=action.block_hash, round_=action.commit.round,
+            epoch=block.epoch, proposer=block.proposer, value_count=len(block.values),
+            committed_ms=time.time_ns() // 1_000_000, commit_blob=_pack(action.commit),
+            decisions=[(d.index, d.author, d.nonce, d.data) for d in outcome.decisions],
+            offenders=outcome.evidence, snapshot=snapshot, new_table=new_table)
+        self.last_commit_mono = time.monotonic()
+        self.counters["consensus_commits"] += 1
+        self.counters["consensus_values_committed"] += len(block.values)
+        node = self.node
+        for d in outcome.decisions:
+            node.emit_event("decision_committed", d.author, height=d.height, index=d.index,
+                            data=_preview(d.data))
+        for peer_id in outcome.joins:
+            node.emit_event("validator_join_committed", peer_id, height=action.height)
+        for peer_id in outcome.evidence:
+            node.emit_event("evidence_committed", peer_id, height=action.height, priority="warning")
+        for reason in outcome.ignored:
+            self.counters["consensus_values_ignored"] += 1
+            log.info("committed value ignored at height %d: %s", action.height, reason)
+        if outcome.new_table is not None:
+            table = outcome.new_table
+            node.emit_event("reputation_changed", node.peer_id, epoch=table.epoch, from_height=action.height + 1,
+                            weights=dict(table.weights))
+            log.info("epoch %d from height %d: weights %s", table.epoch, action.height + 1,
+                     {p[:10]: w for p, w in table.weights.items()})
+        for value in block.values:
+            fut = self.waiters.get(value_hash(value))
+            if fut is not None and not fut.done():
+                fut.set_result(action.height)
+
+    # ------------------------------------------------------------ reputation
+
+    def _sample_reputation(self, now: float) -> None:
+        rep = self.reputation
+        counts, self.valid_counts = self.valid_counts, Counter()
+        for peer_id, count in counts.items():
+            rep.observe(peer_id, ObservationKind.VALID_ENVELOPE, now, count)
+        for peer_id, member in self.node.membership.members.items():
+            if member.state is MemberState.ALIVE:
+                rep.observe(peer_id, ObservationKind.HEARTBEAT_TIMELY, now)
+            elif member.state in (MemberState.SUSPECT, MemberState.DEAD):
+                rep.observe(peer_id, ObservationKind.HEARTBEAT_MISSED, now)
+
+    def _periodic_submissions(self) -> None:
+        """Once per epoch: our opinion (validators, half way through) or our join request."""
+        table = self.core.table
+        epoch = table.epoch
+        me = self.node.peer_id
+        now = time.monotonic()
+        if me in table.weights:
+            start = epoch * self.ledger.epoch_length + 1
+            if epoch != self._opinion_epoch and self.core.height >= start + self.ledger.epoch_length // 2:
+                peers = [p for p in table.weights if p != me]
+                scores = {p: int(round(self.reputation.score(p, now) * PPM)) for p in peers
+                          if sum(self.reputation.evidence(p, now)) >= self.reputation.config.min_opinion_evidence}
+                self._opinion_epoch = epoch
+                if scores:
+                    opinion = sign_opinion(self.node.identity, self.network_id, epoch, scores)
+                    value = encode_opinion(opinion)
+                    if len(value) <= self.core.config.max_value_bytes:
+                        self.submit(value)
+                    else:
+                        self.counters["consensus_opinion_too_large"] += 1
+        elif self.node.config.consensus_validator and epoch != self._join_epoch \
+                and me not in self.ledger.joins:
+            self._join_epoch = epoch
+            self.submit(encode_join(self.node.identity, self.network_id))
+
+    # ----------------------------------------------------------------- reads
+
+    def status(self) -> dict:
+        table = self.core.table
+        return {
+            "height": self.height,
+            "epoch": table.epoch,
+            "role": "validator" if self.is_validator else "observer",
+            "validators": len(table.weights),
+            "total_weight": table.total,
+            "weight": table.weights.get(self.node.peer_id, 0),
+            "round": self.core.round,
+            "step": self.core.step,
+            "pool_size": self.core.pool_size,
+            "epoch_length": self.ledger.epoch_length,
+            "last_commit_s_ago": None if self.last_commit_mono is None
+            else round(time.monotonic() - self.last_commit_mono, 3),
+        }
+
+    def reputation_rows(self) -> dict:
+        now = time.monotonic()
+        table = self.core.table
+        peers = sorted(set(table.weights) | set(self.reputation.peers()) | self.ledger.joins)
+        rows = []
+        for p in peers:
+            r, s = self.reputation.evidence(p, now)
+            rows.append({"peer_id": p, "weight": table.weights.get(p, 0),
+                         "share": round(table.weights.get(p, 0) / table.total, 6),
+                         "local_score": round(self.reputation.score(p, now), 6),
+                         "evidence_positive": round(r, 3), "evidence_negative": round(s, 3),
+                         "joining": p in self.ledger.joins, "me": p == self.node.peer_id})
+        return {"epoch": table.epoch, "total_weight": table.total, "height": self.height,
+                "epochs": [{"epoch": e, "from_height": h,
+                            "weights": dict(msgpack.unpackb(w, raw=False))}
+                           for e, h, w in self.store.epoch_tables()[-10:]],
+                "peers": rows}
+
+    def log_rows(self, limit: int, from_height: int | None) -> dict:
+        if from_height is None:
+            decisions = self.store.decisions(limit=limit, last=True)
+            blocks = self.store.blocks(max(1, self.height - limit + 1), limit)
+        else:
+            decisions = self.store.decisions(from_height, limit)
+            blocks = self.store.blocks(from_height, limit)
+        for d in decisions:
+            d["data_text"] = _preview(d.pop("data"))
+        return {"height": self.height, "decisions": decisions, "blocks": blocks}
+
+
+def _preview(data: bytes, limit: int = 200) -> str:
+    text = data.decode("utf-8", errors="replace")
+    return text if len(text) <= limit else text[:limit] + "…"
+

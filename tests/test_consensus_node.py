@@ -1,0 +1,135 @@
+"""The consensus log inside real nodes: in-process peers and peer processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from chimera.node import admin
+from chimera.node.config import NodeConfig
+from chimera.node.keys import load_or_create_identity
+from chimera.node.launcher import LocalNetwork
+from chimera.protocol.network import Network
+from tests.conftest import FAST, async_wait_until, wait_until
+
+CONSENSUS_FAST = dict(consensus_commit_wait_s=0.05, consensus_propose_timeout_s=1.0,
+                      consensus_vote_timeout_s=0.5)
+PROCESS_FAST = ["--set", "probe_interval_s=0.3", "--set", "probe_timeout_s=0.1",
+                "--set", "reconnect_interval_s=0.5", "--set", "sync_interval_s=2",
+                "--set", "consensus_commit_wait_s=0.05", "--set", "consensus_propose_timeout_s=1",
+                "--set", "consensus_vote_timeout_s=0.5"]
+
+
+def _decisions(net: LocalNetwork, i: int) -> list[tuple]:
+    res = net.query(i, "log", {"from_height": 1, "limit": 10_000})
+    return [(d["height"], d["index"], d["author"], d["nonce"], d["data_text"]) for d in res["decisions"]]
+
+
+async def test_in_process_validators_commit_identical_logs_and_an_observer_joins(tmp_path: Path):
+    from chimera.node.runtime import Node
+
+    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(3)]
+    net = Network.create("t", genesis=ids, epoch_length=8)
+    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    nodes = []
+    try:
+        for i in range(4):  # n3 is not in the genesis: it starts as an observer
+            node = Node(tmp_path / f"n{i}", config, net)
+            await node.start()
+            nodes.append(node)
+        for node in nodes[1:]:
+            node.add_contact_uri(nodes[0].contact_uri, static=True)
+            node.run_membership_actions()
+        assert nodes[3].consensus.status()["role"] == "observer"
+        results = await asyncio.gather(*(nodes[i % 4].consensus.propose(f"value {i}".encode(), 60)
+                                         for i in range(40)))
+        assert len({r["value_hash"] for r in results}) == 40
+        top = max(r["height"] for r in results)
+        assert await async_wait_until(lambda: all(n.consensus.height >= top for n in nodes), 60)
+        logs = [[(d["height"], d["index"], d["data"]) for d in n.store.decisions(1, 1000)] for n in nodes]
+        assert all(log == logs[0] for log in logs) and len(logs[0]) == 40
+        assert sorted(d for _, _, d in logs[0]) == sorted(f"value {i}".encode() for i in range(40))
+        # The observer asked to join; it becomes a validator (newcomer weight) at an epoch boundary.
+        assert await async_wait_until(lambda: all(nodes[3].peer_id in n.consensus.core.table.weights
+                                                  for n in nodes), 90), "observer never became a validator"
+        weights = nodes[0].consensus.core.table.weights
+        assert weights[nodes[3].peer_id] <= 100 < min(weights[p] for p in ids)  # newcomer bound
+        kinds = [e["kind"] for e in nodes[0].events]
+        assert "validator_join_committed" in kinds and "reputation_changed" in kinds
+        assert {n.consensus.core.table.digest() for n in nodes} == {nodes[0].consensus.core.table.digest()}
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def test_propose_without_genesis_is_a_clear_admin_error(node_factory):
+    node = await node_factory("a")
+    assert node.consensus is None
+    with pytest.raises(admin.AdminError, match="no consensus log"):
+        await asyncio.to_thread(admin.call, node.data_dir, "propose", {"data": "x"})
+
+
+@pytest.mark.slow
+def test_four_processes_commit_100_values_through_a_sigkill_and_restart(tmp_path: Path):
+    net = LocalNetwork(tmp_path, 4, extra_args=PROCESS_FAST, epoch_length=10)
+    try:
+        net.start()
+        assert wait_until(net.full_mesh, timeout_s=60), "no full mesh"
+
+        def propose(args):
+            i, k = args
+            return net.query(i, "propose", {"data": f"v{k}", "timeout_s": 60})
+
+        with ThreadPoolExecutor(8) as pool:
+            first = list(pool.map(propose, [(k % 4, k) for k in range(50)]))
+            victim = net.peers[3]
+            victim.kill()  # SIGKILL in the middle: no goodbye, no flush
+            second = list(pool.map(propose, [(k % 3, k) for k in range(50, 100)]))
+        assert len(first) + len(second) == 100
+        net.restart(3)
+        top = net.query(0, "status")["consensus"]["height"]
+        assert wait_until(lambda: net.query(3, "status")["consensus"]["height"] >= top, 90), \
+            "restarted peer did not catch up"
+        logs = [_decisions(net, i) for i in range(4)]
+        assert len(logs[0]) == 100 and {d[4] for d in logs[0]} == {f"v{k}" for k in range(100)}
+        assert all(log == logs[0] for log in logs), "logs differ between peers"
+        blocks = [net.query(i, "log", {"from_height": 1, "limit": 10_000})["blocks"] for i in range(4)]
+        upto = min(len(b) for b in blocks)
+        assert all([x["hash"] for x in b[:upto]] == [x["hash"] for x in blocks[0][:upto]] for b in blocks)
+        out = subprocess.run([sys.executable, "-m", "chimera.node.cli", "log", "--data-dir",
+                              str(net.peers[3].data_dir), "--limit", "5"], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and "v" in out.stdout
+    finally:
+        codes = net.stop()
+    assert codes == [0, 0, 0, 0], codes
+
+
+@pytest.mark.slow
+def test_equivocating_peer_is_caught_its_evidence_committed_and_its_weight_cut(tmp_path: Path):
+    net = LocalNetwork(tmp_path, 4, extra_args=PROCESS_FAST, epoch_length=6)
+    net.peers[3].args += ["--set", "test_equivocate=true"]
+    try:
+        net.start()
+        cheater = net.peers[3].status["peer_id"]
+        assert wait_until(net.full_mesh, timeout_s=60), "no full mesh"
+
+        def cut() -> bool:
+            rep = net.query(0, "reputation")
+            return any(e["weights"].get(cheater) == 1 for e in rep["epochs"])
+
+        assert wait_until(cut, timeout_s=120), "equivocator's weight was not cut"
+        events = net.query(0, "events", {"limit": 500})
+        assert any(e["kind"] == "evidence_committed" and e["peer_id"] == cheater for e in events)
+        rep = net.query(1, "reputation")
+        assert any(e["weights"].get(cheater) == 1 for e in rep["epochs"])  # every peer agrees
+        local = {r["peer_id"]: r["local_score"] for r in rep["peers"]}
+        assert local[cheater] < min(v for p, v in local.items() if p != cheater)
+        net.query(0, "propose", {"data": "still live", "timeout_s": 60})  # honest 3/4 keep committing
+    finally:
+        net.stop()
