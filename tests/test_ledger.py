@@ -1,0 +1,145 @@
+"""The ledger: log values, their validation and the epoch state machine (pure)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chimera.consensus.bft import Block, CertifiedCommit, Equivocation, Vote
+from chimera.consensus.ledger import (
+    Decision,
+    Join,
+    Ledger,
+    decode_value,
+    encode_decision,
+    encode_evidence,
+    encode_join,
+    encode_opinion,
+)
+from chimera.consensus.quorum import QuorumCertificate, WeightTable, sign_vote
+from chimera.consensus.reputation import sign_opinion
+from chimera.protocol.errors import LocalProtocolError, MalformedError
+from chimera.protocol.identity import SigningIdentity
+
+NID = b"\x07" * 16
+IDS = [SigningIdentity.generate() for _ in range(5)]
+VALIDATORS = IDS[:4]
+NEWCOMER = IDS[4]
+
+
+def genesis() -> WeightTable:
+    return WeightTable(epoch=0, weights={i.peer_id: 1000 for i in VALIDATORS})
+
+
+def commit(height: int, values, epoch: int = 0) -> CertifiedCommit:
+    # The ledger trusts the BFT core to have verified the certificate; an empty one will do here.
+    block = Block(height=height, epoch=epoch, proposer=VALIDATORS[0].peer_id, parent_hash=bytes(32),
+                  values=tuple(sorted(values, key=lambda v: __import__("hashlib").sha256(v).digest())))
+    return CertifiedCommit(round=0, block=block, certificate=QuorumCertificate(votes=()))
+
+
+def test_values_round_trip_and_validate():
+    ledger = Ledger(NID, genesis(), epoch_length=4)
+    d = encode_decision(VALIDATORS[1], NID, 5, b"hello")
+    assert decode_value(d) == Decision(VALIDATORS[1].peer_id, 5, b"hello", decode_value(d).signature)
+    assert ledger.validate_value(d)
+    j = encode_join(NEWCOMER, NID)
+    assert isinstance(decode_value(j), Join) and ledger.validate_value(j)
+    # Bound to the network and to the author: another network or a swapped author fails.
+    assert not Ledger(b"\x08" * 16, genesis(), 4).validate_value(d)
+    forged = msgpack.unpackb(d)
+    forged[1] = VALIDATORS[2].peer_id
+    assert not ledger.validate_value(msgpack.packb(forged))
+    with pytest.raises(LocalProtocolError):
+        encode_decision(VALIDATORS[0], NID, 1, b"x" * 5000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_of_arbitrary_bytes_only_raises_malformed(blob):
+    try:
+        decode_value(blob)
+    except MalformedError:
+        pass
+    assert Ledger(NID, genesis(), 4).validate_value(blob) in (True, False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=70) | st.text(max_size=60),
+                    lambda inner: st.lists(inner, max_size=6), max_leaves=12))
+def test_decode_of_arbitrary_msgpack_only_raises_malformed(obj):
+    try:
+        decode_value(msgpack.packb(["decision", *obj] if isinstance(obj, list) else obj))
+    except MalformedError:
+        pass
+
+
+def _opinion(author, epoch, scores):
+    return encode_opinion(sign_opinion(author, NID, epoch, {p.peer_id: s for p, s in scores.items()}))
+
+
+def _equivocation(voter, height=1):
+    votes = []
+    for digest in (b"\x01" * 32, None):
+        statement = [height, 0, digest]
+        votes.append(Vote(vote_type="prevote", height=height, round=0, block_hash=digest,
+                          signed=sign_vote(voter, "prevote", NID, 0, statement)))
+    return Equivocation(first=votes[0], second=votes[1])
+
+
+def test_epoch_boundary_applies_opinions_joins_and_cuts_an_equivocator():
+    ledger = Ledger(NID, genesis(), epoch_length=3)
+    cheater = VALIDATORS[3]
+    honest = VALIDATORS[:3]
+    out1 = ledger.apply(commit(1, [encode_decision(honest[0], NID, 1, b"a"), encode_join(NEWCOMER, NID)]))
+    assert [d.data for d in out1.decisions] == [b"a"] and out1.joins == [NEWCOMER.peer_id]
+    opinions = [_opinion(a, 0, {p: 900_000 for p in VALIDATORS if p is not a}) for a in honest]
+    # The cheater's low opinions cannot move the weighted median of the honest majority.
+    opinions.append(_opinion(cheater, 0, {p: 0 for p in honest}))
+    out2 = ledger.apply(commit(2, opinions + [encode_evidence(_equivocation(cheater))]))
+    assert sorted(out2.opinions) == sorted(a.peer_id for a in VALIDATORS) and out2.evidence == [cheater.peer_id]
+    # A second opinion by the same author and a repeated join are committed but ignored.
+    out3 = ledger.apply(commit(3, [_opinion(honest[0], 0, {honest[1]: 1}), encode_join(NEWCOMER, NID)]))
+    assert len(out3.ignored) == 2
+    table = out3.new_table
+    assert table is not None and table.epoch == 1 and ledger.table_height == 4
+    assert table.weights[cheater.peer_id] == 1  # cut to the floor
+    assert table.weights[NEWCOMER.peer_id] == 100  # newcomer bound (WeightPolicy default)
+    assert all(table.weights[h.peer_id] == 900 for h in honest)  # median 0.9 * weight_scale
+    # Opinions of the old epoch no longer count.
+    out4 = ledger.apply(commit(4, [_opinion(honest[1], 0, {honest[0]: 1})], epoch=1))
+    assert out4.opinions == [] and out4.ignored
+
+
+def test_evidence_against_a_non_validator_or_not_conflicting_is_ignored():
+    ledger = Ledger(NID, genesis(), epoch_length=10)
+    out = ledger.apply(commit(1, [encode_evidence(_equivocation(NEWCOMER))]))
+    assert out.evidence == [] and out.ignored
+
+
+def test_heights_must_come_in_order():
+    ledger = Ledger(NID, genesis(), epoch_length=10)
+    with pytest.raises(LocalProtocolError):
+        ledger.apply(commit(2, []))
+
+
+def test_snapshot_restore_then_replay_equals_straight_replay():
+    blocks = [commit(1, [encode_join(NEWCOMER, NID)]),
+              commit(2, [_opinion(a, 0, {p: 800_000 for p in VALIDATORS if p is not a}) for a in VALIDATORS]),
+              commit(3, [encode_decision(VALIDATORS[0], NID, 9, b"z")]),
+              commit(4, [encode_evidence(_equivocation(VALIDATORS[2], height=4))], epoch=1)]
+    straight = Ledger(NID, genesis(), epoch_length=2)
+    for b in blocks:
+        straight.apply(b)
+    partial = Ledger(NID, genesis(), epoch_length=2)
+    for b in blocks[:2]:
+        partial.apply(b)
+    restored = Ledger(NID, genesis(), epoch_length=2)
+    restored.restore(partial.snapshot())
+    for b in blocks[2:]:
+        restored.apply(b)
+    assert restored.snapshot() == straight.snapshot()
+    with pytest.raises(MalformedError):
+        restored.restore(b"\x93junk")
