@@ -465,6 +465,13 @@ class BftConfig:
     dedupe_heights: int = 1000  # a value committed this recently is never committed again
     commit_cache: int = 256  # certified commits kept in memory for catch-up
     max_response_bytes: int = 512 * 1024
+    # 0: round 0 of every height starts after commit_wait_s (a block, maybe empty,
+    # every height). > 0: round 0 waits until a value is pending here or a
+    # proposal/vote of this height arrives, or at most this long, then starts
+    # (CometBFT create_empty_blocks = false / create_empty_blocks_interval): an
+    # idle network makes one empty block per interval, and a value submitted to
+    # an idle network is proposed at once.
+    empty_block_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BLOCK_VALUES:
@@ -475,7 +482,7 @@ class BftConfig:
                self.rebroadcast_interval_s) <= 0:
             raise LocalProtocolError("timeouts and the rebroadcast interval must be > 0")
         if min(self.propose_timeout_delta_s, self.prevote_timeout_delta_s, self.precommit_timeout_delta_s,
-               self.commit_wait_s, self.catchup_interval_s) < 0:
+               self.commit_wait_s, self.catchup_interval_s, self.empty_block_interval_s) < 0:
             raise LocalProtocolError("deltas and waits must be >= 0")
 
     def timeout_s(self, step: str, round_: int) -> float:
@@ -709,6 +716,7 @@ class BftCore:
             return False
         self._own_pending[value_hash(value)] = None
         self._actions.append(Broadcast(BftValues(values=(value,))))
+        self._end_idle_wait(now)
         return True
 
     def on_message(self, sender: str, msg: object, now: float) -> None:
@@ -728,6 +736,8 @@ class BftCore:
                 raise LocalProtocolError(f"not a consensus message: {type(msg).__name__}")
         except RemoteProtocolError as exc:
             self._reject(sender, exc.reason, str(exc))
+        if self._idle_wait and self._wakes(msg):
+            self._end_idle_wait(now)
         self._process(now)
 
     def tick(self, now: float) -> None:
@@ -764,6 +774,7 @@ class BftCore:
 
     def _reset_height_state(self) -> None:
         self.step = NEW_HEIGHT
+        self._idle_wait = False
         self.locked_round: int | None = None
         self.locked_hash: bytes | None = None
         self.valid_round: int | None = None
@@ -1045,8 +1056,15 @@ class BftCore:
 
     def _on_timer(self, kind: str, round_: int, now: float) -> None:
         if kind == "start":
-            if self.step == NEW_HEIGHT:
-                self._start_round(round_, now)
+            if self.step == NEW_HEIGHT and not self._idle_wait:
+                if round_ == 0 and self.config.empty_block_interval_s > 0 and not self._has_values():
+                    self._idle_wait = True
+                    self._schedule(now + self.config.empty_block_interval_s, "idle_end", self.height, 0)
+                else:
+                    self._start_round(round_, now)
+            return
+        if kind == "idle_end":
+            self._end_idle_wait(now)
             return
         if round_ != self.round:
             return
@@ -1177,6 +1195,22 @@ class BftCore:
         pending = [self._pool[d] for d in self._own_pending if d in self._pool][:MAX_VALUES_PER_MESSAGE]
         if pending:
             self._actions.append(Broadcast(BftValues(values=tuple(pending))))
+
+    def _has_values(self) -> bool:
+        return any(d not in self._recent for d in self._pool)
+
+    def _wakes(self, msg: object) -> bool:
+        if isinstance(msg, BftValues):
+            return self._has_values()
+        if isinstance(msg, BftProposal):
+            return msg.height == self.height
+        return isinstance(msg, BftVote) and msg.vote.height == self.height
+
+    def _end_idle_wait(self, now: float) -> None:
+        """Leave the idle wait of round 0 (a value is pending, a peer moved on, or time is up)."""
+        if self._idle_wait and self.step == NEW_HEIGHT:
+            self._idle_wait = False
+            self._start_round(0, now)
 
     def _observer_poll(self) -> None:
         """An observer hears no broadcast: ask the validators for new commits in turn."""

@@ -55,6 +55,7 @@ class NodeConfig:
     consensus_vote_timeout_s: float = 1.0  # prevote and precommit steps
     consensus_commit_wait_s: float = 1.0  # pause after a commit (CometBFT timeout_commit)
     consensus_max_batch: int = 64  # values per block
+    consensus_empty_block_interval_s: float = 5.0  # idle: one empty block per interval; 0: every height
     test_equivocate: bool = False  # TEST HOOK: sign conflicting votes (tests only)
     # operation
     profile: str = "default"

@@ -26,7 +26,7 @@ from .launcher import LocalNetwork
 FAST_TIMERS = ["--set", "probe_interval_s=0.5", "--set", "probe_timeout_s=0.2",
                "--set", "sync_interval_s=5", "--set", "reconnect_interval_s=1",
                "--set", "consensus_commit_wait_s=0.2", "--set", "consensus_propose_timeout_s=1",
-               "--set", "consensus_vote_timeout_s=0.5"]
+               "--set", "consensus_vote_timeout_s=0.5", "--set", "consensus_empty_block_interval_s=0.25"]
 EPOCH_LENGTH = 8  # heights per epoch (about 2 s here): several epochs pass during the demo
 
 

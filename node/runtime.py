@@ -209,6 +209,7 @@ class Node:
                 precommit_timeout_s=cfg.consensus_vote_timeout_s,
                 commit_wait_s=cfg.consensus_commit_wait_s,
                 max_batch=cfg.consensus_max_batch,
+                empty_block_interval_s=cfg.consensus_empty_block_interval_s,
                 rebroadcast_interval_s=max(0.5, 2 * cfg.consensus_vote_timeout_s),
             ))
             self.supervisor.spawn(ConsensusActor(self.consensus))

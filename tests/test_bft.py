@@ -813,3 +813,21 @@ def test_simulation_is_reproducible_and_exercises_byzantine_paths(shared_verify)
     for seed in range(40):
         kinds |= set(Sim(seed).byz.values())
     assert kinds == set(Sim.BYZ_KINDS)
+
+
+def test_idle_network_waits_for_values_then_proposes_at_once():
+    """empty_block_interval_s > 0: no empty block per commit_wait, a value is proposed at once."""
+    config = BftConfig(**{**{f: getattr(FAST, f) for f in FAST.__dataclass_fields__},
+                          "empty_block_interval_s": 10.0})
+    cluster = Cluster(4, config=config)
+    cluster.advance(1.0)
+    assert all(not cs for cs in cluster.commits.values()), "an idle network made a block early"
+    start = cluster.now
+    cluster.cores[cluster.ids[2].peer_id].submit(b"wake", start)
+    cluster.advance(start + 0.01)  # instant delivery: no timeout needs to fire
+    assert all([c.height for c in cs] == [1] for cs in cluster.commits.values()), cluster.commits
+    assert all(cs[0].block.values == (b"wake",) for cs in cluster.commits.values())
+    cluster.advance(start + 5.0)
+    assert all(len(cs) == 1 for cs in cluster.commits.values())  # idle again: nothing new
+    cluster.advance(start + 12.0)
+    assert all(len(cs) == 2 and cs[1].block.values == () for cs in cluster.commits.values())

@@ -18,11 +18,11 @@ from chimera.protocol.network import Network
 from tests.conftest import FAST, async_wait_until, wait_until
 
 CONSENSUS_FAST = dict(consensus_commit_wait_s=0.05, consensus_propose_timeout_s=1.0,
-                      consensus_vote_timeout_s=0.5)
+                      consensus_vote_timeout_s=0.5, consensus_empty_block_interval_s=0.2)
 PROCESS_FAST = ["--set", "probe_interval_s=0.3", "--set", "probe_timeout_s=0.1",
                 "--set", "reconnect_interval_s=0.5", "--set", "sync_interval_s=2",
                 "--set", "consensus_commit_wait_s=0.05", "--set", "consensus_propose_timeout_s=1",
-                "--set", "consensus_vote_timeout_s=0.5"]
+                "--set", "consensus_vote_timeout_s=0.5", "--set", "consensus_empty_block_interval_s=0.2"]
 
 
 def _decisions(net: LocalNetwork, i: int) -> list[tuple]:
