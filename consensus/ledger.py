@@ -41,6 +41,8 @@ reputation decision). The new table is in force from the next height.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import msgpack
@@ -57,6 +59,7 @@ JOIN_PURPOSE = "validator_join"
 MAX_DECISION_BYTES = 2048
 """Most bytes of application data in one decision."""
 MAX_VALUE_DECODE_BYTES = 8192
+VALID_CACHE_ENTRIES = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,16 +216,30 @@ class Ledger:
         self.opinions: dict[str, Opinion] = {}
         self.offenders: set[str] = set()
         self.outcomes: list[ApplyOutcome] = []  # filled by on_commit, drained by the driver
+        self._valid: OrderedDict[bytes, bool] = OrderedDict()  # value hash -> validate_value
 
     # ------------------------------------------------------------- validation
 
     def validate_value(self, value: bytes) -> bool:
-        """State-free validity (the BFT core's ``validate_value``): decodes and self-signature holds."""
-        try:
-            item = decode_value(value)
-        except MalformedError:
+        """State-free validity (the BFT core's ``validate_value``): decodes and self-signature holds.
+
+        Results are cached by value hash (the same value is checked when it is
+        gossiped, proposed and applied; the answer cannot change).
+        """
+        if type(value) is not bytes:
             return False
-        return self._signature_ok(item)
+        key = hashlib.sha256(value).digest()
+        known = self._valid.get(key)
+        if known is not None:
+            return known
+        try:
+            ok = self._signature_ok(decode_value(value))
+        except MalformedError:
+            ok = False
+        self._valid[key] = ok
+        if len(self._valid) > VALID_CACHE_ENTRIES:
+            self._valid.popitem(last=False)
+        return ok
 
     def _signature_ok(self, item: LedgerValue) -> bool:
         if isinstance(item, Decision):
@@ -256,7 +273,7 @@ class Ledger:
             except MalformedError as exc:
                 out.ignored.append(f"malformed: {exc}")
                 continue
-            if not self._signature_ok(item):
+            if not self.validate_value(value):
                 out.ignored.append("bad signature")
                 continue
             if isinstance(item, Decision):

@@ -171,7 +171,9 @@ class ConsensusService:
         nonce = random.getrandbits(63)
         value = encode_decision(self.node.identity, self.network_id, nonce, data)
         digest = value_hash(value)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        fut = loop.create_future()
         self.waiters[digest] = fut
         try:
             if not self.submit(value):
@@ -183,7 +185,24 @@ class ConsensusService:
                                          f"validators up? height {self.height})") from None
         finally:
             self.waiters.pop(digest, None)
-        return {"height": height, "nonce": nonce, "value_hash": digest.hex()}
+        return {"height": height, "nonce": nonce, "value_hash": digest.hex(), "latency_s": loop.time() - t0}
+
+    async def propose_many(self, data: bytes, count: int, timeout_s: float) -> dict:
+        """Submit ``count`` decisions (``data`` + `` #k``) at once; wait for all (load testing).
+
+        Returns the commit height of each and its latency in seconds, measured in
+        this node from submission to the stored commit.
+        """
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def one(k: int) -> tuple[int, float]:
+            res = await self.propose(data + f" #{k}".encode(), timeout_s)
+            return res["height"], loop.time() - t0
+
+        done = await asyncio.gather(*(one(k) for k in range(count)))
+        return {"heights": [h for h, _ in done], "latency_s": [x for _, x in done],
+                "wall_s": loop.time() - t0}
 
     async def run_timer(self) -> None:
         next_sample = time.monotonic()

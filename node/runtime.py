@@ -536,9 +536,14 @@ class Node:
                 data = data.encode()
             if not isinstance(data, bytes):
                 raise admin_api.AdminError("propose needs data (text or bytes)")
-            timeout_s = float(args.get("timeout_s", 30.0))
+            timeout_s = max(0.1, min(float(args.get("timeout_s", 30.0)), 600.0))
+            count = int(args.get("count", 1))
+            if not 1 <= count <= 100_000:
+                raise admin_api.AdminError("count must be in 1..100000")
             try:
-                return await service.propose(data, max(0.1, min(timeout_s, 600.0)))
+                if count > 1:
+                    return await service.propose_many(data, count, timeout_s)
+                return await service.propose(data, timeout_s)
             except LocalProtocolError as exc:
                 raise admin_api.AdminError(str(exc)) from None
 

@@ -1,0 +1,112 @@
+"""Consensus benchmark: commit latency and committed values/s of the BFT log in real peers.
+
+For 4 and 10 peer processes on loopback (``LocalNetwork``: every peer a genesis
+validator, full transport, signatures, SQLite with synchronous=FULL), in one run:
+
+* the signed-envelope round trip between two of the peers (``echo_request`` /
+  ``echo_reply`` measured inside the node), the denominator;
+* commit latency: one decision at a time submitted at peer 0, measured inside
+  the node from submission to the commit stored on disk (p50, p99);
+* throughput: every peer submits a burst of decisions at once; committed
+  values/s = all values / wall time until the last one is committed (blocks
+  batch up to ``consensus_max_batch`` values).
+
+Targets (issue 3): p50 commit latency <= 6x the signed round trip at 4 peers;
+>= 1000 committed values/s at 4 peers. Nothing asserts on time; the run
+prints figures and whether the targets are met.
+
+Run: ``python -m benchmarks.bench_consensus [--json] [--peers 4,10] [--samples 100] [--burst 1000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+LATENCY_TARGET_X_RTT = 6.0
+THROUGHPUT_TARGET = 1000.0
+SETTINGS = ["--set", "probe_interval_s=1", "--set", "probe_timeout_s=0.5",
+            "--set", "consensus_commit_wait_s=0", "--set", "consensus_empty_block_interval_s=1",
+            "--set", "consensus_propose_timeout_s=1", "--set", "consensus_vote_timeout_s=0.5",
+            "--set", "consensus_max_batch=256", "--set", "rate_limit_msgs_per_s=100000",
+            "--set", "rate_limit_burst=100000", "--log-level", "warning"]
+
+
+def run(peers: int, samples: int, burst: int) -> dict:
+    from chimera.node.launcher import LocalNetwork
+
+    with tempfile.TemporaryDirectory(prefix="chimera-bench-consensus-") as tmp:
+        net = LocalNetwork(Path(tmp), peers, extra_args=SETTINGS, name="bench")
+        try:
+            net.start()
+            if not net.wait_for(net.full_mesh, timeout_s=120, interval_s=0.2):
+                raise RuntimeError("no full mesh")
+            net.query(0, "propose", {"data": "warm-up", "timeout_s": 60})
+            other = net.peers[1].status["peer_id"]
+            rtts = [r for r in net.query(0, "ping", {"peer_id": other, "count": 200})["rtt_s"] if r]
+            latencies = [net.query(0, "propose", {"data": f"lat {k}", "timeout_s": 60})["latency_s"]
+                         for k in range(samples)]
+            per_peer = max(2, burst // peers)
+
+            def load(i: int) -> dict:
+                return net.query(i, "propose", {"data": f"burst from {i}", "count": per_peer,
+                                                "timeout_s": 120})
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(peers) as pool:
+                results = list(pool.map(load, range(peers)))
+            wall = time.perf_counter() - t0
+            inner_wall = max(r["wall_s"] for r in results)
+            blocks = len({h for r in results for h in r["heights"]})
+        finally:
+            net.stop()
+    rtt_p50 = statistics.median(rtts)
+    lat = np.array(latencies)
+    return {
+        "peers": peers,
+        "signed_rtt_p50_ms": rtt_p50 * 1000,
+        "commit_latency_p50_ms": float(np.percentile(lat, 50)) * 1000,
+        "commit_latency_p99_ms": float(np.percentile(lat, 99)) * 1000,
+        "latency_x_rtt": float(np.percentile(lat, 50)) / rtt_p50,
+        "burst_values": per_peer * peers,
+        "burst_blocks": blocks,
+        "committed_values_per_s": per_peer * peers / inner_wall,
+        "client_wall_s": wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", default="4,10")
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = [run(int(n), args.samples, args.burst) for n in args.peers.split(",")]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'peers':>5}  {'RTT p50 ms':>10}  {'commit p50 ms':>13}  {'p99 ms':>7}  {'x RTT':>6}  "
+          f"{'values/s':>9}  {'values':>6}  {'blocks':>6}")
+    for r in rows:
+        print(f"{r['peers']:>5}  {r['signed_rtt_p50_ms']:>10.3f}  {r['commit_latency_p50_ms']:>13.2f}  "
+              f"{r['commit_latency_p99_ms']:>7.2f}  {r['latency_x_rtt']:>6.1f}  "
+              f"{r['committed_values_per_s']:>9.0f}  {r['burst_values']:>6}  {r['burst_blocks']:>6}")
+    four = next((r for r in rows if r["peers"] == 4), None)
+    if four is not None:
+        print(f"target p50 commit latency <= {LATENCY_TARGET_X_RTT:.0f}x signed RTT at 4 peers: "
+              f"{four['latency_x_rtt']:.1f}x -> {'met' if four['latency_x_rtt'] <= LATENCY_TARGET_X_RTT else 'NOT met'}")
+        print(f"target >= {THROUGHPUT_TARGET:.0f} committed values/s at 4 peers: "
+              f"{four['committed_values_per_s']:.0f} -> "
+              f"{'met' if four['committed_values_per_s'] >= THROUGHPUT_TARGET else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
