@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean agents
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_transport
 	$(PY) -m benchmarks.bench_footprint
+	$(PY) -m benchmarks.bench_consensus
+	$(PY) -m benchmarks.bench_wasm
+
+# Rebuild the WASM agents (needs clang, lld, wasi-libc, libclang-rt-14-dev-wasm32);
+# tests use the committed builds in agents/wasm.
+agents: $(VENV)/.installed
+	$(MAKE) -C agents PYTHON=$(abspath $(PY))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,663 @@
+"""Placement core (pure): which peers run a task, and when its result is accepted.
+
+Sans-IO, like the other cores (DESIGN.md): no clock (``now`` is monotonic
+seconds passed in), no randomness but the injected ``random.Random``, no
+I/O. Inputs are method calls; outputs are ordered lists of actions
+(:class:`Dispatch`, :class:`Cancel`, :class:`RequestVote`, :class:`Observe`,
+:class:`TaskAccepted`, :class:`TaskFailed`) for the driver to carry out in
+order. :meth:`Placement.next_deadline` says when to call :meth:`Placement.tick`.
+
+**Requirements vs capacity.** A task (:class:`TaskRequirements`) needs fuel,
+linear memory, wall time, GPUs (each with ``gpu_memory_bytes`` free) and
+``replicas`` distinct peers. A peer is a candidate when its advertised
+:class:`~chimera.fabric.resources.Resources` fit (agent memory cap, available
+memory minus what this core already committed there, enough GPUs that are
+neither leased by this core nor short of memory, load per CPU under
+``PlacementConfig.max_load_per_cpu``), its circuit breaker lets a call
+through, it has weight in the committed reputation
+:class:`~chimera.consensus.quorum.WeightTable` and it has not been tried for
+this task. Among candidates the core samples without replacement with
+probability proportional to ``reputation weight / (1 + load_1m / cpu_count)``
+(Efraimidis-Spirakis keys ``u ** (1 / w)`` from the injected RNG).
+
+**GPU leases.** Dispatching leases specific GPU indices on the peer until the
+attempt ends (result, failure, timeout, peer removed); a leased GPU is never
+offered again, so this core never oversubscribes a GPU. (The executing peer
+enforces its own lease table too; several submitters do not see each other's
+leases, and a peer that refuses for lack of capacity reports a failure.)
+
+**Breakers, retries, timeouts.** Per peer a circuit breaker (closed -> open
+after ``breaker_failures`` consecutive failures -> half-open after
+``breaker_open_s`` with one trial call -> closed on success, open again with
+the open time doubled, up to ``breaker_max_open_s``). A failed or timed-out
+attempt is retried on another peer after exponential backoff
+``min(backoff_max_s, backoff_base_s * 2 ** (n - 1)) * (1 + jitter * u)``,
+at most ``max_retries`` times per task. An attempt times out
+``wall_time_s + timeout_slack_s`` after dispatch.
+
+**Redundant results and votes.** With ``replicas = k`` the task runs on k
+distinct peers. Each reports a 32-byte result digest
+(:func:`~chimera.fabric.sandbox.result_digest`; a deterministic failure such
+as running out of fuel is a result too, :func:`~chimera.fabric.sandbox.error_digest`).
+When k digests are in, the core opens a ballot
+(:class:`~chimera.consensus.votes.Ballot`, free-form, the task's rule and
+threshold) over the *replica table*: the k replicas with their committed
+weights. The ballot's purpose names the task and the replica table's digest,
+so the certificate says who was eligible. Each replica signs its digest
+(:class:`~chimera.consensus.votes.BallotVote`) when asked
+(:class:`RequestVote`), a :class:`~chimera.consensus.votes.Tally` decides,
+and :class:`TaskAccepted` carries the :class:`~chimera.consensus.votes.VoteCertificate`;
+anyone with the replica table checks it with :func:`verify_task_certificate`.
+
+**Reputation observations** (:class:`Observe`, kinds from
+:class:`~chimera.consensus.reputation.ObservationKind`): ``task_agree`` for
+replicas whose digest matches the accepted one, ``task_disagree`` for the
+others and for a peer that reported a failure of its own (a signed failure
+report); ``equivocation`` for a replica that signed two digests. Timeouts are
+*not* reported by default: per :mod:`chimera.consensus.reputation` a silent
+peer may be our own link's fault (``observe_timeouts=True`` changes that);
+they feed the circuit breaker instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from chimera.consensus.quorum import CertificateError, WeightTable
+from chimera.consensus.reputation import ObservationKind
+from chimera.consensus.votes import (
+    RULES,
+    Ballot,
+    BallotVote,
+    Tally,
+    VoteCertificate,
+    VoteStatus,
+    verify_vote_certificate,
+)
+from chimera.protocol.errors import LocalProtocolError
+
+from .resources import Resources
+
+DIGEST_BYTES = 32
+MAX_TASK_ID_CHARS = 64
+
+
+# ------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRequirements:
+    """What a task needs.
+
+    Attributes:
+        fuel: fuel units per run (>= 1).
+        memory_bytes: linear memory the agent may use (>= 64 KiB).
+        wall_time_s: seconds one run may take (> 0).
+        gpus: GPUs per replica (>= 0); gpu_memory_bytes: free memory each must have.
+        replicas: distinct peers that run it (1..64).
+        rule: agreement rule, one of ``majority``, ``weighted``, ``unanimous``, ``quorum``.
+        threshold: the rule's threshold (None: the rule's default, see consensus.votes).
+    Raises:
+        LocalProtocolError: a value out of range.
+    """
+
+    fuel: int
+    memory_bytes: int
+    wall_time_s: float
+    gpus: int = 0
+    gpu_memory_bytes: int = 0
+    replicas: int = 1
+    rule: str = "majority"
+    threshold: Fraction | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fuel, int) and self.fuel >= 1):
+            raise LocalProtocolError("fuel must be an int >= 1")
+        if not (isinstance(self.memory_bytes, int) and self.memory_bytes >= 65536):
+            raise LocalProtocolError("memory_bytes must be >= 65536")
+        if not (isinstance(self.wall_time_s, (int, float)) and 0 < self.wall_time_s < 1e6):
+            raise LocalProtocolError("wall_time_s must be in (0, 1e6)")
+        if not (isinstance(self.gpus, int) and 0 <= self.gpus <= 64):
+            raise LocalProtocolError("gpus must be in 0..64")
+        if not (isinstance(self.gpu_memory_bytes, int) and self.gpu_memory_bytes >= 0):
+            raise LocalProtocolError("gpu_memory_bytes must be >= 0")
+        if not (isinstance(self.replicas, int) and 1 <= self.replicas <= 64):
+            raise LocalProtocolError("replicas must be in 1..64")
+        if self.rule not in RULES:
+            raise LocalProtocolError(f"rule must be one of {RULES}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlacementConfig:
+    """Tuning of the placement core (seconds are monotonic durations)."""
+
+    max_retries: int = 3
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 10.0
+    backoff_jitter: float = 0.5
+    timeout_slack_s: float = 2.0
+    vote_timeout_s: float = 10.0
+    queue_timeout_s: float = 30.0
+    breaker_failures: int = 3
+    breaker_open_s: float = 5.0
+    breaker_max_open_s: float = 300.0
+    max_load_per_cpu: float = 4.0
+    observe_timeouts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.breaker_failures < 1:
+            raise LocalProtocolError("max_retries >= 0 and breaker_failures >= 1")
+        for name in ("backoff_base_s", "backoff_max_s", "timeout_slack_s", "vote_timeout_s", "queue_timeout_s",
+                     "breaker_open_s", "breaker_max_open_s", "max_load_per_cpu"):
+            if not getattr(self, name) > 0:
+                raise LocalProtocolError(f"{name} must be > 0")
+        if not 0 <= self.backoff_jitter <= 1:
+            raise LocalProtocolError("backoff_jitter must be in [0, 1]")
+
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Run attempt ``attempt`` of ``task_id`` on ``peer_id`` with GPUs ``gpu_indices``;
+    give up at monotonic ``deadline`` (``timeout_s`` after dispatch)."""
+
+    task_id: str
+    attempt: int
+    peer_id: str
+    gpu_indices: tuple[int, ...]
+    timeout_s: float
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Tell ``peer_id`` to stop attempt ``attempt`` (it timed out or is no longer wanted)."""
+
+    task_id: str
+    attempt: int
+    peer_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVote:
+    """Ask replica ``peer_id`` to sign ``digest`` (the digest it reported) on ``ballot``."""
+
+    task_id: str
+    peer_id: str
+    ballot: Ballot
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Observe:
+    """A reputation observation about ``peer_id`` for the driver's LocalReputation."""
+
+    peer_id: str
+    kind: ObservationKind
+    task_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAccepted:
+    """The task's result: ``digest`` agreed under the rule, proven by ``certificate``
+    over the replica weight table ``table``."""
+
+    task_id: str
+    digest: bytes
+    certificate: VoteCertificate
+    table: WeightTable
+    agreeing: tuple[str, ...]
+    disagreeing: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """The task ended without an accepted result. ``reason``: ``unsatisfiable``,
+    ``no_capacity``, ``retries_exhausted``, ``no_agreement``, ``vote_timeout``, ``cancelled``."""
+
+    task_id: str
+    reason: str
+    detail: str = ""
+
+
+Action = Dispatch | Cancel | RequestVote | Observe | TaskAccepted | TaskFailed
+
+
+# ----------------------------------------------------------------- breakers
+
+
+class BreakerState(str, enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Per-peer circuit breaker (see the module docstring for the rule)."""
+
+    def __init__(self, failures_to_open: int, open_s: float, max_open_s: float) -> None:
+        self.failures_to_open, self.base_open_s, self.max_open_s = failures_to_open, open_s, max_open_s
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self.open_for_s = open_s
+        self.opened_at = 0.0
+        self.trial_in_flight = False
+
+    def current(self, now: float) -> BreakerState:
+        """The state at ``now`` (an open breaker whose time is up is half-open)."""
+        if self.state is BreakerState.OPEN and now >= self.opened_at + self.open_for_s:
+            self.state = BreakerState.HALF_OPEN
+            self.trial_in_flight = False
+        return self.state
+
+    def allows(self, now: float) -> bool:
+        state = self.current(now)
+        return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self.trial_in_flight)
+
+    def reopens_at(self) -> float | None:
+        return self.opened_at + self.open_for_s if self.state is BreakerState.OPEN else None
+
+    def on_dispatch(self, now: float) -> None:
+        if self.current(now) is BreakerState.HALF_OPEN:
+            self.trial_in_flight = True
+
+    def on_success(self) -> None:
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self.open_for_s = self.base_open_s
+        self.trial_in_flight = False
+
+    def on_failure(self, now: float) -> None:
+        self.failures += 1
+        state = self.current(now)
+        if state is BreakerState.HALF_OPEN:
+            self.open_for_s = min(self.max_open_s, self.open_for_s * 2)
+            self._open(now)
+        elif state is BreakerState.CLOSED and self.failures >= self.failures_to_open:
+            self._open(now)
+
+    def _open(self, now: float) -> None:
+        self.state = BreakerState.OPEN
+        self.opened_at = now
+        self.trial_in_flight = False
+
+
+# -------------------------------------------------------------------- tasks
+
+
+def task_ballot_purpose(task_id: str, table: WeightTable) -> str:
+    """Ballot purpose binding the task and its replica table: ``"task <id> replicas <sha256 hex>"``."""
+    return f"task {task_id} replicas {table.digest().hex()}"
+
+
+def verify_task_certificate(cert: VoteCertificate, table: WeightTable, network_id: bytes, task_id: str) -> None:
+    """Check that ``cert`` accepts a result of ``task_id`` under the replica table ``table``.
+
+    Raises:
+        CertificateError: the ballot is not for this task and table, or
+            :func:`~chimera.consensus.votes.verify_vote_certificate` fails.
+    """
+    if cert.ballot.purpose != task_ballot_purpose(task_id, table):
+        raise CertificateError("certificate's ballot is not for this task and replica table")
+    verify_vote_certificate(cert, table, network_id)
+
+
+@dataclass
+class _Attempt:
+    number: int
+    peer_id: str
+    gpu_indices: tuple[int, ...]
+    deadline: float
+
+
+@dataclass
+class _Task:
+    task_id: str
+    req: TaskRequirements
+    submitted_at: float
+    state: str = "running"                          # running | voting | done | failed
+    attempts: dict[int, _Attempt] = field(default_factory=dict)  # in flight, by attempt number
+    results: dict[str, bytes] = field(default_factory=dict)      # peer -> digest
+    tried: set[str] = field(default_factory=set)
+    failures: int = 0
+    next_attempt: int = 1
+    retry_at: float | None = None
+    tally: Tally | None = None
+    table: WeightTable | None = None
+    vote_deadline: float | None = None
+
+    @property
+    def missing(self) -> int:
+        return self.req.replicas - len(self.results) - len(self.attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskView:
+    """Read-only summary of a task (for status queries and tests)."""
+
+    task_id: str
+    state: str
+    running_on: tuple[str, ...]
+    results: int
+    failures: int
+
+
+class Placement:
+    """The placement state machine of one submitting peer.
+
+    Args:
+        config: tuning; network_id: the network the votes are signed for;
+        rng: the injected random source (placement sampling, backoff jitter).
+    Call :meth:`set_weights` (committed reputation weights) and
+    :meth:`update_peer` (advertised resources) before submitting.
+    """
+
+    def __init__(self, config: PlacementConfig, *, network_id: bytes, rng: random.Random) -> None:
+        self.config = config
+        self.network_id = network_id
+        self.rng = rng
+        self.weights: WeightTable | None = None
+        self.peers: dict[str, Resources] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.gpu_leases: dict[str, dict[int, tuple[str, int]]] = {}  # peer -> gpu index -> (task, attempt)
+        self.committed_memory: dict[str, int] = {}
+        self.tasks: dict[str, _Task] = {}
+        self.counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------ peers
+
+    def set_weights(self, table: WeightTable) -> None:
+        """Committed reputation weights of the current epoch (peers outside it get no work)."""
+        self.weights = table
+
+    def update_peer(self, peer_id: str, resources: Resources) -> None:
+        self.peers[peer_id] = resources
+        self.breakers.setdefault(peer_id, CircuitBreaker(self.config.breaker_failures, self.config.breaker_open_s,
+                                                         self.config.breaker_max_open_s))
+
+    def remove_peer(self, peer_id: str, now: float) -> list[Action]:
+        """Forget a peer; its attempts in flight fail (and are retried elsewhere)."""
+        actions: list[Action] = []
+        for task in list(self.tasks.values()):
+            for attempt in [a for a in task.attempts.values() if a.peer_id == peer_id]:
+                actions += self._fail_attempt(task, attempt, "peer_removed", now, observe=False, breaker=False)
+        self.peers.pop(peer_id, None)
+        return actions
+
+    def breaker(self, peer_id: str) -> CircuitBreaker:
+        return self.breakers[peer_id]
+
+    def leased_gpus(self, peer_id: str) -> dict[int, tuple[str, int]]:
+        return dict(self.gpu_leases.get(peer_id, {}))
+
+    def view(self, task_id: str) -> TaskView:
+        t = self.tasks[task_id]
+        return TaskView(task_id, t.state, tuple(a.peer_id for a in t.attempts.values()), len(t.results), t.failures)
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    # ------------------------------------------------------------ capacity
+
+    def _weight(self, peer_id: str) -> int:
+        return self.weights.weights.get(peer_id, 0) if self.weights is not None else 0
+
+    def _free_gpus(self, peer_id: str, req: TaskRequirements) -> list[int]:
+        leased = self.gpu_leases.get(peer_id, {})
+        res = self.peers.get(peer_id)
+        if res is None:
+            return []
+        return sorted(g.index for g in res.gpus
+                      if g.index not in leased and g.memory_free_bytes >= req.gpu_memory_bytes)
+
+    def _could_ever_fit(self, peer_id: str, req: TaskRequirements) -> bool:
+        res = self.peers[peer_id]
+        gpus_big_enough = sum(1 for g in res.gpus if g.memory_total_bytes >= req.gpu_memory_bytes)
+        return (self._weight(peer_id) > 0 and res.max_wasm_memory_bytes >= req.memory_bytes
+                and res.memory_total_bytes >= req.memory_bytes and gpus_big_enough >= req.gpus)
+
+    def _fits_now(self, peer_id: str, req: TaskRequirements, now: float) -> bool:
+        res = self.peers[peer_id]
+        if not self._could_ever_fit(peer_id, req):
+            return False
+        if res.memory_available_bytes - self.committed_memory.get(peer_id, 0) < req.memory_bytes:
+            return False
+        if res.load_1m / res.cpu_count > self.config.max_load_per_cpu:
+            return False
+        if req.gpus and len(self._free_gpus(peer_id, req)) < req.gpus:
+            return False
+        return self.breakers[peer_id].allows(now)
+
+    def candidates(self, req: TaskRequirements, now: float, exclude: set[str] = frozenset()) -> list[str]:
+        """Peers that could take an attempt of ``req`` right now, sorted by id."""
+        return [p for p in sorted(self.peers) if p not in exclude and self._fits_now(p, req, now)]
+
+    def _choose(self, candidates: list[str], count: int) -> list[str]:
+        keyed = []
+        for peer_id in candidates:  # sorted: the RNG draws are reproducible
+            res = self.peers[peer_id]
+            w = self._weight(peer_id) / (1.0 + res.load_1m / res.cpu_count)
+            u = self.rng.random()
+            keyed.append((math.log(max(u, 1e-300)) / w, peer_id))  # log of u ** (1 / w)
+        keyed.sort(reverse=True)
+        return [p for _, p in keyed[:count]]
+
+    # ------------------------------------------------------------- inputs
+
+    def submit(self, task_id: str, req: TaskRequirements, now: float) -> list[Action]:
+        """Place a new task.
+
+        Raises:
+            LocalProtocolError: duplicate or invalid task id, or no weights set.
+        """
+        if not isinstance(task_id, str) or not 1 <= len(task_id) <= MAX_TASK_ID_CHARS or " " in task_id:
+            raise LocalProtocolError(f"task id must be 1..{MAX_TASK_ID_CHARS} characters without spaces")
+        if task_id in self.tasks:
+            raise LocalProtocolError(f"task {task_id} submitted twice")
+        if self.weights is None:
+            raise LocalProtocolError("set_weights() before submitting tasks")
+        task = _Task(task_id=task_id, req=req, submitted_at=now)
+        self.tasks[task_id] = task
+        capable = [p for p in self.peers if self._could_ever_fit(p, req)]
+        if len(capable) < req.replicas:
+            return self._finish_failed(task, "unsatisfiable",
+                                       f"{len(capable)} peers could ever run it, {req.replicas} replicas needed")
+        return self._place(task, now)
+
+    def on_result(self, task_id: str, attempt: int, peer_id: str, digest: bytes, now: float) -> list[Action]:
+        """Attempt ``attempt`` on ``peer_id`` reported ``digest`` (32 bytes).
+
+        A report for an unknown task or attempt, from the wrong peer, or with a
+        malformed digest is ignored and counted (``ignored_result``).
+        """
+        task = self.tasks.get(task_id)
+        att = task.attempts.get(attempt) if task is not None else None
+        if (task is None or att is None or att.peer_id != peer_id or type(digest) is not bytes
+                or len(digest) != DIGEST_BYTES):
+            self._count("ignored_result")
+            return []
+        self._end_attempt(task, att)
+        self.breakers[peer_id].on_success()
+        task.results[peer_id] = digest
+        if len(task.results) == task.req.replicas:
+            return self._open_ballot(task, now)
+        return self._place(task, now)
+
+    def on_failure(self, task_id: str, attempt: int, peer_id: str, reason: str, now: float) -> list[Action]:
+        """Attempt ``attempt`` on ``peer_id`` failed by the peer's own (signed) report."""
+        task = self.tasks.get(task_id)
+        att = task.attempts.get(attempt) if task is not None else None
+        if task is None or att is None or att.peer_id != peer_id:
+            self._count("ignored_failure")
+            return []
+        return self._fail_attempt(task, att, reason, now, observe=True, breaker=True)
+
+    def on_vote(self, task_id: str, vote: BallotVote, now: float) -> list[Action]:
+        """A replica's signed vote on the task's ballot."""
+        task = self.tasks.get(task_id)
+        if task is None or task.tally is None or task.state != "voting":
+            self._count("ignored_vote")
+            return []
+        result = task.tally.add(vote)
+        actions: list[Action] = []
+        if result.status is VoteStatus.EQUIVOCATION:
+            actions.append(Observe(vote.voter, ObservationKind.EQUIVOCATION, task_id, "signed two result digests"))
+        elif not result.accepted and result.status is not VoteStatus.DUPLICATE:
+            self._count(f"vote_{result.status.value}")
+        outcome = task.tally.outcome()
+        if outcome.decided:
+            return actions + self._accept(task, outcome.choice, outcome.certificate)
+        if not task.tally.can_still_decide():
+            return actions + self._no_agreement(task, "no_agreement", outcome.detail)
+        return actions
+
+    def cancel(self, task_id: str, now: float) -> list[Action]:
+        """Give up on a task: cancel its attempts, release its leases."""
+        task = self.tasks.get(task_id)
+        if task is None or task.state in ("done", "failed"):
+            return []
+        actions: list[Action] = []
+        for att in list(task.attempts.values()):
+            self._end_attempt(task, att)
+            actions.append(Cancel(task.task_id, att.number, att.peer_id, "cancelled"))
+        return actions + self._finish_failed(task, "cancelled", "cancelled by the submitter")
+
+    def tick(self, now: float) -> list[Action]:
+        """Handle everything due at ``now``: timeouts, retries, queued placements, vote timeouts."""
+        actions: list[Action] = []
+        for task in list(self.tasks.values()):
+            if task.state == "running":
+                for att in [a for a in task.attempts.values() if now >= a.deadline]:
+                    actions.append(Cancel(task.task_id, att.number, att.peer_id, "timeout"))
+                    actions += self._fail_attempt(task, att, "timeout", now,
+                                                  observe=self.config.observe_timeouts, breaker=True)
+                if task.state == "running" and task.missing > 0 and (task.retry_at is None or now >= task.retry_at):
+                    actions += self._place(task, now)
+            elif task.state == "voting" and task.vote_deadline is not None and now >= task.vote_deadline:
+                actions += self._no_agreement(task, "vote_timeout", "replicas did not vote in time")
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """The earliest monotonic time :meth:`tick` has something to do (None: nothing pending)."""
+        times: list[float] = []
+        for task in self.tasks.values():
+            if task.state == "running":
+                times += [a.deadline for a in task.attempts.values()]
+                if task.missing > 0:
+                    if task.retry_at is not None:
+                        times.append(task.retry_at)
+                    times.append(task.submitted_at + self.config.queue_timeout_s)
+                    times += [b.reopens_at() for b in self.breakers.values() if b.reopens_at() is not None]
+            elif task.state == "voting" and task.vote_deadline is not None:
+                times.append(task.vote_deadline)
+        return min(times) if times else None
+
+    # ------------------------------------------------------------ internals
+
+    def _place(self, task: _Task, now: float) -> list[Action]:
+        if task.state != "running" or task.missing <= 0:
+            return []
+        if task.retry_at is not None and now < task.retry_at:
+            return []
+        task.retry_at = None
+        busy = task.tried | set(task.results) | {a.peer_id for a in task.attempts.values()}
+        chosen = self._choose(self.candidates(task.req, now, busy), task.missing)
+        actions: list[Action] = []
+        for peer_id in chosen:
+            actions.append(self._dispatch(task, peer_id, now))
+        if task.missing > 0 and not task.attempts and not chosen:
+            untried = [p for p in self.peers if p not in busy and self._could_ever_fit(p, task.req)]
+            if len(untried) < task.missing:
+                return actions + self._finish_failed(
+                    task, "retries_exhausted" if task.failures else "no_capacity",
+                    f"{len(untried)} untried capable peers left, {task.missing} replicas missing")
+            if now >= task.submitted_at + self.config.queue_timeout_s:
+                return actions + self._finish_failed(task, "no_capacity",
+                                                     f"no peer had room within {self.config.queue_timeout_s} s")
+        return actions
+
+    def _dispatch(self, task: _Task, peer_id: str, now: float) -> Dispatch:
+        req = task.req
+        gpus = tuple(self._free_gpus(peer_id, req)[:req.gpus]) if req.gpus else ()
+        number = task.next_attempt
+        task.next_attempt += 1
+        leases = self.gpu_leases.setdefault(peer_id, {})
+        for index in gpus:
+            assert index not in leases, "GPU leased twice"  # _free_gpus excludes leased ones
+            leases[index] = (task.task_id, number)
+        self.committed_memory[peer_id] = self.committed_memory.get(peer_id, 0) + req.memory_bytes
+        self.breakers[peer_id].on_dispatch(now)
+        timeout_s = req.wall_time_s + self.config.timeout_slack_s
+        att = _Attempt(number, peer_id, gpus, now + timeout_s)
+        task.attempts[number] = att
+        task.tried.add(peer_id)
+        self._count("dispatched")
+        return Dispatch(task.task_id, number, peer_id, gpus, timeout_s, att.deadline)
+
+    def _end_attempt(self, task: _Task, att: _Attempt) -> None:
+        task.attempts.pop(att.number, None)
+        leases = self.gpu_leases.get(att.peer_id, {})
+        for index in att.gpu_indices:
+            if leases.get(index) == (task.task_id, att.number):
+                del leases[index]
+        self.committed_memory[att.peer_id] = max(0, self.committed_memory.get(att.peer_id, 0) - task.req.memory_bytes)
+
+    def _fail_attempt(self, task: _Task, att: _Attempt, reason: str, now: float, *, observe: bool,
+                      breaker: bool) -> list[Action]:
+        self._end_attempt(task, att)
+        actions: list[Action] = []
+        if breaker and att.peer_id in self.breakers:
+            self.breakers[att.peer_id].on_failure(now)
+        if observe:
+            actions.append(Observe(att.peer_id, ObservationKind.TASK_DISAGREE, task.task_id, f"failed: {reason}"))
+        task.failures += 1
+        self._count(f"attempt_{reason}" if reason in ("timeout", "peer_removed") else "attempt_failed")
+        if task.failures > self.config.max_retries:
+            for other in list(task.attempts.values()):
+                self._end_attempt(task, other)
+                actions.append(Cancel(task.task_id, other.number, other.peer_id, "task_failed"))
+            return actions + self._finish_failed(task, "retries_exhausted",
+                                                 f"{task.failures} failed attempts, last: {reason}")
+        cfg = self.config
+        delay = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (task.failures - 1))
+        task.retry_at = now + delay * (1 + cfg.backoff_jitter * self.rng.random())
+        return actions
+
+    def _open_ballot(self, task: _Task, now: float) -> list[Action]:
+        assert self.weights is not None
+        table = WeightTable(self.weights.epoch, {p: max(1, self._weight(p)) for p in task.results})
+        ballot = Ballot.create(epoch=table.epoch, purpose=task_ballot_purpose(task.task_id, table),
+                               rule=task.req.rule, threshold=task.req.threshold)
+        task.state = "voting"
+        task.table = table
+        task.tally = Tally(ballot, table, self.network_id)
+        task.vote_deadline = now + self.config.vote_timeout_s
+        return [RequestVote(task.task_id, p, ballot, d) for p, d in sorted(task.results.items())]
+
+    def _accept(self, task: _Task, choice: bytes, certificate: VoteCertificate) -> list[Action]:
+        task.state = "done"
+        agree = tuple(sorted(p for p, d in task.results.items() if d == choice))
+        disagree = tuple(sorted(p for p, d in task.results.items() if d != choice))
+        actions: list[Action] = [Observe(p, ObservationKind.TASK_AGREE, task.task_id) for p in agree]
+        actions += [Observe(p, ObservationKind.TASK_DISAGREE, task.task_id, "result differs from the accepted one")
+                    for p in disagree]
+        assert task.table is not None
+        actions.append(TaskAccepted(task.task_id, choice, certificate, task.table, agree, disagree))
+        self._count("accepted")
+        return actions
+
+    def _no_agreement(self, task: _Task, reason: str, detail: str) -> list[Action]:
+        return self._finish_failed(task, reason, detail)
+
+    def _finish_failed(self, task: _Task, reason: str, detail: str) -> list[Action]:
+        task.state = "failed"
+        self._count(f"failed_{reason}")
+        return [TaskFailed(task.task_id, reason, detail)]

@@ -1,0 +1,1015 @@
+"""The WebAssembly host: strict wasmtime sandboxes for task and actor agents.
+
+Everything an agent runs goes through one :class:`SandboxEngine` (one
+``wasmtime.Engine`` per node). It is strict by default:
+
+* **Fuel.** ``Config.consume_fuel``: every call starts with exactly
+  ``Limits.fuel`` units (wasmtime charges about one unit per executed
+  instruction); running out traps with :class:`FuelExhausted`. The store is
+  refuelled before *every* call, so the budget never carries over.
+* **Epoch deadline.** ``Config.epoch_interruption``: a ticker thread owned by
+  the engine calls ``Engine.increment_epoch()`` every ``epoch_tick_s``; before
+  every call the store's deadline is set to ``ceil(wall_time_s / tick) + 1``
+  ticks ahead, so an agent that computes past ``Limits.wall_time_s`` traps with
+  :class:`DeadlineExceeded`. The deadline must be set again before each call:
+  an expired deadline would trap every later call at once. Precision is one
+  tick (default 5 ms). Time spent inside a host function (a WASI read, our
+  ``chimera.send``) is not interrupted, which is why every host function here
+  is bounded and the clock-based WASI calls (``poll_oneoff`` can sleep) are
+  denied unless granted.
+* **Memory.** ``Store.set_limits(memory_size=Limits.memory_bytes)``. Note the
+  wasmtime semantics: past the limit ``memory.grow`` *returns -1* (C's
+  ``malloc`` returns NULL) instead of trapping, and instantiating a module whose
+  declared minimum exceeds the limit fails. A trap or a non-zero exit while the
+  linear memory is within one 64 KiB page of the limit is reported as
+  :class:`MemoryLimitExceeded`; so is a module that cannot be instantiated
+  within the limit.
+* **Bounded reservation.** By default wasmtime reserves 4 GiB of virtual
+  address space plus guard pages per linear memory; small machines (and
+  ``ulimit -v``) run out after a few instances. The engine reserves
+  ``memory_reservation_bytes`` (default 64 MiB) with a 64 KiB guard and lets
+  memories move when they grow past it (``Config.memory_reservation``,
+  ``memory_guard_size``, ``memory_reservation_for_growth``); the compiler then
+  emits explicit bounds checks, a small cost for a bounded footprint.
+* **No ambient authority.** WASI gets no preopened directories, no
+  environment, no arguments, and (unless :attr:`Grants.clock`) the clock
+  functions ``clock_time_get``, ``clock_res_get`` and ``poll_oneoff`` answer
+  ``ENOTCAPABLE`` (errno 76). WASI preview 1 has no way to open sockets; there
+  is no network. A module may import only ``wasi_snapshot_preview1`` functions
+  and, for actors, the ``chimera`` host functions; anything else (an unlinked
+  import) is refused by :meth:`SandboxEngine.compile` with
+  :class:`ModuleRejected`.
+* **Discard after a trap.** Any trap marks the instance dead
+  (:class:`AgentDiscarded` on later calls); its state is never reused.
+
+Compiled modules are cached by the SHA-256 of the ``.wasm`` bytes, in memory
+and on the node's own disk (``Module.serialize`` / ``Module.deserialize``,
+written atomically with mode 0600 in a 0700 directory). Deserializing runs
+native code without validation, so the cache only ever holds artefacts this
+engine compiled from bytes it was given; no API takes precompiled bytes. The
+file name carries a fingerprint of the wasmtime version, engine settings and
+CPU architecture, and an artefact that fails to deserialize is recompiled.
+
+Task agents are WASI commands: input on stdin, result on stdout, the exit
+status (see :meth:`SandboxEngine.run_task`). Actor agents are WASI reactors
+driven message by message (:class:`ActorInstance`). The exact ABI is in
+docs/AGENTS.md.
+
+Errors: every failure an agent or its module can cause is a
+:class:`FabricError` with a stable ``reason`` token (for drop counters and
+reputation); misuse of this API raises ``ValueError``/``TypeError``.
+
+Sources: wasmtime ``Config``/``Store`` documentation
+(https://docs.wasmtime.dev/api/wasmtime/struct.Config.html, ``Store::set_fuel``,
+``Store::set_epoch_deadline``, ``StoreLimits``), the WASI preview 1 spec
+(https://github.com/WebAssembly/WASI/blob/main/legacy/preview1/docs.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import selectors
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import wasmtime
+
+WASI_MODULE = "wasi_snapshot_preview1"
+HOST_MODULE = "chimera"
+PAGE_BYTES = 65536
+WASI_ERRNO_NOTCAPABLE = 76
+SHA256_HEX_CHARS = 64
+
+#: wasi_snapshot_preview1 functions (the frozen preview 1 ABI).
+WASI_FUNCTIONS = frozenset("""
+args_get args_sizes_get environ_get environ_sizes_get clock_res_get clock_time_get
+fd_advise fd_allocate fd_close fd_datasync fd_fdstat_get fd_fdstat_set_flags
+fd_fdstat_set_rights fd_filestat_get fd_filestat_set_size fd_filestat_set_times fd_pread
+fd_prestat_get fd_prestat_dir_name fd_pwrite fd_read fd_readdir fd_renumber fd_seek fd_sync
+fd_tell fd_write path_create_directory path_filestat_get path_filestat_set_times path_link
+path_open path_readlink path_remove_directory path_rename path_symlink path_unlink_file
+poll_oneoff proc_exit proc_raise sched_yield random_get sock_accept sock_recv sock_send
+sock_shutdown
+""".split())
+
+_I32 = wasmtime.ValType.i32()
+_I64 = wasmtime.ValType.i64()
+#: The ``chimera`` host functions: name -> (param types, result types); see docs/AGENTS.md.
+HOST_FUNCTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "send": (("i32", "i32", "i32", "i32"), ("i32",)),
+    "log": (("i32", "i32"), ()),
+    "now_ms": ((), ("i64",)),
+}
+_CLOCK_DENIED = {
+    "clock_time_get": ((_I32, _I64, _I32), (_I32,)),
+    "clock_res_get": ((_I32, _I32), (_I32,)),
+    "poll_oneoff": ((_I32, _I32, _I32, _I32), (_I32,)),
+}
+
+# chimera.send return codes (negative: not sent)
+SEND_OK = 0
+SEND_BAD_ADDRESS = -1   # target not valid UTF-8 / not an address, or pointers out of bounds
+SEND_REFUSED = -2       # unknown target, its mailbox is full, or no route to its peer
+SEND_TOO_LARGE = -3     # message or address over the limits
+SEND_QUOTA = -4         # more than Limits.max_sends_per_call sends in this call
+SEND_FAILED = -5        # the router failed (counted, logged by the host)
+
+MAX_ADDRESS_BYTES = 160
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class FabricError(Exception):
+    """Base of every failure an agent, a module or a peer's input can cause.
+
+    Attributes:
+        reason: stable snake_case token for counters and logs.
+    """
+
+    reason = "fabric_error"
+
+
+class ModuleRejected(FabricError):
+    """The bytes are not an acceptable module: too large, invalid WebAssembly,
+    an import the host does not provide, or a missing required export."""
+
+    reason = "module_rejected"
+
+
+class InputTooLarge(FabricError):
+    """Task input or actor message over :class:`Limits`."""
+
+    reason = "input_too_large"
+
+
+class OutputLimitExceeded(FabricError):
+    """A task wrote more than ``Limits.max_output_bytes`` to stdout."""
+
+    reason = "output_limit"
+
+
+class AgentDiscarded(FabricError):
+    """The instance trapped earlier and was discarded; create a new one."""
+
+    reason = "discarded"
+
+
+class AgentTrap(FabricError):
+    """The agent trapped (unreachable, out-of-bounds access, stack overflow...).
+
+    Attributes:
+        agent: the agent's name; export: the export that was running;
+        trap_code: wasmtime's trap code name or None; fuel_consumed: units used.
+    """
+
+    reason = "trap"
+
+    def __init__(self, message: str, *, agent: str = "", export: str = "",
+                 trap_code: str | None = None, fuel_consumed: int = 0) -> None:
+        super().__init__(message)
+        self.agent, self.export, self.trap_code = agent, export, trap_code
+        self.fuel_consumed = fuel_consumed
+
+
+class FuelExhausted(AgentTrap):
+    """The call used all of ``Limits.fuel``."""
+
+    reason = "fuel_exhausted"
+
+
+class DeadlineExceeded(AgentTrap):
+    """The call ran past ``Limits.wall_time_s`` (epoch deadline)."""
+
+    reason = "deadline_exceeded"
+
+
+class MemoryLimitExceeded(AgentTrap):
+    """The agent failed at ``Limits.memory_bytes`` (memory.grow returned -1 and it
+    trapped or exited non-zero), or its module needs more than the limit."""
+
+    reason = "memory_limit"
+
+
+class GuestFault(AgentTrap):
+    """The agent broke the host ABI (e.g. ``alloc`` returned an out-of-bounds pointer)."""
+
+    reason = "guest_fault"
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Per-call resource limits of one agent (all checked, all bounded).
+
+    Attributes:
+        fuel: fuel units per call (about one per instruction), 1..2**63-1.
+        wall_time_s: wall-clock seconds per call (epoch deadline), > 0.
+        memory_bytes: linear memory cap in bytes (>= one 64 KiB page).
+        max_input_bytes: task stdin size cap.
+        max_output_bytes: task stdout cap (more is :class:`OutputLimitExceeded`).
+        max_stderr_bytes: task stderr kept (the rest is discarded, not an error).
+        max_message_bytes: actor message size cap, in and out.
+        max_sends_per_call: ``chimera.send`` calls allowed per handled message.
+        max_log_bytes: a ``chimera.log`` line is cut to this many bytes.
+        max_logs_per_call: further ``chimera.log`` calls in one message are ignored.
+        table_elements: cap on table elements (function pointers) per store.
+    Raises:
+        ValueError: a value outside its range.
+    """
+
+    fuel: int = 2_000_000_000
+    wall_time_s: float = 10.0
+    memory_bytes: int = 64 << 20
+    max_input_bytes: int = 4 << 20
+    max_output_bytes: int = 4 << 20
+    max_stderr_bytes: int = 16 << 10
+    max_message_bytes: int = 256 << 10
+    max_sends_per_call: int = 64
+    max_log_bytes: int = 1024
+    max_logs_per_call: int = 64
+    table_elements: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fuel, int) and 1 <= self.fuel < 2**63):
+            raise ValueError("fuel must be an int in 1..2**63-1")
+        if not (isinstance(self.wall_time_s, (int, float)) and 0 < self.wall_time_s <= 86_400):
+            raise ValueError("wall_time_s must be in (0, 86400]")
+        if not (isinstance(self.memory_bytes, int) and PAGE_BYTES <= self.memory_bytes <= 1 << 32):
+            raise ValueError("memory_bytes must be between 64 KiB and 4 GiB")
+        for name in ("max_input_bytes", "max_output_bytes", "max_stderr_bytes", "max_message_bytes",
+                     "max_sends_per_call", "max_log_bytes", "max_logs_per_call", "table_elements"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and 0 <= value < 2**31):
+                raise ValueError(f"{name} must be an int in 0..2**31-1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preopen:
+    """A host directory granted to an agent as ``guest_path`` (read-only unless ``writable``)."""
+
+    host_path: str
+    guest_path: str
+    writable: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Grants:
+    """Capabilities beyond the strict default (which is: nothing).
+
+    Attributes:
+        clock: WASI clocks and ``poll_oneoff`` work, and ``chimera.now_ms``
+            returns the time (else -1).
+        env: environment variables ``(name, value)`` the agent sees.
+        args: ``argv`` (``argv[0]`` included) the agent sees.
+        preopens: directories the agent may open files under.
+    There is no network grant: WASI preview 1 cannot open sockets.
+    """
+
+    clock: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+    args: tuple[str, ...] = ()
+    preopens: tuple[Preopen, ...] = ()
+
+
+NO_GRANTS = Grants()
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledModule:
+    """A validated, compiled module (owned by one :class:`SandboxEngine`).
+
+    Attributes:
+        sha256: hex SHA-256 of the ``.wasm`` bytes (its content address).
+        module: the compiled ``wasmtime.Module``.
+        size_bytes: size of the ``.wasm`` bytes.
+        imports: ``(module, name)`` pairs it imports.
+        exports: names it exports.
+    """
+
+    sha256: str
+    module: wasmtime.Module = field(repr=False)
+    size_bytes: int
+    imports: tuple[tuple[str, str], ...]
+    exports: frozenset[str]
+
+    @property
+    def is_actor(self) -> bool:
+        return {"handle", "alloc", "memory"} <= self.exports
+
+    @property
+    def is_task(self) -> bool:
+        return "_start" in self.exports
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """What a task agent produced.
+
+    Attributes:
+        exit_code: WASI exit status (0 when ``_start`` returned normally).
+        stdout: everything written to stdout (<= ``Limits.max_output_bytes``).
+        stderr: the first ``Limits.max_stderr_bytes`` written to stderr.
+        fuel_consumed: fuel units used.
+        memory_bytes: linear memory size at exit, bytes.
+    """
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    fuel_consumed: int
+    memory_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def digest(self) -> bytes:
+        """32-byte SHA-256 of ``exit_code || stdout`` (what redundant replicas vote on)."""
+        return result_digest(self.exit_code, self.stdout)
+
+
+def result_digest(exit_code: int, stdout: bytes) -> bytes:
+    """``sha256(b"chimera-task-result/v1\\0" || exit_code as 4-byte signed big-endian || stdout)``."""
+    return hashlib.sha256(b"chimera-task-result/v1\x00" + exit_code.to_bytes(4, "big", signed=True)
+                          + stdout).digest()
+
+
+def error_digest(reason: str) -> bytes:
+    """Digest standing for a deterministic failure (e.g. ``"fuel_exhausted"``), so
+    replicas that fail the same way agree."""
+    return hashlib.sha256(b"chimera-task-error/v1\x00" + reason.encode()).digest()
+
+
+# ----------------------------------------------------------------------- engine
+
+
+def _valtype_name(vt: wasmtime.ValType) -> str:
+    return str(vt)
+
+
+class SandboxEngine:
+    """One wasmtime engine with its epoch ticker and compile cache.
+
+    Args:
+        cache_dir: directory for compiled artefacts (created 0700); None keeps
+            the cache in memory only.
+        epoch_tick_s: seconds between epoch increments (deadline precision), 0.001..1.
+        memory_reservation_bytes: virtual address space reserved per linear memory.
+        max_module_bytes: largest accepted ``.wasm``.
+        max_wasm_stack_bytes: wasm stack cap (stack overflow traps).
+        memory_cache_entries: compiled modules kept in memory (LRU).
+    Use as a context manager or call :meth:`close` (stops the ticker thread).
+    """
+
+    def __init__(self, cache_dir: Path | str | None = None, *, epoch_tick_s: float = 0.005,
+                 memory_reservation_bytes: int = 64 << 20, max_module_bytes: int = 16 << 20,
+                 max_wasm_stack_bytes: int = 512 << 10, memory_cache_entries: int = 64) -> None:
+        if not 0.001 <= epoch_tick_s <= 1.0:
+            raise ValueError("epoch_tick_s must be in [0.001, 1]")
+        self.epoch_tick_s = float(epoch_tick_s)
+        self.max_module_bytes = int(max_module_bytes)
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.memory_reservation = int(memory_reservation_bytes)
+        config.memory_guard_size = PAGE_BYTES
+        config.memory_reservation_for_growth = 0
+        config.max_wasm_stack = int(max_wasm_stack_bytes)
+        config.wasm_threads = False
+        config.shared_memory = False
+        config.parallel_compilation = False
+        self.engine = wasmtime.Engine(config)
+        settings = (wasmtime.__name__, _wasmtime_version(), platform.machine(), os.name,
+                    memory_reservation_bytes, max_wasm_stack_bytes, "fuel", "epoch", "v1")
+        self.fingerprint = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.cache_dir.chmod(0o700)
+        self._memory_cache: OrderedDict[str, CompiledModule] = OrderedDict()
+        self._memory_cache_entries = memory_cache_entries
+        self._cache_lock = threading.Lock()
+        self._linkers: dict[bool, wasmtime.Linker] = {}
+        self._tmp_root = Path(tempfile.mkdtemp(prefix="chimera-wasm-"))
+        self.counters = {"compiled": 0, "cache_hits_memory": 0, "cache_hits_disk": 0,
+                         "cache_rejected": 0, "tasks_run": 0}
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+        self._ticker.start()
+
+    # --------------------------------------------------------------- lifecycle
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.epoch_tick_s):
+            self.engine.increment_epoch()
+
+    def close(self) -> None:
+        """Stop the epoch ticker and remove the engine's temporary files."""
+        self._stop.set()
+        if self._ticker.is_alive() and self._ticker is not threading.current_thread():
+            self._ticker.join(timeout=5)
+        shutil.rmtree(self._tmp_root, ignore_errors=True)
+
+    def __enter__(self) -> "SandboxEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def deadline_ticks(self, wall_time_s: float) -> int:
+        """Epoch ticks for ``wall_time_s`` (rounded up, plus one for the tick in progress)."""
+        return math.ceil(wall_time_s / self.epoch_tick_s) + 1
+
+    # ----------------------------------------------------------------- compile
+
+    def compile(self, wasm: bytes) -> CompiledModule:
+        """Validate and compile ``wasm`` (or fetch it from the cache).
+
+        Raises:
+            ModuleRejected: not bytes, larger than ``max_module_bytes``, invalid
+                WebAssembly, or an import other than a WASI preview 1 function or
+                a ``chimera`` host function with the documented signature.
+        """
+        if not isinstance(wasm, (bytes, bytearray, memoryview)):
+            raise ModuleRejected(f"module must be bytes, not {type(wasm).__name__}")
+        wasm = bytes(wasm)
+        if len(wasm) > self.max_module_bytes:
+            raise ModuleRejected(f"module is {len(wasm)} bytes; the limit is {self.max_module_bytes}")
+        sha = hashlib.sha256(wasm).hexdigest()
+        with self._cache_lock:
+            cached = self._memory_cache.get(sha)
+            if cached is not None:
+                self._memory_cache.move_to_end(sha)
+                self.counters["cache_hits_memory"] += 1
+                return cached
+        module = self._load_artefact(sha)
+        if module is None:
+            try:
+                module = wasmtime.Module(self.engine, wasm)
+            except wasmtime.WasmtimeError as exc:
+                raise ModuleRejected(f"module {sha[:12]} is not valid WebAssembly: {_first_line(exc)}") from None
+            self.counters["compiled"] += 1
+            _check_imports(module, sha)
+            self._store_artefact(sha, module)
+        else:
+            _check_imports(module, sha)
+        compiled = CompiledModule(sha256=sha, module=module, size_bytes=len(wasm),
+                                  imports=tuple((i.module, i.name or "") for i in module.imports),
+                                  exports=frozenset(e.name for e in module.exports))
+        with self._cache_lock:
+            self._memory_cache[sha] = compiled
+            while len(self._memory_cache) > self._memory_cache_entries:
+                self._memory_cache.popitem(last=False)
+        return compiled
+
+    def _artefact_path(self, sha: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"{sha}.{self.fingerprint}.cwasm"
+
+    def _load_artefact(self, sha: str) -> wasmtime.Module | None:
+        path = self._artefact_path(sha)
+        if path is None or not path.is_file():
+            return None
+        try:
+            module = wasmtime.Module.deserialize(self.engine, path.read_bytes())
+        except (wasmtime.WasmtimeError, OSError):
+            self.counters["cache_rejected"] += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.counters["cache_hits_disk"] += 1
+        return module
+
+    def _store_artefact(self, sha: str, module: wasmtime.Module) -> None:
+        path = self._artefact_path(sha)
+        if path is None:
+            return
+        data = bytes(module.serialize())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".cwasm")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)  # a cache write failure only costs a recompile
+
+    # ---------------------------------------------------------- instantiation
+
+    def _new_store(self, limits: Limits) -> wasmtime.Store:
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=limits.memory_bytes, table_elements=limits.table_elements,
+                         instances=4, tables=4, memories=1)
+        return store
+
+    def _arm(self, store: wasmtime.Store, limits: Limits) -> None:
+        """Refuel and set the epoch deadline: required before *every* call."""
+        store.set_fuel(limits.fuel)
+        store.set_epoch_deadline(self.deadline_ticks(limits.wall_time_s))
+
+    def _base_linker(self, clock: bool) -> wasmtime.Linker:
+        """A linker with WASI and, unless ``clock``, the clock functions denied (cached)."""
+        linker = self._linkers.get(clock)
+        if linker is None:
+            linker = wasmtime.Linker(self.engine)
+            _define_wasi(linker, clock)
+            self._linkers[clock] = linker
+        return linker
+
+    def _wasi_config(self, grants: Grants) -> wasmtime.WasiConfig:
+        wasi = wasmtime.WasiConfig()
+        if grants.args:
+            wasi.argv = list(grants.args)
+        if grants.env:
+            wasi.env = [list(pair) for pair in grants.env]
+        for pre in grants.preopens:
+            wasi.preopen_dir(pre.host_path, pre.guest_path, pre.writable)
+        return wasi
+
+    # -------------------------------------------------------------------- tasks
+
+    def run_task(self, compiled: CompiledModule, stdin: bytes, *, limits: Limits = DEFAULT_LIMITS,
+                 grants: Grants = NO_GRANTS, name: str = "task") -> TaskResult:
+        """Run a WASI command once: ``stdin`` in, stdout/exit status out.
+
+        A fresh store and instance per run (nothing survives between runs).
+        stdin is a private temporary file; stdout and stderr are FIFOs drained
+        by a collector thread into bounded buffers (``stdout_file`` and
+        ``stderr_file``, never custom callbacks), so a flood never touches the
+        disk: past ``max_output_bytes`` the read end is closed and the agent's
+        further writes fail with EPIPE.
+
+        Returns:
+            :class:`TaskResult` (a non-zero exit status is a result, not an error).
+        Raises:
+            ModuleRejected: not a command (no ``_start``), or imports ``chimera``
+                host functions (those are for actors), or cannot be linked.
+            InputTooLarge: ``len(stdin) > limits.max_input_bytes``.
+            FuelExhausted, DeadlineExceeded, MemoryLimitExceeded, AgentTrap: the run trapped.
+            OutputLimitExceeded: stdout went past ``limits.max_output_bytes``.
+        """
+        if "_start" not in compiled.exports:
+            raise ModuleRejected(f"task module {compiled.sha256[:12]} does not export _start")
+        if any(mod == HOST_MODULE for mod, _ in compiled.imports):
+            raise ModuleRejected(f"task module {compiled.sha256[:12]} imports chimera host functions; "
+                                 "only actor agents get them")
+        if len(stdin) > limits.max_input_bytes:
+            raise InputTooLarge(f"task input is {len(stdin)} bytes; the limit is {limits.max_input_bytes}")
+        self.counters["tasks_run"] += 1
+        workdir = Path(tempfile.mkdtemp(dir=self._tmp_root))
+        collector: _OutputCollector | None = None
+        store = self._new_store(limits)
+        try:
+            stdin_path = workdir / "stdin"
+            stdin_path.write_bytes(stdin)
+            collector = _OutputCollector(workdir, limits.max_output_bytes, limits.max_stderr_bytes)
+            wasi = self._wasi_config(grants)
+            wasi.stdin_file = str(stdin_path)
+            wasi.stdout_file = str(collector.stdout_path)
+            wasi.stderr_file = str(collector.stderr_path)
+            store.set_wasi(wasi)
+            self._arm(store, limits)
+            memory = None
+            try:
+                instance = self._base_linker(grants.clock).instantiate(store, compiled.module)
+            except wasmtime.Trap as exc:
+                raise _classify(exc, store, None, limits, name, "(start)") from None
+            except wasmtime.WasmtimeError as exc:
+                raise _instantiate_error(exc, compiled, limits) from None
+            exports = instance.exports(store)
+            memory = exports.get("memory") if "memory" in compiled.exports else None
+            start = exports["_start"]
+            if not isinstance(start, wasmtime.Func):
+                raise ModuleRejected(f"task module {compiled.sha256[:12]}: _start is not a function")
+            self._arm(store, limits)
+            exit_code = 0
+            try:
+                start(store)
+            except wasmtime.ExitTrap as exc:
+                exit_code = exc.code
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                raise _classify(exc, store, memory, limits, name, "_start") from None
+            memory_bytes = memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
+            fuel_consumed = limits.fuel - store.get_fuel()
+            if exit_code != 0 and memory_bytes + PAGE_BYTES > limits.memory_bytes:
+                raise MemoryLimitExceeded(
+                    f"{name}: exited with status {exit_code} at the memory limit "
+                    f"({memory_bytes} of {limits.memory_bytes} bytes)",
+                    agent=name, export="_start", fuel_consumed=fuel_consumed)
+        finally:
+            store.close()  # drops the WASI context: wasmtime's ends of the FIFOs close here
+            if collector is not None:
+                collector.finish()
+            shutil.rmtree(workdir, ignore_errors=True)
+        if collector.overflow:
+            raise OutputLimitExceeded(f"{name}: stdout exceeded {limits.max_output_bytes} bytes")
+        return TaskResult(exit_code=exit_code, stdout=bytes(collector.stdout),
+                          stderr=bytes(collector.stderr), fuel_consumed=fuel_consumed,
+                          memory_bytes=memory_bytes)
+
+
+def _wasmtime_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("wasmtime")
+    except Exception:  # noqa: BLE001 - only feeds the cache fingerprint
+        return "unknown"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("wasm trap:") or line.startswith("Caused by"):
+            continue
+        if line:
+            return line[:200]
+    return text[:200]
+
+
+def _trap_cause(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line.startswith("wasm trap:"):
+            return line[len("wasm trap:"):].strip()
+    return _first_line(exc)
+
+
+def _check_imports(module: wasmtime.Module, sha: str) -> None:
+    for imp in module.imports:
+        where = f"{imp.module}.{imp.name}"
+        ty = imp.type
+        if not isinstance(ty, wasmtime.FuncType):
+            raise ModuleRejected(f"module {sha[:12]} imports {where}, which is not a function; "
+                                 "only functions can be imported")
+        if imp.module == WASI_MODULE:
+            if imp.name not in WASI_FUNCTIONS:
+                raise ModuleRejected(f"module {sha[:12]} imports {where}, which WASI preview 1 does not define")
+        elif imp.module == HOST_MODULE:
+            spec = HOST_FUNCTIONS.get(imp.name or "")
+            if spec is None:
+                raise ModuleRejected(f"module {sha[:12]} imports {where}; the chimera host functions are "
+                                     f"{', '.join(sorted(HOST_FUNCTIONS))}")
+            got = (tuple(_valtype_name(p) for p in ty.params), tuple(_valtype_name(r) for r in ty.results))
+            if got != spec:
+                raise ModuleRejected(f"module {sha[:12]} imports {where} with signature {got}; expected {spec}")
+        else:
+            raise ModuleRejected(f"module {sha[:12]} imports {where}, which the host does not provide "
+                                 f"(only {WASI_MODULE} and {HOST_MODULE})")
+
+
+def _define_wasi(linker: wasmtime.Linker, clock: bool) -> None:
+    linker.define_wasi()
+    if not clock:
+        linker.allow_shadowing = True
+        for fname, (params, results) in _CLOCK_DENIED.items():
+            linker.define_func(WASI_MODULE, fname, wasmtime.FuncType(list(params), list(results)),
+                               _deny)
+        linker.allow_shadowing = False
+
+
+def _deny(*_args: object) -> int:
+    return WASI_ERRNO_NOTCAPABLE
+
+
+def _instantiate_error(exc: wasmtime.WasmtimeError, compiled: CompiledModule, limits: Limits) -> FabricError:
+    text = str(exc)
+    if "memory" in text and ("limit" in text or "exceeds" in text):
+        return MemoryLimitExceeded(f"module {compiled.sha256[:12]} needs more memory than the limit of "
+                                   f"{limits.memory_bytes} bytes: {_first_line(exc)}")
+    return ModuleRejected(f"module {compiled.sha256[:12]} cannot be instantiated: {_first_line(exc)}")
+
+
+def _classify(exc: BaseException, store: wasmtime.Store, memory: object, limits: Limits,
+              agent: str, export: str) -> FabricError:
+    """Turn a wasmtime trap/error into the matching :class:`AgentTrap` subclass."""
+    if isinstance(exc, FabricError):
+        return exc
+    try:
+        fuel_consumed = limits.fuel - store.get_fuel()
+    except wasmtime.WasmtimeError:
+        fuel_consumed = 0
+    code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
+    kw = dict(agent=agent, export=export, trap_code=code.name if code is not None else None,
+              fuel_consumed=fuel_consumed)
+    if code is wasmtime.TrapCode.OUT_OF_FUEL:
+        return FuelExhausted(f"{agent}: {export} used all of its {limits.fuel} fuel units", **kw)
+    if code is wasmtime.TrapCode.INTERRUPT:
+        return DeadlineExceeded(f"{agent}: {export} ran past its {limits.wall_time_s} s deadline", **kw)
+    if isinstance(memory, wasmtime.Memory):
+        try:
+            size = memory.data_len(store)
+        except wasmtime.WasmtimeError:
+            size = 0
+        if size + PAGE_BYTES > limits.memory_bytes:
+            return MemoryLimitExceeded(f"{agent}: {export} trapped at the memory limit ({size} of "
+                                       f"{limits.memory_bytes} bytes): {_trap_cause(exc)}", **kw)
+    return AgentTrap(f"{agent}: {export} trapped: {_trap_cause(exc)}", **kw)
+
+
+# ----------------------------------------------------------------- task output
+
+
+class _OutputCollector:
+    """Drains a task's stdout/stderr FIFOs into bounded buffers on one thread.
+
+    Ordering: the read ends are opened non-blocking first and a placeholder
+    write end is held open, so wasmtime's blocking open of the write end
+    succeeds at once and reads never see a spurious end-of-file before the
+    agent starts. :meth:`finish` (after the store is closed) drops the
+    placeholder; the thread then reads to end-of-file and exits.
+    """
+
+    def __init__(self, workdir: Path, max_stdout: int, max_stderr: int) -> None:
+        self.stdout_path = workdir / "stdout"
+        self.stderr_path = workdir / "stderr"
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.overflow = False
+        self._limits = {"stdout": max_stdout, "stderr": max_stderr}
+        self._fds: dict[str, int] = {}
+        self._placeholders: list[int] = []
+        for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
+            os.mkfifo(path, 0o600)
+            self._fds[label] = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            self._placeholders.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        self._thread = threading.Thread(target=self._run, name="wasm-task-output", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        try:
+            for label, fd in self._fds.items():
+                sel.register(fd, selectors.EVENT_READ, label)
+            open_count = len(self._fds)
+            while open_count:
+                for key, _ in sel.select(timeout=1.0):
+                    label = key.data
+                    try:
+                        chunk = os.read(key.fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        self._close(label)
+                        open_count -= 1
+                        continue
+                    buf = self.stdout if label == "stdout" else self.stderr
+                    room = self._limits[label] - len(buf)
+                    if len(chunk) > room:
+                        buf.extend(chunk[:max(room, 0)])
+                        if label == "stdout":
+                            self.overflow = True
+                            sel.unregister(key.fd)  # no reader left: the agent's writes fail (EPIPE)
+                            self._close(label)
+                            open_count -= 1
+                    else:
+                        buf.extend(chunk)
+        finally:
+            sel.close()
+            for label in list(self._fds):
+                self._close(label)
+
+    def _close(self, label: str) -> None:
+        fd = self._fds.pop(label, None)
+        if fd is not None:
+            os.close(fd)
+
+    def finish(self, timeout_s: float = 30.0) -> None:
+        for fd in self._placeholders:
+            os.close(fd)
+        self._placeholders.clear()
+        self._thread.join(timeout_s)
+
+
+# ----------------------------------------------------------------------- actors
+
+
+SendFn = Callable[[str, bytes], int]
+LogFn = Callable[[str], None]
+
+
+class ActorInstance:
+    """One live instance of an actor (WASI reactor) module.
+
+    Not thread-safe: the owner (:class:`~chimera.fabric.host.AgentHost`) runs
+    one call at a time. ``_initialize`` is called once (if exported) under the
+    same limits as a message. After any trap the instance is dead.
+
+    Args:
+        sandbox: the engine.
+        compiled: a module exporting ``memory``, ``alloc`` and ``handle``.
+        name: the agent's name (for messages and logs).
+        address: the agent's full address (``peer_id/name``); what it sees as its own.
+        limits, grants: see :class:`Limits`, :class:`Grants`.
+        on_send: ``on_send(target, payload) -> code`` routes a message; returns
+            one of the ``SEND_*`` codes. Exceptions are caught (``SEND_FAILED``).
+        on_log: receives each log line (decoded UTF-8, errors replaced).
+        clock_ms: wall-clock milliseconds for ``chimera.now_ms`` (only with ``grants.clock``).
+    Raises:
+        ModuleRejected: missing exports or cannot be linked.
+        MemoryLimitExceeded, AgentTrap, FuelExhausted, DeadlineExceeded: from instantiation or ``_initialize``.
+    """
+
+    def __init__(self, sandbox: SandboxEngine, compiled: CompiledModule, *, name: str,
+                 address: str | None = None, limits: Limits = DEFAULT_LIMITS, grants: Grants = NO_GRANTS,
+                 on_send: SendFn | None = None, on_log: LogFn | None = None,
+                 clock_ms: Callable[[], int] | None = None) -> None:
+        missing = {"memory", "alloc", "handle"} - compiled.exports
+        if missing:
+            raise ModuleRejected(f"actor module {compiled.sha256[:12]} lacks exports {sorted(missing)}")
+        self.sandbox, self.compiled, self.name = sandbox, compiled, name
+        self.address = address or name
+        self.limits, self.grants = limits, grants
+        self._on_send = on_send
+        self._on_log = on_log
+        self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self._sends = 0
+        self._logs = 0
+        self.alive = False
+        self.counters = {"send_errors": 0, "logs_dropped": 0}
+        self.store = sandbox._new_store(limits)
+        self.store.set_wasi(sandbox._wasi_config(grants))
+        linker = wasmtime.Linker(sandbox.engine)
+        _define_wasi(linker, grants.clock)
+        self._define_host(linker)
+        self._memory: wasmtime.Memory | None = None
+        sandbox._arm(self.store, limits)
+        try:
+            instance = linker.instantiate(self.store, compiled.module)
+        except wasmtime.Trap as exc:
+            raise _classify(exc, self.store, None, limits, name, "(start)") from None
+        except wasmtime.WasmtimeError as exc:
+            raise _instantiate_error(exc, compiled, limits) from None
+        exports = instance.exports(self.store)
+        memory, alloc, handle = exports["memory"], exports["alloc"], exports["handle"]
+        if not (isinstance(memory, wasmtime.Memory) and isinstance(alloc, wasmtime.Func)
+                and isinstance(handle, wasmtime.Func)):
+            raise ModuleRejected(f"actor module {compiled.sha256[:12]}: memory/alloc/handle have the wrong kinds")
+        self._memory, self._alloc, self._handle = memory, alloc, handle
+        self._exports = exports
+        self.alive = True
+        if "_initialize" in compiled.exports:
+            self.call("_initialize")
+
+    # --------------------------------------------------------- host functions
+
+    def _define_host(self, linker: wasmtime.Linker) -> None:
+        i32, i64 = _I32, _I64
+        linker.define_func(HOST_MODULE, "send", wasmtime.FuncType([i32, i32, i32, i32], [i32]), self._host_send)
+        linker.define_func(HOST_MODULE, "log", wasmtime.FuncType([i32, i32], []), self._host_log)
+        linker.define_func(HOST_MODULE, "now_ms", wasmtime.FuncType([], [i64]), self._host_now_ms)
+
+    def _guest_bytes(self, ptr: int, length: int) -> bytes | None:
+        """Copy ``length`` bytes at ``ptr`` out of guest memory; None if out of bounds."""
+        memory = self._memory
+        if memory is None:
+            return None
+        ptr &= 0xFFFFFFFF
+        length &= 0xFFFFFFFF
+        size = memory.data_len(self.store)
+        if ptr + length > size:
+            return None
+        if length == 0:
+            return b""
+        return ctypes.string_at(ctypes.addressof(memory.data_ptr(self.store).contents) + ptr, length)
+
+    def _host_send(self, to_ptr: int, to_len: int, msg_ptr: int, msg_len: int) -> int:
+        if self._sends >= self.limits.max_sends_per_call:
+            self.counters["send_errors"] += 1
+            return SEND_QUOTA
+        self._sends += 1
+        if (to_len & 0xFFFFFFFF) > MAX_ADDRESS_BYTES or (msg_len & 0xFFFFFFFF) > self.limits.max_message_bytes:
+            self.counters["send_errors"] += 1
+            return SEND_TOO_LARGE
+        target_raw = self._guest_bytes(to_ptr, to_len)
+        payload = self._guest_bytes(msg_ptr, msg_len)
+        if target_raw is None or payload is None:
+            self.counters["send_errors"] += 1
+            return SEND_BAD_ADDRESS
+        try:
+            target = target_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.counters["send_errors"] += 1
+            return SEND_BAD_ADDRESS
+        if not target or any(ord(c) < 0x21 for c in target):
+            self.counters["send_errors"] += 1
+            return SEND_BAD_ADDRESS
+        if self._on_send is None:
+            return SEND_REFUSED
+        try:
+            code = int(self._on_send(target, payload))
+        except Exception:  # noqa: BLE001 - a router bug must not become a guest trap
+            self.counters["send_errors"] += 1
+            return SEND_FAILED
+        if code != SEND_OK:
+            self.counters["send_errors"] += 1
+        return code
+
+    def _host_log(self, ptr: int, length: int) -> None:
+        if self._logs >= self.limits.max_logs_per_call:
+            self.counters["logs_dropped"] += 1
+            return
+        self._logs += 1
+        raw = self._guest_bytes(ptr, min(length & 0xFFFFFFFF, self.limits.max_log_bytes))
+        if raw is None:
+            self.counters["logs_dropped"] += 1
+            return
+        if self._on_log is not None:
+            try:
+                self._on_log(raw.decode("utf-8", errors="replace"))
+            except Exception:  # noqa: BLE001
+                self.counters["logs_dropped"] += 1
+
+    def _host_now_ms(self) -> int:
+        if not self.grants.clock:
+            return -1
+        return int(self._clock_ms())
+
+    # ------------------------------------------------------------------ calls
+
+    def call(self, export: str, *args: int | float) -> object:
+        """Call an exported function under the limits (refuel + deadline first).
+
+        Raises:
+            AgentDiscarded: the instance trapped before.
+            ModuleRejected: no such exported function.
+            AgentTrap (and subclasses): the call trapped; the instance is now dead.
+        """
+        if not self.alive:
+            raise AgentDiscarded(f"{self.name}: instance was discarded after a trap")
+        func = self._exports.get(export)
+        if not isinstance(func, wasmtime.Func):
+            raise ModuleRejected(f"{self.name}: no exported function {export!r}")
+        store = self.store
+        store.set_fuel(self.limits.fuel)
+        store.set_epoch_deadline(self.sandbox.deadline_ticks(self.limits.wall_time_s))
+        self._sends = self._logs = 0
+        try:
+            return func(store, *args)
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            self.alive = False
+            raise _classify(exc, store, self._memory, self.limits, self.name, export) from None
+
+    def handle(self, sender: str, payload: bytes) -> int:
+        """Deliver one message: ``alloc(len(sender) + len(payload))``, copy both in,
+        then ``handle(from_ptr, from_len, msg_ptr, msg_len)``.
+
+        Returns:
+            the handler's status (0 = handled; anything else is a handler error).
+        Raises:
+            InputTooLarge: ``payload`` over ``limits.max_message_bytes`` (instance unharmed).
+            GuestFault: ``alloc`` returned 0 or an out-of-bounds pointer (instance discarded).
+            AgentDiscarded, AgentTrap (and subclasses): as :meth:`call`.
+        """
+        if len(payload) > self.limits.max_message_bytes:
+            raise InputTooLarge(f"{self.name}: message of {len(payload)} bytes; the limit is "
+                                f"{self.limits.max_message_bytes}")
+        sender_raw = sender.encode("utf-8")
+        total = len(sender_raw) + len(payload)
+        ptr = self.call("alloc", total)
+        ptr = int(ptr) & 0xFFFFFFFF if isinstance(ptr, int) else 0
+        memory = self._memory
+        assert memory is not None
+        store = self.store
+        if ptr == 0 or ptr + total > memory.data_len(store):
+            self.alive = False
+            raise GuestFault(f"{self.name}: alloc({total}) returned an unusable pointer {ptr:#x}",
+                             agent=self.name, export="alloc")
+        if total:
+            ctypes.memmove(ctypes.addressof(memory.data_ptr(store).contents) + ptr, sender_raw + payload, total)
+        status = self.call("handle", ptr, len(sender_raw), ptr + len(sender_raw), len(payload))
+        return int(status) if isinstance(status, int) else -1
+
+    def memory_bytes(self) -> int:
+        """Current linear memory size in bytes (0 once closed)."""
+        if self._memory is None or not self.alive:
+            return 0
+        return self._memory.data_len(self.store)
+
+    def close(self) -> None:
+        """Release the store (the instance cannot be used afterwards)."""
+        self.alive = False
+        self._memory = None
+        self._exports = {}
+        try:
+            self.store.close()
+        except Exception:  # noqa: BLE001 - closing twice is harmless
+            pass

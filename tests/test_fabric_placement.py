@@ -1,0 +1,284 @@
+"""Placement core: properties (hypothesis) and a redundant run accepted by a vote certificate."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chimera.consensus.quorum import CertificateError, WeightTable
+from chimera.consensus.reputation import LocalReputation, ObservationKind
+from chimera.consensus.votes import BallotVote
+from chimera.fabric.placement import (
+    BreakerState,
+    Cancel,
+    Dispatch,
+    Observe,
+    Placement,
+    PlacementConfig,
+    RequestVote,
+    TaskAccepted,
+    TaskFailed,
+    TaskRequirements,
+    verify_task_certificate,
+)
+from chimera.fabric.resources import GpuInfo, Resources
+from chimera.fabric.sandbox import FabricError, Limits, SandboxEngine, error_digest
+from chimera.protocol.identity import SigningIdentity
+from fabric_helpers import reference_wordfreq, wasm
+
+NETWORK_ID = b"\x07" * 16
+GIB = 1 << 30
+
+
+def peer_ids(n: int) -> list[str]:
+    return [f"peer{i:02d}" for i in range(n)]
+
+
+def inventory(gpus: int, mem_gib: int = 8) -> Resources:
+    return Resources(cpu_count=4, load_1m=0.5, memory_total_bytes=mem_gib * GIB,
+                     memory_available_bytes=mem_gib * GIB,
+                     gpus=tuple(GpuInfo(index=i, name="Test GPU", memory_total_bytes=16 * GIB,
+                                        memory_used_bytes=GIB) for i in range(gpus)),
+                     max_wasm_memory_bytes=GIB)
+
+
+def make_core(gpu_counts: list[int], seed: int = 0, **config) -> Placement:
+    core = Placement(PlacementConfig(**config), network_id=NETWORK_ID, rng=random.Random(seed))
+    ids = peer_ids(len(gpu_counts))
+    core.set_weights(WeightTable(3, {p: 1 + i % 3 for i, p in enumerate(ids)}))
+    for peer, gpus in zip(ids, gpu_counts):
+        core.update_peer(peer, inventory(gpus))
+    return core
+
+
+def check_invariants(core: Placement, dispatches: dict) -> None:
+    for peer, leases in core.gpu_leases.items():
+        res = core.peers.get(peer)
+        if res is not None:
+            assert set(leases) <= {g.index for g in res.gpus}, "leased a GPU the peer does not have"
+        assert len(leases) == len(set(leases))
+    for task in core.tasks.values():
+        running = [a.peer_id for a in task.attempts.values()]
+        assert len(running) == len(set(running)), "two attempts of one task on one peer"
+        assert not set(running) & set(task.results)
+        assert len(task.results) <= task.req.replicas
+
+
+ops = st.lists(st.tuples(st.sampled_from(["submit", "result", "fail", "tick"]), st.integers(0, 3),
+                         st.integers(1, 3), st.integers(0, 2)), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(gpu_counts=st.lists(st.integers(0, 2), min_size=1, max_size=6), script=ops, seed=st.integers(0, 2**16))
+def test_never_oversubscribes_gpus_and_replicas_distinct(gpu_counts, script, seed):
+    core = make_core(gpu_counts, seed, max_retries=2, breaker_failures=2)
+    now = 0.0
+    in_flight: list[Dispatch] = []
+    n_tasks = 0
+    for op, gpus, replicas, pick in script:
+        now += 0.5
+        if op == "submit":
+            n_tasks += 1
+            req = TaskRequirements(fuel=1000, memory_bytes=1 << 20, wall_time_s=5.0, gpus=gpus % 3,
+                                   replicas=replicas)
+            actions = core.submit(f"t{n_tasks}", req, now)
+        elif op in ("result", "fail") and in_flight:
+            d = in_flight.pop(pick % len(in_flight))
+            actions = (core.on_result(d.task_id, d.attempt, d.peer_id, b"\x01" * 32, now) if op == "result"
+                       else core.on_failure(d.task_id, d.attempt, d.peer_id, "crashed", now))
+        else:
+            now += 3.0
+            actions = core.tick(now)
+        for a in actions:
+            if isinstance(a, Dispatch):
+                task = core.tasks[a.task_id]
+                res = core.peers[a.peer_id]
+                # a GPU task only goes where the peer has that many GPUs, each one free
+                assert len(a.gpu_indices) == task.req.gpus
+                assert set(a.gpu_indices) <= {g.index for g in res.gpus}
+                leases = core.gpu_leases[a.peer_id]
+                assert all(leases[i] == (a.task_id, a.attempt) for i in a.gpu_indices)
+                in_flight.append(a)
+            elif isinstance(a, Cancel):
+                in_flight[:] = [d for d in in_flight if not (d.task_id == a.task_id and d.attempt == a.attempt)]
+        # at every step: each GPU leased at most once
+        seen = set()
+        for d in in_flight:
+            for i in d.gpu_indices:
+                assert (d.peer_id, i) not in seen, "GPU oversubscribed"
+                seen.add((d.peer_id, i))
+        check_invariants(core, {})
+
+
+@settings(max_examples=40, deadline=None)
+@given(gpu_counts=st.lists(st.integers(0, 2), min_size=1, max_size=6), gpus=st.integers(1, 2),
+       replicas=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_gpu_task_only_on_peers_with_free_gpu(gpu_counts, gpus, replicas, seed):
+    core = make_core(gpu_counts, seed)
+    actions = core.submit("t", TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1, gpus=gpus,
+                                                replicas=replicas), 0.0)
+    dispatched = [a for a in actions if isinstance(a, Dispatch)]
+    capable = [p for p, n in zip(peer_ids(len(gpu_counts)), gpu_counts) if n >= gpus]
+    if len(capable) < replicas:
+        assert actions == [TaskFailed("t", "unsatisfiable", actions[0].detail)]
+    else:
+        assert len(dispatched) == replicas
+        assert len({d.peer_id for d in dispatched}) == replicas  # k distinct peers
+        assert all(d.peer_id in capable and len(d.gpu_indices) == gpus for d in dispatched)
+
+
+def test_breaker_opens_after_failures_and_half_opens():
+    core = make_core([0], breaker_failures=2, breaker_open_s=5.0, max_retries=10, queue_timeout_s=100)
+    peer = peer_ids(1)[0]
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    for n in range(2):
+        (d,) = core.submit(f"t{n}", req, float(n))
+        core.on_failure(d.task_id, d.attempt, peer, "crashed", float(n))
+    assert core.breaker(peer).current(2.0) is BreakerState.OPEN
+    assert core.candidates(req, 2.0) == []  # open: no work for it
+    actions = core.submit("t9", req, 2.0)
+    assert not [a for a in actions if isinstance(a, Dispatch)]  # queued, waiting for capacity
+    assert core.next_deadline() is not None and core.next_deadline() <= 7.0
+    (trial,) = [a for a in core.tick(7.5) if isinstance(a, Dispatch) and a.task_id == "t9"]
+    assert core.breaker(peer).current(7.5) is BreakerState.HALF_OPEN and core.candidates(req, 7.5) == []
+    core.on_failure("t9", trial.attempt, peer, "crashed", 7.6)   # trial failed: open again, twice as long
+    assert core.breaker(peer).current(7.6) is BreakerState.OPEN and core.breaker(peer).open_for_s == 10.0
+    assert core.candidates(req, 17.0) == []
+    # each peer runs one attempt of a task at most, so t9 has no peer left; a new task gets the trial
+    (retry,) = [a for a in core.submit("t10", req, 18.0) if isinstance(a, Dispatch)]
+    core.on_result("t10", retry.attempt, peer, b"\x02" * 32, 18.1)
+    assert core.breaker(peer).current(18.1) is BreakerState.CLOSED
+
+
+def test_timeout_retries_elsewhere_with_backoff():
+    core = make_core([0, 0, 0], seed=3, max_retries=1)
+    (d,) = core.submit("t", TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0), 0.0)
+    assert d.deadline == pytest.approx(3.0)
+    actions = core.tick(3.0)
+    assert [type(a) for a in actions] == [Cancel]      # no reputation observation for a timeout
+    retry_at = core.next_deadline()
+    assert 3.0 < retry_at <= 3.0 + 0.2 * 1.5
+    (again,) = core.tick(retry_at)
+    assert isinstance(again, Dispatch) and again.peer_id != d.peer_id
+    final = core.tick(again.deadline)
+    assert isinstance(final[-1], TaskFailed) and final[-1].reason == "retries_exhausted"
+    assert core.next_deadline() is None
+
+
+# ------------------------------------------------------------ redundant run
+
+
+class Peer:
+    """An in-process stand-in for a peer: its identity, its sandbox, a test hook to lie."""
+
+    def __init__(self, sandbox: SandboxEngine, wrong: bool = False) -> None:
+        self.identity = SigningIdentity.generate()
+        self.sandbox = sandbox
+        self.wrong = wrong
+        self.digests: dict[str, bytes] = {}
+
+    def execute(self, task_id: str, module, stdin: bytes, limits: Limits) -> bytes:
+        try:
+            result = self.sandbox.run_task(module, stdin, limits=limits)
+            digest = result.digest()
+        except FabricError as exc:
+            digest = error_digest(exc.reason)
+        if self.wrong:  # test hook: this peer returns a wrong result
+            digest = bytes(32)
+        self.digests[task_id] = digest
+        return digest
+
+    def vote(self, req: RequestVote) -> BallotVote:
+        assert req.digest == self.digests[req.task_id]  # a peer signs only what it computed
+        return BallotVote.sign(self.identity, req.ballot, req.digest, NETWORK_ID)
+
+
+def test_redundant_run_accepts_right_result_with_certificate(tmp_path):
+    with SandboxEngine(tmp_path / "cache") as sandbox:
+        peers = [Peer(sandbox), Peer(sandbox, wrong=True), Peer(sandbox)]
+        by_id = {p.identity.peer_id: p for p in peers}
+        core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(11))
+        core.set_weights(WeightTable(4, {pid: 2 for pid in by_id}))
+        for pid in by_id:
+            core.update_peer(pid, inventory(0))
+        module = sandbox.compile(wasm("wordfreq"))
+        text = b"to be or not to be that is the question"
+        req = TaskRequirements(fuel=50_000_000, memory_bytes=16 << 20, wall_time_s=10, replicas=3, rule="majority")
+        limits = Limits(fuel=req.fuel, memory_bytes=req.memory_bytes, wall_time_s=req.wall_time_s)
+        reputation = LocalReputation()
+        outcome: list = []
+        queue = list(core.submit("wf-1", req, 0.0))
+        now = 0.0
+        while queue:
+            action = queue.pop(0)
+            now += 0.01
+            if isinstance(action, Dispatch):
+                digest = by_id[action.peer_id].execute(action.task_id, module, text, limits)
+                queue += core.on_result(action.task_id, action.attempt, action.peer_id, digest, now)
+            elif isinstance(action, RequestVote):
+                queue += core.on_vote(action.task_id, by_id[action.peer_id].vote(action), now)
+            elif isinstance(action, Observe):
+                reputation.observe(action.peer_id, action.kind, now)
+                outcome.append(action)
+            elif isinstance(action, (TaskAccepted, TaskFailed)):
+                outcome.append(action)
+        accepted = [a for a in outcome if isinstance(a, TaskAccepted)]
+        assert len(accepted) == 1
+        acc = accepted[0]
+        wrong_id = peers[1].identity.peer_id
+        right = sandbox.run_task(module, text)
+        assert right.stdout == reference_wordfreq(text)
+        assert acc.digest == right.digest()
+        assert acc.disagreeing == (wrong_id,) and len(acc.agreeing) == 2
+        verify_task_certificate(acc.certificate, acc.table, NETWORK_ID, "wf-1")
+        assert set(acc.certificate.voters()) <= set(acc.agreeing)
+        with pytest.raises(CertificateError):
+            verify_task_certificate(acc.certificate, acc.table, NETWORK_ID, "another-task")
+        observed = {(o.peer_id, o.kind) for o in outcome if isinstance(o, Observe)}
+        assert (wrong_id, ObservationKind.TASK_DISAGREE) in observed
+        assert all((pid, ObservationKind.TASK_AGREE) in observed for pid in acc.agreeing)
+        assert reputation.score(wrong_id, now) < reputation.score(acc.agreeing[0], now)
+
+
+def test_equivocating_replica_reported():
+    core = make_core([0, 0, 0])
+    idents = [SigningIdentity.generate() for _ in range(3)]
+    core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(2))
+    core.set_weights(WeightTable(1, {i.peer_id: 1 for i in idents}))
+    for i in idents:
+        core.update_peer(i.peer_id, inventory(0))
+    by_id = {i.peer_id: i for i in idents}
+    dispatches = core.submit("t", TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1, replicas=3), 0.0)
+    votes = []
+    for d in dispatches:
+        votes += core.on_result("t", d.attempt, d.peer_id, b"\x05" * 32, 0.1)
+    liar = votes[0]
+    actions = core.on_vote("t", BallotVote.sign(by_id[liar.peer_id], liar.ballot, b"\x06" * 32, NETWORK_ID), 0.2)
+    actions += core.on_vote("t", BallotVote.sign(by_id[liar.peer_id], liar.ballot, b"\x05" * 32, NETWORK_ID), 0.2)
+    assert Observe(liar.peer_id, ObservationKind.EQUIVOCATION, "t", "signed two result digests") in actions
+
+
+def test_placement_core_is_pure():
+    """fabric/placement.py and fabric/resources.py follow DESIGN.md's pure-core rules."""
+    import ast
+    from pathlib import Path
+
+    banned = {"os", "time", "asyncio", "zmq", "psutil", "pynvml", "wasmtime", "socket", "sqlite3", "threading",
+              "subprocess", "pathlib"}
+    root = Path(__file__).resolve().parent.parent / "fabric"
+    for name in ("placement.py", "resources.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not {a.name.split(".")[0] for a in node.names} & banned, f"{name} imports {banned}"
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert node.module.split(".")[0] not in banned, f"{name} imports {node.module}"
+                assert not node.module.startswith(("chimera.fabric.probes", "chimera.fabric.sandbox"))
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module in ("resources",), f"{name} imports .{node.module}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "random":
+                raise AssertionError(f"{name}:{node.lineno} uses module-level random")
