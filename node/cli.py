@@ -259,6 +259,32 @@ def cmd_reputation(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_resources(args: argparse.Namespace) -> int:
+    """This machine's capacity as a peer advertises it (psutil, NVML; no node needed)."""
+    from chimera.fabric.probes import SystemProbe
+    from chimera.protocol.messages import encode_fields
+
+    data_dir = _data_dir(args)
+    probe = SystemProbe(data_dir if data_dir.exists() else None)
+    try:
+        res = probe.resources()
+    finally:
+        probe.close()
+    doc = encode_fields(res)
+    doc["gpus"] = [encode_fields(g) for g in res.gpus]
+    doc["nvml"] = probe.nvml_error or "ok"
+    lines = [f"cpu      {res.cpu_count} logical, load {res.load_1m:.2f} (1 min)",
+             f"memory   {res.memory_available_bytes / 2**30:.1f} GiB free of {res.memory_total_bytes / 2**30:.1f} GiB",
+             f"disk     {res.disk_free_bytes / 2**30:.1f} GiB free of {res.disk_total_bytes / 2**30:.1f} GiB",
+             f"wasm     {res.max_wasm_memory_bytes >> 20} MiB linear memory per agent"]
+    lines += [f"gpu {g.index}    {g.name}: {g.memory_used_bytes >> 20}/{g.memory_total_bytes >> 20} MiB used, "
+              f"{g.utilization_percent}% busy" for g in res.gpus]
+    if not res.gpus:
+        lines.append(f"gpus     none ({probe.nvml_error or 'NVML reports no device'})")
+    _print(args, doc, "\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .launcher import LocalNetwork
 
@@ -404,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(p)
     json_arg(p)
     p.set_defaults(func=cmd_reputation)
+
+    p = sub.add_parser("resources", help="this machine's CPU, memory, disk and NVIDIA GPUs (psutil, NVML)")
+    data_dir_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_resources)
 
     p = sub.add_parser("up", help="launch N peer processes on this machine")
     p.add_argument("--peers", type=int, default=4)
