@@ -24,8 +24,9 @@ first element is a tag:
   (its ``encode_fields`` map) against a validator of the current epoch.
 
 :meth:`Ledger.validate_value` is the BFT core's ``validate_value``: a value
-that does not decode, or whose own signature does not verify, is never
-proposed or prevoted. Checks that depend on state (an opinion for another
+that does not decode, is not in its canonical encoding (:func:`encode_item`:
+msgpack's shortest forms, as the reference encoder writes them), or whose own
+signature does not verify, is never proposed or prevoted. Checks that depend on state (an opinion for another
 epoch, evidence against a non-validator, a second opinion by one author) are
 made when the block is applied: such a value is committed but ignored, and the
 outcome says so.
@@ -137,6 +138,17 @@ def decode_value(value: bytes) -> LedgerValue:
     raise MalformedError(f"unknown log value tag {str(tag)[:20]!r} or wrong arity")
 
 
+def encode_item(item: LedgerValue) -> bytes:
+    """The canonical encoding of a decoded value (what :meth:`Ledger.validate_value` requires)."""
+    if isinstance(item, Decision):
+        return msgpack.packb(["decision", item.author, item.nonce, item.data, item.signature])
+    if isinstance(item, Join):
+        return msgpack.packb(["join", item.peer_id, item.signature])
+    if isinstance(item, Opinion):
+        return encode_opinion(item)
+    return encode_evidence(item)
+
+
 def encode_decision(identity: SigningIdentity, network_id: bytes, nonce: int, data: bytes) -> bytes:
     """A signed decision value.
 
@@ -233,7 +245,10 @@ class Ledger:
         if known is not None:
             return known
         try:
-            ok = self._signature_ok(decode_value(value))
+            item = decode_value(value)
+            # One encoding per value: the in-pool/commit dedupe is by the hash of the
+            # exact bytes, so a re-encoded copy of a signed value must not pass.
+            ok = encode_item(item) == value and self._signature_ok(item)
         except MalformedError:
             ok = False
         self._valid[key] = ok

@@ -143,3 +143,16 @@ def test_snapshot_restore_then_replay_equals_straight_replay():
     assert restored.snapshot() == straight.snapshot()
     with pytest.raises(MalformedError):
         restored.restore(b"\x93junk")
+
+
+def test_a_re_encoded_copy_of_a_signed_value_is_invalid():
+    """Dedupe is by the hash of the exact bytes: a longer encoding of the same fields must not pass."""
+    ledger = Ledger(NID, genesis(), epoch_length=4)
+    value = encode_decision(VALIDATORS[0], NID, 5, b"pay")
+    items = msgpack.unpackb(value)
+    packer = msgpack.Packer()
+    wide_nonce = b"\xcf" + (5).to_bytes(8, "big")  # uint64 form of 5: same value, other bytes
+    reencoded = (b"\x95" + packer.pack(items[0]) + packer.pack(items[1]) + wide_nonce
+                 + packer.pack(items[3]) + packer.pack(items[4]))
+    assert decode_value(reencoded) == decode_value(value) and reencoded != value
+    assert ledger.validate_value(value) and not ledger.validate_value(reencoded)
