@@ -1,0 +1,1123 @@
+"""Federated averaging round core: serverless rounds agreed through the replicated log (pure, sans-IO).
+
+One :class:`TrainingCore` per peer per training job. No peer holds the global
+model on behalf of the others: every peer aggregates the committed inclusion
+set itself (:mod:`chimera.consensus.aggregation`, bitwise deterministic) and
+the round is committed only when peers holding more than 2/3 of the
+participants' reputation weight signed the same aggregate hash.
+
+Round protocol
+--------------
+1. **Job.** Someone proposes ``fl_job`` (a :class:`JobSpec`) to the log. Its
+   ``job_id`` is the SHA-256 of the exact committed log value. On commit the
+   driver creates a core per job (:meth:`TrainingCore.for_committed_job`).
+2. **Round start.** When round ``r - 1`` is certified (round 0: the all-zero
+   initial model), every peer proposes ``fl_start(job_id, r, epoch,
+   base_hash)``; honest peers propose the same bytes, which the log dedupes.
+   The first committed start of round ``r`` whose ``base_hash`` is the
+   certified hash of round ``r - 1`` counts (a rule over the log alone).
+3. **Local training.** Each participant gets :class:`TrainLocal` (the driver
+   runs the model adapter on its own data, seeded by
+   :func:`local_seed`) and feeds the result back with
+   :meth:`TrainingCore.on_local_result`; the core broadcasts a signed
+   :class:`FlUpdate` (parameters as raw little-endian bytes with declared
+   shape and dtype). Received updates are checked (participant, signature,
+   names/shapes/dtypes, finite values, delta norm bound) before use.
+4. **Inclusion.** As soon as a peer holds an update from every participant,
+   or after ``round_deadline_s`` (local time since it saw the start commit)
+   from at least ``quorum`` participants, it proposes ``fl_include(job_id, r,
+   sorted update hashes)``. The first committed inclusion of round ``r`` with
+   at least ``quorum`` hashes counts. A participant that died or is late does
+   not stall the round. Peers missing an included update fetch it
+   (:class:`FlUpdateRequest`); with the log's validity hook wired to
+   :meth:`TrainingCore.validate_log_value`, a correct peer only prevotes an
+   inclusion whose updates it holds, so a committed one is held by more than
+   1/3 of the weight (at least one correct peer) and the fetch succeeds.
+5. **Aggregate.** Every peer aggregates (anomaly detection, then the job's
+   rule) over ``base`` and proposes a signed ``fl_confirm(job_id, r,
+   aggregate_hash)``. Once confirmations of more than 2/3 of the
+   participants' weight (weights: the weight table of the round's ``epoch``)
+   name one hash, round ``r`` is **certified**: a peer whose own result
+   matches emits :class:`Checkpoint` and ``round_committed``; one whose result
+   differs (``aggregate_mismatch``) or that has none fetches the model
+   (:class:`FlModelRequest`) and accepts it only if its hash is the certified
+   one. Flagged updates become ``update_flagged`` observations against their
+   senders, used ones ``update_good`` (:class:`Observe`).
+
+Resume and late join: construct the core with the last checkpoint (round and
+parameters) and replay the job's committed log values in order
+(:meth:`on_committed`); rounds certified beyond the checkpoint are fetched
+from peers and verified against the certified hash.
+
+Log values (each at most 4096 bytes, opaque bytes to :class:`~chimera.consensus.bft.BftCore`)
+------------------------------------------------------------------------------------------
+A value is ``msgpack([tag, body])`` (``use_bin_type``; no extension types):
+``tag`` is a str and ``body`` the msgpack map of a record's fields, decoded
+strictly (unknown/missing fields or wrong types reject the value)::
+
+    ["fl_job",     {name, model_kind, n_features, classes, l2, dataset, rounds,
+                    local_epochs, learning_rate, rule, byzantine_f, detect_anomalies,
+                    participants, quorum, round_deadline_s, max_update_norm, seed}]
+    ["fl_start",   {job_id: bin32, round: int>=1, epoch: int, base_hash: bin32}]
+    ["fl_include", {job_id: bin32, round: int>=1, updates: [bin32, ...] (strictly ascending)}]
+    ["fl_confirm", {job_id: bin32, round: int>=1, aggregate_hash: bin32,
+                    signed: {voter: peer id, signature: bin64}}]
+
+``job_id = SHA-256(fl_job value)``; ``base_hash`` and ``aggregate_hash`` are
+:func:`~chimera.consensus.aggregation.aggregate_hash` of a model;
+``fl_confirm.signed`` is :func:`~chimera.consensus.quorum.sign_vote` with
+purpose ``"fl_confirm"``, the round's epoch and statement ``[job_id, round,
+aggregate_hash]``.
+
+Wire messages (actor ``"training"``)
+-----------------------------------
+* ``fl_update`` (:class:`FlUpdate`): one participant's signed update.
+  ``update_hash = SHA-256(UPDATE_DOMAIN || msgpack(body without signature))``;
+  ``signature``: ``sign_vote`` purpose ``"fl_update"``, the round's epoch,
+  statement ``[job_id, round, update_hash]`` (verifiable when relayed).
+* ``fl_update_request`` (:class:`FlUpdateRequest`): ask for updates by hash.
+* ``fl_model_request`` / ``fl_model`` (:class:`FlModelRequest`,
+  :class:`FlModel`): fetch the certified global model of a round.
+
+Driver duties (the order of :meth:`TrainingCore.take_actions` matters)
+---------------------------------------------------------------------
+* :class:`Checkpoint`: write the model atomically (temp + fsync + rename) and
+  its SQLite record *before* running any later action (the next round's start
+  proposal follows it).
+* :class:`ProposeValue`: ``BftCore.submit(value, now)``; feed every committed
+  log value of the job back with :meth:`TrainingCore.on_committed` in log order.
+* :class:`TrainLocal`: run :meth:`~chimera.consensus.models.ModelAdapter.fit`
+  (off the event loop), then :meth:`TrainingCore.on_local_result`. Local
+  training is deterministic given the seed, so a peer restarted mid-round
+  produces the same update again (never two conflicting signed updates).
+* :class:`Broadcast` to every participant but us; :class:`Send` to one peer.
+* :class:`Observe` / :class:`Rejected`: reputation observations / counted drops.
+
+The core never reads a clock: ``now`` is monotonic seconds from the driver;
+call :meth:`TrainingCore.tick` at :meth:`TrainingCore.next_deadline`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Annotated, Any, Mapping
+
+import msgpack
+import numpy as np
+
+from chimera.consensus.aggregation import (
+    DTYPES,
+    RULES,
+    AggregateResult,
+    AggregationConfig,
+    ModelSpec,
+    Update,
+    UpdateRejected,
+    aggregate,
+    aggregate_hash,
+    validate_update,
+)
+from chimera.consensus.models import ADAPTERS, FitResult, make_adapter
+from chimera.consensus.quorum import SignedVote, WeightTable, sign_vote, verify_vote
+from chimera.consensus.reputation import ObservationKind
+from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
+from chimera.protocol.identity import SigningIdentity
+from chimera.protocol.messages import (
+    Len,
+    MaxItems,
+    MaxLen,
+    PeerId,
+    Range,
+    decode_fields,
+    encode_fields,
+    message,
+    record,
+    reject_duplicate_keys,
+)
+
+TRAINING_ACTOR = "training"
+UPDATE_PURPOSE = "fl_update"
+CONFIRM_PURPOSE = "fl_confirm"
+UPDATE_DOMAIN = b"chimera-mesh/fl-update/v1\x00"
+SEED_DOMAIN = b"chimera-mesh/fl-seed/v1\x00"
+
+MAX_PARTICIPANTS = 64
+MAX_ROUNDS = 1_000_000
+MAX_TENSOR_BYTES = 1 << 20  # one envelope is at most 1 MiB by default anyway
+MAX_LOG_VALUE_BYTES = 4096  # chimera.consensus.bft.MAX_VALUE_BYTES
+MAX_EPOCH = 2**62
+
+Hash32 = Annotated[bytes, Len(32)]
+RoundNo = Annotated[int, Range(1, MAX_ROUNDS)]
+Epoch = Annotated[int, Range(0, MAX_EPOCH)]
+
+
+def _h8(digest: bytes | None) -> str:
+    return "none" if digest is None else digest.hex()[:8]
+
+
+# ------------------------------------------------------------------ log records
+
+
+@record
+class JobSpec:
+    """A training job, committed through the log (``fl_job``).
+
+    Fields: ``model_kind`` a key of :data:`~chimera.consensus.models.ADAPTERS`;
+    ``n_features`` >= 1; ``classes`` the label set (classifiers); ``l2`` the L2
+    strength (>= 0); ``dataset`` a reference each node resolves to its own data
+    (e.g. a config key or ``"digits:dirichlet:0.5"``); ``rounds`` >= 1;
+    ``local_epochs`` >= 1; ``learning_rate`` > 0; ``rule`` one of
+    :data:`~chimera.consensus.aggregation.RULES`; ``byzantine_f`` the f the rule
+    assumes; ``detect_anomalies`` run the anomaly detector; ``participants``
+    sorted distinct peer ids; ``quorum`` updates needed after the deadline
+    (1..len(participants), at least what the rule needs); ``round_deadline_s``
+    seconds (> 0); ``max_update_norm`` L2 bound of an update's delta (> 0);
+    ``seed`` for local training seeds. Invalid combinations raise ``ValueError``
+    (``MalformedError`` when decoded).
+    """
+
+    name: Annotated[str, MaxLen(64)]
+    model_kind: Annotated[str, MaxLen(32)]
+    n_features: Annotated[int, Range(1, 1 << 20)]
+    classes: Annotated[tuple[Annotated[int, Range(0, 2**31)], ...], MaxItems(1024)] = ()
+    l2: float = 1e-4
+    dataset: Annotated[str, MaxLen(256)] = ""
+    rounds: Annotated[int, Range(1, MAX_ROUNDS)]
+    local_epochs: Annotated[int, Range(1, 10_000)] = 1
+    learning_rate: float
+    rule: Annotated[str, MaxLen(32)] = "fedavg"
+    byzantine_f: Annotated[int, Range(0, MAX_PARTICIPANTS)] = 0
+    detect_anomalies: bool = False
+    participants: Annotated[tuple[PeerId, ...], MaxItems(MAX_PARTICIPANTS)]
+    quorum: Annotated[int, Range(1, MAX_PARTICIPANTS)]
+    round_deadline_s: float
+    max_update_norm: float = 1e6
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
+
+    def __post_init__(self) -> None:
+        if self.model_kind not in ADAPTERS:
+            raise ValueError(f"unknown model kind {self.model_kind!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown aggregation rule {self.rule!r}")
+        if list(self.participants) != sorted(set(self.participants)) or not self.participants:
+            raise ValueError("participants must be sorted, distinct and not empty")
+        if not 1 <= self.quorum <= len(self.participants):
+            raise ValueError("quorum must be in 1..len(participants)")
+        if self.quorum < self.aggregation().min_updates():
+            raise ValueError(f"rule {self.rule} with f={self.byzantine_f} needs quorum >= "
+                             f"{self.aggregation().min_updates()}")
+        for name in ("learning_rate", "round_deadline_s", "max_update_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if not self.l2 >= 0:
+            raise ValueError("l2 must be >= 0")
+        if self.model_kind == "sgd_classifier" and len(set(self.classes)) < 2:
+            raise ValueError("a classifier needs at least two classes")
+
+    def aggregation(self) -> AggregationConfig:
+        return AggregationConfig(rule=self.rule, f=self.byzantine_f, detect=self.detect_anomalies)
+
+    def model_spec(self) -> ModelSpec:
+        return make_adapter(self.model_kind, self.n_features, self.classes, self.l2).spec
+
+    def describe(self) -> str:
+        return (f"job {self.name} {self.model_kind} {self.rule} f={self.byzantine_f} rounds={self.rounds} "
+                f"{len(self.participants)} participants quorum {self.quorum}")
+
+
+@record
+class RoundStart:
+    """``fl_start``: round ``round`` of ``job_id`` starts from the model of hash ``base_hash``;
+    reputation weights are those of the weight table of ``epoch``."""
+
+    job_id: Hash32
+    round: RoundNo
+    epoch: Epoch
+    base_hash: Hash32
+
+    def describe(self) -> str:
+        return f"start r={self.round} epoch {self.epoch} base {_h8(self.base_hash)}"
+
+
+@record
+class Inclusion:
+    """``fl_include``: the update hashes (strictly ascending) aggregated in ``round``."""
+
+    job_id: Hash32
+    round: RoundNo
+    updates: Annotated[tuple[Hash32, ...], MaxItems(2 * MAX_PARTICIPANTS)]
+
+    def __post_init__(self) -> None:
+        if any(a >= b for a, b in zip(self.updates, self.updates[1:])):
+            raise ValueError("inclusion hashes must be strictly ascending")
+
+    def describe(self) -> str:
+        return f"include r={self.round} {len(self.updates)} updates"
+
+
+@record
+class AggregateConfirm:
+    """``fl_confirm``: ``signed.voter`` computed ``aggregate_hash`` for ``round``."""
+
+    job_id: Hash32
+    round: RoundNo
+    aggregate_hash: Hash32
+    signed: SignedVote
+
+    def statement(self) -> list:
+        return [self.job_id, self.round, self.aggregate_hash]
+
+    def describe(self) -> str:
+        return f"confirm r={self.round} {_h8(self.aggregate_hash)} by {self.signed.voter[:10]}"
+
+
+LOG_TAGS: Mapping[str, type] = {"fl_job": JobSpec, "fl_start": RoundStart, "fl_include": Inclusion,
+                                "fl_confirm": AggregateConfirm}
+_TAG_OF = {cls: tag for tag, cls in LOG_TAGS.items()}
+
+
+def encode_log_value(value: Any) -> bytes:
+    """``msgpack([tag, fields])`` of a log record.
+
+    Raises:
+        LocalProtocolError: not a log record, a field out of bounds, or longer than 4096 bytes.
+    """
+    tag = _TAG_OF.get(type(value))
+    if tag is None:
+        raise LocalProtocolError(f"{type(value).__name__} is not a training log record")
+    raw = msgpack.packb([tag, encode_fields(value)], use_bin_type=True)
+    if len(raw) > MAX_LOG_VALUE_BYTES:
+        raise LocalProtocolError(f"log value of {len(raw)} bytes exceeds {MAX_LOG_VALUE_BYTES}")
+    return raw
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise MalformedError("msgpack extension types are not allowed")
+
+
+def decode_log_value(value: bytes) -> Any:
+    """The record of a training log value.
+
+    Raises:
+        MalformedError: not a training value (other tag, bad msgpack, bad fields, too long).
+    """
+    if type(value) is not bytes or len(value) > MAX_LOG_VALUE_BYTES:
+        raise MalformedError("a training log value is bytes of <= 4096")
+    try:
+        outer = msgpack.unpackb(value, raw=False, use_list=True, strict_map_key=True, ext_hook=_reject_ext,
+                                object_pairs_hook=reject_duplicate_keys)
+    except MalformedError:
+        raise
+    except Exception as exc:  # msgpack raises several types on garbage
+        raise MalformedError(f"bad msgpack: {type(exc).__name__}") from None
+    if type(outer) is not list or len(outer) != 2 or type(outer[0]) is not str or outer[0] not in LOG_TAGS:
+        raise MalformedError("not a training log value")
+    return decode_fields(LOG_TAGS[outer[0]], outer[1], outer[0])
+
+
+def is_training_value(value: bytes) -> bool:
+    """True when ``value`` decodes as a training log value (for routing committed values)."""
+    try:
+        decode_log_value(value)
+    except MalformedError:
+        return False
+    return True
+
+
+def job_id_of(job_value: bytes) -> bytes:
+    """SHA-256 of the committed ``fl_job`` value: the job's id."""
+    return hashlib.sha256(job_value).digest()
+
+
+# ---------------------------------------------------------------- wire messages
+
+
+@record
+class FlTensor:
+    """One tensor as raw bytes: ``dtype`` ``"float32"``/``"float64"`` (little endian), C order."""
+
+    name: Annotated[str, MaxLen(64)]
+    dtype: Annotated[str, MaxLen(8)]
+    shape: Annotated[tuple[Annotated[int, Range(0, 2**31)], ...], MaxItems(8)]
+    data: Annotated[bytes, MaxLen(MAX_TENSOR_BYTES)]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if len(self.data) != math.prod(self.shape) * DTYPES[self.dtype].itemsize:
+            raise ValueError(f"tensor {self.name[:16]}: {len(self.data)} bytes do not match shape and dtype")
+
+
+def tensors_from_params(params: Mapping[str, np.ndarray], spec: ModelSpec) -> tuple[FlTensor, ...]:
+    """Wire tensors (name order) of ``params`` cast to the spec's dtypes.
+
+    Raises:
+        LocalProtocolError: a tensor is missing or not of the declared shape.
+    """
+    for t in spec.tensors:
+        if t.name not in params or tuple(np.shape(params[t.name])) != t.shape:
+            raise LocalProtocolError(f"tensor {t.name}: missing or not of shape {t.shape}")
+    return tuple(FlTensor(name=t.name, dtype=t.dtype, shape=t.shape,
+                          data=np.ascontiguousarray(params[t.name], dtype=DTYPES[t.dtype]).tobytes())
+                 for t in spec.tensors)
+
+
+def params_from_tensors(tensors: tuple[FlTensor, ...], spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Arrays from wire tensors; names, shapes and dtypes must be exactly the spec's.
+
+    Raises:
+        UpdateRejected: a mismatch (the byte count was already checked at decode).
+    """
+    if tuple(t.name for t in tensors) != spec.names:
+        raise UpdateRejected(f"tensor names {[t.name[:16] for t in tensors][:8]} differ from the job's")
+    out = {}
+    for wire, want in zip(tensors, spec.tensors):
+        if wire.dtype != want.dtype or tuple(wire.shape) != want.shape:
+            raise UpdateRejected(f"tensor {want.name}: {wire.dtype}{tuple(wire.shape)}, "
+                                 f"expected {want.dtype}{want.shape}")
+        out[want.name] = np.frombuffer(wire.data, dtype=DTYPES[want.dtype]).reshape(want.shape).copy()
+    return out
+
+
+@message("fl_update", actor=TRAINING_ACTOR)
+class FlUpdate:
+    """A participant's signed model update for ``round`` (signature: see the module docstring).
+
+    ``loss_before``/``loss_after``: local loss of the base / trained model on
+    the sender's data; ``accuracy``: local accuracy after training (0..1).
+    """
+
+    job_id: Hash32
+    round: RoundNo
+    epoch: Epoch
+    sender: PeerId
+    tensors: Annotated[tuple[FlTensor, ...], MaxItems(64)]
+    num_samples: Annotated[int, Range(1, 2**40)]
+    loss_before: float = 0.0
+    loss_after: float = 0.0
+    accuracy: float = 0.0
+    signature: Annotated[bytes, Len(64)]
+
+    def describe(self) -> str:
+        return (f"update r={self.round} {_h8(update_hash(self))} by {self.sender[:10]} "
+                f"n={self.num_samples} loss {self.loss_before:.3f}->{self.loss_after:.3f}")
+
+
+@message("fl_update_request", actor=TRAINING_ACTOR)
+class FlUpdateRequest:
+    """Ask for the updates of ``round`` with these hashes."""
+
+    job_id: Hash32
+    round: RoundNo
+    hashes: Annotated[tuple[Hash32, ...], MaxItems(2 * MAX_PARTICIPANTS)]
+
+    def describe(self) -> str:
+        return f"update-request r={self.round} x{len(self.hashes)}"
+
+
+@message("fl_model_request", actor=TRAINING_ACTOR)
+class FlModelRequest:
+    """Ask for the certified global model after ``round``."""
+
+    job_id: Hash32
+    round: RoundNo
+
+    def describe(self) -> str:
+        return f"model-request r={self.round}"
+
+
+@message("fl_model", actor=TRAINING_ACTOR)
+class FlModel:
+    """The global model after ``round`` (verified by the receiver against the certified hash)."""
+
+    job_id: Hash32
+    round: RoundNo
+    tensors: Annotated[tuple[FlTensor, ...], MaxItems(64)]
+
+    def describe(self) -> str:
+        return f"model r={self.round} {len(self.tensors)} tensors"
+
+
+def update_hash(update: FlUpdate) -> bytes:
+    """SHA-256 of ``UPDATE_DOMAIN || msgpack(fields except signature)``: the update's identity."""
+    body = encode_fields(update)
+    body.pop("signature")
+    return hashlib.sha256(UPDATE_DOMAIN + msgpack.packb(body, use_bin_type=True)).digest()
+
+
+def local_seed(job: JobSpec, job_id: bytes, round_: int, peer_id: str) -> int:
+    """Deterministic 32-bit training seed of ``peer_id`` in ``round_``."""
+    raw = SEED_DOMAIN + job_id + round_.to_bytes(8, "big") + job.seed.to_bytes(8, "big") + peer_id.encode()
+    return int.from_bytes(hashlib.sha256(raw).digest()[:4], "big")
+
+
+# ---------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class ProposeValue:
+    """Submit ``value`` to the replicated log (``BftCore.submit``)."""
+
+    value: bytes
+
+    def describe(self) -> str:
+        try:
+            return f"propose {decode_log_value(self.value).describe()}"
+        except MalformedError:  # pragma: no cover - the core only proposes valid values
+            return f"propose {len(self.value)} bytes"
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Send ``message`` to every participant of the job except ourselves."""
+
+    message: object
+
+    def describe(self) -> str:
+        return f"broadcast {self.message.describe()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    peer_id: str
+    message: object
+
+    def describe(self) -> str:
+        return f"send {self.peer_id[:10]} {self.message.describe()}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrainLocal:
+    """Run local training from ``params`` (the round's base model) on this node's data,
+    ``epochs`` passes at ``learning_rate`` with ``seed``; then call ``on_local_result``."""
+
+    job_id: bytes
+    round: int
+    params: Mapping[str, np.ndarray]
+    epochs: int
+    learning_rate: float
+    seed: int
+
+    def describe(self) -> str:
+        return f"train r={self.round} epochs={self.epochs} lr={self.learning_rate:g} seed={self.seed}"
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The certified global model after ``round``: write it atomically (and its SQLite
+    record) before any later action. ``params``: name -> array (declared dtypes)."""
+
+    job_id: bytes
+    round: int
+    params: Mapping[str, np.ndarray]
+    digest: bytes
+
+    def describe(self) -> str:
+        return f"checkpoint r={self.round} {_h8(self.digest)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Observe:
+    """A reputation observation about ``peer_id`` (feed ``LocalReputation.observe``)."""
+
+    peer_id: str
+    kind: ObservationKind
+
+    def describe(self) -> str:
+        return f"observe {self.kind.value} {self.peer_id[:10]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Input from ``peer_id`` dropped for ``reason`` (a counted drop)."""
+
+    peer_id: str
+    reason: str
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"rejected {self.reason} from {self.peer_id[:10]}"
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingEvent:
+    """``kind``: round_started | update_accepted | inclusion_committed | aggregated |
+    round_committed | aggregate_mismatch | model_fetched | job_finished | local_failed |
+    waiting_weight_table; ``detail``: one line (hashes shortened to 8 hex digits)."""
+
+    kind: str
+    round: int
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind} r={self.round}" + (f" {self.detail}" if self.detail else "")
+
+
+Action = ProposeValue | Broadcast | Send | TrainLocal | Checkpoint | Observe | Rejected | TrainingEvent
+
+
+# ------------------------------------------------------------------------- core
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    """Local pacing (may differ per node): ``fetch_interval_s`` between re-requests of
+    missing updates or models (> 0)."""
+
+    fetch_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fetch_interval_s) and self.fetch_interval_s > 0):
+            raise LocalProtocolError("fetch_interval_s must be finite and > 0")
+
+
+class _Round:
+    __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
+                 "raw", "inclusion", "proposed", "result", "mismatch", "unverified", "votes", "certified",
+                 "trained", "waiting")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.start: RoundStart | None = None
+        self.started_at: float | None = None
+        self.deadline: float | None = None
+        self.deadline_fired = False
+        self.updates: dict[bytes, tuple[FlUpdate, dict[str, np.ndarray]]] = {}  # verified, valid
+        self.first_by_sender: dict[str, bytes] = {}
+        self.raw: dict[bytes, FlUpdate] = {}  # received before the start (unverified), bounded
+        self.inclusion: tuple[bytes, ...] | None = None
+        self.proposed: set[tuple[bytes, ...]] = set()
+        self.result: AggregateResult | None = None
+        self.mismatch = False
+        self.unverified: list[AggregateConfirm] = []  # committed confirms not yet checked
+        self.votes: dict[str, bytes] = {}  # voter -> aggregate hash (first valid confirm counts)
+        self.certified: bytes | None = None
+        self.trained = False
+        self.waiting = False
+
+
+class TrainingCore:
+    """The round state machine of one peer for one job.
+
+    Args:
+        identity: our signing key (we train and confirm only if we are a participant).
+        network_id: bound into update and confirm signatures.
+        job: the committed :class:`JobSpec`; ``job_id`` its id (:func:`job_id_of`).
+        tables: weight tables by epoch (reputation weights; more with :meth:`set_weight_table`).
+        now: monotonic seconds.
+        config: local pacing.
+        checkpoint: ``(round, params)`` of the last checkpoint written (resume); the
+            core then ignores log values of rounds up to it.
+    """
+
+    def __init__(self, identity: SigningIdentity, network_id: bytes, job: JobSpec, job_id: bytes,
+                 tables: Mapping[int, WeightTable], now: float, *, config: TrainingConfig | None = None,
+                 checkpoint: tuple[int, Mapping[str, np.ndarray]] | None = None) -> None:
+        if len(job_id) != 32:
+            raise LocalProtocolError("job_id is 32 bytes")
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.network_id = network_id
+        self.job = job
+        self.job_id = job_id
+        self.config = config or TrainingConfig()
+        self.spec = job.model_spec()
+        self.aggregation = job.aggregation()
+        self.participant = self.peer_id in job.participants
+        self.drops: Counter[str] = Counter()
+        self._tables: dict[int, WeightTable] = dict(tables)
+        self._actions: list[Action] = []
+        self._rounds: dict[int, _Round] = {}
+        self._certified: dict[int, bytes] = {0: aggregate_hash(self.spec.zeros(), self.spec)}
+        self.model_round = 0
+        self.model: dict[str, np.ndarray] = self.spec.zeros()
+        if checkpoint is not None:
+            round_, params = checkpoint
+            self.model = {k: np.array(v) for k, v in params.items()}
+            self.model_round = round_
+            self._certified[round_] = aggregate_hash(self.model, self.spec)
+        self.finished = self.model_round >= job.rounds
+        self._next_fetch = math.inf
+        self._model_requested = 0
+        if not self.finished:
+            self._propose_start(self.model_round + 1)
+
+    @classmethod
+    def for_committed_job(cls, identity: SigningIdentity, network_id: bytes, job_value: bytes,
+                          tables: Mapping[int, WeightTable], now: float, **kwargs: Any) -> "TrainingCore":
+        """A core for the committed ``fl_job`` log value. Raises ``MalformedError`` if it is not one."""
+        job = decode_log_value(job_value)
+        if not isinstance(job, JobSpec):
+            raise MalformedError("not an fl_job value")
+        return cls(identity, network_id, job, job_id_of(job_value), tables, now, **kwargs)
+
+    # ------------------------------------------------------------ inspection
+
+    @property
+    def round(self) -> int:
+        """The round in progress (model_round + 1), or ``job.rounds`` when finished."""
+        return min(self.model_round + 1, self.job.rounds)
+
+    def certified_hash(self, round_: int) -> bytes | None:
+        return self._certified.get(round_)
+
+    def take_actions(self) -> list[Action]:
+        """Actions since the last call, in the order they must run."""
+        out, self._actions = self._actions, []
+        return out
+
+    def next_deadline(self) -> float:
+        """Monotonic time at which :meth:`tick` must run next (``math.inf``: none)."""
+        deadline = self._next_fetch
+        rnd = self._rounds.get(self.model_round + 1)
+        if rnd is not None and rnd.deadline is not None and not rnd.deadline_fired and not self.finished:
+            deadline = min(deadline, rnd.deadline)
+        return deadline
+
+    def set_weight_table(self, table: WeightTable, now: float) -> None:
+        """Add the weight table of ``table.epoch`` (rounds naming it can now proceed)."""
+        self._tables[table.epoch] = table
+        for number in sorted(self._rounds):
+            self._try_certify(self._rounds[number])
+        self._progress(now)
+
+    # ----------------------------------------------------------- log input
+
+    def validate_log_value(self, value: bytes) -> bool:
+        """Validity hook for ``BftCore(validate_value=...)`` on values of this job.
+
+        False for: a malformed value, an inclusion of the current round with fewer
+        than ``quorum`` hashes or referencing an update we do not hold (valid),
+        a start whose base is not our certified model, a confirm whose signature
+        does not verify. Values of other jobs or of past rounds are True
+        (harmless: ignored on commit).
+        """
+        try:
+            rec = decode_log_value(value)
+        except MalformedError:
+            return False
+        if isinstance(rec, JobSpec) or rec.job_id != self.job_id:
+            return True
+        if isinstance(rec, RoundStart):
+            base = self._certified.get(rec.round - 1)
+            return base is None or base == rec.base_hash
+        rnd = self._rounds.get(rec.round)
+        if isinstance(rec, Inclusion):
+            if len(rec.updates) < self.job.quorum:
+                return False
+            if rnd is None or rnd.inclusion is not None or rec.round != self.model_round + 1:
+                return True
+            return all(h in rnd.updates for h in rec.updates)
+        table = self._round_table(rnd)
+        return table is None or self._confirm_ok(rec, table)
+
+    def on_committed(self, value: bytes, now: float) -> None:
+        """Feed one committed log value of this job (in log order; others are ignored)."""
+        try:
+            rec = decode_log_value(value)
+        except MalformedError:
+            self.drops["malformed_log_value"] += 1
+            return
+        if isinstance(rec, JobSpec) or rec.job_id != self.job_id:
+            return
+        if rec.round > self.job.rounds or rec.round <= self.model_round:
+            self.drops["stale_log_value"] += 1
+            return
+        if isinstance(rec, RoundStart):
+            self._on_start(rec, now)
+        elif isinstance(rec, Inclusion):
+            self._on_inclusion(rec, now)
+        else:
+            self._on_confirm(rec, now)
+        self._progress(now)
+
+    # ------------------------------------------------------- messages input
+
+    def on_message(self, sender: str, msg: object, now: float) -> None:
+        """A verified envelope's message from ``sender`` (peer id). Bad input becomes a
+        :class:`Rejected` action, never an exception."""
+        try:
+            if getattr(msg, "job_id", None) != self.job_id:
+                raise RemoteProtocolError("message for another job", reason="unknown_job")
+            if isinstance(msg, FlUpdate):
+                self._on_update(sender, msg, now)
+            elif isinstance(msg, FlUpdateRequest):
+                self._on_update_request(sender, msg)
+            elif isinstance(msg, FlModelRequest):
+                self._on_model_request(sender, msg)
+            elif isinstance(msg, FlModel):
+                self._on_model(sender, msg, now)
+            else:
+                raise LocalProtocolError(f"not a training message: {type(msg).__name__}")
+        except RemoteProtocolError as exc:
+            self._reject(sender, exc.reason, str(exc))
+        self._progress(now)
+
+    def on_local_result(self, job_id: bytes, round_: int, params: Mapping[str, np.ndarray], fit: FitResult,
+                        now: float, accuracy: float = 0.0) -> None:
+        """The result of a :class:`TrainLocal`: sign and broadcast our update.
+
+        A result for a round no longer in progress, or with 0 samples, is
+        dropped (event ``local_failed``).
+        Raises:
+            LocalProtocolError: ``params`` do not match the job's model spec.
+        """
+        rnd = self._rounds.get(round_)
+        if job_id != self.job_id or rnd is None or rnd.start is None or round_ != self.model_round + 1 \
+                or self.peer_id in rnd.first_by_sender:
+            self.drops["late_local_result"] += 1
+            return
+        if fit.num_samples < 1:
+            self._event("local_failed", round_, "no local samples")
+            return
+        try:
+            tensors_from_params(params, self.spec)
+        except LocalProtocolError as exc:
+            raise LocalProtocolError(f"local result does not match the job's model: {exc}") from None
+        try:  # the same checks every peer applies: an update others would reject is not sent
+            validate_update(dict(params), self.spec, base=self.model, max_norm=self.job.max_update_norm)
+        except UpdateRejected as exc:
+            self._event("local_failed", round_, str(exc))
+            return
+        loss_before, loss_after = (v if math.isfinite(v) else 0.0 for v in (fit.loss_before, fit.loss_after))
+        unsigned = FlUpdate(job_id=self.job_id, round=round_, epoch=rnd.start.epoch, sender=self.peer_id,
+                            tensors=tensors_from_params(params, self.spec), num_samples=fit.num_samples,
+                            loss_before=float(loss_before), loss_after=float(loss_after),
+                            accuracy=float(accuracy) if math.isfinite(accuracy) else 0.0,
+                            signature=bytes(64))
+        digest = update_hash(unsigned)
+        vote = sign_vote(self.identity, UPDATE_PURPOSE, self.network_id, rnd.start.epoch,
+                         [self.job_id, round_, digest])
+        update = dataclasses.replace(unsigned, signature=vote.signature)
+        self._accept_update(rnd, update, digest, params_from_tensors(update.tensors, self.spec))
+        self._actions.append(Broadcast(update))
+        self._progress(now)
+
+    def on_local_failed(self, job_id: bytes, round_: int, reason: str, now: float) -> None:
+        """Local training failed (e.g. no data): we just do not send an update this round."""
+        if job_id == self.job_id:
+            self._event("local_failed", round_, reason[:200])
+
+    def tick(self, now: float) -> None:
+        """Run the timers due at ``now`` (round deadline, re-fetches)."""
+        rnd = self._rounds.get(self.model_round + 1)
+        if rnd is not None and rnd.deadline is not None and now >= rnd.deadline:
+            rnd.deadline_fired = True
+        if now >= self._next_fetch:
+            self._next_fetch = math.inf
+            self._refetch(now)
+        self._progress(now)
+
+    # ------------------------------------------------------------ internals
+
+    def _rnd(self, number: int) -> _Round:
+        rnd = self._rounds.get(number)
+        if rnd is None:
+            rnd = self._rounds[number] = _Round(number)
+        return rnd
+
+    def _event(self, kind: str, round_: int, detail: str = "") -> None:
+        self._actions.append(TrainingEvent(kind, round_, detail))
+
+    def _reject(self, sender: str, reason: str, detail: str = "") -> None:
+        self.drops[reason] += 1
+        self._actions.append(Rejected(sender, reason, detail[:200]))
+
+    def _round_table(self, rnd: _Round | None) -> WeightTable | None:
+        """The participants' weights in the round's epoch (None: start or table unknown)."""
+        if rnd is None or rnd.start is None:
+            return None
+        table = self._tables.get(rnd.start.epoch)
+        if table is None:
+            return None
+        weights = {p: table.weights[p] for p in self.job.participants if p in table.weights}
+        if not weights:
+            return None
+        return WeightTable(epoch=table.epoch, weights=weights)
+
+    def _propose_start(self, number: int) -> None:
+        if number > self.job.rounds or not self._tables:
+            return
+        base = self._certified.get(number - 1)
+        if base is None:
+            return
+        start = RoundStart(job_id=self.job_id, round=number, epoch=max(self._tables), base_hash=base)
+        self._actions.append(ProposeValue(encode_log_value(start)))
+
+    def _on_start(self, start: RoundStart, now: float) -> None:
+        rnd = self._rnd(start.round)
+        if rnd.start is not None:
+            self.drops["duplicate_start"] += 1
+            return
+        previous = self._rounds.get(start.round - 1)
+        if previous is not None:
+            self._try_certify(previous)
+        base = self._certified.get(start.round - 1)
+        if base is None or base != start.base_hash:
+            self.drops["start_without_certified_base"] += 1
+            return
+        rnd.start = start
+        self._try_certify(rnd)
+
+    def _begin(self, rnd: _Round, now: float) -> None:
+        """Round ``rnd`` (the next one) has its start, its weight table, and our model is its base."""
+        rnd.started_at = now
+        rnd.deadline = now + self.job.round_deadline_s
+        self._event("round_started", rnd.number, f"epoch {rnd.start.epoch} base {_h8(rnd.start.base_hash)}")
+        raw, rnd.raw = rnd.raw, {}
+        for digest, update in sorted(raw.items()):
+            try:
+                self._check_update(rnd, update, digest)
+            except RemoteProtocolError as exc:
+                self._reject(update.sender, exc.reason, str(exc))
+        if self.participant and not rnd.trained:
+            rnd.trained = True
+            self._actions.append(TrainLocal(self.job_id, rnd.number, {k: v.copy() for k, v in self.model.items()},
+                                            self.job.local_epochs, self.job.learning_rate,
+                                            local_seed(self.job, self.job_id, rnd.number, self.peer_id)))
+
+    def _on_inclusion(self, inc: Inclusion, now: float) -> None:
+        rnd = self._rnd(inc.round)
+        if rnd.start is None or rnd.inclusion is not None:
+            self.drops["inclusion_ignored"] += 1
+            return
+        if not self.job.quorum <= len(inc.updates):
+            self.drops["inclusion_below_quorum"] += 1
+            return
+        rnd.inclusion = inc.updates
+        self._event("inclusion_committed", inc.round, f"{len(inc.updates)} updates")
+
+    def _confirm_ok(self, rec: AggregateConfirm, table: WeightTable) -> bool:
+        return rec.signed.voter in table.weights and verify_vote(
+            rec.signed, CONFIRM_PURPOSE, self.network_id, table.epoch, rec.statement())
+
+    def _on_confirm(self, rec: AggregateConfirm, now: float) -> None:
+        rnd = self._rnd(rec.round)
+        if rnd.certified is not None:
+            return
+        if len(rnd.unverified) + len(rnd.votes) >= 4 * MAX_PARTICIPANTS:
+            self.drops["confirm_overflow"] += 1
+            return
+        rnd.unverified.append(rec)
+        self._try_certify(rnd)
+
+    def _try_certify(self, rnd: _Round | None) -> None:
+        """Count committed confirms (log order; a voter's first valid one counts) and certify
+        the hash confirmed by more than 2/3 of the participants' weight. Log-only: every
+        peer certifies the same hash for a round, whether or not it holds the model."""
+        if rnd is None or rnd.certified is not None or not rnd.unverified:
+            return
+        table = self._round_table(rnd)
+        if table is None:
+            return
+        pending, rnd.unverified = rnd.unverified, []
+        for rec in pending:
+            if rec.signed.voter in rnd.votes:
+                continue
+            if not self._confirm_ok(rec, table):
+                self.drops["bad_confirm"] += 1
+                continue
+            rnd.votes[rec.signed.voter] = rec.aggregate_hash
+            if table.passes([v for v, d in rnd.votes.items() if d == rec.aggregate_hash]):
+                rnd.certified = rec.aggregate_hash
+                self._certified[rnd.number] = rec.aggregate_hash
+                return
+
+    def _on_update(self, sender: str, update: FlUpdate, now: float) -> None:
+        if update.sender not in self.job.participants:
+            raise RemoteProtocolError(f"{update.sender[:10]} is not a participant", reason="not_participant")
+        if update.round <= self.model_round or update.round > self.model_round + 2:
+            self.drops["update_other_round"] += 1
+            return
+        digest = update_hash(update)
+        rnd = self._rnd(update.round)
+        if digest in rnd.updates or digest in rnd.raw:
+            self.drops["duplicate_update"] += 1
+            return
+        if rnd.started_at is None:  # not started here yet: keep (bounded), verify at the start
+            if len(rnd.raw) >= 2 * len(self.job.participants):
+                self.drops["update_buffer_full"] += 1
+                return
+            rnd.raw[digest] = update
+            return
+        self._check_update(rnd, update, digest)
+
+    def _check_update(self, rnd: _Round, update: FlUpdate, digest: bytes) -> None:
+        """Verify and validate an update of the started round ``rnd``; raises RemoteProtocolError."""
+        if update.epoch != rnd.start.epoch:
+            raise RemoteProtocolError(f"update of epoch {update.epoch}, round epoch {rnd.start.epoch}",
+                                      reason="wrong_epoch")
+        vote = SignedVote(voter=update.sender, signature=update.signature)
+        if not verify_vote(vote, UPDATE_PURPOSE, self.network_id, update.epoch, [self.job_id, rnd.number, digest]):
+            raise RemoteProtocolError(f"update signature of {update.sender[:10]} does not verify",
+                                      reason="bad_signature")
+        try:
+            params = params_from_tensors(update.tensors, self.spec)
+            validate_update(params, self.spec, base=self.model, max_norm=self.job.max_update_norm)
+        except UpdateRejected:
+            self._actions.append(Observe(update.sender, ObservationKind.UPDATE_FLAGGED))
+            raise
+        self._accept_update(rnd, update, digest, params)
+
+    def _accept_update(self, rnd: _Round, update: FlUpdate, digest: bytes, params: dict[str, np.ndarray]) -> None:
+        first = rnd.first_by_sender.get(update.sender)
+        if first is not None and first != digest:  # two signed updates for one round: equivocation
+            self.drops["equivocation"] += 1
+            if sum(1 for u, _ in rnd.updates.values() if u.sender == update.sender) >= 2:
+                return  # keep at most two per sender (bounded memory)
+            self._actions.append(Observe(update.sender, ObservationKind.EQUIVOCATION))
+        rnd.updates[digest] = (update, params)
+        rnd.first_by_sender.setdefault(update.sender, digest)
+        self._event("update_accepted", rnd.number, f"{_h8(digest)} by {update.sender[:10]}")
+
+    def _on_update_request(self, sender: str, req: FlUpdateRequest) -> None:
+        rnd = self._rounds.get(req.round)
+        if rnd is None:
+            return
+        for digest in req.hashes:
+            held = rnd.updates.get(digest)
+            if held is not None:
+                self._actions.append(Send(sender, held[0]))
+
+    def _on_model_request(self, sender: str, req: FlModelRequest) -> None:
+        if req.round == self.model_round:
+            self._actions.append(Send(sender, FlModel(job_id=self.job_id, round=self.model_round,
+                                                      tensors=tensors_from_params(self.model, self.spec))))
+
+    def _on_model(self, sender: str, msg: FlModel, now: float) -> None:
+        if msg.round <= self.model_round:
+            self.drops["stale_model"] += 1
+            return
+        certified = self._certified.get(msg.round)
+        if certified is None:
+            self.drops["model_not_certified"] += 1
+            return
+        params = params_from_tensors(msg.tensors, self.spec)
+        if aggregate_hash(params, self.spec) != certified:
+            raise RemoteProtocolError(f"model of round {msg.round} does not match the certified hash",
+                                      reason="bad_model")
+        self._event("model_fetched", msg.round, f"{_h8(certified)} from {sender[:10]}")
+        self._adopt(msg.round, params, certified)
+
+    def _adopt(self, number: int, params: dict[str, np.ndarray], digest: bytes) -> None:
+        """Round ``number`` is certified and we hold its model: checkpoint and move on."""
+        self.model = params
+        self.model_round = number
+        self._next_fetch = math.inf
+        self._actions.append(Checkpoint(self.job_id, number, {k: v.copy() for k, v in params.items()}, digest))
+        self._event("round_committed", number, _h8(digest))
+        for old in [r for r in self._rounds if r <= number - 1]:
+            del self._rounds[old]
+        for old in [r for r in self._certified if r < number - 1]:
+            del self._certified[old]
+        if number >= self.job.rounds:
+            self.finished = True
+            self._event("job_finished", number, _h8(digest))
+            return
+        nxt = self._rounds.get(number + 1)
+        if nxt is None or nxt.start is None:
+            self._propose_start(number + 1)
+
+    def _progress(self, now: float) -> None:
+        """Advance the current round as far as the inputs allow (idempotent)."""
+        while not self.finished:
+            number = self.model_round + 1
+            rnd = self._rounds.get(number)
+            if rnd is None:
+                return
+            if rnd.start is not None and rnd.started_at is None:
+                if self._round_table(rnd) is None:
+                    if not rnd.waiting:
+                        rnd.waiting = True  # announced once per round
+                        self._event("waiting_weight_table", number, f"epoch {rnd.start.epoch}")
+                    return
+                self._begin(rnd, now)
+            self._maybe_propose_inclusion(rnd, now)
+            self._maybe_aggregate(rnd, now)
+            self._try_certify(rnd)
+            if rnd.certified is None:
+                self._maybe_catch_up(now)
+                return
+            if rnd.result is not None and rnd.result.digest == rnd.certified:
+                self._adopt(number, rnd.result.params, rnd.certified)
+                continue
+            if rnd.result is not None and not rnd.mismatch:
+                rnd.mismatch = True
+                self._event("aggregate_mismatch", number,
+                            f"own {_h8(rnd.result.digest)} certified {_h8(rnd.certified)}")
+            self._request_model(max(self._certified), now)
+            return
+
+    def _maybe_catch_up(self, now: float) -> None:
+        """A round beyond the current one is certified (we were behind): fetch its model."""
+        latest = max(self._certified)
+        if latest > self.model_round + 1:
+            self._request_model(latest, now)
+
+    def _request_model(self, number: int, now: float) -> None:
+        if self._next_fetch == math.inf or number > self._model_requested:
+            self._model_requested = number
+            self._actions.append(Broadcast(FlModelRequest(job_id=self.job_id, round=number)))
+            self._next_fetch = now + self.config.fetch_interval_s
+
+    def _maybe_propose_inclusion(self, rnd: _Round, now: float) -> None:
+        if rnd.started_at is None or rnd.inclusion is not None:
+            return
+        chosen = tuple(sorted(rnd.first_by_sender.values()))
+        complete = len(rnd.first_by_sender) == len(self.job.participants)
+        due = rnd.deadline_fired and len(chosen) >= self.job.quorum
+        if (complete or due) and not any(len(p) >= len(chosen) for p in rnd.proposed):
+            rnd.proposed.add(chosen)
+            self._actions.append(ProposeValue(encode_log_value(
+                Inclusion(job_id=self.job_id, round=rnd.number, updates=chosen))))
+
+    def _maybe_aggregate(self, rnd: _Round, now: float) -> None:
+        if rnd.inclusion is None or rnd.result is not None or rnd.started_at is None:
+            return
+        missing = [h for h in rnd.inclusion if h not in rnd.updates]
+        if missing:
+            if self._next_fetch == math.inf:
+                self._actions.append(Broadcast(FlUpdateRequest(job_id=self.job_id, round=rnd.number,
+                                                               hashes=tuple(missing))))
+                self._next_fetch = now + self.config.fetch_interval_s
+            return
+        table = self._round_table(rnd)
+        updates = []
+        senders: set[str] = set()
+        for digest in rnd.inclusion:  # ascending: of an equivocator's updates the smallest hash counts
+            update, params = rnd.updates[digest]
+            if update.sender in senders or update.sender not in table.weights:
+                continue
+            senders.add(update.sender)
+            updates.append(Update(sender=update.sender, params=params, num_samples=update.num_samples,
+                                  weight=float(table.weights[update.sender]), digest=digest,
+                                  loss_before=update.loss_before, loss_after=update.loss_after))
+        result = aggregate(updates, self.spec, self.aggregation, base=self.model)
+        rnd.result = result
+        for sender in result.senders_used:
+            self._actions.append(Observe(sender, ObservationKind.UPDATE_GOOD))
+        for sender in result.senders_flagged:
+            self._actions.append(Observe(sender, ObservationKind.UPDATE_FLAGGED))
+        detail = f"{_h8(result.digest)} used {len(result.used)} flagged {len(result.flagged)}"
+        self._event("aggregated", rnd.number, detail + (f" error: {result.error}" if result.error else ""))
+        if self.participant and self.peer_id in table.weights:
+            statement = [self.job_id, rnd.number, result.digest]
+            confirm = AggregateConfirm(job_id=self.job_id, round=rnd.number, aggregate_hash=result.digest,
+                                       signed=sign_vote(self.identity, CONFIRM_PURPOSE, self.network_id,
+                                                        table.epoch, statement))
+            self._actions.append(ProposeValue(encode_log_value(confirm)))
+
+    def _refetch(self, now: float) -> None:
+        """Re-send the pending fetch (missing included updates, or a certified model)."""
+        rnd = self._rounds.get(self.model_round + 1)
+        if self.finished or rnd is None:
+            return
+        if rnd.certified is None and rnd.inclusion is not None and rnd.result is None:
+            self._maybe_aggregate(rnd, now)
+        elif rnd.certified is not None or max(self._certified) > self.model_round + 1:
+            self._request_model(max(self._certified), now)

@@ -1,0 +1,349 @@
+"""Aggregation maths: hand-computed cases, robustness properties (hypothesis), determinism,
+update validation, anomaly detection, models and dataset splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chimera.consensus.aggregation import (
+    RULES,
+    AggregationConfig,
+    AggregationError,
+    ModelSpec,
+    TensorSpec,
+    Update,
+    UpdateRejected,
+    aggregate,
+    aggregate_hash,
+    coordinate_median,
+    detect_anomalies,
+    fedavg,
+    krum_scores,
+    krum_select,
+    reputation_clipped_mean,
+    robust_z,
+    trimmed_mean,
+    validate_update,
+    weighted_coordinate_median,
+)
+from chimera.consensus.datasets import (
+    Shard,
+    load_digits_data,
+    split_dirichlet,
+    split_iid,
+    train_test_split_fixed,
+)
+from chimera.consensus.models import make_adapter
+from chimera.protocol.errors import LocalProtocolError
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SPEC = ModelSpec((TensorSpec("w", (2, 3), "float64"), TensorSpec("b", (2,), "float32")))
+
+
+def upd(sender, w, b, n=1, weight=1.0, **kw) -> Update:
+    return Update(sender=sender, params={"w": np.asarray(w, dtype=np.float64), "b": np.asarray(b, dtype=np.float32)},
+                  num_samples=n, weight=weight, **kw)
+
+
+# ------------------------------------------------------------- hand computed
+
+
+def test_fedavg_hand_computed_with_samples_and_reputation():
+    X = np.array([[1.0, 0.0], [3.0, 4.0]])
+    # weights 1*2 and 3*1 -> (2*[1,0] + 3*[3,4]) / 5
+    assert fedavg(X, np.array([1, 3]), np.array([2.0, 1.0])).tolist() == [11 / 5, 12 / 5]
+    with pytest.raises(AggregationError):
+        fedavg(X[:0], np.array([]), np.array([]))
+
+
+def test_median_trimmed_mean_and_krum_hand_computed():
+    X = np.array([[1.0, 10.0], [2.0, -5.0], [3.0, 0.0], [100.0, 1.0], [4.0, 2.0]])
+    assert coordinate_median(X).tolist() == [3.0, 1.0]
+    assert coordinate_median(X[:4]).tolist() == [2.5, 0.5]
+    assert trimmed_mean(X, 1).tolist() == [3.0, 1.0]  # (2+3+4)/3, (0+1+2)/3
+    with pytest.raises(AggregationError):
+        trimmed_mean(X[:2], 1)
+    with pytest.raises(AggregationError):
+        coordinate_median(X[:2], 1)
+    # Krum, n=5, f=1: score = sum of the n-f-2 = 2 smallest squared distances
+    P = np.array([[0.0], [1.0], [2.0], [3.0], [50.0]])
+    assert krum_scores(P, 1).tolist() == [1 + 4, 1 + 1, 1 + 1, 1 + 4, 47**2 + 48**2]
+    assert krum_select(P, 1) == [1]
+    assert krum_select(P, 1, m=3) == [0, 1, 2]
+    with pytest.raises(AggregationError, match=r"n > 2f \+ 2"):
+        krum_scores(P[:4], 1)
+
+
+def test_weighted_median_and_reputation_clipped_hand_computed():
+    X = np.array([[0.0], [1.0], [2.0], [10.0]])
+    assert weighted_coordinate_median(X, np.array([1, 1, 1, 1])).tolist() == [1.0]
+    assert weighted_coordinate_median(X, np.array([1, 1, 1, 5])).tolist() == [10.0]
+    # center 1, distances [1, 0, 1, 9], tau = 1 (lower weighted median), 9 > 4 tau is filtered;
+    # the others are within tau: mean of 0, 1, 2 = 1
+    assert reputation_clipped_mean(X, np.ones(4), np.ones(4)).tolist() == [1.0]
+    # clipping: with cutoff 10 the far row is kept but clipped to 1 + 1 = 2 -> (0 + 1 + 2 + 2) / 4
+    assert reputation_clipped_mean(X, np.ones(4), np.ones(4), cutoff=10.0).tolist() == [1.25]
+
+
+def test_aggregate_works_on_deltas_and_casts_to_declared_dtypes():
+    base = {"w": np.ones((2, 3)), "b": np.ones(2, dtype=np.float32)}
+    a = upd("a", np.full((2, 3), 2.0), [2, 2], n=1)
+    b = upd("b", np.full((2, 3), 4.0), [4, 4], n=3)
+    res = aggregate([a, b], SPEC, AggregationConfig(), base=base)
+    assert res.params["w"].dtype == np.float64 and res.params["b"].dtype == np.float32
+    assert np.array_equal(res.params["w"], np.full((2, 3), 3.5))
+    assert res.digest == aggregate_hash(res.params, SPEC)
+    assert set(res.senders_used) == {"a", "b"} and res.error is None
+    # a rule whose precondition fails keeps the base model, the same way on every peer
+    krum = aggregate([a, b], SPEC, AggregationConfig(rule="krum", f=1), base=base)
+    assert krum.error and krum.digest == aggregate_hash(base, SPEC) and krum.used == ()
+    with pytest.raises(AggregationError):
+        aggregate([a, a], SPEC, AggregationConfig())
+
+
+# --------------------------------------------------------------- properties
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def matrices(draw, min_rows=1, max_rows=9, max_cols=6):
+    n = draw(st.integers(min_rows, max_rows))
+    d = draw(st.integers(1, max_cols))
+    return np.array(draw(st.lists(st.lists(finite, min_size=d, max_size=d), min_size=n, max_size=n)))
+
+
+@SETTINGS
+@given(row=st.lists(finite, min_size=1, max_size=8), n=st.integers(1, 8),
+       samples=st.lists(st.integers(1, 1000), min_size=8, max_size=8))
+def test_mean_of_identical_updates_is_the_update(row, n, samples):
+    X = np.tile(np.array(row), (n, 1))
+    s = np.array(samples[:n])
+    for result in (fedavg(X, s, np.ones(n)), coordinate_median(X), trimmed_mean(X, (n - 1) // 2),
+                   reputation_clipped_mean(X, s, np.ones(n))):
+        assert np.allclose(result, row, rtol=1e-12, atol=1e-9)
+    if n >= 3:
+        assert np.allclose(X[krum_select(X, 0)[0]], row)
+
+
+@SETTINGS
+@given(honest=matrices(min_rows=3, max_rows=7), data=st.data())
+def test_median_and_trimmed_mean_ignore_up_to_f_arbitrary_updates(honest, data):
+    n_honest, d = honest.shape
+    f = data.draw(st.integers(0, (n_honest - 1) // 2))  # n = n_honest + f > 2f
+    bad = np.array(data.draw(st.lists(st.lists(st.floats(-1e12, 1e12), min_size=d, max_size=d),
+                                      min_size=f, max_size=f))).reshape(f, d)
+    X = np.vstack([honest, bad])
+    lo, hi = honest.min(axis=0), honest.max(axis=0)
+    for result in (coordinate_median(X, f), trimmed_mean(X, f)):
+        assert np.all(result >= lo - 1e-9) and np.all(result <= hi + 1e-9)
+
+
+@SETTINGS
+@given(n_honest=st.integers(4, 8), d=st.integers(1, 5), seed=st.integers(0, 2**16), data=st.data())
+def test_krum_selects_an_honest_update_when_n_above_2f_plus_2(n_honest, d, seed, data):
+    rng = np.random.default_rng(seed)
+    f = data.draw(st.integers(1, (n_honest - 1) // 2))  # n = n_honest + f > 2f + 2
+    honest = rng.normal(0.0, 1.0, size=(n_honest, d))
+    scale = data.draw(st.floats(50.0, 1e6))
+    direction = rng.normal(size=(f, d))
+    bad = scale * direction / np.linalg.norm(direction, axis=1, keepdims=True) + rng.normal(0, 1e-3, (f, d))
+    X = np.vstack([honest, bad])
+    for index in krum_select(X, f, m=n_honest + f - f):
+        assert index < n_honest
+
+
+@SETTINGS
+@given(X=matrices(min_rows=1, max_rows=8))
+def test_reputation_clipped_stays_in_the_hull_of_honest_majority_weight(X):
+    n = X.shape[0]
+    out = reputation_clipped_mean(X, np.ones(n), np.ones(n))
+    assert np.all(np.isfinite(out))
+    assert np.all(out >= X.min(axis=0) - 1e-6) and np.all(out <= X.max(axis=0) + 1e-6)
+
+
+# ------------------------------------------------------------- determinism
+
+
+def _random_updates(seed: int, n: int, d: int = 64 * 10):
+    rng = np.random.default_rng(seed)
+    spec = ModelSpec((TensorSpec("coef", (10, 64), "float64"), TensorSpec("intercept", (10,), "float64")))
+    ups = [Update(sender=f"peer-{i}", params={"coef": rng.normal(size=(10, 64)), "intercept": rng.normal(size=10)},
+                  num_samples=int(rng.integers(1, 500)), weight=float(rng.integers(1, 100)),
+                  loss_before=1.0, loss_after=float(rng.uniform(0.1, 1.0)))
+           for i in range(n)]
+    return spec, ups
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_two_peers_compute_bitwise_identical_aggregates(rule):
+    spec, ups = _random_updates(11, 9)
+    config = AggregationConfig(rule=rule, f=2, detect=True)
+    base = {k: np.asarray(v) * 0.5 for k, v in ups[0].params.items()}
+    first = aggregate(ups, spec, config, base=base)
+    # the second peer received the same updates in another order, as fresh copies
+    rng = np.random.default_rng(5)
+    copies = [Update(sender=u.sender, params={k: v.copy() for k, v in u.params.items()}, num_samples=u.num_samples,
+                     weight=u.weight, loss_before=u.loss_before, loss_after=u.loss_after)
+              for u in (ups[i] for i in rng.permutation(len(ups)))]
+    second = aggregate(copies, spec, config, base={k: v.copy() for k, v in base.items()})
+    assert first.digest == second.digest
+    for name in first.params:
+        assert first.params[name].tobytes() == second.params[name].tobytes()
+    assert first.used == second.used and first.flagged == second.flagged
+
+
+# --------------------------------------------------------------- validation
+
+
+def test_validate_update_rejects_bad_updates_with_clear_reasons():
+    good = {"w": np.zeros((2, 3)), "b": np.zeros(2, dtype=np.float32)}
+    assert validate_update(good, SPEC) == 0.0
+    cases = {
+        "differ": {"w": np.zeros((2, 3))},
+        "shape": {"w": np.zeros((3, 2)), "b": np.zeros(2, dtype=np.float32)},
+        "dtype": {"w": np.zeros((2, 3)), "b": np.zeros(2, dtype=np.float64)},
+        "non-finite": {"w": np.array([[np.inf, 0, 0], [0, 0, 0]]), "b": np.zeros(2, dtype=np.float32)},
+        "above the bound": {"w": np.full((2, 3), 10.0), "b": np.zeros(2, dtype=np.float32)},
+        "not an array": {"w": [[0.0] * 3] * 2, "b": np.zeros(2, dtype=np.float32)},
+    }
+    for text, params in cases.items():
+        with pytest.raises(UpdateRejected) as info:
+            validate_update(params, SPEC, max_norm=1.0)
+        assert info.value.reason == "bad_update"
+    base = {"w": np.full((2, 3), 10.0), "b": np.zeros(2, dtype=np.float32)}
+    assert validate_update(cases["above the bound"], SPEC, base=base, max_norm=1.0) == 0.0  # delta norm
+    with pytest.raises(LocalProtocolError):
+        TensorSpec("x", (2,), "int64")
+    with pytest.raises(LocalProtocolError):
+        Update(sender="a", params=good, num_samples=0)
+    with pytest.raises(LocalProtocolError):
+        AggregationConfig(rule="mean")
+
+
+# ------------------------------------------------------------ anomaly detection
+
+
+def test_anomaly_detection_flags_sign_flipped_scaled_update_only():
+    rng = np.random.default_rng(3)
+    trend = rng.normal(size=200)
+    honest = np.array([trend + rng.normal(0, 0.5, 200) for _ in range(6)])
+    attack = -10.0 * honest[0]
+    X = np.vstack([honest, attack])
+    digests = [bytes([i]) * 32 for i in range(7)]
+    report = detect_anomalies(X, digests, np.zeros(7))
+    assert report.flagged == frozenset({digests[6]})
+    assert report.features.shape == (7, 3) and report.z[6] > 3.5
+    # fewer than 4 updates: nothing is flagged; identical updates: nothing is flagged
+    assert detect_anomalies(X[:3], digests[:3], np.zeros(3)).flagged == frozenset()
+    same = np.tile(honest[0], (5, 1))
+    assert detect_anomalies(same, digests[:5], np.zeros(5)).flagged == frozenset()
+
+
+def test_robust_z_is_one_sided_and_handles_zero_mad():
+    z = robust_z(np.array([[1.0], [1.0], [1.0], [1.0], [5.0]]))
+    assert z[:4].tolist() == [[0.0]] * 4 and z[4, 0] > 3.5
+    assert robust_z(np.array([[0.0], [0.0]])).tolist() == [[0.0], [0.0]]
+    assert robust_z(np.array([[10.0], [1.0], [1.0], [1.0], [1.0]]))[0, 0] > 3.5
+    assert robust_z(np.array([[-10.0], [1.0], [1.0], [1.0], [1.0]]))[0, 0] == 0.0
+
+
+def test_aggregate_with_detection_excludes_and_reports_the_outlier():
+    spec, ups = _random_updates(2, 6)
+    base = {k: np.zeros_like(v) for k, v in ups[0].params.items()}
+    trend = ups[0].params
+    honest = [Update(sender=f"h{i}", params={k: v + 0.1 * np.random.default_rng(i).normal(size=v.shape)
+                                             for k, v in trend.items()}, num_samples=10) for i in range(5)]
+    attacker = Update(sender="bad", params={k: -10.0 * v for k, v in trend.items()}, num_samples=10)
+    res = aggregate(honest + [attacker], spec, AggregationConfig(rule="fedavg", detect=True), base=base)
+    assert res.senders_flagged == ("bad",) and "bad" not in res.senders_used
+
+
+# ------------------------------------------------------------- models, data
+
+
+def test_models_roundtrip_parameters_and_fit_deterministically():
+    X, y = load_digits_data()
+    train, test = train_test_split_fixed(X, y, 0.2, seed=0)
+    a = make_adapter("sgd_classifier", 64, range(10))
+    b = make_adapter("sgd_classifier", 64, range(10))
+    fa = a.fit(train.X[:300], train.y[:300], epochs=2, learning_rate=0.1, seed=3)
+    b.fit(train.X[:300], train.y[:300], epochs=2, learning_rate=0.1, seed=3)
+    assert all(np.array_equal(a.get_params()[k], b.get_params()[k]) for k in ("coef", "intercept"))
+    assert fa.num_samples == 300 and fa.loss_after < fa.loss_before
+    assert a.spec.names == ("coef", "intercept") and a.get_params()["coef"].shape == (10, 64)
+    c = make_adapter("sgd_classifier", 64, range(10))
+    c.set_params(a.get_params())
+    assert c.evaluate(test.X, test.y).accuracy == a.evaluate(test.X, test.y).accuracy > 0.8
+    with pytest.raises(LocalProtocolError):
+        c.set_params({"coef": np.zeros((3, 64)), "intercept": np.zeros(10)})
+    with pytest.raises(LocalProtocolError):
+        make_adapter("resnet", 64)
+    # a local shard missing classes still yields parameters of the job's shape
+    only_two = train.y < 2
+    c.fit(train.X[only_two], train.y[only_two], epochs=1, learning_rate=0.1, seed=1)
+    assert c.get_params()["coef"].shape == (10, 64)
+    # regressor: y = 2 x0 - x1 + 0.5
+    rng = np.random.default_rng(0)
+    Xr = rng.uniform(-1, 1, size=(400, 2))
+    yr = 2 * Xr[:, 0] - Xr[:, 1] + 0.5
+    r = make_adapter("sgd_regressor", 2)
+    r.fit(Xr, yr, epochs=30, learning_rate=0.05, seed=0)
+    ev = r.evaluate(Xr, yr)
+    assert ev.accuracy > 0.99 and ev.loss < 0.01 and r.get_params()["intercept"].shape == (1,)
+
+
+def test_dataset_splits_are_seeded_partitions():
+    X, y = load_digits_data()
+    assert X.shape == (1797, 64) and X.max() <= 1.0 and y.dtype == np.int64
+    train, test = train_test_split_fixed(X, y, 0.2, seed=0)
+    assert len(train) + len(test) == 1797 and abs(len(test) - 360) <= 10
+    assert set(np.unique(test.y)) == set(range(10))
+    iid = split_iid(train, 5, seed=1)
+    assert sorted(len(s) for s in iid)[-1] - sorted(len(s) for s in iid)[0] <= 1
+    assert sum(len(s) for s in iid) == len(train)
+    skewed = split_dirichlet(train, 5, alpha=0.5, seed=1)
+    again = split_dirichlet(train, 5, alpha=0.5, seed=1)
+    assert all(np.array_equal(a.y, b.y) for a, b in zip(skewed, again))
+    assert sum(len(s) for s in skewed) == len(train) and min(len(s) for s in skewed) >= 10
+    # label skew: with alpha 0.5 some peer holds most of some class; with alpha 1000 none does
+    share = max(s.label_counts(10).max() / len(s) for s in skewed)
+    flat = max(s.label_counts(10).max() / len(s) for s in split_dirichlet(train, 5, alpha=1000.0, seed=1))
+    assert share > 0.3 > flat
+    with pytest.raises(LocalProtocolError):
+        split_dirichlet(train, 5, alpha=0.0)
+    with pytest.raises(LocalProtocolError):
+        split_iid(Shard(X[:3], y[:3]), 5)
+
+
+def test_node_data_files_load_and_bad_files_fail_clearly(tmp_path):
+    from chimera.node.datasets import DatasetError, load_dataset
+
+    csv = tmp_path / "data.csv"
+    csv.write_text("# digits subset\nf0,label,f1\n0.5,1,2\n1.5,0,3\n")
+    shard = load_dataset(csv)
+    assert shard.X.tolist() == [[0.5, 2.0], [1.5, 3.0]] and shard.y.tolist() == [1, 0]
+    assert shard.y.dtype == np.int64
+    np.savez(tmp_path / "data.npz", X=np.eye(3), target=np.array([0.5, 1.0, 2.0]))
+    shard = load_dataset(tmp_path / "data.npz", label_column="target")
+    assert shard.X.shape == (3, 3) and shard.y.dtype == np.float64
+    bad = {
+        "ragged.csv": "a,label\n1,2\n3\n",
+        "text.csv": "a,label\n1,cat\n",
+        "nolabel.csv": "a,b\n1,2\n",
+        "empty.csv": "",
+        "nan.csv": "a,label\nnan,1\n",
+        "data.txt": "a,label\n1,2\n",
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DatasetError, match=name.replace(".", r"\.")):
+            load_dataset(tmp_path / name)
+    np.savez(tmp_path / "obj.npz", X=np.array([{"a": 1}], dtype=object), y=np.array([1]))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    for name in ("obj.npz", "broken.npz", "missing.npz"):
+        with pytest.raises(DatasetError, match=name.replace(".", r"\.")):
+            load_dataset(tmp_path / name)
