@@ -1,0 +1,194 @@
+"""Simulator scale benchmark: simulated events/s and wall time on one core.
+
+(a) membership (SWIM + Lifeguard cores, real signed envelopes): ``n`` virtual
+    peers from a converged start for ``--membership-virtual-s`` virtual seconds,
+    n in ``--membership-sizes`` (default 100, 300, 1000);
+(b) the BFT log core: ``n`` validators (equal weights, LAN latency, a value
+    load of 20 values/s) until every validator committed ``--heights`` heights
+    (default 100), n in ``--bft-sizes`` (default 4, 16, 32, 64, 128). A size
+    that would exceed ``--budget-s`` wall seconds stops early; its figures are
+    then per committed height and the 100-height wall time is extrapolated.
+    A power law ``wall_per_height = a * n**b`` fitted to the measured sizes
+    extrapolates to 1000 validators.
+(c) with ``--profile``: where the time goes (cProfile, grouped by component)
+    for one membership and one BFT size.
+
+Events are engine events (a frame arrival, a timer); frames are signed
+envelopes. Nothing here asserts on time; it prints figures.
+Run: ``python -m benchmarks.bench_sim [--json] [--quick] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import math
+import platform
+import pstats
+import sys
+import time
+
+from chimera.consensus.bft import BftConfig
+from chimera.protocol.membership import MembershipConfig
+from chimera.simulations.bft_world import BftWorld, rng_values
+from chimera.simulations.engine import Simulator
+from chimera.simulations.membership_world import MembershipWorld
+from chimera.simulations.network import Latency, LinkSpec, SimNetwork
+from chimera.simulations.scenario import SIM_BFT_DEFAULTS
+from chimera.simulations.signatures import shared_vote_verification
+
+LAN = LinkSpec(latency=Latency.lognormal(0.002, 0.5))
+VALUES_PER_S = 20.0
+
+
+def membership(n: int, virtual_s: float, seed: int = 1) -> dict:
+    sim = Simulator(seed, trace=False)
+    net = SimNetwork(sim, LAN)
+    world = MembershipWorld(sim, net, MembershipConfig(probe_interval_s=1.0, probe_timeout_s=0.5,
+                                                       sync_interval_s=60.0))
+    for _ in range(n):
+        world.add_peer()
+    start = time.perf_counter()
+    world.start_all(warm_start=True)
+    setup = time.perf_counter() - start
+    start = time.perf_counter()
+    sim.run(virtual_s)
+    wall = time.perf_counter() - start
+    return {"peers": n, "virtual_s": virtual_s, "setup_wall_s": round(setup, 3), "wall_s": round(wall, 3),
+            "events": sim.events_processed, "events_per_s": round(sim.events_processed / wall),
+            "frames": net.stats["frames_sent"], "frames_per_s": round(net.stats["frames_sent"] / wall),
+            "virtual_per_wall": round(virtual_s / wall, 3), "views_consistent": world.live_view_ok()}
+
+
+def bft(n: int, heights: int, budget_s: float, seed: int = 1) -> dict:
+    sim = Simulator(seed, trace=False)
+    net = SimNetwork(sim, LAN, bandwidth_bytes_per_s=125e6)
+    world = BftWorld(sim, net, BftConfig(**SIM_BFT_DEFAULTS), [1] * n)
+    with shared_vote_verification() as verifier:
+        start = time.perf_counter()
+        world.start_all()
+
+        def arrival() -> None:
+            world.submit(sim.rng.choice(world.peers), rng_values(sim.rng, 1)[0])
+            sim.schedule(sim.now + sim.rng.expovariate(VALUES_PER_S), arrival)
+
+        sim.schedule(0.0, arrival)
+        deadline = start + budget_s
+        done = lambda: min(world.honest_heights()) >= heights or time.perf_counter() > deadline  # noqa: E731
+        while not done():
+            sim.run(sim.now + 0.5, done)
+        wall = time.perf_counter() - start
+    reached = min(world.honest_heights())
+    per_height = wall / max(1, reached)
+    m = world.metrics()
+    return {"validators": n, "heights": reached, "complete": reached >= heights, "wall_s": round(wall, 3),
+            "wall_per_height_s": round(per_height, 4),
+            "wall_for_target_s": round(wall if reached >= heights else per_height * heights, 1),
+            "virtual_s": round(sim.now, 3), "events": sim.events_processed,
+            "events_per_s": round(sim.events_processed / wall), "frames": net.stats["frames_sent"],
+            "frames_per_height": round(net.stats["frames_sent"] / max(1, reached)),
+            "signatures_verified": verifier.verified, "signature_checks_reused": verifier.reused,
+            "block_interval_s": round(m["block_interval_mean_s"], 4)}
+
+
+def fit_power_law(rows: list[dict]) -> tuple[float, float] | None:
+    """Least squares of log(wall_per_height) on log(n) over sizes >= 16."""
+    pts = [(math.log(r["validators"]), math.log(r["wall_per_height_s"])) for r in rows
+           if r["validators"] >= 16 and r["heights"] > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    return math.exp(my - b * mx), b
+
+
+FILE_GROUPS = [
+    ("membership.py", "membership core"), ("bft.py", "bft core"), ("quorum.py", "quorum/weights"),
+    ("reputation.py", "quorum/weights"), ("messages.py", "message codec (encode/decode fields)"),
+    ("envelope.py", "envelope seal/open"), ("identity.py", "envelope seal/open"),
+    ("engine.py", "engine + network model"), ("network.py", "engine + network model"),
+    ("ports.py", "engine + network model"), ("world.py", "simulator driver"),
+    ("behaviours.py", "simulator driver"), ("signatures.py", "signature memo"),
+]
+
+
+def _group(filename: str, func: str) -> str:
+    if filename == "~":  # C functions
+        if "sign'" in func:
+            return "ed25519 sign"
+        if "verify'" in func:
+            return "ed25519 verify"
+        if "pack" in func or "Packer" in func:
+            return "msgpack"
+        if "heap" in func:
+            return "engine + network model"
+        return "other builtins"
+    for part, label in FILE_GROUPS:
+        if filename.endswith(part):
+            return label
+    return "other Python"
+
+
+def profile(fn, *args) -> dict:
+    """Share (%) of total own time (cProfile tottime) per component."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fn(*args)
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = sum(v[2] for v in stats.values())
+    shares: dict[str, float] = {}
+    for (filename, _, func), v in stats.items():
+        name = _group(filename, func)
+        shares[name] = shares.get(name, 0.0) + v[2]
+    return {k: round(100 * v / total, 1) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
+    parser.add_argument("--profile", action="store_true", help="also report where the time goes")
+    parser.add_argument("--membership-sizes", type=int, nargs="*", default=[100, 300, 1000])
+    parser.add_argument("--membership-virtual-s", type=float, default=30.0)
+    parser.add_argument("--bft-sizes", type=int, nargs="*", default=[4, 16, 32, 64, 128])
+    parser.add_argument("--heights", type=int, default=100)
+    parser.add_argument("--budget-s", type=float, default=90.0, help="wall seconds per BFT size at most")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.membership_sizes, args.bft_sizes, args.heights = [50], [4, 16], 20
+    started = time.perf_counter()
+    results: dict = {"membership": [], "bft": []}
+    for n in args.membership_sizes:
+        results["membership"].append(membership(n, args.membership_virtual_s))
+        if not args.json:
+            print("membership", results["membership"][-1], flush=True)
+    for n in args.bft_sizes:
+        results["bft"].append(bft(n, args.heights, args.budget_s))
+        if not args.json:
+            print("bft", results["bft"][-1], flush=True)
+    fit = fit_power_law(results["bft"])
+    if fit is not None:
+        a, b = fit
+        results["bft_extrapolation"] = {
+            "model": "wall_per_height_s = a * n**b", "a": a, "b": round(b, 3),
+            "validators_1000_wall_per_height_s": round(a * 1000 ** b, 1),
+            "validators_1000_wall_for_target_h": round(a * 1000 ** b * args.heights / 3600, 2)}
+    if args.profile:
+        results["profile_membership_300"] = profile(membership, 300, 10.0)
+        results["profile_bft_64"] = profile(bft, 64, 10, 60.0)
+    results["environment"] = {"python": platform.python_version(), "machine": platform.machine(),
+                              "processor": platform.processor() or "?", "wall_s": round(time.perf_counter() - started, 1)}
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for key in ("bft_extrapolation", "profile_membership_300", "profile_bft_64", "environment"):
+            if key in results:
+                print(key, json.dumps(results[key]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m chimera.simulations``: see :mod:`chimera.simulations.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

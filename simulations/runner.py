@@ -1,0 +1,220 @@
+"""Build a world from a :class:`~chimera.simulations.scenario.Scenario`, run it, collect metrics.
+
+:func:`run_one` is deterministic: the same scenario (seed included) gives the
+same metrics and the same trace, byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from chimera.consensus.bft import BftCore
+
+from .behaviours import Behaviour, make_behaviour
+from .bft_world import BftWorld, LivenessViolation, SafetyViolation, reputation_series, rng_values
+from .engine import Simulator, Trace
+from .membership_world import MembershipWorld
+from .network import Partition, SimNetwork
+from .scenario import Scenario
+from .signatures import shared_vote_verification
+from .world import SkewSpec
+
+
+@dataclass
+class RunResult:
+    """Outcome of one run: a metrics row, extra series, the trace and any violation."""
+
+    scenario: Scenario
+    row: dict
+    series: dict = field(default_factory=dict)
+    trace: Trace | None = None
+    violation: str | None = None
+    events: int = 0
+    virtual_s: float = 0.0
+
+
+def _network(sim: Simulator, sc: Scenario, hosts: list[str]) -> SimNetwork:
+    net = SimNetwork(sim, sc.link, bandwidth_bytes_per_s=sc.bandwidth_bytes_per_s)
+    if sc.regions:
+        for i, host in enumerate(hosts):
+            net.region_of[host] = sc.regions[i % len(sc.regions)]
+        for a, b, spec in sc.links:
+            net.set_link(a, b, spec)
+    def random_side() -> tuple[frozenset[str], ...]:
+        return (frozenset(sim.rng.sample(hosts, max(1, min(len(hosts) - 1, round(p.split * len(hosts)))))),)
+
+    for p in sc.partitions:
+        if p.groups is not None:
+            net.add_partition(Partition(p.start_s, p.end_s, tuple(frozenset(f"p{i}" for i in g) for g in p.groups)))
+        elif p.flap_s:
+            t = p.start_s
+            while t < p.end_s:
+                net.add_partition(Partition(t, min(p.end_s, t + p.flap_s), random_side()))
+                t += 2 * p.flap_s
+        else:
+            net.add_partition(Partition(p.start_s, p.end_s, random_side()))
+    if sc.stall_fraction and sc.stall_duration_s:
+        stalled = sim.rng.sample(hosts, round(sc.stall_fraction * len(hosts)))
+        for host in sorted(stalled, key=hosts.index):
+            t = sim.rng.expovariate(1.0 / sc.stall_every_s)
+            while t < sc.duration_s:
+                net.add_stall(host, t, t + sc.stall_duration_s)
+                t += sc.stall_duration_s + sim.rng.expovariate(1.0 / sc.stall_every_s)
+    if sc.slow_fraction and sc.slow_delay_s:
+        for host in sim.rng.sample(hosts, max(1, round(sc.slow_fraction * len(hosts)))):
+            net.slow[host] = sc.slow_delay_s
+    return net
+
+
+def byzantine_layout(sim: Simulator, sc: Scenario) -> tuple[list[int], list[Behaviour]]:
+    """Weights and behaviours of the validators: byzantine peers are drawn by the
+    seed and must hold strictly less than 1/3 of the weight.
+
+    Raises:
+        ValueError: the byzantine peers would hold >= 1/3 of the weight.
+    """
+    n = sc.peers
+    if sc.bft_weights == "equal":
+        weights = [100] * n
+    elif sc.bft_weights == "random":
+        weights = [100 * sim.rng.randint(1, 4) for _ in range(n)]
+    else:
+        weights = list(sc.bft_weights)
+    behaviours = [Behaviour() for _ in range(n)]
+    chosen = sim.rng.sample(range(n), len(sc.byzantine))
+    for index, strategy in zip(chosen, sc.byzantine):
+        behaviours[index] = make_behaviour(strategy)
+    byz_weight = sum(weights[i] for i in chosen)
+    if sc.kind == "bft" and 3 * byz_weight >= sum(weights):
+        raise ValueError(f"byzantine peers hold {byz_weight} of {sum(weights)} weight: "
+                         f"BFT safety needs strictly less than 1/3")
+    return weights, behaviours
+
+
+def run_one(sc: Scenario, *, core_class: Callable[..., BftCore] = BftCore, trace: bool | None = None,
+            progress: Callable[[float], None] | None = None, check_liveness: bool = True) -> RunResult:
+    """Run one sweep point of a scenario to completion (or to ``duration_s``)."""
+    sim = Simulator(sc.seed, trace=sc.trace if trace is None else trace)
+    hosts = [f"p{i}" for i in range(sc.peers)]
+    network = _network(sim, sc, hosts)
+    skew = SkewSpec(sc.max_offset_s, sc.max_drift_ppm)
+    if sc.kind == "bft":
+        with shared_vote_verification():
+            return _run_bft(sim, network, sc, skew, core_class, progress, check_liveness)
+    return _run_membership(sim, network, sc, skew, progress)
+
+
+def _schedule_churn(sim: Simulator, sc: Scenario, world, peers_of: Callable[[], list], honest_only: bool) -> None:
+    for event in sc.churn:
+        def act(event=event) -> None:
+            if event.action == "join":
+                if hasattr(world, "join"):
+                    world.join()
+                return
+            if event.peers is not None:
+                targets = [peers_of()[i] for i in event.peers]
+            else:
+                want_up = event.action != "restart"
+                pool = [p for p in peers_of() if p.up == want_up
+                        and not (honest_only and p.behaviour.byzantine)]
+                targets = sim.rng.sample(pool, min(event.count, len(pool)))
+            for peer in targets:
+                sim.log(f"churn {event.action} {peer.name}")
+                getattr(world, event.action)(peer)
+        sim.schedule(event.at_s, act)
+
+
+def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liveness) -> RunResult:
+    weights, behaviours = byzantine_layout(sim, sc)
+    world = BftWorld(sim, network, sc.bft_config, weights, behaviours=behaviours,
+                     epoch_heights=sc.bft_epoch_heights, skew=skew, core_class=core_class)
+    if sc.trace:
+        for peer in world.peers:
+            sim.log(f"peer {peer.name} {peer.peer_id[:10]} weight {world.genesis_table.weights[peer.peer_id]} "
+                    f"{peer.behaviour.name}")
+    world.start_all()
+    _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
+    if sc.bft_values_per_s > 0:
+        def arrival() -> None:
+            up = [p for p in world.honest if p.up]
+            if up:
+                world.submit(sim.rng.choice(up), rng_values(sim.rng, 1)[0])
+            sim.schedule(sim.now + sim.rng.expovariate(sc.bft_values_per_s), arrival)
+        sim.schedule(sim.rng.expovariate(sc.bft_values_per_s), arrival)
+    settle = sc.disruption_end_s()
+    target = sc.bft_target_heights
+
+    def done() -> bool:
+        if sim.now < settle:
+            return False
+        for p in world.honest:
+            if p.up and p.committed_height < target:
+                return False
+        return True
+
+    violation = None
+    reached = False
+    try:
+        reached = sim.run(sc.duration_s, done, progress)
+    except SafetyViolation as exc:
+        violation = f"safety: {exc}"
+    if violation is None and check_liveness and not reached:
+        heights = {p.name: p.committed_height for p in world.honest}
+        violation = f"liveness: honest heights {heights} below target {target} at {sc.duration_s} s"
+    row = dict(sc.sweep_values)
+    row.update({"seed": sc.seed, "peers": sc.peers, "virtual_s": round(sim.now, 6), "events": sim.events_processed,
+                "live": reached, "safe": violation is None or violation.startswith("liveness")})
+    row.update(world.metrics())
+    row["frames_sent"] = network.stats["frames_sent"]
+    row["bytes_sent"] = network.stats["bytes_sent"]
+    row["frames_per_height"] = network.stats["frames_sent"] / max(1, row["heights"])
+    series = {"reputation": reputation_series(world), "tables": world.table_history}
+    return RunResult(sc, row, series, sim.trace, violation, sim.events_processed, sim.now)
+
+
+def swim_expected_first_detection_periods(n: int, failed: int = 1) -> float:
+    """SWIM (Das et al. 2002, s3.1): expected protocol periods until some live
+    member first probes a failed one: ``1 / (1 - exp(-q_f))``, ``q_f`` the
+    fraction of live members (-> e/(e-1) ~ 1.582 for large groups)."""
+    qf = (n - failed) / n
+    return 1.0 / (1.0 - math.exp(-qf))
+
+
+def swim_false_suspicion_per_probe(loss: float, k: int) -> float:
+    """SWIM (s3.1) with independent loss ``loss`` per message: a probe of a live
+    member fails when the ping or ack is lost and each of the ``k`` indirect
+    paths (ping-req, ping, ack, relayed ack) loses a message:
+    ``(1 - (1-p)^2) * (1 - (1-p)^4)^k``."""
+    q = 1.0 - loss
+    return (1.0 - q * q) * (1.0 - q ** 4) ** k
+
+
+def _run_membership(sim, network, sc: Scenario, skew, progress) -> RunResult:
+    world = MembershipWorld(sim, network, sc.membership_config, skew=skew)
+    _, behaviours = byzantine_layout(sim, sc)
+    for behaviour in behaviours:
+        world.add_peer(behaviour)
+    sybil_hosts = []
+    for peer in list(world.peers):
+        for _ in range(peer.behaviour.sybils):
+            sybil_hosts.append(world.add_peer(Behaviour()))
+    world.start_all(warm_start=sc.warm_start)
+    _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=True)
+    sim.run(sc.duration_s, None, progress)
+    row = dict(sc.sweep_values)
+    metrics = world.metrics(sc.duration_s)
+    k = min(sc.membership_config.indirect_checks, len(world.peers) - 2)
+    row.update({"seed": sc.seed, "peers": sc.peers, "lifeguard": sc.lifeguard, "loss": sc.link.loss,
+                "virtual_s": round(sim.now, 6), "events": sim.events_processed})
+    row.update(metrics)
+    row["swim_expected_first_detect_s"] = (swim_expected_first_detection_periods(len(world.peers))
+                                           * sc.membership_config.probe_interval_s)
+    row["swim_false_suspect_per_probe"] = swim_false_suspicion_per_probe(sc.link.loss, max(0, k))
+    row["frames_sent"] = network.stats["frames_sent"]
+    row["sybils"] = len(sybil_hosts)
+    return RunResult(sc, row, {}, sim.trace, None, sim.events_processed, sim.now)
+
+
+__all__ = ["RunResult", "run_one", "byzantine_layout", "SafetyViolation", "LivenessViolation"]

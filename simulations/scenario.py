@@ -1,0 +1,513 @@
+"""Scenario files (TOML, read with :mod:`tomllib`) and their strict validation.
+
+Every field is checked when the file is loaded; an unknown field or a bad
+value raises :class:`ScenarioError` naming the file and the dotted field
+(``network.loss``, ``churn[2].action`` ...). The format, with units::
+
+    [scenario]
+    name = "commit-latency"          # required
+    kind = "bft"                     # "bft" | "membership" (required)
+    description = "..."
+    seed = 1                         # int >= 0
+    peers = 4                        # int >= 1
+    duration_s = 120.0               # virtual seconds, upper bound of one run
+
+    [sweep]                          # optional: one run per combination
+    "scenario.peers" = [4, 7, 10]    # dotted field -> list of values
+    "network.loss" = [0.0, 0.1]
+
+    [network]
+    latency = { kind = "lognormal", median_ms = 20.0, sigma = 0.5 }
+    #         { kind = "constant", ms = 5 } | { kind = "uniform", min_ms = 1, max_ms = 20 }
+    loss = 0.0                       # probability per frame
+    duplicate = 0.0                  # probability per frame
+    reorder = 0.0                    # probability of an extra delay
+    reorder_delay_ms = 0.0           # extra delay, uniform in [0, this]
+    bandwidth_bytes_per_s = 12500000 # uplink per peer (omit: infinite)
+    regions = ["eu", "us"]           # peers assigned round-robin (optional)
+    [[network.links]]                # per-link overrides between regions
+    between = ["eu", "us"]
+    latency = { kind = "constant", ms = 80 }
+    loss = 0.01
+
+    [clock]
+    max_offset_ms = 0.0              # per-peer offset uniform in +-this
+    max_drift_ppm = 0.0              # per-peer drift uniform in +-this
+
+    [stalls]                         # slow peers (Lifeguard's "slow processing")
+    fraction = 0.1                   # share of peers that stall
+    every_s = 20.0                   # mean gap between stalls (exponential)
+    duration_s = 2.0                 # each stall, virtual seconds
+
+    [slow]                           # overloaded peers: every inbound frame handled late
+    fraction = 0.1                   # share of peers that are slow
+    delay_ms = 800.0                 # inbound processing delay
+
+    [[partitions]]
+    start_s = 5.0
+    end_s = 15.0                     # the heal
+    split = 0.5                      # share of peers on side A (chosen by the seed)
+    # or: groups = [[0, 1], [2, 3]]  # peer indices
+    flap_s = 0.0                     # > 0: alternate cut / healed windows of this length,
+                                     # each cut with a fresh random split (needs split)
+
+    [[churn]]
+    at_s = 10.0
+    action = "crash"                 # crash | restart | join | leave
+    peers = [3]                      # indices, or: count = 2 (random live honest peers)
+
+    [byzantine]
+    strategies = ["equivocate"]      # one per byzantine peer (silent, equivocate, badsig, flood, sybil)
+
+    [bft]
+    target_heights = 20              # honest validators must all commit this many
+    values_per_s = 5.0               # Poisson value load (virtual seconds)
+    weights = "equal"                # "equal" | "random" (1..4) | [w0, w1, ...]
+    epoch_heights = 0                # reputation epochs (0: fixed weights; else >= 36)
+    [bft.config]                     # any chimera.consensus.bft.BftConfig field
+    propose_timeout_s = 1.0
+
+    [membership]
+    warm_start = true                # start converged (else join via peer 0)
+    lifeguard = true                 # false: classic SWIM (no LHM, fixed suspicion timeout)
+    [membership.config]              # any chimera.protocol.membership.MembershipConfig field
+    probe_interval_s = 1.0
+
+    [output]
+    trace = true                     # write trace-<run>.txt (default: peers <= 64)
+    [[output.plots]]
+    x = "peers"
+    y = ["commit_latency_p50_s"]
+    series = "network.loss"          # optional: one line per value of this field
+    title = "Commit latency vs validators"
+    file = "latency.png"
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chimera.consensus.bft import BftConfig
+from chimera.protocol.membership import MembershipConfig
+
+from .behaviours import BEHAVIOURS, BYZANTINE_STRATEGIES
+from .network import Latency, LinkSpec
+
+KINDS = ("bft", "membership")
+CHURN_ACTIONS = ("crash", "restart", "join", "leave")
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+
+
+class ScenarioError(ValueError):
+    """A scenario file is unreadable or a field is wrong; the message names the field."""
+
+    def __init__(self, source: str, field_name: str, problem: str) -> None:
+        self.source, self.field, self.problem = source, field_name, problem
+        super().__init__(f"{source}: field '{field_name}': {problem}")
+
+
+class _Reader:
+    """Typed, strict access to one TOML table, tracking the dotted path."""
+
+    def __init__(self, source: str, table: dict, path: str) -> None:
+        self.source, self.table, self.path = source, table, path
+        self.used: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, problem: str) -> ScenarioError:
+        return ScenarioError(self.source, self._name(key), problem)
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        return self.table.get(key, default)
+
+    def number(self, key: str, default: float | None = None, *, lo: float = -math.inf, hi: float = math.inf,
+               required: bool = False, integer: bool = False) -> Any:
+        if key not in self.table:
+            if required:
+                raise self.error(key, "is required")
+            self.used.add(key)
+            return default
+        value = self.raw(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (integer and not isinstance(value, int)):
+            raise self.error(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):
+            raise self.error(key, f"must be in [{lo:g}, {hi:g}], got {value!r}")
+        return value
+
+    def string(self, key: str, default: str | None = None, *, choices: tuple[str, ...] | None = None,
+               required: bool = False) -> Any:
+        if key not in self.table:
+            if required:
+                raise self.error(key, "is required")
+            self.used.add(key)
+            return default
+        value = self.raw(key)
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {value!r}")
+        if choices is not None and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool | None = None) -> Any:
+        if key not in self.table:
+            self.used.add(key)
+            return default
+        value = self.raw(key)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
+        return value
+
+    def sub(self, key: str) -> "_Reader":
+        value = self.raw(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, "must be a table")
+        return _Reader(self.source, value, self._name(key))
+
+    def subs(self, key: str) -> list["_Reader"]:
+        value = self.raw(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(key, "must be an array of tables ([[...]])")
+        return [_Reader(self.source, v, f"{self._name(key)}[{i}]") for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown field")
+
+
+def _latency(r: _Reader, key: str, default: Latency) -> Latency:
+    if not r.has(key):
+        r.used.add(key)
+        return default
+    lat = r.sub(key)
+    kind = lat.string("kind", required=True, choices=("constant", "uniform", "lognormal"))
+    if kind == "constant":
+        out = Latency.constant(lat.number("ms", required=True, lo=0) / 1e3)
+    elif kind == "uniform":
+        lo = lat.number("min_ms", required=True, lo=0)
+        hi = lat.number("max_ms", required=True, lo=lo)
+        out = Latency.uniform(lo / 1e3, hi / 1e3)
+    else:
+        out = Latency.lognormal(lat.number("median_ms", required=True, lo=1e-6) / 1e3,
+                                lat.number("sigma", 0.5, lo=0, hi=5))
+    lat.done()
+    return out
+
+
+def _link(r: _Reader, base: LinkSpec) -> LinkSpec:
+    return LinkSpec(
+        latency=_latency(r, "latency", base.latency),
+        loss=r.number("loss", base.loss, lo=0, hi=1),
+        duplicate=r.number("duplicate", base.duplicate, lo=0, hi=1),
+        reorder=r.number("reorder", base.reorder, lo=0, hi=1),
+        reorder_delay_s=r.number("reorder_delay_ms", base.reorder_delay_s * 1e3, lo=0) / 1e3,
+    )
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    start_s: float
+    end_s: float
+    split: float | None
+    groups: tuple[tuple[int, ...], ...] | None
+    flap_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChurnSpec:
+    at_s: float
+    action: str
+    peers: tuple[int, ...] | None
+    count: int | None
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    x: str
+    y: tuple[str, ...]
+    series: str | None
+    title: str
+    file: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario (one sweep point). Times in virtual seconds."""
+
+    source: str
+    name: str
+    kind: str
+    description: str
+    seed: int
+    peers: int
+    duration_s: float
+    link: LinkSpec
+    links: tuple[tuple[str, str, LinkSpec], ...]
+    regions: tuple[str, ...]
+    bandwidth_bytes_per_s: float | None
+    max_offset_s: float
+    max_drift_ppm: float
+    stall_fraction: float
+    stall_every_s: float
+    stall_duration_s: float
+    slow_fraction: float
+    slow_delay_s: float
+    partitions: tuple[PartitionSpec, ...]
+    churn: tuple[ChurnSpec, ...]
+    byzantine: tuple[str, ...]
+    bft_target_heights: int
+    bft_values_per_s: float
+    bft_weights: Any
+    bft_epoch_heights: int
+    bft_config: BftConfig
+    warm_start: bool
+    lifeguard: bool
+    membership_config: MembershipConfig
+    trace: bool
+    plots: tuple[PlotSpec, ...]
+    sweep_values: dict = field(default_factory=dict)
+
+    def disruption_end_s(self) -> float:
+        """Virtual time after which no partition, churn or stall is scheduled."""
+        ends = [p.end_s for p in self.partitions] + [c.at_s for c in self.churn]
+        return max(ends, default=0.0)
+
+
+def _config(r: _Reader, cls: type, source_defaults: dict | None = None) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = dict(source_defaults or {})
+    for key in list(r.table):
+        if key not in names:
+            raise r.error(key, f"unknown field of {cls.__name__}")
+        default = getattr(cls(), key)
+        if isinstance(default, bool):
+            values[key] = r.boolean(key)
+        elif isinstance(default, int):
+            values[key] = r.number(key, integer=True, lo=0)
+        else:
+            values[key] = float(r.number(key, lo=0))
+    try:
+        return cls(**values)
+    except Exception as exc:  # the config's own checks (LocalProtocolError)
+        raise ScenarioError(r.source, r.path, str(exc)) from None
+
+
+SIM_BFT_DEFAULTS = dict(propose_timeout_s=1.0, propose_timeout_delta_s=0.25, prevote_timeout_s=0.5,
+                        prevote_timeout_delta_s=0.25, precommit_timeout_s=0.5, precommit_timeout_delta_s=0.25,
+                        commit_wait_s=0.05, rebroadcast_interval_s=1.0, catchup_interval_s=0.5, max_batch=16)
+"""BFT timeouts used by scenarios unless ``[bft.config]`` overrides them (LAN-like values)."""
+
+
+def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
+    doc = copy.deepcopy(doc)
+    for dotted, value in overrides.items():
+        table = doc
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ScenarioError(source, dotted, "is not inside a table")
+        table[parts[-1]] = value
+    root = _Reader(source, doc, "")
+    sc = root.sub("scenario")
+    name = sc.string("name", required=True)
+    kind = sc.string("kind", required=True, choices=KINDS)
+    description = sc.string("description", "")
+    seed = sc.number("seed", 1, lo=0, integer=True)
+    peers = sc.number("peers", 4, lo=1, hi=100_000, integer=True)
+    duration = float(sc.number("duration_s", 60.0, lo=1e-3))
+    sc.done()
+    root.raw("sweep")  # validated by load_scenarios
+
+    net = root.sub("network")
+    link = _link(net, LinkSpec())
+    regions_raw = net.raw("regions", [])
+    if not isinstance(regions_raw, list) or not all(isinstance(x, str) for x in regions_raw):
+        raise net.error("regions", "must be a list of region names")
+    regions = tuple(regions_raw)
+    bandwidth = net.number("bandwidth_bytes_per_s", None, lo=1)
+    links = []
+    for lr in net.subs("links"):
+        between = lr.raw("between")
+        if not (isinstance(between, list) and len(between) == 2 and all(b in regions for b in between)):
+            raise lr.error("between", f"must name two regions of network.regions {list(regions)}")
+        links.append((between[0], between[1], _link(lr, link)))
+        lr.done()
+    net.done()
+
+    clock = root.sub("clock")
+    max_offset = clock.number("max_offset_ms", 0.0, lo=0) / 1e3
+    max_drift = clock.number("max_drift_ppm", 0.0, lo=0, hi=100_000)
+    clock.done()
+
+    st = root.sub("stalls")
+    stall_fraction = st.number("fraction", 0.0, lo=0, hi=1)
+    stall_every = st.number("every_s", 30.0, lo=1e-3)
+    stall_duration = st.number("duration_s", 1.0, lo=0)
+    st.done()
+    sl = root.sub("slow")
+    slow_fraction = sl.number("fraction", 0.0, lo=0, hi=1)
+    slow_delay = sl.number("delay_ms", 0.0, lo=0) / 1e3
+    sl.done()
+
+    partitions = []
+    for pr in root.subs("partitions"):
+        start = pr.number("start_s", required=True, lo=0)
+        end = pr.number("end_s", required=True, lo=0)
+        if end <= start:
+            raise pr.error("end_s", f"must be after start_s ({start})")
+        split = pr.number("split", None, lo=0, hi=1)
+        groups_raw = pr.raw("groups")
+        groups = None
+        if groups_raw is not None:
+            if not (isinstance(groups_raw, list) and all(isinstance(g, list) and all(
+                    isinstance(i, int) and 0 <= i < peers for i in g) for g in groups_raw)):
+                raise pr.error("groups", f"must be lists of peer indices in 0..{peers - 1}")
+            groups = tuple(tuple(g) for g in groups_raw)
+        if (split is None) == (groups is None):
+            raise pr.error("split", "give exactly one of split or groups")
+        flap = pr.number("flap_s", 0.0, lo=0)
+        if flap and split is None:
+            raise pr.error("flap_s", "needs split (each cut draws a fresh random split)")
+        partitions.append(PartitionSpec(float(start), float(end), split, groups, float(flap)))
+        pr.done()
+
+    churn = []
+    for cr in root.subs("churn"):
+        at = cr.number("at_s", required=True, lo=0)
+        action = cr.string("action", required=True, choices=CHURN_ACTIONS)
+        peers_raw = cr.raw("peers")
+        count = cr.number("count", None, lo=1, integer=True)
+        idx = None
+        if peers_raw is not None:
+            if not (isinstance(peers_raw, list) and all(isinstance(i, int) and 0 <= i < peers for i in peers_raw)):
+                raise cr.error("peers", f"must be a list of peer indices in 0..{peers - 1}")
+            idx = tuple(peers_raw)
+        if action != "join" and (idx is None) == (count is None):
+            raise cr.error("peers", "give exactly one of peers or count")
+        churn.append(ChurnSpec(float(at), action, idx, count))
+        cr.done()
+
+    byz = root.sub("byzantine")
+    strategies = byz.raw("strategies", [])
+    if not isinstance(strategies, list) or not all(isinstance(s, str) and s in BEHAVIOURS for s in strategies):
+        raise byz.error("strategies", f"must be a list of strategy names ({', '.join(BYZANTINE_STRATEGIES)})")
+    if len(strategies) >= peers:
+        raise byz.error("strategies", f"{len(strategies)} byzantine peers of {peers}: at least one must be honest")
+    byz.done()
+
+    bft = root.sub("bft")
+    target = bft.number("target_heights", 10, lo=1, integer=True)
+    vps = bft.number("values_per_s", 5.0, lo=0)
+    weights = bft.raw("weights", "equal")
+    if weights not in ("equal", "random") and not (
+            isinstance(weights, list) and len(weights) == peers and all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in weights)):
+        raise bft.error("weights", f'must be "equal", "random" or {peers} integers >= 1')
+    epoch_heights = bft.number("epoch_heights", 0, lo=0, integer=True)
+    if epoch_heights and epoch_heights < 36:
+        raise bft.error("epoch_heights", "must be 0 (fixed weights) or >= 36")
+    if epoch_heights and kind == "bft" and peers > 50:
+        raise bft.error("epoch_heights", "reputation epochs support at most 50 validators "
+                                         "(an opinion must fit in one 4096-byte value)")
+    bft_config = _config(bft.sub("config"), BftConfig, SIM_BFT_DEFAULTS)
+    bft.done()
+
+    mem = root.sub("membership")
+    warm = mem.boolean("warm_start", True)
+    lifeguard = mem.boolean("lifeguard", True)
+    base = {} if lifeguard else {"max_local_health": 0, "suspicion_beta": 1.0}
+    mcfg = _config(mem.sub("config"), MembershipConfig, base)
+    if not lifeguard:
+        mcfg = dataclasses.replace(mcfg, max_local_health=0, suspicion_beta=1.0)
+    mem.done()
+
+    out = root.sub("output")
+    trace = out.boolean("trace", peers <= 64)
+    plots = []
+    for pl in out.subs("plots"):
+        x = pl.string("x", required=True)
+        y = pl.raw("y")
+        if isinstance(y, str):
+            y = [y]
+        if not (isinstance(y, list) and y and all(isinstance(v, str) for v in y)):
+            raise pl.error("y", "must be a metric name or a list of them")
+        plots.append(PlotSpec(x, tuple(y), pl.string("series", None), pl.string("title", name),
+                              pl.string("file", f"plot{len(plots)}.png")))
+        if not plots[-1].file.endswith(".png"):
+            raise pl.error("file", "must end with .png")
+        pl.done()
+    out.done()
+    root.done()
+
+    return Scenario(source=source, name=name, kind=kind, description=description, seed=seed, peers=peers,
+                    duration_s=duration, link=link, links=tuple(links), regions=regions,
+                    bandwidth_bytes_per_s=bandwidth, max_offset_s=max_offset, max_drift_ppm=max_drift,
+                    stall_fraction=stall_fraction, stall_every_s=stall_every, stall_duration_s=stall_duration,
+                    slow_fraction=slow_fraction, slow_delay_s=slow_delay,
+                    partitions=tuple(partitions), churn=tuple(churn), byzantine=tuple(strategies),
+                    bft_target_heights=target, bft_values_per_s=vps, bft_weights=weights,
+                    bft_epoch_heights=epoch_heights, bft_config=bft_config, warm_start=warm,
+                    lifeguard=lifeguard, membership_config=mcfg, trace=trace, plots=tuple(plots))
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A scenario file: a path, or the name of a shipped one (``commit_latency``)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = SCENARIO_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if shipped.exists():
+        return shipped
+    raise ScenarioError(str(name), "-", f"no such file; shipped scenarios: "
+                        f"{', '.join(sorted(p.stem for p in SCENARIO_DIR.glob('*.toml')))}")
+
+
+def load_scenarios(name: str | Path, overrides: dict | None = None) -> list[Scenario]:
+    """Every sweep point of a scenario file, in sweep order.
+
+    Args:
+        name: file path or shipped scenario name.
+        overrides: dotted field -> value applied before validation (e.g. the
+            CLI's ``--seed``/``--peers``); an overridden field is removed from
+            the sweep.
+    Raises:
+        ScenarioError: unreadable TOML or any invalid field (named).
+    """
+    path = resolve_path(name)
+    source = path.name
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(source, "-", f"not valid TOML: {exc}") from None
+    overrides = dict(overrides or {})
+    sweep = doc.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise ScenarioError(source, "sweep", "must be a table of dotted field = [values]")
+    keys = []
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ScenarioError(source, f"sweep.{key}", "must be a non-empty list of values")
+        if key not in overrides:
+            keys.append(key)
+    points = list(itertools.product(*(sweep[k] for k in keys))) if keys else [()]
+    out = []
+    for point in points:
+        values = dict(zip(keys, point))
+        scenario = _parse(doc, source, {**values, **overrides})
+        out.append(dataclasses.replace(scenario, sweep_values=values))
+    return out

@@ -1,0 +1,109 @@
+"""The simulator driving the real SWIM/Lifeguard membership core: joins, crashes,
+restarts with a persisted incarnation, leaves, Sybil joins, slow peers, metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from chimera.protocol.membership import MembershipConfig, MemberState
+from chimera.simulations.behaviours import make_behaviour
+from chimera.simulations.engine import Simulator
+from chimera.simulations.membership_world import MembershipWorld
+from chimera.simulations.network import Latency, LinkSpec, SimNetwork
+from chimera.simulations.runner import swim_expected_first_detection_periods, swim_false_suspicion_per_probe
+
+CFG = MembershipConfig(probe_interval_s=1.0, probe_timeout_s=0.4, sync_interval_s=5.0, reconnect_interval_s=2.0)
+
+
+def _world(n: int, seed: int = 1, loss: float = 0.0, behaviours=None) -> tuple[Simulator, MembershipWorld]:
+    sim = Simulator(seed)
+    net = SimNetwork(sim, LinkSpec(latency=Latency.uniform(0.001, 0.02), loss=loss))
+    world = MembershipWorld(sim, net, CFG)
+    for i in range(n):
+        world.add_peer(behaviours[i] if behaviours else None)
+    return sim, world
+
+
+def test_cold_join_through_one_contact_converges_and_crash_is_detected():
+    sim, world = _world(8)
+    world.start_all(warm_start=False)
+    sim.run(15.0)
+    assert world.live_view_ok()
+    victim = world.peers[5]
+    world.crash(victim)
+    sim.run(60.0)
+    m = world.metrics(60.0)
+    assert m["detected_by_all"] == 1 and m["false_failures"] == 0
+    assert 0 < m["detect_first_suspect_s"] < m["detect_all_failed_s"] < 30
+    assert all(p.core.members[victim.peer_id].state is MemberState.DEAD for p in world.peers if p is not victim)
+
+
+def test_restart_bumps_the_persisted_incarnation_and_rejoins():
+    sim, world = _world(5, seed=2)
+    world.start_all(warm_start=True)
+    sim.run(5.0)
+    victim = world.peers[4]
+    assert victim.store.get(b"incarnation") == (1).to_bytes(8, "big")
+    world.crash(victim)
+    sim.run(40.0)
+    assert world.peers[0].core.members[victim.peer_id].state is MemberState.DEAD
+    world.restart(victim)
+    assert victim.core.incarnation == 2
+    sim.run(70.0)
+    assert world.live_view_ok()
+    assert any(e.kind == "peer_joined" and e.target == victim.name and e.incarnation >= 2 for e in world.events)
+
+
+def test_graceful_leave_and_late_join():
+    sim, world = _world(4, seed=3)
+    world.start_all(warm_start=True)
+    sim.run(3.0)
+    world.leave(world.peers[1])
+    newcomer = world.join()
+    sim.run(25.0)
+    assert all(p.core.members[world.peers[1].peer_id].state is MemberState.LEFT
+               for p in world.peers if p.up and p is not newcomer)
+    assert all(newcomer.peer_id in p.core.members for p in world.peers if p.up and p is not newcomer)
+    assert world.metrics(25.0)["false_failures"] == 0
+
+
+def test_sybil_operator_identities_join_and_silent_peer_is_failed():
+    behaviours = [None, None, None, make_behaviour("silent")]
+    sim, world = _world(4, seed=4, behaviours=behaviours)
+    for _ in range(3):  # identities run by one operator: ordinary-looking peers
+        world.add_peer()
+    world.start_all(warm_start=False)
+    sim.run(40.0)
+    silent = world.peers[3].peer_id
+    watcher = world.peers[0].core
+    assert sum(1 for p in world.peers[4:] if watcher.members.get(p.peer_id) is not None) == 3
+    member = watcher.members.get(silent)
+    assert member is None or member.state is not MemberState.ALIVE  # it never answers a probe
+
+
+def test_loss_gives_suspicions_but_no_false_failures_and_metrics_match_swim_order():
+    sim, world = _world(16, seed=5, loss=0.1)
+    world.start_all(warm_start=True)
+    sim.run(120.0)
+    m = world.metrics(120.0)
+    assert m["false_failures"] == 0 and m["views_consistent"]
+    predicted = swim_false_suspicion_per_probe(0.1, 3)
+    assert m["probes"] > 1500 and m["false_suspect_per_probe"] < 10 * predicted + 0.01
+
+
+def test_swim_formulas():
+    assert swim_expected_first_detection_periods(10_000) == pytest.approx(math.e / (math.e - 1), rel=1e-3)
+    assert swim_false_suspicion_per_probe(0.0, 3) == 0.0
+    assert swim_false_suspicion_per_probe(1.0, 3) == 1.0
+
+
+def test_stalled_peer_delays_its_processing():
+    sim, world = _world(6, seed=6)
+    world.network.add_stall("p2", 10.0, 14.0)
+    world.start_all(warm_start=True)
+    sim.run(30.0)
+    # a 4 s stall: others suspect it, it refutes after the stall, nobody declares it failed
+    assert any(e.kind == "peer_suspected" and e.target == "p2" for e in world.events)
+    assert world.live_view_ok()
