@@ -21,6 +21,8 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_footprint
 	$(PY) -m benchmarks.bench_consensus
 	$(PY) -m benchmarks.bench_wasm
+	$(PY) -m benchmarks.bench_aggregation
+	$(PY) -m benchmarks.bench_sim
 
 # Rebuild the WASM agents (needs clang, lld, wasi-libc, libclang-rt-14-dev-wasm32);
 # tests use the committed builds in agents/wasm.

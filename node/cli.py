@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from chimera.protocol.errors import InvalidTokenError, LocalProtocolError
 from chimera.protocol.network import Network
@@ -350,9 +351,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chimera", description="Chimera Mesh peer")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, ep in sorted((plugins or {}).items()):
+        # listed for --help only: main() hands these to the plugin before parsing
+        sub.add_parser(name, help=f"see `chimera {name} --help` (from {ep.value})")
 
     def data_dir_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="node data directory (default: $CHIMERA_HOME or "
@@ -462,8 +466,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLUGIN_GROUP = "chimera.commands"
+
+
+def plugin_commands() -> dict[str, Any]:
+    """Subcommands other installed parts register under the entry-point group ``chimera.commands``.
+
+    Each entry point names a ``main(argv: list[str]) -> int``; ``chimera NAME ARGS...`` calls it
+    with ARGS. The simulator registers ``simulate`` this way, so the node never imports it (the
+    layering of ../shared/DESIGN.md: node and simulations are two drivers of the same cores).
+    """
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = plugin_commands()
+    if argv and argv[0] in plugins:
+        try:
+            plugin_main = plugins[argv[0]].load()
+        except ImportError as exc:
+            print(f"chimera: {argv[0]} is unavailable: {exc} (install the extra that provides it)",
+                  file=sys.stderr)
+            return EXIT_FAIL
+        return int(plugin_main(argv[1:]) or 0)
+    parser = build_parser(plugins)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
