@@ -26,6 +26,9 @@ class Feature:
 FEATURES = (
     Feature("fast_event_loop", "fast", "uvloop", "uvloop event loop (faster asyncio on Linux/macOS)"),
     Feature("prometheus_metrics", "metrics", "prometheus_client", "Prometheus /metrics exporter"),
+    Feature("federated_training", "learn", "sklearn",
+            "federated training jobs (scikit-learn models, IsolationForest update screening)"),
+    Feature("simulator_plots", "sim", "matplotlib", "PNG plots of `chimera simulate` runs"),
 )
 
 

@@ -25,6 +25,7 @@ class PeerProcess:
     proc: subprocess.Popen | None = None
     status: dict = field(default_factory=dict)
     term_sent: bool = False
+    python: str = sys.executable  # the interpreter (and so the installation) the peer runs in
 
     def start(self) -> None:
         self.term_sent = False
@@ -32,7 +33,7 @@ class PeerProcess:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chimera.node.cli", "node", "--data-dir", str(self.data_dir),
+            [self.python, "-m", "chimera.node.cli", "node", "--data-dir", str(self.data_dir),
              *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
