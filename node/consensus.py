@@ -35,7 +35,9 @@ from chimera.consensus.bft import (
     BftCommitResponse,
     BftConfig,
     BftCore,
+    MAX_VALUES_PER_MESSAGE,
     BftEvent,
+    BftValues,
     BftVote,
     CertifiedCommit,
     Commit,
@@ -107,6 +109,7 @@ class ConsensusService:
         self._opinion_epoch = -1
         self._join_epoch = -1
         self._wake = asyncio.Event()
+        self._flush_scheduled = False
         self._recover()
         sign_blob = self.store.get_blob(SIGN_STATE_KEY)
         sign_state = None
@@ -158,9 +161,26 @@ class ConsensusService:
         self.run_actions()
 
     def submit(self, value: bytes) -> bool:
+        """Add a value to the core's pool; its gossip leaves at the end of this loop iteration.
+
+        Values submitted in the same iteration (a burst of proposals) share one
+        ``bft_values`` envelope per peer (up to ``MAX_VALUES_PER_MESSAGE``) instead of
+        one envelope, and one Ed25519 verification at every peer, per value.
+        """
         ok = self.core.submit(value, time.monotonic())
-        self.run_actions()
+        if not self._flush_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (tests driving the service directly)
+                self.run_actions()
+                return ok
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return ok
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self.run_actions()
 
     async def propose(self, data: bytes, timeout_s: float) -> dict:
         """Submit a signed decision and wait until it is committed (and stored).
@@ -235,7 +255,7 @@ class ConsensusService:
     # --------------------------------------------------------------- actions
 
     def run_actions(self) -> None:
-        for action in self.core.take_actions():
+        for action in _coalesce_values(self.core.take_actions()):
             try:
                 self._run(action)
             except LocalProtocolError as exc:
@@ -432,6 +452,28 @@ class ConsensusService:
         for d in decisions:
             d["data_text"] = _preview(d.pop("data"))
         return {"height": self.height, "decisions": decisions, "blocks": blocks}
+
+
+def _coalesce_values(actions: list) -> list:
+    """Merge the ``bft_values`` broadcasts of one batch of core actions into as few envelopes
+    as the message limit allows (order of values kept, duplicates dropped), at the place of
+    the first one."""
+    values: list[bytes] = []
+    out: list = []
+    first = -1
+    for action in actions:
+        if isinstance(action, Broadcast) and isinstance(action.message, BftValues):
+            if first < 0:
+                first = len(out)
+            values.extend(action.message.values)
+        else:
+            out.append(action)
+    if first < 0:
+        return out
+    unique = list(dict.fromkeys(values))
+    merged = [Broadcast(BftValues(values=tuple(unique[k:k + MAX_VALUES_PER_MESSAGE])))
+              for k in range(0, len(unique), MAX_VALUES_PER_MESSAGE)]
+    return out[:first] + merged + out[first:]
 
 
 def _preview(data: bytes, limit: int = 200) -> str:
