@@ -21,6 +21,7 @@ Run: ``python -m benchmarks.bench_consensus [--json] [--peers 4,10] [--samples 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -39,33 +40,47 @@ SETTINGS = ["--set", "probe_interval_s=1", "--set", "probe_timeout_s=0.5",
             "--set", "rate_limit_burst=100000", "--log-level", "warning"]
 
 
-def run(peers: int, samples: int, burst: int) -> dict:
+@contextlib.contextmanager
+def validator_network(peers: int, name: str = "bench"):
+    """``peers`` validator processes on loopback with :data:`SETTINGS`, meshed and warmed up."""
     from chimera.node.launcher import LocalNetwork
 
-    with tempfile.TemporaryDirectory(prefix="chimera-bench-consensus-") as tmp:
-        net = LocalNetwork(Path(tmp), peers, extra_args=SETTINGS, name="bench")
+    with tempfile.TemporaryDirectory(prefix=f"chimera-{name}-") as tmp:
+        net = LocalNetwork(Path(tmp), peers, extra_args=SETTINGS, name=name)
         try:
             net.start()
             if not net.wait_for(net.full_mesh, timeout_s=120, interval_s=0.2):
                 raise RuntimeError("no full mesh")
             net.query(0, "propose", {"data": "warm-up", "timeout_s": 60})
-            other = net.peers[1].status["peer_id"]
-            rtts = [r for r in net.query(0, "ping", {"peer_id": other, "count": 200})["rtt_s"] if r]
-            latencies = [net.query(0, "propose", {"data": f"lat {k}", "timeout_s": 60})["latency_s"]
-                         for k in range(samples)]
-            per_peer = max(2, burst // peers)
-
-            def load(i: int) -> dict:
-                return net.query(i, "propose", {"data": f"burst from {i}", "count": per_peer,
-                                                "timeout_s": 120})
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(peers) as pool:
-                results = list(pool.map(load, range(peers)))
-            wall = time.perf_counter() - t0
-            inner_wall = max(r["wall_s"] for r in results)
-            blocks = len({h for r in results for h in r["heights"]})
+            yield net
         finally:
             net.stop()
+
+
+def signed_rtts_and_latencies(net, samples: int) -> tuple[list[float], list[float]]:
+    """200 signed echo round trips peer 0 -> peer 1, then ``samples`` one-at-a-time commit
+    latencies at peer 0 (submission to stored commit), all in seconds."""
+    other = net.peers[1].status["peer_id"]
+    rtts = [r for r in net.query(0, "ping", {"peer_id": other, "count": 200})["rtt_s"] if r]
+    latencies = [net.query(0, "propose", {"data": f"lat {k}", "timeout_s": 60})["latency_s"]
+                 for k in range(samples)]
+    return rtts, latencies
+
+
+def run(peers: int, samples: int, burst: int) -> dict:
+    with validator_network(peers) as net:
+        rtts, latencies = signed_rtts_and_latencies(net, samples)
+        per_peer = max(2, burst // peers)
+
+        def load(i: int) -> dict:
+            return net.query(i, "propose", {"data": f"burst from {i}", "count": per_peer,
+                                            "timeout_s": 120})
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(peers) as pool:
+            results = list(pool.map(load, range(peers)))
+        wall = time.perf_counter() - t0
+        inner_wall = max(r["wall_s"] for r in results)
+        blocks = len({h for r in results for h in r["heights"]})
     rtt_p50 = statistics.median(rtts)
     lat = np.array(latencies)
     return {

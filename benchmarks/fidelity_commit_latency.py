@@ -31,12 +31,11 @@ import argparse
 import json
 import math
 import statistics
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_consensus import SETTINGS
+from benchmarks.bench_consensus import signed_rtts_and_latencies, validator_network
 
 # the BftConfig the node builds from SETTINGS (node/runtime.py: vote timeout for prevote and
 # precommit, rebroadcast max(0.5, 2 x vote timeout))
@@ -46,21 +45,8 @@ BFT_CONFIG = {"propose_timeout_s": 1.0, "prevote_timeout_s": 0.5, "precommit_tim
 
 
 def real_run(peers: int, samples: int) -> dict:
-    from chimera.node.launcher import LocalNetwork
-
-    with tempfile.TemporaryDirectory(prefix="chimera-fidelity-") as tmp:
-        net = LocalNetwork(Path(tmp), peers, extra_args=SETTINGS, name="fidelity")
-        try:
-            net.start()
-            if not net.wait_for(net.full_mesh, timeout_s=120, interval_s=0.2):
-                raise RuntimeError("no full mesh")
-            net.query(0, "propose", {"data": "warm-up", "timeout_s": 60})
-            other = net.peers[1].status["peer_id"]
-            rtts = [r for r in net.query(0, "ping", {"peer_id": other, "count": 200})["rtt_s"] if r]
-            latencies = [net.query(0, "propose", {"data": f"fidelity {k}", "timeout_s": 60})["latency_s"]
-                         for k in range(samples)]
-        finally:
-            net.stop()
+    with validator_network(peers, name="fidelity") as net:
+        rtts, latencies = signed_rtts_and_latencies(net, samples)
     return {"rtt_s": rtts, "latency_s": latencies}
 
 
