@@ -585,7 +585,12 @@ class BftCore:
         last_block_hash: hash of the block at ``height - 1`` (zeros at height 1).
         table_height: first height of ``table`` (proposer rotation starts there).
         sign_state: the last :class:`SignState` persisted (after a restart).
-        validate_value: pure application check of one value (default: accept all).
+        validate_value: pure application check of one value (default: accept all):
+            True valid, False invalid (the sender of an invalid value is at fault),
+            None "not yet": this peer lacks what the check needs (e.g. a training
+            update it has not received). A not-yet value is neither pooled nor
+            held against its sender, and a block holding one is not prevoted now
+            (nil) but re-checked when proposed again (the answer is not cached).
         on_commit: pure application hook run inside the core for every commit,
             in height order, right after the height advanced (also for commits
             applied during catch-up). When it returns a :class:`WeightTable`,
@@ -603,7 +608,7 @@ class BftCore:
                  config: BftConfig, now: float, *, height: int = 1,
                  last_block_hash: bytes = GENESIS_HASH, table_height: int = 1,
                  sign_state: SignState | None = None,
-                 validate_value: Callable[[bytes], bool] | None = None,
+                 validate_value: Callable[[bytes], bool | None] | None = None,
                  on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None) -> None:
         if not 1 <= table_height <= height:
             raise LocalProtocolError("table_height must be in 1..height")
@@ -810,9 +815,11 @@ class BftCore:
         if len(self._pool) >= self.config.max_pool:
             self.drops["pool_full"] += 1
             return False
-        if self.validate_value is not None and not self.validate_value(value):
-            self.drops["invalid_value"] += 1
-            return False
+        if self.validate_value is not None:
+            ok = self.validate_value(value)
+            if not ok:
+                self.drops["invalid_value" if ok is False else "value_not_ready"] += 1
+                return False
         self._pool[digest] = value
         return True
 
@@ -821,10 +828,17 @@ class BftCore:
     def _on_values(self, sender: str, msg: BftValues) -> None:
         invalid = 0
         for value in msg.values:
-            if len(value) > self.config.max_value_bytes or (
-                    self.validate_value is not None and not self.validate_value(value)):
+            if len(value) > self.config.max_value_bytes:
                 invalid += 1
                 continue
+            if self.validate_value is not None:
+                ok = self.validate_value(value)
+                if ok is None:  # not yet decidable here: the author re-gossips it
+                    self.drops["value_not_ready"] += 1
+                    continue
+                if not ok:
+                    invalid += 1
+                    continue
             self._pool_add(value)
         if invalid:
             self._reject(sender, "invalid_value", f"{invalid} invalid values")
@@ -1000,23 +1014,31 @@ class BftCore:
         ok = self._valid_cache.get(digest)
         if ok is None:
             ok = self._check_block(block)
+            if ok is None:  # a value not yet decidable here: nil now, check again later
+                self.drops["block_not_ready"] += 1
+                return False
             self._valid_cache[digest] = ok
         return ok
 
-    def _check_block(self, block: Block) -> bool:
+    def _check_block(self, block: Block) -> bool | None:
+        """True valid, False invalid, None holds a value that is not yet decidable here."""
         if (block.height, block.parent_hash, block.epoch) != (self.height, self._last_hash, self.table.epoch):
             return False
         if block.proposer not in self.table.weights or len(block.values) > self.config.max_batch:
             return False
         previous = b""
+        pending = False
         for value in block.values:
             digest = value_hash(value)
             if digest <= previous or digest in self._recent or len(value) > self.config.max_value_bytes:
                 return False
-            if self.validate_value is not None and not self.validate_value(value):
-                return False
+            if self.validate_value is not None:
+                ok = self.validate_value(value)
+                if ok is False:
+                    return False
+                pending = pending or ok is None
             previous = digest
-        return True
+        return None if pending else True
 
     # ---- rounds, timers, rules
 

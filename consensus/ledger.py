@@ -22,6 +22,12 @@ first element is a tag:
   (its ``encode_fields`` map) for the current epoch.
 * ``["evidence", equivocation]``: an :class:`~chimera.consensus.bft.Equivocation`
   (its ``encode_fields`` map) against a validator of the current epoch.
+* ``["fl_job" | "fl_start" | "fl_include" | "fl_confirm", body]``: federated
+  training values (:mod:`chimera.consensus.training`). They are valid only on a
+  ledger built with an ``app_validator`` (the training service's check, which
+  may depend on local state and is therefore never cached); when applied they
+  are checked statelessly (strict decode, canonical encoding) and handed to the
+  driver in :attr:`ApplyOutcome.app_values` in log order.
 
 :meth:`Ledger.validate_value` is the BFT core's ``validate_value``: a value
 that does not decode, is not in its canonical encoding (:func:`encode_item`:
@@ -45,6 +51,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import msgpack
 
@@ -61,6 +68,8 @@ MAX_DECISION_BYTES = 2048
 """Most bytes of application data in one decision."""
 MAX_VALUE_DECODE_BYTES = 8192
 VALID_CACHE_ENTRIES = 65_536
+APP_TAG_PREFIX = "fl_"
+"""Tags of values whose validity the ledger delegates to its ``app_validator``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,30 @@ def _signature(value: object) -> bytes:
     if type(value) is not bytes or len(value) != SIGNATURE_BYTES:
         raise MalformedError("signature must be 64 bytes")
     return value
+
+
+def has_app_tag(value: bytes) -> bool:
+    """True when ``value`` starts like the canonical encoding of an ``fl_*`` value: a msgpack
+    fixarray header, then a fixstr tag beginning with ``fl_`` (three byte compares: this runs
+    for every value gossiped, proposed and applied). A non-canonical encoding of such a tag is
+    not recognised here and so fails the ledger's own decode (unknown tag): invalid either way."""
+    return (type(value) is bytes and len(value) >= 5 and 0x91 <= value[0] <= 0x9f
+            and 0xa3 <= value[1] <= 0xbf and value[2:5] == b"fl_")
+
+
+def app_value_ok(value: bytes) -> bool:
+    """Stateless check of an ``fl_*`` value: a known training tag, strict decode, canonical bytes.
+
+    Imports :mod:`chimera.consensus.training` (numpy) on first use only: a peer
+    that never sees a training value never loads it.
+    """
+    from chimera.consensus.training import decode_log_value as decode_training_value
+    from chimera.consensus.training import encode_log_value as encode_training_value
+
+    try:
+        return encode_training_value(decode_training_value(value)) == value
+    except (MalformedError, LocalProtocolError):
+        return False
 
 
 def decode_value(value: bytes) -> LedgerValue:
@@ -197,6 +230,7 @@ class ApplyOutcome:
     opinions: list[str] = field(default_factory=list)  # authors
     evidence: list[str] = field(default_factory=list)  # offenders
     ignored: list[str] = field(default_factory=list)  # reasons, one per ignored value
+    app_values: list[bytes] = field(default_factory=list)  # committed fl_* values, block order
     new_table: WeightTable | None = None  # in force from height + 1
 
 
@@ -208,12 +242,17 @@ class Ledger:
         genesis: the weight table of epoch 0 (from the network's genesis).
         epoch_length: heights per epoch (>= 1).
         policy: the network's :class:`WeightPolicy`.
+        app_validator: validity of ``fl_*`` values (e.g. the training service's
+            ``validate_value``; may depend on local state, so its answers are not
+            cached). ``None``: ``fl_*`` values are invalid. May be set later
+            through the attribute of the same name.
     Raises:
         LocalProtocolError: ``epoch_length`` < 1 or ``genesis`` not of epoch 0.
     """
 
     def __init__(self, network_id: bytes, genesis: WeightTable, epoch_length: int,
-                 policy: WeightPolicy | None = None) -> None:
+                 policy: WeightPolicy | None = None,
+                 app_validator: Callable[[bytes], bool] | None = None) -> None:
         if type(epoch_length) is not int or epoch_length < 1:
             raise LocalProtocolError("epoch_length must be an int >= 1")
         if genesis.epoch != 0:
@@ -228,18 +267,26 @@ class Ledger:
         self.opinions: dict[str, Opinion] = {}
         self.offenders: set[str] = set()
         self.outcomes: list[ApplyOutcome] = []  # filled by on_commit, drained by the driver
+        self.app_validator = app_validator
         self._valid: OrderedDict[bytes, bool] = OrderedDict()  # value hash -> validate_value
 
     # ------------------------------------------------------------- validation
 
-    def validate_value(self, value: bytes) -> bool:
-        """State-free validity (the BFT core's ``validate_value``): decodes and self-signature holds.
+    def validate_value(self, value: bytes) -> bool | None:
+        """The BFT core's ``validate_value``: decodes and self-signature holds.
 
         Results are cached by value hash (the same value is checked when it is
-        gossiped, proposed and applied; the answer cannot change).
+        gossiped, proposed and applied; the answer cannot change). ``fl_*``
+        values go to the ``app_validator`` (never cached), which may answer
+        None: "not yet" (see :class:`~chimera.consensus.bft.BftCore`).
         """
         if type(value) is not bytes:
             return False
+        if has_app_tag(value):
+            if self.app_validator is None or not app_value_ok(value):
+                return False
+            ok = self.app_validator(value)
+            return None if ok is None else bool(ok)
         key = hashlib.sha256(value).digest()
         known = self._valid.get(key)
         if known is not None:
@@ -283,6 +330,12 @@ class Ledger:
             raise LocalProtocolError(f"ledger at height {self.height} cannot apply height {height}")
         out = ApplyOutcome(height=height, epoch=self.table.epoch)
         for index, value in enumerate(commit.block.values):
+            if has_app_tag(value):
+                if app_value_ok(value):
+                    out.app_values.append(value)
+                else:
+                    out.ignored.append("malformed application value")
+                continue
             try:
                 item = decode_value(value)
             except MalformedError as exc:

@@ -688,14 +688,16 @@ class TrainingCore:
 
     # ----------------------------------------------------------- log input
 
-    def validate_log_value(self, value: bytes) -> bool:
+    def validate_log_value(self, value: bytes) -> bool | None:
         """Validity hook for ``BftCore(validate_value=...)`` on values of this job.
 
         False for: a malformed value, an inclusion of the current round with fewer
-        than ``quorum`` hashes or referencing an update we do not hold (valid),
-        a start whose base is not our certified model, a confirm whose signature
-        does not verify. Values of other jobs or of past rounds are True
-        (harmless: ignored on commit).
+        than ``quorum`` hashes, a start whose base is not our certified model, a
+        confirm whose signature does not verify. None ("not yet", no fault of the
+        sender) for an inclusion of the current round referencing an update this
+        peer does not hold yet: the BFT core neither pools it nor prevotes a block
+        holding it, and asks again later. Values of other jobs or of past rounds
+        are True (harmless: ignored on commit).
         """
         try:
             rec = decode_log_value(value)
@@ -712,7 +714,7 @@ class TrainingCore:
                 return False
             if rnd is None or rnd.inclusion is not None or rec.round != self.model_round + 1:
                 return True
-            return all(h in rnd.updates for h in rec.updates)
+            return True if all(h in rnd.updates for h in rec.updates) else None
         table = self._round_table(rnd)
         return table is None or self._confirm_ok(rec, table)
 

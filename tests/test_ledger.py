@@ -156,3 +156,32 @@ def test_a_re_encoded_copy_of_a_signed_value_is_invalid():
                  + packer.pack(items[3]) + packer.pack(items[4]))
     assert decode_value(reencoded) == decode_value(value) and reencoded != value
     assert ledger.validate_value(value) and not ledger.validate_value(reencoded)
+
+
+def test_training_values_pass_only_through_the_app_validator_and_reach_the_outcome():
+    from chimera.consensus.training import JobSpec, encode_log_value
+
+    job = encode_log_value(JobSpec(name="j", model_kind="sgd_classifier", n_features=4, classes=(0, 1),
+                                   rounds=2, learning_rate=0.1,
+                                   participants=tuple(sorted(i.peer_id for i in VALIDATORS)), quorum=3,
+                                   round_deadline_s=5.0))
+    assert not Ledger(NID, genesis(), 4).validate_value(job)  # no app validator: refused
+    seen = []
+    verdict = {"ok": False}
+
+    def app(value: bytes) -> bool:
+        seen.append(value)
+        return verdict["ok"]
+
+    ledger = Ledger(NID, genesis(), 4, app_validator=app)
+    assert not ledger.validate_value(job)
+    verdict["ok"] = True
+    assert ledger.validate_value(job) and len(seen) == 2  # state-dependent: never cached
+    # a non-canonical re-encoding or an unknown fl_ tag never reaches the app validator
+    tag, body = msgpack.unpackb(job)
+    assert not ledger.validate_value(msgpack.packb([tag, dict(reversed(list(body.items())))]))
+    assert not ledger.validate_value(msgpack.packb(["fl_other", {}])) and len(seen) == 2
+    d = encode_decision(VALIDATORS[0], NID, 1, b"x")
+    out = ledger.apply(commit(1, [job, d, msgpack.packb(["fl_bogus", 1])]))
+    assert out.app_values == [job] and len(out.decisions) == 1
+    assert out.ignored == ["malformed application value"]
