@@ -84,6 +84,8 @@ from typing import Callable
 
 import wasmtime
 
+from .digests import error_digest, result_digest  # noqa: F401 (re-exported)
+
 WASI_MODULE = "wasi_snapshot_preview1"
 HOST_MODULE = "chimera"
 PAGE_BYTES = 65536
@@ -340,18 +342,6 @@ class TaskResult:
     def digest(self) -> bytes:
         """32-byte SHA-256 of ``exit_code || stdout`` (what redundant replicas vote on)."""
         return result_digest(self.exit_code, self.stdout)
-
-
-def result_digest(exit_code: int, stdout: bytes) -> bytes:
-    """``sha256(b"chimera-task-result/v1\\0" || exit_code as 4-byte signed big-endian || stdout)``."""
-    return hashlib.sha256(b"chimera-task-result/v1\x00" + exit_code.to_bytes(4, "big", signed=True)
-                          + stdout).digest()
-
-
-def error_digest(reason: str) -> bytes:
-    """Digest standing for a deterministic failure (e.g. ``"fuel_exhausted"``), so
-    replicas that fail the same way agree."""
-    return hashlib.sha256(b"chimera-task-error/v1\x00" + reason.encode()).digest()
 
 
 # ----------------------------------------------------------------------- engine

@@ -95,3 +95,19 @@ class Supervisor:
                     await cell.task
                 except (asyncio.CancelledError, Exception):
                     pass
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until ``event`` is set or ``timeout_s`` seconds pass; True if it was set.
+
+    Built on :func:`asyncio.timeout`, never :func:`asyncio.wait_for`: on Python
+    3.11 ``wait_for`` can swallow a cancellation that arrives just as the inner
+    wait completes (CPython gh-86296), and a timer task that swallows its
+    cancellation leaves ``Node.stop()`` waiting forever.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False

@@ -1,41 +1,125 @@
-"""Local control API on a Unix socket (``DATA_DIR/admin.sock``, mode 0600).
+"""The admin API: a local Unix socket, optionally a remote CurveZMQ endpoint.
 
-Framing: 4-byte big-endian length, then a msgpack map. Request:
-``{"cmd": str, "args": map}``; response: ``{"ok": true, "result": ...}`` or
-``{"ok": false, "error": str}``. Requests are records dispatched by name, never
-evaluated. Only the node's own user can open the socket.
+Local: ``DATA_DIR/admin.sock`` (mode 0600, peer credentials checked with
+``SO_PEERCRED`` where the platform has it). Framing: 4-byte big-endian length,
+then a msgpack map. Request ``{"cmd": str, "args": map}`` (the node's owner:
+role ``admin``) or a signed request ``{"signed": bin, "sig": bin}``
+(:mod:`.admin_keys`; the key's role applies). Response ``{"ok": true,
+"result": ...}`` or ``{"ok": false, "error": str, "code": int}``.
+
+Remote (``admin_listen = "tcp://HOST:PORT"``, off by default): a ZeroMQ ROUTER,
+CURVE server with the node's transport key; each message is one request map
+and must be signed, and each answer is one response map.
+
+Every request, refused ones included, is appended to the audit log
+(:mod:`.audit`). Requests are records dispatched by name, never evaluated;
+every error is one line with a code from :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import msgpack
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
 
 from chimera.protocol.errors import RemoteProtocolError
+from chimera.protocol.identity import fingerprint
 
-MAX_REQUEST_BYTES = 64 * 1024
+from . import admin_keys
+from .admin_keys import COMMAND_HELP, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
+from .audit import AuditLog
+
+log = logging.getLogger("chimera.admin")
+
+MAX_REQUEST_BYTES = 17 * 1024 * 1024  # agents_deploy / tasks_submit carry a .wasm of up to 16 MiB
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 SOCKET_NAME = "admin.sock"
+STREAM_WRITE_TIMEOUT_S = 10.0
+MAX_REMOTE_IN_FLIGHT = 16
+
+# Exit codes of `chimera shell`, `chimera admin`, `chimera audit` and the "code"
+# of an error response.
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_NODE, EXIT_REFUSED = 0, 1, 2, 3, 4
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAIL: "the command failed at the node (runtime error)",
+    EXIT_USAGE: "malformed request, unknown command or bad arguments",
+    EXIT_NO_NODE: "no node answered (not running, wrong address or server key, timeout)",
+    EXIT_REFUSED: "refused: not authenticated, key unknown or revoked, or role too low",
+}
 
 
 class AdminError(Exception):
-    """The node answered with an error, or could not be reached."""
+    """The node answered with an error, or could not be reached (``code``: see EXIT_CODES)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 Handler = Callable[[dict], Awaitable[Any]]
+Stream = Callable[[dict], AsyncIterator[dict]]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    who: str
+    role: str
+    transport: str  # "local" or "remote"
+
+
+def _error(message: str, code: int) -> dict:
+    return {"ok": False, "error": message, "code": code}
 
 
 class AdminServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    """Serves ``handlers`` (and ``streams``) on the local socket and, if asked, remotely.
+
+    Args:
+        path: the Unix socket path.
+        handlers: command name -> ``async f(args) -> result``.
+        streams: command name -> ``f(args) -> async iterator of records`` (local only).
+        db: the node's SQLite connection (admin keys and audit log); None: no
+            audit and no signed requests (owner only).
+        node_fingerprint: this node's transport-key fingerprint (signed requests' audience).
+        remote_endpoint: ``tcp://HOST:PORT`` for the remote API, or None.
+        transport_keys: ``(secret, public)`` raw CURVE keys for the remote API.
+    """
+
+    def __init__(self, path: Path, handlers: dict[str, Handler], *, streams: dict[str, Stream] | None = None,
+                 db=None, node_fingerprint: str = "", remote_endpoint: str | None = None,
+                 transport_keys: tuple[bytes, bytes] | None = None) -> None:
         self.path = path
-        self.handlers = handlers
+        self.handlers = dict(handlers)
+        self.streams = dict(streams or {})
         self.server: asyncio.AbstractServer | None = None
+        self.keys = KeyRing(db) if db is not None else None
+        self.audit = AuditLog(db) if db is not None else None
+        self.verifier = RequestVerifier(self.keys, node_fingerprint) if self.keys is not None else None
+        self.remote: RemoteAdminServer | None = None
+        if remote_endpoint:
+            if transport_keys is None:
+                raise ValueError("the remote admin API needs the node's transport keys")
+            self.remote = RemoteAdminServer(remote_endpoint, *transport_keys, self.dispatch)
+        builtins: dict[str, Handler] = {"commands": self._commands, "whoami": self._whoami}
+        if self.keys is not None:
+            builtins.update(audit=self._audit, admin_key_add=self._key_add,
+                            admin_key_list=self._key_list, admin_key_revoke=self._key_revoke)
+        for name, fn in builtins.items():
+            self.handlers.setdefault(name, fn)
+        self._principal: Principal | None = None  # of the request being run (for whoami)
 
     async def start(self) -> None:
         if self.path.exists() or self.path.is_socket():
@@ -46,8 +130,17 @@ class AdminServer:
         finally:
             os.umask(old)
         self.path.chmod(0o600)
+        if self.remote is not None:
+            await self.remote.start()
+
+    @property
+    def remote_port(self) -> int | None:
+        return None if self.remote is None else self.remote.port
+
+    # ----------------------------------------------------------- local socket
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = _peer_uid(writer.get_extra_info("socket"))
         try:
             while True:
                 try:
@@ -56,37 +149,198 @@ class AdminServer:
                     return
                 (size,) = struct.unpack(">I", header)
                 if size > MAX_REQUEST_BYTES:
-                    await _write(writer, {"ok": False, "error": "request too large"})
+                    self._audit_row(Principal(_local_who(uid), "-", "local"), "-", {},
+                                    f"error: request of {size} bytes is too large", 0.0)
+                    await _write(writer, _error(f"request too large ({size} > {MAX_REQUEST_BYTES} bytes)",
+                                                EXIT_USAGE))
                     return
                 body = await reader.readexactly(size)
-                await _write(writer, await self._dispatch(body))
+                response, stream = await self.dispatch(body, "local", uid=uid)
+                await _write(writer, response)
+                if stream is not None:
+                    await self._run_stream(stream, reader, writer)
+                    return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
-    async def _dispatch(self, body: bytes) -> dict:
+    async def _run_stream(self, stream: "_OpenStream", reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        """Write one ``{"event": record}`` frame per item, then ``{"end": reason}``."""
+        started = time.perf_counter()
+        it = stream.iterator.__aiter__()
+        eof = asyncio.ensure_future(reader.read(1))  # any byte, or EOF, ends the stream
+        sent, reason = 0, "done"
         try:
-            req = msgpack.unpackb(body, raw=False, ext_hook=_no_ext, strict_map_key=True)
+            while True:
+                nxt = asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait({nxt, eof}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    reason = "client closed"
+                    break
+                try:
+                    item = nxt.result()
+                except StopAsyncIteration:
+                    break
+                await asyncio.wait_for(_write(writer, {"event": item}), STREAM_WRITE_TIMEOUT_S)
+                sent += 1
+            if reason != "client closed":
+                await asyncio.wait_for(_write(writer, {"end": reason}), STREAM_WRITE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            reason = "client too slow"
+        except (ConnectionError, RuntimeError):
+            reason = "client closed"
+        finally:
+            eof.cancel()
+            try:
+                await it.aclose()
+            except (AttributeError, RuntimeError):
+                pass
+            self._audit_row(stream.principal, stream.cmd, stream.args, f"ok ({sent} records, {reason})",
+                            time.perf_counter() - started)
+
+    # --------------------------------------------------------------- dispatch
+
+    async def dispatch(self, body: bytes, transport: str, *, uid: int | None = None,
+                       address: str | None = None) -> tuple[dict, "_OpenStream | None"]:
+        """Authenticate, authorize, run and audit one request; never raises for bad input."""
+        started = time.perf_counter()
+        anonymous = Principal(_local_who(uid) if transport == "local" else f"remote {address or '?'}",
+                              "-", transport)
+        cmd, args = "-", {}
+
+        def finish(principal: Principal, response: dict, result: str) -> tuple[dict, None]:
+            self._audit_row(principal, cmd, args, result, time.perf_counter() - started)
+            return response, None
+
+        if transport == "local" and uid is not None and uid not in (os.geteuid(), 0):
+            return finish(anonymous, _error(f"uid {uid} is not this node's owner", EXIT_REFUSED),
+                          "refused: not the owner")
+        try:
+            req = msgpack.unpackb(body, raw=False, ext_hook=admin_keys._no_ext, strict_map_key=True)
         except Exception:
-            return {"ok": False, "error": "request is not msgpack"}
-        if type(req) is not dict or type(req.get("cmd")) is not str:
-            return {"ok": False, "error": "request must be a map with a 'cmd' string"}
-        args = req.get("args", {})
-        if type(args) is not dict:
-            return {"ok": False, "error": "'args' must be a map"}
-        handler = self.handlers.get(req["cmd"])
-        if handler is None:
-            return {"ok": False, "error": f"unknown command {req['cmd'][:40]!r}; "
-                                          f"known: {', '.join(sorted(self.handlers))}"}
+            return finish(anonymous, _error("request is not msgpack", EXIT_USAGE), "error: not msgpack")
+        if type(req) is not dict:
+            return finish(anonymous, _error("request must be a msgpack map", EXIT_USAGE), "error: not a map")
+        if "signed" in req or "sig" in req:
+            if self.verifier is None:
+                return finish(anonymous, _error("this node does not accept signed requests", EXIT_REFUSED),
+                              "refused: no key ring")
+            try:
+                signed = self.verifier.verify(req, time.time_ns() // 1_000_000)
+            except Refused as exc:
+                principal = Principal(f"{exc.who} via {anonymous.who}", exc.role, transport)
+                return finish(principal, _error(f"refused: {exc}", EXIT_REFUSED), f"refused: {exc}")
+            except Exception as exc:  # e.g. the store is busy: still one line, still audited
+                return finish(anonymous, _error(f"could not check the signature: {exc}", EXIT_FAIL),
+                              f"error: {exc}")
+            principal = Principal(f"{signed.key.name} ({signed.key.fingerprint})", signed.key.role, transport)
+            cmd, args = signed.cmd, signed.args
+        else:
+            if transport != "local":
+                return finish(anonymous, _error("refused: remote requests must be signed by an admin key",
+                                                EXIT_REFUSED), "refused: unsigned remote request")
+            principal = Principal(anonymous.who, "admin", transport)
+            if type(req.get("cmd")) is not str:
+                return finish(principal, _error("request must be a map with a 'cmd' string", EXIT_USAGE),
+                              "error: no cmd")
+            cmd, args = req["cmd"][:80], req.get("args", {})
+            if type(args) is not dict:
+                args = {"<not a map>": repr(args)[:80]}
+                return finish(principal, _error("'args' must be a map", EXIT_USAGE), "error: args not a map")
+        handler, stream = self.handlers.get(cmd), self.streams.get(cmd)
+        if handler is None and stream is None:
+            known = ", ".join(sorted({*self.handlers, *self.streams}))
+            msg = f"unknown command {cmd[:40]!r} (known: {known})"
+            return finish(principal, _error(msg, EXIT_USAGE), "error: unknown command")
+        if not role_allows(principal.role, cmd):
+            msg = f"refused: {cmd} needs role {required_role(cmd)}; {principal.who} is {principal.role}"
+            return finish(principal, _error(msg, EXIT_REFUSED), f"refused: needs {required_role(cmd)}")
+        if stream is not None:
+            if transport != "local":
+                return finish(principal, _error(f"{cmd} streams: use the local socket", EXIT_USAGE),
+                              "error: stream over remote")
+            try:
+                iterator = stream(args)
+            except (ValueError, TypeError, KeyError, AdminError) as exc:
+                return finish(principal, _error(_bad_args(exc), getattr(exc, "code", EXIT_USAGE)),
+                              f"error: {_bad_args(exc)}")
+            return {"ok": True, "result": {"stream": cmd}}, _OpenStream(principal, cmd, args, iterator)
+        self._principal = principal
         try:
-            return {"ok": True, "result": await handler(args)}
+            result = await handler(args)
         except AdminError as exc:
-            return {"ok": False, "error": str(exc)}
+            return finish(principal, _error(str(exc), exc.code), f"error: {exc}")
+        except AdminKeyError as exc:
+            return finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
         except (ValueError, TypeError, KeyError, RemoteProtocolError) as exc:
-            return {"ok": False, "error": f"bad arguments: {exc}"}
+            return finish(principal, _error(_bad_args(exc), EXIT_USAGE), f"error: {_bad_args(exc)}")
+        except Exception as exc:  # a bug in one handler must not take the API down
+            log.exception("admin command %s failed", cmd)
+            msg = f"internal error in {cmd}: {type(exc).__name__}: {exc}"
+            return finish(principal, _error(msg, EXIT_FAIL), f"error: {msg}")
+        finally:
+            self._principal = None
+        try:
+            data = msgpack.packb({"ok": True, "result": result}, use_bin_type=True)
+        except (TypeError, ValueError) as exc:
+            return finish(principal, _error(f"{cmd} returned an unencodable result: {exc}", EXIT_FAIL),
+                          "error: unencodable result")
+        if len(data) > MAX_RESPONSE_BYTES:
+            return finish(principal, _error(f"{cmd}: response of {len(data)} bytes is too large; "
+                                            "ask for less (limit=...)", EXIT_FAIL), "error: response too large")
+        return finish(principal, {"ok": True, "result": result}, "ok")
+
+    def _audit_row(self, principal: Principal, cmd: str, args: object, result: str, duration_s: float) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(at_ms=time.time_ns() // 1_000_000, who=principal.who,
+                              transport=principal.transport, role=principal.role, command=cmd,
+                              args=args, result=result, duration_s=duration_s)
+        except Exception:
+            log.exception("could not append to the audit log")
+
+    # -------------------------------------------------------------- built-ins
+
+    async def _commands(self, args: dict) -> list[dict]:
+        out = []
+        for name in sorted({*self.handlers, *self.streams}):
+            fn = self.handlers.get(name) or self.streams.get(name)
+            doc = (fn.__doc__ or "").strip().split("\n")[0]
+            known_help, known_args = COMMAND_HELP.get(name, ("", ()))
+            help_ = doc or known_help  # a handler's docstring wins; it may list its args in `admin_args`
+            arg_names = tuple(getattr(fn, "admin_args", known_args))
+            out.append({"name": name, "help": help_ or "(no help)", "args": list(arg_names),
+                        "role": required_role(name), "stream": name in self.streams})
+        return out
+
+    async def _whoami(self, args: dict) -> dict:
+        p = self._principal
+        return {"who": p.who, "role": p.role, "transport": p.transport} if p else {}
+
+    async def _audit(self, args: dict) -> list[dict]:
+        limit = int(args.get("limit", 50))
+        if not 1 <= limit <= 10_000:
+            raise AdminError("limit must be in 1..10000", EXIT_USAGE)
+        return self.audit.rows(limit)
+
+    async def _key_add(self, args: dict) -> dict:
+        key = self.keys.add(str(args["name"]), str(args.get("role", "observer")), args["public_key"],
+                            time.time_ns() // 1_000_000)
+        return key.as_dict()
+
+    async def _key_list(self, args: dict) -> list[dict]:
+        return [k.as_dict() for k in self.keys.list()]
+
+    async def _key_revoke(self, args: dict) -> dict:
+        return self.keys.revoke(str(args["key"]), time.time_ns() // 1_000_000).as_dict()
 
     async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -94,6 +348,39 @@ class AdminServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+@dataclass
+class _OpenStream:
+    principal: Principal
+    cmd: str
+    args: dict
+    iterator: AsyncIterator[dict]
+
+
+def _bad_args(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"bad arguments: missing {exc.args[0]!r}" if exc.args else "bad arguments"
+    if isinstance(exc, AdminError):
+        return str(exc)
+    return f"bad arguments: {exc}"
+
+
+def _local_who(uid: int | None) -> str:
+    return f"local-owner uid={os.geteuid() if uid is None else uid}"
+
+
+def _peer_uid(sock: socket.socket | None) -> int | None:
+    """The connecting process's uid (SO_PEERCRED, Linux); None where the platform lacks it."""
+    if sock is None:
+        return None
+    if hasattr(socket, "SO_PEERCRED"):
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", creds)[1]
+        except OSError:
+            return None
+    return None
 
 
 def _no_ext(code: int, data: bytes) -> None:
@@ -106,36 +393,278 @@ async def _write(writer: asyncio.StreamWriter, doc: dict) -> None:
     await writer.drain()
 
 
+# ------------------------------------------------------------------ remote API
+
+
+class RemoteAdminServer:
+    """The remote admin API: a CURVE ROUTER (server key: the node's transport key).
+
+    The CURVE handshake (ZAP via ``zmq.auth``, any client key) only encrypts
+    and authenticates the server; each request must be signed by an admin key.
+    """
+
+    def __init__(self, endpoint: str, secret: bytes, public: bytes,
+                 dispatch: Callable[..., Awaitable[tuple[dict, Any]]]) -> None:
+        self.endpoint = endpoint
+        self.secret, self.public = secret, public
+        self.dispatch = dispatch
+        self.port = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.auth = AsyncioAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES + 1024)
+        router.setsockopt(zmq.SNDHWM, 256)
+        router.setsockopt(zmq.RCVHWM, 256)
+        router.curve_server = True
+        router.curve_secretkey = self.secret
+        router.curve_publickey = self.public
+        router.zap_domain = b"chimera-admin"
+        try:
+            if self.endpoint.endswith(":0"):
+                self.port = router.bind_to_random_port(self.endpoint.rsplit(":", 1)[0])
+            else:
+                router.bind(self.endpoint)
+                self.port = int(self.endpoint.rsplit(":", 1)[1])
+        except zmq.ZMQError as exc:
+            router.close(linger=0)
+            self.auth.stop()
+            self.ctx.term()
+            raise OSError(f"cannot listen for remote admin on {self.endpoint}: {exc}") from None
+        self.router = router
+        self._loop_task = asyncio.get_running_loop().create_task(self._recv_loop(), name="remote-admin")
+        log.info("remote admin API on %s (CURVE server key %s; signed requests only)",
+                 self.endpoint if self.port == 0 else f"{self.endpoint.rsplit(':', 1)[0]}:{self.port}",
+                 fingerprint(self.public))
+
+    async def _recv_loop(self) -> None:
+        while True:
+            try:
+                frames = await self.router.recv_multipart(copy=False)
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            except zmq.ZMQError as exc:
+                log.warning("remote admin receive error: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
+            ident = frames[0].bytes
+            if len(frames) != 2:
+                await self._reply(ident, _error("a request is exactly one frame", EXIT_USAGE))
+                continue
+            try:
+                address = frames[1].get("Peer-Address")
+            except (zmq.ZMQError, AttributeError):
+                address = None
+            if len(self._tasks) >= MAX_REMOTE_IN_FLIGHT:
+                await self._reply(ident, _error("busy: too many requests in flight; retry", EXIT_FAIL))
+                continue
+            task = asyncio.get_running_loop().create_task(self._handle(ident, frames[1].bytes, address))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, ident: bytes, body: bytes, address: str | None) -> None:
+        try:
+            response, _ = await self.dispatch(body, "remote", address=address)
+        except Exception as exc:
+            log.exception("remote admin dispatch failed")
+            response = _error(f"internal error: {type(exc).__name__}", EXIT_FAIL)
+        await self._reply(ident, response)
+
+    async def _reply(self, ident: bytes, response: dict) -> None:
+        try:
+            await self.router.send_multipart([ident, msgpack.packb(response, use_bin_type=True)],
+                                             flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("remote admin reply dropped: %s", exc)
+
+    async def close(self) -> None:
+        for task in [self._loop_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        for task in [self._loop_task, *self._tasks]:
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self.router.close(linger=0)
+        self.auth.stop()
+        self.ctx.term()
+
+
+# --------------------------------------------------------------------- clients
+
+
+def node_fingerprint_of(data_dir: Path) -> str:
+    """The transport-key fingerprint (signed requests' audience) of the node in ``data_dir``.
+
+    Raises:
+        AdminError: the key file is missing or unreadable.
+    """
+    from .keys import TRANSPORT_FILE, TransportKeys
+
+    try:
+        secret = (data_dir / TRANSPORT_FILE).read_bytes()
+        return fingerprint(TransportKeys(secret).public)
+    except (OSError, ValueError) as exc:
+        raise AdminError(f"cannot read {data_dir / TRANSPORT_FILE}: {exc}", EXIT_NO_NODE) from None
+
+
+class LocalClient:
+    """Blocking client of the Unix socket; signs requests when given an admin key."""
+
+    def __init__(self, path: Path, key=None, timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.key = key
+        self.timeout_s = timeout_s
+        self.audience = node_fingerprint_of(path.parent) if key is not None else ""
+        self.target = str(path.parent if path.name == SOCKET_NAME else path)
+
+    def _request(self, cmd: str, args: dict) -> bytes:
+        if self.key is not None:
+            req = admin_keys.sign_request(self.key, self.audience, cmd, args)
+        else:
+            req = {"cmd": cmd, "args": args}
+        return msgpack.packb(req, use_bin_type=True)
+
+    def _connect(self, timeout_s: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise AdminError(f"no node is running with data dir {self.target}", EXIT_NO_NODE) from None
+        except PermissionError:
+            sock.close()
+            raise AdminError(f"not allowed to open {self.path} (run as the node's user)", EXIT_REFUSED) from None
+        except OSError as exc:
+            sock.close()
+            raise AdminError(f"cannot connect to {self.path}: {exc}", EXIT_NO_NODE) from None
+        return sock
+
+    def send_raw(self, data: bytes, timeout_s: float | None = None) -> dict:
+        """Send an already-encoded request body; return the response map (no raise on ok=false)."""
+        t = self.timeout_s if timeout_s is None else timeout_s
+        sock = self._connect(t)
+        try:
+            sock.sendall(struct.pack(">I", len(data)) + data)
+            return _read_frame(sock)
+        except socket.timeout:
+            raise AdminError(f"node did not answer within {t} s", EXIT_NO_NODE) from None
+        finally:
+            sock.close()
+
+    def call(self, cmd: str, args: dict | None = None, timeout_s: float | None = None) -> Any:
+        """Run one command. Raises AdminError (with the node's code) on failure."""
+        return _result(self.send_raw(self._request(cmd, args or {}), timeout_s))
+
+    def follow(self, cmd: str, args: dict | None = None) -> Iterator[dict]:
+        """Run a streaming command; yields records until the node ends it (close to stop)."""
+        sock = self._connect(self.timeout_s)
+        try:
+            data = self._request(cmd, args or {})
+            sock.sendall(struct.pack(">I", len(data)) + data)
+            _result(_read_frame(sock))
+            sock.settimeout(None)
+            while True:
+                frame = _read_frame(sock)
+                if "event" in frame:
+                    yield frame["event"]
+                else:
+                    return
+        except socket.timeout:
+            raise AdminError(f"node did not answer within {self.timeout_s} s", EXIT_NO_NODE) from None
+        finally:
+            sock.close()
+
+
+class RemoteClient:
+    """Blocking client of a node's remote admin API (CURVE; every request signed).
+
+    Args:
+        endpoint: ``tcp://HOST:PORT``.
+        server_key: the node's raw 32-byte transport public key.
+        key: the admin private key (Ed25519).
+    """
+
+    def __init__(self, endpoint: str, server_key: bytes, key, timeout_s: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.server_key = server_key
+        self.key = key
+        self.timeout_s = timeout_s
+        self.audience = fingerprint(server_key)
+        self.target = endpoint
+
+    def send_raw(self, data: bytes, timeout_s: float | None = None) -> dict:
+        t = self.timeout_s if timeout_s is None else timeout_s
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            public, secret = zmq.curve_keypair()
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            sock.curve_serverkey = z85.encode(self.server_key)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_RESPONSE_BYTES + 1024)
+            try:
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                raise AdminError(f"bad endpoint {self.endpoint}: {exc}", EXIT_USAGE) from None
+            sock.send(data)
+            if not sock.poll(int(t * 1000), zmq.POLLIN):
+                raise AdminError(f"no answer from {self.endpoint} within {t} s (node down, or wrong "
+                                 "address or server key?)", EXIT_NO_NODE)
+            try:
+                doc = msgpack.unpackb(sock.recv(), raw=False)
+            except Exception:
+                raise AdminError("the node sent an unreadable response", EXIT_FAIL) from None
+            if type(doc) is not dict:
+                raise AdminError("the node sent an unreadable response", EXIT_FAIL)
+            return doc
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    def call(self, cmd: str, args: dict | None = None, timeout_s: float | None = None) -> Any:
+        req = admin_keys.sign_request(self.key, self.audience, cmd, args or {})
+        return _result(self.send_raw(msgpack.packb(req, use_bin_type=True), timeout_s))
+
+    def follow(self, cmd: str, args: dict | None = None) -> Iterator[dict]:
+        raise AdminError(f"{cmd} streams and is served on the local socket only", EXIT_USAGE)
+
+
+def _result(reply: dict) -> Any:
+    if not reply.get("ok"):
+        raise AdminError(str(reply.get("error", "unknown error")), int(reply.get("code", EXIT_FAIL)))
+    return reply.get("result")
+
+
+def _read_frame(sock: socket.socket) -> dict:
+    (size,) = struct.unpack(">I", _recv_exactly(sock, 4))
+    if size > MAX_RESPONSE_BYTES:
+        raise AdminError("response too large", EXIT_FAIL)
+    try:
+        doc = msgpack.unpackb(_recv_exactly(sock, size), raw=False)
+    except Exception:
+        raise AdminError("the node sent an unreadable response", EXIT_FAIL) from None
+    if type(doc) is not dict:
+        raise AdminError("the node sent an unreadable response", EXIT_FAIL)
+    return doc
+
+
 def call(data_dir: Path, cmd: str, args: dict | None = None, timeout_s: float = 10.0) -> Any:
-    """Blocking client: send one command to the node in ``data_dir``.
+    """Blocking client: send one command to the node in ``data_dir`` as its owner.
 
     Raises:
         AdminError: no node is running there, it timed out, or it answered an error.
     """
-    path = data_dir / SOCKET_NAME
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
-    try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise AdminError(f"no node is running with data dir {data_dir}") from None
-        except PermissionError:
-            raise AdminError(f"not allowed to open {path} (run as the node's user)") from None
-        data = msgpack.packb({"cmd": cmd, "args": args or {}}, use_bin_type=True)
-        sock.sendall(struct.pack(">I", len(data)) + data)
-        header = _recv_exactly(sock, 4)
-        (size,) = struct.unpack(">I", header)
-        if size > MAX_RESPONSE_BYTES:
-            raise AdminError("response too large")
-        reply = msgpack.unpackb(_recv_exactly(sock, size), raw=False)
-    except socket.timeout:
-        raise AdminError(f"node did not answer within {timeout_s} s") from None
-    finally:
-        sock.close()
-    if not reply.get("ok"):
-        raise AdminError(reply.get("error", "unknown error"))
-    return reply.get("result")
+    return LocalClient(data_dir / SOCKET_NAME, timeout_s=timeout_s).call(cmd, args)
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -143,6 +672,6 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise AdminError("node closed the connection")
+            raise AdminError("node closed the connection", EXIT_NO_NODE)
         buf += chunk
     return bytes(buf)

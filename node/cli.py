@@ -463,6 +463,15 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--workdir", help="keep the peers' data dirs and logs here")
     p.set_defaults(func=cmd_demo)
+    from .cli_train import register as register_train_commands
+
+    register_train_commands(sub)
+    from .cli_admin import register as register_admin_commands  # shell, admin key ..., audit
+
+    register_admin_commands(sub)
+    from .cli_fabric import register as register_fabric_commands  # agent ..., task ...
+
+    register_fabric_commands(sub)
     return parser
 
 

@@ -57,6 +57,22 @@ class NodeConfig:
     consensus_max_batch: int = 64  # values per block
     consensus_empty_block_interval_s: float = 5.0  # idle: one empty block per interval; 0: every height
     test_equivocate: bool = False  # TEST HOOK: sign conflicting votes (tests only)
+    # federated training (node/training.py): this node's own data
+    training_data: str = ""  # CSV or NPZ file (node/datasets.py); the label column below
+    training_label_column: str = ""  # default "label" (CSV) or "y" (NPZ)
+    training_test_data: str = ""  # held-out file for per-round accuracy (default: training_data)
+    training_digits_shard: str = ""  # "k/n" or "genesis": shard of scikit-learn's digits (demo, tests)
+    training_split: str = "dirichlet:0.5"  # digits split: "iid" or "dirichlet:ALPHA"
+    training_split_seed: int = 1
+    training_fetch_interval_s: float = 1.0  # re-request missing updates / certified models
+    training_test_poison: str = ""  # TEST HOOK: "sign_flip:SCALE" sends poisoned updates (tests only)
+    # execution fabric: WASM agents and tasks (node/fabric.py, docs/_sections/18-fabric.md)
+    fabric: bool = True
+    fabric_task_slots: int = 2  # tasks run at once (worker threads); 4 per slot wait; more: refused "busy"
+    fabric_capacity_interval_s: float = 5.0  # signed fabric_capacity advertisement period
+    fabric_probe_gpus: int = -1  # SIMULATION/TEST: >= 0 advertises this many simulated GPUs instead of NVML's
+    fabric_test_wrong_results: bool = False  # TEST HOOK: return wrong task results (tests only)
+    fabric_test_tamper_chunks: bool = False  # TEST HOOK: corrupt module chunks served to peers (tests only)
     # operation
     profile: str = "default"
     log_level: str = "info"
@@ -64,6 +80,7 @@ class NodeConfig:
     drop_log_interval_s: float = 60.0
     metrics_port: int = -1  # Prometheus exporter: -1 off, 0 any free port
     metrics_host: str = "127.0.0.1"
+    admin_listen: str = ""  # remote admin API "tcp://HOST:PORT" (CURVE, signed requests only); "": off
 
     def replace(self, **changes: object) -> "NodeConfig":
         return dataclasses.replace(self, **changes)
@@ -187,4 +204,8 @@ def load_config(
         raise ConfigError("probe_timeout_s must be smaller than probe_interval_s")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level {config.log_level!r}: use debug, info, warning or error")
+    host, _, port = config.admin_listen.removeprefix("tcp://").rpartition(":")
+    if config.admin_listen and not (config.admin_listen.startswith("tcp://") and host
+                                    and port.isdigit() and int(port) <= 65535):
+        raise ConfigError(f"admin_listen {config.admin_listen!r}: use tcp://HOST:PORT (or \"\" for off)")
     return config

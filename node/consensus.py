@@ -64,7 +64,7 @@ from chimera.protocol.errors import LocalProtocolError, MalformedError
 from chimera.protocol.membership import MemberState
 from chimera.protocol.messages import decode_fields, encode_fields
 
-from .actors import Actor
+from .actors import Actor, wait_event
 
 log = logging.getLogger("chimera.consensus")
 SIGN_STATE_KEY = "bft_sign_state"
@@ -110,6 +110,7 @@ class ConsensusService:
         self._join_epoch = -1
         self._wake = asyncio.Event()
         self._flush_scheduled = False
+        self.commit_hooks: list = []  # fn(height, outcome) after a commit is stored (training service)
         self._recover()
         sign_blob = self.store.get_blob(SIGN_STATE_KEY)
         sign_state = None
@@ -239,11 +240,8 @@ class ConsensusService:
             delay = min(self.core.next_deadline(), next_sample) - time.monotonic()
             if delay > 0:
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 5.0))
+                if await wait_event(self._wake, min(delay, 5.0)):
                     continue
-                except asyncio.TimeoutError:
-                    pass
             try:
                 self.core.tick(time.monotonic())
                 self.run_actions()
@@ -362,6 +360,8 @@ class ConsensusService:
                             weights=dict(table.weights))
             log.info("epoch %d from height %d: weights %s", table.epoch, action.height + 1,
                      {p[:10]: w for p, w in table.weights.items()})
+        for hook in self.commit_hooks:
+            hook(action.height, outcome)
         for value in block.values:
             fut = self.waiters.get(value_hash(value))
             if fut is not None and not fut.done():

@@ -57,7 +57,10 @@ def run_demo(peers: int = 4, workdir: Path | None = None) -> int:
         return 2
     keep = workdir is not None
     workdir = (workdir or Path(tempfile.mkdtemp(prefix="chimera-demo-"))).resolve()
-    net = LocalNetwork(workdir, peers, extra_args=FAST_TIMERS, name="demo", epoch_length=EPOCH_LENGTH)
+    from .demo_training import TRAINING_ARGS, run_training_stage  # each peer's digits shard (node/demo_training.py)
+
+    net = LocalNetwork(workdir, peers, extra_args=FAST_TIMERS + TRAINING_ARGS, name="demo",
+                       epoch_length=EPOCH_LENGTH)
     report: dict[str, str] = {}
     code = 1
     console.rule("[bold]Chimera Mesh demo")
@@ -194,6 +197,10 @@ def run_demo(peers: int = 4, workdir: Path | None = None) -> int:
         console.print("  weights come from the peers' signed opinions (local Beta reputation of what each "
                       "saw), committed to the log; every peer computes the same table")
         identical = identical and len(digests[0]) == len(texts) + len(during)
+        identical = run_training_stage(net, console, report) and identical  # 6a. federated training
+
+        from .demo_fabric import run_fabric_stage  # 6b. WASM agents across the peers (node/demo_fabric.py)
+        report.update(run_fabric_stage(net, console))
 
         # 7. counters
         stats = [net.query(i, "status") for i in range(peers)]

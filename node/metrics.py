@@ -81,6 +81,8 @@ class NodeCollector:
                 ("uptime_seconds", "Seconds since start", status["uptime_s"]),
                 ("resident_memory_bytes", "Resident set size", status["rss_bytes"])):
             yield GaugeMetricFamily(f"chimera_{name}", help_, value=value)
+        if getattr(node, "fabric", None) is not None:  # advertised capacity, GPUs, task slots
+            yield from node.fabric.metric_families()
         yield InfoMetricFamily("chimera", "This peer", value={
             "peer_id": node.peer_id, "profile": node.config.profile, "network": node.network.fingerprint()})
 

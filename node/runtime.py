@@ -39,8 +39,8 @@ from chimera.protocol.membership import (
 from chimera.protocol.network import Network, format_contact_uri, parse_contact_uri
 
 from . import admin as admin_api
-from . import features
-from .actors import Actor, ActorRef, Supervisor
+from . import admin_ops, features
+from .actors import Actor, ActorRef, Supervisor, wait_event
 from .config import NodeConfig
 from .discovery import Discovery, resolve_interfaces
 from .keys import load_or_create_identity, load_or_create_transport_keys
@@ -136,6 +136,7 @@ class Node:
         self.peer_id = self.identity.peer_id
         self.store = Store(self.data_dir)
         self.incarnation = self.store.bump_incarnation()
+        self.revoked: set[str] = admin_ops.load_revoked(self.store)  # peer ids refused (admit/revoke_peer)
         self._seq_limit = 0
         self.sealer = EnvelopeSealer(self.identity, self.network.network_id, first_seq=1)
         self._reserve_seq()
@@ -178,7 +179,7 @@ class Node:
             self.add_contact_uri(uri, static=True)
         for contact in self.store.known_peers():
             self.membership.add_candidate(contact, now)
-        self.admin = admin_api.AdminServer(self.data_dir / admin_api.SOCKET_NAME, self._admin_handlers())
+        self.admin = admin_ops.build_admin_server(self)  # local socket, keys, audit, remote (node/admin_ops.py)
         await self.admin.start()
         if cfg.mdns:
             try:
@@ -214,6 +215,13 @@ class Node:
             ))
             self.supervisor.spawn(ConsensusActor(self.consensus))
             self._tasks.append(loop.create_task(self.consensus.run_timer(), name="consensus-timer"))
+            from .training import start_training
+
+            start_training(self)
+        if cfg.fabric:  # WASM agents and tasks (node/fabric.py); wasmtime loads on first use
+            from .fabric import start_fabric
+
+            start_fabric(self)
         self.run_membership_actions()
         log.info("peer %s listening on %s (network %s %s, incarnation %d, transport key %s, profile %s)",
                  self.peer_id, ", ".join(self.contact.addresses), self.network.name,
@@ -325,6 +333,8 @@ class Node:
         self._wake.set()
 
     def _run_action(self, action: object) -> None:
+        if admin_ops.blocked_action(self, action):  # nothing goes to a revoked peer
+            return
         if isinstance(action, Send):
             if action.via is not None:
                 if not isinstance(action.message, Hello):
@@ -393,6 +403,9 @@ class Node:
             except RemoteProtocolError as exc:
                 self.drops.record(exc.reason, f"conn:{conn_id.hex()}", str(exc), now)
                 continue
+            if env.sender in self.revoked:  # network admission: `revoke_peer` (node/admin_ops.py)
+                self.drops.record("revoked", env.sender, env.kind, now)
+                continue
             self.counters["envelopes_accepted"] += 1
             if self.consensus is not None:
                 self.consensus.valid_counts[env.sender] += 1
@@ -417,11 +430,8 @@ class Node:
             delay = min(self.membership.next_deadline() - time.monotonic(), 3600.0)
             if delay > 0:
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 5.0))
+                if await wait_event(self._wake, min(delay, 5.0)):
                     continue  # something changed: recompute the deadline
-                except asyncio.TimeoutError:
-                    pass
             try:
                 self.membership.tick(time.monotonic())
                 self.run_membership_actions()
@@ -559,6 +569,10 @@ class Node:
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
             return {"stopping": True}
 
-        return {"status": status, "peers": peers, "events": events, "ping": ping,
+        from .fabric import admin_handlers as fabric_admin_handlers
+        from .training import training_admin_handlers
+
+        return {**training_admin_handlers(self), **fabric_admin_handlers(self),
+                "status": status, "peers": peers, "events": events, "ping": ping,
                 "add_contact": add_contact, "stop": stop, "propose": propose, "log": log_,
                 "reputation": reputation}

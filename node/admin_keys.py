@@ -1,0 +1,379 @@
+"""Admin keys, roles and signed admin requests.
+
+* An admin key is an Ed25519 keypair. The node keeps only the public half, with
+  a name and a role, in the ``admin_keys`` table of its store
+  (``DATA_DIR/node.sqlite3``); the private half is a PKCS#8 PEM file (mode
+  0600) held by whoever runs the shell.
+* Roles, weakest first: ``observer`` (reads), ``operator`` (also acts:
+  propose, train, deploy, submit), ``admin`` (also changes membership, keys
+  and config). :data:`COMMAND_ROLES` is the one table that says which role
+  each admin command needs; a command missing from it needs ``admin``.
+* A signed request is ``{"signed": BIN, "sig": BIN}``: ``signed`` is the
+  msgpack map ``{"node", "key", "cmd", "args", "nonce", "sent_at_ms"}`` and
+  ``sig`` the Ed25519 signature of :data:`REQUEST_DOMAIN` followed by exactly
+  those bytes (docs/_sections/19-admin.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from chimera.protocol.identity import fingerprint
+
+from .keys import atomic_write
+
+ROLES = ("observer", "operator", "admin")
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+REQUEST_DOMAIN = b"chimera-admin-request-v1\x00"
+REPLAY_WINDOW_S = 60.0
+MAX_TRACKED_NONCES = 65536
+NONCE_BYTES = 16
+MAX_KEY_NAME_CHARS = 64
+
+# The role each admin command needs, in one place. Observers read; operators
+# also act; admins also change membership, keys and config. A command that is
+# not listed needs "admin" (secure by default).
+COMMAND_ROLES: dict[str, str] = {
+    # read
+    **dict.fromkeys((
+        "status", "peers", "events", "events_follow", "log", "reputation", "resources", "metrics",
+        "train_status", "agents_list", "tasks_status", "modules_list", "audit", "commands",
+        "config_get", "whoami", "revoked_peers"), "observer"),
+    # act
+    **dict.fromkeys((
+        "propose", "ping", "train_start", "train_export", "agents_deploy", "agents_upgrade",
+        "agents_rollback", "agents_remove", "agents_call", "tasks_submit"), "operator"),
+    # change membership, keys, config
+    **dict.fromkeys((
+        "add_contact", "stop", "config_set", "log_level", "admit", "revoke_peer",
+        "admin_key_add", "admin_key_list", "admin_key_revoke"), "admin"),
+}
+
+# One-line help and argument names (positional order in the shell) of the
+# commands this package knows; handlers added elsewhere fall back to their
+# docstring's first line.
+COMMAND_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
+    "status": ("this node: identity, network, members, limits, counters", ()),
+    "peers": ("members as this node sees them (id, address, state, rtt, last seen)", ()),
+    "events": ("recent events, newest last", ("limit", "kind", "min_priority")),
+    "events_follow": ("live tail of events until interrupted (local socket only)",
+                      ("kind", "min_priority", "max_events", "duration_s")),
+    "log": ("committed decisions of the consensus log", ("limit", "from_height")),
+    "reputation": ("committed voting weights and local scores", ()),
+    "resources": ("this machine's CPU, memory, disk and GPUs", ()),
+    "metrics": ("Prometheus text of this node (or a summary when the exporter is off)", ()),
+    "audit": ("the admin audit log, newest last", ("limit",)),
+    "commands": ("the commands this node serves, their arguments and roles", ()),
+    "whoami": ("who this connection is and its role", ()),
+    "config_get": ("runtime configuration (all fields, or one)", ("field",)),
+    "config_set": ("change a runtime-changeable config field", ("field", "value")),
+    "log_level": ("change the node's log level (debug, info, warning, error)", ("level",)),
+    "propose": ("commit a decision to the consensus log and wait for it", ("data", "timeout_s", "count")),
+    "ping": ("round-trip signed echo requests to a member", ("peer_id", "count")),
+    "add_contact": ("add a static contact URI (chm://...)", ("uri",)),
+    "stop": ("stop this node gracefully", ()),
+    "revoked_peers": ("the revoked peer ids with time and reason", ()),
+    "admit": ("lift the revocation of a peer id (uri: reconnect at this contact)", ("peer_id", "uri")),
+    "revoke_peer": ("refuse a peer id from now on and drop it from membership", ("peer_id", "reason")),
+    "admin_key_add": ("register an admin public key with a role", ("name", "role", "public_key")),
+    "admin_key_list": ("the admin keys of this node", ()),
+    "admin_key_revoke": ("revoke an admin key by name or fingerprint", ("key",)),
+    "train_status": ("federated training jobs and rounds", ("job",)),
+    "train_start": ("start a federated training job", ("job", "timeout_s")),
+    "train_export": ("the latest certified model of a job (npz bytes + JSON sidecar; the CLI writes the files)",
+                     ("job",)),
+    "agents_list": ("deployed WASM agents", ()),
+    "agents_deploy": ("deploy a WASM agent (module=@FILE.wasm or sha256=...)", ("ref", "module", "kind")),
+    "agents_upgrade": ("upgrade a WASM agent (module=@FILE.wasm or sha256=...)", ("ref", "module")),
+    "agents_rollback": ("roll a WASM agent back to its previous version", ("name",)),
+    "agents_remove": ("remove a WASM agent", ("name",)),
+    "agents_call": ("call a WASM agent with an input", ("name", "input", "reply_wait_s")),
+    "tasks_submit": ("submit a WASM task to the fabric (module=@FILE.wasm or sha256=...)", ("module", "input")),
+    "tasks_status": ("status of submitted tasks", ("task_id", "limit")),
+    "modules_list": ("stored WASM modules", ()),
+}
+
+
+def required_role(cmd: str) -> str:
+    """The role ``cmd`` needs (``admin`` when the command is not in the table)."""
+    return COMMAND_ROLES.get(cmd, "admin")
+
+
+def role_allows(role: str, cmd: str) -> bool:
+    return ROLE_RANK.get(role, -1) >= ROLE_RANK[required_role(cmd)]
+
+
+class AdminKeyError(Exception):
+    """A key name, role or key file is unusable, or a key is unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminKey:
+    name: str
+    role: str
+    public_key: bytes
+    fingerprint: str
+    created_ms: int
+    revoked_ms: int | None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "role": self.role, "fingerprint": self.fingerprint,
+                "created_ms": self.created_ms, "revoked_ms": self.revoked_ms,
+                "state": "revoked" if self.revoked_ms is not None else "active"}
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS admin_keys (
+    fingerprint TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+"""
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_KEY_NAME_CHARS \
+            or not all(c.isalnum() or c in "-_." for c in name):
+        raise AdminKeyError(f"a key name is 1..{MAX_KEY_NAME_CHARS} letters, digits, '-', '_' or '.'")
+    return name
+
+
+def check_role(role: object) -> str:
+    if role not in ROLE_RANK:
+        raise AdminKeyError(f"unknown role {role!r}; use {', '.join(ROLES)}")
+    return str(role)
+
+
+class KeyRing:
+    """The admin keys of one node, in its SQLite store (any connection to it).
+
+    The node and ``chimera admin key ...`` (node stopped) share the same table;
+    every lookup reads the table, so a key revoked by either is refused at once.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        db.executescript(_SCHEMA)
+
+    @classmethod
+    def open(cls, data_dir: Path) -> "KeyRing":
+        """Open the store of ``data_dir`` directly (for use while the node is stopped).
+
+        Raises:
+            AdminKeyError: ``data_dir`` does not exist.
+        """
+        if not data_dir.is_dir():
+            raise AdminKeyError(f"data dir {data_dir} does not exist")
+        path = data_dir / "node.sqlite3"
+        db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        path.chmod(0o600)
+        return cls(db)
+
+    def add(self, name: str, role: str, public_key: bytes, now_ms: int) -> AdminKey:
+        """Register a public key. Raises AdminKeyError on a bad name/role/key or a duplicate."""
+        check_name(name)
+        check_role(role)
+        if not isinstance(public_key, bytes) or len(public_key) != 32:
+            raise AdminKeyError("an admin public key is 32 raw Ed25519 bytes")
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key)
+        except ValueError:
+            raise AdminKeyError("not an Ed25519 public key") from None
+        fp = fingerprint(public_key)
+        for key in self.list():
+            if key.revoked_ms is None and key.name == name:
+                raise AdminKeyError(f"an active key named {name!r} exists; revoke it first")
+            if key.fingerprint == fp:
+                raise AdminKeyError(f"key {fp} is already registered (as {key.name!r})")
+        self.db.execute("INSERT INTO admin_keys(fingerprint, name, role, public_key, created_ms) "
+                        "VALUES(?,?,?,?,?)", (fp, name, role, public_key, now_ms))
+        return AdminKey(name, role, public_key, fp, now_ms, None)
+
+    def list(self) -> list[AdminKey]:
+        return [AdminKey(n, r, bytes(k), f, c, v) for f, n, r, k, c, v in self.db.execute(
+            "SELECT fingerprint, name, role, public_key, created_ms, revoked_ms FROM admin_keys "
+            "ORDER BY created_ms, name")]
+
+    def get(self, fp: str) -> AdminKey | None:
+        row = self.db.execute("SELECT fingerprint, name, role, public_key, created_ms, revoked_ms "
+                              "FROM admin_keys WHERE fingerprint=?", (fp,)).fetchone()
+        if row is None:
+            return None
+        f, n, r, k, c, v = row
+        return AdminKey(n, r, bytes(k), f, c, v)
+
+    def revoke(self, name_or_fp: str, now_ms: int) -> AdminKey:
+        """Revoke the active key with this name or fingerprint.
+
+        Raises:
+            AdminKeyError: no active key matches.
+        """
+        fp = name_or_fp if name_or_fp.startswith("sha256:") else None
+        for key in self.list():
+            if key.revoked_ms is None and (key.fingerprint == fp or key.name == name_or_fp):
+                self.db.execute("UPDATE admin_keys SET revoked_ms=? WHERE fingerprint=?",
+                                (now_ms, key.fingerprint))
+                return AdminKey(key.name, key.role, key.public_key, key.fingerprint, key.created_ms, now_ms)
+        raise AdminKeyError(f"no active admin key named or with fingerprint {name_or_fp!r}")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# ------------------------------------------------------------ private key files
+
+
+def generate_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def public_bytes(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def write_key_file(path: Path, key: Ed25519PrivateKey, *, overwrite: bool = False) -> None:
+    """Write the private key as unencrypted PKCS#8 PEM, mode 0600, atomically.
+
+    Raises:
+        AdminKeyError: the file exists and ``overwrite`` is false.
+    """
+    if path.exists() and not overwrite:
+        raise AdminKeyError(f"{path} exists; choose another --out")
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    atomic_write(path, pem, 0o600)
+
+
+def load_key_file(path: Path) -> Ed25519PrivateKey:
+    """Read an admin private key file.
+
+    Raises:
+        AdminKeyError: missing, readable by others, or not an Ed25519 PEM key.
+    """
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AdminKeyError(f"cannot read admin key {path}: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise AdminKeyError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise AdminKeyError(f"{path} is not a PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise AdminKeyError(f"{path} is not an Ed25519 key")
+    return key
+
+
+# ------------------------------------------------------------- signed requests
+
+
+def sign_request(key: Ed25519PrivateKey, node: str, cmd: str, args: dict, *,
+                 now_ms: int | None = None, nonce: bytes | None = None) -> dict:
+    """The signed request map for ``cmd`` to the node whose transport-key fingerprint is ``node``."""
+    signed = msgpack.packb({
+        "node": node, "key": fingerprint(public_bytes(key)), "cmd": cmd, "args": args,
+        "nonce": nonce if nonce is not None else os.urandom(NONCE_BYTES),
+        "sent_at_ms": now_ms if now_ms is not None else time.time_ns() // 1_000_000,
+    }, use_bin_type=True)
+    return {"signed": signed, "sig": key.sign(REQUEST_DOMAIN + signed)}
+
+
+class Refused(Exception):
+    """An admin request is not allowed (authentication or role)."""
+
+    def __init__(self, message: str, who: str = "unknown", role: str = "-") -> None:
+        super().__init__(message)
+        self.who, self.role = who, role
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    key: AdminKey
+    cmd: str
+    args: dict
+
+
+class RequestVerifier:
+    """Checks signed requests: audience, freshness, nonce, key state, signature.
+
+    Args:
+        keys: the node's key ring.
+        node: this node's transport-key fingerprint (the audience).
+        window_s: ``|now - sent_at|`` allowed, seconds; nonces are remembered this long.
+    """
+
+    def __init__(self, keys: KeyRing, node: str, window_s: float = REPLAY_WINDOW_S) -> None:
+        self.keys = keys
+        self.node = node
+        self.window_ms = int(window_s * 1000)
+        self._seen: OrderedDict[tuple[str, bytes], int] = OrderedDict()  # -> expiry ms
+
+    def verify(self, req: dict, now_ms: int) -> SignedRequest:
+        """Raises Refused (with the claimed key, when readable) for every failure."""
+        signed, sig = req.get("signed"), req.get("sig")
+        if not isinstance(signed, bytes) or not isinstance(sig, bytes) or len(sig) != 64:
+            raise Refused("a signed request is {signed: bytes, sig: 64 bytes}")
+        try:
+            body = msgpack.unpackb(signed, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                                   max_bin_len=len(signed), max_str_len=len(signed))
+        except Exception:
+            raise Refused("signed part is not msgpack") from None
+        if type(body) is not dict:
+            raise Refused("signed part must be a map")
+        fp = body.get("key")
+        who = fp if isinstance(fp, str) else "unknown"
+        for field, tp in (("node", str), ("key", str), ("cmd", str), ("args", dict), ("nonce", bytes),
+                          ("sent_at_ms", int)):
+            if type(body.get(field)) is not tp:
+                raise Refused(f"signed field {field!r} missing or not {tp.__name__}", who)
+        key = self.keys.get(fp)
+        if key is None:
+            raise Refused(f"unknown admin key {fp[:40]}", who)
+        who = f"{key.name} ({key.fingerprint})"
+        if key.revoked_ms is not None:
+            raise Refused(f"admin key {key.name!r} ({key.fingerprint}) is revoked", who, key.role)
+        try:
+            Ed25519PublicKey.from_public_bytes(key.public_key).verify(sig, REQUEST_DOMAIN + signed)
+        except InvalidSignature:
+            raise Refused("bad signature", who, key.role) from None
+        if body["node"] != self.node:
+            raise Refused(f"request is for node {body['node'][:40]}, this is {self.node}", who, key.role)
+        if abs(now_ms - body["sent_at_ms"]) > self.window_ms:
+            raise Refused(f"request time is more than {self.window_ms // 1000} s from the node's clock",
+                          who, key.role)
+        if not 8 <= len(body["nonce"]) <= 64:
+            raise Refused("nonce must be 8..64 bytes", who, key.role)
+        while self._seen and next(iter(self._seen.values())) <= now_ms:
+            self._seen.popitem(last=False)
+        marker = (key.fingerprint, body["nonce"])
+        if marker in self._seen:
+            raise Refused("replayed request (nonce already used)", who, key.role)
+        if len(self._seen) >= MAX_TRACKED_NONCES:
+            raise Refused("too many signed requests in the replay window; retry later", who, key.role)
+        self._seen[marker] = now_ms + 2 * self.window_ms
+        return SignedRequest(key, body["cmd"], body["args"])
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise ValueError("no extension types")

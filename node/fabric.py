@@ -1,0 +1,1102 @@
+"""The execution fabric inside a node: WASM agents, remote tasks, placement, votes.
+
+One actor (``fabric``) receives the ``fabric_*`` envelopes (:mod:`chimera.fabric.wire`)
+and one timer task drives the pure :class:`~chimera.fabric.placement.Placement`
+core. The protocol is in docs/_sections/18-fabric.md; in short:
+
+* **Capacity.** Every ``fabric_capacity_interval_s`` the node probes itself
+  (:class:`~chimera.fabric.probes.SystemProbe`: psutil + NVML; with the
+  simulation option ``fabric_probe_gpus = N`` a
+  :class:`~chimera.fabric.probes.StaticProbe` with N simulated GPUs) and sends
+  a signed ``fabric_capacity`` to every alive member. A peer's advertisement
+  expires after three intervals; the placement core only sees alive members
+  with a fresh advertisement (and this node itself).
+* **Weights.** With a consensus log, the committed weight table of the
+  current epoch (``node.consensus.core.table``); peers outside it get no work.
+  Without consensus (a network without genesis validators) every alive member
+  with capacity, and this node, weighs 1.
+* **Submitting** (``tasks_submit``): the module is stored here by SHA-256;
+  the core's :class:`Dispatch` becomes a ``fabric_task_run`` envelope (or a
+  local run when the core picks this node); ``fabric_task_result`` feeds
+  ``on_result``/``on_failure`` (the digest is recomputed from the reported
+  exit code and stdout, a mismatch is a failure); :class:`RequestVote` becomes
+  ``fabric_vote_request`` and the signed ``fabric_vote`` goes to ``on_vote``;
+  :class:`TaskAccepted` carries the vote certificate, checked again with
+  :func:`~chimera.fabric.placement.verify_task_certificate` before it is
+  reported. :class:`Observe` goes into the node's reputation
+  (``node.consensus.reputation``, else a local :class:`LocalReputation`).
+* **Executing**: at most ``fabric_task_slots`` tasks at once, each in a worker
+  thread, and ``QUEUE_PER_SLOT`` per slot waiting (more are refused with
+  reason ``busy``); a module this node lacks
+  is fetched from the submitting peer in chunks and verified by SHA-256
+  (only ``.wasm`` bytes ever travel; this node compiles them itself); GPU
+  indices leased by the submitter are checked against this node's own lease
+  table. The replica remembers the digest it reported and signs only that.
+* **Agents**: :class:`~chimera.fabric.host.AgentHost` +
+  :class:`~chimera.fabric.deploy.DeploymentManager` with the SQLite history
+  (``DATA_DIR/fabric/agents.sqlite3``); an agent's ``chimera.send`` to another
+  peer becomes a signed ``fabric_actor_message``.
+
+wasmtime is imported lazily, when the first agent or task runs (or at start
+when agents were deployed before a restart), so an idle peer stays small.
+Events: ``task_dispatched``, ``task_completed``, ``agent_swapped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import msgpack
+
+from chimera.consensus.quorum import CertificateError, WeightTable
+from chimera.consensus.reputation import LocalReputation, ObservationKind
+from chimera.consensus.votes import RULES, BallotVote
+from chimera.fabric.digests import error_digest, result_digest
+from chimera.fabric.modules import (
+    ModuleIntegrityError,
+    ModuleNotFound,
+    ModuleStore,
+    ModuleTooLarge,
+    check_hash_name,
+)
+from chimera.fabric.placement import (
+    Cancel,
+    Dispatch,
+    Observe,
+    Placement,
+    PlacementConfig,
+    RequestVote,
+    TaskAccepted,
+    TaskFailed,
+    TaskRequirements,
+    verify_task_certificate,
+)
+from chimera.fabric.probes import StaticProbe, SystemProbe
+from chimera.fabric.resources import GpuInfo, Resources
+from chimera.fabric.wire import (
+    CHUNK_BYTES,
+    FABRIC_ACTOR,
+    MAX_ACTOR_PAYLOAD_BYTES,
+    MAX_MODULE_BYTES,
+    MAX_TASK_INPUT_BYTES,
+    MAX_TASK_OUTPUT_BYTES,
+    MIN_CHUNK_BYTES,
+    FabricActorMessage,
+    FabricCapacity,
+    FabricModuleChunk,
+    FabricModuleRequest,
+    FabricTaskCancel,
+    FabricTaskResult,
+    FabricTaskRun,
+    FabricVote,
+    FabricVoteRequest,
+    ModuleAssembler,
+)
+from chimera.protocol.envelope import Envelope
+from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
+from chimera.protocol.membership import MemberState
+from chimera.protocol.messages import encode_fields
+
+from . import admin as admin_api
+from .actors import Actor, wait_event
+
+log = logging.getLogger("chimera.fabric.node")
+
+SIM_GPU_NAME = "Simulated GPU (fabric_probe_gpus)"
+SIM_GPU_MEMORY_BYTES = 16 << 30
+FETCH_CHUNK_TIMEOUT_S = 10.0
+QUEUE_PER_SLOT = 4  # attempts waiting for a slot, per slot; beyond that: refused as "busy"
+MAX_TASKS_KEPT = 256  # finished tasks kept for tasks_status (input and replicas' stdout freed when done)
+MAX_EXECUTED_KEPT = 4096
+DEFAULT_FUEL = 1_000_000_000
+LOCAL_CALL_INPUT_BYTES = 4 << 20  # agents_call runs here: the sandbox's own stdin limit (no envelope)
+DEFAULT_TASK_MEMORY_BYTES = 64 << 20
+DEFAULT_WALL_TIME_S = 10.0
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Runtime:
+    """The wasmtime side, created on first use."""
+
+    sandbox: Any
+    host: Any
+    store: Any
+    deploy: Any
+
+
+@dataclass
+class _Run:
+    """An attempt this node executes for ``submitter``."""
+
+    submitter: str
+    msg: FabricTaskRun
+    started_mono: float
+    cancelled: bool = False
+
+
+@dataclass
+class _Fetch:
+    assembler: ModuleAssembler
+    source: str
+    deadline: float
+    waiting: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Submitted:
+    """A task submitted on this node (the placement core owns the decision state)."""
+
+    task_id: str
+    module_sha256: str
+    input: bytes
+    req: TaskRequirements
+    submitted_ms: int
+    submitted_mono: float
+    state: str = "running"  # running | accepted | failed
+    dispatches: list[dict] = field(default_factory=list)
+    results: dict[str, dict] = field(default_factory=dict)
+    observations: list[dict] = field(default_factory=list)
+    accepted: TaskAccepted | None = None
+    stdout: bytes = b""
+    exit_code: int | None = None
+    failure: tuple[str, str] | None = None
+    finished_ms: int | None = None
+    latency_s: float | None = None
+    input_bytes: int | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FabricActor(Actor):
+    name = FABRIC_ACTOR
+
+    def __init__(self, service: "FabricService") -> None:
+        self.service = service
+
+    async def handle(self, item: object) -> None:
+        if isinstance(item, Envelope):
+            await self.service.on_envelope(item)
+
+
+class FabricService:
+    """The fabric of one node (created by :func:`start_fabric`)."""
+
+    def __init__(self, node) -> None:
+        cfg = node.config
+        if cfg.fabric_task_slots < 1:
+            raise LocalProtocolError("fabric_task_slots must be >= 1")
+        self.node = node
+        self.config = cfg
+        self.peer_id = node.peer_id
+        self.network_id = node.network.network_id
+        self.loop = asyncio.get_running_loop()
+        self.root = node.data_dir / "fabric"
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.modules = ModuleStore(self.root / "modules")
+        self.counters = node.counters
+        self.slots = cfg.fabric_task_slots
+        self.interval_s = max(0.1, cfg.fabric_capacity_interval_s)
+        self.probe = self._make_probe()
+        self.own: Resources | None = None
+        self.capacity: dict[str, tuple[Resources, float]] = {}  # peer -> (resources, expires at, monotonic)
+        self.placement = Placement(PlacementConfig(), network_id=self.network_id,
+                                   rng=random.Random(int.from_bytes(os.urandom(8), "big")))
+        self.tasks: OrderedDict[str, _Submitted] = OrderedDict()
+        self.running: dict[tuple[str, str, int], _Run] = {}
+        self.gpu_leases: dict[int, tuple[str, str, int]] = {}
+        self.executed: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.fetches: dict[str, _Fetch] = {}
+        self._served: OrderedDict[str, bytes] = OrderedDict()  # recently served modules' bytes
+        self.reputation = node.consensus.reputation if node.consensus is not None else LocalReputation()
+        self.observations: deque[dict] = deque(maxlen=500)
+        self.task_pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="fabric-task")
+        self.admin_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fabric-admin")
+        self._runtime: _Runtime | None = None
+        self._runtime_lock = threading.Lock()
+        self._replies: deque[tuple[float, str, bytes]] = deque(maxlen=256)  # to the admin sink
+        self._wake = asyncio.Event()
+        self._next_advert = 0.0
+        self._advertised_to: set[str] = set()
+        self._task_seq = 0
+        self._closed = False
+
+    # ------------------------------------------------------------ set-up
+
+    def _make_probe(self):
+        n = self.config.fabric_probe_gpus
+        if n < 0:
+            return SystemProbe(self.node.data_dir)
+        base = SystemProbe(self.node.data_dir, nvml=False).resources()
+        gpus = tuple(GpuInfo(index=i, name=SIM_GPU_NAME, memory_total_bytes=SIM_GPU_MEMORY_BYTES,
+                             memory_used_bytes=0) for i in range(min(n, 64)))
+        log.warning("fabric_probe_gpus = %d: advertising %d SIMULATED GPUs (test/simulation option)", n, len(gpus))
+        return StaticProbe(Resources(**{**{k: getattr(base, k) for k in (
+            "cpu_count", "load_1m", "memory_total_bytes", "memory_available_bytes", "disk_total_bytes",
+            "disk_free_bytes", "max_wasm_memory_bytes")}, "gpus": gpus}))
+
+    def runtime(self) -> _Runtime:
+        """The wasmtime engine, actor host and deployment manager (created on first call; blocks)."""
+        with self._runtime_lock:
+            if self._runtime is None:
+                from chimera.fabric.deploy import DeploymentManager
+                from chimera.fabric.host import AgentHost
+                from chimera.fabric.sandbox import SandboxEngine
+
+                from .agent_store import SqliteDeploymentStore
+
+                sandbox = SandboxEngine(self.root / "compiled")
+                host = AgentHost(sandbox, peer_id=self.peer_id, remote_send=self._remote_send)
+                host.add_sink("admin", self._admin_sink)
+                store = SqliteDeploymentStore(self.root / "agents.sqlite3")
+                deploy = DeploymentManager(sandbox, self.modules, host, store, on_event=self._on_deployment_event)
+                try:
+                    restored = deploy.restore()
+                    if restored:
+                        log.info("restored agents: %s", ", ".join(restored))
+                except Exception:  # noqa: BLE001 - a bad stored module must not stop the fabric
+                    log.exception("could not restore every deployed agent")
+                host.start(workers=2)
+                self._runtime = _Runtime(sandbox, host, store, deploy)
+                self.counters["fabric_runtime_started"] += 1
+            return self._runtime
+
+    def _has_deployments(self) -> bool:
+        """True when the deployment history names an agent that was not removed (read without wasmtime)."""
+        path = self.root / "agents.sqlite3"
+        if not path.exists():
+            return False
+        db = sqlite3.connect(path)
+        try:
+            rows = db.execute("SELECT name, action FROM agent_deployments ORDER BY seq").fetchall()
+        except sqlite3.Error:
+            return True  # let the deployment store report what is wrong
+        finally:
+            db.close()
+        last = {name: action for name, action in rows}
+        return any(action != "remove" for action in last.values())
+
+    async def run(self) -> None:
+        """Timer: capacity advertisements, placement ticks, fetch timeouts. Closes the service when cancelled."""
+        try:
+            if await self.loop.run_in_executor(self.admin_pool, self._has_deployments):
+                await self.loop.run_in_executor(self.admin_pool, self.runtime)  # restart: restore the agents
+            while True:
+                now = time.monotonic()
+                if now >= self._next_advert:
+                    self._next_advert = now + self.interval_s
+                    try:
+                        await self._advertise()
+                    except Exception:  # noqa: BLE001 - a probe failure must not stop the timer
+                        self.counters["fabric_probe_errors"] += 1
+                        log.exception("capacity probe failed")
+                try:
+                    self._advertise_to_newcomers()
+                    now = time.monotonic()
+                    self._expire_fetches(now)
+                    self._refresh_peers(now)
+                    self._run_actions(self.placement.tick(now))
+                except Exception:  # noqa: BLE001 - a bug must not stop timeouts and retries for good
+                    self.counters["fabric_timer_errors"] += 1
+                    log.exception("fabric tick failed")
+                deadlines = [self._next_advert, *(f.deadline for f in self.fetches.values())]
+                nd = self.placement.next_deadline()
+                if nd is not None:
+                    deadlines.append(nd)
+                delay = min(1.0, max(0.005, min(deadlines) - time.monotonic()))
+                self._wake.clear()
+                await wait_event(self._wake, delay)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.task_pool.shutdown(wait=False, cancel_futures=True)
+        self.admin_pool.shutdown(wait=False, cancel_futures=True)
+        rt = self._runtime
+        if rt is not None:
+            rt.host.close()
+            rt.sandbox.close()
+            rt.store.close()
+        close = getattr(self.probe, "close", None)
+        if close is not None:
+            close()
+
+    # ------------------------------------------------------------ peers and capacity
+
+    def alive_members(self) -> list[str]:
+        return [p for p, m in self.node.membership.members.items()
+                if m.state is MemberState.ALIVE and p in self.node.routes]
+
+    def _capacity_msg(self) -> FabricCapacity | None:
+        if self.own is None:
+            return None
+        return FabricCapacity(resources=self.own, task_slots=min(self.slots, 1024),
+                              tasks_running=min(len(self.running), 1024),
+                              interval_ms=max(100, int(self.interval_s * 1000)))
+
+    async def _advertise(self) -> None:
+        self.own = await self.loop.run_in_executor(self.admin_pool, self.probe.resources)
+        msg = self._capacity_msg()
+        self._advertised_to = set(self.alive_members())
+        for peer in self._advertised_to:
+            self.node.send(peer, msg)
+        self.counters["fabric_capacity_sent"] += 1
+
+    def _advertise_to_newcomers(self) -> None:
+        """A member that turned alive since the last round hears our capacity now, not an interval later."""
+        msg = self._capacity_msg()
+        if msg is None:
+            return
+        alive = set(self.alive_members())
+        for peer in alive - self._advertised_to:
+            self.node.send(peer, msg)
+        self._advertised_to = alive
+
+    def weights(self) -> WeightTable:
+        """Committed weights of the current epoch, or equal weights of alive members without consensus."""
+        if self.node.consensus is not None:
+            return self.node.consensus.core.table
+        return WeightTable(0, {p: 1 for p in {self.peer_id, *self.capacity}})
+
+    def _refresh_peers(self, now: float) -> None:
+        alive = set(self.alive_members())
+        for peer, (_, expires) in list(self.capacity.items()):
+            if now >= expires or peer not in alive:
+                del self.capacity[peer]
+                self._run_actions(self.placement.remove_peer(peer, now))
+        for peer in [p for p in self.placement.peers if p != self.peer_id and p not in self.capacity]:
+            self._run_actions(self.placement.remove_peer(peer, now))
+        self.placement.set_weights(self.weights())
+        if self.own is not None:
+            self.placement.update_peer(self.peer_id, self.own)
+        for peer, (res, _) in self.capacity.items():
+            self.placement.update_peer(peer, res)
+
+    # ------------------------------------------------------------ receiving
+
+    async def on_envelope(self, env: Envelope) -> None:
+        msg, sender = env.message, env.sender
+        if self._closed:
+            return
+        try:
+            if isinstance(msg, FabricCapacity):
+                self.capacity[sender] = (msg.resources, time.monotonic() + 3 * msg.interval_ms / 1000)
+                self.placement.update_peer(sender, msg.resources)
+                self._wake.set()
+            elif isinstance(msg, FabricTaskRun):
+                self._on_task_run(sender, msg)
+            elif isinstance(msg, FabricTaskResult):
+                self._on_task_result(sender, msg)
+            elif isinstance(msg, FabricTaskCancel):
+                run = self.running.get((sender, msg.task_id, msg.attempt))
+                if run is not None:
+                    run.cancelled = True
+            elif isinstance(msg, FabricVoteRequest):
+                self._on_vote_request(sender, msg)
+            elif isinstance(msg, FabricVote):
+                if msg.vote.voter != sender:
+                    self._drop("fabric_vote_not_own", sender, "a vote relayed for another peer")
+                    return
+                self._run_actions(self.placement.on_vote(msg.task_id, msg.vote, time.monotonic()))
+            elif isinstance(msg, FabricModuleRequest):
+                await self._serve_module(sender, msg)
+            elif isinstance(msg, FabricModuleChunk):
+                await self._on_chunk(sender, msg)
+            elif isinstance(msg, FabricActorMessage):
+                self._on_actor_message(sender, msg)
+        except RemoteProtocolError as exc:
+            self._drop(f"fabric_{exc.reason}", sender, str(exc))
+            self.reputation.observe(sender, ObservationKind.INVALID_ENVELOPE, time.monotonic())
+
+    def _drop(self, reason: str, peer: str, detail: str) -> None:
+        self.node.drops.record(reason, peer, detail, time.monotonic())
+
+    # ------------------------------------------------------------ executing (replica side)
+
+    def _reply(self, submitter: str, result: FabricTaskResult) -> None:
+        if submitter == self.peer_id:
+            self._on_task_result(self.peer_id, result)
+        else:
+            self.node.send(submitter, result)
+
+    def _refuse(self, submitter: str, msg: FabricTaskRun, reason: str, detail: str = "") -> None:
+        self.counters[f"fabric_refused_{reason}"] += 1
+        self._reply(submitter, FabricTaskResult(task_id=msg.task_id, attempt=msg.attempt, status="refused",
+                                                reason=reason, detail=detail[:256]))
+
+    def _on_task_run(self, submitter: str, msg: FabricTaskRun) -> None:
+        key = (submitter, msg.task_id, msg.attempt)
+        if key in self.running:
+            self.counters["fabric_task_run_duplicate"] += 1
+            return
+        if len(self.running) >= self.slots * (1 + QUEUE_PER_SLOT):
+            self._refuse(submitter, msg, "busy", f"{self.slots} task slots busy and "
+                                                 f"{self.slots * QUEUE_PER_SLOT} queued")
+            return
+        own_gpus = {g.index for g in self.own.gpus} if self.own is not None else set()
+        if any(i not in own_gpus or i in self.gpu_leases for i in msg.gpu_indices) \
+                or len(set(msg.gpu_indices)) != len(msg.gpu_indices):
+            self._refuse(submitter, msg, "gpu_unavailable", f"GPUs {list(msg.gpu_indices)} not free here")
+            return
+        if self.own is not None and msg.memory_bytes > self.own.max_wasm_memory_bytes:
+            self._refuse(submitter, msg, "over_capacity", "memory_bytes above this peer's per-agent cap")
+            return
+        for i in msg.gpu_indices:
+            self.gpu_leases[i] = key
+        self.running[key] = _Run(submitter, msg, time.monotonic())
+        self.counters["fabric_tasks_received"] += 1
+        if self.modules.has(msg.module_sha256):
+            self._start_run(key)
+        elif submitter == self.peer_id:
+            self._finish(key, FabricTaskResult(task_id=msg.task_id, attempt=msg.attempt, status="refused",
+                                               reason="module_unavailable", detail="not in the local store"))
+        else:
+            self._fetch(msg.module_sha256, submitter, key)
+
+    def _start_run(self, key: tuple[str, str, int]) -> None:
+        run = self.running.get(key)
+        if run is None:
+            return
+        if run.cancelled:
+            self._finish(key, None)
+            return
+        fut = self.loop.run_in_executor(self.task_pool, self._execute, run.msg)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled():
+                result = None
+            elif f.exception() is not None:
+                log.error("task %s failed internally: %r", key[1], f.exception())
+                result = FabricTaskResult(task_id=run.msg.task_id, attempt=run.msg.attempt, status="refused",
+                                          reason="internal_error", detail=repr(f.exception())[:256])
+            else:
+                result = f.result()
+            self._finish(key, result)
+
+        fut.add_done_callback(done)
+
+    def _execute(self, msg: FabricTaskRun) -> FabricTaskResult:
+        """Run one attempt (worker thread). Never raises for anything the task or its module does."""
+        rt = self.runtime()
+        from chimera.fabric.sandbox import DeadlineExceeded, FabricError, Limits
+
+        t0 = time.perf_counter()
+        common = dict(task_id=msg.task_id, attempt=msg.attempt)
+        try:
+            wasm = self.modules.get(msg.module_sha256)
+        except (ModuleNotFound, ModuleIntegrityError) as exc:
+            return FabricTaskResult(**common, status="refused", reason="module_unavailable", detail=str(exc)[:256])
+        try:
+            compiled = rt.sandbox.compile(wasm)
+            limits = Limits(fuel=msg.fuel, memory_bytes=msg.memory_bytes, wall_time_s=msg.wall_time_ms / 1000,
+                            max_input_bytes=MAX_TASK_INPUT_BYTES, max_output_bytes=MAX_TASK_OUTPUT_BYTES)
+            res = rt.sandbox.run_task(compiled, msg.input, limits=limits, name=f"task {msg.task_id}")
+        except DeadlineExceeded as exc:  # wall time is not deterministic: not a result
+            return FabricTaskResult(**common, status="refused", reason=exc.reason, detail=str(exc)[:256],
+                                    elapsed_ms=int((time.perf_counter() - t0) * 1000))
+        except FabricError as exc:  # deterministic failure: a result replicas can agree on
+            reason = exc.reason + ("_wrong" if self.config.fabric_test_wrong_results else "")
+            return FabricTaskResult(**common, status="error", reason=reason[:64], detail=str(exc)[:256],
+                                    digest=error_digest(reason[:64]),
+                                    elapsed_ms=int((time.perf_counter() - t0) * 1000))
+        stdout = res.stdout
+        if self.config.fabric_test_wrong_results:  # TEST HOOK: a replica that lies
+            stdout = (b"WRONG " + stdout)[:MAX_TASK_OUTPUT_BYTES]
+            self.counters["fabric_test_wrong_results"] += 1
+        return FabricTaskResult(**common, status="ok", exit_code=res.exit_code, stdout=stdout,
+                                digest=result_digest(res.exit_code, stdout), fuel_consumed=res.fuel_consumed,
+                                elapsed_ms=int((time.perf_counter() - t0) * 1000))
+
+    def _finish(self, key: tuple[str, str, int], result: FabricTaskResult | None) -> None:
+        run = self.running.pop(key, None)
+        for i, holder in list(self.gpu_leases.items()):
+            if holder == key:
+                del self.gpu_leases[i]
+        if run is None or result is None or self._closed:
+            return
+        if run.cancelled:
+            self.counters["fabric_result_after_cancel"] += 1
+            return
+        if result.digest is not None:
+            self.executed[(run.submitter, result.task_id)] = result.digest
+            while len(self.executed) > MAX_EXECUTED_KEPT:
+                self.executed.popitem(last=False)
+        self.counters[f"fabric_tasks_{result.status}"] += 1
+        self._reply(run.submitter, result)
+
+    def _on_vote_request(self, submitter: str, msg: FabricVoteRequest) -> list:
+        digest = self.executed.get((submitter, msg.task_id))
+        if digest is None or digest != msg.digest or not msg.ballot.purpose.startswith(f"task {msg.task_id} replicas "):
+            self._drop("fabric_vote_refused", submitter, f"no such result of task {msg.task_id[:64]} to sign")
+            return []
+        vote = BallotVote.sign(self.node.identity, msg.ballot, digest, self.network_id)
+        self.counters["fabric_votes_signed"] += 1
+        if submitter == self.peer_id:
+            return self.placement.on_vote(msg.task_id, vote, time.monotonic())
+        self.node.send(submitter, FabricVote(task_id=msg.task_id, vote=vote))
+        return []
+
+    # ------------------------------------------------------------ modules between peers
+
+    def _fetch(self, sha: str, source: str, key: tuple[str, str, int]) -> None:
+        fetch = self.fetches.get(sha)
+        if fetch is None:
+            fetch = self.fetches[sha] = _Fetch(ModuleAssembler(sha, MAX_MODULE_BYTES), source,
+                                               time.monotonic() + FETCH_CHUNK_TIMEOUT_S)
+            self.node.send(source, FabricModuleRequest(module_sha256=sha, offset=0,
+                                                       max_chunk_bytes=self._chunk_bytes()))
+            self.counters["fabric_module_fetches"] += 1
+        fetch.waiting.append(key)
+        self._wake.set()
+
+    def _chunk_bytes(self) -> int:
+        """Chunk size to ask for: 512 KiB, less when our own envelope limit is smaller (edge profile)."""
+        return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, self.config.max_message_bytes - (16 << 10)))
+
+    def _fail_fetch(self, sha: str, detail: str) -> None:
+        fetch = self.fetches.pop(sha, None)
+        if fetch is None:
+            return
+        self.counters["fabric_module_fetch_failed"] += 1
+        for key in fetch.waiting:
+            run = self.running.get(key)
+            if run is not None:
+                self._finish(key, FabricTaskResult(task_id=run.msg.task_id, attempt=run.msg.attempt,
+                                                   status="refused", reason="module_unavailable",
+                                                   detail=detail[:256]))
+
+    def _expire_fetches(self, now: float) -> None:
+        for sha, fetch in list(self.fetches.items()):
+            if now >= fetch.deadline:
+                self._fail_fetch(sha, f"no chunk from {fetch.source[:10]} within {FETCH_CHUNK_TIMEOUT_S} s")
+
+    async def _serve_module(self, peer: str, msg: FabricModuleRequest) -> None:
+        sha = msg.module_sha256
+        wasm = self._served.get(sha)
+        if wasm is None:
+            try:
+                wasm = await self.loop.run_in_executor(self.admin_pool, self.modules.get, sha)
+            except (ModuleNotFound, ModuleIntegrityError):
+                self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=0, total_bytes=0,
+                                                       error="not_found"))
+                return
+            self._served[sha] = wasm
+            while len(self._served) > 4:
+                self._served.popitem(last=False)
+        if msg.offset > len(wasm):
+            self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=0, total_bytes=len(wasm),
+                                                   error="bad_offset"))
+            return
+        data = wasm[msg.offset:msg.offset + min(msg.max_chunk_bytes, CHUNK_BYTES)]
+        if self.config.fabric_test_tamper_chunks and data:  # TEST HOOK: a peer serving bad bytes
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=msg.offset, total_bytes=len(wasm),
+                                               data=data))
+        self.counters["fabric_module_chunks_served"] += 1
+
+    async def _on_chunk(self, peer: str, msg: FabricModuleChunk) -> None:
+        fetch = self.fetches.get(msg.module_sha256)
+        if fetch is None or fetch.source != peer:
+            self._drop("fabric_unexpected_chunk", peer, f"module {msg.module_sha256[:12]} was not requested")
+            return
+        if msg.error:  # an honest "cannot serve": no fault of the peer's
+            self._fail_fetch(msg.module_sha256, f"{peer[:10]} cannot serve it: {msg.error}")
+            return
+        try:
+            wasm = fetch.assembler.add(msg)
+        except (ModuleIntegrityError, ModuleTooLarge, MalformedError) as exc:
+            self._fail_fetch(msg.module_sha256, f"{exc.reason}: {exc}")
+            raise
+        if wasm is None:
+            fetch.deadline = time.monotonic() + FETCH_CHUNK_TIMEOUT_S
+            self.node.send(peer, FabricModuleRequest(module_sha256=msg.module_sha256,
+                                                     offset=fetch.assembler.next_offset,
+                                                     max_chunk_bytes=self._chunk_bytes()))
+            return
+        await self.loop.run_in_executor(self.admin_pool, self.modules.accept_fetched, msg.module_sha256, wasm)
+        del self.fetches[msg.module_sha256]
+        self.counters["fabric_modules_fetched"] += 1
+        log.info("fetched module %s (%d bytes) from %s; SHA-256 verified", msg.module_sha256[:12], len(wasm),
+                 peer[:10])
+        for key in fetch.waiting:
+            self._start_run(key)
+
+    # ------------------------------------------------------------ submitting (placement side)
+
+    def submit(self, module_sha256: str, stdin: bytes, req: TaskRequirements) -> str:
+        """Place a task; returns its id. Raises LocalProtocolError for a bad request."""
+        check_hash_name(module_sha256)
+        if not self.modules.has(module_sha256):
+            raise LocalProtocolError(f"module {module_sha256[:12]} is not in this node's store")
+        if len(stdin) > MAX_TASK_INPUT_BYTES:
+            raise LocalProtocolError(f"task input is {len(stdin)} bytes; the limit is {MAX_TASK_INPUT_BYTES}")
+        self._task_seq += 1
+        task_id = f"t{self._task_seq}-{os.urandom(4).hex()}"
+        rec = _Submitted(task_id, module_sha256, stdin, req, _wall_ms(), time.monotonic())
+        self.tasks[task_id] = rec
+        while len(self.tasks) > MAX_TASKS_KEPT:
+            old_id, old = next(iter(self.tasks.items()))
+            if old.state == "running":
+                break
+            del self.tasks[old_id]
+        now = time.monotonic()
+        self._refresh_peers(now)
+        self._run_actions(self.placement.submit(task_id, req, now))
+        self._wake.set()
+        return task_id
+
+    def _on_task_result(self, sender: str, msg: FabricTaskResult) -> None:
+        rec = self.tasks.get(msg.task_id)
+        task = self.placement.tasks.get(msg.task_id)
+        att = task.attempts.get(msg.attempt) if task is not None else None
+        if rec is None or att is None or att.peer_id != sender:
+            self.counters["fabric_result_ignored"] += 1
+            return
+        now = time.monotonic()
+        row = {"peer_id": sender, "attempt": msg.attempt, "status": msg.status, "exit_code": msg.exit_code,
+               "reason": msg.reason, "detail": msg.detail, "stdout_bytes": len(msg.stdout),
+               "digest": msg.digest.hex() if msg.digest else None, "elapsed_ms": msg.elapsed_ms,
+               "fuel_consumed": msg.fuel_consumed}
+        if msg.status == "refused":
+            rec.results[sender] = row
+            self._run_actions(self.placement.on_failure(msg.task_id, msg.attempt, sender, msg.reason, now))
+            return
+        expected = result_digest(msg.exit_code, msg.stdout) if msg.status == "ok" else error_digest(msg.reason)
+        if msg.digest != expected:
+            self._drop("fabric_bad_result_digest", sender, f"task {msg.task_id}: digest does not match the result")
+            row.update(status="refused", reason="inconsistent_digest")
+            rec.results[sender] = row
+            self._run_actions(self.placement.on_failure(msg.task_id, msg.attempt, sender, "inconsistent_digest",
+                                                        now))
+            return
+        row["_stdout"] = msg.stdout
+        rec.results[sender] = row
+        self._run_actions(self.placement.on_result(msg.task_id, msg.attempt, sender, msg.digest, now))
+
+    def _run_actions(self, actions: list) -> None:
+        queue = deque(actions)
+        while queue:
+            action = queue.popleft()
+            try:
+                queue.extend(self._run_action(action))
+            except LocalProtocolError as exc:
+                self.counters["fabric_action_errors"] += 1
+                log.error("fabric action %s failed: %s", type(action).__name__, exc)
+
+    def _run_action(self, a: object) -> list:
+        now = time.monotonic()
+        rec = self.tasks.get(getattr(a, "task_id", ""))
+        if isinstance(a, Dispatch):
+            if rec is None:
+                return []
+            req = rec.req
+            msg = FabricTaskRun(task_id=a.task_id, attempt=a.attempt, module_sha256=rec.module_sha256,
+                                input=rec.input, fuel=req.fuel, memory_bytes=req.memory_bytes,
+                                wall_time_ms=max(1, int(req.wall_time_s * 1000)), gpu_indices=a.gpu_indices)
+            rec.dispatches.append({"attempt": a.attempt, "peer_id": a.peer_id, "gpus": list(a.gpu_indices),
+                                   "at_ms": _wall_ms()})
+            self.node.emit_event("task_dispatched", self.peer_id, task_id=a.task_id, to=a.peer_id,
+                                 attempt=a.attempt, gpus=list(a.gpu_indices))
+            if a.peer_id == self.peer_id:
+                self.loop.call_soon(self._on_task_run, self.peer_id, msg)
+            elif not self.node.send(a.peer_id, msg):
+                self.capacity.pop(a.peer_id, None)
+                return self.placement.remove_peer(a.peer_id, now)
+            return []
+        if isinstance(a, Cancel):
+            if a.peer_id == self.peer_id:
+                run = self.running.get((self.peer_id, a.task_id, a.attempt))
+                if run is not None:
+                    run.cancelled = True
+            else:
+                self.node.send(a.peer_id, FabricTaskCancel(task_id=a.task_id, attempt=a.attempt,
+                                                           reason=a.reason[:64]))
+            return []
+        if isinstance(a, RequestVote):
+            msg = FabricVoteRequest(task_id=a.task_id, ballot=a.ballot, digest=a.digest)
+            if a.peer_id == self.peer_id:
+                return self._on_vote_request(self.peer_id, msg)
+            self.node.send(a.peer_id, msg)
+            return []
+        if isinstance(a, Observe):
+            self.reputation.observe(a.peer_id, a.kind, now)
+            doc = {"peer_id": a.peer_id, "kind": a.kind.value, "task_id": a.task_id, "reason": a.reason,
+                   "at_ms": _wall_ms()}
+            self.observations.append(doc)
+            if rec is not None:
+                rec.observations.append(doc)
+            self.counters[f"fabric_observed_{a.kind.value}"] += 1
+            return []
+        if isinstance(a, TaskAccepted):
+            if rec is None:
+                return []
+            try:  # the certificate must stand on its own before anyone is told
+                verify_task_certificate(a.certificate, a.table, self.network_id, a.task_id)
+            except CertificateError as exc:
+                log.error("task %s: certificate does not verify: %s", a.task_id, exc)
+                rec.state, rec.failure = "failed", ("bad_certificate", str(exc))
+            else:
+                rec.state, rec.accepted = "accepted", a
+                row = next((r for p, r in rec.results.items()
+                            if p in a.agreeing and r.get("digest") == a.digest.hex()), None)
+                if row is not None:
+                    rec.stdout, rec.exit_code = row.get("_stdout", b""), row["exit_code"]
+            rec.finished_ms, rec.latency_s = _wall_ms(), time.monotonic() - rec.submitted_mono
+            self._release(rec)
+            self.node.emit_event("task_completed", self.peer_id, task_id=a.task_id, state=rec.state,
+                                 digest=a.digest.hex()[:16], agreeing=len(a.agreeing),
+                                 disagreeing=len(a.disagreeing))
+            rec.done.set()
+            return []
+        if isinstance(a, TaskFailed):
+            if rec is None:
+                return []
+            rec.state, rec.failure, rec.finished_ms = "failed", (a.reason, a.detail), _wall_ms()
+            rec.latency_s = time.monotonic() - rec.submitted_mono
+            self._release(rec)
+            self.node.emit_event("task_completed", self.peer_id, priority="warning", task_id=a.task_id,
+                                 state="failed", reason=a.reason)
+            rec.done.set()
+            return []
+        return []
+
+    @staticmethod
+    def _release(rec: _Submitted) -> None:
+        """A finished task keeps only what its view shows: drop the input and the replicas' stdout."""
+        rec.input_bytes, rec.input = len(rec.input), b""
+        for row in rec.results.values():
+            row.pop("_stdout", None)
+
+    # ------------------------------------------------------------ actor agents
+
+    def _remote_send(self, peer_id: str, name: str, sender: str, payload: bytes) -> bool:
+        """AgentHost callback (agent worker threads): an agent's message to another peer."""
+        if peer_id not in self.node.routes or self._closed:
+            return False
+        try:
+            msg = FabricActorMessage(to_name=name, from_address=sender, payload=payload)
+            encode_fields(msg)  # bounds checked here, in the agent's thread
+        except LocalProtocolError:
+            return False
+        try:
+            self.loop.call_soon_threadsafe(self.node.send, peer_id, msg)
+        except RuntimeError:  # the loop is closed: the node is stopping
+            return False
+        self.counters["fabric_actor_messages_sent"] += 1
+        return True
+
+    def _on_actor_message(self, sender: str, msg: FabricActorMessage) -> None:
+        peer, sep, _ = msg.from_address.rpartition("/")
+        if not sep or peer != sender:
+            self._drop("fabric_bad_actor_sender", sender, "from_address is not the sender's")
+            return
+        rt = self._runtime
+        if rt is None or not rt.host.deliver(msg.to_name, msg.from_address, msg.payload):
+            self._drop("fabric_actor_undeliverable", sender, f"no agent {msg.to_name[:64]!r} took it")
+            return
+        self.counters["fabric_actor_messages_received"] += 1
+
+    def _admin_sink(self, sender: str, payload: bytes) -> None:
+        self._replies.append((time.monotonic(), sender, payload))
+
+    def _on_deployment_event(self, event) -> None:
+        if event.action in ("upgrade", "rollback", "auto_rollback"):
+            fields = dict(agent=event.name, version=event.version, action=event.action,
+                          module=event.module_sha256[:12], reason=event.reason)
+            try:
+                self.loop.call_soon_threadsafe(
+                    lambda: self.node.emit_event("agent_swapped", self.peer_id,
+                                                 priority="warning" if event.action == "auto_rollback" else "info",
+                                                 **fields))
+            except RuntimeError:
+                pass
+
+    # ------------------------------------------------------------ views
+
+    def task_view(self, rec: _Submitted, *, brief: bool = False) -> dict:
+        """A task as the admin API shows it; ``brief`` leaves out stdout and the encoded certificate
+        (listings stay far below the admin response limit)."""
+        doc: dict = {
+            "task_id": rec.task_id, "state": rec.state, "module_sha256": rec.module_sha256,
+            "input_bytes": len(rec.input) if rec.input_bytes is None else rec.input_bytes, "submitted_ms": rec.submitted_ms, "finished_ms": rec.finished_ms,
+            "latency_s": rec.latency_s,
+            "requirements": {"fuel": rec.req.fuel, "memory_bytes": rec.req.memory_bytes,
+                             "wall_time_s": rec.req.wall_time_s, "gpus": rec.req.gpus,
+                             "replicas": rec.req.replicas, "rule": rec.req.rule},
+            "placement": rec.dispatches,
+            "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rec.results.values()],
+            "observations": rec.observations,
+        }
+        if rec.failure is not None:
+            doc["failure"] = {"reason": rec.failure[0], "detail": rec.failure[1]}
+        a = rec.accepted
+        if a is not None:
+            cert = a.certificate
+            doc["result"] = {"digest": a.digest.hex(), "exit_code": rec.exit_code,
+                             "stdout": rec.stdout.decode("utf-8", errors="replace"),
+                             "stdout_b64": base64.b64encode(rec.stdout).decode()}
+            doc["certificate"] = {
+                "ballot_id": cert.ballot.ballot_id.hex(), "purpose": cert.ballot.purpose,
+                "rule": cert.ballot.rule, "threshold": str(cert.ballot.threshold), "epoch": cert.ballot.epoch,
+                "voters": cert.voters(), "agreeing": list(a.agreeing), "disagreeing": list(a.disagreeing),
+                "replica_table": {"epoch": a.table.epoch, "weights": dict(a.table.weights)},
+                "network_id": self.network_id.hex(),
+                "encoded_hex": msgpack.packb(encode_fields(cert), use_bin_type=True).hex(),
+                "verified": True,
+            }
+            if brief:
+                doc["result"] = {k: v for k, v in doc["result"].items() if not k.startswith("stdout")}
+                doc["certificate"].pop("encoded_hex")
+        return doc
+
+    def metric_families(self) -> list:
+        """Prometheus gauges of this peer's advertised capacity and fabric state (called on the
+        exporter's thread; reads only immutable snapshots)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        own, running, peers = self.own, len(self.running), len(self.capacity)
+        out = [GaugeMetricFamily("chimera_fabric_task_slots", "Tasks this peer runs at once", value=self.slots),
+               GaugeMetricFamily("chimera_fabric_tasks_running", "Attempts held (running or queued)", value=running),
+               GaugeMetricFamily("chimera_fabric_peers_with_capacity", "Peers with a fresh capacity advertisement",
+                                 value=peers)]
+        if own is None:
+            return out
+        for name, help_, value in (
+                ("cpu_count", "Logical CPUs advertised", own.cpu_count),
+                ("load_1m", "1-minute load average advertised", own.load_1m),
+                ("memory_total_bytes", "RAM advertised", own.memory_total_bytes),
+                ("memory_available_bytes", "Available RAM advertised", own.memory_available_bytes),
+                ("disk_free_bytes", "Free disk of the data directory", own.disk_free_bytes),
+                ("gpus", "GPUs advertised (NVML)", own.gpu_count)):
+            out.append(GaugeMetricFamily(f"chimera_fabric_{name}", help_, value=value))
+        used = GaugeMetricFamily("chimera_fabric_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("chimera_fabric_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        util = GaugeMetricFamily("chimera_fabric_gpu_utilization_percent", "GPU busy percent", labels=["gpu"])
+        for g in own.gpus:
+            used.add_metric([str(g.index)], g.memory_used_bytes)
+            total.add_metric([str(g.index)], g.memory_total_bytes)
+            util.add_metric([str(g.index)], g.utilization_percent)
+        return out + [used, total, util]
+
+    def status(self) -> dict:
+        return {"task_slots": self.slots, "tasks_running": len(self.running),
+                "gpu_leases": {str(i): list(k[1:]) for i, k in self.gpu_leases.items()},
+                "peers_with_capacity": sorted(self.capacity), "runtime_loaded": self._runtime is not None,
+                "own": None if self.own is None else self.own.describe()}
+
+
+# ------------------------------------------------------------------ wiring
+
+
+def start_fabric(node) -> FabricService:
+    """Create the service, spawn the ``fabric`` actor and its timer (in ``node._tasks``)."""
+    service = FabricService(node)
+    node.fabric = service
+    node.supervisor.spawn(FabricActor(service))
+    node._tasks.append(asyncio.get_running_loop().create_task(service.run(), name="fabric-timer"))
+    return service
+
+
+def _bytes_arg(args: dict, name: str, limit: int, default: bytes | None = None) -> bytes | None:
+    value = args.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes):
+        raise admin_api.AdminError(f"{name} must be bytes or text")
+    if len(value) > limit:
+        raise admin_api.AdminError(f"{name} is {len(value)} bytes; the limit is {limit}")
+    return value
+
+
+def _bounded(args: dict, name: str, default, lo, hi, kind=float):
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise admin_api.AdminError(f"{name} must be a number")
+    value = kind(value)
+    if not lo <= value <= hi:
+        raise admin_api.AdminError(f"{name} must be in [{lo}, {hi}]")
+    return value
+
+
+def admin_handlers(node) -> dict:
+    """Admin API commands of the fabric (operator: agents_deploy/upgrade/rollback/remove/call,
+    tasks_submit; read-only: agents_list, tasks_status, modules_list)."""
+
+    def service() -> FabricService:
+        svc = getattr(node, "fabric", None)
+        if svc is None:
+            raise admin_api.AdminError("the execution fabric is off on this node (fabric = false)")
+        return svc
+
+    async def in_thread(svc: FabricService, fn, *a):
+        try:
+            return await svc.loop.run_in_executor(svc.admin_pool, fn, *a)
+        except (ModuleNotFound, KeyError) as exc:
+            raise admin_api.AdminError(f"not found: {exc}") from None
+        except ValueError as exc:
+            raise admin_api.AdminError(str(exc)) from None
+        except Exception as exc:  # FabricError family (module rejected, trap...)
+            reason = getattr(exc, "reason", None)
+            if reason is None:
+                raise
+            raise admin_api.AdminError(f"{reason}: {exc}") from None
+
+    def module_of(svc: FabricService, args: dict) -> bytes | str:
+        wasm = _bytes_arg(args, "module", MAX_MODULE_BYTES)
+        if wasm is not None:
+            return wasm
+        sha = args.get("sha256")
+        if not isinstance(sha, str):
+            raise admin_api.AdminError("give the module bytes (module) or a stored module's sha256")
+        check_hash_name(sha)
+        if not svc.modules.has(sha):
+            raise admin_api.AdminError(f"module {sha[:12]} is not in this node's store")
+        return sha
+
+    def event_doc(event) -> dict:
+        return {"name": event.name, "version": event.version, "action": event.action, "kind": event.kind,
+                "module_sha256": event.module_sha256, "at_ms": event.at_ms, "reason": event.reason}
+
+    async def agents_deploy(args: dict) -> dict:
+        svc = service()
+        module, kind = module_of(svc, args), str(args.get("kind", "task"))
+        ref = str(args["ref"])
+        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.deploy(ref, module, kind=kind)))
+
+    async def agents_upgrade(args: dict) -> dict:
+        svc = service()
+        module, ref = module_of(svc, args), str(args["ref"])
+        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.upgrade(ref, module)))
+
+    async def agents_rollback(args: dict) -> dict:
+        svc = service()
+        name = str(args["name"])
+        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.rollback(name, reason="by hand")))
+
+    async def agents_remove(args: dict) -> dict:
+        svc = service()
+        name = str(args["name"])
+        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.remove(name)))
+
+    async def agents_call(args: dict) -> dict:
+        svc = service()
+        name = str(args["name"])
+        payload = _bytes_arg(args, "input", LOCAL_CALL_INPUT_BYTES, b"")
+        wait_s = _bounded(args, "reply_wait_s", 1.0, 0.0, 60.0)
+        rt = await in_thread(svc, svc.runtime)
+        deployed = await in_thread(svc, rt.deploy.get, name)
+        if deployed.kind == "task":
+            res = await in_thread(svc, rt.deploy.run_task, name, payload)
+            return {"name": name, "version": deployed.version, "kind": "task", "exit_code": res.exit_code,
+                    "stdout": res.stdout.decode("utf-8", errors="replace"),
+                    "stderr": res.stderr.decode("utf-8", errors="replace"), "fuel_consumed": res.fuel_consumed,
+                    "digest": res.digest().hex()}
+        if len(payload) > MAX_ACTOR_PAYLOAD_BYTES:
+            raise admin_api.AdminError(f"an actor message is at most {MAX_ACTOR_PAYLOAD_BYTES} bytes")
+        since = time.monotonic()
+        agent_addr = rt.host.address(name)
+        outcome = await in_thread(svc, lambda: rt.host.call(name, payload, sender=rt.host.address("admin")))
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not any(t >= since and s == agent_addr for t, s, _ in svc._replies):
+            await asyncio.sleep(0.01)
+        replies = [p.decode("utf-8", errors="replace") for t, s, p in svc._replies if t >= since and s == agent_addr]
+        return {"name": name, "version": outcome.version, "kind": "actor", "ok": outcome.ok,
+                "outcome": outcome.reason, "replies": replies}
+
+    async def agents_list(args: dict) -> dict:
+        svc = service()
+        rt = svc._runtime
+        if rt is None:
+            if not (svc.root / "agents.sqlite3").exists():
+                return {"agents": [], "runtime_loaded": False}
+            rt = await in_thread(svc, svc.runtime)
+        current = rt.deploy.current()
+        running = {a.name: a for a in rt.host.agents()}
+        rows = []
+        for name, d in sorted(current.items()):
+            row = {"name": name, "version": d.version, "kind": d.kind, "module_sha256": d.module_sha256,
+                   "previous": d.previous[0] if d.previous else None}
+            info = running.get(name)
+            if info is not None:
+                row.update(queued=info.queued, handled=info.handled, errors=info.errors, crashes=info.crashes,
+                           memory_bytes=info.memory_bytes, logs=rt.host.logs(name)[-20:])
+            rate, samples = rt.deploy.error_rate(name, d.version)
+            row.update(error_rate=rate, samples=samples)
+            rows.append(row)
+        history = [event_doc(e) for e in rt.deploy.history()[-50:]]
+        return {"agents": rows, "history": history, "runtime_loaded": True}
+
+    async def tasks_submit(args: dict) -> dict:
+        svc = service()
+        module = module_of(svc, args)
+        sha = module if isinstance(module, str) else await in_thread(svc, svc.modules.put, module)
+        stdin = _bytes_arg(args, "input", MAX_TASK_INPUT_BYTES, b"")
+        rule = str(args.get("rule", "majority"))
+        if rule not in RULES:
+            raise admin_api.AdminError(f"rule must be one of {', '.join(RULES)}")
+        threshold = args.get("threshold")
+        try:
+            req = TaskRequirements(
+                fuel=_bounded(args, "fuel", DEFAULT_FUEL, 1, 2**62, int),
+                memory_bytes=_bounded(args, "memory_bytes", DEFAULT_TASK_MEMORY_BYTES, 65536, 1 << 32, int),
+                wall_time_s=_bounded(args, "timeout_s", DEFAULT_WALL_TIME_S, 0.001, 86_400.0),
+                gpus=_bounded(args, "gpus", 0, 0, 64, int),
+                gpu_memory_bytes=_bounded(args, "gpu_memory_bytes", 0, 0, 2**62, int),
+                replicas=_bounded(args, "replicas", 1, 1, 64, int), rule=rule,
+                threshold=None if threshold is None else Fraction(str(threshold)))
+            task_id = svc.submit(sha, stdin, req)
+        except (LocalProtocolError, ValueError, ZeroDivisionError) as exc:
+            raise admin_api.AdminError(str(exc)) from None
+        rec = svc.tasks[task_id]
+        if args.get("wait"):
+            try:
+                await asyncio.wait_for(rec.done.wait(), _bounded(args, "wait_s", 120.0, 0.1, 3600.0))
+            except asyncio.TimeoutError:
+                pass
+        return svc.task_view(rec)
+
+    async def tasks_status(args: dict) -> Any:
+        svc = service()
+        task_id = args.get("task_id")
+        if task_id is not None:
+            rec = svc.tasks.get(str(task_id))
+            if rec is None:
+                raise admin_api.AdminError(f"no task {str(task_id)[:64]!r} was submitted here")
+            return svc.task_view(rec)
+        limit = _bounded(args, "limit", 50, 1, MAX_TASKS_KEPT, int)
+        return {"fabric": svc.status(), "observations": list(svc.observations)[-50:],
+                "tasks": [svc.task_view(r, brief=True) for r in list(svc.tasks.values())[-limit:]]}
+
+    async def modules_list(args: dict) -> dict:
+        svc = service()
+        rows = []
+        for sha in svc.modules.list():
+            try:
+                size = (svc.modules.root / f"{sha}.wasm").stat().st_size
+            except OSError:
+                continue
+            rows.append({"sha256": sha, "size_bytes": size})
+        return {"modules": rows, "total_bytes": sum(r["size_bytes"] for r in rows)}
+
+    return {"agents_deploy": agents_deploy, "agents_upgrade": agents_upgrade, "agents_rollback": agents_rollback,
+            "agents_remove": agents_remove, "agents_call": agents_call, "tasks_submit": tasks_submit,
+            "agents_list": agents_list, "tasks_status": tasks_status, "modules_list": modules_list}

@@ -1,0 +1,557 @@
+"""``chimera shell``: an interactive (prompt_toolkit) or one-shot client of the admin API.
+
+Grammar (the same interactively and with ``-c``)::
+
+    CMD [positional ...] [name=value ...]
+
+split with :mod:`shlex`. ``CMD`` is an admin command name, written with
+spaces or underscores (``train start`` = ``train_start``; ``agent list`` =
+``agents_list``). Positionals fill the command's arguments in the order
+``commands`` lists them. Values are typed conservatively: integers, decimals,
+``true``/``false``, otherwise text (arguments that name things -- peer_id,
+data, uri, name, field, key, kind, ... -- always stay text); ``@FILE`` passes
+a file's bytes (``module=@agent.wasm``; ``@@`` escapes a literal ``@``).
+Nothing is evaluated. Built-ins: ``help [CMD]``, ``admin key create NAME [role=R]
+[out=FILE]``, ``exit``.
+
+Output: plain text (no colours unless stdout is a terminal); ``--json`` prints
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "code": N}``
+(codes: :data:`chimera.node.admin.EXIT_CODES`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from chimera.protocol.identity import unb32
+
+from . import admin
+from .admin import EXIT_FAIL, EXIT_OK, EXIT_USAGE, AdminError
+from .admin_keys import AdminKeyError, check_name, check_role, generate_key, load_key_file, public_bytes, write_key_file
+from .admin_keys import fingerprint as key_fingerprint
+
+DESTRUCTIVE = frozenset({"stop", "revoke_peer", "agents_remove", "admin_key_revoke", "config_set"})
+STRING_ARGS = frozenset({"peer_id", "data", "uri", "name", "field", "key", "kind", "reason", "level",
+                         "role", "agent", "module", "job", "task_id", "path", "out", "min_priority",
+                         "ref", "sha256", "rule", "input"})
+MAX_FILE_ARG_BYTES = 16 << 20
+BUILTINS = ("help", "exit", "quit", "admin key create")
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
+
+
+class ShellError(Exception):
+    """A line the shell cannot run (usage error, code 2 unless given)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def typed(value: str) -> object:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays text."""
+    if _INT.match(value):
+        return int(value)
+    if _FLOAT.match(value):
+        return float(value)
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def value_of(name: str, text: str) -> object:
+    """One argument value: ``@FILE`` is the file's bytes (``@@x`` is the text ``@x``);
+    names in STRING_ARGS stay text; others are :func:`typed`. Raises ShellError."""
+    if text.startswith("@@"):
+        return text[1:]
+    if text.startswith("@") and len(text) > 1:
+        path = Path(text[1:]).expanduser()
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_ARG_BYTES:
+                raise ShellError(f"{name}: {path} is {size} bytes; the limit is {MAX_FILE_ARG_BYTES}")
+            return path.read_bytes()
+        except OSError as exc:
+            raise ShellError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    return text if name in STRING_ARGS else typed(text)
+
+
+def phrase(cmd: str) -> str:
+    return cmd.replace("_", " ")
+
+
+# ------------------------------------------------------------------ targets
+
+
+def connect(target: str | None, *, data_dir: Path | None = None, key_file: str | None = None,
+            server_key: str | None = None, timeout_s: float = 10.0):
+    """A client for TARGET: a data dir, a socket path, or ``tcp://HOST:PORT``.
+
+    Raises:
+        ShellError: a bad target, key file or server key (code 2).
+    """
+    try:
+        key = load_key_file(Path(key_file).expanduser()) if key_file else None
+    except AdminKeyError as exc:
+        raise ShellError(str(exc)) from None
+    if target and target.startswith("tcp://"):
+        if key is None:
+            raise ShellError("a remote target needs --key FILE (an admin key; requests are signed)")
+        if not server_key:
+            raise ShellError("a remote target needs --server-key (the node's contact URI or transport key)")
+        return admin.RemoteClient(target, parse_server_key(server_key), key, timeout_s=timeout_s)
+    if target:
+        path = Path(target).expanduser()
+    else:
+        from .config import default_data_dir
+
+        path = data_dir or default_data_dir()
+    if path.is_dir():
+        path = path / admin.SOCKET_NAME
+    elif not path.exists() and path.name != admin.SOCKET_NAME:
+        raise ShellError(f"{target}: no such data dir or socket")
+    try:
+        return admin.LocalClient(path, key, timeout_s=timeout_s)
+    except AdminError as exc:
+        raise ShellError(str(exc), exc.code) from None
+
+
+def parse_server_key(text: str) -> bytes:
+    """The raw transport key from a contact URI (``...?key=B32``) or a base32 key."""
+    raw_text = text.rsplit("key=", 1)[1] if "key=" in text else text
+    try:
+        raw = unb32(raw_text.strip())
+    except Exception:
+        raw = b""
+    if len(raw) != 32:
+        raise ShellError("--server-key: give the node's contact URI (chm://...?key=...) or its base32 "
+                         "transport key")
+    return raw
+
+
+# -------------------------------------------------------------- formatting
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value == value else "nan"
+    if isinstance(value, bytes):
+        return value.hex() if len(value) <= 32 else f"<{len(value)} bytes>"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, default=_json_default, separators=(",", ":"))
+    return str(value)
+
+
+def table(rows: list[dict], columns: Iterable[str] | None = None) -> str:
+    cols = list(columns or rows[0].keys())
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def render(cmd: str, result: Any, extra: dict | None = None) -> str:
+    """Plain text for one command's result."""
+    if cmd == "peers" and isinstance(result, list):
+        weights = (extra or {}).get("weights", {})
+        result = ([extra["self"]] if extra and "self" in extra else []) + result
+        if not result:
+            return "no peers known yet"
+        rows = [{"peer_id": r["peer_id"], "address": (r.get("addresses") or ["-"])[0], "state": r["state"],
+                 "reputation": weights.get(r["peer_id"]), "profile": r.get("profile"),
+                 "rtt_ms": r.get("rtt_ms"), "last_seen_s": r.get("last_seen_s")} for r in result]
+        return table(rows)
+    if cmd in ("events", "events_follow") and isinstance(result, list):
+        return "\n".join(event_line(e) for e in result) or "no events"
+    if cmd == "metrics" and isinstance(result, dict) and result.get("format") == "prometheus":
+        return result["text"].rstrip()
+    if cmd == "log" and isinstance(result, dict) and "decisions" in result:
+        lines = [f"height {result.get('height')}"]
+        lines += [f"{d['height']:>8}.{d['index']:<3} {str(d.get('author', ''))[:16]}  "
+                  f"{d.get('data_text', _cell(d.get('data')))}" for d in result["decisions"]]
+        return "\n".join(lines + ([] if result["decisions"] else ["no decisions committed yet"]))
+    if cmd == "propose" and isinstance(result, dict) and "height" in result:
+        return f"committed at height {result['height']}" + (
+            f" (value {str(result['value_hash'])[:16]})" if "value_hash" in result else "")
+    if cmd == "audit" and isinstance(result, list):
+        rows = [{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at_ms"] / 1000)), **r}
+                for r in result]
+        return table(rows, ["time", "who", "transport", "role", "command", "args", "result", "duration_s"]) \
+            if rows else "no audit records"
+    if cmd == "commands" and isinstance(result, list):
+        return table([{"command": phrase(c["name"]), "role": c["role"],
+                       "args": " ".join(c["args"]), "help": c["help"]} for c in result])
+    if isinstance(result, list):
+        if result and all(isinstance(r, dict) for r in result):
+            return table(result)
+        return "\n".join(_cell(r) for r in result) or "(none)"
+    if isinstance(result, dict):
+        return _block(result) or "(empty)"
+    return _cell(result)
+
+
+def _block(doc: dict, indent: str = "") -> str:
+    """Key/value lines; nested maps indented, lists of maps as tables."""
+    width = max((len(str(k)) for k in doc), default=0)
+    lines = []
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            lines += [f"{indent}{k}:", _block(v, indent + "  ")]
+        elif isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
+            lines += [f"{indent}{k}:", "\n".join(indent + "  " + line for line in table(v).split("\n"))]
+        else:
+            lines.append(f"{indent}{str(k).ljust(width)}  {_cell(v)}")
+    return "\n".join(lines)
+
+
+def event_line(e: dict) -> str:
+    extra = " ".join(f"{k}={_cell(v)}" for k, v in e.items()
+                     if k not in ("at_ms", "kind", "peer_id", "priority", "weights"))
+    stamp = time.strftime("%H:%M:%S", time.localtime(e.get("at_ms", 0) / 1000))
+    return f"{stamp} {e.get('priority', 'info'):<7} {e.get('kind', '?'):<24} {e.get('peer_id', '')} {extra}".rstrip()
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def json_line(doc: dict) -> str:
+    return json.dumps(doc, default=_json_default, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------ session
+
+
+class Shell:
+    """Parses lines, runs them against ``client``, formats results."""
+
+    def __init__(self, client, *, json_output: bool = False, assume_yes: bool = False,
+                 out=None, interactive: bool = False) -> None:
+        self.client = client
+        self.json = json_output
+        self.assume_yes = assume_yes
+        self.out = out or sys.stdout
+        self.interactive = interactive
+        self._commands: dict[str, dict] | None = None
+        self._cache: dict[str, tuple[float, list[str]]] = {}
+
+    # -------------------------------------------------------------- model
+
+    @property
+    def commands(self) -> dict[str, dict]:
+        if self._commands is None:
+            self._commands = {c["name"]: c for c in self.client.call("commands")}
+        return self._commands
+
+    def phrases(self) -> list[str]:
+        return sorted({*(phrase(c) for c in self.commands), *BUILTINS})
+
+    def names(self, kind: str) -> list[str]:
+        """Peer ids (``peer``) or agent names (``agent``) for completion; cached 5 s, [] on error."""
+        now = time.monotonic()
+        hit = self._cache.get(kind)
+        if hit is not None and now - hit[0] < 5.0:
+            return hit[1]
+        values: list[str] = []
+        try:
+            if kind == "peer":
+                values = [r["peer_id"] for r in self.client.call("peers", timeout_s=3.0)]
+            elif kind == "agent" and "agents_list" in self.commands:
+                rows = self.client.call("agents_list", timeout_s=3.0)
+                rows = rows.get("agents", []) if isinstance(rows, dict) else rows
+                values = [str(r.get("name")) for r in rows if isinstance(r, dict) and r.get("name")]
+        except (AdminError, OSError, TypeError, AttributeError):
+            values = []
+        self._cache[kind] = (now, values)
+        return values
+
+    def resolve(self, words: list[str]) -> tuple[str, list[str]]:
+        """(command name, remaining words) for the longest matching command phrase.
+
+        Raises:
+            ShellError: no command matches.
+        """
+        known = self.commands
+        for n in range(min(4, len(words)), 0, -1):
+            name = "_".join(words[:n]).replace("-", "_")
+            variants = [name]
+            first, _, rest = name.partition("_")
+            variants.append((first[:-1] if first.endswith("s") else first + "s") + (f"_{rest}" if rest else ""))
+            for candidate in variants:
+                if candidate in known:
+                    return candidate, words[n:]
+        close = [phrase(c) for c in known if c.startswith(words[0].replace("-", "_")[:3])]
+        hint = f"; did you mean: {', '.join(sorted(close)[:6])}" if close else "; `help` lists the commands"
+        raise ShellError(f"unknown command {' '.join(words[:3])!r}{hint}")
+
+    def parse(self, line: str) -> tuple[str, dict]:
+        """``(command, args)`` for one line of the grammar. Raises ShellError."""
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise ShellError(f"cannot parse the line: {exc}") from None
+        if not words:
+            raise ShellError("empty command")
+        cmd, rest = self.resolve(words)
+        arg_names = list(self.commands[cmd].get("args", []))
+        args: dict[str, object] = {}
+        positional = 0
+        for word in rest:
+            name, sep, value = word.partition("=")
+            if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                args[name] = value_of(name, value)
+                continue
+            while positional < len(arg_names) and arg_names[positional] in args:
+                positional += 1
+            if positional >= len(arg_names):
+                usage = " ".join(arg_names) or "no positional arguments"
+                raise ShellError(f"{phrase(cmd)}: too many arguments (takes: {usage}; use name=value)")
+            name = arg_names[positional]
+            args[name] = value_of(name, word)
+            positional += 1
+        return cmd, args
+
+    # ---------------------------------------------------------------- run
+
+    def help(self, words: list[str]) -> str:
+        if not words:
+            rows = [{"command": phrase(c["name"]), "role": c["role"], "help": c["help"]}
+                    for c in self.commands.values()]
+            rows.append({"command": "admin key create", "role": "admin",
+                         "help": "create an admin key here and register it: NAME [role=R] [out=FILE]"})
+            rows.append({"command": "help [CMD]", "role": "-", "help": "this list, or one command's help"})
+            return table(rows) + "\n\nsyntax: CMD [positional ...] [name=value ...]"
+        cmd, _ = self.resolve(words)
+        c = self.commands[cmd]
+        usage = " ".join([phrase(cmd), *(f"[{a}]" for a in c["args"])])
+        notes = ["streams until interrupted (Ctrl-C)"] if c.get("stream") else []
+        if cmd in DESTRUCTIVE:
+            notes.append("asks for confirmation (--yes skips)")
+        return "\n".join([f"usage: {usage}", f"  {c['help']}", f"  needs role: {c['role']}",
+                          f"  admin command: {cmd}", *(f"  {n}" for n in notes)])
+
+    def confirm(self, cmd: str, args: dict) -> bool:
+        if self.assume_yes or cmd not in DESTRUCTIVE:
+            return True
+        text = f"{phrase(cmd)} {' '.join(f'{k}={v}' for k, v in args.items())}".strip()
+        if not sys.stdin.isatty():
+            raise ShellError(f"{phrase(cmd)} is destructive: confirm interactively or pass --yes")
+        if self.interactive:
+            from prompt_toolkit.shortcuts import confirm
+
+            return confirm(f"really run `{text}`?")
+        answer = input(f"really run `{text}`? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    def execute(self, line: str) -> int:
+        """Run one line; print its result or its error. Returns the exit code."""
+        try:
+            return self._execute(line)
+        except ShellError as exc:
+            return self._fail(str(exc), exc.code)
+        except AdminError as exc:
+            return self._fail(str(exc), exc.code)
+        except AdminKeyError as exc:
+            return self._fail(str(exc), EXIT_USAGE)
+        except OSError as exc:
+            return self._fail(str(exc), EXIT_FAIL)
+
+    def _fail(self, message: str, code: int) -> int:
+        if self.json:
+            self._print(json_line({"ok": False, "error": message, "code": code}))
+        else:
+            self._print(f"error: {message}", err=True)
+        return code
+
+    def _print(self, text: str, err: bool = False) -> None:
+        stream = sys.stderr if err and not self.interactive else self.out
+        print(text, file=stream, flush=True)
+
+    def _execute(self, line: str) -> int:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise ShellError(f"cannot parse the line: {exc}") from None
+        if not words:
+            return EXIT_OK
+        if words[0] == "help":
+            self._emit("help", self.help(words[1:]), raw=True)
+            return EXIT_OK
+        if words[:3] == ["admin", "key", "create"]:
+            return self._key_create(words[3:])
+        cmd, args = self.parse(line)
+        if not self.confirm(cmd, args):
+            self._print("cancelled")
+            return EXIT_OK
+        if self.commands[cmd].get("stream"):
+            return self._follow(cmd, args)
+        timeout_s = None
+        if "timeout_s" in args and isinstance(args["timeout_s"], (int, float)):
+            timeout_s = float(args["timeout_s"]) + 5.0
+        elif cmd in ("propose", "ping", "train_start", "agents_deploy", "tasks_submit", "agents_call"):
+            timeout_s = 60.0
+        result = self.client.call(cmd, args, timeout_s=timeout_s)
+        extra = None
+        if cmd == "peers" and not self.json:  # the members view: this peer too, with reputation
+            extra = {}
+            try:
+                me = self.client.call("status", timeout_s=3.0)
+                extra["self"] = {"peer_id": me["peer_id"], "addresses": me["addresses"], "state": "self",
+                                 "profile": me["profile"], "rtt_ms": None, "last_seen_s": 0.0}
+                if me.get("consensus"):
+                    rep = self.client.call("reputation", timeout_s=3.0)
+                    extra["weights"] = {r["peer_id"]: r["weight"] for r in rep.get("peers", [])}
+            except (AdminError, AttributeError, KeyError, TypeError):
+                pass
+        self._emit(cmd, result, extra=extra)
+        return EXIT_OK
+
+    def _emit(self, cmd: str, result: Any, extra: dict | None = None, raw: bool = False) -> None:
+        if self.json:
+            self._print(json_line({"ok": True, "result": result}))
+        else:
+            self._print(result if raw else render(cmd, result, extra))
+
+    def _follow(self, cmd: str, args: dict) -> int:
+        stream = self.client.follow(cmd, args)
+        try:
+            for event in stream:
+                self._print(json_line({"ok": True, "result": event}) if self.json else event_line(event))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stream.close()
+        return EXIT_OK
+
+    def _key_create(self, words: list[str]) -> int:
+        name, role, out = None, "observer", None
+        for word in words:
+            key, sep, value = word.partition("=")
+            if sep and key == "role":
+                role = value
+            elif sep and key == "out":
+                out = value
+            elif not sep and name is None:
+                name = word
+            else:
+                raise ShellError("usage: admin key create NAME [role=observer|operator|admin] [out=FILE]")
+        if name is None:
+            raise ShellError("usage: admin key create NAME [role=observer|operator|admin] [out=FILE]")
+        path = Path(out).expanduser() if out else Path.cwd() / f"{name}.admin.key"
+        info = create_key(self.client.call, name, role, path)
+        self._emit("admin_key_add", info)
+        return EXIT_OK
+
+
+def create_key(call, name: str, role: str, path: Path) -> dict:
+    """Generate an admin key, write its private half to ``path`` (0600), register the public half.
+
+    ``call(cmd, args)`` reaches the node (or an offline key ring). Returns the
+    registered key (fingerprint, no secret). Raises AdminKeyError / AdminError.
+    """
+    check_name(name)
+    check_role(role)
+    key = generate_key()
+    write_key_file(path, key)
+    try:
+        info = call("admin_key_add", {"name": name, "role": role, "public_key": public_bytes(key)})
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return {**info, "key_file": str(path), "fingerprint": key_fingerprint(public_bytes(key))}
+
+
+# -------------------------------------------------------------- interactive
+
+
+def _completer(shell: Shell):
+    from prompt_toolkit.completion import Completer, Completion
+
+    class AdminCompleter(Completer):
+        def get_completions(self, document, complete_event):
+            text = document.text_before_cursor
+            stripped = text.lstrip()
+            try:
+                phrases = shell.phrases()
+            except (AdminError, OSError):
+                return
+            matched = None
+            for p in sorted(phrases, key=len, reverse=True):
+                if stripped.startswith(p + " "):
+                    matched = p
+                    break
+            if matched is None:
+                for p in phrases:
+                    if p.startswith(stripped):
+                        yield Completion(p, start_position=-len(stripped))
+                return
+            if matched == "help":
+                word = stripped[len("help "):]
+                for p in phrases:
+                    if p.startswith(word):
+                        yield Completion(p, start_position=-len(word))
+                return
+            cmd = matched.replace(" ", "_")
+            info = shell.commands.get(cmd, {"args": []})
+            word = "" if text.endswith(" ") else text.split()[-1]
+            candidates = [f"{a}=" for a in info["args"]]
+            arg_names = set(info["args"])
+            if "peer_id" in arg_names or cmd in ("ping", "revoke_peer", "admit"):
+                candidates += shell.names("peer")
+            if cmd.startswith("agents_"):
+                candidates += shell.names("agent")
+            if cmd in ("events", "events_follow") and word.startswith("min_priority="):
+                candidates += [f"min_priority={p}" for p in ("info", "warning", "critical")]
+            for c in candidates:
+                if c.startswith(word):
+                    yield Completion(c, start_position=-len(word))
+
+    return AdminCompleter()
+
+
+def history_path() -> Path:
+    import platformdirs
+
+    path = Path(platformdirs.user_state_dir("chimera-mesh", appauthor=False)) / "shell_history"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def interactive(shell: Shell) -> int:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    shell.interactive = True
+    try:
+        me = shell.client.call("whoami")
+        who = f"{me.get('role', '?')}@{str(me.get('peer_id', shell.client.target))[:10]}"
+    except AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    session = PromptSession(history=FileHistory(str(history_path())), completer=_completer(shell),
+                            complete_while_typing=False)
+    print(f"connected to {shell.client.target} as {me.get('who')} ({me.get('role')}); "
+          "`help` lists commands, Ctrl-D leaves", flush=True)
+    while True:
+        try:
+            line = session.prompt(f"chimera {who}> ")
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return EXIT_OK
+        if line.strip() in ("exit", "quit"):
+            return EXIT_OK
+        shell.execute(line)

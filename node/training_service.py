@@ -1,0 +1,866 @@
+"""Federated training inside a node: drives :class:`~chimera.consensus.training.TrainingCore`.
+
+One :class:`TrainingService` per node, loaded by :mod:`chimera.node.training`
+on the first ``fl_*`` activity (so an idle peer never imports numpy or
+scikit-learn). It
+
+* creates a :class:`TrainingCore` for every committed ``fl_job`` (a participant
+  trains; any other peer follows the job's certified rounds: status only);
+* feeds every committed ``fl_*`` log value to the cores in log order (a
+  :class:`~chimera.node.consensus.ConsensusService` commit hook; the ledger hands
+  the values over in :attr:`~chimera.consensus.ledger.ApplyOutcome.app_values`)
+  and is the ledger's ``app_validator`` (a correct peer prevotes an inclusion
+  only when it holds the included updates: :meth:`TrainingCore.validate_log_value`);
+* routes ``fl_*`` envelopes (actor ``"training"``) to the cores;
+* runs :class:`TrainLocal` off the event loop (:func:`asyncio.to_thread`) on
+  this node's own data (config ``training_data`` or ``training_digits_shard``);
+* executes the cores' actions in order: broadcasts and sends as signed
+  envelopes (bytes counted per job and round), log proposals through
+  ``ConsensusService.submit``, checkpoints as atomic files (temp + fsync +
+  ``os.replace``; ``.npz`` without pickle) plus a SQLite row **before** any later
+  action, observations into the node's local reputation, events
+  ``round_started`` / ``round_committed`` (and ``job_finished``,
+  ``aggregate_mismatch``, ``model_fetched``, ``local_failed``);
+* runs the cores' timers (round deadlines, re-fetches).
+
+Restart: the latest checkpoint of each job is loaded (its digest checked) and
+every committed ``fl_*`` value stored in the log is replayed in order; rounds
+certified since are fetched from peers and verified against the certified hash.
+
+scikit-learn is imported only when a job trains or evaluates (never by an idle
+peer). Updates travel in one envelope: a job whose parameters do not fit in
+``max_message_bytes`` (minus :data:`ENVELOPE_MARGIN_BYTES`) is refused at
+``train start`` and is not a valid log value (chunking is not implemented).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+import os
+import time
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from chimera.consensus.aggregation import aggregate_hash
+from chimera.consensus.bft import value_hash
+from chimera.consensus.ledger import app_value_ok, has_app_tag
+from chimera.consensus.quorum import WeightTable
+from chimera.consensus.training import (
+    TRAINING_ACTOR,
+    Broadcast,
+    Checkpoint,
+    Inclusion,
+    JobSpec,
+    Observe,
+    ProposeValue,
+    Rejected,
+    RoundStart,
+    Send,
+    TrainingConfig,
+    TrainingCore,
+    TrainingEvent,
+    TrainLocal,
+    decode_log_value,
+    encode_log_value,
+    job_id_of,
+)
+from chimera.protocol.envelope import Envelope
+from chimera.protocol.errors import LocalProtocolError, MalformedError
+from chimera.protocol.messages import encode_fields
+
+from . import admin as admin_api
+from .actors import Actor, wait_event
+
+log = logging.getLogger("chimera.training")
+
+ENVELOPE_MARGIN_BYTES = 64 * 1024
+"""Room kept in an envelope for everything of an update but its tensor bytes."""
+CHECKPOINT_FILES_KEPT = 3
+"""Checkpoint files kept per job (older rounds keep their SQLite row, not the file)."""
+EVENT_KINDS = {"round_started", "round_committed", "job_finished", "aggregate_mismatch", "model_fetched",
+               "local_failed", "waiting_weight_table"}
+JOB_FIELDS = {"name", "model_kind", "n_features", "classes", "l2", "dataset", "rounds", "local_epochs",
+              "learning_rate", "rule", "byzantine_f", "detect_anomalies", "participants", "quorum",
+              "round_deadline_s", "max_update_norm", "seed"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fl_jobs (
+    job_id BLOB PRIMARY KEY,
+    height INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fl_checkpoints (
+    job_id BLOB NOT NULL,
+    round INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    path TEXT NOT NULL,
+    committed_ms INTEGER NOT NULL,
+    accuracy REAL,
+    loss REAL,
+    round_s REAL,
+    fit_s REAL,
+    included INTEGER,
+    bytes_sent INTEGER,
+    PRIMARY KEY (job_id, round)
+);
+"""
+
+
+class TrainingDataError(Exception):
+    """This node's training data is not configured or cannot be loaded (one clear line)."""
+
+
+# ------------------------------------------------------------------ data
+
+
+def parse_split(text: str) -> tuple[str, float]:
+    """``"iid"`` or ``"dirichlet:ALPHA"`` (ALPHA > 0) -> (kind, alpha).
+
+    Raises:
+        TrainingDataError: anything else.
+    """
+    text = text.strip().lower()
+    if text == "iid":
+        return "iid", 0.0
+    kind, _, alpha = text.partition(":")
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = -1.0
+    if kind != "dirichlet" or not (math.isfinite(value) and value > 0):
+        raise TrainingDataError(f"training_split {text!r}: use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
+    return "dirichlet", value
+
+
+def parse_shard(text: str, genesis: tuple[str, ...], peer_id: str) -> tuple[int, int]:
+    """``"k/n"`` (0 <= k < n) or ``"genesis"`` (k = our index among the sorted genesis validators).
+
+    Raises:
+        TrainingDataError: malformed, out of range, or ``genesis`` while we are not a genesis validator.
+    """
+    text = text.strip()
+    if text == "genesis":
+        ordered = sorted(genesis)
+        if peer_id not in ordered:
+            raise TrainingDataError("training_digits_shard = 'genesis' but this peer is not a genesis validator")
+        return ordered.index(peer_id), len(ordered)
+    k, sep, n = text.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not sep or not 0 <= index < count:
+        raise TrainingDataError(f"training_digits_shard {text!r}: use 'k/n' with 0 <= k < n, or 'genesis'")
+    return index, count
+
+
+def load_node_data(config, genesis: tuple[str, ...], peer_id: str):
+    """This node's ``(train, test)`` :class:`~chimera.consensus.datasets.Shard` pair.
+
+    * ``training_digits_shard`` (``"k/n"`` or ``"genesis"``): shard ``k`` of ``n``
+      of scikit-learn's ``load_digits`` training part (fixed stratified 20 %
+      held-out test set, seed 0), split by ``training_split`` (``"iid"`` or
+      ``"dirichlet:ALPHA"``) with ``training_split_seed``; the test set is the
+      held-out part (identical on every peer).
+    * else ``training_data`` (``.csv`` / ``.npz``, label column
+      ``training_label_column``); the test set is ``training_test_data`` if set,
+      else the training data itself.
+
+    Raises:
+        TrainingDataError: nothing configured, or the data cannot be loaded.
+    """
+    from chimera.consensus import datasets as ds
+
+    from .datasets import DatasetError, load_dataset
+
+    if config.training_digits_shard:
+        index, count = parse_shard(config.training_digits_shard, genesis, peer_id)
+        kind, alpha = parse_split(config.training_split)
+        X, y = ds.load_digits_data()
+        train, test = ds.train_test_split_fixed(X, y, 0.2, seed=0)
+        try:
+            shards = (ds.split_iid(train, count, seed=config.training_split_seed) if kind == "iid"
+                      else ds.split_dirichlet(train, count, alpha=alpha, seed=config.training_split_seed))
+        except LocalProtocolError as exc:
+            raise TrainingDataError(f"digits split: {exc}") from None
+        return shards[index], test
+    if not config.training_data:
+        raise TrainingDataError("this node has no training data: set training_data (CSV/NPZ file) or "
+                                "training_digits_shard in its config")
+    label = config.training_label_column or None
+    try:
+        train = load_dataset(Path(config.training_data).expanduser(), label)
+        test = load_dataset(Path(config.training_test_data).expanduser(), label) \
+            if config.training_test_data else train
+    except DatasetError as exc:
+        raise TrainingDataError(str(exc)) from None
+    return train, test
+
+
+def parse_poison(text: str) -> float | None:
+    """TEST HOOK ``training_test_poison``: ``"sign_flip:S"`` -> S (send ``base - S * delta``)."""
+    if not text:
+        return None
+    kind, _, scale = text.partition(":")
+    try:
+        value = float(scale or "1")
+    except ValueError:
+        value = math.nan
+    if kind != "sign_flip" or not (math.isfinite(value) and value > 0):
+        raise TrainingDataError(f"training_test_poison {text!r}: use 'sign_flip:SCALE'")
+    return value
+
+
+def param_bytes(job: JobSpec) -> int:
+    """Bytes of the job's model parameters (what one update carries as raw tensors)."""
+    return sum(t.nbytes for t in job.model_spec().tensors)
+
+
+def _params_fit(job: JobSpec, max_message_bytes: int) -> tuple[bool, int]:
+    try:
+        size = param_bytes(job)
+    except LocalProtocolError:
+        return False, 0
+    return size + ENVELOPE_MARGIN_BYTES <= max_message_bytes, size
+
+
+# ------------------------------------------------------------------ files
+
+
+def write_npz_atomic(path: Path, params: dict[str, np.ndarray]) -> None:
+    """Write ``params`` (name -> float array) as ``.npz`` atomically: temp file, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **{k: np.ascontiguousarray(v) for k, v in params.items()})
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` written by :func:`write_npz_atomic` (``allow_pickle=False``).
+
+    Raises:
+        OSError, ValueError: unreadable or not an npz.
+    """
+    with np.load(path, allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ state
+
+
+@dataclass
+class RoundInfo:
+    """What this node saw of one round (monotonic seconds; ``None``: not yet)."""
+
+    started_mono: float | None = None
+    round_s: float | None = None
+    fit_s: float | None = None
+    included: int | None = None
+    bytes_sent: int = 0
+    digest: str | None = None
+    committed_ms: int | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+
+    def doc(self, number: int) -> dict:
+        return {"round": number, "digest": self.digest, "accuracy": self.accuracy, "loss": self.loss,
+                "participants": self.included, "round_s": self.round_s, "fit_s": self.fit_s,
+                "bytes_sent": self.bytes_sent, "committed_ms": self.committed_ms}
+
+
+@dataclass
+class JobState:
+    job: JobSpec
+    job_id: bytes
+    value: bytes
+    height: int
+    core: TrainingCore
+    rounds: dict[int, RoundInfo] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    last_error: str | None = None
+    pending: list = field(default_factory=list)  # actions left by the restart replay
+
+    def info(self, number: int) -> RoundInfo:
+        rnd = self.rounds.get(number)
+        if rnd is None:
+            rnd = self.rounds[number] = RoundInfo()
+        return rnd
+
+
+class TrainingActor(Actor):
+    name = TRAINING_ACTOR
+
+    def __init__(self, service: "TrainingService") -> None:
+        self.service = service
+
+    async def handle(self, item: object) -> None:
+        if isinstance(item, Envelope):
+            self.service.on_envelope(item)
+
+
+class TrainingService:
+    """The training part of one node (needs the node's :class:`ConsensusService`)."""
+
+    def __init__(self, node, replay_until: int) -> None:
+        self.node = node
+        self.consensus = node.consensus
+        self.store = node.store
+        self.counters: Counter = node.counters
+        self.jobs: dict[bytes, JobState] = {}
+        self.root = node.data_dir / "training"
+        self._wake = asyncio.Event()
+        self._data = None  # (train, test) once loaded
+        self._data_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self.poison = parse_poison(node.config.training_test_poison)
+        self.store.db.executescript(_SCHEMA)
+        self._replay(replay_until)
+
+    # ------------------------------------------------------------ helpers
+
+    def _tables(self) -> dict[int, WeightTable]:
+        from .consensus import GENESIS_WEIGHT
+
+        tables = {0: WeightTable(epoch=0, weights={p: GENESIS_WEIGHT for p in self.node.network.genesis})}
+        for epoch, _, blob in self.store.epoch_tables():
+            tables[epoch] = WeightTable(epoch=epoch, weights=dict(msgpack.unpackb(blob, raw=False)))
+        return tables
+
+    def _checkpoint_of(self, job_id: bytes, job: JobSpec) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The latest readable checkpoint whose file matches its recorded digest."""
+        spec = job.model_spec()
+        rows = self.store.db.execute("SELECT round, digest, path FROM fl_checkpoints WHERE job_id=? "
+                                     "ORDER BY round DESC LIMIT ?", (job_id, CHECKPOINT_FILES_KEPT)).fetchall()
+        for number, digest, path in rows:
+            try:
+                params = read_npz(Path(path))
+                if aggregate_hash(params, spec) == bytes(digest):
+                    return int(number), params
+            except (OSError, ValueError, LocalProtocolError, KeyError):
+                pass
+            self.counters["training_checkpoint_unusable"] += 1
+            log.warning("checkpoint %s of job %s round %d unusable; trying an older one", path,
+                        job_id.hex()[:16], number)
+        return None
+
+    # ------------------------------------------------------------ validity
+
+    def validate_value(self, value: bytes) -> bool | None:
+        """The ledger's ``app_validator`` for ``fl_*`` values (already strictly decoded and canonical).
+
+        None means "not yet" (an inclusion naming an update this peer has not received).
+
+        An ``fl_job`` is valid when its update fits in one envelope; a value of
+        a job we run is checked by its core (an inclusion only when we hold its
+        updates, if we participate); values of unknown jobs pass (we may be
+        behind; they are ignored on commit unless their job is committed first).
+        """
+        try:
+            rec = decode_log_value(value)
+        except MalformedError:
+            return False
+        if isinstance(rec, JobSpec):
+            return _params_fit(rec, self.node.config.max_message_bytes)[0]
+        state = self.jobs.get(rec.job_id)
+        if state is None:
+            return True
+        core = state.core
+        if isinstance(rec, Inclusion) and not core.participant:
+            return len(rec.updates) >= state.job.quorum  # observers do not receive updates
+        return core.validate_log_value(value)
+
+    # ------------------------------------------------------------ log input
+
+    def _replay(self, last: int) -> None:
+        """Feed the ``fl_*`` values of the stored log up to height ``last`` to fresh cores
+        (from their checkpoints): a restart, or the first load of the service."""
+        from .consensus import _unpack_commit
+
+        row = self.store.db.execute("SELECT MIN(height) FROM fl_jobs").fetchone()
+        height = int(row[0]) if row and row[0] is not None else 1
+        seen: set[bytes] = set()
+        now = time.monotonic()
+        count = 0
+        while height <= last:
+            blobs = self.store.commit_blobs(height, 256)
+            if not blobs:
+                break
+            for blob in blobs:
+                if height > last:  # stored already, but the commit hook delivers it
+                    break
+                try:
+                    commit = _unpack_commit(blob)
+                except (MalformedError, ValueError):
+                    self.counters["training_replay_corrupt"] += 1
+                    height += 1
+                    continue
+                for value in commit.block.values:
+                    if has_app_tag(value) and app_value_ok(value):
+                        seen.add(value_hash(value))
+                        self._apply_value(height, value, now, replay=True)
+                        count += 1
+                height += 1
+        if count:
+            log.info("training: replayed %d committed fl values (%d jobs)", count, len(self.jobs))
+        for state in self.jobs.values():  # a start we see committed is not proposed again
+            actions = [a for a in state.core.take_actions()
+                       if not (isinstance(a, ProposeValue) and value_hash(a.value) in seen)]
+            state.pending = actions  # run once the loop runs (run_timer)
+
+    def on_commit(self, height: int, outcome) -> None:
+        """ConsensusService commit hook: the block's ``fl_*`` values in order, then a new weight table."""
+        now = time.monotonic()
+        try:
+            for value in outcome.app_values:
+                self._apply_value(height, value, now)
+            if outcome.new_table is not None:
+                for state in self.jobs.values():
+                    state.core.set_weight_table(outcome.new_table, now)
+            self.run_all()
+        except Exception:  # never let training break the consensus driver
+            self.counters["training_commit_errors"] += 1
+            log.exception("training: commit hook failed at height %d", height)
+
+    def _apply_value(self, height: int, value: bytes, now: float, replay: bool = False) -> None:
+        try:
+            rec = decode_log_value(value)
+        except MalformedError:
+            self.counters["training_values_malformed"] += 1
+            return
+        self.counters["training_values_committed"] += 1
+        if isinstance(rec, JobSpec):
+            self._on_job(height, value, rec, now, replay)
+            return
+        state = self.jobs.get(rec.job_id)
+        if state is None:
+            self.counters["training_values_unknown_job"] += 1
+            return
+        if isinstance(rec, RoundStart) and rec.round > state.core.model_round:
+            state.info(rec.round)
+        elif isinstance(rec, Inclusion) and rec.round > state.core.model_round:
+            info = state.info(rec.round)
+            if info.included is None:
+                info.included = len(rec.updates)
+        state.core.on_committed(value, now)
+
+    def _on_job(self, height: int, value: bytes, job: JobSpec, now: float, replay: bool) -> None:
+        job_id = job_id_of(value)
+        if job_id in self.jobs:
+            self.counters["training_duplicate_job"] += 1
+            return
+        ok, _ = _params_fit(job, self.node.config.max_message_bytes)
+        if not ok:
+            self.counters["training_job_too_large"] += 1
+            log.warning("job %s committed but its update does not fit in one envelope here; ignored", job.name)
+            return
+        self.store.db.execute("INSERT OR IGNORE INTO fl_jobs(job_id, height, value) VALUES(?,?,?)",
+                              (job_id, height, value))
+        checkpoint = self._checkpoint_of(job_id, job)
+        core = TrainingCore(self.node.identity, self.node.network.network_id, job, job_id, self._tables(), now,
+                            config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s),
+                            checkpoint=checkpoint)
+        state = JobState(job=job, job_id=job_id, value=value, height=height, core=core)
+        for number, digest, committed_ms, acc, loss, round_s, fit_s, included, sent in self.store.db.execute(
+                "SELECT round, digest, committed_ms, accuracy, loss, round_s, fit_s, included, bytes_sent "
+                "FROM fl_checkpoints WHERE job_id=? ORDER BY round", (job_id,)):
+            state.rounds[int(number)] = RoundInfo(round_s=round_s, fit_s=fit_s, included=included,
+                                                  bytes_sent=sent or 0, digest=bytes(digest).hex(),
+                                                  committed_ms=committed_ms, accuracy=acc, loss=loss)
+        self.jobs[job_id] = state
+        log.info("training job %s (%s) committed at height %d: %s%s", job.name, job_id.hex()[:16], height,
+                 job.describe(), f", resuming after round {checkpoint[0]}" if checkpoint else "")
+        if not replay:
+            self.node.emit_event("job_committed", self.node.peer_id, job=job_id.hex()[:16], name=job.name,
+                                 participant=core.participant)
+
+    # ------------------------------------------------------------ messages
+
+    def on_envelope(self, env: Envelope) -> None:
+        msg = env.message
+        state = self.jobs.get(getattr(msg, "job_id", b""))
+        if state is None:
+            self.node.drops.record("training_unknown_job", env.sender, env.kind, time.monotonic())
+            return
+        self.counters[f"training_received.{env.kind}"] += 1
+        state.core.on_message(env.sender, msg, time.monotonic())
+        self.run_actions(state)
+
+    # ------------------------------------------------------------ actions
+
+    def run_all(self) -> None:
+        for state in list(self.jobs.values()):
+            self.run_actions(state)
+
+    def run_actions(self, state: JobState) -> None:
+        actions, state.pending = state.pending + state.core.take_actions(), []
+        for action in actions:
+            try:
+                self._run(state, action)
+            except (LocalProtocolError, OSError, ValueError) as exc:
+                self.counters["training_action_errors"] += 1
+                state.last_error = f"{type(action).__name__}: {exc}"
+                log.error("training action %s failed: %s", type(action).__name__, exc)
+        self._wake.set()
+
+    def _run(self, state: JobState, action: object) -> None:
+        if isinstance(action, ProposeValue):
+            if not self.consensus.submit(action.value):
+                self.counters["training_proposals_refused"] += 1
+        elif isinstance(action, Broadcast):
+            for peer_id in state.job.participants:
+                if peer_id != self.node.peer_id:
+                    self._send(state, peer_id, action.message)
+        elif isinstance(action, Send):
+            self._send(state, action.peer_id, action.message)
+        elif isinstance(action, TrainLocal):
+            self._spawn(self._train(state, action))
+        elif isinstance(action, Checkpoint):
+            self._checkpoint(state, action)
+        elif isinstance(action, Observe):
+            self.consensus.reputation.observe(action.peer_id, action.kind, time.monotonic())
+        elif isinstance(action, Rejected):
+            self.counters[f"training_rejected.{action.reason}"] += 1
+            self.node.drops.record(f"training_{action.reason}", action.peer_id, action.detail, time.monotonic())
+        elif isinstance(action, TrainingEvent):
+            self._on_event(state, action)
+
+    def _send(self, state: JobState, peer_id: str, msg: object) -> None:
+        """Sign and send like ``Node.send``, counting the envelope bytes per job and round."""
+        node = self.node
+        contact = node.routes.get(peer_id)
+        if contact is None or not contact.addresses:
+            self.counters["drop_unroutable"] += 1
+            return
+        frame = node._seal(msg, peer_id)
+        if node.transport.send(contact.transport_key, contact.addresses[0], frame):
+            self.counters["training_bytes_sent"] += len(frame)
+            self.counters[f"training_sent.{type(msg).KIND}"] += 1
+            number = getattr(msg, "round", None)
+            if number is not None:
+                state.info(number).bytes_sent += len(frame)
+
+    def _on_event(self, state: JobState, event: TrainingEvent) -> None:
+        now = time.monotonic()
+        self.counters[f"training_events.{event.kind}"] += 1
+        state.events.append(f"{time.time_ns() // 1_000_000} {event.describe()}")
+        del state.events[:-50]
+        info = state.info(event.round)
+        if event.kind == "round_started":
+            info.started_mono = now
+        elif event.kind == "round_committed" and info.started_mono is not None and info.round_s is None:
+            info.round_s = now - info.started_mono
+        if event.kind in EVENT_KINDS:
+            self.node.emit_event(event.kind, self.node.peer_id, job=state.job_id.hex()[:16], round=event.round,
+                                 detail=event.detail, priority="warning" if event.kind in (
+                                     "aggregate_mismatch", "local_failed") else "info")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ local work
+
+    async def _load_data(self):
+        async with self._data_lock:
+            if self._data is None:
+                self._data = await asyncio.to_thread(load_node_data, self.node.config,
+                                                     tuple(self.node.network.genesis), self.node.peer_id)
+        return self._data
+
+    def _fit(self, job: JobSpec, action: TrainLocal, train) -> tuple[dict, Any, float, float]:
+        from chimera.consensus.models import make_adapter
+
+        adapter = make_adapter(job.model_kind, job.n_features, job.classes, job.l2)
+        adapter.set_params(action.params)
+        t0 = time.perf_counter()
+        fit = adapter.fit(train.X, train.y, epochs=action.epochs, learning_rate=action.learning_rate,
+                          seed=action.seed)
+        fit_s = time.perf_counter() - t0
+        params = adapter.get_params()
+        accuracy = adapter.evaluate(train.X, train.y).accuracy
+        if self.poison is not None:  # TEST HOOK: a poisoning participant
+            params = {k: action.params[k] - self.poison * (params[k] - action.params[k]) for k in params}
+        return params, fit, fit_s, accuracy
+
+    async def _train(self, state: JobState, action: TrainLocal) -> None:
+        core = state.core
+        try:
+            train, _ = await self._load_data()
+            params, fit, fit_s, accuracy = await asyncio.to_thread(self._fit, state.job, action, train)
+        except (TrainingDataError, LocalProtocolError, ValueError) as exc:
+            state.last_error = str(exc)
+            self.counters["training_local_failed"] += 1
+            core.on_local_failed(action.job_id, action.round, str(exc), time.monotonic())
+            self.run_actions(state)
+            return
+        state.info(action.round).fit_s = fit_s
+        self.counters["training_local_fits"] += 1
+        try:
+            core.on_local_result(action.job_id, action.round, params, fit, time.monotonic(), accuracy=accuracy)
+        except LocalProtocolError as exc:
+            state.last_error = str(exc)
+            core.on_local_failed(action.job_id, action.round, str(exc), time.monotonic())
+        self.run_actions(state)
+
+    def _checkpoint(self, state: JobState, action: Checkpoint) -> None:
+        """Atomic file + SQLite row (synchronous: before the next action runs)."""
+        number = action.round
+        path = self.root / state.job_id.hex()[:32] / f"round-{number:07d}.npz"
+        write_npz_atomic(path, dict(action.params))
+        info = state.info(number)
+        info.digest = action.digest.hex()
+        info.committed_ms = time.time_ns() // 1_000_000
+        self.store.db.execute(
+            "INSERT OR REPLACE INTO fl_checkpoints(job_id, round, digest, path, committed_ms, round_s, fit_s, "
+            "included, bytes_sent) VALUES(?,?,?,?,?,?,?,?,?)",
+            (state.job_id, number, action.digest, str(path), info.committed_ms, info.round_s, info.fit_s,
+             info.included, info.bytes_sent))
+        self.counters["training_checkpoints"] += 1
+        for (old,) in self.store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round<=?",
+                                            (state.job_id, number - CHECKPOINT_FILES_KEPT)).fetchall():
+            try:
+                Path(old).unlink()
+            except FileNotFoundError:
+                pass
+        for old in [r for r in state.rounds if r < number - 1000]:  # bound memory of very long jobs
+            del state.rounds[old]
+        self._spawn(self._evaluate(state, number, dict(action.params)))
+
+    def _score(self, job: JobSpec, params: dict, test) -> tuple[float, float]:
+        from chimera.consensus.models import make_adapter
+
+        adapter = make_adapter(job.model_kind, job.n_features, job.classes, job.l2)
+        adapter.set_params(params)
+        result = adapter.evaluate(test.X, test.y)
+        return float(result.accuracy), float(result.loss)
+
+    async def _evaluate(self, state: JobState, number: int, params: dict) -> None:
+        """Accuracy/loss of the certified model of round ``number`` on this node's test data."""
+        try:
+            _, test = await self._load_data()
+            accuracy, loss = await asyncio.to_thread(self._score, state.job, params, test)
+        except (TrainingDataError, LocalProtocolError, ValueError) as exc:
+            state.last_error = str(exc)
+            return
+        info = state.info(number)
+        info.accuracy, info.loss = accuracy, loss
+        if self.node._stopped.is_set():
+            return  # the store may be closed already
+        self.store.db.execute("UPDATE fl_checkpoints SET accuracy=?, loss=?, round_s=?, fit_s=?, included=?, "
+                              "bytes_sent=? WHERE job_id=? AND round=?",
+                              (accuracy, loss, info.round_s, info.fit_s, info.included, info.bytes_sent,
+                               state.job_id, number))
+
+    # ------------------------------------------------------------ timer
+
+    async def run_timer(self) -> None:
+        """Tick every core at its ``next_deadline`` (woken early when actions ran). Cancelled
+        when the node stops; it then cancels the service's local work (fits, evaluations)."""
+        try:
+            await self._timer_loop()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+
+    async def _timer_loop(self) -> None:
+        self.run_all()  # actions left by the replay
+        while True:
+            now = time.monotonic()
+            deadline = min((s.core.next_deadline() for s in self.jobs.values()), default=math.inf)
+            delay = deadline - now
+            if delay > 0:
+                self._wake.clear()
+                if await wait_event(self._wake, min(delay, 5.0)):
+                    continue
+            now = time.monotonic()
+            for state in list(self.jobs.values()):
+                try:
+                    if state.core.next_deadline() <= now:
+                        state.core.tick(now)
+                        self.run_actions(state)
+                except Exception:
+                    self.counters["training_timer_errors"] += 1
+                    log.exception("training tick failed")
+            await asyncio.sleep(0)
+
+    # ------------------------------------------------------------ admin
+
+    def job_doc(self, state: JobState, rounds: bool = True) -> dict:
+        core, job = state.core, state.job
+        update_bytes = param_bytes(job)
+        state_name = ("finished" if core.finished else "running" if core.participant else "observing")
+        doc = {"job_id": state.job_id.hex(), "name": job.name, "state": state_name,
+               "participant": core.participant, "round": core.round, "model_round": core.model_round,
+               "rounds_total": job.rounds, "rule": job.rule, "model_kind": job.model_kind,
+               "participants": len(job.participants), "quorum": job.quorum, "height": state.height,
+               "round_deadline_s": job.round_deadline_s, "update_bytes": update_bytes,
+               "drops": dict(core.drops), "last_error": state.last_error, "recent_events": state.events[-40:],
+               "spec": _spec_doc(job)}
+        if rounds:
+            doc["rounds"] = [info.doc(n) for n, info in sorted(state.rounds.items()) if info.digest is not None]
+        return doc
+
+    def find(self, ref: str | None) -> JobState:
+        if not self.jobs:
+            raise admin_api.AdminError("no training job has been committed")
+        if not ref:
+            return max(self.jobs.values(), key=lambda s: s.height)
+        ref = str(ref).lower()
+        hits = [s for s in self.jobs.values() if s.job_id.hex().startswith(ref) or s.job.name == ref]
+        if len(hits) != 1:
+            raise admin_api.AdminError(f"job {ref!r} {'is ambiguous' if hits else 'is unknown'}; "
+                                       f"known: {', '.join(s.job_id.hex()[:16] for s in self.jobs.values())}")
+        return max(hits, key=lambda s: s.height)
+
+    def job_from_args(self, raw: Any) -> JobSpec:
+        """A :class:`JobSpec` from TOML text or a map (``[job]`` table optional).
+
+        Defaults: ``participants`` every validator of the current epoch (also
+        ``"validators"``); ``quorum`` ``max(n - (n - 1) // 3, rule minimum)``.
+        Raises:
+            admin.AdminError: bad TOML, unknown keys, or an invalid job.
+        """
+        if isinstance(raw, str):
+            try:
+                raw = tomllib.loads(raw)
+            except tomllib.TOMLDecodeError as exc:
+                raise admin_api.AdminError(f"job file: {exc}") from None
+        if not isinstance(raw, dict):
+            raise admin_api.AdminError("job must be TOML text or a map")
+        fields = dict(raw.get("job", raw))
+        unknown = set(fields) - JOB_FIELDS
+        if unknown:
+            raise admin_api.AdminError(f"unknown job keys: {', '.join(sorted(unknown))}; "
+                                       f"known: {', '.join(sorted(JOB_FIELDS))}")
+        participants = fields.get("participants", "validators")
+        if participants in ("validators", "all"):
+            participants = sorted(self.consensus.core.table.weights)
+        if not isinstance(participants, (list, tuple)) or not all(isinstance(p, str) for p in participants):
+            raise admin_api.AdminError("participants: a list of peer ids or \"validators\"")
+        fields["participants"] = tuple(sorted(set(participants)))
+        fields["classes"] = tuple(fields.get("classes", ()))
+        for name in ("l2", "learning_rate", "round_deadline_s", "max_update_norm"):
+            if isinstance(fields.get(name), int) and not isinstance(fields.get(name), bool):
+                fields[name] = float(fields[name])
+        if "quorum" not in fields:
+            n = len(fields["participants"])
+            need = 2 * int(fields.get("byzantine_f", 0)) + (3 if fields.get("rule") in ("krum", "multi_krum")
+                                                            else 1)
+            fields["quorum"] = min(n, max(n - (n - 1) // 3, need))
+        try:
+            job = JobSpec(**fields)
+        except (TypeError, ValueError, LocalProtocolError) as exc:
+            raise admin_api.AdminError(f"invalid job: {exc}") from None
+        return job
+
+    async def start_job(self, raw: Any, timeout_s: float) -> dict:
+        job = self.job_from_args(raw)
+        ok, size = _params_fit(job, self.node.config.max_message_bytes)
+        if not ok:
+            raise admin_api.AdminError(
+                f"the model has {size} parameter bytes; an update must fit in one envelope "
+                f"(max_message_bytes {self.node.config.max_message_bytes} minus {ENVELOPE_MARGIN_BYTES} bytes): "
+                "chunked updates are not supported")
+        if self.node.peer_id in job.participants:
+            try:
+                await self._load_data()
+            except TrainingDataError as exc:
+                raise admin_api.AdminError(f"this node participates but cannot train: {exc}") from None
+        try:
+            value = encode_log_value(job)
+        except LocalProtocolError as exc:
+            raise admin_api.AdminError(f"job does not fit in one log value: {exc}") from None
+        job_id = job_id_of(value)
+        if job_id in self.jobs:
+            raise admin_api.AdminError(f"job {job_id.hex()[:16]} with this exact spec already exists "
+                                       "(change its name or seed)")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        digest = value_hash(value)
+        self.consensus.waiters[digest] = fut
+        t0 = loop.time()
+        try:
+            if not self.consensus.submit(value):
+                raise admin_api.AdminError("the consensus pool refused the job (full, duplicate or invalid)")
+            try:
+                height = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            except asyncio.TimeoutError:
+                raise admin_api.AdminError(f"job not committed within {timeout_s} s (is a quorum of "
+                                           "validators up?)") from None
+        finally:
+            self.consensus.waiters.pop(digest, None)
+        return {"job_id": job_id.hex(), "name": job.name, "height": height, "latency_s": loop.time() - t0,
+                "participants": len(job.participants), "quorum": job.quorum, "update_bytes": size}
+
+    def export(self, ref: str | None) -> dict:
+        """The latest certified model of job ``ref`` (default: the newest job) for the client to write.
+
+        Returns ``{"npz": bytes, "sidecar": str, "job_id", "round", "digest", "accuracy"}``:
+        ``npz`` is the model as a NumPy ``.npz`` archive (one float array per
+        parameter name, no pickle) and ``sidecar`` a JSON text with the job spec,
+        round, digest and tensor shapes. The node writes no file on the caller's
+        behalf (a remote operator must not choose paths on the node's disk); the
+        CLI writes both next to each other.
+
+        Raises:
+            AdminError: no such job, no committed round yet, or the checkpoint is
+                unreadable or does not match its certified digest.
+        """
+        state = self.find(ref)
+        row = self.store.db.execute("SELECT round, digest, path FROM fl_checkpoints WHERE job_id=? "
+                                    "ORDER BY round DESC LIMIT 1", (state.job_id,)).fetchone()
+        if row is None:
+            raise admin_api.AdminError(f"job {state.job_id.hex()[:16]} has no committed round yet")
+        number, digest, source = int(row[0]), bytes(row[1]), Path(row[2])
+        try:
+            params = read_npz(source)
+        except (OSError, ValueError) as exc:
+            raise admin_api.AdminError(f"checkpoint {source} unreadable: {exc}") from None
+        if aggregate_hash(params, state.job.model_spec()) != digest:
+            raise admin_api.AdminError(f"checkpoint {source} does not match its certified digest")
+        info = state.rounds.get(number) or RoundInfo()
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in params.items()})
+        sidecar = json.dumps({
+            "job_id": state.job_id.hex(), "round": number, "digest": digest.hex(),
+            "digest_algorithm": "chimera.consensus.aggregation.aggregate_hash (SHA-256)",
+            "accuracy": info.accuracy, "loss": info.loss, "job": _spec_doc(state.job),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in params.items()},
+        }, indent=2) + "\n"
+        return {"npz": buffer.getvalue(), "sidecar": sidecar, "job_id": state.job_id.hex(), "round": number,
+                "digest": digest.hex(), "accuracy": info.accuracy}
+
+
+def _spec_doc(job: JobSpec) -> dict:
+    doc = encode_fields(job)
+    doc["classes"] = list(job.classes)
+    doc["participants"] = list(job.participants)
+    return doc

@@ -1,0 +1,329 @@
+"""Admin API, keys and roles, audit log, remote admin and the real `chimera shell`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import msgpack
+import pexpect
+import pytest
+
+from chimera.node import admin
+from chimera.node.admin_keys import generate_key, public_bytes, sign_request, write_key_file
+from chimera.node.config import NodeConfig
+from chimera.node.launcher import LocalNetwork
+from chimera.protocol.identity import unb32
+from tests.conftest import FAST, async_wait_until, wait_until
+
+CHIMERA = str(Path(sys.executable).with_name("chimera"))
+PROCESS_FAST = ["--set", "probe_interval_s=0.3", "--set", "probe_timeout_s=0.1",
+                "--set", "reconnect_interval_s=0.5", "--set", "sync_interval_s=2",
+                "--set", "consensus_commit_wait_s=0.05", "--set", "consensus_propose_timeout_s=1",
+                "--set", "consensus_vote_timeout_s=0.5", "--set", "consensus_empty_block_interval_s=0.2",
+                "--set", "admin_listen=tcp://127.0.0.1:0"]
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("admin-net")
+    network = LocalNetwork(workdir, 3, extra_args=PROCESS_FAST, epoch_length=50)
+    try:
+        network.start()
+        assert wait_until(network.full_mesh, timeout_s=60), "no full mesh"
+    except BaseException:
+        network.stop()
+        raise
+    try:
+        yield network
+    finally:
+        network.stop()
+
+
+def _env(tmp_path: Path) -> dict:
+    return dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", XDG_STATE_HOME=str(tmp_path / "state"),
+                NO_COLOR="1", COLUMNS="200", LINES="50")
+
+
+def _spawn(args: list[str], tmp_path: Path) -> pexpect.spawn:
+    child = pexpect.spawn(CHIMERA, ["shell", *args], env=_env(tmp_path), encoding="utf-8",
+                          dimensions=(50, 220), timeout=60)
+    child.logfile_read = open(tmp_path / "shell.transcript", "a")
+    return child
+
+
+def _oneshot(args: list[str], tmp_path: Path, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([CHIMERA, "shell", *args], capture_output=True, text=True, timeout=timeout_s,
+                          env=_env(tmp_path), stdin=subprocess.DEVNULL)
+
+
+def test_interactive_shell_completion_peers_propose_history(net, tmp_path: Path):
+    data_dir = net.peers[0].data_dir
+    ids = [p.status["peer_id"] for p in net.peers]
+    child = _spawn([str(data_dir)], tmp_path)
+    try:
+        child.expect("chimera admin@")
+        child.send("pee\t")  # tab completes the only command starting "pee" (redraws may split it)
+        child.expect(r"pee(\x1b\[[0-9;?]*[A-Za-z])*rs")
+        child.send("\r")
+        child.expect("PEER_ID")
+        for _ in ids:  # every id, in any order (self first)
+            child.expect("|".join(ids))
+        child.expect("chimera admin@")
+        child.sendline('propose "hello from the shell"')
+        child.expect("committed at height", timeout=90)
+        child.expect("chimera admin@")
+        child.sendline("log limit=50")
+        child.expect("hello from the shell")
+        child.expect("chimera admin@")
+        child.sendline("help propose")
+        child.expect("usage: propose")
+        child.expect("needs role: operator")
+        child.sendline("stop")  # destructive: asks, and "n" keeps the node running
+        child.expect("really run")
+        child.sendline("n")
+        child.expect("cancelled")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert net.peers[0].alive()
+    history = (tmp_path / "state" / "chimera-mesh" / "shell_history").read_text()
+    assert "peers" in history and "hello from the shell" in history
+
+
+def test_observer_key_is_refused_an_operator_command_and_it_is_audited(net, tmp_path: Path):
+    data_dir = net.peers[0].data_dir
+    key_file = tmp_path / "obs.pem"
+    out = subprocess.run([CHIMERA, "admin", "key", "create", "watcher", "--role", "observer", "--out",
+                          str(key_file), "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "sha256:" in out.stdout and "PRIVATE" not in out.stdout
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    child = _spawn([str(data_dir), "--key", str(key_file)], tmp_path)
+    try:
+        child.expect("chimera observer@")
+        child.sendline("status")
+        child.expect("peer_id")
+        child.sendline('propose "not allowed"')
+        child.expect("refused: propose needs role operator")
+        child.sendline("audit limit=20")
+        child.expect(r"watcher \(sha256:[0-9a-f]+\)\s+local\s+observer\s+propose")
+        child.expect("refused: needs operator")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    rows = json.loads(subprocess.run([CHIMERA, "audit", "--data-dir", str(data_dir), "--json", "--limit", "200"],
+                                     capture_output=True, text=True, timeout=60).stdout)["result"]
+    refusal = [r for r in rows if r["command"] == "propose" and r["result"].startswith("refused")]
+    assert refusal and refusal[-1]["role"] == "observer" and refusal[-1]["args"] == {"data": "not allowed"}
+
+
+def test_oneshot_json_errors_and_malformed_requests(net, tmp_path: Path):
+    data_dir = net.peers[1].data_dir
+    out = _oneshot([str(data_dir), "-c", "peers", "--json"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    others = {p.status["peer_id"] for i, p in enumerate(net.peers) if i != 1}
+    assert doc["ok"] is True and others <= {r["peer_id"] for r in doc["result"]}
+    out = _oneshot([str(data_dir), "-c", "frobnicate now", "--json"], tmp_path)
+    assert out.returncode == 2 and json.loads(out.stdout) == {
+        "ok": False, "error": json.loads(out.stdout)["error"], "code": 2}
+    assert "unknown command" in json.loads(out.stdout)["error"] and "Traceback" not in out.stderr
+    out = _oneshot([str(data_dir), "-c", "ping not-a-peer-id", "--json"], tmp_path)
+    assert out.returncode == 2 and "bad arguments" in json.loads(out.stdout)["error"]
+    out = _oneshot([str(data_dir), "-c", "stop"], tmp_path)  # destructive, no tty, no --yes
+    assert out.returncode == 2 and "--yes" in out.stderr and out.stderr.count("\n") == 1
+    out = _oneshot([str(tmp_path / "nowhere"), "-c", "status"], tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("chimera: ")
+    # plain text when stdout is not a terminal: no escape sequences
+    out = _oneshot([str(data_dir), "-c", "peers"], tmp_path)
+    assert out.returncode == 0 and "\x1b[" not in out.stdout and "PEER_ID" in out.stdout
+
+    client = admin.LocalClient(data_dir / admin.SOCKET_NAME)
+    assert client.send_raw(b"\xc1\xff not msgpack") == {"ok": False, "error": "request is not msgpack", "code": 2}
+    assert client.send_raw(msgpack.packb([1, 2, 3]))["code"] == 2
+    assert client.send_raw(msgpack.packb({"cmd": 7}))["code"] == 2
+    assert client.send_raw(msgpack.packb({"cmd": "status", "args": "x"}))["error"] == "'args' must be a map"
+    reply = client.send_raw(msgpack.packb({"cmd": "ping", "args": {}}))
+    assert reply == {"ok": False, "error": "bad arguments: missing 'peer_id'", "code": 2}
+    import socket as socket_mod
+    raw = socket_mod.socket(socket_mod.AF_UNIX)
+    raw.connect(str(data_dir / admin.SOCKET_NAME))
+    raw.sendall(struct.pack(">I", 1 << 30))  # an absurd length: refused, connection closed
+    assert b"too large" in raw.recv(4096)
+    raw.close()
+    raw = socket_mod.socket(socket_mod.AF_UNIX)
+    raw.connect(str(data_dir / admin.SOCKET_NAME))
+    raw.sendall(struct.pack(">I", 100) + b"short")  # then hang up mid-request
+    raw.close()
+    assert admin.call(data_dir, "status")["peer_id"] == net.peers[1].status["peer_id"]  # still serving
+    assert net.peers[1].alive()
+
+
+def test_socket_is_owner_only_and_revoked_or_unknown_keys_are_refused(net, tmp_path: Path):
+    data_dir = net.peers[2].data_dir
+    sock = data_dir / admin.SOCKET_NAME
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+    op_key, stranger = generate_key(), generate_key()
+    admin.call(data_dir, "admin_key_add", {"name": "ops", "role": "operator", "public_key": public_bytes(op_key)})
+    local = admin.LocalClient(sock, op_key)
+    assert local.call("whoami")["role"] == "operator"
+    with pytest.raises(admin.AdminError, match="needs role admin") as err:
+        local.call("config_set", {"field": "log_level", "value": "debug"})
+    assert err.value.code == 4
+    # a replayed signed request is refused
+    body = msgpack.packb(sign_request(op_key, local.audience, "status", {}))
+    assert local.send_raw(body)["ok"] is True
+    assert "replayed" in local.send_raw(body)["error"]
+    with pytest.raises(admin.AdminError, match="unknown admin key") as err:
+        admin.LocalClient(sock, stranger).call("status")
+    assert err.value.code == 4
+
+    # remote: CURVE to the node's transport key, every request signed
+    me = admin.call(data_dir, "whoami")
+    endpoint, server_key = me["remote_admin"], unb32(me["server_key"])
+    remote = admin.RemoteClient(endpoint, server_key, op_key, timeout_s=20)
+    assert remote.call("whoami")["transport"] == "remote"
+    assert remote.call("status")["peer_id"] == net.peers[2].status["peer_id"]
+    with pytest.raises(admin.AdminError, match="unknown admin key"):
+        admin.RemoteClient(endpoint, server_key, stranger, timeout_s=20).call("status")
+    unsigned = remote.send_raw(msgpack.packb({"cmd": "status", "args": {}}))
+    assert unsigned["code"] == 4 and "must be signed" in unsigned["error"]
+    with pytest.raises(admin.AdminError) as err:  # wrong server key: no handshake, no answer
+        admin.RemoteClient(endpoint, public_bytes(stranger), op_key, timeout_s=1.5).call("status")
+    assert err.value.code == 3
+
+    # revoke the key (through the CLI): refused locally and remotely from then on
+    out = subprocess.run([CHIMERA, "admin", "key", "revoke", "ops", "--data-dir", str(data_dir)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for client in (local, remote):
+        with pytest.raises(admin.AdminError, match="is revoked") as err:
+            client.call("status")
+        assert err.value.code == 4
+    # the shell speaks the remote API too; the refusal is its exit code
+    key_file = tmp_path / "ops.pem"
+    write_key_file(key_file, op_key)
+    out = _oneshot([endpoint, "--key", str(key_file), "--server-key", me["server_key"], "-c", "status",
+                    "--json"], tmp_path)
+    assert out.returncode == 4 and "revoked" in json.loads(out.stdout)["error"]
+    rows = admin.call(data_dir, "audit", {"limit": 200})
+    refused = [r for r in rows if r["result"].startswith("refused")]
+    assert {r["transport"] for r in refused} == {"local", "remote"}
+    assert any("unknown admin key" in r["result"] for r in refused)
+    assert any("revoked" in r["result"] and r["transport"] == "remote" for r in refused)
+    listed = subprocess.run([CHIMERA, "admin", "key", "list", "--data-dir", str(data_dir), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    keys = {k["name"]: k["state"] for k in json.loads(listed.stdout)["result"]}
+    assert keys["ops"] == "revoked"
+
+
+async def test_revoke_peer_admit_config_and_live_events(node_factory):
+    a = await node_factory("a", NodeConfig(**FAST, metrics_port=0))
+    b = await node_factory("b")
+    b.add_contact_uri(a.contact_uri, static=True)
+    b.run_membership_actions()
+    assert await async_wait_until(lambda: b.peer_id in a.routes and a.peer_id in b.routes, 30)
+
+    def call(cmd, args=None):
+        return asyncio.to_thread(admin.call, a.data_dir, cmd, args)
+
+    received: list[dict] = []
+
+    def follow() -> None:
+        client = admin.LocalClient(a.data_dir / admin.SOCKET_NAME)
+        received.extend(client.follow("events_follow", {"kind": "peer_revoked,peer_admitted", "max_events": 2,
+                                                         "duration_s": 60}))
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    assert await async_wait_until(lambda: any(a.events.waiters), 10)
+    res = await call("revoke_peer", {"peer_id": b.peer_id, "reason": "test"})
+    assert res["was_member"] is True
+    assert b.peer_id not in a.membership.members and b.peer_id not in a.routes
+    assert await async_wait_until(lambda: a.counters["drop_revoked"] > 0, 30)  # b keeps trying; dropped
+    assert b.peer_id not in a.membership.members
+    assert [r["peer_id"] for r in await call("revoked_peers")] == [b.peer_id]
+    assert a.store.db.execute("SELECT COUNT(*) FROM revoked_peers").fetchone()[0] == 1
+    await call("admit", {"peer_id": b.peer_id, "uri": b.contact_uri})
+    assert await async_wait_until(lambda: b.peer_id in a.membership.members
+                                  and a.membership.members[b.peer_id].state.value == "alive", 30)
+    await asyncio.to_thread(thread.join, 30)
+    assert [e["kind"] for e in received] == ["peer_revoked", "peer_admitted"]
+
+    with pytest.raises(admin.AdminError, match="cannot revoke itself"):
+        await call("revoke_peer", {"peer_id": a.peer_id})
+    assert (await call("config_set", {"field": "max_clock_skew_s", "value": "12.5"}))["new"] == 12.5
+    assert a.opener.max_clock_skew_ms == 12500
+    await call("log_level", {"level": "warning"})
+    assert (await call("config_get", {"field": "log_level"}))["value"] == "warning"
+    await call("log_level", {"level": "info"})
+    with pytest.raises(admin.AdminError, match="cannot be changed at runtime"):
+        await call("config_set", {"field": "port", "value": 1})
+    events = await call("events", {"kind": "peer_revoked", "min_priority": "warning"})
+    assert [e["kind"] for e in events] == ["peer_revoked"]
+    metrics = await call("metrics")  # the exporter is on: the same Prometheus text it serves
+    assert metrics["format"] == "prometheus" and 'chimera_envelopes_dropped_total{reason="revoked"}' in metrics["text"]
+    assert (await asyncio.to_thread(admin.call, b.data_dir, "metrics"))["format"] == "summary"
+    rows = await call("audit", {"limit": 50})
+    revoke_row = next(r for r in rows if r["command"] == "revoke_peer" and r["result"] == "ok")
+    assert revoke_row["who"].startswith("local-owner uid=") and revoke_row["role"] == "admin"
+
+
+def test_audit_redacts_secrets():
+    from chimera.node.audit import redact
+
+    doc = redact({"token": "chm1_secret", "api_key": b"x", "Password": "p", "data": b"\x01" * 100,
+                  "small": b"\x02\x03", "nested": {"client_secret": 1, "n": 2}})
+    assert doc["token"] == doc["api_key"] == doc["Password"] == "<redacted>"
+    assert doc["data"].startswith("<100 bytes sha256:") and doc["small"] == "0203"
+    assert doc["nested"] == {"client_secret": "<redacted>", "n": 2}
+
+
+def test_shell_grammar_types_values_conservatively(tmp_path: Path):
+    from chimera.node.shell import Shell, ShellError
+
+    class Fake:
+        target = "fake"
+
+        def call(self, cmd, args=None, timeout_s=None):
+            assert cmd == "commands"
+            return [{"name": "propose", "args": ["data", "timeout_s", "count"], "help": "", "role": "operator"},
+                    {"name": "agents_list", "args": [], "help": "", "role": "observer"},
+                    {"name": "train_start", "args": [], "help": "", "role": "operator"},
+                    {"name": "events", "args": ["limit"], "help": "", "role": "observer"},
+                    {"name": "events_follow", "args": [], "help": "", "role": "observer", "stream": True}]
+
+    shell = Shell(Fake())
+    assert shell.parse('propose "42" 3.5 count=2') == ("propose", {"data": "42", "timeout_s": 3.5, "count": 2})
+    assert shell.parse("agent list") == ("agents_list", {})
+    assert shell.parse("train start epochs=3 lr=0.1 fast=true name=x") == (
+        "train_start", {"epochs": 3, "lr": 0.1, "fast": True, "name": "x"})
+    assert shell.parse("events follow") == ("events_follow", {})
+    assert shell.parse("events 5") == ("events", {"limit": 5})
+    assert shell.parse("propose x y=__import__('os')") == ("propose", {"data": "x", "y": "__import__(os)"})
+    (tmp_path / "blob.bin").write_bytes(b"\x00wasm")
+    assert shell.parse(f"propose @{tmp_path / 'blob.bin'}") == ("propose", {"data": b"\x00wasm"})
+    assert shell.parse("propose @@home") == ("propose", {"data": "@home"})
+    for bad in ("nothing here", "propose a 1 2 3", 'propose "unclosed', f"propose @{tmp_path / 'missing'}"):
+        with pytest.raises(ShellError):
+            shell.parse(bad)
+
+
+def test_admin_listen_must_be_a_tcp_endpoint(tmp_path: Path):
+    from chimera.node.config import ConfigError, load_config
+
+    assert load_config(tmp_path, environ={}, overrides={"admin_listen": "tcp://127.0.0.1:7421"}).admin_listen
+    for bad in ("127.0.0.1:7421", "tcp://:7421", "tcp://host:port", "tcp://host:70000"):
+        with pytest.raises(ConfigError, match="admin_listen"):
+            load_config(tmp_path, environ={}, overrides={"admin_listen": bad})

@@ -1,0 +1,314 @@
+"""The fabric inside real nodes (in-process peers on loopback sockets, signed envelopes, admin socket).
+
+* replicas=3 with majority while one peer lies (test hook): the right result is
+  accepted with a vote certificate that verifies on its own, and the liar's
+  reputation observation is recorded; the peers that lacked the module fetched
+  it from the submitter and verified its SHA-256;
+* GPU tasks only ever go to the peer with a free (simulated) GPU;
+* actor agents on two peers play ping-pong through ``chimera.send``;
+* a tampered module chunk is rejected (and, in the pure reassembler, every
+  other kind of bad chunk too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from chimera.consensus.quorum import WeightTable
+from chimera.consensus.votes import VoteCertificate
+from chimera.fabric.modules import ModuleIntegrityError, ModuleTooLarge
+from chimera.fabric.placement import verify_task_certificate
+from chimera.fabric.wire import (
+    CHUNK_BYTES,
+    FabricModuleChunk,
+    FabricTaskResult,
+    FabricTaskRun,
+    ModuleAssembler,
+    module_chunks,
+)
+from chimera.node import admin
+from chimera.node.config import NodeConfig
+from chimera.node.keys import load_or_create_identity
+from chimera.protocol.errors import MalformedError
+from chimera.protocol.messages import decode_fields, encode_fields
+from chimera.protocol.network import Network
+from conftest import FAST, async_wait_until
+from fabric_helpers import reference_wordfreq, wasm
+
+FABRIC_FAST = dict(FAST, fabric_capacity_interval_s=0.3, fabric_probe_gpus=0)
+CONSENSUS_FAST = dict(consensus_commit_wait_s=0.05, consensus_propose_timeout_s=1.0,
+                      consensus_vote_timeout_s=0.5, consensus_empty_block_interval_s=0.5)
+TEXT = b"the quick brown fox jumps over the lazy dog; the dog sleeps, the fox runs. " * 20
+
+
+def padded(module: bytes, pad_bytes: int) -> bytes:
+    """``module`` plus a custom section of ``pad_bytes`` (still valid WebAssembly, another hash),
+    so the module travels in several chunks."""
+    name = b"chimera-test-padding"
+    body = bytes([len(name)]) + name + b"\0" * pad_bytes
+    size, leb = len(body), bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        leb.append(byte | (0x80 if size else 0))
+        if not size:
+            break
+    return module + b"\0" + bytes(leb) + body
+
+
+async def call(node, cmd: str, args: dict | None = None, timeout_s: float = 60.0):
+    """The real admin socket, from a thread (the client is blocking)."""
+    return await asyncio.to_thread(admin.call, node.data_dir, cmd, args or {}, timeout_s)
+
+
+async def start_nodes(tmp_path: Path, configs: list[dict], *, genesis: bool) -> list:
+    from chimera.node.runtime import Node
+
+    ids = tuple(load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(len(configs))) if genesis else ()
+    net = Network.create("fabric", genesis=ids, epoch_length=1000)
+    nodes = []
+    try:
+        for i, extra in enumerate(configs):
+            node = Node(tmp_path / f"n{i}", NodeConfig(**{**FABRIC_FAST, **(CONSENSUS_FAST if genesis else {}),
+                                                          **extra}), net)
+            await node.start()
+            nodes.append(node)
+        for node in nodes[1:]:
+            node.add_contact_uri(nodes[0].contact_uri, static=True)
+            node.run_membership_actions()
+        others = {n.peer_id for n in nodes}
+        assert await async_wait_until(
+            lambda: all(others - {n.peer_id} <= set(n.fabric.capacity) for n in nodes), 60), \
+            "capacity advertisements did not reach every peer"
+    except BaseException:
+        for node in nodes:
+            await node.stop()
+        raise
+    return nodes
+
+
+async def stop_all(nodes) -> None:
+    for node in nodes:
+        await node.stop()
+
+
+async def test_replicas_majority_accepts_right_result_with_certificate(tmp_path):
+    # peer 1 has the edge profile's 256 KiB envelope limit: it asks for smaller module chunks
+    nodes = await start_nodes(tmp_path, [{}, {"max_message_bytes": 256 << 10}, {"fabric_test_wrong_results": True}],
+                              genesis=True)
+    try:
+        liar = nodes[2].peer_id
+        module = padded(wasm("wordfreq"), 2 * CHUNK_BYTES + 1000)  # three chunks on the wire
+        sha = hashlib.sha256(module).hexdigest()
+        assert not nodes[1].fabric.modules.has(sha) and not nodes[2].fabric.modules.has(sha)
+        res = await call(nodes[0], "tasks_submit", {"module": module, "input": TEXT, "replicas": 3,
+                                                    "rule": "majority", "fuel": 200_000_000, "wait": True,
+                                                    "wait_s": 60})
+        assert res["state"] == "accepted", res
+        assert {d["peer_id"] for d in res["placement"]} == {n.peer_id for n in nodes}
+        assert res["result"]["stdout"].encode() == reference_wordfreq(TEXT)
+        cert_doc = res["certificate"]
+        assert cert_doc["disagreeing"] == [liar] and len(cert_doc["agreeing"]) == 2
+        # the certificate stands on its own: decode it and check it against the replica table
+        cert = decode_fields(VoteCertificate, msgpack.unpackb(bytes.fromhex(cert_doc["encoded_hex"]), raw=False))
+        table = WeightTable(cert_doc["replica_table"]["epoch"], cert_doc["replica_table"]["weights"])
+        verify_task_certificate(cert, table, nodes[0].network.network_id, res["task_id"])
+        assert set(cert.voters()) <= set(cert_doc["agreeing"]) and liar not in cert.voters()
+        assert cert.choice.hex() == res["result"]["digest"]
+        # the liar's reputation observation went into the node's reputation (consensus LocalReputation)
+        kinds = {(o["peer_id"], o["kind"]) for o in res["observations"]}
+        assert (liar, "task_disagree") in kinds
+        assert all((p, "task_agree") in kinds for p in cert_doc["agreeing"])
+        rep = {r["peer_id"]: r for r in (await call(nodes[0], "reputation"))["peers"]}
+        honest = next(p for p in cert_doc["agreeing"] if p != nodes[0].peer_id)
+        assert rep[liar]["evidence_negative"] > 0 and rep[liar]["local_score"] < rep[honest]["local_score"]
+        # the two other peers fetched the module from the submitter and verified its hash
+        for node in nodes[1:]:
+            assert node.fabric.modules.has(sha)
+            assert node.counters["fabric_modules_fetched"] == 1
+        edge_chunk = (256 << 10) - (16 << 10)
+        assert nodes[0].counters["fabric_module_chunks_served"] == 3 + -(-len(module) // edge_chunk)
+        kinds = [e["kind"] for e in nodes[0].events]
+        assert kinds.count("task_dispatched") == 3 and "task_completed" in kinds
+        status = await call(nodes[0], "tasks_status", {"task_id": res["task_id"]})
+        assert status["state"] == "accepted"
+        assert {m["sha256"] for m in (await call(nodes[1], "modules_list"))["modules"]} == {sha}
+    finally:
+        await stop_all(nodes)
+
+
+async def test_gpu_tasks_only_placed_on_peer_with_free_gpu_and_actors_talk_across_peers(tmp_path):
+    nodes = await start_nodes(tmp_path, [{}, {"fabric_probe_gpus": 1}, {}], genesis=False)
+    try:
+        gpu_peer = nodes[1].peer_id
+        module = wasm("wordfreq")
+        first = await call(nodes[0], "tasks_submit", {"module": module, "input": b"gpu 0", "gpus": 1})
+        sha = first["module_sha256"]
+        more = [await call(nodes[0], "tasks_submit", {"sha256": sha, "input": f"gpu {k}".encode(), "gpus": 1})
+                for k in range(1, 4)]
+        ids = [first["task_id"]] + [m["task_id"] for m in more]
+
+        def done() -> bool:
+            return all(nodes[0].fabric.tasks[t].state != "running" for t in ids)
+
+        assert await async_wait_until(done, 60)
+        for t in ids:
+            view = await call(nodes[0], "tasks_status", {"task_id": t})
+            assert view["state"] == "accepted", view
+            assert [d["peer_id"] for d in view["placement"]] == [gpu_peer]
+            assert view["placement"][0]["gpus"] == [0]
+        # one GPU: never two attempts holding it at once (the executing peer's own lease table agrees)
+        assert nodes[1].counters["fabric_refused_gpu_unavailable"] == 0
+        gauges = {f.name: f for f in nodes[1].fabric.metric_families()}  # exported to Prometheus
+        assert gauges["chimera_fabric_gpus"].samples[0].value == 1
+        assert gauges["chimera_fabric_gpu_memory_total_bytes"].samples[0].labels == {"gpu": "0"}
+        two = await call(nodes[0], "tasks_submit", {"sha256": sha, "input": b"x", "gpus": 2, "wait": True})
+        assert two["state"] == "failed" and two["failure"]["reason"] == "unsatisfiable"
+        assert not two["placement"]
+
+        # actor agents on two peers exchange messages through chimera.send (signed envelopes between peers)
+        counter = wasm("counter")
+        await call(nodes[0], "agents_deploy", {"ref": "ping@1", "module": counter, "kind": "actor"})
+        await call(nodes[2], "agents_deploy", {"ref": "pong@1", "module": counter, "kind": "actor"})
+        target = f"{nodes[2].peer_id}/pong"
+        res = await call(nodes[0], "agents_call", {"name": "ping", "input": f"fwd {target} ping 0 10".encode()})
+        assert res["ok"] and res["replies"] == ["fwd-status 0"], res
+
+        async def logs(node, name):
+            rows = {r["name"]: r for r in (await call(node, "agents_list"))["agents"]}
+            return rows[name]
+
+        async def finished() -> bool:
+            return any("done 10" in line for line in (await logs(nodes[0], "ping"))["logs"]
+                       + (await logs(nodes[2], "pong"))["logs"])
+
+        for _ in range(300):
+            if await finished():
+                break
+            await asyncio.sleep(0.1)
+        assert await finished()
+        ping, pong = await logs(nodes[0], "ping"), await logs(nodes[2], "pong")
+        assert ping["handled"] >= 6 and pong["handled"] >= 5  # "fwd" + pings 1,3,5,7,9 / pings 0,2,4,6,8 + done
+        assert nodes[0].counters["fabric_actor_messages_sent"] >= 5
+        assert nodes[2].counters["fabric_actor_messages_received"] >= 5
+        got = await call(nodes[2], "agents_call", {"name": "pong", "input": b"get"})
+        assert got["replies"] and got["replies"][0].startswith("count ")
+    finally:
+        await stop_all(nodes)
+
+
+async def test_tampered_module_chunk_is_rejected(tmp_path):
+    nodes = await start_nodes(tmp_path, [{"fabric_test_tamper_chunks": True}, {}], genesis=False)
+    try:
+        module = wasm("wordfreq")
+        sha = hashlib.sha256(module).hexdigest()
+        res = await call(nodes[0], "tasks_submit", {"module": module, "input": TEXT, "replicas": 2, "wait": True})
+        assert res["state"] == "failed"
+        refusal = next(r for r in res["results"] if r["peer_id"] == nodes[1].peer_id)
+        assert refusal["status"] == "refused" and refusal["reason"] == "module_unavailable"
+        assert "bad_module_hash" in refusal["detail"]
+        assert nodes[1].counters["drop_fabric_bad_module_hash"] == 1
+        assert not nodes[1].fabric.modules.has(sha)
+    finally:
+        await stop_all(nodes)
+
+
+async def test_deployed_actor_survives_a_restart(node_factory):
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("r", cfg)
+    await call(node, "agents_deploy", {"ref": "ctr@1", "module": wasm("counter"), "kind": "actor"})
+    await call(node, "agents_upgrade", {"ref": "ctr@2", "module": wasm("counter_v2")})
+    await node.stop()
+    again = await node_factory("r", cfg)  # same data dir: the history is replayed at start
+    assert await async_wait_until(lambda: again.fabric._runtime is not None, 60)
+    res = await call(again, "agents_call", {"name": "ctr", "input": b"get"})
+    assert res["version"] == "2" and res["replies"] == ["count v2 0"]
+    assert [e["action"] for e in (await call(again, "agents_list"))["history"]] == ["deploy", "upgrade"]
+    assert any(e["kind"] == "agent_swapped" for e in node.events)
+
+
+async def test_cli_agent_and_task_commands(node_factory, capsys):
+    from chimera.node.cli import main
+    from fabric_helpers import AGENTS
+
+    node = await node_factory("c", NodeConfig(**FABRIC_FAST))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    d = str(node.data_dir)
+
+    async def chimera(*argv: str) -> tuple[int, str]:
+        code = await asyncio.to_thread(main, [*argv, "--data-dir", d])
+        return code, capsys.readouterr().out
+
+    code, out = await chimera("agent", "deploy", "wf@1", str(AGENTS / "wordfreq.wasm"))
+    assert code == 0 and out.startswith("deploy wf@1 (task")
+    code, out = await chimera("agent", "call", "wf", "--text", "b a b")
+    assert code == 0 and out.splitlines()[:2] == ["2 b", "1 a"]
+    code, out = await chimera("task", "submit", str(AGENTS / "wordfreq.wasm"), "--text", "x y x", "--wait", "--json")
+    doc = json.loads(out)["result"]
+    assert code == 0 and doc["state"] == "accepted" and doc["result"]["stdout"] == "2 x\n1 y\n"
+    code, out = await chimera("task", "status", doc["task_id"])
+    assert code == 0 and "accepted" in out.splitlines()[0]
+    code, out = await chimera("agent", "list")
+    assert code == 0 and "wf" in out
+    code, out = await chimera("agent", "remove", "wf")
+    assert code == 0 and out.startswith("remove wf@1")
+
+
+def test_idle_node_does_not_load_wasmtime():
+    """The fabric imports wasmtime only when the first agent or task runs (idle footprint)."""
+    code = ("import sys; import chimera.node.runtime, chimera.node.fabric, chimera.node.cli_fabric; "
+            "import chimera.fabric.wire, chimera.fabric.placement, chimera.fabric.probes; "
+            "sys.exit('wasmtime' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# ------------------------------------------------------------------ pure wire checks
+
+
+def test_module_assembler_verifies_hash_and_rejects_bad_chunks():
+    wasm_bytes = bytes(range(256)) * ((3 * CHUNK_BYTES) // 256 + 7)
+    sha = hashlib.sha256(wasm_bytes).hexdigest()
+    chunks = module_chunks(wasm_bytes, sha)
+    assert len(chunks) == 4 and all(len(c.data) <= CHUNK_BYTES for c in chunks)
+    asm = ModuleAssembler(sha)
+    out = [asm.add(c) for c in chunks]
+    assert out[:-1] == [None] * 3 and out[-1] == wasm_bytes
+    # every chunk survives the strict wire codec
+    for c in chunks:
+        assert decode_fields(FabricModuleChunk, encode_fields(c)) == c
+    tampered = FabricModuleChunk(module_sha256=sha, offset=chunks[1].offset, total_bytes=len(wasm_bytes),
+                                 data=bytes([chunks[1].data[0] ^ 0xFF]) + chunks[1].data[1:])
+    asm = ModuleAssembler(sha)
+    asm.add(chunks[0])
+    asm.add(tampered)
+    asm.add(chunks[2])
+    with pytest.raises(ModuleIntegrityError):
+        asm.add(chunks[3])
+    asm = ModuleAssembler(sha)
+    with pytest.raises(MalformedError):
+        asm.add(chunks[1])  # out of order
+    with pytest.raises(ModuleTooLarge):
+        ModuleAssembler(sha, max_bytes=1024).add(chunks[0])
+
+
+def test_wire_messages_decode_strictly():
+    ok = FabricTaskResult(task_id="t1-ab", attempt=1, status="ok", stdout=b"1 a\n", digest=b"\x01" * 32)
+    body = encode_fields(ok)
+    assert decode_fields(FabricTaskResult, body) == ok
+    for bad in ({**body, "extra": 1}, {**body, "status": "maybe"}, {**body, "digest": None},
+                {**body, "attempt": 0}, {**body, "stdout": "text"}, {**body, "exit_code": 2**40}):
+        with pytest.raises(MalformedError):
+            decode_fields(FabricTaskResult, bad)
+    run = encode_fields(FabricTaskRun(task_id="t1", attempt=1, module_sha256="a" * 64, input=b"", fuel=1,
+                                      memory_bytes=1 << 20, wall_time_ms=1000))
+    for bad in ({**run, "module_sha256": "../" + "a" * 61}, {**run, "input": b"x" * (512 << 10 + 1)},
+                {**run, "task_id": "has space"}, {**run, "memory_bytes": 1}):
+        with pytest.raises(MalformedError):
+            decode_fields(FabricTaskRun, bad)

@@ -1,0 +1,234 @@
+"""Federated training in real peer processes on loopback (5 peers, load_digits, non-IID alpha 0.5).
+
+One network of 5 peer processes (``LocalNetwork``; every peer a genesis
+validator and a participant, ``training_digits_shard = "genesis"``: peer k of
+the sorted genesis gets Dirichlet(0.5) shard k) runs, in order:
+
+1. a clean 20-round FedAvg job: it commits, every peer checkpoints the same
+   digest in every round, and the global model ends within 3 points of a model
+   trained centrally on all the data for the same number of epochs (both printed);
+2. a job during which one participant is SIGKILLed mid-round: the remaining
+   rounds commit with the quorum (4 of 5) and the survivors' models stay
+   identical; the restarted peer resumes from its checkpoint and catches up to
+   the certified model (same digest);
+3. one peer restarted as a poisoner (TEST HOOK ``training_test_poison =
+   "sign_flip:10"``, Dirichlet shard 1 as in the in-memory test): plain FedAvg
+   is visibly worse, reputation-clipped aggregation ends within 5 points of the
+   clean run (10 rounds each, to keep the module under about a minute).
+
+Plus in-process checks of the admin and CLI edges (bad job files, export refusing to overwrite).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chimera.node import admin
+from chimera.node.launcher import LocalNetwork
+from tests.conftest import wait_until
+from tests.test_consensus_node import PROCESS_FAST
+
+ROUNDS = 20
+POISON_ROUNDS = 10  # enough to separate the rules (in memory: fedavg ~0.10, reputation_clipped ~0.92)
+JOB = """
+[job]
+name = "{name}"
+model_kind = "sgd_classifier"
+n_features = 64
+classes = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+rounds = {rounds}
+local_epochs = 2
+learning_rate = 0.1
+rule = "{rule}"
+byzantine_f = {f}
+quorum = 4
+round_deadline_s = 2.0
+max_update_norm = 1000.0
+seed = 7
+"""
+
+
+def job_text(name: str, rounds: int = ROUNDS, rule: str = "fedavg", f: int = 0) -> str:
+    return JOB.format(name=name, rounds=rounds, rule=rule, f=f)
+
+
+def central_accuracy(rounds: int) -> float:
+    from chimera.consensus.datasets import load_digits_data, train_test_split_fixed
+    from chimera.consensus.models import make_adapter
+
+    X, y = load_digits_data()
+    train, test = train_test_split_fixed(X, y, 0.2, seed=0)
+    adapter = make_adapter("sgd_classifier", 64, tuple(range(10)), 1e-4)
+    adapter.fit(train.X, train.y, epochs=rounds * 2, learning_rate=0.1, seed=7)
+    return adapter.evaluate(test.X, test.y).accuracy
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    net = LocalNetwork(tmp_path_factory.mktemp("fl"), 5, extra_args=PROCESS_FAST + [
+        "--set", "training_digits_shard=genesis", "--set", "training_split=dirichlet:0.5",
+        "--set", "training_fetch_interval_s=0.5"], epoch_length=50)
+    try:
+        net.start()
+        assert wait_until(net.full_mesh, timeout_s=60), "no full mesh"
+        yield net
+    finally:
+        print(f"\npeer exit codes {net.stop()}")
+
+
+def status(net: LocalNetwork, i: int, job_id: str) -> dict:
+    return net.query(i, "train_status", {"job": job_id})["jobs"][0]
+
+
+def safe_status(net: LocalNetwork, i: int, job_id: str) -> dict | None:
+    try:
+        return status(net, i, job_id)
+    except admin.AdminError:
+        return None
+
+
+def digests(doc: dict) -> dict[int, str]:
+    return {r["round"]: r["digest"] for r in doc["rounds"]}
+
+
+def run_job(net: LocalNetwork, text: str, peers=range(5), timeout_s: float = 120) -> tuple[str, list[dict]]:
+    job_id = net.query(0, "train_start", {"job": text, "timeout_s": 60})["job_id"]
+    assert wait_until(lambda: all((safe_status(net, i, job_id) or {}).get("state") == "finished" for i in peers)
+                      and all(status(net, i, job_id)["rounds"][-1]["accuracy"] is not None for i in peers),
+                      timeout_s=timeout_s, interval_s=0.2), f"job {job_id[:16]} did not finish"
+    return job_id, [status(net, i, job_id) for i in peers]
+
+
+@pytest.mark.slow
+def test_clean_job_commits_identical_checkpoints_and_matches_central(net):
+    job_id, docs = run_job(net, job_text("clean"))
+    per_round = [digests(d) for d in docs]
+    assert all(len(d) == ROUNDS for d in per_round)
+    assert all(d == per_round[0] for d in per_round), "peers checkpointed different models"
+    federated = docs[0]["rounds"][-1]["accuracy"]
+    central = central_accuracy(ROUNDS)
+    print(f"\n5 peers, digits non-IID (Dirichlet 0.5), {ROUNDS} rounds FedAvg: federated accuracy "
+          f"{federated:.4f}, central {central:.4f} (same model, {ROUNDS * 2} epochs), "
+          f"gap {100 * (central - federated):.2f} points")
+    print("per-round accuracy: " + " ".join(f"{r['accuracy']:.3f}" for r in docs[0]["rounds"]))
+    print("per-round time s:   " + " ".join(f"{r['round_s'] or 0:.2f}" for r in docs[0]["rounds"]))
+    assert federated >= central - 0.03
+    assert all(r["participants"] >= 4 for r in docs[0]["rounds"])  # the quorum; usually all 5
+    net.clean_accuracy = federated
+
+
+@pytest.mark.slow
+def test_sigkilled_participant_neither_stalls_nor_corrupts_and_resumes(net, tmp_path):
+    rounds = 8
+    job_id = net.query(0, "train_start", {"job": job_text("kill", rounds=rounds), "timeout_s": 60})["job_id"]
+    assert wait_until(lambda: (safe_status(net, 4, job_id) or {}).get("model_round", 0) >= 2, 60, 0.05)
+    before = digests(status(net, 4, job_id))
+    victim = net.peers[4]
+    victim.kill()  # mid-round: round 3 is in progress
+    assert wait_until(lambda: status(net, 0, job_id)["model_round"] >= 5, 90, 0.2), "rounds stalled"
+    survivors = [digests(status(net, i, job_id)) for i in range(4)]
+    common = min(max(d) for d in survivors)
+    assert all({r: d[r] for r in range(1, common + 1)} == {r: survivors[0][r] for r in range(1, common + 1)}
+               for d in survivors), "survivors disagree"
+    assert any(r["participants"] == 4 for r in status(net, 0, job_id)["rounds"])  # the quorum carried on
+    net.restart(4)
+    resumed = status(net, 4, job_id)
+    assert resumed["model_round"] >= 2, "restarted peer did not resume from its checkpoint"
+    assert before and all(digests(resumed).get(r) == d for r, d in before.items())  # kept on disk
+    assert wait_until(lambda: all(status(net, i, job_id)["state"] == "finished" for i in range(5)), 120, 0.2)
+    finals = [status(net, i, job_id) for i in range(5)]
+    last = {digests(d)[rounds] for d in finals}
+    assert len(last) == 1, "the restarted peer's model differs from the certified one"
+    # export the certified model: npz + JSON sidecar; never overwrites without force
+    # (the node sends the model; the CLI writes the files: no remote caller picks paths on the node)
+    out = tmp_path / "model.npz"
+    export = [sys.executable, "-m", "chimera.node.cli", "train", "export", str(out), "--json", "--data-dir",
+              str(net.peers[4].data_dir), "--job", job_id]
+    cli = subprocess.run(export, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    res = json.loads(cli.stdout)["result"]
+    assert res["digest"] == last.pop() and json.loads(out.with_suffix(".json").read_text())["round"] == rounds
+    with np.load(out, allow_pickle=False) as archive:
+        assert archive["coef"].shape == (10, 64)
+    again = subprocess.run(export, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stdout + again.stderr
+    assert "path" not in net.query(4, "train_export", {"job": job_id})  # the API returns bytes only
+    cli = subprocess.run([sys.executable, "-m", "chimera.node.cli", "train", "status", "--data-dir",
+                          str(net.peers[4].data_dir), "--job", job_id[:12]], capture_output=True, text=True,
+                         timeout=60)
+    assert cli.returncode == 0 and f"round {rounds}/{rounds}" in cli.stdout, cli.stdout + cli.stderr
+    follow = subprocess.run([sys.executable, "-m", "chimera.node.cli", "train", "status", "--follow", "--data-dir",
+                             str(net.peers[0].data_dir), "--job", job_id[:12]], capture_output=True, text=True,
+                            timeout=60)  # not a TTY: one plain line per round, ends when the job is finished
+    assert follow.returncode == 0 and len(follow.stdout.splitlines()) == rounds, follow.stdout + follow.stderr
+
+
+def test_node_data_config_parsing_and_atomic_checkpoint_files(tmp_path):
+    from chimera.node.training_service import (
+        TrainingDataError,
+        parse_poison,
+        parse_shard,
+        parse_split,
+        read_npz,
+        write_npz_atomic,
+    )
+
+    assert parse_split("iid") == ("iid", 0.0) and parse_split("dirichlet:0.5") == ("dirichlet", 0.5)
+    assert parse_shard("2/5", (), "p") == (2, 5)
+    assert parse_shard("genesis", ("c", "a", "b"), "b") == (1, 3)
+    for bad in ("dirichlet:-1", "dirichlet", "zipf:2"):
+        with pytest.raises(TrainingDataError, match="training_split"):
+            parse_split(bad)
+    for bad in ("5/5", "x/2", "3"):
+        with pytest.raises(TrainingDataError, match="training_digits_shard"):
+            parse_shard(bad, (), "p")
+    with pytest.raises(TrainingDataError, match="not a genesis validator"):
+        parse_shard("genesis", ("a",), "z")
+    assert parse_poison("") is None and parse_poison("sign_flip:10") == 10.0
+    with pytest.raises(TrainingDataError):
+        parse_poison("scale:3")
+    params = {"coef": np.arange(6.0).reshape(2, 3), "intercept": np.ones(2)}
+    path = tmp_path / "m" / "round-1.npz"
+    write_npz_atomic(path, params)
+    back = read_npz(path)
+    assert all(np.array_equal(back[k], v) for k, v in params.items())
+    assert [p.name for p in path.parent.iterdir()] == ["round-1.npz"]  # no temp file left
+
+
+@pytest.mark.slow
+def test_poisoned_participant_hurts_fedavg_not_reputation_clipped(net):
+    clean = getattr(net, "clean_accuracy", None)
+    if clean is None:
+        pytest.skip("needs the clean run of test_clean_job_commits_identical_checkpoints_and_matches_central")
+    # the poisoner holds Dirichlet shard 1, as in tests/test_training.py (the in-memory run)
+    ids = [p.status["peer_id"] for p in net.peers]
+    attacker = ids.index(sorted(ids)[1])
+    net.peers[attacker].args += ["--set", "training_test_poison=sign_flip:10"]
+    net.restart(attacker)
+    assert wait_until(net.full_mesh, timeout_s=60)
+    _, fed = run_job(net, job_text("poison-fedavg", rounds=POISON_ROUNDS))
+    _, robust = run_job(net, job_text("poison-clipped", rounds=POISON_ROUNDS, rule="reputation_clipped", f=1))
+    fed_acc, robust_acc = fed[0]["rounds"][-1]["accuracy"], robust[0]["rounds"][-1]["accuracy"]
+    print(f"\n1 of 5 peers sign-flips x10, {POISON_ROUNDS} rounds: fedavg {fed_acc:.4f}, reputation_clipped "
+          f"{robust_acc:.4f}; clean fedavg ({ROUNDS} rounds) {clean:.4f}")
+    assert fed_acc < clean - 0.10
+    assert robust_acc >= clean - 0.05
+
+
+@pytest.mark.slow
+def test_bad_jobs_are_clear_admin_errors(net):
+    with pytest.raises(admin.AdminError, match="job file"):
+        net.query(0, "train_start", {"job": "[job\nname="})
+    with pytest.raises(admin.AdminError, match="unknown job keys"):
+        net.query(0, "train_start", {"job": job_text("x") + "colour = 1\n"})
+    with pytest.raises(admin.AdminError, match="invalid job"):
+        net.query(0, "train_start", {"job": job_text("x", rule="nonsense")})
+    with pytest.raises(admin.AdminError, match="one envelope"):
+        net.query(0, "train_start", {"job": job_text("big").replace("n_features = 64", "n_features = 100000")})
+    with pytest.raises(admin.AdminError, match="unknown"):
+        net.query(0, "train_status", {"job": "ffffffff"})
