@@ -224,7 +224,10 @@ def _event_line(e: dict) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    rows = _call(args, "events", {"limit": args.limit})
+    cargs = {"limit": args.limit, "min_priority": args.min_priority}
+    if args.kind:
+        cargs["kind"] = args.kind
+    rows = _call(args, "events", cargs)
     _print(args, rows, "\n".join(_event_line(e) for e in rows) or "no events")
     return EXIT_OK
 
@@ -417,6 +420,9 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     data_dir_arg(p)
     json_arg(p)
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--kind", help="only these kinds (comma-separated, e.g. peer_failed,decision_committed)")
+    p.add_argument("--min-priority", default="debug", choices=("debug", "info", "notice", "warning", "error", "critical"),
+                   help="only events at or above this priority")
     p.set_defaults(func=cmd_events)
     p = sub.add_parser("propose", help="commit a decision to the consensus log and wait for it")
     data_dir_arg(p)

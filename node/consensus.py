@@ -25,7 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import msgpack
 
@@ -65,6 +65,7 @@ from chimera.protocol.membership import MemberState
 from chimera.protocol.messages import decode_fields, encode_fields
 
 from .actors import Actor, wait_event
+from .metrics import LatencyHistogram
 
 log = logging.getLogger("chimera.consensus")
 SIGN_STATE_KEY = "bft_sign_state"
@@ -110,6 +111,8 @@ class ConsensusService:
         self._join_epoch = -1
         self._wake = asyncio.Event()
         self._flush_scheduled = False
+        self.commit_latency = LatencyHistogram()  # own values: submission -> stored commit
+        self._submitted_at: OrderedDict[bytes, float] = OrderedDict()
         self.commit_hooks: list = []  # fn(height, outcome) after a commit is stored (training service)
         self._recover()
         sign_blob = self.store.get_blob(SIGN_STATE_KEY)
@@ -169,6 +172,10 @@ class ConsensusService:
         one envelope, and one Ed25519 verification at every peer, per value.
         """
         ok = self.core.submit(value, time.monotonic())
+        if ok:
+            self._submitted_at[value_hash(value)] = time.monotonic()
+            if len(self._submitted_at) > 65_536:
+                self._submitted_at.popitem(last=False)
         if not self._flush_scheduled:
             try:
                 loop = asyncio.get_running_loop()
@@ -362,6 +369,12 @@ class ConsensusService:
                      {p[:10]: w for p, w in table.weights.items()})
         for hook in self.commit_hooks:
             hook(action.height, outcome)
+        if self._submitted_at:
+            now = time.monotonic()
+            for value in block.values:
+                t0 = self._submitted_at.pop(value_hash(value), None)
+                if t0 is not None:
+                    self.commit_latency.observe(now - t0)
         for value in block.values:
             fut = self.waiters.get(value_hash(value))
             if fut is not None and not fut.done():

@@ -111,6 +111,7 @@ from chimera.protocol.messages import encode_fields
 
 from . import admin as admin_api
 from .actors import Actor, wait_event
+from .metrics import LatencyHistogram
 
 log = logging.getLogger("chimera.fabric.node")
 
@@ -203,6 +204,8 @@ class FabricService:
         self.node = node
         self.config = cfg
         self.peer_id = node.peer_id
+        self.task_latency = LatencyHistogram()  # tasks submitted here: submission -> outcome
+        self.task_outcomes: dict[tuple[str, str], int] = {}  # (module sha prefix, outcome) -> count
         self.network_id = node.network.network_id
         self.loop = asyncio.get_running_loop()
         self.root = node.data_dir / "fabric"
@@ -759,6 +762,7 @@ class FabricService:
                 if row is not None:
                     rec.stdout, rec.exit_code = row.get("_stdout", b""), row["exit_code"]
             rec.finished_ms, rec.latency_s = _wall_ms(), time.monotonic() - rec.submitted_mono
+            self._count_outcome(rec)
             self._release(rec)
             self.node.emit_event("task_completed", self.peer_id, task_id=a.task_id, state=rec.state,
                                  digest=a.digest.hex()[:16], agreeing=len(a.agreeing),
@@ -770,12 +774,23 @@ class FabricService:
                 return []
             rec.state, rec.failure, rec.finished_ms = "failed", (a.reason, a.detail), _wall_ms()
             rec.latency_s = time.monotonic() - rec.submitted_mono
+            self._count_outcome(rec)
             self._release(rec)
             self.node.emit_event("task_completed", self.peer_id, priority="warning", task_id=a.task_id,
                                  state="failed", reason=a.reason)
             rec.done.set()
             return []
         return []
+
+    def _count_outcome(self, rec: _Submitted) -> None:
+        """Metrics of a finished task: latency histogram and outcome per module (labels bounded)."""
+        self.task_latency.observe(rec.latency_s or 0.0)
+        module = rec.module_sha256[:12]
+        if not any(key[0] == module for key in self.task_outcomes) and \
+                len({key[0] for key in self.task_outcomes}) >= 64:
+            module = "other"
+        key = (module, "accepted" if rec.state == "accepted" else "failed")
+        self.task_outcomes[key] = self.task_outcomes.get(key, 0) + 1
 
     @staticmethod
     def _release(rec: _Submitted) -> None:
@@ -1097,6 +1112,21 @@ def admin_handlers(node) -> dict:
             rows.append({"sha256": sha, "size_bytes": size})
         return {"modules": rows, "total_bytes": sum(r["size_bytes"] for r in rows)}
 
+    async def resources(args: dict) -> dict:
+        """capacity this peer advertises and the fresh advertisements of the others (psutil, NVML)"""
+        svc = service()
+        now = time.monotonic()
+
+        def doc(res: Resources) -> dict:
+            out = encode_fields(res)
+            out["gpus"] = [encode_fields(g) for g in res.gpus]
+            out["summary"] = res.describe()
+            return out
+        return {"peer_id": svc.peer_id, "own": None if svc.own is None else doc(svc.own),
+                "peers": {p: dict(doc(res), expires_in_s=round(exp - now, 3))
+                          for p, (res, exp) in sorted(svc.capacity.items())}}
+
     return {"agents_deploy": agents_deploy, "agents_upgrade": agents_upgrade, "agents_rollback": agents_rollback,
             "agents_remove": agents_remove, "agents_call": agents_call, "tasks_submit": tasks_submit,
-            "agents_list": agents_list, "tasks_status": tasks_status, "modules_list": modules_list}
+            "agents_list": agents_list, "tasks_status": tasks_status, "modules_list": modules_list,
+            "resources": resources}

@@ -15,11 +15,29 @@ Names (all prefixed ``chimera_``):
 * ``members{state}``: members per SWIM state; ``member_rtt_seconds{peer_id}``
 * ``local_health``, ``incarnation``, ``uptime_seconds``, ``resident_memory_bytes``
 * ``actor_crashes_total{actor}``, ``info{peer_id,profile,network}`` (value 1)
+* ``process_cpu_seconds_total`` (user + system CPU of the peer process)
+* consensus: ``consensus_height``, ``consensus_epoch``, ``consensus_commits_total``,
+  ``consensus_values_committed_total``, ``consensus_commit_latency_seconds`` (histogram:
+  submission of this peer's own values to their stored commit),
+  ``reputation_weight{peer_id}`` (committed voting weight of the epoch; validators only),
+  ``reputation_local_score{peer_id}`` (this peer's Beta score in [0, 1])
+* training: ``training_round{job}``, ``training_accuracy{job}``, ``training_loss{job}``
+  (the latest certified round of each job; ``job`` is the 16-hex-digit job id prefix,
+  the newest 8 jobs)
+* fabric: ``fabric_*`` capacity and GPU gauges (memory used/total bytes, utilization
+  percent per GPU index), ``fabric_task_latency_seconds`` (histogram, submission to the
+  accepted or failed outcome of tasks submitted here), ``fabric_tasks_total{module,outcome}``
+  (``module``: the first 12 hex digits of the module's SHA-256, at most 64 distinct, then
+  ``other``; ``outcome``: accepted | failed)
+
+Label sets are bounded: peer ids of the validator set or the membership, at most
+8 jobs, at most 65 modules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 from typing import TYPE_CHECKING, Iterator
 
@@ -27,6 +45,36 @@ if TYPE_CHECKING:
     from .runtime import Node
 
 log = logging.getLogger("chimera.metrics")
+
+
+class LatencyHistogram:
+    """Durations in seconds counted into fixed buckets (exported as a Prometheus histogram).
+
+    Kept by the services without prometheus_client (the extra may be absent);
+    :meth:`cumulative` gives the ``le`` buckets Prometheus expects.
+    """
+
+    BOUNDS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS_S) + 1)  # the last bucket: above every bound
+        self.sum_s = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        seconds = max(0.0, float(seconds))
+        self.counts[bisect.bisect_left(self.BOUNDS_S, seconds)] += 1
+        self.sum_s += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``[(le, count of observations <= le), ..., ("+Inf", count)]``."""
+        out, total = [], 0
+        for bound, n in zip(self.BOUNDS_S, self.counts):
+            total += n
+            out.append((repr(bound), total))
+        out.append(("+Inf", self.count))
+        return out
 
 
 class NodeCollector:
@@ -42,7 +90,7 @@ class NodeCollector:
         # Scrapes run on the exporter's thread; the node's state belongs to the
         # event loop, so the snapshot is taken there.
         future = asyncio.run_coroutine_threadsafe(_snapshot(node), node.loop)
-        counters, status, peers = future.result(timeout=10)
+        counters, status, peers, reputation, training = future.result(timeout=10)
         for name, help_ in (("envelopes_accepted", "Envelopes that passed every check"),
                             ("frames_received", "Frames received on the ROUTER"),
                             ("frames_sent", "Frames queued on outbound connections")):
@@ -81,14 +129,88 @@ class NodeCollector:
                 ("uptime_seconds", "Seconds since start", status["uptime_s"]),
                 ("resident_memory_bytes", "Resident set size", status["rss_bytes"])):
             yield GaugeMetricFamily(f"chimera_{name}", help_, value=value)
-        if getattr(node, "fabric", None) is not None:  # advertised capacity, GPUs, task slots
+        yield CounterMetricFamily("chimera_process_cpu_seconds", "User + system CPU of this peer",
+                                  value=status.get("cpu_s", 0.0))
+        yield from _consensus_families(node, counters, reputation)
+        yield from _training_families(training)
+        if getattr(node, "fabric", None) is not None:  # advertised capacity, GPUs, task slots, tasks
             yield from node.fabric.metric_families()
+            yield _histogram("chimera_fabric_task_latency_seconds",
+                             "Submission to outcome of tasks submitted here", node.fabric.task_latency)
+            tasks = CounterMetricFamily("chimera_fabric_tasks", "Tasks submitted here by module and outcome",
+                                        labels=["module", "outcome"])
+            for (module, outcome), n in sorted(node.fabric.task_outcomes.items()):
+                tasks.add_metric([module, outcome], n)
+            yield tasks
         yield InfoMetricFamily("chimera", "This peer", value={
             "peer_id": node.peer_id, "profile": node.config.profile, "network": node.network.fingerprint()})
 
 
-async def _snapshot(node: "Node") -> tuple[dict, dict, list]:
-    return dict(node.counters), node.status(), node.peers()
+def _histogram(name: str, help_: str, hist: LatencyHistogram):
+    from prometheus_client.core import HistogramMetricFamily
+
+    return HistogramMetricFamily(name, help_, buckets=hist.cumulative(), sum_value=hist.sum_s)
+
+
+def _consensus_families(node: "Node", counters: dict, reputation: dict | None) -> Iterator:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    service = getattr(node, "consensus", None)
+    if service is None or reputation is None:
+        return
+    yield GaugeMetricFamily("chimera_consensus_height", "Last committed height", value=reputation["height"])
+    yield GaugeMetricFamily("chimera_consensus_epoch", "Epoch of the weight table in force",
+                            value=reputation["epoch"])
+    yield CounterMetricFamily("chimera_consensus_commits", "Heights committed by this peer",
+                              value=counters.get("consensus_commits", 0))
+    yield CounterMetricFamily("chimera_consensus_values_committed", "Log values committed",
+                              value=counters.get("consensus_values_committed", 0))
+    yield _histogram("chimera_consensus_commit_latency_seconds",
+                     "Submission of this peer's values to their stored commit", service.commit_latency)
+    weight = GaugeMetricFamily("chimera_reputation_weight", "Committed voting weight (this epoch)",
+                               labels=["peer_id"])
+    score = GaugeMetricFamily("chimera_reputation_local_score", "This peer's Beta reputation score",
+                              labels=["peer_id"])
+    for row in reputation["peers"]:
+        if row["weight"]:
+            weight.add_metric([row["peer_id"]], row["weight"])
+        score.add_metric([row["peer_id"]], row["local_score"])
+    yield weight
+    yield score
+
+
+def _training_families(training: list[dict]) -> Iterator:
+    from prometheus_client.core import GaugeMetricFamily
+
+    if not training:
+        return
+    round_ = GaugeMetricFamily("chimera_training_round", "Latest certified round", labels=["job"])
+    acc = GaugeMetricFamily("chimera_training_accuracy", "Accuracy of the latest certified model "
+                            "on this peer's test data (0..1)", labels=["job"])
+    loss = GaugeMetricFamily("chimera_training_loss", "Loss of the latest certified model", labels=["job"])
+    for job in training[-8:]:
+        label = [job["job_id"][:16]]
+        round_.add_metric(label, job["model_round"])
+        last = next((r for r in reversed(job.get("rounds", [])) if r.get("accuracy") is not None), None)
+        if last is not None:
+            acc.add_metric(label, last["accuracy"])
+            if last.get("loss") is not None:
+                loss.add_metric(label, last["loss"])
+    yield round_
+    yield acc
+    yield loss
+
+
+async def _snapshot(node: "Node") -> tuple[dict, dict, list, dict | None, list[dict]]:
+    consensus = getattr(node, "consensus", None)
+    reputation = consensus.reputation_rows() if consensus is not None else None
+    training: list[dict] = []
+    host = getattr(node, "training", None)
+    service = getattr(host, "service", None) if host is not None else None
+    if service is not None:
+        states = sorted(service.jobs.values(), key=lambda s: s.height)
+        training = [service.job_doc(s) for s in states]
+    return dict(node.counters), node.status(), node.peers(), reputation, training
 
 
 def serve(node: "Node", host: str, port: int) -> tuple[object, object] | None:

@@ -480,6 +480,7 @@ class Node:
             "data_dir": str(self.data_dir),
             "uptime_s": round(time.monotonic() - self.started_mono, 3),
             "rss_bytes": proc.memory_info().rss,
+            "cpu_s": round(sum(proc.cpu_times()[:2]), 3),
             "members": {s.value: states.get(s.value, 0) for s in MemberState},
             "local_health": self.membership.local_health,
             "mdns": self.discovery is not None,
@@ -496,6 +497,8 @@ class Node:
     def peers(self) -> list[dict]:
         now = time.monotonic()
         rows = []
+        fabric = getattr(self, "fabric", None)
+        adverts = fabric.capacity if fabric is not None else {}  # signed capacity advertisements
         for m in sorted(self.membership.members.values(), key=lambda m: m.peer_id):
             rows.append({
                 "peer_id": m.peer_id, "state": m.state.value, "incarnation": m.incarnation,
@@ -504,6 +507,7 @@ class Node:
                 "rtt_ms": None if m.rtt_s is None else round(m.rtt_s * 1000, 3),
                 "last_seen_s": round(now - m.last_seen, 3),
                 "state_for_s": round(now - m.state_since, 3),
+                "resources": adverts[m.peer_id][0].describe() if m.peer_id in adverts else None,
             })
         return rows
 

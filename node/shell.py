@@ -170,6 +170,7 @@ def render(cmd: str, result: Any, extra: dict | None = None) -> str:
             return "no peers known yet"
         rows = [{"peer_id": r["peer_id"], "address": (r.get("addresses") or ["-"])[0], "state": r["state"],
                  "reputation": weights.get(r["peer_id"]), "profile": r.get("profile"),
+                 "resources": r.get("resources") or "-",
                  "rtt_ms": r.get("rtt_ms"), "last_seen_s": r.get("last_seen_s")} for r in result]
         return table(rows)
     if cmd in ("events", "events_follow") and isinstance(result, list):
@@ -411,6 +412,11 @@ class Shell:
                 me = self.client.call("status", timeout_s=3.0)
                 extra["self"] = {"peer_id": me["peer_id"], "addresses": me["addresses"], "state": "self",
                                  "profile": me["profile"], "rtt_ms": None, "last_seen_s": 0.0}
+                try:
+                    own = self.client.call("resources", timeout_s=3.0).get("own")
+                    extra["self"]["resources"] = own and own.get("summary")
+                except AdminError:  # a node without the fabric
+                    pass
                 if me.get("consensus"):
                     rep = self.client.call("reputation", timeout_s=3.0)
                     extra["weights"] = {r["peer_id"]: r["weight"] for r in rep.get("peers", [])}

@@ -259,6 +259,12 @@ async def test_cli_agent_and_task_commands(node_factory, capsys):
     assert code == 0 and "wf" in out
     code, out = await chimera("agent", "remove", "wf")
     assert code == 0 and out.startswith("remove wf@1")
+    code, out = await chimera("events", "--kind", "task_completed,agent_swapped", "--json")
+    kinds = {e["kind"] for e in json.loads(out)["result"]}
+    assert code == 0 and kinds and kinds <= {"task_completed", "agent_swapped"}
+    # the advertised capacity, through the admin API (a remote shell has no local probe)
+    res = await asyncio.to_thread(admin.call, node.data_dir, "resources")
+    assert res["own"]["cpu_count"] >= 1 and res["own"]["summary"].startswith(f"{res['own']['cpu_count']} cpu")
 
 
 def test_idle_node_does_not_load_wasmtime():

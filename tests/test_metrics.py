@@ -45,6 +45,49 @@ async def test_metrics_endpoint_reports_live_state(node_factory):
     assert 'chimera_envelopes_dropped_total{reason="replay"} 1.0' in text
 
 
+async def test_consensus_reputation_and_process_metrics_match_the_node(tmp_path):
+    """Three validators; a decision committed; the scrape, parsed by prometheus_client's own text
+    parser, agrees with the node's state (height, weights, commit latency count, CPU)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from chimera.node.keys import load_or_create_identity
+    from chimera.node.runtime import Node
+    from chimera.protocol.network import Network
+
+    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(3)]
+    net = Network.create("m", genesis=ids)
+    fast = dict(consensus_commit_wait_s=0.05, consensus_propose_timeout_s=1.0, consensus_vote_timeout_s=0.5)
+    nodes = []
+    try:
+        for i in range(3):
+            cfg = NodeConfig(**FAST, **fast, **({"metrics_port": 0} if i == 0 else {}))
+            node = Node(tmp_path / f"n{i}", cfg, net)
+            await node.start()
+            nodes.append(node)
+        for node in nodes[1:]:
+            node.add_contact_uri(nodes[0].contact_uri, static=True)
+            node.run_membership_actions()
+        a = nodes[0]
+        for k in range(3):
+            await a.consensus.propose(f"metrics {k}".encode(), 60)
+        text = await asyncio.to_thread(_scrape, a.status()["metrics_url"])
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in families.values() for s in f.samples}
+        assert samples[("chimera_consensus_height", ())] >= 3
+        assert samples[("chimera_consensus_height", ())] <= a.consensus.height
+        assert samples[("chimera_consensus_commit_latency_seconds_count", ())] >= 3
+        assert samples[("chimera_consensus_commit_latency_seconds_bucket", (("le", "+Inf"),))] >= 3
+        assert samples[("chimera_consensus_values_committed_total", ())] >= 3
+        for peer_id, weight in a.consensus.core.table.weights.items():
+            assert samples[("chimera_reputation_weight", (("peer_id", peer_id),))] == weight
+        assert samples[("chimera_process_cpu_seconds_total", ())] > 0
+        assert families["chimera_consensus_commit_latency_seconds"].type == "histogram"
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
 def test_grafana_dashboard_queries_only_exported_metrics():
     doc = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
@@ -54,7 +97,11 @@ def test_grafana_dashboard_queries_only_exported_metrics():
                 "chimera_handshakes_total", "chimera_membership_events_total", "chimera_members",
                 "chimera_member_rtt_seconds", "chimera_local_health", "chimera_incarnation",
                 "chimera_uptime_seconds", "chimera_resident_memory_bytes", "chimera_actor_crashes_total",
-                "chimera_info"}
+                "chimera_info", "chimera_consensus_commit_latency_seconds_bucket", "chimera_consensus_height",
+                "chimera_consensus_values_committed_total", "chimera_reputation_weight",
+                "chimera_training_accuracy", "chimera_fabric_tasks_total",
+                "chimera_fabric_task_latency_seconds_bucket", "chimera_fabric_gpu_utilization_percent",
+                "chimera_process_cpu_seconds_total"}
     for expr in exprs:
         names = set(re.findall(r"chimera_[a-z_]+", expr))
         assert names and names <= exported, expr
