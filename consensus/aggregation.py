@@ -658,6 +658,11 @@ class AggregationConfig:
 class AggregateResult:
     """``params``: the new global model (declared dtypes); ``digest``: its :func:`aggregate_hash`;
     ``used``/``flagged``: digests of the updates aggregated / excluded as anomalous, in hash order;
+    ``senders_credited``: senders whose whole update makes up the result (all used ones for
+    FedAvg and reputation_clipped, the chosen ones for Krum / Multi-Krum, none for the
+    coordinate-wise median and trimmed mean, which take some coordinates of every update:
+    they cannot tell an attacker from an honest peer, so they credit nobody); only these earn
+    an ``update_good`` reputation observation;
     ``error``: why the rule could not run (then ``params`` is the base model)."""
 
     params: dict[str, np.ndarray]
@@ -665,6 +670,7 @@ class AggregateResult:
     used: tuple[bytes, ...]
     flagged: tuple[bytes, ...]
     senders_used: tuple[str, ...]
+    senders_credited: tuple[str, ...]
     senders_flagged: tuple[str, ...]
     anomaly: AnomalyReport | None = None
     error: str | None = None
@@ -680,22 +686,28 @@ def combine(X: np.ndarray, samples: np.ndarray, reputation: np.ndarray, config: 
 
 
 def _combine(X: np.ndarray, samples: np.ndarray, reputation: np.ndarray,
-             config: AggregationConfig) -> tuple[np.ndarray, list[int]]:
-    """The rule's result and the rows it rejected as outliers (reputation_clipped's filter)."""
+             config: AggregationConfig) -> tuple[np.ndarray, list[int], list[int] | None]:
+    """The rule's result, the rows it rejected as outliers (reputation_clipped's filter) and the
+    rows whose whole update makes up the result (Krum's choice; every kept row for FedAvg and
+    reputation_clipped; None for the coordinate-wise rules, which take a few coordinates of
+    every row and so credit no row as a whole)."""
     rule, f = config.rule, config.f
+    rows = list(range(X.shape[0]))
     if rule == "fedavg":
-        return fedavg(X, samples, reputation), []
+        return fedavg(X, samples, reputation), [], rows
     if rule == "median":
-        return coordinate_median(X, f), []
+        return coordinate_median(X, f), [], None
     if rule == "trimmed_mean":
-        return trimmed_mean(X, f), []
+        return trimmed_mean(X, f), [], None
     if rule == "krum":
-        return X[krum_select(X, f, 1)[0]].copy(), []
+        chosen = krum_select(X, f, 1)
+        return X[chosen[0]].copy(), [], chosen
     if rule == "multi_krum":
         m = config.multi_krum_m if config.multi_krum_m is not None else X.shape[0] - f
         chosen = krum_select(X, f, min(m, X.shape[0]))
-        return fedavg(X[chosen], samples[chosen], reputation[chosen]), []
-    return _reputation_clipped(X, samples, reputation, config.clip_cutoff)
+        return fedavg(X[chosen], samples[chosen], reputation[chosen]), [], sorted(chosen)
+    delta, rejected = _reputation_clipped(X, samples, reputation, config.clip_cutoff)
+    return delta, rejected, [i for i in rows if i not in set(rejected)]
 
 
 def aggregate(updates: Sequence[Update], spec: ModelSpec, config: AggregationConfig,
@@ -734,11 +746,13 @@ def aggregate(updates: Sequence[Update], spec: ModelSpec, config: AggregationCon
         keep = [i for i in keep if digests[i] not in report.flagged]
     flagged_set = set(report.flagged) if report is not None else set()
     error = None
+    credited: list[int] = []
     try:
         if len(keep) < config.min_updates():
             raise AggregationError(f"{config.rule} needs >= {config.min_updates()} updates, has {len(keep)}")
-        delta, rejected = _combine(X[keep], samples[keep], reputation[keep], config)
+        delta, rejected, whole = _combine(X[keep], samples[keep], reputation[keep], config)
         flagged_set.update(digests[keep[j]] for j in rejected)
+        credited = [keep[j] for j in whole] if whole is not None else []
         keep = [i for i in keep if digests[i] not in flagged_set]
         params = spec.unflatten(base_vec + delta)
     except AggregationError as exc:
@@ -747,7 +761,9 @@ def aggregate(updates: Sequence[Update], spec: ModelSpec, config: AggregationCon
     flagged = tuple(d for d in digests if d in flagged_set)
     by_digest = {u.digest: u for u in ordered}
     used = tuple(digests[i] for i in keep) if error is None else ()
+    credited_digests = {digests[i] for i in credited} if error is None else set()
     return AggregateResult(params=params, digest=aggregate_hash(params, spec), used=used, flagged=flagged,
                            senders_used=tuple(by_digest[d].sender for d in used),
+                           senders_credited=tuple(by_digest[d].sender for d in used if d in credited_digests),
                            senders_flagged=tuple(by_digest[d].sender for d in flagged),
                            anomaly=report, error=error)

@@ -42,7 +42,9 @@ Round protocol
    differs (``aggregate_mismatch``) or that has none fetches the model
    (:class:`FlModelRequest`) and accepts it only if its hash is the certified
    one. Flagged updates become ``update_flagged`` observations against their
-   senders, used ones ``update_good`` (:class:`Observe`).
+   senders, credited ones ``update_good`` (:class:`Observe`; credited: see
+   :class:`~chimera.consensus.aggregation.AggregateResult`, e.g. not an update
+   Krum passed over, and nobody under the coordinate-wise rules).
 
 Resume and late join: construct the core with the last checkpoint (round and
 parameters) and replay the job's committed log values in order
@@ -1101,7 +1103,7 @@ class TrainingCore:
                                   loss_before=update.loss_before, loss_after=update.loss_after))
         result = aggregate(updates, self.spec, self.aggregation, base=self.model)
         rnd.result = result
-        for sender in result.senders_used:
+        for sender in result.senders_credited:  # see AggregateResult: Krum's choice, not its rejects
             self._actions.append(Observe(sender, ObservationKind.UPDATE_GOOD))
         for sender in result.senders_flagged:
             self._actions.append(Observe(sender, ObservationKind.UPDATE_FLAGGED))

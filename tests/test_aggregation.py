@@ -260,6 +260,16 @@ def test_aggregate_with_detection_excludes_and_reports_the_outlier():
     attacker = Update(sender="bad", params={k: -10.0 * v for k, v in trend.items()}, num_samples=10)
     res = aggregate(honest + [attacker], spec, AggregationConfig(rule="fedavg", detect=True), base=base)
     assert res.senders_flagged == ("bad",) and "bad" not in res.senders_used
+    assert set(res.senders_credited) == {f"h{i}" for i in range(5)}
+    # Krum / Multi-Krum credit only what they chose; the coordinate-wise rules credit nobody
+    # (an attacker whose update they outvote must not earn update_good)
+    krum = aggregate(honest + [attacker], spec, AggregationConfig(rule="krum", f=1), base=base)
+    assert len(krum.senders_credited) == 1 and "bad" not in krum.senders_credited
+    multi = aggregate(honest + [attacker], spec, AggregationConfig(rule="multi_krum", f=1), base=base)
+    assert "bad" not in multi.senders_credited and len(multi.senders_credited) == 5
+    for rule in ("median", "trimmed_mean"):
+        res = aggregate(honest + [attacker], spec, AggregationConfig(rule=rule, f=1), base=base)
+        assert res.senders_credited == () and "bad" in res.senders_used
 
 
 # ------------------------------------------------------------- models, data
