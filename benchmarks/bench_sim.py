@@ -10,7 +10,16 @@
     then per committed height and the 100-height wall time is extrapolated.
     A power law ``wall_per_height = a * n**b`` fitted to the measured sizes
     extrapolates to 1000 validators.
-(c) with ``--profile``: where the time goes (cProfile, grouped by component)
+(c) federated averaging (the real TrainingCore per peer, scikit-learn local
+    fits on digits shards, signed updates through real envelopes): ``n``
+    peers through ``--training-rounds`` rounds (default 20), n in
+    ``--training-sizes`` (default 10, 100) over the ideal log, and n in
+    ``--training-bft-sizes`` (default 10, 25, 100) over the real BFT log (every
+    peer a validator), each within ``--budget-s`` wall seconds. More than 64
+    peers train as ``ceil(n / 64)`` concurrent jobs (a job has at most 64
+    participants); all share the one log. Reports the wall time spent in local
+    fits (scikit-learn) separately.
+(d) with ``--profile``: where the time goes (cProfile, grouped by component)
     for one membership and one BFT size.
 
 Events are engine events (a frame arrival, a timer); frames are signed
@@ -29,7 +38,10 @@ import pstats
 import sys
 import time
 
+import numpy as np
+
 from chimera.consensus.bft import BftConfig
+from chimera.consensus.models import make_adapter
 from chimera.protocol.membership import MembershipConfig
 from chimera.simulations.bft_world import BftWorld, rng_values
 from chimera.simulations.engine import Simulator
@@ -37,6 +49,13 @@ from chimera.simulations.membership_world import MembershipWorld
 from chimera.simulations.network import Latency, LinkSpec, SimNetwork
 from chimera.simulations.scenario import SIM_BFT_DEFAULTS
 from chimera.simulations.signatures import shared_vote_verification
+from chimera.simulations.training_world import (
+    Federation,
+    TrainingSetup,
+    digits_federation,
+    make_world,
+    shared_training_verification,
+)
 
 LAN = LinkSpec(latency=Latency.lognormal(0.002, 0.5))
 VALUES_PER_S = 20.0
@@ -90,6 +109,54 @@ def bft(n: int, heights: int, budget_s: float, seed: int = 1) -> dict:
             "frames_per_height": round(net.stats["frames_sent"] / max(1, reached)),
             "signatures_verified": verifier.verified, "signature_checks_reused": verifier.reused,
             "block_interval_s": round(m["block_interval_mean_s"], 4)}
+
+
+def training(n: int, rounds: int, log: str, budget_s: float, seed: int = 1) -> dict:
+    """``n`` honest peers through ``rounds`` federated rounds (FedAvg, IID digits shards)."""
+    from chimera.simulations.behaviours import Behaviour
+
+    sim = Simulator(seed, trace=False)
+    net = SimNetwork(sim, LAN, bandwidth_bytes_per_s=125e6)
+    jobs = max(1, math.ceil(n / 64))
+    setup = TrainingSetup(log=log, rule="fedavg", rounds=rounds, jobs=jobs, round_deadline_s=10.0)
+    fit_wall = [0.0]
+    original = Federation.local_fit
+
+    def timed_fit(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args)
+        finally:
+            fit_wall[0] += time.perf_counter() - t0
+
+    digits_federation(n, setup.split, setup.alpha, setup.test_fraction, setup.data_seed)  # import + load, untimed
+    make_adapter("sgd_classifier", 64, range(10)).fit(np.zeros((2, 64)), np.array([0, 1]), epochs=1,
+                                                      learning_rate=0.1, seed=0)
+    Federation.local_fit = timed_fit
+    try:
+        with shared_training_verification():
+            start = time.perf_counter()
+            world = make_world(sim, net, setup, [Behaviour() for _ in range(n)],
+                               bft_config=BftConfig(**{**SIM_BFT_DEFAULTS, "max_batch": 128}))
+            world.start_all()
+            deadline = start + budget_s
+            done = lambda: world.fed.finished() or time.perf_counter() > deadline  # noqa: E731
+            while not done():
+                sim.run(sim.now + 1.0, done)
+            wall = time.perf_counter() - start
+    finally:
+        Federation.local_fit = original
+    m = world.metrics()
+    reached = m["rounds_certified"]
+    return {"peers": n, "log": log, "jobs": jobs, "rounds": reached, "complete": reached >= rounds,
+            "wall_s": round(wall, 2), "local_fit_wall_s": round(fit_wall[0], 2),
+            "wall_per_round_s": round(wall / max(1, reached), 3),
+            "wall_for_target_s": round(wall if reached >= rounds else wall / max(1, reached) * rounds, 1),
+            "virtual_s": round(sim.now, 3), "events": sim.events_processed,
+            "events_per_s": round(sim.events_processed / wall), "frames": net.stats["frames_sent"],
+            "frames_per_round": round(net.stats["frames_sent"] / max(1, reached)),
+            "local_fits": m["local_fits"], "final_accuracy": round(m["final_accuracy"], 4),
+            "log_values": m["log_values_committed"]}
 
 
 def fit_power_law(rows: list[dict]) -> tuple[float, float] | None:
@@ -156,11 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bft-sizes", type=int, nargs="*", default=[4, 16, 32, 64, 128])
     parser.add_argument("--heights", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=90.0, help="wall seconds per BFT size at most")
+    parser.add_argument("--training-sizes", type=int, nargs="*", default=[10, 100])
+    parser.add_argument("--training-bft-sizes", type=int, nargs="*", default=[10, 25, 100])
+    parser.add_argument("--training-rounds", type=int, default=20)
+    parser.add_argument("--only", choices=("membership", "bft", "training"), help="run one part only")
     args = parser.parse_args(argv)
     if args.quick:
         args.membership_sizes, args.bft_sizes, args.heights = [50], [4, 16], 20
+        args.training_sizes, args.training_bft_sizes, args.training_rounds = [10], [4], 3
+    if args.only:
+        for part, attrs in (("membership", ["membership_sizes"]), ("bft", ["bft_sizes"]),
+                            ("training", ["training_sizes", "training_bft_sizes"])):
+            if part != args.only:
+                for attr in attrs:
+                    setattr(args, attr, [])
     started = time.perf_counter()
-    results: dict = {"membership": [], "bft": []}
+    results: dict = {"membership": [], "bft": [], "training": []}
     for n in args.membership_sizes:
         results["membership"].append(membership(n, args.membership_virtual_s))
         if not args.json:
@@ -169,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         results["bft"].append(bft(n, args.heights, args.budget_s))
         if not args.json:
             print("bft", results["bft"][-1], flush=True)
+    for log, sizes in (("ideal", args.training_sizes), ("bft", args.training_bft_sizes)):
+        for n in sizes:
+            results["training"].append(training(n, args.training_rounds, log, args.budget_s))
+            if not args.json:
+                print("training", results["training"][-1], flush=True)
     fit = fit_power_law(results["bft"])
     if fit is not None:
         a, b = fit

@@ -14,18 +14,39 @@ actually leaves the peer. Strategies:
 * ``sybil``: operates extra identities: in membership they join as peers, in
   consensus they send votes signed by keys that hold no weight.
 
-Hooks for later issues: :meth:`Behaviour.model_update` (poisoned federated
-updates: sign flip, scaling, ALIE) and :meth:`Behaviour.task_result` (wrong
-task results) pass through unchanged by default; strategies override them.
-Register new strategies with :func:`register`.
+Federated-averaging strategies (:meth:`Behaviour.model_update`, driven by
+:mod:`chimera.simulations.training_world`); the peer's core, envelopes and
+log traffic stay honest, only the update it submits is poisoned:
+
+* ``gaussian``: the update's delta is replaced by Gaussian noise
+  ``N(0, std^2)`` per coordinate (Blanchard, El Mhamdi, Guerraoui, Stainer,
+  NeurIPS 2017, s5 "Gaussian" byzantine workers).
+* ``sign_flip``: the delta is multiplied by ``-scale`` (a reversed, scaled
+  gradient step; e.g. Li et al., "RSA", AAAI 2019; the "sign flipping"
+  attack of the robust-aggregation literature).
+* ``alie``: "A Little Is Enough" (Baruch, Baruch, Goldberg, NeurIPS 2019,
+  Algorithm 3): every attacker sends ``mean - z * std`` of the honest deltas
+  (per coordinate), ``z`` from :func:`alie_z`.
+* ``late``: an honest update sent ``delay_s`` virtual seconds after local
+  training ends (a straggler; past the round deadline it is dropped by the
+  core as ``late_local_result``).
+* ``silent`` (above) also withholds its update and its log values.
+
+:meth:`Behaviour.task_result` (wrong task results) passes through unchanged
+by default. Register new strategies with :func:`register`; a strategy's
+tunable attributes are listed in its ``params`` and set by
+:func:`make_behaviour` (``make_behaviour("sign_flip", scale=4.0)``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import statistics
 from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
+
+import numpy as np
 
 from chimera.consensus.bft import (
     PREVOTE,
@@ -79,6 +100,9 @@ class Behaviour:
     byzantine = False
     sybils = 0
     flood_interval_s: float | None = None
+    params: tuple[str, ...] = ()
+    needs_honest_updates = False
+    update_delay_s = 0.0
 
     def outgoing(self, ctx: PeerContext, message: object, targets: tuple[str, ...]) -> list[Outgoing]:
         """What actually leaves the peer when its core sends ``message`` to ``targets``."""
@@ -88,9 +112,27 @@ class Behaviour:
         """Extra traffic sent every ``flood_interval_s`` virtual seconds."""
         return []
 
-    def model_update(self, ctx: PeerContext, update, honest_updates=()):  # noqa: ANN001
-        """Hook: the model update this peer submits (a numpy array; federated issues)."""
-        return update
+    def model_update(self, ctx: PeerContext, delta: np.ndarray, honest_deltas: Sequence[np.ndarray] = (), *,
+                     n: int = 0, f: int = 0) -> np.ndarray | None:
+        """Hook: the federated update this peer submits.
+
+        Args:
+            delta: float64 ``(d,)``: the peer's honestly trained parameters minus the
+                round's base model, flattened in the job's
+                :class:`~chimera.consensus.aggregation.ModelSpec` order.
+            honest_deltas: the honest participants' deltas of this round (same
+                shape; given only when :attr:`needs_honest_updates` is set, i.e. an
+                omniscient attacker as in Baruch et al. 2019).
+            n: participants of the job; ``f``: attackers among them.
+        Returns:
+            The delta to submit (float64 ``(d,)``), or ``None`` to send no update.
+        """
+        return delta
+
+    def log_value(self, ctx: PeerContext, value: bytes) -> bytes | None:
+        """Hook: a value this peer submits to a simulated (ideal) log; ``None`` withholds it.
+        (Over the BFT log, :meth:`outgoing` already sees the value gossip.)"""
+        return value
 
     def task_result(self, ctx: PeerContext, task: object, result: bytes) -> bytes:
         """Hook: the result this peer reports for ``task`` (fabric issues)."""
@@ -114,6 +156,12 @@ class Silent(Behaviour):
 
     def outgoing(self, ctx, message, targets):
         return []
+
+    def model_update(self, ctx, delta, honest_deltas=(), *, n=0, f=0):
+        return None
+
+    def log_value(self, ctx, value):
+        return None
 
 
 class Equivocate(Behaviour):
@@ -202,6 +250,90 @@ class Sybil(Behaviour):
         return out
 
 
+def alie_z(n: int, f: int) -> float:
+    """``z_max`` of "A Little Is Enough" (Baruch, Baruch, Goldberg, NeurIPS 2019, s3 and
+    Algorithm 3): with ``s = floor(n/2 + 1) - f`` honest workers the attackers need on
+    their side, ``z_max = Phi^-1((n - s) / n)`` (``Phi``: the standard normal CDF).
+
+    Args:
+        n: workers in the round (>= 2); f: attackers among them (1 <= f < n).
+    Raises:
+        ValueError: out-of-range ``n``/``f``, or ``s <= 0`` (the attackers already hold
+            a majority: any z works, the formula does not apply).
+    """
+    if not (isinstance(n, int) and isinstance(f, int) and n >= 2 and 1 <= f < n):
+        raise ValueError(f"alie_z needs ints n >= 2 and 1 <= f < n, got n={n!r} f={f!r}")
+    s = n // 2 + 1 - f
+    if s <= 0:
+        raise ValueError(f"n={n}, f={f}: the attackers hold a majority (s = {s})")
+    return statistics.NormalDist().inv_cdf((n - s) / n)
+
+
+def alie_delta(honest_deltas: Sequence[np.ndarray], z: float) -> np.ndarray:
+    """The ALIE update: per coordinate ``mean - z * std`` of the honest deltas
+    (``std`` the population standard deviation, ``ddof = 0``), float64 ``(d,)``.
+
+    Raises:
+        ValueError: no honest delta given.
+    """
+    if len(honest_deltas) == 0:
+        raise ValueError("ALIE needs at least one honest delta")
+    X = np.stack([np.asarray(d, dtype=np.float64) for d in honest_deltas])
+    return X.mean(axis=0) - z * X.std(axis=0)
+
+
+class GaussianNoise(Behaviour):
+    """Replace the delta by ``N(0, std^2)`` noise (Blanchard et al. 2017)."""
+
+    name = "gaussian"
+    byzantine = True
+    params = ("std",)
+    std = 200.0
+
+    def model_update(self, ctx, delta, honest_deltas=(), *, n=0, f=0):
+        gen = np.random.default_rng(ctx.rng.getrandbits(64))
+        return gen.normal(0.0, float(self.std), size=np.shape(delta))
+
+
+class SignFlip(Behaviour):
+    """Send ``-scale`` times the honest delta."""
+
+    name = "sign_flip"
+    byzantine = True
+    params = ("scale",)
+    scale = 10.0
+
+    def model_update(self, ctx, delta, honest_deltas=(), *, n=0, f=0):
+        return -float(self.scale) * np.asarray(delta, dtype=np.float64)
+
+
+class Alie(Behaviour):
+    """"A Little Is Enough": ``mean - z * std`` of the honest deltas; ``z`` None: :func:`alie_z`."""
+
+    name = "alie"
+    byzantine = True
+    params = ("z",)
+    z: float | None = None
+    needs_honest_updates = True
+
+    def model_update(self, ctx, delta, honest_deltas=(), *, n=0, f=0):
+        z = self.z if self.z is not None else alie_z(n, f)
+        return alie_delta(honest_deltas, z) if len(honest_deltas) else np.asarray(delta, dtype=np.float64)
+
+
+class Late(Behaviour):
+    """An honest update that leaves ``delay_s`` virtual seconds after training ends."""
+
+    name = "late"
+    byzantine = True
+    params = ("delay_s",)
+    delay_s = 30.0
+
+    @property
+    def update_delay_s(self) -> float:  # type: ignore[override]
+        return float(self.delay_s)
+
+
 BEHAVIOURS: dict[str, type[Behaviour]] = {}
 
 
@@ -211,18 +343,25 @@ def register(cls: type[Behaviour]) -> type[Behaviour]:
     return cls
 
 
-for _cls in (Behaviour, Silent, Equivocate, BadSignature, Flood, Sybil):
+for _cls in (Behaviour, Silent, Equivocate, BadSignature, Flood, Sybil, GaussianNoise, SignFlip, Alie, Late):
     register(_cls)
 
 BYZANTINE_STRATEGIES = ("silent", "equivocate", "badsig", "flood", "sybil")
+MODEL_ATTACKS = ("gaussian", "sign_flip", "alie", "silent", "late")
+"""Strategies that act on federated updates (``training.attack``)."""
 
 
-def make_behaviour(name: str) -> Behaviour:
-    """A fresh behaviour by name. Raises ``KeyError`` naming the known ones."""
+def make_behaviour(name: str, **params: object) -> Behaviour:
+    """A fresh behaviour by name, with the given tunables (names in its ``params``; others
+    are ignored, ``None`` keeps the default). Raises ``KeyError`` naming the known ones."""
     cls = BEHAVIOURS.get(name)
     if cls is None:
         raise KeyError(f"unknown behaviour {name!r}; known: {', '.join(sorted(BEHAVIOURS))}")
-    return cls()
+    behaviour = cls()
+    for key, value in params.items():
+        if key in cls.params and value is not None:
+            setattr(behaviour, key, value)
+    return behaviour
 
 
 def sybil_identity(owner: str, index: int, salt: bytes = b"") -> SigningIdentity:
@@ -230,5 +369,6 @@ def sybil_identity(owner: str, index: int, salt: bytes = b"") -> SigningIdentity
     return SigningIdentity(hashlib.sha256(b"chimera-sim/sybil/" + salt + owner.encode() + b"/%d" % index).digest())
 
 
-__all__ = ["BEHAVIOURS", "BYZANTINE_STRATEGIES", "Behaviour", "Outgoing", "PeerContext", "make_behaviour",
-           "register", "sybil_identity"]
+__all__ = ["BEHAVIOURS", "BYZANTINE_STRATEGIES", "MODEL_ATTACKS", "Alie", "Behaviour", "GaussianNoise", "Late",
+           "Outgoing", "PeerContext", "SignFlip", "alie_delta", "alie_z", "make_behaviour", "register",
+           "sybil_identity"]

@@ -8,8 +8,9 @@
     chimera simulate SCENARIO [--seed N] [--peers N] ...   (same as ``run``)
 
 ``SCENARIO`` is a TOML file or the name of a shipped one (``list`` shows
-them). ``run`` writes ``metrics.csv``, ``metrics.json``, PNG plots and (for
-small runs) ``trace-<k>.txt`` to ``--out`` (default ``sim-out/<name>``).
+them). ``run`` writes ``metrics.csv``, ``metrics.json``, PNG plots, pivot tables
+(``[[output.tables]]``: Markdown + CSV) and (for small runs)
+``trace-<k>.txt`` to ``--out`` (default ``sim-out/<name>``).
 ``search`` stops at the first seed that violates a safety property and writes
 its trace; ``run --seed`` of that seed reproduces it byte for byte.
 
@@ -77,7 +78,7 @@ def _progress(enabled: bool):
 
 
 def cmd_run(args) -> int:
-    from .report import write_metrics, write_plots
+    from .report import write_metrics, write_plots, write_tables
     from .runner import run_one
 
     scenarios = load_scenarios(args.scenario, _overrides(args))
@@ -100,6 +101,7 @@ def cmd_run(args) -> int:
                 result.trace.write(out / f"trace-{k}.txt")
             results.append(result)
     csv_path, json_path = write_metrics(results, out)
+    tables = write_tables(results, scenarios[0].tables, out)
     try:
         plots = write_plots(results, scenarios[0].plots, out)
     except ModuleNotFoundError as exc:
@@ -114,6 +116,10 @@ def cmd_run(args) -> int:
     print(f"metrics: {csv_path} {json_path}")
     for path in plots:
         print(f"plot: {path}")
+    for path in tables:
+        if path.suffix == ".md":
+            print(f"table: {path}")
+            print(path.read_text(encoding="utf-8"))
     for r in late:
         print(f"warning: seed {r.scenario.seed} {r.violation}")
     for r in broken:

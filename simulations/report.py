@@ -1,4 +1,5 @@
-"""Write run results: metrics as CSV and JSON, plots as PNG (matplotlib, Agg backend)."""
+"""Write run results: metrics as CSV and JSON, plots as PNG (matplotlib, Agg backend), pivot tables
+(Markdown + CSV)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .runner import RunResult
-from .scenario import PlotSpec
+from .scenario import PlotSpec, TableSpec
 
 
 def _clean(value):
@@ -67,6 +68,9 @@ def write_plots(results: Sequence[RunResult], plots: Sequence[PlotSpec], out: Pa
 
     written = []
     for spec in plots:
+        if spec.kind == "rounds":
+            written.append(_rounds_plot(plt, results, spec, out))
+            continue
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         groups: dict[str, list[RunResult]] = {}
         for r in results:
@@ -109,4 +113,93 @@ def write_plots(results: Sequence[RunResult], plots: Sequence[PlotSpec], out: Pa
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
+    return written
+
+
+def _value_of(r: RunResult, name: str | None):
+    if name is None:
+        return ""
+    return r.scenario.sweep_values.get(name, r.row.get(name))
+
+
+def _rounds_plot(plt, results: Sequence[RunResult], spec: PlotSpec, out: Path) -> Path:
+    """Per-round series (``series["rounds"]``, job 0): one panel per value of ``spec.facet``,
+    one line per value of ``spec.series``; x the round, y ``spec.y[0]`` (and more metrics
+    as extra line styles)."""
+    facets: list = []
+    for r in results:
+        value = _value_of(r, spec.facet)
+        if value not in facets:
+            facets.append(value)
+    cols = min(len(facets), 2)
+    rows = (len(facets) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.0 * rows), dpi=100, squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for k, facet in enumerate(facets):
+        ax = axes[k // cols][k % cols]
+        for r in results:
+            if _value_of(r, spec.facet) != facet:
+                continue
+            points = [p for p in r.series.get("rounds", []) if p.get("job", 0) == 0]
+            label = str(_value_of(r, spec.series)) if spec.series else r.scenario.name
+            for m, metric in enumerate(spec.y):
+                xs = [_as_float(p.get(spec.x)) for p in points]
+                ys = [_as_float(p.get(metric)) for p in points]
+                ax.plot(xs, ys, linestyle=styles[m % len(styles)], marker="." if len(xs) < 40 else None,
+                        label=label if len(spec.y) == 1 else f"{label} {metric}")
+        ax.set_title(f"{spec.facet.split('.')[-1]} = {facet}" if spec.facet else spec.title, fontsize="medium")
+        ax.set_xlabel(spec.x)
+        ax.set_ylabel(", ".join(spec.y))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small")
+    for k in range(len(facets), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle(spec.title)
+    fig.tight_layout()
+    path = out / spec.file
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pivot(results: Sequence[RunResult], spec: TableSpec) -> tuple[list, list, dict]:
+    """Row keys, column keys (first-seen order) and ``{(row, col): value}`` of ``spec.value``
+    (the mean when several runs share a cell)."""
+    row_keys: list = []
+    col_keys: list = []
+    cells: dict = {}
+    for r in results:
+        rk, ck = _value_of(r, spec.rows), _value_of(r, spec.columns)
+        if rk not in row_keys:
+            row_keys.append(rk)
+        if ck not in col_keys:
+            col_keys.append(ck)
+        cells.setdefault((rk, ck), []).append(_as_float(r.row.get(spec.value)))
+    return row_keys, col_keys, {k: sum(v) / len(v) for k, v in cells.items()}
+
+
+def write_tables(results: Sequence[RunResult], tables: Sequence[TableSpec], out: Path) -> list[Path]:
+    """Each :class:`TableSpec` as a Markdown table (``file``) and a CSV next to it."""
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in tables:
+        row_keys, col_keys, cells = pivot(results, spec)
+
+        def fmt(v: float) -> str:
+            return "" if not math.isfinite(v) else f"{v:.4f}"
+
+        lines = [f"{spec.title}", "", f"| {spec.rows.split('.')[-1]} \\ {spec.columns.split('.')[-1]} | "
+                 + " | ".join(str(c) for c in col_keys) + " |",
+                 "|---" * (len(col_keys) + 1) + "|"]
+        for rk in row_keys:
+            lines.append(f"| {rk} | " + " | ".join(fmt(cells.get((rk, ck), math.nan)) for ck in col_keys) + " |")
+        md = out / spec.file
+        md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        csv_path = md.with_suffix(".csv")
+        with csv_path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow([spec.rows, *col_keys])
+            for rk in row_keys:
+                writer.writerow([rk, *(fmt(cells.get((rk, ck), math.nan)) for ck in col_keys)])
+        written.extend([md, csv_path])
     return written

@@ -19,6 +19,7 @@ from .membership_world import MembershipWorld
 from .network import Partition, SimNetwork
 from .scenario import Scenario
 from .signatures import shared_vote_verification
+from .training_world import make_world, shared_training_verification
 from .world import SkewSpec
 
 
@@ -103,6 +104,9 @@ def run_one(sc: Scenario, *, core_class: Callable[..., BftCore] = BftCore, trace
     if sc.kind == "bft":
         with shared_vote_verification():
             return _run_bft(sim, network, sc, skew, core_class, progress, check_liveness)
+    if sc.kind == "training":
+        with shared_training_verification():
+            return _run_training(sim, network, sc, skew, progress, check_liveness)
     return _run_membership(sim, network, sc, skew, progress)
 
 
@@ -174,6 +178,54 @@ def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liven
     return RunResult(sc, row, series, sim.trace, violation, sim.events_processed, sim.now)
 
 
+def training_behaviours(sim: Simulator, sc: Scenario) -> list[Behaviour]:
+    """One behaviour per peer: ``byzantine.strategies`` plus ``training.attackers`` peers
+    running ``training.attack`` (with its tunables), placed by the seed."""
+    spec = sc.training
+    strategies = list(sc.byzantine) + [spec.attack] * spec.attackers
+    behaviours = [Behaviour() for _ in range(sc.peers)]
+    params = dict(spec.attack_params)
+    for index, strategy in zip(sim.rng.sample(range(sc.peers), len(strategies)), strategies):
+        behaviours[index] = make_behaviour(strategy, **params)
+    return behaviours
+
+
+def _run_training(sim, network, sc: Scenario, skew, progress, check_liveness) -> RunResult:
+    behaviours = training_behaviours(sim, sc)
+    world = make_world(sim, network, sc.training.setup, behaviours, bft_config=sc.bft_config, skew=skew)
+    if sc.trace:
+        for peer in world.peers:
+            sim.log(f"peer {peer.name} {peer.peer_id[:10]} {peer.behaviour.name}")
+    world.start_all()
+    _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
+    settle = sc.disruption_end_s()
+    fed = world.fed
+
+    def done() -> bool:
+        return sim.now >= settle and fed.finished()
+
+    violation = None
+    reached = False
+    try:
+        reached = sim.run(sc.duration_s, done, progress)
+    except SafetyViolation as exc:
+        violation = f"safety: {exc}"
+    if violation is None and check_liveness and not reached:
+        rounds = {p.name: (p.training.core.model_round if p.training.core else 0) for p in fed.honest_participants}
+        violation = f"liveness: honest peers' rounds {rounds} below {sc.training.setup.rounds} at {sc.duration_s} s"
+    row = dict(sc.sweep_values)
+    setup = sc.training.setup
+    row.setdefault("training.rule", setup.rule + ("+detect" if setup.detect else ""))
+    row.setdefault("training.attack", sc.training.attack)
+    row.update({"seed": sc.seed, "peers": sc.peers, "attack": sc.training.attack,
+                "virtual_s": round(sim.now, 6), "events": sim.events_processed,
+                "live": reached, "safe": violation is None or violation.startswith("liveness")})
+    row.update(world.metrics())
+    row["frames_sent"] = network.stats["frames_sent"]
+    row["bytes_sent"] = network.stats["bytes_sent"]
+    return RunResult(sc, row, {"rounds": fed.rounds_series()}, sim.trace, violation, sim.events_processed, sim.now)
+
+
 def swim_expected_first_detection_periods(n: int, failed: int = 1) -> float:
     """SWIM (Das et al. 2002, s3.1): expected protocol periods until some live
     member first probes a failed one: ``1 / (1 - exp(-q_f))``, ``q_f`` the
@@ -217,4 +269,5 @@ def _run_membership(sim, network, sc: Scenario, skew, progress) -> RunResult:
     return RunResult(sc, row, {}, sim.trace, None, sim.events_processed, sim.now)
 
 
-__all__ = ["RunResult", "run_one", "byzantine_layout", "SafetyViolation", "LivenessViolation"]
+__all__ = ["RunResult", "run_one", "byzantine_layout", "training_behaviours", "SafetyViolation",
+           "LivenessViolation"]

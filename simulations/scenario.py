@@ -73,14 +73,53 @@ value raises :class:`ScenarioError` naming the file and the dotted field
     [membership.config]              # any chimera.protocol.membership.MembershipConfig field
     probe_interval_s = 1.0
 
+    [training]                       # kind = "training" (simulations/training_world.py)
+    log = "ideal"                    # "ideal" (simulated total-order log) | "bft" (real BftCores)
+    rule = "fedavg"                  # fedavg | median | trimmed_mean | krum | multi_krum |
+                                     # reputation_clipped; "<rule>+detect" also runs the detector
+    detect = false                   # anomaly detector (IsolationForest + robust z) first
+    byzantine_f = 3                  # f the rule assumes (default: the number of attackers)
+    rounds = 20                      # federated rounds (>= 1)
+    local_epochs = 2                 # local SGD passes per round
+    learning_rate = 0.1              # SGD step (constant)
+    l2 = 1e-4                        # L2 strength
+    quorum = 7                       # updates needed after the deadline (default max(rule min, ceil(2n/3)))
+    round_deadline_s = 10.0          # virtual seconds after a round starts
+    max_update_norm = 1e6            # L2 bound of an update's delta (validation by every peer)
+    jobs = 1                         # concurrent jobs (peers round-robin; <= 64 participants each)
+    split = "iid"                    # "iid" | "dirichlet" (label skew)
+    alpha = 0.5                      # Dirichlet concentration (> 0)
+    test_fraction = 0.2              # held-out test set of load_digits (0.05..0.5)
+    data_seed = 0                    # split seed
+    job_seed = 7                     # the job's training seed
+    fit_s_per_epoch_per_100 = 0.05   # virtual seconds of local training per epoch per 100 samples
+    commit_latency_s = 0.05          # ideal log: submit -> commit (> 0)
+    fetch_interval_s = 1.0           # core's re-request pacing
+    attack = "none"                  # none | gaussian | sign_flip | alie | silent | late
+    attackers = 3                    # peers running the attack (chosen by the seed)
+    attack_scale = 10.0              # sign_flip: delta * -scale
+    noise_std = 200.0                # gaussian: std of the noise per coordinate
+    alie_z = 0.52                    # alie: override z (default: Baruch et al.'s formula for n, f)
+    late_s = 30.0                    # late: extra virtual seconds before the update leaves
+
     [output]
     trace = true                     # write trace-<run>.txt (default: peers <= 64)
     [[output.plots]]
+    kind = "runs"                    # "runs": x and y are metric columns, one point per run;
+                                     # "rounds": x is the round, y a per-round series
+                                     # (accuracy, loss, included, flagged_byzantine, ...)
     x = "peers"
     y = ["commit_latency_p50_s"]
     series = "network.loss"          # optional: one line per value of this field
+    facet = "training.attack"        # optional ("rounds"): one panel per value of this field
     title = "Commit latency vs validators"
     file = "latency.png"
+    [[output.tables]]                # a pivot table of one metric (Markdown + CSV)
+    rows = "training.rule"
+    columns = "training.attack"
+    value = "final_accuracy"
+    file = "final_accuracy.md"       # .md; a .csv of the same name is written too
+    title = "Accuracy after R rounds"
 """
 
 from __future__ import annotations
@@ -97,10 +136,16 @@ from typing import Any
 from chimera.consensus.bft import BftConfig
 from chimera.protocol.membership import MembershipConfig
 
-from .behaviours import BEHAVIOURS, BYZANTINE_STRATEGIES
-from .network import Latency, LinkSpec
+from chimera.consensus.aggregation import RULES, AggregationConfig
 
-KINDS = ("bft", "membership")
+from .behaviours import BEHAVIOURS, BYZANTINE_STRATEGIES, MODEL_ATTACKS, alie_z
+from .network import Latency, LinkSpec
+from .training_world import LOGS, SPLITS, TrainingSetup, default_quorum
+
+KINDS = ("bft", "membership", "training")
+ATTACKS = ("none",) + MODEL_ATTACKS
+PLOT_KINDS = ("runs", "rounds")
+MAX_TRAINING_PEERS = 1000
 CHURN_ACTIONS = ("crash", "restart", "join", "leave")
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -242,6 +287,31 @@ class PlotSpec:
     series: str | None
     title: str
     file: str
+    kind: str = "runs"
+    facet: str | None = None
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A pivot of metric ``value``: one row per value of ``rows``, a column per value of ``columns``."""
+
+    rows: str
+    columns: str
+    value: str
+    title: str
+    file: str
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """``[training]``: the federation (:class:`~chimera.simulations.training_world.TrainingSetup`)
+    and the attack: ``attackers`` peers (chosen by the seed) run strategy ``attack``
+    with tunables ``attack_params`` (names of the behaviour's ``params``)."""
+
+    setup: TrainingSetup
+    attack: str
+    attackers: int
+    attack_params: tuple[tuple[str, object], ...]
 
 
 @dataclass(frozen=True)
@@ -280,6 +350,8 @@ class Scenario:
     trace: bool
     plots: tuple[PlotSpec, ...]
     sweep_values: dict = field(default_factory=dict)
+    training: TrainingSpec | None = None
+    tables: tuple[TableSpec, ...] = ()
 
     def disruption_end_s(self) -> float:
         """Virtual time after which no partition, churn or stall is scheduled."""
@@ -399,6 +471,8 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
             idx = tuple(peers_raw)
         if action != "join" and (idx is None) == (count is None):
             raise cr.error("peers", "give exactly one of peers or count")
+        if kind == "training" and action not in ("crash", "restart"):
+            raise cr.error("action", "training scenarios support crash and restart")
         churn.append(ChurnSpec(float(at), action, idx, count))
         cr.done()
 
@@ -427,6 +501,10 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     bft_config = _config(bft.sub("config"), BftConfig, SIM_BFT_DEFAULTS)
     bft.done()
 
+    training = _training(root, kind, peers, len(strategies)) if kind == "training" else None
+    if kind != "training" and root.has("training"):
+        raise root.error("training", 'only for kind = "training"')
+
     mem = root.sub("membership")
     warm = mem.boolean("warm_start", True)
     lifeguard = mem.boolean("lifeguard", True)
@@ -440,17 +518,29 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     trace = out.boolean("trace", peers <= 64)
     plots = []
     for pl in out.subs("plots"):
-        x = pl.string("x", required=True)
+        plot_kind = pl.string("kind", "runs", choices=PLOT_KINDS)
+        x = pl.string("x", "round" if plot_kind == "rounds" else None, required=plot_kind == "runs")
         y = pl.raw("y")
         if isinstance(y, str):
             y = [y]
         if not (isinstance(y, list) and y and all(isinstance(v, str) for v in y)):
             raise pl.error("y", "must be a metric name or a list of them")
         plots.append(PlotSpec(x, tuple(y), pl.string("series", None), pl.string("title", name),
-                              pl.string("file", f"plot{len(plots)}.png")))
+                              pl.string("file", f"plot{len(plots)}.png"), plot_kind, pl.string("facet", None)))
         if not plots[-1].file.endswith(".png"):
             raise pl.error("file", "must end with .png")
+        if plot_kind == "rounds" and kind != "training":
+            raise pl.error("kind", 'per-round plots need kind = "training"')
         pl.done()
+    tables = []
+    for tb in out.subs("tables"):
+        spec = TableSpec(tb.string("rows", required=True), tb.string("columns", required=True),
+                         tb.string("value", required=True), tb.string("title", name),
+                         tb.string("file", f"table{len(tables)}.md"))
+        if not spec.file.endswith(".md"):
+            raise tb.error("file", "must end with .md")
+        tables.append(spec)
+        tb.done()
     out.done()
     root.done()
 
@@ -462,7 +552,87 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
                     partitions=tuple(partitions), churn=tuple(churn), byzantine=tuple(strategies),
                     bft_target_heights=target, bft_values_per_s=vps, bft_weights=weights,
                     bft_epoch_heights=epoch_heights, bft_config=bft_config, warm_start=warm,
-                    lifeguard=lifeguard, membership_config=mcfg, trace=trace, plots=tuple(plots))
+                    lifeguard=lifeguard, membership_config=mcfg, trace=trace, plots=tuple(plots),
+                    training=training, tables=tuple(tables))
+
+
+def _training(root: _Reader, kind: str, peers: int, other_byzantine: int) -> TrainingSpec:
+    """The ``[training]`` table (module docstring); every error names its field."""
+    tr = root.sub("training")
+    if peers > MAX_TRAINING_PEERS:
+        raise ScenarioError(root.source, "scenario.peers", f"training scenarios support at most "
+                                                           f"{MAX_TRAINING_PEERS} peers, got {peers}")
+    log = tr.string("log", "ideal", choices=LOGS)
+    rule_raw = tr.string("rule", "fedavg")
+    rule, plus, suffix = rule_raw.partition("+")
+    if rule not in RULES or (plus and suffix != "detect"):
+        raise tr.error("rule", f"must be one of {', '.join(RULES)}, optionally with '+detect', got {rule_raw!r}")
+    detect = tr.boolean("detect", False) or bool(plus)
+    jobs = tr.number("jobs", 1, lo=1, hi=peers, integer=True)
+    n_job = peers // jobs  # the smallest job
+    if -(-peers // jobs) > 64:
+        raise tr.error("jobs", f"{peers} peers in {jobs} job(s) exceed 64 participants per job")
+    attack = tr.string("attack", "none", choices=ATTACKS)
+    attackers = tr.number("attackers", 0, lo=0, hi=peers, integer=True)
+    if attack == "none":
+        attackers_effective = 0
+    else:
+        if attackers < 1:
+            raise tr.error("attackers", f'attack "{attack}" needs attackers >= 1')
+        attackers_effective = attackers
+    if attackers_effective + other_byzantine >= peers:
+        raise tr.error("attackers", f"{attackers_effective + other_byzantine} byzantine peers of {peers}: "
+                                    f"at least one must be honest")
+    if log == "bft" and 3 * (attackers_effective + other_byzantine) >= peers:
+        raise tr.error("attackers", "over the BFT log, byzantine peers must be fewer than 1/3")
+    byz_f = tr.number("byzantine_f", None, lo=0, hi=64, integer=True)
+    f_eff = byz_f if byz_f is not None else -(-(attackers_effective + other_byzantine) // jobs)
+    agg = AggregationConfig(rule=rule, f=f_eff, detect=detect)
+    if agg.min_updates() > n_job:
+        raise tr.error("byzantine_f", f"rule {rule} with f={f_eff} needs {agg.min_updates()} updates; "
+                                      f"a job has {n_job} participants")
+    quorum = tr.number("quorum", None, lo=1, hi=64, integer=True)
+    if quorum is not None and not agg.min_updates() <= quorum <= n_job:
+        raise tr.error("quorum", f"must be in {agg.min_updates()}..{n_job} (rule minimum..participants)")
+    if quorum is None:
+        default_quorum(n_job, agg)  # always valid: min(n, max(rule minimum, ceil(2n/3)))
+    split = tr.string("split", "iid", choices=SPLITS)
+    params = {}
+    scale = tr.number("attack_scale", None, lo=0)
+    std = tr.number("noise_std", None, lo=0)
+    z = tr.number("alie_z", None, lo=-10, hi=10)
+    late = tr.number("late_s", None, lo=0)
+    if attack == "alie" and z is None:
+        try:
+            alie_z(n_job, max(1, -(-attackers_effective // jobs)))
+        except ValueError as exc:
+            raise tr.error("attackers", str(exc)) from None
+    for key, value in (("scale", scale), ("std", std), ("z", z), ("delay_s", late)):
+        if value is not None:
+            params[key] = float(value)
+    setup = TrainingSetup(
+        log=log, rule=rule, detect=detect, byzantine_f=byz_f,
+        rounds=tr.number("rounds", 20, lo=1, hi=10_000, integer=True),
+        local_epochs=tr.number("local_epochs", 2, lo=1, hi=1000, integer=True),
+        learning_rate=float(tr.number("learning_rate", 0.1, lo=1e-9, hi=100)),
+        l2=float(tr.number("l2", 1e-4, lo=0, hi=100)),
+        quorum=quorum,
+        round_deadline_s=float(tr.number("round_deadline_s", 10.0, lo=1e-3)),
+        max_update_norm=float(tr.number("max_update_norm", 1e6, lo=1e-9)),
+        jobs=jobs, split=split,
+        alpha=float(tr.number("alpha", 0.5, lo=1e-3, hi=1e6)),
+        test_fraction=float(tr.number("test_fraction", 0.2, lo=0.05, hi=0.5)),
+        data_seed=tr.number("data_seed", 0, lo=0, hi=2**31, integer=True),
+        job_seed=tr.number("job_seed", 7, lo=0, hi=2**32 - 1, integer=True),
+        fit_s_per_epoch_per_100=float(tr.number("fit_s_per_epoch_per_100", 0.05, lo=0)),
+        commit_latency_s=float(tr.number("commit_latency_s", 0.05, lo=1e-6)),
+        fetch_interval_s=float(tr.number("fetch_interval_s", 1.0, lo=1e-3)))
+    if peers > int(1797 * (1 - setup.test_fraction)):
+        raise ScenarioError(root.source, "scenario.peers", f"more peers than training samples "
+                                                           f"({int(1797 * (1 - setup.test_fraction))})")
+    tr.done()
+    return TrainingSpec(setup=setup, attack=attack, attackers=attackers_effective,
+                        attack_params=tuple(sorted(params.items())))
 
 
 def resolve_path(name: str | Path) -> Path:
