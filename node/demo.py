@@ -6,7 +6,11 @@ watch the full mesh form, measure signed echo round trips between every pair,
 commit decisions proposed at every peer through the BFT log, SIGKILL one peer
 and time its detection by SWIM while the others keep committing, restart it
 (same peer id) and watch it catch up to the identical log, show the
-reputation-weighted voting weights of each epoch, stop all gracefully.
+reputation-weighted voting weights of each epoch, train a model across the
+peers by federated averaging on their own non-IID digits shards
+(node/demo_training.py), run a real WASM agent as a replicas=3 task with a
+vote certificate and two actor agents talking across peers
+(node/demo_fabric.py), print a report, stop all gracefully.
 """
 
 from __future__ import annotations
