@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/chimera demo
+	$(VENV)/bin/chimera demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

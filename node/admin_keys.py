@@ -52,7 +52,7 @@ MAX_KEY_NAME_CHARS = 64
 COMMAND_ROLES: dict[str, str] = {
     # read
     **dict.fromkeys((
-        "status", "peers", "events", "events_follow", "log", "reputation", "resources", "metrics",
+        "status", "peers", "events", "events_follow", "log", "certificate", "reputation", "resources", "metrics",
         "train_status", "agents_list", "tasks_status", "modules_list", "audit", "commands",
         "config_get", "whoami", "revoked_peers"), "observer"),
     # act
@@ -76,6 +76,7 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
                       ("kind", "min_priority", "max_events", "duration_s")),
     "log": ("committed decisions of the consensus log", ("limit", "from_height")),
     "reputation": ("committed voting weights and local scores", ()),
+    "certificate": ("the quorum certificate of a committed height, re-verified here", ("height",)),
     "resources": ("this machine's CPU, memory, disk and GPUs", ()),
     "metrics": ("Prometheus text of this node (or a summary when the exporter is off)", ()),
     "audit": ("the admin audit log, newest last", ("limit",)),

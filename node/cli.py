@@ -239,6 +239,17 @@ def cmd_propose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_certificate(args: argparse.Namespace) -> int:
+    res = _call(args, "certificate", {} if args.height is None else {"height": args.height})
+    lines = [f"height {res['height']} round {res['round']} epoch {res['epoch']} block {res['block_hash'][:16]} "
+             f"({res['value_count']} values, proposer {res['proposer'][:16]})",
+             f"precommits of {res['signed_weight']}/{res['total_weight']} weight; {res['rule']}: "
+             + ("verified" if res["verified"] else f"DOES NOT VERIFY: {res['error']}")]
+    lines += [f"  {v['voter']}  weight {v['weight']:>5}  sig {v['signature'][:32]}…" for v in res["precommits"]]
+    _print(args, res, "\n".join(lines))
+    return EXIT_OK if res["verified"] else EXIT_FAIL
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     cargs = {"limit": args.limit}
     if args.from_height is not None:
@@ -348,7 +359,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(peers=args.peers, workdir=Path(args.workdir) if args.workdir else None)
+    return run_demo(peers=args.peers, workdir=Path(args.workdir) if args.workdir else None, hold=args.hold)
 
 
 # -------------------------------------------------------------------- parser
@@ -436,6 +447,11 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--from-height", type=int, help="start here (default: the latest decisions)")
     p.set_defaults(func=cmd_log)
+    p = sub.add_parser("certificate", help="the quorum certificate of a committed height (default: the last)")
+    data_dir_arg(p)
+    json_arg(p)
+    p.add_argument("height", type=int, nargs="?")
+    p.set_defaults(func=cmd_certificate)
     p = sub.add_parser("reputation", help="committed voting weights and this node's local scores")
     data_dir_arg(p)
     json_arg(p)
@@ -468,6 +484,9 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p = sub.add_parser("demo", help="bring up a local network, show it working, stop")
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--workdir", help="keep the peers' data dirs and logs here")
+    p.add_argument("--hold", action="store_true",
+                   help="after the report, keep the network running (attach `chimera shell DATA_DIR`) "
+                        "until Ctrl-C")
     p.set_defaults(func=cmd_demo)
     from .cli_train import register as register_train_commands
 

@@ -48,10 +48,12 @@ from chimera.consensus.bft import (
     ServeCommits,
     SignState,
     Vote,
+    block_hash,
     value_hash,
+    verify_commit,
 )
 from chimera.consensus.ledger import Ledger, encode_decision, encode_evidence, encode_join, encode_opinion
-from chimera.consensus.quorum import WeightTable, sign_vote
+from chimera.consensus.quorum import CertificateError, WeightTable, sign_vote
 from chimera.consensus.reputation import (
     PPM,
     LocalReputation,
@@ -100,6 +102,7 @@ class ConsensusService:
         net = node.network
         self.network_id = net.network_id
         genesis = WeightTable(epoch=0, weights={p: GENESIS_WEIGHT for p in net.genesis})
+        self.genesis_table = genesis
         self.ledger = Ledger(self.network_id, genesis, net.epoch_length)
         self.store = node.store
         self.reputation = LocalReputation()
@@ -454,6 +457,44 @@ class ConsensusService:
                             "weights": dict(msgpack.unpackb(w, raw=False))}
                            for e, h, w in self.store.epoch_tables()[-10:]],
                 "peers": rows}
+
+    def table_for_height(self, height: int) -> WeightTable:
+        """The committed weight table in force at ``height`` (epoch 0: the genesis table)."""
+        table = self.genesis_table
+        for epoch, from_height, weights in self.store.epoch_tables():
+            if from_height <= height:
+                table = WeightTable(epoch=epoch, weights=dict(msgpack.unpackb(weights, raw=False)))
+        return table
+
+    def certificate_doc(self, height: int) -> dict:
+        """The quorum certificate of committed ``height``, re-verified here against its epoch's table.
+
+        Returns the block (hash, round, epoch, proposer, value count), every precommit
+        (voter, weight, signature hex), the signed and total weight, whether
+        :func:`~chimera.consensus.bft.verify_commit` accepts it (with the reason if not),
+        and ``commit_hex``: the certified commit's canonical encoding, for anyone to
+        verify independently with the epoch's weight table (docs/PROTOCOL.md §14).
+        Raises:
+            LocalProtocolError: ``height`` is not committed on this peer.
+        """
+        blobs = self.store.commit_blobs(height, 1) if height >= 1 else []
+        if not blobs:
+            raise LocalProtocolError(f"height {height} is not committed on this peer (last {self.height})")
+        commit = _unpack_commit(blobs[0])
+        table = self.table_for_height(height)
+        error = None
+        try:
+            verify_commit(commit, table, self.network_id)
+        except CertificateError as exc:
+            error = str(exc)
+        votes = [{"voter": v.voter, "weight": table.weights.get(v.voter, 0), "signature": v.signature.hex()}
+                 for v in commit.certificate.votes]
+        return {"height": height, "round": commit.round, "block_hash": block_hash(commit.block).hex(),
+                "epoch": commit.block.epoch, "proposer": commit.block.proposer,
+                "value_count": len(commit.block.values), "precommits": votes,
+                "signed_weight": sum(v["weight"] for v in votes), "total_weight": table.total,
+                "rule": "precommits of strictly more than 2/3 of the epoch's weight",
+                "verified": error is None, "error": error, "commit_hex": blobs[0].hex()}
 
     def log_rows(self, limit: int, from_height: int | None) -> dict:
         if from_height is None:

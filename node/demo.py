@@ -16,6 +16,7 @@ vote certificate and two actor agents talking across peers
 from __future__ import annotations
 
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -54,7 +55,27 @@ def _alive_view(net: LocalNetwork, i: int) -> dict[str, str]:
     return {r["peer_id"]: r["state"] for r in net.query(i, "peers")}
 
 
-def run_demo(peers: int = 4, workdir: Path | None = None) -> int:
+def _hold(net: LocalNetwork, console: Console) -> None:
+    """Keep the demo network running until Ctrl-C, with the commands to attach to it."""
+    console.rule("[bold]the network keeps running (--hold); Ctrl-C stops it")
+    for p in net.peers:
+        console.print(f"  peer {p.index}: chimera shell {p.data_dir}")
+    console.print(f"  e.g. chimera shell {net.peers[0].data_dir} -c \"peers\"   or   "
+                  f"chimera train status --data-dir {net.peers[0].data_dir}")
+    def on_term(signum, frame):  # SIGTERM (e.g. from a service manager) stops as Ctrl-C does
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while all(p.alive() for p in net.peers):
+            time.sleep(0.5)
+        console.print("[yellow]a peer exited; stopping the network[/yellow]")
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(peers: int = 4, workdir: Path | None = None, hold: bool = False) -> int:
     console = Console(highlight=False)
     if peers < 3:
         console.print("[red]the demo needs at least 3 peers[/red]")
@@ -220,6 +241,12 @@ def run_demo(peers: int = 4, workdir: Path | None = None) -> int:
         report["drops"] = ", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"
         report["peer RSS"] = f"{min(rss):.1f}-{max(rss):.1f} MiB"
         code = 0 if same and identical else 1
+        if hold:
+            summary = Table(title="report (before --hold)", show_header=False)
+            for k, v in report.items():
+                summary.add_row(k, v)
+            console.print(summary)
+            _hold(net, console)
     finally:
         codes = net.stop()
         report["graceful stop"] = f"exit codes {codes}"

@@ -569,6 +569,17 @@ class Node:
         async def reputation(args: dict) -> dict:
             return need_consensus().reputation_rows()
 
+        async def certificate(args: dict) -> dict:
+            """the quorum certificate of a committed height, re-verified against its epoch's weights"""
+            service = need_consensus()
+            height = args.get("height", service.height)
+            if type(height) is not int:
+                raise admin_api.AdminError("height must be an integer")
+            try:
+                return service.certificate_doc(height)
+            except LocalProtocolError as exc:
+                raise admin_api.AdminError(str(exc)) from None
+
         async def stop(args: dict) -> dict:
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
             return {"stopping": True}
@@ -579,4 +590,4 @@ class Node:
         return {**training_admin_handlers(self), **fabric_admin_handlers(self),
                 "status": status, "peers": peers, "events": events, "ping": ping,
                 "add_contact": add_contact, "stop": stop, "propose": propose, "log": log_,
-                "reputation": reputation}
+                "reputation": reputation, "certificate": certificate}

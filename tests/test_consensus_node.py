@@ -53,6 +53,16 @@ async def test_in_process_validators_commit_identical_logs_and_an_observer_joins
         assert await async_wait_until(lambda: all(n.consensus.height >= top for n in nodes), 60)
         logs = [[(d["height"], d["index"], d["data"]) for d in n.store.decisions(1, 1000)] for n in nodes]
         assert all(log == logs[0] for log in logs) and len(logs[0]) == 40
+        # every certificate, in every epoch, re-verifies against that epoch's committed table
+        for h in range(1, top + 1):
+            doc = nodes[3].consensus.certificate_doc(h)
+            assert doc["verified"], (h, doc["error"])
+            assert 3 * doc["signed_weight"] > 2 * doc["total_weight"]
+        assert {nodes[3].consensus.certificate_doc(h)["epoch"] for h in range(1, top + 1)} != {0}
+        from chimera.node.cli import main as cli_main
+        code = await asyncio.to_thread(cli_main, ["certificate", str(top), "--json", "--data-dir",
+                                                  str(nodes[1].data_dir)])
+        assert code == 0
         assert sorted(d for _, _, d in logs[0]) == sorted(f"value {i}".encode() for i in range(40))
         # The observer asked to join; it becomes a validator (newcomer weight) at an epoch boundary.
         assert await async_wait_until(lambda: all(nodes[3].peer_id in n.consensus.core.table.weights
