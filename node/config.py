@@ -70,6 +70,7 @@ class NodeConfig:
     fabric: bool = True
     fabric_task_slots: int = 2  # tasks run at once (worker threads); 4 per slot wait; more: refused "busy"
     fabric_capacity_interval_s: float = 5.0  # signed fabric_capacity advertisement period
+    fabric_max_wasm_memory_bytes: int = 64 << 20  # linear memory per agent: advertised cap + wasmtime reservation
     fabric_probe_gpus: int = -1  # SIMULATION/TEST: >= 0 advertises this many simulated GPUs instead of NVML's
     fabric_test_wrong_results: bool = False  # TEST HOOK: return wrong task results (tests only)
     fabric_test_tamper_chunks: bool = False  # TEST HOOK: corrupt module chunks served to peers (tests only)
@@ -103,6 +104,8 @@ PROFILES: dict[str, dict[str, object]] = {
         "probe_timeout_s": 1.0,
         "sync_interval_s": 60.0,
         "reconnect_interval_s": 20.0,
+        "fabric_task_slots": 1,
+        "fabric_max_wasm_memory_bytes": 16 << 20,
     },
 }
 

@@ -201,6 +201,8 @@ class FabricService:
         cfg = node.config
         if cfg.fabric_task_slots < 1:
             raise LocalProtocolError("fabric_task_slots must be >= 1")
+        if not 1 << 16 <= cfg.fabric_max_wasm_memory_bytes <= 4 << 30:
+            raise LocalProtocolError("fabric_max_wasm_memory_bytes must be in 64 KiB..4 GiB")
         self.node = node
         self.config = cfg
         self.peer_id = node.peer_id
@@ -242,9 +244,10 @@ class FabricService:
 
     def _make_probe(self):
         n = self.config.fabric_probe_gpus
+        cap = self.config.fabric_max_wasm_memory_bytes
         if n < 0:
-            return SystemProbe(self.node.data_dir)
-        base = SystemProbe(self.node.data_dir, nvml=False).resources()
+            return SystemProbe(self.node.data_dir, max_wasm_memory_bytes=cap)
+        base = SystemProbe(self.node.data_dir, nvml=False, max_wasm_memory_bytes=cap).resources()
         gpus = tuple(GpuInfo(index=i, name=SIM_GPU_NAME, memory_total_bytes=SIM_GPU_MEMORY_BYTES,
                              memory_used_bytes=0) for i in range(min(n, 64)))
         log.warning("fabric_probe_gpus = %d: advertising %d SIMULATED GPUs (test/simulation option)", n, len(gpus))
@@ -262,7 +265,8 @@ class FabricService:
 
                 from .agent_store import SqliteDeploymentStore
 
-                sandbox = SandboxEngine(self.root / "compiled")
+                sandbox = SandboxEngine(self.root / "compiled",
+                                        memory_reservation_bytes=self.config.fabric_max_wasm_memory_bytes)
                 host = AgentHost(sandbox, peer_id=self.peer_id, remote_send=self._remote_send)
                 host.add_sink("admin", self._admin_sink)
                 store = SqliteDeploymentStore(self.root / "agents.sqlite3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 import subprocess
@@ -46,6 +47,14 @@ async def test_edge_limits_visible_in_status_and_advertised(tmp_path, network):
         assert e.transport.router.getsockopt(__import__("zmq").RCVHWM) == 1000
         assert e.supervisor.get("membership").mailbox.maxsize == 512
         assert a.membership.members[e.peer_id].contact.profile == "edge"  # advertised in membership
+        # WASM limits and agent concurrency: through the admin API, and advertised to placement
+        from chimera.node import admin
+
+        limits = (await asyncio.to_thread(admin.call, e.data_dir, "status"))["limits"]
+        assert limits["fabric_task_slots"] == 1 and limits["fabric_max_wasm_memory_bytes"] == 16 << 20
+        assert await async_wait_until(lambda: e.peer_id in a.fabric.capacity, 30)
+        advert, _ = a.fabric.capacity[e.peer_id]
+        assert advert.max_wasm_memory_bytes == 16 << 20
     finally:
         await e.stop()
         await a.stop()
