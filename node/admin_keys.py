@@ -97,7 +97,8 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "admin_key_revoke": ("revoke an admin key by name or fingerprint", ("key",)),
     "train_status": ("federated training jobs and rounds", ("job",)),
     "train_start": ("start a federated training job", ("job", "timeout_s")),
-    "train_export": ("the latest certified model of a job (npz bytes + JSON sidecar; the CLI writes the files)",
+    "train_export": ("the latest certified model of a job (npz bytes + JSON sidecar); the CLI or the shell "
+                     "writes them (shell: train export path=FILE [job=ID] [force=true])",
                      ("job",)),
     "agents_list": ("deployed WASM agents", ()),
     "agents_deploy": ("deploy a WASM agent (module=@FILE.wasm or sha256=...)", ("ref", "module", "kind")),

@@ -377,6 +377,32 @@ class Shell:
             self._print(f"error: {message}", err=True)
         return code
 
+    def _train_export(self, args: dict) -> int:
+        """``train export path=FILE [job=ID] [force=true]``: the node sends the certified model, the
+        shell writes ``FILE`` (.npz) and its ``.json`` sidecar here, on the operator's machine."""
+        from .cli_train import _write_atomic
+
+        path_arg = args.pop("path", None)
+        force = bool(args.pop("force", False))
+        if not isinstance(path_arg, str) or not path_arg:
+            raise ShellError("train export needs path=FILE (where this shell writes the .npz and .json)")
+        path = Path(path_arg).expanduser().resolve()
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        sidecar = path.with_suffix(".json")
+        for target in (path, sidecar):
+            if target.exists() and not force:
+                raise ShellError(f"{target} exists (add force=true to overwrite)")
+        res = self.client.call("train_export", args, timeout_s=60.0)
+        try:
+            _write_atomic(path, res.pop("npz"))
+            _write_atomic(sidecar, res.pop("sidecar").encode())
+        except OSError as exc:
+            raise ShellError(f"cannot write {path}: {exc.strerror or exc}") from None
+        res.update(path=str(path), sidecar=str(sidecar))
+        self._emit("train_export", res)
+        return EXIT_OK
+
     def _print(self, text: str, err: bool = False) -> None:
         stream = sys.stderr if err and not self.interactive else self.out
         print(text, file=stream, flush=True)
@@ -399,6 +425,8 @@ class Shell:
             return EXIT_OK
         if self.commands[cmd].get("stream"):
             return self._follow(cmd, args)
+        if cmd == "train_export":
+            return self._train_export(args)
         timeout_s = None
         if "timeout_s" in args and isinstance(args["timeout_s"], (int, float)):
             timeout_s = float(args["timeout_s"]) + 5.0

@@ -158,6 +158,12 @@ def test_sigkilled_participant_neither_stalls_nor_corrupts_and_resumes(net, tmp_
     again = subprocess.run(export, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "exists" in again.stdout + again.stderr
     assert "path" not in net.query(4, "train_export", {"job": job_id})  # the API returns bytes only
+    shell_out = tmp_path / "from-shell.npz"
+    sh = subprocess.run([sys.executable, "-m", "chimera.node.cli", "shell", str(net.peers[2].data_dir), "--json",
+                         "-c", f"train export path={shell_out} job={job_id}"], capture_output=True, text=True,
+                        timeout=60)
+    assert sh.returncode == 0, sh.stdout + sh.stderr
+    assert json.loads(sh.stdout)["result"]["digest"] == res["digest"] and shell_out.exists()
     cli = subprocess.run([sys.executable, "-m", "chimera.node.cli", "train", "status", "--data-dir",
                           str(net.peers[4].data_dir), "--job", job_id[:12]], capture_output=True, text=True,
                          timeout=60)
