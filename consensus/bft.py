@@ -80,7 +80,7 @@ import heapq
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Iterable
 
 import msgpack
 
@@ -1004,7 +1004,19 @@ class BftCore:
         self._actions.append(Broadcast(BftVote(vote=vote)))
 
     def _make_block(self) -> Block:
-        chosen = [v for d, v in self._pool.items() if d not in self._recent][:self.config.max_batch]
+        chosen: list[bytes] = []
+        for d, v in list(self._pool.items()):
+            if len(chosen) >= self.config.max_batch:
+                break
+            if d in self._recent:
+                continue
+            ok = True if self.validate_value is None else self.validate_value(v)
+            if ok is False:  # no longer valid (e.g. a decision whose epochs are over): drop it
+                del self._pool[d]
+                self._own_pending.pop(d, None)
+                self.drops["expired_value"] += 1
+            elif ok:
+                chosen.append(v)
         chosen.sort(key=value_hash)
         return Block(height=self.height, epoch=self.table.epoch, proposer=self.peer_id,
                      parent_hash=self._last_hash, values=tuple(chosen))
@@ -1184,6 +1196,14 @@ class BftCore:
             self._schedule(now + self.config.timeout_s(PRECOMMIT, r), PRECOMMIT, self.height, r)
             return True
         return False
+
+    def remember_committed(self, height: int, values: Iterable[bytes]) -> None:
+        """Tell a restarted core what was committed at ``height`` (< its current height), so the
+        dedupe of committed values (``dedupe_heights``) survives a restart: the driver feeds the
+        stored blocks of the window before the first message. Older heights are ignored."""
+        if self.height - self.config.dedupe_heights < height < self.height:
+            for value in values:
+                self._recent[value_hash(value)] = height
 
     def _apply_commit(self, commit: CertifiedCommit, digest: bytes, now: float, source: str) -> None:
         height = self.height

@@ -15,6 +15,15 @@ first element is a tag:
   :data:`MAX_DECISION_BYTES` bytes; ``nonce`` (u64) makes equal data
   proposable twice. ``signature``: :func:`~chimera.consensus.quorum.sign_vote`
   by ``author``, purpose ``"decision"``, epoch 0, statement ``[nonce, data]``.
+  The nonce's high 32 bits are the epoch in force when the decision was made
+  (:func:`decision_nonce`; signed, since the nonce is in the statement). A
+  decision is valid only while ``0 <= current epoch - nonce epoch <=``
+  :func:`decision_window_epochs` (about :data:`DECISION_WINDOW_HEIGHTS`
+  heights), so a signed decision cannot be replayed later: inside its window
+  the BFT core's dedupe of committed values refuses a second commit (the node
+  sizes ``dedupe_heights`` with :func:`dedupe_heights_for`), after it the
+  ledger refuses it. A decision from a later epoch is "not yet" valid (None:
+  this peer is behind), unless more than a window ahead (invalid).
 * ``["join", peer_id, signature]``: ``peer_id`` asks to become a validator.
   Signature by ``peer_id``, purpose ``"validator_join"``, epoch 0, statement
   ``[peer_id]`` (proof of key possession: nobody can enrol someone else).
@@ -182,6 +191,33 @@ def encode_item(item: LedgerValue) -> bytes:
     return encode_evidence(item)
 
 
+DECISION_WINDOW_HEIGHTS = 1000
+"""About how many heights a decision stays valid after the epoch it names."""
+
+
+def decision_window_epochs(epoch_length: int) -> int:
+    """Epochs after its own in which a decision is valid: ``max(1, 1000 // epoch_length)``."""
+    return max(1, DECISION_WINDOW_HEIGHTS // epoch_length)
+
+
+def dedupe_heights_for(epoch_length: int) -> int:
+    """Heights the BFT core must remember committed values for, so that no decision can commit
+    twice inside its validity window (``(window + 1) * epoch_length + 1``, at least 1000)."""
+    return max(1000, (decision_window_epochs(epoch_length) + 1) * epoch_length + 1)
+
+
+def decision_nonce(epoch: int, random_bits: int) -> int:
+    """A decision nonce: ``epoch`` (< 2**32) in the high 32 bits, ``random_bits`` (< 2**32) below.
+
+    Raises:
+        LocalProtocolError: either part out of range.
+    """
+    if type(epoch) is not int or not 0 <= epoch < 1 << 32 or type(random_bits) is not int \
+            or not 0 <= random_bits < 1 << 32:
+        raise LocalProtocolError("decision nonce parts: epoch and random_bits in 0 .. 2**32 - 1")
+    return epoch << 32 | random_bits
+
+
 def encode_decision(identity: SigningIdentity, network_id: bytes, nonce: int, data: bytes) -> bytes:
     """A signed decision value.
 
@@ -268,15 +304,17 @@ class Ledger:
         self.offenders: set[str] = set()
         self.outcomes: list[ApplyOutcome] = []  # filled by on_commit, drained by the driver
         self.app_validator = app_validator
-        self._valid: OrderedDict[bytes, bool] = OrderedDict()  # value hash -> validate_value
+        self._valid: OrderedDict[bytes, tuple[bool, int | None]] = OrderedDict()  # hash -> (ok, decision epoch)
 
     # ------------------------------------------------------------- validation
 
     def validate_value(self, value: bytes) -> bool | None:
         """The BFT core's ``validate_value``: decodes and self-signature holds.
 
-        Results are cached by value hash (the same value is checked when it is
-        gossiped, proposed and applied; the answer cannot change). ``fl_*``
+        Decode and signature results are cached by value hash (the same value is
+        checked when it is gossiped, proposed and applied); a decision's window
+        (see the module docstring) is checked against the current epoch every
+        time. ``fl_*``
         values go to the ``app_validator`` (never cached), which may answer
         None: "not yet" (see :class:`~chimera.consensus.bft.BftCore`).
         """
@@ -289,19 +327,25 @@ class Ledger:
             return None if ok is None else bool(ok)
         key = hashlib.sha256(value).digest()
         known = self._valid.get(key)
-        if known is not None:
-            return known
-        try:
-            item = decode_value(value)
-            # One encoding per value: the in-pool/commit dedupe is by the hash of the
-            # exact bytes, so a re-encoded copy of a signed value must not pass.
-            ok = encode_item(item) == value and self._signature_ok(item)
-        except MalformedError:
-            ok = False
-        self._valid[key] = ok
-        if len(self._valid) > VALID_CACHE_ENTRIES:
-            self._valid.popitem(last=False)
-        return ok
+        if known is None:
+            try:
+                item = decode_value(value)
+                # One encoding per value: the in-pool/commit dedupe is by the hash of the
+                # exact bytes, so a re-encoded copy of a signed value must not pass.
+                ok = encode_item(item) == value and self._signature_ok(item)
+                known = (ok, item.nonce >> 32 if ok and isinstance(item, Decision) else None)
+            except MalformedError:
+                known = (False, None)
+            self._valid[key] = known
+            if len(self._valid) > VALID_CACHE_ENTRIES:
+                self._valid.popitem(last=False)
+        ok, decision_epoch = known
+        if not ok or decision_epoch is None:
+            return ok
+        age = self.table.epoch - decision_epoch  # the window moves with the epoch: checked every time
+        if age < 0:
+            return None if -age <= decision_window_epochs(self.epoch_length) else False
+        return age <= decision_window_epochs(self.epoch_length)
 
     def _signature_ok(self, item: LedgerValue) -> bool:
         if isinstance(item, Decision):

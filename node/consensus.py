@@ -22,6 +22,7 @@ committed opinions by every peer alike (:mod:`chimera.consensus.ledger`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -52,7 +53,15 @@ from chimera.consensus.bft import (
     value_hash,
     verify_commit,
 )
-from chimera.consensus.ledger import Ledger, encode_decision, encode_evidence, encode_join, encode_opinion
+from chimera.consensus.ledger import (
+    Ledger,
+    decision_nonce,
+    dedupe_heights_for,
+    encode_decision,
+    encode_evidence,
+    encode_join,
+    encode_opinion,
+)
 from chimera.consensus.quorum import CertificateError, WeightTable, sign_vote
 from chimera.consensus.reputation import (
     PPM,
@@ -124,10 +133,22 @@ class ConsensusService:
             sign_state = decode_fields(SignState, msgpack.unpackb(sign_blob, raw=False), "sign_state")
         height = self.ledger.height
         last_hash = self.store.block_hash(height) if height else net.genesis_hash()
+        # a decision is valid for a window of epochs: the dedupe of committed values must span it
+        config = dataclasses.replace(config, dedupe_heights=max(config.dedupe_heights,
+                                                                dedupe_heights_for(net.epoch_length)))
         self.core = BftCore(node.identity, self.network_id, self.ledger.table, config, time.monotonic(),
                             height=height + 1, last_block_hash=last_hash,
                             table_height=self.ledger.table_height, sign_state=sign_state,
                             validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit)
+        # the dedupe of committed values survives a restart (a replayed value is refused)
+        start = max(1, height - config.dedupe_heights + 1)
+        while start <= height:
+            blobs = self.store.commit_blobs(start, 512)
+            if not blobs:
+                break
+            for blob in blobs:
+                self.core.remember_committed(start, _unpack_commit(blob).block.values)
+                start += 1
         log.info("consensus at height %d, epoch %d, %s (%d validators)", height + 1, self.ledger.table.epoch,
                  "validator" if self.is_validator else "observer", len(self.ledger.table.weights))
 
@@ -199,7 +220,7 @@ class ConsensusService:
         Raises:
             LocalProtocolError: data too long, the pool refused it, or no commit within ``timeout_s``.
         """
-        nonce = random.getrandbits(63)
+        nonce = decision_nonce(self.ledger.table.epoch, random.getrandbits(32))  # epoch-bound: no replay
         value = encode_decision(self.node.identity, self.network_id, nonce, data)
         digest = value_hash(value)
         loop = asyncio.get_running_loop()

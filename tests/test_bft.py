@@ -831,3 +831,18 @@ def test_idle_network_waits_for_values_then_proposes_at_once():
     assert all(len(cs) == 1 for cs in cluster.commits.values())  # idle again: nothing new
     cluster.advance(start + 12.0)
     assert all(len(cs) == 2 and cs[1].block.values == () for cs in cluster.commits.values())
+
+
+def test_a_restarted_core_remembers_recent_commits_and_refuses_their_replay():
+    """The dedupe of committed values survives a restart: the driver feeds the stored blocks of
+    the window (remember_committed); a value committed inside it is refused by the pool and a
+    block holding it gets no prevote; older ones are forgotten as before."""
+    table = table_of(IDS[:4])
+    me = IDS[0]
+    core = BftCore(me, NET, table, FAST, 0.0, height=50, last_block_hash=b"\x01" * 32)
+    core.remember_committed(49, [b"paid at 49"])
+    core.remember_committed(50 - FAST.dedupe_heights, [b"too old to remember"])  # outside the window
+    core.remember_committed(50, [b"not committed yet"])  # not below the core's height: ignored
+    assert core.submit(b"paid at 49", 0.0) is False and core.drops["duplicate_value"] == 1
+    assert core.submit(b"too old to remember", 0.0) is True
+    assert core.submit(b"not committed yet", 0.0) is True

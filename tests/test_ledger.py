@@ -185,3 +185,30 @@ def test_training_values_pass_only_through_the_app_validator_and_reach_the_outco
     out = ledger.apply(commit(1, [job, d, msgpack.packb(["fl_bogus", 1])]))
     assert out.app_values == [job] and len(out.decisions) == 1
     assert out.ignored == ["malformed application value"]
+
+
+def test_a_decision_is_valid_only_inside_its_epoch_window():
+    """A signed decision names the epoch it was made in (the nonce's high 32 bits, signed): a
+    replay after its window fails (PROTOCOL.md §15); inside the window the BFT dedupe holds."""
+    from chimera.consensus.ledger import decision_nonce, decision_window_epochs, dedupe_heights_for
+
+    length = 250
+    window = decision_window_epochs(length)
+    assert window == 4 and dedupe_heights_for(length) == 5 * length + 1 >= 1000
+    assert decision_window_epochs(5000) == 1 and dedupe_heights_for(5000) == 10_001
+    ledger = Ledger(NID, genesis(), epoch_length=length)
+    old = encode_decision(VALIDATORS[0], NID, decision_nonce(0, 7), b"pay once")
+    ahead = encode_decision(VALIDATORS[0], NID, decision_nonce(2, 8), b"from a peer ahead")
+    far = encode_decision(VALIDATORS[0], NID, decision_nonce(window + 1, 9), b"far ahead")
+    assert ledger.validate_value(old) is True
+    assert ledger.validate_value(ahead) is None  # this ledger is behind: not the author's fault
+    assert ledger.validate_value(far) is False
+    ledger.table = WeightTable(epoch=window, weights=ledger.table.weights)  # the epochs pass
+    assert ledger.validate_value(old) is True and ledger.validate_value(ahead) is True
+    ledger.table = WeightTable(epoch=window + 1, weights=ledger.table.weights)
+    assert ledger.validate_value(old) is False  # its window is over: a replay is refused
+    ledger.height = 1  # apply refuses it too (deterministically, from the block's epoch)
+    out = ledger.apply(commit(2, [old], epoch=window + 1))
+    assert out.decisions == [] and out.ignored
+    with pytest.raises(LocalProtocolError):
+        decision_nonce(1 << 32, 0)
