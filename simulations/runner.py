@@ -110,6 +110,15 @@ def run_one(sc: Scenario, *, core_class: Callable[..., BftCore] = BftCore, trace
     return _run_membership(sim, network, sc, skew, progress)
 
 
+def _run_to_target(sim: Simulator, sc: Scenario, done: Callable[[], bool],
+                   progress: Callable[[float], None] | None) -> tuple[bool, str | None]:
+    """Run until ``done()`` or ``sc.duration_s``: (reached, ``"safety: ..."`` if a check raised)."""
+    try:
+        return sim.run(sc.duration_s, done, progress), None
+    except SafetyViolation as exc:
+        return False, f"safety: {exc}"
+
+
 def _schedule_churn(sim: Simulator, sc: Scenario, world, peers_of: Callable[[], list], honest_only: bool) -> None:
     for event in sc.churn:
         def act(event=event) -> None:
@@ -158,12 +167,7 @@ def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liven
                 return False
         return True
 
-    violation = None
-    reached = False
-    try:
-        reached = sim.run(sc.duration_s, done, progress)
-    except SafetyViolation as exc:
-        violation = f"safety: {exc}"
+    reached, violation = _run_to_target(sim, sc, done, progress)
     if violation is None and check_liveness and not reached:
         heights = {p.name: p.committed_height for p in world.honest}
         violation = f"liveness: honest heights {heights} below target {target} at {sc.duration_s} s"
@@ -204,12 +208,7 @@ def _run_training(sim, network, sc: Scenario, skew, progress, check_liveness) ->
     def done() -> bool:
         return sim.now >= settle and fed.finished()
 
-    violation = None
-    reached = False
-    try:
-        reached = sim.run(sc.duration_s, done, progress)
-    except SafetyViolation as exc:
-        violation = f"safety: {exc}"
+    reached, violation = _run_to_target(sim, sc, done, progress)
     if violation is None and check_liveness and not reached:
         rounds = {p.name: (p.training.core.model_round if p.training.core else 0) for p in fed.honest_participants}
         violation = f"liveness: honest peers' rounds {rounds} below {sc.training.setup.rounds} at {sc.duration_s} s"
