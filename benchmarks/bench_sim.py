@@ -19,7 +19,14 @@
     peers train as ``ceil(n / 64)`` concurrent jobs (a job has at most 64
     participants); all share the one log. Reports the wall time spent in local
     fits (scikit-learn) separately.
-(d) with ``--profile``: where the time goes (cProfile, grouped by component)
+(d) a large network following a validator committee: ``n`` peers of which
+    ``k`` validate and the others are observers that follow the log by
+    fetching and verifying certified commits, until *every* peer holds
+    ``--heights`` committed heights; ``--observer-runs`` (default ``1000:16``,
+    i.e. 1000 peers, 16 validators). This is how 1000 peers reach 100
+    committed heights on one core: with every peer a validator the O(n^2)
+    votes per height make that hours (the extrapolation of (b)).
+(e) with ``--profile``: where the time goes (cProfile, grouped by component)
     for one membership and one BFT size.
 
 Events are engine events (a frame arrival, a timer); frames are signed
@@ -80,10 +87,11 @@ def membership(n: int, virtual_s: float, seed: int = 1) -> dict:
             "virtual_per_wall": round(virtual_s / wall, 3), "views_consistent": world.live_view_ok()}
 
 
-def bft(n: int, heights: int, budget_s: float, seed: int = 1) -> dict:
+def bft(n: int, heights: int, budget_s: float, seed: int = 1, validators: int | None = None) -> dict:
+    k = n if validators is None else validators
     sim = Simulator(seed, trace=False)
     net = SimNetwork(sim, LAN, bandwidth_bytes_per_s=125e6)
-    world = BftWorld(sim, net, BftConfig(**SIM_BFT_DEFAULTS), [1] * n)
+    world = BftWorld(sim, net, BftConfig(**SIM_BFT_DEFAULTS), [1] * k + [0] * (n - k))
     with shared_vote_verification() as verifier:
         start = time.perf_counter()
         world.start_all()
@@ -101,7 +109,7 @@ def bft(n: int, heights: int, budget_s: float, seed: int = 1) -> dict:
     reached = min(world.honest_heights())
     per_height = wall / max(1, reached)
     m = world.metrics()
-    return {"validators": n, "heights": reached, "complete": reached >= heights, "wall_s": round(wall, 3),
+    return {"peers": n, "validators": k, "heights": reached, "complete": reached >= heights, "wall_s": round(wall, 3),
             "wall_per_height_s": round(per_height, 4),
             "wall_for_target_s": round(wall if reached >= heights else per_height * heights, 1),
             "virtual_s": round(sim.now, 3), "events": sim.events_processed,
@@ -226,19 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training-sizes", type=int, nargs="*", default=[10, 100])
     parser.add_argument("--training-bft-sizes", type=int, nargs="*", default=[10, 25, 100])
     parser.add_argument("--training-rounds", type=int, default=20)
-    parser.add_argument("--only", choices=("membership", "bft", "training"), help="run one part only")
+    parser.add_argument("--observer-runs", nargs="*", default=["1000:16"],
+                        help="PEERS:VALIDATORS runs of part (d)")
+    parser.add_argument("--observer-budget-s", type=float, default=300.0)
+    parser.add_argument("--only", choices=("membership", "bft", "observers", "training"),
+                        help="run one part only")
     args = parser.parse_args(argv)
     if args.quick:
         args.membership_sizes, args.bft_sizes, args.heights = [50], [4, 16], 20
         args.training_sizes, args.training_bft_sizes, args.training_rounds = [10], [4], 3
+        args.observer_runs = ["100:4"]
     if args.only:
         for part, attrs in (("membership", ["membership_sizes"]), ("bft", ["bft_sizes"]),
+                            ("observers", ["observer_runs"]),
                             ("training", ["training_sizes", "training_bft_sizes"])):
             if part != args.only:
                 for attr in attrs:
                     setattr(args, attr, [])
     started = time.perf_counter()
-    results: dict = {"membership": [], "bft": [], "training": []}
+    results: dict = {"membership": [], "bft": [], "bft_observers": [], "training": []}
     for n in args.membership_sizes:
         results["membership"].append(membership(n, args.membership_virtual_s))
         if not args.json:
@@ -247,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         results["bft"].append(bft(n, args.heights, args.budget_s))
         if not args.json:
             print("bft", results["bft"][-1], flush=True)
+    for run in args.observer_runs:
+        n, _, k = run.partition(":")
+        results["bft_observers"].append(bft(int(n), args.heights, args.observer_budget_s, validators=int(k)))
+        if not args.json:
+            print("bft_observers", results["bft_observers"][-1], flush=True)
     for log, sizes in (("ideal", args.training_sizes), ("bft", args.training_bft_sizes)):
         for n in sizes:
             results["training"].append(training(n, args.training_rounds, log, args.budget_s))

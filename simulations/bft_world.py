@@ -303,7 +303,7 @@ class BftWorld(World):
     Args:
         sim, network: engine and network.
         config: the core's timeouts (:class:`BftConfig`).
-        weights: initial weight of each validator (index order).
+        weights: initial weight of each peer (index order); 0 makes the peer an observer.
         behaviours: one behaviour per validator (honest by default).
         epoch_heights: heights per reputation epoch (0: fixed weights); must
             be 0 or >= ``2 * (EPOCH_LAG + 1)``.
@@ -329,7 +329,8 @@ class BftWorld(World):
         self.reputation_config = None
         self.peers = [BftPeer(self, i, b) for i, b in enumerate(behaviours)]
         self.by_id = {p.peer_id: p for p in self.peers}
-        self.genesis_table = WeightTable(epoch=0, weights={p.peer_id: w for p, w in zip(self.peers, weights)})
+        # weight 0: an observer (not in the table; it follows the log by fetching certified commits)
+        self.genesis_table = WeightTable(epoch=0, weights={p.peer_id: w for p, w in zip(self.peers, weights) if w > 0})
         self.honest = [p for p in self.peers if not p.behaviour.byzantine]
         self.honest_ids = tuple(p.peer_id for p in self.honest)
         self.tables: dict[int, WeightTable] = {1: self.genesis_table}
@@ -425,7 +426,8 @@ class BftWorld(World):
         return {
             "validators": len(self.peers),
             "byzantine": len(self.peers) - len(self.honest),
-            "byzantine_weight_share": round(1 - sum(self.genesis_table.weights[p] for p in self.honest_ids)
+            "observers": sum(1 for p in self.peers if p.peer_id not in self.genesis_table.weights),
+            "byzantine_weight_share": round(1 - sum(self.genesis_table.weights.get(p, 0) for p in self.honest_ids)
                                             / self.genesis_table.total, 4),
             "heights": len(heights),
             "min_honest_height": min(self.honest_heights() or [0]),

@@ -77,14 +77,15 @@ def byzantine_layout(sim: Simulator, sc: Scenario) -> tuple[list[int], list[Beha
         ValueError: the byzantine peers would hold >= 1/3 of the weight.
     """
     n = sc.peers
+    k = sc.bft_validators or n  # peers k.. are observers (weight 0)
     if sc.bft_weights == "equal":
-        weights = [100] * n
+        weights = [100] * k + [0] * (n - k)
     elif sc.bft_weights == "random":
-        weights = [100 * sim.rng.randint(1, 4) for _ in range(n)]
+        weights = [100 * sim.rng.randint(1, 4) for _ in range(k)] + [0] * (n - k)
     else:
         weights = list(sc.bft_weights)
     behaviours = [Behaviour() for _ in range(n)]
-    chosen = sim.rng.sample(range(n), len(sc.byzantine))
+    chosen = sim.rng.sample([i for i in range(n) if weights[i] > 0], len(sc.byzantine))
     for index, strategy in zip(chosen, sc.byzantine):
         behaviours[index] = make_behaviour(strategy)
     byz_weight = sum(weights[i] for i in chosen)
@@ -145,7 +146,7 @@ def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liven
                      epoch_heights=sc.bft_epoch_heights, skew=skew, core_class=core_class)
     if sc.trace:
         for peer in world.peers:
-            sim.log(f"peer {peer.name} {peer.peer_id[:10]} weight {world.genesis_table.weights[peer.peer_id]} "
+            sim.log(f"peer {peer.name} {peer.peer_id[:10]} weight {world.genesis_table.weights.get(peer.peer_id, 0)} "
                     f"{peer.behaviour.name}")
     world.start_all()
     _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)

@@ -62,7 +62,9 @@ value raises :class:`ScenarioError` naming the file and the dotted field
     [bft]
     target_heights = 20              # honest validators must all commit this many
     values_per_s = 5.0               # Poisson value load (virtual seconds)
-    weights = "equal"                # "equal" | "random" (1..4) | [w0, w1, ...]
+    weights = "equal"                # "equal" | "random" (1..4) | [w0, w1, ...] (0: an observer)
+    validators = 0                   # 0: every peer; k: peers 0..k-1 validate, the others are
+                                     # observers that follow the log by fetching certified commits
     epoch_heights = 0                # reputation epochs (0: fixed weights; else >= 36)
     [bft.config]                     # any chimera.consensus.bft.BftConfig field
     propose_timeout_s = 1.0
@@ -343,6 +345,7 @@ class Scenario:
     bft_values_per_s: float
     bft_weights: Any
     bft_epoch_heights: int
+    bft_validators: int  # 0: every peer; else peers k.. follow the log as observers
     bft_config: BftConfig
     warm_start: bool
     lifeguard: bool
@@ -490,11 +493,23 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     weights = bft.raw("weights", "equal")
     if weights not in ("equal", "random") and not (
             isinstance(weights, list) and len(weights) == peers and all(
-                isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in weights)):
-        raise bft.error("weights", f'must be "equal", "random" or {peers} integers >= 1')
+                isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in weights)
+            and any(w >= 1 for w in weights)):
+        raise bft.error("weights", f'must be "equal", "random" or {peers} integers >= 0 (0: an observer), '
+                                   "at least one >= 1")
+    validators = bft.number("validators", 0, lo=0, integer=True)
+    if validators > peers:
+        raise bft.error("validators", f"must be at most scenario.peers ({peers}); 0 means all")
+    if validators and isinstance(weights, list):
+        raise bft.error("validators", "give either validators or a weights list (0 marks an observer)")
+    n_validators = validators or (sum(1 for w in weights if w) if isinstance(weights, list) else peers)
+    if len(strategies) >= n_validators and kind == "bft":
+        raise bft.error("validators", f"{len(strategies)} byzantine peers need more than {n_validators} validators")
     epoch_heights = bft.number("epoch_heights", 0, lo=0, integer=True)
     if epoch_heights and epoch_heights < 36:
         raise bft.error("epoch_heights", "must be 0 (fixed weights) or >= 36")
+    if epoch_heights and n_validators < peers:
+        raise bft.error("epoch_heights", "reputation epochs need every peer to be a validator (no observers)")
     if epoch_heights and kind == "bft" and peers > 50:
         raise bft.error("epoch_heights", "reputation epochs support at most 50 validators "
                                          "(an opinion must fit in one 4096-byte value)")
@@ -550,7 +565,7 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
                     stall_fraction=stall_fraction, stall_every_s=stall_every, stall_duration_s=stall_duration,
                     slow_fraction=slow_fraction, slow_delay_s=slow_delay,
                     partitions=tuple(partitions), churn=tuple(churn), byzantine=tuple(strategies),
-                    bft_target_heights=target, bft_values_per_s=vps, bft_weights=weights,
+                    bft_target_heights=target, bft_values_per_s=vps, bft_weights=weights, bft_validators=validators,
                     bft_epoch_heights=epoch_heights, bft_config=bft_config, warm_start=warm,
                     lifeguard=lifeguard, membership_config=mcfg, trace=trace, plots=tuple(plots),
                     training=training, tables=tuple(tables))

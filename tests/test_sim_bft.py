@@ -168,3 +168,18 @@ def test_byzantine_weight_must_stay_under_one_third(tmp_path):
 def test_epoch_heights_bound_is_enforced():
     with pytest.raises(ValueError):
         _world(4, epoch_heights=10)
+
+
+def test_observers_follow_a_validator_committee_to_the_target_height():
+    """bft.validators = k: the other peers are observers; every peer (observers too) reaches the
+    target by fetching and verifying certified commits; bad settings name their field."""
+    from chimera.simulations.runner import run_one
+    from chimera.simulations.scenario import ScenarioError, load_scenarios
+
+    (sc,) = load_scenarios("commit_latency", {"scenario.peers": 20, "sweep": {}, "bft.validators": 4,
+                                              "bft.target_heights": 5, "output.trace": False})
+    result = run_one(sc, trace=False)
+    assert result.violation is None
+    assert result.row["observers"] == 16 and result.row["min_honest_height"] >= 5
+    with pytest.raises(ScenarioError, match="bft.validators"):
+        load_scenarios("commit_latency", {"scenario.peers": 4, "sweep": {}, "bft.validators": 5})
