@@ -327,3 +327,41 @@ def test_admin_listen_must_be_a_tcp_endpoint(tmp_path: Path):
     for bad in ("127.0.0.1:7421", "tcp://:7421", "tcp://host:port", "tcp://host:70000"):
         with pytest.raises(ConfigError, match="admin_listen"):
             load_config(tmp_path, environ={}, overrides={"admin_listen": bad})
+
+
+async def test_another_uid_is_refused_even_if_the_socket_mode_were_opened(node_factory, tmp_path: Path):
+    """Defence in depth: the socket is 0600, but if its mode were widened by mistake a client of
+    another uid is still refused (SO_PEERCRED) and the refusal is audited."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not Path("/usr/bin/python3").exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to connect as another uid")
+    node = await node_factory("u", NodeConfig(**FAST))
+    sock = node.data_dir / admin.SOCKET_NAME
+    public_dir = Path(tempfile.mkdtemp(prefix="chimera-uid-"))
+    try:
+        public_dir.chmod(0o755)
+        link = public_dir / "admin.sock"
+        os.link(sock, link)  # the same socket, reachable by path for another user
+        link.chmod(0o666)    # the misconfiguration
+        request = msgpack.packb({"cmd": "status", "args": {}})
+        client = ("import socket, struct, sys\n"
+                  "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+                  f"body = {request!r}\n"
+                  "s.sendall(struct.pack('>I', len(body)) + body)\n"
+                  "n = struct.unpack('>I', s.recv(4))[0]\n"
+                  "data = b''\n"
+                  "while len(data) < n: data += s.recv(n - len(data))\n"
+                  "sys.stdout.write(repr(data))\n")
+        proc = await asyncio.to_thread(
+            subprocess.run, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "/usr/bin/python3", "-c", client, str(link)],
+            capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "not this node" in proc.stdout and "owner" in proc.stdout
+        rows = await asyncio.to_thread(admin.call, node.data_dir, "audit", {"limit": 20})
+        assert any("refused" in r["result"] and "65534" in r["who"] for r in rows), rows
+        assert (await asyncio.to_thread(admin.call, node.data_dir, "status"))["peer_id"] == node.peer_id
+    finally:
+        shutil.rmtree(public_dir, ignore_errors=True)
