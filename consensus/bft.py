@@ -464,7 +464,9 @@ class BftConfig:
     max_future_rounds: int = 4  # votes further ahead only count for round skipping
     dedupe_heights: int = 1000  # a value committed this recently is never committed again
     commit_cache: int = 256  # certified commits kept in memory for catch-up
-    max_response_bytes: int = 512 * 1024
+    # both fit the edge profile's 256 KiB envelopes with room for signatures and framing
+    max_response_bytes: int = 192 * 1024
+    max_block_bytes: int = 192 * 1024  # sum of a block's value sizes
     # 0: round 0 of every height starts after commit_wait_s (a block, maybe empty,
     # every height). > 0: round 0 waits until a value is pending here or a
     # proposal/vote of this height arrives, or at most this long, then starts
@@ -478,6 +480,8 @@ class BftConfig:
             raise LocalProtocolError(f"max_batch must be in 1..{MAX_BLOCK_VALUES}")
         if not 1 <= self.max_value_bytes <= MAX_VALUE_BYTES:
             raise LocalProtocolError(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
+        if self.max_block_bytes < self.max_value_bytes:
+            raise LocalProtocolError("max_block_bytes must hold at least one value of max_value_bytes")
         if min(self.propose_timeout_s, self.prevote_timeout_s, self.precommit_timeout_s,
                self.rebroadcast_interval_s) <= 0:
             raise LocalProtocolError("timeouts and the rebroadcast interval must be > 0")
@@ -1005,9 +1009,12 @@ class BftCore:
 
     def _make_block(self) -> Block:
         chosen: list[bytes] = []
+        size = 0
         for d, v in list(self._pool.items()):
             if len(chosen) >= self.config.max_batch:
                 break
+            if size + len(v) > self.config.max_block_bytes:
+                continue  # a smaller value may still fit
             if d in self._recent:
                 continue
             ok = True if self.validate_value is None else self.validate_value(v)
@@ -1017,6 +1024,7 @@ class BftCore:
                 self.drops["expired_value"] += 1
             elif ok:
                 chosen.append(v)
+                size += len(v)
         chosen.sort(key=value_hash)
         return Block(height=self.height, epoch=self.table.epoch, proposer=self.peer_id,
                      parent_hash=self._last_hash, values=tuple(chosen))
@@ -1036,7 +1044,8 @@ class BftCore:
         """True valid, False invalid, None holds a value that is not yet decidable here."""
         if (block.height, block.parent_hash, block.epoch) != (self.height, self._last_hash, self.table.epoch):
             return False
-        if block.proposer not in self.table.weights or len(block.values) > self.config.max_batch:
+        if block.proposer not in self.table.weights or len(block.values) > self.config.max_batch \
+                or sum(len(v) for v in block.values) > self.config.max_block_bytes:
             return False
         previous = b""
         pending = False

@@ -9,6 +9,7 @@ More seeds: ``BFT_SEEDS=1000``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import os
@@ -846,3 +847,23 @@ def test_a_restarted_core_remembers_recent_commits_and_refuses_their_replay():
     assert core.submit(b"paid at 49", 0.0) is False and core.drops["duplicate_value"] == 1
     assert core.submit(b"too old to remember", 0.0) is True
     assert core.submit(b"not committed yet", 0.0) is True
+
+
+def test_blocks_fit_the_byte_budget_and_an_oversize_block_gets_no_prevote():
+    """max_block_bytes: a proposer packs values up to the budget (a full block of 4 KiB values
+    would not fit an edge peer's 256 KiB envelope); a larger block is invalid."""
+    table = table_of(IDS[:4])
+    config = dataclasses.replace(FAST, max_block_bytes=20_000)
+    core = BftCore(IDS[0], NET, table, config, 0.0)
+    for k in range(10):
+        assert core.submit(bytes([k]) * 4000, 0.0)
+    block = core._make_block()
+    assert len(block.values) == 5 and sum(map(len, block.values)) <= 20_000
+    proposer = IDS[1]
+    big = Block(height=1, epoch=0, proposer=proposer.peer_id, parent_hash=bytes(32),
+                values=tuple(sorted((bytes([k]) * 4000 for k in range(6)), key=value_hash)))
+    fits = Block(height=1, epoch=0, proposer=proposer.peer_id, parent_hash=bytes(32),
+                 values=tuple(sorted((bytes([k]) * 4000 for k in range(5)), key=value_hash)))
+    assert core._check_block(fits) is True and core._check_block(big) is False
+    with pytest.raises(LocalProtocolError):
+        dataclasses.replace(FAST, max_block_bytes=100)
