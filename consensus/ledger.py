@@ -299,6 +299,10 @@ class Ledger:
         self.height = 0  # last applied height
         self.table = genesis
         self.table_height = 1
+        # the last epoch's table and offenders: evidence of an equivocation at the end of an
+        # epoch commits in the next one and must still count (once)
+        self.previous_table: WeightTable | None = None
+        self.previous_offenders: set[str] = set()
         self.joins: set[str] = set()
         self.opinions: dict[str, Opinion] = {}
         self.offenders: set[str] = set()
@@ -406,10 +410,13 @@ class Ledger:
                     out.opinions.append(item.author)
             else:
                 offender = item.first.voter
-                if offender in self.offenders:
+                current = verify_equivocation(item, self.table, self.network_id)
+                late = not current and self.previous_table is not None and \
+                    verify_equivocation(item, self.previous_table, self.network_id)
+                if offender in self.offenders or (late and offender in self.previous_offenders):
                     out.ignored.append("evidence already committed")
-                elif not verify_equivocation(item, self.table, self.network_id):
-                    out.ignored.append("evidence does not hold under this epoch's table")
+                elif not (current or late):
+                    out.ignored.append("evidence does not hold under this epoch's or the last epoch's table")
                 else:
                     self.offenders.add(offender)
                     out.evidence.append(offender)
@@ -428,6 +435,7 @@ class Ledger:
                 if peer_id in weights:
                     weights[peer_id] = 1
             table = WeightTable(epoch=table.epoch, weights=weights)
+        self.previous_table, self.previous_offenders = self.table, set(self.offenders)
         self.table = table
         self.table_height = self.height + 1
         self.joins.clear()
@@ -450,6 +458,9 @@ class Ledger:
             "table_height": self.table_height, "joins": sorted(self.joins),
             "opinions": [encode_fields(self.opinions[a]) for a in sorted(self.opinions)],
             "offenders": sorted(self.offenders),
+            "previous_table": None if self.previous_table is None else
+            [self.previous_table.epoch, list(self.previous_table.weights.items())],
+            "previous_offenders": sorted(self.previous_offenders),
         })
 
     def restore(self, blob: bytes) -> None:
@@ -464,9 +475,14 @@ class Ledger:
             opinions = {o.author: o for o in (decode_fields(Opinion, x, "opinion") for x in doc["opinions"])}
             height, table_height = int(doc["height"]), int(doc["table_height"])
             joins, offenders = set(doc["joins"]), set(doc["offenders"])
+            prev = doc.get("previous_table")  # absent in snapshots written before 2026-12-01
+            previous = None if prev is None else WeightTable(
+                epoch=int(prev[0]), weights={str(p): int(w) for p, w in prev[1]})
+            previous_offenders = set(doc.get("previous_offenders", ()))
         except MalformedError:
             raise
         except Exception as exc:
             raise MalformedError(f"ledger snapshot does not decode: {type(exc).__name__}: {exc}") from None
         self.height, self.table, self.table_height = height, table, table_height
         self.joins, self.opinions, self.offenders = joins, opinions, offenders
+        self.previous_table, self.previous_offenders = previous, previous_offenders

@@ -212,3 +212,23 @@ def test_a_decision_is_valid_only_inside_its_epoch_window():
     assert out.decisions == [] and out.ignored
     with pytest.raises(LocalProtocolError):
         decision_nonce(1 << 32, 0)
+
+
+def test_late_evidence_of_the_last_epoch_counts_once():
+    """An equivocation in the last heights of an epoch is committed in the next one: it is checked
+    against the last epoch's table and cuts the offender at the following boundary, once."""
+    ledger = Ledger(NID, genesis(), epoch_length=2)
+    cheater = VALIDATORS[3]
+    ledger.apply(commit(1, []))
+    assert ledger.apply(commit(2, [])).new_table.epoch == 1
+    late = encode_evidence(_equivocation(cheater, height=2))  # votes of epoch 0
+    out3 = ledger.apply(commit(3, [late], epoch=1))
+    assert out3.evidence == [cheater.peer_id]
+    out4 = ledger.apply(commit(4, [], epoch=1))
+    assert out4.new_table.weights[cheater.peer_id] == 1
+    # the same offence again in epoch 2 (its votes are now two epochs old) changes nothing
+    again = ledger.apply(commit(5, [encode_evidence(_equivocation(cheater, height=1))], epoch=2))
+    assert again.evidence == [] and again.ignored
+    restored = Ledger(NID, genesis(), epoch_length=2)
+    restored.restore(ledger.snapshot())
+    assert restored.previous_table == ledger.previous_table and restored.snapshot() == ledger.snapshot()
