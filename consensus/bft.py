@@ -639,6 +639,7 @@ class BftCore:
         self._recent: dict[bytes, int] = {}  # committed value hash -> height
         self._commits: dict[int, CertifiedCommit] = {}
         self._last_push: dict[str, float] = {}
+        self._served_to: dict[str, int] = {}  # peer -> first height after the last commits sent to it
         self._next_request_at = now
         self._next_rebroadcast = now + config.rebroadcast_interval_s
         self._reset_height_state()
@@ -856,12 +857,18 @@ class BftCore:
         elif self._may_serve(sender, now):
             self._answer(sender, height, MAX_COMMITS_PER_RESPONSE)
 
-    def _may_serve(self, sender: str, now: float) -> bool:
+    def _may_serve(self, sender: str, now: float, from_height: int | None = None) -> bool:
+        """At most one answer per ``catchup_interval_s`` per peer, except the follow-up of a
+        catch-up: a request from beyond what we last sent that peer (its progress bounds the
+        work: a peer can walk the log once per interval, not loop on it)."""
         last = self._last_push.get(sender)
         if last is not None and now - last < self.config.catchup_interval_s:
-            return False
+            served_to = self._served_to.get(sender)
+            if from_height is None or served_to is None or from_height < served_to:
+                return False
         if len(self._last_push) >= 4096:
             self._last_push.clear()
+            self._served_to.clear()
         self._last_push[sender] = now
         return True
 
@@ -874,14 +881,16 @@ class BftCore:
             if commits and size > self.config.max_response_bytes:
                 break
             commits.append(commit)
-        if not commits:
+        if not commits:  # the driver serves them from its store (up to max_count)
+            self._served_to[sender] = from_height + 1
             self._actions.append(ServeCommits(sender, from_height, max_count))
             return
+        self._served_to[sender] = commits[-1].block.height + 1
         self._actions.append(Send(sender, BftCommitResponse(commits=tuple(commits),
                                                             latest_height=self.height - 1)))
 
     def _on_commit_request(self, sender: str, msg: BftCommitRequest, now: float) -> None:
-        if msg.from_height < self.height and self._may_serve(sender, now):
+        if msg.from_height < self.height and self._may_serve(sender, now, msg.from_height):
             self._answer(sender, msg.from_height, msg.max_count)
 
     def _on_commit_response(self, sender: str, msg: BftCommitResponse, now: float) -> None:

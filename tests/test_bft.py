@@ -867,3 +867,27 @@ def test_blocks_fit_the_byte_budget_and_an_oversize_block_gets_no_prevote():
     assert core._check_block(fits) is True and core._check_block(big) is False
     with pytest.raises(LocalProtocolError):
         dataclasses.replace(FAST, max_block_bytes=100)
+
+
+def test_catch_up_follow_ups_are_served_at_once_but_repeats_are_rate_limited():
+    """A lagging peer walks the log at network speed: each follow-up request (from beyond what it
+    was last sent) is answered at once; a repeated request within catchup_interval_s is not."""
+    cluster = Cluster(4)
+    cluster.advance(6.0)
+    server = cluster.cores[IDS[0].peer_id]
+    assert server.height > 2 * MAX_COMMITS_PER_RESPONSE + 1, server.height
+    asker = IDS[3].peer_id
+    now = 6.0
+
+    def ask(from_height: int) -> list:
+        server.take_actions()
+        server.on_message(asker, BftCommitRequest(from_height=from_height), now)
+        return [a.message for a in server.take_actions()
+                if isinstance(a, Send) and isinstance(a.message, BftCommitResponse)]
+
+    first = ask(1)
+    assert first and first[0].commits[-1].block.height == MAX_COMMITS_PER_RESPONSE
+    follow_up = ask(MAX_COMMITS_PER_RESPONSE + 1)
+    assert follow_up and follow_up[0].commits[0].block.height == MAX_COMMITS_PER_RESPONSE + 1
+    assert ask(1) == []  # a repeat within the interval: refused (no amplification)
+    assert ask(MAX_COMMITS_PER_RESPONSE + 1) == []
