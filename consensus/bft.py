@@ -1018,22 +1018,23 @@ class BftCore:
 
     def _make_block(self) -> Block:
         chosen: list[bytes] = []
+        expired: list[bytes] = []
         size = 0
-        for d, v in list(self._pool.items()):
+        for d, v in self._pool.items():
             if len(chosen) >= self.config.max_batch:
                 break
-            if size + len(v) > self.config.max_block_bytes:
-                continue  # a smaller value may still fit
-            if d in self._recent:
-                continue
+            if size + len(v) > self.config.max_block_bytes or d in self._recent:
+                continue  # (a smaller value may still fit)
             ok = True if self.validate_value is None else self.validate_value(v)
-            if ok is False:  # no longer valid (e.g. a decision whose epochs are over): drop it
-                del self._pool[d]
-                self._own_pending.pop(d, None)
-                self.drops["expired_value"] += 1
+            if ok is False:  # no longer valid (e.g. a decision past its window): leaves the pool
+                expired.append(d)
             elif ok:
                 chosen.append(v)
                 size += len(v)
+        for d in expired:
+            del self._pool[d]
+            self._own_pending.pop(d, None)
+            self.drops["expired_value"] += 1
         chosen.sort(key=value_hash)
         return Block(height=self.height, epoch=self.table.epoch, proposer=self.peer_id,
                      parent_hash=self._last_hash, values=tuple(chosen))

@@ -1,7 +1,9 @@
-"""Demo data for federated training: scikit-learn's bundled ``load_digits`` split across peers (pure).
+"""Demo data for federated training: scikit-learn's bundled ``load_digits`` split across peers.
 
-No download and no file I/O (scikit-learn ships the data inside the package;
-files of a node's own data are read by ``chimera.node.datasets``).
+The splits are pure (seeded, no I/O). :func:`load_digits_data` reads the copy
+scikit-learn ships inside its package (no download); only the drivers (node,
+simulator, tests) call it, never a core. A node's own data files are read by
+``chimera.node.datasets``.
 
 * :func:`load_digits_data`: 1797 8x8 images, ``X`` float64 ``(n, 64)`` scaled
   to [0, 1] (pixel value / 16), ``y`` int64 ``(n,)`` in 0..9.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -151,35 +150,45 @@ def _follow_rich(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def export_paths(path_text: str, force: bool) -> tuple[Path, Path]:
+    """The ``.npz`` and ``.json`` paths a ``train_export`` result goes to (client side).
 
-
-def cmd_train_export(args: argparse.Namespace) -> int:
-    cli = _cli()
-    path = Path(args.path).expanduser().resolve()
+    Raises:
+        FileExistsError: one exists and ``force`` is false.
+    """
+    path = Path(path_text).expanduser().resolve()
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     sidecar = path.with_suffix(".json")
     for target in (path, sidecar):
-        if target.exists() and not args.force:
-            raise cli.CliError(f"{target} exists (use --force to overwrite)", cli.EXIT_USAGE)
+        if target.exists() and not force:
+            raise FileExistsError(f"{target} exists")
+    return path, sidecar
+
+
+def write_export(result: dict, path: Path, sidecar: Path) -> dict:
+    """Write a ``train_export`` result (``npz`` bytes, ``sidecar`` text) atomically; returns the
+    rest of it with ``path`` and ``sidecar``. Raises OSError when a file cannot be written."""
+    from .keys import atomic_write
+
+    rest = dict(result)
+    atomic_write(path, rest.pop("npz"), mode=0o644)
+    atomic_write(sidecar, rest.pop("sidecar").encode(), mode=0o644)
+    rest.update(path=str(path), sidecar=str(sidecar))
+    return rest
+
+
+def cmd_train_export(args: argparse.Namespace) -> int:
+    cli = _cli()
+    try:
+        path, sidecar = export_paths(args.path, args.force)
+    except FileExistsError as exc:
+        raise cli.CliError(f"{exc} (use --force to overwrite)", cli.EXIT_USAGE) from None
     res = cli._call(args, "train_export", {"job": args.job} if args.job else {})
     try:
-        _write_atomic(path, res.pop("npz"))
-        _write_atomic(sidecar, res.pop("sidecar").encode())
+        res = write_export(res, path, sidecar)
     except OSError as exc:
         raise cli.CliError(f"cannot write {path}: {exc.strerror or exc}", cli.EXIT_FAIL) from None
-    res.update(path=str(path), sidecar=str(sidecar))
     acc = "" if res["accuracy"] is None else f", accuracy {res['accuracy']:.4f}"
     cli._print(args, res, f"wrote {res['path']} and {res['sidecar']} (job {res['job_id'][:16]}, round {res['round']}, "
                       f"digest {res['digest'][:16]}{acc})")

@@ -393,14 +393,13 @@ class ConsensusService:
                      {p[:10]: w for p, w in table.weights.items()})
         for hook in self.commit_hooks:
             hook(action.height, outcome)
-        if self._submitted_at:
-            now = time.monotonic()
-            for value in block.values:
-                t0 = self._submitted_at.pop(value_hash(value), None)
-                if t0 is not None:
-                    self.commit_latency.observe(now - t0)
+        now = time.monotonic()
         for value in block.values:
-            fut = self.waiters.get(value_hash(value))
+            digest = value_hash(value)
+            t0 = self._submitted_at.pop(digest, None)
+            if t0 is not None:
+                self.commit_latency.observe(now - t0)
+            fut = self.waiters.get(digest)
             if fut is not None and not fut.done():
                 fut.set_result(action.height)
 

@@ -380,26 +380,21 @@ class Shell:
     def _train_export(self, args: dict) -> int:
         """``train export path=FILE [job=ID] [force=true]``: the node sends the certified model, the
         shell writes ``FILE`` (.npz) and its ``.json`` sidecar here, on the operator's machine."""
-        from .cli_train import _write_atomic
+        from .cli_train import export_paths, write_export
 
         path_arg = args.pop("path", None)
         force = bool(args.pop("force", False))
         if not isinstance(path_arg, str) or not path_arg:
             raise ShellError("train export needs path=FILE (where this shell writes the .npz and .json)")
-        path = Path(path_arg).expanduser().resolve()
-        if path.suffix != ".npz":
-            path = path.with_name(path.name + ".npz")
-        sidecar = path.with_suffix(".json")
-        for target in (path, sidecar):
-            if target.exists() and not force:
-                raise ShellError(f"{target} exists (add force=true to overwrite)")
+        try:
+            path, sidecar = export_paths(path_arg, force)
+        except FileExistsError as exc:
+            raise ShellError(f"{exc} (add force=true to overwrite)") from None
         res = self.client.call("train_export", args, timeout_s=60.0)
         try:
-            _write_atomic(path, res.pop("npz"))
-            _write_atomic(sidecar, res.pop("sidecar").encode())
+            res = write_export(res, path, sidecar)
         except OSError as exc:
             raise ShellError(f"cannot write {path}: {exc.strerror or exc}") from None
-        res.update(path=str(path), sidecar=str(sidecar))
         self._emit("train_export", res)
         return EXIT_OK
 

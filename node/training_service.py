@@ -40,13 +40,12 @@ import io
 import json
 import logging
 import math
-import os
 import time
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import msgpack
 import numpy as np
@@ -80,6 +79,7 @@ from chimera.protocol.messages import encode_fields
 
 from . import admin as admin_api
 from .actors import Actor, wait_event
+from .keys import atomic_write
 
 log = logging.getLogger("chimera.training")
 
@@ -237,20 +237,17 @@ def _params_fit(job: JobSpec, max_message_bytes: int) -> tuple[bool, int]:
 # ------------------------------------------------------------------ files
 
 
-def write_npz_atomic(path: Path, params: dict[str, np.ndarray]) -> None:
-    """Write ``params`` (name -> float array) as ``.npz`` atomically: temp file, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **{k: np.ascontiguousarray(v) for k, v in params.items()})
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def npz_bytes(params: Mapping[str, np.ndarray]) -> bytes:
+    """``params`` (name -> array) as the bytes of a NumPy ``.npz`` archive (no pickle)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in params.items()})
+    return buffer.getvalue()
+
+
+def write_npz_atomic(path: Path, params: Mapping[str, np.ndarray]) -> None:
+    """Write ``params`` as ``.npz`` atomically (:func:`chimera.node.keys.atomic_write`: temp file,
+    fsync, rename, fsync dir)."""
+    atomic_write(path, npz_bytes(params), mode=0o600)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -261,15 +258,6 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     """
     with np.load(path, allow_pickle=False) as archive:
         return {k: archive[k] for k in archive.files}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ state
@@ -847,15 +835,13 @@ class TrainingService:
         if aggregate_hash(params, state.job.model_spec()) != digest:
             raise admin_api.AdminError(f"checkpoint {source} does not match its certified digest")
         info = state.rounds.get(number) or RoundInfo()
-        buffer = io.BytesIO()
-        np.savez(buffer, **{k: np.ascontiguousarray(v) for k, v in params.items()})
         sidecar = json.dumps({
             "job_id": state.job_id.hex(), "round": number, "digest": digest.hex(),
             "digest_algorithm": "chimera.consensus.aggregation.aggregate_hash (SHA-256)",
             "accuracy": info.accuracy, "loss": info.loss, "job": _spec_doc(state.job),
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in params.items()},
         }, indent=2) + "\n"
-        return {"npz": buffer.getvalue(), "sidecar": sidecar, "job_id": state.job_id.hex(), "round": number,
+        return {"npz": npz_bytes(params), "sidecar": sidecar, "job_id": state.job_id.hex(), "round": number,
                 "digest": digest.hex(), "accuracy": info.accuracy}
 
 
