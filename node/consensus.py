@@ -3,7 +3,7 @@
 One actor (``consensus``) owns the :class:`~chimera.consensus.bft.BftCore`: it
 receives the ``bft_*`` envelopes, runs the core's timers and executes its
 action batches in order (DESIGN.md): a :class:`PersistVote` is written to
-SQLite (synchronous=FULL) before the next action sends the signature; a
+the sign-state file (``fdatasync``) before the next action sends the signature; a
 :class:`Commit` is written with everything the ledger derived from it in one
 transaction before any later action runs and before a ``chimera propose``
 caller hears about it. Restart: the last ledger snapshot is loaded, the blocks
@@ -77,9 +77,11 @@ from chimera.protocol.messages import decode_fields, encode_fields
 
 from .actors import Actor, wait_event
 from .metrics import LatencyHistogram
+from .store import SignStateFile
 
 log = logging.getLogger("chimera.consensus")
-SIGN_STATE_KEY = "bft_sign_state"
+SIGN_STATE_KEY = "bft_sign_state"  # where releases before 2026-12 kept it (SQLite blobs table)
+SIGN_STATE_FILE = "bft_sign_state.bin"
 GENESIS_WEIGHT = WeightPolicy().weight_scale  # each genesis validator starts at full weight
 _VOTE_FAULTS = {"bad_signature", "wrong_proposer", "invalid_value", "bad_commit", "bad_certificate"}
 
@@ -127,10 +129,8 @@ class ConsensusService:
         self._submitted_at: OrderedDict[bytes, float] = OrderedDict()
         self.commit_hooks: list = []  # fn(height, outcome) after a commit is stored (training service)
         self._recover()
-        sign_blob = self.store.get_blob(SIGN_STATE_KEY)
-        sign_state = None
-        if sign_blob is not None:
-            sign_state = decode_fields(SignState, msgpack.unpackb(sign_blob, raw=False), "sign_state")
+        self.sign_state_file = SignStateFile(node.data_dir / SIGN_STATE_FILE)
+        sign_state = self._load_sign_state()
         height = self.ledger.height
         last_hash = self.store.block_hash(height) if height else net.genesis_hash()
         # a decision is valid for a window of epochs: the dedupe of committed values must span it
@@ -169,6 +169,22 @@ class ConsensusService:
                 self.ledger.apply(_unpack_commit(blob))
                 height += 1
         self.ledger.outcomes.clear()
+
+    def _load_sign_state(self) -> SignState | None:
+        """The last signed vote state: the sign-state file, or (first start after an upgrade)
+        the SQLite row older releases kept, moved into the file; the higher position wins."""
+        states = []
+        for blob in (self.sign_state_file.load(), self.store.get_blob(SIGN_STATE_KEY)):
+            if blob is not None:
+                states.append(decode_fields(SignState, msgpack.unpackb(blob, raw=False), "sign_state"))
+        state = max(states, key=SignState.position, default=None)
+        if self.store.get_blob(SIGN_STATE_KEY) is not None:
+            self.sign_state_file.save(_pack(state))
+            self.store.delete_blob(SIGN_STATE_KEY)
+        return state
+
+    def close(self) -> None:
+        self.sign_state_file.close()
 
     # ------------------------------------------------------------ properties
 
@@ -284,7 +300,7 @@ class ConsensusService:
     # --------------------------------------------------------------- actions
 
     def run_actions(self) -> None:
-        for action in _coalesce_values(self.core.take_actions()):
+        for action in _coalesce_persists(_coalesce_values(self.core.take_actions())):
             try:
                 self._run(action)
             except LocalProtocolError as exc:
@@ -295,7 +311,7 @@ class ConsensusService:
     def _run(self, action: object) -> None:
         node = self.node
         if isinstance(action, PersistVote):
-            self.store.set_blob(SIGN_STATE_KEY, _pack(action.state))
+            self.sign_state_file.save(_pack(action.state))
         elif isinstance(action, Broadcast):
             for peer_id in self.core.table.weights:
                 if peer_id != node.peer_id:
@@ -548,6 +564,24 @@ def _coalesce_values(actions: list) -> list:
     merged = [Broadcast(BftValues(values=tuple(unique[k:k + MAX_VALUES_PER_MESSAGE])))
               for k in range(0, len(unique), MAX_VALUES_PER_MESSAGE)]
     return out[:first] + merged + out[first:]
+
+
+def _coalesce_persists(actions: list) -> list:
+    """One sign-state write per batch: the last (highest) :class:`PersistVote`, at the place
+    of the first one.
+
+    The core appends a ``PersistVote`` only for a position above the last one, so the
+    last state of a batch covers every signature of the batch (after a restart, nothing
+    at or below it is signed differently); writing it before the batch's first send keeps
+    "persisted before sent" for all of them. A proposer signing its proposal and its
+    prevote in one step syncs once instead of twice.
+    """
+    persists = [k for k, a in enumerate(actions) if isinstance(a, PersistVote)]
+    if len(persists) < 2:
+        return actions
+    out = [a for a in actions if not isinstance(a, PersistVote)]
+    out.insert(persists[0], actions[persists[-1]])
+    return out
 
 
 def _preview(data: bytes, limit: int = 200) -> str:

@@ -275,6 +275,8 @@ class Node:
             self.metrics_server.server_close()
         await self.supervisor.stop()
         await self.transport.close()
+        if self.consensus is not None:
+            self.consensus.close()
         self.store.close()
         log.info("peer %s stopped", self.peer_id)
         self._closed.set()

@@ -143,3 +143,59 @@ def test_equivocating_peer_is_caught_its_evidence_committed_and_its_weight_cut(t
         net.query(0, "propose", {"data": "still live", "timeout_s": 60})  # honest 3/4 keep committing
     finally:
         net.stop()
+
+
+def test_sign_state_file_survives_a_torn_write_and_refuses_a_corrupt_file(tmp_path: Path):
+    from chimera.node.store import SignStateError, SignStateFile
+
+    path = tmp_path / "bft_sign_state.bin"
+    f = SignStateFile(path)
+    assert f.load() is None and path.stat().st_mode & 0o777 == 0o600
+    f.save(b"state 1")
+    f.save(b"state 2")  # slot 0 (seq 2); slot 1 holds seq 1
+    f.close()
+    assert SignStateFile(path).load() == b"state 2"
+    # a power loss in the middle of the next write (seq 3, slot 1): half a slot on disk
+    raw = bytearray(path.read_bytes())
+    raw[SignStateFile.SLOT_BYTES:SignStateFile.SLOT_BYTES + 200] = bytes(range(200))
+    path.write_bytes(bytes(raw))
+    reopened = SignStateFile(path)
+    assert reopened.load() == b"state 2"  # the write that never completed is not taken
+    reopened.save(b"state 3")
+    reopened.close()
+    assert SignStateFile(path).load() == b"state 3"
+    with pytest.raises(ValueError):
+        SignStateFile(path).save(bytes(SignStateFile.MAX_PAYLOAD_BYTES + 1))
+    # both slots damaged: the node must not guess what it signed last
+    path.write_bytes(b"\x07" * 2 * SignStateFile.SLOT_BYTES)
+    with pytest.raises(SignStateError):
+        SignStateFile(path)
+
+
+async def test_sign_state_moves_from_the_sqlite_row_of_older_releases(tmp_path: Path):
+    import msgpack
+
+    from chimera.consensus.bft import SignState
+    from chimera.node.consensus import SIGN_STATE_FILE, SIGN_STATE_KEY
+    from chimera.node.runtime import Node
+    from chimera.node.store import SignStateFile, Store
+    from chimera.protocol.messages import encode_fields
+
+    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(1)]
+    net = Network.create("t", genesis=ids, epoch_length=100)
+    data_dir = tmp_path / "n0"
+    data_dir.mkdir(exist_ok=True)
+    legacy = SignState(height=7, round=2, step="precommit", block_hash=bytes(32))
+    store = Store(data_dir)
+    store.set_blob(SIGN_STATE_KEY, msgpack.packb(encode_fields(legacy), use_bin_type=True))
+    store.close()
+    node = Node(data_dir, NodeConfig(**FAST, **CONSENSUS_FAST), net)
+    await node.start()
+    try:
+        assert node.consensus.core._sign_state == legacy  # taken over from the old row...
+        assert node.store.get_blob(SIGN_STATE_KEY) is None  # ...which is gone
+    finally:
+        await node.stop()
+    f = SignStateFile(data_dir / SIGN_STATE_FILE)
+    assert msgpack.unpackb(f.load(), raw=False) == encode_fields(legacy)
+    f.close()
