@@ -11,11 +11,20 @@ Round protocol
 1. **Job.** Someone proposes ``fl_job`` (a :class:`JobSpec`) to the log. Its
    ``job_id`` is the SHA-256 of the exact committed log value. On commit the
    driver creates a core per job (:meth:`TrainingCore.for_committed_job`).
-2. **Round start.** When round ``r - 1`` is certified (round 0: the all-zero
-   initial model), every peer proposes ``fl_start(job_id, r, epoch,
-   base_hash)``; honest peers propose the same bytes, which the log dedupes.
-   The first committed start of round ``r`` whose ``base_hash`` is the
-   certified hash of round ``r - 1`` counts (a rule over the log alone).
+2. **Round start.** As soon as a peer has aggregated round ``r - 1`` (step 5;
+   round 1: when the job commits, from the all-zero initial model), it
+   proposes ``fl_start(job_id, r, epoch, base_hash)`` with its own aggregate
+   as ``base_hash``, in the same breath as its confirmation, and again from
+   the certified model when round ``r - 1`` is certified if no start is
+   committed by then; honest peers propose the same bytes, which the log
+   dedupes. The first committed start of round ``r`` whose ``base_hash`` is the
+   certified hash of round ``r - 1`` counts (a rule over the log alone): a
+   start committed before that certification is held (at most
+   ``MAX_EARLY_STARTS`` per round, in log order) and checked when the
+   certification commits. So the start usually commits in the same block as
+   the confirmations, not one commit later. A validator prevotes a start only
+   if its ``base_hash`` is the certified hash or, before the certification,
+   its own aggregate of round ``r - 1`` (when it has one).
 3. **Local training.** Each participant gets :class:`TrainLocal` (the driver
    runs the model adapter on its own data, seeded by
    :func:`local_seed`) and feeds the result back with
@@ -35,9 +44,13 @@ Round protocol
    1/3 of the weight (at least one correct peer) and the fetch succeeds.
 5. **Aggregate.** Every peer aggregates (anomaly detection, then the job's
    rule) over ``base`` and proposes a signed ``fl_confirm(job_id, r,
-   aggregate_hash)``. Once confirmations of more than 2/3 of the
-   participants' weight (weights: the weight table of the round's ``epoch``)
-   name one hash, round ``r`` is **certified**: a peer whose own result
+   inclusion_hash, aggregate_hash)``. A peer proposing an inclusion
+   aggregates that set at once and proposes its confirm (and the next start)
+   with it, so when that set commits the confirmations ride in the same block;
+   a confirm counts only for the inclusion committed (others are dropped;
+   the peer then confirms the committed set). Once confirmations of more than
+   2/3 of the participants' weight (weights: the weight table of the round's
+   ``epoch``) name one hash, round ``r`` is **certified**: a peer whose own result
    matches emits :class:`Checkpoint` and ``round_committed``; one whose result
    differs (``aggregate_mismatch``) or that has none fetches the model
    (:class:`FlModelRequest`) and accepts it only if its hash is the certified
@@ -62,14 +75,15 @@ strictly (unknown/missing fields or wrong types reject the value)::
                     participants, quorum, round_deadline_s, max_update_norm, seed}]
     ["fl_start",   {job_id: bin32, round: int>=1, epoch: int, base_hash: bin32}]
     ["fl_include", {job_id: bin32, round: int>=1, updates: [bin32, ...] (strictly ascending)}]
-    ["fl_confirm", {job_id: bin32, round: int>=1, aggregate_hash: bin32,
+    ["fl_confirm", {job_id: bin32, round: int>=1, inclusion_hash: bin32, aggregate_hash: bin32,
                     signed: {voter: peer id, signature: bin64}}]
 
 ``job_id = SHA-256(fl_job value)``; ``base_hash`` and ``aggregate_hash`` are
 :func:`~chimera.consensus.aggregation.aggregate_hash` of a model;
+``inclusion_hash`` is :func:`inclusion_hash` of the confirmed set;
 ``fl_confirm.signed`` is :func:`~chimera.consensus.quorum.sign_vote` with
 purpose ``"fl_confirm"``, the round's epoch and statement ``[job_id, round,
-aggregate_hash]``.
+inclusion_hash, aggregate_hash]``.
 
 Wire messages (actor ``"training"``)
 -----------------------------------
@@ -145,12 +159,14 @@ TRAINING_ACTOR = "training"
 UPDATE_PURPOSE = "fl_update"
 CONFIRM_PURPOSE = "fl_confirm"
 UPDATE_DOMAIN = b"chimera-mesh/fl-update/v1\x00"
+INCLUSION_DOMAIN = b"chimera-mesh/fl-include/v1\x00"
 SEED_DOMAIN = b"chimera-mesh/fl-seed/v1\x00"
 
 MAX_PARTICIPANTS = 64
 MAX_ROUNDS = 1_000_000
 MAX_TENSOR_BYTES = 1 << 20  # one envelope is at most 1 MiB by default anyway
 MAX_LOG_VALUE_BYTES = 4096  # chimera.consensus.bft.MAX_VALUE_BYTES
+MAX_EARLY_STARTS = 8  # starts of one round committed before its base was certified, held in log order
 MAX_EPOCH = 2**62
 
 Hash32 = Annotated[bytes, Len(32)]
@@ -264,18 +280,31 @@ class Inclusion:
 
 @record
 class AggregateConfirm:
-    """``fl_confirm``: ``signed.voter`` computed ``aggregate_hash`` for ``round``."""
+    """``fl_confirm``: ``signed.voter`` computed ``aggregate_hash`` for ``round`` from the
+    updates whose :func:`inclusion_hash` is ``inclusion_hash``.
+
+    Binding the inclusion lets a peer confirm right when it proposes an inclusion
+    (before any inclusion commits): the confirm counts only if that inclusion is
+    the one committed.
+    """
 
     job_id: Hash32
     round: RoundNo
+    inclusion_hash: Hash32
     aggregate_hash: Hash32
     signed: SignedVote
 
     def statement(self) -> list:
-        return [self.job_id, self.round, self.aggregate_hash]
+        return [self.job_id, self.round, self.inclusion_hash, self.aggregate_hash]
 
     def describe(self) -> str:
-        return f"confirm r={self.round} {_h8(self.aggregate_hash)} by {self.signed.voter[:10]}"
+        return (f"confirm r={self.round} {_h8(self.aggregate_hash)} of {_h8(self.inclusion_hash)} "
+                f"by {self.signed.voter[:10]}")
+
+
+def inclusion_hash(updates: tuple[bytes, ...]) -> bytes:
+    """SHA-256 of ``INCLUSION_DOMAIN || the update hashes`` (ascending, 32 bytes each)."""
+    return hashlib.sha256(INCLUSION_DOMAIN + b"".join(updates)).digest()
 
 
 LOG_TAGS: Mapping[str, type] = {"fl_job": JobSpec, "fl_start": RoundStart, "fl_include": Inclusion,
@@ -581,7 +610,7 @@ class TrainingConfig:
 class _Round:
     __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
                  "raw", "inclusion", "proposed", "result", "mismatch", "unverified", "votes", "certified",
-                 "trained", "waiting")
+                 "trained", "waiting", "early_starts", "speculative")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -601,6 +630,8 @@ class _Round:
         self.certified: bytes | None = None
         self.trained = False
         self.waiting = False
+        self.early_starts: list[RoundStart] = []  # committed before round number-1 was certified
+        self.speculative: dict[tuple[bytes, ...], AggregateResult] = {}  # our aggregates of proposed sets
 
 
 class TrainingCore:
@@ -709,7 +740,11 @@ class TrainingCore:
             return True
         if isinstance(rec, RoundStart):
             base = self._certified.get(rec.round - 1)
-            return base is None or base == rec.base_hash
+            if base is None:  # not certified yet: our own aggregate of that round, if we have one
+                previous = self._rounds.get(rec.round - 1)
+                own = previous.result if previous is not None else None
+                return own is None or own.digest == rec.base_hash
+            return base == rec.base_hash
         rnd = self._rounds.get(rec.round)
         if isinstance(rec, Inclusion):
             if len(rec.updates) < self.job.quorum:
@@ -844,10 +879,12 @@ class TrainingCore:
             return None
         return WeightTable(epoch=table.epoch, weights=weights)
 
-    def _propose_start(self, number: int) -> None:
+    def _propose_start(self, number: int, base: bytes | None = None) -> None:
+        """Propose ``fl_start`` of round ``number`` from the certified model of round
+        ``number - 1`` or, right after aggregating that round, from our own ``base``."""
         if number > self.job.rounds or not self._tables:
             return
-        base = self._certified.get(number - 1)
+        base = self._certified.get(number - 1, base)
         if base is None:
             return
         start = RoundStart(job_id=self.job_id, round=number, epoch=max(self._tables), base_hash=base)
@@ -861,12 +898,37 @@ class TrainingCore:
         previous = self._rounds.get(start.round - 1)
         if previous is not None:
             self._try_certify(previous)
+            if rnd.start is not None:  # that certification took a held start of this round
+                self.drops["duplicate_start"] += 1
+                return
         base = self._certified.get(start.round - 1)
-        if base is None or base != start.base_hash:
+        if base is None:  # proposed right after aggregating: its base's confirms may commit later
+            if len(rnd.early_starts) >= MAX_EARLY_STARTS:
+                self.drops["early_start_overflow"] += 1
+                return
+            rnd.early_starts.append(start)
+            return
+        if base != start.base_hash:
             self.drops["start_without_certified_base"] += 1
             return
         rnd.start = start
         self._try_certify(rnd)
+
+    def _take_early_start(self, number: int) -> None:
+        """Round ``number - 1`` was just certified: the first held start of round ``number``
+        (log order) naming the certified hash becomes the round's start; the rest are dropped."""
+        rnd = self._rounds.get(number)
+        if rnd is None or rnd.start is not None or not rnd.early_starts:
+            return
+        held, rnd.early_starts = rnd.early_starts, []
+        base = self._certified.get(number - 1)
+        for k, start in enumerate(held):
+            if start.base_hash == base:
+                rnd.start = start
+                self.drops["duplicate_start"] += len(held) - k - 1
+                self._try_certify(rnd)
+                return
+            self.drops["start_without_certified_base"] += 1
 
     def _begin(self, rnd: _Round, now: float) -> None:
         """Round ``rnd`` (the next one) has its start, its weight table, and our model is its base."""
@@ -914,13 +976,17 @@ class TrainingCore:
         """Count committed confirms (log order; a voter's first valid one counts) and certify
         the hash confirmed by more than 2/3 of the participants' weight. Log-only: every
         peer certifies the same hash for a round, whether or not it holds the model."""
-        if rnd is None or rnd.certified is not None or not rnd.unverified:
+        if rnd is None or rnd.certified is not None or not rnd.unverified or rnd.inclusion is None:
             return
         table = self._round_table(rnd)
         if table is None:
             return
         pending, rnd.unverified = rnd.unverified, []
+        included = inclusion_hash(rnd.inclusion)
         for rec in pending:
+            if rec.inclusion_hash != included:  # made for an inclusion that did not commit
+                self.drops["confirm_other_inclusion"] += 1
+                continue
             if rec.signed.voter in rnd.votes:
                 continue
             if not self._confirm_ok(rec, table):
@@ -930,6 +996,7 @@ class TrainingCore:
             if table.passes([v for v, d in rnd.votes.items() if d == rec.aggregate_hash]):
                 rnd.certified = rec.aggregate_hash
                 self._certified[rnd.number] = rec.aggregate_hash
+                self._take_early_start(rnd.number + 1)
                 return
 
     def _on_update(self, sender: str, update: FlUpdate, now: float) -> None:
@@ -1079,6 +1146,11 @@ class TrainingCore:
             rnd.proposed.add(chosen)
             self._actions.append(ProposeValue(encode_log_value(
                 Inclusion(job_id=self.job_id, round=rnd.number, updates=chosen))))
+            # Aggregate the set we propose now and confirm it with the inclusion: if this
+            # set commits, the round needs no second commit for the confirmations.
+            result = self._aggregate(rnd, chosen)
+            rnd.speculative[chosen] = result
+            self._confirm(rnd, chosen, result)
 
     def _maybe_aggregate(self, rnd: _Round, now: float) -> None:
         if rnd.inclusion is None or rnd.result is not None or rnd.started_at is None:
@@ -1090,18 +1162,11 @@ class TrainingCore:
                                                                hashes=tuple(missing))))
                 self._next_fetch = now + self.config.fetch_interval_s
             return
-        table = self._round_table(rnd)
-        updates = []
-        senders: set[str] = set()
-        for digest in rnd.inclusion:  # ascending: of an equivocator's updates the smallest hash counts
-            update, params = rnd.updates[digest]
-            if update.sender in senders or update.sender not in table.weights:
-                continue
-            senders.add(update.sender)
-            updates.append(Update(sender=update.sender, params=params, num_samples=update.num_samples,
-                                  weight=float(table.weights[update.sender]), digest=digest,
-                                  loss_before=update.loss_before, loss_after=update.loss_after))
-        result = aggregate(updates, self.spec, self.aggregation, base=self.model)
+        result = rnd.speculative.get(rnd.inclusion)
+        confirmed = result is not None  # confirmed (and the next start proposed) with the inclusion
+        if result is None:
+            result = self._aggregate(rnd, rnd.inclusion)
+        rnd.speculative.clear()
         rnd.result = result
         for sender in result.senders_credited:  # see AggregateResult: Krum's choice, not its rejects
             self._actions.append(Observe(sender, ObservationKind.UPDATE_GOOD))
@@ -1109,12 +1174,38 @@ class TrainingCore:
             self._actions.append(Observe(sender, ObservationKind.UPDATE_FLAGGED))
         detail = f"{_h8(result.digest)} used {len(result.used)} flagged {len(result.flagged)}"
         self._event("aggregated", rnd.number, detail + (f" error: {result.error}" if result.error else ""))
+        if not confirmed:
+            self._confirm(rnd, rnd.inclusion, result)
+
+    def _aggregate(self, rnd: _Round, chosen: tuple[bytes, ...]) -> AggregateResult:
+        """The job's rule over the updates ``chosen`` (held, ascending hashes) on our model."""
+        table = self._round_table(rnd)
+        updates = []
+        senders: set[str] = set()
+        for digest in chosen:  # ascending: of an equivocator's updates the smallest hash counts
+            update, params = rnd.updates[digest]
+            if update.sender in senders or update.sender not in table.weights:
+                continue
+            senders.add(update.sender)
+            updates.append(Update(sender=update.sender, params=params, num_samples=update.num_samples,
+                                  weight=float(table.weights[update.sender]), digest=digest,
+                                  loss_before=update.loss_before, loss_after=update.loss_after))
+        return aggregate(updates, self.spec, self.aggregation, base=self.model)
+
+    def _confirm(self, rnd: _Round, chosen: tuple[bytes, ...], result: AggregateResult) -> None:
+        """Propose our signed confirm of ``result`` over ``chosen`` (participants with weight), and
+        the next round's start from it: both may commit with the inclusion itself."""
+        table = self._round_table(rnd)
         if self.participant and self.peer_id in table.weights:
-            statement = [self.job_id, rnd.number, result.digest]
-            confirm = AggregateConfirm(job_id=self.job_id, round=rnd.number, aggregate_hash=result.digest,
+            included = inclusion_hash(chosen)
+            statement = [self.job_id, rnd.number, included, result.digest]
+            confirm = AggregateConfirm(job_id=self.job_id, round=rnd.number, inclusion_hash=included,
+                                       aggregate_hash=result.digest,
                                        signed=sign_vote(self.identity, CONFIRM_PURPOSE, self.network_id,
                                                         table.epoch, statement))
             self._actions.append(ProposeValue(encode_log_value(confirm)))
+        # the next round's start goes with it (held until this round is certified, see _on_start)
+        self._propose_start(rnd.number + 1, base=result.digest)
 
     def _refetch(self, now: float) -> None:
         """Re-send the pending fetch (missing included updates, or a certified model)."""

@@ -44,6 +44,7 @@ from chimera.consensus.training import (
     TrainLocal,
     decode_log_value,
     encode_log_value,
+    inclusion_hash,
     is_training_value,
     job_id_of,
     tensors_from_params,
@@ -231,8 +232,10 @@ def test_log_values_roundtrip_and_reject_garbage():
     job = make_job()
     for rec in (job, RoundStart(job_id=b"\x01" * 32, round=3, epoch=2, base_hash=b"\x02" * 32),
                 Inclusion(job_id=b"\x01" * 32, round=3, updates=(b"\x03" * 32, b"\x04" * 32)),
-                AggregateConfirm(job_id=b"\x01" * 32, round=3, aggregate_hash=b"\x05" * 32,
-                                 signed=sign_vote(IDS[0], "fl_confirm", NET, 0, [b"\x01" * 32, 3, b"\x05" * 32]))):
+                AggregateConfirm(job_id=b"\x01" * 32, round=3, inclusion_hash=b"\x06" * 32,
+                                 aggregate_hash=b"\x05" * 32,
+                                 signed=sign_vote(IDS[0], "fl_confirm", NET, 0,
+                                                  [b"\x01" * 32, 3, b"\x06" * 32, b"\x05" * 32]))):
         value = encode_log_value(rec)
         assert len(value) <= 4096
         assert decode_log_value(value) == rec and is_training_value(value)
@@ -348,9 +351,13 @@ def test_forged_model_is_rejected(digits):
     start_value = core.take_actions()[0].value
     core.on_committed(start_value, 0.0)
     digest = b"\x09" * 32
+    updates = tuple(bytes([i]) * 32 for i in range(1, job.quorum + 1))
+    core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=updates)), 0.4)
     for identity in IDS[:4]:
-        confirm = AggregateConfirm(job_id=job_id, round=1, aggregate_hash=digest,
-                                   signed=sign_vote(identity, "fl_confirm", NET, 0, [job_id, 1, digest]))
+        statement = [job_id, 1, inclusion_hash(updates), digest]
+        confirm = AggregateConfirm(job_id=job_id, round=1, inclusion_hash=inclusion_hash(updates),
+                                   aggregate_hash=digest,
+                                   signed=sign_vote(identity, "fl_confirm", NET, 0, statement))
         core.on_committed(encode_log_value(confirm), 0.5)
     assert core.certified_hash(1) == digest
     core.take_actions()
@@ -539,3 +546,42 @@ def test_round_waits_for_the_weight_table_of_its_epoch(digits):
     other = RoundStart(job_id=b"\x07" * 32, round=1, epoch=0, base_hash=bytes(32))
     core.on_committed(encode_log_value(other), 0.3)
     assert core.drops["malformed_log_value"] == 1 and core.take_actions() == []
+
+
+def test_confirms_count_only_for_the_committed_inclusion_and_an_early_start_waits_for_certification(digits):
+    """Confirms and the next start may commit before (or with) the inclusion they follow:
+    confirms of another inclusion never count, and a start committed before its base is
+    certified is held and taken only if it names the certified hash."""
+    job = make_job(rounds=3)
+    core, job_id = _core(job)
+    core.on_committed(core.take_actions()[0].value, 0.0)  # start of round 1
+    core.take_actions()
+    committed = tuple(bytes([i]) * 32 for i in range(1, job.quorum + 1))
+    other = committed[:-1] + (b"\x7f" * 32,)
+    digest = b"\x09" * 32
+
+    def confirm(identity, updates):
+        statement = [job_id, 1, inclusion_hash(updates), digest]
+        return encode_log_value(AggregateConfirm(job_id=job_id, round=1, inclusion_hash=inclusion_hash(updates),
+                                                 aggregate_hash=digest,
+                                                 signed=sign_vote(identity, "fl_confirm", NET, 0, statement)))
+
+    early_bad = RoundStart(job_id=job_id, round=2, epoch=0, base_hash=b"\x08" * 32)
+    early_good = RoundStart(job_id=job_id, round=2, epoch=0, base_hash=digest)
+    core.on_committed(encode_log_value(early_bad), 0.1)  # held (round 1 not certified yet)
+    core.on_committed(encode_log_value(early_good), 0.1)
+    for identity in IDS[:4]:  # a quorum of confirms, but for a set that will not commit
+        core.on_committed(confirm(identity, other), 0.2)
+    for identity in IDS[:2]:  # two for the set that will, before it commits
+        core.on_committed(confirm(identity, committed), 0.2)
+    assert core.certified_hash(1) is None
+    core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=committed)), 0.3)
+    assert core.certified_hash(1) is None  # 2 of 5 so far; the 4 for `other` do not count
+    assert core.drops["confirm_other_inclusion"] == 4
+    core.on_committed(confirm(IDS[2], committed), 0.4)
+    assert core.certified_hash(1) is None
+    assert core._rounds[2].start is None  # held, not taken
+    core.on_committed(confirm(IDS[3], committed), 0.4)
+    assert core.certified_hash(1) == digest
+    assert core._rounds[2].start == early_good  # the held start naming the certified hash
+    assert core.drops["start_without_certified_base"] == 1
