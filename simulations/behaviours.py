@@ -32,8 +32,18 @@ log traffic stay honest, only the update it submits is poisoned:
   core as ``late_local_result``).
 * ``silent`` (above) also withholds its update and its log values.
 
-:meth:`Behaviour.task_result` (wrong task results) passes through unchanged
-by default. Register new strategies with :func:`register`; a strategy's
+Fabric strategy (:meth:`Behaviour.task_result`, driven by
+:mod:`chimera.simulations.fabric_world` for every result a replica returns;
+honest peers return the result unchanged):
+
+* ``wrong_result``: with probability ``probability`` the replica reports a
+  wrong stdout (with the digest of that wrong stdout, so the report is
+  self-consistent and it signs the wrong digest when asked to vote). With
+  ``collude`` (default) every liar reports the same wrong stdout for a task
+  (``b"WRONG " + result``), so liars in one replica set agree with each
+  other; without it each lie carries a fresh random token and liars never agree.
+
+Register new strategies with :func:`register`; a strategy's
 tunable attributes are listed in its ``params`` and set by
 :func:`make_behaviour` (``make_behaviour("sign_flip", scale=4.0)``).
 """
@@ -135,7 +145,14 @@ class Behaviour:
         return value
 
     def task_result(self, ctx: PeerContext, task: object, result: bytes) -> bytes:
-        """Hook: the result this peer reports for ``task`` (fabric issues)."""
+        """Hook: the stdout this peer reports for ``task``.
+
+        Args:
+            task: the attempt being answered (a :class:`~chimera.fabric.wire.FabricTaskRun`).
+            result: the honest stdout of the run (bytes).
+        Returns:
+            The stdout to report (bytes); the driver computes its digest.
+        """
         return result
 
 
@@ -334,6 +351,44 @@ class Late(Behaviour):
         return float(self.delay_s)
 
 
+class WrongResult(Behaviour):
+    """Report wrong task results (see the module docstring): with probability
+    ``probability`` (in [0, 1]) a lie; ``collude``: every liar tells the same lie."""
+
+    name = "wrong_result"
+    byzantine = True
+    params = ("probability", "collude")
+    _probability = 1.0
+    _collude = True
+
+    @property
+    def probability(self) -> float:
+        return self._probability
+
+    @probability.setter
+    def probability(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"wrong_result probability must be a number in [0, 1], got {value!r}")
+        self._probability = float(value)
+
+    @property
+    def collude(self) -> bool:
+        return self._collude
+
+    @collude.setter
+    def collude(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"wrong_result collude must be true or false, got {value!r}")
+        self._collude = value
+
+    def task_result(self, ctx, task, result):
+        if self._probability < 1.0 and ctx.rng.random() >= self._probability:
+            return result
+        if self._collude:
+            return b"WRONG " + result
+        return b"WRONG %016x " % ctx.rng.getrandbits(64) + result
+
+
 BEHAVIOURS: dict[str, type[Behaviour]] = {}
 
 
@@ -343,12 +398,15 @@ def register(cls: type[Behaviour]) -> type[Behaviour]:
     return cls
 
 
-for _cls in (Behaviour, Silent, Equivocate, BadSignature, Flood, Sybil, GaussianNoise, SignFlip, Alie, Late):
+for _cls in (Behaviour, Silent, Equivocate, BadSignature, Flood, Sybil, GaussianNoise, SignFlip, Alie, Late,
+             WrongResult):
     register(_cls)
 
 BYZANTINE_STRATEGIES = ("silent", "equivocate", "badsig", "flood", "sybil")
 MODEL_ATTACKS = ("gaussian", "sign_flip", "alie", "silent", "late")
 """Strategies that act on federated updates (``training.attack``)."""
+TASK_ATTACKS = ("wrong_result",)
+"""Strategies that act on task results (``fabric.wrong_peers``)."""
 
 
 def make_behaviour(name: str, **params: object) -> Behaviour:
@@ -369,6 +427,6 @@ def sybil_identity(owner: str, index: int, salt: bytes = b"") -> SigningIdentity
     return SigningIdentity(hashlib.sha256(b"chimera-sim/sybil/" + salt + owner.encode() + b"/%d" % index).digest())
 
 
-__all__ = ["BEHAVIOURS", "BYZANTINE_STRATEGIES", "MODEL_ATTACKS", "Alie", "Behaviour", "GaussianNoise", "Late",
-           "Outgoing", "PeerContext", "SignFlip", "alie_delta", "alie_z", "make_behaviour", "register",
-           "sybil_identity"]
+__all__ = ["BEHAVIOURS", "BYZANTINE_STRATEGIES", "MODEL_ATTACKS", "TASK_ATTACKS", "Alie", "Behaviour",
+           "GaussianNoise", "Late", "Outgoing", "PeerContext", "SignFlip", "WrongResult", "alie_delta", "alie_z",
+           "make_behaviour", "register", "sybil_identity"]

@@ -71,6 +71,9 @@ def write_plots(results: Sequence[RunResult], plots: Sequence[PlotSpec], out: Pa
         if spec.kind == "rounds":
             written.append(_rounds_plot(plt, results, spec, out))
             continue
+        if spec.kind == "time":
+            written.append(_time_plot(plt, results, spec, out))
+            continue
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
         groups: dict[str, list[RunResult]] = {}
         for r in results:
@@ -155,6 +158,34 @@ def _rounds_plot(plt, results: Sequence[RunResult], spec: PlotSpec, out: Path) -
     for k in range(len(facets), rows * cols):
         axes[k // cols][k % cols].axis("off")
     fig.suptitle(spec.title)
+    fig.tight_layout()
+    path = out / spec.file
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _time_plot(plt, results: Sequence[RunResult], spec: PlotSpec, out: Path) -> Path:
+    """Sampled series (``series["time"]``, fabric runs): x ``spec.x`` (virtual seconds),
+    one line per metric of ``spec.y`` per run (labelled by ``spec.series`` or the sweep values)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    styles = ["-", "--", ":", "-."]
+    for k, r in enumerate(results):
+        points = r.series.get("time", [])
+        if spec.series:
+            tag = f"{spec.series.split('.')[-1]}={_value_of(r, spec.series)}"
+        else:
+            tag = " ".join(f"{key.split('.')[-1]}={v}" for key, v in r.scenario.sweep_values.items())
+        xs = [_as_float(p.get(spec.x)) for p in points]
+        for m, metric in enumerate(spec.y):
+            ys = [_as_float(p.get(metric)) for p in points]
+            ax.plot(xs, ys, linestyle=styles[k % len(styles)], marker="." if len(xs) < 60 else None,
+                    label=f"{metric} {tag}".strip())
+    ax.set_xlabel(spec.x)
+    ax.set_ylabel(", ".join(spec.y) if len(spec.y) < 3 else "value")
+    ax.set_title(spec.title, fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small")
     fig.tight_layout()
     path = out / spec.file
     fig.savefig(path)

@@ -15,6 +15,7 @@ from chimera.consensus.bft import BftCore
 from .behaviours import Behaviour, make_behaviour
 from .bft_world import BftWorld, LivenessViolation, SafetyViolation, reputation_series, rng_values
 from .engine import Simulator, Trace
+from .fabric_world import FabricWorld, shared_fabric_verification
 from .membership_world import MembershipWorld
 from .network import Partition, SimNetwork
 from .scenario import Scenario
@@ -108,6 +109,9 @@ def run_one(sc: Scenario, *, core_class: Callable[..., BftCore] = BftCore, trace
     if sc.kind == "training":
         with shared_training_verification():
             return _run_training(sim, network, sc, skew, progress, check_liveness)
+    if sc.kind == "fabric":
+        with shared_fabric_verification():
+            return _run_fabric(sim, network, sc, skew, progress, check_liveness)
     return _run_membership(sim, network, sc, skew, progress)
 
 
@@ -226,6 +230,49 @@ def _run_training(sim, network, sc: Scenario, skew, progress, check_liveness) ->
     return RunResult(sc, row, {"rounds": fed.rounds_series()}, sim.trace, violation, sim.events_processed, sim.now)
 
 
+def fabric_behaviours(sim: Simulator, sc: Scenario) -> list[Behaviour]:
+    """One behaviour per peer: ``byzantine.strategies`` plus ``fabric.wrong_peers`` peers
+    running ``wrong_result`` (with its tunables), placed by the seed among the
+    non-submitters (peers ``fabric.submitters``..)."""
+    spec = sc.fabric
+    strategies = list(sc.byzantine) + ["wrong_result"] * spec.wrong_peers
+    behaviours = [Behaviour() for _ in range(sc.peers)]
+    params = dict(spec.wrong_params)
+    pool = range(spec.setup.submitters, sc.peers)
+    for index, strategy in zip(sim.rng.sample(pool, len(strategies)), strategies):
+        behaviours[index] = make_behaviour(strategy, **(params if strategy == "wrong_result" else {}))
+    return behaviours
+
+
+def _run_fabric(sim, network, sc: Scenario, skew, progress, check_liveness) -> RunResult:
+    behaviours = fabric_behaviours(sim, sc)
+    world = FabricWorld(sim, network, sc.fabric.setup, behaviours, skew=skew)
+    if sc.trace:
+        for peer in world.peers:
+            sim.log(f"peer {peer.name} {peer.peer_id[:10]} {peer.behaviour.name} cpus {peer.cpu_count} "
+                    f"speed {peer.speed:.3f}")
+    world.start_all()
+    _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
+    settle = sc.disruption_end_s()
+
+    def done() -> bool:
+        return sim.now >= settle and world.finished()
+
+    reached, violation = _run_to_target(sim, sc, done, progress)
+    if violation is None and check_liveness and not reached:
+        violation = (f"liveness: {world.metrics()['tasks_unfinished']} tasks unfinished, "
+                     f"{sc.fabric.setup.tasks - world.arrived} not yet submitted at {sc.duration_s} s")
+    row = dict(sc.sweep_values)
+    row.update({"seed": sc.seed, "peers": sc.peers, "replicas": sc.fabric.setup.replicas,
+                "loss": sc.link.loss, "virtual_s": round(sim.now, 6), "events": sim.events_processed,
+                "live": reached, "safe": violation is None or violation.startswith("liveness")})
+    row.update(world.metrics())
+    row["frames_sent"] = network.stats["frames_sent"]
+    row["bytes_sent"] = network.stats["bytes_sent"]
+    series = {"time": world.series, "breaker_openings": world.breaker_openings}
+    return RunResult(sc, row, series, sim.trace, violation, sim.events_processed, sim.now)
+
+
 def swim_expected_first_detection_periods(n: int, failed: int = 1) -> float:
     """SWIM (Das et al. 2002, s3.1): expected protocol periods until some live
     member first probes a failed one: ``1 / (1 - exp(-q_f))``, ``q_f`` the
@@ -269,5 +316,5 @@ def _run_membership(sim, network, sc: Scenario, skew, progress) -> RunResult:
     return RunResult(sc, row, {}, sim.trace, None, sim.events_processed, sim.now)
 
 
-__all__ = ["RunResult", "run_one", "byzantine_layout", "training_behaviours", "SafetyViolation",
-           "LivenessViolation"]
+__all__ = ["RunResult", "run_one", "byzantine_layout", "fabric_behaviours", "training_behaviours",
+           "SafetyViolation", "LivenessViolation"]

@@ -6,7 +6,7 @@ value raises :class:`ScenarioError` naming the file and the dotted field
 
     [scenario]
     name = "commit-latency"          # required
-    kind = "bft"                     # "bft" | "membership" (required)
+    kind = "bft"                     # "bft" | "membership" | "training" | "fabric" (required)
     description = "..."
     seed = 1                         # int >= 0
     peers = 4                        # int >= 1
@@ -104,12 +104,35 @@ value raises :class:`ScenarioError` naming the file and the dotted field
     alie_z = 0.52                    # alie: override z (default: Baruch et al.'s formula for n, f)
     late_s = 30.0                    # late: extra virtual seconds before the update leaves
 
+    [fabric]                         # kind = "fabric" (simulations/fabric_world.py)
+    tasks = 300                      # tasks submitted in all
+    tasks_per_s = 5.0                # Poisson arrivals over all submitters (virtual seconds)
+    submitters = 3                   # peers 0..submitters-1 submit (always honest)
+    replicas = 3                     # distinct peers per task
+    rule = "majority"                # ballot rule: majority | weighted | quorum | unanimous
+    threshold = "1/2"                # optional: the rule's threshold as a fraction string
+    input_words_min = 50             # words per task input (uniform in min..max)
+    input_words_max = 400
+    wall_time_s = 5.0                # a run's wall time; the attempt times out 2 s (slack) later
+    exec_base_s = 0.05               # modelled run time: (base + per_kib * input KiB) * peer speed
+    exec_s_per_kib = 0.1             #   (speed uniform in [0.5, 2] per peer, by the seed)
+    task_slots = 2                   # attempts a peer runs at once (4 per slot may wait)
+    capacity_interval_s = 5.0        # between capacity advertisements
+    sample_interval_s = 5.0          # between reputation samples
+    wrong_peers = 3                  # peers running "wrong_result" (chosen by the seed, never submitters)
+    wrong_probability = 1.0          # chance that one result of a wrong peer is wrong
+    wrong_collude = true             # every liar tells the same lie (else: a fresh random one each)
+    [fabric.placement]               # any chimera.fabric.placement.PlacementConfig field
+    max_retries = 3
+
     [output]
     trace = true                     # write trace-<run>.txt (default: peers <= 64)
     [[output.plots]]
     kind = "runs"                    # "runs": x and y are metric columns, one point per run;
                                      # "rounds": x is the round, y a per-round series
-                                     # (accuracy, loss, included, flagged_byzantine, ...)
+                                     # (accuracy, loss, included, flagged_byzantine, ...);
+                                     # "time" (fabric): x is t_s, y a sampled series
+                                     # (honest_score_mean, byzantine_score_mean, tasks_accepted, ...)
     x = "peers"
     y = ["commit_latency_p50_s"]
     series = "network.loss"          # optional: one line per value of this field
@@ -132,6 +155,7 @@ import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -139,14 +163,17 @@ from chimera.consensus.bft import BftConfig
 from chimera.protocol.membership import MembershipConfig
 
 from chimera.consensus.aggregation import RULES, AggregationConfig
+from chimera.consensus.votes import RULES as BALLOT_RULES
+from chimera.fabric.placement import PlacementConfig
 
 from .behaviours import BEHAVIOURS, BYZANTINE_STRATEGIES, MODEL_ATTACKS, alie_z
+from .fabric_world import FabricSetup
 from .network import Latency, LinkSpec
 from .training_world import LOGS, SPLITS, TrainingSetup, default_quorum
 
-KINDS = ("bft", "membership", "training")
+KINDS = ("bft", "membership", "training", "fabric")
 ATTACKS = ("none",) + MODEL_ATTACKS
-PLOT_KINDS = ("runs", "rounds")
+PLOT_KINDS = ("runs", "rounds", "time")
 MAX_TRAINING_PEERS = 1000
 CHURN_ACTIONS = ("crash", "restart", "join", "leave")
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -317,6 +344,17 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class FabricSpec:
+    """``[fabric]``: the load (:class:`~chimera.simulations.fabric_world.FabricSetup`) and
+    ``wrong_peers`` peers running ``wrong_result`` with tunables ``wrong_params``
+    (names of the behaviour's ``params``), placed by the seed among the non-submitters."""
+
+    setup: FabricSetup
+    wrong_peers: int
+    wrong_params: tuple[tuple[str, object], ...]
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A validated scenario (one sweep point). Times in virtual seconds."""
 
@@ -355,6 +393,7 @@ class Scenario:
     sweep_values: dict = field(default_factory=dict)
     training: TrainingSpec | None = None
     tables: tuple[TableSpec, ...] = ()
+    fabric: FabricSpec | None = None
 
     def disruption_end_s(self) -> float:
         """Virtual time after which no partition, churn or stall is scheduled."""
@@ -474,8 +513,8 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
             idx = tuple(peers_raw)
         if action != "join" and (idx is None) == (count is None):
             raise cr.error("peers", "give exactly one of peers or count")
-        if kind == "training" and action not in ("crash", "restart"):
-            raise cr.error("action", "training scenarios support crash and restart")
+        if kind in ("training", "fabric") and action not in ("crash", "restart"):
+            raise cr.error("action", f"{kind} scenarios support crash and restart")
         churn.append(ChurnSpec(float(at), action, idx, count))
         cr.done()
 
@@ -519,6 +558,9 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     training = _training(root, kind, peers, len(strategies)) if kind == "training" else None
     if kind != "training" and root.has("training"):
         raise root.error("training", 'only for kind = "training"')
+    fabric = _fabric(root, peers, len(strategies)) if kind == "fabric" else None
+    if kind != "fabric" and root.has("fabric"):
+        raise root.error("fabric", 'only for kind = "fabric"')
 
     mem = root.sub("membership")
     warm = mem.boolean("warm_start", True)
@@ -534,7 +576,7 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     plots = []
     for pl in out.subs("plots"):
         plot_kind = pl.string("kind", "runs", choices=PLOT_KINDS)
-        x = pl.string("x", "round" if plot_kind == "rounds" else None, required=plot_kind == "runs")
+        x = pl.string("x", {"rounds": "round", "time": "t_s"}.get(plot_kind), required=plot_kind == "runs")
         y = pl.raw("y")
         if isinstance(y, str):
             y = [y]
@@ -546,6 +588,8 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
             raise pl.error("file", "must end with .png")
         if plot_kind == "rounds" and kind != "training":
             raise pl.error("kind", 'per-round plots need kind = "training"')
+        if plot_kind == "time" and kind != "fabric":
+            raise pl.error("kind", 'time-series plots need kind = "fabric"')
         pl.done()
     tables = []
     for tb in out.subs("tables"):
@@ -568,7 +612,62 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
                     bft_target_heights=target, bft_values_per_s=vps, bft_weights=weights, bft_validators=validators,
                     bft_epoch_heights=epoch_heights, bft_config=bft_config, warm_start=warm,
                     lifeguard=lifeguard, membership_config=mcfg, trace=trace, plots=tuple(plots),
-                    training=training, tables=tuple(tables))
+                    training=training, tables=tuple(tables), fabric=fabric)
+
+
+def _fabric(root: _Reader, peers: int, other_byzantine: int) -> FabricSpec:
+    """The ``[fabric]`` table (module docstring); every error names its field."""
+    fr = root.sub("fabric")
+    tasks = fr.number("tasks", 300, lo=1, hi=1_000_000, integer=True)
+    submitters = fr.number("submitters", 3, lo=1, hi=peers, integer=True)
+    replicas = fr.number("replicas", 3, lo=1, hi=min(64, peers), integer=True)
+    rule = fr.string("rule", "majority", choices=BALLOT_RULES)
+    threshold_raw = fr.raw("threshold")
+    threshold = None
+    if threshold_raw is not None:
+        try:
+            if not isinstance(threshold_raw, str):
+                raise ValueError
+            threshold = Fraction(threshold_raw)
+        except (ValueError, ZeroDivisionError):
+            raise fr.error("threshold", f'must be a fraction string such as "2/3", got {threshold_raw!r}') from None
+        if rule == "unanimous" and threshold != 1:
+            raise fr.error("threshold", "a unanimous ballot has threshold 1")
+        if rule != "unanimous" and not Fraction(1, 2) <= threshold < 1:
+            raise fr.error("threshold", f"must be in [1/2, 1) for rule {rule}, got {threshold}")
+    words_min = fr.number("input_words_min", 50, lo=1, hi=50_000, integer=True)
+    words_max = fr.number("input_words_max", max(400, words_min), lo=words_min, hi=50_000, integer=True)
+    wrong_peers = fr.number("wrong_peers", 0, lo=0, hi=peers, integer=True)
+    if wrong_peers + other_byzantine > peers - submitters:
+        raise fr.error("wrong_peers", f"{wrong_peers + other_byzantine} byzantine peers do not fit beside "
+                                      f"{submitters} honest submitters among {peers} peers")
+    params: dict[str, object] = {}
+    probability = fr.number("wrong_probability", None, lo=0, hi=1)
+    if probability is not None:
+        params["probability"] = float(probability)
+    collude = fr.boolean("wrong_collude", None)
+    if collude is not None:
+        params["collude"] = collude
+    if params and not wrong_peers:
+        raise fr.error("wrong_peers", "wrong_probability/wrong_collude need wrong_peers >= 1")
+    placement = _config(fr.sub("placement"), PlacementConfig)
+    try:
+        setup = FabricSetup(
+            tasks=tasks, tasks_per_s=float(fr.number("tasks_per_s", 5.0, lo=1e-6, hi=1e6)),
+            submitters=submitters, replicas=replicas, rule=rule, threshold=threshold,
+            input_words_min=words_min, input_words_max=words_max,
+            wall_time_s=float(fr.number("wall_time_s", 5.0, lo=1e-3, hi=86_400)),
+            exec_base_s=float(fr.number("exec_base_s", 0.05, lo=0, hi=86_400)),
+            exec_s_per_kib=float(fr.number("exec_s_per_kib", 0.1, lo=0, hi=86_400)),
+            task_slots=fr.number("task_slots", 2, lo=1, hi=1024, integer=True),
+            capacity_interval_s=float(fr.number("capacity_interval_s", 5.0, lo=0.1, hi=3600)),
+            sample_interval_s=float(fr.number("sample_interval_s", 5.0, lo=1e-3)),
+            placement=placement)
+    except ValueError as exc:
+        raise ScenarioError(root.source, "fabric", str(exc)) from None
+    fr.done()
+    return FabricSpec(setup=setup, wrong_peers=wrong_peers,
+                      wrong_params=tuple(sorted(params.items())) if wrong_peers else ())
 
 
 def _training(root: _Reader, kind: str, peers: int, other_byzantine: int) -> TrainingSpec:
