@@ -576,6 +576,10 @@ class Tally:
         """Equivocation evidence, one per equivocating voter, in detection order."""
         return list(self._equivocations.values())
 
+    def voters(self) -> frozenset[str]:
+        """Peer ids whose vote was counted or who equivocated (nobody to ask again)."""
+        return frozenset(self._votes) | frozenset(self._equivocations)
+
     def votes_for(self, choice: bytes) -> list[BallotVote]:
         """Counted votes for ``choice`` (equivocators excluded), sorted by voter."""
         return [v for _, v in sorted(self._support.get(choice, {}).items())]

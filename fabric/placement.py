@@ -64,6 +64,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -141,7 +142,9 @@ class PlacementConfig:
     backoff_jitter: float = 0.5
     timeout_slack_s: float = 2.0
     vote_timeout_s: float = 10.0
+    vote_retry_s: float = 2.0  # vote requests are sent again to replicas that have not voted
     queue_timeout_s: float = 30.0
+    finished_kept: int = 1024  # finished tasks whose view() stays available (the core forgets older ones)
     breaker_failures: int = 3
     breaker_open_s: float = 5.0
     breaker_max_open_s: float = 300.0
@@ -151,12 +154,14 @@ class PlacementConfig:
     def __post_init__(self) -> None:
         if self.max_retries < 0 or self.breaker_failures < 1:
             raise LocalProtocolError("max_retries >= 0 and breaker_failures >= 1")
-        for name in ("backoff_base_s", "backoff_max_s", "timeout_slack_s", "vote_timeout_s", "queue_timeout_s",
-                     "breaker_open_s", "breaker_max_open_s", "max_load_per_cpu"):
+        for name in ("backoff_base_s", "backoff_max_s", "timeout_slack_s", "vote_timeout_s", "vote_retry_s",
+                     "queue_timeout_s", "breaker_open_s", "breaker_max_open_s", "max_load_per_cpu"):
             if not getattr(self, name) > 0:
                 raise LocalProtocolError(f"{name} must be > 0")
         if not 0 <= self.backoff_jitter <= 1:
             raise LocalProtocolError("backoff_jitter must be in [0, 1]")
+        if self.finished_kept < 0:
+            raise LocalProtocolError("finished_kept must be >= 0")
 
 
 # ------------------------------------------------------------------ actions
@@ -333,6 +338,7 @@ class _Task:
     tally: Tally | None = None
     table: WeightTable | None = None
     vote_deadline: float | None = None
+    vote_retry_at: float | None = None
 
     @property
     def missing(self) -> int:
@@ -369,7 +375,8 @@ class Placement:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.gpu_leases: dict[str, dict[int, tuple[str, int]]] = {}  # peer -> gpu index -> (task, attempt)
         self.committed_memory: dict[str, int] = {}
-        self.tasks: dict[str, _Task] = {}
+        self.tasks: dict[str, _Task] = {}  # in progress (running or voting)
+        self.finished: OrderedDict[str, TaskView] = OrderedDict()  # the last config.finished_kept done/failed
         self.counters: dict[str, int] = {}
 
     # ------------------------------------------------------------ peers
@@ -399,8 +406,29 @@ class Placement:
         return dict(self.gpu_leases.get(peer_id, {}))
 
     def view(self, task_id: str) -> TaskView:
-        t = self.tasks[task_id]
-        return TaskView(task_id, t.state, tuple(a.peer_id for a in t.attempts.values()), len(t.results), t.failures)
+        """The task's state; a finished task only while among the last ``finished_kept``.
+
+        Raises:
+            KeyError: unknown task (never submitted, or finished and forgotten).
+        """
+        t = self.tasks.get(task_id)
+        if t is None:
+            return self.finished[task_id]
+        return self._view(t)
+
+    @staticmethod
+    def _view(t: "_Task") -> TaskView:
+        return TaskView(t.task_id, t.state, tuple(a.peer_id for a in t.attempts.values()), len(t.results),
+                        t.failures)
+
+    def _forget(self, task: "_Task") -> None:
+        """A finished task leaves ``tasks`` (ticks and deadlines scan only live ones); its view
+        is kept among the last ``finished_kept``. Late results and votes for it are ignored."""
+        self.tasks.pop(task.task_id, None)
+        if self.config.finished_kept:
+            self.finished[task.task_id] = self._view(task)
+            while len(self.finished) > self.config.finished_kept:
+                self.finished.popitem(last=False)
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -460,7 +488,7 @@ class Placement:
         """
         if not isinstance(task_id, str) or not 1 <= len(task_id) <= MAX_TASK_ID_CHARS or " " in task_id:
             raise LocalProtocolError(f"task id must be 1..{MAX_TASK_ID_CHARS} characters without spaces")
-        if task_id in self.tasks:
+        if task_id in self.tasks or task_id in self.finished:
             raise LocalProtocolError(f"task {task_id} submitted twice")
         if self.weights is None:
             raise LocalProtocolError("set_weights() before submitting tasks")
@@ -543,6 +571,13 @@ class Placement:
                     actions += self._place(task, now)
             elif task.state == "voting" and task.vote_deadline is not None and now >= task.vote_deadline:
                 actions += self._no_agreement(task, "vote_timeout", "replicas did not vote in time")
+            elif task.state == "voting" and task.vote_retry_at is not None and now >= task.vote_retry_at:
+                task.vote_retry_at = now + self.config.vote_retry_s
+                voted = task.tally.voters() if task.tally is not None else frozenset()
+                again = [RequestVote(task.task_id, p, task.tally.ballot, d)
+                         for p, d in sorted(task.results.items()) if p not in voted]
+                self.counters["vote_requests_repeated"] = self.counters.get("vote_requests_repeated", 0) + len(again)
+                actions += again
         return actions
 
     def next_deadline(self) -> float | None:
@@ -558,6 +593,8 @@ class Placement:
                     times += [b.reopens_at() for b in self.breakers.values() if b.reopens_at() is not None]
             elif task.state == "voting" and task.vote_deadline is not None:
                 times.append(task.vote_deadline)
+                if task.vote_retry_at is not None:
+                    times.append(task.vote_retry_at)
         return min(times) if times else None
 
     # ------------------------------------------------------------ internals
@@ -640,6 +677,7 @@ class Placement:
         task.table = table
         task.tally = Tally(ballot, table, self.network_id)
         task.vote_deadline = now + self.config.vote_timeout_s
+        task.vote_retry_at = now + self.config.vote_retry_s
         return [RequestVote(task.task_id, p, ballot, d) for p, d in sorted(task.results.items())]
 
     def _accept(self, task: _Task, choice: bytes, certificate: VoteCertificate) -> list[Action]:
@@ -652,6 +690,7 @@ class Placement:
         assert task.table is not None
         actions.append(TaskAccepted(task.task_id, choice, certificate, task.table, agree, disagree))
         self._count("accepted")
+        self._forget(task)
         return actions
 
     def _no_agreement(self, task: _Task, reason: str, detail: str) -> list[Action]:
@@ -660,4 +699,5 @@ class Placement:
     def _finish_failed(self, task: _Task, reason: str, detail: str) -> list[Action]:
         task.state = "failed"
         self._count(f"failed_{reason}")
+        self._forget(task)
         return [TaskFailed(task.task_id, reason, detail)]

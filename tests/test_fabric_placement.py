@@ -261,6 +261,40 @@ def test_equivocating_replica_reported():
     assert Observe(liar.peer_id, ObservationKind.EQUIVOCATION, "t", "signed two result digests") in actions
 
 
+def test_lost_vote_requests_are_repeated_and_finished_tasks_leave_the_core():
+    idents = [SigningIdentity.generate() for _ in range(3)]
+    core = Placement(PlacementConfig(vote_retry_s=1.0, vote_timeout_s=10.0, finished_kept=2),
+                     network_id=NETWORK_ID, rng=random.Random(3))
+    core.set_weights(WeightTable(1, {i.peer_id: 1 for i in idents}))
+    for i in idents:
+        core.update_peer(i.peer_id, inventory(0))
+    by_id = {i.peer_id: i for i in idents}
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1, replicas=3)
+    requests = []
+    for d in core.submit("t", req, 0.0):
+        requests += core.on_result("t", d.attempt, d.peer_id, b"\x05" * 32, 0.1)
+    assert len(requests) == 3 and core.next_deadline() == pytest.approx(1.1)
+    first = requests[0]  # only this replica's request (and vote) got through
+    assert core.on_vote("t", BallotVote.sign(by_id[first.peer_id], first.ballot, b"\x05" * 32, NETWORK_ID), 0.2) == []
+    again = core.tick(1.2)
+    assert sorted(a.peer_id for a in again) == sorted(r.peer_id for r in requests[1:])
+    assert all(isinstance(a, RequestVote) and a.ballot == first.ballot for a in again)
+    assert core.tick(1.5) == []  # not before another vote_retry_s
+    done = core.on_vote("t", BallotVote.sign(by_id[again[0].peer_id], again[0].ballot, b"\x05" * 32, NETWORK_ID),
+                        1.6)
+    assert any(isinstance(a, TaskAccepted) for a in done)
+    assert "t" not in core.tasks and core.view("t").state == "done" and core.next_deadline() is None
+    assert core.on_vote("t", BallotVote.sign(by_id[again[1].peer_id], again[1].ballot, b"\x05" * 32,
+                                             NETWORK_ID), 1.7) == []  # late: ignored, counted
+    with pytest.raises(Exception):
+        core.submit("t", req, 2.0)  # a finished id is still known
+    for k in range(3):  # only the last finished_kept views stay
+        core.submit(f"u{k}", TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1, replicas=4), 2.0)
+    assert list(core.finished) == ["u1", "u2"] and not core.tasks
+    with pytest.raises(KeyError):
+        core.view("t")
+
+
 def test_placement_core_is_pure():
     """fabric/placement.py and fabric/resources.py follow DESIGN.md's pure-core rules."""
     import ast
