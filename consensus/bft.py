@@ -726,7 +726,11 @@ class BftCore:
             return False
         self._own_pending[value_hash(value)] = None
         self._actions.append(Broadcast(BftValues(values=(value,))))
-        self._end_idle_wait(now)
+        if self._idle_wait and self.step == NEW_HEIGHT:
+            # End the idle wait at the next tick, not inside this call: values the driver
+            # submits together (one loop iteration, e.g. an inclusion, a confirm and a
+            # start) then go into one block instead of the first alone.
+            self._schedule(now, "idle_end", self.height, 0)
         return True
 
     def on_message(self, sender: str, msg: object, now: float) -> None:

@@ -834,6 +834,23 @@ def test_idle_network_waits_for_values_then_proposes_at_once():
     assert all(len(cs) == 2 and cs[1].block.values == () for cs in cluster.commits.values())
 
 
+def test_values_submitted_together_to_an_idle_proposer_share_one_block():
+    """The idle wait ends at the next tick, not inside submit(): a driver submitting several
+    values in one go (training: inclusion, confirm, start) gets them into one block."""
+    config = BftConfig(**{**{f: getattr(FAST, f) for f in FAST.__dataclass_fields__},
+                          "empty_block_interval_s": 10.0})
+    cluster = Cluster(4, config=config)
+    cluster.advance(1.0)
+    start = cluster.now
+    some_core = cluster.cores[cluster.ids[0].peer_id]
+    proposer = cluster.cores[some_core.proposer(1, 0)]
+    for k in range(3):
+        assert proposer.submit(b"together %d" % k, start)
+    assert not any(isinstance(a, Broadcast) and isinstance(a.message, BftProposal) for a in proposer._actions)
+    cluster.advance(start + 0.01)
+    assert all(len(cs) == 1 and len(cs[0].block.values) == 3 for cs in cluster.commits.values()), cluster.commits
+
+
 def test_a_restarted_core_remembers_recent_commits_and_refuses_their_replay():
     """The dedupe of committed values survives a restart: the driver feeds the stored blocks of
     the window (remember_committed); a value committed inside it is refused by the pool and a
