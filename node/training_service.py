@@ -625,8 +625,9 @@ class TrainingService:
 
         The file (write, fsync, rename, directory fsync: several ms when peers share a
         disk) is written in a thread while the next actions (``round_committed``, the next
-        round's start proposal) run at once; the row follows on the loop, and only then
-        does the round show its digest. Checkpoints of one job are written in round order.
+        round's start proposal) run at once; the model is then scored on this node's test
+        data (thread) and one row with the figures follows on the loop; only then does the
+        round show its digest. Checkpoints of one job are written in round order.
         Nothing is lost by the delay: the certified hash is in the log, so a peer killed
         before the row exists resumes from the previous checkpoint and fetches the model.
         """
@@ -647,16 +648,17 @@ class TrainingService:
             state.last_error = f"Checkpoint: {exc}"
             log.error("training checkpoint of round %d failed: %s", number, exc)
             return
+        info = state.info(number)
+        info.accuracy, info.loss = await self._evaluate(state, dict(action.params))
         if self.node._stopped.is_set():
             return  # the store may be closed already
-        info = state.info(number)
         info.digest = action.digest.hex()
         info.committed_ms = certified_ms  # when the round was certified here, not when the file landed
-        self.store.db.execute(
-            "INSERT OR REPLACE INTO fl_checkpoints(job_id, round, digest, path, committed_ms, round_s, fit_s, "
-            "included, bytes_sent) VALUES(?,?,?,?,?,?,?,?,?)",
-            (state.job_id, number, action.digest, str(path), info.committed_ms, info.round_s, info.fit_s,
-             info.included, info.bytes_sent))
+        self.store.db.execute(  # one row write (one fsync) per round, with the model's test figures
+            "INSERT OR REPLACE INTO fl_checkpoints(job_id, round, digest, path, committed_ms, accuracy, loss, "
+            "round_s, fit_s, included, bytes_sent) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            (state.job_id, number, action.digest, str(path), info.committed_ms, info.accuracy, info.loss,
+             info.round_s, info.fit_s, info.included, info.bytes_sent))
         self.counters["training_checkpoints"] += 1
         for (old,) in self.store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round<=?",
                                             (state.job_id, number - CHECKPOINT_FILES_KEPT)).fetchall():
@@ -666,7 +668,6 @@ class TrainingService:
                 pass
         for old in [r for r in state.rounds if r < number - 1000]:  # bound memory of very long jobs
             del state.rounds[old]
-        self._spawn(self._evaluate(state, number, dict(action.params)))
 
     def _score(self, job: JobSpec, params: dict, test) -> tuple[float, float]:
         from chimera.consensus.models import make_adapter
@@ -676,22 +677,14 @@ class TrainingService:
         result = adapter.evaluate(test.X, test.y)
         return float(result.accuracy), float(result.loss)
 
-    async def _evaluate(self, state: JobState, number: int, params: dict) -> None:
-        """Accuracy/loss of the certified model of round ``number`` on this node's test data."""
+    async def _evaluate(self, state: JobState, params: dict) -> tuple[float | None, float | None]:
+        """(accuracy, loss) of a certified model on this node's test data, (None, None) if it has none."""
         try:
             _, test = await self._load_data()
-            accuracy, loss = await asyncio.to_thread(self._score, state.job, params, test)
+            return await asyncio.to_thread(self._score, state.job, params, test)
         except (TrainingDataError, LocalProtocolError, ValueError) as exc:
             state.last_error = str(exc)
-            return
-        info = state.info(number)
-        info.accuracy, info.loss = accuracy, loss
-        if self.node._stopped.is_set():
-            return  # the store may be closed already
-        self.store.db.execute("UPDATE fl_checkpoints SET accuracy=?, loss=?, round_s=?, fit_s=?, included=?, "
-                              "bytes_sent=? WHERE job_id=? AND round=?",
-                              (accuracy, loss, info.round_s, info.fit_s, info.included, info.bytes_sent,
-                               state.job_id, number))
+            return None, None
 
     # ------------------------------------------------------------ timer
 
