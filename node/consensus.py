@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import sqlite3
 import time
 from collections import Counter, OrderedDict
 
@@ -125,10 +126,12 @@ class ConsensusService:
         self._join_epoch = -1
         self._wake = asyncio.Event()
         self._flush_scheduled = False
+        self.halted: str | None = None  # why consensus stopped (fail-stop, see _halt)
         self.commit_latency = LatencyHistogram()  # own values: submission -> stored commit
         self._submitted_at: OrderedDict[bytes, float] = OrderedDict()
         self.commit_hooks: list = []  # fn(height, outcome) after a commit is stored (training service)
         self._recover()
+        self.stored_height = self.ledger.height
         self.sign_state_file = SignStateFile(node.data_dir / SIGN_STATE_FILE)
         sign_state = self._load_sign_state()
         height = self.ledger.height
@@ -195,12 +198,16 @@ class ConsensusService:
 
     @property
     def height(self) -> int:
-        """Last committed height."""
-        return self.core.height - 1
+        """Last committed height stored on this node (the core may be ahead of it only
+        inside one action batch, or after a halt: then what is on disk counts)."""
+        return self.stored_height
 
     # ---------------------------------------------------------------- inputs
 
     def on_envelope(self, env: Envelope) -> None:
+        if self.halted is not None:
+            self.counters["consensus_drop_halted"] += 1
+            return
         self.core.on_message(env.sender, env.message, time.monotonic())
         self.run_actions()
 
@@ -211,6 +218,8 @@ class ConsensusService:
         ``bft_values`` envelope per peer (up to ``MAX_VALUES_PER_MESSAGE``) instead of
         one envelope, and one Ed25519 verification at every peer, per value.
         """
+        if self.halted is not None:
+            raise LocalProtocolError(f"consensus is halted: {self.halted}")
         ok = self.core.submit(value, time.monotonic())
         if ok:
             self._submitted_at[value_hash(value)] = time.monotonic()
@@ -289,6 +298,9 @@ class ConsensusService:
                 self._wake.clear()
                 if await wait_event(self._wake, min(delay, 5.0)):
                     continue
+            if self.halted is not None:
+                await asyncio.sleep(1.0)
+                continue
             try:
                 self.core.tick(time.monotonic())
                 self.run_actions()
@@ -301,12 +313,29 @@ class ConsensusService:
 
     def run_actions(self) -> None:
         for action in _coalesce_persists(_coalesce_values(self.core.take_actions())):
+            if self.halted is not None:
+                break
             try:
                 self._run(action)
             except LocalProtocolError as exc:
                 self.counters["consensus_action_errors"] += 1
                 log.error("consensus action %s failed: %s", type(action).__name__, exc)
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                if not isinstance(action, (PersistVote, Commit)):
+                    raise
+                self._halt(f"{type(action).__name__} could not be stored: {exc}")
         self._wake.set()
+
+    def _halt(self, reason: str) -> None:
+        """Fail-stop: what must be durable before it is acted on could not be written (disk
+        full, I/O error). Sending a signature whose sign state is not stored could make a
+        restarted node equivocate, and going on past an unstored commit would acknowledge
+        data that is not on disk; so this node stops taking part in consensus (nothing of
+        the failed batch is sent) until it is restarted. Its committed log stays intact."""
+        self.halted = reason
+        self.counters["consensus_halted"] += 1
+        log.critical("consensus halted: %s; fix the disk and restart the node", reason)
+        self.node.emit_event("consensus_halted", self.node.peer_id, priority="critical", detail=reason)
 
     def _run(self, action: object) -> None:
         node = self.node
@@ -387,6 +416,7 @@ class ConsensusService:
             committed_ms=time.time_ns() // 1_000_000, commit_blob=_pack(action.commit),
             decisions=[(d.index, d.author, d.nonce, d.data) for d in outcome.decisions],
             offenders=outcome.evidence, snapshot=snapshot, new_table=new_table)
+        self.stored_height = action.height
         self.last_commit_mono = time.monotonic()
         self.counters["consensus_commits"] += 1
         self.counters["consensus_values_committed"] += len(block.values)
@@ -468,6 +498,7 @@ class ConsensusService:
             "validators": len(table.weights),
             "total_weight": table.total,
             "weight": table.weights.get(self.node.peer_id, 0),
+            "halted": self.halted,
             "round": self.core.round,
             "step": self.core.step,
             "pool_size": self.core.pool_size,

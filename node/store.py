@@ -327,5 +327,6 @@ class SignStateFile:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            with contextlib.suppress(OSError):  # already failed (the node halted on it)
+                os.close(fd)

@@ -199,3 +199,41 @@ async def test_sign_state_moves_from_the_sqlite_row_of_older_releases(tmp_path: 
     f = SignStateFile(data_dir / SIGN_STATE_FILE)
     assert msgpack.unpackb(f.load(), raw=False) == encode_fields(legacy)
     f.close()
+
+
+async def test_a_sign_state_write_failure_halts_consensus_and_keeps_the_log(tmp_path: Path):
+    """Fail-stop: when the sign state cannot be stored (here its file descriptor is gone,
+    a real EBADF from the real write), nothing of that batch is sent, the node stops
+    taking part in consensus and says why, and after a restart the log is intact."""
+    import os
+
+    from chimera.node.runtime import Node
+    from chimera.protocol.errors import LocalProtocolError
+
+    data_dir = tmp_path / "n0"
+    me = load_or_create_identity(data_dir).peer_id
+    net = Network.create("t", genesis=[me], epoch_length=100)
+    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        first = await node.consensus.propose(b"stored before the failure", 30)
+        os.close(node.consensus.sign_state_file._fd)  # the disk goes away under the node
+        with pytest.raises(LocalProtocolError):
+            await node.consensus.propose(b"never signed", 3)
+        status = node.consensus.status()
+        assert status["halted"] and "could not be stored" in status["halted"]
+        assert any(e["kind"] == "consensus_halted" for e in node.events)
+        with pytest.raises(LocalProtocolError, match="halted"):
+            await node.consensus.propose(b"refused at once", 3)
+        assert status["height"] == first["height"]  # the commit decided in the failed batch is not stored
+    finally:
+        await node.stop()
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        assert [d["data"] for d in node.store.decisions(1, 10)] == [b"stored before the failure"]
+        again = await node.consensus.propose(b"after the restart", 30)
+        assert again["height"] > first["height"] and node.consensus.status()["halted"] is None
+    finally:
+        await node.stop()
