@@ -28,7 +28,11 @@ first element is a tag:
   Signature by ``peer_id``, purpose ``"validator_join"``, epoch 0, statement
   ``[peer_id]`` (proof of key possession: nobody can enrol someone else).
 * ``["opinion", opinion]``: a signed :class:`~chimera.consensus.reputation.Opinion`
-  (its ``encode_fields`` map) for the current epoch.
+  (its ``encode_fields`` map) for the current epoch. An author whose scores do
+  not fit one value (4096 bytes: about 40 peers) commits them in several
+  *parts*, each signed on its own; a part is counted when it scores only
+  peers the author's earlier parts of the epoch did not (else it is ignored),
+  and the next table sees one opinion per author: the entries of its parts.
 * ``["evidence", equivocation]``: an :class:`~chimera.consensus.bft.Equivocation`
   (its ``encode_fields`` map) against a validator of the current epoch.
 * ``["fl_job" | "fl_start" | "fl_include" | "fl_confirm", body]``: federated
@@ -42,7 +46,7 @@ first element is a tag:
 that does not decode, is not in its canonical encoding (:func:`encode_item`:
 msgpack's shortest forms, as the reference encoder writes them), or whose own
 signature does not verify, is never proposed or prevoted. Checks that depend on state (an opinion for another
-epoch, evidence against a non-validator, a second opinion by one author) are
+epoch, evidence against a non-validator, an opinion part about a peer the author already scored) are
 made when the block is applied: such a value is committed but ignored, and the
 outcome says so.
 
@@ -66,7 +70,13 @@ import msgpack
 
 from chimera.consensus.bft import CertifiedCommit, Equivocation, verify_equivocation
 from chimera.consensus.quorum import SignedVote, WeightTable, sign_vote, verify_vote
-from chimera.consensus.reputation import Opinion, WeightPolicy, next_weight_table, verify_opinion
+from chimera.consensus.reputation import (
+    MAX_OPINION_ENTRIES,
+    Opinion,
+    WeightPolicy,
+    next_weight_table,
+    verify_opinion,
+)
 from chimera.protocol.errors import LocalProtocolError, MalformedError
 from chimera.protocol.identity import SIGNATURE_BYTES, SigningIdentity, public_key_from_peer_id
 from chimera.protocol.messages import U64_MAX, decode_fields, encode_fields, reject_duplicate_keys
@@ -304,7 +314,7 @@ class Ledger:
         self.previous_table: WeightTable | None = None
         self.previous_offenders: set[str] = set()
         self.joins: set[str] = set()
-        self.opinions: dict[str, Opinion] = {}
+        self.opinions: dict[str, list[Opinion]] = {}  # author -> committed parts (disjoint peers)
         self.offenders: set[str] = set()
         self.outcomes: list[ApplyOutcome] = []  # filled by on_commit, drained by the driver
         self.app_validator = app_validator
@@ -403,11 +413,16 @@ class Ledger:
             elif isinstance(item, Opinion):
                 if item.epoch != self.table.epoch or item.author not in self.table.weights:
                     out.ignored.append("opinion for another epoch or by a non-validator")
-                elif item.author in self.opinions:
-                    out.ignored.append("second opinion of an author in one epoch")
                 else:
-                    self.opinions[item.author] = item
-                    out.opinions.append(item.author)
+                    parts = self.opinions.setdefault(item.author, [])
+                    scored = {e.peer_id for part in parts for e in part.entries}
+                    if any(e.peer_id in scored for e in item.entries):
+                        out.ignored.append("opinion part about peers this author already scored this epoch")
+                    elif len(scored) + len(item.entries) > MAX_OPINION_ENTRIES:
+                        out.ignored.append("opinion parts of one author hold too many entries")
+                    else:
+                        parts.append(item)
+                        out.opinions.append(item.author)
             else:
                 offender = item.first.voter
                 current = verify_equivocation(item, self.table, self.network_id)
@@ -427,8 +442,7 @@ class Ledger:
 
     def _next_table(self) -> WeightTable:
         members = set(self.table.weights) | self.joins
-        table = next_weight_table(self.table, self.opinions.values(), members, self.policy,
-                                  network_id=self.network_id)
+        table = next_weight_table(self.table, self._merged_opinions(), members, self.policy)
         if self.offenders:
             weights = dict(table.weights)
             for peer_id in self.offenders:
@@ -449,6 +463,19 @@ class Ledger:
         self.outcomes.append(outcome)
         return outcome.new_table
 
+    def _merged_opinions(self) -> list[Opinion]:
+        """One opinion per author: the entries of its committed parts whose signatures verify
+        (each part was signed on its own; the merged record is internal and unsigned)."""
+        merged = []
+        for author in sorted(self.opinions):
+            entries = [e for part in self.opinions[author] if verify_opinion(part, self.network_id)
+                       for e in part.entries]
+            if entries:
+                merged.append(Opinion(epoch=self.table.epoch, author=author,
+                                      entries=tuple(sorted(entries, key=lambda e: e.peer_id)),
+                                      signature=bytes(64)))
+        return merged
+
     # ------------------------------------------------------------ snapshots
 
     def snapshot(self) -> bytes:
@@ -456,7 +483,7 @@ class Ledger:
         return msgpack.packb({
             "height": self.height, "epoch": self.table.epoch, "table": list(self.table.weights.items()),
             "table_height": self.table_height, "joins": sorted(self.joins),
-            "opinions": [encode_fields(self.opinions[a]) for a in sorted(self.opinions)],
+            "opinions": [encode_fields(part) for a in sorted(self.opinions) for part in self.opinions[a]],
             "offenders": sorted(self.offenders),
             "previous_table": None if self.previous_table is None else
             [self.previous_table.epoch, list(self.previous_table.weights.items())],
@@ -472,7 +499,10 @@ class Ledger:
         try:
             doc = msgpack.unpackb(blob, raw=False, strict_map_key=True)
             table = WeightTable(epoch=int(doc["epoch"]), weights={str(p): int(w) for p, w in doc["table"]})
-            opinions = {o.author: o for o in (decode_fields(Opinion, x, "opinion") for x in doc["opinions"])}
+            opinions: dict[str, list[Opinion]] = {}
+            for x in doc["opinions"]:  # parts in commit order (one per author before 2026-12)
+                part = decode_fields(Opinion, x, "opinion")
+                opinions.setdefault(part.author, []).append(part)
             height, table_height = int(doc["height"]), int(doc["table_height"])
             joins, offenders = set(doc["joins"]), set(doc["offenders"])
             prev = doc.get("previous_table")  # absent in snapshots written before 2026-12-01

@@ -475,9 +475,8 @@ class ConsensusService:
                 scores = {p: int(round(self.reputation.score(p, now) * PPM)) for p in peers
                           if sum(self.reputation.evidence(p, now)) >= self.reputation.config.min_opinion_evidence}
                 self._opinion_epoch = epoch
-                if scores:
-                    opinion = sign_opinion(self.node.identity, self.network_id, epoch, scores)
-                    value = encode_opinion(opinion)
+                for part in _opinion_parts(scores):  # each part one signed value of <= 4096 bytes
+                    value = encode_opinion(sign_opinion(self.node.identity, self.network_id, epoch, part))
                     if len(value) <= self.core.config.max_value_bytes:
                         self.submit(value)
                     else:
@@ -595,6 +594,17 @@ def _coalesce_values(actions: list) -> list:
     merged = [Broadcast(BftValues(values=tuple(unique[k:k + MAX_VALUES_PER_MESSAGE])))
               for k in range(0, len(unique), MAX_VALUES_PER_MESSAGE)]
     return out[:first] + merged + out[first:]
+
+
+OPINION_PART_ENTRIES = 32  # scores per opinion value: 32 x ~80 bytes fits the 4096-byte value limit
+
+
+def _opinion_parts(scores: dict[str, int]) -> list[dict[str, int]]:
+    """``scores`` (peer id -> ppm) cut into parts of at most :data:`OPINION_PART_ENTRIES`
+    peers in peer id order; the ledger merges an author's parts (disjoint peers)."""
+    peers = sorted(scores)
+    return [{p: scores[p] for p in peers[k:k + OPINION_PART_ENTRIES]}
+            for k in range(0, len(peers), OPINION_PART_ENTRIES)]
 
 
 def _coalesce_persists(actions: list) -> list:

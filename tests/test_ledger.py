@@ -232,3 +232,31 @@ def test_late_evidence_of_the_last_epoch_counts_once():
     restored = Ledger(NID, genesis(), epoch_length=2)
     restored.restore(ledger.snapshot())
     assert restored.previous_table == ledger.previous_table and restored.snapshot() == ledger.snapshot()
+
+
+def test_opinions_in_parts_give_the_same_table_as_whole_opinions():
+    """With many validators an opinion does not fit one 4096-byte value: an author commits
+    it in parts (disjoint peers, each signed); the next table is the same as from whole
+    opinions, and a part about peers already scored is ignored."""
+    many = [SigningIdentity.generate() for _ in range(70)]
+    table = WeightTable(epoch=0, weights={i.peer_id: 1000 for i in many})
+    scores = {a.peer_id: {p.peer_id: 500_000 + 7_000 * ((k + j) % 60) for j, p in enumerate(many) if p is not a}
+              for k, a in enumerate(many)}
+
+    def signed(author, part):
+        return encode_opinion(sign_opinion(author, NID, 0, part))
+
+    whole, parts = Ledger(NID, table, epoch_length=2), Ledger(NID, table, epoch_length=2)
+    whole.apply(commit(1, [signed(a, scores[a.peer_id]) for a in many]))
+    split = []
+    for a in many:
+        peers = sorted(scores[a.peer_id])
+        split += [signed(a, {p: scores[a.peer_id][p] for p in peers[k:k + 32]}) for k in range(0, len(peers), 32)]
+    assert all(len(v) <= 4096 for v in split) and len(split) == 3 * len(many)
+    out = parts.apply(commit(1, split))
+    assert not out.ignored
+    again = parts.apply(commit(2, [signed(many[0], {many[1].peer_id: 0})]))  # already scored: ignored
+    assert again.ignored and again.new_table is not None
+    expected = whole.apply(commit(2, [])).new_table
+    assert again.new_table == expected
+    assert expected.weights != table.weights  # the opinions did move the weights
