@@ -73,6 +73,7 @@ def central_accuracy(rounds: int) -> float:
 
 
 def run(peers: int, rounds: int) -> dict:
+    from chimera.node.admin import AdminError
     from chimera.node.launcher import LocalNetwork
 
     with tempfile.TemporaryDirectory(prefix="chimera-bench-training-") as tmp:
@@ -88,7 +89,10 @@ def run(peers: int, rounds: int) -> dict:
                                                   "timeout_s": 60})["job_id"]
 
             def finished() -> bool:
-                docs = [net.query(i, "train_status", {"job": job_id})["jobs"][0] for i in range(peers)]
+                try:  # a peer that has not committed the job yet says so (AdminError): not finished
+                    docs = [net.query(i, "train_status", {"job": job_id})["jobs"][0] for i in range(peers)]
+                except AdminError:
+                    return False
                 return all(d["state"] == "finished" and d["rounds"] and d["rounds"][-1]["accuracy"] is not None
                            for d in docs)
 
