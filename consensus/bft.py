@@ -751,7 +751,10 @@ class BftCore:
         except RemoteProtocolError as exc:
             self._reject(sender, exc.reason, str(exc))
         if self._idle_wait and self._wakes(msg):
-            self._end_idle_wait(now)
+            if isinstance(msg, BftValues):  # at the next tick: values arriving together share a block
+                self._schedule(now, "idle_end", self.height, 0)
+            else:  # a peer moved on: follow at once
+                self._end_idle_wait(now)
         self._process(now)
 
     def tick(self, now: float) -> None:
