@@ -66,7 +66,7 @@ from chimera.protocol.envelope import Envelope
 from chimera.protocol.messages import decode_fields, encode_fields
 
 from .behaviours import Behaviour, Outgoing
-from .world import PeerHost, World, address_for
+from .world import PeerHost, World
 
 EPOCH_LAG = MAX_COMMITS_PER_RESPONSE + 1
 OPINION_PREFIX = b"OPN1"
@@ -341,10 +341,6 @@ class BftWorld(World):
         self.value_latency: list[float] = []
         self._value_seen: set[bytes] = set()
         self.violation: str | None = None
-
-    def address_of(self, peer_id: str) -> str | None:
-        peer = self.by_id.get(peer_id)
-        return None if peer is None else address_for(peer.index)
 
     def start_all(self) -> None:
         for peer in self.peers:

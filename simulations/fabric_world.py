@@ -112,7 +112,7 @@ from .bft_world import SafetyViolation
 from .engine import Simulator
 from .network import SimNetwork
 from .signatures import SharedVerifier, shared_vote_verification
-from .world import PeerHost, SkewSpec, World, address_for
+from .world import PeerHost, SkewSpec, World
 
 TASK_MODULE_SHA256 = hashlib.sha256(b"chimera-sim/task/word-count-sha256/v1").hexdigest()
 """The module hash the simulated task travels under (64 lowercase hex characters)."""
@@ -620,10 +620,6 @@ class FabricWorld(World):
         self.certificates_verified = 0
         self.violation: str | None = None
         self.example: TaskAccepted | None = None  # the first accepted task (for inspection and tests)
-
-    def address_of(self, peer_id: str) -> str | None:
-        peer = self.by_id.get(peer_id)
-        return None if peer is None else address_for(peer.index)
 
     # ---------------------------------------------------------- lifecycle and load
 

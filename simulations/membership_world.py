@@ -33,7 +33,7 @@ from chimera.protocol.membership import (
 )
 
 from .behaviours import Behaviour
-from .world import PeerHost, World, address_for
+from .world import PeerHost, World
 
 
 @dataclass(slots=True)
@@ -269,10 +269,6 @@ class MembershipWorld(World):
             "views_consistent": self.live_view_ok(),
         }
         return out
-
-    def address_of(self, peer_id: str) -> str | None:
-        peer = self.by_id.get(peer_id)
-        return None if peer is None else address_for(peer.index)
 
 
 def _mean(values: list[float]) -> float:

@@ -120,7 +120,7 @@ from .bft_world import OPINION_PREFIX, BftPeer, BftWorld, SafetyViolation
 from .engine import Simulator
 from .network import SimNetwork
 from .signatures import SharedVerifier, shared_vote_verification
-from .world import PeerHost, SkewSpec, World, address_for
+from .world import PeerHost, SkewSpec, World
 
 TRAINING_MESSAGES = (FlUpdate, FlUpdateRequest, FlModelRequest, FlModel)
 LOGS = ("ideal", "bft")
@@ -765,10 +765,6 @@ class IdealTrainingWorld(World):
         self.table = WeightTable(epoch=0, weights={p.peer_id: PEER_WEIGHT for p in self.peers})
         self.fed = Federation(sim, setup, self.peers, self.table, self.network_id)
         self.log = IdealLog(self, setup.commit_latency_s)
-
-    def address_of(self, peer_id: str) -> str | None:
-        peer = self.by_id.get(peer_id)
-        return None if peer is None else address_for(peer.index)
 
     def start_all(self) -> None:
         for peer in self.peers:

@@ -61,6 +61,13 @@ class World:
         self.skew = skew or SkewSpec()
         self.counters: Counter[str] = Counter()
 
+    by_id: dict  # peer id -> peer (PeerHost), set by each world
+
+    def address_of(self, peer_id: str) -> str | None:
+        """The simulated address of a peer of this run, None for an unknown peer id."""
+        peer = self.by_id.get(peer_id)
+        return None if peer is None else address_for(peer.index)
+
     def make_clock(self, host: str) -> SimClock:
         rng = self.sim.rng
         offset = rng.uniform(-self.skew.max_offset_s, self.skew.max_offset_s) if self.skew.max_offset_s else 0.0
