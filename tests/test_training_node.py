@@ -126,8 +126,10 @@ def test_clean_job_commits_identical_checkpoints_and_matches_central(net):
 def test_sigkilled_participant_neither_stalls_nor_corrupts_and_resumes(net, tmp_path):
     rounds = 8
     job_id = net.query(0, "train_start", {"job": job_text("kill", rounds=rounds), "timeout_s": 60})["job_id"]
-    assert wait_until(lambda: (safe_status(net, 4, job_id) or {}).get("model_round", 0) >= 2, 60, 0.05)
-    before = digests(status(net, 4, job_id))
+    # a round shows its digest once its checkpoint (file + row) is on disk (written behind the round)
+    assert wait_until(lambda: any(r["round"] >= 2 and r["digest"]
+                                  for r in (safe_status(net, 4, job_id) or {}).get("rounds", [])), 60, 0.05)
+    before = {r: d for r, d in digests(status(net, 4, job_id)).items() if d}
     victim = net.peers[4]
     victim.kill()  # mid-round: round 3 is in progress
     assert wait_until(lambda: status(net, 0, job_id)["model_round"] >= 5, 90, 0.2), "rounds stalled"
