@@ -185,9 +185,21 @@ def cmd_status(args: argparse.Namespace) -> int:
           for name, f in s["features"].items()],
         "drops        " + (", ".join(f"{k[5:]}={v}" for k, v in s["counters"].items()
                                      if k.startswith("drop_")) or "none"),
+        *_consensus_lines(s.get("consensus")),
     ])
     _print(args, s, text)
     return EXIT_OK
+
+
+def _consensus_lines(c: dict | None) -> list[str]:
+    if not c:
+        return ["consensus    none (no genesis validators, or consensus = false)"]
+    lines = [f"consensus    height {c['height']}  epoch {c['epoch']}  {c['role']}  weight {c['weight']}"
+             f"/{c['total_weight']} of {c['validators']} validators  round {c['round']} {c['step']}"
+             f"  pool {c['pool_size']}"]
+    if c.get("halted"):
+        lines.append(f"CONSENSUS HALTED  {c['halted']} (fix the disk, then restart the node)")
+    return lines
 
 
 def peers_table(rows: list[dict]) -> str:

@@ -226,6 +226,14 @@ async def test_a_sign_state_write_failure_halts_consensus_and_keeps_the_log(tmp_
         assert any(e["kind"] == "consensus_halted" for e in node.events)
         with pytest.raises(LocalProtocolError, match="halted"):
             await node.consensus.propose(b"refused at once", 3)
+        import contextlib
+        import io
+
+        from chimera.node.cli import main as cli_main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = await asyncio.to_thread(cli_main, ["status", "--data-dir", str(data_dir)])
+        assert code == 0 and "CONSENSUS HALTED" in out.getvalue(), out.getvalue()
         assert status["height"] == first["height"]  # the commit decided in the failed batch is not stored
     finally:
         await node.stop()
