@@ -966,7 +966,12 @@ class BftCore:
         if votes is not None and votes.by_hash.get(vote.block_hash, {}).get(voter) == vote:
             self.drops["duplicate"] += 1
             return
-        if not verify_vote(vote.signed, vote.vote_type, self.network_id, table.epoch, vote.statement()):
+        # A prevote that comes from its own voter is counted on the strength of the envelope
+        # signature (the driver delivers only verified envelopes, so the voter did send it);
+        # its own signature matters only to third parties and is checked when the vote
+        # leaves this peer as proof (a polka relay, equivocation evidence). Precommits are
+        # always checked: they go into the commit certificate.
+        if (vote.vote_type != PREVOTE or sender != voter) and not self._signature_ok(vote, table):
             self._reject(sender, "bad_signature", vote.describe())
             return
         self._max_round[voter] = max(self._max_round.get(voter, 0), vote.round)
@@ -975,8 +980,11 @@ class BftCore:
             if existing.block_hash == vote.block_hash or voter in votes.by_hash.get(vote.block_hash, {}):
                 self.drops["duplicate"] += 1
                 return
+            if not self._signature_ok(vote, table):  # proof against the voter: both must verify
+                self._reject(sender, "bad_signature", vote.describe())
+                return
             key = (voter, vote.vote_type, vote.round)
-            if key not in self._evidence_seen:
+            if key not in self._evidence_seen and self._signature_ok(existing, table):
                 self._evidence_seen.add(key)
                 self.drops["equivocation"] += 1
                 self._actions.append(Evidence(Equivocation(first=existing, second=vote)))
@@ -987,6 +995,9 @@ class BftCore:
             self.drops["far_future_round"] += 1  # counted for round skipping only
             return
         sets.setdefault(vote.round, _VoteSet()).add(vote)
+
+    def _signature_ok(self, vote: Vote, table: WeightTable) -> bool:
+        return verify_vote(vote.signed, vote.vote_type, self.network_id, table.epoch, vote.statement())
 
     # ---- signing (never conflicting with what was persisted)
 
@@ -1111,8 +1122,13 @@ class BftCore:
         votes = self._prevotes.get(valid_round) if valid_round is not None else None
         if votes is not None:
             polka = votes.by_hash.get(digest, {})
+            table = self.table
             for voter in sorted(polka):
-                self._actions.append(Broadcast(BftVote(vote=polka[voter])))
+                vote = polka[voter]
+                if voter == self.peer_id or self._signature_ok(vote, table):  # relayed: a proof
+                    self._actions.append(Broadcast(BftVote(vote=vote)))
+                else:
+                    self.drops["unrelayable_prevote"] += 1
 
     def _on_timer(self, kind: str, round_: int, now: float) -> None:
         if kind == "start":

@@ -342,9 +342,7 @@ class ConsensusService:
         if isinstance(action, PersistVote):
             self.sign_state_file.save(_pack(action.state))
         elif isinstance(action, Broadcast):
-            for peer_id in self.core.table.weights:
-                if peer_id != node.peer_id:
-                    node.send(peer_id, action.message)
+            node.broadcast(self.core.table.weights, action.message)  # signed once for all validators
             if node.config.test_equivocate and isinstance(action.message, BftVote) \
                     and action.message.vote.voter == node.peer_id:
                 self._equivocate(action.message.vote)

@@ -16,6 +16,7 @@ import random
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -304,6 +305,29 @@ class Node:
             self.counters["drop_unroutable"] += 1
             return False
         return self.transport.send(contact.transport_key, contact.addresses[0], self._seal(msg, peer_id))
+
+    def broadcast(self, peer_ids: Iterable[str], msg: object) -> int:
+        """Sign ``msg`` once, with a nil recipient, and send the same frame to each of
+        ``peer_ids`` (ourselves skipped); returns how many it went to.
+
+        For messages meant for every one of them (consensus proposals, votes, values):
+        one signature instead of one per peer. A nil-recipient envelope replayed to
+        another member is accepted there at most once (per-receiver replay windows) and
+        carries what every validator receives anyway (docs/PROTOCOL.md §6.1).
+        """
+        frame = None
+        sent = 0
+        for peer_id in peer_ids:
+            if peer_id == self.peer_id:
+                continue
+            contact = self.routes.get(peer_id)
+            if contact is None or not contact.addresses:
+                self.counters["drop_unroutable"] += 1
+                continue
+            if frame is None:
+                frame = self._seal(msg, None)
+            sent += bool(self.transport.send(contact.transport_key, contact.addresses[0], frame))
+        return sent
 
     def tell(self, ref: ActorRef, msg: object) -> bool:
         """Deliver to a local actor in process, or to a remote one as an envelope.

@@ -442,20 +442,24 @@ def test_equivocation_produces_verifiable_evidence_once():
 def test_bad_inputs_are_dropped_and_reported_never_crash():
     core, table, schedule, by_id = _core_and_others(4)
     other = next(by_id[p] for p in table.weights if p != core.peer_id)
+    third = next(by_id[p] for p in table.weights if p not in (core.peer_id, other.peer_id))
     vote = make_vote(other, PREVOTE, 1, 0, None)
-    forged = BftVote(vote=replace(vote.vote, signed=SignedVote(voter=other.peer_id, signature=bytes(64))))
+    bad_sig = SignedVote(voter=other.peer_id, signature=bytes(64))
+    forged = BftVote(vote=replace(make_vote(other, PRECOMMIT, 1, 0, None).vote, signed=bad_sig))
+    relayed = BftVote(vote=replace(vote.vote, signed=bad_sig))  # another peer passes on a forgery
     stranger = make_vote(IDS[9], PREVOTE, 1, 0, None)
     p0 = by_id[schedule.proposer(1, 0)]
     not_proposer = next(i for i in IDS[:4] if i.peer_id != p0.peer_id)
     wrong = make_proposal(not_proposer, 1, 0, block_of(not_proposer))
     core.on_message(other.peer_id, forged, 0.1)
+    core.on_message(third.peer_id, relayed, 0.1)
     core.on_message(IDS[9].peer_id, stranger, 0.1)
     core.on_message(not_proposer.peer_id, wrong, 0.1)
     core.on_message(other.peer_id, BftValues(values=(b"BAD value", b"good")), 0.1)
     core.on_message(other.peer_id, vote, 0.1)
     core.on_message(other.peer_id, vote, 0.1)
     reasons = [a.reason for a in core.take_actions() if isinstance(a, Rejected)]
-    assert reasons == ["bad_signature", "unknown_voter", "wrong_proposer", "invalid_value"]
+    assert reasons == ["bad_signature", "bad_signature", "unknown_voter", "wrong_proposer", "invalid_value"]
     assert core.drops["duplicate"] == 1 and core.pool_size == 1
     # the strict codec rejects malformed wire maps with MalformedError only
     wire = encode_fields(vote)
@@ -908,3 +912,26 @@ def test_catch_up_follow_ups_are_served_at_once_but_repeats_are_rate_limited():
     assert follow_up and follow_up[0].commits[0].block.height == MAX_COMMITS_PER_RESPONSE + 1
     assert ask(1) == []  # a repeat within the interval: refused (no amplification)
     assert ask(MAX_COMMITS_PER_RESPONSE + 1) == []
+
+
+def test_a_prevote_from_its_voter_counts_on_the_envelope_and_is_checked_before_it_is_proof():
+    """Prevotes sent by their own voter are not signature-checked on arrival (the verified
+    envelope authenticates them); a bad vote signature is caught when the vote would become
+    proof: equivocation evidence is only built from votes whose signatures verify."""
+    core, table, schedule, by_id = _core_and_others(4)
+    other = next(by_id[p] for p in table.weights if p != core.peer_id)
+    bad = BftVote(vote=replace(make_vote(other, PREVOTE, 1, 0, None).vote,
+                               signed=SignedVote(voter=other.peer_id, signature=bytes(64))))
+    core.on_message(other.peer_id, bad, 0.1)
+    assert not [a for a in core.take_actions() if isinstance(a, Rejected)]
+    assert other.peer_id in core._prevotes[0].votes  # counted
+    twin = make_vote(other, PREVOTE, 1, 0, b"\x05" * 32)  # a validly signed conflicting prevote
+    core.on_message(other.peer_id, twin, 0.2)
+    actions = core.take_actions()
+    assert not any(isinstance(a, Evidence) for a in actions)  # the first one proves nothing
+    good = make_vote(other, PRECOMMIT, 1, 0, None)
+    good_twin = make_vote(other, PRECOMMIT, 1, 0, b"\x05" * 32)
+    core.on_message(other.peer_id, good, 0.3)
+    core.on_message(other.peer_id, good_twin, 0.3)
+    evidence = [a for a in core.take_actions() if isinstance(a, Evidence)]
+    assert len(evidence) == 1 and evidence[0].equivocation.first == good.vote
