@@ -33,7 +33,7 @@ Round protocol
    shape and dtype). Received updates are checked (participant, signature,
    names/shapes/dtypes, finite values, delta norm bound) before use.
 4. **Inclusion.** As soon as a peer holds an update from every participant,
-   or after ``round_deadline_s`` (local time since it saw the start commit)
+   or after ``round_deadline_s`` (local time since the round began here)
    from at least ``quorum`` participants, it proposes ``fl_include(job_id, r,
    sorted update hashes)``. The first committed inclusion of round ``r`` with
    at least ``quorum`` hashes counts. A participant that died or is late does
