@@ -32,6 +32,14 @@ Round protocol
    :class:`FlUpdate` (parameters as raw little-endian bytes with declared
    shape and dtype). Received updates are checked (participant, signature,
    names/shapes/dtypes, finite values, delta norm bound) before use.
+   A participant does not wait for round ``r - 1`` to be certified to start
+   this fit: as soon as it has aggregated round ``r - 1`` itself (step 5) it
+   trains round ``r`` from its own aggregate (``TrainLocal.speculative``).
+   Aggregation is deterministic, so when the certified hash is its own (the
+   normal case) the fit is exactly the one round ``r`` would run; the update is
+   signed and sent only once round ``r`` has begun here from the certified
+   model. If the certified hash differs, the speculative fit is dropped
+   (``speculative_base_mismatch``) and the round trains again.
 4. **Inclusion.** As soon as a peer holds an update from every participant,
    or after ``round_deadline_s`` (local time since the round began here)
    from at least ``quorum`` participants, it proposes ``fl_include(job_id, r,
@@ -533,9 +541,11 @@ class TrainLocal:
     epochs: int
     learning_rate: float
     seed: int
+    speculative: bool = False  # from our own aggregate of the previous round, before its certification
 
     def describe(self) -> str:
-        return f"train r={self.round} epochs={self.epochs} lr={self.learning_rate:g} seed={self.seed}"
+        return (f"train r={self.round} epochs={self.epochs} lr={self.learning_rate:g} seed={self.seed}"
+                + (" (speculative)" if self.speculative else ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,6 +687,8 @@ class TrainingCore:
         self.finished = self.model_round >= job.rounds
         self._next_fetch = math.inf
         self._model_requested = 0
+        self._speculative: dict[int, bytes] = {}  # round -> base hash of our speculative fit of it
+        self._early_results: dict[int, tuple] = {}  # round -> (params, fit, accuracy) before it began
         if not self.finished:
             self._propose_start(self.model_round + 1)
 
@@ -807,10 +819,28 @@ class TrainingCore:
             LocalProtocolError: ``params`` do not match the job's model spec.
         """
         rnd = self._rounds.get(round_)
+        if job_id == self.job_id and round_ in self._speculative:
+            base = self._speculative[round_]
+            if round_ > self.model_round + 1 or rnd is None or rnd.started_at is None:
+                self._early_results[round_] = (params, fit, accuracy)  # the round has not begun here
+                return
+            del self._speculative[round_]
+            if base != self._certified.get(round_ - 1):  # trained from a model that was not certified
+                self.drops["speculative_base_mismatch"] += 1
+                self._train(rnd)
+                self._progress(now)
+                return
         if job_id != self.job_id or rnd is None or rnd.start is None or round_ != self.model_round + 1 \
                 or self.peer_id in rnd.first_by_sender:
             self.drops["late_local_result"] += 1
             return
+        self._send_local(rnd, params, fit, accuracy)
+        self._progress(now)
+
+    def _send_local(self, rnd: _Round, params: Mapping[str, np.ndarray], fit: FitResult,
+                    accuracy: float) -> None:
+        """Check, sign and broadcast our update of the round in progress ``rnd``."""
+        round_ = rnd.number
         if fit.num_samples < 1:
             self._event("local_failed", round_, "no local samples")
             return
@@ -835,12 +865,21 @@ class TrainingCore:
         update = dataclasses.replace(unsigned, signature=vote.signature)
         self._accept_update(rnd, update, digest, params_from_tensors(update.tensors, self.spec))
         self._actions.append(Broadcast(update))
-        self._progress(now)
 
     def on_local_failed(self, job_id: bytes, round_: int, reason: str, now: float) -> None:
-        """Local training failed (e.g. no data): we just do not send an update this round."""
-        if job_id == self.job_id:
-            self._event("local_failed", round_, reason[:200])
+        """Local training failed (e.g. no data): we just do not send an update this round.
+
+        A speculative fit that failed is given up: the round trains from the certified
+        model when it begins (or at once, when it has begun already)."""
+        if job_id != self.job_id:
+            return
+        if self._speculative.pop(round_, None) is not None:
+            rnd = self._rounds.get(round_)
+            if rnd is not None and rnd.started_at is not None and round_ == self.model_round + 1:
+                self._train(rnd)
+                self._progress(now)
+            return
+        self._event("local_failed", round_, reason[:200])
 
     def tick(self, now: float) -> None:
         """Run the timers due at ``now`` (round deadline, re-fetches)."""
@@ -943,9 +982,39 @@ class TrainingCore:
                 self._reject(update.sender, exc.reason, str(exc))
         if self.participant and not rnd.trained:
             rnd.trained = True
-            self._actions.append(TrainLocal(self.job_id, rnd.number, {k: v.copy() for k, v in self.model.items()},
-                                            self.job.local_epochs, self.job.learning_rate,
-                                            local_seed(self.job, self.job_id, rnd.number, self.peer_id)))
+            base = self._speculative.get(rnd.number)
+            if base is None:
+                self._train(rnd)
+            elif rnd.number in self._early_results:  # our speculative fit is done: use it or redo it
+                del self._speculative[rnd.number]
+                params, fit, accuracy = self._early_results.pop(rnd.number)
+                if base == self._certified.get(rnd.number - 1):
+                    self._send_local(rnd, params, fit, accuracy)
+                else:
+                    self.drops["speculative_base_mismatch"] += 1
+                    self._train(rnd)
+            # else: still running; on_local_result takes it (or trains again on a mismatch)
+
+    def _train(self, rnd: _Round) -> None:
+        """Train round ``rnd`` from the certified model we hold (it has begun here)."""
+        self._actions.append(TrainLocal(self.job_id, rnd.number, {k: v.copy() for k, v in self.model.items()},
+                                        self.job.local_epochs, self.job.learning_rate,
+                                        local_seed(self.job, self.job_id, rnd.number, self.peer_id)))
+
+    def _speculate(self, number: int, result: AggregateResult) -> None:
+        """Start training round ``number`` from our own aggregate of round ``number - 1`` now,
+        before that round is certified: aggregation is deterministic, so when the certified
+        hash is ours (the normal case) the fit is exactly the one the round would run, and
+        the update leaves only once the round has begun here from the certified model.
+        Otherwise the fit is dropped and the round trains again. At most one per round."""
+        if not self.participant or number > self.job.rounds or number in self._speculative \
+                or number <= self.model_round + 1:
+            return
+        self._speculative[number] = result.digest
+        self._actions.append(TrainLocal(self.job_id, number, {k: v.copy() for k, v in result.params.items()},
+                                        self.job.local_epochs, self.job.learning_rate,
+                                        local_seed(self.job, self.job_id, number, self.peer_id),
+                                        speculative=True))
 
     def _on_inclusion(self, inc: Inclusion, now: float) -> None:
         rnd = self._rnd(inc.round)
@@ -1084,6 +1153,10 @@ class TrainingCore:
         self._event("round_committed", number, _h8(digest))
         for old in [r for r in self._rounds if r <= number - 1]:
             del self._rounds[old]
+        for old in [r for r in self._speculative if r <= number]:
+            del self._speculative[old]
+        for old in [r for r in self._early_results if r <= number]:
+            del self._early_results[old]
         for old in [r for r in self._certified if r < number - 1]:
             del self._certified[old]
         if number >= self.job.rounds:
@@ -1206,6 +1279,7 @@ class TrainingCore:
             self._actions.append(ProposeValue(encode_log_value(confirm)))
         # the next round's start goes with it (held until this round is certified, see _on_start)
         self._propose_start(rnd.number + 1, base=result.digest)
+        self._speculate(rnd.number + 1, result)
 
     def _refetch(self, now: float) -> None:
         """Re-send the pending fetch (missing included updates, or a certified model)."""

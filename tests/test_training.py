@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from chimera.consensus.aggregation import aggregate_hash
+from chimera.consensus.aggregation import AggregationConfig, aggregate_hash
 from chimera.consensus.datasets import load_digits_data, split_dirichlet, train_test_split_fixed
 from chimera.consensus.models import make_adapter
 from chimera.consensus.quorum import WeightTable, sign_vote
@@ -113,6 +113,7 @@ class Mesh:
         self.observations: list[Observe] = []
         self.rejected: list[Rejected] = []
         self.queue: list[tuple[str, object]] = []
+        self.fits: list[tuple[str, int, bool]] = []  # (peer, round, speculative) of every TrainLocal run
         job_value = encode_log_value(job)
         self.job_id = job_id_of(job_value)
         self.cores = {p: TrainingCore.for_committed_job(BY_PEER[p], NET, job_value, {0: self.table}, self.now)
@@ -149,6 +150,7 @@ class Mesh:
         self.queue.extend((dst, a) for a in self.cores[dst].take_actions())
 
     def train(self, peer: str, action: TrainLocal) -> None:
+        self.fits.append((peer, action.round, action.speculative))
         if self.silent_at == (peer, action.round):
             self.dead.add(peer)
             return
@@ -585,3 +587,31 @@ def test_confirms_count_only_for_the_committed_inclusion_and_an_early_start_wait
     assert core.certified_hash(1) == digest
     assert core._rounds[2].start == early_good  # the held start naming the certified hash
     assert core.drops["start_without_certified_base"] == 1
+
+
+def test_speculative_training_changes_nothing_but_timing_and_a_mismatch_trains_again(digits, monkeypatch):
+    """A participant starts round r+1 from its own aggregate of round r before round r is
+    certified. The outcome is bitwise the same as without speculation; a peer whose aggregate
+    differs (here: its aggregation rule was changed under it) drops its speculative fits and
+    trains again from the certified model it fetched."""
+    train, test, shards = digits
+    job = make_job(rounds=4)
+    mesh = Mesh(job, shards)
+    odd = PEERS[4]
+    mesh.cores[odd].aggregation = AggregationConfig(rule="median")  # computes other aggregates
+    mesh.run()
+    speculative = [(p, r) for p, r, spec in mesh.fits if spec]
+    assert {p for p, _ in speculative} == set(PEERS) and all(r >= 2 for _, r in speculative)
+    honest = [p for p in PEERS if p != odd]
+    for p in honest:  # one fit per round: the speculative one was used from round 2 on
+        assert sorted(r for q, r, _ in mesh.fits if q == p) == [1, 2, 3, 4]
+    assert mesh.cores[odd].drops["speculative_base_mismatch"] >= 1
+    assert {r for q, r, spec in mesh.fits if q == odd and not spec} >= {2}  # trained again
+    final = mesh.final_model()
+
+    monkeypatch.setattr(TrainingCore, "_speculate", lambda self, number, result: None)
+    plain = Mesh(job, shards)
+    plain.cores[odd].aggregation = AggregationConfig(rule="median")
+    plain.run()
+    assert not any(spec for _, _, spec in plain.fits)
+    assert plain.final_model().digest == final.digest  # same model, bit for bit
