@@ -233,7 +233,17 @@ class TaskFailed:
     detail: str = ""
 
 
-Action = Dispatch | Cancel | RequestVote | Observe | TaskAccepted | TaskFailed
+@dataclass(frozen=True, slots=True)
+class BreakerOpened:
+    """``peer_id``'s circuit breaker opened after ``failures`` failures in a row: no new
+    attempt goes there for ``open_for_s`` seconds (then one trial, half-open)."""
+
+    peer_id: str
+    open_for_s: float
+    failures: int
+
+
+Action = Dispatch | Cancel | RequestVote | Observe | TaskAccepted | TaskFailed | BreakerOpened
 
 
 # ----------------------------------------------------------------- breakers
@@ -652,7 +662,12 @@ class Placement:
         self._end_attempt(task, att)
         actions: list[Action] = []
         if breaker and att.peer_id in self.breakers:
-            self.breakers[att.peer_id].on_failure(now)
+            b = self.breakers[att.peer_id]
+            was_open = b.current(now) is BreakerState.OPEN
+            b.on_failure(now)
+            if b.state is BreakerState.OPEN and not was_open:
+                self._count("breaker_opened")
+                actions.append(BreakerOpened(att.peer_id, b.open_for_s, b.failures))
         if observe:
             actions.append(Observe(att.peer_id, ObservationKind.TASK_DISAGREE, task.task_id, f"failed: {reason}"))
         task.failures += 1

@@ -72,6 +72,7 @@ from chimera.fabric.modules import (
     check_hash_name,
 )
 from chimera.fabric.placement import (
+    BreakerOpened,
     Cancel,
     Dispatch,
     Observe,
@@ -773,6 +774,11 @@ class FabricService:
                                  disagreeing=len(a.disagreeing))
             rec.done.set()
             return []
+        if isinstance(a, BreakerOpened):
+            self.counters["fabric_breaker_opened"] += 1
+            self.node.emit_event("task_breaker_opened", a.peer_id, priority="warning",
+                                 open_for_s=round(a.open_for_s, 3), failures=a.failures)
+            return []
         if isinstance(a, TaskFailed):
             if rec is None:
                 return []
@@ -1126,8 +1132,12 @@ def admin_handlers(node) -> dict:
             out["gpus"] = [encode_fields(g) for g in res.gpus]
             out["summary"] = res.describe()
             return out
+        def breaker(peer_id: str) -> str:
+            b = svc.placement.breakers.get(peer_id)
+            return "closed" if b is None else b.current(now).value
+
         return {"peer_id": svc.peer_id, "own": None if svc.own is None else doc(svc.own),
-                "peers": {p: dict(doc(res), expires_in_s=round(exp - now, 3))
+                "peers": {p: dict(doc(res), expires_in_s=round(exp - now, 3), breaker=breaker(p))
                           for p, (res, exp) in sorted(svc.capacity.items())}}
 
     return {"agents_deploy": agents_deploy, "agents_upgrade": agents_upgrade, "agents_rollback": agents_rollback,

@@ -12,6 +12,7 @@ from chimera.consensus.quorum import CertificateError, WeightTable
 from chimera.consensus.reputation import LocalReputation, ObservationKind
 from chimera.consensus.votes import BallotVote
 from chimera.fabric.placement import (
+    BreakerOpened,
     BreakerState,
     Cancel,
     Dispatch,
@@ -134,9 +135,12 @@ def test_breaker_opens_after_failures_and_half_opens():
     core = make_core([0], breaker_failures=2, breaker_open_s=5.0, max_retries=10, queue_timeout_s=100)
     peer = peer_ids(1)[0]
     req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    opened = []
     for n in range(2):
         (d,) = core.submit(f"t{n}", req, float(n))
-        core.on_failure(d.task_id, d.attempt, peer, "crashed", float(n))
+        opened += [a for a in core.on_failure(d.task_id, d.attempt, peer, "crashed", float(n))
+                   if isinstance(a, BreakerOpened)]
+    assert opened == [BreakerOpened(peer, 5.0, 2)]  # announced once, when it opens
     assert core.breaker(peer).current(2.0) is BreakerState.OPEN
     assert core.candidates(req, 2.0) == []  # open: no work for it
     actions = core.submit("t9", req, 2.0)
@@ -144,7 +148,8 @@ def test_breaker_opens_after_failures_and_half_opens():
     assert core.next_deadline() is not None and core.next_deadline() <= 7.0
     (trial,) = [a for a in core.tick(7.5) if isinstance(a, Dispatch) and a.task_id == "t9"]
     assert core.breaker(peer).current(7.5) is BreakerState.HALF_OPEN and core.candidates(req, 7.5) == []
-    core.on_failure("t9", trial.attempt, peer, "crashed", 7.6)   # trial failed: open again, twice as long
+    again = core.on_failure("t9", trial.attempt, peer, "crashed", 7.6)   # trial failed: open again, twice as long
+    assert [a for a in again if isinstance(a, BreakerOpened)] == [BreakerOpened(peer, 10.0, 3)]
     assert core.breaker(peer).current(7.6) is BreakerState.OPEN and core.breaker(peer).open_for_s == 10.0
     assert core.candidates(req, 17.0) == []
     # each peer runs one attempt of a task at most, so t9 has no peer left; a new task gets the trial
