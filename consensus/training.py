@@ -172,7 +172,10 @@ SEED_DOMAIN = b"chimera-mesh/fl-seed/v1\x00"
 
 MAX_PARTICIPANTS = 64
 MAX_ROUNDS = 1_000_000
-MAX_TENSOR_BYTES = 1 << 20  # one envelope is at most 1 MiB by default anyway
+MAX_TENSOR_BYTES = 256 << 20  # larger models travel in fl_part messages (PART_BYTES each)
+PART_BYTES = 192 << 10  # an fl_update/fl_model body above this goes as parts (fits 256 KiB edge envelopes)
+MAX_PARTS = 1400  # parts of one body (~262 MiB)
+MAX_ASSEMBLIES_PER_SENDER = 4  # bodies being reassembled from one peer at once
 MAX_LOG_VALUE_BYTES = 4096  # chimera.consensus.bft.MAX_VALUE_BYTES
 MAX_EARLY_STARTS = 8  # starts of one round committed before its base was certified, held in log order
 MAX_EPOCH = 2**62
@@ -482,6 +485,47 @@ class FlModel:
         return f"model r={self.round} {len(self.tensors)} tensors"
 
 
+@message("fl_part", actor=TRAINING_ACTOR)
+class FlPart:
+    """Part ``index`` of ``count`` of the msgpack body of an ``fl_update`` or ``fl_model``
+    (``kind``) too large for one envelope (over :data:`PART_BYTES`). ``digest`` is the
+    update hash (``fl_update``) or the model hash (``fl_model``) of the whole; the receiver
+    joins the parts in index order, decodes the body strictly and checks the digest."""
+
+    job_id: Hash32
+    round: RoundNo
+    kind: Annotated[str, MaxLen(16)]
+    digest: Hash32
+    index: Annotated[int, Range(0, MAX_PARTS - 1)]
+    count: Annotated[int, Range(2, MAX_PARTS)]
+    data: Annotated[bytes, MaxLen(PART_BYTES)]
+
+    def describe(self) -> str:
+        return f"part {self.index + 1}/{self.count} of {self.kind} r={self.round} {_h8(self.digest)}"
+
+
+_PART_KINDS: Mapping[str, type] = {"fl_update": FlUpdate, "fl_model": FlModel}
+
+
+def in_parts(msg: FlUpdate | FlModel, digest: bytes) -> tuple[FlUpdate | FlModel | FlPart, ...]:
+    """``msg`` itself when its body fits :data:`PART_BYTES`, else its body cut into :class:`FlPart`.
+
+    ``digest``: the update hash or the model hash of ``msg``.
+    """
+    body = msgpack.packb(encode_fields(msg), use_bin_type=True)
+    if len(body) <= PART_BYTES:
+        return (msg,)
+    chunks = [body[k:k + PART_BYTES] for k in range(0, len(body), PART_BYTES)]
+    if len(chunks) > MAX_PARTS:
+        raise LocalProtocolError(f"{type(msg).KIND} of {len(body)} bytes needs more than {MAX_PARTS} parts")
+    return tuple(FlPart(job_id=msg.job_id, round=msg.round, kind=type(msg).KIND, digest=digest, index=k,
+                        count=len(chunks), data=chunk) for k, chunk in enumerate(chunks))
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise MalformedError("msgpack extension types are not allowed")
+
+
 def update_hash(update: FlUpdate) -> bytes:
     """SHA-256 of ``UPDATE_DOMAIN || msgpack(fields except signature)``: the update's identity."""
     body = encode_fields(update)
@@ -687,6 +731,10 @@ class TrainingCore:
         self.finished = self.model_round >= job.rounds
         self._next_fetch = math.inf
         self._model_requested = 0
+        # bodies arriving in fl_part messages: (sender, kind, digest) -> (round, count, {index: data})
+        self._assemblies: dict[tuple[str, str, bytes], tuple[int, int, dict[int, bytes]]] = {}
+        self._max_body_bytes = (sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in self.spec.tensors)
+                                + (64 << 10))
         self._speculative: dict[int, bytes] = {}  # round -> base hash of our speculative fit of it
         self._early_results: dict[int, tuple] = {}  # round -> (params, fit, accuracy) before it began
         if not self.finished:
@@ -803,6 +851,8 @@ class TrainingCore:
                 self._on_model_request(sender, msg)
             elif isinstance(msg, FlModel):
                 self._on_model(sender, msg, now)
+            elif isinstance(msg, FlPart):
+                self._on_part(sender, msg, now)
             else:
                 raise LocalProtocolError(f"not a training message: {type(msg).__name__}")
         except RemoteProtocolError as exc:
@@ -864,7 +914,7 @@ class TrainingCore:
                          [self.job_id, round_, digest])
         update = dataclasses.replace(unsigned, signature=vote.signature)
         self._accept_update(rnd, update, digest, params_from_tensors(update.tensors, self.spec))
-        self._actions.append(Broadcast(update))
+        self._actions.extend(Broadcast(m) for m in in_parts(update, digest))
 
     def on_local_failed(self, job_id: bytes, round_: int, reason: str, now: float) -> None:
         """Local training failed (e.g. no data): we just do not send an update this round.
@@ -1122,12 +1172,69 @@ class TrainingCore:
         for digest in req.hashes:
             held = rnd.updates.get(digest)
             if held is not None:
-                self._actions.append(Send(sender, held[0]))
+                self._actions.extend(Send(sender, m) for m in in_parts(held[0], digest))
 
     def _on_model_request(self, sender: str, req: FlModelRequest) -> None:
         if req.round == self.model_round:
-            self._actions.append(Send(sender, FlModel(job_id=self.job_id, round=self.model_round,
-                                                      tensors=tensors_from_params(self.model, self.spec))))
+            model = FlModel(job_id=self.job_id, round=self.model_round,
+                            tensors=tensors_from_params(self.model, self.spec))
+            self._actions.extend(Send(sender, m) for m in in_parts(model, self._certified[self.model_round]))
+
+    def _on_part(self, sender: str, part: FlPart, now: float) -> None:
+        """Collect the parts of a large ``fl_update``/``fl_model``; the whole is handled like
+        one that came in a single envelope. Bounded: a body no larger than the job's model
+        needs, parts of at most :data:`MAX_ASSEMBLIES_PER_SENDER` bodies per sender, only for
+        rounds an update or a fetched model would be taken for."""
+        cls = _PART_KINDS.get(part.kind)
+        if cls is None:
+            raise RemoteProtocolError(f"unknown part kind {part.kind[:16]!r}", reason="bad_part")
+        if part.index >= part.count or (part.count - 1) * PART_BYTES > self._max_body_bytes:
+            raise RemoteProtocolError(f"part {part.index} of {part.count}: more than this job's model "
+                                      "can need", reason="bad_part")
+        if cls is FlUpdate and not self.model_round < part.round <= self.model_round + 2:
+            self.drops["update_other_round"] += 1
+            return
+        if cls is FlModel and (part.round <= self.model_round or self._certified.get(part.round) != part.digest):
+            self.drops["model_not_certified"] += 1
+            return
+        key = (sender, part.kind, part.digest)
+        held = self._assemblies.get(key)
+        if held is None:
+            mine = [k for k in self._assemblies if k[0] == sender]
+            if len(mine) >= MAX_ASSEMBLIES_PER_SENDER:
+                del self._assemblies[mine[0]]  # the oldest of this sender's
+                self.drops["part_assembly_evicted"] += 1
+            held = self._assemblies[key] = (part.round, part.count, {})
+        round_, count, parts = held
+        if (part.round, part.count) != (round_, count):
+            raise RemoteProtocolError("parts of one body disagree on round or count", reason="bad_part")
+        if part.index in parts:
+            self.drops["duplicate_part"] += 1
+            return
+        if part.index < count - 1 and len(part.data) != PART_BYTES:
+            raise RemoteProtocolError("only the last part may be shorter", reason="bad_part")
+        parts[part.index] = part.data
+        if len(parts) < count:
+            return
+        del self._assemblies[key]
+        body = b"".join(parts[k] for k in range(count))
+        try:
+            raw = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext,
+                                  object_pairs_hook=reject_duplicate_keys, max_bin_len=len(body),
+                                  max_str_len=4096, max_array_len=65536, max_map_len=256)
+        except MalformedError:
+            raise
+        except Exception as exc:  # msgpack raises a zoo
+            raise MalformedError(f"{part.kind} from parts: not msgpack ({type(exc).__name__})") from None
+        msg = decode_fields(cls, raw, part.kind)
+        if msg.job_id != self.job_id or msg.round != part.round:
+            raise RemoteProtocolError("parts name another job or round than their body", reason="bad_part")
+        if cls is FlUpdate:
+            if update_hash(msg) != part.digest:
+                raise RemoteProtocolError("update from parts does not match its hash", reason="bad_part")
+            self._on_update(sender, msg, now)
+        else:
+            self._on_model(sender, msg, now)
 
     def _on_model(self, sender: str, msg: FlModel, now: float) -> None:
         if msg.round <= self.model_round:
@@ -1157,6 +1264,8 @@ class TrainingCore:
             del self._speculative[old]
         for old in [r for r in self._early_results if r <= number]:
             del self._early_results[old]
+        for key in [k for k, held in self._assemblies.items() if held[0] <= number]:
+            del self._assemblies[key]
         for old in [r for r in self._certified if r < number - 1]:
             del self._certified[old]
         if number >= self.job.rounds:

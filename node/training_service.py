@@ -28,9 +28,11 @@ every committed ``fl_*`` value stored in the log is replayed in order; rounds
 certified since are fetched from peers and verified against the certified hash.
 
 scikit-learn is imported only when a job trains or evaluates (never by an idle
-peer). Updates travel in one envelope: a job whose parameters do not fit in
-``max_message_bytes`` (minus :data:`ENVELOPE_MARGIN_BYTES`) is refused at
-``train start`` and is not a valid log value (chunking is not implemented).
+peer). An update or model larger than one 192 KiB part travels as ``fl_part``
+messages (:func:`chimera.consensus.training.in_parts`); a job whose model fits
+neither one envelope nor :data:`~chimera.consensus.training.MAX_PARTS` parts
+(or whose parts do not fit this node's ``max_message_bytes``) is refused at
+``train start`` and is not a valid log value here.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from chimera.consensus.bft import value_hash
 from chimera.consensus.ledger import app_value_ok, has_app_tag
 from chimera.consensus.quorum import WeightTable
 from chimera.consensus.training import (
+    MAX_PARTS,
+    PART_BYTES,
     TRAINING_ACTOR,
     Broadcast,
     Checkpoint,
@@ -227,11 +231,16 @@ def param_bytes(job: JobSpec) -> int:
 
 
 def _params_fit(job: JobSpec, max_message_bytes: int) -> tuple[bool, int]:
+    """Whether this node can send and receive the job's updates: in one envelope, or in
+    ``fl_part`` messages of ``PART_BYTES`` (each an envelope of its own); and the size."""
     try:
         size = param_bytes(job)
     except LocalProtocolError:
         return False, 0
-    return size + ENVELOPE_MARGIN_BYTES <= max_message_bytes, size
+    whole = size + ENVELOPE_MARGIN_BYTES <= max_message_bytes
+    parts = PART_BYTES + ENVELOPE_MARGIN_BYTES <= max_message_bytes and \
+        size + ENVELOPE_MARGIN_BYTES <= MAX_PARTS * PART_BYTES
+    return whole or parts, size
 
 
 # ------------------------------------------------------------------ files
@@ -794,8 +803,8 @@ class TrainingService:
         if not ok:
             raise admin_api.AdminError(
                 f"the model has {size} parameter bytes; an update must fit in one envelope "
-                f"(max_message_bytes {self.node.config.max_message_bytes} minus {ENVELOPE_MARGIN_BYTES} bytes): "
-                "chunked updates are not supported")
+                f"(max_message_bytes {self.node.config.max_message_bytes} minus {ENVELOPE_MARGIN_BYTES} bytes) "
+                f"or in {MAX_PARTS} parts of {PART_BYTES} bytes, each an envelope of its own")
         if self.node.peer_id in job.participants:
             try:
                 await self._load_data()

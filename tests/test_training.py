@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 
 import msgpack
 import numpy as np
 import pytest
 
 from chimera.consensus.aggregation import AggregationConfig, aggregate_hash
-from chimera.consensus.datasets import load_digits_data, split_dirichlet, train_test_split_fixed
+from chimera.consensus.datasets import Shard, load_digits_data, split_dirichlet, train_test_split_fixed
 from chimera.consensus.models import make_adapter
 from chimera.consensus.quorum import WeightTable, sign_vote
 from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.training import (
+    MAX_PARTS,
+    PART_BYTES,
     AggregateConfirm,
     Broadcast,
     Checkpoint,
     FlModel,
     FlModelRequest,
+    FlPart,
     FlTensor,
     FlUpdate,
     FlUpdateRequest,
@@ -615,3 +619,66 @@ def test_speculative_training_changes_nothing_but_timing_and_a_mismatch_trains_a
     plain.run()
     assert not any(spec for _, _, spec in plain.fits)
     assert plain.final_model().digest == final.digest  # same model, bit for bit
+
+
+def _wide_job_and_shards(n_features: int = 4000, rounds: int = 2):
+    """A model too large for one envelope part: 10 x 4000 float64 = 320 KB of coefficients."""
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(len(CLASSES), n_features))
+    shards = {}
+    for k, p in enumerate(PEERS):
+        y = rng.integers(0, len(CLASSES), size=40)
+        X = centers[y] + 0.5 * rng.normal(size=(40, n_features))
+        shards[p] = Shard(X=X, y=y)
+    job = JobSpec(name="wide", model_kind="sgd_classifier", n_features=n_features, classes=CLASSES, l2=1e-4,
+                  dataset="synthetic", rounds=rounds, local_epochs=1, learning_rate=LR, rule="fedavg",
+                  participants=tuple(PEERS), quorum=4, round_deadline_s=5.0, max_update_norm=1e6, seed=3)
+    return job, shards
+
+
+def test_a_model_larger_than_an_envelope_travels_in_parts():
+    """Updates and fetched models over PART_BYTES go as fl_part messages (each under the edge
+    profile's 256 KiB envelopes) and are reassembled into the same result."""
+    job, shards = _wide_job_and_shards()
+    mesh = Mesh(job, shards)
+    lagging = PEERS[2]
+    real_deliver = mesh.deliver
+    kinds = Counter()
+
+    def deliver(dst, src, msg):  # the lagging peer gets no updates: it must fetch the model
+        kinds[type(msg).__name__] += 1
+        if dst == lagging and isinstance(msg, FlPart) and msg.kind == "fl_update":
+            return
+        assert not isinstance(msg, FlPart) or len(msg.data) <= PART_BYTES
+        real_deliver(dst, src, msg)
+
+    mesh.deliver = deliver
+    mesh.run()
+    assert kinds["FlPart"] > 0 and kinds["FlUpdate"] == 0 and kinds["FlModel"] == 0
+    assert "model_fetched" in [e.kind for e in mesh.events[lagging]]
+    final = mesh.final_model()  # every peer, the lagging one included, holds the same model
+    assert final.params["coef"].shape == (10, 4000)
+    assert not [r for r in mesh.rejected if r.reason == "bad_part"]
+
+
+def test_bad_parts_are_rejected_and_counted_never_raised():
+    job, _ = _wide_job_and_shards()
+    core, job_id = _core(job)
+    core.on_committed(core.take_actions()[0].value, 0.0)  # round 1 starts
+    core.take_actions()
+    digest = b"\x09" * 32
+    part = dict(job_id=job_id, round=1, kind="fl_update", digest=digest, count=2)
+    sender = PEERS[1]
+    for bad in (FlPart(index=0, data=b"x", **{**part, "kind": "fl_nope"}),      # unknown kind
+                FlPart(index=0, data=b"x", **{**part, "count": MAX_PARTS}),     # more than the model needs
+                FlPart(index=0, data=b"short", **part)):                        # a short part before the last
+        core.on_message(sender, roundtrip(bad), 0.1)
+    assert [a.reason for a in core.take_actions() if isinstance(a, Rejected)] == ["bad_part"] * 3
+    junk = bytes(PART_BYTES)  # two parts whose whole is not an update
+    core.on_message(sender, roundtrip(FlPart(index=0, data=junk, **part)), 0.2)
+    core.on_message(sender, roundtrip(FlPart(index=0, data=junk, **part)), 0.2)  # again: a duplicate
+    core.on_message(sender, roundtrip(FlPart(index=1, data=b"\x00", **part)), 0.2)
+    assert core.drops["duplicate_part"] == 1
+    assert [a.reason for a in core.take_actions() if isinstance(a, Rejected)] == ["malformed"]
+    core.on_message(sender, roundtrip(FlPart(index=0, data=b"x", **{**part, "round": 9})), 0.3)  # far round
+    assert core.drops["update_other_round"] == 1 and not core._assemblies

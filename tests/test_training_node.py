@@ -236,7 +236,11 @@ def test_bad_jobs_are_clear_admin_errors(net):
         net.query(0, "train_start", {"job": job_text("x") + "colour = 1\n"})
     with pytest.raises(admin.AdminError, match="invalid job"):
         net.query(0, "train_start", {"job": job_text("x", rule="nonsense")})
-    with pytest.raises(admin.AdminError, match="one envelope"):
-        net.query(0, "train_start", {"job": job_text("big").replace("n_features = 64", "n_features = 100000")})
+    # 40 x 2^20 float64 = 335 MB: more than one envelope and more than 1400 parts of 192 KiB
+    # (a 100 000-feature model, 8 MB, now travels in parts)
+    too_big = job_text("big").replace("n_features = 64", "n_features = 1048576").replace(
+        "classes = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", f"classes = {list(range(40))}")
+    with pytest.raises(admin.AdminError, match="one envelope.*parts"):
+        net.query(0, "train_start", {"job": too_big})
     with pytest.raises(admin.AdminError, match="unknown"):
         net.query(0, "train_status", {"job": "ffffffff"})
