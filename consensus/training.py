@@ -733,6 +733,7 @@ class TrainingCore:
         self._model_requested = 0
         # bodies arriving in fl_part messages: (sender, kind, digest) -> (round, count, {index: data})
         self._assemblies: dict[tuple[str, str, bytes], tuple[int, int, dict[int, bytes]]] = {}
+        self._assembly_bytes = 0
         self._max_body_bytes = (sum(math.prod(t.shape) * DTYPES[t.dtype].itemsize for t in self.spec.tensors)
                                 + (64 << 10))
         self._speculative: dict[int, bytes] = {}  # round -> base hash of our speculative fit of it
@@ -1180,6 +1181,11 @@ class TrainingCore:
                             tensors=tensors_from_params(self.model, self.spec))
             self._actions.extend(Send(sender, m) for m in in_parts(model, self._certified[self.model_round]))
 
+    def _drop_assembly(self, key: tuple[str, str, bytes]) -> None:
+        held = self._assemblies.pop(key, None)
+        if held is not None:
+            self._assembly_bytes -= sum(len(d) for d in held[2].values())
+
     def _on_part(self, sender: str, part: FlPart, now: float) -> None:
         """Collect the parts of a large ``fl_update``/``fl_model``; the whole is handled like
         one that came in a single envelope. Bounded: a body no larger than the job's model
@@ -1202,7 +1208,7 @@ class TrainingCore:
         if held is None:
             mine = [k for k in self._assemblies if k[0] == sender]
             if len(mine) >= MAX_ASSEMBLIES_PER_SENDER:
-                del self._assemblies[mine[0]]  # the oldest of this sender's
+                self._drop_assembly(mine[0])  # the oldest of this sender's
                 self.drops["part_assembly_evicted"] += 1
             held = self._assemblies[key] = (part.round, part.count, {})
         round_, count, parts = held
@@ -1214,9 +1220,15 @@ class TrainingCore:
         if part.index < count - 1 and len(part.data) != PART_BYTES:
             raise RemoteProtocolError("only the last part may be shorter", reason="bad_part")
         parts[part.index] = part.data
+        self._assembly_bytes += len(part.data)
         if len(parts) < count:
+            # all senders together buffer at most what (participants + 2) whole bodies need
+            limit = (len(self.job.participants) + 2) * self._max_body_bytes
+            while self._assembly_bytes > limit and self._assemblies:
+                self._drop_assembly(next(iter(self._assemblies)))
+                self.drops["part_assembly_evicted"] += 1
             return
-        del self._assemblies[key]
+        self._drop_assembly(key)
         body = b"".join(parts[k] for k in range(count))
         try:
             raw = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext,
@@ -1265,7 +1277,7 @@ class TrainingCore:
         for old in [r for r in self._early_results if r <= number]:
             del self._early_results[old]
         for key in [k for k, held in self._assemblies.items() if held[0] <= number]:
-            del self._assemblies[key]
+            self._drop_assembly(key)
         for old in [r for r in self._certified if r < number - 1]:
             del self._certified[old]
         if number >= self.job.rounds:

@@ -25,6 +25,7 @@ from chimera.consensus.models import make_adapter
 from chimera.consensus.quorum import WeightTable, sign_vote
 from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.training import (
+    MAX_ASSEMBLIES_PER_SENDER,
     MAX_PARTS,
     PART_BYTES,
     AggregateConfirm,
@@ -681,4 +682,9 @@ def test_bad_parts_are_rejected_and_counted_never_raised():
     assert core.drops["duplicate_part"] == 1
     assert [a.reason for a in core.take_actions() if isinstance(a, Rejected)] == ["malformed"]
     core.on_message(sender, roundtrip(FlPart(index=0, data=b"x", **{**part, "round": 9})), 0.3)  # far round
-    assert core.drops["update_other_round"] == 1 and not core._assemblies
+    assert core.drops["update_other_round"] == 1 and not core._assemblies and core._assembly_bytes == 0
+    # a sender opening many bodies keeps at most MAX_ASSEMBLIES_PER_SENDER of them
+    for k in range(10):
+        core.on_message(sender, roundtrip(FlPart(index=0, data=junk, **{**part, "digest": bytes([k]) * 32})), 0.4)
+    assert len(core._assemblies) == MAX_ASSEMBLIES_PER_SENDER and core.drops["part_assembly_evicted"] == 6
+    assert core._assembly_bytes == MAX_ASSEMBLIES_PER_SENDER * PART_BYTES
