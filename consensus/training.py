@@ -1077,6 +1077,9 @@ class TrainingCore:
             return
         rnd.inclusion = inc.updates
         self._event("inclusion_committed", inc.round, f"{len(inc.updates)} updates")
+        # confirms of this round committed before it (earlier in the block) count now, also
+        # when this is not our current round (a peer catching up through the log)
+        self._try_certify(rnd)
 
     def _confirm_ok(self, rec: AggregateConfirm, table: WeightTable) -> bool:
         return rec.signed.voter in table.weights and verify_vote(

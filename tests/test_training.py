@@ -688,3 +688,39 @@ def test_bad_parts_are_rejected_and_counted_never_raised():
         core.on_message(sender, roundtrip(FlPart(index=0, data=junk, **{**part, "digest": bytes([k]) * 32})), 0.4)
     assert len(core._assemblies) == MAX_ASSEMBLIES_PER_SENDER and core.drops["part_assembly_evicted"] == 6
     assert core._assembly_bytes == MAX_ASSEMBLIES_PER_SENDER * PART_BYTES
+
+
+def test_a_peer_replaying_the_log_from_an_old_checkpoint_certifies_every_round(digits):
+    """A restarted peer (checkpoint of round 1) replays the committed log: confirms committed
+    before their inclusion in the same block, and starts committed before the previous round's
+    certification, still certify every round in order, and the peer asks for the last model.
+    (Found in CI: a restarted peer stalled at its checkpoint round.)"""
+    train, test, shards = digits
+    job = make_job(rounds=4)
+    mesh = Mesh(job, shards)
+    mesh.run()
+    final = mesh.final_model()
+    peer = PEERS[1]
+    first = mesh.checkpoints[peer][0]
+    assert first.round == 1
+    core = TrainingCore.for_committed_job(BY_PEER[peer], NET, encode_log_value(job), {0: mesh.table}, 0.0,
+                                          checkpoint=(1, dict(first.params)))
+    core.take_actions()
+    # A log where every confirm of a round precedes that round's inclusion (possible when they
+    # share a block: values are ordered by hash there) and starts come before certification.
+    log = list(mesh.committed)
+    for number in range(1, 5):
+        inclusion = next(v for v in log if isinstance(decode_log_value(v), Inclusion)
+                         and decode_log_value(v).round == number)
+        last_confirm = max(k for k, v in enumerate(log) if isinstance(decode_log_value(v), AggregateConfirm)
+                           and decode_log_value(v).round == number)
+        log.remove(inclusion)
+        log.insert(last_confirm, inclusion)  # (the list is one shorter now: right after it)
+    actions = []
+    for value in log:
+        core.on_committed(value, 1.0)
+        actions += core.take_actions()
+    assert core.certified_hash(4) == final.digest
+    assert core.drops["inclusion_ignored"] == 0
+    asked = [a.message.round for a in actions if isinstance(a, Broadcast) and isinstance(a.message, FlModelRequest)]
+    assert asked and max(asked) == 4
