@@ -971,7 +971,8 @@ class BftCore:
         # its own signature matters only to third parties and is checked when the vote
         # leaves this peer as proof (a polka relay, equivocation evidence). Precommits are
         # always checked: they go into the commit certificate.
-        if (vote.vote_type != PREVOTE or sender != voter) and not self._signature_ok(vote, table):
+        checked = vote.vote_type != PREVOTE or sender != voter
+        if checked and not self._signature_ok(vote, table):
             self._reject(sender, "bad_signature", vote.describe())
             return
         self._max_round[voter] = max(self._max_round.get(voter, 0), vote.round)
@@ -980,7 +981,7 @@ class BftCore:
             if existing.block_hash == vote.block_hash or voter in votes.by_hash.get(vote.block_hash, {}):
                 self.drops["duplicate"] += 1
                 return
-            if not self._signature_ok(vote, table):  # proof against the voter: both must verify
+            if not checked and not self._signature_ok(vote, table):  # proof against the voter: both must verify
                 self._reject(sender, "bad_signature", vote.describe())
                 return
             key = (voter, vote.vote_type, vote.round)

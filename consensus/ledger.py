@@ -29,7 +29,7 @@ first element is a tag:
   ``[peer_id]`` (proof of key possession: nobody can enrol someone else).
 * ``["opinion", opinion]``: a signed :class:`~chimera.consensus.reputation.Opinion`
   (its ``encode_fields`` map) for the current epoch. An author whose scores do
-  not fit one value (4096 bytes: about 40 peers) commits them in several
+  not fit one value (4096 bytes: about 48 peers) commits them in several
   *parts*, each signed on its own; a part is counted when it scores only
   peers the author's earlier parts of the epoch did not (else it is ignored),
   and the next table sees one opinion per author: the entries of its parts.

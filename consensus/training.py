@@ -664,7 +664,7 @@ class TrainingConfig:
 class _Round:
     __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
                  "raw", "inclusion", "proposed", "result", "mismatch", "unverified", "votes", "certified",
-                 "trained", "waiting", "early_starts", "speculative")
+                 "trained", "waiting", "early_starts")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -676,7 +676,7 @@ class _Round:
         self.first_by_sender: dict[str, bytes] = {}
         self.raw: dict[bytes, FlUpdate] = {}  # received before the start (unverified), bounded
         self.inclusion: tuple[bytes, ...] | None = None
-        self.proposed: set[tuple[bytes, ...]] = set()
+        self.proposed: dict[tuple[bytes, ...], AggregateResult] = {}  # sets we proposed -> our aggregate
         self.result: AggregateResult | None = None
         self.mismatch = False
         self.unverified: list[AggregateConfirm] = []  # committed confirms not yet checked
@@ -685,7 +685,6 @@ class _Round:
         self.trained = False
         self.waiting = False
         self.early_starts: list[RoundStart] = []  # committed before round number-1 was certified
-        self.speculative: dict[tuple[bytes, ...], AggregateResult] = {}  # our aggregates of proposed sets
 
 
 class TrainingCore:
@@ -1340,13 +1339,11 @@ class TrainingCore:
         complete = len(rnd.first_by_sender) == len(self.job.participants)
         due = rnd.deadline_fired and len(chosen) >= self.job.quorum
         if (complete or due) and not any(len(p) >= len(chosen) for p in rnd.proposed):
-            rnd.proposed.add(chosen)
             self._actions.append(ProposeValue(encode_log_value(
                 Inclusion(job_id=self.job_id, round=rnd.number, updates=chosen))))
             # Aggregate the set we propose now and confirm it with the inclusion: if this
             # set commits, the round needs no second commit for the confirmations.
-            result = self._aggregate(rnd, chosen)
-            rnd.speculative[chosen] = result
+            result = rnd.proposed[chosen] = self._aggregate(rnd, chosen)
             self._confirm(rnd, chosen, result)
 
     def _maybe_aggregate(self, rnd: _Round, now: float) -> None:
@@ -1359,11 +1356,11 @@ class TrainingCore:
                                                                hashes=tuple(missing))))
                 self._next_fetch = now + self.config.fetch_interval_s
             return
-        result = rnd.speculative.get(rnd.inclusion)
+        result = rnd.proposed.get(rnd.inclusion)
         confirmed = result is not None  # confirmed (and the next start proposed) with the inclusion
         if result is None:
             result = self._aggregate(rnd, rnd.inclusion)
-        rnd.speculative.clear()
+        rnd.proposed.clear()
         rnd.result = result
         for sender in result.senders_credited:  # see AggregateResult: Krum's choice, not its rejects
             self._actions.append(Observe(sender, ObservationKind.UPDATE_GOOD))

@@ -176,12 +176,11 @@ class ConsensusService:
     def _load_sign_state(self) -> SignState | None:
         """The last signed vote state: the sign-state file, or (first start after an upgrade)
         the SQLite row older releases kept, moved into the file; the higher position wins."""
-        states = []
-        for blob in (self.sign_state_file.load(), self.store.get_blob(SIGN_STATE_KEY)):
-            if blob is not None:
-                states.append(decode_fields(SignState, msgpack.unpackb(blob, raw=False), "sign_state"))
+        legacy = self.store.get_blob(SIGN_STATE_KEY)
+        states = [decode_fields(SignState, msgpack.unpackb(blob, raw=False), "sign_state")
+                  for blob in (self.sign_state_file.load(), legacy) if blob is not None]
         state = max(states, key=SignState.position, default=None)
-        if self.store.get_blob(SIGN_STATE_KEY) is not None:
+        if legacy is not None:
             self.sign_state_file.save(_pack(state))
             self.store.delete_blob(SIGN_STATE_KEY)
         return state
