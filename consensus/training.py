@@ -3,18 +3,22 @@
 One :class:`TrainingCore` per peer per training job. No peer holds the global
 model on behalf of the others: every peer aggregates the committed inclusion
 set itself (:mod:`chimera.consensus.aggregation`, bitwise deterministic) and
-the round is committed only when peers holding more than 2/3 of the
-participants' reputation weight signed the same aggregate hash.
+the round is certified only once correct participants are known to have
+computed the same aggregate hash: those that precommitted the inclusion (each
+recomputed its ``aggregate_hash`` before voting for it: the fast path, one
+commit per round) or, where validators outside the job hold more than 1/3 of
+the weight, signed confirmations of more than 2/3 of the participants'
+reputation weight.
 
 Round protocol
 --------------
 1. **Job.** Someone proposes ``fl_job`` (a :class:`JobSpec`) to the log. Its
    ``job_id`` is the SHA-256 of the exact committed log value. On commit the
    driver creates a core per job (:meth:`TrainingCore.for_committed_job`).
-2. **Round start.** As soon as a peer has aggregated round ``r - 1`` (step 5;
-   round 1: when the job commits, from the all-zero initial model), it
+2. **Round start.** As soon as a peer has aggregated round ``r - 1`` (steps
+   4-5; round 1: when the job commits, from the all-zero initial model), it
    proposes ``fl_start(job_id, r, epoch, base_hash)`` with its own aggregate
-   as ``base_hash``, in the same breath as its confirmation, and again from
+   as ``base_hash``, in the same breath as its inclusion or confirmation, and again from
    the certified model when round ``r - 1`` is certified if no start is
    committed by then; honest peers propose the same bytes, which the log
    dedupes. The first committed start of round ``r`` whose ``base_hash`` is the
@@ -22,7 +26,7 @@ Round protocol
    start committed before that certification is held (at most
    ``MAX_EARLY_STARTS`` per round, in log order) and checked when the
    certification commits. So the start usually commits in the same block as
-   the confirmations, not one commit later. A validator prevotes a start only
+   the inclusion (or the confirmations), not one commit later. A validator prevotes a start only
    if its ``base_hash`` is the certified hash or, before the certification,
    its own aggregate of round ``r - 1`` (when it has one).
 3. **Local training.** Each participant gets :class:`TrainLocal` (the driver
@@ -42,23 +46,26 @@ Round protocol
    (``speculative_base_mismatch``) and the round trains again.
 4. **Inclusion.** As soon as a peer holds an update from every participant,
    or after ``round_deadline_s`` (local time since the round began here)
-   from at least ``quorum`` participants, it proposes ``fl_include(job_id, r,
-   sorted update hashes)``. The first committed inclusion of round ``r`` with
-   at least ``quorum`` hashes counts. A participant that died or is late does
-   not stall the round. Peers missing an included update fetch it
-   (:class:`FlUpdateRequest`); with the log's validity hook wired to
-   :meth:`TrainingCore.validate_log_value`, a correct peer only prevotes an
-   inclusion whose updates it holds, so a committed one is held by more than
-   1/3 of the weight (at least one correct peer) and the fetch succeeds.
-5. **Aggregate.** Every peer aggregates (anomaly detection, then the job's
-   rule) over ``base`` and proposes a signed ``fl_confirm(job_id, r,
-   inclusion_hash, aggregate_hash)``. A peer proposing an inclusion
-   aggregates that set at once and proposes its confirm (and the next start)
+   from at least ``quorum`` participants, it aggregates that set (step 5) and
+   proposes ``fl_include(job_id, r, sorted update hashes, aggregate_hash)``
+   with the next round's start. The first committed inclusion of round ``r``
+   with at least ``quorum`` hashes counts. A participant that died or is late
+   does not stall the round. With the log's validity hook wired to
+   :meth:`TrainingCore.validate_log_value`, a correct participant prevotes (and
+   precommits) an inclusion only if it holds its updates and its own aggregate
+   of them has the hash ``aggregate_hash``, so a committed one is held by at
+   least one correct peer and peers missing an included update fetch it
+   (:class:`FlUpdateRequest`).
+5. **Aggregate and certify.** Every peer aggregates (anomaly detection, then
+   the job's rule) over ``base``. *Fast path* (:meth:`TrainingCore.fast_path`
+   of the committing block's epoch, passed to :meth:`on_committed`): the
+   inclusion's commit certifies round ``r`` with its ``aggregate_hash``.
+   Otherwise each participant proposes a signed ``fl_confirm(job_id, r,
+   inclusion_hash, aggregate_hash)`` (a peer proposing an inclusion confirms
    with it, so when that set commits the confirmations ride in the same block;
-   a confirm counts only for the inclusion committed (others are dropped;
-   the peer then confirms the committed set). Once confirmations of more than
-   2/3 of the participants' weight (weights: the weight table of the round's
-   ``epoch``) name one hash, round ``r`` is **certified**: a peer whose own result
+   a confirm counts only for the inclusion committed), and once confirmations
+   of more than 2/3 of the participants' weight (weights: the weight table of
+   the round's ``epoch``) name one hash, round ``r`` is **certified**. Then a peer whose own result
    matches emits :class:`Checkpoint` and ``round_committed``; one whose result
    differs (``aggregate_mismatch``) or that has none fetches the model
    (:class:`FlModelRequest`) and accepts it only if its hash is the certified
@@ -82,7 +89,8 @@ strictly (unknown/missing fields or wrong types reject the value)::
                     local_epochs, learning_rate, rule, byzantine_f, detect_anomalies,
                     participants, quorum, round_deadline_s, max_update_norm, seed}]
     ["fl_start",   {job_id: bin32, round: int>=1, epoch: int, base_hash: bin32}]
-    ["fl_include", {job_id: bin32, round: int>=1, updates: [bin32, ...] (strictly ascending)}]
+    ["fl_include", {job_id: bin32, round: int>=1, updates: [bin32, ...] (strictly ascending),
+                    aggregate_hash: bin32}]
     ["fl_confirm", {job_id: bin32, round: int>=1, inclusion_hash: bin32, aggregate_hash: bin32,
                     signed: {voter: peer id, signature: bin64}}]
 
@@ -178,6 +186,7 @@ MAX_PARTS = 1400  # parts of one body (~262 MiB)
 MAX_ASSEMBLIES_PER_SENDER = 4  # bodies being reassembled from one peer at once
 MAX_LOG_VALUE_BYTES = 4096  # chimera.consensus.bft.MAX_VALUE_BYTES
 MAX_EARLY_STARTS = 8  # starts of one round committed before its base was certified, held in log order
+MAX_AGGREGATES_PER_ROUND = 16  # inclusion sets of one round aggregated to check them (bounds a flood)
 MAX_EPOCH = 2**62
 
 Hash32 = Annotated[bytes, Len(32)]
@@ -275,18 +284,22 @@ class RoundStart:
 
 @record
 class Inclusion:
-    """``fl_include``: the update hashes (strictly ascending) aggregated in ``round``."""
+    """``fl_include``: the update hashes (strictly ascending) aggregated in ``round``, and
+    ``aggregate_hash``, the proposer's aggregate of them (checked by every participant that
+    prevotes it; the round is certified by the commit itself where :meth:`TrainingCore.fast_path`
+    holds for the committing block's epoch)."""
 
     job_id: Hash32
     round: RoundNo
     updates: Annotated[tuple[Hash32, ...], MaxItems(2 * MAX_PARTICIPANTS)]
+    aggregate_hash: Hash32
 
     def __post_init__(self) -> None:
         if any(a >= b for a, b in zip(self.updates, self.updates[1:])):
             raise ValueError("inclusion hashes must be strictly ascending")
 
     def describe(self) -> str:
-        return f"include r={self.round} {len(self.updates)} updates"
+        return f"include r={self.round} {len(self.updates)} updates aggregate {_h8(self.aggregate_hash)}"
 
 
 @record
@@ -663,7 +676,7 @@ class TrainingConfig:
 
 class _Round:
     __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
-                 "raw", "inclusion", "proposed", "result", "mismatch", "unverified", "votes", "certified",
+                 "raw", "inclusion", "aggregates", "proposed", "confirmed", "result", "mismatch", "unverified", "votes", "certified",
                  "trained", "waiting", "early_starts")
 
     def __init__(self, number: int) -> None:
@@ -676,7 +689,9 @@ class _Round:
         self.first_by_sender: dict[str, bytes] = {}
         self.raw: dict[bytes, FlUpdate] = {}  # received before the start (unverified), bounded
         self.inclusion: tuple[bytes, ...] | None = None
-        self.proposed: dict[tuple[bytes, ...], AggregateResult] = {}  # sets we proposed -> our aggregate
+        self.aggregates: dict[tuple[bytes, ...], AggregateResult] = {}  # sets aggregated here (bounded)
+        self.proposed: set[tuple[bytes, ...]] = set()  # sets we proposed as the inclusion
+        self.confirmed: set[tuple[bytes, ...]] = set()  # sets we confirmed with the inclusion
         self.result: AggregateResult | None = None
         self.mismatch = False
         self.unverified: list[AggregateConfirm] = []  # committed confirms not yet checked
@@ -715,6 +730,7 @@ class TrainingCore:
         self.spec = job.model_spec()
         self.aggregation = job.aggregation()
         self.participant = self.peer_id in job.participants
+        self._participants = frozenset(job.participants)
         self.drops: Counter[str] = Counter()
         self._tables: dict[int, WeightTable] = dict(tables)
         self._actions: list[Action] = []
@@ -781,16 +797,37 @@ class TrainingCore:
 
     # ----------------------------------------------------------- log input
 
+    def fast_path(self, epoch: int) -> bool:
+        """Whether an inclusion committed in a block of ``epoch`` certifies its round by itself.
+
+        True when the validators of ``epoch`` that are not participants of the job
+        (they cannot check an aggregate: they hold no updates) have at most 1/3 of the
+        epoch's weight. A block commits with the precommits of more than 2/3 of the
+        weight; with byzantine weight under 1/3 (the log's assumption) more than
+        1/3 - (non-participant weight) >= 0 of it is honest participants, who precommit
+        an inclusion only after computing its aggregate themselves and finding
+        ``aggregate_hash`` (Tendermint's valid(v) is checked before a precommit, see
+        :meth:`validate_log_value`). False for an epoch whose table we do not know.
+        """
+        table = self._tables.get(epoch)
+        if table is None:
+            return False
+        outside = sum(w for p, w in table.weights.items() if p not in self._participants)
+        return 3 * outside <= table.total
+
     def validate_log_value(self, value: bytes) -> bool | None:
         """Validity hook for ``BftCore(validate_value=...)`` on values of this job.
 
-        False for: a malformed value, an inclusion of the current round with fewer
-        than ``quorum`` hashes, a start whose base is not our certified model, a
-        confirm whose signature does not verify. None ("not yet", no fault of the
-        sender) for an inclusion of the current round referencing an update this
-        peer does not hold yet: the BFT core neither pools it nor prevotes a block
-        holding it, and asks again later. Values of other jobs or of past rounds
-        are True (harmless: ignored on commit).
+        False for: a malformed value, an inclusion with fewer than ``quorum``
+        hashes, an inclusion of the current round whose ``aggregate_hash`` is not
+        our own aggregate of its updates, a start whose base is not our certified
+        model, a confirm whose signature does not verify. None ("not yet", no fault
+        of the sender): an inclusion a participant cannot check yet (it lacks one of
+        the updates, the round has not begun here, or the round is ahead of our
+        model); the BFT core neither pools it nor prevotes a block holding it, and
+        asks again later. Values of other jobs or of past rounds are True
+        (harmless: ignored on commit); so is any inclusion at a non-participant,
+        which holds no updates (see :meth:`fast_path`).
         """
         try:
             rec = decode_log_value(value)
@@ -809,14 +846,26 @@ class TrainingCore:
         if isinstance(rec, Inclusion):
             if len(rec.updates) < self.job.quorum:
                 return False
-            if rnd is None or rnd.inclusion is not None or rec.round != self.model_round + 1:
-                return True
-            return True if all(h in rnd.updates for h in rec.updates) else None
+            if not self.participant or rec.round <= self.model_round or rec.round > self.job.rounds \
+                    or (rnd is not None and rnd.inclusion is not None):
+                return True  # not checkable here, or ignored on commit
+            if rec.round != self.model_round + 1 or rnd is None or rnd.started_at is None \
+                    or not all(h in rnd.updates for h in rec.updates):
+                return None
+            result = self._aggregate_cached(rnd, rec.updates)
+            if result is None:
+                return None
+            return result.digest == rec.aggregate_hash
         table = self._round_table(rnd)
         return table is None or self._confirm_ok(rec, table)
 
-    def on_committed(self, value: bytes, now: float) -> None:
-        """Feed one committed log value of this job (in log order; others are ignored)."""
+    def on_committed(self, value: bytes, now: float, *, epoch: int | None = None) -> None:
+        """Feed one committed log value of this job (in log order; others are ignored).
+
+        ``epoch``: the epoch of the block that committed it (its weight table decides
+        :meth:`fast_path`); None for a log whose values nobody checked before commit
+        (then only confirmations certify a round).
+        """
         try:
             rec = decode_log_value(value)
         except MalformedError:
@@ -830,7 +879,7 @@ class TrainingCore:
         if isinstance(rec, RoundStart):
             self._on_start(rec, now)
         elif isinstance(rec, Inclusion):
-            self._on_inclusion(rec, now)
+            self._on_inclusion(rec, now, epoch)
         else:
             self._on_confirm(rec, now)
         self._progress(now)
@@ -1066,7 +1115,7 @@ class TrainingCore:
                                         local_seed(self.job, self.job_id, number, self.peer_id),
                                         speculative=True))
 
-    def _on_inclusion(self, inc: Inclusion, now: float) -> None:
+    def _on_inclusion(self, inc: Inclusion, now: float, epoch: int | None) -> None:
         rnd = self._rnd(inc.round)
         if rnd.start is None or rnd.inclusion is not None:
             self.drops["inclusion_ignored"] += 1
@@ -1076,6 +1125,10 @@ class TrainingCore:
             return
         rnd.inclusion = inc.updates
         self._event("inclusion_committed", inc.round, f"{len(inc.updates)} updates")
+        if epoch is not None and self.fast_path(epoch):  # checked by the commit's precommitters
+            rnd.unverified.clear()
+            self._certify(rnd, inc.aggregate_hash)
+            return
         # confirms of this round committed before it (earlier in the block) count now, also
         # when this is not our current round (a peer catching up through the log)
         self._try_certify(rnd)
@@ -1116,10 +1169,13 @@ class TrainingCore:
                 continue
             rnd.votes[rec.signed.voter] = rec.aggregate_hash
             if table.passes([v for v, d in rnd.votes.items() if d == rec.aggregate_hash]):
-                rnd.certified = rec.aggregate_hash
-                self._certified[rnd.number] = rec.aggregate_hash
-                self._take_early_start(rnd.number + 1)
+                self._certify(rnd, rec.aggregate_hash)
                 return
+
+    def _certify(self, rnd: _Round, digest: bytes) -> None:
+        rnd.certified = digest
+        self._certified[rnd.number] = digest
+        self._take_early_start(rnd.number + 1)
 
     def _on_update(self, sender: str, update: FlUpdate, now: float) -> None:
         if update.sender not in self.job.participants:
@@ -1339,12 +1395,16 @@ class TrainingCore:
         complete = len(rnd.first_by_sender) == len(self.job.participants)
         due = rnd.deadline_fired and len(chosen) >= self.job.quorum
         if (complete or due) and not any(len(p) >= len(chosen) for p in rnd.proposed):
-            self._actions.append(ProposeValue(encode_log_value(
-                Inclusion(job_id=self.job_id, round=rnd.number, updates=chosen))))
-            # Aggregate the set we propose now and confirm it with the inclusion: if this
-            # set commits, the round needs no second commit for the confirmations.
-            result = rnd.proposed[chosen] = self._aggregate(rnd, chosen)
-            self._confirm(rnd, chosen, result)
+            result = self._aggregate_cached(rnd, chosen, always=True)
+            rnd.proposed.add(chosen)
+            self._actions.append(ProposeValue(encode_log_value(Inclusion(
+                job_id=self.job_id, round=rnd.number, updates=chosen, aggregate_hash=result.digest))))
+            if not self.fast_path(max(self._tables)):
+                # confirm it with the inclusion: if this set commits, the confirmations
+                # ride in the same block (no second commit)
+                rnd.confirmed.add(chosen)
+                self._confirm(rnd, chosen, result)
+            self._follow(rnd, result)
 
     def _maybe_aggregate(self, rnd: _Round, now: float) -> None:
         if rnd.inclusion is None or rnd.result is not None or rnd.started_at is None:
@@ -1356,11 +1416,10 @@ class TrainingCore:
                                                                hashes=tuple(missing))))
                 self._next_fetch = now + self.config.fetch_interval_s
             return
-        result = rnd.proposed.get(rnd.inclusion)
-        confirmed = result is not None  # confirmed (and the next start proposed) with the inclusion
+        result = rnd.aggregates.get(rnd.inclusion)
         if result is None:
             result = self._aggregate(rnd, rnd.inclusion)
-        rnd.proposed.clear()
+        rnd.aggregates.clear()
         rnd.result = result
         for sender in result.senders_credited:  # see AggregateResult: Krum's choice, not its rejects
             self._actions.append(Observe(sender, ObservationKind.UPDATE_GOOD))
@@ -1368,8 +1427,23 @@ class TrainingCore:
             self._actions.append(Observe(sender, ObservationKind.UPDATE_FLAGGED))
         detail = f"{_h8(result.digest)} used {len(result.used)} flagged {len(result.flagged)}"
         self._event("aggregated", rnd.number, detail + (f" error: {result.error}" if result.error else ""))
-        if not confirmed:
+        if rnd.certified is None and rnd.inclusion not in rnd.confirmed:
             self._confirm(rnd, rnd.inclusion, result)
+        if rnd.inclusion not in rnd.proposed:  # else done when we proposed it
+            self._follow(rnd, result)
+
+    def _aggregate_cached(self, rnd: _Round, chosen: tuple[bytes, ...], always: bool = False
+                          ) -> AggregateResult | None:
+        """Our aggregate of the held updates ``chosen``, computed once per set; None when
+        :data:`MAX_AGGREGATES_PER_ROUND` other sets were aggregated already (``always``: our
+        own set, computed regardless)."""
+        result = rnd.aggregates.get(chosen)
+        if result is None:
+            if len(rnd.aggregates) >= MAX_AGGREGATES_PER_ROUND and not always:
+                self.drops["aggregates_per_round_exceeded"] += 1
+                return None
+            result = rnd.aggregates[chosen] = self._aggregate(rnd, chosen)
+        return result
 
     def _aggregate(self, rnd: _Round, chosen: tuple[bytes, ...]) -> AggregateResult:
         """The job's rule over the updates ``chosen`` (held, ascending hashes) on our model."""
@@ -1387,8 +1461,7 @@ class TrainingCore:
         return aggregate(updates, self.spec, self.aggregation, base=self.model)
 
     def _confirm(self, rnd: _Round, chosen: tuple[bytes, ...], result: AggregateResult) -> None:
-        """Propose our signed confirm of ``result`` over ``chosen`` (participants with weight), and
-        the next round's start from it: both may commit with the inclusion itself."""
+        """Propose our signed confirm of ``result`` over ``chosen`` (participants with weight)."""
         table = self._round_table(rnd)
         if self.participant and self.peer_id in table.weights:
             included = inclusion_hash(chosen)
@@ -1398,7 +1471,10 @@ class TrainingCore:
                                        signed=sign_vote(self.identity, CONFIRM_PURPOSE, self.network_id,
                                                         table.epoch, statement))
             self._actions.append(ProposeValue(encode_log_value(confirm)))
-        # the next round's start goes with it (held until this round is certified, see _on_start)
+
+    def _follow(self, rnd: _Round, result: AggregateResult) -> None:
+        """Propose the next round's start from ``result`` (it may commit with the inclusion: held
+        until this round is certified, see _on_start) and train it speculatively."""
         self._propose_start(rnd.number + 1, base=result.digest)
         self._speculate(rnd.number + 1, result)
 

@@ -422,7 +422,7 @@ class TrainingService:
                 for value in commit.block.values:
                     if has_app_tag(value) and app_value_ok(value):
                         seen.add(value_hash(value))
-                        self._apply_value(height, value, now, replay=True)
+                        self._apply_value(height, value, now, replay=True, epoch=commit.block.epoch)
                         count += 1
                 height += 1
         if count:
@@ -437,7 +437,7 @@ class TrainingService:
         now = time.monotonic()
         try:
             for value in outcome.app_values:
-                self._apply_value(height, value, now)
+                self._apply_value(height, value, now, epoch=outcome.epoch)
             if outcome.new_table is not None:
                 for state in self.jobs.values():
                     state.core.set_weight_table(outcome.new_table, now)
@@ -446,7 +446,9 @@ class TrainingService:
             self.counters["training_commit_errors"] += 1
             log.exception("training: commit hook failed at height %d", height)
 
-    def _apply_value(self, height: int, value: bytes, now: float, replay: bool = False) -> None:
+    def _apply_value(self, height: int, value: bytes, now: float, replay: bool = False,
+                     epoch: int | None = None) -> None:
+        """One committed ``fl_*`` value of the block at ``height`` of ``epoch``."""
         try:
             rec = decode_log_value(value)
         except MalformedError:
@@ -466,7 +468,7 @@ class TrainingService:
             info = state.info(rec.round)
             if info.included is None:
                 info.included = len(rec.updates)
-        state.core.on_committed(value, now)
+        state.core.on_committed(value, now, epoch=epoch)
 
     def _on_job(self, height: int, value: bytes, job: JobSpec, now: float, replay: bool) -> None:
         job_id = job_id_of(value)

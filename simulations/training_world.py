@@ -502,8 +502,10 @@ class PeerTraining:
         self.core = None
         self.incarnation += 1
 
-    def restore(self, committed: Iterable[bytes], now: float) -> None:
-        """(Re)start: rebuild the core from the stored job and checkpoint, replay the log."""
+    def restore(self, committed: Iterable[tuple[bytes, int | None]], now: float) -> None:
+        """(Re)start: rebuild the core from the stored job and checkpoint, replay the log
+        (``(value, epoch of its block)``; epoch None for the ideal log, see
+        :meth:`TrainingCore.on_committed`)."""
         self.reputation = LocalReputation()
         store = self.host.store
         job_value = store.get(b"fl/job")
@@ -514,8 +516,8 @@ class PeerTraining:
                 round_, params = msgpack.unpackb(raw, raw=False)
                 checkpoint = (round_, _unpack_params(params))
             self._create(job_value, now, checkpoint)
-        for value in committed:
-            self.on_committed(value, now)
+        for value, epoch in committed:
+            self.on_committed(value, now, epoch)
 
     def _create(self, job_value: bytes, now: float, checkpoint=None) -> None:
         fed = self.fed
@@ -538,7 +540,7 @@ class PeerTraining:
             return False
         return True
 
-    def on_committed(self, value: bytes, now: float) -> None:
+    def on_committed(self, value: bytes, now: float, epoch: int | None = None) -> None:
         if self.core is None:
             try:
                 rec = decode_log_value(value)
@@ -549,7 +551,7 @@ class PeerTraining:
                 self.host.store.put(b"fl/job", value)
                 self._create(value, now)
             return
-        self.core.on_committed(value, now)
+        self.core.on_committed(value, now, epoch=epoch)
         self.run(self.core.take_actions())
 
     def on_message(self, sender: str, msg: object, now: float) -> None:
@@ -724,7 +726,7 @@ class IdealTrainingPeer(PeerHost):
     def start(self) -> None:
         self.boot()
         self.sim.log(f"start {self.name}")
-        self.training.restore(self.world.log.committed, self.clock.now())
+        self.training.restore(((v, None) for v in self.world.log.committed), self.clock.now())
 
     def crash(self) -> None:
         super().crash()
@@ -803,7 +805,8 @@ class BftTrainingPeer(BftPeer):
         values = []
         for _, raw in self.store.scan(b"commit/"):
             commit = decode_fields(CertifiedCommit, msgpack.unpackb(raw, raw=False))
-            values.extend(v for v in commit.block.values if not v.startswith(OPINION_PREFIX))
+            values.extend((v, commit.block.epoch) for v in commit.block.values
+                          if not v.startswith(OPINION_PREFIX))
         self.training.restore(values, self.clock.now())
 
     def crash(self) -> None:
@@ -855,7 +858,7 @@ class BftTrainingPeer(BftPeer):
         now = self.clock.now()
         for value in action.commit.block.values:
             if not value.startswith(OPINION_PREFIX) and self.core is not None:
-                self.training.on_committed(value, now)
+                self.training.on_committed(value, now, action.commit.block.epoch)
 
 
 class BftTrainingWorld(BftWorld):

@@ -11,7 +11,9 @@ validity hook wired.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import math
 from collections import Counter
 
@@ -101,13 +103,16 @@ class Mesh:
     ``silent_at``: ``(peer, round)``: the peer dies once it has been asked to train in that round.
     """
 
-    def __init__(self, job: JobSpec, shards, *, attacker=None, silent_at=None, table=None):
+    def __init__(self, job: JobSpec, shards, *, attacker=None, silent_at=None, table=None, fast=True):
         self.job = job
         self.shards = shards
         self.attacker = attacker
         self.silent_at = silent_at
         self.now = 0.0
         self.table = table or WeightTable(epoch=0, weights={p: 1 for p in PEERS})
+        # the epoch handed to on_committed: a committed inclusion certifies its round when the
+        # table allows it (TrainingCore.fast_path); None: only confirmations certify
+        self.epoch = self.table.epoch if fast else None
         self.dead: set[str] = set()
         self.pending: list[bytes] = []
         self.committed: list[bytes] = []
@@ -145,7 +150,7 @@ class Mesh:
             self.committed.append(value)
             for p, core in self.cores.items():
                 if p not in self.dead:
-                    core.on_committed(value, self.now)
+                    core.on_committed(value, self.now, epoch=self.epoch)
                     self.queue.extend((p, a) for a in core.take_actions())
 
     def deliver(self, dst: str, src: str, msg) -> None:
@@ -238,7 +243,8 @@ def central_accuracy(train, test) -> float:
 def test_log_values_roundtrip_and_reject_garbage():
     job = make_job()
     for rec in (job, RoundStart(job_id=b"\x01" * 32, round=3, epoch=2, base_hash=b"\x02" * 32),
-                Inclusion(job_id=b"\x01" * 32, round=3, updates=(b"\x03" * 32, b"\x04" * 32)),
+                Inclusion(job_id=b"\x01" * 32, round=3, updates=(b"\x03" * 32, b"\x04" * 32),
+                          aggregate_hash=b"\x07" * 32),
                 AggregateConfirm(job_id=b"\x01" * 32, round=3, inclusion_hash=b"\x06" * 32,
                                  aggregate_hash=b"\x05" * 32,
                                  signed=sign_vote(IDS[0], "fl_confirm", NET, 0,
@@ -359,7 +365,8 @@ def test_forged_model_is_rejected(digits):
     core.on_committed(start_value, 0.0)
     digest = b"\x09" * 32
     updates = tuple(bytes([i]) * 32 for i in range(1, job.quorum + 1))
-    core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=updates)), 0.4)
+    core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=updates,
+                                                                aggregate_hash=digest)), 0.4)
     for identity in IDS[:4]:
         statement = [job_id, 1, inclusion_hash(updates), digest]
         confirm = AggregateConfirm(job_id=job_id, round=1, inclusion_hash=inclusion_hash(updates),
@@ -406,7 +413,7 @@ def test_resume_from_checkpoint_replays_the_log(digits):
                                                checkpoint=(first.round, first.params))
     restarted.take_actions()
     for value in mesh.committed:
-        restarted.on_committed(value, 100.0)
+        restarted.on_committed(value, 100.0, epoch=mesh.epoch)
     actions = restarted.take_actions()
     requests = [a for a in actions if isinstance(a, Broadcast) and isinstance(a.message, FlModelRequest)]
     assert requests and requests[-1].message.round == 3
@@ -582,7 +589,8 @@ def test_confirms_count_only_for_the_committed_inclusion_and_an_early_start_wait
     for identity in IDS[:2]:  # two for the set that will, before it commits
         core.on_committed(confirm(identity, committed), 0.2)
     assert core.certified_hash(1) is None
-    core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=committed)), 0.3)
+    core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=committed,
+                                                                aggregate_hash=b"\x0b" * 32)), 0.3)
     assert core.certified_hash(1) is None  # 2 of 5 so far; the 4 for `other` do not count
     assert core.drops["confirm_other_inclusion"] == 4
     core.on_committed(confirm(IDS[2], committed), 0.4)
@@ -697,7 +705,7 @@ def test_a_peer_replaying_the_log_from_an_old_checkpoint_certifies_every_round(d
     (Found in CI: a restarted peer stalled at its checkpoint round.)"""
     train, test, shards = digits
     job = make_job(rounds=4)
-    mesh = Mesh(job, shards)
+    mesh = Mesh(job, shards, fast=False)  # certified by confirmations
     mesh.run()
     final = mesh.final_model()
     peer = PEERS[1]
@@ -724,3 +732,79 @@ def test_a_peer_replaying_the_log_from_an_old_checkpoint_certifies_every_round(d
     assert core.drops["inclusion_ignored"] == 0
     asked = [a.message.round for a in actions if isinstance(a, Broadcast) and isinstance(a.message, FlModelRequest)]
     assert asked and max(asked) == 4
+
+
+def test_inclusions_certify_their_round_when_participants_check_them(digits):
+    """Fast path: every validator is a participant, so a committed inclusion (whose
+    aggregate hash its precommitters recomputed) certifies the round: one commit per round,
+    no fl_confirm in the log; a peer replaying that log from an old checkpoint with the
+    blocks' epochs certifies every round too. A heavy non-participant validator (over 1/3 of
+    the weight) turns it off: confirmations certify again."""
+    train, test, shards = digits
+    job = make_job(rounds=4)
+    mesh = Mesh(job, shards)
+    mesh.run()
+    final = mesh.final_model()
+    kinds = Counter(type(decode_log_value(v)).__name__ for v in mesh.committed)
+    assert kinds["AggregateConfirm"] == 0 and kinds["Inclusion"] == 4, kinds
+    slow = Mesh(job, shards, fast=False)
+    slow.run()
+    assert slow.final_model().digest == final.digest  # the same model either way
+    assert Counter(type(decode_log_value(v)).__name__ for v in slow.committed)["AggregateConfirm"] >= 4 * 4
+
+    first = mesh.checkpoints[PEERS[1]][0]
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[1]], NET, encode_log_value(job), {0: mesh.table}, 0.0,
+                                          checkpoint=(1, dict(first.params)))
+    core.take_actions()
+    for value in mesh.committed:
+        core.on_committed(value, 1.0, epoch=0)
+    assert core.certified_hash(4) == final.digest and core.drops["inclusion_ignored"] == 0
+
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[1]], NET, encode_log_value(job), {0: mesh.table}, 0.0)
+    assert core.fast_path(0) and not core.fast_path(7)  # unknown epoch: no fast path
+    heavy = WeightTable(epoch=1, weights={**{p: 1 for p in PEERS}, "observer": 3})  # 3 of 8 > 1/3
+    light = WeightTable(epoch=2, weights={**{p: 2 for p in PEERS}, "observer": 5})  # 5 of 15 = 1/3
+    core.set_weight_table(heavy, 0.0)
+    core.set_weight_table(light, 0.0)
+    assert not core.fast_path(1) and core.fast_path(2)
+
+
+def test_inclusion_validity_checks_the_aggregate_hash(digits, monkeypatch):
+    """A participant prevotes an inclusion only after recomputing its aggregate: a wrong hash is
+    invalid, a set it cannot check yet (missing update, round not begun here) is "not yet"
+    (None), and at most MAX_AGGREGATES_PER_ROUND sets of one round are aggregated to check."""
+    import chimera.consensus.training as training_core
+
+    monkeypatch.setattr(training_core, "MAX_AGGREGATES_PER_ROUND", 4)
+    train, test, shards = digits
+    job = make_job(rounds=2, quorum=3)
+    mesh = Mesh(job, shards)
+    peer = PEERS[0]
+    core = mesh.cores[peer]
+    assert core.validate_log_value(encode_log_value(Inclusion(
+        job_id=mesh.job_id, round=1, updates=tuple(bytes([i]) * 32 for i in range(1, 4)),
+        aggregate_hash=b"\x01" * 32))) is None  # round 1 has not begun here
+    # run until round 1 has begun everywhere and every update is held, then stop before inclusion
+    held = {}
+    real_submit = mesh.submit
+
+    def submit(value):
+        rec = decode_log_value(value)
+        if isinstance(rec, Inclusion) and rec.round == 1:
+            held[rec.updates] = rec  # keep the inclusions out of the log
+            return
+        real_submit(value)
+
+    mesh.submit = submit
+    mesh.run(max_time_s=0.0)
+    full = max(held, key=len)
+    good = held[full]
+    assert len(full) == 5 and core.validate_log_value(encode_log_value(good)) is True
+    wrong = dataclasses.replace(good, aggregate_hash=b"\x00" * 32)
+    assert core.validate_log_value(encode_log_value(wrong)) is False
+    missing = dataclasses.replace(good, updates=full[:4] + (b"\xff" * 32,))
+    assert core.validate_log_value(encode_log_value(missing)) is None
+    subsets = list(itertools.combinations(full, 3)) + list(itertools.combinations(full, 4))
+    answers = [core.validate_log_value(encode_log_value(dataclasses.replace(good, updates=s))) for s in subsets]
+    assert answers == [False] * 3 + [None] * (len(subsets) - 3)  # 4 sets: the full one and 3 more
+    assert core.drops["aggregates_per_round_exceeded"] == answers.count(None)
