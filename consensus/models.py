@@ -142,11 +142,17 @@ class SGDClassifierAdapter:
         return est
 
     def _loss(self, est, X: np.ndarray, y: np.ndarray) -> float:
-        from sklearn.metrics import log_loss
+        """Mean cross-entropy of ``est.predict_proba(X)`` against ``y`` (labels of ``classes``),
+        probabilities clipped to [eps, 1 - eps] as ``sklearn.metrics.log_loss`` does.
 
+        Computed here rather than with ``log_loss``: its input validation cost 2.2 ms per call
+        against 0.05 ms for this, and every local fit computes the loss twice (before/after)."""
         if len(y) == 0:
             return 0.0
-        return float(log_loss(y, est.predict_proba(X), labels=self.classes))
+        proba = est.predict_proba(X)
+        eps = np.finfo(proba.dtype).eps
+        picked = proba[np.arange(len(y)), np.searchsorted(self.classes, y)]
+        return float(-np.mean(np.log(np.clip(picked, eps, 1 - eps))))
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, epochs: int, learning_rate: float, seed: int) -> FitResult:
         """``epochs`` shuffled SGD passes (epoch ``e`` shuffles with seed ``seed + e``).

@@ -296,6 +296,15 @@ def test_models_roundtrip_parameters_and_fit_deterministically():
     only_two = train.y < 2
     c.fit(train.X[only_two], train.y[only_two], epochs=1, learning_rate=0.1, seed=1)
     assert c.get_params()["coef"].shape == (10, 64)
+    # the classifier's loss is scikit-learn's log_loss (computed without its input checks)
+    from sklearn.metrics import log_loss
+
+    for classes, rows in ((tuple(range(10)), slice(None)), ((3, 8), np.isin(test.y, (3, 8)))):
+        d = make_adapter("sgd_classifier", 64, classes)
+        d.fit(test.X[rows], test.y[rows], epochs=1, learning_rate=0.1, seed=2)
+        proba = d._estimator(0.1, 0).predict_proba(test.X[rows])
+        ev = d.evaluate(test.X[rows], test.y[rows])
+        assert ev.loss == pytest.approx(log_loss(test.y[rows], y_proba=proba, labels=list(classes)), rel=1e-12)
     # regressor: y = 2 x0 - x1 + 0.5
     rng = np.random.default_rng(0)
     Xr = rng.uniform(-1, 1, size=(400, 2))
