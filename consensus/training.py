@@ -186,7 +186,8 @@ MAX_PARTS = 1400  # parts of one body (~262 MiB)
 MAX_ASSEMBLIES_PER_SENDER = 4  # bodies being reassembled from one peer at once
 MAX_LOG_VALUE_BYTES = 4096  # chimera.consensus.bft.MAX_VALUE_BYTES
 MAX_EARLY_STARTS = 8  # starts of one round committed before its base was certified, held in log order
-MAX_AGGREGATES_PER_ROUND = 16  # inclusion sets of one round aggregated to check them (bounds a flood)
+MAX_AGGREGATES_PER_ROUND = 8  # inclusion sets of one round aggregated to check them (bounds a flood:
+#   an aggregate with anomaly screening costs 30-45 ms of CPU here)
 MAX_EPOCH = 2**62
 
 Hash32 = Annotated[bytes, Len(32)]
