@@ -677,7 +677,7 @@ class TrainingConfig:
 
 class _Round:
     __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
-                 "raw", "inclusion", "aggregates", "proposed", "confirmed", "result", "mismatch", "unverified", "votes", "certified",
+                 "raw", "inclusion", "aggregates", "checked", "proposed", "confirmed", "result", "mismatch", "unverified", "votes", "certified",
                  "trained", "waiting", "early_starts")
 
     def __init__(self, number: int) -> None:
@@ -690,7 +690,8 @@ class _Round:
         self.first_by_sender: dict[str, bytes] = {}
         self.raw: dict[bytes, FlUpdate] = {}  # received before the start (unverified), bounded
         self.inclusion: tuple[bytes, ...] | None = None
-        self.aggregates: dict[tuple[bytes, ...], AggregateResult] = {}  # sets aggregated here (bounded)
+        self.aggregates: dict[tuple[bytes, ...], AggregateResult] = {}  # our own sets -> our aggregate
+        self.checked: dict[tuple[bytes, ...], bytes] = {}  # others' sets -> our aggregate's hash (bounded)
         self.proposed: set[tuple[bytes, ...]] = set()  # sets we proposed as the inclusion
         self.confirmed: set[tuple[bytes, ...]] = set()  # sets we confirmed with the inclusion
         self.result: AggregateResult | None = None
@@ -853,10 +854,8 @@ class TrainingCore:
             if rec.round != self.model_round + 1 or rnd is None or rnd.started_at is None \
                     or not all(h in rnd.updates for h in rec.updates):
                 return None
-            result = self._aggregate_cached(rnd, rec.updates)
-            if result is None:
-                return None
-            return result.digest == rec.aggregate_hash
+            digest = self._aggregate_hash_of(rnd, rec.updates)
+            return None if digest is None else digest == rec.aggregate_hash
         table = self._round_table(rnd)
         return table is None or self._confirm_ok(rec, table)
 
@@ -1396,7 +1395,8 @@ class TrainingCore:
         complete = len(rnd.first_by_sender) == len(self.job.participants)
         due = rnd.deadline_fired and len(chosen) >= self.job.quorum
         if (complete or due) and not any(len(p) >= len(chosen) for p in rnd.proposed):
-            result = self._aggregate_cached(rnd, chosen, always=True)
+            result = rnd.aggregates.get(chosen) or self._aggregate(rnd, chosen)
+            rnd.aggregates[chosen] = result
             rnd.proposed.add(chosen)
             self._actions.append(ProposeValue(encode_log_value(Inclusion(
                 job_id=self.job_id, round=rnd.number, updates=chosen, aggregate_hash=result.digest))))
@@ -1421,6 +1421,7 @@ class TrainingCore:
         if result is None:
             result = self._aggregate(rnd, rnd.inclusion)
         rnd.aggregates.clear()
+        rnd.checked.clear()
         rnd.result = result
         for sender in result.senders_credited:  # see AggregateResult: Krum's choice, not its rejects
             self._actions.append(Observe(sender, ObservationKind.UPDATE_GOOD))
@@ -1433,18 +1434,21 @@ class TrainingCore:
         if rnd.inclusion not in rnd.proposed:  # else done when we proposed it
             self._follow(rnd, result)
 
-    def _aggregate_cached(self, rnd: _Round, chosen: tuple[bytes, ...], always: bool = False
-                          ) -> AggregateResult | None:
-        """Our aggregate of the held updates ``chosen``, computed once per set; None when
-        :data:`MAX_AGGREGATES_PER_ROUND` other sets were aggregated already (``always``: our
-        own set, computed regardless)."""
-        result = rnd.aggregates.get(chosen)
-        if result is None:
-            if len(rnd.aggregates) >= MAX_AGGREGATES_PER_ROUND and not always:
+    def _aggregate_hash_of(self, rnd: _Round, chosen: tuple[bytes, ...]) -> bytes | None:
+        """The hash of our aggregate of the held updates ``chosen`` (to check an inclusion),
+        computed once per set; only the hash is kept for a set we did not propose (bounded
+        memory whatever the model size). None when :data:`MAX_AGGREGATES_PER_ROUND` sets of
+        the round were aggregated already."""
+        own = rnd.aggregates.get(chosen)
+        if own is not None:
+            return own.digest
+        digest = rnd.checked.get(chosen)
+        if digest is None:
+            if len(rnd.aggregates) + len(rnd.checked) >= MAX_AGGREGATES_PER_ROUND:
                 self.drops["aggregates_per_round_exceeded"] += 1
                 return None
-            result = rnd.aggregates[chosen] = self._aggregate(rnd, chosen)
-        return result
+            digest = rnd.checked[chosen] = self._aggregate(rnd, chosen).digest
+        return digest
 
     def _aggregate(self, rnd: _Round, chosen: tuple[bytes, ...]) -> AggregateResult:
         """The job's rule over the updates ``chosen`` (held, ascending hashes) on our model."""
