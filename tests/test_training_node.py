@@ -22,8 +22,10 @@ Plus in-process checks of the admin and CLI edges (bad job files, export refusin
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -92,6 +94,32 @@ def safe_status(net: LocalNetwork, i: int, job_id: str) -> dict | None:
         return None
 
 
+def committed_kinds(net: LocalNetwork, i: int, job_id: str) -> Counter:
+    """The job's committed fl_* values in peer ``i``'s stored log, by record type, plus
+    ``rounds_included``: the rounds with at least one committed inclusion (a round can have
+    more than one: e.g. a quorum set at the deadline and the full set; the first counts)."""
+    from chimera.consensus.training import decode_log_value, is_training_value
+    from chimera.node.consensus import _unpack_commit
+
+    db = sqlite3.connect(f"file:{net.peers[i].data_dir / 'node.sqlite3'}?mode=ro", uri=True)
+    try:
+        blobs = [bytes(b) for (b,) in db.execute("SELECT commit_blob FROM blocks ORDER BY height")]
+    finally:
+        db.close()
+    kinds: Counter = Counter()
+    included = set()
+    for blob in blobs:
+        for value in _unpack_commit(blob).block.values:
+            if is_training_value(value):
+                rec = decode_log_value(value)
+                if getattr(rec, "job_id", b"").hex() == job_id:
+                    kinds[type(rec).__name__] += 1
+                    if type(rec).__name__ == "Inclusion":
+                        included.add(rec.round)
+    kinds["rounds_included"] = len(included)
+    return kinds
+
+
 def digests(doc: dict) -> dict[int, str]:
     return {r["round"]: r["digest"] for r in doc["rounds"]}
 
@@ -119,6 +147,9 @@ def test_clean_job_commits_identical_checkpoints_and_matches_central(net):
     print("per-round time s:   " + " ".join(f"{r['round_s'] or 0:.2f}" for r in docs[0]["rounds"]))
     assert federated >= central - 0.03
     assert all(r["participants"] >= 4 for r in docs[0]["rounds"])  # the quorum; usually all 5
+    # every validator participates: each round is one inclusion, certified by its commit (no confirms)
+    kinds = committed_kinds(net, 0, job_id)
+    assert kinds["rounds_included"] == ROUNDS and kinds["AggregateConfirm"] == 0, kinds
     net.clean_accuracy = federated
 
 
