@@ -11,8 +11,9 @@ digits shard, Dirichlet alpha 0.5), in one run:
   the medians: it includes loading scikit-learn and the data):
 
   - round wall time: between the certified models of consecutive rounds at
-    peer 0 (start commit + local training + updates + inclusion commit +
-    aggregation + confirm commits);
+    peer 0 (local training, speculatively from the peer's own aggregate +
+    updates + the inclusion's commit, which certifies the round and carries
+    the next start + aggregation);
   - round overhead: round wall time minus the slowest participant's local
     fit time in that round (each peer reports its own ``fit_s``);
   - bytes sent per peer per round: the signed ``fl_*`` envelopes (update,
