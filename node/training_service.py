@@ -332,6 +332,7 @@ class TrainingService:
         self.store = node.store
         self.counters: Counter = node.counters
         self.jobs: dict[bytes, JobState] = {}
+        self.refused: set[bytes] = set()  # committed jobs we participate in but cannot run (too large here)
         self.root = node.data_dir / "training"
         self._wake = asyncio.Event()
         self._data = None  # (train, test) once loaded
@@ -377,8 +378,10 @@ class TrainingService:
 
         An ``fl_job`` is valid when its update fits in one envelope; a value of
         a job we run is checked by its core (an inclusion only when we hold its
-        updates, if we participate); values of unknown jobs pass (we may be
-        behind; they are ignored on commit unless their job is committed first).
+        updates and agree with its aggregate hash, if we participate); values of
+        unknown jobs pass (we may be behind; they are ignored on commit unless
+        their job is committed first), except the inclusions of a committed job
+        we participate in but refused (None: we cannot check them).
         """
         try:
             rec = decode_log_value(value)
@@ -388,7 +391,10 @@ class TrainingService:
             return _params_fit(rec, self.node.config.max_message_bytes)[0]
         state = self.jobs.get(rec.job_id)
         if state is None:
-            return True
+            # A committed job we participate in but cannot run: its inclusions are never valid
+            # here, since we cannot check their aggregate (a committed inclusion may certify its
+            # round on the strength of the participants' checks, TrainingCore.fast_path).
+            return None if isinstance(rec, Inclusion) and rec.job_id in self.refused else True
         core = state.core
         if isinstance(rec, Inclusion) and not core.participant:
             return len(rec.updates) >= state.job.quorum  # observers do not receive updates
@@ -477,6 +483,8 @@ class TrainingService:
             return
         ok, _ = _params_fit(job, self.node.config.max_message_bytes)
         if not ok:
+            if self.node.peer_id in job.participants:
+                self.refused.add(job_id)
             self.counters["training_job_too_large"] += 1
             log.warning("job %s committed but its update does not fit in one envelope here; ignored", job.name)
             return

@@ -275,3 +275,42 @@ def test_bad_jobs_are_clear_admin_errors(net):
         net.query(0, "train_start", {"job": too_big})
     with pytest.raises(admin.AdminError, match="unknown"):
         net.query(0, "train_status", {"job": "ffffffff"})
+
+
+def test_a_participant_that_refused_a_committed_job_never_validates_its_inclusions(tmp_path):
+    """A node whose envelopes cannot carry a job's updates refuses the job; if the job commits
+    anyway, that node (when it is a participant) must not count as one that checked an
+    inclusion's aggregate (a committed inclusion may certify its round on the participants'
+    checks): its validity hook answers "not yet" (None) for the job's inclusions, forever.
+    A non-participant answers as an observer."""
+    from types import SimpleNamespace
+
+    from chimera.consensus.training import Inclusion, JobSpec, encode_log_value, job_id_of
+    from chimera.node.store import Store
+    from chimera.node.training_service import TrainingService
+    from chimera.protocol.identity import SigningIdentity
+
+    a, b, c = sorted(SigningIdentity.generate().peer_id for _ in range(3))
+
+    def service(peer_id: str) -> TrainingService:
+        data_dir = tmp_path / peer_id
+        data_dir.mkdir()
+        node = SimpleNamespace(peer_id=peer_id, data_dir=data_dir, store=Store(data_dir), counters=Counter(),
+                               consensus=None, network=SimpleNamespace(genesis=(a, b)),
+                               config=SimpleNamespace(max_message_bytes=64 << 10, training_test_poison=""))
+        return TrainingService(node, 0)
+
+    job = JobSpec(name="j", model_kind="sgd_classifier", n_features=64, classes=tuple(range(10)), l2=1e-4,
+                  dataset="digits", rounds=2, local_epochs=1, learning_rate=0.1, rule="fedavg", byzantine_f=0,
+                  detect_anomalies=False, participants=(a, b), quorum=2, round_deadline_s=5.0,
+                  max_update_norm=1e6, seed=1)
+    job_value = encode_log_value(job)
+    inclusion = encode_log_value(Inclusion(job_id=job_id_of(job_value), round=1,
+                                           updates=(b"\x01" * 32, b"\x02" * 32), aggregate_hash=b"\x03" * 32))
+    participant, observer = service(a), service(c)
+    for svc in (participant, observer):
+        assert svc.validate_value(job_value) is False  # 5.2 KB updates + margin exceed 64 KiB envelopes
+        svc._apply_value(1, job_value, 0.0, epoch=0)  # committed by the others
+        assert svc.counters["training_job_too_large"] == 1 and not svc.jobs
+    assert participant.validate_value(inclusion) is None
+    assert observer.validate_value(inclusion) is True
