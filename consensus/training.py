@@ -677,7 +677,8 @@ class TrainingConfig:
 
 class _Round:
     __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
-                 "raw", "inclusion", "aggregates", "checked", "proposed", "confirmed", "result", "mismatch", "unverified", "votes", "certified",
+                 "raw", "inclusion", "aggregates", "checked", "proposed", "confirmed", "result", "mismatch",
+                 "unverified", "votes", "certified",
                  "trained", "waiting", "early_starts")
 
     def __init__(self, number: int) -> None:
