@@ -767,6 +767,13 @@ def test_inclusions_certify_their_round_when_participants_check_them(digits):
     core.set_weight_table(heavy, 0.0)
     core.set_weight_table(light, 0.0)
     assert not core.fast_path(1) and core.fast_path(2)
+    # the epoch of every block is the heavy one: rounds are certified by confirmations again
+    heavy0 = WeightTable(epoch=0, weights={**{p: 1 for p in PEERS}, "observer": 3})
+    outside = Mesh(job, shards, table=heavy0)
+    outside.run()
+    assert outside.final_model().digest == final.digest
+    confirms = Counter(type(decode_log_value(v)).__name__ for v in outside.committed)["AggregateConfirm"]
+    assert confirms >= 4 * 4, confirms  # more than 2/3 of the participants' weight, every round
 
 
 def test_inclusion_validity_checks_the_aggregate_hash(digits, monkeypatch):
