@@ -305,6 +305,9 @@ def test_models_roundtrip_parameters_and_fit_deterministically():
         proba = d._estimator(0.1, 0).predict_proba(test.X[rows])
         ev = d.evaluate(test.X[rows], test.y[rows])
         assert ev.loss == pytest.approx(log_loss(test.y[rows], y_proba=proba, labels=list(classes)), rel=1e-12)
+    for stray in (np.array([9]), np.array([4])):  # above every class; between two classes
+        with pytest.raises(LocalProtocolError, match="not among the job's classes"):
+            d.evaluate(test.X[:1], stray)
     # regressor: y = 2 x0 - x1 + 0.5
     rng = np.random.default_rng(0)
     Xr = rng.uniform(-1, 1, size=(400, 2))
