@@ -1396,8 +1396,9 @@ class TrainingCore:
         complete = len(rnd.first_by_sender) == len(self.job.participants)
         due = rnd.deadline_fired and len(chosen) >= self.job.quorum
         if (complete or due) and not any(len(p) >= len(chosen) for p in rnd.proposed):
-            result = rnd.aggregates.get(chosen) or self._aggregate(rnd, chosen)
-            rnd.aggregates[chosen] = result
+            result = rnd.aggregates.get(chosen)
+            if result is None:
+                result = rnd.aggregates[chosen] = self._aggregate(rnd, chosen)
             rnd.proposed.add(chosen)
             self._actions.append(ProposeValue(encode_log_value(Inclusion(
                 job_id=self.job_id, round=rnd.number, updates=chosen, aggregate_hash=result.digest))))

@@ -204,15 +204,8 @@ def shared_fabric_verification() -> Iterator[SharedVerifier]:
     """:func:`~chimera.simulations.signatures.shared_vote_verification`, extended to
     ``verify_vote`` as imported by :mod:`chimera.consensus.votes` (ballot votes checked
     by the tally): one Ed25519 verification per distinct signed statement."""
-    with shared_vote_verification() as verifier:
-        from chimera.consensus import quorum, votes
-
-        original = votes.verify_vote
-        votes.verify_vote = quorum.verify_vote
-        try:
-            yield verifier
-        finally:
-            votes.verify_vote = original
+    with shared_vote_verification(also=("chimera.consensus.votes",)) as verifier:
+        yield verifier
 
 
 @dataclass

@@ -53,9 +53,11 @@ _MODULES = ("chimera.consensus.quorum", "chimera.consensus.bft", "chimera.consen
 
 
 @contextlib.contextmanager
-def shared_vote_verification(verifier: SharedVerifier | None = None) -> Iterator[SharedVerifier]:
-    """Within the block, ``verify_vote`` in the consensus modules answers from a
-    memo keyed by (voter key, signature, exact statement bytes).
+def shared_vote_verification(verifier: SharedVerifier | None = None,
+                             also: tuple[str, ...] = ()) -> Iterator[SharedVerifier]:
+    """Within the block, ``verify_vote`` in the consensus modules (and in the modules
+    named in ``also``, e.g. ``"chimera.consensus.training"``) answers from a memo keyed
+    by (voter key, signature, exact statement bytes).
 
     Restores the original function on exit (also on error).
     """
@@ -73,7 +75,7 @@ def shared_vote_verification(verifier: SharedVerifier | None = None) -> Iterator
             return False
         return verifier.verify(key, vote.signature, statement_bytes(purpose, network_id, epoch, statement))
 
-    modules = [importlib.import_module(name) for name in _MODULES]
+    modules = [importlib.import_module(name) for name in _MODULES + tuple(also)]
     saved = [(m, m.verify_vote) for m in modules if hasattr(m, "verify_vote")]
     for module, _ in saved:
         module.verify_vote = verify_vote

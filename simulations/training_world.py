@@ -207,15 +207,8 @@ def shared_training_verification() -> Iterator[SharedVerifier]:
     """:func:`~chimera.simulations.signatures.shared_vote_verification`, extended to
     ``verify_vote`` as imported by the training core (update and confirm
     signatures): one Ed25519 verification per distinct signed statement."""
-    with shared_vote_verification() as verifier:
-        from chimera.consensus import quorum
-
-        original = training_core.verify_vote
-        training_core.verify_vote = quorum.verify_vote
-        try:
-            yield verifier
-        finally:
-            training_core.verify_vote = original
+    with shared_vote_verification(also=("chimera.consensus.training",)) as verifier:
+        yield verifier
 
 
 def default_quorum(n: int, config: AggregationConfig) -> int:
