@@ -474,6 +474,11 @@ class BftConfig:
     # idle network makes one empty block per interval, and a value submitted to
     # an idle network is proposed at once.
     empty_block_interval_s: float = 0.0
+    # A proposal whose block holds a value this peer cannot decide yet ("not yet", e.g.
+    # a training update still in flight) is prevoted only when it becomes decidable, or
+    # nil after this wait (at most timeout_propose): long enough for a message in
+    # flight, short enough that a peer which is behind does not stall the round.
+    not_ready_wait_s: float = 0.2
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BLOCK_VALUES:
@@ -486,7 +491,8 @@ class BftConfig:
                self.rebroadcast_interval_s) <= 0:
             raise LocalProtocolError("timeouts and the rebroadcast interval must be > 0")
         if min(self.propose_timeout_delta_s, self.prevote_timeout_delta_s, self.precommit_timeout_delta_s,
-               self.commit_wait_s, self.catchup_interval_s, self.empty_block_interval_s) < 0:
+               self.commit_wait_s, self.catchup_interval_s, self.empty_block_interval_s,
+               self.not_ready_wait_s) < 0:
             raise LocalProtocolError("deltas and waits must be >= 0")
 
     def timeout_s(self, step: str, round_: int) -> float:
@@ -593,8 +599,11 @@ class BftCore:
             True valid, False invalid (the sender of an invalid value is at fault),
             None "not yet": this peer lacks what the check needs (e.g. a training
             update it has not received). A not-yet value is neither pooled nor
-            held against its sender, and a block holding one is not prevoted now
-            (nil) but re-checked when proposed again (the answer is not cached).
+            held against its sender. A proposal whose block holds one is not
+            prevoted yet: the core waits, asks again at every input and at
+            :meth:`recheck` (only the undecided values), and prevotes nil if it is
+            still undecidable ``not_ready_wait_s`` (at most timeout_propose) after
+            the first "not yet" of the round.
         on_commit: pure application hook run inside the core for every commit,
             in height order, right after the height advanced (also for commits
             applied during catch-up). When it returns a :class:`WeightTable`,
@@ -757,6 +766,19 @@ class BftCore:
                 self._end_idle_wait(now)
         self._process(now)
 
+    @property
+    def awaiting_values(self) -> bool:
+        """True while a block of this height holds a value ``validate_value`` answered "not
+        yet" for (the driver then calls :meth:`recheck` when the application learns more)."""
+        return bool(self._not_ready)
+
+    def recheck(self, now: float) -> None:
+        """The application may now decide a value it answered "not yet" for (e.g. a training
+        update arrived): run the rules again, so a proposal waiting on it is prevoted (and a
+        polka waiting on it precommitted) at once rather than at the next message."""
+        if self._not_ready:
+            self._process(now)
+
     def tick(self, now: float) -> None:
         """Run every timer due at ``now`` (the rebroadcast first: what the timers
         sign next is new and goes out with its own broadcast)."""
@@ -800,6 +822,8 @@ class BftCore:
         self._blocks: dict[bytes, Block] = {}
         self._extra_blocks: dict[int, int] = {}
         self._valid_cache: dict[bytes, bool] = {}
+        self._not_ready: dict[bytes, tuple[bytes, ...]] = {}  # block hash -> its values still "not yet"
+        self._await_until = 0.0  # monotonic end of the wait for a not-yet proposal of this round
         self._prevotes: dict[int, _VoteSet] = {}
         self._precommits: dict[int, _VoteSet] = {}
         self._max_round: dict[str, int] = {}
@@ -1059,36 +1083,65 @@ class BftCore:
                      parent_hash=self._last_hash, values=tuple(chosen))
 
     def _valid(self, block: Block, digest: bytes) -> bool:
-        """Algorithm 1 valid(v)."""
-        ok = self._valid_cache.get(digest)
-        if ok is None:
-            ok = self._check_block(block)
-            if ok is None:  # a value not yet decidable here: nil now, check again later
-                self.drops["block_not_ready"] += 1
-                return False
-            self._valid_cache[digest] = ok
-        return ok
+        """Algorithm 1 valid(v) ("not yet" counts as not valid)."""
+        return self._validity(block, digest) is True
 
-    def _check_block(self, block: Block) -> bool | None:
-        """True valid, False invalid, None holds a value that is not yet decidable here."""
+    def _validity(self, block: Block, digest: bytes) -> bool | None:
+        """valid(v): True, False, or None while ``block`` holds a value that this peer cannot
+        decide yet (``validate_value`` said "not yet"). Definite answers are cached for the
+        height; of a not-yet block only its undecided values are asked again."""
+        ok = self._valid_cache.get(digest)
+        if ok is not None:
+            return ok
+        pending = self._not_ready.get(digest)
+        if pending is None:
+            if not self._block_shape_ok(block):
+                self._valid_cache[digest] = False
+                return False
+            pending = block.values
+        undecided = []
+        for value in pending:
+            ok = True if self.validate_value is None else self.validate_value(value)
+            if ok is False:
+                self._not_ready.pop(digest, None)
+                self._valid_cache[digest] = False
+                return False
+            if ok is None:
+                undecided.append(value)
+        if undecided:
+            if digest not in self._not_ready:
+                self.drops["block_not_ready"] += 1
+            self._not_ready[digest] = tuple(undecided)
+            return None
+        self._not_ready.pop(digest, None)
+        self._valid_cache[digest] = True
+        return True
+
+    def _block_shape_ok(self, block: Block) -> bool:
+        """The checks of valid(v) that need no application state (§14.7)."""
         if (block.height, block.parent_hash, block.epoch) != (self.height, self._last_hash, self.table.epoch):
             return False
         if block.proposer not in self.table.weights or len(block.values) > self.config.max_batch \
                 or sum(len(v) for v in block.values) > self.config.max_block_bytes:
             return False
         previous = b""
-        pending = False
         for value in block.values:
             digest = value_hash(value)
             if digest <= previous or digest in self._recent or len(value) > self.config.max_value_bytes:
                 return False
-            if self.validate_value is not None:
-                ok = self.validate_value(value)
-                if ok is False:
-                    return False
-                pending = pending or ok is None
             previous = digest
-        return None if pending else True
+        return True
+
+    def _await_valid(self, round_: int, now: float) -> bool:
+        """The proposal of ``round_`` holds a value that is "not yet" decidable here: True to
+        wait (no prevote yet; :meth:`recheck` or the next input asks again), False once
+        ``not_ready_wait_s`` has passed (then the block counts as not valid: nil)."""
+        if ("await", round_) not in self._done:
+            self._done.add(("await", round_))
+            self._await_until = now + min(self.config.not_ready_wait_s, self.config.timeout_s(PROPOSE, round_))
+            self._event("awaiting_values", f"r={round_}")
+            self._schedule(self._await_until, "await_end", self.height, round_)
+        return now < self._await_until
 
     # ---- rounds, timers, rules
 
@@ -1143,6 +1196,8 @@ class BftCore:
         if kind == "idle_end":
             self._end_idle_wait(now)
             return
+        if kind == "await_end":  # _rule prevotes nil for a proposal still not decidable
+            return
         if round_ != self.round:
             return
         if kind == PROPOSE and self.step == PROPOSE:  # L57
@@ -1192,15 +1247,21 @@ class BftCore:
             digest, vr = proposal
             block = self._blocks[digest]
             if vr is None:  # L22
-                ok = self._valid(block, digest) and (self.locked_round is None or self.locked_hash == digest)
-                self._vote(PREVOTE, digest if ok else None)
-                return True
-            old = self._prevotes.get(vr)
-            if vr < r and old is not None and digest in old.by_hash and table.passes(old.by_hash[digest]):  # L28
-                ok = self._valid(block, digest) and (
-                    self.locked_round is None or self.locked_round <= vr or self.locked_hash == digest)
-                self._vote(PREVOTE, digest if ok else None)
-                return True
+                valid = self._validity(block, digest)
+                if valid is not None or not self._await_valid(r, now):  # (else wait for the value)
+                    ok = valid is True and (self.locked_round is None or self.locked_hash == digest)
+                    self._vote(PREVOTE, digest if ok else None)
+                    return True
+            else:
+                old = self._prevotes.get(vr)
+                if vr < r and old is not None and digest in old.by_hash \
+                        and table.passes(old.by_hash[digest]):  # L28
+                    valid = self._validity(block, digest)
+                    if valid is not None or not self._await_valid(r, now):
+                        ok = valid is True and (self.locked_round is None or self.locked_round <= vr
+                                                or self.locked_hash == digest)
+                        self._vote(PREVOTE, digest if ok else None)
+                        return True
         if prevotes is not None and self.step == PREVOTE and ("L34", r) not in self._done \
                 and table.passes(prevotes.votes):  # L34
             self._done.add(("L34", r))

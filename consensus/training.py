@@ -54,8 +54,9 @@ Round protocol
    :meth:`TrainingCore.validate_log_value`, a correct participant prevotes (and
    precommits) an inclusion only if it holds its updates and its own aggregate
    of them has the hash ``aggregate_hash``, so a committed one is held by at
-   least one correct peer and peers missing an included update fetch it
-   (:class:`FlUpdateRequest`).
+   least one correct peer. A participant missing an update that an inclusion
+   names asks for it (:class:`FlUpdateRequest`) as soon as it checks that
+   inclusion (:meth:`TrainingCore.fetch_wanted`), and again after the commit.
 5. **Aggregate and certify.** Every peer aggregates (anomaly detection, then
    the job's rule) over ``base``. *Fast path* (:meth:`TrainingCore.fast_path`
    of the committing block's epoch, passed to :meth:`on_committed`): the
@@ -679,7 +680,7 @@ class _Round:
     __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
                  "raw", "inclusion", "aggregates", "checked", "proposed", "confirmed", "result", "mismatch",
                  "unverified", "votes", "certified",
-                 "trained", "waiting", "early_starts")
+                 "trained", "waiting", "early_starts", "wanted", "wanted_next")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -703,6 +704,8 @@ class _Round:
         self.trained = False
         self.waiting = False
         self.early_starts: list[RoundStart] = []  # committed before round number-1 was certified
+        self.wanted: set[bytes] = set()  # updates named by an uncommitted inclusion, not held (bounded)
+        self.wanted_next = -math.inf  # earliest time of the next fetch of ``wanted``
 
 
 class TrainingCore:
@@ -852,8 +855,11 @@ class TrainingCore:
             if not self.participant or rec.round <= self.model_round or rec.round > self.job.rounds \
                     or (rnd is not None and rnd.inclusion is not None):
                 return True  # not checkable here, or ignored on commit
-            if rec.round != self.model_round + 1 or rnd is None or rnd.started_at is None \
-                    or not all(h in rnd.updates for h in rec.updates):
+            if rec.round != self.model_round + 1 or rnd is None or rnd.started_at is None:
+                return None
+            missing = [h for h in rec.updates if h not in rnd.updates]
+            if missing:  # remembered for fetch_wanted (bounded: a bogus inclusion names any hashes)
+                rnd.wanted.update(missing[:max(0, len(self.job.participants) - len(rnd.wanted))])
                 return None
             digest = self._aggregate_hash_of(rnd, rec.updates)
             return None if digest is None else digest == rec.aggregate_hash
@@ -980,6 +986,29 @@ class TrainingCore:
                 self._progress(now)
             return
         self._event("local_failed", round_, reason[:200])
+
+    @property
+    def wants_updates(self) -> bool:
+        """True while an uncommitted inclusion of the current round names updates we lack
+        (the driver's cue to call :meth:`fetch_wanted`)."""
+        rnd = self._rounds.get(self.model_round + 1)
+        return rnd is not None and rnd.inclusion is None and any(h not in rnd.updates for h in rnd.wanted)
+
+    def fetch_wanted(self, now: float) -> None:
+        """Ask the participants for the updates that an inclusion of the current round names
+        and we lack (:meth:`validate_log_value` answered "not yet" and remembered them), at
+        most once per ``fetch_interval_s``: a peer that missed an update (it was down, or a
+        message was lost) can then check the inclusion before it commits and prevote it,
+        rather than only fetch the updates after the commit. At most ``len(participants)``
+        hashes are remembered per round; the request names only those still missing."""
+        rnd = self._rounds.get(self.model_round + 1)
+        if rnd is None or not rnd.wanted or rnd.inclusion is not None or rnd.started_at is None:
+            return
+        rnd.wanted -= rnd.updates.keys()
+        if rnd.wanted and now >= rnd.wanted_next:
+            rnd.wanted_next = now + self.config.fetch_interval_s
+            self._actions.append(Broadcast(FlUpdateRequest(job_id=self.job_id, round=rnd.number,
+                                                           hashes=tuple(sorted(rnd.wanted)))))
 
     def tick(self, now: float) -> None:
         """Run the timers due at ``now`` (round deadline, re-fetches)."""

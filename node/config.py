@@ -66,6 +66,7 @@ class NodeConfig:
     training_split_seed: int = 1
     training_fetch_interval_s: float = 1.0  # re-request missing updates / certified models
     training_test_poison: str = ""  # TEST HOOK: "sign_flip:SCALE" sends poisoned updates (tests only)
+    training_test_drop_updates_from: str = ""  # TEST HOOK: a peer id whose own fl_update envelopes are lost here
     # execution fabric: WASM agents and tasks (node/fabric.py, docs/_sections/18-fabric.md)
     fabric: bool = True
     fabric_task_slots: int = 2  # tasks run at once (worker threads); 4 per slot wait; more: refused "busy"

@@ -126,6 +126,7 @@ class ConsensusService:
         self._join_epoch = -1
         self._wake = asyncio.Event()
         self._flush_scheduled = False
+        self._recheck_scheduled = False
         self.halted: str | None = None  # why consensus stopped (fail-stop, see _halt)
         self.commit_latency = LatencyHistogram()  # own values: submission -> stored commit
         self._submitted_at: OrderedDict[bytes, float] = OrderedDict()
@@ -237,6 +238,25 @@ class ConsensusService:
     def _flush(self) -> None:
         self._flush_scheduled = False
         self.run_actions()
+
+    def recheck_soon(self) -> None:
+        """The application learned something (a training update arrived): when a proposal
+        waits on a value the ledger answered "not yet" for, run the core's rules again at the
+        next loop iteration (never inside the caller: it may be running our own actions)."""
+        if self.halted is not None or not self.core.awaiting_values or self._recheck_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tests driving the service directly): the next input
+            return  # runs the rules again
+        self._recheck_scheduled = True
+        loop.call_soon(self._recheck)
+
+    def _recheck(self) -> None:
+        self._recheck_scheduled = False
+        if self.halted is None:
+            self.core.recheck(time.monotonic())
+            self.run_actions()
 
     async def propose(self, data: bytes, timeout_s: float) -> dict:
         """Submit a signed decision and wait until it is committed (and stored).

@@ -62,6 +62,8 @@ from chimera.consensus.training import (
     TRAINING_ACTOR,
     Broadcast,
     Checkpoint,
+    FlPart,
+    FlUpdate,
     Inclusion,
     JobSpec,
     Observe,
@@ -304,6 +306,7 @@ class JobState:
     last_error: str | None = None
     pending: list = field(default_factory=list)  # actions left by the restart replay
     checkpoint_task: asyncio.Task | None = None  # the newest checkpoint write (they run in round order)
+    fetch_scheduled: bool = False  # a fetch of updates named by an uncommitted inclusion is due
 
     def info(self, number: int) -> RoundInfo:
         rnd = self.rounds.get(number)
@@ -339,6 +342,7 @@ class TrainingService:
         self._data_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.poison = parse_poison(node.config.training_test_poison)
+        self.drop_updates_from = node.config.training_test_drop_updates_from  # TEST HOOK
         self.store.db.executescript(_SCHEMA)
         self._replay(replay_until)
 
@@ -398,7 +402,21 @@ class TrainingService:
         core = state.core
         if isinstance(rec, Inclusion) and not core.participant:
             return len(rec.updates) >= state.job.quorum  # observers do not receive updates
-        return core.validate_log_value(value)
+        ok = core.validate_log_value(value)
+        if ok is None and core.wants_updates and not state.fetch_scheduled:
+            # ask for the missing updates after the consensus step that asked us (its actions first)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (tests driving the service): the commit fetches them
+                return ok
+            state.fetch_scheduled = True
+            loop.call_soon(self._fetch_wanted, state)
+        return ok
+
+    def _fetch_wanted(self, state: JobState) -> None:
+        state.fetch_scheduled = False
+        state.core.fetch_wanted(time.monotonic())
+        self.run_actions(state)
 
     # ------------------------------------------------------------ log input
 
@@ -516,6 +534,10 @@ class TrainingService:
         if state is None:
             self.node.drops.record("training_unknown_job", env.sender, env.kind, time.monotonic())
             return
+        if env.sender == self.drop_updates_from and (
+                isinstance(msg, FlUpdate) or (isinstance(msg, FlPart) and msg.kind == "fl_update")):
+            self.counters["training_test_dropped_updates"] += 1  # TEST HOOK: as if lost on the way
+            return
         self.counters[f"training_received.{env.kind}"] += 1
         state.core.on_message(env.sender, msg, time.monotonic())
         self.run_actions(state)
@@ -535,6 +557,7 @@ class TrainingService:
                 self.counters["training_action_errors"] += 1
                 state.last_error = f"{type(action).__name__}: {exc}"
                 log.error("training action %s failed: %s", type(action).__name__, exc)
+        self.consensus.recheck_soon()  # an update that arrived may decide a waiting proposal
         self._wake.set()
 
     def _run(self, state: JobState, action: object) -> None:

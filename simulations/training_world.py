@@ -558,6 +558,12 @@ class PeerTraining:
             self.core.tick(now)
             self.run(self.core.take_actions())
 
+    def fetch_wanted(self, now: float) -> None:
+        """Ask for the updates that a proposed inclusion names and we lack (as the node)."""
+        if self.core is not None and self.core.wants_updates:
+            self.core.fetch_wanted(now)
+            self.run(self.core.take_actions())
+
     def deadline(self) -> float:
         return self.core.next_deadline() if self.core is not None else math.inf
 
@@ -810,12 +816,23 @@ class BftTrainingPeer(BftPeer):
         if _is_training_message(envelope.message):
             if self.core is not None:
                 self.training.on_message(envelope.sender, envelope.message, self.clock.now())
+                self._recheck(self.clock.now())
             return
         super().on_envelope(envelope)
+        self.training.fetch_wanted(self.clock.now())
 
     def on_wake(self, now: float) -> None:
         super().on_wake(now)
         self.training.tick(now)
+        self._recheck(now)
+
+    def _recheck(self, now: float) -> None:
+        """As the node: ask for the updates a proposed inclusion names and we lack; an update
+        that arrived may decide a proposal waiting on it."""
+        self.training.fetch_wanted(now)
+        if self.core is not None and self.core.awaiting_values:
+            self.core.recheck(now)
+            self.run_actions(self.core.take_actions())
 
     def wake_at(self, deadline_local: float) -> None:
         PeerHost.wake_at(self, min(deadline_local, self.training.deadline()))

@@ -26,6 +26,7 @@ from chimera.consensus.bft import (
     PRECOMMIT,
     PREVOTE,
     PROPOSAL,
+    PROPOSE,
     BftCommitRequest,
     BftCommitResponse,
     BftConfig,
@@ -885,7 +886,7 @@ def test_blocks_fit_the_byte_budget_and_an_oversize_block_gets_no_prevote():
                 values=tuple(sorted((bytes([k]) * 4000 for k in range(6)), key=value_hash)))
     fits = Block(height=1, epoch=0, proposer=proposer.peer_id, parent_hash=bytes(32),
                  values=tuple(sorted((bytes([k]) * 4000 for k in range(5)), key=value_hash)))
-    assert core._check_block(fits) is True and core._check_block(big) is False
+    assert core._block_shape_ok(fits) is True and core._block_shape_ok(big) is False
     with pytest.raises(LocalProtocolError):
         dataclasses.replace(FAST, max_block_bytes=100)
 
@@ -935,3 +936,46 @@ def test_a_prevote_from_its_voter_counts_on_the_envelope_and_is_checked_before_i
     core.on_message(other.peer_id, good_twin, 0.3)
     evidence = [a for a in core.take_actions() if isinstance(a, Evidence)]
     assert len(evidence) == 1 and evidence[0].equivocation.first == good.vote
+
+
+def test_a_proposal_holding_a_not_yet_value_waits_for_it_a_little():
+    """A block with a value this peer cannot decide yet (validate_value None, e.g. a training
+    update still in flight) is not prevoted nil at once: the core waits, asks only about the
+    undecided value again, prevotes the block when recheck() finds it decidable, and prevotes
+    nil when not_ready_wait_s passes first."""
+    asked: list[bytes] = []
+    held: set[bytes] = set()
+
+    def validate(value: bytes) -> bool | None:
+        asked.append(value)
+        return None if value.startswith(b"needs ") and value not in held else True
+
+    for arrives in (True, False):
+        table = table_of(IDS[:4])
+        schedule = ProposerSchedule(table, 1)
+        me = next(i for i in IDS[:4] if i.peer_id != schedule.proposer(1, 0))
+        core = BftCore(me, NET, table, FAST, 0.0, validate_value=validate)
+        core.tick(0.0)
+        core.take_actions()
+        proposer = next(i for i in IDS[:4] if i.peer_id == schedule.proposer(1, 0))
+        block = block_of(proposer, [b"plain value", b"needs update"])
+        asked.clear()
+        core.on_message(proposer.peer_id, make_proposal(proposer, 1, 0, block), 0.1)
+        assert own_votes(core.take_actions()) == [] and core.awaiting_values
+        assert core.drops["block_not_ready"] == 1 and sorted(asked) == [b"needs update", b"plain value"]
+        other = next(i for i in IDS[:4] if i.peer_id not in (me.peer_id, proposer.peer_id))
+        core.on_message(other.peer_id, make_vote(other, PREVOTE, 1, 0, block_hash(block)), 0.2)
+        assert own_votes(core.take_actions()) == []  # a new input asks again: still not yet
+        assert asked.count(b"plain value") == 1 and asked.count(b"needs update") >= 2
+        assert core.drops["block_not_ready"] == 1  # counted once per block
+        if arrives:
+            held.add(b"needs update")
+            core.recheck(0.3)
+            assert [v.block_hash for v in own_votes(core.take_actions(), PREVOTE)] == [block_hash(block)]
+            assert not core.awaiting_values
+        else:
+            core.tick(0.1 + FAST.not_ready_wait_s - 0.01)
+            assert own_votes(core.take_actions()) == []
+            core.tick(0.1 + FAST.not_ready_wait_s)  # the wait is over: not valid
+            assert [v.block_hash for v in own_votes(core.take_actions(), PREVOTE)] == [None]
+        held.clear()

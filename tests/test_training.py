@@ -815,3 +815,52 @@ def test_inclusion_validity_checks_the_aggregate_hash(digits, monkeypatch):
     answers = [core.validate_log_value(encode_log_value(dataclasses.replace(good, updates=s))) for s in subsets]
     assert answers == [False] * 3 + [None] * (len(subsets) - 3)  # 4 sets: the full one and 3 more
     assert core.drops["aggregates_per_round_exceeded"] == answers.count(None)
+
+
+def test_a_participant_fetches_the_updates_of_a_proposed_inclusion_it_lacks(digits):
+    """An update lost on the way (or sent while this peer was down) is asked for as soon as an
+    inclusion naming it is checked ("not yet"), not only after that inclusion commits: with
+    more than 1/3 of the participants lacking an update, the inclusion could never commit
+    otherwise. One request per fetch_interval_s, only the missing hashes, bounded memory."""
+    train, test, shards = digits
+    job = make_job(rounds=2, quorum=3)
+    mesh = Mesh(job, shards)
+    me, lost_from = PEERS[0], PEERS[1]
+    core = mesh.cores[me]
+    held = {}
+    real_submit, real_deliver = mesh.submit, mesh.deliver
+
+    def submit(value):
+        rec = decode_log_value(value)
+        if isinstance(rec, Inclusion) and rec.round == 1:
+            held[rec.updates] = rec  # keep the inclusions out of the log
+            return
+        real_submit(value)
+
+    def deliver(dst, src, msg):
+        if dst == me and src == lost_from and isinstance(msg, FlUpdate):
+            return  # lost
+        real_deliver(dst, src, msg)
+
+    mesh.submit, mesh.deliver = submit, deliver
+    mesh.run(max_time_s=0.0)
+    inclusion = held[max(held, key=len)]
+    value = encode_log_value(inclusion)
+    assert len(inclusion.updates) == 5 and not core.wants_updates
+    assert core.validate_log_value(value) is None and core.wants_updates
+    core.fetch_wanted(mesh.now)
+    requests = [a.message for a in core.take_actions() if isinstance(a, Broadcast)]
+    assert len(requests) == 1 and isinstance(requests[0], FlUpdateRequest)
+    (lost,) = [h for h in inclusion.updates if h not in core._rounds[1].updates]
+    assert requests[0].hashes == (lost,) and requests[0].round == 1
+    core.fetch_wanted(mesh.now + core.config.fetch_interval_s / 2)
+    assert core.take_actions() == []  # paced
+    mesh.deliver = real_deliver
+    mesh.queue.extend((me, Broadcast(r)) for r in requests)  # the others answer with the update
+    mesh.run(max_time_s=0.0)
+    assert core.validate_log_value(value) is True and not core.wants_updates
+    core.fetch_wanted(mesh.now + 10 * core.config.fetch_interval_s)
+    assert core.take_actions() == []  # nothing missing: nothing asked
+    bogus = dataclasses.replace(inclusion, updates=tuple(bytes([i]) * 32 for i in range(1, 40)))
+    assert core.validate_log_value(encode_log_value(bogus)) is None
+    assert len(core._rounds[1].wanted) == len(job.participants)  # bounded

@@ -240,6 +240,35 @@ def test_node_data_config_parsing_and_atomic_checkpoint_files(tmp_path):
 
 
 @pytest.mark.slow
+def test_participants_that_lost_an_update_fetch_it_before_the_inclusion_commits(net):
+    """Two of five peers never receive peer 0's own updates (TEST HOOK
+    ``training_test_drop_updates_from``: lost on the way). An inclusion of all five updates
+    needs 4 prevotes, so one of those two must have checked it: they ask for the missing
+    update as soon as they see the inclusion (``fl_update_request``, answered by the peers
+    that hold it), and every round commits all five updates. Before, they asked only after a
+    commit: the full set could never commit and every round waited for the 2 s deadline to
+    commit a set of four without peer 0's update."""
+    ids = [p.status["peer_id"] for p in net.peers]
+    lossy = [3, 4]
+    for i in lossy:
+        net.peers[i].args += ["--set", f"training_test_drop_updates_from={ids[0]}"]
+        net.restart(i)
+    try:
+        assert wait_until(net.full_mesh, timeout_s=60)
+        rounds = 4
+        _, docs = run_job(net, job_text("lossy", rounds=rounds))
+        for doc in docs:
+            assert [r["participants"] for r in doc["rounds"]] == [5] * rounds, doc["rounds"]
+        dropped = [net.query(i, "status")["counters"].get("training_test_dropped_updates", 0) for i in lossy]
+        assert all(d >= rounds for d in dropped), dropped  # the hook did lose them
+    finally:
+        for i in lossy:
+            net.peers[i].args = net.peers[i].args[:-2]
+            net.restart(i)
+        assert wait_until(net.full_mesh, timeout_s=60)
+
+
+@pytest.mark.slow
 def test_poisoned_participant_hurts_fedavg_not_reputation_clipped(net):
     clean = getattr(net, "clean_accuracy", None)
     if clean is None:
@@ -297,7 +326,8 @@ def test_a_participant_that_refused_a_committed_job_never_validates_its_inclusio
         data_dir.mkdir()
         node = SimpleNamespace(peer_id=peer_id, data_dir=data_dir, store=Store(data_dir), counters=Counter(),
                                consensus=None, network=SimpleNamespace(genesis=(a, b)),
-                               config=SimpleNamespace(max_message_bytes=64 << 10, training_test_poison=""))
+                               config=SimpleNamespace(max_message_bytes=64 << 10, training_test_poison="",
+                                                      training_test_drop_updates_from=""))
         return TrainingService(node, 0)
 
     job = JobSpec(name="j", model_kind="sgd_classifier", n_features=64, classes=tuple(range(10)), l2=1e-4,
