@@ -80,7 +80,7 @@ import heapq
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Annotated, Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable
 
 import msgpack
 
@@ -611,6 +611,12 @@ class BftCore:
             next commit of the same catch-up batch is verified under it (an
             epoch change). It must be deterministic: every peer runs it on the
             same committed blocks.
+        choice_key: proposer policy (not a validity rule): ``(group, rank)`` for a
+            value that is one of several alternatives of which only one matters
+            (e.g. the training inclusions of one round: the first committed one
+            counts), else None. A block we propose carries at most one value per
+            group, the one of smallest rank among the valid pooled values; the
+            others stay pooled.
 
     A peer that is not in the table (an observer) votes on nothing; it learns
     new heights by asking a validator for commits every
@@ -622,7 +628,8 @@ class BftCore:
                  last_block_hash: bytes = GENESIS_HASH, table_height: int = 1,
                  sign_state: SignState | None = None,
                  validate_value: Callable[[bytes], bool | None] | None = None,
-                 on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None) -> None:
+                 on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None,
+                 choice_key: Callable[[bytes], tuple[bytes, Any] | None] | None = None) -> None:
         if not 1 <= table_height <= height:
             raise LocalProtocolError("table_height must be in 1..height")
         if len(last_block_hash) != 32:
@@ -633,6 +640,7 @@ class BftCore:
         self.config = config
         self.validate_value = validate_value
         self.on_commit = on_commit
+        self.choice_key = choice_key
         self._observer_polls = 0
         self.height = height
         self.drops: Counter[str] = Counter()  # reason -> count (duplicates included)
@@ -1062,6 +1070,7 @@ class BftCore:
     def _make_block(self) -> Block:
         chosen: list[bytes] = []
         expired: list[bytes] = []
+        groups: dict[bytes, tuple[Any, bytes]] = {}  # choice group -> (rank, value chosen)
         size = 0
         for d, v in self._pool.items():
             if len(chosen) >= self.config.max_batch:
@@ -1072,6 +1081,16 @@ class BftCore:
             if ok is False:  # no longer valid (e.g. a decision past its window): leaves the pool
                 expired.append(d)
             elif ok:
+                choice = None if self.choice_key is None else self.choice_key(v)
+                if choice is not None:  # one value per group of alternatives: the best ranked
+                    group, rank = choice
+                    held = groups.get(group)
+                    if held is not None:
+                        if rank >= held[0]:
+                            continue
+                        chosen.remove(held[1])
+                        size -= len(held[1])
+                    groups[group] = (rank, v)
                 chosen.append(v)
                 size += len(v)
         for d in expired:

@@ -142,6 +142,9 @@ def _signature(value: object) -> bytes:
     return value
 
 
+_INCLUSION_PREFIX = b"\x92\xaafl_include"  # msgpack [ "fl_include", ... ]: the canonical start
+
+
 def has_app_tag(value: bytes) -> bool:
     """True when ``value`` starts like the canonical encoding of an ``fl_*`` value: a msgpack
     fixarray header, then a fixstr tag beginning with ``fl_`` (three byte compares: this runs
@@ -321,6 +324,17 @@ class Ledger:
         self._valid: OrderedDict[bytes, tuple[bool, int | None]] = OrderedDict()  # hash -> (ok, decision epoch)
 
     # ------------------------------------------------------------- validation
+
+    @staticmethod
+    def choice_key(value: bytes):
+        """The BFT core's ``choice_key`` (block-building policy): of the training inclusions
+        of one (job, round) a block carries one
+        (:func:`chimera.consensus.training.inclusion_choice`); other values are not grouped."""
+        if not has_app_tag(value) or not value.startswith(_INCLUSION_PREFIX):
+            return None
+        from chimera.consensus.training import inclusion_choice
+
+        return inclusion_choice(value)
 
     def validate_value(self, value: bytes) -> bool | None:
         """The BFT core's ``validate_value``: decodes and self-signature holds.

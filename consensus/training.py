@@ -134,6 +134,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -375,6 +376,27 @@ def decode_log_value(value: bytes) -> Any:
     if type(outer) is not list or len(outer) != 2 or type(outer[0]) is not str or outer[0] not in LOG_TAGS:
         raise MalformedError("not a training log value")
     return decode_fields(LOG_TAGS[outer[0]], outer[1], outer[0])
+
+
+def inclusion_choice(value: bytes) -> tuple[bytes, tuple[int, bytes]] | None:
+    """Block-building policy for the log (``BftCore(choice_key=...)``): the inclusions of one
+    (job, round) are alternatives, since only the first committed one counts, so a proposed
+    block carries one of them: the one naming the most updates (ties: the smallest value
+    bytes). None for any other value.
+
+    Why: a block is valid at a peer only if every value in it is, and a participant can
+    check only a bounded number of sets per round (:data:`MAX_AGGREGATES_PER_ROUND`; the
+    largest is always checkable, see :meth:`TrainingCore.validate_log_value`). Under message
+    loss the proposers' deadline sets differ; a block bundling several of them was
+    checkable in full by too few peers and the log stalled on it.
+    """
+    try:
+        rec = decode_log_value(value)
+    except MalformedError:
+        return None
+    if not isinstance(rec, Inclusion):
+        return None
+    return rec.job_id + rec.round.to_bytes(8, "big"), (-len(rec.updates), value)
 
 
 def is_training_value(value: bytes) -> bool:
@@ -1468,16 +1490,28 @@ class TrainingCore:
     def _aggregate_hash_of(self, rnd: _Round, chosen: tuple[bytes, ...]) -> bytes | None:
         """The hash of our aggregate of the held updates ``chosen`` (to check an inclusion),
         computed once per set; only the hash is kept for a set we did not propose (bounded
-        memory whatever the model size). None when :data:`MAX_AGGREGATES_PER_ROUND` sets of
-        the round were aggregated already."""
+        memory whatever the model size).
+
+        Once :data:`MAX_AGGREGATES_PER_ROUND` sets of the round were aggregated, a set is
+        checked only if it is larger than every set aggregated so far (it displaces the
+        smallest set we did not propose); else None ("not yet"). So the largest set, which
+        every participant can check once it holds those updates, is always checkable: with
+        a hard cap, peers whose budgets went to different smaller sets (each proposer's view
+        at its deadline differs under loss) could never agree on any set. At most
+        ``len(participants) - quorum + 1`` sets get past the cap per round (each is larger
+        than the last)."""
         own = rnd.aggregates.get(chosen)
         if own is not None:
             return own.digest
         digest = rnd.checked.get(chosen)
         if digest is None:
             if len(rnd.aggregates) + len(rnd.checked) >= MAX_AGGREGATES_PER_ROUND:
-                self.drops["aggregates_per_round_exceeded"] += 1
-                return None
+                largest = max(map(len, itertools.chain(rnd.aggregates, rnd.checked)))
+                if len(chosen) <= largest:
+                    self.drops["aggregates_per_round_exceeded"] += 1
+                    return None
+                if rnd.checked:
+                    del rnd.checked[min(rnd.checked, key=len)]
             digest = rnd.checked[chosen] = self._aggregate(rnd, chosen).digest
         return digest
 

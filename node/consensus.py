@@ -143,7 +143,8 @@ class ConsensusService:
         self.core = BftCore(node.identity, self.network_id, self.ledger.table, config, time.monotonic(),
                             height=height + 1, last_block_hash=last_hash,
                             table_height=self.ledger.table_height, sign_state=sign_state,
-                            validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit)
+                            validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit,
+                            choice_key=self.ledger.choice_key)
         # the dedupe of committed values survives a restart (a replayed value is refused)
         start = max(1, height - config.dedupe_heights + 1)
         while start <= height:

@@ -108,6 +108,7 @@ from chimera.consensus.training import (
     TrainLocal,
     decode_log_value,
     encode_log_value,
+    inclusion_choice,
     job_id_of,
     local_seed,
 )
@@ -894,8 +895,10 @@ class BftTrainingWorld(BftWorld):
         self.fed = Federation(sim, setup, self.peers, self.table, self.network_id)
 
     def _make_core(self, identity, *args, validate_value=None, **kwargs) -> BftCore:
-        """The real BftCore with the validity hook of this validator's training core."""
-        return BftCore(identity, *args, validate_value=self.by_id[identity.peer_id].training.validate, **kwargs)
+        """The real BftCore with the validity hook of this validator's training core (and the
+        node's block-building policy for inclusions)."""
+        return BftCore(identity, *args, validate_value=self.by_id[identity.peer_id].training.validate,
+                       choice_key=inclusion_choice, **kwargs)
 
     def start_all(self) -> None:
         super().start_all()

@@ -979,3 +979,23 @@ def test_a_proposal_holding_a_not_yet_value_waits_for_it_a_little():
             core.tick(0.1 + FAST.not_ready_wait_s)  # the wait is over: not valid
             assert [v.block_hash for v in own_votes(core.take_actions(), PREVOTE)] == [None]
         held.clear()
+
+
+def test_a_proposed_block_carries_one_value_per_group_of_alternatives():
+    """choice_key (proposer policy, not validity): of pooled values in one group a block
+    carries the best ranked one; the others stay pooled; ungrouped values are unaffected."""
+    def choice(value: bytes):
+        return (value[:5], -len(value)) if value.startswith(b"alt") else None
+
+    table = table_of(IDS[:4])
+    core = BftCore(IDS[0], NET, table, FAST, 0.0, validate_value=valid_value, choice_key=choice)
+    values = [b"alt-A short", b"plain 1", b"alt-A the longest one", b"alt-B x", b"alt-A mid one", b"plain 2"]
+    for v in values:
+        assert core.submit(v, 0.0)
+    block = core._make_block()
+    assert sorted(block.values) == sorted([b"alt-A the longest one", b"alt-B x", b"plain 1", b"plain 2"])
+    assert core.pool_size == len(values)  # the alternatives left out stay pooled
+    plain = BftCore(IDS[0], NET, table, FAST, 0.0, validate_value=valid_value)
+    for v in values:
+        plain.submit(v, 0.0)
+    assert len(plain._make_block().values) == len(values)

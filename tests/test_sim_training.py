@@ -113,18 +113,25 @@ def test_alie_attackers_see_the_honest_deltas_of_the_round(tmp_path, monkeypatch
     assert seen and set(seen) == {(5, 7, 2)} and len(seen) == 4  # 2 attackers x 2 rounds
 
 
-def test_rounds_over_the_bft_log_stay_live_when_updates_are_lost(tmp_path):
-    """10 % message loss: some participants lack an update when the inclusion naming it is
-    proposed. They ask for it at once (TrainingCore.fetch_wanted) instead of only after the
-    commit; before, with more than 1/3 lacking one the inclusion could never commit and the
-    job stalled for good (these seeds did: 0-2 of 4 rounds certified in 300 s)."""
-    text = BASE.format(peers=7, log="bft", rule="fedavg", rounds=4, attack="none", attackers=0, f=1)
-    for seed in (1, 3, 4, 8):
-        path = tmp_path / f"loss-{seed}.toml"
-        path.write_text(text.replace("seed = 5", f"seed = {seed}").replace("sigma = 0.5 }", "sigma = 0.5 }\nloss = 0.1"))
+@pytest.mark.parametrize("peers, loss, seeds", [(7, 0.1, (1, 3, 4, 8)), (10, 0.3, (2, 7))])
+def test_rounds_over_the_bft_log_stay_live_when_updates_are_lost(tmp_path, peers, loss, seeds):
+    """Message loss: participants lack some updates when the inclusions naming them are
+    proposed, and the proposers' deadline sets differ. Every run certifies all rounds. Before,
+    these seeds stalled for good (0-2 of 4 rounds in 300 s): a participant fetched a missing
+    update only after a commit (so an inclusion that more than 1/3 of the weight could not
+    check never committed), and blocks bundled several inclusion sets of one round, each
+    checkable at a different subset of the peers (MAX_AGGREGATES_PER_ROUND), so no block was
+    valid at more than 2/3 of them. Now a participant asks for missing updates at once
+    (TrainingCore.fetch_wanted), a block carries one inclusion per round, the largest
+    (inclusion_choice), and the largest set is always checkable."""
+    text = BASE.format(peers=peers, log="bft", rule="fedavg", rounds=4, attack="none", attackers=0, f=1)
+    for seed in seeds:
+        path = tmp_path / f"loss-{peers}-{seed}.toml"
+        path.write_text(text.replace("seed = 5", f"seed = {seed}")
+                        .replace("sigma = 0.5 }", f"sigma = 0.5 }}\nloss = {loss}"))
         r = run_one(load_scenarios(path)[0], trace=False)
         assert r.violation is None and r.row["rounds_certified"] == 4, (seed, r.violation)
-        assert r.row["finish_s"] < 30.0, (seed, r.row["finish_s"])
+        assert r.row["finish_s"] < 150.0, (seed, r.row["finish_s"])  # (the run allows 300 s)
 
 
 def test_silent_participants_do_not_stall_rounds(tmp_path):

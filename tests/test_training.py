@@ -864,3 +864,50 @@ def test_a_participant_fetches_the_updates_of_a_proposed_inclusion_it_lacks(digi
     bogus = dataclasses.replace(inclusion, updates=tuple(bytes([i]) * 32 for i in range(1, 40)))
     assert core.validate_log_value(encode_log_value(bogus)) is None
     assert len(core._rounds[1].wanted) == len(job.participants)  # bounded
+
+
+def test_past_the_per_round_cap_only_a_larger_set_is_checked_and_blocks_carry_the_largest(digits, monkeypatch):
+    """Bounded checking that still converges: once MAX_AGGREGATES_PER_ROUND sets of a round
+    were aggregated, a set is checked only if it is larger than all of them (it displaces the
+    smallest checked one), so the largest set stays checkable everywhere; and a proposed
+    block carries one inclusion per (job, round), the largest (inclusion_choice)."""
+    import chimera.consensus.training as training_core
+    from chimera.consensus.training import inclusion_choice
+
+    monkeypatch.setattr(training_core, "MAX_AGGREGATES_PER_ROUND", 2)
+    train, test, shards = digits
+    job = make_job(rounds=2, quorum=3)
+    mesh = Mesh(job, shards)
+    me, lost_from = PEERS[0], PEERS[1]
+    core = mesh.cores[me]
+    real_submit, real_deliver = mesh.submit, mesh.deliver
+    mesh.submit = lambda v: None if isinstance(decode_log_value(v), Inclusion) else real_submit(v)
+
+    def deliver(dst, src, msg):
+        if not (dst == me and src == lost_from and isinstance(msg, FlUpdate)):
+            real_deliver(dst, src, msg)
+
+    mesh.deliver = deliver
+    mesh.run(max_time_s=0.0)
+    rnd = core._rounds[1]
+    held = tuple(sorted(rnd.updates))
+    assert len(held) == 4 and not rnd.aggregates  # not complete here: it proposed nothing
+
+    def inclusion(updates, round_=1):
+        return encode_log_value(Inclusion(job_id=mesh.job_id, round=round_, updates=tuple(updates),
+                                          aggregate_hash=b"\x00" * 32))
+
+    threes = list(itertools.combinations(held, 3))
+    assert [core.validate_log_value(inclusion(s)) for s in threes] == [False, False, None, None]
+    assert core.drops["aggregates_per_round_exceeded"] == 2
+    assert core.validate_log_value(inclusion(held)) is False  # larger than all: checked (wrong hash)
+    assert sorted(map(len, rnd.checked)) == [3, 4]
+    assert core.validate_log_value(inclusion(threes[0])) is None  # displaced
+    assert core.validate_log_value(inclusion(threes[1])) is False  # still known
+    # the block-building choice: one group per (job, round), the most updates first
+    group3, rank3 = inclusion_choice(inclusion(threes[0]))
+    group4, rank4 = inclusion_choice(inclusion(held))
+    assert group3 == group4 and rank4 < rank3
+    assert inclusion_choice(inclusion(held, round_=2))[0] != group4
+    start = next(v for v in mesh.committed if isinstance(decode_log_value(v), RoundStart))
+    assert inclusion_choice(start) is None and inclusion_choice(b"\x92\xaafl_include garbage") is None
