@@ -23,9 +23,9 @@ Round protocol
    committed by then; honest peers propose the same bytes, which the log
    dedupes. The first committed start of round ``r`` whose ``base_hash`` is the
    certified hash of round ``r - 1`` counts (a rule over the log alone): a
-   start committed before that certification is held (at most
-   ``MAX_EARLY_STARTS`` per round, in log order) and checked when the
-   certification commits. So the start usually commits in the same block as
+   start committed before that certification is held (the first per base, at
+   most ``MAX_EARLY_STARTS`` bases per round, in log order) and checked when
+   the certification commits. So the start usually commits in the same block as
    the inclusion (or the confirmations), not one commit later. A validator prevotes a start only
    if its ``base_hash`` is the certified hash or, before the certification,
    its own aggregate of round ``r - 1`` (when it has one).
@@ -187,7 +187,8 @@ PART_BYTES = 192 << 10  # an fl_update/fl_model body above this goes as parts (f
 MAX_PARTS = 1400  # parts of one body (~262 MiB)
 MAX_ASSEMBLIES_PER_SENDER = 4  # bodies being reassembled from one peer at once
 MAX_LOG_VALUE_BYTES = 4096  # chimera.consensus.bft.MAX_VALUE_BYTES
-MAX_EARLY_STARTS = 8  # starts of one round committed before its base was certified, held in log order
+MAX_EARLY_STARTS = 64  # distinct bases of the starts of one round committed before its base was certified
+UPDATE_FETCH_FANOUT = 2  # participants asked at once for updates an uncommitted inclusion names
 MAX_AGGREGATES_PER_ROUND = 8  # inclusion sets of one round aggregated to check them (bounds a flood:
 #   an aggregate with anomaly screening costs 30-45 ms of CPU here)
 MAX_EPOCH = 2**62
@@ -689,20 +690,25 @@ Action = ProposeValue | Broadcast | Send | TrainLocal | Checkpoint | Observe | R
 @dataclass(frozen=True, slots=True)
 class TrainingConfig:
     """Local pacing (may differ per node): ``fetch_interval_s`` between re-requests of
-    missing updates or models (> 0)."""
+    missing updates or models (> 0); ``fetch_grace_s`` (>= 0) from the first sight of an
+    uncommitted inclusion naming updates we lack to the first request for them (an update
+    still on its way from its author would otherwise arrive twice)."""
 
     fetch_interval_s: float = 1.0
+    fetch_grace_s: float = 0.1
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.fetch_interval_s) and self.fetch_interval_s > 0):
             raise LocalProtocolError("fetch_interval_s must be finite and > 0")
+        if not (math.isfinite(self.fetch_grace_s) and self.fetch_grace_s >= 0):
+            raise LocalProtocolError("fetch_grace_s must be finite and >= 0")
 
 
 class _Round:
     __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
                  "raw", "inclusion", "aggregates", "checked", "proposed", "confirmed", "result", "mismatch",
                  "unverified", "votes", "certified",
-                 "trained", "waiting", "early_starts", "wanted", "wanted_next")
+                 "trained", "waiting", "early_starts", "wanted", "wanted_next", "wanted_asks")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -727,7 +733,8 @@ class _Round:
         self.waiting = False
         self.early_starts: list[RoundStart] = []  # committed before round number-1 was certified
         self.wanted: set[bytes] = set()  # updates named by an uncommitted inclusion, not held (bounded)
-        self.wanted_next = -math.inf  # earliest time of the next fetch of ``wanted``
+        self.wanted_next = math.inf  # time of the next request for ``wanted`` (inf: none due)
+        self.wanted_asks = 0  # requests sent for ``wanted`` (rotates the peers asked)
 
 
 class TrainingCore:
@@ -814,6 +821,8 @@ class TrainingCore:
         rnd = self._rounds.get(self.model_round + 1)
         if rnd is not None and rnd.deadline is not None and not rnd.deadline_fired and not self.finished:
             deadline = min(deadline, rnd.deadline)
+        if rnd is not None and rnd.inclusion is None and rnd.wanted:
+            deadline = min(deadline, rnd.wanted_next)
         return deadline
 
     def set_weight_table(self, table: WeightTable, now: float) -> None:
@@ -1017,23 +1026,45 @@ class TrainingCore:
         return rnd is not None and rnd.inclusion is None and any(h not in rnd.updates for h in rnd.wanted)
 
     def fetch_wanted(self, now: float) -> None:
-        """Ask the participants for the updates that an inclusion of the current round names
-        and we lack (:meth:`validate_log_value` answered "not yet" and remembered them), at
-        most once per ``fetch_interval_s``: a peer that missed an update (it was down, or a
-        message was lost) can then check the inclusion before it commits and prevote it,
-        rather than only fetch the updates after the commit. At most ``len(participants)``
-        hashes are remembered per round; the request names only those still missing."""
+        """Ask for the updates that an inclusion of the current round names and we lack
+        (:meth:`validate_log_value` answered "not yet" and remembered them), so that a peer
+        that missed an update (it was down, or a message was lost) can check the inclusion
+        before it commits and prevote it, rather than only fetch the updates after the commit.
+
+        The first request leaves ``fetch_grace_s`` after the first call that finds updates
+        missing (one still on its way, or arriving in parts, is not asked for), then one per
+        ``fetch_interval_s`` while some are missing; each goes to
+        :data:`UPDATE_FETCH_FANOUT` other participants, the next ones in turn at every
+        retry (every holder answers a request: asking all would return that many copies).
+        At most ``len(participants)`` hashes are remembered per round. :meth:`tick` calls
+        this too (:meth:`next_deadline` includes the next request)."""
         rnd = self._rounds.get(self.model_round + 1)
         if rnd is None or not rnd.wanted or rnd.inclusion is not None or rnd.started_at is None:
             return
         rnd.wanted -= rnd.updates.keys()
-        if rnd.wanted and now >= rnd.wanted_next:
-            rnd.wanted_next = now + self.config.fetch_interval_s
-            self._actions.append(Broadcast(FlUpdateRequest(job_id=self.job_id, round=rnd.number,
-                                                           hashes=tuple(sorted(rnd.wanted)))))
+        if not rnd.wanted:
+            rnd.wanted_next = math.inf
+            return
+        if rnd.wanted_next == math.inf and rnd.wanted_asks == 0:
+            rnd.wanted_next = now + self.config.fetch_grace_s
+        if now < rnd.wanted_next:
+            return
+        rnd.wanted_next = now + self.config.fetch_interval_s
+        in_parts = {digest for _, kind, digest in self._assemblies if kind == FlUpdate.KIND}
+        ask = tuple(sorted(rnd.wanted - in_parts))
+        others = [p for p in self.job.participants if p != self.peer_id]
+        if not ask or not others:
+            return
+        first = (self.job.participants.index(self.peer_id) if self.participant else 0) \
+            + rnd.wanted_asks * UPDATE_FETCH_FANOUT
+        rnd.wanted_asks += 1
+        request = FlUpdateRequest(job_id=self.job_id, round=rnd.number, hashes=ask)
+        for k in range(min(UPDATE_FETCH_FANOUT, len(others))):
+            self._actions.append(Send(others[(first + k) % len(others)], request))
 
     def tick(self, now: float) -> None:
         """Run the timers due at ``now`` (round deadline, re-fetches)."""
+        self.fetch_wanted(now)
         rnd = self._rounds.get(self.model_round + 1)
         if rnd is not None and rnd.deadline is not None and now >= rnd.deadline:
             rnd.deadline_fired = True
@@ -1093,6 +1124,9 @@ class TrainingCore:
                 return
         base = self._certified.get(start.round - 1)
         if base is None:  # proposed right after aggregating: its base's confirms may commit later
+            if any(held.base_hash == start.base_hash for held in rnd.early_starts):
+                self.drops["duplicate_start"] += 1  # the first one with this base would count
+                return
             if len(rnd.early_starts) >= MAX_EARLY_STARTS:
                 self.drops["early_start_overflow"] += 1
                 return

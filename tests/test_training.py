@@ -583,6 +583,12 @@ def test_confirms_count_only_for_the_committed_inclusion_and_an_early_start_wait
     early_bad = RoundStart(job_id=job_id, round=2, epoch=0, base_hash=b"\x08" * 32)
     early_good = RoundStart(job_id=job_id, round=2, epoch=0, base_hash=digest)
     core.on_committed(encode_log_value(early_bad), 0.1)  # held (round 1 not certified yet)
+    for k in range(12):  # a later start with the same base is a duplicate, not a held slot
+        core.on_committed(encode_log_value(dataclasses.replace(early_bad, epoch=k + 1)), 0.1)
+    assert len(core._rounds[2].early_starts) == 1 and core.drops["duplicate_start"] == 12
+    for k in range(10):  # more distinct bases than the 8 once held: under loss the one that
+        core.on_committed(encode_log_value(RoundStart(  # later matched was sometimes dropped
+            job_id=job_id, round=2, epoch=0, base_hash=bytes([0x20 + k]) * 32)), 0.1)
     core.on_committed(encode_log_value(early_good), 0.1)
     for identity in IDS[:4]:  # a quorum of confirms, but for a set that will not commit
         core.on_committed(confirm(identity, other), 0.2)
@@ -599,7 +605,7 @@ def test_confirms_count_only_for_the_committed_inclusion_and_an_early_start_wait
     core.on_committed(confirm(IDS[3], committed), 0.4)
     assert core.certified_hash(1) == digest
     assert core._rounds[2].start == early_good  # the held start naming the certified hash
-    assert core.drops["start_without_certified_base"] == 1
+    assert core.drops["start_without_certified_base"] == 11 and core.drops["early_start_overflow"] == 0
 
 
 def test_speculative_training_changes_nothing_but_timing_and_a_mismatch_trains_again(digits, monkeypatch):
@@ -821,7 +827,8 @@ def test_a_participant_fetches_the_updates_of_a_proposed_inclusion_it_lacks(digi
     """An update lost on the way (or sent while this peer was down) is asked for as soon as an
     inclusion naming it is checked ("not yet"), not only after that inclusion commits: with
     more than 1/3 of the participants lacking an update, the inclusion could never commit
-    otherwise. One request per fetch_interval_s, only the missing hashes, bounded memory."""
+    otherwise. After fetch_grace_s, to 2 participants (the next ones at every retry, one per
+    fetch_interval_s), only the missing hashes, bounded memory."""
     train, test, shards = digits
     job = make_job(rounds=2, quorum=3)
     mesh = Mesh(job, shards)
@@ -848,18 +855,25 @@ def test_a_participant_fetches_the_updates_of_a_proposed_inclusion_it_lacks(digi
     value = encode_log_value(inclusion)
     assert len(inclusion.updates) == 5 and not core.wants_updates
     assert core.validate_log_value(value) is None and core.wants_updates
-    core.fetch_wanted(mesh.now)
-    requests = [a.message for a in core.take_actions() if isinstance(a, Broadcast)]
-    assert len(requests) == 1 and isinstance(requests[0], FlUpdateRequest)
+    grace, interval = core.config.fetch_grace_s, core.config.fetch_interval_s
+    t0 = mesh.now
+    core.fetch_wanted(t0)
+    assert core.take_actions() == [] and core.next_deadline() == t0 + grace  # it may still be on its way
+    core.tick(t0 + grace)
+    requests = [a for a in core.take_actions() if isinstance(a, Send)]
     (lost,) = [h for h in inclusion.updates if h not in core._rounds[1].updates]
-    assert requests[0].hashes == (lost,) and requests[0].round == 1
-    core.fetch_wanted(mesh.now + core.config.fetch_interval_s / 2)
+    assert len(requests) == 2 and len({a.peer_id for a in requests}) == 2 and me not in {a.peer_id for a in requests}
+    assert all(a.message.hashes == (lost,) and a.message.round == 1 for a in requests)
+    core.fetch_wanted(t0 + grace + interval / 2)
     assert core.take_actions() == []  # paced
+    core.tick(t0 + grace + interval)
+    retry = [a for a in core.take_actions() if isinstance(a, Send)]
+    assert len(retry) == 2 and not {a.peer_id for a in retry} & {a.peer_id for a in requests}  # the next ones
     mesh.deliver = real_deliver
-    mesh.queue.extend((me, Broadcast(r)) for r in requests)  # the others answer with the update
+    mesh.queue.extend((me, a) for a in requests)  # the peers asked answer with the update
     mesh.run(max_time_s=0.0)
     assert core.validate_log_value(value) is True and not core.wants_updates
-    core.fetch_wanted(mesh.now + 10 * core.config.fetch_interval_s)
+    core.fetch_wanted(t0 + 10 * interval)
     assert core.take_actions() == []  # nothing missing: nothing asked
     bogus = dataclasses.replace(inclusion, updates=tuple(bytes([i]) * 32 for i in range(1, 40)))
     assert core.validate_log_value(encode_log_value(bogus)) is None
