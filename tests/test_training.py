@@ -153,6 +153,22 @@ class Mesh:
                     core.on_committed(value, self.now, epoch=self.epoch)
                     self.queue.extend((p, a) for a in core.take_actions())
 
+    def hold_inclusions(self, round_: int = 1) -> dict:
+        """Keep the inclusions of ``round_`` out of the log from now on: they are collected in
+        the returned dict (update hashes -> Inclusion) instead."""
+        held = {}
+        real_submit = self.submit
+
+        def submit(value: bytes) -> None:
+            rec = decode_log_value(value)
+            if isinstance(rec, Inclusion) and rec.round == round_:
+                held[rec.updates] = rec
+                return
+            real_submit(value)
+
+        self.submit = submit
+        return held
+
     def deliver(self, dst: str, src: str, msg) -> None:
         if dst in self.dead or src in self.dead:
             return
@@ -798,17 +814,7 @@ def test_inclusion_validity_checks_the_aggregate_hash(digits, monkeypatch):
         job_id=mesh.job_id, round=1, updates=tuple(bytes([i]) * 32 for i in range(1, 4)),
         aggregate_hash=b"\x01" * 32))) is None  # round 1 has not begun here
     # run until round 1 has begun everywhere and every update is held, then stop before inclusion
-    held = {}
-    real_submit = mesh.submit
-
-    def submit(value):
-        rec = decode_log_value(value)
-        if isinstance(rec, Inclusion) and rec.round == 1:
-            held[rec.updates] = rec  # keep the inclusions out of the log
-            return
-        real_submit(value)
-
-    mesh.submit = submit
+    held = mesh.hold_inclusions()
     mesh.run(max_time_s=0.0)
     full = max(held, key=len)
     good = held[full]
@@ -834,22 +840,15 @@ def test_a_participant_fetches_the_updates_of_a_proposed_inclusion_it_lacks(digi
     mesh = Mesh(job, shards)
     me, lost_from = PEERS[0], PEERS[1]
     core = mesh.cores[me]
-    held = {}
-    real_submit, real_deliver = mesh.submit, mesh.deliver
-
-    def submit(value):
-        rec = decode_log_value(value)
-        if isinstance(rec, Inclusion) and rec.round == 1:
-            held[rec.updates] = rec  # keep the inclusions out of the log
-            return
-        real_submit(value)
+    held = mesh.hold_inclusions()
+    real_deliver = mesh.deliver
 
     def deliver(dst, src, msg):
         if dst == me and src == lost_from and isinstance(msg, FlUpdate):
             return  # lost
         real_deliver(dst, src, msg)
 
-    mesh.submit, mesh.deliver = submit, deliver
+    mesh.deliver = deliver
     mesh.run(max_time_s=0.0)
     inclusion = held[max(held, key=len)]
     value = encode_log_value(inclusion)
@@ -894,8 +893,8 @@ def test_past_the_per_round_cap_only_a_larger_set_is_checked_and_blocks_carry_th
     mesh = Mesh(job, shards)
     me, lost_from = PEERS[0], PEERS[1]
     core = mesh.cores[me]
-    real_submit, real_deliver = mesh.submit, mesh.deliver
-    mesh.submit = lambda v: None if isinstance(decode_log_value(v), Inclusion) else real_submit(v)
+    mesh.hold_inclusions()
+    real_deliver = mesh.deliver
 
     def deliver(dst, src, msg):
         if not (dst == me and src == lost_from and isinstance(msg, FlUpdate)):
