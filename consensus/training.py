@@ -1045,7 +1045,7 @@ class TrainingCore:
         if not rnd.wanted:
             rnd.wanted_next = math.inf
             return
-        if rnd.wanted_next == math.inf and rnd.wanted_asks == 0:
+        if rnd.wanted_next == math.inf:  # newly missing: a grace period first
             rnd.wanted_next = now + self.config.fetch_grace_s
         if now < rnd.wanted_next:
             return
@@ -1531,9 +1531,9 @@ class TrainingCore:
         smallest set we did not propose); else None ("not yet"). So the largest set, which
         every participant can check once it holds those updates, is always checkable: with
         a hard cap, peers whose budgets went to different smaller sets (each proposer's view
-        at its deadline differs under loss) could never agree on any set. At most
-        ``len(participants) - quorum + 1`` sets get past the cap per round (each is larger
-        than the last)."""
+        at its deadline differs under loss) could never agree on any set. Each set past the
+        cap is larger than the last and holds only held updates (at most two per
+        participant), so fewer than ``2 * len(participants)`` get past it per round."""
         own = rnd.aggregates.get(chosen)
         if own is not None:
             return own.digest

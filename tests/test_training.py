@@ -873,7 +873,13 @@ def test_a_participant_fetches_the_updates_of_a_proposed_inclusion_it_lacks(digi
     mesh.run(max_time_s=0.0)
     assert core.validate_log_value(value) is True and not core.wants_updates
     core.fetch_wanted(t0 + 10 * interval)
-    assert core.take_actions() == []  # nothing missing: nothing asked
+    assert core.take_actions() == [] and core._rounds[1].wanted_next == math.inf  # nothing missing
+    other = dataclasses.replace(inclusion, updates=inclusion.updates[:4] + (b"\xfe" * 32,))
+    assert core.validate_log_value(encode_log_value(other)) is None  # missing again, later
+    core.fetch_wanted(t0 + 11 * interval)
+    core.tick(t0 + 11 * interval + grace)
+    again = [a for a in core.take_actions() if isinstance(a, Send) and isinstance(a.message, FlUpdateRequest)]
+    assert len(again) == 2 and all(a.message.hashes == (b"\xfe" * 32,) for a in again)
     bogus = dataclasses.replace(inclusion, updates=tuple(bytes([i]) * 32 for i in range(1, 40)))
     assert core.validate_log_value(encode_log_value(bogus)) is None
     assert len(core._rounds[1].wanted) == len(job.participants)  # bounded
