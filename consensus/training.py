@@ -1035,7 +1035,10 @@ class TrainingCore:
         missing (one still on its way, or arriving in parts, is not asked for), then one per
         ``fetch_interval_s`` while some are missing; each goes to
         :data:`UPDATE_FETCH_FANOUT` other participants, the next ones in turn at every
-        retry (every holder answers a request: asking all would return that many copies).
+        retry (every holder answers a request: asking all would return that many copies),
+        first those whose own update of the round reached us (their link to us works; the
+        author of a missing update may be behind a link that lost it), in participant order
+        after our own position.
         At most ``len(participants)`` hashes are remembered per round. :meth:`tick` calls
         this too (:meth:`next_deadline` includes the next request)."""
         rnd = self._rounds.get(self.model_round + 1)
@@ -1052,15 +1055,19 @@ class TrainingCore:
         rnd.wanted_next = now + self.config.fetch_interval_s
         in_parts = {digest for _, kind, digest in self._assemblies if kind == FlUpdate.KIND}
         ask = tuple(sorted(rnd.wanted - in_parts))
-        others = [p for p in self.job.participants if p != self.peer_id]
-        if not ask or not others:
+        participants = self.job.participants
+        me = participants.index(self.peer_id) if self.participant else -1
+        ring = [participants[(me + k) % len(participants)] for k in range(1, len(participants) + 1)]
+        ring = [p for p in ring if p != self.peer_id]
+        if not ask or not ring:
             return
-        first = (self.job.participants.index(self.peer_id) if self.participant else 0) \
-            + rnd.wanted_asks * UPDATE_FETCH_FANOUT
+        # those whose update of this round reached us first: their link to us works
+        ordered = [p for p in ring if p in rnd.first_by_sender] + [p for p in ring if p not in rnd.first_by_sender]
+        first = rnd.wanted_asks * UPDATE_FETCH_FANOUT
         rnd.wanted_asks += 1
         request = FlUpdateRequest(job_id=self.job_id, round=rnd.number, hashes=ask)
-        for k in range(min(UPDATE_FETCH_FANOUT, len(others))):
-            self._actions.append(Send(others[(first + k) % len(others)], request))
+        for k in range(min(UPDATE_FETCH_FANOUT, len(ordered))):
+            self._actions.append(Send(ordered[(first + k) % len(ordered)], request))
 
     def tick(self, now: float) -> None:
         """Run the timers due at ``now`` (round deadline, re-fetches)."""
