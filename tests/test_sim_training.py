@@ -121,9 +121,10 @@ def test_rounds_over_the_bft_log_stay_live_when_updates_are_lost(tmp_path, peers
     update only after a commit (so an inclusion that more than 1/3 of the weight could not
     check never committed), and blocks bundled several inclusion sets of one round, each
     checkable at a different subset of the peers (MAX_AGGREGATES_PER_ROUND), so no block was
-    valid at more than 2/3 of them. Now a participant asks for missing updates at once
+    valid at more than 2/3 of them, and the start that later matched could be dropped with
+    more than 8 held. Now a participant asks for missing updates before the commit
     (TrainingCore.fetch_wanted), a block carries one inclusion per round, the largest
-    (inclusion_choice), and the largest set is always checkable."""
+    (inclusion_choice), the largest set is always checkable, and starts are held per base."""
     text = BASE.format(peers=peers, log="bft", rule="fedavg", rounds=4, attack="none", attackers=0, f=1)
     for seed in seeds:
         path = tmp_path / f"loss-{peers}-{seed}.toml"

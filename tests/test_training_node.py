@@ -244,7 +244,7 @@ def test_participants_that_lost_an_update_fetch_it_before_the_inclusion_commits(
     """Two of five peers never receive peer 0's own updates (TEST HOOK
     ``training_test_drop_updates_from``: lost on the way). An inclusion of all five updates
     needs 4 prevotes, so one of those two must have checked it: they ask for the missing
-    update as soon as they see the inclusion (``fl_update_request``, answered by the peers
+    update shortly after they see the inclusion (``fl_update_request``, answered by the peers
     that hold it), and the rounds commit all five updates. Before, they asked only after a
     commit: the full set could never commit and every round waited for the 2 s deadline to
     commit a set of four without peer 0's update."""
