@@ -64,7 +64,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import msgpack
 
@@ -326,11 +326,11 @@ class Ledger:
     # ------------------------------------------------------------- validation
 
     @staticmethod
-    def choice_key(value: bytes):
+    def choice_key(value: bytes) -> tuple[bytes, Any] | None:
         """The BFT core's ``choice_key`` (block-building policy): of the training inclusions
         of one (job, round) a block carries one
         (:func:`chimera.consensus.training.inclusion_choice`); other values are not grouped."""
-        if not has_app_tag(value) or not value.startswith(_INCLUSION_PREFIX):
+        if not value.startswith(_INCLUSION_PREFIX):  # (training is imported only for these)
             return None
         from chimera.consensus.training import inclusion_choice
 

@@ -560,10 +560,6 @@ def in_parts(msg: FlUpdate | FlModel, digest: bytes) -> tuple[FlUpdate | FlModel
                         count=len(chunks), data=chunk) for k, chunk in enumerate(chunks))
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise MalformedError("msgpack extension types are not allowed")
-
-
 def update_hash(update: FlUpdate) -> bytes:
     """SHA-256 of ``UPDATE_DOMAIN || msgpack(fields except signature)``: the update's identity."""
     body = encode_fields(update)
@@ -1056,13 +1052,12 @@ class TrainingCore:
         in_parts = {digest for _, kind, digest in self._assemblies if kind == FlUpdate.KIND}
         ask = tuple(sorted(rnd.wanted - in_parts))
         participants = self.job.participants
-        me = participants.index(self.peer_id) if self.participant else -1
-        ring = [participants[(me + k) % len(participants)] for k in range(1, len(participants) + 1)]
-        ring = [p for p in ring if p != self.peer_id]
+        me = participants.index(self.peer_id) + 1 if self.participant else 0
+        ring = [p for p in participants[me:] + participants[:me] if p != self.peer_id]
         if not ask or not ring:
             return
-        # those whose update of this round reached us first: their link to us works
-        ordered = [p for p in ring if p in rnd.first_by_sender] + [p for p in ring if p not in rnd.first_by_sender]
+        # those whose update of this round reached us first (their link to us works), then the rest
+        ordered = sorted(ring, key=lambda p: p not in rnd.first_by_sender)
         first = rnd.wanted_asks * UPDATE_FETCH_FANOUT
         rnd.wanted_asks += 1
         request = FlUpdateRequest(job_id=self.job_id, round=rnd.number, hashes=ask)

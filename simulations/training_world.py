@@ -817,23 +817,24 @@ class BftTrainingPeer(BftPeer):
         if _is_training_message(envelope.message):
             if self.core is not None:
                 self.training.on_message(envelope.sender, envelope.message, self.clock.now())
-                self._recheck(self.clock.now())
+                self._after_input(self.clock.now())
             return
         super().on_envelope(envelope)
-        self.training.fetch_wanted(self.clock.now())
+        self._after_input(self.clock.now())
 
     def on_wake(self, now: float) -> None:
         super().on_wake(now)
         self.training.tick(now)
-        self._recheck(now)
+        self._after_input(now)
 
-    def _recheck(self, now: float) -> None:
-        """As the node: ask for the updates a proposed inclusion names and we lack; an update
-        that arrived may decide a proposal waiting on it."""
-        self.training.fetch_wanted(now)
+    def _after_input(self, now: float) -> None:
+        """As the node: an update that arrived may decide a proposal waiting on it; then ask
+        for the updates a proposed inclusion names and we lack (the check just made may
+        have found some)."""
         if self.core is not None and self.core.awaiting_values:
             self.core.recheck(now)
             self.run_actions(self.core.take_actions())
+        self.training.fetch_wanted(now)
 
     def wake_at(self, deadline_local: float) -> None:
         PeerHost.wake_at(self, min(deadline_local, self.training.deadline()))
