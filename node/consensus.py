@@ -125,6 +125,7 @@ class ConsensusService:
         self._opinion_epoch = -1
         self._join_epoch = -1
         self._wake = asyncio.Event()
+        self._tick_scheduled = False
         self._flush_scheduled = False
         self._recheck_scheduled = False
         self.halted: str | None = None  # why consensus stopped (fail-stop, see _halt)
@@ -262,6 +263,10 @@ class ConsensusService:
     async def propose(self, data: bytes, timeout_s: float) -> dict:
         """Submit a signed decision and wait until it is committed (and stored).
 
+        Returns ``height``, ``nonce``, ``value_hash`` (hex) and ``latency_s``: seconds
+        from submission to the moment the commit was durable in this node's store (not
+        to when this coroutine resumed, which can trail it by a loop iteration).
+
         Raises:
             LocalProtocolError: data too long, the pool refused it, or no commit within ``timeout_s``.
         """
@@ -276,13 +281,13 @@ class ConsensusService:
             if not self.submit(value):
                 raise LocalProtocolError("the consensus pool refused the value (full or duplicate)")
             try:
-                height = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+                height, stored_at = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
             except asyncio.TimeoutError:
                 raise LocalProtocolError(f"not committed within {timeout_s} s (is a quorum of "
                                          f"validators up? height {self.height})") from None
         finally:
             self.waiters.pop(digest, None)
-        return {"height": height, "nonce": nonce, "value_hash": digest.hex(), "latency_s": loop.time() - t0}
+        return {"height": height, "nonce": nonce, "value_hash": digest.hex(), "latency_s": stored_at - t0}
 
     async def propose_many(self, data: bytes, count: int, timeout_s: float) -> dict:
         """Submit ``count`` decisions (``data`` + `` #k``) at once; wait for all (load testing).
@@ -294,8 +299,9 @@ class ConsensusService:
         t0 = loop.time()
 
         async def one(k: int) -> tuple[int, float]:
+            submitted = loop.time()
             res = await self.propose(data + f" #{k}".encode(), timeout_s)
-            return res["height"], loop.time() - t0
+            return res["height"], submitted - t0 + res["latency_s"]
 
         done = await asyncio.gather(*(one(k) for k in range(count)))
         return {"heights": [h for h, _ in done], "latency_s": [x for _, x in done],
@@ -345,6 +351,27 @@ class ConsensusService:
                     raise
                 self._halt(f"{type(action).__name__} could not be stored: {exc}")
         self._wake.set()
+        if not self._tick_scheduled and self.halted is None \
+                and self.core.next_deadline() <= time.monotonic():
+            self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        """A timer of the core is already due (e.g. the end of a proposer's idle wait that
+        a value just scheduled "at the next tick"): run it right after the input being handled
+        (and the rest of its receive burst, which the consensus actor drains in one step),
+        not after the timer task's wake-up, which trails by a loop iteration or two."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tests driving the service directly): they tick
+            return
+        self._tick_scheduled = True
+        loop.call_soon(self._tick_due)
+
+    def _tick_due(self) -> None:
+        self._tick_scheduled = False
+        if self.halted is None:
+            self.core.tick(time.monotonic())
+            self.run_actions()
 
     def _halt(self, reason: str) -> None:
         """Fail-stop: what must be durable before it is acted on could not be written (disk
@@ -434,8 +461,9 @@ class ConsensusService:
             committed_ms=time.time_ns() // 1_000_000, commit_blob=_pack(action.commit),
             decisions=[(d.index, d.author, d.nonce, d.data) for d in outcome.decisions],
             offenders=outcome.evidence, snapshot=snapshot, new_table=new_table)
+        stored_mono = time.monotonic()  # the commit is durable: latencies end here
         self.stored_height = action.height
-        self.last_commit_mono = time.monotonic()
+        self.last_commit_mono = stored_mono
         self.counters["consensus_commits"] += 1
         self.counters["consensus_values_committed"] += len(block.values)
         node = self.node
@@ -457,15 +485,14 @@ class ConsensusService:
                      {p[:10]: w for p, w in table.weights.items()})
         for hook in self.commit_hooks:
             hook(action.height, outcome)
-        now = time.monotonic()
         for value in block.values:
             digest = value_hash(value)
             t0 = self._submitted_at.pop(digest, None)
             if t0 is not None:
-                self.commit_latency.observe(now - t0)
+                self.commit_latency.observe(stored_mono - t0)
             fut = self.waiters.get(digest)
             if fut is not None and not fut.done():
-                fut.set_result(action.height)
+                fut.set_result((action.height, stored_mono))
 
     # ------------------------------------------------------------ reputation
 

@@ -860,13 +860,13 @@ class TrainingService:
             if not self.consensus.submit(value):
                 raise admin_api.AdminError("the consensus pool refused the job (full, duplicate or invalid)")
             try:
-                height = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+                height, stored_at = await asyncio.wait_for(asyncio.shield(fut), timeout_s)
             except asyncio.TimeoutError:
                 raise admin_api.AdminError(f"job not committed within {timeout_s} s (is a quorum of "
                                            "validators up?)") from None
         finally:
             self.consensus.waiters.pop(digest, None)
-        return {"job_id": job_id.hex(), "name": job.name, "height": height, "latency_s": loop.time() - t0,
+        return {"job_id": job_id.hex(), "name": job.name, "height": height, "latency_s": stored_at - t0,
                 "participants": len(job.participants), "quorum": job.quorum, "update_bytes": size}
 
     def export(self, ref: str | None) -> dict:
