@@ -15,7 +15,11 @@ Round protocol
 1. **Job.** Someone proposes ``fl_job`` (a :class:`JobSpec`) to the log. Its
    ``job_id`` is the SHA-256 of the exact committed log value. On commit the
    driver creates a core per job (:meth:`TrainingCore.for_committed_job`).
-2. **Round start.** As soon as a peer has aggregated round ``r - 1`` (steps
+2. **Round start.** On the fast path (step 5) the commit of round ``r - 1``'s
+   inclusion also starts round ``r`` (base: its ``aggregate_hash``; epoch: its
+   block's), with no start value; committed starts of such a round are ignored,
+   so no committed value can hold it back. Otherwise (round 1, and rounds
+   certified by confirmations): as soon as a peer has aggregated round ``r - 1`` (steps
    4-5; round 1: when the job commits, from the all-zero initial model), it
    proposes ``fl_start(job_id, r, epoch, base_hash)`` with its own aggregate
    as ``base_hash``, in the same breath as its inclusion or confirmation, and again from
@@ -688,10 +692,17 @@ class TrainingConfig:
     """Local pacing (may differ per node): ``fetch_interval_s`` between re-requests of
     missing updates or models (> 0); ``fetch_grace_s`` (>= 0) from the first sight of an
     uncommitted inclusion naming updates we lack to the first request for them (an update
-    still on its way from its author would otherwise arrive twice)."""
+    still on its way from its author would otherwise arrive twice).
+
+    ``checked_log``: the log commits a value only after its validators checked it with
+    :meth:`TrainingCore.validate_log_value` (the BFT log with the validity hook wired, as
+    in the node). False for a log that commits whatever is proposed (the ideal-log
+    simulator): then :meth:`TrainingCore.fast_path` is always False, so proposers confirm
+    with their inclusions and propose next-round starts, as only confirmations certify."""
 
     fetch_interval_s: float = 1.0
     fetch_grace_s: float = 0.1
+    checked_log: bool = True
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.fetch_interval_s) and self.fetch_interval_s > 0):
@@ -840,10 +851,12 @@ class TrainingCore:
         1/3 - (non-participant weight) >= 0 of it is honest participants, who precommit
         an inclusion only after computing its aggregate themselves and finding
         ``aggregate_hash`` (Tendermint's valid(v) is checked before a precommit, see
-        :meth:`validate_log_value`). False for an epoch whose table we do not know.
+        :meth:`validate_log_value`). There the same commit also starts the next round
+        (see :meth:`_certify`). False for an epoch whose table we do not know, and always
+        without ``TrainingConfig.checked_log``.
         """
         table = self._tables.get(epoch)
-        if table is None:
+        if table is None or not self.config.checked_log:
             return False
         outside = sum(w for p, w in table.weights.items() if p not in self._participants)
         return 3 * outside <= table.total
@@ -907,6 +920,13 @@ class TrainingCore:
             return
         if isinstance(rec, JobSpec) or rec.job_id != self.job_id:
             return
+        if isinstance(rec, Inclusion) and rec.round == self.model_round and epoch is not None:
+            # replay after a restart from the checkpoint of this round: the inclusion that
+            # certified it (fast path) also started the next round, which we must start too
+            if self.fast_path(epoch) and rec.aggregate_hash == self._certified.get(rec.round):
+                self._start_next(rec.round, epoch)
+                self._progress(now)
+                return
         if rec.round > self.job.rounds or rec.round <= self.model_round:
             self.drops["stale_log_value"] += 1
             return
@@ -1215,7 +1235,7 @@ class TrainingCore:
         self._event("inclusion_committed", inc.round, f"{len(inc.updates)} updates")
         if epoch is not None and self.fast_path(epoch):  # checked by the commit's precommitters
             rnd.unverified.clear()
-            self._certify(rnd, inc.aggregate_hash)
+            self._certify(rnd, inc.aggregate_hash, next_epoch=epoch)
             return
         # confirms of this round committed before it (earlier in the block) count now, also
         # when this is not our current round (a peer catching up through the log)
@@ -1260,10 +1280,32 @@ class TrainingCore:
                 self._certify(rnd, rec.aggregate_hash)
                 return
 
-    def _certify(self, rnd: _Round, digest: bytes) -> None:
+    def _certify(self, rnd: _Round, digest: bytes, *, next_epoch: int | None = None) -> None:
+        """Round ``rnd`` is certified with hash ``digest``. On the fast path (``next_epoch``:
+        the epoch of the block whose inclusion certified it) that commit also starts the next
+        round; otherwise the next round's start is a committed ``fl_start`` (held ones first)."""
         rnd.certified = digest
         self._certified[rnd.number] = digest
-        self._take_early_start(rnd.number + 1)
+        if next_epoch is None:
+            self._take_early_start(rnd.number + 1)
+        else:
+            self._start_next(rnd.number, next_epoch)
+
+    def _start_next(self, number: int, epoch: int) -> None:
+        """Fast path: the commit of round ``number``'s inclusion in a block of ``epoch`` starts
+        round ``number + 1`` from the certified hash, with the weight table of ``epoch``; no
+        ``fl_start`` is needed, and starts of that round committed before (held) or after it
+        are ignored. A rule over the log alone, like every start: no committed value can
+        hold the round back (a byzantine proposer's starts naming bogus bases included)."""
+        if number >= self.job.rounds:
+            return
+        nxt = self._rnd(number + 1)
+        if nxt.start is not None:
+            return
+        nxt.early_starts = []
+        nxt.start = RoundStart(job_id=self.job_id, round=number + 1, epoch=epoch,
+                               base_hash=self._certified[number])
+        self._try_certify(nxt)
 
     def _on_update(self, sender: str, update: FlUpdate, now: float) -> None:
         if update.sender not in self.job.participants:
@@ -1579,9 +1621,12 @@ class TrainingCore:
             self._actions.append(ProposeValue(encode_log_value(confirm)))
 
     def _follow(self, rnd: _Round, result: AggregateResult) -> None:
-        """Propose the next round's start from ``result`` (it may commit with the inclusion: held
-        until this round is certified, see _on_start) and train it speculatively."""
-        self._propose_start(rnd.number + 1, base=result.digest)
+        """Train the next round speculatively from ``result`` and, unless the fast path holds
+        (then the inclusion's commit starts it, see _start_next), propose its start from
+        ``result`` (it may commit with the inclusion: held until this round is certified,
+        see _on_start)."""
+        if not self.fast_path(max(self._tables)):
+            self._propose_start(rnd.number + 1, base=result.digest)
         self._speculate(rnd.number + 1, result)
 
     def _refetch(self, now: float) -> None:

@@ -517,7 +517,9 @@ class PeerTraining:
         fed = self.fed
         self.core = TrainingCore.for_committed_job(
             self.host.identity, self.host.network_id, job_value, {fed.table.epoch: fed.table}, now,
-            config=TrainingConfig(fetch_interval_s=fed.setup.fetch_interval_s), checkpoint=checkpoint)
+            config=TrainingConfig(fetch_interval_s=fed.setup.fetch_interval_s,
+                                  checked_log=isinstance(self.host, BftTrainingPeer)),
+            checkpoint=checkpoint)
         self.host.sim.log(f"{self.host.name} trains job {fed.job_index[self.core.job_id]}"
                           + (f" from checkpoint r={checkpoint[0]}" if checkpoint else ""))
         self.run(self.core.take_actions())

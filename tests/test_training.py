@@ -28,6 +28,7 @@ from chimera.consensus.quorum import WeightTable, sign_vote
 from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.training import (
     MAX_ASSEMBLIES_PER_SENDER,
+    MAX_EARLY_STARTS,
     MAX_PARTS,
     PART_BYTES,
     AggregateConfirm,
@@ -796,6 +797,54 @@ def test_inclusions_certify_their_round_when_participants_check_them(digits):
     assert outside.final_model().digest == final.digest
     confirms = Counter(type(decode_log_value(v)).__name__ for v in outside.committed)["AggregateConfirm"]
     assert confirms >= 4 * 4, confirms  # more than 2/3 of the participants' weight, every round
+
+
+def test_on_the_fast_path_the_inclusion_starts_the_next_round_and_stuffed_starts_cannot_stall_it(digits):
+    """Fast path: the commit of a round's inclusion also starts the next round (from its
+    aggregate hash, with the block's epoch), so the log of a clean job holds one fl_start
+    (round 1's) and no start for later rounds. A byzantine proposer that commits more than
+    MAX_EARLY_STARTS starts of round 2 naming bogus bases before round 1's inclusion (all
+    valid then: nobody holds round 1's aggregate yet) fills the list of held starts; with a
+    start value needed, the honest one was then dropped as an overflow and, the log refusing
+    to commit the same bytes twice, the job stalled for good. A peer restarted from a
+    checkpoint starts the next round from the replayed inclusion too."""
+    train, test, shards = digits
+    job = make_job(rounds=4)
+    clean = Mesh(job, shards)
+    clean.run()
+    final = clean.final_model()
+    starts = [decode_log_value(v) for v in clean.committed if isinstance(decode_log_value(v), RoundStart)]
+    assert [s.round for s in starts] == [1]
+
+    mesh = Mesh(job, shards)
+    real_submit = mesh.submit
+    stuffed = []
+
+    def submit(value: bytes) -> None:
+        rec = decode_log_value(value)
+        if isinstance(rec, Inclusion) and rec.round == 1 and not stuffed:
+            stuffed.extend(encode_log_value(RoundStart(job_id=mesh.job_id, round=2, epoch=0,
+                                                       base_hash=bytes([0x40 + k]) * 32))
+                           for k in range(MAX_EARLY_STARTS + 6))
+            honest, mesh.pending = mesh.pending, list(stuffed)
+            mesh.commit_block()  # the byzantine proposer's block, before the inclusion's
+            assert mesh.invalid_values == 0  # every stuffed start was committed
+            mesh.pending = honest
+        real_submit(value)
+
+    mesh.submit = submit
+    mesh.run()
+    assert stuffed and mesh.final_model().digest == final.digest
+    core = mesh.cores[PEERS[0]]
+    assert core.drops["early_start_overflow"] == 6  # the held list was full
+
+    first = clean.checkpoints[PEERS[2]][0]
+    restarted = TrainingCore.for_committed_job(BY_PEER[PEERS[2]], NET, encode_log_value(job), {0: clean.table},
+                                               0.0, checkpoint=(first.round, dict(first.params)))
+    restarted.take_actions()
+    for value in clean.committed:
+        restarted.on_committed(value, 1.0, epoch=0)
+    assert restarted._rounds[2].start is not None and restarted.certified_hash(4) == final.digest
 
 
 def test_inclusion_validity_checks_the_aggregate_hash(digits, monkeypatch):
