@@ -21,7 +21,7 @@ from typing import Annotated, Iterable, Mapping
 
 import msgpack
 
-from chimera.protocol.identity import SIGNATURE_BYTES, SigningIdentity, VerifierCache, public_key_from_peer_id
+from chimera.protocol.identity import SIGNATURE_BYTES, SigningIdentity, public_key_from_peer_id, verify_signature
 from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from chimera.protocol.messages import Len, MaxItems, MaxLen, PeerId, record
 
@@ -119,16 +119,13 @@ class QuorumCertificate:
         return [v.voter for v in self.votes]
 
 
-_verifier = VerifierCache()
-
-
 def verify_vote(vote: SignedVote, purpose: str, network_id: bytes, epoch: int, statement: list) -> bool:
     """True when ``vote`` is a valid signature of its voter over the statement."""
     try:
         key = public_key_from_peer_id(vote.voter)
     except MalformedError:
         return False
-    return _verifier.verify(key, vote.signature, statement_bytes(purpose, network_id, epoch, statement))
+    return verify_signature(key, vote.signature, statement_bytes(purpose, network_id, epoch, statement))
 
 
 def verify_votes(votes: Iterable[SignedVote], table: WeightTable, purpose: str, network_id: bytes,

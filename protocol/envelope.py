@@ -41,7 +41,7 @@ from .identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
     SigningIdentity,
-    VerifierCache,
+    Verifier,
     peer_id_from_public_key,
     public_key_from_peer_id,
 )
@@ -182,7 +182,7 @@ class EnvelopeOpener:
         self.max_clock_skew_ms = max_clock_skew_ms
         self._max_senders = max_tracked_senders
         self._windows: OrderedDict[bytes, _ReplayWindow] = OrderedDict()
-        self._verifier = VerifierCache()
+        self._verifier = Verifier()
 
     def open(self, frame: bytes, now_ms: int) -> Envelope:
         """Decode, check and verify ``frame``.

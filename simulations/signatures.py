@@ -7,7 +7,7 @@ the answer for exact bytes is computed once and reused by the other peers
 never confused with a valid one). Without this, a broadcast to ``n`` peers
 costs ``n`` verifications (~60-120 us each) instead of one.
 
-* :class:`SharedVerifier` replaces the per-opener ``VerifierCache`` of
+* :class:`SharedVerifier` replaces the per-opener ``Verifier`` of
   :class:`~chimera.protocol.envelope.EnvelopeOpener` (envelope signatures).
 * :func:`shared_vote_verification` memoizes ``verify_vote`` inside the
   consensus modules for the duration of a run (vote, proposal, certificate and
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from chimera.protocol.identity import VerifierCache, public_key_from_peer_id
+from chimera.protocol.identity import public_key_from_peer_id, verify_signature
 from chimera.protocol.errors import MalformedError
 
 MAX_MEMO_ENTRIES = 500_000
@@ -27,10 +27,9 @@ MAX_MEMO_ENTRIES = 500_000
 
 
 class SharedVerifier:
-    """Drop-in for :class:`~chimera.protocol.identity.VerifierCache` with a result memo."""
+    """Drop-in for :class:`~chimera.protocol.identity.Verifier` with a result memo."""
 
     def __init__(self) -> None:
-        self._keys = VerifierCache(max_entries=1 << 20)
         self._memo: dict[tuple[bytes, bytes, bytes], bool] = {}
         self.verified = 0
         self.reused = 0
@@ -39,7 +38,7 @@ class SharedVerifier:
         key = (public_key, signature, message)
         ok = self._memo.get(key)
         if ok is None:
-            ok = self._keys.verify(public_key, signature, message)
+            ok = verify_signature(public_key, signature, message)
             if len(self._memo) >= MAX_MEMO_ENTRIES:
                 self._memo.clear()
             self._memo[key] = ok

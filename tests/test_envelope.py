@@ -18,7 +18,7 @@ from chimera.protocol.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from chimera.protocol.identity import SigningIdentity, peer_id_from_public_key
+from chimera.protocol.identity import SigningIdentity, peer_id_from_public_key, verify_signature
 from chimera.protocol.membership import Hello, MemberList, MemberUpdate, PeerContact
 from chimera.protocol.messages import decode_fields, encode_fields
 from chimera.protocol.network import Network, format_contact_uri, parse_contact_uri
@@ -224,6 +224,38 @@ def test_identity_and_peer_id():
     assert len(ALICE.peer_id) == 52 and ALICE.peer_id == ALICE.peer_id.lower()
     assert peer_id_from_public_key(ALICE.public_key) == ALICE.peer_id
     assert "seed" not in repr(ALICE) and ALICE.seed_bytes().hex() not in repr(ALICE)
+
+
+def test_signatures_are_rfc8032_and_interoperate_with_openssl():
+    """Signing and verification use libsodium (PyNaCl): RFC 8032 test vector 1, and
+    signatures cross-verify with OpenSSL (``cryptography``) both ways. The verification
+    rule is libsodium's (PROTOCOL.md §6.2): besides S >= L it rejects a small-order key,
+    e.g. the identity point with R = identity and S = 0, which "signs" any message and
+    which OpenSSL accepts."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    seed = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+    ident = SigningIdentity(seed)
+    assert ident.public_key.hex() == "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    assert ident.sign(b"").hex() == (
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+    assert ident.seed_bytes() == seed and SigningIdentity(ident.seed_bytes()).peer_id == ident.peer_id
+    message = b"chimera" * 50
+    Ed25519PublicKey.from_public_bytes(ident.public_key).verify(ident.sign(message), message)  # raises if bad
+    other = Ed25519PrivateKey.generate()
+    other_public = other.public_key().public_bytes_raw()
+    assert verify_signature(other_public, other.sign(message), message)
+    assert not verify_signature(other_public, other.sign(message), message + b"!")
+    sig = bytearray(ident.sign(message))
+    order = 2**252 + 27742317777372353535851937790883648493  # L: S + L is the same scalar, not canonical
+    sig[32:] = (int.from_bytes(sig[32:], "little") + order).to_bytes(32, "little")
+    assert not verify_signature(ident.public_key, bytes(sig), message)
+    assert not verify_signature(ident.public_key, ident.sign(message)[:63], message)  # lengths: False
+    assert not verify_signature(ident.public_key[:31], ident.sign(message), message)
+    identity_point = bytes([1]) + bytes(31)
+    forged = identity_point + bytes(32)
+    Ed25519PublicKey.from_public_bytes(identity_point).verify(forged, message)  # OpenSSL: "valid"
+    assert not verify_signature(identity_point, forged, message)
 
 
 def test_token_roundtrip_and_rejection():
