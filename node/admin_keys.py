@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from chimera.protocol.identity import fingerprint
+from chimera.protocol.identity import fingerprint, verify_signature
 
 from .keys import atomic_write
 
@@ -355,10 +354,8 @@ class RequestVerifier:
         who = f"{key.name} ({key.fingerprint})"
         if key.revoked_ms is not None:
             raise Refused(f"admin key {key.name!r} ({key.fingerprint}) is revoked", who, key.role)
-        try:
-            Ed25519PublicKey.from_public_bytes(key.public_key).verify(sig, REQUEST_DOMAIN + signed)
-        except InvalidSignature:
-            raise Refused("bad signature", who, key.role) from None
+        if not verify_signature(key.public_key, sig, REQUEST_DOMAIN + signed):  # PROTOCOL.md §6.2 rules
+            raise Refused("bad signature", who, key.role)
         if body["node"] != self.node:
             raise Refused(f"request is for node {body['node'][:40]}, this is {self.node}", who, key.role)
         if abs(now_ms - body["sent_at_ms"]) > self.window_ms:
