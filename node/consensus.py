@@ -125,9 +125,7 @@ class ConsensusService:
         self._opinion_epoch = -1
         self._join_epoch = -1
         self._wake = asyncio.Event()
-        self._tick_scheduled = False
-        self._flush_scheduled = False
-        self._recheck_scheduled = False
+        self._soon: set[str] = set()  # steps scheduled for the next loop iteration (_once_soon)
         self.halted: str | None = None  # why consensus stopped (fail-stop, see _halt)
         self.commit_latency = LatencyHistogram()  # own values: submission -> stored commit
         self._submitted_at: OrderedDict[bytes, float] = OrderedDict()
@@ -227,35 +225,37 @@ class ConsensusService:
             self._submitted_at[value_hash(value)] = time.monotonic()
             if len(self._submitted_at) > 65_536:
                 self._submitted_at.popitem(last=False)
-        if not self._flush_scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (tests driving the service directly)
-                self.run_actions()
-                return ok
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        if not self._once_soon("flush", self.run_actions):  # no loop: tests driving the service
+            self.run_actions()
         return ok
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        self.run_actions()
+    def _once_soon(self, key: str, step) -> bool:
+        """Run ``step()`` at the next loop iteration, once however often this is asked
+        before it runs. False (nothing scheduled) without a running loop: tests that drive
+        the service directly, where the next input or tick does the work."""
+        if key in self._soon:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._soon.add(key)
+
+        def run() -> None:
+            self._soon.discard(key)
+            step()
+
+        loop.call_soon(run)
+        return True
 
     def recheck_soon(self) -> None:
         """The application learned something (a training update arrived): when a proposal
         waits on a value the ledger answered "not yet" for, run the core's rules again at the
         next loop iteration (never inside the caller: it may be running our own actions)."""
-        if self.halted is not None or not self.core.awaiting_values or self._recheck_scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (tests driving the service directly): the next input
-            return  # runs the rules again
-        self._recheck_scheduled = True
-        loop.call_soon(self._recheck)
+        if self.halted is None and self.core.awaiting_values:
+            self._once_soon("recheck", self._recheck)
 
     def _recheck(self) -> None:
-        self._recheck_scheduled = False
         if self.halted is None:
             self.core.recheck(time.monotonic())
             self.run_actions()
@@ -351,24 +351,14 @@ class ConsensusService:
                     raise
                 self._halt(f"{type(action).__name__} could not be stored: {exc}")
         self._wake.set()
-        if not self._tick_scheduled and self.halted is None \
-                and self.core.next_deadline() <= time.monotonic():
-            self._schedule_tick()
-
-    def _schedule_tick(self) -> None:
-        """A timer of the core is already due (e.g. the end of a proposer's idle wait that
-        a value just scheduled "at the next tick"): run it right after the input being handled
-        (and the rest of its receive burst, which the consensus actor drains in one step),
-        not after the timer task's wake-up, which trails by a loop iteration or two."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (tests driving the service directly): they tick
-            return
-        self._tick_scheduled = True
-        loop.call_soon(self._tick_due)
+        if self.halted is None and self.core.next_deadline() <= time.monotonic():
+            # A timer is already due (e.g. the end of a proposer's idle wait that a value just
+            # scheduled "at the next tick"): run it right after the input being handled (and
+            # the rest of its receive burst, which the consensus actor drains in one step),
+            # not after the timer task's wake-up, which trails by a loop iteration or two.
+            self._once_soon("tick", self._tick_due)
 
     def _tick_due(self) -> None:
-        self._tick_scheduled = False
         if self.halted is None:
             self.core.tick(time.monotonic())
             self.run_actions()
