@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from chimera.protocol.identity import fingerprint, verify_signature
+from chimera.protocol.identity import fingerprint, is_usable_public_key, verify_signature
 
 from .keys import atomic_write
 
@@ -196,10 +196,8 @@ class KeyRing:
         check_role(role)
         if not isinstance(public_key, bytes) or len(public_key) != 32:
             raise AdminKeyError("an admin public key is 32 raw Ed25519 bytes")
-        try:
-            Ed25519PublicKey.from_public_bytes(public_key)
-        except ValueError:
-            raise AdminKeyError("not an Ed25519 public key") from None
+        if not is_usable_public_key(public_key):  # small-order keys can never verify (PROTOCOL §6.2)
+            raise AdminKeyError("not a usable Ed25519 public key (not a point of the prime-order subgroup)")
         fp = fingerprint(public_key)
         for key in self.list():
             if key.revoked_ms is None and key.name == name:

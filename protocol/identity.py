@@ -15,7 +15,12 @@ import functools
 import hashlib
 import secrets
 
-from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
+from nacl.bindings import (
+    crypto_core_ed25519_is_valid_point,
+    crypto_sign,
+    crypto_sign_open,
+    crypto_sign_seed_keypair,
+)
 from nacl.exceptions import BadSignatureError
 
 from .errors import LocalProtocolError, MalformedError
@@ -123,6 +128,14 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> boo
     except (BadSignatureError, ValueError, TypeError):
         return False
     return True
+
+
+def is_usable_public_key(public_key: bytes) -> bool:
+    """True when ``public_key`` (raw bytes) is a canonical Ed25519 point of the prime-order
+    subgroup: every real key is; a small-order or malformed one can never verify a
+    signature under :func:`verify_signature`'s rules (to refuse it where a key is
+    registered, with a clear error, instead of a key that silently never works)."""
+    return len(public_key) == PUBLIC_KEY_BYTES and bool(crypto_core_ed25519_is_valid_point(public_key))
 
 
 class Verifier:

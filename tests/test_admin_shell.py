@@ -17,7 +17,7 @@ import pexpect
 import pytest
 
 from chimera.node import admin
-from chimera.node.admin_keys import generate_key, public_bytes, sign_request, write_key_file
+from chimera.node.admin_keys import AdminKeyError, KeyRing, generate_key, public_bytes, sign_request, write_key_file
 from chimera.node.config import NodeConfig
 from chimera.node.launcher import LocalNetwork
 from chimera.protocol.identity import unb32
@@ -278,6 +278,18 @@ async def test_revoke_peer_admit_config_and_live_events(node_factory):
     rows = await call("audit", {"limit": 50})
     revoke_row = next(r for r in rows if r["command"] == "revoke_peer" and r["result"] == "ok")
     assert revoke_row["who"].startswith("local-owner uid=") and revoke_row["role"] == "admin"
+
+
+def test_key_ring_refuses_a_key_that_could_never_verify(tmp_path: Path):
+    """A small-order key (the identity point) parses as Ed25519 but no signature by it
+    verifies under PROTOCOL.md §6.2's rule: refused when added, with a clear error."""
+    ring = KeyRing.open(tmp_path)
+    with pytest.raises(AdminKeyError, match="usable Ed25519"):
+        ring.add("odd", "operator", bytes([1]) + bytes(31), 0)
+    with pytest.raises(AdminKeyError, match="32 raw"):
+        ring.add("short", "operator", bytes(31), 0)
+    good = ring.add("alice", "operator", public_bytes(generate_key()), 0)
+    assert [k.name for k in ring.list()] == [good.name]
 
 
 def test_audit_redacts_secrets():

@@ -18,7 +18,12 @@ from chimera.protocol.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from chimera.protocol.identity import SigningIdentity, peer_id_from_public_key, verify_signature
+from chimera.protocol.identity import (
+    SigningIdentity,
+    is_usable_public_key,
+    peer_id_from_public_key,
+    verify_signature,
+)
 from chimera.protocol.membership import Hello, MemberList, MemberUpdate, PeerContact
 from chimera.protocol.messages import decode_fields, encode_fields
 from chimera.protocol.network import Network, format_contact_uri, parse_contact_uri
@@ -256,6 +261,7 @@ def test_signatures_are_rfc8032_and_interoperate_with_openssl():
     forged = identity_point + bytes(32)
     Ed25519PublicKey.from_public_bytes(identity_point).verify(forged, message)  # OpenSSL: "valid"
     assert not verify_signature(identity_point, forged, message)
+    assert is_usable_public_key(ident.public_key) and not is_usable_public_key(identity_point)
 
 
 def test_token_roundtrip_and_rejection():
