@@ -1264,23 +1264,15 @@ class BftCore:
         prevotes = self._prevotes.get(r)
         if proposal is not None and self.step == PROPOSE:
             digest, vr = proposal
-            block = self._blocks[digest]
-            if vr is None:  # L22
-                valid = self._validity(block, digest)
+            old = None if vr is None else self._prevotes.get(vr)
+            if vr is None or (vr < r and old is not None and digest in old.by_hash
+                              and table.passes(old.by_hash[digest])):  # L22 (no vr) / L28
+                valid = self._validity(self._blocks[digest], digest)
                 if valid is not None or not self._await_valid(r, now):  # (else wait for the value)
-                    ok = valid is True and (self.locked_round is None or self.locked_hash == digest)
-                    self._vote(PREVOTE, digest if ok else None)
+                    unlocked = self.locked_round is None or self.locked_hash == digest \
+                        or (vr is not None and self.locked_round <= vr)
+                    self._vote(PREVOTE, digest if valid is True and unlocked else None)
                     return True
-            else:
-                old = self._prevotes.get(vr)
-                if vr < r and old is not None and digest in old.by_hash \
-                        and table.passes(old.by_hash[digest]):  # L28
-                    valid = self._validity(block, digest)
-                    if valid is not None or not self._await_valid(r, now):
-                        ok = valid is True and (self.locked_round is None or self.locked_round <= vr
-                                                or self.locked_hash == digest)
-                        self._vote(PREVOTE, digest if ok else None)
-                        return True
         if prevotes is not None and self.step == PREVOTE and ("L34", r) not in self._done \
                 and table.passes(prevotes.votes):  # L34
             self._done.add(("L34", r))

@@ -97,6 +97,26 @@ class Supervisor:
                     pass
 
 
+def call_soon_once(pending: set, key: object, step) -> bool:
+    """Run ``step()`` at the next loop iteration, once however often this is asked before
+    it runs (``pending``: the caller's set of keys scheduled and not yet run). False, with
+    nothing scheduled, without a running loop (tests driving a service directly)."""
+    if key in pending:
+        return True
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    pending.add(key)
+
+    def run() -> None:
+        pending.discard(key)
+        step()
+
+    loop.call_soon(run)
+    return True
+
+
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     """Wait until ``event`` is set or ``timeout_s`` seconds pass; True if it was set.
 

@@ -76,7 +76,7 @@ from chimera.protocol.errors import LocalProtocolError, MalformedError
 from chimera.protocol.membership import MemberState
 from chimera.protocol.messages import decode_fields, encode_fields
 
-from .actors import Actor, wait_event
+from .actors import Actor, call_soon_once, wait_event
 from .metrics import LatencyHistogram
 from .store import SignStateFile
 
@@ -125,7 +125,7 @@ class ConsensusService:
         self._opinion_epoch = -1
         self._join_epoch = -1
         self._wake = asyncio.Event()
-        self._soon: set[str] = set()  # steps scheduled for the next loop iteration (_once_soon)
+        self._soon: set[str] = set()  # steps scheduled for the next loop iteration (call_soon_once)
         self.halted: str | None = None  # why consensus stopped (fail-stop, see _halt)
         self.commit_latency = LatencyHistogram()  # own values: submission -> stored commit
         self._submitted_at: OrderedDict[bytes, float] = OrderedDict()
@@ -225,35 +225,16 @@ class ConsensusService:
             self._submitted_at[value_hash(value)] = time.monotonic()
             if len(self._submitted_at) > 65_536:
                 self._submitted_at.popitem(last=False)
-        if not self._once_soon("flush", self.run_actions):  # no loop: tests driving the service
+        if not call_soon_once(self._soon, "flush", self.run_actions):  # no loop: tests driving it
             self.run_actions()
         return ok
-
-    def _once_soon(self, key: str, step) -> bool:
-        """Run ``step()`` at the next loop iteration, once however often this is asked
-        before it runs. False (nothing scheduled) without a running loop: tests that drive
-        the service directly, where the next input or tick does the work."""
-        if key in self._soon:
-            return True
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        self._soon.add(key)
-
-        def run() -> None:
-            self._soon.discard(key)
-            step()
-
-        loop.call_soon(run)
-        return True
 
     def recheck_soon(self) -> None:
         """The application learned something (a training update arrived): when a proposal
         waits on a value the ledger answered "not yet" for, run the core's rules again at the
         next loop iteration (never inside the caller: it may be running our own actions)."""
         if self.halted is None and self.core.awaiting_values:
-            self._once_soon("recheck", self._recheck)
+            call_soon_once(self._soon, "recheck", self._recheck)
 
     def _recheck(self) -> None:
         if self.halted is None:
@@ -356,7 +337,7 @@ class ConsensusService:
             # scheduled "at the next tick"): run it right after the input being handled (and
             # the rest of its receive burst, which the consensus actor drains in one step),
             # not after the timer task's wake-up, which trails by a loop iteration or two.
-            self._once_soon("tick", self._tick_due)
+            call_soon_once(self._soon, "tick", self._tick_due)
 
     def _tick_due(self) -> None:
         if self.halted is None:

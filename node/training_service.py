@@ -84,7 +84,7 @@ from chimera.protocol.errors import LocalProtocolError, MalformedError
 from chimera.protocol.messages import encode_fields
 
 from . import admin as admin_api
-from .actors import Actor, wait_event
+from .actors import Actor, call_soon_once, wait_event
 from .keys import atomic_write
 
 log = logging.getLogger("chimera.training")
@@ -306,7 +306,6 @@ class JobState:
     last_error: str | None = None
     pending: list = field(default_factory=list)  # actions left by the restart replay
     checkpoint_task: asyncio.Task | None = None  # the newest checkpoint write (they run in round order)
-    fetch_scheduled: bool = False  # a fetch of updates named by an uncommitted inclusion is due
 
     def info(self, number: int) -> RoundInfo:
         rnd = self.rounds.get(number)
@@ -335,6 +334,7 @@ class TrainingService:
         self.store = node.store
         self.counters: Counter = node.counters
         self.jobs: dict[bytes, JobState] = {}
+        self._fetch_soon: set[bytes] = set()  # job ids with a fetch_wanted due (call_soon_once)
         self.refused: set[bytes] = set()  # committed jobs we participate in but cannot run (too large here)
         self.root = node.data_dir / "training"
         self._wake = asyncio.Event()
@@ -403,18 +403,13 @@ class TrainingService:
         if isinstance(rec, Inclusion) and not core.participant:
             return len(rec.updates) >= state.job.quorum  # observers do not receive updates
         ok = core.validate_log_value(value)
-        if ok is None and core.wants_updates and not state.fetch_scheduled:
-            # ask for the missing updates after the consensus step that asked us (its actions first)
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (tests driving the service): the commit fetches them
-                return ok
-            state.fetch_scheduled = True
-            loop.call_soon(self._fetch_wanted, state)
+        if ok is None and core.wants_updates:
+            # ask for the missing updates after the consensus step that asked us (its actions
+            # first); without a loop (tests driving the service) the commit fetches them
+            call_soon_once(self._fetch_soon, rec.job_id, lambda: self._fetch_wanted(state))
         return ok
 
     def _fetch_wanted(self, state: JobState) -> None:
-        state.fetch_scheduled = False
         state.core.fetch_wanted(time.monotonic())
         self.run_actions(state)
 
