@@ -35,7 +35,7 @@ first element is a tag:
   and the next table sees one opinion per author: the entries of its parts.
 * ``["evidence", equivocation]``: an :class:`~chimera.consensus.bft.Equivocation`
   (its ``encode_fields`` map) against a validator of the current epoch.
-* ``["fl_job" | "fl_start" | "fl_include" | "fl_confirm", body]``: federated
+* ``["fl_job" | "fl_include" | "fl_confirm", body]``: federated
   training values (:mod:`chimera.consensus.training`). They are valid only on a
   ledger built with an ``app_validator`` (the training service's check, which
   may depend on local state and is therefore never cached); when applied they

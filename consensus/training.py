@@ -15,24 +15,17 @@ Round protocol
 1. **Job.** Someone proposes ``fl_job`` (a :class:`JobSpec`) to the log. Its
    ``job_id`` is the SHA-256 of the exact committed log value. On commit the
    driver creates a core per job (:meth:`TrainingCore.for_committed_job`).
-2. **Round start.** On the fast path (step 5) the commit of round ``r - 1``'s
-   inclusion also starts round ``r`` (base: its ``aggregate_hash``; epoch: its
-   block's), with no start value; committed starts of such a round are ignored,
-   so no committed value can hold it back. Otherwise (round 1, and rounds
-   certified by confirmations): as soon as a peer has aggregated round ``r - 1`` (steps
-   4-5; round 1: when the job commits, from the all-zero initial model), it
-   proposes ``fl_start(job_id, r, epoch, base_hash)`` with its own aggregate
-   as ``base_hash``, in the same breath as its inclusion or confirmation, and again from
-   the certified model when round ``r - 1`` is certified if no start is
-   committed by then; honest peers propose the same bytes, which the log
-   dedupes. The first committed start of round ``r`` whose ``base_hash`` is the
-   certified hash of round ``r - 1`` counts (a rule over the log alone): a
-   start committed before that certification is held (the first per base, at
-   most ``MAX_EARLY_STARTS`` bases per round, in log order) and checked when
-   the certification commits. So the start usually commits in the same block as
-   the inclusion (or the confirmations), not one commit later. A validator prevotes a start only
-   if its ``base_hash`` is the certified hash or, before the certification,
-   its own aggregate of round ``r - 1`` (when it has one).
+2. **Round start.** No value starts a round: round 1 starts where the job
+   commits (its epoch: the job's block's), and round ``r + 1`` starts where
+   round ``r`` is certified (step 5: the commit of its inclusion on the fast
+   path, else the commit that completes its confirmations), from the
+   certified model, with the epoch of that block. A rule over the log alone,
+   so every peer starts every round at the same point of the log, and no
+   committed value can hold a round back. (Earlier drafts committed
+   ``fl_start`` values; a byzantine proposer could commit starts naming bogus
+   bases ahead of the honest one and stall a job.) A restart from the
+   checkpoint of round ``k`` takes round ``k + 1``'s epoch from the checkpoint
+   (:class:`Checkpoint` ``next_epoch``).
 3. **Local training.** Each participant gets :class:`TrainLocal` (the driver
    runs the model adapter on its own data, seeded by
    :func:`local_seed`) and feeds the result back with
@@ -52,7 +45,7 @@ Round protocol
    or after ``round_deadline_s`` (local time since the round began here)
    from at least ``quorum`` participants, it aggregates that set (step 5) and
    proposes ``fl_include(job_id, r, sorted update hashes, aggregate_hash)``
-   with the next round's start. The first committed inclusion of round ``r``
+   (with its confirmation off the fast path). The first committed inclusion of round ``r``
    with at least ``quorum`` hashes counts. A participant that died or is late
    does not stall the round. With the log's validity hook wired to
    :meth:`TrainingCore.validate_log_value`, a correct participant prevotes (and
@@ -65,7 +58,7 @@ Round protocol
    the job's rule) over ``base``. *Fast path* (:meth:`TrainingCore.fast_path`
    of the committing block's epoch, passed to :meth:`on_committed`): the
    inclusion's commit certifies round ``r`` with its ``aggregate_hash``.
-   Otherwise each participant proposes a signed ``fl_confirm(job_id, r,
+   Otherwise each participant with weight in the round proposes a signed ``fl_confirm(job_id, r,
    inclusion_hash, aggregate_hash)`` (a peer proposing an inclusion confirms
    with it, so when that set commits the confirmations ride in the same block;
    a confirm counts only for the inclusion committed), and once confirmations
@@ -79,8 +72,8 @@ Round protocol
    :class:`~chimera.consensus.aggregation.AggregateResult`, e.g. not an update
    Krum passed over, and nobody under the coordinate-wise rules).
 
-Resume and late join: construct the core with the last checkpoint (round and
-parameters) and replay the job's committed log values in order
+Resume and late join: construct the core with the last checkpoint (round,
+parameters and the next round's epoch) and replay the job's committed log values in order
 (:meth:`on_committed`); rounds certified beyond the checkpoint are fetched
 from peers and verified against the certified hash.
 
@@ -93,13 +86,12 @@ strictly (unknown/missing fields or wrong types reject the value)::
     ["fl_job",     {name, model_kind, n_features, classes, l2, dataset, rounds,
                     local_epochs, learning_rate, rule, byzantine_f, detect_anomalies,
                     participants, quorum, round_deadline_s, max_update_norm, seed}]
-    ["fl_start",   {job_id: bin32, round: int>=1, epoch: int, base_hash: bin32}]
     ["fl_include", {job_id: bin32, round: int>=1, updates: [bin32, ...] (strictly ascending),
                     aggregate_hash: bin32}]
     ["fl_confirm", {job_id: bin32, round: int>=1, inclusion_hash: bin32, aggregate_hash: bin32,
                     signed: {voter: peer id, signature: bin64}}]
 
-``job_id = SHA-256(fl_job value)``; ``base_hash`` and ``aggregate_hash`` are
+``job_id = SHA-256(fl_job value)``; ``aggregate_hash`` is
 :func:`~chimera.consensus.aggregation.aggregate_hash` of a model;
 ``inclusion_hash`` is :func:`inclusion_hash` of the confirmed set;
 ``fl_confirm.signed`` is :func:`~chimera.consensus.quorum.sign_vote` with
@@ -119,8 +111,7 @@ Wire messages (actor ``"training"``)
 Driver duties (the order of :meth:`TrainingCore.take_actions` matters)
 ---------------------------------------------------------------------
 * :class:`Checkpoint`: write the model atomically (temp + fsync + rename) and
-  its SQLite record *before* running any later action (the next round's start
-  proposal follows it).
+  its SQLite record, with ``next_epoch``, *before* running any later action.
 * :class:`ProposeValue`: ``BftCore.submit(value, now)``; feed every committed
   log value of the job back with :meth:`TrainingCore.on_committed` in log order.
 * :class:`TrainLocal`: run :meth:`~chimera.consensus.models.ModelAdapter.fit`
@@ -191,7 +182,6 @@ PART_BYTES = 192 << 10  # an fl_update/fl_model body above this goes as parts (f
 MAX_PARTS = 1400  # parts of one body (~262 MiB)
 MAX_ASSEMBLIES_PER_SENDER = 4  # bodies being reassembled from one peer at once
 MAX_LOG_VALUE_BYTES = 4096  # chimera.consensus.bft.MAX_VALUE_BYTES
-MAX_EARLY_STARTS = 64  # distinct bases of the starts of one round committed before its base was certified
 UPDATE_FETCH_FANOUT = 2  # participants asked at once for updates an uncommitted inclusion names
 MAX_AGGREGATES_PER_ROUND = 8  # inclusion sets of one round aggregated to check them (bounds a flood:
 #   an aggregate with anomaly screening costs 30-45 ms of CPU here)
@@ -277,20 +267,6 @@ class JobSpec:
 
 
 @record
-class RoundStart:
-    """``fl_start``: round ``round`` of ``job_id`` starts from the model of hash ``base_hash``;
-    reputation weights are those of the weight table of ``epoch``."""
-
-    job_id: Hash32
-    round: RoundNo
-    epoch: Epoch
-    base_hash: Hash32
-
-    def describe(self) -> str:
-        return f"start r={self.round} epoch {self.epoch} base {_h8(self.base_hash)}"
-
-
-@record
 class Inclusion:
     """``fl_include``: the update hashes (strictly ascending) aggregated in ``round``, and
     ``aggregate_hash``, the proposer's aggregate of them (checked by every participant that
@@ -339,8 +315,9 @@ def inclusion_hash(updates: tuple[bytes, ...]) -> bytes:
     return hashlib.sha256(INCLUSION_DOMAIN + b"".join(updates)).digest()
 
 
-LOG_TAGS: Mapping[str, type] = {"fl_job": JobSpec, "fl_start": RoundStart, "fl_include": Inclusion,
-                                "fl_confirm": AggregateConfirm}
+LOG_TAGS: Mapping[str, type] = {"fl_job": JobSpec, "fl_include": Inclusion, "fl_confirm": AggregateConfirm}
+# ("fl_start", an explicit round start of earlier drafts, is retired: rounds start by rule, see
+# TrainingCore._start_next; such a value decodes as no training value, i.e. invalid.)
 _TAG_OF = {cls: tag for tag, cls in LOG_TAGS.items()}
 
 
@@ -633,15 +610,20 @@ class TrainLocal:
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """The certified global model after ``round``: write it atomically (and its SQLite
-    record) before any later action. ``params``: name -> array (declared dtypes)."""
+    record) before any later action. ``params``: name -> array (declared dtypes).
+    ``next_epoch``: the epoch of round ``round + 1`` (where the log started it), None when
+    ``round`` is the job's last; store it with the checkpoint, a restart needs it (the
+    ``checkpoint`` argument of :class:`TrainingCore`)."""
 
     job_id: bytes
     round: int
     params: Mapping[str, np.ndarray]
     digest: bytes
+    next_epoch: int | None = None
 
     def describe(self) -> str:
-        return f"checkpoint r={self.round} {_h8(self.digest)}"
+        return f"checkpoint r={self.round} {_h8(self.digest)}" + (
+            "" if self.next_epoch is None else f" next epoch {self.next_epoch}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,7 +680,7 @@ class TrainingConfig:
     :meth:`TrainingCore.validate_log_value` (the BFT log with the validity hook wired, as
     in the node). False for a log that commits whatever is proposed (the ideal-log
     simulator): then :meth:`TrainingCore.fast_path` is always False, so proposers confirm
-    with their inclusions and propose next-round starts, as only confirmations certify."""
+    with their inclusions, as only confirmations certify."""
 
     fetch_interval_s: float = 1.0
     fetch_grace_s: float = 0.1
@@ -712,14 +694,14 @@ class TrainingConfig:
 
 
 class _Round:
-    __slots__ = ("number", "start", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
+    __slots__ = ("number", "epoch", "started_at", "deadline", "deadline_fired", "updates", "first_by_sender",
                  "raw", "inclusion", "aggregates", "checked", "proposed", "confirmed", "result", "mismatch",
-                 "unverified", "votes", "certified",
-                 "trained", "waiting", "early_starts", "wanted", "wanted_next", "wanted_asks")
+                 "inclusion_epoch", "unverified", "votes", "certified",
+                 "trained", "waiting", "wanted", "wanted_next", "wanted_asks")
 
     def __init__(self, number: int) -> None:
         self.number = number
-        self.start: RoundStart | None = None
+        self.epoch: int | None = None  # set where the log starts the round (see TrainingCore._start_next)
         self.started_at: float | None = None
         self.deadline: float | None = None
         self.deadline_fired = False
@@ -727,18 +709,19 @@ class _Round:
         self.first_by_sender: dict[str, bytes] = {}
         self.raw: dict[bytes, FlUpdate] = {}  # received before the start (unverified), bounded
         self.inclusion: tuple[bytes, ...] | None = None
+        self.inclusion_epoch = 0  # epoch of the block that committed ``inclusion``
         self.aggregates: dict[tuple[bytes, ...], AggregateResult] = {}  # our own sets -> our aggregate
         self.checked: dict[tuple[bytes, ...], bytes] = {}  # others' sets -> our aggregate's hash (bounded)
         self.proposed: set[tuple[bytes, ...]] = set()  # sets we proposed as the inclusion
         self.confirmed: set[tuple[bytes, ...]] = set()  # sets we confirmed with the inclusion
         self.result: AggregateResult | None = None
         self.mismatch = False
-        self.unverified: list[AggregateConfirm] = []  # committed confirms not yet checked
+        self.unverified: list[tuple[AggregateConfirm, int]] = []  # committed confirms not yet checked,
+        #   with the epoch of their block
         self.votes: dict[str, bytes] = {}  # voter -> aggregate hash (first valid confirm counts)
         self.certified: bytes | None = None
         self.trained = False
         self.waiting = False
-        self.early_starts: list[RoundStart] = []  # committed before round number-1 was certified
         self.wanted: set[bytes] = set()  # updates named by an uncommitted inclusion, not held (bounded)
         self.wanted_next = math.inf  # time of the next request for ``wanted`` (inf: none due)
         self.wanted_asks = 0  # requests sent for ``wanted`` (rotates the peers asked)
@@ -753,16 +736,27 @@ class TrainingCore:
         job: the committed :class:`JobSpec`; ``job_id`` its id (:func:`job_id_of`).
         tables: weight tables by epoch (reputation weights; more with :meth:`set_weight_table`).
         now: monotonic seconds.
+        epoch: the epoch of the block that committed the job (0 … 2**62): round 1's epoch.
         config: local pacing.
-        checkpoint: ``(round, params)`` of the last checkpoint written (resume); the
-            core then ignores log values of rounds up to it.
+        checkpoint: ``(round, params, next_epoch)`` of the last checkpoint written
+            (resume; see :class:`Checkpoint`); the core then ignores log values of rounds
+            up to it and starts round ``round + 1`` with the epoch ``next_epoch``.
+
+    Raises:
+        LocalProtocolError: ``job_id`` is not 32 bytes, an epoch is out of range, or a
+            checkpoint before the job's last round has no ``next_epoch``.
     """
 
     def __init__(self, identity: SigningIdentity, network_id: bytes, job: JobSpec, job_id: bytes,
-                 tables: Mapping[int, WeightTable], now: float, *, config: TrainingConfig | None = None,
-                 checkpoint: tuple[int, Mapping[str, np.ndarray]] | None = None) -> None:
+                 tables: Mapping[int, WeightTable], now: float, *, epoch: int,
+                 config: TrainingConfig | None = None,
+                 checkpoint: tuple[int, Mapping[str, np.ndarray], int | None] | None = None) -> None:
         if len(job_id) != 32:
             raise LocalProtocolError("job_id is 32 bytes")
+        if checkpoint is not None and checkpoint[0] < job.rounds:
+            epoch = checkpoint[2]
+        if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+            raise LocalProtocolError(f"round epoch {epoch!r} is not an int in 0 … 2**62")
         self.identity = identity
         self.peer_id = identity.peer_id
         self.network_id = network_id
@@ -781,7 +775,7 @@ class TrainingCore:
         self.model_round = 0
         self.model: dict[str, np.ndarray] = self.spec.zeros()
         if checkpoint is not None:
-            round_, params = checkpoint
+            round_, params, _ = checkpoint
             self.model = {k: np.array(v) for k, v in params.items()}
             self.model_round = round_
             self._certified[round_] = aggregate_hash(self.model, self.spec)
@@ -796,7 +790,8 @@ class TrainingCore:
         self._speculative: dict[int, bytes] = {}  # round -> base hash of our speculative fit of it
         self._early_results: dict[int, tuple] = {}  # round -> (params, fit, accuracy) before it began
         if not self.finished:
-            self._propose_start(self.model_round + 1)
+            self._rnd(self.model_round + 1).epoch = epoch
+            self._progress(now)
 
     @classmethod
     def for_committed_job(cls, identity: SigningIdentity, network_id: bytes, job_value: bytes,
@@ -851,8 +846,7 @@ class TrainingCore:
         1/3 - (non-participant weight) >= 0 of it is honest participants, who precommit
         an inclusion only after computing its aggregate themselves and finding
         ``aggregate_hash`` (Tendermint's valid(v) is checked before a precommit, see
-        :meth:`validate_log_value`). There the same commit also starts the next round
-        (see :meth:`_certify`). False for an epoch whose table we do not know, and always
+        :meth:`validate_log_value`). False for an epoch whose table we do not know, and always
         without ``TrainingConfig.checked_log``.
         """
         table = self._tables.get(epoch)
@@ -866,8 +860,7 @@ class TrainingCore:
 
         False for: a malformed value, an inclusion with fewer than ``quorum``
         hashes, an inclusion of the current round whose ``aggregate_hash`` is not
-        our own aggregate of its updates, a start whose base is not our certified
-        model, a confirm whose signature does not verify. None ("not yet", no fault
+        our own aggregate of its updates, a confirm whose signature does not verify. None ("not yet", no fault
         of the sender): an inclusion a participant cannot check yet (it lacks one of
         the updates, the round has not begun here, or the round is ahead of our
         model); the BFT core neither pools it nor prevotes a block holding it, and
@@ -881,13 +874,6 @@ class TrainingCore:
             return False
         if isinstance(rec, JobSpec) or rec.job_id != self.job_id:
             return True
-        if isinstance(rec, RoundStart):
-            base = self._certified.get(rec.round - 1)
-            if base is None:  # not certified yet: our own aggregate of that round, if we have one
-                previous = self._rounds.get(rec.round - 1)
-                own = previous.result if previous is not None else None
-                return own is None or own.digest == rec.base_hash
-            return base == rec.base_hash
         rnd = self._rounds.get(rec.round)
         if isinstance(rec, Inclusion):
             if len(rec.updates) < self.job.quorum:
@@ -906,12 +892,12 @@ class TrainingCore:
         table = self._round_table(rnd)
         return table is None or self._confirm_ok(rec, table)
 
-    def on_committed(self, value: bytes, now: float, *, epoch: int | None = None) -> None:
+    def on_committed(self, value: bytes, now: float, *, epoch: int) -> None:
         """Feed one committed log value of this job (in log order; others are ignored).
 
-        ``epoch``: the epoch of the block that committed it (its weight table decides
-        :meth:`fast_path`); None for a log whose values nobody checked before commit
-        (then only confirmations certify a round).
+        ``epoch``: the epoch of the block that committed it. Its weight table decides
+        :meth:`fast_path`, and a round certified by this value starts the next round with
+        this epoch (:meth:`_start_next`). A log without epochs passes its one epoch.
         """
         try:
             rec = decode_log_value(value)
@@ -920,22 +906,13 @@ class TrainingCore:
             return
         if isinstance(rec, JobSpec) or rec.job_id != self.job_id:
             return
-        if isinstance(rec, Inclusion) and rec.round == self.model_round and epoch is not None:
-            # replay after a restart from the checkpoint of this round: the inclusion that
-            # certified it (fast path) also started the next round, which we must start too
-            if self.fast_path(epoch) and rec.aggregate_hash == self._certified.get(rec.round):
-                self._start_next(rec.round, epoch)
-                self._progress(now)
-                return
         if rec.round > self.job.rounds or rec.round <= self.model_round:
             self.drops["stale_log_value"] += 1
             return
-        if isinstance(rec, RoundStart):
-            self._on_start(rec, now)
-        elif isinstance(rec, Inclusion):
+        if isinstance(rec, Inclusion):
             self._on_inclusion(rec, now, epoch)
         else:
-            self._on_confirm(rec, now)
+            self._on_confirm(rec, epoch)
         self._progress(now)
 
     # ------------------------------------------------------- messages input
@@ -983,7 +960,7 @@ class TrainingCore:
                 self._train(rnd)
                 self._progress(now)
                 return
-        if job_id != self.job_id or rnd is None or rnd.start is None or round_ != self.model_round + 1 \
+        if job_id != self.job_id or rnd is None or rnd.epoch is None or round_ != self.model_round + 1 \
                 or self.peer_id in rnd.first_by_sender:
             self.drops["late_local_result"] += 1
             return
@@ -1007,13 +984,13 @@ class TrainingCore:
             self._event("local_failed", round_, str(exc))
             return
         loss_before, loss_after = (v if math.isfinite(v) else 0.0 for v in (fit.loss_before, fit.loss_after))
-        unsigned = FlUpdate(job_id=self.job_id, round=round_, epoch=rnd.start.epoch, sender=self.peer_id,
+        unsigned = FlUpdate(job_id=self.job_id, round=round_, epoch=rnd.epoch, sender=self.peer_id,
                             tensors=tensors_from_params(params, self.spec), num_samples=fit.num_samples,
                             loss_before=float(loss_before), loss_after=float(loss_after),
                             accuracy=float(accuracy) if math.isfinite(accuracy) else 0.0,
                             signature=bytes(64))
         digest = update_hash(unsigned)
-        vote = sign_vote(self.identity, UPDATE_PURPOSE, self.network_id, rnd.start.epoch,
+        vote = sign_vote(self.identity, UPDATE_PURPOSE, self.network_id, rnd.epoch,
                          [self.job_id, round_, digest])
         update = dataclasses.replace(unsigned, signature=vote.signature)
         self._accept_update(rnd, update, digest, params_from_tensors(update.tensors, self.spec))
@@ -1111,10 +1088,10 @@ class TrainingCore:
         self._actions.append(Rejected(sender, reason, detail[:200]))
 
     def _round_table(self, rnd: _Round | None) -> WeightTable | None:
-        """The participants' weights in the round's epoch (None: start or table unknown)."""
-        if rnd is None or rnd.start is None:
+        """The participants' weights in the round's epoch (None: not started, or table unknown)."""
+        if rnd is None or rnd.epoch is None:
             return None
-        table = self._tables.get(rnd.start.epoch)
+        table = self._tables.get(rnd.epoch)
         if table is None:
             return None
         weights = {p: table.weights[p] for p in self.job.participants if p in table.weights}
@@ -1122,65 +1099,13 @@ class TrainingCore:
             return None
         return WeightTable(epoch=table.epoch, weights=weights)
 
-    def _propose_start(self, number: int, base: bytes | None = None) -> None:
-        """Propose ``fl_start`` of round ``number`` from the certified model of round
-        ``number - 1`` or, right after aggregating that round, from our own ``base``."""
-        if number > self.job.rounds or not self._tables:
-            return
-        base = self._certified.get(number - 1, base)
-        if base is None:
-            return
-        start = RoundStart(job_id=self.job_id, round=number, epoch=max(self._tables), base_hash=base)
-        self._actions.append(ProposeValue(encode_log_value(start)))
-
-    def _on_start(self, start: RoundStart, now: float) -> None:
-        rnd = self._rnd(start.round)
-        if rnd.start is not None:
-            self.drops["duplicate_start"] += 1
-            return
-        previous = self._rounds.get(start.round - 1)
-        if previous is not None:
-            self._try_certify(previous)
-            if rnd.start is not None:  # that certification took a held start of this round
-                self.drops["duplicate_start"] += 1
-                return
-        base = self._certified.get(start.round - 1)
-        if base is None:  # proposed right after aggregating: its base's confirms may commit later
-            if any(held.base_hash == start.base_hash for held in rnd.early_starts):
-                self.drops["duplicate_start"] += 1  # the first one with this base would count
-                return
-            if len(rnd.early_starts) >= MAX_EARLY_STARTS:
-                self.drops["early_start_overflow"] += 1
-                return
-            rnd.early_starts.append(start)
-            return
-        if base != start.base_hash:
-            self.drops["start_without_certified_base"] += 1
-            return
-        rnd.start = start
-        self._try_certify(rnd)
-
-    def _take_early_start(self, number: int) -> None:
-        """Round ``number - 1`` was just certified: the first held start of round ``number``
-        (log order) naming the certified hash becomes the round's start; the rest are dropped."""
-        rnd = self._rounds.get(number)
-        if rnd is None or rnd.start is not None or not rnd.early_starts:
-            return
-        held, rnd.early_starts = rnd.early_starts, []
-        base = self._certified.get(number - 1)
-        for k, start in enumerate(held):
-            if start.base_hash == base:
-                rnd.start = start
-                self.drops["duplicate_start"] += len(held) - k - 1
-                self._try_certify(rnd)
-                return
-            self.drops["start_without_certified_base"] += 1
-
     def _begin(self, rnd: _Round, now: float) -> None:
-        """Round ``rnd`` (the next one) has its start, its weight table, and our model is its base."""
+        """Round ``rnd`` (the next one) has started in the log, we know its weight table, and
+        our model is its base (the certified model of the previous round)."""
         rnd.started_at = now
         rnd.deadline = now + self.job.round_deadline_s
-        self._event("round_started", rnd.number, f"epoch {rnd.start.epoch} base {_h8(rnd.start.base_hash)}")
+        self._event("round_started", rnd.number,
+                    f"epoch {rnd.epoch} base {_h8(self._certified.get(rnd.number - 1))}")
         raw, rnd.raw = rnd.raw, {}
         for digest, update in sorted(raw.items()):
             try:
@@ -1225,17 +1150,18 @@ class TrainingCore:
 
     def _on_inclusion(self, inc: Inclusion, now: float, epoch: int | None) -> None:
         rnd = self._rnd(inc.round)
-        if rnd.start is None or rnd.inclusion is not None:
+        if rnd.epoch is None or rnd.inclusion is not None:
             self.drops["inclusion_ignored"] += 1
             return
         if not self.job.quorum <= len(inc.updates):
             self.drops["inclusion_below_quorum"] += 1
             return
         rnd.inclusion = inc.updates
+        rnd.inclusion_epoch = epoch
         self._event("inclusion_committed", inc.round, f"{len(inc.updates)} updates")
-        if epoch is not None and self.fast_path(epoch):  # checked by the commit's precommitters
+        if self.fast_path(epoch):  # checked by the commit's precommitters
             rnd.unverified.clear()
-            self._certify(rnd, inc.aggregate_hash, next_epoch=epoch)
+            self._certify(rnd, inc.aggregate_hash, epoch)
             return
         # confirms of this round committed before it (earlier in the block) count now, also
         # when this is not our current round (a peer catching up through the log)
@@ -1245,20 +1171,23 @@ class TrainingCore:
         return rec.signed.voter in table.weights and verify_vote(
             rec.signed, CONFIRM_PURPOSE, self.network_id, table.epoch, rec.statement())
 
-    def _on_confirm(self, rec: AggregateConfirm, now: float) -> None:
+    def _on_confirm(self, rec: AggregateConfirm, epoch: int) -> None:
         rnd = self._rnd(rec.round)
         if rnd.certified is not None:
             return
         if len(rnd.unverified) + len(rnd.votes) >= 4 * MAX_PARTICIPANTS:
             self.drops["confirm_overflow"] += 1
             return
-        rnd.unverified.append(rec)
+        rnd.unverified.append((rec, epoch))
         self._try_certify(rnd)
 
     def _try_certify(self, rnd: _Round | None) -> None:
         """Count committed confirms (log order; a voter's first valid one counts) and certify
         the hash confirmed by more than 2/3 of the participants' weight. Log-only: every
-        peer certifies the same hash for a round, whether or not it holds the model."""
+        peer certifies the same hash for a round, whether or not it holds the model, at the
+        same point of the log (the later of the inclusion and the confirm that passes 2/3,
+        which may come first: held), so the next round starts with the same epoch everywhere,
+        even where the round's weight table arrived late (:meth:`set_weight_table`)."""
         if rnd is None or rnd.certified is not None or not rnd.unverified or rnd.inclusion is None:
             return
         table = self._round_table(rnd)
@@ -1266,7 +1195,7 @@ class TrainingCore:
             return
         pending, rnd.unverified = rnd.unverified, []
         included = inclusion_hash(rnd.inclusion)
-        for rec in pending:
+        for rec, epoch in pending:
             if rec.inclusion_hash != included:  # made for an inclusion that did not commit
                 self.drops["confirm_other_inclusion"] += 1
                 continue
@@ -1277,35 +1206,30 @@ class TrainingCore:
                 continue
             rnd.votes[rec.signed.voter] = rec.aggregate_hash
             if table.passes([v for v, d in rnd.votes.items() if d == rec.aggregate_hash]):
-                self._certify(rnd, rec.aggregate_hash)
+                self._certify(rnd, rec.aggregate_hash, max(epoch, rnd.inclusion_epoch))
                 return
 
-    def _certify(self, rnd: _Round, digest: bytes, *, next_epoch: int | None = None) -> None:
-        """Round ``rnd`` is certified with hash ``digest``. On the fast path (``next_epoch``:
-        the epoch of the block whose inclusion certified it) that commit also starts the next
-        round; otherwise the next round's start is a committed ``fl_start`` (held ones first)."""
+    def _certify(self, rnd: _Round, digest: bytes, epoch: int) -> None:
+        """Round ``rnd`` is certified with hash ``digest`` by a value committed in a block of
+        ``epoch``; that point of the log also starts the next round (:meth:`_start_next`)."""
         rnd.certified = digest
         self._certified[rnd.number] = digest
-        if next_epoch is None:
-            self._take_early_start(rnd.number + 1)
-        else:
-            self._start_next(rnd.number, next_epoch)
+        self._start_next(rnd.number, epoch)
 
     def _start_next(self, number: int, epoch: int) -> None:
-        """Fast path: the commit of round ``number``'s inclusion in a block of ``epoch`` starts
-        round ``number + 1`` from the certified hash, with the weight table of ``epoch``; no
-        ``fl_start`` is needed, and starts of that round committed before (held) or after it
-        are ignored. A rule over the log alone, like every start: no committed value can
-        hold the round back (a byzantine proposer's starts naming bogus bases included)."""
+        """Round ``number`` was certified by a value committed in a block of ``epoch``: round
+        ``number + 1`` starts there, from the certified model, with the weight table of
+        ``epoch`` (round 1 starts where the job commits, see :class:`TrainingCore`). No
+        value starts a round, so no committed value can hold one back: with the explicit
+        ``fl_start`` values of earlier drafts a byzantine proposer could commit starts
+        naming bogus bases ahead of the honest one (all valid before the certification,
+        nobody holding that aggregate yet), past what a peer held, and stall the job."""
         if number >= self.job.rounds:
             return
         nxt = self._rnd(number + 1)
-        if nxt.start is not None:
-            return
-        nxt.early_starts = []
-        nxt.start = RoundStart(job_id=self.job_id, round=number + 1, epoch=epoch,
-                               base_hash=self._certified[number])
-        self._try_certify(nxt)
+        if nxt.epoch is None:
+            nxt.epoch = epoch
+            self._try_certify(nxt)
 
     def _on_update(self, sender: str, update: FlUpdate, now: float) -> None:
         if update.sender not in self.job.participants:
@@ -1328,8 +1252,8 @@ class TrainingCore:
 
     def _check_update(self, rnd: _Round, update: FlUpdate, digest: bytes) -> None:
         """Verify and validate an update of the started round ``rnd``; raises RemoteProtocolError."""
-        if update.epoch != rnd.start.epoch:
-            raise RemoteProtocolError(f"update of epoch {update.epoch}, round epoch {rnd.start.epoch}",
+        if update.epoch != rnd.epoch:
+            raise RemoteProtocolError(f"update of epoch {update.epoch}, round epoch {rnd.epoch}",
                                       reason="wrong_epoch")
         vote = SignedVote(voter=update.sender, signature=update.signature)
         if not verify_vote(vote, UPDATE_PURPOSE, self.network_id, update.epoch, [self.job_id, rnd.number, digest]):
@@ -1456,7 +1380,9 @@ class TrainingCore:
         self.model = params
         self.model_round = number
         self._next_fetch = math.inf
-        self._actions.append(Checkpoint(self.job_id, number, {k: v.copy() for k, v in params.items()}, digest))
+        nxt = self._rounds.get(number + 1)
+        self._actions.append(Checkpoint(self.job_id, number, {k: v.copy() for k, v in params.items()}, digest,
+                                        next_epoch=None if nxt is None else nxt.epoch))
         self._event("round_committed", number, _h8(digest))
         for old in [r for r in self._rounds if r <= number - 1]:
             del self._rounds[old]
@@ -1471,10 +1397,6 @@ class TrainingCore:
         if number >= self.job.rounds:
             self.finished = True
             self._event("job_finished", number, _h8(digest))
-            return
-        nxt = self._rounds.get(number + 1)
-        if nxt is None or nxt.start is None:
-            self._propose_start(number + 1)
 
     def _progress(self, now: float) -> None:
         """Advance the current round as far as the inputs allow (idempotent)."""
@@ -1483,11 +1405,11 @@ class TrainingCore:
             rnd = self._rounds.get(number)
             if rnd is None:
                 return
-            if rnd.start is not None and rnd.started_at is None:
+            if rnd.epoch is not None and rnd.started_at is None:
                 if self._round_table(rnd) is None:
                     if not rnd.waiting:
                         rnd.waiting = True  # announced once per round
-                        self._event("waiting_weight_table", number, f"epoch {rnd.start.epoch}")
+                        self._event("waiting_weight_table", number, f"epoch {rnd.epoch}")
                     return
                 self._begin(rnd, now)
             self._maybe_propose_inclusion(rnd, now)
@@ -1536,7 +1458,7 @@ class TrainingCore:
                 # ride in the same block (no second commit)
                 rnd.confirmed.add(chosen)
                 self._confirm(rnd, chosen, result)
-            self._follow(rnd, result)
+            self._speculate(rnd.number + 1, result)
 
     def _maybe_aggregate(self, rnd: _Round, now: float) -> None:
         if rnd.inclusion is None or rnd.result is not None or rnd.started_at is None:
@@ -1563,7 +1485,7 @@ class TrainingCore:
         if rnd.certified is None and rnd.inclusion not in rnd.confirmed:
             self._confirm(rnd, rnd.inclusion, result)
         if rnd.inclusion not in rnd.proposed:  # else done when we proposed it
-            self._follow(rnd, result)
+            self._speculate(rnd.number + 1, result)
 
     def _aggregate_hash_of(self, rnd: _Round, chosen: tuple[bytes, ...]) -> bytes | None:
         """The hash of our aggregate of the held updates ``chosen`` (to check an inclusion),
@@ -1619,15 +1541,6 @@ class TrainingCore:
                                        signed=sign_vote(self.identity, CONFIRM_PURPOSE, self.network_id,
                                                         table.epoch, statement))
             self._actions.append(ProposeValue(encode_log_value(confirm)))
-
-    def _follow(self, rnd: _Round, result: AggregateResult) -> None:
-        """Train the next round speculatively from ``result`` and, unless the fast path holds
-        (then the inclusion's commit starts it, see _start_next), propose its start from
-        ``result`` (it may commit with the inclusion: held until this round is certified,
-        see _on_start)."""
-        if not self.fast_path(max(self._tables)):
-            self._propose_start(rnd.number + 1, base=result.digest)
-        self._speculate(rnd.number + 1, result)
 
     def _refetch(self, now: float) -> None:
         """Re-send the pending fetch (missing included updates, or a certified model)."""

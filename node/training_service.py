@@ -23,8 +23,8 @@ scikit-learn). It
   ``aggregate_mismatch``, ``model_fetched``, ``local_failed``);
 * runs the cores' timers (round deadlines, re-fetches).
 
-Restart: the latest checkpoint of each job is loaded (its digest checked) and
-every committed ``fl_*`` value stored in the log is replayed in order; rounds
+Restart: the latest checkpoint of each job is loaded (its digest checked; with
+the epoch the log started the next round at, stored in its row) and every committed ``fl_*`` value stored in the log is replayed in order; rounds
 certified since are fetched from peers and verified against the certified hash.
 
 scikit-learn is imported only when a job trains or evaluates (never by an idle
@@ -69,7 +69,6 @@ from chimera.consensus.training import (
     Observe,
     ProposeValue,
     Rejected,
-    RoundStart,
     Send,
     TrainingConfig,
     TrainingCore,
@@ -117,6 +116,7 @@ CREATE TABLE IF NOT EXISTS fl_checkpoints (
     fit_s REAL,
     included INTEGER,
     bytes_sent INTEGER,
+    next_epoch INTEGER,
     PRIMARY KEY (job_id, round)
 );
 """
@@ -344,6 +344,9 @@ class TrainingService:
         self.poison = parse_poison(node.config.training_test_poison)
         self.drop_updates_from = node.config.training_test_drop_updates_from  # TEST HOOK
         self.store.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.store.db.execute("PRAGMA table_info(fl_checkpoints)")}
+        if "next_epoch" not in columns:  # a store written before rounds started by rule
+            self.store.db.execute("ALTER TABLE fl_checkpoints ADD COLUMN next_epoch INTEGER")
         self._replay(replay_until)
 
     # ------------------------------------------------------------ helpers
@@ -356,16 +359,22 @@ class TrainingService:
             tables[epoch] = WeightTable(epoch=epoch, weights=dict(msgpack.unpackb(blob, raw=False)))
         return tables
 
-    def _checkpoint_of(self, job_id: bytes, job: JobSpec) -> tuple[int, dict[str, np.ndarray]] | None:
-        """The latest readable checkpoint whose file matches its recorded digest."""
+    def _checkpoint_of(self, job_id: bytes, job: JobSpec) -> tuple[int, dict[str, np.ndarray], int | None] | None:
+        """The latest readable checkpoint whose file matches its recorded digest, as
+        ``(round, params, next round's epoch)`` (the ``checkpoint`` of :class:`TrainingCore`).
+        A row without the next round's epoch (written by a release before rounds started by
+        rule) is skipped: the log replay re-derives everything from an older one or round 0."""
         spec = job.model_spec()
-        rows = self.store.db.execute("SELECT round, digest, path FROM fl_checkpoints WHERE job_id=? "
+        rows = self.store.db.execute("SELECT round, digest, path, next_epoch FROM fl_checkpoints WHERE job_id=? "
                                      "ORDER BY round DESC LIMIT ?", (job_id, CHECKPOINT_FILES_KEPT)).fetchall()
-        for number, digest, path in rows:
+        for number, digest, path, next_epoch in rows:
+            if next_epoch is None and number < job.rounds:
+                self.counters["training_checkpoint_without_epoch"] += 1
+                continue
             try:
                 params = read_npz(Path(path))
                 if aggregate_hash(params, spec) == bytes(digest):
-                    return int(number), params
+                    return int(number), params, next_epoch
             except (OSError, ValueError, LocalProtocolError, KeyError):
                 pass
             self.counters["training_checkpoint_unusable"] += 1
@@ -446,7 +455,7 @@ class TrainingService:
                 height += 1
         if count:
             log.info("training: replayed %d committed fl values (%d jobs)", count, len(self.jobs))
-        for state in self.jobs.values():  # a start we see committed is not proposed again
+        for state in self.jobs.values():  # a value we see committed is not proposed again
             actions = [a for a in state.core.take_actions()
                        if not (isinstance(a, ProposeValue) and value_hash(a.value) in seen)]
             state.pending = actions  # run once the loop runs (run_timer)
@@ -465,8 +474,7 @@ class TrainingService:
             self.counters["training_commit_errors"] += 1
             log.exception("training: commit hook failed at height %d", height)
 
-    def _apply_value(self, height: int, value: bytes, now: float, replay: bool = False,
-                     epoch: int | None = None) -> None:
+    def _apply_value(self, height: int, value: bytes, now: float, *, epoch: int, replay: bool = False) -> None:
         """One committed ``fl_*`` value of the block at ``height`` of ``epoch``."""
         try:
             rec = decode_log_value(value)
@@ -475,21 +483,19 @@ class TrainingService:
             return
         self.counters["training_values_committed"] += 1
         if isinstance(rec, JobSpec):
-            self._on_job(height, value, rec, now, replay)
+            self._on_job(height, value, rec, now, replay, epoch)
             return
         state = self.jobs.get(rec.job_id)
         if state is None:
             self.counters["training_values_unknown_job"] += 1
             return
-        if isinstance(rec, RoundStart) and rec.round > state.core.model_round:
-            state.info(rec.round)
-        elif isinstance(rec, Inclusion) and rec.round > state.core.model_round:
+        if isinstance(rec, Inclusion) and rec.round > state.core.model_round:
             info = state.info(rec.round)
             if info.included is None:
                 info.included = len(rec.updates)
         state.core.on_committed(value, now, epoch=epoch)
 
-    def _on_job(self, height: int, value: bytes, job: JobSpec, now: float, replay: bool) -> None:
+    def _on_job(self, height: int, value: bytes, job: JobSpec, now: float, replay: bool, epoch: int) -> None:
         job_id = job_id_of(value)
         if job_id in self.jobs:
             self.counters["training_duplicate_job"] += 1
@@ -504,8 +510,10 @@ class TrainingService:
         self.store.db.execute("INSERT OR IGNORE INTO fl_jobs(job_id, height, value) VALUES(?,?,?)",
                               (job_id, height, value))
         checkpoint = self._checkpoint_of(job_id, job)
+        if checkpoint is not None:
+            self.counters["training_resumed_from_checkpoint"] += 1
         core = TrainingCore(self.node.identity, self.node.network.network_id, job, job_id, self._tables(), now,
-                            config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s),
+                            epoch=epoch, config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s),
                             checkpoint=checkpoint)
         state = JobState(job=job, job_id=job_id, value=value, height=height, core=core)
         for number, digest, committed_ms, acc, loss, round_s, fit_s, included, sent in self.store.db.execute(
@@ -662,7 +670,7 @@ class TrainingService:
 
         The file (write, fsync, rename, directory fsync: several ms when peers share a
         disk) is written in a thread while the next actions (``round_committed``, the next
-        round's start proposal) run at once; the model is then scored on this node's test
+        round's training) run at once; the model is then scored on this node's test
         data (thread) and one row with the figures follows on the loop; only then does the
         round show its digest. Checkpoints of one job are written in round order.
         Nothing is lost by the delay: the certified hash is in the log, so a peer killed
@@ -693,9 +701,9 @@ class TrainingService:
         info.committed_ms = certified_ms  # when the round was certified here, not when the file landed
         self.store.db.execute(  # one row write (one fsync) per round, with the model's test figures
             "INSERT OR REPLACE INTO fl_checkpoints(job_id, round, digest, path, committed_ms, accuracy, loss, "
-            "round_s, fit_s, included, bytes_sent) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            "round_s, fit_s, included, bytes_sent, next_epoch) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
             (state.job_id, number, action.digest, str(path), info.committed_ms, info.accuracy, info.loss,
-             info.round_s, info.fit_s, info.included, info.bytes_sent))
+             info.round_s, info.fit_s, info.included, info.bytes_sent, action.next_epoch))
         self.counters["training_checkpoints"] += 1
         for (old,) in self.store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round<=?",
                                             (state.job_id, number - CHECKPOINT_FILES_KEPT)).fetchall():

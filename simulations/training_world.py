@@ -476,7 +476,8 @@ class PeerTraining:
     driver of its actions (the order :meth:`TrainingCore.take_actions` gives).
 
     Persists (in the peer's store, surviving crashes): the job value it trains
-    (``fl/job``) and its last checkpoint (``fl/ckpt``: round and parameters),
+    (``fl/job``: the value and the epoch of its block, round 1's) and its last checkpoint
+    (``fl/ckpt``: round, parameters and the next round's epoch),
     written when the core emits :class:`Checkpoint`, before any later action.
     """
 
@@ -496,27 +497,28 @@ class PeerTraining:
         self.core = None
         self.incarnation += 1
 
-    def restore(self, committed: Iterable[tuple[bytes, int | None]], now: float) -> None:
+    def restore(self, committed: Iterable[tuple[bytes, int]], now: float) -> None:
         """(Re)start: rebuild the core from the stored job and checkpoint, replay the log
-        (``(value, epoch of its block)``; epoch None for the ideal log, see
+        (``(value, epoch of its block)``; the ideal log's one epoch, see
         :meth:`TrainingCore.on_committed`)."""
         self.reputation = LocalReputation()
         store = self.host.store
-        job_value = store.get(b"fl/job")
-        if job_value is not None:
+        job = store.get(b"fl/job")
+        if job is not None:
+            job_value, job_epoch = msgpack.unpackb(job, raw=False)
             raw = store.get(b"fl/ckpt")
             checkpoint = None
             if raw is not None:
-                round_, params = msgpack.unpackb(raw, raw=False)
-                checkpoint = (round_, _unpack_params(params))
-            self._create(job_value, now, checkpoint)
+                round_, params, next_epoch = msgpack.unpackb(raw, raw=False)
+                checkpoint = (round_, _unpack_params(params), next_epoch)
+            self._create(job_value, job_epoch, now, checkpoint)
         for value, epoch in committed:
             self.on_committed(value, now, epoch)
 
-    def _create(self, job_value: bytes, now: float, checkpoint=None) -> None:
+    def _create(self, job_value: bytes, epoch: int, now: float, checkpoint=None) -> None:
         fed = self.fed
         self.core = TrainingCore.for_committed_job(
-            self.host.identity, self.host.network_id, job_value, {fed.table.epoch: fed.table}, now,
+            self.host.identity, self.host.network_id, job_value, {fed.table.epoch: fed.table}, now, epoch=epoch,
             config=TrainingConfig(fetch_interval_s=fed.setup.fetch_interval_s,
                                   checked_log=isinstance(self.host, BftTrainingPeer)),
             checkpoint=checkpoint)
@@ -536,7 +538,7 @@ class PeerTraining:
             return False
         return True
 
-    def on_committed(self, value: bytes, now: float, epoch: int | None = None) -> None:
+    def on_committed(self, value: bytes, now: float, epoch: int) -> None:
         if self.core is None:
             try:
                 rec = decode_log_value(value)
@@ -544,8 +546,8 @@ class PeerTraining:
                 return
             if isinstance(rec, JobSpec) and self.host.peer_id in rec.participants \
                     and job_id_of(value) in self.fed.job_index:
-                self.host.store.put(b"fl/job", value)
-                self._create(value, now)
+                self.host.store.put(b"fl/job", msgpack.packb([value, epoch], use_bin_type=True))
+                self._create(value, epoch, now)
             return
         self.core.on_committed(value, now, epoch=epoch)
         self.run(self.core.take_actions())
@@ -599,8 +601,8 @@ class PeerTraining:
             elif kind is TrainLocal:
                 fed.train(self, action)
             elif kind is Checkpoint:
-                host.store.put(b"fl/ckpt", msgpack.packb([action.round, _pack_params(action.params)],
-                                                         use_bin_type=True))
+                host.store.put(b"fl/ckpt", msgpack.packb(
+                    [action.round, _pack_params(action.params), action.next_epoch], use_bin_type=True))
                 fed.on_checkpoint(host, action)
             elif kind is Observe:
                 self.reputation.observe(action.peer_id, action.kind, host.clock.now())
@@ -710,7 +712,7 @@ class IdealLog:
         for value in accepted:
             for peer in self.world.peers:
                 if peer.up:
-                    peer.training.on_committed(value, peer.clock.now())
+                    peer.training.on_committed(value, peer.clock.now(), self.world.table.epoch)
 
 
 class IdealTrainingPeer(PeerHost):
@@ -728,7 +730,7 @@ class IdealTrainingPeer(PeerHost):
     def start(self) -> None:
         self.boot()
         self.sim.log(f"start {self.name}")
-        self.training.restore(((v, None) for v in self.world.log.committed), self.clock.now())
+        self.training.restore(((v, self.world.table.epoch) for v in self.world.log.committed), self.clock.now())
 
     def crash(self) -> None:
         super().crash()

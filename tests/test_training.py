@@ -28,7 +28,6 @@ from chimera.consensus.quorum import WeightTable, sign_vote
 from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.training import (
     MAX_ASSEMBLIES_PER_SENDER,
-    MAX_EARLY_STARTS,
     MAX_PARTS,
     PART_BYTES,
     AggregateConfirm,
@@ -45,8 +44,8 @@ from chimera.consensus.training import (
     Observe,
     ProposeValue,
     Rejected,
-    RoundStart,
     Send,
+    TrainingConfig,
     TrainingCore,
     TrainingEvent,
     TrainLocal,
@@ -111,12 +110,14 @@ class Mesh:
         self.silent_at = silent_at
         self.now = 0.0
         self.table = table or WeightTable(epoch=0, weights={p: 1 for p in PEERS})
-        # the epoch handed to on_committed: a committed inclusion certifies its round when the
-        # table allows it (TrainingCore.fast_path); None: only confirmations certify
-        self.epoch = self.table.epoch if fast else None
+        # every block is of the table's epoch; fast=False: only confirmations certify a round
+        # (TrainingConfig.checked_log off, so TrainingCore.fast_path is False)
+        self.epoch = self.table.epoch
+        self.config = TrainingConfig(checked_log=fast)
         self.dead: set[str] = set()
         self.pending: list[bytes] = []
         self.committed: list[bytes] = []
+        self.committed_epochs: list[int] = []  # the epoch of each committed value's block
         self.seen_values: set[bytes] = set()
         self.invalid_values = 0
         self.checkpoints: dict[str, list[Checkpoint]] = {p: [] for p in job.participants}
@@ -127,7 +128,8 @@ class Mesh:
         self.fits: list[tuple[str, int, bool]] = []  # (peer, round, speculative) of every TrainLocal run
         job_value = encode_log_value(job)
         self.job_id = job_id_of(job_value)
-        self.cores = {p: TrainingCore.for_committed_job(BY_PEER[p], NET, job_value, {0: self.table}, self.now)
+        self.cores = {p: TrainingCore.for_committed_job(BY_PEER[p], NET, job_value, {self.epoch: self.table},
+                                                        self.now, epoch=self.epoch, config=self.config)
                       for p in job.participants}
         for p, core in self.cores.items():
             self.queue.extend((p, a) for a in core.take_actions())
@@ -149,6 +151,7 @@ class Mesh:
                 self.invalid_values += 1
                 continue
             self.committed.append(value)
+            self.committed_epochs.append(self.epoch)
             for p, core in self.cores.items():
                 if p not in self.dead:
                     core.on_committed(value, self.now, epoch=self.epoch)
@@ -259,8 +262,7 @@ def central_accuracy(train, test) -> float:
 
 def test_log_values_roundtrip_and_reject_garbage():
     job = make_job()
-    for rec in (job, RoundStart(job_id=b"\x01" * 32, round=3, epoch=2, base_hash=b"\x02" * 32),
-                Inclusion(job_id=b"\x01" * 32, round=3, updates=(b"\x03" * 32, b"\x04" * 32),
+    for rec in (job, Inclusion(job_id=b"\x01" * 32, round=3, updates=(b"\x03" * 32, b"\x04" * 32),
                           aggregate_hash=b"\x07" * 32),
                 AggregateConfirm(job_id=b"\x01" * 32, round=3, inclusion_hash=b"\x06" * 32,
                                  aggregate_hash=b"\x05" * 32,
@@ -269,7 +271,9 @@ def test_log_values_roundtrip_and_reject_garbage():
         value = encode_log_value(rec)
         assert len(value) <= 4096
         assert decode_log_value(value) == rec and is_training_value(value)
-    for garbage in (b"", b"\xc1", msgpack.packb(["fl_nope", {}]), msgpack.packb(["fl_start", {"round": 1}]),
+    retired_start = msgpack.packb(["fl_start", {"job_id": b"\x01" * 32, "round": 1, "epoch": 0,
+                                                "base_hash": b"\x02" * 32}])  # rounds start by rule now
+    for garbage in (b"", b"\xc1", msgpack.packb(["fl_nope", {}]), retired_start,
                     msgpack.packb(["fl_include", {"job_id": b"\x01" * 32, "round": 1,
                                                   "updates": [b"\x04" * 32, b"\x03" * 32]}]),
                     msgpack.ExtType(1, b"x") and msgpack.packb([msgpack.ExtType(1, b"x"), {}])):
@@ -305,15 +309,14 @@ def test_wire_messages_are_registered_and_roundtrip():
 def _core(job, peer=PEERS[0]):
     job_value = encode_log_value(job)
     table = WeightTable(epoch=0, weights={p: 1 for p in PEERS})
-    return TrainingCore.for_committed_job(BY_PEER[peer], NET, job_value, {0: table}, 0.0), job_id_of(job_value)
+    return (TrainingCore.for_committed_job(BY_PEER[peer], NET, job_value, {0: table}, 0.0, epoch=0),
+            job_id_of(job_value))
 
 
 def test_bad_updates_are_rejected_and_counted_never_raised(digits):
     job = make_job(rounds=2, max_norm=5.0)
     core, job_id = _core(job)
-    start = core.take_actions()[0]
-    core.on_committed(start.value, 0.0)
-    actions = core.take_actions()
+    actions = core.take_actions()  # round 1 starts where the job commits
     assert any(isinstance(a, TrainLocal) for a in actions)
     spec = job.model_spec()
     other = BY_PEER[PEERS[1]]
@@ -378,18 +381,17 @@ def test_forged_model_is_rejected(digits):
     train, test, shards = digits
     job = make_job(rounds=1)
     core, job_id = _core(job)
-    start_value = core.take_actions()[0].value
-    core.on_committed(start_value, 0.0)
+    core.take_actions()
     digest = b"\x09" * 32
     updates = tuple(bytes([i]) * 32 for i in range(1, job.quorum + 1))
     core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=updates,
-                                                                aggregate_hash=digest)), 0.4)
+                                                                aggregate_hash=digest)), 0.4, epoch=0)
     for identity in IDS[:4]:
         statement = [job_id, 1, inclusion_hash(updates), digest]
         confirm = AggregateConfirm(job_id=job_id, round=1, inclusion_hash=inclusion_hash(updates),
                                    aggregate_hash=digest,
                                    signed=sign_vote(identity, "fl_confirm", NET, 0, statement))
-        core.on_committed(encode_log_value(confirm), 0.5)
+        core.on_committed(encode_log_value(confirm), 0.5, epoch=0)
     assert core.certified_hash(1) == digest
     core.take_actions()
     fake = FlModel(job_id=job_id, round=1, tensors=tensors_from_params(job.model_spec().zeros(), job.model_spec()))
@@ -426,8 +428,9 @@ def test_resume_from_checkpoint_replays_the_log(digits):
     first = mesh.checkpoints[peer][0]
     # restart after round 1: checkpoint of round 1, replay the whole committed log
     job_value = encode_log_value(job)
-    restarted = TrainingCore.for_committed_job(BY_PEER[peer], NET, job_value, {0: mesh.table}, 100.0,
-                                               checkpoint=(first.round, first.params))
+    assert first.next_epoch == mesh.epoch
+    restarted = TrainingCore.for_committed_job(BY_PEER[peer], NET, job_value, {0: mesh.table}, 100.0, epoch=0,
+                                               checkpoint=(first.round, first.params, first.next_epoch))
     restarted.take_actions()
     for value in mesh.committed:
         restarted.on_committed(value, 100.0, epoch=mesh.epoch)
@@ -543,7 +546,7 @@ def test_same_core_over_the_real_bft_log(digits):
                     bft_queue.extend((action.peer_id, a) for a in cores[action.peer_id].take_actions())
                 elif isinstance(action, bft.Commit):
                     for value in action.block.values:
-                        mesh.cores[src].on_committed(value, mesh.now)
+                        mesh.cores[src].on_committed(value, mesh.now, epoch=action.block.epoch)
                     mesh.queue.extend((src, a) for a in mesh.cores[src].take_actions())
         if all(c.finished for c in mesh.cores.values()):
             break
@@ -562,30 +565,36 @@ def test_same_core_over_the_real_bft_log(digits):
 
 def test_round_waits_for_the_weight_table_of_its_epoch(digits):
     job = make_job(rounds=1)
-    core, job_id = _core(job)
-    core.take_actions()
-    start = RoundStart(job_id=job_id, round=1, epoch=3, base_hash=core.certified_hash(0))
-    core.on_committed(encode_log_value(start), 0.0)
-    core.on_committed(encode_log_value(start), 0.1)
+    job_value = encode_log_value(job)
+    table = WeightTable(epoch=0, weights={p: 1 for p in PEERS})
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[0]], NET, job_value, {0: table}, 0.0, epoch=3)
     events = [a.kind for a in core.take_actions() if isinstance(a, TrainingEvent)]
-    assert events == ["waiting_weight_table"]
+    assert events == ["waiting_weight_table"]  # round 1's epoch is the job's block's: table 3
     core.set_weight_table(WeightTable(epoch=3, weights={p: 2 for p in PEERS}), 0.2)
     actions = core.take_actions()
     assert any(isinstance(a, TrainLocal) for a in actions)
     # garbage and other jobs' values in the log are ignored and counted, never raised
-    core.on_committed(b"\x93\x01\x02", 0.3)
-    other = RoundStart(job_id=b"\x07" * 32, round=1, epoch=0, base_hash=bytes(32))
-    core.on_committed(encode_log_value(other), 0.3)
+    core.on_committed(b"\x93\x01\x02", 0.3, epoch=3)
+    other = Inclusion(job_id=b"\x07" * 32, round=1, updates=tuple(bytes([i]) * 32 for i in range(1, 6)),
+                      aggregate_hash=bytes(32))
+    core.on_committed(encode_log_value(other), 0.3, epoch=3)
     assert core.drops["malformed_log_value"] == 1 and core.take_actions() == []
+    with pytest.raises(LocalProtocolError):
+        TrainingCore.for_committed_job(BY_PEER[PEERS[0]], NET, job_value, {0: table}, 0.0, epoch=-1)
 
 
-def test_confirms_count_only_for_the_committed_inclusion_and_an_early_start_waits_for_certification(digits):
-    """Confirms and the next start may commit before (or with) the inclusion they follow:
-    confirms of another inclusion never count, and a start committed before its base is
-    certified is held and taken only if it names the certified hash."""
+def test_confirms_count_only_for_the_committed_inclusion_and_the_certifying_block_starts_the_next_round(digits):
+    """Off the fast path, confirms may commit before (or with) the inclusion they follow;
+    confirms of another inclusion never count. The round is certified where confirms of
+    more than 2/3 of the weight and the inclusion are all committed, and that point starts
+    the next round with its block's epoch (no value starts a round: a retired fl_start value
+    is malformed, ignored)."""
     job = make_job(rounds=3)
-    core, job_id = _core(job)
-    core.on_committed(core.take_actions()[0].value, 0.0)  # start of round 1
+    tables = {e: WeightTable(epoch=e, weights={p: 1 for p in PEERS}) for e in (0, 1, 2)}
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[0]], NET, encode_log_value(job), tables, 0.0, epoch=0,
+                                          config=TrainingConfig(checked_log=False))
+    job_id = core.job_id
+    assert core._rounds[1].epoch == 0
     core.take_actions()
     committed = tuple(bytes([i]) * 32 for i in range(1, job.quorum + 1))
     other = committed[:-1] + (b"\x7f" * 32,)
@@ -597,32 +606,32 @@ def test_confirms_count_only_for_the_committed_inclusion_and_an_early_start_wait
                                                  aggregate_hash=digest,
                                                  signed=sign_vote(identity, "fl_confirm", NET, 0, statement)))
 
-    early_bad = RoundStart(job_id=job_id, round=2, epoch=0, base_hash=b"\x08" * 32)
-    early_good = RoundStart(job_id=job_id, round=2, epoch=0, base_hash=digest)
-    core.on_committed(encode_log_value(early_bad), 0.1)  # held (round 1 not certified yet)
-    for k in range(12):  # a later start with the same base is a duplicate, not a held slot
-        core.on_committed(encode_log_value(dataclasses.replace(early_bad, epoch=k + 1)), 0.1)
-    assert len(core._rounds[2].early_starts) == 1 and core.drops["duplicate_start"] == 12
-    for k in range(10):  # more distinct bases than the 8 once held: under loss the one that
-        core.on_committed(encode_log_value(RoundStart(  # later matched was sometimes dropped
-            job_id=job_id, round=2, epoch=0, base_hash=bytes([0x20 + k]) * 32)), 0.1)
-    core.on_committed(encode_log_value(early_good), 0.1)
+    retired_start = msgpack.packb(["fl_start", {"job_id": job_id, "round": 2, "epoch": 0, "base_hash": digest}])
+    core.on_committed(retired_start, 0.1, epoch=0)
+    assert core.drops["malformed_log_value"] == 1 and 2 not in core._rounds
     for identity in IDS[:4]:  # a quorum of confirms, but for a set that will not commit
-        core.on_committed(confirm(identity, other), 0.2)
+        core.on_committed(confirm(identity, other), 0.2, epoch=0)
     for identity in IDS[:2]:  # two for the set that will, before it commits
-        core.on_committed(confirm(identity, committed), 0.2)
+        core.on_committed(confirm(identity, committed), 0.2, epoch=0)
     assert core.certified_hash(1) is None
     core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=committed,
-                                                                aggregate_hash=b"\x0b" * 32)), 0.3)
+                                                 aggregate_hash=b"\x0b" * 32)), 0.3, epoch=1)
     assert core.certified_hash(1) is None  # 2 of 5 so far; the 4 for `other` do not count
     assert core.drops["confirm_other_inclusion"] == 4
-    core.on_committed(confirm(IDS[2], committed), 0.4)
-    assert core.certified_hash(1) is None
-    assert core._rounds[2].start is None  # held, not taken
-    core.on_committed(confirm(IDS[3], committed), 0.4)
+    core.on_committed(confirm(IDS[2], committed), 0.4, epoch=1)
+    assert core.certified_hash(1) is None and 2 not in core._rounds
+    core.on_committed(confirm(IDS[3], committed), 0.4, epoch=2)
     assert core.certified_hash(1) == digest
-    assert core._rounds[2].start == early_good  # the held start naming the certified hash
-    assert core.drops["start_without_certified_base"] == 11 and core.drops["early_start_overflow"] == 0
+    assert core._rounds[2].epoch == 2  # started where round 1 was certified, in a block of epoch 2
+
+    # the same confirms all committed before the inclusion: certified by the inclusion's block
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[0]], NET, encode_log_value(job), tables, 0.0, epoch=0,
+                                          config=TrainingConfig(checked_log=False))
+    for identity in IDS[:4]:
+        core.on_committed(confirm(identity, committed), 0.2, epoch=0)
+    core.on_committed(encode_log_value(Inclusion(job_id=job_id, round=1, updates=committed,
+                                                 aggregate_hash=b"\x0b" * 32)), 0.3, epoch=1)
+    assert core.certified_hash(1) == digest and core._rounds[2].epoch == 1
 
 
 def test_speculative_training_changes_nothing_but_timing_and_a_mismatch_trains_again(digits, monkeypatch):
@@ -696,8 +705,7 @@ def test_a_model_larger_than_an_envelope_travels_in_parts():
 def test_bad_parts_are_rejected_and_counted_never_raised():
     job, _ = _wide_job_and_shards()
     core, job_id = _core(job)
-    core.on_committed(core.take_actions()[0].value, 0.0)  # round 1 starts
-    core.take_actions()
+    core.take_actions()  # round 1 started where the job committed
     digest = b"\x09" * 32
     part = dict(job_id=job_id, round=1, kind="fl_update", digest=digest, count=2)
     sender = PEERS[1]
@@ -723,9 +731,8 @@ def test_bad_parts_are_rejected_and_counted_never_raised():
 
 def test_a_peer_replaying_the_log_from_an_old_checkpoint_certifies_every_round(digits):
     """A restarted peer (checkpoint of round 1) replays the committed log: confirms committed
-    before their inclusion in the same block, and starts committed before the previous round's
-    certification, still certify every round in order, and the peer asks for the last model.
-    (Found in CI: a restarted peer stalled at its checkpoint round.)"""
+    before their inclusion in the same block still certify every round in order, and the peer
+    asks for the last model. (Found in CI: a restarted peer stalled at its checkpoint round.)"""
     train, test, shards = digits
     job = make_job(rounds=4)
     mesh = Mesh(job, shards, fast=False)  # certified by confirmations
@@ -735,10 +742,11 @@ def test_a_peer_replaying_the_log_from_an_old_checkpoint_certifies_every_round(d
     first = mesh.checkpoints[peer][0]
     assert first.round == 1
     core = TrainingCore.for_committed_job(BY_PEER[peer], NET, encode_log_value(job), {0: mesh.table}, 0.0,
-                                          checkpoint=(1, dict(first.params)))
+                                          epoch=0, config=mesh.config,
+                                          checkpoint=(1, dict(first.params), first.next_epoch))
     core.take_actions()
     # A log where every confirm of a round precedes that round's inclusion (possible when they
-    # share a block: values are ordered by hash there) and starts come before certification.
+    # share a block: values are ordered by hash there).
     log = list(mesh.committed)
     for number in range(1, 5):
         inclusion = next(v for v in log if isinstance(decode_log_value(v), Inclusion)
@@ -749,7 +757,7 @@ def test_a_peer_replaying_the_log_from_an_old_checkpoint_certifies_every_round(d
         log.insert(last_confirm, inclusion)  # (the list is one shorter now: right after it)
     actions = []
     for value in log:
-        core.on_committed(value, 1.0)
+        core.on_committed(value, 1.0, epoch=0)
         actions += core.take_actions()
     assert core.certified_hash(4) == final.digest
     assert core.drops["inclusion_ignored"] == 0
@@ -777,13 +785,14 @@ def test_inclusions_certify_their_round_when_participants_check_them(digits):
 
     first = mesh.checkpoints[PEERS[1]][0]
     core = TrainingCore.for_committed_job(BY_PEER[PEERS[1]], NET, encode_log_value(job), {0: mesh.table}, 0.0,
-                                          checkpoint=(1, dict(first.params)))
+                                          epoch=0, checkpoint=(1, dict(first.params), first.next_epoch))
     core.take_actions()
     for value in mesh.committed:
         core.on_committed(value, 1.0, epoch=0)
     assert core.certified_hash(4) == final.digest and core.drops["inclusion_ignored"] == 0
 
-    core = TrainingCore.for_committed_job(BY_PEER[PEERS[1]], NET, encode_log_value(job), {0: mesh.table}, 0.0)
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[1]], NET, encode_log_value(job), {0: mesh.table}, 0.0,
+                                          epoch=0)
     assert core.fast_path(0) and not core.fast_path(7)  # unknown epoch: no fast path
     heavy = WeightTable(epoch=1, weights={**{p: 1 for p in PEERS}, "observer": 3})  # 3 of 8 > 1/3
     light = WeightTable(epoch=2, weights={**{p: 2 for p in PEERS}, "observer": 5})  # 5 of 15 = 1/3
@@ -799,52 +808,58 @@ def test_inclusions_certify_their_round_when_participants_check_them(digits):
     assert confirms >= 4 * 4, confirms  # more than 2/3 of the participants' weight, every round
 
 
-def test_on_the_fast_path_the_inclusion_starts_the_next_round_and_stuffed_starts_cannot_stall_it(digits):
-    """Fast path: the commit of a round's inclusion also starts the next round (from its
-    aggregate hash, with the block's epoch), so the log of a clean job holds one fl_start
-    (round 1's) and no start for later rounds. A byzantine proposer that commits more than
-    MAX_EARLY_STARTS starts of round 2 naming bogus bases before round 1's inclusion (all
-    valid then: nobody holds round 1's aggregate yet) fills the list of held starts; with a
-    start value needed, the honest one was then dropped as an overflow and, the log refusing
-    to commit the same bytes twice, the job stalled for good. A peer restarted from a
-    checkpoint starts the next round from the replayed inclusion too."""
+@pytest.mark.parametrize("path", ["fast", "confirmations"])
+def test_each_round_starts_where_the_previous_one_is_certified_and_no_value_can_hold_it_back(digits, path):
+    """No value starts a round: round 1 starts where the job commits, round r + 1 where round
+    r is certified (the inclusion's commit on the fast path, else the commit completing its
+    confirmations), with that block's epoch. Explicit fl_start values (earlier drafts) let a
+    byzantine proposer commit starts of round r naming bogus bases before round r - 1 was
+    certified (valid then: nobody holds that aggregate yet), past what a peer held, and stall
+    the job; the tag is retired, such values are invalid. The epoch moves to 1 once round 1
+    is certified: rounds 3 and 4 run with table 1, and each checkpoint stores the next round's
+    epoch, from which a restarted peer resumes and certifies the rest from the log."""
     train, test, shards = digits
     job = make_job(rounds=4)
-    clean = Mesh(job, shards)
-    clean.run()
-    final = clean.final_model()
-    starts = [decode_log_value(v) for v in clean.committed if isinstance(decode_log_value(v), RoundStart)]
-    assert [s.round for s in starts] == [1]
+    outside = 1 if path == "fast" else 3  # the observer holds 1 of 6 (fast path) or 3 of 8 (> 1/3)
+    tables = [WeightTable(epoch=e, weights={**{p: 1 for p in PEERS}, "observer": outside}) for e in (0, 1)]
+    mesh = Mesh(job, shards, table=tables[0])
+    real_commit = mesh.commit_block
+    stuffed = [msgpack.packb(["fl_start", {"job_id": mesh.job_id, "round": 2, "epoch": 0,
+                                           "base_hash": bytes([0x40 + k]) * 32}]) for k in range(70)]
+    mesh.pending.extend(stuffed)  # a byzantine proposer's block before anything else
 
-    mesh = Mesh(job, shards)
-    real_submit = mesh.submit
-    stuffed = []
+    def commit_block() -> None:
+        real_commit()
+        if mesh.epoch == 0 and mesh.cores[PEERS[0]].certified_hash(1) is not None:
+            mesh.epoch = 1  # the log moves to epoch 1 (its table committed at the boundary)
+            for p, core in mesh.cores.items():
+                core.set_weight_table(tables[1], mesh.now)
+                mesh.queue.extend((p, a) for a in core.take_actions())
 
-    def submit(value: bytes) -> None:
-        rec = decode_log_value(value)
-        if isinstance(rec, Inclusion) and rec.round == 1 and not stuffed:
-            stuffed.extend(encode_log_value(RoundStart(job_id=mesh.job_id, round=2, epoch=0,
-                                                       base_hash=bytes([0x40 + k]) * 32))
-                           for k in range(MAX_EARLY_STARTS + 6))
-            honest, mesh.pending = mesh.pending, list(stuffed)
-            mesh.commit_block()  # the byzantine proposer's block, before the inclusion's
-            assert mesh.invalid_values == 0  # every stuffed start was committed
-            mesh.pending = honest
-        real_submit(value)
-
-    mesh.submit = submit
+    mesh.commit_block = commit_block
     mesh.run()
-    assert stuffed and mesh.final_model().digest == final.digest
-    core = mesh.cores[PEERS[0]]
-    assert core.drops["early_start_overflow"] == 6  # the held list was full
+    final = mesh.final_model()
+    assert mesh.invalid_values == len(stuffed)  # refused by every peer: never committed
+    kinds = Counter(type(decode_log_value(v)).__name__ for v in mesh.committed)
+    assert kinds["Inclusion"] == 4 and (kinds["AggregateConfirm"] == 0) == (path == "fast"), kinds
+    checkpoints = mesh.checkpoints[PEERS[2]]
+    assert [(cp.round, cp.next_epoch) for cp in checkpoints] == [(1, 0), (2, 1), (3, 1), (4, None)]
+    started = {e.round: e.detail.split()[1] for e in mesh.events[PEERS[2]] if e.kind == "round_started"}
+    assert started == {1: "0", 2: "0", 3: "1", 4: "1"}  # round r's epoch: its updates are signed with it
+    assert [r for r in mesh.rejected if r.reason == "wrong_epoch"] == []
 
-    first = clean.checkpoints[PEERS[2]][0]
-    restarted = TrainingCore.for_committed_job(BY_PEER[PEERS[2]], NET, encode_log_value(job), {0: clean.table},
-                                               0.0, checkpoint=(first.round, dict(first.params)))
+    cp = checkpoints[1]  # restarted from the checkpoint of round 2: round 3 runs in epoch 1
+    restarted = TrainingCore.for_committed_job(BY_PEER[PEERS[2]], NET, encode_log_value(job),
+                                               {0: tables[0], 1: tables[1]}, 0.0, epoch=0,
+                                               checkpoint=(cp.round, dict(cp.params), cp.next_epoch))
+    assert restarted._rounds[3].epoch == 1
     restarted.take_actions()
-    for value in clean.committed:
-        restarted.on_committed(value, 1.0, epoch=0)
-    assert restarted._rounds[2].start is not None and restarted.certified_hash(4) == final.digest
+    for value, epoch in zip(mesh.committed, mesh.committed_epochs):
+        restarted.on_committed(value, 1.0, epoch=epoch)
+    assert restarted.certified_hash(4) == final.digest and restarted.drops["inclusion_ignored"] == 0
+    with pytest.raises(LocalProtocolError):  # a checkpoint before the last round needs its next epoch
+        TrainingCore.for_committed_job(BY_PEER[PEERS[2]], NET, encode_log_value(job), {0: tables[0]}, 0.0,
+                                       epoch=0, checkpoint=(cp.round, dict(cp.params), None))
 
 
 def test_inclusion_validity_checks_the_aggregate_hash(digits, monkeypatch):
@@ -977,5 +992,4 @@ def test_past_the_per_round_cap_only_a_larger_set_is_checked_and_blocks_carry_th
     group4, rank4 = inclusion_choice(inclusion(held))
     assert group3 == group4 and rank4 < rank3
     assert inclusion_choice(inclusion(held, round_=2))[0] != group4
-    start = next(v for v in mesh.committed if isinstance(decode_log_value(v), RoundStart))
-    assert inclusion_choice(start) is None and inclusion_choice(b"\x92\xaafl_include garbage") is None
+    assert inclusion_choice(encode_log_value(job)) is None and inclusion_choice(b"\x92\xaafl_include garbage") is None

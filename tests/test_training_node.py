@@ -172,6 +172,10 @@ def test_sigkilled_participant_neither_stalls_nor_corrupts_and_resumes(net, tmp_
     net.restart(4)
     resumed = status(net, 4, job_id)
     assert resumed["model_round"] >= 2, "restarted peer did not resume from its checkpoint"
+    counters = net.query(4, "status")["counters"]
+    # from this job's checkpoint (and the earlier test's job): their rows hold the next round's epoch
+    assert counters.get("training_resumed_from_checkpoint", 0) >= 1
+    assert counters.get("training_checkpoint_without_epoch", 0) == 0
     assert before and all(digests(resumed).get(r) == d for r, d in before.items())  # kept on disk
     assert wait_until(lambda: all(status(net, i, job_id)["state"] == "finished" for i in range(5)), 120, 0.2)
     finals = [status(net, i, job_id) for i in range(5)]
@@ -348,3 +352,58 @@ def test_a_participant_that_refused_a_committed_job_never_validates_its_inclusio
         assert svc.counters["training_job_too_large"] == 1 and not svc.jobs
     assert participant.validate_value(inclusion) is None
     assert observer.validate_value(inclusion) is True
+
+
+def test_a_store_from_before_rule_started_rounds_is_migrated_and_its_old_checkpoints_skipped(tmp_path):
+    """fl_checkpoints rows written before rounds started by rule have no next-round epoch (the
+    column did not exist). The service adds the column, skips such a row (a restart cannot know
+    where the log started the next round without it; the replay re-derives everything from an
+    older checkpoint or round 0) and resumes from the newest row that has one."""
+    from types import SimpleNamespace
+
+    from chimera.consensus.aggregation import aggregate_hash
+    from chimera.consensus.training import JobSpec, encode_log_value, job_id_of
+    from chimera.node.store import Store
+    from chimera.node.training_service import TrainingService, write_npz_atomic
+    from chimera.protocol.identity import SigningIdentity
+
+    identity = SigningIdentity.generate()
+    me = identity.peer_id
+    job = JobSpec(name="j", model_kind="sgd_classifier", n_features=64, classes=tuple(range(10)), l2=1e-4,
+                  dataset="digits", rounds=5, local_epochs=1, learning_rate=0.1, rule="fedavg", byzantine_f=0,
+                  detect_anomalies=False, participants=(me,), quorum=1, round_deadline_s=5.0,
+                  max_update_norm=1e6, seed=1)
+    job_value = encode_log_value(job)
+    job_id = job_id_of(job_value)
+    spec = job.model_spec()
+    data_dir = tmp_path / "peer"
+    data_dir.mkdir()
+    store = Store(data_dir)
+    store.db.executescript("""CREATE TABLE fl_checkpoints (job_id BLOB NOT NULL, round INTEGER NOT NULL,
+        digest BLOB NOT NULL, path TEXT NOT NULL, committed_ms INTEGER NOT NULL, accuracy REAL, loss REAL,
+        round_s REAL, fit_s REAL, included INTEGER, bytes_sent INTEGER, PRIMARY KEY (job_id, round));""")
+    models = {}
+    for number in (1, 2):
+        params = {k: v + number for k, v in spec.zeros().items()}
+        path = data_dir / f"round-{number}.npz"
+        write_npz_atomic(path, params)
+        models[number] = aggregate_hash(params, spec)
+        store.db.execute("INSERT INTO fl_checkpoints(job_id, round, digest, path, committed_ms) VALUES(?,?,?,?,?)",
+                         (job_id, number, models[number], str(path), 0))
+    node = SimpleNamespace(peer_id=me, identity=identity, data_dir=data_dir, store=store, counters=Counter(),
+                           consensus=None, network=SimpleNamespace(genesis=(me,), network_id=b"\x05" * 32),
+                           config=SimpleNamespace(max_message_bytes=1 << 20, training_test_poison="",
+                                                  training_test_drop_updates_from="", training_fetch_interval_s=1.0))
+    svc = TrainingService(node, 0)
+    columns = {row[1] for row in store.db.execute("PRAGMA table_info(fl_checkpoints)")}
+    assert "next_epoch" in columns
+    assert svc._checkpoint_of(job_id, job) is None  # both old rows skipped
+    assert svc.counters["training_checkpoint_without_epoch"] == 2
+    store.db.execute("UPDATE fl_checkpoints SET next_epoch=4 WHERE round=1")  # as a new release writes it
+    number, params, next_epoch = svc._checkpoint_of(job_id, job)
+    assert (number, next_epoch) == (1, 4) and aggregate_hash(params, spec) == models[1]
+    svc._apply_value(7, job_value, 0.0, epoch=3, replay=True)  # the job's commit, replayed: resumes after round 1
+    core = svc.jobs[job_id].core
+    assert core.model_round == 1 and core._rounds[2].epoch == 4
+    assert svc.counters["training_resumed_from_checkpoint"] == 1
+    store.close()
