@@ -24,7 +24,8 @@ scikit-learn). It
 * runs the cores' timers (round deadlines, re-fetches).
 
 Restart: the latest checkpoint of each job is loaded (its digest checked; with
-the epoch the log started the next round at, stored in its row) and every committed ``fl_*`` value stored in the log is replayed in order; rounds
+the epoch the log started the next round at, stored in its row) and every
+committed ``fl_*`` value stored in the log is replayed in order; rounds
 certified since are fetched from peers and verified against the certified hash.
 
 scikit-learn is imported only when a job trains or evaluates (never by an idle
@@ -513,8 +514,8 @@ class TrainingService:
         if checkpoint is not None:
             self.counters["training_resumed_from_checkpoint"] += 1
         core = TrainingCore(self.node.identity, self.node.network.network_id, job, job_id, self._tables(), now,
-                            epoch=epoch, config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s),
-                            checkpoint=checkpoint)
+                            epoch=epoch, checkpoint=checkpoint,
+                            config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s))
         state = JobState(job=job, job_id=job_id, value=value, height=height, core=core)
         for number, digest, committed_ms, acc, loss, round_s, fit_s, included, sent in self.store.db.execute(
                 "SELECT round, digest, committed_ms, accuracy, loss, round_s, fit_s, included, bytes_sent "

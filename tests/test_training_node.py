@@ -126,9 +126,13 @@ def digests(doc: dict) -> dict[int, str]:
 
 def run_job(net: LocalNetwork, text: str, peers=range(5), timeout_s: float = 120) -> tuple[str, list[dict]]:
     job_id = net.query(0, "train_start", {"job": text, "timeout_s": 60})["job_id"]
-    assert wait_until(lambda: all((safe_status(net, i, job_id) or {}).get("state") == "finished" for i in peers)
-                      and all(status(net, i, job_id)["rounds"][-1]["accuracy"] is not None for i in peers),
-                      timeout_s=timeout_s, interval_s=0.2), f"job {job_id[:16]} did not finish"
+
+    def done(i: int) -> bool:  # finished, and the last round's row written (rows land behind the round)
+        doc = safe_status(net, i, job_id) or {}
+        return doc.get("state") == "finished" and bool(doc.get("rounds")) and doc["rounds"][-1]["accuracy"] is not None
+
+    assert wait_until(lambda: all(done(i) for i in peers), timeout_s=timeout_s, interval_s=0.2), \
+        f"job {job_id[:16]} did not finish"
     return job_id, [status(net, i, job_id) for i in peers]
 
 
@@ -151,6 +155,22 @@ def test_clean_job_commits_identical_checkpoints_and_matches_central(net):
     kinds = committed_kinds(net, 0, job_id)
     assert kinds["rounds_included"] == ROUNDS and kinds["AggregateConfirm"] == 0, kinds
     net.clean_accuracy = federated
+
+
+def test_a_job_of_some_validators_is_certified_by_confirmations_and_followed_by_the_others(net):
+    """Participants 0-2 of 5 equal validators: the other two hold 2/5 > 1/3 of the weight and
+    cannot check an aggregate, so no inclusion certifies its round by its commit (§17.4 step
+    5): signed confirmations of more than 2/3 of the participants' weight do, and each round
+    starts where its predecessor's confirmations complete (no start value exists to stuff).
+    The two followers fetch every certified model and checkpoint the same digests."""
+    ids = [net.query(i, "status")["peer_id"] for i in range(3)]
+    text = job_text("subset", rounds=4).replace("quorum = 4", "quorum = 3") + f"participants = {json.dumps(ids)}\n"
+    job_id, docs = run_job(net, text)
+    per_round = [digests(d) for d in docs]
+    assert all(len(d) == 4 for d in per_round) and all(d == per_round[0] for d in per_round), per_round
+    kinds = committed_kinds(net, 4, job_id)  # a follower's stored log
+    assert kinds["rounds_included"] == 4 and kinds["AggregateConfirm"] >= 4 * 3, kinds
+    assert set(kinds) <= {"Inclusion", "AggregateConfirm", "rounds_included"}, kinds
 
 
 @pytest.mark.slow
