@@ -53,7 +53,10 @@ Round protocol
    of them has the hash ``aggregate_hash``, so a committed one is held by at
    least one correct peer. A participant missing an update that an inclusion
    names asks for it (:class:`FlUpdateRequest`) as soon as it checks that
-   inclusion (:meth:`TrainingCore.fetch_wanted`), and again after the commit.
+   inclusion (:meth:`TrainingCore.fetch_wanted`), and again after the commit
+   while the round is not certified; a certified round's missing updates are
+   not fetched: the peer asks for the certified model (step 5). Every fetch
+   goes to 2 participants at a time, the next 2 at each retry.
 5. **Aggregate and certify.** Every peer aggregates (anomaly detection, then
    the job's rule) over ``base``. *Fast path* (:meth:`TrainingCore.fast_path`
    of the committing block's epoch, passed to :meth:`on_committed`): the
@@ -133,7 +136,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Collection, Mapping
 
 import msgpack
 import numpy as np
@@ -782,6 +785,11 @@ class TrainingCore:
         self.finished = self.model_round >= job.rounds
         self._next_fetch = math.inf
         self._model_requested = 0
+        self._model_asks = 0  # model requests sent (rotates the peers asked, see _ask)
+        # where an observer starts in the participant ring when it asks (spreads the load)
+        self._ring_start = (job.participants.index(self.peer_id) + 1 if self.participant else
+                            int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "big")
+                            % len(job.participants))
         # bodies arriving in fl_part messages: (sender, kind, digest) -> (round, count, {index: data})
         self._assemblies: dict[tuple[str, str, bytes], tuple[int, int, dict[int, bytes]]] = {}
         self._assembly_bytes = 0
@@ -1048,16 +1056,24 @@ class TrainingCore:
         rnd.wanted_next = now + self.config.fetch_interval_s
         in_parts = {digest for _, kind, digest in self._assemblies if kind == FlUpdate.KIND}
         ask = tuple(sorted(rnd.wanted - in_parts))
+        if ask:
+            self._ask(FlUpdateRequest(job_id=self.job_id, round=rnd.number, hashes=ask), rnd.wanted_asks,
+                      rnd.first_by_sender)
+            rnd.wanted_asks += 1
+
+    def _ask(self, request: FlUpdateRequest | FlModelRequest, asks: int, reached: Collection[str]) -> None:
+        """Send a fetch ``request`` to :data:`UPDATE_FETCH_FANOUT` other participants: the
+        ``asks``-th group of them in turn (each retry asks the next ones), ordered first those
+        in ``reached`` (their update of the round reached us: their link to us works; the
+        author of a missing update may be behind a link that lost it), each group in
+        participant order after our own position (an observer's position: from a hash of its
+        peer id, so observers spread their requests). Every holder answers a request, so
+        asking all would return that many copies: n² updates per round for a peer missing n."""
         participants = self.job.participants
-        me = participants.index(self.peer_id) + 1 if self.participant else 0
-        ring = [p for p in participants[me:] + participants[:me] if p != self.peer_id]
-        if not ask or not ring:
-            return
-        # those whose update of this round reached us first (their link to us works), then the rest
-        ordered = sorted(ring, key=lambda p: p not in rnd.first_by_sender)
-        first = rnd.wanted_asks * UPDATE_FETCH_FANOUT
-        rnd.wanted_asks += 1
-        request = FlUpdateRequest(job_id=self.job_id, round=rnd.number, hashes=ask)
+        start = self._ring_start
+        ring = [p for p in participants[start:] + participants[:start] if p != self.peer_id]
+        ordered = sorted(ring, key=lambda p: p not in reached)
+        first = asks * UPDATE_FETCH_FANOUT
         for k in range(min(UPDATE_FETCH_FANOUT, len(ordered))):
             self._actions.append(Send(ordered[(first + k) % len(ordered)], request))
 
@@ -1437,7 +1453,10 @@ class TrainingCore:
     def _request_model(self, number: int, now: float) -> None:
         if self._next_fetch == math.inf or number > self._model_requested:
             self._model_requested = number
-            self._actions.append(Broadcast(FlModelRequest(job_id=self.job_id, round=number)))
+            rnd = self._rounds.get(number)
+            self._ask(FlModelRequest(job_id=self.job_id, round=number), self._model_asks,
+                      () if rnd is None else rnd.first_by_sender)
+            self._model_asks += 1
             self._next_fetch = now + self.config.fetch_interval_s
 
     def _maybe_propose_inclusion(self, rnd: _Round, now: float) -> None:
@@ -1465,9 +1484,13 @@ class TrainingCore:
             return
         missing = [h for h in rnd.inclusion if h not in rnd.updates]
         if missing:
-            if self._next_fetch == math.inf:
-                self._actions.append(Broadcast(FlUpdateRequest(job_id=self.job_id, round=rnd.number,
-                                                               hashes=tuple(missing))))
+            # Only a participant whose confirmation may still be needed fetches updates; once
+            # the round is certified (or at an observer, which never confirms) the certified
+            # model is what it needs: one fetch of the model's size (_progress asks for it).
+            if rnd.certified is None and self.participant and self._next_fetch == math.inf:
+                self._ask(FlUpdateRequest(job_id=self.job_id, round=rnd.number, hashes=tuple(missing)),
+                          rnd.wanted_asks, rnd.first_by_sender)
+                rnd.wanted_asks += 1
                 self._next_fetch = now + self.config.fetch_interval_s
             return
         result = rnd.aggregates.get(rnd.inclusion)

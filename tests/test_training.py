@@ -30,6 +30,7 @@ from chimera.consensus.training import (
     MAX_ASSEMBLIES_PER_SENDER,
     MAX_PARTS,
     PART_BYTES,
+    UPDATE_FETCH_FANOUT,
     AggregateConfirm,
     Broadcast,
     Checkpoint,
@@ -435,8 +436,9 @@ def test_resume_from_checkpoint_replays_the_log(digits):
     for value in mesh.committed:
         restarted.on_committed(value, 100.0, epoch=mesh.epoch)
     actions = restarted.take_actions()
-    requests = [a for a in actions if isinstance(a, Broadcast) and isinstance(a.message, FlModelRequest)]
+    requests = [a for a in actions if isinstance(a, Send) and isinstance(a.message, FlModelRequest)]
     assert requests and requests[-1].message.round == 3
+    assert len({a.peer_id for a in requests if a.message.round == 3}) == UPDATE_FETCH_FANOUT  # not everyone
     # any peer at round 3 answers; the restarted one verifies against the certified hash
     holder = mesh.cores[PEERS[0]]
     holder.on_message(peer, roundtrip(requests[-1].message), 100.0)
@@ -444,6 +446,44 @@ def test_resume_from_checkpoint_replays_the_log(digits):
     restarted.on_message(PEERS[0], roundtrip(reply.message), 100.1)
     checkpoints = [a for a in restarted.take_actions() if isinstance(a, Checkpoint)]
     assert checkpoints and checkpoints[-1].digest == final.digest and restarted.finished
+
+
+@pytest.mark.parametrize("path", ["fast", "confirmations"])
+def test_a_peer_without_the_updates_fetches_the_certified_model_from_two_peers_at_a_time(digits, path):
+    """A follower (not a participant: it never receives updates) asks for no update and, once a
+    round is certified, asks UPDATE_FETCH_FANOUT participants for the model, the next ones at
+    each retry; before, it broadcast both an update request (every participant answered with
+    every update: n² update envelopes per round) and a model request (n models)."""
+    train, test, shards = digits
+    job = make_job(rounds=2)
+    observer = IDS[5]
+    outside = 1 if path == "fast" else 3  # 1 of 6 (fast path) or 3 of 8 (> 1/3: confirmations)
+    table = WeightTable(epoch=0, weights={**{p: 1 for p in PEERS}, observer.peer_id: outside})
+    mesh = Mesh(job, shards, table=table)
+    mesh.run()
+    final = mesh.final_model()
+    core = TrainingCore.for_committed_job(observer, NET, encode_log_value(job), {0: table}, 0.0, epoch=0)
+    assert not core.participant
+    actions = []
+    for value, epoch in zip(mesh.committed, mesh.committed_epochs):
+        core.on_committed(value, 1.0, epoch=epoch)
+        actions += core.take_actions()
+    sends = [a for a in actions if isinstance(a, (Send, Broadcast))]
+    assert not [a for a in sends if isinstance(a.message, FlUpdateRequest)] and \
+        not [a for a in sends if isinstance(a, Broadcast)]
+    asked: dict[int, set[str]] = {}  # round -> peers asked for its model (each newly certified round)
+    for a in sends:
+        asked.setdefault(a.message.round, set()).add(a.peer_id)
+    assert sorted(asked) == [1, 2] and all(len(p) == UPDATE_FETCH_FANOUT for p in asked.values())
+    core.tick(1.0 + core.config.fetch_interval_s)  # no answer: the next two
+    retry = [a.peer_id for a in core.take_actions() if isinstance(a, Send) and a.message.round == 2]
+    assert len(set(retry)) == UPDATE_FETCH_FANOUT and not set(retry) & asked[2]
+    holder = mesh.cores[retry[0]]
+    holder.on_message(observer.peer_id, roundtrip(FlModelRequest(job_id=mesh.job_id, round=2)), 3.0)
+    reply = [a for a in holder.take_actions() if isinstance(a, Send)][0]
+    core.on_message(retry[0], roundtrip(reply.message), 3.0)
+    checkpoints = [a for a in core.take_actions() if isinstance(a, Checkpoint)]
+    assert core.finished and [cp.digest for cp in checkpoints] == [final.digest]
 
 
 # ------------------------------------------------------------- end to end
@@ -761,7 +801,7 @@ def test_a_peer_replaying_the_log_from_an_old_checkpoint_certifies_every_round(d
         actions += core.take_actions()
     assert core.certified_hash(4) == final.digest
     assert core.drops["inclusion_ignored"] == 0
-    asked = [a.message.round for a in actions if isinstance(a, Broadcast) and isinstance(a.message, FlModelRequest)]
+    asked = [a.message.round for a in actions if isinstance(a, Send) and isinstance(a.message, FlModelRequest)]
     assert asked and max(asked) == 4
 
 
