@@ -786,6 +786,7 @@ class TrainingCore:
         self._next_fetch = math.inf
         self._model_requested = 0
         self._model_asks = 0  # model requests sent (rotates the peers asked, see _ask)
+        self._model_waiters: dict[str, int] = {}  # peer -> round whose model it asked for before we had it
         # where an observer starts in the participant ring when it asks (spreads the load)
         self._ring_start = (job.participants.index(self.peer_id) + 1 if self.participant else
                             int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "big")
@@ -1304,10 +1305,21 @@ class TrainingCore:
                 self._actions.extend(Send(sender, m) for m in in_parts(held[0], digest))
 
     def _on_model_request(self, sender: str, req: FlModelRequest) -> None:
+        """Answer with our model if it is the one of ``req.round``; a request for the round in
+        progress here is remembered (at most ``2 * MAX_PARTICIPANTS`` peers) and answered when
+        we adopt that round: a peer asks only 2 peers at a time (:meth:`_ask`), right after
+        the commit that certified the round, and those may be a moment behind it."""
         if req.round == self.model_round:
-            model = FlModel(job_id=self.job_id, round=self.model_round,
-                            tensors=tensors_from_params(self.model, self.spec))
-            self._actions.extend(Send(sender, m) for m in in_parts(model, self._certified[self.model_round]))
+            self._send_model(sender)
+        elif req.round == self.model_round + 1 and not self.finished and (
+                sender in self._model_waiters or len(self._model_waiters) < 2 * MAX_PARTICIPANTS):
+            self._model_waiters[sender] = req.round
+        else:
+            self.drops["model_request_other_round"] += 1
+
+    def _send_model(self, peer_id: str) -> None:
+        model = FlModel(job_id=self.job_id, round=self.model_round, tensors=tensors_from_params(self.model, self.spec))
+        self._actions.extend(Send(peer_id, m) for m in in_parts(model, self._certified[self.model_round]))
 
     def _drop_assembly(self, key: tuple[str, str, bytes]) -> None:
         held = self._assemblies.pop(key, None)
@@ -1400,6 +1412,10 @@ class TrainingCore:
         self._actions.append(Checkpoint(self.job_id, number, {k: v.copy() for k, v in params.items()}, digest,
                                         next_epoch=None if nxt is None else nxt.epoch))
         self._event("round_committed", number, _h8(digest))
+        waiters, self._model_waiters = self._model_waiters, {}
+        for peer_id, wanted in waiters.items():
+            if wanted == number:
+                self._send_model(peer_id)
         for old in [r for r in self._rounds if r <= number - 1]:
             del self._rounds[old]
         for old in [r for r in self._speculative if r <= number]:
