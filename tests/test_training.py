@@ -55,6 +55,7 @@ from chimera.consensus.training import (
     inclusion_hash,
     is_training_value,
     job_id_of,
+    params_from_tensors,
     tensors_from_params,
     update_hash,
 )
@@ -484,6 +485,39 @@ def test_a_peer_without_the_updates_fetches_the_certified_model_from_two_peers_a
     core.on_message(retry[0], roundtrip(reply.message), 3.0)
     checkpoints = [a for a in core.take_actions() if isinstance(a, Checkpoint)]
     assert core.finished and [cp.digest for cp in checkpoints] == [final.digest]
+
+
+def test_a_model_request_for_the_round_in_progress_is_answered_when_the_round_is_adopted(digits):
+    """A peer asks only 2 peers for a model, right after the commit that certified it; those
+    may be a moment behind. A request for the round in progress is remembered (bounded) and
+    answered at adoption; one for any other round is a counted drop."""
+    train, test, shards = digits
+    job = make_job(rounds=2)
+    mesh = Mesh(job, shards)
+    held = mesh.hold_inclusions()
+    mesh.run(max_time_s=0.0)  # round 1's updates are everywhere; its inclusion is held back
+    core = mesh.cores[PEERS[0]]
+    asker = IDS[5].peer_id
+    core.on_message(asker, roundtrip(FlModelRequest(job_id=mesh.job_id, round=1)), mesh.now)
+    core.on_message(PEERS[1], roundtrip(FlModelRequest(job_id=mesh.job_id, round=2)), mesh.now)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    assert core.drops["model_request_other_round"] == 1
+    del mesh.submit  # release: the largest held inclusion commits, certifying round 1
+    mesh.submit(encode_log_value(held[max(held, key=len)]))
+    replies = []
+    real_run_action = mesh.run_action
+
+    def run_action(peer, action):
+        if peer == PEERS[0] and isinstance(action, Send) and action.peer_id == asker:
+            replies.append(action.message)
+            return
+        real_run_action(peer, action)
+
+    mesh.run_action = run_action
+    mesh.run()
+    assert [(type(m).__name__, m.round) for m in replies] == [("FlModel", 1)]
+    assert aggregate_hash(params_from_tensors(replies[0].tensors, job.model_spec()), job.model_spec()) == \
+        mesh.checkpoints[PEERS[0]][0].digest
 
 
 # ------------------------------------------------------------- end to end
