@@ -785,7 +785,7 @@ class TrainingCore:
         self.finished = self.model_round >= job.rounds
         self._next_fetch = math.inf
         self._model_requested = 0
-        self._model_asks = 0  # model requests sent (rotates the peers asked, see _ask)
+        self._model_asks = 0  # tries for the model of _model_requested (widens the peers asked, see _ask)
         self._model_waiters: dict[str, int] = {}  # peer -> round whose model it asked for before we had it
         # where an observer starts in the participant ring when it asks (spreads the load)
         self._ring_start = (job.participants.index(self.peer_id) + 1 if self.participant else
@@ -1036,11 +1036,8 @@ class TrainingCore:
         The first request leaves ``fetch_grace_s`` after the first call that finds updates
         missing (one still on its way, or arriving in parts, is not asked for), then one per
         ``fetch_interval_s`` while some are missing; each goes to
-        :data:`UPDATE_FETCH_FANOUT` other participants, the next ones in turn at every
-        retry (every holder answers a request: asking all would return that many copies),
-        first those whose own update of the round reached us (their link to us works; the
-        author of a missing update may be behind a link that lost it), in participant order
-        after our own position.
+        :data:`UPDATE_FETCH_FANOUT` other participants, twice as many further ones at every
+        retry (see :meth:`_ask`).
         At most ``len(participants)`` hashes are remembered per round. :meth:`tick` calls
         this too (:meth:`next_deadline` includes the next request)."""
         rnd = self._rounds.get(self.model_round + 1)
@@ -1050,8 +1047,9 @@ class TrainingCore:
         if not rnd.wanted:
             rnd.wanted_next = math.inf
             return
-        if rnd.wanted_next == math.inf:  # newly missing: a grace period first
+        if rnd.wanted_next == math.inf:  # newly missing: a grace period first, then a first try
             rnd.wanted_next = now + self.config.fetch_grace_s
+            rnd.wanted_asks = 0
         if now < rnd.wanted_next:
             return
         rnd.wanted_next = now + self.config.fetch_interval_s
@@ -1063,19 +1061,24 @@ class TrainingCore:
             rnd.wanted_asks += 1
 
     def _ask(self, request: FlUpdateRequest | FlModelRequest, asks: int, reached: Collection[str]) -> None:
-        """Send a fetch ``request`` to :data:`UPDATE_FETCH_FANOUT` other participants: the
-        ``asks``-th group of them in turn (each retry asks the next ones), ordered first those
-        in ``reached`` (their update of the round reached us: their link to us works; the
-        author of a missing update may be behind a link that lost it), each group in
-        participant order after our own position (an observer's position: from a hash of its
-        peer id, so observers spread their requests). Every holder answers a request, so
-        asking all would return that many copies: n² updates per round for a peer missing n."""
+        """Send the ``asks``-th try (0, 1, ...) of a fetch ``request`` to the next group of
+        other participants: :data:`UPDATE_FETCH_FANOUT` of them at first, twice as many at
+        each retry (2, 4, 8, ... but at most all), continuing around the ring. The ring:
+        first those in ``reached`` (their update of the round reached us: their link to us
+        works; the author of a missing update may be behind a link that lost it), each part in
+        participant order after our own position (an observer's: from a hash of its peer id,
+        so observers spread their requests). Every holder answers a request, so asking all at
+        once would return that many copies (n² updates per round for a peer missing n); the
+        widening keeps a retry under heavy loss from waiting on two lossy links again."""
         participants = self.job.participants
         start = self._ring_start
         ring = [p for p in participants[start:] + participants[:start] if p != self.peer_id]
         ordered = sorted(ring, key=lambda p: p not in reached)
-        first = asks * UPDATE_FETCH_FANOUT
-        for k in range(min(UPDATE_FETCH_FANOUT, len(ordered))):
+        if not ordered:
+            return
+        widen = 1 << min(asks, 6)
+        first = UPDATE_FETCH_FANOUT * (widen - 1)
+        for k in range(min(UPDATE_FETCH_FANOUT * widen, len(ordered))):
             self._actions.append(Send(ordered[(first + k) % len(ordered)], request))
 
     def tick(self, now: float) -> None:
@@ -1468,6 +1471,8 @@ class TrainingCore:
 
     def _request_model(self, number: int, now: float) -> None:
         if self._next_fetch == math.inf or number > self._model_requested:
+            if number > self._model_requested:  # a first try for this round
+                self._model_asks = 0
             self._model_requested = number
             rnd = self._rounds.get(number)
             self._ask(FlModelRequest(job_id=self.job_id, round=number), self._model_asks,
