@@ -56,7 +56,7 @@ Round protocol
    inclusion (:meth:`TrainingCore.fetch_wanted`), and again after the commit
    while the round is not certified; a certified round's missing updates are
    not fetched: the peer asks for the certified model (step 5). Every fetch
-   goes to 2 participants at a time, the next 2 at each retry.
+   goes to 2 participants first, twice as many further ones at each retry.
 5. **Aggregate and certify.** Every peer aggregates (anomaly detection, then
    the job's rule) over ``base``. *Fast path* (:meth:`TrainingCore.fast_path`
    of the committing block's epoch, passed to :meth:`on_committed`): the
