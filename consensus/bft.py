@@ -52,7 +52,10 @@ round) and its proposal. A message of a *lower* height from a peer makes the
 core push the certified commits that peer misses; a message of a *higher*
 height makes it ask for commits (``BftCommitRequest``). Commits received are
 verified (certificate against the weight table of their height, parent hash
-against our chain) before they are applied: no peer is trusted.
+against our chain) before they are applied: no peer is trusted. A proposer
+that fell behind cannot know it (peers waiting for a proposal send nothing of
+the new height), so at half the propose timeout the :data:`NUDGERS`
+validators after it push it the last commit (:meth:`BftCore._nudge`).
 
 Driver duties (the order of :meth:`BftCore.take_actions` matters)
 -----------------------------------------------------------------
@@ -114,6 +117,7 @@ MAX_BLOCK_VALUES = 256
 MAX_VALUE_BYTES = 4096
 MAX_VALUES_PER_MESSAGE = 64
 MAX_COMMITS_PER_RESPONSE = 16
+NUDGERS = 2  # validators after a silent proposer (peer-id order) that push it the last commit
 GENESIS_HASH = bytes(32)
 ONE_THIRD = Fraction(1, 3)
 
@@ -938,7 +942,9 @@ class BftCore:
             height = commit.block.height
             if height < self.height:
                 continue
-            if height > self.height:
+            if height > self.height:  # we are further behind than these: ask for what we miss
+                if not applied:
+                    self._other_height(sender, height, now)
                 break
             digest = self._check_commit(commit)
             self._apply_commit(commit, digest, now, "catch-up")
@@ -1170,7 +1176,10 @@ class BftCore:
         self.step = PROPOSE
         self._event("new_round", f"proposer {self.proposer(self.height, round_)[:10]}")
         if self.proposer(self.height, round_) != self.peer_id:
-            self._schedule(now + self.config.timeout_s(PROPOSE, round_), PROPOSE, self.height, round_)
+            timeout = self.config.timeout_s(PROPOSE, round_)
+            self._schedule(now + timeout, PROPOSE, self.height, round_)
+            if self._nudges(round_):
+                self._schedule(now + timeout / 2, "nudge", self.height, round_)
             return
         if self.valid_block is not None:
             block, valid_round = self.valid_block, self.valid_round
@@ -1189,6 +1198,29 @@ class BftCore:
         self._blocks[digest] = block
         self._actions.append(Broadcast(proposal))
         self._relay_polka(valid_round, digest)
+
+    def _nudges(self, round_: int) -> bool:
+        """Whether we are one of the :data:`NUDGERS` validators after the proposer of
+        ``round_`` in peer-id order (a bounded, predictable load on a late proposer)."""
+        ring = sorted(self.table.weights)
+        if self.peer_id not in self.table.weights or len(ring) < 2:
+            return False
+        proposer = ring.index(self.proposer(self.height, round_))
+        return (ring.index(self.peer_id) - proposer) % len(ring) <= NUDGERS
+
+    def _nudge(self, round_: int) -> None:
+        """Half the propose timeout passed without a proposal: push our last certified
+        commit to the proposer. A proposer that fell a height behind (it missed the
+        precommits of the last height under loss) applies it and proposes; one further
+        behind takes it as the sign to ask for commits (:meth:`_on_commit_response`);
+        one that is current ignores it. Without this the others waited the whole propose
+        timeout for a proposer that could not know it was late: while they wait in the
+        propose step they send it nothing of this height."""
+        last = self.cached_commits(self.height - 1, 1)
+        if last:
+            self._event("nudge", f"proposer {self.proposer(self.height, round_)[:10]}")
+            self._actions.append(Send(self.proposer(self.height, round_),
+                                      BftCommitResponse(commits=(last[0],), latest_height=self.height - 1)))
 
     def _relay_polka(self, valid_round: int | None, digest: bytes) -> None:
         """Send the signed prevotes that justify a re-proposal (L28 needs them at every peer)."""
@@ -1218,6 +1250,10 @@ class BftCore:
         if kind == "await_end":  # _rule prevotes nil for a proposal still not decidable
             return
         if round_ != self.round:
+            return
+        if kind == "nudge":
+            if self.step == PROPOSE and round_ not in self._proposals:
+                self._nudge(round_)
             return
         if kind == PROPOSE and self.step == PROPOSE:  # L57
             self._event("timeout_propose")

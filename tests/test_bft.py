@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chimera.consensus import bft
 from chimera.consensus.bft import (
     MAX_COMMITS_PER_RESPONSE,
     PRECOMMIT,
@@ -999,3 +1000,31 @@ def test_a_proposed_block_carries_one_value_per_group_of_alternatives():
     for v in values:
         plain.submit(v, 0.0)
     assert len(plain._make_block().values) == len(values)
+
+
+@pytest.mark.parametrize("nudgers", [bft.NUDGERS, 0])
+def test_a_proposer_that_missed_the_last_commit_is_nudged_before_the_propose_timeout(monkeypatch, nudgers):
+    """The proposer of height 2 missed height 1's precommits (it was cut off) and, back, sits
+    silently in height 1's propose step; the others wait in height 2's propose step and send it
+    nothing of height 2. Half a propose timeout in, the NUDGERS validators after it push it
+    the last commit: it applies it, proposes, and height 2 commits in round 0 well before the
+    others' propose timeout. Without the nudge (nudgers=0) nothing happens until a timeout."""
+    monkeypatch.setattr(bft, "NUDGERS", nudgers)
+    cluster = Cluster(4)
+    any_core = cluster.cores[IDS[0].peer_id]
+    late = any_core.proposer(2, 0)
+    assert any_core.proposer(1, 0) != late
+    cluster.down.add(late)
+    cluster.cores[any_core.proposer(1, 0)].submit(b"first", 0.0)
+    cluster.advance(0.3)  # height 1 committed by the other three (3 of 4 > 2/3)
+    assert all(c.height == 2 for p, c in cluster.cores.items() if p != late)
+    assert cluster.cores[late].height == 1
+    cluster.down.clear()  # back, but its own propose timeout of height 1 is at 1.0 s
+    cluster.advance(0.9)  # the others' propose timeout of height 2 is at about 1.1 s
+    nudged = [a for p in cluster.cores for a in cluster.log[p] if isinstance(a, bft.BftEvent) and a.kind == "nudge"]
+    if nudgers:
+        assert len(nudged) == nudgers
+        assert all(c.height >= 3 for c in cluster.cores.values())  # height 2 committed (and more since)
+        assert [(c.height, c.commit.round) for c in cluster.commits[late][:2]] == [(1, 0), (2, 0)]
+    else:
+        assert not nudged and all(c.height <= 2 for c in cluster.cores.values())
