@@ -534,13 +534,14 @@ class TrainingService:
 
     def on_envelope(self, env: Envelope) -> None:
         msg = env.message
+        if env.sender == self.drop_updates_from and (
+                isinstance(msg, FlUpdate) or (isinstance(msg, FlPart) and msg.kind == "fl_update")):
+            # TEST HOOK: as if lost on the way, so counted also when the job has not committed here yet
+            self.counters["training_test_dropped_updates"] += 1
+            return
         state = self.jobs.get(getattr(msg, "job_id", b""))
         if state is None:
             self.node.drops.record("training_unknown_job", env.sender, env.kind, time.monotonic())
-            return
-        if env.sender == self.drop_updates_from and (
-                isinstance(msg, FlUpdate) or (isinstance(msg, FlPart) and msg.kind == "fl_update")):
-            self.counters["training_test_dropped_updates"] += 1  # TEST HOOK: as if lost on the way
             return
         self.counters[f"training_received.{env.kind}"] += 1
         state.core.on_message(env.sender, msg, time.monotonic())
