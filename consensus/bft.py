@@ -56,6 +56,11 @@ against our chain) before they are applied: no peer is trusted. A proposer
 that fell behind cannot know it (peers waiting for a proposal send nothing of
 the new height), so at half the propose timeout the :data:`NUDGERS`
 validators after it push it the last commit (:meth:`BftCore._nudge`).
+Proposals and votes of the *next* height that arrive before our own commit
+are held (bounded) and delivered when we get there (:meth:`BftCore._hold`);
+a quorum of precommits for a block we never received makes us ask two of its
+precommitters for the commit at once (:meth:`BftCore._fetch_decided`), and a
+request for the height in progress is answered when it commits.
 
 Driver duties (the order of :meth:`BftCore.take_actions` matters)
 -----------------------------------------------------------------
@@ -118,6 +123,9 @@ MAX_VALUE_BYTES = 4096
 MAX_VALUES_PER_MESSAGE = 64
 MAX_COMMITS_PER_RESPONSE = 16
 NUDGERS = 2  # validators after a silent proposer (peer-id order) that push it the last commit
+MAX_HELD_PER_SENDER = 8  # proposals/votes of the next height held per validator until we get there
+FETCH_DECIDED_FROM = 2  # precommitters asked for the commit of a decided block we never received
+MAX_COMMIT_WAITERS = 64  # requests for the height in progress, answered when it commits
 GENESIS_HASH = bytes(32)
 ONE_THIRD = Fraction(1, 3)
 
@@ -663,6 +671,11 @@ class BftCore:
         self._served_to: dict[str, int] = {}  # peer -> first height after the last commits sent to it
         self._next_request_at = now
         self._next_rebroadcast = now + config.rebroadcast_interval_s
+        # Proposals and votes of the next height that arrived before our commit of this one
+        # (sender -> messages, in arrival order), replayed when we get there: see _hold.
+        self._held: dict[str, list[BftProposal | Vote]] = {}
+        self._held_height = 0
+        self._commit_waiters: dict[str, int] = {}  # peer -> max_count, asked for our current height
         self._reset_height_state()
         start_round = 0
         if sign_state is not None and sign_state.height == height:
@@ -891,8 +904,9 @@ class BftCore:
         if invalid:
             self._reject(sender, "invalid_value", f"{invalid} invalid values")
 
-    def _other_height(self, sender: str, height: int, now: float) -> None:
-        self.drops["other_height"] += 1
+    def _other_height(self, sender: str, height: int, now: float, held: bool = False) -> None:
+        if not held:
+            self.drops["other_height"] += 1
         if height > self.height:
             if now >= self._next_request_at:
                 self._next_request_at = now + self.config.catchup_interval_s
@@ -935,6 +949,13 @@ class BftCore:
     def _on_commit_request(self, sender: str, msg: BftCommitRequest, now: float) -> None:
         if msg.from_height < self.height and self._may_serve(sender, now, msg.from_height):
             self._answer(sender, msg.from_height, msg.max_count)
+        elif msg.from_height == self.height and (sender in self._commit_waiters
+                                                 or len(self._commit_waiters) < MAX_COMMIT_WAITERS):
+            # The height in progress: answered when we commit it (_apply_commit). A peer that
+            # saw a quorum precommit a block it never received asks at once, usually a few
+            # ms before the precommitters have the quorum themselves; observers polling for
+            # the next commit get it as soon as it exists.
+            self._commit_waiters[sender] = msg.max_count
 
     def _on_commit_response(self, sender: str, msg: BftCommitResponse, now: float) -> None:
         applied = False
@@ -953,6 +974,60 @@ class BftCore:
             self._next_request_at = now + self.config.catchup_interval_s
             self._actions.append(Send(sender, BftCommitRequest(from_height=self.height)))
 
+    def _fetch_decided(self, digest: bytes, voters: Iterable[str]) -> None:
+        """A quorum precommitted ``digest`` but its proposal never reached us: the height is
+        decided, only the block is missing, and no rule of ours can use those precommits.
+        Ask :data:`FETCH_DECIDED_FROM` of the precommitters (the next ones after us in
+        peer-id order) for the commit of this height; a precommitter that has not committed
+        yet answers when it does (:meth:`_on_commit_request`). Without this we would wait
+        for the precommit timeout and a round change to reveal that we are behind."""
+        ring = sorted(v for v in voters if v != self.peer_id)
+        ring = [v for v in ring if v > self.peer_id] + [v for v in ring if v < self.peer_id]
+        for peer_id in ring[:FETCH_DECIDED_FROM]:
+            self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
+        self._event("fetch_commit", f"{_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
+
+    def _hold(self, sender: str, msg: BftProposal | Vote, height: int) -> bool:
+        """Keep a proposal or vote of the *next* height from a validator until we get there
+        (True if held). A peer that missed a precommit or two of this height (loss, or the
+        others simply committed a few ms earlier) hears the next height's proposal and votes
+        before it can use them; dropped, they would come back only with the senders'
+        rebroadcast, and the peer would trail the others by a catch-up interval at every
+        height. Held, they are delivered (and checked) as if they arrived the moment this
+        peer enters that height (:meth:`_replay_held`), like a message delayed in flight, so
+        no voting rule changes. Bounded: only the current validators' messages, at most
+        :data:`MAX_HELD_PER_SENDER` per sender and one proposal per sender; the rest is
+        dropped (``held_overflow``) as before."""
+        if height != self.height + 1 or sender not in self.table.weights:
+            return False
+        if self._held_height != height:
+            self._held, self._held_height = {}, height
+        msgs = self._held.setdefault(sender, [])
+        if len(msgs) >= MAX_HELD_PER_SENDER or (
+                isinstance(msg, BftProposal) and any(isinstance(m, BftProposal) for m in msgs)):
+            self.drops["held_overflow"] += 1
+            return False
+        msgs.append(msg)
+        self.drops["held_next_height"] += 1  # not a drop: counted to show how often it helps
+        return True
+
+    def _replay_held(self, now: float) -> None:
+        """We reached (or passed) the height of the held messages: deliver them now."""
+        held, height = self._held, self._held_height
+        self._held, self._held_height = {}, 0
+        if height != self.height:  # we jumped past it (a catch-up batch): stale
+            self.drops["held_stale"] += sum(len(m) for m in held.values())
+            return
+        for sender, msgs in held.items():
+            for msg in msgs:
+                try:
+                    if isinstance(msg, BftProposal):
+                        self._on_proposal(sender, msg, now)
+                    else:
+                        self._on_vote(sender, msg, now)
+                except RemoteProtocolError as exc:
+                    self._reject(sender, exc.reason, str(exc))
+
     def _check_commit(self, commit: CertifiedCommit) -> bytes:
         verify_commit(commit, self.table_for(commit.block.height), self.network_id)
         if commit.block.parent_hash != self._last_hash:
@@ -962,7 +1037,7 @@ class BftCore:
 
     def _on_proposal(self, sender: str, msg: BftProposal, now: float) -> None:
         if msg.height != self.height:
-            self._other_height(sender, msg.height, now)
+            self._other_height(sender, msg.height, now, self._hold(sender, msg, msg.height))
             return
         r = msg.round
         if r > self.round + self.config.max_future_rounds:
@@ -992,7 +1067,7 @@ class BftCore:
 
     def _on_vote(self, sender: str, vote: Vote, now: float) -> None:
         if vote.height != self.height:
-            self._other_height(sender, vote.height, now)
+            self._other_height(sender, vote.height, now, self._hold(sender, vote, vote.height))
             return
         table = self.table
         voter = vote.voter
@@ -1238,7 +1313,8 @@ class BftCore:
     def _on_timer(self, kind: str, round_: int, now: float) -> None:
         if kind == "start":
             if self.step == NEW_HEIGHT and not self._idle_wait:
-                if round_ == 0 and self.config.empty_block_interval_s > 0 and not self._has_values():
+                if round_ == 0 and self.config.empty_block_interval_s > 0 and not self._has_values() \
+                        and not (self._proposals or self._prevotes or self._precommits):  # (held ones)
                     self._idle_wait = True
                     self._schedule(now + self.config.empty_block_interval_s, "idle_end", self.height, 0)
                 else:
@@ -1268,6 +1344,8 @@ class BftCore:
     def _process(self, now: float) -> None:
         """Apply the upon-rules of Algorithm 1 until none fires."""
         for _ in range(100_000):
+            if self._held_height and self._held_height <= self.height:
+                self._replay_held(now)
             if not self._rule(now):
                 return
         raise LocalProtocolError("BFT rules did not settle")  # a bug here, never input-driven
@@ -1285,6 +1363,11 @@ class BftCore:
                         voters[v].signed for v in sorted(voters))[:MAX_VOTERS])
                     self._apply_commit(CertifiedCommit(round=r, block=block, certificate=cert), digest, now,
                                        "consensus")
+                    return True
+                if digest is not None and digest not in self._blocks and ("fetch", r) not in self._done \
+                        and table.passes(voters):
+                    self._done.add(("fetch", r))
+                    self._fetch_decided(digest, voters)
                     return True
         # L55: more than 1/3 of the weight is in a higher round -> skip there.
         ahead = sorted({m for m in self._max_round.values() if m > self.round}, reverse=True)
@@ -1382,6 +1465,10 @@ class BftCore:
         self._prune_tables()
         self._event("new_height")
         self._schedule(now + self.config.commit_wait_s, "start", self.height, 0)
+        waiters, self._commit_waiters = self._commit_waiters, {}
+        for peer_id, max_count in waiters.items():
+            self._last_push[peer_id] = now
+            self._answer(peer_id, height, max_count)
 
     def _regossip_values(self) -> None:
         """Our own submitted values are re-sent until committed (the first gossip may be lost)."""

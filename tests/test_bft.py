@@ -1028,3 +1028,120 @@ def test_a_proposer_that_missed_the_last_commit_is_nudged_before_the_propose_tim
         assert [(c.height, c.commit.round) for c in cluster.commits[late][:2]] == [(1, 0), (2, 0)]
     else:
         assert not nudged and all(c.height <= 2 for c in cluster.cores.values())
+
+
+def _certified(block, signers, round_=0):
+    digest = block_hash(block)
+    votes = tuple(sorted((sign_vote(s, PRECOMMIT, NET, 0, [block.height, round_, digest]) for s in signers),
+                         key=lambda v: v.voter))
+    return CertifiedCommit(round=round_, block=block, certificate=QuorumCertificate(votes=votes))
+
+
+def test_the_next_heights_messages_that_arrive_before_our_commit_are_held_and_replayed():
+    """The others committed height 1 a moment before us and their height-2 proposal and
+    prevotes reach us while we still wait for height 1's last precommits. Before, those were
+    dropped (other_height) and we re-heard them only at the senders' rebroadcast, a second
+    later; now they are held (bounded) and delivered when we enter height 2: we prevote and
+    lock height 2's block at once, with nothing further received."""
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    h1 = block_hash(block1)
+    core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.1)
+    for other in others:
+        core.on_message(other.peer_id, make_vote(other, PREVOTE, 1, 0, h1), 0.1)
+    assert [v.vote_type for v in own_votes(core.take_actions())] == [PREVOTE, PRECOMMIT]
+    q0 = by_id[core.proposer(2, 0)]
+    assert q0.peer_id != core.peer_id
+    block2 = block_of(q0, [b"two"], height=2, parent=h1)
+    h2 = block_hash(block2)
+    core.on_message(q0.peer_id, make_proposal(q0, 2, 0, block2), 0.2)
+    for other in others:
+        core.on_message(other.peer_id, make_vote(other, PREVOTE, 2, 0, h2), 0.2)
+    assert own_votes(core.take_actions()) == [] and core.height == 1
+    assert core.drops["held_next_height"] == 4 and core.drops["other_height"] == 0
+    for other in others[:2]:  # height 1's precommits, late: 3 of 4 with ours
+        core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, h1), 0.3)
+    assert [a.block_hash for a in core.take_actions() if isinstance(a, Commit)] == [h1]
+    core.tick(0.3 + FAST.commit_wait_s)  # round 0 of height 2 starts with what was held
+    assert [(v.height, v.vote_type, v.block_hash) for v in own_votes(core.take_actions())] == [
+        (2, PREVOTE, h2), (2, PRECOMMIT, h2)]
+    assert core.locked_hash == h2
+
+
+def test_held_messages_are_bounded_per_validator_and_stale_ones_are_discarded():
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    stranger = IDS[7]  # not a validator: its messages of the next height are not held
+    core.on_message(stranger.peer_id, make_vote(stranger, PREVOTE, 2, 0, None), 0.1)
+    assert core.drops["other_height"] == 1 and core.drops["held_next_height"] == 0
+    spammer = others[0]
+    for r in range(bft.MAX_HELD_PER_SENDER + 3):
+        core.on_message(spammer.peer_id, make_vote(spammer, PREVOTE, 2, r, None), 0.1)
+    assert core.drops["held_next_height"] == bft.MAX_HELD_PER_SENDER and core.drops["held_overflow"] == 3
+    q0 = by_id[core.proposer(2, 0)]
+    fake = block_of(q0, [b"x"], height=2)
+    core.on_message(others[1].peer_id, make_proposal(q0, 2, 0, fake), 0.1)
+    core.on_message(others[1].peer_id, make_proposal(q0, 2, 1, fake), 0.1)  # one proposal per sender
+    assert core.drops["held_overflow"] == 4
+    core.take_actions()
+    # a catch-up takes us past height 2 in one response: what was held for it is stale
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    block2 = block_of(q0, [b"two"], height=2, parent=block_hash(block1))
+    core.on_message(others[2].peer_id, BftCommitResponse(
+        commits=(_certified(block1, others), _certified(block2, others)), latest_height=2), 0.2)
+    assert core.height == 3
+    assert core.drops["held_stale"] == bft.MAX_HELD_PER_SENDER + 1
+    assert not [a for a in core.take_actions() if isinstance(a, Rejected)]
+
+
+def test_a_quorum_precommitting_a_block_we_never_received_fetches_its_commit_at_once():
+    """Height 1's proposal was lost on its way to us. Before, the precommit quorum we did see
+    was useless until the precommit timeout moved us to round 1 and our round-1 messages made
+    a peer push the commit. Now we ask two precommitters for the commit right away; one that
+    has not committed yet answers when it does (test below); the answer is verified."""
+    core, table, schedule, by_id = _core_and_others(4)
+    others = sorted((by_id[p] for p in table.weights if p != core.peer_id), key=lambda i: i.peer_id)
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    h1 = block_hash(block1)
+    for other in others[:2]:
+        core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, h1), 0.2)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]  # 2 of 4: not decided
+    core.on_message(others[2].peer_id, make_vote(others[2], PRECOMMIT, 1, 0, h1), 0.2)
+    actions = core.take_actions()
+    asked = [a.peer_id for a in actions if isinstance(a, Send) and isinstance(a.message, BftCommitRequest)]
+    ring = [o.peer_id for o in others if o.peer_id > core.peer_id] + \
+        [o.peer_id for o in others if o.peer_id < core.peer_id]
+    assert asked == ring[:bft.FETCH_DECIDED_FROM]
+    assert [a.kind for a in actions if isinstance(a, BftEvent)] == ["fetch_commit"]
+    assert all(a.message.from_height == 1 for a in actions if isinstance(a, Send))
+    core.on_message(others[2].peer_id, make_vote(others[2], PRECOMMIT, 1, 0, h1), 0.2)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]  # asked once per round
+    core.on_message(asked[0], BftCommitResponse(commits=(_certified(block1, others),), latest_height=1), 0.25)
+    assert [a.block_hash for a in core.take_actions() if isinstance(a, Commit)] == [h1] and core.height == 2
+
+
+def test_a_request_for_the_height_in_progress_is_answered_when_it_commits():
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    asker = others[0].peer_id
+    core.on_message(asker, BftCommitRequest(from_height=1), 0.05)
+    core.on_message(IDS[8].peer_id, BftCommitRequest(from_height=5), 0.05)  # ahead of us: nothing
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    h1 = block_hash(block1)
+    core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.1)
+    for other in others:
+        core.on_message(other.peer_id, make_vote(other, PREVOTE, 1, 0, h1), 0.1)
+    for other in others[1:]:
+        core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, h1), 0.2)
+    actions = core.take_actions()
+    sent = [(a.peer_id, a.message) for a in actions if isinstance(a, Send)]
+    assert [(p, [c.block.height for c in m.commits], m.latest_height) for p, m in sent] == [(asker, [1], 1)]
+    verify_commit(sent[0][1].commits[0], table, NET)
+    core.tick(1.0)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]  # answered once
