@@ -125,6 +125,7 @@ class ConsensusService:
         self._opinion_epoch = -1
         self._join_epoch = -1
         self._wake = asyncio.Event()
+        self._sleep_until = 0.0  # monotonic time the timer task sleeps until (0: awake)
         self._soon: set[str] = set()  # steps scheduled for the next loop iteration (call_soon_once)
         self.halted: str | None = None  # why consensus stopped (fail-stop, see _halt)
         self.commit_latency = LatencyHistogram()  # own values: submission -> stored commit
@@ -303,7 +304,10 @@ class ConsensusService:
             delay = min(self.core.next_deadline(), next_sample) - time.monotonic()
             if delay > 0:
                 self._wake.clear()
-                if await wait_event(self._wake, min(delay, 5.0)):
+                self._sleep_until = time.monotonic() + min(delay, 5.0)
+                woken = await wait_event(self._wake, min(delay, 5.0))
+                self._sleep_until = 0.0
+                if woken:
                     continue
             if self.halted is not None:
                 await asyncio.sleep(1.0)
@@ -331,7 +335,8 @@ class ConsensusService:
                 if not isinstance(action, (PersistVote, Commit)):
                     raise
                 self._halt(f"{type(action).__name__} could not be stored: {exc}")
-        self._wake.set()
+        if self.core.next_deadline() < self._sleep_until:  # only an earlier deadline needs the timer task
+            self._wake.set()
         if self.halted is None and self.core.next_deadline() <= time.monotonic():
             # A timer is already due (e.g. the end of a proposer's idle wait that a value just
             # scheduled "at the next tick"): run it right after the input being handled (and

@@ -29,6 +29,7 @@ log = logging.getLogger("chimera.transport")
 # libzmq closes a connection whose frame exceeds MAXMSGSIZE; keep some slack over
 # max_message_bytes so slightly-oversize frames reach the codec and are counted.
 MAXMSGSIZE_SLACK_BYTES = 64 * 1024
+_POLLIN, _EVENTS, _NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK)  # plain ints: no enum ops per frame
 
 
 DropCallback = Callable[[str, str, str], None]  # (reason, who, detail)
@@ -161,9 +162,12 @@ class Transport:
         try:
             while True:
                 batch: list[tuple[bytes, bytes]] = []
+                # ask EVENTS before each receive: ending every burst on zmq.Again built an exception
                 while len(batch) < 512:
                     try:
-                        parts = router.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                        if not router.getsockopt(_EVENTS) & _POLLIN:
+                            break
+                        parts = router.recv_multipart(flags=_NOBLOCK, copy=True)
                     except zmq.Again:
                         break
                     except zmq.ZMQError as exc:
@@ -187,7 +191,7 @@ class Transport:
                     continue
                 readable.clear()
                 try:
-                    if router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if router.getsockopt(_EVENTS) & _POLLIN:
                         continue
                 except zmq.ZMQError as exc:
                     if exc.errno == zmq.ETERM:
