@@ -171,10 +171,8 @@ class Transport:
                     except zmq.Again:
                         break
                     except zmq.ZMQError as exc:
-                        if exc.errno == zmq.ETERM:
+                        if self._terminated(exc):
                             return
-                        self.counters["recv_errors"] += 1
-                        log.warning("receive error: %s", exc)
                         break
                     if len(parts) == 2:
                         batch.append((parts[0], parts[1]))
@@ -194,16 +192,22 @@ class Transport:
                     if router.getsockopt(_EVENTS) & _POLLIN:
                         continue
                 except zmq.ZMQError as exc:
-                    if exc.errno == zmq.ETERM:
+                    if self._terminated(exc):
                         return
-                    self.counters["recv_errors"] += 1
-                    log.warning("receive error: %s", exc)
                     await asyncio.sleep(0.01)
                     continue
                 await readable.wait()
         finally:
             if not router.closed:
                 loop.remove_reader(fd)
+
+    def _terminated(self, exc: zmq.ZMQError) -> bool:
+        """True when the context is being terminated (stop receiving); else count and log."""
+        if exc.errno == zmq.ETERM:
+            return True
+        self.counters["recv_errors"] += 1
+        log.warning("receive error: %s", exc)
+        return False
 
     def _dealer(self, transport_key: bytes, endpoint: str) -> zmq.Socket:
         key = (transport_key, endpoint)

@@ -1037,6 +1037,17 @@ def _certified(block, signers, round_=0):
     return CertifiedCommit(round=round_, block=block, certificate=QuorumCertificate(votes=votes))
 
 
+def _prevoted_height_1(core, schedule, by_id, others):
+    """Height 1's proposal and the others' prevotes for it, delivered to ``core``; its block hash."""
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    h1 = block_hash(block1)
+    core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.1)
+    for other in others:
+        core.on_message(other.peer_id, make_vote(other, PREVOTE, 1, 0, h1), 0.1)
+    return h1
+
+
 def test_the_next_heights_messages_that_arrive_before_our_commit_are_held_and_replayed():
     """The others committed height 1 a moment before us and their height-2 proposal and
     prevotes reach us while we still wait for height 1's last precommits. Before, those were
@@ -1045,12 +1056,7 @@ def test_the_next_heights_messages_that_arrive_before_our_commit_are_held_and_re
     lock height 2's block at once, with nothing further received."""
     core, table, schedule, by_id = _core_and_others(4)
     others = [by_id[p] for p in table.weights if p != core.peer_id]
-    p0 = by_id[schedule.proposer(1, 0)]
-    block1 = block_of(p0, [b"one"])
-    h1 = block_hash(block1)
-    core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.1)
-    for other in others:
-        core.on_message(other.peer_id, make_vote(other, PREVOTE, 1, 0, h1), 0.1)
+    h1 = _prevoted_height_1(core, schedule, by_id, others)
     assert [v.vote_type for v in own_votes(core.take_actions())] == [PREVOTE, PRECOMMIT]
     q0 = by_id[core.proposer(2, 0)]
     assert q0.peer_id != core.peer_id
@@ -1131,12 +1137,7 @@ def test_a_request_for_the_height_in_progress_is_answered_when_it_commits():
     core.on_message(asker, BftCommitRequest(from_height=1), 0.05)
     core.on_message(IDS[8].peer_id, BftCommitRequest(from_height=5), 0.05)  # ahead of us: nothing
     assert not [a for a in core.take_actions() if isinstance(a, Send)]
-    p0 = by_id[schedule.proposer(1, 0)]
-    block1 = block_of(p0, [b"one"])
-    h1 = block_hash(block1)
-    core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.1)
-    for other in others:
-        core.on_message(other.peer_id, make_vote(other, PREVOTE, 1, 0, h1), 0.1)
+    h1 = _prevoted_height_1(core, schedule, by_id, others)
     for other in others[1:]:
         core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, h1), 0.2)
     actions = core.take_actions()
