@@ -7,6 +7,9 @@ validator, full transport, signatures, SQLite with synchronous=FULL), in one run
   ``echo_reply`` measured inside the node), the denominator;
 * commit latency: one decision at a time submitted at peer 0, measured inside
   the node from submission to the commit stored on disk (p50, p99);
+* CPU per decision: each peer's process CPU (user + system, all threads) during
+  the latency phase, divided by the number of decisions (the stable figure: the
+  latencies move by +-20 % between runs on a loaded machine, this much less);
 * throughput: every peer submits a burst of decisions at once; committed
   values/s = all values / wall time until the last one is committed (blocks
   batch up to ``consensus_max_batch`` values).
@@ -57,19 +60,26 @@ def validator_network(peers: int, name: str = "bench"):
             net.stop()
 
 
-def signed_rtts_and_latencies(net, samples: int) -> tuple[list[float], list[float]]:
+def signed_rtts_and_latencies(net, samples: int,
+                              cpu_s: list[float] | None = None) -> tuple[list[float], list[float]]:
     """200 signed echo round trips peer 0 -> peer 1, then ``samples`` one-at-a-time commit
-    latencies at peer 0 (submission to stored commit), all in seconds."""
+    latencies at peer 0 (submission to stored commit), all in seconds. With ``cpu_s`` (a list),
+    it receives each peer's process CPU seconds (user + system, all threads) spent during
+    the latency phase."""
     other = net.peers[1].status["peer_id"]
     rtts = [r for r in net.query(0, "ping", {"peer_id": other, "count": 200})["rtt_s"] if r]
+    before = [net.query(i, "status")["cpu_s"] for i in range(len(net.peers))]
     latencies = [net.query(0, "propose", {"data": f"lat {k}", "timeout_s": 60})["latency_s"]
                  for k in range(samples)]
+    if cpu_s is not None:
+        cpu_s.extend(net.query(i, "status")["cpu_s"] - b for i, b in enumerate(before))
     return rtts, latencies
 
 
 def run(peers: int, samples: int, burst: int) -> dict:
     with validator_network(peers) as net:
-        rtts, latencies = signed_rtts_and_latencies(net, samples)
+        cpu_s: list[float] = []
+        rtts, latencies = signed_rtts_and_latencies(net, samples, cpu_s)
         per_peer = max(2, burst // peers)
 
         def load(i: int) -> dict:
@@ -89,6 +99,8 @@ def run(peers: int, samples: int, burst: int) -> dict:
         "commit_latency_p50_ms": float(np.percentile(lat, 50)) * 1000,
         "commit_latency_p99_ms": float(np.percentile(lat, 99)) * 1000,
         "latency_x_rtt": float(np.percentile(lat, 50)) / rtt_p50,
+        # the stable figure on a noisy machine: what one decision costs each peer
+        "cpu_ms_per_decision_per_peer": 1000 * statistics.mean(cpu_s) / samples,
         "burst_values": per_peer * peers,
         "burst_blocks": blocks,
         "committed_values_per_s": per_peer * peers / inner_wall,
@@ -108,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'peers':>5}  {'RTT p50 ms':>10}  {'commit p50 ms':>13}  {'p99 ms':>7}  {'x RTT':>6}  "
-          f"{'values/s':>9}  {'values':>6}  {'blocks':>6}")
+          f"{'values/s':>9}  {'values':>6}  {'blocks':>6}  {'CPU ms/decision/peer':>20}")
     for r in rows:
         print(f"{r['peers']:>5}  {r['signed_rtt_p50_ms']:>10.3f}  {r['commit_latency_p50_ms']:>13.2f}  "
               f"{r['commit_latency_p99_ms']:>7.2f}  {r['latency_x_rtt']:>6.1f}  "
-              f"{r['committed_values_per_s']:>9.0f}  {r['burst_values']:>6}  {r['burst_blocks']:>6}")
+              f"{r['committed_values_per_s']:>9.0f}  {r['burst_values']:>6}  {r['burst_blocks']:>6}  "
+              f"{r['cpu_ms_per_decision_per_peer']:>20.2f}")
     four = next((r for r in rows if r["peers"] == 4), None)
     if four is not None:
         print(f"target p50 commit latency <= {LATENCY_TARGET_X_RTT:.0f}x signed RTT at 4 peers: "
