@@ -335,9 +335,10 @@ class ConsensusService:
                 if not isinstance(action, (PersistVote, Commit)):
                     raise
                 self._halt(f"{type(action).__name__} could not be stored: {exc}")
-        if self.core.next_deadline() < self._sleep_until:  # only an earlier deadline needs the timer task
+        deadline = self.core.next_deadline()
+        if deadline < self._sleep_until:  # only an earlier deadline needs the timer task
             self._wake.set()
-        if self.halted is None and self.core.next_deadline() <= time.monotonic():
+        if self.halted is None and deadline <= time.monotonic():
             # A timer is already due (e.g. the end of a proposer's idle wait that a value just
             # scheduled "at the next tick"): run it right after the input being handled (and
             # the rest of its receive burst, which the consensus actor drains in one step),
