@@ -60,7 +60,10 @@ Proposals and votes of the *next* height that arrive before our own commit
 are held (bounded) and delivered when we get there (:meth:`BftCore._hold`);
 a quorum of precommits for a block we never received makes us ask two of its
 precommitters for the commit at once (:meth:`BftCore._fetch_decided`), and a
-request for the height in progress is answered when it commits.
+request for the height in progress is answered when it commits. Votes from
+more than 1/3 of the weight for a block whose proposal we lack make us ask
+two of the voters for the proposal if it has not come ``proposal_fetch_delay_s``
+later (:meth:`BftCore._fetch_proposal`; ``BftProposalRequest``).
 
 Driver duties (the order of :meth:`BftCore.take_actions` matters)
 -----------------------------------------------------------------
@@ -308,6 +311,18 @@ class BftCommitRequest:
         return f"commit-request from h={self.from_height} max {self.max_count}"
 
 
+@message("bft_proposal_request", actor=BFT_ACTOR)
+class BftProposalRequest:
+    """Ask for the proposal of (``height``, ``round``): more than 1/3 of the weight voted
+    for a block whose proposal never reached the requester."""
+
+    height: Height
+    round: Round
+
+    def describe(self) -> str:
+        return f"proposal-request h={self.height} r={self.round}"
+
+
 @message("bft_commit_response", actor=BFT_ACTOR)
 class BftCommitResponse:
     """Consecutive certified commits; ``latest_height``: the sender's last committed height."""
@@ -470,6 +485,9 @@ class BftConfig:
     rebroadcast_interval_s: float = 2.0
     value_regossip_interval_s: float = 5.0  # re-send our own submitted, uncommitted values
     catchup_interval_s: float = 1.0  # per-peer rate limit of commit pushes/requests
+    # More than 1/3 of the weight voted for a block whose proposal we lack: if it has not
+    # arrived this long after (it may be in flight), ask voters of it for the proposal.
+    proposal_fetch_delay_s: float = 0.1
     max_batch: int = 64  # values per block
     max_value_bytes: int = MAX_VALUE_BYTES
     max_pool: int = 10_000
@@ -503,7 +521,8 @@ class BftConfig:
                self.rebroadcast_interval_s) <= 0:
             raise LocalProtocolError("timeouts and the rebroadcast interval must be > 0")
         if min(self.propose_timeout_delta_s, self.prevote_timeout_delta_s, self.precommit_timeout_delta_s,
-               self.commit_wait_s, self.catchup_interval_s, self.empty_block_interval_s,
+               self.commit_wait_s, self.catchup_interval_s, self.proposal_fetch_delay_s,
+               self.empty_block_interval_s,
                self.not_ready_wait_s) < 0:
             raise LocalProtocolError("deltas and waits must be >= 0")
 
@@ -778,6 +797,8 @@ class BftCore:
                 self._on_values(sender, msg)
             elif isinstance(msg, BftCommitRequest):
                 self._on_commit_request(sender, msg, now)
+            elif isinstance(msg, BftProposalRequest):
+                self._on_proposal_request(sender, msg, now)
             elif isinstance(msg, BftCommitResponse):
                 self._on_commit_response(sender, msg, now)
             else:
@@ -844,6 +865,8 @@ class BftCore:
         self.valid_round: int | None = None
         self.valid_block: Block | None = None
         self._proposals: dict[int, tuple[bytes, int | None]] = {}
+        self._proposal_msgs: dict[int, BftProposal] = {}  # the signed proposal of each round (to relay)
+        self._proposals_served: set[tuple[str, int]] = set()  # (peer, round) sent on request
         self._blocks: dict[bytes, Block] = {}
         self._extra_blocks: dict[int, int] = {}
         self._valid_cache: dict[bytes, bool] = {}
@@ -987,6 +1010,44 @@ class BftCore:
             self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
         self._event("fetch_commit", f"{_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
 
+    def _fetch_proposal(self, round_: int) -> None:
+        """Voters of more than 1/3 of the weight voted in ``round_`` for a block we still do
+        not hold, ``proposal_fetch_delay_s`` after that became true: its proposal was lost on
+        the way to us. Ask :data:`FETCH_DECIDED_FROM` of its voters (the next ones after us
+        in peer-id order) for the proposal of ``round_``. Without it we would prevote nil
+        (and, if others locked on the block, the next proposer that lacks it too proposes
+        another block the locked peers refuse: a whole round lost) until a rebroadcast."""
+        table = self.table
+        for sets in (self._precommits, self._prevotes):
+            votes = sets.get(round_)
+            if votes is None:
+                continue
+            for digest, voters in votes.by_hash.items():
+                if digest is None or digest in self._blocks or not table.passes(voters, ONE_THIRD):
+                    continue
+                ring = sorted(v for v in voters if v != self.peer_id)
+                ring = [v for v in ring if v > self.peer_id] + [v for v in ring if v < self.peer_id]
+                for peer_id in ring[:FETCH_DECIDED_FROM]:
+                    self._actions.append(Send(peer_id, BftProposalRequest(height=self.height, round=round_)))
+                self._event("fetch_proposal", f"r={round_} {_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
+                return
+
+    def _on_proposal_request(self, sender: str, msg: BftProposalRequest, now: float) -> None:
+        """Send a validator the signed proposal of (our height, ``msg.round``) if we hold it,
+        once per (peer, round) and height; with a re-proposal, also the prevotes of its polka
+        (the requester needs them for L28). A request for another height is a height hint
+        like any message (§14.10: we push commits, or ask for them)."""
+        if msg.height != self.height:
+            self._other_height(sender, msg.height, now)
+            return
+        proposal = self._proposal_msgs.get(msg.round)
+        if sender not in self.table.weights or proposal is None or (sender, msg.round) in self._proposals_served:
+            self.drops["proposal_request_unanswered"] += 1
+            return
+        self._proposals_served.add((sender, msg.round))
+        self._actions.append(Send(sender, proposal))
+        self._relay_polka(proposal.valid_round, block_hash(proposal.block), to=sender)
+
     def _hold(self, sender: str, msg: BftProposal | Vote, height: int) -> bool:
         """Keep a proposal or vote of the *next* height from a validator until we get there
         (True if held). A peer that missed a precommit or two of this height (loss, or the
@@ -1063,6 +1124,7 @@ class BftCore:
                 self._blocks.setdefault(digest, msg.block)
             return
         self._proposals[r] = (digest, msg.valid_round)
+        self._proposal_msgs[r] = msg
         self._blocks[digest] = msg.block
 
     def _on_vote(self, sender: str, vote: Vote, now: float) -> None:
@@ -1108,7 +1170,15 @@ class BftCore:
         if vote.round > self.round + self.config.max_future_rounds:
             self.drops["far_future_round"] += 1  # counted for round skipping only
             return
-        sets.setdefault(vote.round, _VoteSet()).add(vote)
+        votes = sets.setdefault(vote.round, _VoteSet())
+        votes.add(vote)
+        digest = vote.block_hash
+        if digest is not None and digest not in self._blocks and ("want", vote.round) not in self._done \
+                and table.passes(votes.by_hash[digest], ONE_THIRD):
+            # A correct peer holds that block (it voted for it); its proposal may still be in
+            # flight to us, or lost: ask for it if it has not come in proposal_fetch_delay_s.
+            self._done.add(("want", vote.round))
+            self._schedule(now + self.config.proposal_fetch_delay_s, "fetch_proposal", self.height, vote.round)
 
     def _signature_ok(self, vote: Vote, table: WeightTable) -> bool:
         return verify_vote(vote.signed, vote.vote_type, self.network_id, table.epoch, vote.statement())
@@ -1269,6 +1339,7 @@ class BftCore:
                                signed=sign_vote(self.identity, PROPOSAL, self.network_id, self.table.epoch,
                                                 statement))
         self._own_proposals[round_] = proposal
+        self._proposal_msgs[round_] = proposal
         self._proposals[round_] = (digest, valid_round)
         self._blocks[digest] = block
         self._actions.append(Broadcast(proposal))
@@ -1297,8 +1368,9 @@ class BftCore:
             self._actions.append(Send(self.proposer(self.height, round_),
                                       BftCommitResponse(commits=(last[0],), latest_height=self.height - 1)))
 
-    def _relay_polka(self, valid_round: int | None, digest: bytes) -> None:
-        """Send the signed prevotes that justify a re-proposal (L28 needs them at every peer)."""
+    def _relay_polka(self, valid_round: int | None, digest: bytes, to: str | None = None) -> None:
+        """Send the signed prevotes that justify a re-proposal (L28 needs them at every peer;
+        ``to``: only to that peer)."""
         votes = self._prevotes.get(valid_round) if valid_round is not None else None
         if votes is not None:
             polka = votes.by_hash.get(digest, {})
@@ -1306,7 +1378,8 @@ class BftCore:
             for voter in sorted(polka):
                 vote = polka[voter]
                 if voter == self.peer_id or self._signature_ok(vote, table):  # relayed: a proof
-                    self._actions.append(Broadcast(BftVote(vote=vote)))
+                    msg = BftVote(vote=vote)
+                    self._actions.append(Broadcast(msg) if to is None else Send(to, msg))
                 else:
                     self.drops["unrelayable_prevote"] += 1
 
@@ -1324,6 +1397,9 @@ class BftCore:
             self._end_idle_wait(now)
             return
         if kind == "await_end":  # _rule prevotes nil for a proposal still not decidable
+            return
+        if kind == "fetch_proposal":
+            self._fetch_proposal(round_)
             return
         if round_ != self.round:
             return

@@ -34,6 +34,7 @@ from chimera.consensus.bft import (
     BftCore,
     BftEvent,
     BftProposal,
+    BftProposalRequest,
     BftValues,
     BftVote,
     Block,
@@ -474,8 +475,10 @@ def test_bad_inputs_are_dropped_and_reported_never_crash():
 def test_messages_roundtrip_and_are_registered():
     cluster, commit = _committed_cluster()
     kinds = {k for k in MESSAGE_TYPES if k.startswith("bft_")}
-    assert kinds == {"bft_proposal", "bft_vote", "bft_values", "bft_commit_request", "bft_commit_response"}
+    assert kinds == {"bft_proposal", "bft_vote", "bft_values", "bft_commit_request", "bft_commit_response",
+                     "bft_proposal_request"}
     samples = [BftValues(values=(b"a", b"b")), BftCommitRequest(from_height=3),
+               BftProposalRequest(height=2, round=1),
                BftCommitResponse(commits=(commit,), latest_height=1),
                make_vote(IDS[0], PRECOMMIT, 1, 2, b"\x07" * 32),
                make_proposal(IDS[0], 2, 1, block_of(IDS[0], [b"x"], height=2), valid_round=0)]
@@ -1146,3 +1149,88 @@ def test_a_request_for_the_height_in_progress_is_answered_when_it_commits():
     verify_commit(sent[0][1].commits[0], table, NET)
     core.tick(1.0)
     assert not [a for a in core.take_actions() if isinstance(a, Send)]  # answered once
+
+
+def test_a_block_over_a_third_voted_for_whose_proposal_we_lack_is_requested_after_a_delay():
+    """Height 1's proposal was lost on its way to us while the others prevoted its block.
+    Before, we prevoted nil at the propose timeout (and, if the others locked on it while
+    the next proposer lacked it too, a whole round was lost). Now, once voters of more than
+    1/3 of the weight voted for the block and the proposal has still not come
+    ``proposal_fetch_delay_s`` later, we ask two of them for it; a relayed proposal counts
+    (it is signed by the proposer), and we prevote and lock at once."""
+    core, table, schedule, by_id = _core_and_others(4)
+    others = sorted((by_id[p] for p in table.weights if p != core.peer_id), key=lambda i: i.peer_id)
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    h1 = block_hash(block1)
+    voters = [o for o in others if o is not p0][:2]
+    core.on_message(voters[0].peer_id, make_vote(voters[0], PREVOTE, 1, 0, h1), 0.2)  # 1/4: not > 1/3
+    core.tick(0.2 + FAST.proposal_fetch_delay_s)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    core.on_message(voters[1].peer_id, make_vote(voters[1], PREVOTE, 1, 0, h1), 0.3)  # 2/4 > 1/3
+    core.tick(0.3 + FAST.proposal_fetch_delay_s * 0.9)  # it may still be in flight
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    core.tick(0.3 + FAST.proposal_fetch_delay_s)
+    actions = core.take_actions()
+    asked = [a.peer_id for a in actions if isinstance(a, Send)]
+    ring = sorted(v.peer_id for v in voters)
+    ring = [p for p in ring if p > core.peer_id] + [p for p in ring if p < core.peer_id]
+    assert asked == ring[:bft.FETCH_DECIDED_FROM]
+    assert all(a.message == BftProposalRequest(height=1, round=0) for a in actions if isinstance(a, Send))
+    assert [a.kind for a in actions if isinstance(a, BftEvent)] == ["fetch_proposal"]
+    core.on_message(voters[0].peer_id, make_vote(p0, PREVOTE, 1, 0, h1), 0.45)  # the proposer's, relayed
+    core.tick(0.6)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]  # asked once per round
+    core.on_message(asked[0], make_proposal(p0, 1, 0, block1), 0.5)  # relayed by a voter
+    assert [(v.vote_type, v.block_hash) for v in own_votes(core.take_actions())] == [
+        (PREVOTE, h1), (PRECOMMIT, h1)]
+    assert core.locked_hash == h1 and not core.drops["wrong_proposer"]
+
+
+def test_a_proposal_that_arrives_within_the_delay_is_not_requested():
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    h1 = block_hash(block1)
+    for other in others[:2]:
+        core.on_message(other.peer_id, make_vote(other, PREVOTE, 1, 0, h1), 0.2)
+    core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.25)
+    core.tick(0.2 + 2 * FAST.proposal_fetch_delay_s)
+    actions = core.take_actions()
+    assert not [a for a in actions if isinstance(a, Send)] and not core.drops["proposal_request_unanswered"]
+    assert [(v.vote_type, v.block_hash) for v in own_votes(actions)] == [(PREVOTE, h1), (PRECOMMIT, h1)]
+
+
+def test_a_proposal_request_is_answered_once_per_peer_with_the_signed_proposal_and_its_polka():
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    h1 = _prevoted_height_1(core, schedule, by_id, others)  # round 0's proposal and a polka for it
+    core.take_actions()
+    asker = others[0].peer_id
+    core.on_message(asker, BftProposalRequest(height=1, round=1), 0.2)  # no proposal of round 1 here
+    core.on_message(IDS[8].peer_id, BftProposalRequest(height=1, round=0), 0.2)  # not a validator
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    assert core.drops["proposal_request_unanswered"] == 2
+    core.on_message(asker, BftProposalRequest(height=1, round=0), 0.2)
+    sent = [a for a in core.take_actions() if isinstance(a, Send)]
+    assert [(a.peer_id, a.message) for a in sent] == [
+        (asker, make_proposal(by_id[schedule.proposer(1, 0)], 1, 0, core._blocks[h1]))]
+    core.on_message(asker, BftProposalRequest(height=1, round=0), 0.3)  # answered once
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    # a re-proposal (round 1, valid round 0) goes with the prevotes of its polka, for L28
+    p1 = by_id[schedule.proposer(1, 1)]
+    core.on_message(p1.peer_id, make_proposal(p1, 1, 1, core._blocks[h1], valid_round=0), 0.4)
+    core.take_actions()
+    core.on_message(asker, BftProposalRequest(height=1, round=1), 0.4)
+    sent = [a.message for a in core.take_actions() if isinstance(a, Send)]
+    assert isinstance(sent[0], BftProposal) and sent[0].round == 1 and sent[0].valid_round == 0
+    assert sorted(m.vote.voter for m in sent[1:]) == sorted(table.weights)
+    assert all(m.vote.vote_type == PREVOTE and m.vote.round == 0 and m.vote.block_hash == h1 for m in sent[1:])
+    # a request from a peer behind us is a height hint: it gets the commit pushed
+    for other in others:
+        core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, h1), 0.5)
+    core.take_actions()
+    core.on_message(asker, BftProposalRequest(height=1, round=0), 2.0)
+    sent = [a.message for a in core.take_actions() if isinstance(a, Send)]
+    assert [type(m).__name__ for m in sent] == ["BftCommitResponse"]
