@@ -63,7 +63,9 @@ precommitters for the commit at once (:meth:`BftCore._fetch_decided`), and a
 request for the height in progress is answered when it commits. Votes from
 more than 1/3 of the weight for a block whose proposal we lack make us ask
 two of the voters for the proposal if it has not come ``proposal_fetch_delay_s``
-later (:meth:`BftCore._fetch_proposal`; ``BftProposalRequest``).
+later (:meth:`BftCore._fetch_proposal`; ``BftProposalRequest``); still without the
+commit well after our vote in a round, we ask two validators for it
+(:meth:`BftCore._commit_poll`).
 
 Driver duties (the order of :meth:`BftCore.take_actions` matters)
 -----------------------------------------------------------------
@@ -88,7 +90,8 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections import Counter
+import statistics
+from collections import Counter, deque
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Annotated, Any, Callable, Iterable
@@ -488,6 +491,11 @@ class BftConfig:
     # More than 1/3 of the weight voted for a block whose proposal we lack: if it has not
     # arrived this long after (it may be in flight), ask voters of it for the proposal.
     proposal_fetch_delay_s: float = 0.1
+    # No commit yet this long (at least; twice the median time from our first vote of a
+    # height to its commit over the last 15 heights when that is longer) after we voted in a
+    # round: ask 2 validators for the commit (a lost vote otherwise comes back only with its
+    # sender's rebroadcast).
+    commit_poll_delay_s: float = 0.2
     max_batch: int = 64  # values per block
     max_value_bytes: int = MAX_VALUE_BYTES
     max_pool: int = 10_000
@@ -694,6 +702,8 @@ class BftCore:
         # (sender -> messages, in arrival order), replayed when we get there: see _hold.
         self._held: dict[str, list[BftProposal | Vote]] = {}
         self._held_height = 0
+        self._vote_to_commit_s: deque[float] = deque(maxlen=15)  # our first vote of a height -> its commit
+        self._first_vote_at: float | None = None  # when we first voted at this height
         self._commit_waiters: dict[str, int] = {}  # peer -> max_count, asked for our current height
         self._reset_height_state()
         start_round = 0
@@ -1009,6 +1019,39 @@ class BftCore:
         for peer_id in ring[:FETCH_DECIDED_FROM]:
             self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
         self._event("fetch_commit", f"{_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
+
+    def _schedule_commit_poll(self, now: float) -> None:
+        """We voted in this round: if the height is not committed after
+        ``max(commit_poll_delay_s, 2 x the median vote-to-commit time of the last 15
+        heights)``, :meth:`_commit_poll` (the median: heights slowed by loss must not
+        postpone the poll; a network whose heights are slow anyway is not polled each one)."""
+        self._done.add(("poll", self.round))
+        if self._first_vote_at is None:
+            self._first_vote_at = now
+        usual = statistics.median(self._vote_to_commit_s) if self._vote_to_commit_s else 0.0
+        delay = max(self.config.commit_poll_delay_s, 2 * usual)
+        self._schedule(now + delay, "commit_poll", self.height, self.round)
+
+    def _commit_poll(self, round_: int) -> None:
+        """Still at this height well after voting in ``round_``: we probably lost votes (or
+        a proposal), and they would come back only with their senders' rebroadcast. Ask the
+        :data:`FETCH_DECIDED_FROM` validators after us in peer-id order for the commit of
+        this height: one that has it answers at once, one that has not yet answers when it
+        commits (:meth:`_on_commit_request`). Once per round; not when we moved on to a later
+        round, nor when we saw more than 2/3 of the round's precommits (or, still prevoting,
+        of nil prevotes): then nothing is missing here and the round's timeout follows."""
+        table = self.table
+        precommits = self._precommits.get(round_)
+        prevotes = self._prevotes.get(round_)
+        if round_ != self.round or (precommits is not None and table.passes(precommits.votes)) or (
+                self.step == PREVOTE and prevotes is not None and None in prevotes.by_hash
+                and table.passes(prevotes.by_hash[None])):
+            return
+        ring = sorted(p for p in self.table.weights if p != self.peer_id)
+        ring = [p for p in ring if p > self.peer_id] + [p for p in ring if p < self.peer_id]
+        for peer_id in ring[:FETCH_DECIDED_FROM]:
+            self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
+        self._event("commit_poll", f"r={round_} ask {len(ring[:FETCH_DECIDED_FROM])}")
 
     def _fetch_proposal(self, round_: int) -> None:
         """Voters of more than 1/3 of the weight voted in ``round_`` for a block we still do
@@ -1401,6 +1444,9 @@ class BftCore:
         if kind == "fetch_proposal":
             self._fetch_proposal(round_)
             return
+        if kind == "commit_poll":
+            self._commit_poll(round_)
+            return
         if round_ != self.round:
             return
         if kind == "nudge":
@@ -1423,6 +1469,9 @@ class BftCore:
             if self._held_height and self._held_height <= self.height:
                 self._replay_held(now)
             if not self._rule(now):
+                if self.step in (PREVOTE, PRECOMMIT) and ("poll", self.round) not in self._done \
+                        and self.peer_id in self.table.weights:
+                    self._schedule_commit_poll(now)
                 return
         raise LocalProtocolError("BFT rules did not settle")  # a bug here, never input-driven
 
@@ -1517,6 +1566,9 @@ class BftCore:
 
     def _apply_commit(self, commit: CertifiedCommit, digest: bytes, now: float, source: str) -> None:
         height = self.height
+        if self._first_vote_at is not None and source == "consensus":
+            self._vote_to_commit_s.append(now - self._first_vote_at)
+        self._first_vote_at = None
         self._actions.append(Commit(commit, digest))
         self._event("committed", f"{_h8(digest)} via {source}")
         self._commits[height] = commit

@@ -1234,3 +1234,64 @@ def test_a_proposal_request_is_answered_once_per_peer_with_the_signed_proposal_a
     core.on_message(asker, BftProposalRequest(height=1, round=0), 2.0)
     sent = [a.message for a in core.take_actions() if isinstance(a, Send)]
     assert [type(m).__name__ for m in sent] == ["BftCommitResponse"]
+
+
+def _ring_after(core, peer_ids):
+    ring = sorted(p for p in peer_ids if p != core.peer_id)
+    return [p for p in ring if p > core.peer_id] + [p for p in ring if p < core.peer_id]
+
+
+def test_a_validator_without_the_commit_well_after_its_vote_polls_two_validators_for_it():
+    """We prevoted height 1's block, then heard nothing more (the others' votes were lost).
+    Before, we waited for their rebroadcast; now, commit_poll_delay_s after our vote, we ask
+    the two validators after us for the commit (once per round), and a poll for a height we
+    then commit by voting is moot. The delay follows the usual vote-to-commit time."""
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    p0 = by_id[schedule.proposer(1, 0)]
+    block1 = block_of(p0, [b"one"])
+    core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.1)
+    assert [v.vote_type for v in own_votes(core.take_actions())] == [PREVOTE]
+    core.tick(0.1 + FAST.commit_poll_delay_s * 0.9)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    core.tick(0.1 + FAST.commit_poll_delay_s)
+    actions = core.take_actions()
+    sent = [(a.peer_id, a.message) for a in actions if isinstance(a, Send)]
+    assert sent == [(p, BftCommitRequest(from_height=1)) for p in _ring_after(core, table.weights)[:2]]
+    assert [a.kind for a in actions if isinstance(a, BftEvent)] == ["commit_poll"]
+    core.tick(0.9)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]  # once per round
+    # the answer (a commit) is verified and applied like any catch-up
+    core.on_message(sent[0][0], BftCommitResponse(commits=(_certified(block1, others),), latest_height=1), 0.95)
+    assert core.height == 2
+
+
+def test_no_commit_poll_after_a_quorum_of_precommits_and_a_later_delay_after_slow_heights():
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    h1 = _prevoted_height_1(core, schedule, by_id, others)  # our prevote and precommit at t = 0.1
+    core.take_actions()
+    for other in others:  # nil precommits: the round's outcome is known here, a timeout follows
+        core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, None), 0.15)
+    core.tick(0.1 + FAST.commit_poll_delay_s)
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    # round 1: height 1 commits by voting 0.5 s after our first vote of round 1
+    core.tick(0.15 + FAST.timeout_s(PRECOMMIT, 0))
+    core.take_actions()
+    assert core.round == 1
+    for other in others:
+        core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, h1), 0.2)  # r0 precommits for h1
+    assert core.height == 2  # decided (any round counts, L49)
+    assert list(core._vote_to_commit_s) == [pytest.approx(0.1)]  # first vote at 0.1, commit at 0.2
+    core._vote_to_commit_s.extend([0.3, 0.3])  # as if the last heights were slow: median 0.3 s
+    core.tick(0.2 + FAST.commit_wait_s)
+    core.take_actions()
+    q0 = by_id[core.proposer(2, 0)]
+    block2 = block_of(q0, [b"two"], height=2, parent=h1)
+    start = 0.3
+    core.on_message(q0.peer_id, make_proposal(q0, 2, 0, block2), start)
+    assert [v.vote_type for v in own_votes(core.take_actions())] == [PREVOTE]
+    core.tick(start + 0.59)  # 2 x median 0.3 s, not 0.2 s
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    core.tick(start + 0.6)
+    assert [a.message for a in core.take_actions() if isinstance(a, Send)] == [BftCommitRequest(from_height=2)] * 2
