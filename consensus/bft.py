@@ -1035,9 +1035,10 @@ class BftCore:
     def _commit_poll(self, round_: int) -> None:
         """Still at this height well after voting in ``round_``: we probably lost votes (or
         a proposal), and they would come back only with their senders' rebroadcast. Ask the
-        :data:`FETCH_DECIDED_FROM` validators after us in peer-id order for the commit of
-        this height: one that has it answers at once, one that has not yet answers when it
-        commits (:meth:`_on_commit_request`). Once per round; not when we moved on to a later
+        :data:`FETCH_DECIDED_FROM` validators after us in peer-id order (those we heard vote
+        in this round first: a crashed one would not answer) for the commit of this height:
+        one that has it answers at once, one that has not yet answers when it commits
+        (:meth:`_on_commit_request`). Once per round; not when we moved on to a later
         round, nor when we saw more than 2/3 of the round's precommits (or, still prevoting,
         of nil prevotes): then nothing is missing here and the round's timeout follows."""
         table = self.table
@@ -1047,8 +1048,11 @@ class BftCore:
                 self.step == PREVOTE and prevotes is not None and None in prevotes.by_hash
                 and table.passes(prevotes.by_hash[None])):
             return
-        ring = sorted(p for p in self.table.weights if p != self.peer_id)
+        # validators we heard vote in this round first (they are up and in it), then the rest
+        heard = {v for sets in (precommits, prevotes) if sets is not None for v in sets.votes}
+        ring = sorted(p for p in table.weights if p != self.peer_id)
         ring = [p for p in ring if p > self.peer_id] + [p for p in ring if p < self.peer_id]
+        ring = [p for p in ring if p in heard] + [p for p in ring if p not in heard]
         for peer_id in ring[:FETCH_DECIDED_FROM]:
             self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
         self._event("commit_poll", f"r={round_} ask {len(ring[:FETCH_DECIDED_FROM])}")

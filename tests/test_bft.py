@@ -1252,12 +1252,15 @@ def test_a_validator_without_the_commit_well_after_its_vote_polls_two_validators
     block1 = block_of(p0, [b"one"])
     core.on_message(p0.peer_id, make_proposal(p0, 1, 0, block1), 0.1)
     assert [v.vote_type for v in own_votes(core.take_actions())] == [PREVOTE]
+    ring = _ring_after(core, table.weights)
+    heard = by_id[ring[-1]]  # its prevote came through: it is up, so it is asked first
+    core.on_message(heard.peer_id, make_vote(heard, PREVOTE, 1, 0, block_hash(block1)), 0.12)
     core.tick(0.1 + FAST.commit_poll_delay_s * 0.9)
     assert not [a for a in core.take_actions() if isinstance(a, Send)]
     core.tick(0.1 + FAST.commit_poll_delay_s)
     actions = core.take_actions()
     sent = [(a.peer_id, a.message) for a in actions if isinstance(a, Send)]
-    assert sent == [(p, BftCommitRequest(from_height=1)) for p in _ring_after(core, table.weights)[:2]]
+    assert sent == [(p, BftCommitRequest(from_height=1)) for p in (ring[-1], ring[0])]
     assert [a.kind for a in actions if isinstance(a, BftEvent)] == ["commit_poll"]
     core.tick(0.9)
     assert not [a for a in core.take_actions() if isinstance(a, Send)]  # once per round
