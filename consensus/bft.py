@@ -530,7 +530,7 @@ class BftConfig:
             raise LocalProtocolError("timeouts and the rebroadcast interval must be > 0")
         if min(self.propose_timeout_delta_s, self.prevote_timeout_delta_s, self.precommit_timeout_delta_s,
                self.commit_wait_s, self.catchup_interval_s, self.proposal_fetch_delay_s,
-               self.empty_block_interval_s,
+               self.commit_poll_delay_s, self.empty_block_interval_s,
                self.not_ready_wait_s) < 0:
             raise LocalProtocolError("deltas and waits must be >= 0")
 

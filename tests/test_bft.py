@@ -1298,3 +1298,10 @@ def test_no_commit_poll_after_a_quorum_of_precommits_and_a_later_delay_after_slo
     assert not [a for a in core.take_actions() if isinstance(a, Send)]
     core.tick(start + 0.6)
     assert [a.message for a in core.take_actions() if isinstance(a, Send)] == [BftCommitRequest(from_height=2)] * 2
+
+
+@pytest.mark.parametrize("field", ["proposal_fetch_delay_s", "commit_poll_delay_s", "catchup_interval_s"])
+def test_negative_waits_are_refused(field):
+    with pytest.raises(LocalProtocolError, match="must be >= 0"):
+        BftConfig(**{field: -0.1})
+    assert getattr(BftConfig(**{field: 0.0}), field) == 0.0
