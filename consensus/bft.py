@@ -887,7 +887,6 @@ class BftCore:
         self._max_round: dict[str, int] = {}
         self._done: set[tuple[str, int]] = set()  # "for the first time" rules fired
         self._own_votes: dict[tuple[str, int], Vote] = {}
-        self._own_proposals: dict[int, BftProposal] = {}
         self._evidence_seen: set[tuple[str, str, int]] = set()
 
     def _schedule(self, at: float, kind: str, height: int, round_: int) -> None:
@@ -1007,6 +1006,17 @@ class BftCore:
             self._next_request_at = now + self.config.catchup_interval_s
             self._actions.append(Send(sender, BftCommitRequest(from_height=self.height)))
 
+    def _after_me(self, peer_ids: Iterable[str]) -> list[str]:
+        """``peer_ids`` without us, in peer-id order starting after ours (cyclically): whom
+        to ask first, so that the askers of one moment spread over different peers."""
+        ring = sorted(p for p in peer_ids if p != self.peer_id)
+        return [p for p in ring if p > self.peer_id] + [p for p in ring if p < self.peer_id]
+
+    def _ask_commit(self, peer_ids: list[str]) -> None:
+        """Ask :data:`FETCH_DECIDED_FROM` of ``peer_ids`` (in that order) for our height's commit."""
+        for peer_id in peer_ids[:FETCH_DECIDED_FROM]:
+            self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
+
     def _fetch_decided(self, digest: bytes, voters: Iterable[str]) -> None:
         """A quorum precommitted ``digest`` but its proposal never reached us: the height is
         decided, only the block is missing, and no rule of ours can use those precommits.
@@ -1014,10 +1024,8 @@ class BftCore:
         peer-id order) for the commit of this height; a precommitter that has not committed
         yet answers when it does (:meth:`_on_commit_request`). Without this we would wait
         for the precommit timeout and a round change to reveal that we are behind."""
-        ring = sorted(v for v in voters if v != self.peer_id)
-        ring = [v for v in ring if v > self.peer_id] + [v for v in ring if v < self.peer_id]
-        for peer_id in ring[:FETCH_DECIDED_FROM]:
-            self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
+        ring = self._after_me(voters)
+        self._ask_commit(ring)
         self._event("fetch_commit", f"{_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
 
     def _schedule_commit_poll(self, now: float) -> None:
@@ -1050,11 +1058,9 @@ class BftCore:
             return
         # validators we heard vote in this round first (they are up and in it), then the rest
         heard = {v for sets in (precommits, prevotes) if sets is not None for v in sets.votes}
-        ring = sorted(p for p in table.weights if p != self.peer_id)
-        ring = [p for p in ring if p > self.peer_id] + [p for p in ring if p < self.peer_id]
+        ring = self._after_me(table.weights)
         ring = [p for p in ring if p in heard] + [p for p in ring if p not in heard]
-        for peer_id in ring[:FETCH_DECIDED_FROM]:
-            self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
+        self._ask_commit(ring)
         self._event("commit_poll", f"r={round_} ask {len(ring[:FETCH_DECIDED_FROM])}")
 
     def _fetch_proposal(self, round_: int) -> None:
@@ -1072,8 +1078,7 @@ class BftCore:
             for digest, voters in votes.by_hash.items():
                 if digest is None or digest in self._blocks or not table.passes(voters, ONE_THIRD):
                     continue
-                ring = sorted(v for v in voters if v != self.peer_id)
-                ring = [v for v in ring if v > self.peer_id] + [v for v in ring if v < self.peer_id]
+                ring = self._after_me(voters)
                 for peer_id in ring[:FETCH_DECIDED_FROM]:
                     self._actions.append(Send(peer_id, BftProposalRequest(height=self.height, round=round_)))
                 self._event("fetch_proposal", f"r={round_} {_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
@@ -1385,7 +1390,6 @@ class BftCore:
         proposal = BftProposal(height=self.height, round=round_, block=block, valid_round=valid_round,
                                signed=sign_vote(self.identity, PROPOSAL, self.network_id, self.table.epoch,
                                                 statement))
-        self._own_proposals[round_] = proposal
         self._proposal_msgs[round_] = proposal
         self._proposals[round_] = (digest, valid_round)
         self._blocks[digest] = block
@@ -1641,8 +1645,8 @@ class BftCore:
         proposal = self._proposals.get(self.round)
         if proposal is not None:
             rounds.add(proposal[1])
-        own = self._own_proposals.get(self.round)
-        if own is not None:
+        own = self._proposal_msgs.get(self.round)
+        if own is not None and own.signed.voter == self.peer_id:
             self._actions.append(Broadcast(own))
             self._relay_polka(own.valid_round, block_hash(own.block))
         for vote_type in VOTE_TYPES:
