@@ -64,8 +64,8 @@ request for the height in progress is answered when it commits. Votes from
 more than 1/3 of the weight for a block whose proposal we lack make us ask
 two of the voters for the proposal if it has not come ``proposal_fetch_delay_s``
 later (:meth:`BftCore._fetch_proposal`; ``BftProposalRequest``); still without the
-commit well after our vote in a round, we ask two validators for it
-(:meth:`BftCore._commit_poll`).
+commit well after our vote in a round, we ask two validators for it and for the
+round's signed votes we lack (:meth:`BftCore._commit_poll`; ``BftVoteRequest``).
 
 Driver duties (the order of :meth:`BftCore.take_actions` matters)
 -----------------------------------------------------------------
@@ -324,6 +324,43 @@ class BftProposalRequest:
 
     def describe(self) -> str:
         return f"proposal-request h={self.height} r={self.round}"
+
+
+@message("bft_vote_request", actor=BFT_ACTOR)
+class BftVoteRequest:
+    """Ask for the signed votes of (``height``, ``round``) the requester lacks.
+
+    ``prevotes`` and ``precommits`` are bitmaps over the validators of the height's
+    weight table in ascending peer-id order: bit i (byte ``i // 8``, bit ``i % 8``, least
+    significant first) set means the requester holds that validator's vote of the type;
+    each is exactly ``ceil(validators / 8)`` bytes. (CometBFT's VoteSetBits, pulled on
+    a stall instead of pushed continuously.)"""
+
+    height: Height
+    round: Round
+    prevotes: Annotated[bytes, MaxLen(MAX_VOTERS // 8)]
+    precommits: Annotated[bytes, MaxLen(MAX_VOTERS // 8)]
+
+    def describe(self) -> str:
+        return (f"vote-request h={self.height} r={self.round} has {_popcount(self.prevotes)} prevotes "
+                f"{_popcount(self.precommits)} precommits")
+
+
+def _popcount(bitmap: bytes) -> int:
+    return int.from_bytes(bitmap, "little").bit_count()
+
+
+def vote_bitmap(order: list[str], voters: Iterable[str]) -> bytes:
+    """The :class:`BftVoteRequest` bitmap of ``voters`` over ``order`` (validators in
+    ascending peer-id order): ``ceil(len(order) / 8)`` bytes, bit i set iff ``order[i]``
+    is a voter. Peer ids not in ``order`` are ignored."""
+    index = {peer_id: i for i, peer_id in enumerate(order)}
+    bits = 0
+    for voter in voters:
+        i = index.get(voter)
+        if i is not None:
+            bits |= 1 << i
+    return bits.to_bytes((len(order) + 7) // 8, "little")
 
 
 @message("bft_commit_response", actor=BFT_ACTOR)
@@ -809,6 +846,8 @@ class BftCore:
                 self._on_commit_request(sender, msg, now)
             elif isinstance(msg, BftProposalRequest):
                 self._on_proposal_request(sender, msg, now)
+            elif isinstance(msg, BftVoteRequest):
+                self._on_vote_request(sender, msg, now)
             elif isinstance(msg, BftCommitResponse):
                 self._on_commit_response(sender, msg, now)
             else:
@@ -877,6 +916,7 @@ class BftCore:
         self._proposals: dict[int, tuple[bytes, int | None]] = {}
         self._proposal_msgs: dict[int, BftProposal] = {}  # the signed proposal of each round (to relay)
         self._proposals_served: set[tuple[str, int]] = set()  # (peer, round) sent on request
+        self._votes_served: set[tuple[str, int]] = set()  # (peer, round) votes sent on request
         self._blocks: dict[bytes, Block] = {}
         self._extra_blocks: dict[int, int] = {}
         self._valid_cache: dict[bytes, bool] = {}
@@ -1048,7 +1088,10 @@ class BftCore:
         one that has it answers at once, one that has not yet answers when it commits
         (:meth:`_on_commit_request`). Once per round; not when we moved on to a later
         round, nor when we saw more than 2/3 of the round's precommits (or, still prevoting,
-        of nil prevotes): then nothing is missing here and the round's timeout follows."""
+        of nil prevotes): then nothing is missing here and the round's timeout follows.
+        The same two get a :class:`BftVoteRequest` with bitmaps of the round's votes we
+        hold: when every validator misses some vote short of a quorum nobody commits, and
+        only the votes we lack end that stall before the round's timeouts."""
         table = self.table
         precommits = self._precommits.get(round_)
         prevotes = self._prevotes.get(round_)
@@ -1061,6 +1104,13 @@ class BftCore:
         ring = self._after_me(table.weights)
         ring = [p for p in ring if p in heard] + [p for p in ring if p not in heard]
         self._ask_commit(ring)
+        order = sorted(table.weights)
+        request = BftVoteRequest(
+            height=self.height, round=round_,
+            prevotes=vote_bitmap(order, prevotes.votes if prevotes is not None else ()),
+            precommits=vote_bitmap(order, precommits.votes if precommits is not None else ()))
+        for peer_id in ring[:FETCH_DECIDED_FROM]:
+            self._actions.append(Send(peer_id, request))
         self._event("commit_poll", f"r={round_} ask {len(ring[:FETCH_DECIDED_FROM])}")
 
     def _fetch_proposal(self, round_: int) -> None:
@@ -1099,6 +1149,38 @@ class BftCore:
         self._proposals_served.add((sender, msg.round))
         self._actions.append(Send(sender, proposal))
         self._relay_polka(proposal.valid_round, block_hash(proposal.block), to=sender)
+
+    def _on_vote_request(self, sender: str, msg: BftVoteRequest, now: float) -> None:
+        """Send a validator the signed votes of (our height, ``msg.round``) we hold and its
+        bitmaps say it lacks: the first vote of each voter per type, ours or one whose
+        signature verifies (relayed votes are proofs), never the requester's own. Once per
+        (peer, round) and height, only for a round we hold votes of, only to validators, and
+        only with bitmaps of the table's size; else no answer (``vote_request_unanswered``).
+        A request for another height is a height hint like any message (§14.10)."""
+        if msg.height != self.height:
+            self._other_height(sender, msg.height, now)
+            return
+        table = self.table
+        size = (len(table.weights) + 7) // 8
+        sets = [(self._prevotes.get(msg.round), msg.prevotes), (self._precommits.get(msg.round), msg.precommits)]
+        if sender not in table.weights or (sender, msg.round) in self._votes_served \
+                or len(msg.prevotes) != size or len(msg.precommits) != size \
+                or all(votes is None for votes, _ in sets):
+            self.drops["vote_request_unanswered"] += 1
+            return
+        self._votes_served.add((sender, msg.round))
+        for votes, bitmap in sets:
+            if votes is None:
+                continue
+            have = int.from_bytes(bitmap, "little")
+            for i, voter in enumerate(sorted(table.weights)):
+                vote = votes.votes.get(voter)
+                if vote is None or voter == sender or (have >> i) & 1:
+                    continue
+                if voter == self.peer_id or self._signature_ok(vote, table):
+                    self._actions.append(Send(sender, BftVote(vote=vote)))
+                else:
+                    self.drops["unrelayable_vote"] += 1
 
     def _hold(self, sender: str, msg: BftProposal | Vote, height: int) -> bool:
         """Keep a proposal or vote of the *next* height from a validator until we get there

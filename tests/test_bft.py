@@ -37,6 +37,7 @@ from chimera.consensus.bft import (
     BftProposalRequest,
     BftValues,
     BftVote,
+    BftVoteRequest,
     Block,
     Broadcast,
     CertifiedCommit,
@@ -53,6 +54,7 @@ from chimera.consensus.bft import (
     value_hash,
     verify_commit,
     verify_equivocation,
+    vote_bitmap,
 )
 from chimera.consensus.quorum import CertificateError, QuorumCertificate, SignedVote, WeightTable, sign_vote
 from chimera.protocol.errors import LocalProtocolError, MalformedError
@@ -476,9 +478,10 @@ def test_messages_roundtrip_and_are_registered():
     cluster, commit = _committed_cluster()
     kinds = {k for k in MESSAGE_TYPES if k.startswith("bft_")}
     assert kinds == {"bft_proposal", "bft_vote", "bft_values", "bft_commit_request", "bft_commit_response",
-                     "bft_proposal_request"}
+                     "bft_proposal_request", "bft_vote_request"}
     samples = [BftValues(values=(b"a", b"b")), BftCommitRequest(from_height=3),
                BftProposalRequest(height=2, round=1),
+               BftVoteRequest(height=2, round=1, prevotes=b"\x05\x01", precommits=b"\x00\x00"),
                BftCommitResponse(commits=(commit,), latest_height=1),
                make_vote(IDS[0], PRECOMMIT, 1, 2, b"\x07" * 32),
                make_proposal(IDS[0], 2, 1, block_of(IDS[0], [b"x"], height=2), valid_round=0)]
@@ -493,7 +496,8 @@ _wire = st.recursive(
     st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.binary(max_size=40) | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
         st.sampled_from(["vote", "signed", "voter", "signature", "height", "round", "block", "values",
-                         "commits", "vote_type", "block_hash", "latest_height", "from_height"]) | st.text(max_size=5),
+                         "commits", "vote_type", "block_hash", "latest_height", "from_height", "prevotes",
+                         "precommits"]) | st.text(max_size=5),
         inner, max_size=6),
     max_leaves=20)
 
@@ -1260,13 +1264,64 @@ def test_a_validator_without_the_commit_well_after_its_vote_polls_two_validators
     core.tick(0.1 + FAST.commit_poll_delay_s)
     actions = core.take_actions()
     sent = [(a.peer_id, a.message) for a in actions if isinstance(a, Send)]
-    assert sent == [(p, BftCommitRequest(from_height=1)) for p in (ring[-1], ring[0])]
+    order = sorted(table.weights)
+    # the commit, and the round's votes we lack (bitmaps: we hold our prevote and heard's)
+    have = vote_bitmap(order, [core.peer_id, heard.peer_id])
+    assert have == sum(1 << order.index(p) for p in (core.peer_id, heard.peer_id)).to_bytes(1, "little")
+    assert sent == [(p, BftCommitRequest(from_height=1)) for p in (ring[-1], ring[0])] + [
+        (p, BftVoteRequest(height=1, round=0, prevotes=have, precommits=b"\x00")) for p in (ring[-1], ring[0])]
     assert [a.kind for a in actions if isinstance(a, BftEvent)] == ["commit_poll"]
     core.tick(0.9)
     assert not [a for a in core.take_actions() if isinstance(a, Send)]  # once per round
     # the answer (a commit) is verified and applied like any catch-up
     core.on_message(sent[0][0], BftCommitResponse(commits=(_certified(block1, others),), latest_height=1), 0.95)
     assert core.height == 2
+
+
+def test_a_vote_request_is_answered_once_with_the_verified_votes_the_requester_lacks():
+    """The stall the commit poll cannot end alone: every peer misses some vote short of a
+    quorum, so nobody commits. A validator asked with bitmaps of what the requester holds
+    sends it exactly the votes it lacks (ours, and others' that verify), once per round."""
+    core, table, schedule, by_id = _core_and_others(4)
+    others = [by_id[p] for p in table.weights if p != core.peer_id]
+    h1 = _prevoted_height_1(core, schedule, by_id, others)  # prevotes of all, our precommit
+    core.take_actions()
+    order = sorted(table.weights)
+    asker, holder = others[0], others[1]
+    precommit = make_vote(holder, PRECOMMIT, 1, 0, h1).vote
+    core.on_message(holder.peer_id, BftVote(vote=precommit), 0.15)
+    core.take_actions()
+    # the asker holds its own votes and the holder's prevote: it lacks 2 prevotes and 2 precommits
+    request = BftVoteRequest(height=1, round=0, prevotes=vote_bitmap(order, [asker.peer_id, holder.peer_id]),
+                             precommits=vote_bitmap(order, [asker.peer_id]))
+    for bad in (BftVoteRequest(height=1, round=0, prevotes=b"\x00\x00", precommits=b"\x00"),  # wrong size
+                BftVoteRequest(height=1, round=5, prevotes=b"\x00", precommits=b"\x00")):  # no votes of round 5
+        core.on_message(asker.peer_id, bad, 0.2)
+    core.on_message(IDS[8].peer_id, request, 0.2)  # not a validator
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    assert core.drops["vote_request_unanswered"] == 3
+    core.on_message(asker.peer_id, request, 0.2)
+    sent = [(a.peer_id, a.message.vote) for a in core.take_actions() if isinstance(a, Send)]
+    lacking = [p for p in order if p not in (asker.peer_id, holder.peer_id)]
+    assert sorted((v.vote_type, v.voter) for _, v in sent) == sorted(
+        [(PREVOTE, p) for p in lacking] + [(PRECOMMIT, core.peer_id), (PRECOMMIT, holder.peer_id)])
+    assert all(to == asker.peer_id and v.height == 1 and v.round == 0 and v.block_hash == h1 for to, v in sent)
+    core.on_message(asker.peer_id, request, 0.3)  # answered once per round
+    assert not [a for a in core.take_actions() if isinstance(a, Send)]
+    # a relayed vote is a proof: the requester checks its signature (a forged one is rejected)
+    asker_core = BftCore(asker, NET, table, FAST, 0.0)
+    asker_core.on_message(core.peer_id, BftVote(vote=precommit), 0.3)
+    assert not [a for a in asker_core.take_actions() if isinstance(a, Rejected)]
+    assert asker_core._precommits[0].votes == {holder.peer_id: precommit}
+    forged = dataclasses.replace(precommit, signed=dataclasses.replace(precommit.signed, signature=b"\x01" * 64))
+    asker_core.on_message(core.peer_id, BftVote(vote=forged), 0.3)
+    assert [a.reason for a in asker_core.take_actions() if isinstance(a, Rejected)] == ["bad_signature"]
+    # a request of a height behind ours is a height hint: the commit is pushed
+    for other in others:
+        core.on_message(other.peer_id, make_vote(other, PRECOMMIT, 1, 0, h1), 0.5)
+    core.take_actions()
+    core.on_message(asker.peer_id, BftVoteRequest(height=1, round=0, prevotes=b"\x00", precommits=b"\x00"), 2.0)
+    assert [type(a.message).__name__ for a in core.take_actions() if isinstance(a, Send)] == ["BftCommitResponse"]
 
 
 def test_no_commit_poll_after_a_quorum_of_precommits_and_a_later_delay_after_slow_heights():
@@ -1297,7 +1352,9 @@ def test_no_commit_poll_after_a_quorum_of_precommits_and_a_later_delay_after_slo
     core.tick(start + 0.59)  # 2 x median 0.3 s, not 0.2 s
     assert not [a for a in core.take_actions() if isinstance(a, Send)]
     core.tick(start + 0.6)
-    assert [a.message for a in core.take_actions() if isinstance(a, Send)] == [BftCommitRequest(from_height=2)] * 2
+    sent = [a.message for a in core.take_actions() if isinstance(a, Send)]
+    assert sent[:2] == [BftCommitRequest(from_height=2)] * 2
+    assert [(type(m), m.height, m.round) for m in sent[2:]] == [(BftVoteRequest, 2, 0)] * 2
 
 
 @pytest.mark.parametrize("field", ["proposal_fetch_delay_s", "commit_poll_delay_s", "catchup_interval_s"])

