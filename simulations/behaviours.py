@@ -9,8 +9,10 @@ actually leaves the peer. Strategies:
   (height, round) and sends each to half of the peers.
 * ``badsig``: corrupts its vote/proposal signatures, signs votes in other
   validators' names, and sends envelopes whose signature does not verify.
-* ``flood``: re-sends (re-sealed) each message several times and floods
-  invalid application values.
+* ``flood``: re-sends (re-sealed) each message several times, floods
+  invalid application values, and with each vote asks every peer for the
+  proposal and the votes of that round and the next two (all-zero bitmaps:
+  "send me everything") and for the whole log from height 1.
 * ``sybil``: operates extra identities: in membership they join as peers, in
   consensus they send votes signed by keys that hold no weight.
 
@@ -61,9 +63,12 @@ import numpy as np
 from chimera.consensus.bft import (
     PREVOTE,
     PROPOSAL,
+    BftCommitRequest,
     BftProposal,
+    BftProposalRequest,
     BftValues,
     BftVote,
+    BftVoteRequest,
     Vote,
     block_hash,
     value_hash,
@@ -239,8 +244,19 @@ class Flood(Behaviour):
     copies = 3
     flood_interval_s = 0.5
 
+    requested_rounds = 3
+
     def outgoing(self, ctx, message, targets):
-        return [Outgoing(targets, message) for _ in range(self.copies)]
+        out = [Outgoing(targets, message) for _ in range(self.copies)]
+        if isinstance(message, BftVote):
+            v = message.vote
+            nothing = bytes((len(ctx.honest_peer_ids()) + 1 + 7) // 8)  # bitmaps for n validators
+            for round_ in range(v.round, v.round + self.requested_rounds):
+                out.append(Outgoing(targets, BftProposalRequest(height=v.height, round=round_)))
+                out.append(Outgoing(targets, BftVoteRequest(height=v.height, round=round_, prevotes=nothing,
+                                                             precommits=nothing)))
+            out.append(Outgoing(targets, BftCommitRequest(from_height=1)))
+        return out
 
     def flood(self, ctx, targets):
         junk = tuple(b"BAD-flood-" + ctx.rng.getrandbits(64).to_bytes(8, "big") for _ in range(16))

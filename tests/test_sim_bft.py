@@ -135,6 +135,10 @@ def test_each_byzantine_strategy_is_tolerated_and_leaves_evidence(strategy):
                 assert rep.score(byz, sim.now) < rep.score(other, sim.now)
     if strategy == "equivocate":
         assert world.counters["evidence"] > 0
+    if strategy == "flood":  # its proposal and vote requests: answered once per round, the rest refused
+        for observer in world.honest:
+            assert observer.core.drops["vote_request_unanswered"] > 0
+            assert observer.core.drops["proposal_request_unanswered"] > 0
     if strategy == "sybil":
         assert world.counters["rejected_unknown_voter"] > 0
 
