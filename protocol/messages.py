@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Annotated, ClassVar, get_args, get_origin
 
 from .errors import LocalProtocolError, MalformedError
+from .identity import public_key_from_peer_id
 
 U64_MAX = 2**64 - 1
 DEFAULT_MAX_STR = 1024
@@ -143,9 +144,7 @@ class _PeerId(_Str):
         super().__init__(52)
 
     def check(self, value: Any, path: str) -> str:
-        from .identity import public_key_from_peer_id
-
-        value = super().check(value, path)
+        value = super().check(value, path)  # a str first: the key lookup below is cached by value
         try:
             public_key_from_peer_id(value)
         except MalformedError as exc:
@@ -153,8 +152,8 @@ class _PeerId(_Str):
         return value
 
     def dump(self, value: Any) -> str:
-        from .identity import public_key_from_peer_id
-
+        if type(value) is not str:
+            raise LocalProtocolError(f"not a peer id: a {type(value).__name__}")
         try:
             public_key_from_peer_id(value)
         except MalformedError as exc:
