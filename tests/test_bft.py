@@ -145,6 +145,7 @@ class Cluster:
         self.commits: dict[str, list[Commit]] = {p: [] for p in self.cores}
         self.down: set[str] = set()
         self.transcript: list[str] = []
+        self.lose = None  # (src, dst, action) -> True: that delivery is lost
 
     def pump(self):
         queue = []
@@ -162,7 +163,7 @@ class Cluster:
             elif isinstance(action, Send):
                 targets = [(action.peer_id, action.message)]
             for dst, msg in targets:
-                if src in self.down or dst in self.down:
+                if src in self.down or dst in self.down or (self.lose is not None and self.lose(src, dst, action)):
                     continue
                 self.cores[dst].on_message(src, roundtrip(msg), self.now)
                 queue.extend((dst, a) for a in self.cores[dst].take_actions())
@@ -1322,6 +1323,42 @@ def test_a_vote_request_is_answered_once_with_the_verified_votes_the_requester_l
     core.take_actions()
     core.on_message(asker.peer_id, BftVoteRequest(height=1, round=0, prevotes=b"\x00", precommits=b"\x00"), 2.0)
     assert [type(a.message).__name__ for a in core.take_actions() if isinstance(a, Send)] == ["BftCommitResponse"]
+
+
+@pytest.mark.parametrize("vote_requests_delivered", [True, False])
+def test_a_precommit_quorum_short_at_every_peer_is_completed_by_the_vote_requests(vote_requests_delivered):
+    """The first broadcast of each round-0 precommit reaches only the next validator in
+    peer-id order (heavy loss): every peer holds 2 of the 3 precommits a quorum needs, so
+    nobody commits and no timeout runs (no quorum of any value). The commit requests of
+    the polls wait for a commit nobody has; the vote requests sent with them bring each
+    peer the precommits it lacks, and all commit in round 0 well before the senders'
+    rebroadcast (1 s). With the vote requests lost too, nobody commits before it."""
+    cluster = Cluster(4)
+    order = sorted(cluster.cores)
+    lost_once: set[tuple[str, str]] = set()
+
+    def lose(src, dst, action):
+        msg = action.message
+        if isinstance(msg, BftVoteRequest):
+            return not vote_requests_delivered
+        if isinstance(action, Broadcast) and isinstance(msg, BftVote) and msg.vote.vote_type == PRECOMMIT \
+                and msg.vote.round == 0 and dst != order[(order.index(src) + 1) % 4] \
+                and (src, dst) not in lost_once:
+            lost_once.add((src, dst))
+            return True
+        return False
+
+    cluster.lose = lose
+    cluster.cores[order[0]].submit(b"value", 0.0)
+    cluster.advance(0.9)
+    assert len(lost_once) == 8  # each peer lost 2 of the 3 others' precommits of height 1
+    if vote_requests_delivered:  # height 1 committed in round 0 (and empty heights followed)
+        assert all(cs and (cs[0].height, cs[0].commit.round) == (1, 0) for cs in cluster.commits.values())
+        assert all(any(isinstance(a, BftEvent) and a.kind == "commit_poll" for a in cluster.log[p]) for p in order)
+    else:
+        assert cluster.commits == {p: [] for p in order}
+    cluster.advance(2.0)  # the rebroadcast (1 s) completes the height either way
+    assert all(cs and (cs[0].height, cs[0].commit.round) == (1, 0) for cs in cluster.commits.values())
 
 
 def test_no_commit_poll_after_a_quorum_of_precommits_and_a_later_delay_after_slow_heights():
