@@ -526,6 +526,7 @@ class ConsensusService:
             "epoch_length": self.ledger.epoch_length,
             "last_commit_s_ago": None if self.last_commit_mono is None
             else round(time.monotonic() - self.last_commit_mono, 3),
+            "drops": dict(sorted(self.core.drops.items())),  # the core's counted drops (PROTOCOL §14.13)
         }
 
     def reputation_rows(self) -> dict:

@@ -17,7 +17,11 @@ Names (all prefixed ``chimera_``):
 * ``actor_crashes_total{actor}``, ``info{peer_id,profile,network}`` (value 1)
 * ``process_cpu_seconds_total`` (user + system CPU of the peer process)
 * consensus: ``consensus_height``, ``consensus_epoch``, ``consensus_commits_total``,
-  ``consensus_values_committed_total``, ``consensus_commit_latency_seconds`` (histogram:
+  ``consensus_values_committed_total``, ``consensus_rejected_total{reason}`` (input
+  rejected, a fault of its sender), ``consensus_drops_total{reason}`` (messages the core
+  dropped or left unanswered without blaming anyone), ``consensus_events_total{kind}``
+  (the core's events: rounds, timeouts, fetches, polls; reasons and kinds are
+  PROTOCOL.md §14.13's fixed names), ``consensus_commit_latency_seconds`` (histogram:
   submission of this peer's own values to their stored commit),
   ``reputation_weight{peer_id}`` (committed voting weight of the epoch; validators only),
   ``reputation_local_score{peer_id}`` (this peer's Beta score in [0, 1])
@@ -131,7 +135,7 @@ class NodeCollector:
             yield GaugeMetricFamily(f"chimera_{name}", help_, value=value)
         yield CounterMetricFamily("chimera_process_cpu_seconds", "User + system CPU of this peer",
                                   value=status.get("cpu_s", 0.0))
-        yield from _consensus_families(node, counters, reputation)
+        yield from _consensus_families(node, counters, reputation, status)
         yield from _training_families(training)
         if getattr(node, "fabric", None) is not None:  # advertised capacity, GPUs, task slots, tasks
             yield from node.fabric.metric_families()
@@ -152,7 +156,7 @@ def _histogram(name: str, help_: str, hist: LatencyHistogram):
     return HistogramMetricFamily(name, help_, buckets=hist.cumulative(), sum_value=hist.sum_s)
 
 
-def _consensus_families(node: "Node", counters: dict, reputation: dict | None) -> Iterator:
+def _consensus_families(node: "Node", counters: dict, reputation: dict | None, status: dict) -> Iterator:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     service = getattr(node, "consensus", None)
@@ -165,6 +169,21 @@ def _consensus_families(node: "Node", counters: dict, reputation: dict | None) -
                               value=counters.get("consensus_commits", 0))
     yield CounterMetricFamily("chimera_consensus_values_committed", "Log values committed",
                               value=counters.get("consensus_values_committed", 0))
+    rejected = CounterMetricFamily("chimera_consensus_rejected", "Consensus input rejected, by reason",
+                                   labels=["reason"])
+    events = CounterMetricFamily("chimera_consensus_events", "Consensus core events, by kind", labels=["kind"])
+    for key, value in counters.items():
+        if key.startswith("consensus_rejected."):
+            rejected.add_metric([key.split(".", 1)[1]], value)
+        elif key.startswith("consensus_events."):
+            events.add_metric([key.split(".", 1)[1]], value)
+    yield rejected
+    yield events
+    drops = CounterMetricFamily("chimera_consensus_drops", "Messages the consensus core dropped or left "
+                                "unanswered, by reason", labels=["reason"])
+    for reason, value in ((status.get("consensus") or {}).get("drops") or {}).items():
+        drops.add_metric([reason], value)
+    yield drops
     yield _histogram("chimera_consensus_commit_latency_seconds",
                      "Submission of this peer's values to their stored commit", service.commit_latency)
     weight = GaugeMetricFamily("chimera_reputation_weight", "Committed voting weight (this epoch)",

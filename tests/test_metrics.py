@@ -70,6 +70,12 @@ async def test_consensus_reputation_and_process_metrics_match_the_node(tmp_path)
         a = nodes[0]
         for k in range(3):
             await a.consensus.propose(f"metrics {k}".encode(), 60)
+        # a request the core leaves unanswered (no proposal of round 1000 here): a counted drop
+        from chimera.consensus.bft import BftProposalRequest
+
+        dropped = sum(a.consensus.core.drops.values())
+        nodes[1].send(a.peer_id, BftProposalRequest(height=a.consensus.core.height, round=1000))
+        assert await async_wait_until(lambda: sum(a.consensus.core.drops.values()) > dropped, 20)
         text = await asyncio.to_thread(_scrape, a.status()["metrics_url"])
         families = {f.name: f for f in text_string_to_metric_families(text)}
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -82,6 +88,12 @@ async def test_consensus_reputation_and_process_metrics_match_the_node(tmp_path)
         for peer_id, weight in a.consensus.core.table.weights.items():
             assert samples[("chimera_reputation_weight", (("peer_id", peer_id),))] == weight
         assert samples[("chimera_process_cpu_seconds_total", ())] > 0
+        assert samples[("chimera_consensus_events_total", (("kind", "committed"),))] >= 3
+        drops = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
+                 if name == "chimera_consensus_drops_total"}
+        assert sum(drops.values()) > dropped
+        assert all(0 < v <= a.consensus.core.drops[reason] for reason, v in drops.items())
+        assert a.status()["consensus"]["drops"].keys() >= drops.keys()
         assert families["chimera_consensus_commit_latency_seconds"].type == "histogram"
     finally:
         for node in nodes:
@@ -101,7 +113,8 @@ def test_grafana_dashboard_queries_only_exported_metrics():
                 "chimera_consensus_values_committed_total", "chimera_reputation_weight",
                 "chimera_training_accuracy", "chimera_fabric_tasks_total",
                 "chimera_fabric_task_latency_seconds_bucket", "chimera_fabric_gpu_utilization_percent",
-                "chimera_process_cpu_seconds_total"}
+                "chimera_process_cpu_seconds_total", "chimera_consensus_events_total",
+                "chimera_consensus_rejected_total", "chimera_consensus_drops_total"}
     for expr in exprs:
         names = set(re.findall(r"chimera_[a-z_]+", expr))
         assert names and names <= exported, expr
