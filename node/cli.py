@@ -196,7 +196,8 @@ def _consensus_lines(c: dict | None) -> list[str]:
         return ["consensus    none (no genesis validators, or consensus = false)"]
     lines = [f"consensus    height {c['height']}  epoch {c['epoch']}  {c['role']}  weight {c['weight']}"
              f"/{c['total_weight']} of {c['validators']} validators  round {c['round']} {c['step']}"
-             f"  pool {c['pool_size']}"]
+             f"  pool {c['pool_size']}",
+             "  dropped    " + (", ".join(f"{k}={v}" for k, v in (c.get("drops") or {}).items()) or "none")]
     if c.get("halted"):
         lines.append(f"CONSENSUS HALTED  {c['halted']} (fix the disk, then restart the node)")
     return lines

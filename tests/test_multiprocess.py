@@ -75,6 +75,7 @@ def test_cli_status_peers_and_graceful_leave(tmp_path: Path):
         assert doc["ok"] and doc["result"][0]["peer_id"] == net.peers[1].status["peer_id"]
         out = chimera("status", "--data-dir", d0)
         assert out.returncode == 0 and net.peers[0].status["peer_id"] in out.stdout
+        assert "consensus    height" in out.stdout and "\n  dropped    " in out.stdout  # the core's drops
         out = chimera("ping", net.peers[1].status["peer_id"], "--count", "3", "--data-dir", d0)
         assert out.returncode == 0 and "3/3 answered" in out.stdout
         # graceful stop of peer 1 -> peer 0 sees "left" quickly (Leave message, no suspicion)
