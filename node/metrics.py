@@ -99,20 +99,9 @@ class NodeCollector:
                             ("frames_received", "Frames received on the ROUTER"),
                             ("frames_sent", "Frames queued on outbound connections")):
             yield CounterMetricFamily(f"chimera_{name}", help_, value=counters.get(name, 0))
-        dropped = CounterMetricFamily("chimera_envelopes_dropped", "Dropped input by reason",
-                                      labels=["reason"])
-        crashes = CounterMetricFamily("chimera_actor_crashes", "Actor crashes", labels=["actor"])
-        events = CounterMetricFamily("chimera_membership_events", "Membership events", labels=["kind"])
-        for key, value in counters.items():
-            if key.startswith("drop_"):
-                dropped.add_metric([key[5:]], value)
-            elif key.startswith("actor_crashes."):
-                crashes.add_metric([key.split(".", 1)[1]], value)
-            elif key.startswith("events."):
-                events.add_metric([key.split(".", 1)[1]], value)
-        yield dropped
-        yield crashes
-        yield events
+        yield _by_prefix(counters, "drop_", "chimera_envelopes_dropped", "Dropped input by reason", "reason")
+        yield _by_prefix(counters, "actor_crashes.", "chimera_actor_crashes", "Actor crashes", "actor")
+        yield _by_prefix(counters, "events.", "chimera_membership_events", "Membership events", "kind")
         handshakes = CounterMetricFamily("chimera_handshakes", "CURVE handshakes", labels=["result"])
         handshakes.add_metric(["admitted"], counters.get("handshakes_admitted", 0))
         handshakes.add_metric(["refused"], counters.get("handshakes_refused", 0))
@@ -156,6 +145,18 @@ def _histogram(name: str, help_: str, hist: LatencyHistogram):
     return HistogramMetricFamily(name, help_, buckets=hist.cumulative(), sum_value=hist.sum_s)
 
 
+def _by_prefix(counters: dict, prefix: str, name: str, help_: str, label: str):
+    """A counter family with one sample per key of ``counters`` starting with ``prefix``
+    (the rest of the key is the ``label`` value)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, help_, labels=[label])
+    for key, value in counters.items():
+        if key.startswith(prefix):
+            family.add_metric([key[len(prefix):]], value)
+    return family
+
+
 def _consensus_families(node: "Node", counters: dict, reputation: dict | None, status: dict) -> Iterator:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -169,21 +170,12 @@ def _consensus_families(node: "Node", counters: dict, reputation: dict | None, s
                               value=counters.get("consensus_commits", 0))
     yield CounterMetricFamily("chimera_consensus_values_committed", "Log values committed",
                               value=counters.get("consensus_values_committed", 0))
-    rejected = CounterMetricFamily("chimera_consensus_rejected", "Consensus input rejected, by reason",
-                                   labels=["reason"])
-    events = CounterMetricFamily("chimera_consensus_events", "Consensus core events, by kind", labels=["kind"])
-    for key, value in counters.items():
-        if key.startswith("consensus_rejected."):
-            rejected.add_metric([key.split(".", 1)[1]], value)
-        elif key.startswith("consensus_events."):
-            events.add_metric([key.split(".", 1)[1]], value)
-    yield rejected
-    yield events
-    drops = CounterMetricFamily("chimera_consensus_drops", "Messages the consensus core dropped or left "
-                                "unanswered, by reason", labels=["reason"])
-    for reason, value in ((status.get("consensus") or {}).get("drops") or {}).items():
-        drops.add_metric([reason], value)
-    yield drops
+    yield _by_prefix(counters, "consensus_rejected.", "chimera_consensus_rejected",
+                     "Consensus input rejected, by reason", "reason")
+    yield _by_prefix(counters, "consensus_events.", "chimera_consensus_events",
+                     "Consensus core events, by kind", "kind")
+    yield _by_prefix((status.get("consensus") or {}).get("drops") or {}, "", "chimera_consensus_drops",
+                     "Messages the consensus core dropped or left unanswered, by reason", "reason")
     yield _histogram("chimera_consensus_commit_latency_seconds",
                      "Submission of this peer's values to their stored commit", service.commit_latency)
     weight = GaugeMetricFamily("chimera_reputation_weight", "Committed voting weight (this epoch)",
