@@ -1052,10 +1052,14 @@ class BftCore:
         ring = sorted(p for p in peer_ids if p != self.peer_id)
         return [p for p in ring if p > self.peer_id] + [p for p in ring if p < self.peer_id]
 
-    def _ask_commit(self, peer_ids: list[str]) -> None:
-        """Ask :data:`FETCH_DECIDED_FROM` of ``peer_ids`` (in that order) for our height's commit."""
-        for peer_id in peer_ids[:FETCH_DECIDED_FROM]:
-            self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
+    def _ask(self, peer_ids: list[str], *messages: object) -> int:
+        """Send ``messages`` to the first :data:`FETCH_DECIDED_FROM` of ``peer_ids`` (in that
+        order); returns how many peers were asked."""
+        asked = peer_ids[:FETCH_DECIDED_FROM]
+        for message in messages:
+            for peer_id in asked:
+                self._actions.append(Send(peer_id, message))
+        return len(asked)
 
     def _fetch_decided(self, digest: bytes, voters: Iterable[str]) -> None:
         """A quorum precommitted ``digest`` but its proposal never reached us: the height is
@@ -1064,9 +1068,8 @@ class BftCore:
         peer-id order) for the commit of this height; a precommitter that has not committed
         yet answers when it does (:meth:`_on_commit_request`). Without this we would wait
         for the precommit timeout and a round change to reveal that we are behind."""
-        ring = self._after_me(voters)
-        self._ask_commit(ring)
-        self._event("fetch_commit", f"{_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
+        asked = self._ask(self._after_me(voters), BftCommitRequest(from_height=self.height))
+        self._event("fetch_commit", f"{_h8(digest)} from {asked}")
 
     def _schedule_commit_poll(self, now: float) -> None:
         """We voted in this round: if the height is not committed after
@@ -1103,15 +1106,12 @@ class BftCore:
         heard = {v for sets in (precommits, prevotes) if sets is not None for v in sets.votes}
         ring = self._after_me(table.weights)
         ring = [p for p in ring if p in heard] + [p for p in ring if p not in heard]
-        self._ask_commit(ring)
         order = sorted(table.weights)
-        request = BftVoteRequest(
+        asked = self._ask(ring, BftCommitRequest(from_height=self.height), BftVoteRequest(
             height=self.height, round=round_,
             prevotes=vote_bitmap(order, prevotes.votes if prevotes is not None else ()),
-            precommits=vote_bitmap(order, precommits.votes if precommits is not None else ()))
-        for peer_id in ring[:FETCH_DECIDED_FROM]:
-            self._actions.append(Send(peer_id, request))
-        self._event("commit_poll", f"r={round_} ask {len(ring[:FETCH_DECIDED_FROM])}")
+            precommits=vote_bitmap(order, precommits.votes if precommits is not None else ())))
+        self._event("commit_poll", f"r={round_} ask {asked}")
 
     def _fetch_proposal(self, round_: int) -> None:
         """Voters of more than 1/3 of the weight voted in ``round_`` for a block we still do
@@ -1128,10 +1128,8 @@ class BftCore:
             for digest, voters in votes.by_hash.items():
                 if digest is None or digest in self._blocks or not table.passes(voters, ONE_THIRD):
                     continue
-                ring = self._after_me(voters)
-                for peer_id in ring[:FETCH_DECIDED_FROM]:
-                    self._actions.append(Send(peer_id, BftProposalRequest(height=self.height, round=round_)))
-                self._event("fetch_proposal", f"r={round_} {_h8(digest)} from {len(ring[:FETCH_DECIDED_FROM])}")
+                asked = self._ask(self._after_me(voters), BftProposalRequest(height=self.height, round=round_))
+                self._event("fetch_proposal", f"r={round_} {_h8(digest)} from {asked}")
                 return
 
     def _on_proposal_request(self, sender: str, msg: BftProposalRequest, now: float) -> None:
@@ -1169,11 +1167,12 @@ class BftCore:
             self.drops["vote_request_unanswered"] += 1
             return
         self._votes_served.add((sender, msg.round))
+        order = sorted(table.weights)
         for votes, bitmap in sets:
             if votes is None:
                 continue
             have = int.from_bytes(bitmap, "little")
-            for i, voter in enumerate(sorted(table.weights)):
+            for i, voter in enumerate(order):
                 vote = votes.votes.get(voter)
                 if vote is None or voter == sender or (have >> i) & 1:
                     continue
