@@ -2,7 +2,7 @@
 
 Every message travels in a signed envelope (docs/PROTOCOL.md); the envelope
 limit is 1 MiB by default, so every field here is bounded to fit with room to
-spare. The protocol (who sends what when) is in docs/_sections/18-fabric.md:
+spare. The protocol (who sends what when) is in docs/PROTOCOL.md §18:
 
 * **Capacity** (:class:`FabricCapacity`): every ``fabric_capacity_interval_s``
   a peer tells each alive member what it can offer (a
@@ -164,6 +164,9 @@ class FabricTaskCancel:
     attempt: Attempt
     reason: Annotated[str, MaxLen(64)] = ""
 
+    def __post_init__(self) -> None:
+        _check_task_id(self.task_id)
+
     def describe(self) -> str:
         return f"task-cancel {self.task_id}#{self.attempt} {self.reason}"
 
@@ -181,6 +184,9 @@ class FabricVoteRequest:
     ballot: Ballot
     digest: Annotated[bytes, Len(32)]
 
+    def __post_init__(self) -> None:
+        _check_task_id(self.task_id)
+
     def describe(self) -> str:
         return f"vote-request {self.task_id} {self.digest[:4].hex()} on {self.ballot.describe()}"
 
@@ -191,6 +197,9 @@ class FabricVote:
 
     task_id: TaskId
     vote: BallotVote
+
+    def __post_init__(self) -> None:
+        _check_task_id(self.task_id)
 
     def describe(self) -> str:
         return f"vote {self.task_id}: {self.vote.describe()}"

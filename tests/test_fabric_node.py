@@ -23,14 +23,17 @@ import msgpack
 import pytest
 
 from chimera.consensus.quorum import WeightTable
-from chimera.consensus.votes import VoteCertificate
+from chimera.consensus.votes import Ballot, BallotVote, VoteCertificate
 from chimera.fabric.modules import ModuleIntegrityError, ModuleTooLarge
 from chimera.fabric.placement import verify_task_certificate
 from chimera.fabric.wire import (
     CHUNK_BYTES,
     FabricModuleChunk,
+    FabricTaskCancel,
     FabricTaskResult,
     FabricTaskRun,
+    FabricVote,
+    FabricVoteRequest,
     ModuleAssembler,
     module_chunks,
 )
@@ -38,6 +41,7 @@ from chimera.node import admin
 from chimera.node.config import NodeConfig
 from chimera.node.keys import load_or_create_identity
 from chimera.protocol.errors import MalformedError
+from chimera.protocol.identity import SigningIdentity
 from chimera.protocol.messages import decode_fields, encode_fields
 from chimera.protocol.network import Network
 from conftest import FAST, async_wait_until
@@ -318,3 +322,14 @@ def test_wire_messages_decode_strictly():
                 {**run, "task_id": "has space"}, {**run, "memory_bytes": 1}):
         with pytest.raises(MalformedError):
             decode_fields(FabricTaskRun, bad)
+    # every message naming a task checks its id (1..64 printable ASCII, no spaces)
+    cancel = encode_fields(FabricTaskCancel(task_id="t1", attempt=1))
+    assert decode_fields(FabricTaskCancel, cancel).task_id == "t1"
+    ballot = Ballot.create(epoch=0, purpose="task t1", rule="majority")
+    vote = encode_fields(FabricVote(task_id="t1", vote=BallotVote.sign(
+        SigningIdentity(bytes(32)), ballot, b"\x01" * 32, network_id=bytes(16))))
+    request = encode_fields(FabricVoteRequest(task_id="t1", ballot=ballot, digest=b"\x01" * 32))
+    for cls, body in ((FabricTaskCancel, cancel), (FabricVote, vote), (FabricVoteRequest, request)):
+        for task_id in ("", "has space", "tab\there", "é", "x" * 65):
+            with pytest.raises(MalformedError):
+                decode_fields(cls, {**body, "task_id": task_id})
