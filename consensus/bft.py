@@ -132,7 +132,7 @@ NUDGERS = 2  # validators after a silent proposer (peer-id order) that push it t
 MAX_HELD_PER_SENDER = 8  # proposals/votes of the next height held per validator until we get there
 FETCH_DECIDED_FROM = 2  # precommitters asked for the commit of a decided block we never received
 MAX_COMMIT_WAITERS = 64  # requests for the height in progress, answered when it commits
-GENESIS_HASH = bytes(32)
+GENESIS_HASH = bytes(32)  # default parent of height 1 for bare cores (tests, simulator); nodes pass Network.genesis_hash()
 ONE_THIRD = Fraction(1, 3)
 
 Height = Annotated[int, Range(1, MAX_HEIGHT)]
@@ -158,7 +158,8 @@ class Block:
     """A batch of values at ``height`` on top of ``parent_hash`` (round independent).
 
     ``values`` are sorted by :func:`value_hash`, strictly (no duplicates).
-    ``parent_hash`` is the hash of the block at ``height - 1`` (zeros at 1).
+    ``parent_hash`` is the hash of the block at ``height - 1`` (at height 1 the network's
+    genesis hash, PROTOCOL.md §3.1: the core's ``last_block_hash``).
     """
 
     height: Height
@@ -467,9 +468,21 @@ class Evidence:
         return self.equivocation.describe()
 
 
+#: Reasons of :class:`Rejected` that prove a fault of the peer it names (a signed message
+#: that no correct peer sends or relays: every correct relay checks first), so both
+#: drivers (the node and the simulator) record them as a ``vote_fault`` reputation
+#: observation. The other reasons are counted only: they can come from a correct peer
+#: that is behind or ahead of us. PROTOCOL.md §14.13.
+FAULT_REASONS = frozenset({"bad_signature", "unknown_voter", "wrong_proposer", "conflicting_proposal",
+                           "invalid_value", "bad_commit", "bad_certificate"})
+
+
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """Input from ``peer_id`` was dropped for ``reason`` (a reputation observation)."""
+    """Input from ``peer_id`` was dropped for ``reason`` (a ``vote_fault`` reputation
+    observation against ``peer_id`` when the reason is in :data:`FAULT_REASONS`). For
+    ``conflicting_proposal`` ``peer_id`` is the proposer that signed both proposals,
+    whoever relayed the second."""
 
     peer_id: str
     reason: str
@@ -668,7 +681,8 @@ class BftCore:
         config: timeouts and limits.
         now: monotonic seconds at construction.
         height: the next height to decide (last committed + 1).
-        last_block_hash: hash of the block at ``height - 1`` (zeros at height 1).
+        last_block_hash: hash of the block at ``height - 1``; at height 1 the network's genesis
+            hash (``Network.genesis_hash()``, PROTOCOL.md §3.1; :data:`GENESIS_HASH`, zeros, by default).
         table_height: first height of ``table`` (proposer rotation starts there).
         sign_state: the last :class:`SignState` persisted (after a restart).
         validate_value: pure application check of one value (default: accept all):
@@ -720,6 +734,8 @@ class BftCore:
         self._observer_polls = 0
         self.height = height
         self.drops: Counter[str] = Counter()  # reason -> count (duplicates included)
+        # voter -> fresh valid votes of it counted in a vote set since take_accepted_votes()
+        self._accepted_votes: Counter[str] = Counter()
         self._tables: list[tuple[int, ProposerSchedule]] = [(table_height, ProposerSchedule(table, table_height))]
         self._last_hash = last_block_hash
         self._sign_state = sign_state
@@ -787,6 +803,14 @@ class BftCore:
     def take_actions(self) -> list[Action]:
         """Actions produced since the last call, in the order they must run."""
         out, self._actions = self._actions, []
+        return out
+
+    def take_accepted_votes(self) -> Counter[str]:
+        """Per voter (other than us), the votes counted in a vote set since the last call:
+        fresh (not a duplicate), with a valid signature (or, for a prevote from its own
+        voter, a verified envelope), not the second of an equivocating pair. Drivers record
+        them as ``vote_ok`` reputation observations (PROTOCOL.md §14.13)."""
+        out, self._accepted_votes = self._accepted_votes, Counter()
         return out
 
     def next_deadline(self) -> float:
@@ -1251,7 +1275,8 @@ class BftCore:
             return
         self._max_round[signer] = max(self._max_round.get(signer, 0), r)
         if known is not None:
-            self._reject(sender, "conflicting_proposal", f"r={r} by {signer[:10]}")
+            # both proposals carry the signer's signature: its fault, not the relay's
+            self._reject(signer, "conflicting_proposal", f"r={r} from {sender[:10]}")
             if self._extra_blocks.get(r, 0) < 2:  # keep a few: a quorum may precommit the twin
                 self._extra_blocks[r] = self._extra_blocks.get(r, 0) + 1
                 self._blocks.setdefault(digest, msg.block)
@@ -1305,6 +1330,8 @@ class BftCore:
             return
         votes = sets.setdefault(vote.round, _VoteSet())
         votes.add(vote)
+        if existing is None and voter != self.peer_id:
+            self._accepted_votes[voter] += 1
         digest = vote.block_hash
         if digest is not None and digest not in self._blocks and ("want", vote.round) not in self._done \
                 and table.passes(votes.by_hash[digest], ONE_THIRD):

@@ -11,7 +11,7 @@
 * A signed request is ``{"signed": BIN, "sig": BIN}``: ``signed`` is the
   msgpack map ``{"node", "key", "cmd", "args", "nonce", "sent_at_ms"}`` and
   ``sig`` the Ed25519 signature of :data:`REQUEST_DOMAIN` followed by exactly
-  those bytes (docs/_sections/19-admin.md).
+  those bytes (docs/PROTOCOL.md §19).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import platformdirs
 
+from chimera.consensus.reputation import ObservationKind, ReputationConfig
+from chimera.protocol.errors import LocalProtocolError
+
 
 class ConfigError(Exception):
     """A configuration value is unknown or ill-typed."""
@@ -57,6 +60,10 @@ class NodeConfig:
     consensus_max_batch: int = 64  # values per block
     consensus_empty_block_interval_s: float = 5.0  # idle: one empty block per interval; 0: every height
     test_equivocate: bool = False  # TEST HOOK: sign conflicting votes (tests only)
+    # local reputation (consensus/reputation.py; PROTOCOL.md §14.13): what this node's
+    # observations weigh; its opinions, and through them the committed weights, follow
+    reputation_half_life_s: float = 3600.0  # old evidence counts half after this
+    reputation_weights: tuple[str, ...] = ()  # "KIND=UNITS" overrides, e.g. "vote_ok=0.2"
     # federated training (node/training.py): this node's own data
     training_data: str = ""  # CSV or NPZ file (node/datasets.py); the label column below
     training_label_column: str = ""  # default "label" (CSV) or "y" (NPZ)
@@ -67,7 +74,7 @@ class NodeConfig:
     training_fetch_interval_s: float = 1.0  # re-request missing updates / certified models
     training_test_poison: str = ""  # TEST HOOK: "sign_flip:SCALE" sends poisoned updates (tests only)
     training_test_drop_updates_from: str = ""  # TEST HOOK: a peer id whose own fl_update envelopes are lost here
-    # execution fabric: WASM agents and tasks (node/fabric.py, docs/_sections/18-fabric.md)
+    # execution fabric: WASM agents and tasks (node/fabric.py, docs/AGENTS.md, PROTOCOL.md §18)
     fabric: bool = True
     fabric_task_slots: int = 2  # tasks run at once (worker threads); 4 per slot wait; more: refused "busy"
     fabric_capacity_interval_s: float = 5.0  # signed fabric_capacity advertisement period
@@ -208,8 +215,45 @@ def load_config(
         raise ConfigError("probe_timeout_s must be smaller than probe_interval_s")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level {config.log_level!r}: use debug, info, warning or error")
+    reputation_config(config)  # raises ConfigError naming the bad entry
     host, _, port = config.admin_listen.removeprefix("tcp://").rpartition(":")
     if config.admin_listen and not (config.admin_listen.startswith("tcp://") and host
                                     and port.isdigit() and int(port) <= 65535):
         raise ConfigError(f"admin_listen {config.admin_listen!r}: use tcp://HOST:PORT (or \"\" for off)")
     return config
+
+
+def reputation_config(config: NodeConfig) -> ReputationConfig:
+    """The local reputation settings of ``config``: ``reputation_half_life_s`` and the
+    ``reputation_weights`` entries (``KIND=UNITS``: an observation kind of
+    :class:`~chimera.consensus.reputation.ObservationKind` and the evidence units one
+    observation adds, a finite number > 0) over the defaults.
+
+    Raises:
+        ConfigError: an entry that is not ``KIND=UNITS``, an unknown kind, a kind given
+            twice, units that are not a finite number > 0, or a half-life that is not.
+    """
+    weights: dict[str, float] = {}
+    for entry in config.reputation_weights:
+        kind, sep, units = entry.partition("=")
+        kind = kind.strip()
+        if not sep or not kind:
+            raise ConfigError(f"reputation_weights: {entry[:64]!r} is not KIND=UNITS")
+        if kind in weights:
+            raise ConfigError(f"reputation_weights: {kind[:32]!r} given twice")
+        try:
+            weights[kind] = float(units)
+        except ValueError:
+            raise ConfigError(f"reputation_weights: {kind[:32]}: {units.strip()[:32]!r} is not a number") from None
+        if kind not in ObservationKind._value2member_map_:
+            known = ", ".join(k.value for k in ObservationKind)
+            raise ConfigError(f"reputation_weights: unknown observation kind {kind[:32]!r}; kinds: {known}")
+    try:
+        ReputationConfig(weights=weights)
+    except LocalProtocolError as exc:
+        raise ConfigError(f"reputation_weights: {exc}") from None
+    try:
+        return ReputationConfig(weights=weights, half_life_s=config.reputation_half_life_s)
+    except LocalProtocolError as exc:
+        raise ConfigError(f"reputation_half_life_s: {exc}") from None
+

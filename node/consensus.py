@@ -12,9 +12,12 @@ next height with the persisted sign state, so a node SIGKILLed at any point
 never signs a conflicting vote and keeps every commit it acknowledged.
 
 Reputation: the node's :class:`~chimera.consensus.reputation.LocalReputation`
-is fed from what this node verifies itself (valid envelopes per sender, the
-membership state of each member once per second, rejected votes, equivocation
-evidence). Once per epoch, half way through it, a validator commits its signed
+(``node.reputation``, weights from ``reputation_weights``) is fed from what this
+node verifies itself (PROTOCOL.md §14.13): valid envelopes per sender, the votes
+the core counted and the membership state of each member, once per second;
+rejected input whose reason is in :data:`~chimera.consensus.bft.FAULT_REASONS`,
+equivocation evidence, and (by the runtime) signed envelopes whose body fails
+its schema, as they happen. Once per epoch, half way through it, a validator commits its signed
 opinion of the other validators; the next epoch's table is computed from the
 committed opinions by every peer alike (:mod:`chimera.consensus.ledger`).
 """
@@ -43,6 +46,7 @@ from chimera.consensus.bft import (
     BftVote,
     CertifiedCommit,
     Commit,
+    FAULT_REASONS,
     Evidence,
     PersistVote,
     Rejected,
@@ -66,7 +70,6 @@ from chimera.consensus.ledger import (
 from chimera.consensus.quorum import CertificateError, WeightTable, sign_vote
 from chimera.consensus.reputation import (
     PPM,
-    LocalReputation,
     ObservationKind,
     WeightPolicy,
     sign_opinion,
@@ -84,9 +87,6 @@ log = logging.getLogger("chimera.consensus")
 SIGN_STATE_KEY = "bft_sign_state"  # where releases before 2026-12 kept it (SQLite blobs table)
 SIGN_STATE_FILE = "bft_sign_state.bin"
 GENESIS_WEIGHT = WeightPolicy().weight_scale  # each genesis validator starts at full weight
-_VOTE_FAULTS = {"bad_signature", "wrong_proposer", "invalid_value", "bad_commit", "bad_certificate"}
-
-
 def _pack(obj: object) -> bytes:
     return msgpack.packb(encode_fields(obj), use_bin_type=True)
 
@@ -117,8 +117,8 @@ class ConsensusService:
         self.genesis_table = genesis
         self.ledger = Ledger(self.network_id, genesis, net.epoch_length)
         self.store = node.store
-        self.reputation = LocalReputation()
-        self.valid_counts: Counter[str] = Counter()
+        self.reputation = node.reputation
+        self.valid_counts: Counter[str] = Counter()  # filled by the runtime's receive path
         self.waiters: dict[bytes, asyncio.Future] = {}
         self.counters = node.counters
         self.last_commit_mono: float | None = None
@@ -387,7 +387,7 @@ class ConsensusService:
                 self.counters["consensus_evidence_too_large"] += 1
         elif isinstance(action, Rejected):
             self.counters[f"consensus_rejected.{action.reason}"] += 1
-            if action.reason in _VOTE_FAULTS:
+            if action.reason in FAULT_REASONS:
                 self.reputation.observe(action.peer_id, ObservationKind.VOTE_FAULT, time.monotonic())
         elif isinstance(action, ServeCommits):
             self._serve(action)
@@ -478,6 +478,8 @@ class ConsensusService:
         counts, self.valid_counts = self.valid_counts, Counter()
         for peer_id, count in counts.items():
             rep.observe(peer_id, ObservationKind.VALID_ENVELOPE, now, count)
+        for voter, count in self.core.take_accepted_votes().items():
+            rep.observe(voter, ObservationKind.VOTE_OK, now, count)
         for peer_id, member in self.node.membership.members.items():
             if member.state is MemberState.ALIVE:
                 rep.observe(peer_id, ObservationKind.HEARTBEAT_TIMELY, now)

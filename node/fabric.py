@@ -2,7 +2,7 @@
 
 One actor (``fabric``) receives the ``fabric_*`` envelopes (:mod:`chimera.fabric.wire`)
 and one timer task drives the pure :class:`~chimera.fabric.placement.Placement`
-core. The protocol is in docs/_sections/18-fabric.md; in short:
+core. The protocol is in docs/PROTOCOL.md §18; in short:
 
 * **Capacity.** Every ``fabric_capacity_interval_s`` the node probes itself
   (:class:`~chimera.fabric.probes.SystemProbe`: psutil + NVML; with the
@@ -23,8 +23,7 @@ core. The protocol is in docs/_sections/18-fabric.md; in short:
   ``fabric_vote_request`` and the signed ``fabric_vote`` goes to ``on_vote``;
   :class:`TaskAccepted` carries the vote certificate, checked again with
   :func:`~chimera.fabric.placement.verify_task_certificate` before it is
-  reported. :class:`Observe` goes into the node's reputation
-  (``node.consensus.reputation``, else a local :class:`LocalReputation`).
+  reported. :class:`Observe` goes into the node's reputation (``node.reputation``).
 * **Executing**: at most ``fabric_task_slots`` tasks at once, each in a worker
   thread, and ``QUEUE_PER_SLOT`` per slot waiting (more are refused with
   reason ``busy``); a module this node lacks
@@ -61,7 +60,7 @@ from typing import Any
 import msgpack
 
 from chimera.consensus.quorum import CertificateError, WeightTable
-from chimera.consensus.reputation import LocalReputation, ObservationKind
+from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.votes import RULES, BallotVote
 from chimera.fabric.digests import error_digest, result_digest
 from chimera.fabric.modules import (
@@ -228,7 +227,7 @@ class FabricService:
         self.executed: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self.fetches: dict[str, _Fetch] = {}
         self._served: OrderedDict[str, bytes] = OrderedDict()  # recently served modules' bytes
-        self.reputation = node.consensus.reputation if node.consensus is not None else LocalReputation()
+        self.reputation = node.reputation
         self.observations: deque[dict] = deque(maxlen=500)
         self.task_pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="fabric-task")
         self.admin_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fabric-admin")

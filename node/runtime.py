@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from chimera.consensus.reputation import LocalReputation, ObservationKind
 from chimera.protocol import PROTOCOL_VERSION
 from chimera.protocol.diagnostics import ECHO_ACTOR, EchoReply, EchoRequest
 from chimera.protocol.envelope import Envelope, EnvelopeOpener, EnvelopeSealer
@@ -42,7 +43,7 @@ from chimera.protocol.network import Network, format_contact_uri, parse_contact_
 from . import admin as admin_api
 from . import admin_ops, features
 from .actors import Actor, ActorRef, Supervisor, wait_event
-from .config import NodeConfig
+from .config import NodeConfig, reputation_config
 from .discovery import Discovery, resolve_interfaces
 from .keys import load_or_create_identity, load_or_create_transport_keys
 from .logs import DropLog
@@ -125,6 +126,8 @@ class Node:
         self.discovery: Discovery | None = None
         self.routes: dict[str, PeerContact] = {}
         self.consensus = None  # ConsensusService once started (networks with genesis validators)
+        # this node's local reputation of every peer (consensus, training and fabric feed it)
+        self.reputation = LocalReputation(reputation_config(config))
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -427,7 +430,11 @@ class Node:
             try:
                 env = self.opener.open(frame, now_ms)
             except RemoteProtocolError as exc:
-                self.drops.record(exc.reason, f"conn:{conn_id.hex()}", str(exc), now)
+                if exc.sender is not None:  # signed by its sender: its fault (§6.5)
+                    self.drops.record(exc.reason, exc.sender, str(exc), now)
+                    self.reputation.observe(exc.sender, ObservationKind.INVALID_ENVELOPE, now)
+                else:
+                    self.drops.record(exc.reason, f"conn:{conn_id.hex()}", str(exc), now)
                 continue
             if env.sender in self.revoked:  # network admission: `revoke_peer` (node/admin_ops.py)
                 self.drops.record("revoked", env.sender, env.kind, now)

@@ -31,6 +31,7 @@ from .errors import (
     LocalProtocolError,
     MalformedError,
     OversizeError,
+    RemoteProtocolError,
     ReplayError,
     StaleError,
     UnknownKindError,
@@ -246,16 +247,19 @@ class EnvelopeOpener:
         window = self._windows.get(sender)
         if window is not None and window.seen(seq):
             raise ReplayError(f"seq {seq} already seen or below the replay window")
-        message = decode_fields(cls, body)
+        try:
+            message = decode_fields(cls, body)
+        except RemoteProtocolError as exc:
+            # A body that fails its schema under a valid signature is its sender's fault
+            # (an invalid_envelope observation, §6.5); its seq is spent like an accepted
+            # one, so nobody can replay it to blame the sender again.
+            if self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
+                self._mark(sender, window, seq)
+                exc.sender = peer_id_from_public_key(sender)
+            raise
         if not self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
             raise BadSignatureError("Ed25519 signature does not verify")
-        if window is None:
-            window = self._windows[sender] = _ReplayWindow()
-            if len(self._windows) > self._max_senders:
-                self._windows.popitem(last=False)
-        else:
-            self._windows.move_to_end(sender)
-        window.mark(seq)
+        self._mark(sender, window, seq)
         return Envelope(
             version=version,
             kind=kind,
@@ -266,3 +270,13 @@ class EnvelopeOpener:
             message=message,
             size_bytes=size,
         )
+
+    def _mark(self, sender: bytes, window: "_ReplayWindow | None", seq: int) -> None:
+        """Record ``seq`` of ``sender`` (whose signature verified) in its replay window."""
+        if window is None:
+            window = self._windows[sender] = _ReplayWindow()
+            if len(self._windows) > self._max_senders:
+                self._windows.popitem(last=False)
+        else:
+            self._windows.move_to_end(sender)
+        window.mark(seq)

@@ -19,9 +19,13 @@ class RemoteProtocolError(Exception):
     Attributes:
         reason: short stable snake_case token used as the drop-counter label
             (e.g. ``"bad_signature"``, ``"replay"``); see docs/PROTOCOL.md.
+        sender: the peer id that provably sent the input (its signature over it
+            verified), so the drop is that peer's fault; ``None`` when it cannot be
+            attributed (unsigned, or the signature did not verify).
     """
 
     reason = "malformed"
+    sender: str | None = None
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)

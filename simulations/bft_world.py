@@ -9,8 +9,12 @@ state, weight tables) and catches up through the core's own commit requests;
 ``ServeCommits`` is answered from the store.
 
 Reputation (optional, ``epoch_heights > 0``): every validator feeds its
-:class:`~chimera.consensus.reputation.LocalReputation` from the core's
-``Rejected`` and ``Evidence`` actions and from the votes it accepted; early in
+:class:`~chimera.consensus.reputation.LocalReputation` with the real node's
+observation policy for the log (PROTOCOL.md §14.13): ``Rejected`` actions whose
+reason is in :data:`~chimera.consensus.bft.FAULT_REASONS` are ``vote_fault``,
+``Evidence`` is ``equivocation``, the core's accepted votes are ``vote_ok``. (The
+node also records each valid envelope and SWIM heartbeat; this world has neither
+transport nor membership, so those observations are absent here.) Early in
 each epoch it submits its signed opinion as a value of the log; when it
 commits height ``B - 1 - EPOCH_LAG`` (``B``: first height of the next epoch)
 it computes the next table with
@@ -40,10 +44,10 @@ from chimera.consensus.bft import (
     BftConfig,
     BftCore,
     BftEvent,
-    BftVote,
     Broadcast,
     CertifiedCommit,
     Commit,
+    FAULT_REASONS,
     Evidence,
     PersistVote,
     Rejected,
@@ -71,7 +75,6 @@ from .world import PeerHost, World
 EPOCH_LAG = MAX_COMMITS_PER_RESPONSE + 1
 OPINION_PREFIX = b"OPN1"
 INVALID_PREFIX = b"BAD"
-VOTE_FAULTS = frozenset({"bad_signature", "unknown_voter", "wrong_proposer", "conflicting_proposal"})
 
 
 class SafetyViolation(AssertionError):
@@ -181,14 +184,8 @@ class BftPeer(PeerHost):
         core = self.core
         if core is None:
             return
-        msg = envelope.message
-        dup = core.drops["duplicate"]
-        core.on_message(envelope.sender, msg, self.clock.now())
-        actions = core.take_actions()
-        if isinstance(msg, BftVote) and core.drops["duplicate"] == dup \
-                and not any(isinstance(a, (Rejected, Evidence)) for a in actions):
-            self.reputation.observe(msg.vote.voter, ObservationKind.VOTE_OK, self.clock.now())
-        self.run_actions(actions)
+        core.on_message(envelope.sender, envelope.message, self.clock.now())
+        self.run_actions(core.take_actions())
 
     def on_wake(self, now: float) -> None:
         core = self.core
@@ -207,6 +204,9 @@ class BftPeer(PeerHost):
 
     def run_actions(self, actions: list) -> None:
         world = self.bworld
+        if self.core is not None:  # the node's policy: each counted vote is a vote_ok (§14.13)
+            for voter, count in self.core.take_accepted_votes().items():
+                self.reputation.observe(voter, ObservationKind.VOTE_OK, self.clock.now(), count)
         for action in actions:
             if self.core is None:
                 return  # crashed by a hook
@@ -224,8 +224,8 @@ class BftPeer(PeerHost):
                 world.on_commit(self, action)
                 self._after_commit(action)
             elif kind is Rejected:
-                obs = ObservationKind.VOTE_FAULT if action.reason in VOTE_FAULTS else ObservationKind.INVALID_ENVELOPE
-                self.reputation.observe(action.peer_id, obs, self.clock.now())
+                if action.reason in FAULT_REASONS:  # as the node: other reasons are only counted
+                    self.reputation.observe(action.peer_id, ObservationKind.VOTE_FAULT, self.clock.now())
                 world.counters[f"rejected_{action.reason}"] += 1
                 self.sim.log(f"{self.name} {action.describe()}")
             elif kind is Evidence:

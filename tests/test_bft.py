@@ -44,6 +44,7 @@ from chimera.consensus.bft import (
     Commit,
     Equivocation,
     Evidence,
+    FAULT_REASONS,
     PersistVote,
     ProposerSchedule,
     Rejected,
@@ -443,6 +444,44 @@ def test_equivocation_produces_verifiable_evidence_once():
     assert not verify_equivocation(Equivocation(first=a.vote, second=a.vote), table, NET)
     assert not verify_equivocation(ev, WeightTable(epoch=3, weights=dict(table.weights)), NET)
     assert core.drops["equivocation"] == 1 and core.drops["duplicate"] >= 1
+
+
+def test_accepted_votes_are_the_fresh_valid_votes_of_others_each_once():
+    """What both drivers record as ``vote_ok`` observations (PROTOCOL.md §14.13)."""
+    core, table, schedule, by_id = _core_and_others(4)
+    other, third = [by_id[p] for p in table.weights if p != core.peer_id][:2]
+    prevote = make_vote(other, PREVOTE, 1, 0, None)
+    core.on_message(other.peer_id, prevote, 0.1)
+    core.on_message(other.peer_id, prevote, 0.1)  # duplicate
+    core.on_message(third.peer_id, make_vote(other, PRECOMMIT, 1, 0, None), 0.1)  # relayed: the voter's
+    forged = replace(make_vote(third, PRECOMMIT, 1, 0, None).vote,
+                     signed=SignedVote(voter=third.peer_id, signature=bytes(64)))
+    core.on_message(third.peer_id, BftVote(vote=forged), 0.1)  # rejected
+    core.on_message(IDS[9].peer_id, make_vote(IDS[9], PREVOTE, 1, 0, None), 0.1)  # not a validator
+    core.on_message(third.peer_id, make_vote(third, PREVOTE, 1, 0, None), 0.1)
+    core.on_message(third.peer_id, make_vote(third, PREVOTE, 1, 0, b"\x01" * 32), 0.1)  # equivocation
+    assert core.take_accepted_votes() == {other.peer_id: 2, third.peer_id: 1}
+    assert core.take_accepted_votes() == {}  # taken
+    reasons = {(a.peer_id, a.reason) for a in core.take_actions() if isinstance(a, Rejected)}
+    assert reasons == {(third.peer_id, "bad_signature"), (IDS[9].peer_id, "unknown_voter")}
+    assert {r for _, r in reasons} <= FAULT_REASONS
+    # over whole heights: every other validator is credited, never ourselves
+    cluster = Cluster(4)
+    cluster.cores[cluster.ids[0].peer_id].submit(b"value", 0.0)
+    cluster.advance(1.0)
+    for pid, c in cluster.cores.items():
+        counts = c.take_accepted_votes()
+        assert set(counts) == set(cluster.cores) - {pid} and all(n >= 1 for n in counts.values())
+
+
+def test_a_conflicting_proposal_is_the_signers_fault_not_the_relays():
+    core, table, schedule, by_id = _core_and_others(4)
+    proposer = by_id[schedule.proposer(1, 0)]
+    relay = next(by_id[p] for p in table.weights if p not in (core.peer_id, proposer.peer_id))
+    core.on_message(proposer.peer_id, make_proposal(proposer, 1, 0, block_of(proposer, [b"a"])), 0.1)
+    core.on_message(relay.peer_id, make_proposal(proposer, 1, 0, block_of(proposer, [b"b"])), 0.1)
+    rejected = [a for a in core.take_actions() if isinstance(a, Rejected)]
+    assert [(a.peer_id, a.reason) for a in rejected] == [(proposer.peer_id, "conflicting_proposal")]
 
 
 def test_bad_inputs_are_dropped_and_reported_never_crash():

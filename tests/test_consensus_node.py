@@ -64,6 +64,12 @@ async def test_in_process_validators_commit_identical_logs_and_an_observer_joins
                                                   str(nodes[1].data_dir)])
         assert code == 0
         assert sorted(d for _, _, d in logs[0]) == sorted(f"value {i}".encode() for i in range(40))
+        # each fresh valid vote is a vote_ok observation (0.5 each, sampled every second): two
+        # votes per height and validator dwarf the valid-envelope and heartbeat credit
+        import time as _time
+        rep = nodes[0].consensus.reputation
+        assert await async_wait_until(lambda: rep.evidence(ids[1], _time.monotonic())[0] >= 0.4 * top, 10), \
+            (rep.evidence(ids[1], _time.monotonic()), top)
         # The observer asked to join; it becomes a validator (newcomer weight) at an epoch boundary.
         assert await async_wait_until(lambda: all(nodes[3].peer_id in n.consensus.core.table.weights
                                                   for n in nodes), 90), "observer never became a validator"

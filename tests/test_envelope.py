@@ -165,6 +165,27 @@ def test_strict_decode_of_signed_but_invalid_payloads(mutate, expected):
     assert reason(opener(), _resign(payload)) == expected
 
 
+def test_a_signed_body_that_fails_its_schema_is_attributed_to_its_sender_once():
+    """§6.5: such a drop is the sender's fault (an invalid_envelope observation), and its
+    seq is spent so that replaying the frame cannot blame the sender again."""
+    body = {"nonce": -1, "payload": b"", "reply": True}
+    signed = _resign([1, "echo_request", ALICE.public_key, None, 5, NOW_MS, body])
+    op = opener()
+    with pytest.raises(RemoteProtocolError) as info:
+        op.open(signed, NOW_MS)
+    assert info.value.reason == "malformed" and info.value.sender == ALICE.peer_id
+    with pytest.raises(RemoteProtocolError) as info:
+        op.open(signed, NOW_MS)
+    assert info.value.reason == "replay" and info.value.sender is None
+    # the same body under a signature that does not verify proves nothing about anyone
+    payload = msgpack.packb([1, "echo_request", ALICE.public_key, None, 6, NOW_MS, body], use_bin_type=True)
+    for signature in (bytes(64), BOB.sign(signing_input(NET.network_id, payload))):
+        with pytest.raises(RemoteProtocolError) as info:
+            op.open(payload + signature, NOW_MS)
+        assert info.value.reason == "malformed" and info.value.sender is None
+    assert op.open(frame(s=sealer(first_seq=6)), NOW_MS).seq == 6  # seq 6 was not spent by forgeries
+
+
 def test_extension_types_rejected():
     payload = msgpack.packb([1, "echo_request", ALICE.public_key, None, 1, NOW_MS,
                              {"nonce": msgpack.ExtType(1, b"x")}], use_bin_type=True)

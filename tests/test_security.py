@@ -34,6 +34,7 @@ from zeroconf.asyncio import AsyncServiceInfo
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
+from chimera.consensus.reputation import ObservationKind
 from chimera.node.config import NodeConfig
 from chimera.node.discovery import SERVICE_TYPE, contact_from_service, txt_record
 from chimera.node.runtime import Node
@@ -477,6 +478,22 @@ async def test_malformed_frames_are_dropped(pair: Pair, name: str, make_frame, r
     frame = make_frame(pair.forger())
     await pair.expect_drops(lambda: sock.send(frame), {reason: 1})
     await pair.expect_attacker_accepted(0)
+    await pair.assert_serves_honest_peer()
+
+
+async def test_a_signed_body_that_breaks_its_schema_costs_its_signer_reputation(pair: Pair) -> None:
+    """§6.5: the drop is attributed to the signer (an invalid_envelope observation); a
+    forged signature over the same body blames nobody; a replay is not counted twice."""
+    sock, _ = await pair.member_dealer()
+    forger, framed = pair.forger(), pair.forger()
+    bad_body = forger.frame(body={"nonce": "1"})
+    unsigned = framed.frame(body={"nonce": "1"})[:-64] + bytes(64)
+    await pair.expect_drops(lambda: [sock.send(f) for f in (bad_body, unsigned)], {"drop_malformed": 2})
+    await pair.expect_drops(lambda: sock.send(bad_body), {"drop_replay": 1})
+    rep = pair.a.reputation
+    units = rep.config.weights[ObservationKind.INVALID_ENVELOPE]
+    assert rep.evidence(forger.identity.peer_id, time.monotonic()) == pytest.approx((0.0, units), rel=1e-3)
+    assert rep.evidence(framed.identity.peer_id, time.monotonic()) == (0.0, 0.0)
     await pair.assert_serves_honest_peer()
 
 
