@@ -133,6 +133,9 @@ class EnvelopeSealer:
         return payload + self.identity.sign(signing_input(self.network_id, payload))
 
 
+_WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
+
+
 class _ReplayWindow:
     """Sliding anti-replay window (as IPsec, RFC 4303 s3.4.3) over seq numbers."""
 
@@ -151,7 +154,9 @@ class _ReplayWindow:
     def mark(self, seq: int) -> None:
         if seq > self.highest:
             shift = seq - self.highest
-            self.bits = ((self.bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            # a jump past the window forgets it: never build a shift-sized integer (a seq
+            # of 2**40 ahead would allocate 128 GiB before the mask)
+            self.bits = 1 if shift >= REPLAY_WINDOW else ((self.bits << shift) | 1) & _WINDOW_MASK
             self.highest = seq
         else:
             self.bits |= 1 << (self.highest - seq)

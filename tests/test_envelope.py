@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -105,6 +107,26 @@ def test_replay_and_window():
     far = sealer(first_seq=5000)
     op.open(frame(s=far), NOW_MS)
     assert reason(op, old) == "replay"
+
+
+def test_a_huge_seq_jump_costs_nothing_and_keeps_the_window_exact():
+    """A member may jump its seq anywhere in 1..2**64-1; the window must not build an
+    integer the size of the jump (that froze a node for 18 s at 2**34, MemoryError at 2**40)."""
+    op = opener()
+    op.open(frame(s=sealer(first_seq=1)), NOW_MS)
+    tracemalloc.start()
+    try:
+        for seq in (2**34, 2**40, 2**64 - 2):
+            op.open(frame(s=sealer(first_seq=seq)), NOW_MS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert reason(op, frame(s=sealer(first_seq=2**64 - 2))) == "replay"
+    assert reason(op, frame(s=sealer(first_seq=2**40 + 1))) == "replay"  # far below the window
+    op.open(frame(s=sealer(first_seq=2**64 - 3)), NOW_MS)  # inside the window, unseen: accepted once
+    assert reason(op, frame(s=sealer(first_seq=2**64 - 3))) == "replay"
+    op.open(frame(s=sealer(first_seq=2**64 - 1)), NOW_MS)
 
 
 def test_forged_frame_does_not_poison_replay_window():
