@@ -126,7 +126,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     if network is None:
         raise CliError(f"{data_dir} belongs to no network: run `chimera network init` "
                        "or pass --join TOKEN")
-    from .runtime import Node
+    from .runtime import Node, NodeStartError
 
     async def main() -> None:
         node = Node(data_dir, config, network)
@@ -142,7 +142,14 @@ def cmd_node(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
 
-    _run(main())
+    import zmq
+
+    try:
+        _run(main())
+    except NodeStartError as exc:
+        raise CliError(f"cannot start: {exc}", EXIT_FAIL) from None
+    except zmq.ZMQError as exc:  # e.g. listen_host is no address of this machine
+        raise CliError(f"cannot listen on {config.listen_host}:{config.port}: {exc}", EXIT_FAIL) from None
     return EXIT_OK
 
 
@@ -200,6 +207,10 @@ def _consensus_lines(c: dict | None) -> list[str]:
              "  dropped    " + (", ".join(f"{k}={v}" for k, v in (c.get("drops") or {}).items()) or "none")]
     if c.get("halted"):
         lines.append(f"CONSENSUS HALTED  {c['halted']} (fix the disk, then restart the node)")
+    if c.get("store_gap"):
+        lo, hi = c["store_gap"]
+        lines.append(f"STORE GAP    committed heights {lo}..{hi}, which this node signed for, were missing "
+                     "from its store at start (lost or an older copy); fetched again from peers")
     return lines
 
 

@@ -136,6 +136,20 @@ class ConsensusService:
         self.sign_state_file = SignStateFile(node.data_dir / SIGN_STATE_FILE)
         sign_state = self._load_sign_state()
         height = self.ledger.height
+        # The sign state is durable before a vote leaves and the commit before it is acknowledged,
+        # so a store that ends more than one height below our last signature lost committed
+        # heights (a zero-length or older file: restored from an old backup, or damaged). The node
+        # still runs: it fetches them again as certified commits, and it signs nothing below the
+        # sign state, so it cannot equivocate; but the operator must hear it.
+        self.store_gap: tuple[int, int] | None = None
+        if sign_state is not None and sign_state.height > height + 1:
+            self.store_gap = (height + 1, sign_state.height - 1)
+            log.error("%s ends at height %d but this node signed at height %d: committed heights %d..%d "
+                      "are missing (the store was lost or replaced by an older copy); they are fetched "
+                      "again from peers, and nothing is signed below height %d", self.store.path, height,
+                      sign_state.height, height + 1, sign_state.height - 1, sign_state.height)
+            node.emit_event("store_behind_sign_state", node.peer_id, priority="warning",
+                            stored_height=height, signed_height=sign_state.height)
         last_hash = self.store.block_hash(height) if height else net.genesis_hash()
         # a decision is valid for a window of epochs: the dedupe of committed values must span it
         config = dataclasses.replace(config, dedupe_heights=max(config.dedupe_heights,
@@ -522,6 +536,8 @@ class ConsensusService:
             "total_weight": table.total,
             "weight": table.weights.get(self.node.peer_id, 0),
             "halted": self.halted,
+            # committed heights missing from this node's store below its last signature (see __init__)
+            "store_gap": None if self.store_gap is None else list(self.store_gap),
             "round": self.core.round,
             "step": self.core.step,
             "pool_size": self.core.pool_size,

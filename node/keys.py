@@ -95,6 +95,8 @@ def load_network(data_dir: Path) -> Network | None:
         return Network.from_token(path.read_text().strip())
     except InvalidTokenError as exc:
         raise KeyFileError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path}: not a join token (not UTF-8 text)") from None
 
 
 def save_network(data_dir: Path, network: Network) -> None:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chimera.protocol.errors import InvalidTokenError
 from chimera.protocol.network import Network
 
 from . import admin
@@ -101,7 +102,10 @@ class LocalNetwork:
             self.extra.append("--no-mdns")
         token_file = workdir / "network.token"
         if token_file.exists():
-            self.network = Network.from_token(token_file.read_text().strip())
+            try:
+                self.network = Network.from_token(token_file.read_text().strip())
+            except UnicodeDecodeError:
+                raise InvalidTokenError(f"{token_file}: not a join token (not UTF-8 text)") from None
         else:
             ids = ()
             if genesis:

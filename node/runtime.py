@@ -10,10 +10,12 @@ per peer and reason per ``drop_log_interval_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
+import sqlite3
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -47,7 +49,7 @@ from .config import NodeConfig, reputation_config
 from .discovery import Discovery, resolve_interfaces
 from .keys import load_or_create_identity, load_or_create_transport_keys
 from .logs import DropLog
-from .store import SEQ_BLOCK, Store
+from .store import SEQ_BLOCK, SignStateError, Store
 from .transport import TokenBucket, Transport
 
 log = logging.getLogger("chimera.node")
@@ -107,6 +109,29 @@ class EchoActor(Actor):
                 fut.set_result(time.perf_counter())
 
 
+class NodeStartError(Exception):
+    """The node cannot start from its data directory: its store or sign-state file cannot
+    be read or decoded. The message names the file and what the operator can do."""
+
+
+@contextlib.contextmanager
+def _reading_stored_state(data_dir: Path):
+    """Turn a corrupt store or sign-state file met while starting into :class:`NodeStartError`
+    (one clear line for the operator instead of a traceback)."""
+    try:
+        yield
+    except SignStateError as exc:
+        raise NodeStartError(str(exc)) from None
+    except (sqlite3.DatabaseError, RemoteProtocolError, ValueError) as exc:
+        path = data_dir / "node.sqlite3"
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise NodeStartError(f"{path} is locked by another process "
+                                 "(is a node already running on this data directory?)") from None
+        raise NodeStartError(
+            f"{path} cannot be read or holds records that do not decode ({type(exc).__name__}: "
+            f"{str(exc)[:160]}); restore it from a backup, or move it away to start with an empty "
+            "store (this node then fetches the committed log again from its peers)") from None
+
 class Node:
     """One peer. ``await start()``, then ``await wait_stopped()`` / ``await stop()``."""
 
@@ -132,15 +157,28 @@ class Node:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        """Open the data directory and start serving.
+
+        Raises:
+            NodeStartError: the store or the sign-state file cannot be read or decoded
+                (the message names the file and what to do); nothing was acknowledged.
+            KeyFileError: a key file is unreadable or foreign.
+            OSError, zmq.ZMQError: the listen address cannot be bound.
+        """
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = load_or_create_identity(self.data_dir)
         self.transport_keys = load_or_create_transport_keys(self.data_dir)
         self.peer_id = self.identity.peer_id
-        self.store = Store(self.data_dir)
-        self.incarnation = self.store.bump_incarnation()
-        self.revoked: set[str] = admin_ops.load_revoked(self.store)  # peer ids refused (admit/revoke_peer)
+        with _reading_stored_state(self.data_dir):
+            self.store = Store(self.data_dir)
+            try:
+                self.incarnation = self.store.bump_incarnation()
+                self.revoked: set[str] = admin_ops.load_revoked(self.store)  # peer ids refused (admit/revoke_peer)
+            except BaseException:
+                self.store.close()
+                raise
         self._seq_limit = 0
         self.sealer = EnvelopeSealer(self.identity, self.network.network_id, first_seq=1)
         self._reserve_seq()
@@ -208,15 +246,20 @@ class Node:
 
             from .consensus import ConsensusActor, ConsensusService
 
-            self.consensus = ConsensusService(self, BftConfig(
-                propose_timeout_s=cfg.consensus_propose_timeout_s,
-                prevote_timeout_s=cfg.consensus_vote_timeout_s,
-                precommit_timeout_s=cfg.consensus_vote_timeout_s,
-                commit_wait_s=cfg.consensus_commit_wait_s,
-                max_batch=cfg.consensus_max_batch,
-                empty_block_interval_s=cfg.consensus_empty_block_interval_s,
-                rebroadcast_interval_s=max(0.5, 2 * cfg.consensus_vote_timeout_s),
-            ))
+            try:
+                with _reading_stored_state(self.data_dir):
+                    self.consensus = ConsensusService(self, BftConfig(
+                        propose_timeout_s=cfg.consensus_propose_timeout_s,
+                        prevote_timeout_s=cfg.consensus_vote_timeout_s,
+                        precommit_timeout_s=cfg.consensus_vote_timeout_s,
+                        commit_wait_s=cfg.consensus_commit_wait_s,
+                        max_batch=cfg.consensus_max_batch,
+                        empty_block_interval_s=cfg.consensus_empty_block_interval_s,
+                        rebroadcast_interval_s=max(0.5, 2 * cfg.consensus_vote_timeout_s),
+                    ))
+            except NodeStartError:
+                await self.stop()  # what already runs (sockets, admin) closes again
+                raise
             self.supervisor.spawn(ConsensusActor(self.consensus))
             self._tasks.append(loop.create_task(self.consensus.run_timer(), name="consensus-timer"))
             from .training import start_training
@@ -435,6 +478,10 @@ class Node:
                     self.reputation.observe(exc.sender, ObservationKind.INVALID_ENVELOPE, now)
                 else:
                     self.drops.record(exc.reason, f"conn:{conn_id.hex()}", str(exc), now)
+                continue
+            except Exception:  # open() raises only RemoteProtocolError; a bug must not lose the batch
+                self.counters["handler_errors"] += 1
+                log.exception("opening a frame failed")
                 continue
             if env.sender in self.revoked:  # network admission: `revoke_peer` (node/admin_ops.py)
                 self.drops.record("revoked", env.sender, env.kind, now)

@@ -79,10 +79,14 @@ class Store:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "node.sqlite3"
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
-        self.path.chmod(0o600)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            self.path.chmod(0o600)
+        except BaseException:
+            self.db.close()  # a file that is no database (or is locked) is not held open
+            raise
 
     def close(self) -> None:
         self.db.close()

@@ -251,3 +251,63 @@ async def test_a_sign_state_write_failure_halts_consensus_and_keeps_the_log(tmp_
         assert again["height"] > first["height"] and node.consensus.status()["halted"] is None
     finally:
         await node.stop()
+
+
+async def test_a_corrupt_or_lost_store_is_a_clear_error_or_a_reported_gap_never_silent(tmp_path: Path):
+    """A damaged commit row or an unreadable database stops the start with one line naming
+    the file (no traceback, nothing half-started); a store that lost committed heights the
+    node signed for (a zero-length or older copy) starts, says so, and signs nothing below
+    its sign state."""
+    import sqlite3
+
+    from chimera.node.runtime import Node, NodeStartError
+
+    data_dir = tmp_path / "n0"
+    me = load_or_create_identity(data_dir).peer_id
+    net = Network.create("t", genesis=[me], epoch_length=100)
+    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        top = max([(await node.consensus.propose(f"v{k}".encode(), 30))["height"] for k in range(3)])
+    finally:
+        await node.stop()
+    db = data_dir / "node.sqlite3"
+    pristine = db.read_bytes()  # stopped cleanly: the WAL is checkpointed into the file
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE blocks SET commit_blob = x'00ff' WHERE height = ?", (top,))
+    conn.close()
+    with pytest.raises(NodeStartError, match="node.sqlite3.*do not decode.*restore it from a backup"):
+        await Node(data_dir, config, net).start()
+    for suffix in ("-wal", "-shm"):
+        (data_dir / f"node.sqlite3{suffix}").unlink(missing_ok=True)
+    db.write_bytes(b"\x00garbage" * 512)
+    with pytest.raises(NodeStartError, match="cannot be read"):
+        await Node(data_dir, config, net).start()
+    from chimera.node.keys import save_network
+
+    save_network(data_dir, net)
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "chimera.node", "node", "--data-dir", str(data_dir),
+                         "--port", "0", "--no-mdns"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "cannot start" in proc.stderr, proc.stderr
+    db.write_bytes(b"")  # zero length: SQLite sees a new, empty database
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        status = node.consensus.status()
+        signed = node.consensus.core._sign_state.height  # our last signature (at or after `top`)
+        assert status["height"] == 0 and signed >= top and status["store_gap"] == [1, signed - 1]
+        assert any(e["kind"] == "store_behind_sign_state" for e in node.events)
+        assert node.consensus.core.height == 1  # it waits for the commits; its votes start at `signed`
+    finally:
+        await node.stop()
+    db.write_bytes(pristine)
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        assert node.consensus.status()["height"] == top and node.consensus.status()["store_gap"] is None
+    finally:
+        await node.stop()
