@@ -3,13 +3,16 @@
 The TOML file is ``DATA_DIR/config.toml`` unless ``--config`` names another;
 environment variables are ``CHIMERA_<FIELD>`` in upper case (lists are comma
 separated); flags are the named ones of ``chimera node`` plus ``--set FIELD=VALUE``.
-Unknown keys and ill-typed values are errors with one clear line
+Unknown keys, ill-typed values and numbers outside their field's range
+(:data:`RANGES`; floats must be finite) are errors with one clear line
 (:class:`ConfigError`), never a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import math
 import os
 import tomllib
 import typing
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import platformdirs
 
+from chimera.consensus.bft import MAX_BLOCK_VALUES
 from chimera.consensus.reputation import ObservationKind, ReputationConfig
 from chimera.protocol.errors import LocalProtocolError
 
@@ -95,6 +99,76 @@ class NodeConfig:
         return dataclasses.replace(self, **changes)
 
 
+class Range(typing.NamedTuple):
+    """The values a numeric field may take: ``lo..hi`` (``lo`` itself excluded when
+    ``lo_open``); floats must also be finite."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (self.lo < value if self.lo_open else self.lo <= value) and value <= self.hi
+
+    def __str__(self) -> str:
+        text = f"{self.lo:g} < x <= {self.hi:g}" if self.lo_open else f"{self.lo:g}..{self.hi:g}"
+        if isinstance(self.lo, int) and isinstance(self.hi, int):
+            text = f"{self.lo}..{self.hi}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+_DAY_S = 86_400.0
+_TIMER = Range(0.01, _DAY_S)  # timeouts and intervals: > 0 (tiny ones busy-loop), at most a day
+
+# Every int and float field of NodeConfig and its allowed values, checked by load_config
+# after merging (a NodeConfig built directly, as tests do, is not checked). The fields
+# that admin config_set changes at runtime (node/admin_ops.py) have the same bounds there.
+RANGES: dict[str, Range] = {
+    # transport
+    "port": Range(0, 65535, note="0: any free port"),
+    # bft proposals and commit responses (192 KiB) and fl_part messages (192 KiB + 64 KiB)
+    # must fit one envelope: the edge profile's 256 KiB is the smallest that works
+    "max_message_bytes": Range(256 << 10, 1 << 30, note="256 KiB..1 GiB"),
+    "max_clock_skew_s": Range(1.0, 3600.0),
+    "send_hwm": Range(1, 1_000_000),  # ZMQ: 0 would be unbounded, < 0 an error
+    "recv_hwm": Range(1, 1_000_000),
+    "rate_limit_msgs_per_s": Range(1.0, 1e6),
+    "rate_limit_burst": Range(1, 1_000_000),
+    "mailbox_size": Range(1, 1_000_000),  # asyncio.Queue: <= 0 would be unbounded
+    # membership
+    "probe_interval_s": _TIMER,
+    "probe_timeout_s": _TIMER,  # and < probe_interval_s
+    "indirect_checks": Range(0, 32, note="0: no indirect probes"),
+    "suspicion_alpha": Range(0.0, 100.0, lo_open=True),
+    "suspicion_beta": Range(1.0, 100.0, note="1: no Lifeguard stretch"),  # max = beta * min timeout
+    "sync_interval_s": _TIMER,
+    "reconnect_interval_s": _TIMER,
+    # consensus
+    "consensus_propose_timeout_s": _TIMER,
+    "consensus_vote_timeout_s": _TIMER,
+    "consensus_commit_wait_s": Range(0.0, _DAY_S),
+    "consensus_max_batch": Range(1, MAX_BLOCK_VALUES),
+    "consensus_empty_block_interval_s": Range(0.0, _DAY_S, note="0: a block every height"),
+    "reputation_half_life_s": Range(1.0, 3650 * _DAY_S, note="1 s..10 years"),
+    # training
+    "training_split_seed": Range(0, 2**32 - 1),
+    "training_fetch_interval_s": _TIMER,
+    # fabric
+    "fabric_task_slots": Range(1, 256),
+    "fabric_capacity_interval_s": Range(0.1, _DAY_S),
+    "fabric_max_wasm_memory_bytes": Range(64 << 10, 4 << 30, note="64 KiB..4 GiB"),
+    "fabric_probe_gpus": Range(-1, 64, note="-1: real GPUs (NVML)"),
+    # operation
+    "drop_log_interval_s": Range(0.0, _DAY_S, note="0: log every drop"),
+    "metrics_port": Range(-1, 65535, note="-1: off, 0: any free port"),
+}
+
+
 # Deployment profiles: defaults for the fields a profile changes, applied under
 # anything set explicitly (file, environment, flags). "edge" is for 1-4 GB
 # machines (Raspberry Pi and the like): smaller queues, fewer in-flight bytes,
@@ -121,37 +195,101 @@ _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 _HINTS = typing.get_type_hints(NodeConfig)
 
 
+def _kind(value: object) -> str:
+    """What ``value`` is, in TOML's words (for error messages)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date/time"
+    return type(value).__name__
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:60] + "..."
+
+
+def _has_type(value: object, tp: object) -> bool:
+    """``value`` is a ``tp`` (bool is no int; an int is a float; tuples hold strings)."""
+    if typing.get_origin(tp) is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, tp)  # type: ignore[arg-type]
+
+
 def _coerce(name: str, value: object, source: str) -> object:
+    """``value`` (from TOML, or a string from the environment or ``--set``) as field
+    ``name``'s type. Ranges are checked later, on the merged config (:func:`check_config`).
+
+    Raises:
+        ConfigError: one line naming ``source`` and ``name``.
+    """
     tp = _HINTS[name]
     try:
         if tp is bool:
             if isinstance(value, bool):
                 return value
-            text = str(value).strip().lower()
+            if not isinstance(value, str):
+                raise ValueError(f"expected true or false, got {_kind(value)}")
+            text = value.strip().lower()
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"not a boolean: {value!r}")
+            raise ValueError(f"not a boolean: {_show(value)}")
         if tp is int:
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
-            return int(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    return int(value.strip())
+                except ValueError:
+                    raise ValueError(f"not an integer: {_show(value)}") from None
+            raise ValueError(f"expected an integer, got {_kind(value)}"
+                             + (f" {_show(value)}" if isinstance(value, float) else ""))
         if tp is float:
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+            elif isinstance(value, str):
+                try:
+                    number = float(value.strip())
+                except ValueError:
+                    raise ValueError(f"not a number: {_show(value)}") from None
+            else:
+                raise ValueError(f"expected a number, got {_kind(value)}")
+            if not math.isfinite(number):
+                raise ValueError(f"not a finite number: {_show(value)}")
+            return number
         if tp is str:
             if not isinstance(value, str):
-                raise ValueError("expected a string")
+                raise ValueError(f"expected a string, got {_kind(value)}")
             return value
         if typing.get_origin(tp) is tuple:
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
-            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            if isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    if not isinstance(item, str):
+                        raise ValueError(f"expected a list of strings; entry {index} is {_kind(item)}")
                 return tuple(value)
-            raise ValueError("expected a list of strings")
-    except ValueError as exc:
+            raise ValueError(f"expected a list of strings, got {_kind(value)}")
+    except (ValueError, OverflowError) as exc:
         raise ConfigError(f"{source}: {name}: {exc}") from None
     raise ConfigError(f"{source}: {name}: unsupported type")
 
@@ -171,56 +309,100 @@ def load_config(
     environ: typing.Mapping[str, str] | None = None,
     overrides: typing.Mapping[str, object] | None = None,
 ) -> NodeConfig:
-    """Merge defaults, the TOML file, ``CHIMERA_*`` variables and ``overrides``.
+    """Merge defaults, the profile, the TOML file, ``CHIMERA_*`` variables and
+    ``overrides``, then check the result (:func:`check_config`).
 
     Raises:
-        ConfigError: unreadable TOML, an unknown key, or an ill-typed value.
+        ConfigError: unreadable TOML, an unknown key, an ill-typed value, or a value
+            outside its range (:data:`RANGES`); one line naming the field.
     """
     values: dict[str, object] = {}
+    sources: dict[str, str] = {}  # field -> where its value came from, for range errors
     path = config_file or data_dir / "config.toml"
-    if config_file is not None and not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    if path.exists():
+    try:
+        text: str | None = path.read_text()
+    except FileNotFoundError:
+        if config_file is not None:
+            raise ConfigError(f"config file {path} does not exist") from None
+        text = None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    if text is not None:
         try:
-            doc = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        table = doc.get("node", doc)
+        table = doc
+        if "node" in doc:  # a [node] table holds every setting; nothing else is allowed beside it
+            table = doc["node"]
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: node: expected a [node] table, got {_kind(table)}")
+            for key in doc:
+                if key != "node":
+                    raise ConfigError(f"{path}: unknown top-level key {key[:64]!r} "
+                                      "(settings belong in the [node] table)")
         for key, value in table.items():
             if key not in _FIELDS:
-                raise ConfigError(f"{path}: unknown setting {key!r}")
+                raise ConfigError(f"{path}: unknown setting {key[:64]!r}")
             values[key] = _coerce(key, value, str(path))
+            sources[key] = str(path)
     env = os.environ if environ is None else environ
     for name in _FIELDS:
         var = "CHIMERA_" + name.upper()
         if var in env:
             values[name] = _coerce(name, env[var], var)
+            sources[name] = var
     for key, value in (overrides or {}).items():
         if key not in _FIELDS:
-            raise ConfigError(f"unknown setting {key!r}")
+            raise ConfigError(f"unknown setting {str(key)[:64]!r}")
         values[key] = _coerce(key, value, "flag")
+        sources[key] = "flag"
     profile = values.get("profile", "default")
     if profile not in PROFILES:
-        raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
+        raise ConfigError(f"unknown profile {_show(profile)}; known: {', '.join(sorted(PROFILES))}")
+    sources = {**{key: f"profile {profile}" for key in PROFILES[profile]}, **sources}
     values = {**PROFILES[profile], **values}
     try:
         config = NodeConfig(**values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    if not 0 <= config.port <= 65535:
-        raise ConfigError(f"port {config.port} outside 0..65535")
-    if not -1 <= config.metrics_port <= 65535:
-        raise ConfigError(f"metrics_port {config.metrics_port} outside -1..65535 (-1: off)")
+    check_config(config, sources)
+    return config
+
+
+def check_config(config: NodeConfig, sources: typing.Mapping[str, str] | None = None) -> None:
+    """Check the merged ``config``: every numeric field within its :data:`RANGES` entry
+    (floats finite), ``probe_timeout_s < probe_interval_s``, ``log_level``,
+    ``reputation_weights``/``reputation_half_life_s`` and ``admin_listen``.
+
+    Raises:
+        ConfigError: one line naming the first bad field (after ``sources[field]``, where
+            its value came from, when given).
+    """
+    def where(name: str) -> str:
+        source = (sources or {}).get(name)
+        return f"{source}: {name}" if source else name
+
+    for name, tp in _HINTS.items():  # a profile's values skip _coerce
+        value = getattr(config, name)
+        if not _has_type(value, tp):
+            raise ConfigError(f"{where(name)}: {_show(value)} is {_kind(value)}, not of type {tp.__name__}")
+    for name, allowed in RANGES.items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ConfigError(f"{where(name)}: {_show(value)} is outside {allowed}")
     if config.probe_timeout_s >= config.probe_interval_s:
-        raise ConfigError("probe_timeout_s must be smaller than probe_interval_s")
+        raise ConfigError(f"probe_timeout_s ({config.probe_timeout_s:g}) must be smaller than "
+                          f"probe_interval_s ({config.probe_interval_s:g})")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log_level {config.log_level!r}: use debug, info, warning or error")
+        raise ConfigError(f"log_level {_show(config.log_level)}: use debug, info, warning or error")
     reputation_config(config)  # raises ConfigError naming the bad entry
     host, _, port = config.admin_listen.removeprefix("tcp://").rpartition(":")
     if config.admin_listen and not (config.admin_listen.startswith("tcp://") and host
                                     and port.isdigit() and int(port) <= 65535):
-        raise ConfigError(f"admin_listen {config.admin_listen!r}: use tcp://HOST:PORT (or \"\" for off)")
-    return config
+        raise ConfigError(f"admin_listen {_show(config.admin_listen)}: use tcp://HOST:PORT (or \"\" for off)")
 
 
 def reputation_config(config: NodeConfig) -> ReputationConfig:
