@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -109,6 +110,31 @@ class EchoActor(Actor):
                 fut.set_result(time.perf_counter())
 
 
+LOCK_FILE = "node.lock"
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold ``DATA_DIR/node.lock`` (an exclusive ``flock``, released when the process dies) for
+    as long as the node runs; the file says which pid holds it. Two processes with one
+    identity and one sign-state file could sign conflicting votes (equivocation) and would
+    fight over ``admin.sock``.
+
+    Raises:
+        NodeStartError: another process (or another Node in this one) holds the lock.
+    """
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise NodeStartError(f"a node (pid {holder}) is already running on {data_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class NodeStartError(Exception):
     """The node cannot start from its data directory: its store or sign-state file cannot
     be read or decoded. The message names the file and what the operator can do."""
@@ -131,6 +157,7 @@ def _reading_stored_state(data_dir: Path):
             f"{path} cannot be read or holds records that do not decode ({type(exc).__name__}: "
             f"{str(exc)[:160]}); restore it from a backup, or move it away to start with an empty "
             "store (this node then fetches the committed log again from its peers)") from None
+
 
 class Node:
     """One peer. ``await start()``, then ``await wait_stopped()`` / ``await stop()``."""
@@ -168,6 +195,16 @@ class Node:
         cfg = self.config
         self.loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = _lock_data_dir(self.data_dir)
+        try:
+            await self._start()
+        except BaseException:
+            if not self._stopped.is_set():  # a failure before the node runs: nothing to stop
+                os.close(self._lock_fd)
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
         self.identity = load_or_create_identity(self.data_dir)
         self.transport_keys = load_or_create_transport_keys(self.data_dir)
         self.peer_id = self.identity.peer_id
@@ -325,6 +362,7 @@ class Node:
         if self.consensus is not None:
             self.consensus.close()
         self.store.close()
+        os.close(self._lock_fd)  # last: another node may use the directory from now on
         log.info("peer %s stopped", self.peer_id)
         self._closed.set()
 

@@ -311,3 +311,27 @@ async def test_a_corrupt_or_lost_store_is_a_clear_error_or_a_reported_gap_never_
         assert node.consensus.status()["height"] == top and node.consensus.status()["store_gap"] is None
     finally:
         await node.stop()
+
+
+def test_a_second_node_on_the_same_data_directory_is_refused(tmp_path: Path):
+    """Two processes with one identity and one sign state could equivocate: the second start
+    fails with one line naming the first one's pid, and the first keeps its admin socket."""
+    net = LocalNetwork(tmp_path, 1, extra_args=PROCESS_FAST)
+    try:
+        net.start()
+        data_dir = net.peers[0].data_dir
+        first_pid = net.peers[0].proc.pid
+        proc = subprocess.run([sys.executable, "-m", "chimera.node", "node", "--data-dir", str(data_dir),
+                               "--port", "0", "--no-mdns"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"a node (pid {first_pid}) is already running" in proc.stderr
+        assert net.query(0, "status")["pid"] == first_pid  # still answering on its socket
+    finally:
+        net.stop()
+    proc = subprocess.Popen([sys.executable, "-m", "chimera.node", "node", "--data-dir", str(data_dir),
+                             "--port", "0", "--no-mdns"], stdout=subprocess.PIPE, text=True)
+    try:  # after a stop (or a SIGKILL: flock dies with its process) the directory is free again
+        assert proc.stdout.readline().startswith("listening")
+    finally:
+        proc.terminate()
+        proc.wait(30)
