@@ -31,6 +31,7 @@ from chimera.protocol.envelope import Envelope, EnvelopeOpener, EnvelopeSealer
 from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from chimera.protocol.identity import fingerprint, public_key_from_peer_id
 from chimera.protocol.membership import (
+    HELLO_ADDRESSES,
     MEMBERSHIP_ACTOR,
     Connect,
     Hello,
@@ -449,7 +450,7 @@ class Node:
             if action.via is not None:
                 if not isinstance(action.message, Hello):
                     return  # only a Hello ever goes to an unverified contact
-                for endpoint in action.via.addresses[:2]:
+                for endpoint in action.via.addresses[:HELLO_ADDRESSES]:
                     self.transport.send(action.via.transport_key, endpoint,
                                         self._seal(action.message, action.peer_id))
             else:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 from .errors import LocalProtocolError
@@ -50,6 +50,8 @@ PeerIdStr = PeerId
 MAX_INCARNATION = 2**62
 Incarnation = Annotated[int, Range(0, MAX_INCARNATION)]
 ADDRESS_SCHEMES = ("tcp://",)
+MAX_CONTACT_ADDRESSES = 8
+HELLO_ADDRESSES = 2  # a Hello to an unverified contact goes to its first two addresses
 
 
 class MemberState(str, enum.Enum):
@@ -72,7 +74,7 @@ class PeerContact:
 
     peer_id: PeerIdStr
     transport_key: Annotated[bytes, Len(32)]
-    addresses: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(8)]
+    addresses: Annotated[tuple[Annotated[str, MaxLen(128)], ...], MaxItems(MAX_CONTACT_ADDRESSES)]
     capabilities: Annotated[tuple[Annotated[str, MaxLen(64)], ...], MaxItems(32)] = ()
     profile: Annotated[str, MaxLen(32)] = "default"
 
@@ -355,9 +357,21 @@ class Membership:
         expires = None if static else now + self.config.candidate_ttl_s
         existing = self.candidates.get(pid, {}).get(contact.transport_key)
         if existing is not None:
-            existing.contact = contact
-            if existing.expires is not None:
+            # Hints for one key accumulate addresses instead of replacing them: a stale one
+            # (a stored contact from before the peer restarted on another port) must not push
+            # out a fresh one (a bootstrap contact); a static contact's addresses stay in front.
+            old = existing.contact.addresses
+            front, back = (old, contact.addresses) if existing.expires is None and not static \
+                else (contact.addresses, old)
+            addresses = tuple(dict.fromkeys(front + back))[:MAX_CONTACT_ADDRESSES]
+            existing.contact = replace(contact, addresses=addresses)
+            if static:
+                existing.expires = None
+            elif existing.expires is not None:
                 existing.expires = expires
+            if addresses[:HELLO_ADDRESSES] != old[:HELLO_ADDRESSES]:  # a new place to try: at once
+                existing.next_hello = now
+                existing.backoff_s = self.config.hello_retry_min_s
             return
         if not static and sum(len(v) for v in self.candidates.values()) >= self.config.max_candidates:
             return  # bounded: a flood of hints cannot grow memory (static contacts still go in)

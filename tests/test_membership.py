@@ -323,3 +323,34 @@ def test_candidate_table_is_bounded_without_leftovers():
                                        addresses=("tcp://10.1.0.1:1",)), 0.0)
     assert sum(len(v) for v in core.candidates.values()) == core.config.max_candidates
     assert all(core.candidates.values())  # no empty entries left behind
+
+
+def test_a_stale_stored_contact_does_not_hide_a_fresh_bootstrap_address():
+    """A restarted peer listens on a new port: its stored contact (old port) arrives after
+    the static bootstrap contact (new port) for the same key. Both addresses are tried,
+    the static one first, and Hellos go out at once (`chimera up` on an old workdir formed
+    no mesh: every Hello went to the dead port)."""
+    net = SimNet(2, 11)
+    me, other = net.ids
+    core = net.cores[me]
+    base = net.contacts[other]
+    fresh = PeerContact(peer_id=other, transport_key=base.transport_key, addresses=("tcp://10.0.0.2:9001",))
+    stale = PeerContact(peer_id=other, transport_key=base.transport_key, addresses=("tcp://10.0.0.2:7420",))
+    core.add_candidate(fresh, 0.0, static=True)
+    core.add_candidate(stale, 0.0)
+    core.tick(0.0)
+    hellos = [a for a in core.take_actions() if isinstance(a, Send) and a.via is not None]
+    assert hellos and hellos[-1].via.addresses == ("tcp://10.0.0.2:9001", "tcp://10.0.0.2:7420")
+    assert core.candidates[other][base.transport_key].expires is None  # still static
+    # a newer non-static hint goes in front of older non-static ones, and is tried at once
+    core2 = net.cores[other]
+    core2.add_candidate(PeerContact(peer_id=me, transport_key=net.contacts[me].transport_key,
+                                    addresses=("tcp://10.0.0.1:1",)), 0.0)
+    core2.tick(0.0)
+    core2.take_actions()
+    core2.add_candidate(PeerContact(peer_id=me, transport_key=net.contacts[me].transport_key,
+                                    addresses=("tcp://10.0.0.1:2",)), 0.1)
+    assert core2.next_deadline() <= 0.1
+    core2.tick(0.1)
+    hellos = [a for a in core2.take_actions() if isinstance(a, Send) and a.via is not None]
+    assert hellos and hellos[-1].via.addresses[0] == "tcp://10.0.0.1:2"
