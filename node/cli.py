@@ -23,7 +23,7 @@ from chimera.protocol.network import Network
 from . import admin
 from .config import ConfigError, default_data_dir, load_config
 from .keys import KeyFileError, load_network, load_or_create_identity, save_network
-from .logs import setup_logging
+from .logs import printable, setup_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_NODE = 0, 1, 2, 3
 
@@ -172,8 +172,8 @@ def _print(args: argparse.Namespace, value, text: str) -> None:
 def _call(args: argparse.Namespace, cmd: str, cargs: dict | None = None, timeout_s: float = 10.0):
     try:
         return admin.call(_data_dir(args), cmd, cargs, timeout_s=timeout_s)
-    except admin.AdminError as exc:
-        raise CliError(str(exc), EXIT_NO_NODE) from None
+    except admin.AdminError as exc:  # the node's own code (usage, refused, ...) or 3: no node
+        raise CliError(str(exc), exc.code) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -232,6 +232,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
 def cmd_ping(args: argparse.Namespace) -> int:
     res = _call(args, "ping", {"peer_id": args.peer_id, "count": args.count},
                 timeout_s=5 + 2.5 * args.count)
+    if not any(r is not None for r in res["rtt_s"]):
+        raise CliError(f"no answer from {args.peer_id} ({len(res['rtt_s'])} pings)", EXIT_FAIL)
     ok = [r for r in res["rtt_s"] if r is not None]
     text = "\n".join(
         [f"{'timeout' if r is None else f'{r * 1000:.3f} ms'}" for r in res["rtt_s"]]
@@ -244,7 +246,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
 def _event_line(e: dict) -> str:
     extra = " ".join(f"{k}={v}" for k, v in e.items()
                      if k not in ("at_ms", "kind", "peer_id", "priority", "weights"))
-    return f"{e['at_ms']}  {e['kind']:<24} {e['peer_id']} {extra}".rstrip()
+    return printable(f"{e['at_ms']}  {e['kind']:<24} {e['peer_id']} {extra}".rstrip())
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -560,16 +562,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CliError as exc:
-        print(f"chimera: {exc}", file=sys.stderr)
-        return exc.code
+        return _fail(args, str(exc), exc.code)
     except (ConfigError, KeyFileError, InvalidTokenError) as exc:
-        print(f"chimera: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"chimera: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        return _fail(args, str(exc), EXIT_FAIL)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Report a failure: one line on stderr, or with ``--json`` the ``{"ok": false, "error",
+    "code"}`` document on stdout (what the admin API, `chimera shell --json` and the admin
+    commands print); returns ``code``."""
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": message, "code": code}))
+    else:
+        print(f"chimera: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

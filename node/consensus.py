@@ -80,6 +80,7 @@ from chimera.protocol.membership import MemberState
 from chimera.protocol.messages import decode_fields, encode_fields
 
 from .actors import Actor, call_soon_once, wait_event
+from .logs import printable
 from .metrics import LatencyHistogram
 from .store import SignStateFile
 
@@ -667,6 +668,8 @@ def _coalesce_persists(actions: list) -> list:
 
 
 def _preview(data: bytes, limit: int = 200) -> str:
+    """At most ``limit`` characters of ``data`` as text, non-printable ones escaped (a decision
+    is any peer's bytes: it must not reach an operator's terminal as control sequences)."""
     text = data.decode("utf-8", errors="replace")
-    return text if len(text) <= limit else text[:limit] + "…"
+    return printable(text if len(text) <= limit else text[:limit]) + ("…" if len(text) > limit else "")
 

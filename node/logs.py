@@ -8,6 +8,17 @@ import sys
 import time
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on an operator's terminal: every character that is not
+    printable (control characters such as ESC or newline, format characters such as the
+    bidi overrides, separators other than the space) written as its ``\\x..``/``\\u..``
+    escape, so text from peers (committed decisions, event fields) cannot forge lines or
+    send terminal control sequences."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
