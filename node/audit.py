@@ -5,7 +5,10 @@ Table ``admin_audit`` (created here, next to the store's own tables): time
 ``local-owner uid=N``), transport (``local`` or ``remote``), role, command,
 arguments as JSON with secrets redacted, result (``ok``, ``error: LINE`` or
 ``refused: LINE``) and duration in seconds. The newest :data:`MAX_ROWS` rows
-are kept.
+are kept, but successful reads (commands an observer may run) only up to the newest
+:data:`MAX_READ_ROWS` of them: polling (``train status --follow``, dashboards, or an
+observer doing it on purpose) cannot push out the record of what was changed or
+refused.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import hashlib
 import json
 import sqlite3
 
+from .admin_keys import COMMAND_ROLES
+
 MAX_ROWS = 100_000
+MAX_READ_ROWS = 10_000
+PRUNE_EVERY = 1000  # appends between two prunes
 MAX_BYTES_SHOWN = 64
 MAX_TEXT_CHARS = 256
 SECRET_WORDS = ("secret", "token", "key", "password")
@@ -79,9 +86,19 @@ class AuditLog:
              json.dumps(redact(args), separators=(",", ":"), default=str), result[:500],
              round(duration_s, 6)))
         self._appended += 1
-        if self._appended % 1000 == 0:
-            self.db.execute("DELETE FROM admin_audit WHERE id <= (SELECT MAX(id) FROM admin_audit) - ?",
-                            (MAX_ROWS,))
+        if self._appended % PRUNE_EVERY == 0:
+            self.prune()
+
+    def prune(self) -> None:
+        """Drop successful reads beyond the newest :data:`MAX_READ_ROWS`, then any row beyond
+        the newest :data:`MAX_ROWS`."""
+        reads = [cmd for cmd, role in COMMAND_ROLES.items() if role == "observer"]
+        marks = ",".join("?" * len(reads))
+        self.db.execute(
+            f"DELETE FROM admin_audit WHERE id IN (SELECT id FROM admin_audit WHERE command IN ({marks}) "
+            "AND result LIKE 'ok%' ORDER BY id DESC LIMIT -1 OFFSET ?)", (*reads, MAX_READ_ROWS))
+        self.db.execute("DELETE FROM admin_audit WHERE id IN "
+                        "(SELECT id FROM admin_audit ORDER BY id DESC LIMIT -1 OFFSET ?)", (MAX_ROWS,))
 
     def rows(self, limit: int = 50) -> list[dict]:
         """The newest ``limit`` rows, oldest first."""
