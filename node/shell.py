@@ -10,9 +10,16 @@ spaces or underscores (``train start`` = ``train_start``; ``agent list`` =
 ``commands`` lists them. Values are typed conservatively: integers, decimals,
 ``true``/``false``, otherwise text (arguments that name things -- peer_id,
 data, uri, name, field, key, kind, ... -- always stay text); ``@FILE`` passes
-a file's bytes (``module=@agent.wasm``; ``@@`` escapes a literal ``@``).
+a file's bytes (``module=@agent.wasm``; ``@@`` escapes a literal ``@``;
+``train start job=@job.toml`` sends the file as TOML text, checked here first).
+Integers must fit the admin API's msgpack (-2**63..2**64-1). A ``name=value``
+the command does not take is a usage error listing the ones it does.
 Nothing is evaluated. Built-ins: ``help [CMD]``, ``admin key create NAME [role=R]
-[out=FILE]``, ``exit``.
+[out=FILE]``, ``exit [CODE]`` / ``quit`` (interactively, with ``-c`` and in a
+piped script).
+
+Errors are one line (``error: ...`` on stderr, or the ``--json`` error map)
+and never end an interactive session; only EOF (Ctrl-D) and ``exit`` do.
 
 Output: plain text (no colours unless stdout is a terminal); ``--json`` prints
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "code": N}``
@@ -22,10 +29,14 @@ Output: plain text (no colours unless stdout is a terminal); ``--json`` prints
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import shlex
+import stat
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,7 +44,16 @@ from chimera.protocol.identity import unb32
 
 from . import admin
 from .admin import EXIT_FAIL, EXIT_OK, EXIT_USAGE, AdminError
-from .admin_keys import AdminKeyError, check_name, check_role, generate_key, load_key_file, public_bytes, write_key_file
+from .admin_keys import (
+    COMMAND_HELP,
+    AdminKeyError,
+    check_name,
+    check_role,
+    generate_key,
+    load_key_file,
+    public_bytes,
+    write_key_file,
+)
 from .admin_keys import fingerprint as key_fingerprint
 
 DESTRUCTIVE = frozenset({"stop", "revoke_peer", "agents_remove", "admin_key_revoke", "config_set"})
@@ -42,6 +62,30 @@ STRING_ARGS = frozenset({"peer_id", "data", "uri", "name", "field", "key", "kind
                          "ref", "sha256", "rule", "input"})
 MAX_FILE_ARG_BYTES = 16 << 20
 BUILTINS = ("help", "exit", "quit", "admin key create")
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+"""The integers msgpack (the admin API's encoding) carries; others are refused before sending."""
+ECHO_CHARS = 40
+"""How much of the user's input an error message echoes."""
+MAX_ERROR_CHARS = 1000
+# Arguments a node's handler reads that its `commands` entry does not list (the
+# `commands` list gives the positional order; these are name=value only), and
+# the shell's own arguments of `train export`.
+UNLISTED_ARGS: dict[str, tuple[str, ...]] = {
+    "agents_deploy": ("sha256",),
+    "agents_upgrade": ("sha256",),
+    "tasks_submit": ("sha256", "rule", "threshold", "wait", "wait_s", "fuel", "memory_bytes", "timeout_s",
+                     "gpus", "gpu_memory_bytes", "replicas"),
+    "train_export": ("path", "force"),
+}
+# Arguments without which the node would refuse the command: checked here first, so
+# the error names the missing argument (not a later one) and comes before a confirmation.
+REQUIRED_ARGS: dict[str, tuple[str, ...]] = {
+    "agents_deploy": ("ref",), "agents_upgrade": ("ref",), "agents_call": ("name",),
+    "agents_remove": ("name",), "agents_rollback": ("name",), "train_start": ("job",),
+    "ping": ("peer_id",), "propose": ("data",), "add_contact": ("uri",), "revoke_peer": ("peer_id",),
+    "admit": ("peer_id",), "config_set": ("field", "value"), "log_level": ("level",),
+    "admin_key_revoke": ("key",),
+}
 _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 
@@ -52,6 +96,22 @@ class ShellError(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ShellExit(SystemExit):
+    """``exit [CODE]`` / ``quit``: raised by :meth:`Shell.execute` so that whatever runs the
+    lines (the interactive loop, a piped script, ``-c``) stops; uncaught, the process exits
+    with ``code``."""
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (``...`` marks a cut): what an error echoes of the input."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message as one line of at most ``limit`` characters."""
+    return clip(re.sub(r"\s*[\r\n]+\s*", " ", message).strip(), limit)
 
 
 def typed(value: str) -> object:
@@ -67,7 +127,12 @@ def typed(value: str) -> object:
 
 def value_of(name: str, text: str) -> object:
     """One argument value: ``@FILE`` is the file's bytes (``@@x`` is the text ``@x``);
-    names in STRING_ARGS stay text; others are :func:`typed`. Raises ShellError."""
+    names in STRING_ARGS stay text; others are :func:`typed`.
+
+    Raises:
+        ShellError: an unreadable or too large file, or an integer msgpack cannot carry
+            (outside ``INT_MIN..INT_MAX``), naming the argument.
+    """
     if text.startswith("@@"):
         return text[1:]
     if text.startswith("@") and len(text) > 1:
@@ -78,8 +143,17 @@ def value_of(name: str, text: str) -> object:
                 raise ShellError(f"{name}: {path} is {size} bytes; the limit is {MAX_FILE_ARG_BYTES}")
             return path.read_bytes()
         except OSError as exc:
-            raise ShellError(f"{name}: cannot read {path}: {exc.strerror}") from None
-    return text if name in STRING_ARGS else typed(text)
+            raise ShellError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+    if name in STRING_ARGS:
+        return text
+    try:
+        value = typed(text)
+    except ValueError:  # more digits than int() converts: far out of range anyway
+        value = None
+    if value is None or (type(value) is int and not INT_MIN <= value <= INT_MAX):
+        raise ShellError(f"{name} must be an integer in {INT_MIN}..{INT_MAX} (what the admin API "
+                         f"carries), not {clip(text)}")
+    return value
 
 
 def phrase(cmd: str) -> str:
@@ -94,8 +168,10 @@ def connect(target: str | None, *, data_dir: Path | None = None, key_file: str |
     """A client for TARGET: a data dir, a socket path, or ``tcp://HOST:PORT``.
 
     Raises:
-        ShellError: a bad target, key file or server key (code 2).
+        ShellError: a bad target, key file, server key or timeout (code 2).
     """
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= 86_400):
+        raise ShellError(f"--timeout must be in (0, 86400] seconds, not {timeout_s:g}")
     try:
         key = load_key_file(Path(key_file).expanduser()) if key_file else None
     except AdminKeyError as exc:
@@ -274,10 +350,24 @@ class Shell:
                 rows = self.client.call("agents_list", timeout_s=3.0)
                 rows = rows.get("agents", []) if isinstance(rows, dict) else rows
                 values = [str(r.get("name")) for r in rows if isinstance(r, dict) and r.get("name")]
-        except (AdminError, OSError, TypeError, AttributeError):
+        except Exception:  # completion is best effort
             values = []
         self._cache[kind] = (now, values)
         return values
+
+    def accepted(self, cmd: str) -> list[str] | None:
+        """The argument names ``cmd`` takes: those ``commands`` lists, then the ones its handler
+        reads unlisted (:data:`UNLISTED_ARGS`). None: unknown (a command the node lists without
+        arguments and this shell does not know: any name is let through)."""
+        listed = list(self.commands[cmd].get("args", []))
+        extra = [a for a in UNLISTED_ARGS.get(cmd, ()) if a not in listed]
+        if not listed and not extra and cmd not in COMMAND_HELP:
+            return None
+        return listed + extra
+
+    def takes(self, cmd: str) -> str:
+        names = self.accepted(cmd)
+        return f"takes: {' '.join(names)}" if names else "takes no arguments"
 
     def resolve(self, words: list[str]) -> tuple[str, list[str]]:
         """(command name, remaining words) for the longest matching command phrase.
@@ -296,7 +386,7 @@ class Shell:
                     return candidate, words[n:]
         close = [phrase(c) for c in known if c.startswith(words[0].replace("-", "_")[:3])]
         hint = f"; did you mean: {', '.join(sorted(close)[:6])}" if close else "; `help` lists the commands"
-        raise ShellError(f"unknown command {' '.join(words[:3])!r}{hint}")
+        raise ShellError(f"unknown command {clip(' '.join(words[:3]))!r}{hint}")
 
     def parse(self, line: str) -> tuple[str, dict]:
         """``(command, args)`` for one line of the grammar. Raises ShellError."""
@@ -308,22 +398,44 @@ class Shell:
             raise ShellError("empty command")
         cmd, rest = self.resolve(words)
         arg_names = list(self.commands[cmd].get("args", []))
+        accepted = self.accepted(cmd)
         args: dict[str, object] = {}
+        files: dict[str, str] = {}  # argument -> the @FILE it was read from
         positional = 0
         for word in rest:
             name, sep, value = word.partition("=")
             if sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                args[name] = value_of(name, value)
-                continue
-            while positional < len(arg_names) and arg_names[positional] in args:
+                if accepted is not None and name not in accepted:
+                    raise ShellError(f"{phrase(cmd)}: unknown argument {clip(name)!r} ({self.takes(cmd)})")
+                text = value
+            else:
+                while positional < len(arg_names) and arg_names[positional] in args:
+                    positional += 1
+                if positional >= len(arg_names):
+                    usage = " ".join(arg_names) or "no positional arguments"
+                    raise ShellError(f"{phrase(cmd)}: too many arguments (takes: {usage}; use name=value)")
+                name, text = arg_names[positional], word
                 positional += 1
-            if positional >= len(arg_names):
-                usage = " ".join(arg_names) or "no positional arguments"
-                raise ShellError(f"{phrase(cmd)}: too many arguments (takes: {usage}; use name=value)")
-            name = arg_names[positional]
-            args[name] = value_of(name, word)
-            positional += 1
+            args[name] = value_of(name, text)
+            if text.startswith("@") and not text.startswith("@@") and len(text) > 1:
+                files[name] = text[1:]
+            else:
+                files.pop(name, None)
+        self._check_required(cmd, args)
+        if cmd == "train_start" and isinstance(args.get("job"), bytes):
+            args["job"] = toml_job(args["job"], files.get("job", "job"))
         return cmd, args
+
+    def _check_required(self, cmd: str, args: dict) -> None:
+        """Raise a ShellError naming the first missing argument (of those the node lists)."""
+        listed = self.commands[cmd].get("args", [])
+        for name in REQUIRED_ARGS.get(cmd, ()):
+            if name in listed and args.get(name) is None:
+                raise ShellError(f"{phrase(cmd)}: missing argument {name!r} ({self.takes(cmd)})")
+        if cmd in ("agents_deploy", "agents_upgrade", "tasks_submit") and "module" in listed \
+                and args.get("module") is None and args.get("sha256") is None:
+            raise ShellError(f"{phrase(cmd)}: missing argument 'module' (module=@FILE.wasm, or sha256=HEX "
+                             "of a stored module)")
 
     # ---------------------------------------------------------------- run
 
@@ -337,7 +449,8 @@ class Shell:
             return table(rows) + "\n\nsyntax: CMD [positional ...] [name=value ...]"
         cmd, _ = self.resolve(words)
         c = self.commands[cmd]
-        usage = " ".join([phrase(cmd), *(f"[{a}]" for a in c["args"])])
+        usage = " ".join([phrase(cmd), *(f"[{a}]" for a in c["args"]),
+                          *(f"[{a}=V]" for a in self.accepted(cmd) or () if a not in c["args"])])
         notes = ["streams until interrupted (Ctrl-C)"] if c.get("stream") else []
         if cmd in DESTRUCTIVE:
             notes.append("asks for confirmation (--yes skips)")
@@ -350,15 +463,25 @@ class Shell:
         text = f"{phrase(cmd)} {' '.join(f'{k}={v}' for k, v in args.items())}".strip()
         if not sys.stdin.isatty():
             raise ShellError(f"{phrase(cmd)} is destructive: confirm interactively or pass --yes")
+        text = clip(text, 200)
         if self.interactive:
             from prompt_toolkit.shortcuts import confirm
 
             return confirm(f"really run `{text}`?")
-        answer = input(f"really run `{text}`? [y/N] ")
+        try:
+            answer = input(f"really run `{text}`? [y/N] ")
+        except EOFError:
+            return False
         return answer.strip().lower() in ("y", "yes")
 
     def execute(self, line: str) -> int:
-        """Run one line; print its result or its error. Returns the exit code."""
+        """Run one line; print its result or its error (one line). Returns the exit code:
+        the node's code, 2 for a line the shell cannot run, 1 for any other failure.
+
+        Raises:
+            ShellExit: the line was ``exit [CODE]`` or ``quit``.
+            KeyboardInterrupt: Ctrl-C (a following stream ends quietly instead).
+        """
         try:
             return self._execute(line)
         except ShellError as exc:
@@ -369,8 +492,11 @@ class Shell:
             return self._fail(str(exc), EXIT_USAGE)
         except OSError as exc:
             return self._fail(str(exc), EXIT_FAIL)
+        except Exception as exc:  # a bug here or an odd answer: one line, and the session goes on
+            return self._fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_FAIL)
 
     def _fail(self, message: str, code: int) -> int:
+        message = one_line(message) or "unknown error"
         if self.json:
             self._print(json_line({"ok": False, "error": message, "code": code}))
         else:
@@ -409,6 +535,11 @@ class Shell:
             raise ShellError(f"cannot parse the line: {exc}") from None
         if not words:
             return EXIT_OK
+        if words[0] in ("exit", "quit"):
+            if len(words) > 2 or (len(words) == 2 and not re.fullmatch(r"\d{1,3}", words[1])) \
+                    or (len(words) == 2 and int(words[1]) > 255):
+                raise ShellError(f"usage: {words[0]} [CODE] (CODE: 0..255)")
+            raise ShellExit(int(words[1]) if len(words) == 2 else EXIT_OK)
         if words[0] == "help":
             self._emit("help", self.help(words[1:]), raw=True)
             return EXIT_OK
@@ -422,12 +553,7 @@ class Shell:
             return self._follow(cmd, args)
         if cmd == "train_export":
             return self._train_export(args)
-        timeout_s = None
-        if "timeout_s" in args and isinstance(args["timeout_s"], (int, float)):
-            timeout_s = float(args["timeout_s"]) + 5.0
-        elif cmd in ("propose", "ping", "train_start", "agents_deploy", "tasks_submit", "agents_call"):
-            timeout_s = 60.0
-        result = self.client.call(cmd, args, timeout_s=timeout_s)
+        result = self.client.call(cmd, args, timeout_s=self._timeout(cmd, args))
         extra = None
         if cmd == "peers" and not self.json:  # the members view: this peer too, with reputation
             extra = {}
@@ -447,6 +573,17 @@ class Shell:
                 pass
         self._emit(cmd, result, extra=extra)
         return EXIT_OK
+
+    def _timeout(self, cmd: str, args: dict) -> float | None:
+        """How long to wait for ``cmd``'s answer: None (the client's), 60 s for the slow commands,
+        longer when the request itself waits (``timeout_s``, ``wait_s``: capped at an hour)."""
+        slow = cmd in ("propose", "ping", "train_start", "agents_deploy", "tasks_submit", "agents_call")
+        waits = [float(args[k]) for k in ("timeout_s", "wait_s")
+                 if type(args.get(k)) in (int, float) and not math.isnan(args[k])]
+        if not waits:
+            return 60.0 if slow else None
+        return max(60.0 if slow else float(getattr(self.client, "timeout_s", 10.0)),
+                   min(max(waits), 3600.0) + 5.0)
 
     def _emit(self, cmd: str, result: Any, extra: dict | None = None, raw: bool = False) -> None:
         if self.json:
@@ -485,6 +622,26 @@ class Shell:
         return EXIT_OK
 
 
+def toml_job(raw: bytes, source: str) -> str:
+    """A training job file's text, checked to be TOML here so that an error names the
+    file and says what the parser found (the node checks the fields).
+
+    Raises:
+        ShellError: not UTF-8, or not TOML.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShellError(f"job: {source} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ShellError(f"job: {source} is not valid TOML: {one_line(str(exc), 200)}") from None
+    except RecursionError:
+        raise ShellError(f"job: {source} is not valid TOML: nested too deeply") from None
+    return text
+
+
 def create_key(call, name: str, role: str, path: Path) -> dict:
     """Generate an admin key, write its private half to ``path`` (0600), register the public half.
 
@@ -511,12 +668,15 @@ def _completer(shell: Shell):
 
     class AdminCompleter(Completer):
         def get_completions(self, document, complete_event):
+            try:  # completion is best effort: never an exception into the prompt
+                yield from self._completions(document)
+            except Exception:
+                return
+
+        def _completions(self, document):
             text = document.text_before_cursor
             stripped = text.lstrip()
-            try:
-                phrases = shell.phrases()
-            except (AdminError, OSError):
-                return
+            phrases = shell.phrases()
             matched = None
             for p in sorted(phrases, key=len, reverse=True):
                 if stripped.startswith(p + " "):
@@ -536,7 +696,8 @@ def _completer(shell: Shell):
             cmd = matched.replace(" ", "_")
             info = shell.commands.get(cmd, {"args": []})
             word = "" if text.endswith(" ") else text.split()[-1]
-            candidates = [f"{a}=" for a in info["args"]]
+            candidates = [f"{a}=" for a in (shell.accepted(cmd) if cmd in shell.commands else None)
+                          or info["args"]]
             arg_names = set(info["args"])
             if "peer_id" in arg_names or cmd in ("ping", "revoke_peer", "admit"):
                 candidates += shell.names("peer")
@@ -552,35 +713,66 @@ def _completer(shell: Shell):
 
 
 def history_path() -> Path:
+    """The shell history file (in the platform state dir), created owner-only (0600; it can
+    hold secrets typed as arguments); an existing file's wider mode is narrowed.
+
+    Raises:
+        OSError: the file cannot be created or its mode cannot be fixed.
+    """
     import platformdirs
 
     path = Path(platformdirs.user_state_dir("chimera-mesh", appauthor=False)) / "shell_history"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
     return path
 
 
 def interactive(shell: Shell) -> int:
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     shell.interactive = True
     try:
         me = shell.client.call("whoami")
+        if not isinstance(me, dict):
+            raise AdminError("the node sent an unreadable whoami answer", EXIT_FAIL)
         who = f"{me.get('role', '?')}@{str(me.get('peer_id', shell.client.target))[:10]}"
     except AdminError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return exc.code
-    session = PromptSession(history=FileHistory(str(history_path())), completer=_completer(shell),
-                            complete_while_typing=False)
+    try:
+        history = FileHistory(str(history_path()))
+    except OSError as exc:
+        print(f"warning: no shell history: {one_line(str(exc))}", file=sys.stderr)
+        history = InMemoryHistory()
+    session = PromptSession(history=history, completer=_completer(shell), complete_while_typing=False)
     print(f"connected to {shell.client.target} as {me.get('who')} ({me.get('role')}); "
           "`help` lists commands, Ctrl-D leaves", flush=True)
+    prompt_failures = 0
     while True:
         try:
             line = session.prompt(f"chimera {who}> ")
+            prompt_failures = 0
         except KeyboardInterrupt:
             continue
         except EOFError:
             return EXIT_OK
-        if line.strip() in ("exit", "quit"):
-            return EXIT_OK
-        shell.execute(line)
+        except Exception as exc:  # the terminal itself failing: give up after a few in a row
+            prompt_failures += 1
+            print(f"error: {one_line(f'{type(exc).__name__}: {exc}')}", flush=True)
+            if prompt_failures >= 3:
+                return EXIT_FAIL
+            continue
+        try:
+            shell.execute(line)
+        except ShellExit as exc:
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        except Exception as exc:  # execute reports its own errors; this is a last resort
+            print(f"error: internal error: {one_line(f'{type(exc).__name__}: {exc}')}", flush=True)

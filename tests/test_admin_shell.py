@@ -312,18 +312,20 @@ def test_shell_grammar_types_values_conservatively(tmp_path: Path):
             assert cmd == "commands"
             return [{"name": "propose", "args": ["data", "timeout_s", "count"], "help": "", "role": "operator"},
                     {"name": "agents_list", "args": [], "help": "", "role": "observer"},
-                    {"name": "train_start", "args": [], "help": "", "role": "operator"},
+                    {"name": "train_start", "args": ["job", "timeout_s"], "help": "", "role": "operator"},
+                    {"name": "fit", "args": ["epochs", "lr", "fast", "name"], "help": "", "role": "operator"},
                     {"name": "events", "args": ["limit"], "help": "", "role": "observer"},
                     {"name": "events_follow", "args": [], "help": "", "role": "observer", "stream": True}]
 
     shell = Shell(Fake())
     assert shell.parse('propose "42" 3.5 count=2') == ("propose", {"data": "42", "timeout_s": 3.5, "count": 2})
     assert shell.parse("agent list") == ("agents_list", {})
-    assert shell.parse("train start epochs=3 lr=0.1 fast=true name=x") == (
-        "train_start", {"epochs": 3, "lr": 0.1, "fast": True, "name": "x"})
+    assert shell.parse("fit epochs=3 lr=0.1 fast=true name=x") == (
+        "fit", {"epochs": 3, "lr": 0.1, "fast": True, "name": "x"})
+    assert shell.parse("train start job=x timeout_s=5") == ("train_start", {"job": "x", "timeout_s": 5})
     assert shell.parse("events follow") == ("events_follow", {})
     assert shell.parse("events 5") == ("events", {"limit": 5})
-    assert shell.parse("propose x y=__import__('os')") == ("propose", {"data": "x", "y": "__import__(os)"})
+    assert shell.parse("propose data=__import__('os')") == ("propose", {"data": "__import__(os)"})
     (tmp_path / "blob.bin").write_bytes(b"\x00wasm")
     assert shell.parse(f"propose @{tmp_path / 'blob.bin'}") == ("propose", {"data": b"\x00wasm"})
     assert shell.parse("propose @@home") == ("propose", {"data": "@home"})
@@ -377,3 +379,177 @@ async def test_another_uid_is_refused_even_if_the_socket_mode_were_opened(node_f
         assert (await asyncio.to_thread(admin.call, node.data_dir, "status"))["peer_id"] == node.peer_id
     finally:
         shutil.rmtree(public_dir, ignore_errors=True)
+
+
+# ------------------------------------------------ the shell's bad-input promises
+
+
+FAKE_COMMANDS = [
+    {"name": "peers", "args": [], "help": "", "role": "observer"},
+    {"name": "log", "args": ["limit", "from_height"], "help": "", "role": "observer"},
+    {"name": "certificate", "args": ["height"], "help": "", "role": "observer"},
+    {"name": "train_start", "args": ["job", "timeout_s"], "help": "", "role": "operator"},
+    {"name": "agents_deploy", "args": ["ref", "module", "kind"], "help": "", "role": "operator"},
+    {"name": "tasks_submit", "args": ["module", "input"], "help": "", "role": "operator"},
+    {"name": "plugin_thing", "args": [], "help": "a handler this shell does not know", "role": "admin"},
+]
+
+
+class FakeNode:
+    """A client that answers `commands` and records what it would send (packed as the real one)."""
+
+    target = "fake"
+    timeout_s = 10.0
+
+    def __init__(self, answer=None):
+        self.sent: list[tuple[str, dict]] = []
+        self.answer = answer
+
+    def call(self, cmd, args=None, timeout_s=None):
+        if cmd == "commands":
+            return FAKE_COMMANDS
+        msgpack.packb({"cmd": cmd, "args": args or {}}, use_bin_type=True)  # what the real clients do
+        self.sent.append((cmd, dict(args or {})))
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+def _run_line(line: str, answer=None, json_output: bool = False):
+    import io
+
+    from chimera.node.shell import Shell
+
+    out = io.StringIO()
+    node = FakeNode(answer)
+    shell = Shell(node, json_output=json_output, out=out, interactive=True)  # errors to `out` too
+    code = shell.execute(line)
+    return code, out.getvalue(), node
+
+
+def test_shell_refuses_integers_msgpack_cannot_carry_and_never_raises():
+    """Bug: an int outside msgpack's range raised OverflowError out of Shell.execute (a
+    traceback one-shot, the end of an interactive session)."""
+    from chimera.node.shell import Shell, ShellError
+
+    for line, name in (("certificate height=99999999999999999999999", "height"),
+                       ("log limit=99999999999999999999", "limit"), ("log -9223372036854775809", "limit"),
+                       ("log from_height=" + "9" * 5000, "from_height")):
+        code, out, node = _run_line(line)
+        assert code == 2 and not node.sent, (line, out)
+        assert out.startswith(f"error: {name} must be an integer in") and out.count("\n") == 1, out
+        assert len(out) < 200
+        with pytest.raises(ShellError, match=name):
+            Shell(FakeNode()).parse(line)
+    assert _run_line("log limit=18446744073709551615")[2].sent == [("log", {"limit": 2**64 - 1})]
+    assert _run_line("log limit=-9223372036854775808")[2].sent == [("log", {"limit": -(2**63)})]
+    # any other failure sending the request or formatting the answer: one line, code 1
+    code, out, _ = _run_line("peers", answer=RuntimeError("boom\nsecond line"))
+    assert code == 1 and out == "error: internal error: RuntimeError: boom second line\n"
+    code, out, _ = _run_line("peers", answer=[{"peer_id": "x"}])  # a row without "state": render fails
+    assert code == 1 and out.startswith("error: internal error: KeyError") and out.count("\n") == 1
+    code, out, _ = _run_line("peers", answer=RuntimeError("boom"), json_output=True)
+    assert code == 1 and json.loads(out)["code"] == 1
+
+
+def test_shell_rejects_arguments_a_command_does_not_take():
+    """Bug: `peers foo=bar` ran `peers` and ignored foo."""
+    code, out, node = _run_line("peers foo=bar")
+    assert code == 2 and not node.sent and out == "error: peers: unknown argument 'foo' (takes no arguments)\n"
+    code, out, node = _run_line("log limit=3 lmit=4")
+    assert code == 2 and not node.sent and "unknown argument 'lmit' (takes: limit from_height)" in out
+    # arguments a handler reads without listing them still pass; a command the shell does not
+    # know and the node lists without arguments is not second-guessed
+    assert _run_line("tasks submit module=@@x replicas=3 wait=true")[2].sent == [
+        ("tasks_submit", {"module": "@x", "replicas": 3, "wait": True})]
+    assert _run_line("plugin thing anything=1")[2].sent == [("plugin_thing", {"anything": 1})]
+
+
+def test_shell_error_echoes_a_bounded_part_of_the_input():
+    """Bug: an unknown command echoed the whole line (100 KB back)."""
+    code, out, _ = _run_line("x" * 100_000)
+    assert code == 2 and len(out) < 200 and "x" * 40 + "..." in out and out.count("\n") == 1
+    code, out, _ = _run_line("peers " + "y" * 100_000 + "=1")
+    assert code == 2 and len(out) < 200 and "..." in out
+
+
+def test_shell_job_file_errors_name_the_file_and_the_parser_message(tmp_path: Path):
+    """Bug: `train start job=@bad.toml` said "job must be TOML text or a map" (the file's bytes
+    were sent; even a good file failed), and missing arguments were reported late or not at all."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[job]\nname = "x"\nrounds = \n')
+    code, out, node = _run_line(f"train start job=@{bad}")
+    assert code == 2 and not node.sent and out.count("\n") == 1
+    assert str(bad) in out and "Invalid value (at line 3, column 10)" in out
+    good = tmp_path / "good.toml"
+    good.write_text('[job]\nname = "x"\n')
+    assert _run_line(f"train start job=@{good}")[2].sent == [("train_start", {"job": '[job]\nname = "x"\n'})]
+    code, out, node = _run_line("train start")
+    assert code == 2 and not node.sent and "train start: missing argument 'job'" in out
+    code, out, node = _run_line("agents deploy")
+    assert code == 2 and not node.sent and "agents deploy: missing argument 'ref'" in out
+    code, out, node = _run_line("agents deploy wordfreq@1")
+    assert code == 2 and not node.sent and "missing argument 'module'" in out
+
+
+def test_shell_history_file_is_owner_only(tmp_path: Path, monkeypatch):
+    """Bug: the history (it can hold secrets typed as arguments) was created 0644."""
+    from chimera.node.shell import history_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "fresh"))
+    path = history_path()
+    assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "old"))
+    old = tmp_path / "old" / "chimera-mesh" / "shell_history"
+    old.parent.mkdir(parents=True)
+    old.write_text("\n# 2024\n+secret\n")
+    old.chmod(0o644)
+    assert history_path() == old and stat.S_IMODE(old.stat().st_mode) == 0o600
+    assert old.read_text() == "\n# 2024\n+secret\n"
+
+
+def test_shell_bad_input_against_a_real_node(net, tmp_path: Path):
+    """One-shot: one line, no traceback, code 2; a piped script honours `exit`; the interactive
+    session survives all of it (and its history file is 0600)."""
+    data_dir = net.peers[0].data_dir
+    for line in ("certificate height=99999999999999999999999", "log limit=99999999999999999999",
+                 "peers foo=bar", "z" * 100_000):
+        out = _oneshot([str(data_dir), "-c", line], tmp_path)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and len(out.stderr) < 300
+    out = subprocess.run([CHIMERA, "shell", str(data_dir)], input="peers\nexit\nstatus\n", capture_output=True,
+                         text=True, timeout=60, env=_env(tmp_path))
+    assert out.returncode == 0 and out.stderr == "" and "PEER_ID" in out.stdout
+    assert "counters" not in out.stdout  # `status` after `exit` did not run
+    out = subprocess.run([CHIMERA, "shell", str(data_dir)], input="quit 3\npeers\n", capture_output=True,
+                         text=True, timeout=60, env=_env(tmp_path))
+    assert out.returncode == 3 and out.stdout == ""
+
+    child = _spawn([str(data_dir)], tmp_path)
+    try:
+        child.expect("chimera admin@")
+        child.sendline("certificate height=99999999999999999999999")
+        child.expect("error: height must be an integer in")
+        child.expect("chimera admin@")
+        child.sendline("log limit=99999999999999999999")
+        child.expect("error: limit must be an integer in")
+        child.expect("chimera admin@")
+        child.sendline("whoami")
+        child.expect("local-owner")
+        child.expect("chimera admin@")
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    history = tmp_path / "state" / "chimera-mesh" / "shell_history"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600 and "99999999999999999999999" in history.read_text()
+
+
+def test_shell_exit_ends_any_runner():
+    """Bug: in a piped script (no terminal) `exit` was "unknown command 'exit'", code 2."""
+    for line, code in (("exit", 0), ("quit", 0), ("  exit 3 ", 3)):
+        with pytest.raises(SystemExit) as done:
+            _run_line(line)
+        assert done.value.code == code
+    assert _run_line("exit now")[0] == 2
