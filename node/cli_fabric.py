@@ -9,13 +9,62 @@ module already in the node's store.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
+from typing import Callable
 
 MAX_MODULE_BYTES = 16 << 20
 MAX_INPUT_BYTES = 512 << 10        # a task's stdin travels in an envelope
 MAX_LOCAL_INPUT_BYTES = 4 << 20    # agent call runs on the local node
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+# The node's own bounds (node/fabric.py: tasks_submit, tasks_status, agents_call), checked here
+# first so that a bad value is a usage error before anything is read or sent.
+MAX_REPLICAS = 64
+MAX_GPUS = 64
+MAX_FUEL = 2**62
+MAX_MEMORY_MIB = 4096              # memory_bytes <= 1 << 32
+MAX_TASKS_KEPT = 256               # fabric.MAX_TASKS_KEPT: what tasks_status can list
+
+
+# ------------------------------------------------------- argument types (shared by the chimera CLI)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def bounded_int(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type=``: a whole number in ``lo..hi``; anything else is a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:  # also a number of more digits than int() converts
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {_shown(text)}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {_shown(text)}")
+        return value
+
+    parse.__name__ = f"integer in {lo}..{hi}"
+    return parse
+
+
+def finite_float(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite number in ``[lo, hi]`` (not NaN or infinite); else exit 2."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in [{lo:g}, {hi:g}], got {_shown(text)}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{lo:g}, {hi:g}], got {_shown(text)}")
+        return value
+
+    parse.__name__ = f"number in [{lo:g}, {hi:g}]"
+    return parse
 
 
 def _cli():
@@ -44,7 +93,7 @@ def _module_args(ref: str) -> dict:
 
 def _input_args(args: argparse.Namespace, limit: int = MAX_INPUT_BYTES) -> dict:
     if getattr(args, "text", None) is not None:
-        data = args.text.encode()
+        data = args.text.encode("utf-8", "surrogateescape")  # bytes that are not UTF-8 pass as given
     elif getattr(args, "input", None):
         data = _read(args.input, limit, "input")
     else:
@@ -136,7 +185,10 @@ def cmd_task_status(args: argparse.Namespace) -> int:
         cli._print(args, res, task_text(res))
         return cli.EXIT_OK
     res = cli._call(args, "tasks_status", {"limit": args.limit})
-    lines = [f"{'TASK':<20} {'STATE':<9} {'REPLICAS':>8} {'PEERS'}"]
+    # the node sends its latest observations whatever the limit; --limit applies to both lists
+    res["observations"] = list(res.get("observations") or [])[-args.limit:]
+    res["tasks"] = list(res["tasks"])[-args.limit:]
+    lines = [f"{'TASK':<20} {'STATE':<9} {'REPLICAS':>8} {'PEERS'}"] if res["tasks"] else ["no tasks yet"]
     for t in res["tasks"]:
         lines.append(f"{t['task_id']:<20} {t['state']:<9} {t['requirements']['replicas']:>8} "
                      + ", ".join(d["peer_id"][:10] for d in t["placement"]))
@@ -184,7 +236,8 @@ def register(sub) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--input", metavar="FILE", help="input bytes from a file (<= 4 MiB)")
     group.add_argument("--text", help="input text")
-    p.add_argument("--reply-wait-s", type=float, default=1.0, help="actor: seconds to wait for a reply")
+    p.add_argument("--reply-wait-s", type=finite_float(0.0, 60.0), default=1.0,
+                   help="actor: seconds to wait for a reply (0..60)")
     p.set_defaults(func=cmd_agent_call)
 
     task = sub.add_parser("task", help="run tasks across the peers (placement, replicas, votes)")
@@ -192,19 +245,25 @@ def register(sub) -> None:
     p = tsub.add_parser("submit", help="place a task agent run on the best peers")
     common(p)
     p.add_argument("module", metavar="FILE.wasm|SHA256")
-    p.add_argument("--input", metavar="FILE", help="stdin of the task (<= 512 KiB)")
-    p.add_argument("--text", help="stdin of the task, as text")
-    p.add_argument("--replicas", type=int, default=1, help="distinct peers that run it (1..64)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--input", metavar="FILE", help="stdin of the task (<= 512 KiB)")
+    group.add_argument("--text", help="stdin of the task, as text")
+    p.add_argument("--replicas", type=bounded_int(1, MAX_REPLICAS), default=1,
+                   help=f"distinct peers that run it (1..{MAX_REPLICAS})")
     p.add_argument("--agreement", choices=["majority", "weighted", "unanimous", "quorum"], default="majority")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs per replica")
-    p.add_argument("--fuel", type=int, default=1_000_000_000, help="fuel units per run")
-    p.add_argument("--memory-mib", type=int, help="linear memory cap (default 64 MiB)")
-    p.add_argument("--timeout-s", type=float, default=10.0, help="wall time of one run, seconds")
+    p.add_argument("--gpus", type=bounded_int(0, MAX_GPUS), default=0, help=f"GPUs per replica (0..{MAX_GPUS})")
+    p.add_argument("--fuel", type=bounded_int(1, MAX_FUEL), default=1_000_000_000, help="fuel units per run")
+    p.add_argument("--memory-mib", type=bounded_int(1, MAX_MEMORY_MIB),
+                   help=f"linear memory cap, 1..{MAX_MEMORY_MIB} (default 64 MiB)")
+    p.add_argument("--timeout-s", type=finite_float(0.001, 86_400.0), default=10.0,
+                   help="wall time of one run, seconds (at most 86400)")
     p.add_argument("--wait", action="store_true", help="wait for the accepted result")
-    p.add_argument("--wait-s", type=float, default=120.0, help="with --wait: seconds at most")
+    p.add_argument("--wait-s", type=finite_float(0.1, 3600.0), default=120.0,
+                   help="with --wait: seconds at most (0.1..3600)")
     p.set_defaults(func=cmd_task_submit)
     p = tsub.add_parser("status", help="one task in detail, or the recent ones")
     common(p)
     p.add_argument("task_id", nargs="?")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=bounded_int(1, MAX_TASKS_KEPT), default=20,
+                   help=f"the most recent tasks and observations (1..{MAX_TASKS_KEPT})")
     p.set_defaults(func=cmd_task_status)

@@ -4,7 +4,8 @@
   the consensus log and prints its id.
 * ``chimera train status [--job ID] [--follow]``: per-round accuracy, loss, updates, round time;
   ``--follow`` shows a live progress display (rich) until the jobs finish, plain lines when
-  stdout is not a terminal.
+  stdout is not a terminal (a line per evaluated round, and whenever a job's state changes);
+  with no job committed it says so and exits 1.
 * ``chimera train export PATH [--job ID] [--force]``: the latest certified model as ``.npz`` plus
   a JSON sidecar (job spec, round, digest).
 
@@ -82,14 +83,22 @@ def _status(args: argparse.Namespace) -> dict:
     return _cli()._call(args, "train_status", {"job": args.job} if args.job else {})
 
 
+MIN_POLL_S = 0.2  # every poll is an admin request, and the node writes an audit row for each
+NO_JOB = "no training job committed yet (`chimera train start JOB.toml`)"
+
+
 def cmd_train_status(args: argparse.Namespace) -> int:
     if not args.follow:
         res = _status(args)
         _cli()._print(args, res, status_text(res))
         return 0
+    res = _status(args)
+    if not res["jobs"]:
+        cli = _cli()
+        raise cli.CliError(NO_JOB, cli.EXIT_FAIL)
     if args.json or not sys.stdout.isatty():
-        return _follow_plain(args)
-    return _follow_rich(args)
+        return _follow_plain(args, res)
+    return _follow_rich(args, res)
 
 
 def _finished(res: dict) -> bool:
@@ -97,57 +106,89 @@ def _finished(res: dict) -> bool:
                                      and j["rounds"][-1]["accuracy"] is not None for j in res["jobs"])
 
 
-def _follow_plain(args: argparse.Namespace) -> int:
-    """One line per committed round (``--json``: one JSON document per round), until finished."""
+def state_line(job: dict) -> str:
+    line = (f"{job['job_id'][:16]} {job['name']}: {job['state']}, round {job['round']}, "
+            f"{job['model_round']}/{job['rounds_total']} rounds committed")
+    return line + (f", last error: {job['last_error']}" if job["last_error"] else "")
+
+
+def _changes(res: dict, seen: dict[str, tuple], printed: dict[str, int]) -> list[tuple[str, dict, dict | None]]:
+    """What a poll shows that the previous ones did not: ``("round", job, r)`` for each newly
+    evaluated round; else, when a job is new or its state, current round or last error changed,
+    ``("state", job, None)`` (a poll with new rounds of a job says enough about it)."""
+    out: list[tuple[str, dict, dict | None]] = []
+    for job in res["jobs"]:
+        key = job["job_id"]
+        rounds = [r for r in job["rounds"] if r["round"] > printed.get(key, 0) and r["accuracy"] is not None]
+        for r in rounds:
+            printed[key] = max(printed.get(key, 0), r["round"])
+            out.append(("round", job, r))
+        state = (job["state"], job["round"], job["last_error"])
+        if seen.get(key) != state:
+            seen[key] = state
+            if not rounds:
+                out.append(("state", job, None))
+    return out
+
+
+def _follow_plain(args: argparse.Namespace, res: dict) -> int:
+    """A line per evaluated round, and one when a job's state changes otherwise (``--json``: one
+    JSON document each, with ``event`` "round" or "state"), until the jobs finish."""
+    seen: dict[str, tuple] = {}
     printed: dict[str, int] = {}
     while True:
-        res = _status(args)
-        for job in res["jobs"]:
-            for r in job["rounds"]:
-                if r["round"] > printed.get(job["job_id"], 0) and r["accuracy"] is not None:
-                    printed[job["job_id"]] = r["round"]
-                    if args.json:
-                        print(json.dumps({"ok": True, "result": {"job_id": job["job_id"], **r}}), flush=True)
-                    else:
-                        print(f"{job['job_id'][:16]} {job['name']}: round {r['round']}/{job['rounds_total']} "
-                              f"accuracy {r['accuracy']:.4f} loss {r['loss']:.4f} updates {r['participants']} "
-                              f"time {_fmt(r['round_s'], '.2f')} s", flush=True)
+        for what, job, r in _changes(res, seen, printed):
+            if args.json:
+                doc = ({"event": "round", "job_id": job["job_id"], **r} if what == "round" else
+                       {"event": "state", **{k: job[k] for k in ("job_id", "name", "state", "round", "model_round",
+                                                                  "rounds_total", "last_error")}})
+                print(json.dumps({"ok": True, "result": doc}, default=str), flush=True)
+            elif what == "round":
+                print(f"{job['job_id'][:16]} {job['name']}: round {r['round']}/{job['rounds_total']} "
+                      f"accuracy {r['accuracy']:.4f} loss {_fmt(r['loss'], '.4f')} updates {r['participants']} "
+                      f"time {_fmt(r['round_s'], '.2f')} s", flush=True)
+            else:
+                print(state_line(job), flush=True)
         if _finished(res):
             return 0
         time.sleep(args.interval)
+        res = _status(args)
 
 
-def _follow_rich(args: argparse.Namespace) -> int:
+def _follow_rich(args: argparse.Namespace, res: dict) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
     bars: dict[str, int] = {}
+    seen: dict[str, tuple] = {}
     printed: dict[str, int] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("acc {task.fields[accuracy]}  loss {task.fields[loss]}"), TimeElapsedColumn(),
                   console=console) as progress:
         while True:
-            res = _status(args)
-            for job in res["jobs"]:
+            for what, job, r in _changes(res, seen, printed):
                 key = job["job_id"]
                 if key not in bars:
                     bars[key] = progress.add_task(f"{key[:12]} {job['name']}", total=job["rounds_total"],
                                                   accuracy="-", loss="-")
                     progress.console.print(job_header(job))
                     progress.console.print(ROUND_HEADER)
+                if what == "round":
+                    progress.console.print(round_line(r))
+                else:
+                    progress.console.print(state_line(job))
+            for job in res["jobs"]:
                 done = [r for r in job["rounds"] if r["accuracy"] is not None]
-                for r in done:
-                    if r["round"] > printed.get(key, 0):
-                        printed[key] = r["round"]
-                        progress.console.print(round_line(r))
                 last = done[-1] if done else None
-                progress.update(bars[key], completed=job["model_round"],
-                                accuracy=_fmt(last and last["accuracy"], ".4f"),
-                                loss=_fmt(last and last["loss"], ".4f"))
+                if job["job_id"] in bars:
+                    progress.update(bars[job["job_id"]], completed=job["model_round"],
+                                    accuracy=_fmt(last and last["accuracy"], ".4f"),
+                                    loss=_fmt(last and last["loss"], ".4f"))
             if _finished(res):
                 return 0
             time.sleep(args.interval)
+            res = _status(args)
 
 
 def export_paths(path_text: str, force: bool) -> tuple[Path, Path]:
@@ -199,6 +240,7 @@ def register(sub) -> None:
     """Add ``chimera train ...`` to the CLI's subparsers ``sub``."""
     train = sub.add_parser("train", help="federated training: start a job, follow it, export the model")
     train_sub = train.add_subparsers(dest="train_command", required=True)
+    from .cli_fabric import finite_float
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="node data directory (default: $CHIMERA_HOME or "
@@ -208,13 +250,15 @@ def register(sub) -> None:
     p = train_sub.add_parser("start", help="commit a training job (TOML, see examples/digits-job.toml)")
     common(p)
     p.add_argument("job_file", metavar="JOB.toml")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job's commit")
+    p.add_argument("--timeout", type=finite_float(0.1, 600.0), default=60.0,
+                   help="seconds to wait for the job's commit (0.1..600)")
     p.set_defaults(func=cmd_train_start)
     p = train_sub.add_parser("status", help="jobs and per-round accuracy/loss")
     common(p)
     p.add_argument("--job", help="job id (prefix) or name (default: all jobs)")
     p.add_argument("--follow", action="store_true", help="follow until the jobs finish (progress display)")
-    p.add_argument("--interval", type=float, default=0.5, help="seconds between polls with --follow")
+    p.add_argument("--interval", type=finite_float(MIN_POLL_S, 3600.0), default=0.5,
+                   help=f"seconds between polls with --follow ({MIN_POLL_S:g}..3600; each poll is audited)")
     p.set_defaults(func=cmd_train_status)
     p = train_sub.add_parser("export", help="write the latest certified model as .npz + JSON sidecar")
     common(p)

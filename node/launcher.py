@@ -14,7 +14,14 @@ from chimera.protocol.errors import InvalidTokenError
 from chimera.protocol.network import Network
 
 from . import admin
+from .config import ConfigError
 from .keys import load_or_create_identity, save_network
+
+MAX_LOCAL_PEERS = 64  # `chimera up --peers N` / `chimera demo --peers N`: N in 1..64
+
+
+class LaunchError(ConfigError, ValueError):
+    """The local network cannot be laid out as asked (the CLI reports a usage error, exit 2)."""
 
 
 @dataclass
@@ -90,11 +97,17 @@ class LocalNetwork:
     each other by peer exchange (and mDNS when ``mdns`` is true). With
     ``genesis`` (default) every peer's identity is created up front and all N
     are the genesis validators of the network's consensus log.
+
+    Raises:
+        LaunchError (a ValueError): ``peers`` is not in 1..MAX_LOCAL_PEERS (checked before
+            anything is created under ``workdir``).
     """
 
     def __init__(self, workdir: Path, peers: int, *, mdns: bool = False,
                  extra_args: list[str] | None = None, name: str = "local",
                  genesis: bool = True, epoch_length: int = 100) -> None:
+        if type(peers) is not int or not 1 <= peers <= MAX_LOCAL_PEERS:
+            raise LaunchError(f"the number of peers must be in 1..{MAX_LOCAL_PEERS}, not {peers!r}")
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra = list(extra_args or [])

@@ -11,10 +11,13 @@ reserves large virtual address ranges for WASM linear memories.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from .config import PROFILES, ConfigError
 
 UNIT_NAME = "chimera-node.service"
 
@@ -64,10 +67,39 @@ WantedBy=multi-user.target
 """
 
 
+class UnitError(ConfigError, ValueError):
+    """A unit parameter is unusable (the CLI reports it as a usage error, exit 2)."""
+
+
+class InstallError(OSError):
+    """Installing went wrong after the unit file was written: creating the system user or
+    reloading systemd failed (the CLI reports it as a runtime failure, exit 1)."""
+
+
+# What a unit's ExecStart= can hold as is: systemd would split on spaces and expand $, % and \.
+_EXEC_RE = re.compile(r"/[\w/.+,:@~=-]*")
+# useradd's default NAME_REGEX, at most 32 characters
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")
+
+
 def render_unit(chimera: str, user: str = "chimera", profile: str | None = None) -> str:
-    """The unit text for the ``chimera`` executable at ``chimera`` (an absolute path)."""
+    """The unit text for the ``chimera`` executable at ``chimera`` (an absolute path).
+
+    Raises:
+        UnitError (a ValueError): ``chimera`` is not an absolute path a unit line can hold,
+            ``user`` is no valid system user name, or ``profile`` is no profile of
+            node/config.py's PROFILES.
+    """
     if not os.path.isabs(chimera):
-        raise ValueError(f"the chimera executable must be an absolute path, got {chimera!r}")
+        raise UnitError(f"the chimera executable must be an absolute path, got {chimera!r}")
+    if not _EXEC_RE.fullmatch(chimera):
+        raise UnitError(f"the chimera executable {chimera!r} has characters a unit's ExecStart= "
+                        "cannot hold as is (space, quote, $, %, \\, control)")
+    if not _USER_RE.fullmatch(user):
+        raise UnitError(f"{user!r} is no valid system user name (lower-case letters, digits, _ and -, "
+                        "at most 32)")
+    if profile is not None and profile not in PROFILES:
+        raise UnitError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
     extra = f" --profile {profile}" if profile else ""
     return UNIT_TEMPLATE.format(user=user, chimera=chimera, extra_args=extra)
 
@@ -77,13 +109,31 @@ def default_executable() -> str:
     return str(Path(found).resolve()) if Path(found).exists() else found
 
 
+def _run(argv: list[str], what: str, done: str, check: bool = True) -> int:
+    """Run ``argv``; its exit status. InstallError (one line, with its stderr) when it cannot
+    run, or with ``check`` when it exits non-zero; ``done`` says what was done before."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"{what} failed: {exc}; {done}") from None
+    if check and out.returncode != 0:
+        detail = " ".join((out.stderr or out.stdout or "").split()) or "no message"
+        raise InstallError(f"{what} failed (exit {out.returncode}): {detail}; {done}")
+    return out.returncode
+
+
 def install(unit_text: str, *, root: Path = Path("/"), user: str = "chimera",
             activate: bool = True) -> list[str]:
     """Write the unit under ``root`` and, when ``activate``, create the system user and
     reload systemd. Returns what was done, one line per step.
 
+    ``getent``, ``useradd`` and ``systemctl`` are looked up on ``PATH`` (tests point it at stand-ins
+    and ``root`` at a temporary directory).
+
     Raises:
         PermissionError: not allowed to write the unit file (run as root).
+        InstallError (an OSError): the unit is written but ``useradd`` or ``systemctl
+            daemon-reload`` failed; the message says which, with its stderr.
     """
     steps = []
     unit_dir = root / "etc/systemd/system"
@@ -93,13 +143,21 @@ def install(unit_text: str, *, root: Path = Path("/"), user: str = "chimera",
     path.chmod(0o644)
     steps.append(f"wrote {path}")
     if activate:
-        if shutil.which("getent") and subprocess.run(["getent", "passwd", user],
-                                                     capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/chimera",
-                            "--shell", "/usr/sbin/nologin", user], check=True)
+        done = f"wrote {path}"
+        getent = shutil.which("getent")
+        if getent and _run([getent, "passwd", user], f"getent passwd {user}", done, check=False) != 0:
+            useradd = shutil.which("useradd")
+            if useradd is None:
+                raise InstallError(f"no system user {user} and no useradd to create it; {done}")
+            _run([useradd, "--system", "--no-create-home", "--home-dir", "/var/lib/chimera",
+                  "--shell", "/usr/sbin/nologin", user], f"useradd {user}", done)
             steps.append(f"created system user {user}")
-        if shutil.which("systemctl"):
-            subprocess.run(["systemctl", "daemon-reload"], check=False)
+            done += f" and created system user {user}"
+        systemctl = shutil.which("systemctl")
+        if systemctl is None:
+            steps.append("no systemctl on PATH: systemd was not reloaded")
+        else:
+            _run([systemctl, "daemon-reload"], "systemctl daemon-reload", done)
             steps.append("ran systemctl daemon-reload")
         steps.append(f"next: chimera network init --data-dir /var/lib/chimera (or put a join token in "
                      f"/var/lib/chimera/network.token), then systemctl enable --now {UNIT_NAME}")

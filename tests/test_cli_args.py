@@ -1,0 +1,362 @@
+"""The ``chimera`` command's argument checks and exit codes (README: 0 success, 1 runtime failure,
+2 usage or configuration error, 3 no node answered; errors one line on stderr, never a traceback).
+
+Most checks need no node: argparse (or the command, before anything is created) rejects first.
+Node answers are stood in for by replacing ``cli._call``; systemd by scripts on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chimera.node import cli, cli_fabric, cli_train, service
+from chimera.node.launcher import MAX_LOCAL_PEERS, LaunchError, LocalNetwork
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_node(monkeypatch):
+    """Fail the test if a command got as far as asking a node."""
+
+    def call(*a, **kw):
+        raise AssertionError(f"reached the node: {a[1:]}")
+
+    monkeypatch.setattr(cli, "_call", call)
+
+
+@pytest.fixture
+def wasm(tmp_path: Path) -> Path:
+    path = tmp_path / "m.wasm"
+    path.write_bytes(b"\0asm\1\0\0\0")
+    (tmp_path / "in.txt").write_text("hi")
+    return path
+
+
+HUGE = "99999999999999999999999"
+BAD_ARGS = [
+    *[["task", "submit", "{wasm}", "--wait", "--wait-s", v] for v in ("nan", "inf", "-inf", "0", "-1", "3601", "x")],
+    *[["task", "submit", "{wasm}", "--fuel", v] for v in (HUGE, "0", "-5", "1.5", "9" * 5000)],
+    *[["task", "submit", "{wasm}", "--replicas", v] for v in ("0", "65", HUGE)],
+    ["task", "submit", "{wasm}", "--gpus", "-1"],
+    ["task", "submit", "{wasm}", "--gpus", "65"],
+    ["task", "submit", "{wasm}", "--memory-mib", "0"],
+    ["task", "submit", "{wasm}", "--memory-mib", HUGE],
+    ["task", "submit", "{wasm}", "--timeout-s", "nan"],
+    ["task", "submit", "{wasm}", "--timeout-s", "0"],
+    ["task", "submit", "{wasm}", "--input", "{tmp}/in.txt", "--text", "T"],
+    *[["task", "status", "--limit", v] for v in (HUGE, "0", "-1", "257", "abc")],
+    *[["train", "status", "--follow", "--interval", v] for v in ("-1", "0", "0.1", "nan", "inf")],
+    ["train", "start", "job.toml", "--timeout", "inf"],
+    ["train", "start", "job.toml", "--timeout", "0"],
+    ["agent", "call", "x", "--reply-wait-s", "-1"],
+    ["agent", "call", "x", "--reply-wait-s", "nan"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGS, ids=lambda a: " ".join(x[:12] for x in a))
+def test_bad_arguments_are_usage_errors(argv, tmp_path, wasm, capsys, no_node):
+    argv = [a.format(wasm=wasm, tmp=tmp_path) for a in argv] + ["--data-dir", tmp_path / "dd"]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and out == ""
+    assert err.splitlines()[-1].startswith(f"chimera {argv[0]} {argv[1]}: error: argument "), err
+    assert not (tmp_path / "dd").exists()
+
+
+def test_input_and_text_are_exclusive_and_each_alone_accepted(wasm, tmp_path):
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["task", "submit", str(wasm), "--input", "f", "--text", "t"])
+    assert parser.parse_args(["task", "submit", str(wasm), "--text", "t"]).text == "t"
+    assert parser.parse_args(["task", "submit", str(wasm), "--input", "f"]).input == "f"
+
+
+def test_bounds_themselves_are_accepted(wasm):
+    parser = cli.build_parser()
+    args = parser.parse_args(["task", "submit", str(wasm), "--wait-s", "0.1", "--fuel", str(2**62),
+                              "--replicas", "64", "--gpus", "0", "--memory-mib", "4096", "--timeout-s", "86400"])
+    assert (args.wait_s, args.fuel, args.replicas, args.memory_mib, args.timeout_s) == (0.1, 2**62, 64, 4096, 86400.0)
+    assert parser.parse_args(["task", "status", "--limit", "256"]).limit == 256
+    assert parser.parse_args(["train", "status", "--follow", "--interval", "0.2"]).interval == 0.2
+    assert parser.parse_args(["train", "status"]).interval == 0.5
+
+
+def test_cli_bounds_match_the_nodes():
+    from chimera.node import fabric
+
+    assert cli_fabric.MAX_TASKS_KEPT == fabric.MAX_TASKS_KEPT
+
+
+@pytest.mark.parametrize("argv", [
+    ["task", "submit", "m.wasm", "--wait", "--wait-s", "nan"],
+    ["task", "submit", "m.wasm", "--fuel", HUGE],
+    ["task", "status", "--limit", HUGE],
+    ["train", "status", "--follow", "--interval", "-1"],
+    ["up", "--peers", "0", "--workdir", "w"],
+    ["up", "--peers", "-1", "--workdir", "w"],
+    ["service", "unit", "--executable", "relative/path"],
+    ["service", "unit", "--profile", "bogus"],
+], ids=" ".join)
+def test_reported_cases_through_the_real_command(argv, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "chimera.node", *argv], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, CHIMERA_HOME=str(tmp_path / "home")))
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert out.stderr.splitlines()[-1].startswith("chimera"), out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------ chimera up
+
+
+@pytest.mark.parametrize("peers", ["0", "-1", str(MAX_LOCAL_PEERS + 1)])
+def test_up_rejects_a_peer_count_outside_the_bounds(peers, tmp_path, capsys):
+    code, out, err = run_cli(["up", "--peers", peers, "--workdir", tmp_path / "w"], capsys)
+    assert code == 2 and out == ""
+    assert err == f"chimera: the number of peers must be in 1..{MAX_LOCAL_PEERS}, not {peers}\n"
+    assert not (tmp_path / "w").exists()
+
+
+def test_up_bounds_are_usable(tmp_path):
+    assert len(LocalNetwork(tmp_path / "a", MAX_LOCAL_PEERS).peers) == MAX_LOCAL_PEERS
+    with pytest.raises(ValueError):
+        LocalNetwork(tmp_path / "b", 0)
+    assert issubclass(LaunchError, ValueError)
+
+
+def test_up_with_one_peer_starts_and_stops_on_ctrl_c(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "chimera.node", "up", "--peers", "1", "--workdir",
+                             str(tmp_path / "w")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("press Ctrl-C"):
+                break
+        else:
+            pytest.fail(f"up exited early: {proc.wait()} {proc.stderr.read()}")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # 130: the Ctrl-C came before cmd_up installed its handler (it prints the prompt first);
+    # the peers are stopped either way
+    assert proc.returncode in (0, 130), err
+    assert "stopped 1 peers (exit codes [0])" in out and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ chimera train status --follow
+
+
+def job(state="running", rnd=1, done=0, error=None, total=3) -> dict:
+    rounds = [{"round": n, "accuracy": 0.5 + n / 10, "loss": 1.0 / n, "participants": 1, "round_s": 1.0,
+               "fit_s": 0.1, "bytes_sent": 10, "digest": "ab" * 32} for n in range(1, done + 1)]
+    return {"job_id": "f0" * 32, "name": "digits", "state": state, "participant": True, "round": rnd,
+            "model_round": done, "rounds_total": total, "rule": "fedavg", "participants": 1, "quorum": 1,
+            "last_error": error, "rounds": rounds}
+
+
+@pytest.fixture
+def node_answers(monkeypatch):
+    """``set(answers)``: the node's train_status/tasks_status answers, one per call; ``polls``
+    counts calls, ``sleeps`` the follow intervals. Past the last answer, Ctrl-C."""
+    state = {"answers": [], "polls": 0, "sleeps": []}
+
+    def call(args, cmd, cargs=None, timeout_s=10.0):
+        state["polls"] += 1
+        if not state["answers"]:
+            raise KeyboardInterrupt
+        return state["answers"].pop(0)
+
+    monkeypatch.setattr(cli, "_call", call)
+    monkeypatch.setattr(cli_train.time, "sleep", lambda s: state["sleeps"].append(s))
+    return state
+
+
+def test_follow_without_a_job_says_so_and_exits_1(node_answers, capsys):
+    node_answers["answers"] = [{"jobs": []}]
+    code, out, err = run_cli(["train", "status", "--follow"], capsys)
+    assert code == 1 and out == ""
+    assert err == f"chimera: {cli_train.NO_JOB}\n" and "no training job" in err
+    assert node_answers["polls"] == 1
+
+
+def test_follow_prints_a_stuck_job_once_and_every_change(node_answers, capsys):
+    node_answers["answers"] = [{"jobs": [job()]}] * 4 + [{"jobs": [job(error="no quorum")]}] * 3
+    code, out, err = run_cli(["train", "status", "--follow", "--interval", "0.25"], capsys)
+    assert code == 130, err  # the stand-in's Ctrl-C after the last answer
+    assert out.splitlines() == [
+        f"{'f0' * 8} digits: running, round 1, 0/3 rounds committed",
+        f"{'f0' * 8} digits: running, round 1, 0/3 rounds committed, last error: no quorum"]
+    assert node_answers["sleeps"] == [0.25] * 7
+
+
+def test_follow_prints_rounds_and_stops_when_finished(node_answers, capsys):
+    node_answers["answers"] = [{"jobs": [job()]}, {"jobs": [job(rnd=2, done=1)]},
+                               {"jobs": [job(state="finished", rnd=3, done=3)]}]
+    code, out, err = run_cli(["train", "status", "--follow"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    # a poll with new rounds of a job prints those, not its state too
+    assert [l.split(": ", 1)[1].split(" accuracy")[0] for l in lines] == [
+        "running, round 1, 0/3 rounds committed", "round 1/3", "round 2/3", "round 3/3"]
+    assert node_answers["polls"] == 3 and node_answers["sleeps"] == [0.5, 0.5]
+
+
+def test_follow_prints_a_state_change_without_new_rounds(node_answers, capsys):
+    node_answers["answers"] = [{"jobs": [job(rnd=2, done=1)]}, {"jobs": [job(rnd=3, done=1)]},
+                               {"jobs": [job(state="finished", rnd=3, done=3)]}]
+    code, out, err = run_cli(["train", "status", "--follow"], capsys)
+    assert code == 0, err
+    assert [l.split(": ", 1)[1].split(" accuracy")[0] for l in out.splitlines()] == [
+        "round 1/3", "running, round 3, 1/3 rounds committed", "round 2/3", "round 3/3"]
+
+
+def test_follow_json_has_one_document_per_change(node_answers, capsys):
+    import json
+
+    node_answers["answers"] = [{"jobs": [job()]}, {"jobs": [job(state="finished", rnd=1, done=1, total=1)]}]
+    code, out, err = run_cli(["train", "status", "--follow", "--json"], capsys)
+    docs = [json.loads(l) for l in out.splitlines()]
+    assert code == 0 and all(d["ok"] for d in docs)
+    assert [(d["result"]["event"], d["result"].get("state"), d["result"]["round"]) for d in docs] == [
+        ("state", "running", 1), ("round", None, 1)]
+    assert docs[0]["result"]["job_id"] == docs[1]["result"]["job_id"] == "f0" * 32
+
+
+# ------------------------------------------------------------------ chimera task status
+
+
+FABRIC = {"task_slots": 2, "tasks_running": 0, "peers_with_capacity": []}
+
+
+def test_task_status_without_tasks_says_so(node_answers, capsys):
+    node_answers["answers"] = [{"fabric": FABRIC, "observations": [], "tasks": []}]
+    code, out, err = run_cli(["task", "status"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == ["no tasks yet", "0/2 task slots busy here; 0 peers advertise capacity"]
+
+
+def test_task_status_limit_applies_to_observations(node_answers, capsys):
+    import json
+
+    task = {"task_id": "t1", "state": "accepted", "requirements": {"replicas": 1}, "placement": []}
+    node_answers["answers"] = [{"fabric": FABRIC, "observations": [{"n": i} for i in range(50)],
+                                "tasks": [dict(task, task_id=f"t{i}") for i in range(5)]}]
+    code, out, err = run_cli(["task", "status", "--limit", "3", "--json"], capsys)
+    res = json.loads(out)["result"]
+    assert code == 0, err
+    assert res["observations"] == [{"n": 47}, {"n": 48}, {"n": 49}]
+    assert [t["task_id"] for t in res["tasks"]] == ["t2", "t3", "t4"]
+
+
+# ------------------------------------------------------------------ chimera service
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["unit", "--executable", "relative/path"], "must be an absolute path"),
+    (["unit", "--executable", "/opt/my dir/chimera"], "cannot hold"),
+    (["unit", "--profile", "bogus"], "unknown profile 'bogus'; known: default, edge"),
+    (["unit", "--user", "a\nExecStartPre=/bin/sh"], "no valid system user name"),
+    (["install", "--root", "{tmp}/root", "--profile", "bogus"], "unknown profile"),
+])
+def test_service_rejects_bad_unit_parameters(argv, message, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, out, err = run_cli(["service", *argv, *([] if "--executable" in argv else
+                                                  ["--executable", "/usr/bin/chimera"])], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("chimera: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "root").exists()
+
+
+def test_service_unit_accepts_every_profile(capsys):
+    from chimera.node.config import PROFILES
+
+    for profile in PROFILES:
+        code, out, _ = run_cli(["service", "unit", "--executable", "/usr/bin/chimera", "--profile", profile],
+                               capsys)
+        assert code == 0 and f"ExecStart=/usr/bin/chimera node --log-json --profile {profile}\n" in out
+
+
+@pytest.fixture
+def fake_system(tmp_path: Path, monkeypatch):
+    """``PATH`` holds only stand-ins for getent, useradd and systemctl (nothing on this machine
+    can be changed); ``make(name, code, stderr)`` writes one. ``install`` activates even
+    below a staging root."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+
+    def make(name: str, code: int, stderr: str = "") -> None:
+        path = bin_dir / name  # builtins only: PATH has nothing else
+        path.write_text(f"#!/bin/sh\necho \"$0 $*\" >> {shlex.quote(str(tmp_path / 'ran'))}\n"
+                        f"printf '%s' {shlex.quote(stderr)} >&2\nexit {code}\n")
+        path.chmod(0o755)
+
+    monkeypatch.setenv("PATH", str(bin_dir))
+    real_install = service.install
+    monkeypatch.setattr(service, "install", lambda unit, **kw: real_install(unit, **{**kw, "activate": True}))
+    return make
+
+
+def ran(tmp_path: Path) -> list[str]:
+    path = tmp_path / "ran"
+    return [Path(l.split()[0]).name + " " + " ".join(l.split()[1:]) for l in path.read_text().splitlines()] \
+        if path.exists() else []
+
+
+def install_argv(tmp_path: Path) -> list:
+    return ["service", "install", "--root", tmp_path / "root", "--executable", "/usr/bin/chimera"]
+
+
+def test_service_install_reports_a_failed_daemon_reload(fake_system, tmp_path, capsys):
+    fake_system("getent", 0)
+    fake_system("systemctl", 1, "System has not been booted with systemd as init system (PID 1).\nCan't operate.")
+    code, out, err = run_cli(install_argv(tmp_path), capsys)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("chimera: systemctl daemon-reload failed (exit 1): System has not been booted "
+                          "with systemd as init system (PID 1). Can't operate.; wrote ")
+    assert (tmp_path / "root/etc/systemd/system/chimera-node.service").exists()
+    assert ran(tmp_path) == ["getent passwd chimera", "systemctl daemon-reload"]
+
+
+def test_service_install_reports_a_failed_useradd(fake_system, tmp_path, capsys):
+    fake_system("getent", 2)
+    fake_system("useradd", 1, "useradd: cannot lock /etc/passwd")
+    fake_system("systemctl", 0)
+    code, out, err = run_cli(install_argv(tmp_path), capsys)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("chimera: useradd chimera failed (exit 1): useradd: cannot lock /etc/passwd; wrote ")
+    assert [r.split()[0] for r in ran(tmp_path)] == ["getent", "useradd"]
+
+
+def test_service_install_steps_when_everything_works(fake_system, tmp_path, capsys):
+    fake_system("getent", 2)
+    fake_system("useradd", 0)
+    fake_system("systemctl", 0)
+    code, out, err = run_cli(install_argv(tmp_path), capsys)
+    assert code == 0, err
+    assert out.splitlines()[1:3] == ["created system user chimera", "ran systemctl daemon-reload"]
+    assert ran(tmp_path)[-1] == "systemctl daemon-reload"
+
+
+def test_service_install_without_systemctl_says_so(fake_system, tmp_path, capsys):
+    fake_system("getent", 0)
+    code, out, err = run_cli(install_argv(tmp_path), capsys)
+    assert code == 0, err
+    assert "no systemctl on PATH: systemd was not reloaded" in out.splitlines()
