@@ -9,20 +9,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from chimera.protocol.errors import InvalidTokenError, LocalProtocolError
-from chimera.protocol.network import Network
+from chimera.protocol.network import MAX_EPOCH_LENGTH, Network
 
 from . import admin
-from .config import ConfigError, default_data_dir, load_config
+from .cli_fabric import bounded_int, finite_float
+from .config import PROFILES, ConfigError, default_data_dir, load_config
 from .keys import KeyFileError, load_network, load_or_create_identity, save_network
+from .launcher import MAX_LOCAL_PEERS
 from .logs import printable, setup_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_NODE = 0, 1, 2, 3
@@ -341,13 +341,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"join token: {workdir / 'network.token'}")
         ok = net.wait_for(net.full_mesh, timeout_s=30)
         print("full mesh formed" if ok else "mesh still forming (see `chimera peers`)")
-        print("press Ctrl-C to stop all peers", flush=True)
         stop = asyncio.Event()
 
         async def wait() -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            print("press Ctrl-C to stop all peers", flush=True)
             while not stop.is_set():
                 if not all(p.alive() for p in net.peers):
                     dead = [p.index for p in net.peers if not p.alive()]
@@ -391,8 +391,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: a usage error is one line on stderr
+    (``chimera CMD: MESSAGE (see chimera CMD --help)``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chimera", description="Chimera Mesh peer")
+    parser = _Parser(prog="chimera", description="Chimera Mesh peer")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, ep in sorted((plugins or {}).items()):
         # listed for --help only: main() hands these to the plugin before parsing
@@ -415,7 +423,8 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
                    help="another genesis validator of the consensus log (repeatable)")
     p.add_argument("--no-local-validator", action="store_true",
                    help="do not make this data dir's peer a genesis validator")
-    p.add_argument("--epoch-length", type=int, default=100, help="heights per consensus epoch")
+    p.add_argument("--epoch-length", type=bounded_int(1, MAX_EPOCH_LENGTH), default=100,
+                   help="heights per consensus epoch")
     p.set_defaults(func=cmd_network_init)
     p = net_sub.add_parser("token", help="print the join token of this data dir's network")
     data_dir_arg(p)
@@ -426,7 +435,7 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.add_argument("--join", metavar="TOKEN", help="join the network of this token")
     p.add_argument("--config", help="TOML config file (default DATA_DIR/config.toml)")
     p.add_argument("--listen", help="address to bind (default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="TCP port (default 7420; 0 = any free port)")
+    p.add_argument("--port", type=bounded_int(0, 65535), help="TCP port (default 7420; 0 = any free port)")
     p.add_argument("--advertise", action="append", help="address peers should dial (repeatable)")
     p.add_argument("--bootstrap", action="append", metavar="CONTACT",
                    help="contact URI chm://PEER_ID@HOST:PORT?key=KEY (repeatable)")
@@ -434,7 +443,7 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.add_argument("--no-mdns", action="store_true", help="disable zeroconf discovery")
     p.add_argument("--profile", help="deployment profile: default or edge (1-4 GB machines); "
                                      "advertised to peers")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on metrics_host "
+    p.add_argument("--metrics-port", type=bounded_int(-1, 65535), help="serve Prometheus /metrics on metrics_host "
                                                      "(127.0.0.1) at this port (needs [metrics])")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field")
     p.add_argument("--log-json", action="store_true", help="JSON log lines")
@@ -451,12 +460,12 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     data_dir_arg(p)
     json_arg(p)
     p.add_argument("peer_id")
-    p.add_argument("--count", type=int, default=5)
+    p.add_argument("--count", type=bounded_int(1, 1000), default=5)
     p.set_defaults(func=cmd_ping)
     p = sub.add_parser("events", help="recent events of the local node (membership, consensus)")
     data_dir_arg(p)
     json_arg(p)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=bounded_int(1, 10_000), default=50)
     p.add_argument("--kind", help="only these kinds (comma-separated, e.g. peer_failed,decision_committed)")
     p.add_argument("--min-priority", default="debug", choices=("debug", "info", "notice", "warning", "error", "critical"),
                    help="only events at or above this priority")
@@ -465,18 +474,18 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     data_dir_arg(p)
     json_arg(p)
     p.add_argument("value", help="the decision (text, at most 2048 bytes UTF-8)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the commit")
+    p.add_argument("--timeout", type=finite_float(0.1, 3600.0), default=30.0, help="seconds to wait for the commit")
     p.set_defaults(func=cmd_propose)
     p = sub.add_parser("log", help="the committed decisions of the consensus log")
     data_dir_arg(p)
     json_arg(p)
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--from-height", type=int, help="start here (default: the latest decisions)")
+    p.add_argument("--limit", type=bounded_int(1, 10_000), default=20)
+    p.add_argument("--from-height", type=bounded_int(1, 2**63 - 1), help="start here (default: the latest decisions)")
     p.set_defaults(func=cmd_log)
     p = sub.add_parser("certificate", help="the quorum certificate of a committed height (default: the last)")
     data_dir_arg(p)
     json_arg(p)
-    p.add_argument("height", type=int, nargs="?")
+    p.add_argument("height", type=bounded_int(1, 2**63 - 1), nargs="?")
     p.set_defaults(func=cmd_certificate)
     p = sub.add_parser("reputation", help="committed voting weights and this node's local scores")
     data_dir_arg(p)
@@ -489,7 +498,7 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.set_defaults(func=cmd_resources)
 
     p = sub.add_parser("up", help="launch N peer processes on this machine")
-    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4)
     p.add_argument("--workdir", help="keep each peer's data dir under this folder")
     p.add_argument("--mdns", action="store_true", help="also discover by mDNS (default: bootstrap + peer exchange)")
     p.set_defaults(func=cmd_up)
@@ -501,14 +510,14 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
         p = svc_sub.add_parser(name, help=help_)
         p.add_argument("--executable", help="absolute path of chimera (default: this one)")
         p.add_argument("--user", default="chimera", help="system user to run as")
-        p.add_argument("--profile", help="e.g. edge for 1-4 GB machines")
+        p.add_argument("--profile", choices=sorted(PROFILES), help="e.g. edge for 1-4 GB machines")
         if name == "install":
             p.add_argument("--root", default="/", help="install below this root (staging; "
                                                        "no user creation, no systemctl)")
         p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("demo", help="bring up a local network, show it working, stop")
-    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4)
     p.add_argument("--workdir", help="keep the peers' data dirs and logs here")
     p.add_argument("--hold", action="store_true",
                    help="after the report, keep the network running (attach `chimera shell DATA_DIR`) "
