@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import struct
@@ -34,8 +35,9 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
 
-from chimera.protocol.errors import RemoteProtocolError
+from chimera.protocol.errors import MalformedError, RemoteProtocolError
 from chimera.protocol.identity import fingerprint
+from chimera.protocol.messages import reject_duplicate_keys
 
 from . import admin_keys
 from .admin_keys import COMMAND_HELP, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
@@ -67,6 +69,124 @@ class AdminError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
         super().__init__(message)
         self.code = code
+
+
+# ------------------------------------------------------------ argument helpers
+#
+# Every admin handler reads its arguments through these: a value of the wrong
+# type (a bool for an int, a float or text for an int, inf or NaN for a number)
+# or out of range is a usage error (code 2) naming the argument, never an
+# internal error. An absent argument, or one given as nil, takes ``default``;
+# without a default it is required.
+
+REQUIRED: Any = object()
+"""``default`` of an argument that must be given."""
+SQL_INT_MAX = 2**63 - 1
+"""The largest integer SQLite stores (a bound for heights, counts and ids read from the store)."""
+
+
+def _shown(value: object) -> str:
+    if type(value) is int and value.bit_length() > 128:  # repr of a 5000-digit int raises
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)  # 5.0, not 5: the value as it arrived
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _present(args: dict, name: str, default: Any) -> tuple[bool, Any]:
+    """(given, value): the argument, or ``default`` when it is absent or nil."""
+    value = args.get(name)
+    if value is None:
+        if default is REQUIRED:
+            raise AdminError(f"missing argument {name!r}", EXIT_USAGE)
+        return False, default
+    return True, value
+
+
+def int_arg(args: dict, name: str, default: Any = REQUIRED, lo: int = 0, hi: int = SQL_INT_MAX) -> Any:
+    """``args[name]`` as an int in ``lo..hi`` (``default``, returned as is, when absent or nil).
+
+    Raises:
+        AdminError (EXIT_USAGE): missing without a default, not an int (a bool, a
+            float, text) or outside ``lo..hi``.
+    """
+    given, value = _present(args, name, default)
+    if not given:
+        return value
+    if type(value) is not int:
+        raise AdminError(f"{name} must be an integer in {lo}..{hi}, not {_shown(value)}", EXIT_USAGE)
+    if not lo <= value <= hi:
+        raise AdminError(f"{name} must be in {lo}..{hi}, not {_shown(value)}", EXIT_USAGE)
+    return value
+
+
+def float_arg(args: dict, name: str, default: Any = REQUIRED, lo: float = 0.0, hi: float = 1e9) -> Any:
+    """``args[name]`` (an int or a float) as a finite float in ``[lo, hi]`` (``default`` when absent).
+
+    Raises:
+        AdminError (EXIT_USAGE): missing without a default, not a number (a bool,
+            text), infinite, NaN or outside ``[lo, hi]``.
+    """
+    given, value = _present(args, name, default)
+    if not given:
+        return value
+    if type(value) not in (int, float):
+        raise AdminError(f"{name} must be a number in [{lo:g}, {hi:g}], not {_shown(value)}", EXIT_USAGE)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and lo <= number <= hi):
+        raise AdminError(f"{name} must be in [{lo:g}, {hi:g}], not {_shown(value)}", EXIT_USAGE)
+    return number
+
+
+def str_arg(args: dict, name: str, default: Any = REQUIRED, max_len: int = 1024,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """``args[name]`` as text of at most ``max_len`` characters (one of ``choices`` if given).
+
+    Raises:
+        AdminError (EXIT_USAGE): missing without a default, not text, too long, or not a choice.
+    """
+    given, value = _present(args, name, default)
+    if not given:
+        return value
+    if type(value) is not str:
+        raise AdminError(f"{name} must be text, not {type(value).__name__} {_shown(value)}", EXIT_USAGE)
+    if len(value) > max_len:
+        raise AdminError(f"{name} is {len(value)} characters; the limit is {max_len}", EXIT_USAGE)
+    if choices is not None and value not in choices:
+        raise AdminError(f"{name} must be one of {', '.join(choices)}, not {_shown(value)}", EXIT_USAGE)
+    return value
+
+
+def bool_arg(args: dict, name: str, default: Any = False) -> Any:
+    """``args[name]`` as a bool (true or false only; ``default`` when absent).
+
+    Raises:
+        AdminError (EXIT_USAGE): missing without a default, or not a bool.
+    """
+    given, value = _present(args, name, default)
+    if not given:
+        return value
+    if type(value) is not bool:
+        raise AdminError(f"{name} must be true or false, not {_shown(value)}", EXIT_USAGE)
+    return value
+
+
+def bytes_arg(args: dict, name: str, default: Any = REQUIRED, max_len: int = 65536) -> Any:
+    """``args[name]`` as bytes of at most ``max_len`` (``default`` when absent).
+
+    Raises:
+        AdminError (EXIT_USAGE): missing without a default, not bytes, or too long.
+    """
+    given, value = _present(args, name, default)
+    if not given:
+        return value
+    if type(value) is not bytes:
+        raise AdminError(f"{name} must be bytes, not {type(value).__name__}", EXIT_USAGE)
+    if len(value) > max_len:
+        raise AdminError(f"{name} is {len(value)} bytes; the limit is {max_len}", EXIT_USAGE)
+    return value
 
 
 Handler = Callable[[dict], Awaitable[Any]]
@@ -219,7 +339,11 @@ class AdminServer:
             return finish(anonymous, _error(f"uid {uid} is not this node's owner", EXIT_REFUSED),
                           "refused: not the owner")
         try:
-            req = msgpack.unpackb(body, raw=False, ext_hook=admin_keys._no_ext, strict_map_key=True)
+            req = msgpack.unpackb(body, raw=False, ext_hook=admin_keys._no_ext, strict_map_key=True,
+                                  object_pairs_hook=reject_duplicate_keys)
+        except MalformedError:  # a map with a repeated key: which one counts is ambiguous, run nothing
+            return finish(anonymous, _error("request has a map with a duplicate key", EXIT_USAGE),
+                          "error: duplicate map key")
         except Exception:
             return finish(anonymous, _error("request is not msgpack", EXIT_USAGE), "error: not msgpack")
         if type(req) is not dict:
@@ -230,6 +354,9 @@ class AdminServer:
                               "refused: no key ring")
             try:
                 signed = self.verifier.verify(req, time.time_ns() // 1_000_000)
+            except admin_keys.MalformedRequest as exc:
+                principal = Principal(f"{exc.who} via {anonymous.who}", exc.role, transport)
+                return finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
             except Refused as exc:
                 principal = Principal(f"{exc.who} via {anonymous.who}", exc.role, transport)
                 return finish(principal, _error(f"refused: {exc}", EXIT_REFUSED), f"refused: {exc}")
@@ -322,21 +449,19 @@ class AdminServer:
         return {"who": p.who, "role": p.role, "transport": p.transport} if p else {}
 
     async def _audit(self, args: dict) -> list[dict]:
-        limit = int(args.get("limit", 50))
-        if not 1 <= limit <= 10_000:
-            raise AdminError("limit must be in 1..10000", EXIT_USAGE)
-        return self.audit.rows(limit)
+        return self.audit.rows(int_arg(args, "limit", 50, 1, 10_000))
 
     async def _key_add(self, args: dict) -> dict:
-        key = self.keys.add(str(args["name"]), str(args.get("role", "observer")), args["public_key"],
-                            time.time_ns() // 1_000_000)
+        key = self.keys.add(str_arg(args, "name", max_len=admin_keys.MAX_KEY_NAME_CHARS),
+                            str_arg(args, "role", "observer", choices=admin_keys.ROLES),
+                            bytes_arg(args, "public_key", max_len=1024), time.time_ns() // 1_000_000)
         return key.as_dict()
 
     async def _key_list(self, args: dict) -> list[dict]:
         return [k.as_dict() for k in self.keys.list()]
 
     async def _key_revoke(self, args: dict) -> dict:
-        return self.keys.revoke(str(args["key"]), time.time_ns() // 1_000_000).as_dict()
+        return self.keys.revoke(str_arg(args, "key", max_len=128), time.time_ns() // 1_000_000).as_dict()
 
     async def close(self) -> None:
         if self.remote is not None:

@@ -33,7 +33,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from chimera.protocol.errors import MalformedError
 from chimera.protocol.identity import fingerprint, is_usable_public_key, verify_signature
+from chimera.protocol.messages import reject_duplicate_keys
 
 from .keys import atomic_write
 
@@ -306,6 +308,11 @@ class Refused(Exception):
         self.who, self.role = who, role
 
 
+class MalformedRequest(Refused):
+    """A signed request that is not well-formed (a map with a duplicate key): a usage error
+    (code 2), not a refusal; still a :class:`Refused` for callers that only know that."""
+
+
 @dataclass(frozen=True, slots=True)
 class SignedRequest:
     key: AdminKey
@@ -335,7 +342,10 @@ class RequestVerifier:
             raise Refused("a signed request is {signed: bytes, sig: 64 bytes}")
         try:
             body = msgpack.unpackb(signed, raw=False, strict_map_key=True, ext_hook=_no_ext,
-                                   max_bin_len=len(signed), max_str_len=len(signed))
+                                   max_bin_len=len(signed), max_str_len=len(signed),
+                                   object_pairs_hook=reject_duplicate_keys)
+        except MalformedError:  # which of two values counts would be ambiguous: never run it
+            raise MalformedRequest("signed part has a map with a duplicate key") from None
         except Exception:
             raise Refused("signed part is not msgpack") from None
         if type(body) is not dict:

@@ -24,7 +24,7 @@ from chimera.protocol.membership import Connect, MemberEvent, Send
 from chimera.protocol.network import parse_contact_uri
 
 from . import admin as admin_api
-from .admin import EXIT_USAGE, AdminError
+from .admin import EXIT_USAGE, AdminError, float_arg, int_arg, str_arg
 from .actors import wait_event
 from .config import ConfigError, NodeConfig, _coerce
 
@@ -71,30 +71,19 @@ class EventFeed(deque):
 def _event_filter(args: dict):
     kinds = args.get("kind")
     if kinds is not None:
-        if isinstance(kinds, str):
+        if isinstance(kinds, str) and len(kinds) <= 4096:
             kinds = {k.strip() for k in kinds.split(",") if k.strip()}
-        elif isinstance(kinds, (list, tuple)) and all(isinstance(k, str) for k in kinds):
+        elif isinstance(kinds, (list, tuple)) and len(kinds) <= 256 and all(isinstance(k, str) for k in kinds):
             kinds = set(kinds)
         else:
-            raise ValueError("kind is a name or a comma-separated list of names")
-    floor = args.get("min_priority", "debug")
-    if floor not in PRIORITIES:
-        raise ValueError(f"min_priority must be one of {', '.join(PRIORITIES)}")
+            raise AdminError("kind is a name or a comma-separated list of names", EXIT_USAGE)
+    floor = str_arg(args, "min_priority", "debug", choices=tuple(PRIORITIES))
     floor_rank = PRIORITIES[floor]
 
     def match(event: dict) -> bool:
         return (kinds is None or event.get("kind") in kinds) \
             and PRIORITIES.get(event.get("priority", "info"), 1) >= floor_rank
     return match
-
-
-def _bounded(args: dict, name: str, default: float, low: float, high: float, tp=float):
-    value = args.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in {low:g}..{high:g}")
-    return tp(value)
 
 
 # ------------------------------------------------------------------ config
@@ -227,14 +216,14 @@ def node_handlers(node: "Node") -> tuple[dict, dict]:
     """(handlers, streams) this module adds to the node's admin API."""
 
     async def events(args: dict) -> list:
-        limit = _bounded(args, "limit", 100, 1, 10_000, int)
+        limit = int_arg(args, "limit", 100, 1, 10_000)
         match = _event_filter(args)
         return [e for e in node.events if match(e)][-limit:]
 
     def events_follow(args: dict) -> AsyncIterator[dict]:
         match = _event_filter(args)
-        max_events = _bounded(args, "max_events", MAX_FOLLOW_EVENTS, 1, MAX_FOLLOW_EVENTS, int)
-        duration_s = _bounded(args, "duration_s", MAX_FOLLOW_S, 0.1, MAX_FOLLOW_S)
+        max_events = int_arg(args, "max_events", MAX_FOLLOW_EVENTS, 1, MAX_FOLLOW_EVENTS)
+        duration_s = float_arg(args, "duration_s", MAX_FOLLOW_S, 0.1, MAX_FOLLOW_S)
         feed: EventFeed = node.events
 
         async def gen() -> AsyncIterator[dict]:
@@ -264,7 +253,7 @@ def node_handlers(node: "Node") -> tuple[dict, dict]:
 
     async def config_get(args: dict) -> dict:
         values = {name: getattr(node.config, name) for name in NodeConfig.__dataclass_fields__}
-        field = args.get("field")
+        field = str_arg(args, "field", None, max_len=64)
         if field is not None:
             if field not in values:
                 raise AdminError(f"unknown config field {str(field)[:40]!r}", EXIT_USAGE)
@@ -272,10 +261,12 @@ def node_handlers(node: "Node") -> tuple[dict, dict]:
         return {"values": values, "runtime_changeable": list(RUNTIME_FIELDS)}
 
     async def config_set(args: dict) -> dict:
-        return set_config(node, str(args["field"]), args["value"])
+        if args.get("value") is None:
+            raise AdminError("missing argument 'value'", EXIT_USAGE)
+        return set_config(node, str_arg(args, "field", max_len=64), args["value"])
 
     async def log_level(args: dict) -> dict:
-        return set_config(node, "log_level", args["level"])
+        return set_config(node, "log_level", str_arg(args, "level", max_len=16))
 
     async def metrics(args: dict) -> dict:
         if node.metrics_server is not None:
@@ -293,11 +284,11 @@ def node_handlers(node: "Node") -> tuple[dict, dict]:
                 "rss_bytes": status["rss_bytes"], "counters": status["counters"]}
 
     async def revoke(args: dict) -> dict:
-        return revoke_peer(node, str(args["peer_id"]), str(args.get("reason", "revoked by an admin")))
+        return revoke_peer(node, str_arg(args, "peer_id", max_len=64),
+                           str_arg(args, "reason", "revoked by an admin", max_len=1000))
 
     async def admit(args: dict) -> dict:
-        uri = args.get("uri")
-        return admit_peer(node, str(args["peer_id"]), None if uri is None else str(uri))
+        return admit_peer(node, str_arg(args, "peer_id", max_len=64), str_arg(args, "uri", None, max_len=4096))
 
     async def revoked(args: dict) -> list:
         return [{"peer_id": p, "revoked_ms": t, "reason": r} for p, t, r in node.store.db.execute(

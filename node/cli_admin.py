@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
 
 from . import admin
-from .admin import EXIT_NO_NODE, EXIT_OK, EXIT_USAGE, AdminError
-from .admin_keys import ROLES, AdminKeyError, KeyRing
+from .admin import EXIT_FAIL, EXIT_NO_NODE, EXIT_OK, EXIT_USAGE, AdminError
+from .admin_keys import MAX_KEY_NAME_CHARS, ROLES, AdminKeyError, KeyRing
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -45,21 +46,26 @@ def _via_node_or_store(data_dir: Path, cmd: str, cargs: dict):
             raise
     from .audit import AuditLog
 
-    ring = KeyRing.open(data_dir)
+    try:
+        ring = KeyRing.open(data_dir)
+    except (sqlite3.Error, OSError) as exc:  # unreadable, locked, not a database: one line, no traceback
+        raise AdminError(f"cannot open the store of {data_dir}: {exc}", EXIT_FAIL) from None
     try:
         audit = AuditLog(ring.db)
         now_ms = time.time_ns() // 1_000_000
         if cmd == "audit":
-            return audit.rows(cargs["limit"])
+            return audit.rows(admin.int_arg(cargs, "limit", 50, 1, 10_000))
         started = time.perf_counter()
         result = "ok"
         try:
             if cmd == "admin_key_add":
-                return ring.add(cargs["name"], cargs["role"], cargs["public_key"], now_ms).as_dict()
+                return ring.add(admin.str_arg(cargs, "name", max_len=MAX_KEY_NAME_CHARS),
+                                admin.str_arg(cargs, "role", "observer", choices=ROLES),
+                                admin.bytes_arg(cargs, "public_key", max_len=1024), now_ms).as_dict()
             if cmd == "admin_key_list":
                 return [k.as_dict() for k in ring.list()]
             if cmd == "admin_key_revoke":
-                return ring.revoke(cargs["key"], now_ms).as_dict()
+                return ring.revoke(admin.str_arg(cargs, "key", max_len=128), now_ms).as_dict()
             raise AdminError(f"{cmd} needs a running node", EXIT_NO_NODE)
         except (AdminKeyError, AdminError) as exc:
             result = f"error: {exc}"
@@ -68,6 +74,8 @@ def _via_node_or_store(data_dir: Path, cmd: str, cargs: dict):
             audit.append(at_ms=now_ms, who=f"offline-owner uid={os.geteuid()}", transport="offline",
                          role="admin", command=cmd, args=cargs, result=result,
                          duration_s=time.perf_counter() - started)
+    except sqlite3.Error as exc:
+        raise AdminError(f"the store of {data_dir}: {exc}", EXIT_FAIL) from None
     finally:
         ring.close()
 

@@ -10,13 +10,19 @@
 
 Returns a :class:`~chimera.consensus.datasets.Shard`: ``X`` float64
 ``(n_samples, n_features)`` and ``y`` ``(n_samples,)`` (int64 when every label
-is a whole number, float64 otherwise). Any problem (missing file, unknown
-column, ragged rows, non-numeric or non-finite values, no samples, too large)
-raises :class:`DatasetError` with one clear line naming the file.
+is a whole number, float64 otherwise: a regressor's targets; a classifier job
+refuses a non-integral label when it trains). A whole-number label must be
+exact: within +-2**53 when written as a float (CSV), within int64 otherwise.
+Any problem (missing file, unknown column, ragged rows, non-numeric or
+non-finite values, no samples, too large) raises :class:`DatasetError` with one
+clear line naming the file. "Too large" is :data:`MAX_FILE_BYTES` for the file
+and, for an ``.npz``, for its arrays once decompressed (checked from the
+archive's entries and each array's header before anything is loaded).
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -24,25 +30,38 @@ import numpy as np
 
 from chimera.consensus.datasets import Shard
 
-MAX_FILE_BYTES = 2 << 30  # 2 GiB
+MAX_FILE_BYTES = 2 << 30  # 2 GiB (the file, and an .npz's arrays decompressed)
+MAX_EXACT_FLOAT_INT = 2**53  # a float label beyond this is not an exact whole number
 
 
 class DatasetError(Exception):
     """The data file cannot be used (message names the file and the reason)."""
 
 
-def _labels(y: np.ndarray, path: Path) -> np.ndarray:
+def _labels(y: np.ndarray, path: Path, column: str) -> np.ndarray:
     if y.dtype.kind not in "iuf" or y.ndim != 1:
-        raise DatasetError(f"{path}: labels must be a 1-D numeric array")
+        raise DatasetError(f"{path}: labels ({column!r}) must be a 1-D numeric array")
+    if y.dtype.kind in "iu":  # already whole numbers: keep them exact (no float round trip)
+        if y.dtype.kind == "u" and y.size and int(y.max()) > np.iinfo(np.int64).max:
+            row = int(np.argmax(y > np.iinfo(np.int64).max))
+            raise DatasetError(f"{path}: label of row {row} (column {column!r}) is {int(y[row])}, "
+                               "above the int64 range")
+        return y.astype(np.int64)
     y = y.astype(np.float64)
     if not np.isfinite(y).all():
-        raise DatasetError(f"{path}: labels contain NaN or infinite values")
+        row = int(np.argmax(~np.isfinite(y)))
+        raise DatasetError(f"{path}: label of row {row} (column {column!r}) is NaN or infinite")
     if np.all(y == np.round(y)):
+        huge = np.abs(y) > MAX_EXACT_FLOAT_INT
+        if huge.any():  # int64 conversion would wrap or round it: a different class id, silently
+            row = int(np.argmax(huge))
+            raise DatasetError(f"{path}: label of row {row} (column {column!r}) is {y[row]:g}; a whole-number "
+                               f"label must be within +-2**53 to be exact")
         return y.astype(np.int64)
     return y
 
 
-def _check(X: np.ndarray, y: np.ndarray, path: Path) -> Shard:
+def _check(X: np.ndarray, y: np.ndarray, path: Path, column: str) -> Shard:
     if X.ndim != 2 or X.shape[1] < 1:
         raise DatasetError(f"{path}: features must be a 2-D array with at least one column")
     if X.shape[0] == 0:
@@ -52,7 +71,7 @@ def _check(X: np.ndarray, y: np.ndarray, path: Path) -> Shard:
     if not np.isfinite(X).all():
         bad = int(np.argwhere(~np.isfinite(X))[0][0])
         raise DatasetError(f"{path}: feature row {bad} has a missing, non-numeric or infinite value")
-    return Shard(np.ascontiguousarray(X, dtype=np.float64), _labels(y, path))
+    return Shard(np.ascontiguousarray(X, dtype=np.float64), _labels(y, path, column))
 
 
 def load_csv(path: str | Path, label_column: str = "label") -> Shard:
@@ -94,7 +113,7 @@ def load_csv(path: str | Path, label_column: str = "label") -> Shard:
     if not np.isfinite(y).all():
         bad = int(np.argwhere(~np.isfinite(y))[0][0])
         raise DatasetError(f"{path}: label of row {bad} is missing or not a number")
-    return _check(np.delete(data, index, axis=1), y, path)
+    return _check(np.delete(data, index, axis=1), y, path, label_column)
 
 
 def load_npz(path: str | Path, label_column: str = "y", features_key: str = "X") -> Shard:
@@ -106,21 +125,56 @@ def load_npz(path: str | Path, label_column: str = "y", features_key: str = "X")
     path = Path(path)
     _size_ok(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [k for k in (features_key, label_column) if k not in archive.files]
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            names = [n[:-4] if n.endswith(".npy") else n for n in members]
+            missing = [k for k in (features_key, label_column) if k not in names]
             if missing:
-                raise DatasetError(f"{path}: no array {missing[0]!r} (arrays: {', '.join(archive.files[:20])})")
-            X = archive[features_key]
-            y = archive[label_column]
+                raise DatasetError(f"{path}: no array {missing[0]!r} (arrays: {', '.join(names[:20])})")
+            unpacked = sum(info.file_size for info in members.values())
+            if unpacked > MAX_FILE_BYTES:
+                raise DatasetError(f"{path}: {unpacked} bytes once decompressed is above the "
+                                   f"{MAX_FILE_BYTES} byte limit")
+            X = _npz_array(archive, members, features_key, path)
+            y = _npz_array(archive, members, label_column, path)
     except DatasetError:
         raise
-    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         raise DatasetError(f"{path}: not a usable .npz ({str(exc)[:120]})") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if X.dtype.kind not in "iuf":
         raise DatasetError(f"{path}: features must be numeric, not {X.dtype}")
-    return _check(X.astype(np.float64), y, path)
+    return _check(X.astype(np.float64), y, path, label_column)
+
+
+def _npz_array(archive: zipfile.ZipFile, members: dict, key: str, path: Path) -> np.ndarray:
+    """Array ``key`` of an ``.npz`` (no pickle), after its header says it is numeric and no
+    larger than :data:`MAX_FILE_BYTES` as float64: the header is read first, so a small
+    file cannot make the loader allocate what a hostile shape asks for.
+
+    Raises:
+        DatasetError: not an ``.npy`` entry, an object array, or too large.
+        ValueError, zipfile.BadZipFile, OSError: a corrupt entry.
+    """
+    info = members.get(f"{key}.npy") or members[key]
+    with archive.open(info) as entry:
+        version = np.lib.format.read_magic(entry)  # ValueError unless an .npy entry
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(entry)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(entry)
+        else:
+            raise DatasetError(f"{path}: array {key!r} has an unsupported .npy format {version}")
+        if dtype.hasobject or dtype.kind not in "iuf":
+            raise DatasetError(f"{path}: array {key!r} must be numeric, not {dtype}")
+        count = math.prod(shape)
+        size = count * max(dtype.itemsize, 8)  # as loaded, then as the float64 copy used for training
+        if size > MAX_FILE_BYTES:
+            raise DatasetError(f"{path}: array {key!r} of shape {tuple(shape)} is {size} bytes in memory, "
+                               f"above the {MAX_FILE_BYTES} byte limit")
+    with archive.open(info) as entry:  # read_array reads the header again, from the start
+        return np.lib.format.read_array(entry, allow_pickle=False)
 
 
 def load_dataset(path: str | Path, label_column: str | None = None) -> Shard:

@@ -46,8 +46,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -939,26 +941,47 @@ def start_fabric(node) -> FabricService:
 
 
 def _bytes_arg(args: dict, name: str, limit: int, default: bytes | None = None) -> bytes | None:
-    value = args.get(name, default)
+    value = args.get(name)
     if value is None:
-        return None
+        return default
     if isinstance(value, str):
+        if len(value) > limit:  # at least len(value) bytes once encoded: refuse before encoding it
+            raise admin_api.AdminError(f"{name} is {len(value)} characters; the limit is {limit} bytes",
+                                       admin_api.EXIT_USAGE)
         value = value.encode()
     if not isinstance(value, bytes):
-        raise admin_api.AdminError(f"{name} must be bytes or text")
+        raise admin_api.AdminError(f"{name} must be bytes or text, not {type(value).__name__}",
+                                   admin_api.EXIT_USAGE)
     if len(value) > limit:
-        raise admin_api.AdminError(f"{name} is {len(value)} bytes; the limit is {limit}")
+        raise admin_api.AdminError(f"{name} is {len(value)} bytes; the limit is {limit}", admin_api.EXIT_USAGE)
     return value
 
 
-def _bounded(args: dict, name: str, default, lo, hi, kind=float):
-    value = args.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise admin_api.AdminError(f"{name} must be a number")
-    value = kind(value)
-    if not lo <= value <= hi:
-        raise admin_api.AdminError(f"{name} must be in [{lo}, {hi}]")
-    return value
+_FRACTION_TEXT = re.compile(r"\d{1,9}(/\d{1,9}|\.\d{1,9})?|\.\d{1,9}")
+
+
+def _threshold_arg(args: dict) -> Fraction | None:
+    """``threshold``: a fraction in (0, 1] as text (``"2/3"``, ``"0.75"``) or a number; None when absent.
+
+    Text is matched before :class:`~fractions.Fraction` sees it: ``Fraction("1e999999999")``
+    would compute a billion-digit integer on the event loop.
+    """
+    value = args.get("threshold")
+    if value is None:
+        return None
+    if type(value) is int or (type(value) is float and math.isfinite(value)):
+        threshold = Fraction(str(value))
+    elif type(value) is str and _FRACTION_TEXT.fullmatch(value.strip()):
+        try:
+            threshold = Fraction(value.strip())
+        except ZeroDivisionError:
+            threshold = Fraction(0)
+    else:
+        raise admin_api.AdminError(f"threshold must be a fraction like 2/3 or 0.75, not {str(value)[:40]!r}",
+                                   admin_api.EXIT_USAGE)
+    if not 0 < threshold <= 1:
+        raise admin_api.AdminError(f"threshold must be in (0, 1], not {threshold}", admin_api.EXIT_USAGE)
+    return threshold
 
 
 def admin_handlers(node) -> dict:
@@ -988,10 +1011,14 @@ def admin_handlers(node) -> dict:
         wasm = _bytes_arg(args, "module", MAX_MODULE_BYTES)
         if wasm is not None:
             return wasm
-        sha = args.get("sha256")
-        if not isinstance(sha, str):
-            raise admin_api.AdminError("give the module bytes (module) or a stored module's sha256")
-        check_hash_name(sha)
+        sha = admin_api.str_arg(args, "sha256", None, max_len=64)
+        if sha is None:
+            raise admin_api.AdminError("give the module bytes (module) or a stored module's sha256",
+                                       admin_api.EXIT_USAGE)
+        try:
+            check_hash_name(sha)
+        except ValueError as exc:
+            raise admin_api.AdminError(f"sha256: {exc}", admin_api.EXIT_USAGE) from None
         if not svc.modules.has(sha):
             raise admin_api.AdminError(f"module {sha[:12]} is not in this node's store")
         return sha
@@ -1002,30 +1029,32 @@ def admin_handlers(node) -> dict:
 
     async def agents_deploy(args: dict) -> dict:
         svc = service()
-        module, kind = module_of(svc, args), str(args.get("kind", "task"))
-        ref = str(args["ref"])
+        ref = admin_api.str_arg(args, "ref", max_len=256)
+        kind = admin_api.str_arg(args, "kind", "task", max_len=32)
+        module = module_of(svc, args)
         return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.deploy(ref, module, kind=kind)))
 
     async def agents_upgrade(args: dict) -> dict:
         svc = service()
-        module, ref = module_of(svc, args), str(args["ref"])
+        ref = admin_api.str_arg(args, "ref", max_len=256)
+        module = module_of(svc, args)
         return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.upgrade(ref, module)))
 
     async def agents_rollback(args: dict) -> dict:
         svc = service()
-        name = str(args["name"])
+        name = admin_api.str_arg(args, "name", max_len=256)
         return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.rollback(name, reason="by hand")))
 
     async def agents_remove(args: dict) -> dict:
         svc = service()
-        name = str(args["name"])
+        name = admin_api.str_arg(args, "name", max_len=256)
         return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.remove(name)))
 
     async def agents_call(args: dict) -> dict:
         svc = service()
-        name = str(args["name"])
+        name = admin_api.str_arg(args, "name", max_len=256)
         payload = _bytes_arg(args, "input", LOCAL_CALL_INPUT_BYTES, b"")
-        wait_s = _bounded(args, "reply_wait_s", 1.0, 0.0, 60.0)
+        wait_s = admin_api.float_arg(args, "reply_wait_s", 1.0, 0.0, 60.0)
         rt = await in_thread(svc, svc.runtime)
         deployed = await in_thread(svc, rt.deploy.get, name)
         if deployed.kind == "task":
@@ -1071,42 +1100,43 @@ def admin_handlers(node) -> dict:
 
     async def tasks_submit(args: dict) -> dict:
         svc = service()
+        # every argument is checked before the module is stored or anything is submitted
+        stdin = _bytes_arg(args, "input", MAX_TASK_INPUT_BYTES, b"")
+        rule = admin_api.str_arg(args, "rule", "majority", choices=tuple(RULES))
+        threshold = _threshold_arg(args)
+        wait = admin_api.bool_arg(args, "wait", False)
+        wait_s = admin_api.float_arg(args, "wait_s", 120.0, 0.1, 3600.0)
+        req_args = dict(
+            fuel=admin_api.int_arg(args, "fuel", DEFAULT_FUEL, 1, 2**62),
+            memory_bytes=admin_api.int_arg(args, "memory_bytes", DEFAULT_TASK_MEMORY_BYTES, 65536, 1 << 32),
+            wall_time_s=admin_api.float_arg(args, "timeout_s", DEFAULT_WALL_TIME_S, 0.001, 86_400.0),
+            gpus=admin_api.int_arg(args, "gpus", 0, 0, 64),
+            gpu_memory_bytes=admin_api.int_arg(args, "gpu_memory_bytes", 0, 0, 2**62),
+            replicas=admin_api.int_arg(args, "replicas", 1, 1, 64), rule=rule, threshold=threshold)
         module = module_of(svc, args)
         sha = module if isinstance(module, str) else await in_thread(svc, svc.modules.put, module)
-        stdin = _bytes_arg(args, "input", MAX_TASK_INPUT_BYTES, b"")
-        rule = str(args.get("rule", "majority"))
-        if rule not in RULES:
-            raise admin_api.AdminError(f"rule must be one of {', '.join(RULES)}")
-        threshold = args.get("threshold")
         try:
-            req = TaskRequirements(
-                fuel=_bounded(args, "fuel", DEFAULT_FUEL, 1, 2**62, int),
-                memory_bytes=_bounded(args, "memory_bytes", DEFAULT_TASK_MEMORY_BYTES, 65536, 1 << 32, int),
-                wall_time_s=_bounded(args, "timeout_s", DEFAULT_WALL_TIME_S, 0.001, 86_400.0),
-                gpus=_bounded(args, "gpus", 0, 0, 64, int),
-                gpu_memory_bytes=_bounded(args, "gpu_memory_bytes", 0, 0, 2**62, int),
-                replicas=_bounded(args, "replicas", 1, 1, 64, int), rule=rule,
-                threshold=None if threshold is None else Fraction(str(threshold)))
+            req = TaskRequirements(**req_args)
             task_id = svc.submit(sha, stdin, req)
         except (LocalProtocolError, ValueError, ZeroDivisionError) as exc:
             raise admin_api.AdminError(str(exc)) from None
         rec = svc.tasks[task_id]
-        if args.get("wait"):
+        if wait:
             try:
-                await asyncio.wait_for(rec.done.wait(), _bounded(args, "wait_s", 120.0, 0.1, 3600.0))
+                await asyncio.wait_for(rec.done.wait(), wait_s)
             except asyncio.TimeoutError:
                 pass
         return svc.task_view(rec)
 
     async def tasks_status(args: dict) -> Any:
         svc = service()
-        task_id = args.get("task_id")
+        task_id = admin_api.str_arg(args, "task_id", None, max_len=128)
         if task_id is not None:
-            rec = svc.tasks.get(str(task_id))
+            rec = svc.tasks.get(task_id)
             if rec is None:
                 raise admin_api.AdminError(f"no task {str(task_id)[:64]!r} was submitted here")
             return svc.task_view(rec)
-        limit = _bounded(args, "limit", 50, 1, MAX_TASKS_KEPT, int)
+        limit = admin_api.int_arg(args, "limit", 50, 1, MAX_TASKS_KEPT)
         return {"fabric": svc.status(), "observations": list(svc.observations)[-50:],
                 "tasks": [svc.task_view(r, brief=True) for r in list(svc.tasks.values())[-limit:]]}
 

@@ -81,7 +81,7 @@ from chimera.consensus.training import (
 )
 from chimera.protocol.envelope import Envelope
 from chimera.protocol.errors import LocalProtocolError, MalformedError
-from chimera.protocol.messages import encode_fields
+from chimera.protocol.messages import decode_fields, encode_fields
 
 from . import admin as admin_api
 from .actors import Actor, call_soon_once, wait_event
@@ -229,8 +229,27 @@ def parse_poison(text: str) -> float | None:
 
 
 def param_bytes(job: JobSpec) -> int:
-    """Bytes of the job's model parameters (what one update carries as raw tensors)."""
-    return sum(t.nbytes for t in job.model_spec().tensors)
+    """Bytes of the job's model parameters (what one update carries as raw tensors).
+
+    Computed from the spec, never by building the model: a job's ``n_features`` and
+    ``classes`` come from a peer or an admin, and the model's arrays are allocated
+    only once the job is known to fit (:func:`_params_fit`). The shapes are those of
+    :mod:`chimera.consensus.models` (float64 ``coef`` and ``intercept``).
+
+    Raises:
+        LocalProtocolError: ``n_features`` is not an int >= 1, or a classifier has < 2 classes.
+    """
+    if type(job.n_features) is not int or job.n_features < 1:
+        raise LocalProtocolError("n_features must be an int >= 1")
+    if job.model_kind == "sgd_classifier":  # (k, n_features) and (k,), k = 1 for two classes
+        distinct = len(set(job.classes))
+        if distinct < 2:
+            raise LocalProtocolError("a classifier needs at least two classes")
+        k = 1 if distinct == 2 else distinct
+        return 8 * k * (job.n_features + 1)
+    if job.model_kind == "sgd_regressor":  # (n_features,) and (1,)
+        return 8 * (job.n_features + 1)
+    return sum(t.nbytes for t in job.model_spec().tensors)  # a kind without a formula here
 
 
 def _params_fit(job: JobSpec, max_message_bytes: int) -> tuple[bool, int]:
@@ -238,12 +257,43 @@ def _params_fit(job: JobSpec, max_message_bytes: int) -> tuple[bool, int]:
     ``fl_part`` messages of ``PART_BYTES`` (each an envelope of its own); and the size."""
     try:
         size = param_bytes(job)
-    except LocalProtocolError:
+    except (LocalProtocolError, TypeError, ValueError):
         return False, 0
     whole = size + ENVELOPE_MARGIN_BYTES <= max_message_bytes
     parts = PART_BYTES + ENVELOPE_MARGIN_BYTES <= max_message_bytes and \
         size + ENVELOPE_MARGIN_BYTES <= MAX_PARTS * PART_BYTES
     return whole or parts, size
+
+
+def check_class_labels(job: JobSpec, y: np.ndarray, what: str) -> None:
+    """A classifier job's labels must be the job's integer class ids; say which row is not.
+
+    The data loader keeps non-integral labels (a regressor's targets); only a
+    classifier job knows they are wrong.
+
+    Raises:
+        LocalProtocolError: a label of ``y`` (``what``: "training data", "test data") is not an
+            integer, or not one of ``job.classes``.
+    """
+    if job.model_kind != "sgd_classifier":
+        return
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        fractional = np.flatnonzero(y != np.round(y))
+        if fractional.size:
+            row = int(fractional[0])
+            raise LocalProtocolError(f"{what}: label of row {row} is {float(y[row]):g}, not an integer class id "
+                                     f"(a classifier job needs one of its classes {_classes_text(job)})")
+    outside = np.flatnonzero(~np.isin(y, np.array(sorted(set(job.classes)), dtype=np.int64)))
+    if outside.size:
+        row = int(outside[0])
+        raise LocalProtocolError(f"{what}: label of row {row} is {y[row].item()!r}, not one of the job's classes "
+                                 f"{_classes_text(job)}")
+
+
+def _classes_text(job: JobSpec) -> str:
+    classes = sorted(set(job.classes))
+    return str(classes) if len(classes) <= 12 else f"[{classes[0]} .. {classes[-1]}] ({len(classes)} ids)"
 
 
 # ------------------------------------------------------------------ files
@@ -635,6 +685,7 @@ class TrainingService:
     def _fit(self, job: JobSpec, action: TrainLocal, train) -> tuple[dict, Any, float, float]:
         from chimera.consensus.models import make_adapter
 
+        check_class_labels(job, train.y, "training data")
         adapter = make_adapter(job.model_kind, job.n_features, job.classes, job.l2)
         adapter.set_params(action.params)
         t0 = time.perf_counter()
@@ -719,6 +770,7 @@ class TrainingService:
     def _score(self, job: JobSpec, params: dict, test) -> tuple[float, float]:
         from chimera.consensus.models import make_adapter
 
+        check_class_labels(job, test.y, "test data")
         adapter = make_adapter(job.model_kind, job.n_features, job.classes, job.l2)
         adapter.set_params(params)
         result = adapter.evaluate(test.X, test.y)
@@ -799,50 +851,66 @@ class TrainingService:
 
         Defaults: ``participants`` every validator of the current epoch (also
         ``"validators"``); ``quorum`` ``max(n - (n - 1) // 3, rule minimum)``.
+        Every field is checked as the log checks a committed job (type, range,
+        finite floats, invariants) before anything is built from it.
+
         Raises:
-            admin.AdminError: bad TOML, unknown keys, or an invalid job.
+            admin.AdminError (code 2): bad TOML, unknown keys, or an invalid job
+                (the message names the field).
         """
+        def bad(message: str) -> admin_api.AdminError:
+            return admin_api.AdminError(message, admin_api.EXIT_USAGE)
+
         if isinstance(raw, str):
             try:
                 raw = tomllib.loads(raw)
-            except tomllib.TOMLDecodeError as exc:
-                raise admin_api.AdminError(f"job file: {exc}") from None
+            except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: an integer of > 4300 digits
+                raise bad(f"job file: {str(exc)[:200]}") from None
+            except RecursionError:
+                raise bad("job file: nested too deeply") from None
         if not isinstance(raw, dict):
-            raise admin_api.AdminError("job must be TOML text or a map")
-        fields = dict(raw.get("job", raw))
-        unknown = set(fields) - JOB_FIELDS
+            raise bad("job must be TOML text or a map")
+        fields = raw.get("job", raw)
+        if not isinstance(fields, dict):
+            raise bad("job: the [job] table must be a table of fields")
+        fields = dict(fields)
+        unknown = sorted(str(k)[:40] for k in fields if k not in JOB_FIELDS)
         if unknown:
-            raise admin_api.AdminError(f"unknown job keys: {', '.join(sorted(unknown))}; "
-                                       f"known: {', '.join(sorted(JOB_FIELDS))}")
+            raise bad(f"unknown job keys: {', '.join(unknown[:20])}; known: {', '.join(sorted(JOB_FIELDS))}")
         participants = fields.get("participants", "validators")
-        if participants in ("validators", "all"):
+        if isinstance(participants, str) and participants in ("validators", "all"):
             participants = sorted(self.consensus.core.table.weights)
         if not isinstance(participants, (list, tuple)) or not all(isinstance(p, str) for p in participants):
-            raise admin_api.AdminError("participants: a list of peer ids or \"validators\"")
-        fields["participants"] = tuple(sorted(set(participants)))
-        fields["classes"] = tuple(fields.get("classes", ()))
-        for name in ("l2", "learning_rate", "round_deadline_s", "max_update_norm"):
-            if isinstance(fields.get(name), int) and not isinstance(fields.get(name), bool):
-                fields[name] = float(fields[name])
+            raise bad("invalid job: participants: a list of peer ids or \"validators\"")
+        fields["participants"] = sorted(set(participants))
+        classes = fields.get("classes", [])
+        fields["classes"] = list(classes) if isinstance(classes, (list, tuple)) else classes
         if "quorum" not in fields:
             n = len(fields["participants"])
-            need = 2 * int(fields.get("byzantine_f", 0)) + (3 if fields.get("rule") in ("krum", "multi_krum")
-                                                            else 1)
+            f = fields.get("byzantine_f", 0)
+            f = f if type(f) is int else 0  # a bad byzantine_f is reported by its own check below
+            need = 2 * f + (3 if fields.get("rule") in ("krum", "multi_krum") else 1)
             fields["quorum"] = min(n, max(n - (n - 1) // 3, need))
-        try:
-            job = JobSpec(**fields)
-        except (TypeError, ValueError, LocalProtocolError) as exc:
-            raise admin_api.AdminError(f"invalid job: {exc}") from None
-        return job
+        try:  # the log's own strict decoding: exact types, ranges, finite floats, then the invariants
+            return decode_fields(JobSpec, fields, "job")
+        except (MalformedError, LocalProtocolError) as exc:  # the latter: AggregationConfig's checks
+            text = str(exc)
+            raise bad(f"invalid job: {text if len(text) <= 300 else text[:297] + '...'}") from None
+        except ValueError as exc:  # formatting a value of > 4300 digits into the message
+            raise bad(f"invalid job: a value is far out of range ({str(exc)[:80]})") from None
 
     async def start_job(self, raw: Any, timeout_s: float) -> dict:
         job = self.job_from_args(raw)
         ok, size = _params_fit(job, self.node.config.max_message_bytes)
         if not ok:
+            shape = f"n_features {job.n_features}" + (f" and {len(set(job.classes))} classes"
+                                                      if job.model_kind == "sgd_classifier" else "")
             raise admin_api.AdminError(
-                f"the model has {size} parameter bytes; an update must fit in one envelope "
+                f"invalid job: model {job.model_kind} with {shape} has {size} parameter bytes; "
+                f"an update must fit in one envelope "
                 f"(max_message_bytes {self.node.config.max_message_bytes} minus {ENVELOPE_MARGIN_BYTES} bytes) "
-                f"or in {MAX_PARTS} parts of {PART_BYTES} bytes, each an envelope of its own")
+                f"or in {MAX_PARTS} parts of {PART_BYTES} bytes, each an envelope of its own",
+                admin_api.EXIT_USAGE)
         if self.node.peer_id in job.participants:
             try:
                 await self._load_data()
@@ -851,7 +919,8 @@ class TrainingService:
         try:
             value = encode_log_value(job)
         except LocalProtocolError as exc:
-            raise admin_api.AdminError(f"job does not fit in one log value: {exc}") from None
+            raise admin_api.AdminError(f"invalid job: it does not fit in one log value: {exc}",
+                                       admin_api.EXIT_USAGE) from None
         job_id = job_id_of(value)
         if job_id in self.jobs:
             raise admin_api.AdminError(f"job {job_id.hex()[:16]} with this exact spec already exists "
