@@ -193,7 +193,6 @@ class Node:
             KeyFileError: a key file is unreadable or foreign.
             OSError, zmq.ZMQError: the listen address cannot be bound.
         """
-        cfg = self.config
         self.loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = _lock_data_dir(self.data_dir)
@@ -639,18 +638,20 @@ class Node:
             return self.peers()
 
         async def events(args: dict) -> list:
-            return list(self.events)[-int(args.get("limit", 100)):]
+            return list(self.events)[-admin_api.int_arg(args, "limit", 100, 1, 10_000):]
 
         async def ping(args: dict) -> dict:
-            peer = str(args["peer_id"])
+            peer = admin_api.str_arg(args, "peer_id", max_len=64)
             public_key_from_peer_id(peer)
+            if peer == self.peer_id:
+                raise admin_api.AdminError("that is this node's own peer id", admin_api.EXIT_USAGE)
             if peer not in self.routes:
                 raise admin_api.AdminError(f"{peer} is not a verified member")
-            rtts = await self.ping(peer, count=max(1, min(int(args.get("count", 5)), 1000)))
+            rtts = await self.ping(peer, count=admin_api.int_arg(args, "count", 5, 1, 1000))
             return {"peer_id": peer, "rtt_s": rtts}
 
         async def add_contact(args: dict) -> dict:
-            uri = str(args["uri"])
+            uri = admin_api.str_arg(args, "uri", max_len=4096)
             parse_contact_uri(uri)
             self.add_contact_uri(uri, static=True)
             self.run_membership_actions()
@@ -669,11 +670,9 @@ class Node:
             if isinstance(data, str):
                 data = data.encode()
             if not isinstance(data, bytes):
-                raise admin_api.AdminError("propose needs data (text or bytes)")
-            timeout_s = max(0.1, min(float(args.get("timeout_s", 30.0)), 600.0))
-            count = int(args.get("count", 1))
-            if not 1 <= count <= 100_000:
-                raise admin_api.AdminError("count must be in 1..100000")
+                raise admin_api.AdminError("propose needs data (text or bytes)", admin_api.EXIT_USAGE)
+            timeout_s = admin_api.float_arg(args, "timeout_s", 30.0, 0.1, 3600.0)
+            count = admin_api.int_arg(args, "count", 1, 1, 100_000)
             try:
                 if count > 1:
                     return await service.propose_many(data, count, timeout_s)
@@ -682,9 +681,9 @@ class Node:
                 raise admin_api.AdminError(str(exc)) from None
 
         async def log_(args: dict) -> dict:
-            limit = max(1, min(int(args.get("limit", 20)), 10_000))
-            start = args.get("from_height")
-            return need_consensus().log_rows(limit, None if start is None else max(1, int(start)))
+            limit = admin_api.int_arg(args, "limit", 20, 1, 10_000)
+            start = admin_api.int_arg(args, "from_height", None, 0, admin_api.SQL_INT_MAX)
+            return need_consensus().log_rows(limit, None if start is None else max(1, start))
 
         async def reputation(args: dict) -> dict:
             return need_consensus().reputation_rows()
@@ -692,9 +691,7 @@ class Node:
         async def certificate(args: dict) -> dict:
             """the quorum certificate of a committed height, re-verified against its epoch's weights"""
             service = need_consensus()
-            height = args.get("height", service.height)
-            if type(height) is not int:
-                raise admin_api.AdminError("height must be an integer")
+            height = admin_api.int_arg(args, "height", service.height, 0, admin_api.SQL_INT_MAX)
             try:
                 return service.certificate_doc(height)
             except LocalProtocolError as exc:

@@ -90,17 +90,17 @@ def training_admin_handlers(node) -> dict:
         return found
 
     async def train_start(args: dict) -> dict:
-        timeout_s = max(0.1, min(float(args.get("timeout_s", 60.0)), 600.0))
+        timeout_s = admin_api.float_arg(args, "timeout_s", 60.0, 0.1, 600.0)
         service = host().load(node.store.last_height())
         return await service.start_job(args.get("job"), timeout_s)
 
     async def train_status(args: dict) -> dict:
         service = host().service
         if service is None:
-            if args.get("job"):
+            if admin_api.str_arg(args, "job", None, max_len=64):
                 raise admin_api.AdminError("no training job has been committed")
             return {"peer_id": node.peer_id, "jobs": [], "bytes_sent": 0}
-        ref = args.get("job")
+        ref = admin_api.str_arg(args, "job", None, max_len=64)
         states = [service.find(ref)] if ref else sorted(service.jobs.values(), key=lambda s: s.height)
         return {"peer_id": node.peer_id, "jobs": [service.job_doc(s) for s in states],
                 "bytes_sent": node.counters.get("training_bytes_sent", 0)}
@@ -109,6 +109,6 @@ def training_admin_handlers(node) -> dict:
         service = host().service
         if service is None:
             raise admin_api.AdminError("no training job has been committed")
-        return service.export(args.get("job"))
+        return service.export(admin_api.str_arg(args, "job", None, max_len=64))
 
     return {"train_start": train_start, "train_status": train_status, "train_export": train_export}
