@@ -210,7 +210,7 @@ def _consensus_lines(c: dict | None) -> list[str]:
     if c.get("store_gap"):
         lo, hi = c["store_gap"]
         lines.append(f"STORE GAP    committed heights {lo}..{hi}, which this node signed for, were missing "
-                     "from its store at start (lost or an older copy); fetched again from peers")
+                     "from its store at start (lost or an older copy); being fetched again from peers")
     return lines
 
 

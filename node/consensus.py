@@ -538,7 +538,8 @@ class ConsensusService:
             "weight": table.weights.get(self.node.peer_id, 0),
             "halted": self.halted,
             # committed heights missing from this node's store below its last signature (see __init__)
-            "store_gap": None if self.store_gap is None else list(self.store_gap),
+            "store_gap": None if self.store_gap is None or self.height >= self.store_gap[1]
+            else list(self.store_gap),  # until peers have refilled it (the event stays in `events`)
             "round": self.core.round,
             "step": self.core.step,
             "pool_size": self.core.pool_size,
