@@ -23,7 +23,8 @@ import platformdirs
 
 from chimera.consensus.bft import MAX_BLOCK_VALUES
 from chimera.consensus.reputation import ObservationKind, ReputationConfig
-from chimera.protocol.errors import LocalProtocolError
+from chimera.protocol.errors import LocalProtocolError, RemoteProtocolError
+from chimera.protocol.network import parse_contact_uri
 
 
 class ConfigError(Exception):
@@ -375,7 +376,8 @@ def load_config(
 def check_config(config: NodeConfig, sources: typing.Mapping[str, str] | None = None) -> None:
     """Check the merged ``config``: every numeric field within its :data:`RANGES` entry
     (floats finite), ``probe_timeout_s < probe_interval_s``, ``log_level``,
-    ``reputation_weights``/``reputation_half_life_s`` and ``admin_listen``.
+    ``reputation_weights``/``reputation_half_life_s``, ``bootstrap`` contact URIs and
+    ``admin_listen``.
 
     Raises:
         ConfigError: one line naming the first bad field (after ``sources[field]``, where
@@ -399,6 +401,12 @@ def check_config(config: NodeConfig, sources: typing.Mapping[str, str] | None = 
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level {_show(config.log_level)}: use debug, info, warning or error")
     reputation_config(config)  # raises ConfigError naming the bad entry
+    for uri in config.bootstrap:  # a contact that can never be dialled is a mistake, not a hint
+        try:
+            parse_contact_uri(uri)
+        except RemoteProtocolError as exc:
+            raise ConfigError(f"{where('bootstrap')}: {_show(uri)} is not a contact URI "
+                              f"(chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY): {exc}") from None
     host, _, port = config.admin_listen.removeprefix("tcp://").rpartition(":")
     if config.admin_listen and not (config.admin_listen.startswith("tcp://") and host
                                     and port.isdigit() and int(port) <= 65535):

@@ -7,17 +7,22 @@ import pytest
 from chimera.consensus.reputation import DEFAULT_OBSERVATION_WEIGHTS, ObservationKind
 from chimera.node.config import (PROFILES, RANGES, ConfigError, NodeConfig, check_config, load_config,
                                  reputation_config)
+from chimera.protocol.identity import SigningIdentity
+from chimera.protocol.network import format_contact_uri
 
 _HINTS = typing.get_type_hints(NodeConfig)
 NUMERIC = [name for name, tp in _HINTS.items() if tp in (int, float)]
 
 
+CONTACT = format_contact_uri(SigningIdentity(bytes(32)).peer_id, "10.0.0.1", 7420, bytes(range(32)))
+
+
 def test_precedence_defaults_file_env_flags(tmp_path: Path):
     assert load_config(tmp_path, environ={}).port == 7420
     (tmp_path / "config.toml").write_text("[node]\nport = 9000\nprobe_interval_s = 2.0\n"
-                                          "bootstrap = ['chm://a@h:1?key=b']\n")
+                                          f"bootstrap = ['{CONTACT}']\n")
     cfg = load_config(tmp_path, environ={})
-    assert cfg.port == 9000 and cfg.probe_interval_s == 2.0 and cfg.bootstrap == ("chm://a@h:1?key=b",)
+    assert cfg.port == 9000 and cfg.probe_interval_s == 2.0 and cfg.bootstrap == (CONTACT,)
     cfg = load_config(tmp_path, environ={"CHIMERA_PORT": "9100", "CHIMERA_MDNS": "off"})
     assert cfg.port == 9100 and cfg.mdns is False
     cfg = load_config(tmp_path, environ={"CHIMERA_PORT": "9100"}, overrides={"port": 9200})
@@ -189,3 +194,10 @@ def test_reputation_weights_override_the_defaults_per_kind(tmp_path: Path):
     assert reputation_config(env).weights[ObservationKind.TASK_DISAGREE] == 9.0
     with pytest.raises(ConfigError, match="kinds: valid_envelope"):
         load_config(tmp_path, environ={}, overrides={"reputation_weights": "votes_ok=1"})
+
+
+@pytest.mark.parametrize("uri", ["garbage", "chm://a@h:1?key=b", "tcp://10.0.0.1:7420"])
+def test_a_bootstrap_contact_that_cannot_be_dialled_is_a_usage_error(tmp_path: Path, uri: str):
+    with pytest.raises(ConfigError, match="bootstrap.*not a contact URI"):
+        load_config(tmp_path, environ={}, overrides={"bootstrap": (uri,)})
+    assert load_config(tmp_path, environ={}, overrides={"bootstrap": (CONTACT,)}).bootstrap == (CONTACT,)
