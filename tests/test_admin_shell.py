@@ -154,7 +154,7 @@ def test_oneshot_json_errors_and_malformed_requests(net, tmp_path: Path):
     assert client.send_raw(msgpack.packb({"cmd": 7}))["code"] == 2
     assert client.send_raw(msgpack.packb({"cmd": "status", "args": "x"}))["error"] == "'args' must be a map"
     reply = client.send_raw(msgpack.packb({"cmd": "ping", "args": {}}))
-    assert reply == {"ok": False, "error": "bad arguments: missing 'peer_id'", "code": 2}
+    assert reply == {"ok": False, "error": "missing argument 'peer_id'", "code": 2}
     import socket as socket_mod
     raw = socket_mod.socket(socket_mod.AF_UNIX)
     raw.connect(str(data_dir / admin.SOCKET_NAME))
