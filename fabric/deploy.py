@@ -328,6 +328,7 @@ class DeploymentManager:
         Raises:
             KeyError: not deployed. ValueError: same version as current, bad ref.
             ModuleRejected / AgentTrap family: the new version cannot start (the old keeps running).
+            FabricErrorNotTask: a task agent's new module has no ``_start`` (as :meth:`deploy`).
         """
         name, version = parse_ref(ref)
         if version is None:
@@ -340,6 +341,8 @@ class DeploymentManager:
             spec = self._specs.get(name, _Spec(DEFAULT_LIMITS, NO_GRANTS))
             if deployed.kind == "actor":
                 self.host.swap(name, compiled, version=version, limits=spec.limits, grants=spec.grants)
+            elif not compiled.is_task:  # the same check as deploy: the current version keeps serving
+                raise FabricErrorNotTask(f"module {sha[:12]} has no _start; it cannot be a task agent")
             self._windows[(name, version)] = ErrorWindow(self.policy)
             return self._record("upgrade", deployed.kind, name, version, sha)
 

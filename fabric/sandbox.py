@@ -86,6 +86,8 @@ import wasmtime
 
 from .digests import error_digest, result_digest  # noqa: F401 (re-exported)
 
+WASM_MAGIC = b"\0asm"  # every binary WebAssembly module starts with it (text format is not accepted)
+
 WASI_MODULE = "wasi_snapshot_preview1"
 HOST_MODULE = "chimera"
 PAGE_BYTES = 65536
@@ -440,6 +442,9 @@ class SandboxEngine:
         if len(wasm) > self.max_module_bytes:
             raise ModuleRejected(f"module is {len(wasm)} bytes; the limit is {self.max_module_bytes}")
         sha = hashlib.sha256(wasm).hexdigest()
+        if not wasm.startswith(WASM_MAGIC):  # wasmtime would parse anything else as WAT text
+            raise ModuleRejected(f"module {sha[:12]} is not valid WebAssembly: it does not start with the "
+                                 f"binary module header (\\0asm)")
         with self._cache_lock:
             cached = self._memory_cache.get(sha)
             if cached is not None:

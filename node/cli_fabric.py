@@ -154,16 +154,33 @@ def task_text(t: dict) -> str:
         what = f"exit {r['exit_code']} digest {r['digest'][:16]}" if r["status"] == "ok" else r["reason"]
         lines.append(f"  result from {r['peer_id'][:16]}: {r['status']} {what}")
     if "result" in t:
-        c = t["certificate"]
-        lines.append(f"accepted digest {t['result']['digest'][:16]} (exit {t['result']['exit_code']}); "
-                     f"certificate {c['rule']}>{c['threshold']} signed by {len(c['voters'])}: "
-                     + ", ".join(v[:16] for v in c["voters"]))
+        c, res = t["certificate"], t["result"]
+        signed = (f"certificate {c['rule']}>{c['threshold']} signed by {len(c['voters'])}: "
+                  + ", ".join(v[:16] for v in c["voters"]))
+        if res.get("status", "ok") == "ok":
+            lines.append(f"accepted digest {res['digest'][:16]} (exit {res['exit_code']}); {signed}")
+        else:  # the replicas agree that the task failed: an outcome, not a success
+            lines.append(f"agreed error {res.get('reason', '?')} (digest {res['digest'][:16]}); {signed}")
         if c["disagreeing"]:
             lines.append("disagreed: " + ", ".join(p[:16] for p in c["disagreeing"]))
-        lines.append(t["result"]["stdout"].rstrip("\n"))
+        if res.get("status", "ok") == "ok":
+            lines.append(res["stdout"].rstrip("\n"))
     if "failure" in t:
-        lines.append(f"failed: {t['failure']['reason']} {t['failure']['detail']}")
+        lines.append(f"failed: {t['failure']['reason']}"
+                     + (f": {t['failure']['detail']}" if t["failure"].get("detail") else ""))
     return "\n".join(lines)
+
+
+def task_exit_code(t: dict) -> int:
+    """1 for a failed task (an agreed error such as fuel_exhausted included) or an accepted result
+    with a non-zero exit status (as ``agent call``); else 0."""
+    cli = _cli()
+    if t["state"] == "failed":
+        return cli.EXIT_FAIL
+    res = t.get("result")
+    if res is not None and (res.get("status", "ok") != "ok" or res.get("exit_code") not in (0, None)):
+        return cli.EXIT_FAIL
+    return cli.EXIT_OK
 
 
 def cmd_task_submit(args: argparse.Namespace) -> int:
@@ -175,7 +192,7 @@ def cmd_task_submit(args: argparse.Namespace) -> int:
         cargs["memory_bytes"] = args.memory_mib << 20
     res = cli._call(args, "tasks_submit", cargs, timeout_s=args.wait_s + 10 if args.wait else 60.0)
     cli._print(args, res, task_text(res))
-    return cli.EXIT_FAIL if res["state"] == "failed" else cli.EXIT_OK
+    return task_exit_code(res)
 
 
 def cmd_task_status(args: argparse.Namespace) -> int:
@@ -185,7 +202,7 @@ def cmd_task_status(args: argparse.Namespace) -> int:
         cli._print(args, res, task_text(res))
         return cli.EXIT_OK
     res = cli._call(args, "tasks_status", {"limit": args.limit})
-    # the node sends its latest observations whatever the limit; --limit applies to both lists
+    # the node applies the limit to both lists; cut here too for nodes that sent more
     res["observations"] = list(res.get("observations") or [])[-args.limit:]
     res["tasks"] = list(res["tasks"])[-args.limit:]
     lines = [f"{'TASK':<20} {'STATE':<9} {'REPLICAS':>8} {'PEERS'}"] if res["tasks"] else ["no tasks yet"]

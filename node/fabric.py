@@ -23,7 +23,9 @@ core. The protocol is in docs/PROTOCOL.md §18; in short:
   ``fabric_vote_request`` and the signed ``fabric_vote`` goes to ``on_vote``;
   :class:`TaskAccepted` carries the vote certificate, checked again with
   :func:`~chimera.fabric.placement.verify_task_certificate` before it is
-  reported. :class:`Observe` goes into the node's reputation (``node.reputation``).
+  reported; an agreed ``error`` digest (out of fuel, module rejected...)
+  makes the task ``failed`` with that reason (and the certificate).
+  :class:`Observe` goes into the node's reputation (``node.reputation``).
 * **Executing**: at most ``fabric_task_slots`` tasks at once, each in a worker
   thread, and ``QUEUE_PER_SLOT`` per slot waiting (more are refused with
   reason ``busy``); a module this node lacks
@@ -171,13 +173,14 @@ class _Submitted:
     req: TaskRequirements
     submitted_ms: int
     submitted_mono: float
-    state: str = "running"  # running | accepted | failed
+    state: str = "running"  # running | accepted | failed (an agreed error result is "failed" too)
     dispatches: list[dict] = field(default_factory=list)
     results: dict[str, dict] = field(default_factory=dict)
     observations: list[dict] = field(default_factory=list)
     accepted: TaskAccepted | None = None
     stdout: bytes = b""
     exit_code: int | None = None
+    outcome: str | None = None  # the agreed result's status: "ok" or "error" (a deterministic failure)
     failure: tuple[str, str] | None = None
     finished_ms: int | None = None
     latency_s: float | None = None
@@ -679,7 +682,8 @@ class FabricService:
             self.counters["fabric_result_ignored"] += 1
             return
         now = time.monotonic()
-        row = {"peer_id": sender, "attempt": msg.attempt, "status": msg.status, "exit_code": msg.exit_code,
+        row = {"peer_id": sender, "attempt": msg.attempt, "status": msg.status,
+               "exit_code": msg.exit_code if msg.status == "ok" else None,
                "reason": msg.reason, "detail": msg.detail, "stdout_bytes": len(msg.stdout),
                "digest": msg.digest.hex() if msg.digest else None, "elapsed_ms": msg.elapsed_ms,
                "fuel_consumed": msg.fuel_consumed}
@@ -765,14 +769,25 @@ class FabricService:
                 rec.state, rec.accepted = "accepted", a
                 row = next((r for p, r in rec.results.items()
                             if p in a.agreeing and r.get("digest") == a.digest.hex()), None)
-                if row is not None:
+                if row is None:  # cannot happen: every agreeing replica's result is recorded
+                    log.error("task %s: no recorded result has the accepted digest", a.task_id)
+                    rec.state, rec.failure = "failed", ("internal_error", "the accepted result was not recorded")
+                elif row["status"] == "error":
+                    # the replicas agree that the task failed (out of fuel, module rejected...): an
+                    # outcome with a certificate, but not a success
+                    rec.state, rec.outcome = "failed", "error"
+                    rec.failure = (row["reason"], row["detail"])
+                else:
+                    rec.outcome = "ok"
                     rec.stdout, rec.exit_code = row.get("_stdout", b""), row["exit_code"]
             rec.finished_ms, rec.latency_s = _wall_ms(), time.monotonic() - rec.submitted_mono
             self._count_outcome(rec)
             self._release(rec)
-            self.node.emit_event("task_completed", self.peer_id, task_id=a.task_id, state=rec.state,
-                                 digest=a.digest.hex()[:16], agreeing=len(a.agreeing),
-                                 disagreeing=len(a.disagreeing))
+            extra = {"reason": rec.failure[0]} if rec.failure is not None else {}
+            self.node.emit_event("task_completed", self.peer_id,
+                                 **({"priority": "warning"} if rec.state == "failed" else {}),
+                                 task_id=a.task_id, state=rec.state, digest=a.digest.hex()[:16],
+                                 agreeing=len(a.agreeing), disagreeing=len(a.disagreeing), **extra)
             rec.done.set()
             return []
         if isinstance(a, BreakerOpened):
@@ -871,13 +886,17 @@ class FabricService:
             "observations": rec.observations,
         }
         if rec.failure is not None:
-            doc["failure"] = {"reason": rec.failure[0], "detail": rec.failure[1]}
+            # agreed: the replicas voted for this failure (the certificate below proves it)
+            doc["failure"] = {"reason": rec.failure[0], "detail": rec.failure[1],
+                              "agreed": rec.outcome == "error"}
         a = rec.accepted
-        if a is not None:
+        if a is not None and rec.outcome is not None:
             cert = a.certificate
-            doc["result"] = {"digest": a.digest.hex(), "exit_code": rec.exit_code,
+            doc["result"] = {"status": rec.outcome, "digest": a.digest.hex(), "exit_code": rec.exit_code,
                              "stdout": rec.stdout.decode("utf-8", errors="replace"),
                              "stdout_b64": base64.b64encode(rec.stdout).decode()}
+            if rec.outcome == "error":
+                doc["result"].update(reason=rec.failure[0], detail=rec.failure[1])
             doc["certificate"] = {
                 "ballot_id": cert.ballot.ballot_id.hex(), "purpose": cert.ballot.purpose,
                 "rule": cert.ballot.rule, "threshold": str(cert.ballot.threshold), "epoch": cert.ballot.epoch,
@@ -957,6 +976,25 @@ def _bytes_arg(args: dict, name: str, limit: int, default: bytes | None = None) 
     return value
 
 
+class _BadArgument(ValueError):
+    """An admin argument failed its check in an admin pool thread: a usage error (code 2)."""
+
+
+def _checked(check, *a):
+    """``check(*a)``, its ValueError (a bad name, version...) turned into :class:`_BadArgument`."""
+    try:
+        return check(*a)
+    except ValueError as exc:
+        raise _BadArgument(str(exc)) from None
+
+
+def _plain(exc: BaseException) -> str:
+    """The message of an exception; for a KeyError its argument, not its repr."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
 _FRACTION_TEXT = re.compile(r"\d{1,9}(/\d{1,9}|\.\d{1,9})?|\.\d{1,9}")
 
 
@@ -995,17 +1033,35 @@ def admin_handlers(node) -> dict:
         return svc
 
     async def in_thread(svc: FabricService, fn, *a):
+        """Run ``fn`` on the admin pool; its errors become one-line AdminErrors: a bad argument
+        (:class:`_BadArgument`) is a usage error (code 2), the rest are failures at the node (code 1)."""
         try:
             return await svc.loop.run_in_executor(svc.admin_pool, fn, *a)
-        except (ModuleNotFound, KeyError) as exc:
-            raise admin_api.AdminError(f"not found: {exc}") from None
-        except ValueError as exc:
-            raise admin_api.AdminError(str(exc)) from None
-        except Exception as exc:  # FabricError family (module rejected, trap...)
+        except _BadArgument as exc:
+            raise admin_api.AdminError(str(exc), admin_api.EXIT_USAGE) from None
+        except KeyError as exc:  # ModuleNotFound too; str() of a KeyError is the repr of its message
+            raise admin_api.AdminError(_plain(exc)) from None
+        except Exception as exc:
             reason = getattr(exc, "reason", None)
-            if reason is None:
-                raise
-            raise admin_api.AdminError(f"{reason}: {exc}") from None
+            if isinstance(reason, str):  # FabricError family (module rejected, trap...)
+                raise admin_api.AdminError(f"{reason}: {exc}") from None
+            if isinstance(exc, ValueError):  # a state conflict: deployed already, no previous version...
+                raise admin_api.AdminError(str(exc)) from None
+            raise
+
+    def deploy_ref(ref: str, what: str) -> tuple[str, str]:
+        """``name@version`` checked (admin pool thread: chimera.fabric.deploy imports wasmtime)."""
+        from chimera.fabric.deploy import parse_ref
+
+        name, version = _checked(parse_ref, ref)
+        if version is None:
+            raise _BadArgument(f"{what} needs name@version, not {ref[:80]!r}")
+        return name, version
+
+    def agent_name(name: str) -> str:
+        from chimera.fabric.host import check_agent_name
+
+        return _checked(check_agent_name, name)
 
     def module_of(svc: FabricService, args: dict) -> bytes | str:
         wasm = _bytes_arg(args, "module", MAX_MODULE_BYTES)
@@ -1030,31 +1086,43 @@ def admin_handlers(node) -> dict:
     async def agents_deploy(args: dict) -> dict:
         svc = service()
         ref = admin_api.str_arg(args, "ref", max_len=256)
-        kind = admin_api.str_arg(args, "kind", "task", max_len=32)
+        kind = admin_api.str_arg(args, "kind", "task", choices=("task", "actor"))
         module = module_of(svc, args)
-        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.deploy(ref, module, kind=kind)))
+
+        def deploy():
+            deploy_ref(ref, "deploy")
+            return svc.runtime().deploy.deploy(ref, module, kind=kind)
+
+        return event_doc(await in_thread(svc, deploy))
 
     async def agents_upgrade(args: dict) -> dict:
         svc = service()
         ref = admin_api.str_arg(args, "ref", max_len=256)
         module = module_of(svc, args)
-        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.upgrade(ref, module)))
+
+        def upgrade():
+            deploy_ref(ref, "upgrade")
+            return svc.runtime().deploy.upgrade(ref, module)
+
+        return event_doc(await in_thread(svc, upgrade))
 
     async def agents_rollback(args: dict) -> dict:
         svc = service()
         name = admin_api.str_arg(args, "name", max_len=256)
-        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.rollback(name, reason="by hand")))
+        return event_doc(await in_thread(
+            svc, lambda: svc.runtime().deploy.rollback(agent_name(name), reason="by hand")))
 
     async def agents_remove(args: dict) -> dict:
         svc = service()
         name = admin_api.str_arg(args, "name", max_len=256)
-        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.remove(name)))
+        return event_doc(await in_thread(svc, lambda: svc.runtime().deploy.remove(agent_name(name))))
 
     async def agents_call(args: dict) -> dict:
         svc = service()
         name = admin_api.str_arg(args, "name", max_len=256)
         payload = _bytes_arg(args, "input", LOCAL_CALL_INPUT_BYTES, b"")
         wait_s = admin_api.float_arg(args, "reply_wait_s", 1.0, 0.0, 60.0)
+        await in_thread(svc, agent_name, name)
         rt = await in_thread(svc, svc.runtime)
         deployed = await in_thread(svc, rt.deploy.get, name)
         if deployed.kind == "task":
@@ -1136,8 +1204,8 @@ def admin_handlers(node) -> dict:
             if rec is None:
                 raise admin_api.AdminError(f"no task {str(task_id)[:64]!r} was submitted here")
             return svc.task_view(rec)
-        limit = admin_api.int_arg(args, "limit", 50, 1, MAX_TASKS_KEPT)
-        return {"fabric": svc.status(), "observations": list(svc.observations)[-50:],
+        limit = admin_api.int_arg(args, "limit", 50, 1, MAX_TASKS_KEPT)  # the latest tasks and observations
+        return {"fabric": svc.status(), "observations": list(svc.observations)[-limit:],
                 "tasks": [svc.task_view(r, brief=True) for r in list(svc.tasks.values())[-limit:]]}
 
     async def modules_list(args: dict) -> dict:

@@ -271,6 +271,121 @@ async def test_cli_agent_and_task_commands(node_factory, capsys):
     assert res["own"]["cpu_count"] >= 1 and res["own"]["summary"].startswith(f"{res['own']['cpu_count']} cpu")
 
 
+async def test_agreed_error_is_reported_as_a_failure_not_a_success(tmp_path, capsys):
+    """Replicas that agree on a deterministic failure (out of fuel, module rejected) decide the
+    task's outcome with a certificate, but the task has failed: state, JSON and CLI say so."""
+    from chimera.node.cli import main
+    from fabric_helpers import AGENTS
+
+    nodes = await start_nodes(tmp_path, [{}, {}], genesis=False)
+    try:
+        res = await call(nodes[0], "tasks_submit", {"module": wasm("hostile_loop"), "replicas": 2,
+                                                    "fuel": 100_000, "wait": True, "wait_s": 60})
+        assert res["state"] == "failed", res
+        assert res["failure"] == {"reason": "fuel_exhausted", "detail": res["failure"]["detail"], "agreed": True}
+        assert res["result"]["status"] == "error" and res["result"]["reason"] == "fuel_exhausted"
+        assert res["result"]["exit_code"] is None and res["result"]["stdout"] == ""
+        assert [r["exit_code"] for r in res["results"]] == [None, None]
+        # the agreement itself is still certified
+        cert_doc = res["certificate"]
+        assert sorted(cert_doc["agreeing"]) == sorted(n.peer_id for n in nodes)
+        cert = decode_fields(VoteCertificate, msgpack.unpackb(bytes.fromhex(cert_doc["encoded_hex"]), raw=False))
+        table = WeightTable(cert_doc["replica_table"]["epoch"], cert_doc["replica_table"]["weights"])
+        verify_task_certificate(cert, table, nodes[0].network.network_id, res["task_id"])
+        done = [e for e in nodes[0].events if e["kind"] == "task_completed"]
+        assert done and done[-1]["state"] == "failed" and done[-1]["reason"] == "fuel_exhausted"
+
+        d = str(nodes[0].data_dir)
+
+        async def chimera(*argv: str) -> tuple[int, str]:
+            code = await asyncio.to_thread(main, [*argv, "--data-dir", d])
+            out = capsys.readouterr()
+            return code, out.out + out.err
+
+        code, out = await chimera("task", "submit", str(AGENTS / "hostile_loop.wasm"), "--fuel", "100000",
+                                  "--replicas", "2", "--wait")
+        assert code == 1 and "fuel_exhausted" in out and "exit 0" not in out and "accepted" not in out, out
+        corrupt = tmp_path / "corrupt.wasm"
+        corrupt.write_bytes(b"\xff\xfe\x00 certainly not WebAssembly \x80\x81")
+        code, out = await chimera("task", "submit", str(corrupt), "--replicas", "2", "--wait")
+        assert code == 1 and "exit 0" not in out, out
+        assert "module_rejected" in out and "not valid WebAssembly" in out and "utf-8" not in out, out
+        code, out = await chimera("task", "submit", str(corrupt), "--wait", "--json")
+        doc = json.loads(out)["result"]
+        assert code == 1 and doc["state"] == "failed" and doc["failure"]["reason"] == "module_rejected"
+        code, out = await chimera("agent", "deploy", "bad@1", str(corrupt))
+        assert code == 1 and "not valid WebAssembly" in out and "utf-8" not in out, out
+        # a success is still a success
+        code, out = await chimera("task", "submit", str(AGENTS / "wordfreq.wasm"), "--text", "a b a",
+                                  "--replicas", "2", "--wait")
+        assert code == 0 and "accepted digest" in out and "(exit 0)" in out and "2 a" in out, out
+    finally:
+        await stop_all(nodes)
+
+
+async def test_upgrade_runs_the_deploy_checks_of_the_agents_kind(node_factory):
+    node = await node_factory("u", NodeConfig(**FABRIC_FAST))
+    await call(node, "agents_deploy", {"ref": "wf@1", "module": wasm("wordfreq"), "kind": "task"})
+    with pytest.raises(admin.AdminError) as refused:  # an actor module has no _start: refused as by deploy
+        await call(node, "agents_upgrade", {"ref": "wf@2", "module": wasm("counter")})
+    assert refused.value.code == admin.EXIT_FAIL and "_start" in str(refused.value)
+    with pytest.raises(admin.AdminError, match="_start"):
+        await call(node, "agents_deploy", {"ref": "ctr@1", "module": wasm("counter"), "kind": "task"})
+    # the old version keeps serving, and the history has no upgrade
+    res = await call(node, "agents_call", {"name": "wf", "input": b"b a b"})
+    assert res["version"] == "1" and res["exit_code"] == 0 and res["stdout"] == "2 b\n1 a\n"
+    listing = await call(node, "agents_list")
+    assert [(a["name"], a["version"]) for a in listing["agents"]] == [("wf", "1")]
+    assert [e["action"] for e in listing["history"]] == ["deploy"]
+    # an upgrade that passes the checks still works
+    await call(node, "agents_upgrade", {"ref": "wf@2", "module": padded(wasm("wordfreq"), 16)})
+    assert (await call(node, "agents_call", {"name": "wf", "input": b"x"}))["version"] == "2"
+
+
+async def test_agent_admin_errors_are_plain_and_bad_arguments_are_usage_errors(node_factory):
+    node = await node_factory("e", NodeConfig(**FABRIC_FAST))
+    await call(node, "agents_deploy", {"ref": "wf@1", "module": wasm("wordfreq")})
+    for cmd in ("agents_rollback", "agents_remove", "agents_call"):
+        with pytest.raises(admin.AdminError) as err:
+            await call(node, cmd, {"name": "nope"})
+        assert str(err.value) == "agent 'nope' is not deployed" and err.value.code == admin.EXIT_FAIL, cmd
+    for cmd, args in (("agents_deploy", {"ref": "Bad Name@1", "module": wasm("wordfreq")}),
+                      ("agents_deploy", {"ref": "noversion", "module": wasm("wordfreq")}),
+                      ("agents_deploy", {"ref": "ok@bad version", "module": wasm("wordfreq")}),
+                      ("agents_deploy", {"ref": "ok@1", "module": wasm("wordfreq"), "kind": "daemon"}),
+                      ("agents_upgrade", {"ref": "wf", "module": wasm("wordfreq")}),
+                      ("agents_upgrade", {"ref": "w f@2", "module": wasm("wordfreq")}),
+                      ("agents_rollback", {"name": "bad name"}), ("agents_remove", {"name": "../x"}),
+                      ("agents_call", {"name": "Bad"})):
+        with pytest.raises(admin.AdminError) as err:
+            await call(node, cmd, args)
+        assert err.value.code == admin.EXIT_USAGE, (cmd, args, str(err.value))
+        assert "not deployed" not in str(err.value) and not str(err.value).startswith("not found")
+    # state conflicts are failures at the node, not usage errors
+    with pytest.raises(admin.AdminError) as err:
+        await call(node, "agents_deploy", {"ref": "wf@9", "module": wasm("wordfreq")})
+    assert err.value.code == admin.EXIT_FAIL and "deployed already" in str(err.value)
+    with pytest.raises(admin.AdminError) as err:
+        await call(node, "agents_rollback", {"name": "wf"})
+    assert err.value.code == admin.EXIT_FAIL and "no previous version" in str(err.value)
+
+
+async def test_tasks_status_honours_its_limit(node_factory):
+    node = await node_factory("l", NodeConfig(**FABRIC_FAST))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    first = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "wait": True})
+    for k in range(3):
+        res = await call(node, "tasks_submit", {"sha256": first["module_sha256"], "input": b"b %d" % k,
+                                                "wait": True})
+        assert res["state"] == "accepted"
+    every = await call(node, "tasks_status", {})
+    assert len(every["tasks"]) == 4 and len(every["observations"]) == 4
+    for limit in (1, 2):
+        res = await call(node, "tasks_status", {"limit": limit})
+        assert len(res["tasks"]) == limit and len(res["observations"]) == limit
+        assert res["tasks"][-1]["task_id"] == res["observations"][-1]["task_id"] == every["tasks"][-1]["task_id"]
+
+
 def test_idle_node_does_not_load_wasmtime():
     """The fabric imports wasmtime only when the first agent or task runs (idle footprint)."""
     code = ("import sys; import chimera.node.runtime, chimera.node.fabric, chimera.node.cli_fabric; "
