@@ -118,6 +118,10 @@ def test_unlinked_import_rejected(sandbox):
         sandbox.compile(b"\x00asm\x01\x00\x00\x00garbage")
     with pytest.raises(ModuleRejected):
         sandbox.compile(b"x" * (sandbox.max_module_bytes + 1))
+    # without the binary header wasmtime would parse the bytes as WAT text ("not valid utf-8")
+    for not_binary in (b"(module)", b"\xff\xfe garbage", b""):
+        with pytest.raises(ModuleRejected, match="binary module header"):
+            sandbox.compile(not_binary)
     assert_still_serving(sandbox)
 
 
