@@ -140,6 +140,15 @@ def float_arg(args: dict, name: str, default: Any = REQUIRED, lo: float = 0.0, h
     return number
 
 
+def _sized(name: str, value: Any, max_len: int, kind: type, what: str, unit: str) -> Any:
+    """``value`` if it is a ``kind`` of at most ``max_len`` ``unit``; else a usage error."""
+    if type(value) is not kind:
+        raise AdminError(f"{name} must be {what}, not {type(value).__name__} {_shown(value)}", EXIT_USAGE)
+    if len(value) > max_len:
+        raise AdminError(f"{name} is {len(value)} {unit}; the limit is {max_len}", EXIT_USAGE)
+    return value
+
+
 def str_arg(args: dict, name: str, default: Any = REQUIRED, max_len: int = 1024,
             choices: tuple[str, ...] | None = None) -> Any:
     """``args[name]`` as text of at most ``max_len`` characters (one of ``choices`` if given).
@@ -150,10 +159,7 @@ def str_arg(args: dict, name: str, default: Any = REQUIRED, max_len: int = 1024,
     given, value = _present(args, name, default)
     if not given:
         return value
-    if type(value) is not str:
-        raise AdminError(f"{name} must be text, not {type(value).__name__} {_shown(value)}", EXIT_USAGE)
-    if len(value) > max_len:
-        raise AdminError(f"{name} is {len(value)} characters; the limit is {max_len}", EXIT_USAGE)
+    _sized(name, value, max_len, str, "text", "characters")
     if choices is not None and value not in choices:
         raise AdminError(f"{name} must be one of {', '.join(choices)}, not {_shown(value)}", EXIT_USAGE)
     return value
@@ -180,13 +186,7 @@ def bytes_arg(args: dict, name: str, default: Any = REQUIRED, max_len: int = 655
         AdminError (EXIT_USAGE): missing without a default, not bytes, or too long.
     """
     given, value = _present(args, name, default)
-    if not given:
-        return value
-    if type(value) is not bytes:
-        raise AdminError(f"{name} must be bytes, not {type(value).__name__}", EXIT_USAGE)
-    if len(value) > max_len:
-        raise AdminError(f"{name} is {len(value)} bytes; the limit is {max_len}", EXIT_USAGE)
-    return value
+    return _sized(name, value, max_len, bytes, "bytes", "bytes") if given else value
 
 
 Handler = Callable[[dict], Awaitable[Any]]

@@ -30,6 +30,13 @@ def _decisions(net: LocalNetwork, i: int) -> list[tuple]:
     return [(d["height"], d["index"], d["author"], d["nonce"], d["data_text"]) for d in res["decisions"]]
 
 
+def _lone_validator(tmp_path: Path) -> tuple[Path, Network, NodeConfig]:
+    """A data dir whose peer is the only genesis validator of a fresh network, and a fast config."""
+    data_dir = tmp_path / "n0"
+    me = load_or_create_identity(data_dir).peer_id
+    return data_dir, Network.create("t", genesis=[me], epoch_length=100), NodeConfig(**FAST, **CONSENSUS_FAST)
+
+
 async def test_in_process_validators_commit_identical_logs_and_an_observer_joins(tmp_path: Path):
     from chimera.node.runtime import Node
 
@@ -216,10 +223,7 @@ async def test_a_sign_state_write_failure_halts_consensus_and_keeps_the_log(tmp_
     from chimera.node.runtime import Node
     from chimera.protocol.errors import LocalProtocolError
 
-    data_dir = tmp_path / "n0"
-    me = load_or_create_identity(data_dir).peer_id
-    net = Network.create("t", genesis=[me], epoch_length=100)
-    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    data_dir, net, config = _lone_validator(tmp_path)
     node = Node(data_dir, config, net)
     await node.start()
     try:
@@ -262,10 +266,7 @@ async def test_a_corrupt_or_lost_store_is_a_clear_error_or_a_reported_gap_never_
 
     from chimera.node.runtime import Node, NodeStartError
 
-    data_dir = tmp_path / "n0"
-    me = load_or_create_identity(data_dir).peer_id
-    net = Network.create("t", genesis=[me], epoch_length=100)
-    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    data_dir, net, config = _lone_validator(tmp_path)
     node = Node(data_dir, config, net)
     await node.start()
     try:
