@@ -47,9 +47,21 @@ def _propose_many(net: LocalNetwork, peers: list[int], texts: list[str]) -> list
         return list(pool.map(one, range(len(texts))))
 
 
+LOG_PAGE = 10_000  # the admin `log` command's largest page
+
+
 def _log_digest(net: LocalNetwork, i: int) -> tuple[int, list]:
-    res = net.query(i, "log", {"from_height": 1, "limit": 100_000})
-    return res["height"], [(d["height"], d["index"], d["author"], d["nonce"]) for d in res["decisions"]]
+    """Peer ``i``'s committed height and every decision (height, index, author, nonce), paged."""
+    rows: dict[tuple[int, int], tuple] = {}
+    start, height = 1, 0
+    while True:
+        res = net.query(i, "log", {"from_height": start, "limit": LOG_PAGE})
+        height = res["height"]
+        page = res["decisions"]
+        rows.update(((d["height"], d["index"]), (d["height"], d["index"], d["author"], d["nonce"])) for d in page)
+        if len(page) < LOG_PAGE:
+            return height, [rows[k] for k in sorted(rows)]
+        start = page[-1]["height"]  # again from the last height: a page may end inside it
 
 
 def _alive_view(net: LocalNetwork, i: int) -> dict[str, str]:
