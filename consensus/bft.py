@@ -685,6 +685,11 @@ class BftCore:
             hash (``Network.genesis_hash()``, PROTOCOL.md §3.1; :data:`GENESIS_HASH`, zeros, by default).
         table_height: first height of ``table`` (proposer rotation starts there).
         sign_state: the last :class:`SignState` persisted (after a restart).
+        sign_from_height: the core signs nothing (proposal or vote) at heights below this
+            (default 1: no floor). A driver whose sign state was lost while its log
+            survived passes the last committed height + 2: it may have signed at the
+            height after its last commit, so it sits that height out and follows it
+            from the certified commit (PROTOCOL.md §14.12).
         validate_value: pure application check of one value (default: accept all):
             True valid, False invalid (the sender of an invalid value is at fault),
             None "not yet": this peer lacks what the check needs (e.g. a training
@@ -719,7 +724,8 @@ class BftCore:
                  sign_state: SignState | None = None,
                  validate_value: Callable[[bytes], bool | None] | None = None,
                  on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None,
-                 choice_key: Callable[[bytes], tuple[bytes, Any] | None] | None = None) -> None:
+                 choice_key: Callable[[bytes], tuple[bytes, Any] | None] | None = None,
+                 sign_from_height: int = 1) -> None:
         if not 1 <= table_height <= height:
             raise LocalProtocolError("table_height must be in 1..height")
         if len(last_block_hash) != 32:
@@ -731,6 +737,9 @@ class BftCore:
         self.validate_value = validate_value
         self.on_commit = on_commit
         self.choice_key = choice_key
+        # nothing is signed below this height: a driver whose sign state was lost sets it past
+        # every height it may have signed at (it follows those heights from certified commits)
+        self.sign_from_height = sign_from_height
         self._observer_polls = 0
         self.height = height
         self.drops: Counter[str] = Counter()  # reason -> count (duplicates included)
@@ -1346,6 +1355,9 @@ class BftCore:
     # ---- signing (never conflicting with what was persisted)
 
     def _may_sign(self, step: str, round_: int, digest: bytes | None, valid_round: int | None) -> bool:
+        if self.height < self.sign_from_height:
+            self._event("sign_refused", f"{step}: nothing is signed below height {self.sign_from_height}")
+            return False
         last = self._sign_state
         position = (self.height, round_, _STEP_RANK[step])
         if last is not None:

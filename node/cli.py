@@ -207,6 +207,9 @@ def _consensus_lines(c: dict | None) -> list[str]:
              "  dropped    " + (", ".join(f"{k}={v}" for k, v in (c.get("drops") or {}).items()) or "none")]
     if c.get("halted"):
         lines.append(f"CONSENSUS HALTED  {c['halted']} (fix the disk, then restart the node)")
+    if c.get("signs_from_height"):
+        lines.append(f"NOT SIGNING  below height {c['signs_from_height']}: the sign state was missing at start "
+                     "(restore bft_sign_state.bin to avoid this)")
     if c.get("store_gap"):
         lo, hi = c["store_gap"]
         lines.append(f"STORE GAP    committed heights {lo}..{hi}, which this node signed for, were missing "

@@ -151,6 +151,19 @@ class ConsensusService:
                       sign_state.height, height + 1, sign_state.height - 1, sign_state.height)
             node.emit_event("store_behind_sign_state", node.peer_id, priority="warning",
                             stored_height=height, signed_height=sign_state.height)
+        # The reverse: a validator with committed heights but no sign state (the file was lost,
+        # emptied or replaced) cannot know what it signed after its last commit. It signs nothing
+        # at the next height (the others decide it; it follows from the certified commit) and
+        # resumes after it. A validator that never signed (it just joined) loses one height.
+        self.sign_from_height = 1
+        if sign_state is None and height >= 1 and node.peer_id in self.ledger.table.weights:
+            self.sign_from_height = height + 2
+            log.error("%s holds no sign state but the log is at height %d: what this validator signed "
+                      "at height %d cannot be known, so it signs nothing there and resumes at height %d "
+                      "(restore the file from a backup to avoid this)", self.sign_state_file.path, height,
+                      height + 1, height + 2)
+            node.emit_event("sign_state_missing", node.peer_id, priority="warning",
+                            stored_height=height, signs_from_height=height + 2)
         last_hash = self.store.block_hash(height) if height else net.genesis_hash()
         # a decision is valid for a window of epochs: the dedupe of committed values must span it
         config = dataclasses.replace(config, dedupe_heights=max(config.dedupe_heights,
@@ -158,6 +171,7 @@ class ConsensusService:
         self.core = BftCore(node.identity, self.network_id, self.ledger.table, config, time.monotonic(),
                             height=height + 1, last_block_hash=last_hash,
                             table_height=self.ledger.table_height, sign_state=sign_state,
+                            sign_from_height=self.sign_from_height,
                             validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit,
                             choice_key=self.ledger.choice_key)
         # the dedupe of committed values survives a restart (a replayed value is refused)
@@ -540,6 +554,8 @@ class ConsensusService:
             # committed heights missing from this node's store below its last signature (see __init__)
             "store_gap": None if self.store_gap is None or self.height >= self.store_gap[1]
             else list(self.store_gap),  # until peers have refilled it (the event stays in `events`)
+            # the sign state was missing at start: nothing is signed below this height
+            "signs_from_height": self.sign_from_height if self.core.height < self.sign_from_height else None,
             "round": self.core.round,
             "step": self.core.step,
             "pool_size": self.core.pool_size,

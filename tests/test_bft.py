@@ -484,6 +484,25 @@ def test_a_conflicting_proposal_is_the_signers_fault_not_the_relays():
     assert [(a.peer_id, a.reason) for a in rejected] == [(proposer.peer_id, "conflicting_proposal")]
 
 
+def test_a_core_with_a_sign_floor_signs_nothing_below_it_and_follows_the_others():
+    """A validator whose sign state was lost sits out the height after its last commit (it may
+    have signed there): no proposal, no vote, no PersistVote; the others commit it, it commits
+    it from their precommits, and it signs again from the floor on (PROTOCOL.md §14.12)."""
+    cluster = Cluster(4)
+    lost = next(i for i in cluster.ids if i.peer_id != ProposerSchedule(cluster.table, 1).proposer(1, 0))
+    cluster.cores[lost.peer_id] = BftCore(lost, NET, cluster.table, FAST, 0.0, validate_value=valid_value,
+                                          sign_from_height=2)
+    for core in cluster.cores.values():
+        core.submit(b"value", 0.0)
+    cluster.advance(3.0)
+    assert all([c.height for c in cs][:2] == [1, 2] for cs in cluster.commits.values()), cluster.commits
+    mine = cluster.log[lost.peer_id]
+    signed = [a.state.height for a in mine if isinstance(a, PersistVote)]
+    assert signed and min(signed) == 2  # nothing at height 1, votes from height 2 on
+    refused = [a for a in mine if isinstance(a, BftEvent) and a.kind == "sign_refused"]
+    assert refused and all("below height 2" in a.detail for a in refused)
+
+
 def test_bad_inputs_are_dropped_and_reported_never_crash():
     core, table, schedule, by_id = _core_and_others(4)
     other = next(by_id[p] for p in table.weights if p != core.peer_id)

@@ -310,6 +310,21 @@ async def test_a_corrupt_or_lost_store_is_a_clear_error_or_a_reported_gap_never_
     await node.start()
     try:
         assert node.consensus.status()["height"] == top and node.consensus.status()["store_gap"] is None
+        assert node.consensus.status()["signs_from_height"] is None
+    finally:
+        await node.stop()
+    # the other way round: the log survives, the sign state is lost (an empty file). The
+    # validator cannot know what it signed after its last commit, so it signs nothing at the
+    # next height; alone in its network it therefore stops, and says why.
+    (data_dir / "bft_sign_state.bin").write_bytes(b"")
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        height = node.consensus.height
+        assert node.consensus.status()["signs_from_height"] == height + 2
+        assert any(e["kind"] == "sign_state_missing" for e in node.events)
+        assert await async_wait_until(lambda: node.counters["consensus_events.sign_refused"] >= 1, 30)
+        assert node.consensus.core._sign_state is None and node.consensus.height == height
     finally:
         await node.stop()
 
