@@ -40,7 +40,7 @@ from chimera.protocol.identity import fingerprint
 from chimera.protocol.messages import reject_duplicate_keys
 
 from . import admin_keys
-from .admin_keys import COMMAND_HELP, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
+from .admin_keys import COMMAND_HELP, COMMAND_OPTIONS, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
 from .audit import AuditLog
 
 log = logging.getLogger("chimera.admin")
@@ -441,6 +441,7 @@ class AdminServer:
             help_ = doc or known_help  # a handler's docstring wins; it may list its args in `admin_args`
             arg_names = tuple(getattr(fn, "admin_args", known_args))
             out.append({"name": name, "help": help_ or "(no help)", "args": list(arg_names),
+                        "options": list(COMMAND_OPTIONS.get(name, ())),
                         "role": required_role(name), "stream": name in self.streams})
         return out
 

@@ -112,6 +112,15 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "modules_list": ("stored WASM modules", ()),
 }
 
+# Named-only arguments (name=value in the shell; no positional place) a command's
+# handler reads besides those COMMAND_HELP lists; `commands` reports them as "options".
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "agents_deploy": ("sha256",),
+    "agents_upgrade": ("sha256",),
+    "tasks_submit": ("sha256", "rule", "threshold", "wait", "wait_s", "fuel", "memory_bytes", "timeout_s",
+                     "gpus", "gpu_memory_bytes", "replicas"),
+}
+
 
 def required_role(cmd: str) -> str:
     """The role ``cmd`` needs (``admin`` when the command is not in the table)."""

@@ -46,6 +46,7 @@ from . import admin
 from .admin import EXIT_FAIL, EXIT_OK, EXIT_USAGE, AdminError
 from .admin_keys import (
     COMMAND_HELP,
+    COMMAND_OPTIONS,
     AdminKeyError,
     check_name,
     check_role,
@@ -67,16 +68,10 @@ INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 ECHO_CHARS = 40
 """How much of the user's input an error message echoes."""
 MAX_ERROR_CHARS = 1000
-# Arguments a node's handler reads that its `commands` entry does not list (the
-# `commands` list gives the positional order; these are name=value only), and
-# the shell's own arguments of `train export`.
-UNLISTED_ARGS: dict[str, tuple[str, ...]] = {
-    "agents_deploy": ("sha256",),
-    "agents_upgrade": ("sha256",),
-    "tasks_submit": ("sha256", "rule", "threshold", "wait", "wait_s", "fuel", "memory_bytes", "timeout_s",
-                     "gpus", "gpu_memory_bytes", "replicas"),
-    "train_export": ("path", "force"),
-}
+# The shell's own arguments of a command (the node never sees them); the node's
+# named-only ones come from `commands` ("options"; admin_keys.COMMAND_OPTIONS for a
+# node too old to send them).
+SHELL_ARGS: dict[str, tuple[str, ...]] = {"train_export": ("path", "force")}
 # Arguments without which the node would refuse the command: checked here first, so
 # the error names the missing argument (not a later one) and comes before a confirmation.
 REQUIRED_ARGS: dict[str, tuple[str, ...]] = {
@@ -357,10 +352,12 @@ class Shell:
 
     def accepted(self, cmd: str) -> list[str] | None:
         """The argument names ``cmd`` takes: those ``commands`` lists, then the ones its handler
-        reads unlisted (:data:`UNLISTED_ARGS`). None: unknown (a command the node lists without
+        reads as named-only options and the shell's own (:data:`SHELL_ARGS`). None: unknown (a command the node lists without
         arguments and this shell does not know: any name is let through)."""
-        listed = list(self.commands[cmd].get("args", []))
-        extra = [a for a in UNLISTED_ARGS.get(cmd, ()) if a not in listed]
+        entry = self.commands[cmd]
+        listed = list(entry.get("args", []))
+        options = entry.get("options", COMMAND_OPTIONS.get(cmd, ()))
+        extra = [a for a in (*options, *SHELL_ARGS.get(cmd, ())) if a not in listed]
         if not listed and not extra and cmd not in COMMAND_HELP:
             return None
         return listed + extra
