@@ -26,7 +26,7 @@ from chimera.protocol.network import parse_contact_uri
 from . import admin as admin_api
 from .admin import EXIT_USAGE, AdminError, float_arg, int_arg, str_arg
 from .actors import wait_event
-from .config import ConfigError, NodeConfig, _coerce
+from .config import RANGES, ConfigError, NodeConfig, _coerce
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -110,13 +110,14 @@ def _set_skew(node: "Node", value: float) -> None:
     node.opener.max_clock_skew_ms = int(value * 1000)
 
 
-# field -> (low, high, apply); strings: log_level only (checked against PRIORITIES' names)
+# field -> how to apply it to the running node; values are checked as config.toml's are
+# (config.RANGES; log_level against LOG_LEVELS)
 RUNTIME_FIELDS = {
-    "log_level": (None, None, _set_log_level),
-    "rate_limit_msgs_per_s": (1.0, 1e6, _set_rate),
-    "rate_limit_burst": (1, 1_000_000, _set_burst),
-    "drop_log_interval_s": (0.0, 86_400.0, _set_drop_interval),
-    "max_clock_skew_s": (1.0, 3_600.0, _set_skew),
+    "log_level": _set_log_level,
+    "rate_limit_msgs_per_s": _set_rate,
+    "rate_limit_burst": _set_burst,
+    "drop_log_interval_s": _set_drop_interval,
+    "max_clock_skew_s": _set_skew,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -134,13 +135,13 @@ def set_config(node: "Node", field: str, value: object) -> dict:
         new = _coerce(field, value, "config_set")
     except ConfigError as exc:
         raise AdminError(str(exc), EXIT_USAGE) from None
-    low, high, apply = RUNTIME_FIELDS[field]
+    apply = RUNTIME_FIELDS[field]
     if field == "log_level":
         new = str(new).lower()
         if new not in LOG_LEVELS:
             raise AdminError(f"log_level must be one of {', '.join(LOG_LEVELS)}", EXIT_USAGE)
-    elif not low <= new <= high:
-        raise AdminError(f"{field} must be in {low:g}..{high:g}", EXIT_USAGE)
+    elif new not in RANGES[field]:
+        raise AdminError(f"{field} must be in {RANGES[field]}", EXIT_USAGE)
     old = getattr(node.config, field)
     node.config = node.config.replace(**{field: new})
     apply(node, new)

@@ -265,6 +265,10 @@ async def test_revoke_peer_admit_config_and_live_events(node_factory):
         await call("revoke_peer", {"peer_id": a.peer_id})
     assert (await call("config_set", {"field": "max_clock_skew_s", "value": "12.5"}))["new"] == 12.5
     assert a.opener.max_clock_skew_ms == 12500
+    for bad in ("nan", "0.5", "inf"):  # the ranges of config.toml (config.RANGES)
+        with pytest.raises(admin.AdminError, match="max_clock_skew_s") as refused:
+            await call("config_set", {"field": "max_clock_skew_s", "value": bad})
+        assert refused.value.code == admin.EXIT_USAGE and a.opener.max_clock_skew_ms == 12500
     await call("log_level", {"level": "warning"})
     assert (await call("config_get", {"field": "log_level"}))["value"] == "warning"
     await call("log_level", {"level": "info"})
