@@ -200,7 +200,7 @@ def cmd_task_status(args: argparse.Namespace) -> int:
     if args.task_id:
         res = cli._call(args, "tasks_status", {"task_id": args.task_id})
         cli._print(args, res, task_text(res))
-        return cli.EXIT_OK
+        return task_exit_code(res)  # as `task submit --wait`: a failed task is 1 (running: 0)
     res = cli._call(args, "tasks_status", {"limit": args.limit})
     # the node applies the limit to both lists; cut here too for nodes that sent more
     res["observations"] = list(res.get("observations") or [])[-args.limit:]

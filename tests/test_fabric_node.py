@@ -313,6 +313,8 @@ async def test_agreed_error_is_reported_as_a_failure_not_a_success(tmp_path, cap
         code, out = await chimera("task", "submit", str(corrupt), "--wait", "--json")
         doc = json.loads(out)["result"]
         assert code == 1 and doc["state"] == "failed" and doc["failure"]["reason"] == "module_rejected"
+        code, out = await chimera("task", "status", doc["task_id"])  # the same verdict later
+        assert code == 1 and "failed" in out, out
         code, out = await chimera("agent", "deploy", "bad@1", str(corrupt))
         assert code == 1 and "not valid WebAssembly" in out and "utf-8" not in out, out
         # a success is still a success
