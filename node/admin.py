@@ -721,6 +721,9 @@ class RemoteClient:
     """
 
     def __init__(self, endpoint: str, server_key: bytes, key, timeout_s: float = 10.0) -> None:
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if not endpoint.startswith("tcp://") or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise AdminError(f"bad endpoint {endpoint[:80]}: use tcp://HOST:PORT (port 1..65535)", EXIT_USAGE)
         self.endpoint = endpoint
         self.server_key = server_key
         self.key = key

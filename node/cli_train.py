@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -196,7 +197,13 @@ def export_paths(path_text: str, force: bool) -> tuple[Path, Path]:
 
     Raises:
         FileExistsError: one exists and ``force`` is false.
+        ValueError: ``path_text`` is empty or names a directory (the files would land next
+            to it, outside it).
     """
+    if not path_text.strip():
+        raise ValueError("the export path is empty: name the .npz file to write")
+    if path_text.endswith(("/", os.sep)) or Path(path_text).expanduser().is_dir():
+        raise ValueError(f"{path_text} is a directory: name the .npz file to write (e.g. {path_text.rstrip('/')}/model.npz)")
     path = Path(path_text).expanduser().resolve()
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
@@ -225,6 +232,8 @@ def cmd_train_export(args: argparse.Namespace) -> int:
         path, sidecar = export_paths(args.path, args.force)
     except FileExistsError as exc:
         raise cli.CliError(f"{exc} (use --force to overwrite)", cli.EXIT_USAGE) from None
+    except ValueError as exc:
+        raise cli.CliError(str(exc), cli.EXIT_USAGE) from None
     res = cli._call(args, "train_export", {"job": args.job} if args.job else {})
     try:
         res = write_export(res, path, sidecar)

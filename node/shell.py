@@ -176,7 +176,10 @@ def connect(target: str | None, *, data_dir: Path | None = None, key_file: str |
             raise ShellError("a remote target needs --key FILE (an admin key; requests are signed)")
         if not server_key:
             raise ShellError("a remote target needs --server-key (the node's contact URI or transport key)")
-        return admin.RemoteClient(target, parse_server_key(server_key), key, timeout_s=timeout_s)
+        try:
+            return admin.RemoteClient(target, parse_server_key(server_key), key, timeout_s=timeout_s)
+        except AdminError as exc:  # a bad endpoint (no or out-of-range port)
+            raise ShellError(str(exc), exc.code) from None
     if target:
         path = Path(target).expanduser()
     else:
@@ -506,13 +509,17 @@ class Shell:
         from .cli_train import export_paths, write_export
 
         path_arg = args.pop("path", None)
-        force = bool(args.pop("force", False))
+        force = args.pop("force", False)
+        if type(force) is not bool:
+            raise ShellError(f"force must be true or false, not {str(force)[:20]!r}")
         if not isinstance(path_arg, str) or not path_arg:
             raise ShellError("train export needs path=FILE (where this shell writes the .npz and .json)")
         try:
             path, sidecar = export_paths(path_arg, force)
         except FileExistsError as exc:
             raise ShellError(f"{exc} (add force=true to overwrite)") from None
+        except ValueError as exc:
+            raise ShellError(str(exc)) from None
         res = self.client.call("train_export", args, timeout_s=60.0)
         try:
             res = write_export(res, path, sidecar)

@@ -42,6 +42,7 @@ MAX_TOKEN_CHARS = 8192
 MAX_BOOTSTRAP = 32
 MAX_GENESIS = 64
 DEFAULT_EPOCH_LENGTH = 100
+MAX_NAME_CHARS = 64  # the token's limit on the human label
 MAX_EPOCH_LENGTH = 1 << 20
 
 
@@ -72,6 +73,8 @@ class Network:
     epoch_length: int = DEFAULT_EPOCH_LENGTH
 
     def __post_init__(self) -> None:
+        if type(self.name) is not str or not 1 <= len(self.name) <= MAX_NAME_CHARS or not self.name.isprintable():
+            raise LocalProtocolError(f"a network name is 1..{MAX_NAME_CHARS} printable characters")
         if type(self.epoch_length) is not int or not 1 <= self.epoch_length <= MAX_EPOCH_LENGTH:
             raise LocalProtocolError(f"epoch_length must be an int in 1..{MAX_EPOCH_LENGTH}")
         if len(self.secret) != SECRET_BYTES:
@@ -139,7 +142,7 @@ class Network:
         if type(value) is list and len(value) == 4 and type(value[0]) is int and value[0] == 1:
             value = [2, *value[1:], [], DEFAULT_EPOCH_LENGTH]  # version 1: no genesis
         if (type(value) is not list or len(value) != 6 or type(value[0]) is not int or value[0] != 2
-                or type(value[1]) is not str or len(value[1]) > 64
+                or type(value[1]) is not str or len(value[1]) > MAX_NAME_CHARS
                 or type(value[2]) is not bytes or len(value[2]) != SECRET_BYTES
                 or type(value[3]) is not list or len(value[3]) > MAX_BOOTSTRAP
                 or not all(type(b) is str and len(b) < 256 for b in value[3])

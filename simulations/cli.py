@@ -179,3 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # e.g. byzantine weight >= 1/3
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. --out names a file, or a folder that cannot be created
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1

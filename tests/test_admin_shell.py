@@ -317,6 +317,7 @@ def test_shell_grammar_types_values_conservatively(tmp_path: Path):
             return [{"name": "propose", "args": ["data", "timeout_s", "count"], "help": "", "role": "operator"},
                     {"name": "agents_list", "args": [], "help": "", "role": "observer"},
                     {"name": "train_start", "args": ["job", "timeout_s"], "help": "", "role": "operator"},
+    {"name": "train_export", "args": ["job"], "help": "", "role": "operator"},
                     {"name": "fit", "args": ["epochs", "lr", "fast", "name"], "help": "", "role": "operator"},
                     {"name": "events", "args": ["limit"], "help": "", "role": "observer"},
                     {"name": "events_follow", "args": [], "help": "", "role": "observer", "stream": True}]
@@ -393,6 +394,7 @@ FAKE_COMMANDS = [
     {"name": "log", "args": ["limit", "from_height"], "help": "", "role": "observer"},
     {"name": "certificate", "args": ["height"], "help": "", "role": "observer"},
     {"name": "train_start", "args": ["job", "timeout_s"], "help": "", "role": "operator"},
+    {"name": "train_export", "args": ["job"], "help": "", "role": "operator"},
     {"name": "agents_deploy", "args": ["ref", "module", "kind"], "help": "", "role": "operator"},
     {"name": "tasks_submit", "args": ["module", "input"], "help": "", "role": "operator"},
     {"name": "plugin_thing", "args": [], "help": "a handler this shell does not know", "role": "admin"},
@@ -557,3 +559,17 @@ def test_shell_exit_ends_any_runner():
             _run_line(line)
         assert done.value.code == code
     assert _run_line("exit now")[0] == 2
+
+
+def test_train_export_refuses_a_directory_an_empty_path_and_a_force_that_is_no_bool(tmp_path: Path):
+    """A directory as the path wrote FILE.npz next to it (outside it); force=no overwrote."""
+    existing = tmp_path / "m.npz"
+    existing.write_bytes(b"keep")
+    for line, message in ((f"train export path={tmp_path}", "is a directory"),
+                          (f"train export path={tmp_path}/", "is a directory"),
+                          (f"train export path={existing} force=no", "force must be true or false"),
+                          (f"train export path={existing} force=maybe", "force must be true or false"),
+                          (f"train export path={existing}", "exists")):
+        code, out, node = _run_line(line)
+        assert code == 2 and message in out and not node.sent, (line, out)
+    assert existing.read_bytes() == b"keep" and not (tmp_path.parent / f"{tmp_path.name}.npz").exists()

@@ -360,3 +360,44 @@ def test_service_install_without_systemctl_says_so(fake_system, tmp_path, capsys
     code, out, err = run_cli(install_argv(tmp_path), capsys)
     assert code == 0, err
     assert "no systemctl on PATH: systemd was not reloaded" in out.splitlines()
+
+
+# ------------------------------------------------- second pass: paths, names, endpoints
+
+
+def test_train_export_to_a_directory_or_nothing_is_a_usage_error(tmp_path, capsys):
+    """A directory as the path wrote DIR.npz next to the directory, outside it."""
+    for path in (str(tmp_path), f"{tmp_path}/", ""):
+        code, out, err = run_cli(["train", "export", path, "--data-dir", tmp_path / "dd"], capsys)
+        assert code == 2 and out == "" and ("is a directory" in err or "empty" in err), err
+    assert not (tmp_path.parent / f"{tmp_path.name}.npz").exists()
+
+
+def test_network_init_refuses_a_name_its_token_cannot_carry(tmp_path, capsys):
+    """A 65-character name made a data dir whose token no command could read."""
+    for name in ("x" * 65, "two\nlines", ""):
+        code, out, err = run_cli(["network", "init", "--name", name, "--data-dir", tmp_path / "n"], capsys)
+        assert code == 2 and "network name" in err and not (tmp_path / "n" / "network.token").exists(), err
+    code, _, _ = run_cli(["network", "init", "--name", "y" * 64, "--data-dir", tmp_path / "n"], capsys)
+    assert code == 0
+    code, out, _ = run_cli(["network", "token", "--data-dir", tmp_path / "n"], capsys)
+    assert code == 0 and out.startswith("chm1_")
+
+
+def test_simulate_into_an_unusable_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "chimera.node", "simulate", "run", "commit_latency",
+                           "--out", str(blocker)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "File exists" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_a_remote_shell_target_with_an_impossible_port_is_refused_at_once(tmp_path, capsys):
+    from chimera.node.admin_keys import generate_key, write_key_file
+
+    key = tmp_path / "k.pem"
+    write_key_file(key, generate_key())
+    code, out, _ = run_cli(["shell", "tcp://127.0.0.1:99999", "--key", key, "--server-key", "a" * 52,
+                            "-c", "whoami", "--json"], capsys)
+    assert code == 2 and '"code": 2' in out and "port 1..65535" in out, out
