@@ -30,10 +30,17 @@ class KeyFileError(Exception):
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir."""
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
+
+    Raises:
+        OSError: the file cannot be written; its ``filename`` is ``path`` (not the temp file).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     try:
         view = memoryview(data)
         while view:  # os.write may write less than asked

@@ -524,7 +524,7 @@ class Shell:
         try:
             res = write_export(res, path, sidecar)
         except OSError as exc:
-            raise ShellError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise ShellError(f"cannot write {path}: {exc.strerror or exc}", EXIT_FAIL) from None  # as the CLI
         self._emit("train_export", res)
         return EXIT_OK
 

@@ -184,7 +184,8 @@ class ScenarioError(ValueError):
 
     def __init__(self, source: str, field_name: str, problem: str) -> None:
         self.source, self.field, self.problem = source, field_name, problem
-        super().__init__(f"{source}: field '{field_name}': {problem}")
+        # "-": about the file itself, not one of its fields
+        super().__init__(f"{source}: {problem}" if field_name == "-" else f"{source}: field '{field_name}': {problem}")
 
 
 class _Reader:

@@ -401,3 +401,14 @@ def test_a_remote_shell_target_with_an_impossible_port_is_refused_at_once(tmp_pa
     code, out, _ = run_cli(["shell", "tcp://127.0.0.1:99999", "--key", key, "--server-key", "a" * 52,
                             "-c", "whoami", "--json"], capsys)
     assert code == 2 and '"code": 2' in out and "port 1..65535" in out, out
+
+
+def test_unknown_scenario_and_unwritable_key_file_say_what_the_user_gave(tmp_path, capsys):
+    from chimera.simulations.cli import main as simulate
+
+    assert simulate(["run", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: nosuch: no such file; shipped scenarios:") and "field" not in err
+    code, out, _ = run_cli(["admin", "key", "create", "k", "--out", "/proc/nope.pem", "--json",
+                            "--data-dir", tmp_path / "dd"], capsys)
+    assert code == 1 and "/proc/nope.pem" in out and ".tmp" not in out, out
