@@ -409,6 +409,7 @@ def test_unknown_scenario_and_unwritable_key_file_say_what_the_user_gave(tmp_pat
     assert simulate(["run", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: nosuch: no such file; shipped scenarios:") and "field" not in err
+    (tmp_path / "dd").mkdir()
     code, out, _ = run_cli(["admin", "key", "create", "k", "--out", "/proc/nope.pem", "--json",
                             "--data-dir", tmp_path / "dd"], capsys)
     assert code == 1 and "/proc/nope.pem" in out and ".tmp" not in out, out
