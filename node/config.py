@@ -21,10 +21,11 @@ from pathlib import Path
 
 import platformdirs
 
-from chimera.consensus.bft import MAX_BLOCK_VALUES
-from chimera.consensus.reputation import ObservationKind, ReputationConfig
 from chimera.protocol.errors import LocalProtocolError, RemoteProtocolError
 from chimera.protocol.network import parse_contact_uri
+
+if typing.TYPE_CHECKING:
+    from chimera.consensus.reputation import ReputationConfig
 
 
 class ConfigError(Exception):
@@ -123,6 +124,9 @@ class Range(typing.NamedTuple):
         return f"{text} ({self.note})" if self.note else text
 
 
+# consensus.bft.MAX_BLOCK_VALUES, written out so that reading the config (every `chimera`
+# command does) does not import the consensus core; tests/test_config.py checks they agree
+MAX_BATCH_VALUES = 256
 _DAY_S = 86_400.0
 _TIMER = Range(0.01, _DAY_S)  # timeouts and intervals: > 0 (tiny ones busy-loop), at most a day
 
@@ -153,7 +157,7 @@ RANGES: dict[str, Range] = {
     "consensus_propose_timeout_s": _TIMER,
     "consensus_vote_timeout_s": _TIMER,
     "consensus_commit_wait_s": Range(0.0, _DAY_S),
-    "consensus_max_batch": Range(1, MAX_BLOCK_VALUES),
+    "consensus_max_batch": Range(1, MAX_BATCH_VALUES),
     "consensus_empty_block_interval_s": Range(0.0, _DAY_S, note="0: a block every height"),
     "reputation_half_life_s": Range(1.0, 3650 * _DAY_S, note="1 s..10 years"),
     # training
@@ -423,6 +427,9 @@ def reputation_config(config: NodeConfig) -> ReputationConfig:
         ConfigError: an entry that is not ``KIND=UNITS``, an unknown kind, a kind given
             twice, units that are not a finite number > 0, or a half-life that is not.
     """
+    # imported here: every `chimera` command reads config.py, few need the consensus package
+    from chimera.consensus.reputation import ObservationKind, ReputationConfig
+
     weights: dict[str, float] = {}
     for entry in config.reputation_weights:
         kind, sep, units = entry.partition("=")

@@ -201,3 +201,17 @@ def test_a_bootstrap_contact_that_cannot_be_dialled_is_a_usage_error(tmp_path: P
     with pytest.raises(ConfigError, match="bootstrap.*not a contact URI"):
         load_config(tmp_path, environ={}, overrides={"bootstrap": (uri,)})
     assert load_config(tmp_path, environ={}, overrides={"bootstrap": (CONTACT,)}).bootstrap == (CONTACT,)
+
+
+def test_the_batch_bound_is_the_cores_and_reading_config_does_not_load_the_core():
+    import subprocess
+    import sys
+
+    from chimera.consensus.bft import MAX_BLOCK_VALUES
+    from chimera.node.config import MAX_BATCH_VALUES
+
+    assert MAX_BATCH_VALUES == MAX_BLOCK_VALUES and RANGES["consensus_max_batch"].hi == MAX_BLOCK_VALUES
+    loaded = subprocess.run([sys.executable, "-c", "import sys, chimera.node.config; "
+                             "print(sorted(m for m in sys.modules if m.startswith('chimera.consensus')))"],
+                            capture_output=True, text=True, timeout=60).stdout
+    assert loaded.strip() == "[]", loaded
