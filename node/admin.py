@@ -179,14 +179,21 @@ def bool_arg(args: dict, name: str, default: Any = False) -> Any:
     return value
 
 
-def bytes_arg(args: dict, name: str, default: Any = REQUIRED, max_len: int = 65536) -> Any:
-    """``args[name]`` as bytes of at most ``max_len`` (``default`` when absent).
+def bytes_arg(args: dict, name: str, default: Any = REQUIRED, max_len: int = 65536, *,
+              text: bool = False) -> Any:
+    """``args[name]`` as bytes of at most ``max_len`` (``default`` when absent); with ``text``,
+    a string is accepted too and encoded as UTF-8.
 
     Raises:
-        AdminError (EXIT_USAGE): missing without a default, not bytes, or too long.
+        AdminError (EXIT_USAGE): missing without a default, not bytes (or text), or too long.
     """
     given, value = _present(args, name, default)
-    return _sized(name, value, max_len, bytes, "bytes", "bytes") if given else value
+    if not given:
+        return value
+    if text and type(value) is str:
+        _sized(name, value, max_len, str, "text", "characters")  # refused before encoding a huge one
+        value = value.encode()
+    return _sized(name, value, max_len, bytes, "bytes or text" if text else "bytes", "bytes")
 
 
 Handler = Callable[[dict], Awaitable[Any]]

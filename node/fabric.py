@@ -959,23 +959,6 @@ def start_fabric(node) -> FabricService:
     return service
 
 
-def _bytes_arg(args: dict, name: str, limit: int, default: bytes | None = None) -> bytes | None:
-    value = args.get(name)
-    if value is None:
-        return default
-    if isinstance(value, str):
-        if len(value) > limit:  # at least len(value) bytes once encoded: refuse before encoding it
-            raise admin_api.AdminError(f"{name} is {len(value)} characters; the limit is {limit} bytes",
-                                       admin_api.EXIT_USAGE)
-        value = value.encode()
-    if not isinstance(value, bytes):
-        raise admin_api.AdminError(f"{name} must be bytes or text, not {type(value).__name__}",
-                                   admin_api.EXIT_USAGE)
-    if len(value) > limit:
-        raise admin_api.AdminError(f"{name} is {len(value)} bytes; the limit is {limit}", admin_api.EXIT_USAGE)
-    return value
-
-
 class _BadArgument(ValueError):
     """An admin argument failed its check in an admin pool thread: a usage error (code 2)."""
 
@@ -1064,7 +1047,7 @@ def admin_handlers(node) -> dict:
         return _checked(check_agent_name, name)
 
     def module_of(svc: FabricService, args: dict) -> bytes | str:
-        wasm = _bytes_arg(args, "module", MAX_MODULE_BYTES)
+        wasm = admin_api.bytes_arg(args, "module", None, MAX_MODULE_BYTES, text=True)
         if wasm is not None:
             return wasm
         sha = admin_api.str_arg(args, "sha256", None, max_len=64)
@@ -1120,7 +1103,7 @@ def admin_handlers(node) -> dict:
     async def agents_call(args: dict) -> dict:
         svc = service()
         name = admin_api.str_arg(args, "name", max_len=256)
-        payload = _bytes_arg(args, "input", LOCAL_CALL_INPUT_BYTES, b"")
+        payload = admin_api.bytes_arg(args, "input", b"", LOCAL_CALL_INPUT_BYTES, text=True)
         wait_s = admin_api.float_arg(args, "reply_wait_s", 1.0, 0.0, 60.0)
         await in_thread(svc, agent_name, name)
         rt = await in_thread(svc, svc.runtime)
@@ -1169,7 +1152,7 @@ def admin_handlers(node) -> dict:
     async def tasks_submit(args: dict) -> dict:
         svc = service()
         # every argument is checked before the module is stored or anything is submitted
-        stdin = _bytes_arg(args, "input", MAX_TASK_INPUT_BYTES, b"")
+        stdin = admin_api.bytes_arg(args, "input", b"", MAX_TASK_INPUT_BYTES, text=True)
         rule = admin_api.str_arg(args, "rule", "majority", choices=tuple(RULES))
         threshold = _threshold_arg(args)
         wait = admin_api.bool_arg(args, "wait", False)

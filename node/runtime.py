@@ -666,11 +666,7 @@ class Node:
 
         async def propose(args: dict) -> dict:
             service = need_consensus()
-            data = args.get("data")
-            if isinstance(data, str):
-                data = data.encode()
-            if not isinstance(data, bytes):
-                raise admin_api.AdminError("propose needs data (text or bytes)", admin_api.EXIT_USAGE)
+            data = admin_api.bytes_arg(args, "data", max_len=1 << 20, text=True)  # the log's limit is checked there
             timeout_s = admin_api.float_arg(args, "timeout_s", 30.0, 0.1, 3600.0)
             count = admin_api.int_arg(args, "count", 1, 1, 100_000)
             try:
