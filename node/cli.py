@@ -19,7 +19,7 @@ from chimera.protocol.errors import InvalidTokenError, LocalProtocolError
 from chimera.protocol.network import MAX_EPOCH_LENGTH, Network
 
 from . import admin
-from .cli_fabric import bounded_int, finite_float
+from .cli_fabric import bounded_int, finite_float, folder_path
 from .config import PROFILES, ConfigError, default_data_dir, load_config
 from .keys import KeyFileError, load_network, load_or_create_identity, save_network
 from .launcher import MAX_LOCAL_PEERS
@@ -502,7 +502,7 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
 
     p = sub.add_parser("up", help="launch N peer processes on this machine")
     p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4)
-    p.add_argument("--workdir", help="keep each peer's data dir under this folder")
+    p.add_argument("--workdir", type=folder_path, help="keep each peer's data dir under this folder")
     p.add_argument("--mdns", action="store_true", help="also discover by mDNS (default: bootstrap + peer exchange)")
     p.set_defaults(func=cmd_up)
 
@@ -521,7 +521,7 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
 
     p = sub.add_parser("demo", help="bring up a local network, show it working, stop")
     p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4)
-    p.add_argument("--workdir", help="keep the peers' data dirs and logs here")
+    p.add_argument("--workdir", type=folder_path, help="keep the peers' data dirs and logs here")
     p.add_argument("--hold", action="store_true",
                    help="after the report, keep the network running (attach `chimera shell DATA_DIR`) "
                         "until Ctrl-C")

@@ -67,6 +67,20 @@ def finite_float(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+def folder_path(text: str) -> str:
+    """An argparse ``type=``: a folder that exists or can be created (an existing file or
+    an empty string is a usage error, exit 2); returned as given."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty string")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{_shown(text)} exists and is not a folder")
+    return text
+
+
+folder_path.__name__ = "folder path"
+
+
 def _cli():
     from . import cli  # imported late: cli builds its parser with register()
 

@@ -96,6 +96,18 @@ def test_bounds_themselves_are_accepted(wasm):
     assert parser.parse_args(["train", "status"]).interval == 0.5
 
 
+@pytest.mark.parametrize("command", ["up", "demo"])
+def test_workdir_that_is_a_file_is_a_usage_error(command, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for value in (str(afile), ""):
+        code, out, err = run_cli([command, "--workdir", value], capsys)
+        assert code == 2, err
+        assert out == "" and err.count("\n") == 1 and err.startswith(f"chimera {command}: argument --workdir"), err
+    assert afile.read_text() == "x"
+    assert cli.build_parser().parse_args([command, "--workdir", str(tmp_path / "new")]).workdir == str(tmp_path / "new")
+
+
 def test_cli_bounds_match_the_nodes():
     from chimera.node import fabric
 
