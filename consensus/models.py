@@ -281,6 +281,16 @@ ADAPTERS: Mapping[str, Callable[..., ModelAdapter]] = {
 """Model kind -> constructor ``(n_features, classes, alpha)``; the job's ``model_kind`` names one."""
 
 
+def import_model_library() -> None:
+    """Import scikit-learn's SGD estimators now (about 1-3 s of CPU on a small machine).
+
+    The adapters import them lazily so that a peer that never trains never loads them; a
+    node configured with training data calls this in a worker thread at start so its first
+    round does not pay for the import. Raises ``ImportError`` if scikit-learn is missing.
+    """
+    import sklearn.linear_model  # noqa: F401
+
+
 def make_adapter(kind: str, n_features: int, classes: Sequence[int] = (), alpha: float = 1e-4) -> ModelAdapter:
     """A fresh adapter (all-zero parameters) of ``kind`` (a key of :data:`ADAPTERS`).
 

@@ -7,7 +7,10 @@ it loads the real :class:`~chimera.node.training_service.TrainingService`
 (numpy, the round core and its ``fl_*`` wire messages; scikit-learn later,
 when a job trains) on the first ``fl_*`` activity: a gossiped or committed
 ``fl_*`` value, ``train start``, or at start-up when the store holds a job. An
-idle peer therefore loads none of it (footprint). Until then the ``fl_*``
+idle peer without training data therefore loads none of it (footprint); a peer
+configured with training data (``training_data`` or ``training_digits_shard``)
+loads the service, its data and scikit-learn at start, in a worker thread
+(:meth:`~chimera.node.training_service.TrainingService.prepare`). Until then the ``fl_*``
 message kinds are unknown to the envelope decoder and counted as drops; a
 participant fetches any update it lacks once its round needs it.
 
@@ -36,6 +39,10 @@ class TrainingHost:
         node.consensus.commit_hooks.append(self.on_commit)
         if self._store_has_jobs():  # a restart: resume the jobs now
             self.load(node.store.last_height())
+        if node.config.training_data or node.config.training_digits_shard:
+            # configured to train: load the data and scikit-learn now, off the event loop, so
+            # round 1 does not wait for them and a bad data file is reported at start
+            self.load(node.store.last_height()).prepare()
 
     def _store_has_jobs(self) -> bool:
         db = self.node.store.db

@@ -675,6 +675,25 @@ class TrainingService:
 
     # ------------------------------------------------------------ local work
 
+    def prepare(self) -> asyncio.Task:
+        """Load this node's training data and scikit-learn in worker threads now (a node
+        configured with training data calls it at start). A data error is logged as a
+        warning and counted (``training_data_errors``); the first round reports it again."""
+        return self._spawn(self._prepare())
+
+    async def _prepare(self) -> None:
+        from chimera.consensus.models import import_model_library
+
+        try:
+            train, test = await self._load_data()
+            await asyncio.to_thread(import_model_library)
+        except (TrainingDataError, ImportError) as exc:
+            self.counters["training_data_errors"] += 1
+            log.warning("training is configured but not ready: %s", exc)
+            return
+        log.info("training ready: %d training and %d test samples of %d features",
+                 len(train.y), len(test.y), train.X.shape[1])
+
     async def _load_data(self):
         async with self._data_lock:
             if self._data is None:

@@ -380,6 +380,43 @@ def test_a_participant_that_refused_a_committed_job_never_validates_its_inclusio
     assert observer.validate_value(inclusion) is True
 
 
+def test_a_node_configured_with_training_data_prepares_it_at_start(tmp_path, caplog):
+    """Data and scikit-learn load in worker threads at start (so round 1 does not wait for
+    them); a data file that cannot be loaded is a counted warning at start, not a crash."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from chimera.node.store import Store
+    from chimera.node.training_service import TrainingService
+
+    def service(name: str, **config) -> TrainingService:
+        data_dir = tmp_path / name
+        data_dir.mkdir()
+        cfg = dict(max_message_bytes=1 << 20, training_test_poison="", training_test_drop_updates_from="",
+                   training_digits_shard="", training_split="iid", training_split_seed=0, training_data="",
+                   training_label_column="", training_test_data="")
+        cfg.update(config)
+        node = SimpleNamespace(peer_id="p", data_dir=data_dir, store=Store(data_dir), counters=Counter(),
+                               consensus=None, network=SimpleNamespace(genesis=("p",)),
+                               config=SimpleNamespace(**cfg))
+        return TrainingService(node, 0)
+
+    async def main():
+        ready = service("ready", training_digits_shard="0/2")
+        await ready.prepare()
+        missing = service("missing", training_data=str(tmp_path / "nope.csv"))
+        await missing.prepare()
+        return ready, missing
+
+    with caplog.at_level(logging.INFO, logger="chimera.training"):
+        ready, missing = asyncio.run(main())
+    assert ready._data is not None and "sklearn.linear_model" in sys.modules
+    assert ready.counters["training_data_errors"] == 0
+    assert missing._data is None and missing.counters["training_data_errors"] == 1
+    assert "training ready" in caplog.text and "nope.csv" in caplog.text
+
+
 def test_a_store_from_before_rule_started_rounds_is_migrated_and_its_old_checkpoints_skipped(tmp_path):
     """fl_checkpoints rows written before rounds started by rule have no next-round epoch (the
     column did not exist). The service adds the column, skips such a row (a restart cannot know
