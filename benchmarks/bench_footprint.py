@@ -100,8 +100,9 @@ def busy_peer(data_dir: Path, settle_s: float, kind: str) -> tuple[float, float]
     proc = subprocess.Popen(
         [sys.executable, "-m", "chimera.node.cli", "node", "--data-dir", str(data_dir), "--listen",
          "127.0.0.1", "--port", "0", "--no-mdns", "--log-level", "warning",
-         "--set", "training_digits_shard=0/1", "--set", "consensus_commit_wait_s=0.05",
-         "--set", "consensus_empty_block_interval_s=0.2"],
+         "--set", "consensus_commit_wait_s=0.05", "--set", "consensus_empty_block_interval_s=0.2",
+         # training data only where it trains: a peer configured with it loads scikit-learn at start
+         *(["--set", "training_digits_shard=0/1"] if kind == "learn" else [])],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
