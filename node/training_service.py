@@ -80,7 +80,7 @@ from chimera.consensus.training import (
     job_id_of,
 )
 from chimera.protocol.envelope import Envelope
-from chimera.protocol.errors import LocalProtocolError, MalformedError
+from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from chimera.protocol.messages import decode_fields, encode_fields
 
 from . import admin as admin_api
@@ -426,8 +426,8 @@ class TrainingService:
                 params = read_npz(Path(path))
                 if aggregate_hash(params, spec) == bytes(digest):
                     return int(number), params, next_epoch
-            except (OSError, ValueError, LocalProtocolError, KeyError):
-                pass
+            except (OSError, ValueError, TypeError, LocalProtocolError, RemoteProtocolError, KeyError):
+                pass  # unreadable, or tensors of other names, shapes or dtypes (UpdateRejected)
             self.counters["training_checkpoint_unusable"] += 1
             log.warning("checkpoint %s of job %s round %d unusable; trying an older one", path,
                         job_id.hex()[:16], number)
@@ -974,7 +974,8 @@ class TrainingService:
 
         Raises:
             AdminError: no such job, no committed round yet, or the checkpoint is
-                unreadable or does not match its certified digest.
+                unreadable, holds tensors of other names or shapes than the job's model,
+                or does not match its certified digest.
         """
         state = self.find(ref)
         row = self.store.db.execute("SELECT round, digest, path FROM fl_checkpoints WHERE job_id=? "
@@ -986,7 +987,12 @@ class TrainingService:
             params = read_npz(source)
         except (OSError, ValueError) as exc:
             raise admin_api.AdminError(f"checkpoint {source} unreadable: {exc}") from None
-        if aggregate_hash(params, state.job.model_spec()) != digest:
+        try:
+            ok = aggregate_hash(params, state.job.model_spec()) == digest
+        except (ValueError, TypeError, RemoteProtocolError) as exc:  # UpdateRejected: other names or shapes
+            raise admin_api.AdminError(f"checkpoint {source} does not hold this job's model: "
+                                       f"{str(exc)[:200]}") from None
+        if not ok:
             raise admin_api.AdminError(f"checkpoint {source} does not match its certified digest")
         info = state.rounds.get(number) or RoundInfo()
         sidecar = json.dumps({
