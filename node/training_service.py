@@ -53,11 +53,12 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from chimera.consensus.aggregation import aggregate_hash
+from chimera.consensus.aggregation import AggregationConfig, aggregate_hash
 from chimera.consensus.bft import value_hash
 from chimera.consensus.ledger import app_value_ok, has_app_tag
 from chimera.consensus.quorum import WeightTable
 from chimera.consensus.training import (
+    MAX_PARTICIPANTS,
     MAX_PARTS,
     PART_BYTES,
     TRAINING_ACTOR,
@@ -870,12 +871,14 @@ class TrainingService:
 
         Defaults: ``participants`` every validator of the current epoch (also
         ``"validators"``); ``quorum`` ``max(n - (n - 1) // 3, rule minimum)``.
-        Every field is checked as the log checks a committed job (type, range,
-        finite floats, invariants) before anything is built from it.
+        The participants are checked first (not empty, no peer id twice, at least
+        the rule's minimum for its ``byzantine_f``), then every field as the log
+        checks a committed job (type, range, finite floats, invariants) before
+        anything is built from it.
 
         Raises:
             admin.AdminError (code 2): bad TOML, unknown keys, or an invalid job
-                (the message names the field).
+                (the message names the field, or the duplicate peer id).
         """
         def bad(message: str) -> admin_api.AdminError:
             return admin_api.AdminError(message, admin_api.EXIT_USAGE)
@@ -897,18 +900,33 @@ class TrainingService:
         if unknown:
             raise bad(f"unknown job keys: {', '.join(unknown[:20])}; known: {', '.join(sorted(JOB_FIELDS))}")
         participants = fields.get("participants", "validators")
-        if isinstance(participants, str) and participants in ("validators", "all"):
+        defaulted = isinstance(participants, str) and participants in ("validators", "all")
+        if defaulted:
             participants = sorted(self.consensus.core.table.weights)
         if not isinstance(participants, (list, tuple)) or not all(isinstance(p, str) for p in participants):
             raise bad("invalid job: participants: a list of peer ids or \"validators\"")
-        fields["participants"] = sorted(set(participants))
+        if not participants:
+            raise bad("invalid job: participants: the list is empty (name at least one peer id, or "
+                      "\"validators\")")
+        twice = sorted(p for p, k in Counter(participants).items() if k > 1)
+        if twice:
+            raise bad(f"invalid job: participants: {', '.join(repr(p[:64]) for p in twice[:3])} "
+                      f"listed more than once")
+        fields["participants"] = sorted(participants)
+        n = len(participants)
+        rule, f = fields.get("rule", "fedavg"), fields.get("byzantine_f", 0)
+        try:  # the rule's minimum, before a default quorum could hide it (bad values: their own checks below)
+            need = (AggregationConfig(rule=rule, f=f).min_updates()
+                    if type(f) is int and f <= MAX_PARTICIPANTS else 1)
+        except (LocalProtocolError, TypeError):
+            need = 1
+        if n < need:
+            where = " (the validators of the current epoch)" if defaulted else ""
+            raise bad(f"invalid job: rule {rule} with f={f} needs at least "
+                      f"{need} participants, the job has {n}{where}")
         classes = fields.get("classes", [])
         fields["classes"] = list(classes) if isinstance(classes, (list, tuple)) else classes
         if "quorum" not in fields:
-            n = len(fields["participants"])
-            f = fields.get("byzantine_f", 0)
-            f = f if type(f) is int else 0  # a bad byzantine_f is reported by its own check below
-            need = 2 * f + (3 if fields.get("rule") in ("krum", "multi_krum") else 1)
             fields["quorum"] = min(n, max(n - (n - 1) // 3, need))
         try:  # the log's own strict decoding: exact types, ranges, finite floats, then the invariants
             return decode_fields(JobSpec, fields, "job")
