@@ -3,8 +3,9 @@
 * ``chimera train start JOB.toml``: commits the job (see ``examples/digits-job.toml``) through
   the consensus log and prints its id.
 * ``chimera train status [--job ID] [--follow]``: per-round accuracy, loss, updates, round time;
-  ``--follow`` shows a live progress display (rich) until the jobs finish, plain lines when
-  stdout is not a terminal (a line per evaluated round, and whenever a job's state changes);
+  ``--follow`` shows a live progress display (rich) until the jobs finish (their last round
+  committed), plain lines when stdout is not a terminal (a line per committed round, accuracy and
+  loss "-" on a node without test data, and whenever a job's state changes);
   with no job committed it says so and exits 1.
 * ``chimera train export PATH [--job ID] [--force]``: the latest certified model as ``.npz`` plus
   a JSON sidecar (job spec, round, digest).
@@ -103,8 +104,12 @@ def cmd_train_status(args: argparse.Namespace) -> int:
 
 
 def _finished(res: dict) -> bool:
-    return bool(res["jobs"]) and all(j["state"] == "finished" and j["rounds"]
-                                     and j["rounds"][-1]["accuracy"] is not None for j in res["jobs"])
+    """Every job finished with its last round committed here (listed with its digest: a round
+    shows once its checkpoint row is written, after this node scored it on its test data, so
+    an observer without test data lists its rounds with accuracy None)."""
+    return bool(res["jobs"]) and all(
+        j["state"] == "finished" and any(r["round"] == j["rounds_total"] and r["digest"] for r in j["rounds"])
+        for j in res["jobs"])
 
 
 def state_line(job: dict) -> str:
@@ -115,12 +120,12 @@ def state_line(job: dict) -> str:
 
 def _changes(res: dict, seen: dict[str, tuple], printed: dict[str, int]) -> list[tuple[str, dict, dict | None]]:
     """What a poll shows that the previous ones did not: ``("round", job, r)`` for each newly
-    evaluated round; else, when a job is new or its state, current round or last error changed,
+    committed round (digest set; accuracy and loss None where this node has no test data); else, when a job is new or its state, current round or last error changed,
     ``("state", job, None)`` (a poll with new rounds of a job says enough about it)."""
     out: list[tuple[str, dict, dict | None]] = []
     for job in res["jobs"]:
         key = job["job_id"]
-        rounds = [r for r in job["rounds"] if r["round"] > printed.get(key, 0) and r["accuracy"] is not None]
+        rounds = [r for r in job["rounds"] if r["round"] > printed.get(key, 0) and r["digest"]]
         for r in rounds:
             printed[key] = max(printed.get(key, 0), r["round"])
             out.append(("round", job, r))
@@ -133,7 +138,7 @@ def _changes(res: dict, seen: dict[str, tuple], printed: dict[str, int]) -> list
 
 
 def _follow_plain(args: argparse.Namespace, res: dict) -> int:
-    """A line per evaluated round, and one when a job's state changes otherwise (``--json``: one
+    """A line per committed round, and one when a job's state changes otherwise (``--json``: one
     JSON document each, with ``event`` "round" or "state"), until the jobs finish."""
     seen: dict[str, tuple] = {}
     printed: dict[str, int] = {}
@@ -146,7 +151,7 @@ def _follow_plain(args: argparse.Namespace, res: dict) -> int:
                 print(json.dumps({"ok": True, "result": doc}, default=str), flush=True)
             elif what == "round":
                 print(f"{job['job_id'][:16]} {job['name']}: round {r['round']}/{job['rounds_total']} "
-                      f"accuracy {r['accuracy']:.4f} loss {_fmt(r['loss'], '.4f')} updates {r['participants']} "
+                      f"accuracy {_fmt(r['accuracy'], '.4f')} loss {_fmt(r['loss'], '.4f')} updates {r['participants']} "
                       f"time {_fmt(r['round_s'], '.2f')} s", flush=True)
             else:
                 print(state_line(job), flush=True)
