@@ -16,7 +16,9 @@ participant fetches any update it lacks once its round needs it.
 
 Admin commands (:func:`training_admin_handlers`): ``train_start`` (args ``job``:
 TOML text or a map, ``timeout_s``), ``train_status`` (``job``: id prefix or
-name, optional), ``train_export`` (``path`` absolute, ``job``, ``force``).
+name, optional), ``train_export`` (``job``: id prefix or name, optional; returns
+the newest certified model as ``.npz`` bytes plus a JSON sidecar text and writes
+no file on the node: ``chimera train export PATH`` writes both on the client).
 """
 
 from __future__ import annotations
