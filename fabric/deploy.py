@@ -23,6 +23,14 @@ above ``max_error_rate``, the manager swaps back to the previous version and
 records ``auto_rollback`` with the measured rate. Counting outcomes instead
 of seconds keeps the rule deterministic; a version that is never called is
 never judged.
+
+Restore: :meth:`DeploymentManager.restore` starts each deployed agent on its
+own. One that cannot start (its module is missing or damaged, or it traps
+at start) does not stop the others: it stays deployed, is listed in
+:attr:`DeploymentManager.restore_failures` with the reason (logged once,
+counted as ``agents_restore_failed``) and :meth:`DeploymentManager.state`
+reports it ``failed``. An ``upgrade`` or ``rollback`` of such an actor starts
+the chosen version afresh; ``remove`` forgets it.
 """
 
 from __future__ import annotations
@@ -31,14 +39,14 @@ import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Protocol
 
 from chimera.protocol.messages import MaxLen, Range, record
 
 from .host import AgentHost, Outcome, check_agent_name
-from .modules import ModuleStore, check_hash_name
+from .modules import ModuleNotFound, ModuleStore, check_hash_name
 from .sandbox import DEFAULT_LIMITS, NO_GRANTS, FabricError, Grants, Limits, SandboxEngine, TaskResult
 
 log = logging.getLogger("chimera.fabric.deploy")
@@ -246,6 +254,12 @@ class DeploymentManager:
             (e.g. the node emits ``agent_swapped``).
     Thread-safe: changes are serialised by one lock; the monitor may roll back
     from a worker thread.
+
+    Attributes:
+        restore_failures: name -> why that deployed agent is not running
+            (it could not be restored; cleared when an upgrade, rollback or
+            remove deals with it, or a later :meth:`restore` starts it).
+        counters: ``agents_restored``, ``agents_restore_failed``.
     """
 
     def __init__(self, sandbox: SandboxEngine, modules: ModuleStore, host: AgentHost, store: DeploymentStore, *,
@@ -258,6 +272,9 @@ class DeploymentManager:
         self._lock = threading.RLock()
         self._windows: dict[tuple[str, str], ErrorWindow] = {}
         self._specs: dict[str, _Spec] = {}
+        self.restore_failures: dict[str, str] = {}
+        self._tasks_checked: dict[str, str] = {}  # task agent -> module hash restore() verified
+        self.counters: Counter = Counter()
         host.add_listener(self._on_outcome)
 
     # ------------------------------------------------------------- queries
@@ -270,6 +287,29 @@ class DeploymentManager:
         if deployed is None:
             raise KeyError(f"agent {name!r} is not deployed")
         return deployed
+
+    def state(self, name: str) -> tuple[str, str]:
+        """``(state, reason)`` of a deployed agent: ``("running", "")`` for an actor the host runs,
+        ``("ready", "")`` for a task agent, ``("failed", why)`` for one that could not be restored,
+        ``("stopped", "")`` for an actor the host does not run for another reason.
+
+        Raises:
+            KeyError: not deployed.
+        """
+        deployed = self.get(name)
+        reason = self.restore_failures.get(name)
+        if reason is not None:
+            return "failed", reason
+        if deployed.kind == "task":
+            return "ready", ""
+        return ("running", "") if self._host_runs(name) else ("stopped", "")
+
+    def _host_runs(self, name: str) -> bool:
+        try:
+            self.host.version(name)
+        except KeyError:
+            return False
+        return True
 
     def history(self, name: str | None = None) -> list[DeploymentEvent]:
         return self.store.events(name)
@@ -313,7 +353,9 @@ class DeploymentManager:
             raise ValueError(f"kind must be one of {KINDS}")
         with self._lock:
             if name in self.current():
-                raise ValueError(f"{name} is deployed already; use upgrade")
+                why = self.restore_failures.get(name)
+                state = f" (not running: {why})" if why else ""
+                raise ValueError(f"{name} is deployed already{state}; use upgrade")
             sha, compiled = self._module(module)
             if kind == "actor":
                 self.host.start_agent(name, compiled, version=version, limits=limits, grants=grants)
@@ -340,9 +382,10 @@ class DeploymentManager:
             sha, compiled = self._module(module)
             spec = self._specs.get(name, _Spec(DEFAULT_LIMITS, NO_GRANTS))
             if deployed.kind == "actor":
-                self.host.swap(name, compiled, version=version, limits=spec.limits, grants=spec.grants)
+                self._swap_or_start(name, compiled, version, spec)
             elif not compiled.is_task:  # the same check as deploy: the current version keeps serving
                 raise FabricErrorNotTask(f"module {sha[:12]} has no _start; it cannot be a task agent")
+            self.restore_failures.pop(name, None)
             self._windows[(name, version)] = ErrorWindow(self.policy)
             return self._record("upgrade", deployed.kind, name, version, sha)
 
@@ -361,7 +404,8 @@ class DeploymentManager:
             _, compiled = self._module(sha)
             spec = self._specs.get(name, _Spec(DEFAULT_LIMITS, NO_GRANTS))
             if deployed.kind == "actor":
-                self.host.swap(name, compiled, version=version, limits=spec.limits, grants=spec.grants)
+                self._swap_or_start(name, compiled, version, spec)
+            self.restore_failures.pop(name, None)
             self._windows.pop((name, deployed.version), None)
             return self._record("auto_rollback" if automatic else "rollback", deployed.kind, name, version, sha,
                                 reason or f"from {deployed.version}")
@@ -371,19 +415,58 @@ class DeploymentManager:
         with self._lock:
             deployed = self.get(name)
             if deployed.kind == "actor":
-                self.host.stop_agent(name)
+                self.host.stop_agent(name)  # 0 (nothing to stop) for one that could not be restored
             self._specs.pop(name, None)
+            self.restore_failures.pop(name, None)
             return self._record("remove", deployed.kind, name, deployed.version, deployed.module_sha256)
 
+    def _swap_or_start(self, name: str, compiled, version: str, spec: _Spec) -> None:
+        """Hot-swap a running actor; start one the host does not run (it could not be restored)."""
+        if self._host_runs(name):
+            self.host.swap(name, compiled, version=version, limits=spec.limits, grants=spec.grants)
+        else:
+            self.host.start_agent(name, compiled, version=version, limits=spec.limits, grants=spec.grants)
+
     def restore(self, *, limits: Limits = DEFAULT_LIMITS, grants: Grants = NO_GRANTS) -> list[str]:
-        """After a restart: start every deployed actor at its current version; returns their refs."""
+        """After a restart: start every deployed actor at its current version; returns the refs restored.
+
+        Each agent is restored on its own: one whose module is missing or
+        damaged, or that cannot start, is logged once (ERROR, with the reason),
+        counted (``agents_restore_failed``) and kept in :attr:`restore_failures`
+        (it stays deployed; :meth:`state` says ``failed``), and the others are
+        still started. A task agent's module is checked the same way. Calling
+        it again retries the failed ones and leaves running actors alone.
+        """
         started = []
         with self._lock:
-            for name, deployed in self.current().items():
+            current = self.current()
+            for name in list(self.restore_failures):
+                if name not in current:
+                    del self.restore_failures[name]
+            for name, deployed in current.items():
                 self._specs.setdefault(name, _Spec(limits, grants))
-                if deployed.kind == "actor":
+                spec = self._specs[name]
+                if name not in self.restore_failures and (
+                        self._host_runs(name) if deployed.kind == "actor"
+                        else self._tasks_checked.get(name) == deployed.module_sha256):
+                    continue  # restored already (a second call)
+                try:
                     _, compiled = self._module(deployed.module_sha256)
-                    self.host.start_agent(name, compiled, version=deployed.version, limits=limits, grants=grants)
+                    if deployed.kind == "actor":
+                        self.host.start_agent(name, compiled, version=deployed.version, limits=spec.limits,
+                                              grants=spec.grants)
+                except Exception as exc:  # noqa: BLE001 - one bad agent must not keep the others down
+                    reason = _restore_reason(exc, deployed.module_sha256)
+                    if name not in self.restore_failures:  # logged and counted once, not on every retry
+                        log.error("agent %s could not be restored (not running): %s", deployed.ref, reason)
+                        self.counters["agents_restore_failed"] += 1
+                    self.restore_failures[name] = reason
+                    continue
+                if self.restore_failures.pop(name, None) is not None:
+                    log.info("agent %s restored after an earlier failure", deployed.ref)
+                if deployed.kind == "task":
+                    self._tasks_checked[name] = deployed.module_sha256
+                self.counters["agents_restored"] += 1
                 started.append(deployed.ref)
         return started
 
@@ -434,6 +517,13 @@ class DeploymentManager:
             self.rollback(name, automatic=True,
                           reason=f"error rate {rate:.2f} over {window.samples} outcomes of {version} "
                                  f"> {self.policy.max_error_rate}")
+
+
+def _restore_reason(exc: Exception, sha: str) -> str:
+    """One line saying why an agent could not be restored (<= 256 characters)."""
+    if isinstance(exc, ModuleNotFound):
+        return f"module {sha[:12]} is not stored on this node (ModuleNotFound)"
+    return f"{type(exc).__name__}: {exc}"[:256]
 
 
 class FabricErrorNotTask(FabricError, ValueError):
