@@ -304,27 +304,41 @@ def cmd_reputation(args: argparse.Namespace) -> int:
 
 
 def cmd_resources(args: argparse.Namespace) -> int:
-    """This machine's capacity as a peer advertises it (psutil, NVML; no node needed)."""
+    """This machine's capacity as a peer advertises it (psutil, NVML; no node needed), with the
+    settings of the data dir's configuration that shape the advertisement (as the node's probe)."""
+    import dataclasses
+
     from chimera.fabric.probes import SystemProbe
+    from chimera.fabric.resources import GpuInfo
     from chimera.protocol.messages import encode_fields
 
     data_dir = _data_dir(args)
-    probe = SystemProbe(data_dir if data_dir.exists() else None)
+    config = load_config(data_dir)  # config.toml there, CHIMERA_* variables: what `chimera node` would use
+    probe = SystemProbe(data_dir if data_dir.exists() else None, nvml=config.fabric_probe_gpus < 0,
+                        max_wasm_memory_bytes=config.fabric_max_wasm_memory_bytes)
     try:
         res = probe.resources()
     finally:
         probe.close()
+    nvml = probe.nvml_error or "ok"
+    if config.fabric_probe_gpus >= 0:  # as node/fabric.py FabricService._make_probe
+        from .fabric import SIM_GPU_MEMORY_BYTES, SIM_GPU_NAME
+
+        res = dataclasses.replace(res, gpus=tuple(
+            GpuInfo(index=i, name=SIM_GPU_NAME, memory_total_bytes=SIM_GPU_MEMORY_BYTES, memory_used_bytes=0)
+            for i in range(min(config.fabric_probe_gpus, 64))))
+        nvml = f"not used: fabric_probe_gpus = {config.fabric_probe_gpus} advertises simulated GPUs"
     doc = encode_fields(res)
     doc["gpus"] = [encode_fields(g) for g in res.gpus]
-    doc["nvml"] = probe.nvml_error or "ok"
-    lines = [f"cpu      {res.cpu_count} logical, load {res.load_1m:.2f} (1 min)",
+    doc["nvml"] = nvml
+    lines = [f"cpu      {res.cpu_count} usable (affinity, cgroup quota), load {res.load_1m:.2f} (1 min)",
              f"memory   {res.memory_available_bytes / 2**30:.1f} GiB free of {res.memory_total_bytes / 2**30:.1f} GiB",
              f"disk     {res.disk_free_bytes / 2**30:.1f} GiB free of {res.disk_total_bytes / 2**30:.1f} GiB",
              f"wasm     {res.max_wasm_memory_bytes >> 20} MiB linear memory per agent"]
     lines += [f"gpu {g.index}    {g.name}: {g.memory_used_bytes >> 20}/{g.memory_total_bytes >> 20} MiB used, "
               f"{g.utilization_percent}% busy" for g in res.gpus]
     if not res.gpus:
-        lines.append(f"gpus     none ({probe.nvml_error or 'NVML reports no device'})")
+        lines.append(f"gpus     none ({nvml if nvml != 'ok' else 'NVML reports no device'})")
     _print(args, doc, "\n".join(lines))
     return EXIT_OK
 
@@ -495,7 +509,8 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     json_arg(p)
     p.set_defaults(func=cmd_reputation)
 
-    p = sub.add_parser("resources", help="this machine's CPU, memory, disk and NVIDIA GPUs (psutil, NVML)")
+    p = sub.add_parser("resources", help="this machine's CPU, memory, disk and NVIDIA GPUs (psutil, NVML) "
+                                         "as a peer with this data dir's config advertises them")
     data_dir_arg(p)
     json_arg(p)
     p.set_defaults(func=cmd_resources)
