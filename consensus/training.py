@@ -216,7 +216,8 @@ class JobSpec:
     sorted distinct peer ids; ``quorum`` updates needed after the deadline
     (1..len(participants), at least what the rule needs); ``round_deadline_s``
     seconds (> 0); ``max_update_norm`` L2 bound of an update's delta (> 0);
-    ``seed`` for local training seeds. Invalid combinations raise ``ValueError``
+    ``seed`` for local training seeds. The four floats must be finite (the codec
+    carries finite floats only). Invalid combinations raise ``ValueError``
     (``MalformedError`` when decoded).
     """
 
@@ -250,6 +251,12 @@ class JobSpec:
         if self.quorum < self.aggregation().min_updates():
             raise ValueError(f"rule {self.rule} with f={self.byzantine_f} needs quorum >= "
                              f"{self.aggregation().min_updates()}")
+        # finite first: a value built with inf or NaN would encode, but fail decoding at every
+        # peer (the codec takes finite floats only), so a committed one would be ignored
+        for name in ("learning_rate", "round_deadline_s", "max_update_norm", "l2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number")
         for name in ("learning_rate", "round_deadline_s", "max_update_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")

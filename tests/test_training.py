@@ -1067,3 +1067,20 @@ def test_past_the_per_round_cap_only_a_larger_set_is_checked_and_blocks_carry_th
     assert group3 == group4 and rank4 < rank3
     assert inclusion_choice(inclusion(held, round_=2))[0] != group4
     assert inclusion_choice(encode_log_value(job)) is None and inclusion_choice(b"\x92\xaafl_include garbage") is None
+
+# ------------------------------------------------------------------ job spec
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "round_deadline_s", "max_update_norm", "l2"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_job_spec_floats_must_be_finite(field, value):
+    """A JobSpec built with inf or NaN encoded, but its value failed decoding at every peer (the
+    codec takes finite floats only): committed and ignored. It is refused when built."""
+    with pytest.raises(ValueError, match=field):
+        JobSpec(**{**_job_fields(), field: value})
+
+
+def _job_fields():
+    job = make_job()
+    return {k: getattr(job, k) for k in JobSpec.__dataclass_fields__}
+
