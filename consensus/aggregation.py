@@ -2,15 +2,30 @@
 
 Every peer of a round computes the aggregate itself from the committed
 inclusion set, so the functions here are written to give **bitwise identical**
-results on every peer given the same inputs (same numpy build):
+results on every peer given the same inputs, whatever its CPU or BLAS (the
+anomaly screen: with the same scikit-learn version):
 
 * updates are put in a fixed order, ascending by their 32-byte update hash
   (:attr:`Update.digest`), never in arrival order;
 * every tensor is flattened in a fixed order (tensor names sorted) to one
-  float64 vector; all sums are explicit row-by-row float64 accumulations
-  (element-wise numpy operations only, no BLAS reductions whose order may
-  depend on threads); sorts are stable;
-* the anomaly detector uses a fixed ``random_state`` and one thread.
+  float64 vector; every arithmetic step is an element-wise IEEE-754 float64
+  operation (correctly rounded, no fused multiply-add) in an order fixed
+  here, never a BLAS call (``np.dot``, ``@``, ``einsum``: their summation
+  order depends on the CPU, the BLAS build and the thread count). Two
+  reductions are used, both specified bit for bit (docs/PROTOCOL.md §17.7):
+
+  - across updates (rows, ``n`` values): :func:`sequential_sum`, left to
+    right in update-hash order starting from 0.0 (``_weighted_sum`` does it
+    per coordinate: ``acc = acc + w_i * x_i``);
+  - within a vector (``d`` values: squared norms, dot products, distances):
+    :func:`tree_sum`, a fixed pairwise halving tree, vectorised with
+    element-wise adds only;
+
+  sorts are stable; medians are the middle value, or ``(lower + upper) / 2``
+  for an even count;
+* the anomaly detector uses a fixed ``random_state`` and one thread (its
+  outlier test is scikit-learn's ``IsolationForest``: reproducible with the
+  same scikit-learn version, not specified beyond that).
 
 Terms and shapes
 ----------------
@@ -33,8 +48,10 @@ Rules (``f``: the number of byzantine updates the job assumes)
 * ``"fedavg"``: McMahan, Moore, Ramage, Hampson, Agüera y Arcas,
   "Communication-Efficient Learning of Deep Networks from Decentralized Data",
   AISTATS 2017. Weighted mean with weight ``n_i * r_i`` (samples times
-  reputation weight). Assumes ``f = 0``: one arbitrary update moves the result
-  arbitrarily far.
+  reputation weight). Assumes ``f = 0``: **not robust**. One arbitrary update
+  moves the result arbitrarily far, and the sample counts are self-reported
+  and trusted without bound (one update claiming ``2**40`` samples is the
+  whole result). The only rule that weights by the sample count as reported.
 * ``"median"``: coordinate-wise median (Yin, Chen, Kannan, Bartlett,
   "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
   ICML 2018). Needs ``n > 2f``; every coordinate then lies within the range of
@@ -46,13 +63,18 @@ Rules (``f``: the number of byzantine updates the job assumes)
   "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
   NeurIPS 2017. Score of ``i``: sum of squared distances to its ``n - f - 2``
   nearest other updates; Krum returns the update of lowest score, Multi-Krum
-  the ``n_i * r_i``-weighted mean of the ``m`` lowest-scored ones (default
-  ``m = n - f``). Needs ``n > 2f + 2`` (raises otherwise).
+  the plain (unweighted) mean of the ``m`` lowest-scored ones (default
+  ``m = n - f``), as in the paper (§5: "selects m ... vectors with the best
+  scores, and outputs their average"): neither sample counts nor reputation
+  weights enter Krum or Multi-Krum, so a selected byzantine update moves the
+  result by at most ``1/m`` of its distance. Needs ``n > 2f + 2`` (raises
+  otherwise).
 * ``"reputation_clipped"`` (this project's rule; see
   :func:`reputation_clipped_mean`): distance filter and centered clipping around the
   reputation-weighted coordinate-wise median, then a reputation x (capped)
-  sample weighted mean. Assumes the byzantine updates hold **less than half of
-  the reputation weight** of the round (not of the count): the center and the
+  sample weighted mean (sample counts capped at their median, so an inflated
+  count buys at most the median's weight). Assumes the byzantine updates hold
+  **less than half of the reputation weight** of the round (not of the count): the center and the
   clipping radius then lie within the honest range, and each byzantine update
   moves the result by at most ``a_i / sum(a) * radius``. Updates farther than
   ``clip_cutoff`` radii from the center are dropped and reported as flagged.
@@ -69,18 +91,30 @@ one-sided robust z-score (Iglewicz & Hoaglin modified z-score,
 feature. At most ``(n - 1) // 2`` updates are flagged (the largest z first),
 so a majority is always kept. Needs ``n >= 4`` (fewer: nothing is flagged).
 Flagged updates are excluded from the round and reported as
-``update_flagged`` reputation observations against their senders; kept ones
+``update_flagged`` reputation observations against their senders; credited ones
 as ``update_good`` (:class:`~chimera.consensus.reputation.ObservationKind`).
+**Exception**: when excluding the flagged updates would leave fewer than the
+rule's minimum for ``f`` (:meth:`AggregationConfig.min_updates`, e.g. Krum
+with ``f = 1`` and ``n = 5``), nothing is excluded: the rule runs on every
+update with the same ``f`` (it tolerates ``f`` byzantine updates by itself;
+``f`` is not lowered by the number flagged, since a flagged update may be
+honest) and :attr:`AggregateResult.screen_skipped` is True. The flagged
+updates are still reported in ``flagged`` (``update_flagged``) and are never
+credited. Without this, flagging the one attacker at the rule's minimum
+made the round fail and keep the old model.
 
 Errors
 ------
 * :class:`UpdateRejected` (a :class:`~chimera.protocol.errors.RemoteProtocolError`,
   reason ``"bad_update"``): an update from a peer has wrong names, shapes or
-  dtypes, non-finite values, or a delta norm above the bound. Callers turn it
-  into a counted drop, never a crash.
+  dtypes, non-finite values (NaN, +-inf; raised by :func:`validate_update`,
+  and by :func:`aggregate` / :func:`combine` for an update or delta that is
+  not finite), or a delta norm above the bound. Callers turn it into a
+  counted drop, never a crash.
 * :class:`AggregationError` (a :class:`~chimera.protocol.errors.LocalProtocolError`):
   the rule's precondition on ``n`` and ``f`` does not hold, an unknown rule,
-  or no update with positive weight. Deterministic: every peer given the same
+  no update with positive weight, or a result that is not finite (float64
+  overflow, e.g. FedAvg with huge sample counts). Deterministic: every peer given the same
   inclusion set raises it alike (the round core then keeps the base model).
 """
 
@@ -260,6 +294,10 @@ class Update:
         loss_after: local loss after local training (>= 0), if reported.
     Raises:
         LocalProtocolError: ``num_samples`` < 1 or ``weight`` not finite and > 0.
+
+    ``params`` is not checked here (see :func:`validate_update`); :func:`aggregate`
+    raises :class:`UpdateRejected` for an update with a non-finite value.
+    ``num_samples`` is trusted as reported only by FedAvg (see the module docstring).
     """
 
     sender: str
@@ -295,29 +333,107 @@ def validate_update(params: Mapping[str, np.ndarray], spec: ModelSpec, *,
     """Check one update; returns the L2 norm of its delta (of ``params`` itself without ``base``).
 
     Checks: exactly the spec's tensor names, each an ndarray of the declared
-    shape and dtype, all values finite, and the delta's L2 norm (float64) at
-    most ``max_norm``.
+    shape and dtype, all values finite, and the delta's L2 norm at most
+    ``max_norm``. The norm is ``sqrt(tree_sum(v * v))`` with ``v`` the
+    ``(d,)`` float64 delta ``flatten(params) - flatten(base)`` (tensors in
+    name order): bit for bit the same on every peer (no BLAS), so every peer
+    accepts or rejects an update at the bound alike; it equals the first
+    anomaly feature (:func:`update_features`).
 
     Raises:
         UpdateRejected: on the first failed check (message names the tensor).
+        LocalProtocolError: ``base`` does not match ``spec``.
     """
     if set(params) != set(spec.names):
         raise UpdateRejected(f"tensors {sorted(params)[:8]} differ from {list(spec.names)[:8]}")
-    total = 0.0
     for t in spec.tensors:
         array = params[t.name]
         if not isinstance(array, np.ndarray) or array.shape != t.shape or array.dtype != DTYPES[t.dtype]:
             raise UpdateRejected(f"tensor {t.name}: not an array of shape {t.shape} and dtype {t.dtype}")
         if not np.isfinite(array).all():
             raise UpdateRejected(f"tensor {t.name}: non-finite values")
-        delta = array.astype(np.float64)
+    delta = spec.flatten(params)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an infinite norm: rejected
         if base is not None:
-            delta = delta - np.asarray(base[t.name], dtype=np.float64)
-        total += float(np.dot(delta.ravel(), delta.ravel()))
-    norm = math.sqrt(total)
+            delta -= spec.flatten(base)
+        norm = math.sqrt(tree_sum(delta * delta))
     if not math.isfinite(norm) or norm > max_norm:
         raise UpdateRejected(f"update norm {norm:.4g} above the bound {max_norm:.4g}")
     return norm
+
+
+# ------------------------------------------------------------------ reductions
+
+_BLOCK_ELEMENTS = 1 << 22
+"""Rows per chunk of a row-wise reduction: temporaries stay near 32 MiB of float64."""
+
+
+def sequential_sum(values: np.ndarray | Sequence[float]) -> float:
+    """Sum of a short float64 vector (one value per update), left to right from 0.0.
+
+    ``s = 0.0; for v in values: s = s + v`` (each addition rounded to float64).
+    Used for every sum over updates (weights, Krum scores); ``(n,)`` -> float.
+    """
+    total = 0.0
+    for value in np.asarray(values, dtype=np.float64).ravel().tolist():
+        total += value
+    return total
+
+
+def _tree_sum_last(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """:func:`tree_sum` along the last axis of ``a`` (``b`` given: of the element-wise
+    product ``a * b``, ``b`` broadcastable): ``(..., k)`` -> ``(...)`` float64.
+
+    The first level is fused with the products; every value is the same as
+    :func:`tree_sum` of the materialised products."""
+    k = a.shape[-1]
+    if k == 0:
+        return np.zeros(a.shape[:-1], dtype=np.float64)
+    if k == 1:
+        return np.array(a[..., 0] if b is None else a[..., 0] * b[..., 0], dtype=np.float64)
+    half = 1 << ((k - 1).bit_length() - 1)  # W / 2, W = smallest power of two >= k
+    if b is None:
+        s = np.array(a[..., :half], dtype=np.float64)
+        s[..., :k - half] += a[..., half:k]  # partners past the end: the value is carried unchanged
+    else:
+        s = np.multiply(a[..., :half], b[..., :half], dtype=np.float64)
+        s[..., :k - half] += a[..., half:k] * b[..., half:k]
+    while half > 1:
+        half //= 2
+        s = s[..., :half] + s[..., half:]
+    return s[..., 0]
+
+
+def tree_sum(values: np.ndarray) -> float:
+    """Sum of a float64 vector ``(k,)`` by a fixed pairwise halving tree (deterministic, no BLAS).
+
+    Let ``W`` be the smallest power of two >= ``k`` (``k = 0``: 0.0; ``k = 1``:
+    the value). Level one: ``y[j] = x[j] + x[j + W/2]`` for ``j + W/2 < k``, else
+    ``y[j] = x[j]``, for ``j < W/2``; then while more than one value is left:
+    ``y[j] = y[j] + y[j + len/2]`` for ``j < len/2``. The result is ``y[0]``.
+    Every addition is one element-wise float64 add, so the result is the same
+    bit for bit on every CPU (unlike ``np.dot``/``einsum``, whose order depends
+    on SIMD width, BLAS build and threads); error grows like ``log2(k)``.
+    Used for every sum over the ``d`` coordinates of a vector (squared norms,
+    dot products, squared distances).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise LocalProtocolError("tree_sum takes a 1-d vector")
+    return float(_tree_sum_last(v))
+
+
+def row_dots(X: np.ndarray, v: np.ndarray | None = None) -> np.ndarray:
+    """``(n,)`` float64: ``tree_sum(X[i] * v)`` per row of ``(n, d)`` ``X`` (``v`` ``(d,)``;
+    ``None``: ``X[i] * X[i]``, the squared norms). Products are element-wise, then
+    :func:`tree_sum`; rows are processed in chunks of about 32 MiB."""
+    n, d = X.shape
+    out = np.empty(n, dtype=np.float64)
+    block = max(1, _BLOCK_ELEMENTS // max(1, d))
+    for start in range(0, n, block):
+        rows = X[start:start + block]
+        out[start:start + rows.shape[0]] = _tree_sum_last(rows, rows if v is None else v)
+    return out
 
 
 # ------------------------------------------------------------------ primitives
@@ -332,7 +448,9 @@ def _ordered(updates: Sequence[Update]) -> list[Update]:
 
 
 def _weighted_sum(X: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``sum_i weights[i] * X[i]`` accumulated row by row in float64 (fixed order)."""
+    """``sum_i weights[i] * X[i]`` accumulated row by row in float64 (fixed order):
+    ``acc = 0; acc = acc + weights[i] * X[i]`` for ``i = 0, 1, ...`` (rows of weight 0
+    skipped), each product and sum rounded element-wise."""
     acc = np.zeros(X.shape[1], dtype=np.float64)
     for i in range(X.shape[0]):
         if weights[i] != 0.0:
@@ -343,26 +461,33 @@ def _weighted_sum(X: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def fedavg(X: np.ndarray, samples: np.ndarray, reputation: np.ndarray) -> np.ndarray:
     """FedAvg (McMahan et al. 2017) times reputation: ``sum(a_i x_i) / sum(a_i)``, ``a_i = n_i * r_i``.
 
+    ``a_i`` is the float64 product; the numerator is :func:`_weighted_sum` (rows
+    in order), the denominator :func:`sequential_sum` of ``a``.
+
     Args:
         X: ``(n, d)`` float64 deltas (rows in update-hash order).
         samples: ``(n,)`` sample counts (>= 1).
         reputation: ``(n,)`` reputation weights (> 0).
     Returns:
-        ``(d,)`` float64. Assumption on f: f = 0 (not robust).
+        ``(d,)`` float64. Assumption on f: f = 0 (**not robust**): one update
+        moves the result arbitrarily far, and the self-reported sample counts
+        are trusted without bound (an update claiming ``2**40`` samples is the
+        result). Use a robust rule where peers may lie.
     Raises:
-        AggregationError: no rows or zero total weight.
+        AggregationError: no rows, or a total weight that is not finite and > 0.
     """
     a = np.asarray(samples, dtype=np.float64) * np.asarray(reputation, dtype=np.float64)
-    total = float(np.sum(a)) if len(a) else 0.0
-    if X.shape[0] == 0 or not total > 0:
-        raise AggregationError("FedAvg needs at least one update with positive weight")
+    total = sequential_sum(a)
+    if X.shape[0] == 0 or not (total > 0 and math.isfinite(total)):
+        raise AggregationError("FedAvg needs at least one update with positive (finite) weight")
     return _weighted_sum(X, a) / total
 
 
 def coordinate_median(X: np.ndarray, f: int = 0) -> np.ndarray:
     """Coordinate-wise median (Yin et al. 2018) of ``(n, d)`` float64 -> ``(d,)`` float64.
 
-    Even ``n``: mean of the two middle values. Robust while ``f < n / 2``.
+    Odd ``n``: the middle value; even ``n``: ``(lower + upper) / 2`` of the two middle
+    values. Robust while ``f < n / 2``.
     Raises:
         AggregationError: ``n == 0`` or ``n <= 2f``.
     """
@@ -379,7 +504,9 @@ def trimmed_mean(X: np.ndarray, f: int) -> np.ndarray:
         X: ``(n, d)`` float64.
         f: values trimmed on each side (>= 0); assumes at most ``f`` byzantine updates.
     Returns:
-        ``(d,)`` float64, within the honest values' range per coordinate when at most f are byzantine.
+        ``(d,)`` float64, within the honest values' range per coordinate when at most f are byzantine:
+        per coordinate, the kept values in ascending order summed left to right
+        (:func:`_weighted_sum` with weights 1), divided by ``n - 2f``.
     Raises:
         AggregationError: ``n <= 2f``.
     """
@@ -391,14 +518,15 @@ def trimmed_mean(X: np.ndarray, f: int) -> np.ndarray:
 
 
 def pairwise_sq_distances(X: np.ndarray) -> np.ndarray:
-    """``(n, n)`` float64 squared L2 distances (explicit differences, deterministic)."""
+    """``(n, n)`` float64 squared L2 distances: ``D[i, j] = D[j, i] = tree_sum((x_j - x_i)**2)``
+    for ``i < j`` (element-wise differences and squares, :func:`tree_sum`; deterministic)."""
     n, d = X.shape
     D = np.zeros((n, n), dtype=np.float64)
-    block = max(1, (1 << 22) // max(1, d))  # rows per chunk: temporaries stay near 32 MiB
+    block = max(1, _BLOCK_ELEMENTS // max(1, d))  # rows per chunk: temporaries stay near 32 MiB
     for i in range(n - 1):
         for j in range(i + 1, n, block):
             diff = X[j:j + block] - X[i]
-            row = np.einsum("ij,ij->i", diff, diff)
+            row = _tree_sum_last(diff, diff)
             D[i, j:j + len(row)] = row
             D[j:j + len(row), i] = row
     return D
@@ -406,7 +534,9 @@ def pairwise_sq_distances(X: np.ndarray) -> np.ndarray:
 
 def krum_scores(X: np.ndarray, f: int) -> np.ndarray:
     """Krum scores (Blanchard et al. 2017): for each i the sum of its ``n - f - 2`` smallest
-    squared distances to other updates. ``(n,)`` float64.
+    squared distances to other updates (:func:`pairwise_sq_distances`; the ``n - 1``
+    distances sorted ascending, the first ``n - f - 2`` summed left to right,
+    :func:`sequential_sum`). ``(n,)`` float64.
 
     Raises:
         AggregationError: ``n <= 2f + 2``.
@@ -419,7 +549,7 @@ def krum_scores(X: np.ndarray, f: int) -> np.ndarray:
     scores = np.empty(n, dtype=np.float64)
     for i in range(n):
         others = np.sort(np.delete(D[i], i), kind="stable")
-        scores[i] = float(np.sum(others[:k])) if k > 0 else 0.0
+        scores[i] = sequential_sum(others[:k])
     return scores
 
 
@@ -428,7 +558,7 @@ def krum_select(X: np.ndarray, f: int, m: int = 1) -> list[int]:
 
     With ``n > 2f + 2`` and at most f byzantine rows, Krum's choice is
     (Blanchard et al. 2017, Prop. 1) close to the honest mean; a far outlier
-    never has the lowest score.
+    never has the lowest score. Returned in ascending index order.
     Raises:
         AggregationError: ``n <= 2f + 2`` or ``m`` not in ``1..n``.
     """
@@ -442,13 +572,22 @@ def weighted_coordinate_median(X: np.ndarray, weights: np.ndarray) -> np.ndarray
     """Lower weighted median per coordinate: the smallest value whose cumulative weight
     (values sorted ascending, stable) reaches half the total. ``(n, d)`` -> ``(d,)``.
 
+    Per coordinate: ``c_k`` = the weights in that sorted order summed left to
+    right up to ``k`` (float64); the result is the value at the first ``k``
+    with ``2 * c_k >= c_{n-1}`` (the total summed in the same order, so the
+    last value always qualifies).
+
     If the rows of weight strictly below half the total are arbitrary, each
     coordinate of the result lies within the range of the other rows.
+    Raises:
+        AggregationError: no rows.
     """
+    if X.shape[0] == 0:
+        raise AggregationError("the weighted median needs at least one row")
     w = np.asarray(weights, dtype=np.float64)
     order = np.argsort(X, axis=0, kind="stable")
     cum = np.cumsum(w[order], axis=0)
-    idx = np.argmax(2.0 * cum >= float(np.sum(w)), axis=0)
+    idx = np.argmax(2.0 * cum >= cum[-1], axis=0)
     return np.take_along_axis(X, order, axis=0)[idx, np.arange(X.shape[1])]
 
 
@@ -461,11 +600,16 @@ def reputation_clipped_mean(X: np.ndarray, samples: np.ndarray, reputation: np.n
 
     1. center ``c``: coordinate-wise weighted median of the rows with weights ``r_i``
        (reputation only: sample counts are self-reported and could be inflated);
-    2. radius ``tau``: weighted median (weights ``r_i``) of the distances ``d_i = ||x_i - c||``;
+    2. radius ``tau``: weighted median (weights ``r_i``, as in 1.) of the distances
+       ``d_i = sqrt(tree_sum((x_i - c)**2))``;
     3. filter: rows with ``d_i > cutoff * tau`` get no weight (far outliers, e.g. scaled updates);
     4. clip: ``y_i = c + (x_i - c) * min(1, tau / d_i)``;
     5. result: ``sum(a_i y_i) / sum(a_i)`` over the kept rows with
-       ``a_i = r_i * min(n_i, median(n))`` (sample counts capped at the median count).
+       ``a_i = r_i * min(n_i, median(n))`` (sample counts capped at the median count,
+       so an inflated count gains nothing above it); numerator
+       ``acc = acc + a_i * (c + (x_i - c) * s_i)`` row by row, ``s_i = 1`` if
+       ``d_i <= tau`` or ``d_i == 0`` else ``tau / d_i``; denominator summed left to
+       right over the kept rows.
 
     Inspired by centered clipping (Karimireddy, He, Jaggi, "Learning from
     History for Byzantine Robust Optimization", ICML 2021) with the median
@@ -490,13 +634,13 @@ def _reputation_clipped(X: np.ndarray, samples: np.ndarray, reputation: np.ndarr
                         cutoff: float) -> tuple[np.ndarray, list[int]]:
     n = X.shape[0]
     r = np.asarray(reputation, dtype=np.float64)
-    if n == 0 or not float(np.sum(r)) > 0:
+    if n == 0 or not sequential_sum(r) > 0:
         raise AggregationError("the reputation-clipped mean needs an update with positive weight")
     center = weighted_coordinate_median(X, r)
-    dist = np.sqrt(np.einsum("ij,ij->i", X - center, X - center))
+    dist = np.sqrt(row_dots(X - center))
     order = np.argsort(dist, kind="stable")
     cum = np.cumsum(r[order])
-    tau = float(dist[order][int(np.argmax(2.0 * cum >= float(np.sum(r))))])
+    tau = float(dist[order][int(np.argmax(2.0 * cum >= cum[-1]))])
     cap = float(np.median(np.asarray(samples, dtype=np.float64)))
     a = r * np.minimum(np.asarray(samples, dtype=np.float64), cap)
     acc = np.zeros(X.shape[1], dtype=np.float64)
@@ -540,12 +684,14 @@ def robust_z(values: np.ndarray, min_relative_scale: float = 0.1) -> np.ndarray:
     large z. If the floored MAD is 0, the column's mean absolute deviation scaled
     by ``0.7979`` replaces it (``0.6745 * MAD ~ 0.7979 * MeanAD`` for a normal
     law); if that is 0 too the column's z is 0. Values below the median get 0.
+    The mean absolute deviation is summed row by row in order (:func:`_weighted_sum`)
+    and divided by ``n``.
     Returns ``(n, k)`` float64 >= 0.
     """
     med = np.median(values, axis=0)
     dev = values - med
     mad = np.maximum(np.median(np.abs(dev), axis=0), min_relative_scale * np.abs(med))
-    mean_ad = np.mean(np.abs(dev), axis=0)
+    mean_ad = _weighted_sum(np.abs(dev), np.ones(values.shape[0])) / values.shape[0]
     z = np.zeros_like(values, dtype=np.float64)
     for j in range(values.shape[1]):
         if mad[j] > 0:
@@ -557,10 +703,16 @@ def robust_z(values: np.ndarray, min_relative_scale: float = 0.1) -> np.ndarray:
 
 def update_features(X: np.ndarray, loss_change: np.ndarray) -> np.ndarray:
     """``(n, 3)`` float64 features: delta norm, cosine distance to the coordinate-wise
-    median delta (1 when either vector is zero, 0 when both are), loss change."""
+    median delta (1 when either vector is zero, 0 when both are), loss change.
+
+    With ``m`` the coordinate-wise median of ``X`` ``(n, d)``: norm
+    ``|x_i| = sqrt(tree_sum(x_i * x_i))`` (as :func:`validate_update`), cosine
+    distance ``1 - tree_sum(x_i * m) / (|x_i| * |m|)``: element-wise products and
+    :func:`tree_sum`, no BLAS, so every peer flags alike."""
     med = np.median(X, axis=0)
-    med_norm = float(np.sqrt(np.dot(med, med)))
-    norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+    med_norm = math.sqrt(tree_sum(med * med))
+    norms = np.sqrt(row_dots(X))
+    dots = row_dots(X, med)
     cos_dist = np.empty(X.shape[0], dtype=np.float64)
     for i in range(X.shape[0]):
         if norms[i] == 0.0 and med_norm == 0.0:
@@ -568,7 +720,7 @@ def update_features(X: np.ndarray, loss_change: np.ndarray) -> np.ndarray:
         elif norms[i] == 0.0 or med_norm == 0.0:
             cos_dist[i] = 1.0
         else:
-            cos_dist[i] = 1.0 - float(np.dot(X[i], med)) / (float(norms[i]) * med_norm)
+            cos_dist[i] = 1.0 - float(dots[i]) / (float(norms[i]) * med_norm)
     return np.column_stack([norms, cos_dist, np.asarray(loss_change, dtype=np.float64)])
 
 
@@ -614,8 +766,9 @@ class AggregationConfig:
     Args:
         rule: one of :data:`RULES`.
         f: byzantine updates assumed (>= 0); used by median, trimmed mean, Krum.
-        multi_krum_m: updates Multi-Krum averages (``None``: ``n - f``).
-        detect: run :func:`detect_anomalies` and exclude flagged updates first.
+        multi_krum_m: updates Multi-Krum averages (``None``: ``n - f``; more than ``n``: ``n``).
+        detect: run :func:`detect_anomalies` and exclude flagged updates first (unless
+            fewer than :meth:`min_updates` would be left; see the module docstring).
         z_threshold: see :func:`detect_anomalies`.
         iforest_estimators: see :func:`detect_anomalies`.
         random_state: IsolationForest seed.
@@ -646,7 +799,9 @@ class AggregationConfig:
             raise LocalProtocolError("clip_cutoff must be finite and > 1")
 
     def min_updates(self) -> int:
-        """Fewest updates the rule accepts (before anomaly exclusion)."""
+        """Fewest updates the rule accepts for ``f``: Krum / Multi-Krum ``2f + 3``, median and
+        trimmed mean ``2f + 1``, FedAvg and reputation_clipped 1. The anomaly screen's
+        exclusion is skipped when it would leave fewer (:attr:`AggregateResult.screen_skipped`)."""
         if self.rule in ("krum", "multi_krum"):
             return 2 * self.f + 3
         if self.rule in ("median", "trimmed_mean"):
@@ -661,9 +816,13 @@ class AggregateResult:
     ``senders_credited``: senders whose whole update makes up the result (all used ones for
     FedAvg and reputation_clipped, the chosen ones for Krum / Multi-Krum, none for the
     coordinate-wise median and trimmed mean, which take some coordinates of every update:
-    they cannot tell an attacker from an honest peer, so they credit nobody); only these earn
-    an ``update_good`` reputation observation;
-    ``error``: why the rule could not run (then ``params`` is the base model)."""
+    they cannot tell an attacker from an honest peer, so they credit nobody; a flagged update
+    is never credited); only these earn an ``update_good`` reputation observation;
+    ``error``: why the rule could not run (then ``params`` is the base model);
+    ``screen_skipped``: the anomaly screen flagged updates but excluding them would have
+    left fewer than :meth:`AggregationConfig.min_updates`, so the rule ran on every update
+    (with the same ``f``): the screen's flagged updates are then in ``flagged`` (their
+    senders get ``update_flagged``) **and** in ``used`` (the rule saw them)."""
 
     params: dict[str, np.ndarray]
     digest: bytes
@@ -674,14 +833,20 @@ class AggregateResult:
     senders_flagged: tuple[str, ...]
     anomaly: AnomalyReport | None = None
     error: str | None = None
+    screen_skipped: bool = False
 
 
 def combine(X: np.ndarray, samples: np.ndarray, reputation: np.ndarray, config: AggregationConfig) -> np.ndarray:
-    """Apply ``config.rule`` to deltas ``X`` ``(n, d)``; returns ``(d,)`` float64.
+    """Apply ``config.rule`` to deltas ``X`` ``(n, d)`` float64 (rows in update-hash order)
+    with ``samples`` and ``reputation`` ``(n,)``; returns ``(d,)`` float64. No anomaly screen.
 
     Raises:
+        UpdateRejected: ``X`` has a non-finite value.
         AggregationError: the rule's precondition fails.
     """
+    X = np.asarray(X, dtype=np.float64)
+    if not np.isfinite(X).all():
+        raise UpdateRejected("an update (row of X) has non-finite values")
     return _combine(X, samples, reputation, config)[0]
 
 
@@ -703,9 +868,12 @@ def _combine(X: np.ndarray, samples: np.ndarray, reputation: np.ndarray,
         chosen = krum_select(X, f, 1)
         return X[chosen[0]].copy(), [], chosen
     if rule == "multi_krum":
+        # Blanchard et al. 2017, §5: the plain average of the m best-scored vectors. Weighting
+        # by the self-reported sample counts let one selected byzantine update claiming 2**40
+        # samples become the whole result.
         m = config.multi_krum_m if config.multi_krum_m is not None else X.shape[0] - f
-        chosen = krum_select(X, f, min(m, X.shape[0]))
-        return fedavg(X[chosen], samples[chosen], reputation[chosen]), [], sorted(chosen)
+        chosen = krum_select(X, f, min(m, X.shape[0]))  # ascending
+        return _weighted_sum(X[chosen], np.ones(len(chosen))) / len(chosen), [], chosen
     delta, rejected = _reputation_clipped(X, samples, reputation, config.clip_cutoff)
     return delta, rejected, [i for i in rows if i not in set(rejected)]
 
@@ -720,50 +888,79 @@ def aggregate(updates: Sequence[Update], spec: ModelSpec, config: AggregationCon
         config: rule, f and anomaly settings.
         base: the round's global model (``None``: zeros, i.e. aggregate the parameters).
     Returns:
-        :class:`AggregateResult`. If the rule's precondition fails (after
-        anomaly exclusion), ``error`` says why and ``params`` is ``base``: the
-        same outcome on every peer.
+        :class:`AggregateResult`. If the rule's precondition fails, ``error``
+        says why and ``params`` is ``base``: the same outcome on every peer. The
+        anomaly screen's exclusion never causes that: when it would leave fewer
+        than :meth:`AggregationConfig.min_updates` updates, the rule runs on all
+        of them (``screen_skipped``). A result that is not finite (float64
+        overflow) is such an error too.
     Raises:
         AggregationError: two updates with the same digest.
-        LocalProtocolError: an update does not match ``spec``.
+        UpdateRejected: an update has a non-finite value (NaN, +-inf), or its
+            delta to ``base`` overflows float64 (message names the sender).
+        LocalProtocolError: an update does not match ``spec``, or ``base`` has a
+            non-finite value.
     """
     ordered = _ordered(updates)
     base = base if base is not None else spec.zeros()
     base_vec = spec.flatten(base)
+    if not np.isfinite(base_vec).all():
+        raise LocalProtocolError("the base model has non-finite values")
     digests = [u.digest for u in ordered]
     X = np.empty((len(ordered), spec.size), dtype=np.float64)
     for i, u in enumerate(ordered):
-        X[i] = spec.flatten(u.params)
-        X[i] -= base_vec
+        row = spec.flatten(u.params)
+        if not np.isfinite(row).all():
+            raise UpdateRejected(f"update from {str(u.sender)[:64]!r}: non-finite values")
+        with np.errstate(over="ignore"):
+            np.subtract(row, base_vec, out=X[i])
+        if not np.isfinite(X[i]).all():
+            raise UpdateRejected(f"update from {str(u.sender)[:64]!r}: its delta to the base model overflows")
     samples = np.array([u.num_samples for u in ordered], dtype=np.float64)
     reputation = np.array([u.weight for u in ordered], dtype=np.float64)
     report = None
     keep = list(range(len(ordered)))
+    screen_skipped = False
     if config.detect:
         report = detect_anomalies(X, digests, np.array([u.loss_change for u in ordered]),
                                   z_threshold=config.z_threshold, n_estimators=config.iforest_estimators,
                                   random_state=config.random_state)
-        keep = [i for i in keep if digests[i] not in report.flagged]
+        screened = [i for i in keep if digests[i] not in report.flagged]
+        if len(screened) < config.min_updates() <= len(keep):
+            # Excluding the flagged would leave too few for f: run the rule on all of them with
+            # the same f (it tolerates f byzantine updates itself; a flagged update may be honest,
+            # so f is not lowered). Failing the round here let one flagged attacker at the
+            # rule's minimum keep the old model.
+            screen_skipped = True
+        else:
+            keep = screened
     flagged_set = set(report.flagged) if report is not None else set()
     error = None
     credited: list[int] = []
     try:
         if len(keep) < config.min_updates():
             raise AggregationError(f"{config.rule} needs >= {config.min_updates()} updates, has {len(keep)}")
-        delta, rejected, whole = _combine(X[keep], samples[keep], reputation[keep], config)
-        flagged_set.update(digests[keep[j]] for j in rejected)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the error below
+            delta, rejected, whole = _combine(X[keep], samples[keep], reputation[keep], config)
+        rejected_set = {digests[keep[j]] for j in rejected}
+        flagged_set |= rejected_set
         credited = [keep[j] for j in whole] if whole is not None else []
-        keep = [i for i in keep if digests[i] not in flagged_set]
-        params = spec.unflatten(base_vec + delta)
+        keep = [i for i in keep if digests[i] not in rejected_set]
+        if not np.isfinite(delta).all():
+            raise AggregationError(f"{config.rule}: the aggregate is not finite (float64 overflow)")
+        with np.errstate(over="ignore"):
+            params = spec.unflatten(base_vec + delta)
+        if not all(np.isfinite(array).all() for array in params.values()):
+            raise AggregationError(f"{config.rule}: the aggregate overflows its declared dtype")
     except AggregationError as exc:
         error = str(exc)
         params = spec.unflatten(base_vec)
     flagged = tuple(d for d in digests if d in flagged_set)
     by_digest = {u.digest: u for u in ordered}
     used = tuple(digests[i] for i in keep) if error is None else ()
-    credited_digests = {digests[i] for i in credited} if error is None else set()
+    credited_digests = {digests[i] for i in credited} - flagged_set if error is None else set()
     return AggregateResult(params=params, digest=aggregate_hash(params, spec), used=used, flagged=flagged,
                            senders_used=tuple(by_digest[d].sender for d in used),
                            senders_credited=tuple(by_digest[d].sender for d in used if d in credited_digests),
                            senders_flagged=tuple(by_digest[d].sender for d in flagged),
-                           anomaly=report, error=error)
+                           anomaly=report, error=error, screen_skipped=screen_skipped)

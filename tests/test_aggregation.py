@@ -3,6 +3,8 @@ update validation, anomaly detection, models and dataset splits."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,14 +20,20 @@ from chimera.consensus.aggregation import (
     UpdateRejected,
     aggregate,
     aggregate_hash,
+    combine,
     coordinate_median,
     detect_anomalies,
     fedavg,
     krum_scores,
     krum_select,
     reputation_clipped_mean,
+    pairwise_sq_distances,
     robust_z,
+    row_dots,
+    sequential_sum,
+    tree_sum,
     trimmed_mean,
+    update_features,
     validate_update,
     weighted_coordinate_median,
 )
@@ -270,6 +278,191 @@ def test_aggregate_with_detection_excludes_and_reports_the_outlier():
     for rule in ("median", "trimmed_mean"):
         res = aggregate(honest + [attacker], spec, AggregationConfig(rule=rule, f=1), base=base)
         assert res.senders_credited == () and "bad" in res.senders_used
+
+
+# ------------------------------------------- screen at the rule's minimum, Multi-Krum, finiteness
+
+
+def _cluster_and_attacker(n_honest: int, samples: int = 10, attacker_samples: int = 10):
+    """Honest updates near 1.0, one attacker at -10 (the anomaly screen flags it)."""
+    spec = ModelSpec((TensorSpec("w", (20,), "float64"),))
+    rng = np.random.default_rng(1)
+    honest = [Update(sender=f"h{i}", params={"w": rng.normal(1.0, 0.1, 20)}, num_samples=samples)
+              for i in range(n_honest)]
+    attacker = Update(sender="byz", params={"w": np.full(20, -10.0)}, num_samples=attacker_samples)
+    return spec, honest + [attacker]
+
+
+@pytest.mark.parametrize("rule,f,n_honest", [("krum", 1, 4), ("multi_krum", 1, 4), ("trimmed_mean", 2, 4),
+                                             ("median", 2, 4)])
+def test_screen_at_the_rules_minimum_runs_the_rule_on_every_update(rule, f, n_honest):
+    # n = min_updates(): excluding the flagged attacker would leave too few for f. The round used
+    # to fail (base model kept: the attacker won); now the rule runs on all n with the same f.
+    spec, ups = _cluster_and_attacker(n_honest)
+    config = AggregationConfig(rule=rule, f=f, detect=True)
+    assert len(ups) == config.min_updates()
+    res = aggregate(ups, spec, config)
+    plain = aggregate(ups, spec, AggregationConfig(rule=rule, f=f))
+    assert res.error is None and res.screen_skipped
+    assert res.digest == plain.digest  # same f, same rows: f is not lowered by the number flagged
+    assert res.senders_flagged == ("byz",) and "byz" in res.senders_used
+    assert "byz" not in res.senders_credited
+    assert abs(float(res.params["w"].mean()) - 1.0) < 0.2
+    # one more honest update: the screen's exclusion applies as before
+    spec, ups = _cluster_and_attacker(n_honest + 1)
+    res = aggregate(ups, spec, config)
+    assert res.error is None and not res.screen_skipped
+    assert res.senders_flagged == ("byz",) and "byz" not in res.senders_used
+    # nothing flagged, or detection off: never skipped
+    assert not aggregate(ups[:-1], spec, config).screen_skipped
+    assert not aggregate(ups, spec, AggregationConfig(rule=rule, f=f)).screen_skipped
+
+
+def test_multi_krum_is_the_plain_mean_of_the_selected_updates():
+    # Blanchard et al. 2017 §5: the average of the m best-scored vectors, whatever the
+    # self-reported sample counts (they were weights: 2**40 samples made one update the result)
+    P = np.array([[0.0], [1.0], [2.0], [3.0], [50.0]])
+    config = AggregationConfig(rule="multi_krum", f=1, multi_krum_m=3)
+    for samples in ([1, 1, 1, 1, 1], [1, 1, 2**40, 1, 1], [1000, 1, 1, 1, 1]):
+        for reputation in ([1, 1, 1, 1, 1], [1, 50, 1, 1, 1]):
+            out = combine(P, np.array(samples, dtype=np.float64), np.array(reputation, dtype=np.float64), config)
+            assert out.tolist() == [1.0]  # (0 + 1 + 2) / 3
+    # the auditor's case: two colluding byzantine updates near the cluster, one selected
+    rng = np.random.default_rng(0)
+    H = rng.normal(0, 1, (5, 50))
+    b = H.mean(0) + 1.2 * np.ones(50) / np.sqrt(50) * np.linalg.norm(H[0] - H[1])
+    X = np.vstack([H, b, b])
+    assert 5 in krum_select(X, 2, 5)
+    honest_claims = combine(X, np.array([10.0] * 7), np.ones(7), AggregationConfig(rule="multi_krum", f=2))
+    inflated = combine(X, np.array([10.0] * 5 + [2.0**40] * 2), np.ones(7), AggregationConfig(rule="multi_krum", f=2))
+    assert honest_claims.tobytes() == inflated.tobytes()
+    assert np.linalg.norm(inflated - b) > 1.0
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multi_krum", "reputation_clipped"])
+def test_robust_rules_do_not_trust_inflated_sample_counts(rule):
+    # Only FedAvg weights by the reported count (documented: not robust); reputation_clipped caps
+    # counts at their median, the others ignore them.
+    spec, honest = _random_updates(4, 6)
+    base = spec.zeros()
+    config = AggregationConfig(rule=rule, f=1)
+
+    def with_samples(count):  # fixed digests: the row order must not change with the count
+        ups = [Update(sender=u.sender, params=u.params, num_samples=100, weight=1.0, digest=bytes([i]) * 32)
+               for i, u in enumerate(honest[:5])]
+        return ups + [Update(sender="liar", params=honest[5].params, num_samples=count, weight=1.0,
+                             digest=bytes([9]) * 32)]
+
+    assert aggregate(with_samples(100), spec, config, base).digest == aggregate(with_samples(2**40), spec, config,
+                                                                                    base).digest
+    fed = AggregationConfig(rule="fedavg")
+    liar = aggregate(with_samples(2**40), spec, fed, base).params["coef"]
+    assert np.allclose(liar, honest[5].params["coef"], atol=1e-6)  # FedAvg: the liar is the result
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_aggregate_rejects_non_finite_updates(rule):
+    spec = ModelSpec((TensorSpec("w", (3,), "float64"), TensorSpec("b", (2,), "float32")))
+
+    def u(sender, w, b=(0.0, 0.0)):
+        return Update(sender=sender, params={"w": np.array(w, dtype=np.float64), "b": np.array(b, dtype=np.float32)},
+                      num_samples=1)
+
+    good = [u(f"g{i}", [1.0 + i, 2.0, 3.0]) for i in range(5)]
+    config = AggregationConfig(rule=rule, f=1 if rule != "fedavg" else 0)
+    for bad in (u("bad", [np.nan, 2.0, 3.0]), u("bad", [1.0, np.inf, 3.0]), u("bad", [1.0, 2.0, -np.inf]),
+                u("bad", [1.0, 2.0, 3.0], [0.0, np.nan])):
+        with pytest.raises(UpdateRejected, match="'bad': non-finite") as info:
+            aggregate(good + [bad], spec, config)
+        assert info.value.reason == "bad_update"
+    # finite parameters whose delta to the base overflows float64
+    base = {"w": np.full(3, -1.7e308), "b": np.zeros(2, dtype=np.float32)}
+    with pytest.raises(UpdateRejected, match="overflows"):
+        aggregate(good[:4] + [u("big", [1.7e308, 0.0, 0.0])], spec, config, base=base)
+    with pytest.raises(LocalProtocolError, match="base model"):
+        aggregate(good, spec, config, base={"w": np.array([np.nan, 0, 0]), "b": np.zeros(2, dtype=np.float32)})
+    with pytest.raises(UpdateRejected):
+        combine(np.array([[1.0, np.nan]] * 5), np.ones(5), np.ones(5), config)
+
+
+def test_aggregate_that_overflows_is_an_error_that_keeps_the_base_model():
+    spec = ModelSpec((TensorSpec("w", (2,), "float64"),))
+    ups = [Update(sender=s, params={"w": np.array([1.7e308, 0.0])}, num_samples=1) for s in "ab"]
+    res = aggregate(ups, spec, AggregationConfig(rule="fedavg"))
+    assert res.error and "not finite" in res.error and res.params["w"].tolist() == [0.0, 0.0] and res.used == ()
+    huge = [Update(sender=s, params={"w": np.array([1.0, 0.0])}, num_samples=2**62, weight=1e300) for s in "ab"]
+    res = aggregate(huge, spec, AggregationConfig(rule="fedavg"))
+    assert res.error and res.params["w"].tolist() == [0.0, 0.0]
+
+
+# ------------------------------------------------------- deterministic reductions (no BLAS)
+
+
+def _reference_tree_sum(values) -> float:
+    """The tree of docs/PROTOCOL.md §17.7 in plain Python floats (IEEE-754 double adds)."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return 0.0
+    width = 1
+    while width < len(xs):
+        width *= 2
+    if width == 1:
+        return xs[0]
+    half = width // 2
+    level = [xs[j] + xs[j + half] if j + half < len(xs) else xs[j] for j in range(half)]
+    while len(level) > 1:
+        half = len(level) // 2
+        level = [level[j] + level[j + half] for j in range(half)]
+    return level[0]
+
+
+def _bits(x: float) -> bytes:
+    return np.float64(x).tobytes()
+
+
+def test_tree_sum_matches_the_specified_pairwise_tree_bit_for_bit():
+    # crafted: 1 + seven times 2**-54; the order decides the last bits
+    crafted = [1.0] + [2.0**-54] * 7
+    assert _reference_tree_sum(crafted) == 1.0 + 2.0**-52  # (1 + 2e) + 4e with e = 2**-54
+    assert sequential_sum(crafted) == 1.0 and math.fsum(crafted) == 1.0 + 2.0**-51  # the three differ
+    assert tree_sum(np.array(crafted)) == 1.0 + 2.0**-52
+    rng = np.random.default_rng(7)
+    for k in (0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 100, 127, 128, 129, 1001, 4097):
+        v = rng.normal(size=k) * np.exp(rng.normal(0.0, 8.0, size=k))
+        assert _bits(tree_sum(v)) == _bits(_reference_tree_sum(v)), k
+        M = rng.normal(size=(3, k))
+        assert [_bits(x) for x in row_dots(M)] == [_bits(_reference_tree_sum(r * r)) for r in M]
+    assert sequential_sum([0.1, 0.2, 0.3]) == (0.1 + 0.2) + 0.3
+
+
+def test_norm_bound_and_anomaly_features_use_the_deterministic_reduction():
+    # The norm bound and the cosine feature decide acceptance and flagging on every peer: they
+    # are pinned to the tree, not np.dot (BLAS: order depends on CPU, build and threads).
+    rng = np.random.default_rng(7)
+    d = 1001
+    spec = ModelSpec((TensorSpec("w", (d,), "float64"),))
+    v = rng.normal(size=d) * np.exp(rng.normal(0.0, 3.0, size=d))
+    base = rng.normal(size=d)
+    delta = (v - base).tolist()
+    expected = math.sqrt(_reference_tree_sum(x * x for x in delta))
+    assert _bits(validate_update({"w": v}, spec, base={"w": base})) == _bits(expected)
+    crafted = np.array([1.0] + [2.0**-27] * 7)  # squares: 1 and seven 2**-54
+    assert validate_update({"w": np.pad(crafted, (0, d - 8))}, spec) == math.sqrt(1.0 + 2.0**-52)
+    # features: norm and cosine distance to the coordinate-wise median, in plain Python
+    X = rng.normal(size=(6, 257)) * np.exp(rng.normal(0.0, 2.0, size=(6, 257)))
+    feats = update_features(X, np.zeros(6))
+    med = np.median(X, axis=0).tolist()
+    med_norm = math.sqrt(_reference_tree_sum(m * m for m in med))
+    for i, row in enumerate(X.tolist()):
+        norm = math.sqrt(_reference_tree_sum(x * x for x in row))
+        cos = 1.0 - _reference_tree_sum(x * m for x, m in zip(row, med)) / (norm * med_norm)
+        assert _bits(feats[i, 0]) == _bits(norm) and _bits(feats[i, 1]) == _bits(cos)
+    # Krum's squared distances and reputation_clipped's distances use it too
+    D = pairwise_sq_distances(X)
+    for i in range(6):
+        for j in range(i + 1, 6):
+            ref = _reference_tree_sum((b - a) * (b - a) for a, b in zip(X[i].tolist(), X[j].tolist()))
+            assert _bits(D[i, j]) == _bits(ref) == _bits(D[j, i])
 
 
 # ------------------------------------------------------------- models, data
