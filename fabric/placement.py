@@ -13,10 +13,14 @@ linear memory, wall time, GPUs (each with ``gpu_memory_bytes`` free) and
 :class:`~chimera.fabric.resources.Resources` fit (agent memory cap, available
 memory minus what this core already committed there, enough GPUs that are
 neither leased by this core nor short of memory, load per CPU under
-``PlacementConfig.max_load_per_cpu``), its circuit breaker lets a call
-through, it has weight in the committed reputation
+``PlacementConfig.max_load_per_cpu``), it has a free task slot (the
+``task_slots`` it advertised minus the attempts it held that were not this
+core's, minus this core's attempts in flight there: :meth:`Placement.update_peer`),
+its circuit breaker lets a call through, it has weight in the committed reputation
 :class:`~chimera.consensus.quorum.WeightTable` and it has not been tried for
-this task. Among candidates the core samples without replacement with
+this task. A task that finds no room waits here (oldest first; it is placed
+when a result, a failure or a new advertisement frees a slot, or on a tick) for
+at most ``queue_timeout_s`` after submission. Among candidates the core samples without replacement with
 probability proportional to ``reputation weight / (1 + load_1m / cpu_count)``
 (Efraimidis-Spirakis keys ``u ** (1 / w)`` from the injected RNG).
 
@@ -29,7 +33,10 @@ leases, and a peer that refuses for lack of capacity reports a failure.)
 **Breakers, retries, timeouts.** Per peer a circuit breaker (closed -> open
 after ``breaker_failures`` consecutive failures -> half-open after
 ``breaker_open_s`` with one trial call -> closed on success, open again with
-the open time doubled, up to ``breaker_max_open_s``). A failed or timed-out
+the open time doubled, up to ``breaker_max_open_s``); a removed peer's breaker
+is forgotten. A replica's refusal that is not its fault (:data:`REFUSALS_NOT_BLAMED`:
+``busy``, ``gpu_unavailable``, ``module_unavailable``, ``deadline_exceeded``) is no
+reputation observation; only the last two count for the breaker. A failed or timed-out
 attempt is retried on another peer after exponential backoff
 ``min(backoff_max_s, backoff_base_s * 2 ** (n - 1)) * (1 + jitter * u)``,
 at most ``max_retries`` times per task. An attempt times out
@@ -53,7 +60,7 @@ anyone with the replica table checks it with :func:`verify_task_certificate`.
 :class:`~chimera.consensus.reputation.ObservationKind`): ``task_agree`` for
 replicas whose digest matches the accepted one, ``task_disagree`` for the
 others and for a peer that reported a failure of its own (a signed failure
-report); ``equivocation`` for a replica that signed two digests. Timeouts are
+report, except the refusals of :data:`REFUSALS_NOT_BLAMED`); ``equivocation`` for a replica that signed two digests. Timeouts are
 *not* reported by default: per :mod:`chimera.consensus.reputation` a silent
 peer may be our own link's fault (``observe_timeouts=True`` changes that);
 they feed the circuit breaker instead.
@@ -71,7 +78,9 @@ from fractions import Fraction
 from chimera.consensus.quorum import CertificateError, WeightTable
 from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.votes import (
+    MAX_THRESHOLD_TERM,
     RULES,
+    UNANIMOUS,
     Ballot,
     BallotVote,
     Tally,
@@ -85,9 +94,43 @@ from .resources import Resources
 
 DIGEST_BYTES = 32
 MAX_TASK_ID_CHARS = 64
+MAX_TASK_SLOTS = 1024  # the wire bound of fabric_capacity.task_slots and tasks_running
+
+REFUSALS_NOT_BLAMED: dict[str, bool] = {
+    # a replica's refusal that is not its lie nor its task's fault -> whether it counts toward the
+    # peer's circuit breaker. No reputation observation; the attempt is retried on another peer.
+    "busy": False,               # no free slot (other submitters' attempts, a stale advertisement)
+    "gpu_unavailable": False,    # its GPUs leased by another submitter (this core sees only its own leases)
+    "module_unavailable": True,  # it could not fetch the module from us: calls to it fail, like a timeout
+    "deadline_exceeded": True,   # wall time ran out there (not deterministic): slow or overloaded
+}
 
 
 # ------------------------------------------------------------------- inputs
+
+
+def check_threshold(rule: str, threshold: Fraction | int | None) -> Fraction:
+    """The ballot threshold a task with agreement rule ``rule`` gets (the rule's default when
+    ``threshold`` is None), checked by the ballot's own rule (:meth:`Ballot.create`: exactly 1 for
+    ``unanimous``, in [1/2, 1) for the others, terms at most 2**32): one check for
+    :class:`TaskRequirements`, the admin API and :meth:`Placement._open_ballot`.
+
+    Raises:
+        LocalProtocolError: unknown rule, a threshold that is not an exact fraction, or one the
+            rule does not allow.
+    """
+    if rule not in RULES:
+        raise LocalProtocolError(f"rule must be one of {RULES}")
+    if threshold is not None and (type(threshold) is bool or not isinstance(threshold, (Fraction, int))):
+        raise LocalProtocolError(f"threshold must be an exact fraction (Fraction), not {type(threshold).__name__}")
+    t = Fraction(threshold) if threshold is not None else None
+    if t is not None and max(abs(t.numerator), t.denominator) > MAX_THRESHOLD_TERM:  # the wire's bound
+        raise LocalProtocolError(f"threshold {t}: numerator and denominator must be at most 2**32")
+    try:
+        return Ballot.create(epoch=0, purpose="", rule=rule, threshold=t).threshold
+    except LocalProtocolError:
+        allowed = "exactly 1" if rule == UNANIMOUS else "in [1/2, 1)"
+        raise LocalProtocolError(f"rule {rule} needs a threshold {allowed}, not {t}") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,9 +144,10 @@ class TaskRequirements:
         gpus: GPUs per replica (>= 0); gpu_memory_bytes: free memory each must have.
         replicas: distinct peers that run it (1..64).
         rule: agreement rule, one of ``majority``, ``weighted``, ``unanimous``, ``quorum``.
-        threshold: the rule's threshold (None: the rule's default, see consensus.votes).
+        threshold: the rule's threshold (None: the rule's default, see consensus.votes);
+            exactly 1 for ``unanimous``, in [1/2, 1) for the others (:func:`check_threshold`).
     Raises:
-        LocalProtocolError: a value out of range.
+        LocalProtocolError: a value out of range, or a threshold the rule does not allow.
     """
 
     fuel: int
@@ -128,8 +172,7 @@ class TaskRequirements:
             raise LocalProtocolError("gpu_memory_bytes must be >= 0")
         if not (isinstance(self.replicas, int) and 1 <= self.replicas <= 64):
             raise LocalProtocolError("replicas must be in 1..64")
-        if self.rule not in RULES:
-            raise LocalProtocolError(f"rule must be one of {RULES}")
+        check_threshold(self.rule, self.threshold)  # now, not only once the ballot opens
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,7 +269,8 @@ class TaskAccepted:
 @dataclass(frozen=True, slots=True)
 class TaskFailed:
     """The task ended without an accepted result. ``reason``: ``unsatisfiable``,
-    ``no_capacity``, ``retries_exhausted``, ``no_agreement``, ``vote_timeout``, ``cancelled``."""
+    ``no_capacity``, ``retries_exhausted``, ``no_agreement``, ``vote_timeout``, ``cancelled``,
+    ``invalid_ballot`` (its rule and threshold make no ballot; TaskRequirements rejects them first)."""
 
     task_id: str
     reason: str
@@ -277,8 +321,10 @@ class CircuitBreaker:
         state = self.current(now)
         return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self.trial_in_flight)
 
-    def reopens_at(self) -> float | None:
-        return self.opened_at + self.open_for_s if self.state is BreakerState.OPEN else None
+    def reopens_at(self, now: float | None = None) -> float | None:
+        """When an open breaker turns half-open (None unless open; with ``now``, the state at ``now``)."""
+        state = self.state if now is None else self.current(now)
+        return self.opened_at + self.open_for_s if state is BreakerState.OPEN else None
 
     def on_dispatch(self, now: float) -> None:
         if self.current(now) is BreakerState.HALF_OPEN:
@@ -355,6 +401,16 @@ class _Task:
         return self.req.replicas - len(self.results) - len(self.attempts)
 
 
+@dataclass
+class _Slots:
+    """A peer's task slots as its latest ``fabric_capacity`` said: ``others`` are the attempts it
+    held then that were not this core's (its ``tasks_running`` minus this core's attempts in
+    flight there when the advertisement came in)."""
+
+    task_slots: int
+    others: int
+
+
 @dataclass(frozen=True, slots=True)
 class TaskView:
     """Read-only summary of a task (for status queries and tests)."""
@@ -385,6 +441,8 @@ class Placement:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.gpu_leases: dict[str, dict[int, tuple[str, int]]] = {}  # peer -> gpu index -> (task, attempt)
         self.committed_memory: dict[str, int] = {}
+        self.slots: dict[str, _Slots] = {}      # peers that advertised task slots
+        self.in_flight: dict[str, int] = {}     # peer -> this core's attempts in flight there
         self.tasks: dict[str, _Task] = {}  # in progress (running or voting)
         self.finished: OrderedDict[str, TaskView] = OrderedDict()  # the last config.finished_kept done/failed
         self.counters: dict[str, int] = {}
@@ -395,18 +453,45 @@ class Placement:
         """Committed reputation weights of the current epoch (peers outside it get no work)."""
         self.weights = table
 
-    def update_peer(self, peer_id: str, resources: Resources) -> None:
+    def update_peer(self, peer_id: str, resources: Resources, *, task_slots: int | None = None,
+                    tasks_running: int = 0) -> None:
+        """The peer's advertised resources; with ``task_slots``, a new ``fabric_capacity`` (its
+        ``task_slots`` and ``tasks_running``, queued attempts included).
+
+        A peer that advertised slots gets an attempt of this core only while
+        ``others + this core's attempts in flight there < task_slots``, ``others`` being its
+        ``tasks_running`` minus this core's attempts in flight there when the advertisement came
+        in: tasks wait here instead of queueing (or being refused ``busy``) there. Feed each
+        advertisement once with its slots (feeding the same one again would count this core's
+        attempts started since then as the others'); calls without ``task_slots`` keep the
+        latest slot view. A peer that never advertised slots is not limited.
+
+        Raises:
+            LocalProtocolError: ``task_slots`` outside 1..1024 or ``tasks_running`` outside 0..1024.
+        """
+        if task_slots is not None:
+            if not (type(task_slots) is int and 1 <= task_slots <= MAX_TASK_SLOTS
+                    and type(tasks_running) is int and 0 <= tasks_running <= MAX_TASK_SLOTS):
+                raise LocalProtocolError(f"task_slots must be in 1..{MAX_TASK_SLOTS} and tasks_running in "
+                                         f"0..{MAX_TASK_SLOTS}")
+            self.slots[peer_id] = _Slots(task_slots, max(0, tasks_running - self.in_flight.get(peer_id, 0)))
         self.peers[peer_id] = resources
         self.breakers.setdefault(peer_id, CircuitBreaker(self.config.breaker_failures, self.config.breaker_open_s,
                                                          self.config.breaker_max_open_s))
 
     def remove_peer(self, peer_id: str, now: float) -> list[Action]:
-        """Forget a peer; its attempts in flight fail (and are retried elsewhere)."""
+        """Forget a peer (its breaker and slot view too); its attempts in flight fail (and are
+        retried elsewhere)."""
         actions: list[Action] = []
         for task in list(self.tasks.values()):
             for attempt in [a for a in task.attempts.values() if a.peer_id == peer_id]:
                 actions += self._fail_attempt(task, attempt, "peer_removed", now, observe=False, breaker=False)
         self.peers.pop(peer_id, None)
+        self.breakers.pop(peer_id, None)
+        self.slots.pop(peer_id, None)
+        self.in_flight.pop(peer_id, None)
+        self.committed_memory.pop(peer_id, None)
+        self.gpu_leases.pop(peer_id, None)
         return actions
 
     def breaker(self, peer_id: str) -> CircuitBreaker:
@@ -462,9 +547,22 @@ class Placement:
         return (self._weight(peer_id) > 0 and res.max_wasm_memory_bytes >= req.memory_bytes
                 and res.memory_total_bytes >= req.memory_bytes and gpus_big_enough >= req.gpus)
 
+    def free_slots(self, peer_id: str) -> int | None:
+        """Task slots of ``peer_id`` this core may still use (None: it advertised none, no limit)."""
+        s = self.slots.get(peer_id)
+        if s is None:
+            return None
+        return max(0, s.task_slots - s.others - self.in_flight.get(peer_id, 0))
+
+    def _slot_free(self, peer_id: str) -> bool:
+        free = self.free_slots(peer_id)
+        return free is None or free > 0
+
     def _fits_now(self, peer_id: str, req: TaskRequirements, now: float) -> bool:
         res = self.peers[peer_id]
         if not self._could_ever_fit(peer_id, req):
+            return False
+        if not self._slot_free(peer_id):
             return False
         if res.memory_available_bytes - self.committed_memory.get(peer_id, 0) < req.memory_bytes:
             return False
@@ -508,7 +606,7 @@ class Placement:
         if len(capable) < req.replicas:
             return self._finish_failed(task, "unsatisfiable",
                                        f"{len(capable)} peers could ever run it, {req.replicas} replicas needed")
-        return self._place(task, now)
+        return self._place_waiting(now)  # tasks waiting for room go first, this one last
 
     def on_result(self, task_id: str, attempt: int, peer_id: str, digest: bytes, now: float) -> list[Action]:
         """Attempt ``attempt`` on ``peer_id`` reported ``digest`` (32 bytes).
@@ -526,17 +624,34 @@ class Placement:
         self.breakers[peer_id].on_success()
         task.results[peer_id] = digest
         if len(task.results) == task.req.replicas:
-            return self._open_ballot(task, now)
-        return self._place(task, now)
+            actions = self._open_ballot(task, now)
+        else:
+            actions = self._place(task, now)
+        return actions + self._place_waiting(now)  # the slot it held may take a waiting task
 
     def on_failure(self, task_id: str, attempt: int, peer_id: str, reason: str, now: float) -> list[Action]:
-        """Attempt ``attempt`` on ``peer_id`` failed by the peer's own (signed) report."""
+        """Attempt ``attempt`` on ``peer_id`` failed by the peer's own (signed) report.
+
+        A refusal in :data:`REFUSALS_NOT_BLAMED` (``busy``, ``gpu_unavailable``,
+        ``module_unavailable``, ``deadline_exceeded``) is no fault of the replica's: no reputation
+        observation, the breaker counts it only where that table says so, and ``busy`` marks the
+        peer's slots full until its next advertisement. Any other reason (a refusal that is the
+        peer's doing, an inconsistent digest) is a ``task_disagree`` and counts for the breaker.
+        Either way the attempt is retried on another peer (within ``max_retries``).
+        """
         task = self.tasks.get(task_id)
         att = task.attempts.get(attempt) if task is not None else None
         if task is None or att is None or att.peer_id != peer_id:
             self._count("ignored_failure")
             return []
-        return self._fail_attempt(task, att, reason, now, observe=True, breaker=True)
+        if reason in REFUSALS_NOT_BLAMED:
+            if reason == "busy" and peer_id in self.slots:
+                s = self.slots[peer_id]
+                s.others = max(s.others, s.task_slots)  # full until it advertises again
+            actions = self._fail_attempt(task, att, reason, now, observe=False, breaker=REFUSALS_NOT_BLAMED[reason])
+        else:
+            actions = self._fail_attempt(task, att, reason, now, observe=True, breaker=True)
+        return actions + self._place_waiting(now)
 
     def on_vote(self, task_id: str, vote: BallotVote, now: float) -> list[Action]:
         """A replica's signed vote on the task's ballot."""
@@ -566,14 +681,20 @@ class Placement:
         for att in list(task.attempts.values()):
             self._end_attempt(task, att)
             actions.append(Cancel(task.task_id, att.number, att.peer_id, "cancelled"))
-        return actions + self._finish_failed(task, "cancelled", "cancelled by the submitter")
+        actions += self._finish_failed(task, "cancelled", "cancelled by the submitter")
+        return actions + self._place_waiting(now)
 
     def tick(self, now: float) -> list[Action]:
-        """Handle everything due at ``now``: timeouts, retries, queued placements, vote timeouts."""
+        """Handle everything due at ``now``: timeouts, retries, queued placements, vote timeouts,
+        breakers whose open time is up (they turn half-open)."""
+        for b in self.breakers.values():
+            b.current(now)
         actions: list[Action] = []
         for task in list(self.tasks.values()):
             if task.state == "running":
                 for att in [a for a in task.attempts.values() if now >= a.deadline]:
+                    if task.state != "running" or att.number not in task.attempts:
+                        break  # an earlier timeout failed the task (and ended its other attempts)
                     actions.append(Cancel(task.task_id, att.number, att.peer_id, "timeout"))
                     actions += self._fail_attempt(task, att, "timeout", now,
                                                   observe=self.config.observe_timeouts, breaker=True)
@@ -591,23 +712,50 @@ class Placement:
         return actions
 
     def next_deadline(self) -> float | None:
-        """The earliest monotonic time :meth:`tick` has something to do (None: nothing pending)."""
+        """The earliest monotonic time :meth:`tick` has something to do (None: nothing pending).
+
+        Only times ``tick`` acts on: after ``tick(now)`` the answer is None or later than
+        ``now`` (a driver's timer never spins on a past deadline). An attempt's timeout; a
+        task's backoff end; for a task that waits for room (no backoff pending) its queue
+        timeout, but only while none of its attempts is in flight (the timeout is checked when
+        they end), and the reopen time of each open breaker (of peers still known). Room that a
+        result, a failure or a new advertisement frees is an event, not a time: the driver calls
+        the core then (and ticks at least every second).
+        """
         times: list[float] = []
+        waiting = False
         for task in self.tasks.values():
             if task.state == "running":
                 times += [a.deadline for a in task.attempts.values()]
                 if task.missing > 0:
                     if task.retry_at is not None:
-                        times.append(task.retry_at)
-                    times.append(task.submitted_at + self.config.queue_timeout_s)
-                    times += [b.reopens_at() for b in self.breakers.values() if b.reopens_at() is not None]
+                        times.append(task.retry_at)  # placement resumes then, not before
+                    else:
+                        waiting = True
+                        if not task.attempts:
+                            times.append(task.submitted_at + self.config.queue_timeout_s)
             elif task.state == "voting" and task.vote_deadline is not None:
                 times.append(task.vote_deadline)
                 if task.vote_retry_at is not None:
                     times.append(task.vote_retry_at)
+        if waiting:
+            times += [t for b in self.breakers.values() if (t := b.reopens_at()) is not None]
         return min(times) if times else None
 
     # ------------------------------------------------------------ internals
+
+    def _place_waiting(self, now: float) -> list[Action]:
+        """Place tasks that wait for room (no backoff pending), oldest first, while some peer
+        has a free slot."""
+        actions: list[Action] = []
+        for task in list(self.tasks.values()):
+            if task.state == "running" and task.missing > 0 and (task.retry_at is None or now >= task.retry_at):
+                if not any(self._slot_free(p) for p in self.peers):
+                    if now >= task.submitted_at + self.config.queue_timeout_s:
+                        actions += self._place(task, now)  # fails it if nothing of it is in flight
+                    continue
+                actions += self._place(task, now)
+        return actions
 
     def _place(self, task: _Task, now: float) -> list[Action]:
         if task.state != "running" or task.missing <= 0:
@@ -641,6 +789,7 @@ class Placement:
             assert index not in leases, "GPU leased twice"  # _free_gpus excludes leased ones
             leases[index] = (task.task_id, number)
         self.committed_memory[peer_id] = self.committed_memory.get(peer_id, 0) + req.memory_bytes
+        self.in_flight[peer_id] = self.in_flight.get(peer_id, 0) + 1
         self.breakers[peer_id].on_dispatch(now)
         timeout_s = req.wall_time_s + self.config.timeout_slack_s
         att = _Attempt(number, peer_id, gpus, now + timeout_s)
@@ -650,7 +799,10 @@ class Placement:
         return Dispatch(task.task_id, number, peer_id, gpus, timeout_s, att.deadline)
 
     def _end_attempt(self, task: _Task, att: _Attempt) -> None:
-        task.attempts.pop(att.number, None)
+        if task.attempts.pop(att.number, None) is None:
+            return  # ended already
+        if att.peer_id in self.in_flight:
+            self.in_flight[att.peer_id] = max(0, self.in_flight[att.peer_id] - 1)
         leases = self.gpu_leases.get(att.peer_id, {})
         for index in att.gpu_indices:
             if leases.get(index) == (task.task_id, att.number):
@@ -671,7 +823,8 @@ class Placement:
         if observe:
             actions.append(Observe(att.peer_id, ObservationKind.TASK_DISAGREE, task.task_id, f"failed: {reason}"))
         task.failures += 1
-        self._count(f"attempt_{reason}" if reason in ("timeout", "peer_removed") else "attempt_failed")
+        self._count(f"attempt_{reason}" if reason in ("timeout", "peer_removed", *REFUSALS_NOT_BLAMED)
+                    else "attempt_failed")
         if task.failures > self.config.max_retries:
             for other in list(task.attempts.values()):
                 self._end_attempt(task, other)
@@ -686,8 +839,11 @@ class Placement:
     def _open_ballot(self, task: _Task, now: float) -> list[Action]:
         assert self.weights is not None
         table = WeightTable(self.weights.epoch, {p: max(1, self._weight(p)) for p in task.results})
-        ballot = Ballot.create(epoch=table.epoch, purpose=task_ballot_purpose(task.task_id, table),
-                               rule=task.req.rule, threshold=task.req.threshold)
+        try:  # TaskRequirements checked the rule and threshold; a ballot that still cannot open fails the task
+            ballot = Ballot.create(epoch=table.epoch, purpose=task_ballot_purpose(task.task_id, table),
+                                   rule=task.req.rule, threshold=task.req.threshold)
+        except LocalProtocolError as exc:
+            return self._finish_failed(task, "invalid_ballot", str(exc))
         task.state = "voting"
         task.table = table
         task.tally = Tally(ballot, table, self.network_id)

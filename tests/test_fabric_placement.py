@@ -136,8 +136,8 @@ def test_breaker_opens_after_failures_and_half_opens():
     peer = peer_ids(1)[0]
     req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
     opened = []
-    for n in range(2):
-        (d,) = core.submit(f"t{n}", req, float(n))
+    for n in range(2):  # (submitting t1 also ends t0, which has no untried peer left)
+        (d,) = [a for a in core.submit(f"t{n}", req, float(n)) if isinstance(a, Dispatch)]
         opened += [a for a in core.on_failure(d.task_id, d.attempt, peer, "crashed", float(n))
                    if isinstance(a, BreakerOpened)]
     assert opened == [BreakerOpened(peer, 5.0, 2)]  # announced once, when it opens
@@ -321,3 +321,201 @@ def test_placement_core_is_pure():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "random":
                 raise AssertionError(f"{name}:{node.lineno} uses module-level random")
+
+
+# ------------------------------------------------------------ thresholds, slots, refusals, deadlines
+
+
+def test_a_threshold_the_rule_does_not_allow_is_refused_when_the_task_is_described():
+    from fractions import Fraction
+
+    from chimera.consensus.votes import Ballot
+    from chimera.fabric.placement import check_threshold
+    from chimera.protocol.errors import LocalProtocolError
+
+    base = dict(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    for rule, bad in (("majority", Fraction(1, 3)), ("weighted", Fraction(1)), ("quorum", Fraction(1)),
+                      ("unanimous", Fraction(1, 2)), ("majority", Fraction(0)), ("majority", 0.75),
+                      ("quorum", Fraction(2**33 - 1, 2**33))):
+        with pytest.raises(LocalProtocolError) as err:
+            TaskRequirements(**base, rule=rule, threshold=bad)
+        assert rule in str(err.value) or "fraction" in str(err.value) or "2**32" in str(err.value)
+    for rule, good in (("majority", Fraction(1, 2)), ("quorum", Fraction(2, 3)), ("weighted", Fraction(9, 10)),
+                       ("unanimous", Fraction(1)), ("unanimous", 1), ("quorum", None)):
+        TaskRequirements(**base, rule=rule, threshold=good)
+        # the same rule as the ballot's own
+        assert check_threshold(rule, good) == Ballot.create(epoch=0, purpose="", rule=rule, threshold=good).threshold
+
+
+def test_a_ballot_that_cannot_open_fails_the_task_instead_of_leaving_it_running():
+    from fractions import Fraction
+
+    core = make_core([0])
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0, rule="majority")
+    object.__setattr__(req, "threshold", Fraction(1, 3))  # past the check (defence in depth)
+    (d,) = core.submit("t", req, 0.0)
+    actions = core.on_result("t", d.attempt, d.peer_id, b"\x01" * 32, 0.5)
+    (failed,) = [a for a in actions if isinstance(a, TaskFailed)]
+    assert failed.reason == "invalid_ballot" and "threshold" in failed.detail
+    assert "t" not in core.tasks and core.view("t").state == "failed" and core.next_deadline() is None
+
+
+def slot_core(n: int, slots: int, seed: int = 0, **config) -> Placement:
+    core = Placement(PlacementConfig(**config), network_id=NETWORK_ID, rng=random.Random(seed))
+    ids = peer_ids(n)
+    core.set_weights(WeightTable(1, {p: 1 for p in ids}))
+    for p in ids:
+        core.update_peer(p, inventory(0, mem_gib=64), task_slots=slots, tasks_running=0)
+    return core
+
+
+def test_a_burst_waits_for_free_slots_instead_of_over_dispatching():
+    core = slot_core(3, slots=2, queue_timeout_s=5.0)
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=10.0)
+    dispatched: list[Dispatch] = []
+    for i in range(20):
+        dispatched += [a for a in core.submit(f"t{i:02d}", req, 0.0) if isinstance(a, Dispatch)]
+    per_peer = {p: sum(1 for d in dispatched if d.peer_id == p) for p in peer_ids(3)}
+    assert per_peer == {p: 2 for p in peer_ids(3)}  # 6 slots, 14 tasks wait here
+    assert [d.task_id for d in dispatched] == [f"t{i:02d}" for i in range(6)]
+    # the peer's next advertisement counts this core's own attempts: no room appears twice
+    core.update_peer("peer00", inventory(0, mem_gib=64), task_slots=2, tasks_running=2)
+    assert core.free_slots("peer00") == 0 and not [a for a in core.tick(0.1) if isinstance(a, Dispatch)]
+    # a result frees the slot: the oldest waiting task takes it at once
+    first = next(d for d in dispatched if d.peer_id == "peer00")
+    nxt = [a for a in core.on_result(first.task_id, first.attempt, "peer00", b"\x01" * 32, 1.0)
+           if isinstance(a, Dispatch)]
+    assert [(a.task_id, a.peer_id) for a in nxt] == [("t06", "peer00")]
+    # another submitter's attempts fill the slots it advertises
+    core.update_peer("peer01", inventory(0, mem_gib=64), task_slots=4, tasks_running=4)  # 2 of them ours
+    assert core.free_slots("peer01") == 0
+    # no room within queue_timeout_s: the waiting tasks fail, the running ones go on
+    out = core.tick(6.0)
+    assert sorted(a.task_id for a in out if isinstance(a, TaskFailed) and a.reason == "no_capacity") == \
+        [f"t{i:02d}" for i in range(7, 20)]
+    assert not [a for a in out if not isinstance(a, (TaskFailed, RequestVote))] and len(core.tasks) == 7  # t00 votes
+
+
+def test_refusals_that_are_not_the_replicas_fault_are_retried_without_blame():
+    core = slot_core(3, slots=2, max_retries=10)
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    for n, reason in enumerate(["busy"] * 5 + ["gpu_unavailable"] * 5):
+        (d,) = [a for a in core.submit(f"b{n}", req, float(n)) if isinstance(a, Dispatch)]
+        actions = core.on_failure(d.task_id, d.attempt, d.peer_id, reason, float(n))
+        assert not [a for a in actions if isinstance(a, (Observe, BreakerOpened))], reason
+        assert core.breaker(d.peer_id).failures == 0
+        if reason == "busy":  # its slots are full until it advertises again
+            assert core.free_slots(d.peer_id) == 0
+            core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=2, tasks_running=0)
+        (retry,) = [a for a in core.tick(float(n) + 0.5) if isinstance(a, Dispatch) and a.task_id == f"b{n}"]
+        assert retry.peer_id != d.peer_id  # retried elsewhere
+        core.on_result(retry.task_id, retry.attempt, retry.peer_id, b"\x01" * 32, float(n) + 0.6)
+    assert core.counters["attempt_busy"] == 5 and core.counters["attempt_gpu_unavailable"] == 5
+    # a deadline or a failed module fetch count for the breaker (no blame); the peer's own failure blames it
+    core = slot_core(1, slots=8, breaker_failures=2, max_retries=0)
+    (d,) = core.submit("m", req, 0.0)
+    assert not [a for a in core.on_failure("m", d.attempt, d.peer_id, "module_unavailable", 0.0)
+                if isinstance(a, Observe)]
+    (d,) = [a for a in core.submit("d", req, 1.0) if isinstance(a, Dispatch)]
+    acts = core.on_failure("d", d.attempt, d.peer_id, "deadline_exceeded", 1.0)
+    assert [a for a in acts if isinstance(a, BreakerOpened)] and not [a for a in acts if isinstance(a, Observe)]
+    core = slot_core(1, slots=8)
+    (d,) = core.submit("o", req, 0.0)
+    assert Observe(d.peer_id, ObservationKind.TASK_DISAGREE, "o", "failed: over_capacity") in \
+        core.on_failure("o", d.attempt, d.peer_id, "over_capacity", 0.0)
+
+
+def test_next_deadline_is_not_in_the_past_while_a_replica_waits_with_another_in_flight():
+    """Audit r1: a 2-replica task, one attempt in flight, no room for the other: the queue
+    timeout is not reported once past (tick does nothing about it while an attempt runs)."""
+    core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(1))
+    core.set_weights(WeightTable(1, {"a": 1, "b": 1}))
+    core.update_peer("a", inventory(0))
+    core.update_peer("b", Resources(cpu_count=4, memory_total_bytes=8 * GIB, memory_available_bytes=0,
+                                    max_wasm_memory_bytes=GIB))
+    (d,) = core.submit("t1", TaskRequirements(fuel=10, memory_bytes=64 << 20, wall_time_s=600, replicas=2), 0.0)
+    assert core.next_deadline() == d.deadline  # 602: the attempt's timeout
+    for now in (31.0, 31.005):
+        assert core.tick(now) == [] and core.next_deadline() > now
+    # the attempt ends: now the queue timeout applies (it is past: the task fails)
+    out = core.on_result("t1", d.attempt, "a", b"\x01" * 32, 40.0)
+    assert [a.reason for a in out if isinstance(a, TaskFailed)] == ["no_capacity"]
+
+
+def test_a_removed_peers_breaker_is_forgotten_and_reopen_times_are_current():
+    """Audit r2: an open breaker of a removed peer kept reporting a past reopen time."""
+    core = Placement(PlacementConfig(max_retries=10), network_id=NETWORK_ID, rng=random.Random(1))
+    core.set_weights(WeightTable(1, {"a": 1, "b": 1}))
+    core.update_peer("b", inventory(0))
+    req = TaskRequirements(fuel=10, memory_bytes=1 << 20, wall_time_s=1)
+    for i in range(3):
+        (d,) = [a for a in core.submit(f"x{i}", req, 0.0) if isinstance(a, Dispatch)]
+        core.on_failure(d.task_id, d.attempt, "b", "crashed", 0.0)
+        core.cancel(d.task_id, 0.0)
+    assert core.breaker("b").current(0.0) is BreakerState.OPEN and core.breaker("b").reopens_at() == 5.0
+    assert core.breaker("b").reopens_at(6.0) is None  # with now: half-open by then
+    core.update_peer("b", inventory(0))
+    core.breaker("b").on_failure(6.0)   # the half-open trial failed: open again
+    core.remove_peer("b", 6.0)
+    assert "b" not in core.breakers
+    core.update_peer("a", Resources(cpu_count=4, memory_total_bytes=8 * GIB, memory_available_bytes=0,
+                                    max_wasm_memory_bytes=GIB))  # a has no room now: the task waits
+    assert core.submit("t", req, 100.0) == []
+    assert core.next_deadline() == pytest.approx(130.0)
+    assert core.tick(100.01) == [] and core.next_deadline() == pytest.approx(130.0)
+
+
+REASONS = ["crashed", "busy", "gpu_unavailable", "module_unavailable", "deadline_exceeded", "inconsistent_digest"]
+deadline_ops = st.lists(st.tuples(
+    st.sampled_from(["submit", "result", "fail", "tick", "advertise", "remove", "readd"]),
+    st.integers(0, 5), st.integers(1, 3), st.floats(0.0, 40.0)), min_size=1, max_size=50)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(script=deadline_ops, seed=st.integers(0, 2**16))
+def test_after_a_tick_the_next_deadline_is_never_in_the_past_and_slots_are_respected(script, seed):
+    ids = peer_ids(4)
+    core = Placement(PlacementConfig(max_retries=3, breaker_failures=2, queue_timeout_s=20.0, vote_timeout_s=5.0),
+                     network_id=NETWORK_ID, rng=random.Random(seed))
+    core.set_weights(WeightTable(1, {p: 1 for p in ids}))
+    for p in ids:
+        core.update_peer(p, inventory(1, mem_gib=1 if p == ids[3] else 8), task_slots=2, tasks_running=0)
+    now, n, in_flight = 0.0, 0, []
+    for op, k, replicas, dt in script:
+        peer = ids[k % 4]
+        if op == "submit":
+            n += 1
+            actions = core.submit(f"t{n}", TaskRequirements(fuel=1, memory_bytes=512 << 20, wall_time_s=2.0,
+                                                            gpus=k % 2, replicas=replicas), now)
+        elif op in ("result", "fail") and in_flight:
+            d = in_flight.pop(k % len(in_flight))
+            actions = (core.on_result(d.task_id, d.attempt, d.peer_id, bytes([k]) * 32, now) if op == "result"
+                       else core.on_failure(d.task_id, d.attempt, d.peer_id, REASONS[k], now))
+        elif op == "advertise" and peer in core.peers:
+            core.update_peer(peer, inventory(1), task_slots=replicas, tasks_running=k)
+            actions = []
+        elif op == "remove":
+            actions = core.remove_peer(peer, now)
+        elif op == "readd":
+            core.update_peer(peer, inventory(1), task_slots=2, tasks_running=0)
+            actions = []
+        else:
+            now += dt
+            actions = core.tick(now)
+            nd = core.next_deadline()
+            assert nd is None or nd > now, f"next_deadline {nd} <= now {now} after a tick"
+        sent = {}
+        for a in actions:
+            if isinstance(a, Dispatch):
+                in_flight.append(a)
+                sent[a.peer_id] = sent.get(a.peer_id, 0) + 1
+            elif isinstance(a, Cancel):
+                in_flight[:] = [d for d in in_flight if not (d.task_id == a.task_id and d.attempt == a.attempt)]
+        in_flight[:] = [d for d in in_flight if d.task_id in core.tasks and d.attempt in core.tasks[d.task_id].attempts]
+        for p in sent:  # a peer got work only into free slots
+            slots = core.slots.get(p)
+            assert slots is None or slots.others + core.in_flight[p] <= slots.task_slots
+        for p in core.peers:  # the core's own count of its attempts per peer stays exact
+            assert core.in_flight.get(p, 0) == sum(1 for t in core.tasks.values()
+                                                   for a in t.attempts.values() if a.peer_id == p)
+        assert set(core.breakers) == set(core.peers)
