@@ -519,3 +519,14 @@ def test_after_a_tick_the_next_deadline_is_never_in_the_past_and_slots_are_respe
             assert core.in_flight.get(p, 0) == sum(1 for t in core.tasks.values()
                                                    for a in t.attempts.values() if a.peer_id == p)
         assert set(core.breakers) == set(core.peers)
+
+
+def test_two_attempts_timing_out_in_one_tick_fail_the_task_once():
+    core = make_core([0, 0, 0], max_retries=0)
+    sent = core.submit("t", TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0, replicas=2), 0.0)
+    assert len(sent) == 2
+    out = core.tick(5.0)
+    assert [a.reason for a in out if isinstance(a, TaskFailed)] == ["retries_exhausted"]
+    assert sorted((a.attempt, a.reason) for a in out if isinstance(a, Cancel)) in (
+        [(1, "timeout"), (2, "task_failed")], [(1, "task_failed"), (2, "timeout")])
+    assert core.in_flight == {p: 0 for p in core.in_flight} and not core.committed_memory.get("peer00")
