@@ -28,7 +28,11 @@ core. The protocol is in docs/PROTOCOL.md §18; in short:
   :class:`Observe` goes into the node's reputation (``node.reputation``).
 * **Executing**: at most ``fabric_task_slots`` tasks at once, each in a worker
   thread, and ``QUEUE_PER_SLOT`` per slot waiting (more are refused with
-  reason ``busy``); a module this node lacks
+  reason ``busy``, which the submitter retries elsewhere without blame). The
+  submitters' cores use no more slots than ``fabric_capacity`` advertised free,
+  so the queue holds only what several submitters sent at once; an attempt
+  cancelled while it waits there is dropped unrun (``fabric_cancelled_before_start``).
+  A module this node lacks
   is fetched from the submitting peer in chunks and verified by SHA-256
   (only ``.wasm`` bytes ever travel; this node compiles them itself); GPU
   indices leased by the submitter are checked against this node's own lease
@@ -85,6 +89,7 @@ from chimera.fabric.placement import (
     TaskAccepted,
     TaskFailed,
     TaskRequirements,
+    check_threshold,
     verify_task_certificate,
 )
 from chimera.fabric.probes import StaticProbe, SystemProbe
@@ -396,8 +401,9 @@ class FabricService:
         for peer in [p for p in self.placement.peers if p != self.peer_id and p not in self.capacity]:
             self._run_actions(self.placement.remove_peer(peer, now))
         self.placement.set_weights(self.weights())
-        if self.own is not None:
-            self.placement.update_peer(self.peer_id, self.own)
+        if self.own is not None:  # our own slots, as they are now
+            self.placement.update_peer(self.peer_id, self.own, task_slots=min(self.slots, 1024),
+                                       tasks_running=min(len(self.running), 1024))
         for peer, (res, _) in self.capacity.items():
             self.placement.update_peer(peer, res)
 
@@ -410,7 +416,8 @@ class FabricService:
         try:
             if isinstance(msg, FabricCapacity):
                 self.capacity[sender] = (msg.resources, time.monotonic() + 3 * msg.interval_ms / 1000)
-                self.placement.update_peer(sender, msg.resources)
+                self.placement.update_peer(sender, msg.resources, task_slots=msg.task_slots,
+                                           tasks_running=msg.tasks_running)
                 self._wake.set()
             elif isinstance(msg, FabricTaskRun):
                 self._on_task_run(sender, msg)
@@ -487,9 +494,16 @@ class FabricService:
         if run is None:
             return
         if run.cancelled:
+            self.counters["fabric_cancelled_before_start"] += 1
             self._finish(key, None)
             return
-        fut = self.loop.run_in_executor(self.task_pool, self._execute, run.msg)
+
+        def work() -> FabricTaskResult | None:
+            if run.cancelled:  # cancelled while it waited for a slot: dropped unrun (PROTOCOL.md 18.2)
+                return None
+            return self._execute(run.msg)
+
+        fut = self.loop.run_in_executor(self.task_pool, work)
 
         def done(f: asyncio.Future) -> None:
             if f.cancelled():
@@ -500,6 +514,8 @@ class FabricService:
                                           reason="internal_error", detail=repr(f.exception())[:256])
             else:
                 result = f.result()
+                if result is None:
+                    self.counters["fabric_cancelled_before_start"] += 1
             self._finish(key, result)
 
         fut.add_done_callback(done)
@@ -663,11 +679,10 @@ class FabricService:
         task_id = f"t{self._task_seq}-{os.urandom(4).hex()}"
         rec = _Submitted(task_id, module_sha256, stdin, req, _wall_ms(), time.monotonic())
         self.tasks[task_id] = rec
-        while len(self.tasks) > MAX_TASKS_KEPT:
-            old_id, old = next(iter(self.tasks.items()))
-            if old.state == "running":
-                break
-            del self.tasks[old_id]
+        excess = len(self.tasks) - MAX_TASKS_KEPT
+        if excess > 0:  # the oldest finished ones go; running ones stay (a task always ends: timeouts)
+            for old_id in [t for t, r in self.tasks.items() if r.state != "running"][:excess]:
+                del self.tasks[old_id]
         now = time.monotonic()
         self._refresh_peers(now)
         self._run_actions(self.placement.submit(task_id, req, now))
@@ -981,8 +996,10 @@ def _plain(exc: BaseException) -> str:
 _FRACTION_TEXT = re.compile(r"\d{1,9}(/\d{1,9}|\.\d{1,9})?|\.\d{1,9}")
 
 
-def _threshold_arg(args: dict) -> Fraction | None:
-    """``threshold``: a fraction in (0, 1] as text (``"2/3"``, ``"0.75"``) or a number; None when absent.
+def _threshold_arg(args: dict, rule: str = "majority") -> Fraction | None:
+    """``threshold``: a fraction as text (``"2/3"``, ``"0.75"``) or a number that agreement rule
+    ``rule`` allows (:func:`~chimera.fabric.placement.check_threshold`: exactly 1 for
+    ``unanimous``, in [1/2, 1) for the others); None when absent. Anything else is a usage error.
 
     Text is matched before :class:`~fractions.Fraction` sees it: ``Fraction("1e999999999")``
     would compute a billion-digit integer on the event loop.
@@ -1000,8 +1017,10 @@ def _threshold_arg(args: dict) -> Fraction | None:
     else:
         raise admin_api.AdminError(f"threshold must be a fraction like 2/3 or 0.75, not {str(value)[:40]!r}",
                                    admin_api.EXIT_USAGE)
-    if not 0 < threshold <= 1:
-        raise admin_api.AdminError(f"threshold must be in (0, 1], not {threshold}", admin_api.EXIT_USAGE)
+    try:
+        check_threshold(rule, threshold)
+    except LocalProtocolError as exc:
+        raise admin_api.AdminError(str(exc), admin_api.EXIT_USAGE) from None
     return threshold
 
 
@@ -1154,7 +1173,7 @@ def admin_handlers(node) -> dict:
         # every argument is checked before the module is stored or anything is submitted
         stdin = admin_api.bytes_arg(args, "input", b"", MAX_TASK_INPUT_BYTES, text=True)
         rule = admin_api.str_arg(args, "rule", "majority", choices=tuple(RULES))
-        threshold = _threshold_arg(args)
+        threshold = _threshold_arg(args, rule)
         wait = admin_api.bool_arg(args, "wait", False)
         wait_s = admin_api.float_arg(args, "wait_s", 120.0, 0.1, 3600.0)
         req_args = dict(
@@ -1164,10 +1183,13 @@ def admin_handlers(node) -> dict:
             gpus=admin_api.int_arg(args, "gpus", 0, 0, 64),
             gpu_memory_bytes=admin_api.int_arg(args, "gpu_memory_bytes", 0, 0, 2**62),
             replicas=admin_api.int_arg(args, "replicas", 1, 1, 64), rule=rule, threshold=threshold)
+        try:
+            req = TaskRequirements(**req_args)
+        except LocalProtocolError as exc:
+            raise admin_api.AdminError(str(exc), admin_api.EXIT_USAGE) from None
         module = module_of(svc, args)
         sha = module if isinstance(module, str) else await in_thread(svc, svc.modules.put, module)
         try:
-            req = TaskRequirements(**req_args)
             task_id = svc.submit(sha, stdin, req)
         except (LocalProtocolError, ValueError, ZeroDivisionError) as exc:
             raise admin_api.AdminError(str(exc)) from None

@@ -25,7 +25,7 @@ import pytest
 from chimera.consensus.quorum import WeightTable
 from chimera.consensus.votes import Ballot, BallotVote, VoteCertificate
 from chimera.fabric.modules import ModuleIntegrityError, ModuleTooLarge
-from chimera.fabric.placement import verify_task_certificate
+from chimera.fabric.placement import TaskRequirements, verify_task_certificate
 from chimera.fabric.wire import (
     CHUNK_BYTES,
     FabricModuleChunk,
@@ -386,6 +386,64 @@ async def test_tasks_status_honours_its_limit(node_factory):
         res = await call(node, "tasks_status", {"limit": limit})
         assert len(res["tasks"]) == limit and len(res["observations"]) == limit
         assert res["tasks"][-1]["task_id"] == res["observations"][-1]["task_id"] == every["tasks"][-1]["task_id"]
+
+
+async def test_a_threshold_the_rule_does_not_allow_is_a_usage_error_and_nothing_is_stored(node_factory):
+    node = await node_factory("th", NodeConfig(**FABRIC_FAST))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    for rule, threshold in (("majority", "1/3"), ("weighted", "1"), ("quorum", 1), ("unanimous", "1/2"),
+                            ("quorum", "0.5/1")):
+        with pytest.raises(admin.AdminError) as err:
+            await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a b", "rule": rule,
+                                              "threshold": threshold})
+        assert err.value.code == admin.EXIT_USAGE, (rule, threshold, str(err.value))
+    assert (await call(node, "tasks_status", {}))["tasks"] == []
+    assert (await call(node, "modules_list", {}))["modules"] == []  # checked before the module was stored
+    ok = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a b a", "rule": "unanimous",
+                                           "threshold": "1", "wait": True, "wait_s": 30})
+    assert ok["state"] == "accepted" and ok["certificate"]["threshold"] == "1"
+
+
+async def test_a_burst_on_a_one_slot_peer_waits_at_the_submitter_and_all_are_accepted(node_factory):
+    """More tasks than the peer holds (1 slot + 4 queued): placement waits for its free slot
+    instead of over-dispatching (was: 3 of 8 refused ``busy``, scored ``task_disagree``)."""
+    node = await node_factory("burst", NodeConfig(**FABRIC_FAST, fabric_task_slots=1))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    sha = (await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"x", "wait": True}))[
+        "module_sha256"]
+    req = TaskRequirements(fuel=10**9, memory_bytes=16 << 20, wall_time_s=10.0)
+    ids = [node.fabric.submit(sha, b"a b %d" % k, req) for k in range(8)]  # at once: no await between them
+    assert await async_wait_until(lambda: all(node.fabric.tasks[t].state != "running" for t in ids), 60)
+    states = [node.fabric.tasks[t].state for t in ids]
+    assert states == ["accepted"] * 8, [node.fabric.tasks[t].failure for t in ids]
+    assert node.counters["fabric_refused_busy"] == 0
+    assert not [o for o in node.fabric.observations if o["kind"] != "task_agree"]
+
+
+async def test_an_attempt_cancelled_while_it_waits_for_a_slot_is_never_run(node_factory):
+    """PROTOCOL.md 18.2: the replica drops an attempt that has not started (was: run anyway)."""
+    node = await node_factory("cq", NodeConfig(**FABRIC_FAST, fabric_task_slots=1))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    svc = node.fabric
+    sha = await asyncio.to_thread(svc.modules.put, wasm("hostile_loop"))
+    started = []
+    execute = svc._execute
+    svc._execute = lambda msg: (started.append(msg.task_id), execute(msg))[1]
+    submitter = "peer-that-is-not-here"  # its results are sent nowhere
+    for task_id in ("first", "second"):
+        svc._on_task_run(submitter, FabricTaskRun(task_id=task_id, attempt=1, module_sha256=sha, input=b"",
+                                                  fuel=2**62, memory_bytes=1 << 20, wall_time_ms=1000))
+    assert await async_wait_until(lambda: started == ["first"], 30)
+    svc.running[(submitter, "second", 1)].cancelled = True  # what fabric_task_cancel does
+    assert await async_wait_until(lambda: not svc.running, 30)  # the first ran out of wall time
+    assert started == ["first"] and node.counters["fabric_cancelled_before_start"] == 1
+    # a cancel that arrives before the run is handed to a worker is dropped the same way
+    svc._on_task_run(submitter, FabricTaskRun(task_id="third", attempt=1, module_sha256="0" * 64, input=b"",
+                                              fuel=1, memory_bytes=1 << 20, wall_time_ms=1000))
+    svc.running[(submitter, "third", 1)].cancelled = True  # (it waits for its module)
+    svc._start_run((submitter, "third", 1))  # the module came
+    assert (submitter, "third", 1) not in svc.running and node.counters["fabric_cancelled_before_start"] == 2
+    assert started == ["first"]
 
 
 def test_idle_node_does_not_load_wasmtime():
