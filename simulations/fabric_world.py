@@ -36,7 +36,10 @@ What each peer does (as ``node/fabric.py``)
   at its ``next_deadline()`` and at least every second (the node's timer).
 * **Executing.** At most ``task_slots`` attempts at once and
   :data:`QUEUE_PER_SLOT` per slot waiting; beyond that an attempt is refused
-  (``busy``), as in the node. A cancelled attempt reports nothing. The
+  (``busy``), as in the node. Each advertisement carries ``task_slots`` and
+  ``tasks_running`` into the cores (the peer's own live), so submitters queue
+  tasks instead of over-dispatching. A cancelled attempt reports nothing; one
+  cancelled while it waits is dropped unrun (``cancelled_before_start``). The
   replica remembers the digest it reported and signs only that one.
 
 The task (modelled)
@@ -355,7 +358,8 @@ class FabricPeer(PeerHost):
         for peer in sorted(p for p in placement.peers if p != self.peer_id and p not in self.capacity):
             self.run_actions(placement.remove_peer(peer, now), rearm=False)
         placement.set_weights(self._weights())
-        placement.update_peer(self.peer_id, self.resources())
+        placement.update_peer(self.peer_id, self.resources(), task_slots=min(self.fworld.setup.task_slots, 1024),
+                              tasks_running=min(len(self.running), 1024))  # our own slots, as they are now
         for peer, (res, _) in sorted(self.capacity.items()):
             placement.update_peer(peer, res)
 
@@ -368,7 +372,8 @@ class FabricPeer(PeerHost):
         now = self.clock.now()
         if isinstance(msg, FabricCapacity):
             self.capacity[sender] = (msg.resources, now + 3 * msg.interval_ms / 1000)
-            self.placement.update_peer(sender, msg.resources)
+            self.placement.update_peer(sender, msg.resources, task_slots=msg.task_slots,
+                                       tasks_running=msg.tasks_running)
             self.rearm()
         elif isinstance(msg, FabricTaskRun):
             self._on_task_run(sender, msg)
@@ -437,6 +442,7 @@ class FabricPeer(PeerHost):
                 continue
             if run.cancelled:
                 del self.running[key]
+                self.fworld.counters["cancelled_before_start"] += 1
                 continue
             run.started = True
             self.active += 1

@@ -123,6 +123,25 @@ def test_accepted_certificate_verifies_with_the_real_verifier_and_only_for_its_t
         verify_task_certificate(cert, table, bytes(16), accepted.task_id)
 
 
+def test_an_overload_waits_at_the_submitters_and_blames_no_honest_peer():
+    """A burst far beyond the peers' slots: the cores use only the slots the peers advertise free,
+    so no replica refuses ``busy`` (was: honest peers scored ``task_disagree`` and their breakers
+    opened); what finds no room within queue_timeout_s fails ``no_capacity``."""
+    sim = Simulator(3)
+    net = SimNetwork(sim, LinkSpec(latency=Latency.uniform(0.001, 0.01)))
+    setup = FabricSetup(tasks=60, tasks_per_s=200.0, submitters=2, replicas=3, task_slots=1, exec_base_s=0.5,
+                        capacity_interval_s=1.0)
+    world = FabricWorld(sim, net, setup, [Behaviour() for _ in range(5)])
+    with shared_fabric_verification():
+        world.start_all()
+        sim.run(300.0, world.finished)
+    row = world.metrics()
+    assert world.finished() and world.violation is None
+    assert row["refused_busy"] == 0 and row["breaker_openings"] == 0 and row["observed_task_disagree"] == 0
+    assert row["tasks_accepted"] > 0
+    assert row["tasks_accepted"] + row.get("failed_no_capacity", 0) == 60
+
+
 class CountingHonest(Behaviour):
     """Honest, counting the results that pass through the hook."""
 
