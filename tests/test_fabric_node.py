@@ -446,6 +446,22 @@ async def test_an_attempt_cancelled_while_it_waits_for_a_slot_is_never_run(node_
     assert started == ["first"]
 
 
+async def test_a_running_task_does_not_stop_older_finished_ones_from_being_evicted(node_factory):
+    from chimera.node.fabric import MAX_TASKS_KEPT, _Submitted
+
+    node = await node_factory("ev", NodeConfig(**FABRIC_FAST))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    svc = node.fabric
+    sha = await asyncio.to_thread(svc.modules.put, wasm("wordfreq"))
+    req = TaskRequirements(fuel=10**9, memory_bytes=16 << 20, wall_time_s=10.0)
+    svc.tasks["stuck"] = _Submitted("stuck", sha, b"", req, 0, 0.0)  # running (the oldest)
+    for k in range(MAX_TASKS_KEPT):
+        svc.tasks[f"old{k}"] = _Submitted(f"old{k}", sha, b"", req, 0, 0.0, state="accepted")
+    new = svc.submit(sha, b"a", req)
+    assert len(svc.tasks) == MAX_TASKS_KEPT and "stuck" in svc.tasks and new in svc.tasks
+    assert "old0" not in svc.tasks and "old1" not in svc.tasks and "old2" in svc.tasks
+
+
 def test_idle_node_does_not_load_wasmtime():
     """The fabric imports wasmtime only when the first agent or task runs (idle footprint)."""
     code = ("import sys; import chimera.node.runtime, chimera.node.fabric, chimera.node.cli_fabric; "
