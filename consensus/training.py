@@ -32,7 +32,12 @@ Round protocol
    :meth:`TrainingCore.on_local_result`; the core broadcasts a signed
    :class:`FlUpdate` (parameters as raw little-endian bytes with declared
    shape and dtype). Received updates are checked (participant, signature,
-   names/shapes/dtypes, finite values, delta norm bound) before use.
+   names/shapes/dtypes, finite values, delta norm bound) before use. An update
+   of a round not begun here (one or two ahead, never past ``rounds``) is kept
+   only once its signature verifies (the peer id is the author's key, the
+   update names its epoch), at most two per author and round, and checked in
+   full when the round begins; every rejection is blamed on the peer that sent
+   it to us (:meth:`TrainingCore._on_update`).
    A participant does not wait for round ``r - 1`` to be certified to start
    this fit: as soon as it has aggregated round ``r - 1`` itself (step 5) it
    trains round ``r`` from its own aggregate (``TrainLocal.speculative``).
@@ -189,6 +194,8 @@ UPDATE_FETCH_FANOUT = 2  # participants asked at once for updates an uncommitted
 MAX_AGGREGATES_PER_ROUND = 8  # inclusion sets of one round aggregated to check them (bounds a flood:
 #   an aggregate with anomaly screening costs 30-45 ms of CPU here)
 MAX_EPOCH = 2**62
+MAX_EARLY_UPDATES_PER_SENDER = 2  # updates of one author kept for a round not yet begun here (two:
+#   enough to see an equivocation; each is signature-checked on arrival, so only its author can fill them)
 
 Hash32 = Annotated[bytes, Len(32)]
 RoundNo = Annotated[int, Range(1, MAX_ROUNDS)]
@@ -717,7 +724,9 @@ class _Round:
         self.deadline_fired = False
         self.updates: dict[bytes, tuple[FlUpdate, dict[str, np.ndarray]]] = {}  # verified, valid
         self.first_by_sender: dict[str, bytes] = {}
-        self.raw: dict[bytes, FlUpdate] = {}  # received before the start (unverified), bounded
+        self.raw: dict[bytes, tuple[FlUpdate, str]] = {}  # received before the start: signature checked,
+        #   the rest at the start; with the envelope sender (blamed then); at most
+        #   MAX_EARLY_UPDATES_PER_SENDER per claimed sender
         self.inclusion: tuple[bytes, ...] | None = None
         self.inclusion_epoch = 0  # epoch of the block that committed ``inclusion``
         self.aggregates: dict[tuple[bytes, ...], AggregateResult] = {}  # our own sets -> our aggregate
@@ -1134,11 +1143,11 @@ class TrainingCore:
         self._event("round_started", rnd.number,
                     f"epoch {rnd.epoch} base {_h8(self._certified.get(rnd.number - 1))}")
         raw, rnd.raw = rnd.raw, {}
-        for digest, update in sorted(raw.items()):
+        for digest, (update, relayer) in sorted(raw.items(), key=lambda item: item[0]):
             try:
                 self._check_update(rnd, update, digest)
-            except RemoteProtocolError as exc:
-                self._reject(update.sender, exc.reason, str(exc))
+            except RemoteProtocolError as exc:  # blamed on the peer that sent it to us
+                self._reject(relayer, exc.reason, str(exc))
         if self.participant and not rnd.trained:
             rnd.trained = True
             base = self._speculative.get(rnd.number)
@@ -1259,33 +1268,58 @@ class TrainingCore:
             self._try_certify(nxt)
 
     def _on_update(self, sender: str, update: FlUpdate, now: float) -> None:
+        """An update relayed by ``sender`` (its author or any other peer). Faults raise
+        :class:`RemoteProtocolError`, blamed on ``sender`` (whoever sent us a bad signature
+        or a wrong epoch is at fault: an honest relayer checks before it relays).
+
+        Rounds: the current one is checked in full at once; one or two rounds ahead (not
+        begun here yet) the update is kept, bounded, once its signature verifies (the peer id
+        is the author's key and the update names its epoch, so this needs nothing the round's
+        start brings) and its epoch is the round's where that is known; the rest (contents
+        against the round's base) is checked at the start. Past rounds, and rounds beyond the
+        job's last (a finished job keeps nothing), are counted drops."""
         if update.sender not in self.job.participants:
             raise RemoteProtocolError(f"{update.sender[:10]} is not a participant", reason="not_participant")
+        if update.round > self.job.rounds:
+            raise RemoteProtocolError(f"update of round {update.round}, the job has {self.job.rounds}",
+                                      reason="update_past_last_round")
         if update.round <= self.model_round or update.round > self.model_round + 2:
             self.drops["update_other_round"] += 1
             return
         digest = update_hash(update)
-        rnd = self._rnd(update.round)
-        if digest in rnd.updates or digest in rnd.raw:
+        rnd = self._rounds.get(update.round)
+        if rnd is not None and (digest in rnd.updates or digest in rnd.raw):
             self.drops["duplicate_update"] += 1
             return
-        if rnd.started_at is None:  # not started here yet: keep (bounded), verify at the start
-            if len(rnd.raw) >= 2 * len(self.job.participants):
-                self.drops["update_buffer_full"] += 1
-                return
-            rnd.raw[digest] = update
+        if rnd is not None and rnd.started_at is not None:
+            self._check_update(rnd, update, digest)
             return
-        self._check_update(rnd, update, digest)
+        # not begun here yet: keep it (bounded) if it is genuine, check the rest at the start
+        if rnd is not None and rnd.epoch is not None and update.epoch != rnd.epoch:
+            raise RemoteProtocolError(f"update of epoch {update.epoch}, round epoch {rnd.epoch}",
+                                      reason="wrong_epoch")
+        self._verify_update_signature(update, digest)
+        rnd = self._rnd(update.round)
+        if sum(1 for u, _ in rnd.raw.values() if u.sender == update.sender) >= MAX_EARLY_UPDATES_PER_SENDER:
+            self.drops["update_buffer_full"] += 1
+            return
+        rnd.raw[digest] = (update, sender)
+
+    def _verify_update_signature(self, update: FlUpdate, digest: bytes) -> None:
+        """Raises RemoteProtocolError (``bad_signature``) unless ``update.sender`` signed
+        ``[job_id, round, digest]`` with purpose ``fl_update`` in ``update.epoch``."""
+        vote = SignedVote(voter=update.sender, signature=update.signature)
+        if not verify_vote(vote, UPDATE_PURPOSE, self.network_id, update.epoch,
+                           [self.job_id, update.round, digest]):
+            raise RemoteProtocolError(f"update signature of {update.sender[:10]} does not verify",
+                                      reason="bad_signature")
 
     def _check_update(self, rnd: _Round, update: FlUpdate, digest: bytes) -> None:
         """Verify and validate an update of the started round ``rnd``; raises RemoteProtocolError."""
         if update.epoch != rnd.epoch:
             raise RemoteProtocolError(f"update of epoch {update.epoch}, round epoch {rnd.epoch}",
                                       reason="wrong_epoch")
-        vote = SignedVote(voter=update.sender, signature=update.signature)
-        if not verify_vote(vote, UPDATE_PURPOSE, self.network_id, update.epoch, [self.job_id, rnd.number, digest]):
-            raise RemoteProtocolError(f"update signature of {update.sender[:10]} does not verify",
-                                      reason="bad_signature")
+        self._verify_update_signature(update, digest)
         try:
             params = params_from_tensors(update.tensors, self.spec)
             validate_update(params, self.spec, base=self.model, max_norm=self.job.max_update_norm)
@@ -1347,7 +1381,7 @@ class TrainingCore:
         if part.index >= part.count or (part.count - 1) * PART_BYTES > self._max_body_bytes:
             raise RemoteProtocolError(f"part {part.index} of {part.count}: more than this job's model "
                                       "can need", reason="bad_part")
-        if cls is FlUpdate and not self.model_round < part.round <= self.model_round + 2:
+        if cls is FlUpdate and not self.model_round < part.round <= min(self.model_round + 2, self.job.rounds):
             self.drops["update_other_round"] += 1
             return
         if cls is FlModel and (part.round <= self.model_round or self._certified.get(part.round) != part.digest):
@@ -1438,6 +1472,12 @@ class TrainingCore:
             del self._certified[old]
         if number >= self.job.rounds:
             self.finished = True
+            for later in [r for r in self._rounds if r > number]:  # nothing of a later round is kept
+                del self._rounds[later]
+            self._speculative.clear()
+            self._early_results.clear()
+            for key in list(self._assemblies):
+                self._drop_assembly(key)
             self._event("job_finished", number, _h8(digest))
 
     def _progress(self, now: float) -> None:

@@ -1084,3 +1084,117 @@ def _job_fields():
     job = make_job()
     return {k: getattr(job, k) for k in JobSpec.__dataclass_fields__}
 
+
+# ------------------------------------------------------ signed updates (helpers)
+
+
+def _signed(job_id, spec, identity, params, *, round_=1, epoch=0, n=10, signature=None):
+    """A signed ``fl_update`` of ``identity`` (``signature``: replace it, e.g. a forgery)."""
+    unsigned = FlUpdate(job_id=job_id, round=round_, epoch=epoch, sender=identity.peer_id,
+                        tensors=tensors_from_params(params, spec), num_samples=n, signature=bytes(64))
+    digest = update_hash(unsigned)
+    sig = signature or sign_vote(identity, "fl_update", NET, epoch, [job_id, round_, digest]).signature
+    return dataclasses.replace(unsigned, signature=sig), digest
+
+
+def _random_params(spec, rng):
+    return {k: rng.normal(size=v.shape) for k, v in spec.zeros().items()}
+
+
+# ------------------------------------------------ updates that arrive before their round
+
+
+def _waiting_core(job, peer=PEERS[0], epoch=5):
+    """A core whose round 1 (epoch ``epoch``) waits for that epoch's weight table."""
+    core = TrainingCore.for_committed_job(BY_PEER[peer], NET, encode_log_value(job), {}, 0.0, epoch=epoch)
+    core.take_actions()
+    return core
+
+
+def test_an_early_forged_copy_cannot_displace_the_genuine_update_and_is_blamed_on_its_relayer():
+    """Updates of a round not begun here are signature-checked on arrival (the peer id is the
+    author's key, the update names its epoch): a copy with a bad signature has the same update
+    hash (the hash excludes the signature) and used to take the genuine one's slot, the genuine
+    one then dropped as a duplicate, the forgery rejected at the start and blamed on the
+    claimed author. Now the forgery is rejected at once, blamed on the peer that sent it, and
+    the genuine one is kept and accepted when the round begins."""
+    job = make_job(rounds=3, quorum=4)
+    core = _waiting_core(job)
+    job_id, spec = core.job_id, job.model_spec()
+    outsider, author = IDS[5].peer_id, BY_PEER[PEERS[1]]
+    genuine, digest = _signed(job_id, spec, author, spec.zeros(), epoch=5)
+    forged = dataclasses.replace(genuine, signature=b"\x01" * 64)
+    core.on_message(outsider, roundtrip(forged), 0.1)
+    assert [(a.peer_id, a.reason) for a in core.take_actions() if isinstance(a, Rejected)] == \
+        [(outsider, "bad_signature")]
+    core.on_message(PEERS[2], roundtrip(genuine), 0.2)  # relayed by another participant
+    assert core.take_actions() == [] and core.drops["duplicate_update"] == 0
+    wrong_epoch, _ = _signed(job_id, spec, BY_PEER[PEERS[3]], spec.zeros(), epoch=4)
+    core.on_message(PEERS[2], roundtrip(wrong_epoch), 0.2)  # round 1's epoch (5) is known already
+    assert [(a.peer_id, a.reason) for a in core.take_actions() if isinstance(a, Rejected)] == \
+        [(PEERS[2], "wrong_epoch")]
+    huge, _ = _signed(job_id, spec, BY_PEER[PEERS[3]], {k: v + 1e7 for k, v in spec.zeros().items()}, epoch=5)
+    core.on_message(PEERS[4], roundtrip(huge), 0.25)  # contents are checked at the start (base model)
+    core.set_weight_table(WeightTable(epoch=5, weights={p: 1 for p in PEERS}), 0.3)
+    actions = core.take_actions()
+    assert [(a.peer_id, a.reason) for a in actions if isinstance(a, Rejected)] == [(PEERS[4], "bad_update")]
+    assert [(a.peer_id, a.kind) for a in actions if isinstance(a, Observe)] == \
+        [(PEERS[3], ObservationKind.UPDATE_FLAGGED)]  # its author signed those contents
+    assert core._rounds[1].first_by_sender.get(PEERS[1]) == digest
+
+
+def test_early_updates_are_bounded_per_author_and_a_flood_cannot_evict_honest_ones():
+    """The buffer was 2n updates shared by all claimed senders and unverified: 2n forged copies
+    claiming one participant evicted every honest early update. Forgeries are now refused on
+    arrival and each author keeps at most MAX_EARLY_UPDATES_PER_SENDER (2) updates per round
+    (an equivocator's further ones are counted drops), so every honest participant's update
+    survives the flood and is accepted at the start."""
+    from chimera.consensus.training import MAX_EARLY_UPDATES_PER_SENDER
+
+    job = make_job(rounds=3, quorum=4)
+    core = _waiting_core(job)
+    job_id, spec = core.job_id, job.model_spec()
+    outsider = IDS[5].peer_id
+    for k in range(2 * len(PEERS)):
+        fake, _ = _signed(job_id, spec, BY_PEER[PEERS[2]], spec.zeros(), n=100 + k, epoch=5, signature=b"\x02" * 64)
+        core.on_message(outsider, roundtrip(fake), 0.1)
+    assert core.drops["bad_signature"] == 2 * len(PEERS) and not core._rounds[1].raw
+    for k in range(4):  # a real equivocator: its own signatures, four different updates
+        real, _ = _signed(job_id, spec, BY_PEER[PEERS[4]], spec.zeros(), n=200 + k, epoch=5)
+        core.on_message(PEERS[4], roundtrip(real), 0.15)
+    assert core.drops["update_buffer_full"] == 4 - MAX_EARLY_UPDATES_PER_SENDER
+    for p in PEERS[1:4]:
+        core.on_message(p, roundtrip(_signed(job_id, spec, BY_PEER[p], spec.zeros(), epoch=5)[0]), 0.2)
+    core.take_actions()
+    core.set_weight_table(WeightTable(epoch=5, weights={p: 1 for p in PEERS}), 0.3)
+    actions = core.take_actions()
+    assert set(core._rounds[1].first_by_sender) == set(PEERS[1:])
+    assert [(a.peer_id, a.kind) for a in actions if isinstance(a, Observe)] == \
+        [(PEERS[4], ObservationKind.EQUIVOCATION)]
+
+
+def test_updates_beyond_the_last_round_are_refused_and_a_finished_job_keeps_nothing(digits):
+    """Updates of rounds past ``job.rounds`` used to be buffered, also after the job finished,
+    and never freed. They are refused (blamed on the relayer); a finished core holds no round
+    beyond its last."""
+    train, test, shards = digits
+    job = make_job(rounds=2)
+    spec = job.model_spec()
+    core = TrainingCore(BY_PEER[PEERS[0]], NET, job, job_id_of(encode_log_value(job)),
+                        {0: WeightTable(epoch=0, weights={p: 1 for p in PEERS})}, 0.0, epoch=0,
+                        checkpoint=(2, spec.zeros(), None))
+    assert core.finished
+    for r in (3, 4):
+        for k in range(30):
+            fake, _ = _signed(core.job_id, spec, BY_PEER[PEERS[1]], spec.zeros(), round_=r, n=1 + k,
+                              signature=b"\x03" * 64)
+            core.on_message(IDS[5].peer_id, roundtrip(fake), 1.0)
+    assert not core._rounds and core.drops["update_past_last_round"] == 60
+    assert {a.peer_id for a in core.take_actions() if isinstance(a, Rejected)} == {IDS[5].peer_id}
+    mesh = Mesh(make_job(rounds=2), shards)
+    mesh.run()
+    mesh.final_model()
+    for core in mesh.cores.values():
+        assert core.finished and max(core._rounds, default=0) <= 2 and not core._early_results
+        assert not core._speculative and not core._assemblies
+
