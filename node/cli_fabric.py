@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from .logs import printable
+
 MAX_MODULE_BYTES = 16 << 20
 MAX_INPUT_BYTES = 512 << 10        # a task's stdin travels in an envelope
 MAX_LOCAL_INPUT_BYTES = 4 << 20    # agent call runs on the local node
@@ -137,10 +139,14 @@ def cmd_agent_change(args: argparse.Namespace) -> int:
 def cmd_agent_list(args: argparse.Namespace) -> int:
     cli = _cli()
     res = cli._call(args, "agents_list", timeout_s=60.0)
-    lines = [f"{'NAME':<20} {'VERSION':<10} {'KIND':<6} {'MODULE':<12} {'HANDLED':>7} {'ERRORS':>6} {'QUEUED':>6}"]
+    lines = [f"{'NAME':<20} {'VERSION':<10} {'KIND':<6} {'STATE':<8} {'MODULE':<12} {'HANDLED':>7} "
+             f"{'ERRORS':>6} {'QUEUED':>6}"]
     for a in res["agents"]:
-        lines.append(f"{a['name']:<20} {a['version']:<10} {a['kind']:<6} {a['module_sha256'][:12]:<12} "
+        lines.append(f"{a['name']:<20} {a['version']:<10} {a['kind']:<6} {a.get('state', '-'):<8} "
+                     f"{a['module_sha256'][:12]:<12} "
                      f"{a.get('handled', '-'):>7} {a.get('errors', '-'):>6} {a.get('queued', '-'):>6}")
+        if a.get("failure"):
+            lines.append(f"  not running: {printable(a['failure'])}")
     cli._print(args, res, "\n".join(lines) if res["agents"] else "no agents deployed")
     return cli.EXIT_OK
 

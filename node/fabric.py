@@ -285,6 +285,8 @@ class FabricService:
                     restored = deploy.restore()
                     if restored:
                         log.info("restored agents: %s", ", ".join(restored))
+                    # each agent that could not be restored is logged by restore() and listed as failed
+                    self.counters["fabric_agents_restore_failed"] += len(deploy.restore_failures)
                 except Exception:  # noqa: BLE001 - a bad stored module must not stop the fabric
                     log.exception("could not restore every deployed agent")
                 host.start(workers=2)
@@ -1156,8 +1158,9 @@ def admin_handlers(node) -> dict:
         running = {a.name: a for a in rt.host.agents()}
         rows = []
         for name, d in sorted(current.items()):
+            state, failure = rt.deploy.state(name)
             row = {"name": name, "version": d.version, "kind": d.kind, "module_sha256": d.module_sha256,
-                   "previous": d.previous[0] if d.previous else None}
+                   "previous": d.previous[0] if d.previous else None, "state": state, "failure": failure or None}
             info = running.get(name)
             if info is not None:
                 row.update(queued=info.queued, handled=info.handled, errors=info.errors, crashes=info.crashes,

@@ -238,6 +238,22 @@ async def test_deployed_actor_survives_a_restart(node_factory):
     assert any(e["kind"] == "agent_swapped" for e in node.events)
 
 
+async def test_an_agent_that_cannot_be_restored_is_listed_failed_and_the_others_run(node_factory):
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("rf", cfg)
+    await call(node, "agents_deploy", {"ref": "a@1", "module": wasm("counter"), "kind": "actor"})
+    await call(node, "agents_deploy", {"ref": "b@1", "module": wasm("counter_v2"), "kind": "actor"})
+    await node.stop()
+    (node.fabric.modules.root / f"{hashlib.sha256(wasm('counter')).hexdigest()}.wasm").unlink()
+    again = await node_factory("rf", cfg)
+    assert await async_wait_until(lambda: again.fabric._runtime is not None, 60)
+    rows = {r["name"]: r for r in (await call(again, "agents_list"))["agents"]}
+    assert rows["a"]["state"] == "failed" and rows["a"]["failure"]
+    assert rows["b"]["state"] == "running" and rows["b"]["failure"] is None
+    assert (await call(again, "agents_call", {"name": "b", "input": b"get"}))["replies"] == ["count v2 0"]
+    assert again.counters["fabric_agents_restore_failed"] == 1
+
+
 async def test_cli_agent_and_task_commands(node_factory, capsys):
     from chimera.node.cli import main
     from fabric_helpers import AGENTS
