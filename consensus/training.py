@@ -46,17 +46,23 @@ Round protocol
    signed and sent only once round ``r`` has begun here from the certified
    model. If the certified hash differs, the speculative fit is dropped
    (``speculative_base_mismatch``) and the round trains again.
-4. **Inclusion.** As soon as a peer holds an update from every participant,
-   or after ``round_deadline_s`` (local time since the round began here)
-   from at least ``quorum`` participants, it aggregates that set (step 5) and
-   proposes ``fl_include(job_id, r, sorted update hashes, aggregate_hash)``
-   (with its confirmation off the fast path). The first committed inclusion of round ``r``
-   with at least ``quorum`` hashes counts. A participant that died or is late
-   does not stall the round. With the log's validity hook wired to
-   :meth:`TrainingCore.validate_log_value`, a correct participant prevotes (and
-   precommits) an inclusion only if it holds its updates and its own aggregate
-   of them has the hash ``aggregate_hash``, so a committed one is held by at
-   least one correct peer. A participant missing an update that an inclusion
+4. **Inclusion.** The quorum counts *distinct senders with weight in the
+   round's table*, never hashes (the aggregate keeps one update per sender and
+   skips senders without weight). As soon as a peer holds an update from every
+   participant with weight, or after ``round_deadline_s`` (local time since the
+   round began here) from at least ``quorum`` of them, it aggregates the first
+   update of each such sender (step 5) and proposes ``fl_include(job_id, r,
+   sorted update hashes, aggregate_hash)`` (with its confirmation off the fast
+   path), except a set whose aggregate has an error that could still grow
+   (it waits for more updates). The first committed inclusion of round ``r``
+   with ``quorum`` … ``len(participants)`` hashes counts. A participant that
+   died or is late does not stall the round. With the log's validity hook wired
+   to :meth:`TrainingCore.validate_log_value`, a correct participant prevotes
+   (and precommits) an inclusion only if it holds its updates, they are of
+   distinct senders, ``quorum`` of them with weight, and its own aggregate of
+   them has the hash ``aggregate_hash`` and no error (unless the set names
+   every weighted participant), so a committed one is held by at least one
+   correct peer. A participant missing an update that an inclusion
    names asks for it (:class:`FlUpdateRequest`) as soon as it checks that
    inclusion (:meth:`TrainingCore.fetch_wanted`), and again after the commit
    while the round is not certified; a certified round's missing updates are
@@ -220,8 +226,9 @@ class JobSpec:
     ``local_epochs`` >= 1; ``learning_rate`` > 0; ``rule`` one of
     :data:`~chimera.consensus.aggregation.RULES`; ``byzantine_f`` the f the rule
     assumes; ``detect_anomalies`` run the anomaly detector; ``participants``
-    sorted distinct peer ids; ``quorum`` updates needed after the deadline
-    (1..len(participants), at least what the rule needs); ``round_deadline_s``
+    sorted distinct peer ids; ``quorum`` distinct senders with weight in the round's
+    table whose updates an inclusion needs (1..len(participants), at least what the rule
+    needs; see :meth:`TrainingCore.validate_log_value`); ``round_deadline_s``
     seconds (> 0); ``max_update_norm`` L2 bound of an update's delta (> 0);
     ``seed`` for local training seeds. The four floats must be finite (the codec
     carries finite floats only). Invalid combinations raise ``ValueError``
@@ -730,7 +737,8 @@ class _Round:
         self.inclusion: tuple[bytes, ...] | None = None
         self.inclusion_epoch = 0  # epoch of the block that committed ``inclusion``
         self.aggregates: dict[tuple[bytes, ...], AggregateResult] = {}  # our own sets -> our aggregate
-        self.checked: dict[tuple[bytes, ...], bytes] = {}  # others' sets -> our aggregate's hash (bounded)
+        self.checked: dict[tuple[bytes, ...], tuple[bytes, bool]] = {}  # others' sets -> our aggregate's
+        #   hash and whether the rule ran (bounded)
         self.proposed: set[tuple[bytes, ...]] = set()  # sets we proposed as the inclusion
         self.confirmed: set[tuple[bytes, ...]] = set()  # sets we confirmed with the inclusion
         self.result: AggregateResult | None = None
@@ -883,15 +891,29 @@ class TrainingCore:
     def validate_log_value(self, value: bytes) -> bool | None:
         """Validity hook for ``BftCore(validate_value=...)`` on values of this job.
 
-        False for: a malformed value, an inclusion with fewer than ``quorum``
-        hashes, an inclusion of the current round whose ``aggregate_hash`` is not
-        our own aggregate of its updates, a confirm whose signature does not verify. None ("not yet", no fault
+        False for: a malformed value; at every peer, an inclusion with fewer than
+        ``quorum`` hashes or more than ``len(participants)``; at a participant, an
+        inclusion of the current round (begun here) that
+
+        * names two updates it holds of one sender (an equivocator's pair: the aggregate
+          would drop one, so the hashes would overstate the senders; checked before any
+          missing update is fetched),
+        * or, once it holds every named update: names updates of fewer than ``quorum``
+          distinct senders with weight in the round's table (updates of senders without
+          weight are allowed but count for nothing: the aggregate skips them),
+        * or whose ``aggregate_hash`` is not our own aggregate of its updates,
+        * or whose aggregate has an error (the rule could not run, e.g. anomaly screening
+          left fewer updates than it needs; the result would be the old model, a wasted
+          round), unless the set names an update of every participant with weight in the
+          round's table (then no larger set can come and the round must not stall);
+
+        and a confirm whose signature does not verify. None ("not yet", no fault
         of the sender): an inclusion a participant cannot check yet (it lacks one of
         the updates, the round has not begun here, or the round is ahead of our
         model); the BFT core neither pools it nor prevotes a block holding it, and
         asks again later. Values of other jobs or of past rounds are True
         (harmless: ignored on commit); so is any inclusion at a non-participant,
-        which holds no updates (see :meth:`fast_path`).
+        which holds no updates (see :meth:`fast_path`), past the stateless checks.
         """
         try:
             rec = decode_log_value(value)
@@ -901,19 +923,37 @@ class TrainingCore:
             return True
         rnd = self._rounds.get(rec.round)
         if isinstance(rec, Inclusion):
-            if len(rec.updates) < self.job.quorum:
+            # stateless: fewer hashes than the quorum, or more than one per participant
+            if not self.job.quorum <= len(rec.updates) <= len(self.job.participants):
                 return False
             if not self.participant or rec.round <= self.model_round or rec.round > self.job.rounds \
                     or (rnd is not None and rnd.inclusion is not None):
                 return True  # not checkable here, or ignored on commit
             if rec.round != self.model_round + 1 or rnd is None or rnd.started_at is None:
                 return None
+            held = [rnd.updates[h][0].sender for h in rec.updates if h in rnd.updates]
+            if len(set(held)) < len(held):  # two updates of one sender: never valid, whatever else
+                self.drops["inclusion_duplicate_sender"] += 1
+                return False
             missing = [h for h in rec.updates if h not in rnd.updates]
             if missing:  # remembered for fetch_wanted (bounded: a bogus inclusion names any hashes)
                 rnd.wanted.update(missing[:max(0, len(self.job.participants) - len(rnd.wanted))])
                 return None
-            digest = self._aggregate_hash_of(rnd, rec.updates)
-            return None if digest is None else digest == rec.aggregate_hash
+            table = self._round_table(rnd)
+            counted = {s for s in held if s in table.weights}
+            if len(counted) < self.job.quorum:
+                self.drops["inclusion_below_quorum"] += 1
+                return False
+            checked = self._aggregate_hash_of(rnd, rec.updates)
+            if checked is None:
+                return None
+            digest, ok = checked
+            if digest != rec.aggregate_hash:
+                return False
+            if not ok and len(counted) < len(table.weights):  # the rule failed on a set that could grow
+                self.drops["inclusion_aggregate_error"] += 1
+                return False
+            return True
         table = self._round_table(rnd)
         return table is None or self._confirm_ok(rec, table)
 
@@ -1185,12 +1225,23 @@ class TrainingCore:
                                         speculative=True))
 
     def _on_inclusion(self, inc: Inclusion, now: float, epoch: int | None) -> None:
+        """A committed inclusion: the first of its round committed after the round started
+        counts if it names ``quorum`` … ``len(participants)`` hashes.
+
+        This rule is over the log alone, as every commit-time rule must be: every peer,
+        also one holding none of the updates (an observer, a peer catching up), must reach
+        the same verdict at the same point of the log, and an update's sender is not in the
+        log. Counting distinct weighted senders is the validity rule's job
+        (:meth:`validate_log_value`): on the fast path a committed inclusion was found
+        valid by a correct participant, so it names ``quorum`` distinct weighted senders and
+        its aggregate has no error (or the set is complete)."""
         rnd = self._rnd(inc.round)
         if rnd.epoch is None or rnd.inclusion is not None:
             self.drops["inclusion_ignored"] += 1
             return
-        if not self.job.quorum <= len(inc.updates):
-            self.drops["inclusion_below_quorum"] += 1
+        if not self.job.quorum <= len(inc.updates) <= len(self.job.participants):
+            self.drops["inclusion_below_quorum" if len(inc.updates) < self.job.quorum
+                       else "inclusion_duplicate_sender"] += 1
             return
         rnd.inclusion = inc.updates
         rnd.inclusion_epoch = epoch
@@ -1528,24 +1579,37 @@ class TrainingCore:
             self._next_fetch = now + self.config.fetch_interval_s
 
     def _maybe_propose_inclusion(self, rnd: _Round, now: float) -> None:
+        """Propose the inclusion of the first update of each sender with weight in the round's
+        table once we hold one of every such participant, or after the deadline once they
+        are ``quorum`` distinct senders; never a set the rule fails on (``error``: we wait
+        for more updates) unless it is complete, and each set larger than the last we
+        proposed. What :meth:`validate_log_value` accepts, so an honest proposal is valid."""
         if rnd.started_at is None or rnd.inclusion is not None:
             return
-        chosen = tuple(sorted(rnd.first_by_sender.values()))
-        complete = len(rnd.first_by_sender) == len(self.job.participants)
-        due = rnd.deadline_fired and len(chosen) >= self.job.quorum
-        if (complete or due) and not any(len(p) >= len(chosen) for p in rnd.proposed):
-            result = rnd.aggregates.get(chosen)
-            if result is None:
-                result = rnd.aggregates[chosen] = self._aggregate(rnd, chosen)
-            rnd.proposed.add(chosen)
-            self._actions.append(ProposeValue(encode_log_value(Inclusion(
-                job_id=self.job_id, round=rnd.number, updates=chosen, aggregate_hash=result.digest))))
-            if not self.fast_path(max(self._tables)):
-                # confirm it with the inclusion: if this set commits, the confirmations
-                # ride in the same block (no second commit)
-                rnd.confirmed.add(chosen)
-                self._confirm(rnd, chosen, result)
-            self._speculate(rnd.number + 1, result)
+        table = self._round_table(rnd)
+        if table is None:  # pragma: no cover - a round begins only with its table
+            return
+        chosen = tuple(sorted(d for s, d in rnd.first_by_sender.items() if s in table.weights))
+        complete = len(chosen) == len(table.weights)
+        if len(chosen) < self.job.quorum or not (complete or rnd.deadline_fired) \
+                or any(len(p) >= len(chosen) for p in rnd.proposed):
+            return
+        result = rnd.aggregates.get(chosen)
+        if result is None:
+            result = rnd.aggregates[chosen] = self._aggregate(rnd, chosen)
+            if result.error is not None and not complete:
+                self.drops["inclusion_aggregate_error"] += 1  # once per set: kept in rnd.aggregates
+        if result.error is not None and not complete:
+            return  # wait for more updates: a larger set may pass (or the set becomes complete)
+        rnd.proposed.add(chosen)
+        self._actions.append(ProposeValue(encode_log_value(Inclusion(
+            job_id=self.job_id, round=rnd.number, updates=chosen, aggregate_hash=result.digest))))
+        if not self.fast_path(max(self._tables)):
+            # confirm it with the inclusion: if this set commits, the confirmations
+            # ride in the same block (no second commit)
+            rnd.confirmed.add(chosen)
+            self._confirm(rnd, chosen, result)
+        self._speculate(rnd.number + 1, result)
 
     def _maybe_aggregate(self, rnd: _Round, now: float) -> None:
         if rnd.inclusion is None or rnd.result is not None or rnd.started_at is None:
@@ -1571,6 +1635,9 @@ class TrainingCore:
             self._actions.append(Observe(sender, ObservationKind.UPDATE_GOOD))
         for sender in result.senders_flagged:
             self._actions.append(Observe(sender, ObservationKind.UPDATE_FLAGGED))
+        if result.error is not None:  # a complete set the rule fails on, or (off the fast path,
+            #   where no correct participant need have checked it) a byzantine one: the base model
+            self.drops["committed_inclusion_aggregate_error"] += 1
         detail = f"{_h8(result.digest)} used {len(result.used)} flagged {len(result.flagged)}"
         self._event("aggregated", rnd.number, detail + (f" error: {result.error}" if result.error else ""))
         if rnd.certified is None and rnd.inclusion not in rnd.confirmed:
@@ -1578,10 +1645,10 @@ class TrainingCore:
         if rnd.inclusion not in rnd.proposed:  # else done when we proposed it
             self._speculate(rnd.number + 1, result)
 
-    def _aggregate_hash_of(self, rnd: _Round, chosen: tuple[bytes, ...]) -> bytes | None:
-        """The hash of our aggregate of the held updates ``chosen`` (to check an inclusion),
-        computed once per set; only the hash is kept for a set we did not propose (bounded
-        memory whatever the model size).
+    def _aggregate_hash_of(self, rnd: _Round, chosen: tuple[bytes, ...]) -> tuple[bytes, bool] | None:
+        """The hash of our aggregate of the held updates ``chosen`` (to check an inclusion)
+        and whether the rule ran (no ``error``), computed once per set; only these are kept
+        for a set we did not propose (bounded memory whatever the model size).
 
         Once :data:`MAX_AGGREGATES_PER_ROUND` sets of the round were aggregated, a set is
         checked only if it is larger than every set aggregated so far (it displaces the
@@ -1593,9 +1660,9 @@ class TrainingCore:
         participant), so fewer than ``2 * len(participants)`` get past it per round."""
         own = rnd.aggregates.get(chosen)
         if own is not None:
-            return own.digest
-        digest = rnd.checked.get(chosen)
-        if digest is None:
+            return own.digest, own.error is None
+        checked = rnd.checked.get(chosen)
+        if checked is None:
             if len(rnd.aggregates) + len(rnd.checked) >= MAX_AGGREGATES_PER_ROUND:
                 largest = max(map(len, itertools.chain(rnd.aggregates, rnd.checked)))
                 if len(chosen) <= largest:
@@ -1603,8 +1670,9 @@ class TrainingCore:
                     return None
                 if rnd.checked:
                     del rnd.checked[min(rnd.checked, key=len)]
-            digest = rnd.checked[chosen] = self._aggregate(rnd, chosen).digest
-        return digest
+            result = self._aggregate(rnd, chosen)
+            checked = rnd.checked[chosen] = (result.digest, result.error is None)
+        return checked
 
     def _aggregate(self, rnd: _Round, chosen: tuple[bytes, ...]) -> AggregateResult:
         """The job's rule over the updates ``chosen`` (held, ascending hashes) on our model."""

@@ -23,7 +23,7 @@ import pytest
 
 from chimera.consensus.aggregation import AggregationConfig, aggregate_hash
 from chimera.consensus.datasets import Shard, load_digits_data, split_dirichlet, train_test_split_fixed
-from chimera.consensus.models import make_adapter
+from chimera.consensus.models import FitResult, make_adapter
 from chimera.consensus.quorum import WeightTable, sign_vote
 from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.training import (
@@ -1018,9 +1018,11 @@ def test_a_participant_fetches_the_updates_of_a_proposed_inclusion_it_lacks(digi
     core.tick(t0 + 11 * interval + grace)
     again = [a for a in core.take_actions() if isinstance(a, Send) and isinstance(a.message, FlUpdateRequest)]
     assert len(again) == 2 and all(a.message.hashes == (b"\xfe" * 32,) for a in again)
-    bogus = dataclasses.replace(inclusion, updates=tuple(bytes([i]) * 32 for i in range(1, 40)))
+    bogus = dataclasses.replace(inclusion, updates=tuple(bytes([i]) * 32 for i in range(1, 6)))
     assert core.validate_log_value(encode_log_value(bogus)) is None
     assert len(core._rounds[1].wanted) == len(job.participants)  # bounded
+    longer = dataclasses.replace(inclusion, updates=tuple(bytes([i]) * 32 for i in range(1, 40)))
+    assert core.validate_log_value(encode_log_value(longer)) is False  # more hashes than participants
 
 
 def test_past_the_per_round_cap_only_a_larger_set_is_checked_and_blocks_carry_the_largest(digits, monkeypatch):
@@ -1067,6 +1069,7 @@ def test_past_the_per_round_cap_only_a_larger_set_is_checked_and_blocks_carry_th
     assert group3 == group4 and rank4 < rank3
     assert inclusion_choice(inclusion(held, round_=2))[0] != group4
     assert inclusion_choice(encode_log_value(job)) is None and inclusion_choice(b"\x92\xaafl_include garbage") is None
+
 
 # ------------------------------------------------------------------ job spec
 
@@ -1198,3 +1201,148 @@ def test_updates_beyond_the_last_round_are_refused_and_a_finished_job_keeps_noth
         assert core.finished and max(core._rounds, default=0) <= 2 and not core._early_results
         assert not core._speculative and not core._assemblies
 
+
+# ------------------------------------------- inclusion quorum: distinct weighted senders
+
+
+def _proposed(actions):
+    return [decode_log_value(a.value) for a in actions if isinstance(a, ProposeValue)
+            and isinstance(decode_log_value(a.value), Inclusion)]
+
+
+def test_an_inclusion_naming_two_updates_of_one_sender_is_invalid_and_the_honest_one_proposes():
+    """The quorum counts distinct senders, not hashes: a byzantine proposer naming two of its own
+    (equivocating) updates and one honest update reached quorum 3 by hashes, the median (f=1)
+    then ran on 2 updates, failed, and the round was certified with the old model (a wasted
+    round). Participants refuse such a set (also while they still miss another named update,
+    and statelessly one with more hashes than participants); the honest proposer names one
+    update per sender and proposes once ``quorum`` distinct senders are in."""
+    job = make_job(rule="median", f=1, quorum=3, rounds=3)
+    core, job_id = _core(job)
+    core.take_actions()
+    spec = job.model_spec()
+    rng = np.random.default_rng(0)
+    byz, honest = BY_PEER[PEERS[4]], BY_PEER[PEERS[1]]
+    b1, d1 = _signed(job_id, spec, byz, _random_params(spec, rng), n=10)
+    b2, d2 = _signed(job_id, spec, byz, _random_params(spec, rng), n=11)
+    h1, e1 = _signed(job_id, spec, honest, _random_params(spec, rng))
+    for msg in (b1, b2, h1):
+        core.on_message(PEERS[4] if msg is not h1 else PEERS[1], roundtrip(msg), 0.1)
+    core.take_actions()
+    rnd = core._rounds[1]
+    pair = tuple(sorted([d1, d2, e1]))
+    bad = Inclusion(job_id=job_id, round=1, updates=pair, aggregate_hash=core._aggregate(rnd, pair).digest)
+    assert core.validate_log_value(encode_log_value(bad)) is False
+    assert core.drops["inclusion_duplicate_sender"] == 1
+    with_missing = Inclusion(job_id=job_id, round=1, updates=tuple(sorted([d1, d2, b"\xee" * 32])),
+                             aggregate_hash=bytes(32))
+    assert core.validate_log_value(encode_log_value(with_missing)) is False  # refused before any fetch
+    assert not core.wants_updates
+    # the honest proposer: past the deadline with 2 distinct senders it waits ...
+    core.tick(job.round_deadline_s + 1.0)
+    assert _proposed(core.take_actions()) == []
+    # ... our own update makes 3 distinct senders: one inclusion, one update of the equivocator
+    core.on_local_result(job_id, 1, _random_params(spec, rng), FitResult(10, 1.0, 0.5), job.round_deadline_s + 2)
+    (inc,) = _proposed(core.take_actions())
+    assert len(inc.updates) == 3 and d1 in inc.updates and d2 not in inc.updates  # the first of byz's
+    assert core.validate_log_value(encode_log_value(inc)) is True
+    core.on_committed(encode_log_value(inc), job.round_deadline_s + 3, epoch=0)
+    events = [a for a in core.take_actions() if isinstance(a, TrainingEvent) and a.kind == "aggregated"]
+    assert events and "error" not in events[0].detail and core.model_round == 1
+    assert core.certified_hash(1) != core.certified_hash(0)  # a new model, not the old one
+    # an inclusion with more hashes than participants is invalid at every peer, and ignored on commit
+    six = Inclusion(job_id=job_id, round=2, updates=tuple(bytes([i]) * 32 for i in range(1, 7)),
+                    aggregate_hash=bytes(32))
+    observer, _ = _core(job, peer=IDS[5].peer_id)
+    assert observer.validate_log_value(encode_log_value(six)) is False
+    assert core.validate_log_value(encode_log_value(six)) is False
+
+
+def test_updates_of_senders_without_weight_do_not_count_toward_the_quorum():
+    """2 of 5 participants have no weight in the round's table: their updates are skipped by the
+    aggregate, so they must not count toward the quorum either (3 hashes of which 2 weighted
+    made the median fail and wasted the round). The proposer waits for a third weighted
+    sender, names only weighted senders' updates, and a set holding one is valid but counts
+    only its weighted ones; once every weighted participant is in, it proposes at once."""
+    job = JobSpec(name="j", model_kind="sgd_regressor", n_features=3, rounds=2, learning_rate=0.1,
+                  rule="median", byzantine_f=1, participants=tuple(PEERS), quorum=3, round_deadline_s=5.0)
+    job_value = encode_log_value(job)
+    job_id, spec = job_id_of(job_value), job.model_spec()
+    table = WeightTable(epoch=0, weights={p: 1 for p in PEERS[:3]})  # PEERS[3], PEERS[4]: no weight
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[0]], NET, job_value, {0: table}, 0.0, epoch=0)
+    core.take_actions()
+    rng = np.random.default_rng(1)
+    core.on_local_result(job_id, 1, _random_params(spec, rng), FitResult(10, 1.0, 0.5), 0.1)
+    w1, dw1 = _signed(job_id, spec, BY_PEER[PEERS[1]], _random_params(spec, rng))
+    u3, du3 = _signed(job_id, spec, BY_PEER[PEERS[3]], _random_params(spec, rng))
+    for msg in (w1, u3):
+        core.on_message(msg.sender, roundtrip(msg), 0.2)
+    core.take_actions()
+    core.tick(6.0)  # deadline passed, 3 updates held, 2 of them weighted
+    assert _proposed(core.take_actions()) == []
+    rnd = core._rounds[1]
+    three = tuple(sorted(rnd.first_by_sender.values()))
+    short = Inclusion(job_id=job_id, round=1, updates=three, aggregate_hash=core._aggregate(rnd, three).digest)
+    assert core.validate_log_value(encode_log_value(short)) is False
+    assert core.drops["inclusion_below_quorum"] == 1
+    w2, dw2 = _signed(job_id, spec, BY_PEER[PEERS[2]], _random_params(spec, rng))
+    core.on_message(PEERS[2], roundtrip(w2), 6.5)
+    (inc,) = _proposed(core.take_actions())
+    assert len(inc.updates) == 3 and du3 not in inc.updates and {dw1, dw2} <= set(inc.updates)
+    assert core.validate_log_value(encode_log_value(inc)) is True
+    four = tuple(sorted(inc.updates + (du3,)))  # an extra update of a sender without weight: allowed
+    padded = Inclusion(job_id=job_id, round=1, updates=four, aggregate_hash=core._aggregate(rnd, four).digest)
+    assert padded.aggregate_hash == inc.aggregate_hash and core.validate_log_value(encode_log_value(padded))
+    core.on_committed(encode_log_value(inc), 7.0, epoch=0)
+    events = [a for a in core.take_actions() if isinstance(a, TrainingEvent) and a.kind == "aggregated"]
+    assert events and "error" not in events[0].detail and core.model_round == 1
+
+
+def test_an_inclusion_whose_aggregate_fails_is_proposed_only_when_no_larger_set_can_come(monkeypatch):
+    """Anomaly screening can leave the rule fewer updates than it needs: the result would be the
+    old model, a wasted round. The proposer waits for more updates and participants refuse such
+    a set, unless it names every weighted participant (nothing more can come: the round must
+    not stall). Here the rule is made to fail on fewer than 4 updates."""
+    import chimera.consensus.training as training_core
+
+    real = training_core.aggregate
+
+    def picky(updates, spec, config, base=None):
+        if len(updates) < 4:  # as if screening had excluded too many: the median then needs 5
+            config = AggregationConfig(rule="median", f=2)
+        return real(updates, spec, config, base=base)
+
+    monkeypatch.setattr(training_core, "aggregate", picky)
+    job = make_job(rule="median", f=1, quorum=3, rounds=2)
+    core, job_id = _core(job)
+    core.take_actions()
+    spec = job.model_spec()
+    rng = np.random.default_rng(2)
+    core.on_local_result(job_id, 1, _random_params(spec, rng), FitResult(10, 1.0, 0.5), 0.1)
+    for p in PEERS[1:3]:
+        core.on_message(p, roundtrip(_signed(job_id, spec, BY_PEER[p], _random_params(spec, rng))[0]), 0.2)
+    core.take_actions()
+    core.tick(job.round_deadline_s + 1)
+    assert _proposed(core.take_actions()) == [] and core.drops["inclusion_aggregate_error"] == 1
+    rnd = core._rounds[1]
+    three = tuple(sorted(rnd.first_by_sender.values()))
+    failing = Inclusion(job_id=job_id, round=1, updates=three, aggregate_hash=core._aggregate(rnd, three).digest)
+    assert failing.aggregate_hash == core.certified_hash(0)  # the old model
+    assert core.validate_log_value(encode_log_value(failing)) is False
+    core.on_message(PEERS[3], roundtrip(_signed(job_id, spec, BY_PEER[PEERS[3]], _random_params(spec, rng))[0]),
+                    job.round_deadline_s + 2)
+    (inc,) = _proposed(core.take_actions())
+    assert len(inc.updates) == 4 and core.validate_log_value(encode_log_value(inc)) is True
+    assert inc.aggregate_hash != core.certified_hash(0)
+
+    # complete: only 3 participants have weight and all 3 are in: proposed despite the error
+    job_value = encode_log_value(job)
+    table = WeightTable(epoch=0, weights={p: 1 for p in PEERS[:3]})
+    core = TrainingCore.for_committed_job(BY_PEER[PEERS[0]], NET, job_value, {0: table}, 0.0, epoch=0)
+    core.take_actions()
+    core.on_local_result(job_id, 1, _random_params(spec, rng), FitResult(10, 1.0, 0.5), 0.1)
+    for p in PEERS[1:3]:
+        core.on_message(p, roundtrip(_signed(job_id, spec, BY_PEER[p], _random_params(spec, rng))[0]), 0.2)
+    (inc,) = _proposed(core.take_actions())  # before the deadline: complete
+    assert len(inc.updates) == 3 and inc.aggregate_hash == core.certified_hash(0)
+    assert core.validate_log_value(encode_log_value(inc)) is True
