@@ -898,8 +898,9 @@ class TrainingCore:
         * names two updates it holds of one sender (an equivocator's pair: the aggregate
           would drop one, so the hashes would overstate the senders; checked before any
           missing update is fetched),
-        * or, once it holds every named update: names updates of fewer than ``quorum``
-          distinct senders with weight in the round's table (updates of senders without
+        * or, once it holds every named update: names updates of fewer than
+          ``min(quorum, participants with weight in the round's table)`` distinct
+          senders with weight in the round's table (updates of senders without
           weight are allowed but count for nothing: the aggregate skips them),
         * or whose ``aggregate_hash`` is not our own aggregate of its updates,
         * or whose aggregate has an error (the rule could not run, e.g. anomaly screening
@@ -941,7 +942,7 @@ class TrainingCore:
                 return None
             table = self._round_table(rnd)
             counted = {s for s in held if s in table.weights}
-            if len(counted) < self.job.quorum:
+            if len(counted) < min(self.job.quorum, len(table.weights)):
                 self.drops["inclusion_below_quorum"] += 1
                 return False
             checked = self._aggregate_hash_of(rnd, rec.updates)
@@ -1589,10 +1590,20 @@ class TrainingCore:
         table = self._round_table(rnd)
         if table is None:  # pragma: no cover - a round begins only with its table
             return
-        chosen = tuple(sorted(d for s, d in rnd.first_by_sender.items() if s in table.weights))
-        complete = len(chosen) == len(table.weights)
-        if len(chosen) < self.job.quorum or not (complete or rnd.deadline_fired) \
-                or any(len(p) >= len(chosen) for p in rnd.proposed):
+        weighted = sorted(d for s, d in rnd.first_by_sender.items() if s in table.weights)
+        complete = len(weighted) == len(table.weights)
+        if len(weighted) < min(self.job.quorum, len(table.weights)) or not (complete or rnd.deadline_fired):
+            return
+        if len(weighted) < self.job.quorum:
+            # fewer participants have weight in this epoch than the quorum (some lost it): the
+            # log still counts quorum hashes, so name updates of participants without weight
+            # too (the aggregate skips them); without them the round waits
+            unweighted = sorted(d for s, d in rnd.first_by_sender.items() if s not in table.weights)
+            if len(weighted) + len(unweighted) < self.job.quorum:
+                return
+            weighted += unweighted[:self.job.quorum - len(weighted)]
+        chosen = tuple(sorted(weighted))
+        if any(len(p) >= len(chosen) for p in rnd.proposed):
             return
         result = rnd.aggregates.get(chosen)
         if result is None:
@@ -1638,7 +1649,8 @@ class TrainingCore:
         if result.error is not None:  # a complete set the rule fails on, or (off the fast path,
             #   where no correct participant need have checked it) a byzantine one: the base model
             self.drops["committed_inclusion_aggregate_error"] += 1
-        detail = f"{_h8(result.digest)} used {len(result.used)} flagged {len(result.flagged)}"
+        detail = f"{_h8(result.digest)} used {len(result.used)} flagged {len(result.flagged)}" + (
+            " (kept: excluding them would leave the rule too few)" if result.screen_skipped else "")
         self._event("aggregated", rnd.number, detail + (f" error: {result.error}" if result.error else ""))
         if rnd.certified is None and rnd.inclusion not in rnd.confirmed:
             self._confirm(rnd, rnd.inclusion, result)

@@ -1298,6 +1298,37 @@ def test_updates_of_senders_without_weight_do_not_count_toward_the_quorum():
     assert events and "error" not in events[0].detail and core.model_round == 1
 
 
+def test_a_round_with_fewer_weighted_participants_than_the_quorum_still_commits():
+    """3 participants, quorum 3, one of them without weight in the round's epoch (it lost it):
+    the weighted ones are all in, so the proposer names the unweighted one's update too (the
+    log counts quorum hashes; the aggregate skips it) and participants accept the set: the round
+    does not stall (a quorum of distinct weighted senders is min(quorum, weighted participants))."""
+    peers = PEERS[:3]
+    job = JobSpec(name="j", model_kind="sgd_regressor", n_features=3, rounds=2, learning_rate=0.1,
+                  rule="fedavg", participants=tuple(peers), quorum=3, round_deadline_s=5.0)
+    job_value = encode_log_value(job)
+    job_id, spec = job_id_of(job_value), job.model_spec()
+    table = WeightTable(epoch=0, weights={p: 1 for p in peers[:2]})  # peers[2]: no weight
+    core = TrainingCore.for_committed_job(BY_PEER[peers[0]], NET, job_value, {0: table}, 0.0, epoch=0)
+    core.take_actions()
+    rng = np.random.default_rng(3)
+    core.on_local_result(job_id, 1, _random_params(spec, rng), FitResult(10, 1.0, 0.5), 0.1)
+    w1, dw1 = _signed(job_id, spec, BY_PEER[peers[1]], _random_params(spec, rng))
+    core.on_message(peers[1], roundtrip(w1), 0.2)
+    core.take_actions()
+    core.tick(6.0)  # both weighted participants are in; the log needs 3 hashes
+    assert _proposed(core.take_actions()) == []  # nothing to pad with yet: it waits
+    u2, du2 = _signed(job_id, spec, BY_PEER[peers[2]], _random_params(spec, rng))
+    core.on_message(peers[2], roundtrip(u2), 6.5)
+    (inc,) = _proposed(core.take_actions())
+    assert len(inc.updates) == 3 and du2 in inc.updates and dw1 in inc.updates
+    assert core.validate_log_value(encode_log_value(inc)) is True
+    core.on_committed(encode_log_value(inc), 7.0, epoch=0)
+    events = [a for a in core.take_actions() if isinstance(a, TrainingEvent) and a.kind == "aggregated"]
+    assert events and "used 2" in events[0].detail and "error" not in events[0].detail
+    assert core.model_round == 1
+
+
 def test_an_inclusion_whose_aggregate_fails_is_proposed_only_when_no_larger_set_can_come(monkeypatch):
     """Anomaly screening can leave the rule fewer updates than it needs: the result would be the
     old model, a wasted round. The proposer waits for more updates and participants refuse such
