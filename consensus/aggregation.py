@@ -357,7 +357,9 @@ def validate_update(params: Mapping[str, np.ndarray], spec: ModelSpec, *,
         if base is not None:
             delta -= spec.flatten(base)
         norm = math.sqrt(tree_sum(delta * delta))
-    if not math.isfinite(norm) or norm > max_norm:
+    if not math.isfinite(norm):  # a delta above ~1e154 squares past float64
+        raise UpdateRejected("update norm overflows float64 (values of magnitude above ~1e154)")
+    if norm > max_norm:
         raise UpdateRejected(f"update norm {norm:.4g} above the bound {max_norm:.4g}")
     return norm
 

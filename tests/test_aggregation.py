@@ -221,7 +221,10 @@ def test_validate_update_rejects_bad_updates_with_clear_reasons():
     for text, params in cases.items():
         with pytest.raises(UpdateRejected) as info:
             validate_update(params, SPEC, max_norm=1.0)
-        assert info.value.reason == "bad_update"
+        assert info.value.reason == "bad_update" and text in str(info.value), (text, info.value)
+    huge = {"w": np.full((2, 3), 1e200), "b": np.zeros(2, dtype=np.float32)}  # finite, its norm is not
+    with pytest.raises(UpdateRejected, match="overflows float64"):
+        validate_update(huge, SPEC, max_norm=math.inf)
     base = {"w": np.full((2, 3), 10.0), "b": np.zeros(2, dtype=np.float32)}
     assert validate_update(cases["above the bound"], SPEC, base=base, max_norm=1.0) == 0.0  # delta norm
     with pytest.raises(LocalProtocolError):
