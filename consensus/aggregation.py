@@ -286,14 +286,14 @@ class Update:
     Args:
         sender: the peer id that signed it.
         params: name -> array as declared by the job's :class:`ModelSpec`.
-        num_samples: local training samples (>= 1; self-reported).
+        num_samples: local training samples (1 … 2**64 − 1, as on the wire; self-reported).
         weight: the sender's committed reputation weight for the round (> 0, finite).
         digest: 32-byte update hash (orders updates; see ``training.update_hash``).
             Empty: computed as SHA-256 of sender, sample count and :func:`canonical_bytes`.
         loss_before: local loss of the base model on the sender's data (>= 0), if reported.
         loss_after: local loss after local training (>= 0), if reported.
     Raises:
-        LocalProtocolError: ``num_samples`` < 1 or ``weight`` not finite and > 0.
+        LocalProtocolError: ``num_samples`` outside 1 … 2**64 − 1 or ``weight`` not finite and > 0.
 
     ``params`` is not checked here (see :func:`validate_update`); :func:`aggregate`
     raises :class:`UpdateRejected` for an update with a non-finite value.
@@ -309,8 +309,8 @@ class Update:
     loss_after: float | None = None
 
     def __post_init__(self) -> None:
-        if type(self.num_samples) is not int or self.num_samples < 1:
-            raise LocalProtocolError("num_samples must be an int >= 1")
+        if type(self.num_samples) is not int or not 1 <= self.num_samples < 1 << 64:
+            raise LocalProtocolError("num_samples must be an int in 1..2**64-1 (the wire's bound)")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
                 or not math.isfinite(self.weight) or self.weight <= 0:
             raise LocalProtocolError("weight must be a finite number > 0")

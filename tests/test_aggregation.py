@@ -232,6 +232,8 @@ def test_validate_update_rejects_bad_updates_with_clear_reasons():
     with pytest.raises(LocalProtocolError):
         Update(sender="a", params=good, num_samples=0)
     with pytest.raises(LocalProtocolError):
+        Update(sender="a", params=good, num_samples=10**400)  # float() of it overflowed in FedAvg
+    with pytest.raises(LocalProtocolError):
         AggregationConfig(rule="mean")
 
 
