@@ -12,17 +12,21 @@ them). ``run`` writes ``metrics.csv``, ``metrics.json``, PNG plots, pivot tables
 (``[[output.tables]]``: Markdown + CSV) and (for small runs)
 ``trace-<k>.txt`` to ``--out`` (default ``sim-out/<name>``).
 ``search`` stops at the first seed that violates a safety property and writes
-its trace; ``run --seed`` of that seed reproduces it byte for byte.
+its trace and ``violation.json``; the replay command it prints (shell-quoted,
+``--set`` values in TOML, the searched sweep point pinned) reproduces it byte
+for byte.
 
 Exit status: 0 success; 1 a property was violated (search found a seed, or a
-run broke safety); 2 bad usage or an invalid scenario file (the message names
-the field).
+run broke safety: BFT/training/fabric safety, or a live peer seen as failed at
+the end of a membership run); 2 bad usage or an invalid scenario file, checked
+before the first run where it can be (the message names the file and field;
+a plot or table naming a metric no run produced is reported after the runs,
+their metrics kept).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -78,10 +82,12 @@ def _progress(enabled: bool):
 
 
 def cmd_run(args) -> int:
-    from .report import write_metrics, write_plots, write_tables
-    from .runner import run_one
+    from .report import check_columns, write_metrics, write_plots, write_tables
+    from .runner import check_layout, is_safety_violation, run_one
 
     scenarios = load_scenarios(args.scenario, _overrides(args))
+    for sc in scenarios:  # seed-drawn byzantine weights: refused before the first run
+        check_layout(sc)
     out = args.out or Path("sim-out") / scenarios[0].name
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -101,6 +107,7 @@ def cmd_run(args) -> int:
                 result.trace.write(out / f"trace-{k}.txt")
             results.append(result)
     csv_path, json_path = write_metrics(results, out)
+    check_columns(results, scenarios[0].plots, scenarios[0].tables)  # after the metrics: they are kept
     tables = write_tables(results, scenarios[0].tables, out)
     try:
         plots = write_plots(results, scenarios[0].plots, out)
@@ -110,8 +117,8 @@ def cmd_run(args) -> int:
         plots = []
         print("plots skipped: matplotlib is not installed (pip install 'chimera-mesh[sim]'); "
               "the metrics are complete", file=sys.stderr)
-    broken = [r for r in results if r.violation and r.violation.startswith("safety")]
-    late = [r for r in results if r.violation and r.violation.startswith("liveness")]
+    broken = [r for r in results if is_safety_violation(r.violation)]
+    late = [r for r in results if r.violation and not is_safety_violation(r.violation)]
     print(f"{len(results)} run(s) of {scenarios[0].name} in {time.perf_counter() - started:.1f} s wall")
     print(f"metrics: {csv_path} {json_path}")
     for path in plots:
@@ -123,12 +130,12 @@ def cmd_run(args) -> int:
     for r in late:
         print(f"warning: seed {r.scenario.seed} {r.violation}")
     for r in broken:
-        print(f"SAFETY VIOLATION with seed {r.scenario.seed}: {r.violation}", file=sys.stderr)
+        print(f"VIOLATION with seed {r.scenario.seed}: {r.violation}", file=sys.stderr)
     return 1 if broken else 0
 
 
 def cmd_search(args) -> int:
-    from .search import search
+    from .search import replay_command, replay_overrides, search
 
     overrides = _overrides(args)
     scenario = load_scenarios(args.scenario, overrides)[0]
@@ -140,15 +147,13 @@ def cmd_search(args) -> int:
             progress.update(task, advance=1, info=f"seed {seed}: {result.events} events")
 
         found = search(scenario, args.seeds, first_seed=args.first_seed, out=out, liveness=args.liveness,
-                       on_seed=on_seed)
+                       on_seed=on_seed, overrides=overrides, scenario_arg=args.scenario)
     if found.failing_seed is None:
         print(f"no violation in {found.seeds_tried} seeds ({args.first_seed}..{args.first_seed + args.seeds - 1})")
         return 0
-    extra = "".join(f" --set {k}={json.dumps(v)}" for k, v in overrides.items() if k != "scenario.peers")
-    peers = f" --peers {args.peers}" if args.peers is not None else ""
     print(f"VIOLATION at seed {found.failing_seed} (after {found.seeds_tried} seeds): {found.violation}")
     print(f"trace: {found.trace_path} (sha256 {found.trace_sha256})")
-    print(f"replay: python -m chimera.simulations run {args.scenario} --seed {found.failing_seed}{peers}{extra}")
+    print(f"replay: {replay_command(args.scenario, found.failing_seed, replay_overrides(scenario, overrides))}")
     return 1
 
 

@@ -23,6 +23,7 @@ A frame sent at virtual time ``t`` from host A to host B:
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import Counter
@@ -152,6 +153,58 @@ class Partition:
         gb = next((i for i, g in enumerate(self.groups) if b in g), -1)
         return ga != gb
 
+    def cuts(self, a: str, b: str, now: float) -> bool:
+        """``a`` and ``b`` cannot reach each other at ``now``."""
+        return self.start_s <= now < self.end_s and self.separates(a, b)
+
+
+class FlappingPartition:
+    """Between ``start_s`` and ``end_s``, alternate windows of ``flap_s`` seconds:
+    window ``k = floor((now - start_s) / flap_s)`` is cut when ``k`` is even
+    (side A: ``side_size`` of ``hosts``, a fresh random pick per cut window)
+    and healed when it is odd.
+
+    Windows are made when first needed, so a partition costs O(1) per frame
+    whatever the number of windows. Each cut window's side is drawn from its
+    own :class:`random.Random` seeded with ``(seed, window)``: the same seed
+    gives the same sides in any process, whatever frames asked first.
+
+    Raises:
+        ValueError: ``0 <= start_s < end_s`` does not hold, ``flap_s`` is not
+            > 0, or ``side_size`` is not in ``1..len(hosts) - 1``.
+    """
+
+    __slots__ = ("start_s", "end_s", "flap_s", "hosts", "side_size", "seed", "_window", "_side")
+
+    def __init__(self, start_s: float, end_s: float, flap_s: float, hosts: list[str], side_size: int,
+                 seed: int) -> None:
+        if not (0 <= start_s < end_s):
+            raise ValueError("a partition needs 0 <= start_s < end_s")
+        if not (flap_s > 0 and math.isfinite(flap_s)):
+            raise ValueError("flap_s must be finite and > 0")
+        if not 1 <= side_size < len(hosts):
+            raise ValueError("side_size must leave at least one host on each side")
+        self.start_s, self.end_s, self.flap_s = start_s, end_s, flap_s
+        self.hosts, self.side_size, self.seed = list(hosts), side_size, seed
+        self._window = -1
+        self._side: frozenset[str] = frozenset()
+
+    def side(self, window: int) -> frozenset[str]:
+        """Side A of cut window ``window`` (an even window index)."""
+        if window != self._window:
+            rng = random.Random((self.seed << 32) + window)
+            self._window, self._side = window, frozenset(rng.sample(self.hosts, self.side_size))
+        return self._side
+
+    def cuts(self, a: str, b: str, now: float) -> bool:
+        if not self.start_s <= now < self.end_s:
+            return False
+        window = int((now - self.start_s) // self.flap_s)
+        if window % 2:
+            return False
+        side = self.side(window)
+        return (a in side) != (b in side)
+
 
 class SimNetwork:
     """Routes frames between :class:`~chimera.simulations.ports.SimTransport` endpoints.
@@ -173,8 +226,8 @@ class SimNetwork:
         self.bandwidth = bandwidth_bytes_per_s
         self.region_of: dict[str, str] = {}
         self.links: dict[tuple[str, str], LinkSpec] = {}
-        self.partitions: list[Partition] = []
-        self.stalls: dict[str, list[tuple[float, float]]] = {}
+        self.partitions: list[Partition | FlappingPartition] = []
+        self.stalls: dict[str, list[tuple[float, float]]] = {}  # host -> sorted, disjoint spans
         self.slow: dict[str, float] = {}  # host -> inbound processing delay (s)
         self.endpoints: dict[str, object] = {}  # address -> SimTransport
         self.stats: Counter[str] = Counter()
@@ -196,31 +249,45 @@ class SimNetwork:
                 return spec
         return self.default
 
-    def add_partition(self, partition: Partition) -> None:
+    def add_partition(self, partition: Partition | FlappingPartition) -> None:
         self.partitions.append(partition)
 
     def partitioned(self, a: str, b: str, now: float) -> bool:
         for p in self.partitions:
-            if p.active(now) and p.separates(a, b):
+            if p.cuts(a, b, now):
                 return True
         return False
 
     def add_stall(self, host: str, start_s: float, end_s: float) -> None:
-        """``host`` processes nothing (frames, timers) in ``[start_s, end_s)``."""
+        """``host`` processes nothing (frames, timers) in ``[start_s, end_s)``.
+
+        Overlapping stalls merge. Adding in time order costs O(1);
+        :meth:`stalled_until` is O(log stalls).
+        """
         if not 0 <= start_s < end_s:
             raise ValueError("a stall needs 0 <= start_s < end_s")
-        self.stalls.setdefault(host, []).append((start_s, end_s))
-        self.stalls[host].sort()
+        spans = self.stalls.setdefault(host, [])
+        if not spans or spans[-1][0] <= start_s:
+            i = len(spans)
+        else:
+            i = bisect.bisect_right(spans, (start_s, math.inf))
+        # merge with the span before (if it reaches past start_s) and every span starting before end_s
+        if i and spans[i - 1][1] > start_s:
+            i -= 1
+            start_s, end_s = spans[i][0], max(end_s, spans[i][1])
+            del spans[i]
+        while i < len(spans) and spans[i][0] < end_s:
+            end_s = max(end_s, spans[i][1])
+            del spans[i]
+        spans.insert(i, (start_s, end_s))
 
     def stalled_until(self, host: str, now: float) -> float | None:
         """End of the stall ``host`` is in at ``now``, or None."""
         spans = self.stalls.get(host)
         if spans:
-            for start, end in spans:
-                if start <= now < end:
-                    return end
-                if start > now:
-                    break
+            i = bisect.bisect_right(spans, (now, math.inf)) - 1
+            if i >= 0 and now < spans[i][1]:
+                return spans[i][1]
         return None
 
     # ------------------------------------------------------------ delivery

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .runner import RunResult
-from .scenario import PlotSpec, TableSpec
+from .scenario import REPORT_FILES, PlotSpec, ScenarioError, TableSpec
 
 
 def _clean(value):
@@ -48,6 +48,51 @@ def write_metrics(results: Sequence[RunResult], out: Path) -> tuple[Path, Path]:
     }
     json_path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return csv_path, json_path
+
+
+def _target(out: Path, name: str) -> Path:
+    """``out / name`` for a plot or table file; never a path elsewhere or a file the report
+    writes itself (the scenario loader refuses such names first)."""
+    if Path(name).name != name or name in ("", ".", "..") or "\\" in name or \
+            name.lower() in REPORT_FILES or name.lower().startswith("trace-"):
+        raise ValueError(f"output file {name!r}: not a plain file name, or one the report writes itself")
+    return out / name
+
+
+def _names(keys: set[str]) -> str:
+    shown = sorted(keys)
+    return ", ".join(shown[:40]) + (f" ... ({len(shown)} in all)" if len(shown) > 40 else "")
+
+
+def check_columns(results: Sequence[RunResult], plots: Sequence[PlotSpec], tables: Sequence[TableSpec]) -> None:
+    """Every metric a plot draws (x, y) or a table shows (value) must be a column of some
+    run (a name no run produced would make an empty plot or table).
+
+    Raises:
+        ScenarioError: naming the scenario file and the field (``output.plots[0].y``).
+    """
+    if not results:
+        return
+    source = results[0].scenario.source
+    columns = {k for r in results for k in (*r.row, *r.scenario.sweep_values)}
+    per_series = {kind: {k for r in results for p in r.series.get(kind, []) for k in p}
+                  for kind in ("rounds", "time")}
+
+    def check(field_name: str, name: str | None, known: set[str], what: str) -> None:
+        if name is not None and known and name not in known:
+            raise ScenarioError(source, field_name, f"no run produced {what} {name!r}; "
+                                                    f"known: {_names(known)}")
+
+    for i, spec in enumerate(plots):
+        where = f"output.plots[{i}]"
+        points = columns if spec.kind == "runs" else per_series[spec.kind]
+        what = "a metric" if spec.kind == "runs" else f"a per-{'round' if spec.kind == 'rounds' else 'sample'} value"
+        check(f"{where}.x", spec.x, points, what)
+        for metric in spec.y:
+            check(f"{where}.y", metric, points, what)
+    for i, spec in enumerate(tables):
+        check(f"output.tables[{i}].value", spec.value, columns, "a metric")
+    # series, facet, rows and columns only group the runs: a name no run has makes one group
 
 
 def _as_float(value) -> float:
@@ -92,7 +137,7 @@ def write_plots(results: Sequence[RunResult], plots: Sequence[PlotSpec], out: Pa
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
         fig.tight_layout()
-        path = out / spec.file
+        path = _target(out, spec.file)
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
@@ -159,7 +204,7 @@ def _rounds_plot(plt, results: Sequence[RunResult], spec: PlotSpec, out: Path) -
         axes[k // cols][k % cols].axis("off")
     fig.suptitle(spec.title)
     fig.tight_layout()
-    path = out / spec.file
+    path = _target(out, spec.file)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -187,7 +232,7 @@ def _time_plot(plt, results: Sequence[RunResult], spec: PlotSpec, out: Path) -> 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="x-small")
     fig.tight_layout()
-    path = out / spec.file
+    path = _target(out, spec.file)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -224,9 +269,9 @@ def write_tables(results: Sequence[RunResult], tables: Sequence[TableSpec], out:
                  "|---" * (len(col_keys) + 1) + "|"]
         for rk in row_keys:
             lines.append(f"| {rk} | " + " | ".join(fmt(cells.get((rk, ck), math.nan)) for ck in col_keys) + " |")
-        md = out / spec.file
+        md = _target(out, spec.file)
+        csv_path = _target(out, md.with_suffix(".csv").name)
         md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        csv_path = md.with_suffix(".csv")
         with csv_path.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow([spec.rows, *col_keys])

@@ -17,8 +17,8 @@ from .bft_world import BftWorld, LivenessViolation, SafetyViolation, reputation_
 from .engine import Simulator, Trace
 from .fabric_world import FabricWorld, shared_fabric_verification
 from .membership_world import MembershipWorld
-from .network import Partition, SimNetwork
-from .scenario import Scenario
+from .network import FlappingPartition, Partition, SimNetwork
+from .scenario import MAX_STALLS, Scenario, ScenarioError
 from .signatures import shared_vote_verification
 from .training_world import make_world, shared_training_verification
 from .world import SkewSpec
@@ -44,24 +44,29 @@ def _network(sim: Simulator, sc: Scenario, hosts: list[str]) -> SimNetwork:
             net.region_of[host] = sc.regions[i % len(sc.regions)]
         for a, b, spec in sc.links:
             net.set_link(a, b, spec)
-    def random_side() -> tuple[frozenset[str], ...]:
-        return (frozenset(sim.rng.sample(hosts, max(1, min(len(hosts) - 1, round(p.split * len(hosts)))))),)
-
     for p in sc.partitions:
         if p.groups is not None:
             net.add_partition(Partition(p.start_s, p.end_s, tuple(frozenset(f"p{i}" for i in g) for g in p.groups)))
-        elif p.flap_s:
-            t = p.start_s
-            while t < p.end_s:
-                net.add_partition(Partition(t, min(p.end_s, t + p.flap_s), random_side()))
-                t += 2 * p.flap_s
+            continue
+        if len(hosts) < 2:
+            continue  # one peer: nothing to cut
+        side_size = max(1, min(len(hosts) - 1, round(p.split * len(hosts))))
+        if p.flap_s:
+            # one draw here; each cut window's side is made when a frame first needs it
+            net.add_partition(FlappingPartition(p.start_s, p.end_s, p.flap_s, hosts, side_size,
+                                                sim.rng.getrandbits(64)))
         else:
-            net.add_partition(Partition(p.start_s, p.end_s, random_side()))
+            net.add_partition(Partition(p.start_s, p.end_s, (frozenset(sim.rng.sample(hosts, side_size)),)))
     if sc.stall_fraction and sc.stall_duration_s:
         stalled = sim.rng.sample(hosts, round(sc.stall_fraction * len(hosts)))
+        count = 0
         for host in sorted(stalled, key=hosts.index):
             t = sim.rng.expovariate(1.0 / sc.stall_every_s)
-            while t < sc.duration_s:
+            while t < sc.duration_s:  # in time order: O(1) per stall
+                count += 1
+                if count > MAX_STALLS:
+                    raise ScenarioError(sc.source, "stalls.every_s", f"more than {MAX_STALLS} stall windows in "
+                                        f"a run; raise stalls.every_s or lower stalls.fraction")
                 net.add_stall(host, t, t + sc.stall_duration_s)
                 t += sc.stall_duration_s + sim.rng.expovariate(1.0 / sc.stall_every_s)
     if sc.slow_fraction and sc.slow_delay_s:
@@ -124,9 +129,16 @@ def _run_to_target(sim: Simulator, sc: Scenario, done: Callable[[], bool],
         return False, f"safety: {exc}"
 
 
-def _schedule_churn(sim: Simulator, sc: Scenario, world, peers_of: Callable[[], list], honest_only: bool) -> None:
+def _schedule_churn(sim: Simulator, sc: Scenario, world, peers_of: Callable[[], list],
+                    honest_only: bool) -> Callable[[], bool]:
+    """Schedule every ``[[churn]]`` event; returns "have they all run?" (a run may only
+    stop once they have: an event at exactly the settle time can be ordered after
+    the event that reached the target)."""
+    left = [len(sc.churn)]
+
     for event in sc.churn:
         def act(event=event) -> None:
+            left[0] -= 1
             if event.action == "join":
                 if hasattr(world, "join"):
                     world.join()
@@ -142,6 +154,7 @@ def _schedule_churn(sim: Simulator, sc: Scenario, world, peers_of: Callable[[], 
                 sim.log(f"churn {event.action} {peer.name}")
                 getattr(world, event.action)(peer)
         sim.schedule(event.at_s, act)
+    return lambda: left[0] == 0
 
 
 def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liveness) -> RunResult:
@@ -153,7 +166,7 @@ def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liven
             sim.log(f"peer {peer.name} {peer.peer_id[:10]} weight {world.genesis_table.weights.get(peer.peer_id, 0)} "
                     f"{peer.behaviour.name}")
     world.start_all()
-    _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
+    churn_done = _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
     if sc.bft_values_per_s > 0:
         def arrival() -> None:
             up = [p for p in world.honest if p.up]
@@ -165,7 +178,7 @@ def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liven
     target = sc.bft_target_heights
 
     def done() -> bool:
-        if sim.now < settle:
+        if sim.now < settle or not churn_done():
             return False
         for p in world.honest:
             if p.up and p.committed_height < target:
@@ -206,12 +219,12 @@ def _run_training(sim, network, sc: Scenario, skew, progress, check_liveness) ->
         for peer in world.peers:
             sim.log(f"peer {peer.name} {peer.peer_id[:10]} {peer.behaviour.name}")
     world.start_all()
-    _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
+    churn_done = _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
     settle = sc.disruption_end_s()
     fed = world.fed
 
     def done() -> bool:
-        return sim.now >= settle and fed.finished()
+        return sim.now >= settle and churn_done() and fed.finished()
 
     reached, violation = _run_to_target(sim, sc, done, progress)
     if violation is None and check_liveness and not reached:
@@ -252,11 +265,11 @@ def _run_fabric(sim, network, sc: Scenario, skew, progress, check_liveness) -> R
             sim.log(f"peer {peer.name} {peer.peer_id[:10]} {peer.behaviour.name} cpus {peer.cpu_count} "
                     f"speed {peer.speed:.3f}")
     world.start_all()
-    _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
+    churn_done = _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=False)
     settle = sc.disruption_end_s()
 
     def done() -> bool:
-        return sim.now >= settle and world.finished()
+        return sim.now >= settle and churn_done() and world.finished()
 
     reached, violation = _run_to_target(sim, sc, done, progress)
     if violation is None and check_liveness and not reached:
@@ -275,8 +288,11 @@ def _run_fabric(sim, network, sc: Scenario, skew, progress, check_liveness) -> R
 
 def swim_expected_first_detection_periods(n: int, failed: int = 1) -> float:
     """SWIM (Das et al. 2002, s3.1): expected protocol periods until some live
-    member first probes a failed one: ``1 / (1 - exp(-q_f))``, ``q_f`` the
-    fraction of live members (-> e/(e-1) ~ 1.582 for large groups)."""
+    member first probes a failed one: ``1 / (1 - exp(-q_f))``, ``q_f = (n - failed) / n``
+    the fraction of live members (-> e/(e-1) ~ 1.582 for large groups); NaN when
+    no member is live."""
+    if n < 1 or not 0 <= failed < n:
+        return math.nan
     qf = (n - failed) / n
     return 1.0 / (1.0 - math.exp(-qf))
 
@@ -304,17 +320,55 @@ def _run_membership(sim, network, sc: Scenario, skew, progress) -> RunResult:
     sim.run(sc.duration_s, None, progress)
     row = dict(sc.sweep_values)
     metrics = world.metrics(sc.duration_s)
+    violation = membership_violation(metrics)
     k = min(sc.membership_config.indirect_checks, len(world.peers) - 2)
     row.update({"seed": sc.seed, "peers": sc.peers, "lifeguard": sc.lifeguard, "loss": sc.link.loss,
                 "virtual_s": round(sim.now, 6), "events": sim.events_processed})
     row.update(metrics)
-    row["swim_expected_first_detect_s"] = (swim_expected_first_detection_periods(len(world.peers))
+    row["safe"] = violation is None
+    # the group SWIM's formula speaks of: the honest members (no sybil identities), of which
+    # `crashed` failed
+    sybils = set(map(id, sybil_hosts))
+    honest = sum(1 for p in world.peers if id(p) not in sybils and not p.behaviour.byzantine)
+    row["swim_expected_first_detect_s"] = (swim_expected_first_detection_periods(honest, metrics["crashed"])
                                            * sc.membership_config.probe_interval_s)
     row["swim_false_suspect_per_probe"] = swim_false_suspicion_per_probe(sc.link.loss, max(0, k))
     row["frames_sent"] = network.stats["frames_sent"]
     row["sybils"] = len(sybil_hosts)
-    return RunResult(sc, row, {}, sim.trace, None, sim.events_processed, sim.now)
+    return RunResult(sc, row, {}, sim.trace, violation, sim.events_processed, sim.now)
 
 
-__all__ = ["RunResult", "run_one", "byzantine_layout", "fabric_behaviours", "training_behaviours",
-           "SafetyViolation", "LivenessViolation"]
+def membership_violation(metrics: dict) -> str | None:
+    """The property a membership run checks: at the end every live peer sees every
+    other live peer alive or suspect (no live peer left declared failed)."""
+    if metrics.get("views_consistent"):
+        return None
+    return "membership: a live peer is seen as failed at the end"
+
+
+def is_safety_violation(violation: str | None) -> bool:
+    """A violation that fails a run (exit 1): anything but a missed liveness target."""
+    return violation is not None and not violation.startswith("liveness")
+
+
+def check_layout(sc: Scenario) -> None:
+    """Draw what :func:`run_one` draws before the run starts (network, byzantine layout) and
+    raise what it would raise, without running: lets the CLI refuse a sweep point whose
+    seed-drawn weights give byzantine peers >= 1/3 (``bft.weights = "random"``) before
+    the first run.
+
+    Raises:
+        ScenarioError: naming the scenario file and ``bft.weights``.
+    """
+    if sc.kind != "bft" or sc.bft_weights != "random" or not sc.byzantine:
+        return  # equal weights and weight lists are checked when the file is loaded
+    sim = Simulator(sc.seed, trace=False)
+    _network(sim, sc, [f"p{i}" for i in range(sc.peers)])
+    try:
+        byzantine_layout(sim, sc)
+    except ValueError as exc:
+        raise ScenarioError(sc.source, "bft.weights", f"with seed {sc.seed}: {exc}") from None
+
+
+__all__ = ["RunResult", "run_one", "byzantine_layout", "check_layout", "fabric_behaviours", "training_behaviours",
+           "is_safety_violation", "membership_violation", "SafetyViolation", "LivenessViolation"]

@@ -2,7 +2,13 @@
 
 Every field is checked when the file is loaded; an unknown field or a bad
 value raises :class:`ScenarioError` naming the file and the dotted field
-(``network.loss``, ``churn[2].action`` ...). The format, with units::
+(``network.loss``, ``churn[2].action`` ...). Every number has an upper bound
+(times up to :data:`MAX_TIME_S`, delays and clock offsets up to
+:data:`MAX_DELAY_MS`, config fields up to :data:`MAX_CONFIG_INT` /
+:data:`MAX_CONFIG_FLOAT`, ...). For ``kind = "bft"`` the byzantine peers must
+hold less than 1/3 of the weight whichever validators the seed picks
+(``"random"`` weights: checked per sweep point before the first run,
+``runner.check_layout``). The format, with units::
 
     [scenario]
     name = "commit-latency"          # required
@@ -48,7 +54,7 @@ value raises :class:`ScenarioError` naming the file and the dotted field
     end_s = 15.0                     # the heal
     split = 0.5                      # share of peers on side A (chosen by the seed)
     # or: groups = [[0, 1], [2, 3]]  # peer indices
-    flap_s = 0.0                     # > 0: alternate cut / healed windows of this length,
+    flap_s = 0.0                     # >= 0.001: alternate cut / healed windows of this length,
                                      # each cut with a fresh random split (needs split)
 
     [[churn]]
@@ -138,7 +144,10 @@ value raises :class:`ScenarioError` naming the file and the dotted field
     series = "network.loss"          # optional: one line per value of this field
     facet = "training.attack"        # optional ("rounds"): one panel per value of this field
     title = "Commit latency vs validators"
-    file = "latency.png"
+    file = "latency.png"             # a plain name in the output folder; not one the report
+                                     # writes (metrics.csv/json, reputation.png, trace-*) or
+                                     # another plot's or table's. x, y, series, facet must name
+                                     # metrics the runs produce (checked after the runs: exit 2)
     [[output.tables]]                # a pivot table of one metric (Markdown + CSV)
     rows = "training.rule"
     columns = "training.attack"
@@ -176,6 +185,14 @@ ATTACKS = ("none",) + MODEL_ATTACKS
 PLOT_KINDS = ("runs", "rounds", "time")
 MAX_TRAINING_PEERS = 1000
 CHURN_ACTIONS = ("crash", "restart", "join", "leave")
+MAX_SEED = 2**63 - 1
+MAX_TIME_S = 1e9          # any virtual time or duration in seconds (~32 years)
+MAX_DELAY_MS = 1e12       # any delay or clock offset in milliseconds (the same 1e9 s)
+MIN_FLAP_S = 1e-3         # shortest flapping window
+MAX_STALLS = 1_000_000    # stall windows a run may generate (expected count checked at load)
+MAX_WEIGHT = 10**9          # a bft.weights entry
+MAX_CONFIG_INT = 2**31 - 1  # any integer field of [bft.config], [membership.config], [fabric.placement]
+MAX_CONFIG_FLOAT = 1e9      # any float field of those tables
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 
@@ -271,13 +288,13 @@ def _latency(r: _Reader, key: str, default: Latency) -> Latency:
     lat = r.sub(key)
     kind = lat.string("kind", required=True, choices=("constant", "uniform", "lognormal"))
     if kind == "constant":
-        out = Latency.constant(lat.number("ms", required=True, lo=0) / 1e3)
+        out = Latency.constant(lat.number("ms", required=True, lo=0, hi=MAX_DELAY_MS) / 1e3)
     elif kind == "uniform":
-        lo = lat.number("min_ms", required=True, lo=0)
-        hi = lat.number("max_ms", required=True, lo=lo)
+        lo = lat.number("min_ms", required=True, lo=0, hi=MAX_DELAY_MS)
+        hi = lat.number("max_ms", required=True, lo=lo, hi=MAX_DELAY_MS)
         out = Latency.uniform(lo / 1e3, hi / 1e3)
     else:
-        out = Latency.lognormal(lat.number("median_ms", required=True, lo=1e-6) / 1e3,
+        out = Latency.lognormal(lat.number("median_ms", required=True, lo=1e-6, hi=MAX_DELAY_MS) / 1e3,
                                 lat.number("sigma", 0.5, lo=0, hi=5))
     lat.done()
     return out
@@ -289,7 +306,7 @@ def _link(r: _Reader, base: LinkSpec) -> LinkSpec:
         loss=r.number("loss", base.loss, lo=0, hi=1),
         duplicate=r.number("duplicate", base.duplicate, lo=0, hi=1),
         reorder=r.number("reorder", base.reorder, lo=0, hi=1),
-        reorder_delay_s=r.number("reorder_delay_ms", base.reorder_delay_s * 1e3, lo=0) / 1e3,
+        reorder_delay_s=r.number("reorder_delay_ms", base.reorder_delay_s * 1e3, lo=0, hi=MAX_DELAY_MS) / 1e3,
     )
 
 
@@ -402,6 +419,30 @@ class Scenario:
         return max(ends, default=0.0)
 
 
+REPORT_FILES = ("metrics.csv", "metrics.json", "reputation.png", "violation.json")
+"""Files the report and search mode write next to plots and tables (and ``trace-*.txt``)."""
+
+
+def _output_file(r: _Reader, default: str, suffixes: tuple[str, ...], taken: dict[str, str]) -> str:
+    """``file`` of a plot or table: a plain name in the output folder ending in ``suffixes[0]``;
+    with the other suffixes it writes too, it must not collide with :data:`REPORT_FILES`
+    or another plot or table."""
+    name = r.string("file", default)
+    stem = name[:-len(suffixes[0])] if name.endswith(suffixes[0]) else ""
+    if not stem:
+        raise r.error("file", f"must be a file name ending with {suffixes[0]}, got {name!r}")
+    if any(c in name for c in "/\\\0:") or name.startswith(".") or not name.isprintable():
+        raise r.error("file", f"must be a plain file name in the output folder (no path), got {name!r}")
+    for written in (stem + suffix for suffix in suffixes):
+        key = written.lower()
+        if key in REPORT_FILES or key.startswith("trace-"):
+            raise r.error("file", f"{name!r} would overwrite the report's own {written}")
+        if key in taken:
+            raise r.error("file", f"{name!r} would overwrite {taken[key]}")
+        taken[key] = f"{written} of {r._name('file')}"
+    return name
+
+
 def _config(r: _Reader, cls: type, source_defaults: dict | None = None) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     values = dict(source_defaults or {})
@@ -412,9 +453,9 @@ def _config(r: _Reader, cls: type, source_defaults: dict | None = None) -> Any:
         if isinstance(default, bool):
             values[key] = r.boolean(key)
         elif isinstance(default, int):
-            values[key] = r.number(key, integer=True, lo=0)
+            values[key] = r.number(key, integer=True, lo=0, hi=MAX_CONFIG_INT)
         else:
-            values[key] = float(r.number(key, lo=0))
+            values[key] = float(r.number(key, lo=0, hi=MAX_CONFIG_FLOAT))
     try:
         return cls(**values)
     except Exception as exc:  # the config's own checks (LocalProtocolError)
@@ -442,9 +483,9 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     name = sc.string("name", required=True)
     kind = sc.string("kind", required=True, choices=KINDS)
     description = sc.string("description", "")
-    seed = sc.number("seed", 1, lo=0, integer=True)
+    seed = sc.number("seed", 1, lo=0, hi=MAX_SEED, integer=True)
     peers = sc.number("peers", 4, lo=1, hi=100_000, integer=True)
-    duration = float(sc.number("duration_s", 60.0, lo=1e-3))
+    duration = float(sc.number("duration_s", 60.0, lo=1e-3, hi=MAX_TIME_S))
     sc.done()
     root.raw("sweep")  # validated by load_scenarios
 
@@ -454,7 +495,7 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     if not isinstance(regions_raw, list) or not all(isinstance(x, str) for x in regions_raw):
         raise net.error("regions", "must be a list of region names")
     regions = tuple(regions_raw)
-    bandwidth = net.number("bandwidth_bytes_per_s", None, lo=1)
+    bandwidth = net.number("bandwidth_bytes_per_s", None, lo=1, hi=1e15)
     links = []
     for lr in net.subs("links"):
         between = lr.raw("between")
@@ -465,24 +506,29 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     net.done()
 
     clock = root.sub("clock")
-    max_offset = clock.number("max_offset_ms", 0.0, lo=0) / 1e3
+    max_offset = clock.number("max_offset_ms", 0.0, lo=0, hi=MAX_DELAY_MS) / 1e3
     max_drift = clock.number("max_drift_ppm", 0.0, lo=0, hi=100_000)
     clock.done()
 
     st = root.sub("stalls")
     stall_fraction = st.number("fraction", 0.0, lo=0, hi=1)
-    stall_every = st.number("every_s", 30.0, lo=1e-3)
-    stall_duration = st.number("duration_s", 1.0, lo=0)
+    stall_every = st.number("every_s", 30.0, lo=1e-3, hi=MAX_TIME_S)
+    stall_duration = st.number("duration_s", 1.0, lo=0, hi=MAX_TIME_S)
     st.done()
+    if stall_fraction and stall_duration:
+        expected = round(stall_fraction * peers) * duration / (stall_every + stall_duration)
+        if expected > MAX_STALLS / 2:
+            raise st.error("every_s", f"about {expected:.3g} stall windows in a run (round(fraction x peers) x "
+                                      f"scenario.duration_s / (every_s + duration_s)); at most {MAX_STALLS // 2}")
     sl = root.sub("slow")
     slow_fraction = sl.number("fraction", 0.0, lo=0, hi=1)
-    slow_delay = sl.number("delay_ms", 0.0, lo=0) / 1e3
+    slow_delay = sl.number("delay_ms", 0.0, lo=0, hi=MAX_DELAY_MS) / 1e3
     sl.done()
 
     partitions = []
     for pr in root.subs("partitions"):
-        start = pr.number("start_s", required=True, lo=0)
-        end = pr.number("end_s", required=True, lo=0)
+        start = pr.number("start_s", required=True, lo=0, hi=MAX_TIME_S)
+        end = pr.number("end_s", required=True, lo=0, hi=MAX_TIME_S)
         if end <= start:
             raise pr.error("end_s", f"must be after start_s ({start})")
         split = pr.number("split", None, lo=0, hi=1)
@@ -495,7 +541,9 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
             groups = tuple(tuple(g) for g in groups_raw)
         if (split is None) == (groups is None):
             raise pr.error("split", "give exactly one of split or groups")
-        flap = pr.number("flap_s", 0.0, lo=0)
+        flap = pr.number("flap_s", 0.0, lo=0, hi=MAX_TIME_S)
+        if flap and flap < MIN_FLAP_S:
+            raise pr.error("flap_s", f"must be 0 (no flapping) or >= {MIN_FLAP_S:g} s, got {flap!r}")
         if flap and split is None:
             raise pr.error("flap_s", "needs split (each cut draws a fresh random split)")
         partitions.append(PartitionSpec(float(start), float(end), split, groups, float(flap)))
@@ -503,10 +551,10 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
 
     churn = []
     for cr in root.subs("churn"):
-        at = cr.number("at_s", required=True, lo=0)
+        at = cr.number("at_s", required=True, lo=0, hi=MAX_TIME_S)
         action = cr.string("action", required=True, choices=CHURN_ACTIONS)
         peers_raw = cr.raw("peers")
-        count = cr.number("count", None, lo=1, integer=True)
+        count = cr.number("count", None, lo=1, hi=100_000, integer=True)
         idx = None
         if peers_raw is not None:
             if not (isinstance(peers_raw, list) and all(isinstance(i, int) and 0 <= i < peers for i in peers_raw)):
@@ -528,15 +576,15 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     byz.done()
 
     bft = root.sub("bft")
-    target = bft.number("target_heights", 10, lo=1, integer=True)
-    vps = bft.number("values_per_s", 5.0, lo=0)
+    target = bft.number("target_heights", 10, lo=1, hi=1_000_000, integer=True)
+    vps = bft.number("values_per_s", 5.0, lo=0, hi=10_000)
     weights = bft.raw("weights", "equal")
     if weights not in ("equal", "random") and not (
             isinstance(weights, list) and len(weights) == peers and all(
-                isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in weights)
+                isinstance(w, int) and not isinstance(w, bool) and 0 <= w <= MAX_WEIGHT for w in weights)
             and any(w >= 1 for w in weights)):
-        raise bft.error("weights", f'must be "equal", "random" or {peers} integers >= 0 (0: an observer), '
-                                   "at least one >= 1")
+        raise bft.error("weights", f'must be "equal", "random" or {peers} integers in 0..{MAX_WEIGHT} '
+                                   "(0: an observer), at least one >= 1")
     validators = bft.number("validators", 0, lo=0, integer=True)
     if validators > peers:
         raise bft.error("validators", f"must be at most scenario.peers ({peers}); 0 means all")
@@ -545,7 +593,18 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     n_validators = validators or (sum(1 for w in weights if w) if isinstance(weights, list) else peers)
     if len(strategies) >= n_validators and kind == "bft":
         raise bft.error("validators", f"{len(strategies)} byzantine peers need more than {n_validators} validators")
-    epoch_heights = bft.number("epoch_heights", 0, lo=0, integer=True)
+    if kind == "bft" and strategies and weights != "random":
+        # the seed picks which validators are byzantine: every pick must hold < 1/3
+        # ("random" weights are drawn by the seed too: runner.check_layout, before the first run)
+        ws = [100] * n_validators if weights == "equal" else [w for w in weights if w > 0]
+        heaviest = sum(sorted(ws, reverse=True)[:len(strategies)])
+        if 3 * heaviest >= sum(ws):
+            raise ScenarioError(source, "byzantine.strategies",
+                                f"{len(strategies)} byzantine peers may hold {heaviest} of {sum(ws)} weight "
+                                f"({'the heaviest validators, ' if weights != 'equal' else ''}"
+                                f"drawn by the seed among {len(ws)} validators): BFT safety needs "
+                                f"strictly less than 1/3")
+    epoch_heights = bft.number("epoch_heights", 0, lo=0, hi=1_000_000, integer=True)
     if epoch_heights and epoch_heights < 36:
         raise bft.error("epoch_heights", "must be 0 (fixed weights) or >= 36")
     if epoch_heights and n_validators < peers:
@@ -575,6 +634,7 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     out = root.sub("output")
     trace = out.boolean("trace", peers <= 64)
     plots = []
+    taken: dict[str, str] = {}  # lower-case output file name -> "<name> of <field>" that writes it
     for pl in out.subs("plots"):
         plot_kind = pl.string("kind", "runs", choices=PLOT_KINDS)
         x = pl.string("x", {"rounds": "round", "time": "t_s"}.get(plot_kind), required=plot_kind == "runs")
@@ -584,9 +644,8 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
         if not (isinstance(y, list) and y and all(isinstance(v, str) for v in y)):
             raise pl.error("y", "must be a metric name or a list of them")
         plots.append(PlotSpec(x, tuple(y), pl.string("series", None), pl.string("title", name),
-                              pl.string("file", f"plot{len(plots)}.png"), plot_kind, pl.string("facet", None)))
-        if not plots[-1].file.endswith(".png"):
-            raise pl.error("file", "must end with .png")
+                              _output_file(pl, f"plot{len(plots)}.png", (".png",), taken), plot_kind,
+                              pl.string("facet", None)))
         if plot_kind == "rounds" and kind != "training":
             raise pl.error("kind", 'per-round plots need kind = "training"')
         if plot_kind == "time" and kind != "fabric":
@@ -596,9 +655,7 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     for tb in out.subs("tables"):
         spec = TableSpec(tb.string("rows", required=True), tb.string("columns", required=True),
                          tb.string("value", required=True), tb.string("title", name),
-                         tb.string("file", f"table{len(tables)}.md"))
-        if not spec.file.endswith(".md"):
-            raise tb.error("file", "must end with .md")
+                         _output_file(tb, f"table{len(tables)}.md", (".md", ".csv"), taken))
         tables.append(spec)
         tb.done()
     out.done()
@@ -662,7 +719,7 @@ def _fabric(root: _Reader, peers: int, other_byzantine: int) -> FabricSpec:
             exec_s_per_kib=float(fr.number("exec_s_per_kib", 0.1, lo=0, hi=86_400)),
             task_slots=fr.number("task_slots", 2, lo=1, hi=1024, integer=True),
             capacity_interval_s=float(fr.number("capacity_interval_s", 5.0, lo=0.1, hi=3600)),
-            sample_interval_s=float(fr.number("sample_interval_s", 5.0, lo=1e-3)),
+            sample_interval_s=float(fr.number("sample_interval_s", 5.0, lo=1e-3, hi=MAX_TIME_S)),
             placement=placement)
     except ValueError as exc:
         raise ScenarioError(root.source, "fabric", str(exc)) from None
@@ -713,10 +770,10 @@ def _training(root: _Reader, kind: str, peers: int, other_byzantine: int) -> Tra
         default_quorum(n_job, agg)  # always valid: min(n, max(rule minimum, ceil(2n/3)))
     split = tr.string("split", "iid", choices=SPLITS)
     params = {}
-    scale = tr.number("attack_scale", None, lo=0)
-    std = tr.number("noise_std", None, lo=0)
+    scale = tr.number("attack_scale", None, lo=0, hi=1e12)
+    std = tr.number("noise_std", None, lo=0, hi=1e12)
     z = tr.number("alie_z", None, lo=-10, hi=10)
-    late = tr.number("late_s", None, lo=0)
+    late = tr.number("late_s", None, lo=0, hi=MAX_TIME_S)
     if attack == "alie" and z is None:
         try:
             alie_z(n_job, max(1, -(-attackers_effective // jobs)))
@@ -732,16 +789,16 @@ def _training(root: _Reader, kind: str, peers: int, other_byzantine: int) -> Tra
         learning_rate=float(tr.number("learning_rate", 0.1, lo=1e-9, hi=100)),
         l2=float(tr.number("l2", 1e-4, lo=0, hi=100)),
         quorum=quorum,
-        round_deadline_s=float(tr.number("round_deadline_s", 10.0, lo=1e-3)),
-        max_update_norm=float(tr.number("max_update_norm", 1e6, lo=1e-9)),
+        round_deadline_s=float(tr.number("round_deadline_s", 10.0, lo=1e-3, hi=MAX_TIME_S)),
+        max_update_norm=float(tr.number("max_update_norm", 1e6, lo=1e-9, hi=1e12)),
         jobs=jobs, split=split,
         alpha=float(tr.number("alpha", 0.5, lo=1e-3, hi=1e6)),
         test_fraction=float(tr.number("test_fraction", 0.2, lo=0.05, hi=0.5)),
         data_seed=tr.number("data_seed", 0, lo=0, hi=2**31, integer=True),
         job_seed=tr.number("job_seed", 7, lo=0, hi=2**32 - 1, integer=True),
-        fit_s_per_epoch_per_100=float(tr.number("fit_s_per_epoch_per_100", 0.05, lo=0)),
-        commit_latency_s=float(tr.number("commit_latency_s", 0.05, lo=1e-6)),
-        fetch_interval_s=float(tr.number("fetch_interval_s", 1.0, lo=1e-3)))
+        fit_s_per_epoch_per_100=float(tr.number("fit_s_per_epoch_per_100", 0.05, lo=0, hi=MAX_TIME_S)),
+        commit_latency_s=float(tr.number("commit_latency_s", 0.05, lo=1e-6, hi=MAX_TIME_S)),
+        fetch_interval_s=float(tr.number("fetch_interval_s", 1.0, lo=1e-3, hi=MAX_TIME_S)))
     if peers > int(1797 * (1 - setup.test_fraction)):
         raise ScenarioError(root.source, "scenario.peers", f"more peers than training samples "
                                                            f"({int(1797 * (1 - setup.test_fraction))})")
@@ -753,11 +810,13 @@ def _training(root: _Reader, kind: str, peers: int, other_byzantine: int) -> Tra
 def resolve_path(name: str | Path) -> Path:
     """A scenario file: a path, or the name of a shipped one (``commit_latency``)."""
     path = Path(name)
-    if path.exists():
+    if path.exists() and not path.is_dir():
         return path
     shipped = SCENARIO_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
-    if shipped.exists():
+    if shipped.is_file():
         return shipped
+    if path.is_dir():
+        raise ScenarioError(str(name), "-", "is a directory; give a scenario file (.toml) or a shipped name")
     raise ScenarioError(str(name), "-", f"no such file; shipped scenarios: "
                         f"{', '.join(sorted(p.stem for p in SCENARIO_DIR.glob('*.toml')))}")
 
@@ -779,8 +838,12 @@ def load_scenarios(name: str | Path, overrides: dict | None = None) -> list[Scen
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(source, "-", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(source, "-", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:
+        raise ScenarioError(str(name), "-", f"cannot read: {exc.strerror or exc}") from None
     overrides = dict(overrides or {})
-    sweep = doc.get("sweep", {})
+    sweep = overrides.pop("sweep") if "sweep" in overrides else doc.get("sweep", {})  # --set sweep={}
     if not isinstance(sweep, dict):
         raise ScenarioError(source, "sweep", "must be a table of dotted field = [values]")
     keys = []
@@ -793,6 +856,12 @@ def load_scenarios(name: str | Path, overrides: dict | None = None) -> list[Scen
     out = []
     for point in points:
         values = dict(zip(keys, point))
-        scenario = _parse(doc, source, {**values, **overrides})
+        try:
+            scenario = _parse(doc, source, {**values, **overrides})
+        except ScenarioError as exc:
+            if not values:
+                raise
+            at = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ScenarioError(exc.source, exc.field, f"{exc.problem} (sweep point {at})") from None
         out.append(dataclasses.replace(scenario, sweep_values=values))
     return out

@@ -92,3 +92,153 @@ def test_chimera_simulate_is_the_simulator_through_the_plugin_entry_point(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "chimera.node.cli", "simulate", "no-such-scenario"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no-such-scenario" in proc.stderr
+
+
+SWIM4 = """
+[scenario]
+name = "swim4"
+kind = "membership"
+peers = 4
+duration_s = 15.0
+[sweep]
+"network.loss" = [0.0, 0.01]
+"""
+
+
+def test_search_replay_command_reproduces_the_failing_run(tmp_path, capsys):
+    """The printed replay line and violation.json's replay, split by a shell, are a `run`
+    that repeats the failing seed's run (its --set overrides and sweep point included)."""
+    import shlex
+
+    path = tmp_path / "swim 4.toml"  # a space: the replay must quote it
+    path.write_text(SWIM4)
+    code = main(["search", str(path), "--seeds", "3", "--first-seed", "5", "--out", str(tmp_path / "s"),
+                 "--no-progress", "--set", "partitions=[{start_s = 2.0, end_s = 1000.0, groups = [[0, 1]]}]",
+                 "--set", "scenario.description=\"it's a \\\"cut\\\"\""])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    doc = json.loads((tmp_path / "s" / "violation.json").read_text())
+    assert doc["seed"] == 5 and doc["violation"].startswith("membership:")
+    assert doc["overrides"]["partitions"] == [{"start_s": 2.0, "end_s": 1000.0, "groups": [[0, 1]]}]
+    assert doc["overrides"]["network.loss"] == 0.0  # the searched sweep point
+    printed = next(line for line in out.splitlines() if line.startswith("replay: "))[len("replay: "):]
+    for k, command in enumerate((printed, doc["replay"])):
+        argv = shlex.split(command)
+        assert argv[:4] == ["python", "-m", "chimera.simulations", "run"] and argv[4] == str(path)
+        replay_out = tmp_path / f"replay{k}"
+        assert main([*argv[4:], "--out", str(replay_out), "--no-progress"]) == 1  # the violation again
+        runs = json.loads((replay_out / "metrics.json").read_text())["runs"]
+        assert len(runs) == 1 and runs[0]["trace_sha256"] == doc["trace_sha256"]
+        assert runs[0]["violation"] == doc["violation"]
+
+
+def test_a_membership_violation_fails_run_as_it_fails_search(tmp_path, capsys):
+    path = tmp_path / "cut.toml"
+    path.write_text(SWIM4 + "[[partitions]]\nstart_s = 2.0\nend_s = 1000.0\ngroups = [[0, 1]]\n")
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert "membership: a live peer is seen as failed" in capsys.readouterr().err
+    assert main(["search", str(path), "--seeds", "1", "--out", str(tmp_path / "s"), "--no-progress"]) == 1
+
+
+@pytest.mark.parametrize("output, field, problem", [
+    ('[[output.tables]]\nrows="seed"\ncolumns="peers"\nvalue="probes"\nfile="metrics.md"\n',
+     "output.tables[0].file", "metrics.csv"),
+    ('[[output.tables]]\nrows="seed"\ncolumns="peers"\nvalue="probes"\nfile="../t.md"\n',
+     "output.tables[0].file", "no path"),
+    ('[[output.plots]]\nx="peers"\ny="probes"\nfile="sub/p.png"\n', "output.plots[0].file", "no path"),
+    ('[[output.plots]]\nx="peers"\ny="probes"\nfile="reputation.png"\n', "output.plots[0].file", "reputation.png"),
+    ('[[output.plots]]\nx="peers"\ny="probes"\nfile="a.png"\n[[output.plots]]\nx="peers"\ny="probes"\nfile="A.png"\n',
+     "output.plots[1].file", "a.png"),
+    ('[[output.tables]]\nrows="seed"\ncolumns="peers"\nvalue="probes"\nfile="t.md"\n'
+     '[[output.tables]]\nrows="seed"\ncolumns="peers"\nvalue="probes"\nfile="t.md"\n', "output.tables[1].file", "t.md"),
+])
+def test_output_files_cannot_overwrite_each_other_or_leave_the_folder(tmp_path, capsys, output, field, problem):
+    path = tmp_path / "o.toml"
+    path.write_text(SWIM4 + output)
+    with pytest.raises(ScenarioError) as info:
+        load_scenarios(path)
+    assert info.value.field == field and problem in info.value.problem
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("output, field", [
+    ('[[output.plots]]\nx="peerz"\ny="probes"\n', "output.plots[0].x"),
+    ('[[output.plots]]\nx="peers"\ny=["probes", "no_such_metric"]\n', "output.plots[0].y"),
+    ('[[output.tables]]\nrows="seed"\ncolumns="network.loss"\nvalue="no_such_metric"\n', "output.tables[0].value"),
+])
+def test_a_plot_or_table_of_a_metric_no_run_has_is_an_error(tmp_path, capsys, output, field):
+    path = tmp_path / "m.toml"
+    path.write_text(SWIM4.replace("duration_s = 15.0", "duration_s = 2.0") + output)
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{field}'" in err and "no run produced" in err and "Traceback" not in err
+    assert (tmp_path / "o" / "metrics.csv").exists()  # the runs' metrics are kept
+
+
+BFT4 = '[scenario]\nname="b"\nkind="bft"\npeers=4\nduration_s=20.0\n[bft]\ntarget_heights=3\n'
+
+
+@pytest.mark.parametrize("body", [
+    BFT4 + '[byzantine]\nstrategies=["silent", "equivocate"]\n',
+    BFT4 + '[sweep]\n"scenario.peers"=[7, 4]\n[byzantine]\nstrategies=["silent", "silent"]\n',
+    BFT4 + 'weights=[100, 100, 100, 400]\n[byzantine]\nstrategies=["silent"]\n',
+])
+def test_byzantine_weight_of_a_third_is_refused_when_loaded(tmp_path, capsys, body):
+    path = tmp_path / "byz.toml"
+    path.write_text(body)
+    with pytest.raises(ScenarioError) as info:
+        load_scenarios(path)
+    assert info.value.field == "byzantine.strategies" and "1/3" in str(info.value)
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "byz.toml: field 'byzantine.strategies'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # no run was made
+
+
+def test_random_byzantine_weight_is_checked_for_every_point_before_the_first_run(tmp_path, capsys):
+    from chimera.simulations.runner import check_layout
+
+    path = tmp_path / "rnd.toml"
+    path.write_text(BFT4 + 'weights="random"\n[byzantine]\nstrategies=["silent"]\n')
+    refused = [_layout_refused(check_layout, load_scenarios(path, {"scenario.seed": s})[0]) for s in range(40)]
+    bad, good = refused.index(True), refused.index(False)
+    path.write_text(path.read_text() + f'[sweep]\n"scenario.seed" = [{good}, {bad}]\n')
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "rnd.toml: field 'bft.weights'" in err and f"seed {bad}" in err and "1/3" in err
+    assert not (tmp_path / "o" / "metrics.csv").exists()  # refused before the first (good) point ran
+
+
+def _layout_refused(check, sc) -> bool:
+    try:
+        check(sc)
+    except ScenarioError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("body, field", [
+    (BFT4 + "[clock]\nmax_offset_ms = 1e300\n", "clock.max_offset_ms"),
+    (BFT4.replace("duration_s=20.0", "duration_s=1e300"), "scenario.duration_s"),
+    (BFT4 + "[network]\nlatency = { kind = \"constant\", ms = 1e300 }\n", "network.latency.ms"),
+    (BFT4 + "[network]\nreorder_delay_ms = 1e300\n", "network.reorder_delay_ms"),
+    (BFT4 + "[slow]\nfraction = 0.5\ndelay_ms = 1e300\n", "slow.delay_ms"),
+    (BFT4 + "[[churn]]\nat_s = 1e300\naction = \"crash\"\ncount = 1\n", "churn[0].at_s"),
+    (BFT4 + "[[partitions]]\nstart_s = 1.0\nend_s = 1e300\nsplit = 0.5\n", "partitions[0].end_s"),
+    (BFT4.replace("target_heights=3", "target_heights=3\nvalues_per_s=1e300"), "bft.values_per_s"),
+    (BFT4.replace("target_heights=3", "target_heights=3\nweights=[1, 1, 1, 1000000000000]"), "bft.weights"),
+    (BFT4 + "[bft.config]\npropose_timeout_s = 1e300\n", "bft.config.propose_timeout_s"),
+    (BFT4.replace("peers=4", "peers=4\nseed=100000000000000000000"), "scenario.seed"),
+])
+def test_numeric_fields_have_upper_bounds(tmp_path, capsys, body, field):
+    path = tmp_path / "big.toml"
+    path.write_text(body)
+    assert main(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"field '{field}'" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_directory_is_not_a_scenario(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    assert main(["run", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -176,3 +176,96 @@ def test_latency_distributions():
         Latency("gamma", 1.0)
     with pytest.raises(ValueError):
         LinkSpec(loss=1.5)
+
+
+CHURN_AT_SETTLE = """
+[scenario]
+name = "churn-at-settle"
+kind = "bft"
+peers = 4
+duration_s = 20.0
+[bft]
+target_heights = 5
+[[churn]]
+at_s = 1.03
+action = "crash"
+peers = [1]
+"""
+
+
+def test_a_run_does_not_stop_before_its_last_churn_event(tmp_path):
+    """The target can be reached at the settle time itself; the churn event scheduled
+    there must still run (it used to be ordered after the stop check: no churn line)."""
+    result = run_one(scenario(tmp_path, CHURN_AT_SETTLE))
+    assert result.violation is None and result.row["live"]
+    assert any(line.endswith("churn crash p1") for line in result.trace.lines)
+    assert result.virtual_s >= 1.03
+
+
+def test_flapping_partition_windows_are_made_lazily():
+    from chimera.simulations.network import FlappingPartition
+
+    hosts = [f"p{i}" for i in range(8)]
+    p = FlappingPartition(0.0, 1e9, 1e-3, hosts, 4, seed=12345)  # 5e11 windows: none made up front
+    cut = [p.cuts("p0", h, 0.0005) for h in hosts[1:]]
+    assert sum(cut) == 4  # window 0 is cut: p0's side has 3 others
+    assert not any(p.cuts("p0", h, 0.0015) for h in hosts)  # window 1 heals
+    assert not any(p.cuts("p0", h, 1e9) for h in hosts)  # end_s is the heal
+    late = p.side(2 * 10**11)
+    assert len(late) == 4 and FlappingPartition(0.0, 1e9, 1e-3, hosts, 4, seed=12345).side(2 * 10**11) == late
+    sides = {p.side(2 * k) for k in range(40)}
+    assert len(sides) > 10  # a fresh random split per cut window
+
+
+def test_a_flapping_partition_is_one_object_and_tiny_flaps_are_refused(tmp_path):
+    from chimera.simulations.runner import _network
+    from chimera.simulations.scenario import ScenarioError
+
+    text = SMALL_SWIM + "[[partitions]]\nstart_s = 0.0\nend_s = 100.0\nsplit = 0.5\nflap_s = FLAP\n"
+    sc = scenario(tmp_path, text.replace("FLAP", "0.01"))
+    sim = Simulator(sc.seed)
+    net = _network(sim, sc, [f"p{i}" for i in range(sc.peers)])
+    assert len(net.partitions) == 1  # was one Partition per window (5000 here)
+    a, b = run_one(sc), run_one(sc)
+    assert a.trace.digest() == b.trace.digest() and a.row["frames_sent"] > 0
+    assert sum(1 for line in a.trace.lines if " drop partition " in line) > 0
+    with pytest.raises(ScenarioError, match="partitions\\[0\\].flap_s"):
+        scenario(tmp_path, text.replace("FLAP", "1e-5"))
+
+
+def test_stalls_merge_and_are_found_by_bisection():
+    sim = Simulator(0)
+    net = SimNetwork(sim, LinkSpec())
+    for start, end in [(1.0, 2.0), (5.0, 6.0), (3.0, 4.0), (1.5, 3.5), (10.0, 11.0)]:
+        net.add_stall("h", start, end)
+    assert net.stalls["h"] == [(1.0, 4.0), (5.0, 6.0), (10.0, 11.0)]
+    assert [net.stalled_until("h", t) for t in (0.5, 1.0, 3.9, 4.0, 5.5, 7.0, 10.0, 11.0)] == \
+        [None, 4.0, 4.0, None, 6.0, None, 11.0, None]
+    assert net.stalled_until("other", 1.0) is None
+
+
+def test_stall_count_is_bounded_when_the_scenario_is_loaded(tmp_path):
+    from chimera.simulations.scenario import ScenarioError
+
+    text = SMALL_SWIM.replace("duration_s = 25.0", "duration_s = 1e5") + \
+        "[stalls]\nfraction = 1.0\nevery_s = 0.001\nduration_s = 0.001\n"
+    with pytest.raises(ScenarioError, match="stalls.every_s"):
+        scenario(tmp_path, text)  # ~4e8 stall windows: was generated (and re-sorted) one by one
+    ok = scenario(tmp_path, text.replace("duration_s = 1e5", "duration_s = 5.0"))
+    result = run_one(ok)  # ~20 000 stalls, made in order
+    assert result.row["frames_sent"] > 0
+
+
+def test_membership_run_sets_its_violation_and_the_swim_expectation_counts_honest_peers(tmp_path):
+    from chimera.simulations.runner import swim_expected_first_detection_periods
+
+    text = SMALL_SWIM.replace("count = 1", "count = 2").replace("peers = 6", "peers = 8") + \
+        '[byzantine]\nstrategies = ["sybil"]\n'
+    result = run_one(scenario(tmp_path, text))
+    assert result.row["sybils"] == 4 and result.row["crashed"] == 2
+    # 7 honest members (the sybil peer and its 4 identities are not), 2 of them crashed
+    assert result.row["swim_expected_first_detect_s"] == pytest.approx(swim_expected_first_detection_periods(7, 2))
+    assert (result.violation is None) == result.row["views_consistent"] == result.row["safe"]
+    cut = scenario(tmp_path, SMALL_SWIM + "[[partitions]]\nstart_s = 2.0\nend_s = 1000.0\ngroups = [[0, 1, 2]]\n")
+    broken = run_one(cut)
+    assert not broken.row["views_consistent"] and broken.violation.startswith("membership:")
