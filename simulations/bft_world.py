@@ -420,7 +420,7 @@ class BftWorld(World):
         intervals = [b - a for a, b in zip(times, times[1:])]
         lat = sorted(self.value_latency)
         return {
-            "validators": len(self.peers),
+            "validators": sum(1 for p in self.peers if self.genesis_table.weights.get(p.peer_id, 0) > 0),
             "byzantine": len(self.peers) - len(self.honest),
             "observers": sum(1 for p in self.peers if p.peer_id not in self.genesis_table.weights),
             "byzantine_weight_share": round(1 - sum(self.genesis_table.weights.get(p, 0) for p in self.honest_ids)
