@@ -123,6 +123,11 @@ QUEUE_PER_SLOT = 4
 """Attempts waiting per task slot before more are refused as ``busy`` (the node's value)."""
 MAX_TICK_S = 1.0
 """Longest gap between two placement ticks (the node's timer)."""
+TASK_FAILURE_REASONS = ("unsatisfiable", "no_capacity", "retries_exhausted", "no_agreement", "vote_timeout",
+                        "cancelled", "invalid_ballot", "submitter_crashed")
+"""Why a task fails: the placement core's ``TaskFailed`` reasons, and ``submitter_crashed``
+(this world's). Every run's metrics carry a ``failed_<reason>`` column for each, zeros
+included (a reason not listed here gets a column in the runs where it occurs)."""
 MIN_TICK_S = 0.005
 """Shortest gap between two placement ticks (the node's timer)."""
 MAX_EXECUTED_KEPT = 4096
@@ -782,10 +787,10 @@ class FabricWorld(World):
                "byzantine_score_mean": statistics.fmean(byz) if byz else math.nan,
                "byzantine_score_max": max(byz) if byz else math.nan,
                "byzantine_peers": len(self.byzantine_ids)}
-        for reason in sorted(reasons):
+        for reason in sorted(set(TASK_FAILURE_REASONS) | set(reasons)):  # zeros too: same columns every run
             row[f"failed_{reason}"] = reasons[reason]
         return row
 
 
-__all__ = ["FabricPeer", "FabricSetup", "FabricWorld", "QUEUE_PER_SLOT", "TASK_MODULE_SHA256", "TaskRecord",
-           "shared_fabric_verification", "word_count_task"]
+__all__ = ["FabricPeer", "FabricSetup", "FabricWorld", "QUEUE_PER_SLOT", "TASK_FAILURE_REASONS",
+           "TASK_MODULE_SHA256", "TaskRecord", "shared_fabric_verification", "word_count_task"]

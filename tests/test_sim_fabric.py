@@ -142,6 +142,16 @@ def test_an_overload_waits_at_the_submitters_and_blames_no_honest_peer():
     assert row["tasks_accepted"] + row.get("failed_no_capacity", 0) == 60
 
 
+def test_every_failure_reason_has_a_column_zeros_included(tmp_path):
+    """Runs with and without failures write the same failed_<reason> columns (a CSV of a sweep
+    used to miss a column where a reason never occurred)."""
+    reasons = ("unsatisfiable", "no_capacity", "retries_exhausted", "no_agreement", "vote_timeout", "cancelled",
+               "invalid_ballot", "submitter_crashed")  # TaskFailed's reasons and the world's own
+    row = run_one(scenario(tmp_path, wrong=1, loss=0.0, tasks=10), trace=False).row
+    assert row["tasks_failed"] == 0
+    assert {f"failed_{r}": row.get(f"failed_{r}") for r in reasons} == {f"failed_{r}": 0 for r in reasons}
+
+
 class CountingHonest(Behaviour):
     """Honest, counting the results that pass through the hook."""
 
