@@ -36,9 +36,12 @@ actions returned by :meth:`Membership.take_actions` in order.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 import math
 import random
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from .errors import LocalProtocolError
@@ -219,6 +222,14 @@ Action = Send | Connect | MemberEvent
 # ------------------------------------------------------------------------ state
 
 
+class ConfigError(LocalProtocolError, ValueError):
+    """An invalid :class:`MembershipConfig` field (the message names it)."""
+
+
+_CONFIG_INTERVALS = ("probe_interval_s", "probe_timeout_s", "sync_interval_s", "hello_retry_min_s",
+                     "hello_retry_max_s", "candidate_ttl_s", "reconnect_interval_s", "dead_retention_s")
+
+
 @dataclass(frozen=True, slots=True)
 class MembershipConfig:
     """Timers in seconds; see the module docstring for the formulas."""
@@ -241,14 +252,40 @@ class MembershipConfig:
     max_candidates: int = 1024
 
     def __post_init__(self) -> None:
+        # A zero, negative, NaN or infinite timer would busy-loop the driver (a deadline
+        # that is always due) or never fire; every interval must be a positive finite time.
+        for name in _CONFIG_INTERVALS:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ConfigError(f"{name} must be a finite number of seconds > 0 (got {value!r})")
+        for name in ("suspicion_alpha", "suspicion_beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ConfigError(f"{name} must be finite and > 0 (got {value!r})")
+        for name in ("indirect_checks", "max_local_health", "gossip_mult", "max_piggyback",
+                     "max_members", "max_candidates"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)!r})")
         if self.probe_timeout_s >= self.probe_interval_s:
-            raise LocalProtocolError("probe_timeout_s must be below probe_interval_s")
-        if self.probe_interval_s <= 0 or self.indirect_checks < 0:
-            raise LocalProtocolError("probe_interval_s > 0 and indirect_checks >= 0 required")
+            raise ConfigError("probe_timeout_s must be below probe_interval_s")
+        if self.hello_retry_min_s > self.hello_retry_max_s:
+            raise ConfigError("hello_retry_min_s must be at most hello_retry_max_s")
+
+
+_NO_CONFIRMATIONS: frozenset[str] = frozenset()
+_LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
+_GONE = (MemberState.DEAD, MemberState.LEFT)
+_STATE_OF = {s.value: s for s in MemberState}
 
 
 @dataclass(slots=True)
 class Member:
+    """One row of the member table (a simulator holds n of these per peer: keep it small).
+
+    ``confirmations`` is a shared empty frozenset until a first confirmation of a
+    suspicion arrives; then a set of the confirming peer ids.
+    """
+
     contact: PeerContact
     incarnation: int
     state: MemberState
@@ -258,11 +295,90 @@ class Member:
     rtt_s: float | None = None
     suspect_deadline: float | None = None
     suspect_started: float | None = None
-    confirmations: set[str] = field(default_factory=set)
+    confirmations: set[str] | frozenset[str] = _NO_CONFIRMATIONS
 
     @property
     def peer_id(self) -> str:
         return self.contact.peer_id
+
+
+class MemberTable(dict):
+    """``peer id -> Member`` that keeps its counts of live (alive or suspect) and
+    dead members as rows come and go, so the core's ``n`` is O(1).
+
+    Rows may be added or removed with any dict operation (the node's revoke pops
+    one); a row's ``state`` must change only through :class:`Membership` (which
+    reports each change to :meth:`moved`).
+    """
+
+    __slots__ = ("live", "dead")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.dead = 0
+
+    def _count(self, member: Member, sign: int) -> None:
+        state = member.state
+        if state is MemberState.ALIVE or state is MemberState.SUSPECT:
+            self.live += sign
+        elif state is MemberState.DEAD:
+            self.dead += sign
+
+    def moved(self, previous: MemberState, state: MemberState) -> None:
+        """A row in the table went from ``previous`` to ``state``."""
+        if previous is MemberState.ALIVE or previous is MemberState.SUSPECT:
+            self.live -= 1
+        elif previous is MemberState.DEAD:
+            self.dead -= 1
+        if state is MemberState.ALIVE or state is MemberState.SUSPECT:
+            self.live += 1
+        elif state is MemberState.DEAD:
+            self.dead += 1
+
+    def __setitem__(self, peer_id: str, member: Member) -> None:
+        old = dict.get(self, peer_id)
+        if old is not None:
+            self._count(old, -1)
+        dict.__setitem__(self, peer_id, member)
+        self._count(member, +1)
+
+    def __delitem__(self, peer_id: str) -> None:
+        member = dict.pop(self, peer_id)
+        self._count(member, -1)
+
+    _MISSING = object()
+
+    def pop(self, peer_id: str, default: object = _MISSING):  # type: ignore[override]
+        if peer_id in self:
+            member = dict.pop(self, peer_id)
+            self._count(member, -1)
+            return member
+        if default is MemberTable._MISSING:
+            raise KeyError(peer_id)
+        return default
+
+    def popitem(self) -> tuple[str, Member]:
+        peer_id, member = dict.popitem(self)
+        self._count(member, -1)
+        return peer_id, member
+
+    def setdefault(self, peer_id: str, default: Member) -> Member:  # type: ignore[override]
+        if peer_id not in self:
+            self[peer_id] = default
+        return dict.__getitem__(self, peer_id)
+
+    def update(self, *args, **kwargs) -> None:  # type: ignore[override]
+        for peer_id, member in dict(*args, **kwargs).items():
+            self[peer_id] = member
+
+    def __ior__(self, other):  # type: ignore[override]
+        self.update(other)
+        return self
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self.live = self.dead = 0
 
 
 @dataclass(slots=True)
@@ -293,6 +409,28 @@ class _Relay:
     expires: float
 
 
+def _shuffle(rng: random.Random, items: list) -> None:
+    """``rng.shuffle(items)``: the same permutation and the same draws from ``rng``.
+
+    For a plain :class:`random.Random` this is CPython's own algorithm (Fisher-Yates
+    from the end, ``_randbelow`` by rejection on ``getrandbits``) without its
+    per-element method call: the simulator shuffles every peer's member list once per
+    probe pass (n^2 elements per pass for n peers). ``tests/test_membership.py``
+    checks it against ``random.Random.shuffle``.
+    """
+    if type(rng) is not random.Random:
+        rng.shuffle(items)
+        return
+    getrandbits = rng.getrandbits
+    for i in range(len(items) - 1, 0, -1):
+        n = i + 1
+        k = n.bit_length()
+        j = getrandbits(k)
+        while j >= n:
+            j = getrandbits(k)
+        items[i], items[j] = items[j], items[i]
+
+
 class Membership:
     """The SWIM/Lifeguard state machine of one peer.
 
@@ -320,8 +458,19 @@ class Membership:
         self.incarnation = incarnation
         self.config = config
         self.rng = rng
-        self.members: dict[str, Member] = {}
+        self.members = MemberTable()
         self.candidates: dict[str, dict[bytes, _Candidate]] = {}
+        # Timer heaps, lazily cleaned (an entry is acted on only if it still matches the
+        # row it names), so tick() and next_deadline() cost O(log n) per timer, not O(n):
+        #   suspicion timeouts: (suspect_deadline, seq, member)
+        #   dead/left retention: (state_since + dead_retention_s, seq, member, state_since)
+        #   candidates: (next_hello, seq, candidate) and (expires, seq, candidate); a
+        #   candidate always has an entry at or before its next_hello (and its expiry).
+        self._suspect_timers: list[tuple[float, int, Member]] = []
+        self._retention_timers: list[tuple[float, int, Member, float]] = []
+        self._hello_timers: list[tuple[float, int, _Candidate]] = []
+        self._expiry_timers: list[tuple[float, int, _Candidate]] = []
+        self._timer_seq = itertools.count()
         self.local_health = 0
         self._actions: list[Action] = []
         self._gossip: dict[str, list] = {}  # peer_id -> [MemberUpdate, sends_left]
@@ -368,16 +517,50 @@ class Membership:
             if static:
                 existing.expires = None
             elif existing.expires is not None:
+                if expires < existing.expires:
+                    heapq.heappush(self._expiry_timers, (expires, next(self._timer_seq), existing))
                 existing.expires = expires
             if addresses[:HELLO_ADDRESSES] != old[:HELLO_ADDRESSES]:  # a new place to try: at once
                 existing.next_hello = now
                 existing.backoff_s = self.config.hello_retry_min_s
+                heapq.heappush(self._hello_timers, (now, next(self._timer_seq), existing))
             return
         if not static and sum(len(v) for v in self.candidates.values()) >= self.config.max_candidates:
             return  # bounded: a flood of hints cannot grow memory (static contacts still go in)
-        self.candidates.setdefault(pid, {})[contact.transport_key] = _Candidate(
-            contact=contact, next_hello=now, backoff_s=self.config.hello_retry_min_s, expires=expires
-        )
+        cand = _Candidate(contact=contact, next_hello=now, backoff_s=self.config.hello_retry_min_s,
+                          expires=expires)
+        self.candidates.setdefault(pid, {})[contact.transport_key] = cand
+        heapq.heappush(self._hello_timers, (now, next(self._timer_seq), cand))
+        if expires is not None:
+            heapq.heappush(self._expiry_timers, (expires, next(self._timer_seq), cand))
+
+    def preload_members(self, contacts: Iterable[PeerContact], now: float, *, incarnation: int = 1) -> int:
+        """Start from a converged table: each contact becomes an alive member at
+        ``incarnation``, as if its signed Hello had been accepted, with no actions
+        (no Connect, event, gossip or message: the driver routes to these contacts
+        itself). For a driver's warm start (the simulator's); the node never calls it.
+
+        Our own contact and peers already in the table are skipped. Returns how many
+        members were added.
+
+        Raises:
+            LocalProtocolError: the table would exceed ``max_members`` (nothing added).
+        """
+        table = self.members
+        fresh = {c.peer_id: c for c in contacts}
+        fresh.pop(self.peer_id, None)
+        for pid in [p for p in fresh if p in table] if table else ():
+            del fresh[pid]
+        if len(table) + len(fresh) > self.config.max_members:
+            raise LocalProtocolError(
+                f"preload_members: {len(table) + len(fresh)} members exceed max_members "
+                f"({self.config.max_members})")
+        same = itertools.repeat
+        rows = map(Member, fresh.values(), same(incarnation), same(MemberState.ALIVE), same(now),
+                   same(now), same(incarnation))
+        dict.update(table, zip(fresh, rows))  # counted in bulk: all alive
+        table.live += len(fresh)
+        return len(fresh)
 
     def on_message(self, sender: str, msg: object, now: float) -> None:
         """Deliver a verified envelope's message from ``sender`` (a peer id)."""
@@ -418,22 +601,22 @@ class Membership:
             return
         cfg = self.config
         self._tick_candidates(now)
-        # suspicion timeouts
-        for member in list(self.members.values()):
-            if member.state is MemberState.SUSPECT and member.suspect_deadline is not None \
-                    and now >= member.suspect_deadline:
-                self._set_state(member, MemberState.DEAD, member.incarnation, now)
-                self._queue_gossip(member)
-            elif member.state in (MemberState.DEAD, MemberState.LEFT) \
-                    and now - member.state_since > cfg.dead_retention_s:
-                del self.members[member.peer_id]
+        # suspicion timeouts (in member-table order, as a scan of the table would meet them)
+        due = self._due_suspects(now)
+        if len(due) > 1:
+            rank = {pid: i for i, pid in enumerate(self.members)}
+            due.sort(key=lambda m: rank[m.peer_id])
+        for member in due:
+            self._set_state(member, MemberState.DEAD, member.incarnation, now)
+            self._queue_gossip(member)
+        self._expire_gone(now)
         # the running probe
         probe = self._probe
         if probe is not None and not probe.acked:
             if not probe.indirect_sent and now >= probe.ack_deadline:
                 probe.indirect_sent = True
                 helpers = [p for p in self._alive_ids() if p != probe.target]
-                self.rng.shuffle(helpers)
+                _shuffle(self.rng, helpers)
                 probe.helpers = tuple(helpers[: cfg.indirect_checks])
                 for helper in probe.helpers:
                     self._send(helper, PingReq(probe_id=probe.probe_id, target=probe.target,
@@ -457,7 +640,8 @@ class Membership:
                 self._send_member_list(self.rng.choice(alive), reply_requested=True)
         if now >= self._next_reconnect_at:
             self._next_reconnect_at = now + cfg.reconnect_interval_s
-            gone = [m for m in self.members.values() if m.state is MemberState.DEAD]
+            gone = [m for m in self.members.values() if m.state is MemberState.DEAD] \
+                if self.members.dead else []
             if gone:
                 self._actions.append(Send(self.rng.choice(gone).peer_id,
                                           self._hello(reply_requested=True)))
@@ -466,16 +650,13 @@ class Membership:
         """Monotonic time of the next timer (call :meth:`tick` then); inf after leave."""
         if self._left:
             return math.inf
-        deadlines = [self._next_probe_at, self._next_sync_at, self._next_reconnect_at]
+        deadlines = [self._next_probe_at, self._next_sync_at, self._next_reconnect_at,
+                     self._next_suspect_deadline(), self._next_hello_at()]
         if self._probe is not None:
             deadlines.append(self._probe.period_end)
             if not self._probe.indirect_sent and not self._probe.acked:
                 deadlines.append(self._probe.ack_deadline)
-        deadlines.extend(m.suspect_deadline for m in self.members.values()
-                         if m.suspect_deadline is not None)
-        for per_peer in self.candidates.values():
-            deadlines.extend(c.next_hello for c in per_peer.values())
-        deadlines.extend(r.expires for r in self._relays.values())
+        deadlines.extend(r.expires for r in self._relays.values())  # at most 256
         return min(deadlines)
 
     def leave(self, now: float) -> None:
@@ -488,8 +669,7 @@ class Membership:
 
     def member_count(self) -> int:
         """Live members including ourselves (the n of the SWIM formulas)."""
-        return 1 + sum(1 for m in self.members.values()
-                       if m.state in (MemberState.ALIVE, MemberState.SUSPECT))
+        return 1 + self.members.live
 
     def suspicion_bounds_s(self) -> tuple[float, float]:
         n = self.member_count()
@@ -515,6 +695,8 @@ class Membership:
         self.local_health = min(self.config.max_local_health, max(0, self.local_health + delta))
 
     def _tick_candidates(self, now: float) -> None:
+        if self._next_hello_at() > now and self._next_expiry_at() > now:
+            return  # nothing due: the scan below would change nothing
         for pid in list(self.candidates):
             per_peer = self.candidates[pid]
             for key in list(per_peer):
@@ -583,11 +765,16 @@ class Membership:
         member.incarnation = incarnation
         if state is not MemberState.SUSPECT:
             member.suspect_deadline = member.suspect_started = None
-            member.confirmations.clear()
+            member.confirmations = _NO_CONFIRMATIONS
         if state is previous:
             return
         member.state = state
         member.state_since = now
+        if self.members.get(member.peer_id) is member:
+            self.members.moved(previous, state)
+            if state is MemberState.DEAD or state is MemberState.LEFT:
+                heapq.heappush(self._retention_timers, (now + self.config.dead_retention_s,
+                                                        next(self._timer_seq), member, now))
         if not emit:
             return
         kind = {
@@ -603,12 +790,12 @@ class Membership:
         if member.state is MemberState.SUSPECT and incarnation == member.incarnation:
             if by in member.confirmations or by == self.peer_id:
                 return
-            member.confirmations.add(by)
+            self._confirm(member, by)
         else:
             self._set_state(member, MemberState.SUSPECT, incarnation, now)
             member.suspect_started = now
             if by != self.peer_id:
-                member.confirmations.add(by)
+                self._confirm(member, by)
             self._queue_gossip(member)
             if by == self.peer_id:
                 # Tell the suspect directly too (the suspicion about it rides
@@ -621,7 +808,93 @@ class Membership:
         else:
             frac = math.log(len(member.confirmations) + 1) / math.log(k + 1)
             timeout = max(min_s, max_s - (max_s - min_s) * frac)
-        member.suspect_deadline = member.suspect_started + timeout
+        member.suspect_deadline = deadline = member.suspect_started + timeout
+        heapq.heappush(self._suspect_timers, (deadline, next(self._timer_seq), member))
+
+    @staticmethod
+    def _confirm(member: Member, by: str) -> None:
+        if member.confirmations is _NO_CONFIRMATIONS:
+            member.confirmations = {by}
+        else:
+            member.confirmations.add(by)  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------- timers
+
+    def _due_suspects(self, now: float) -> list[Member]:
+        """Suspects whose suspicion timed out at ``now`` (each once), popped from the heap."""
+        timers, due = self._suspect_timers, []
+        while timers and timers[0][0] <= now:
+            deadline, _, member = heapq.heappop(timers)
+            if member.suspect_deadline == deadline and member.state is MemberState.SUSPECT \
+                    and self.members.get(member.peer_id) is member \
+                    and not any(m is member for m in due):
+                due.append(member)
+        return due
+
+    def _next_suspect_deadline(self) -> float:
+        timers = self._suspect_timers
+        while timers:
+            deadline, _, member = timers[0]
+            if member.suspect_deadline == deadline and member.state is MemberState.SUSPECT \
+                    and self.members.get(member.peer_id) is member:
+                return deadline
+            heapq.heappop(timers)
+        return math.inf
+
+    def _expire_gone(self, now: float) -> None:
+        """Forget dead and left members after ``dead_retention_s`` (not a deadline of its
+        own: done at the first tick after, as a scan of the table would)."""
+        timers, retention = self._retention_timers, self.config.dead_retention_s
+        if not timers:
+            return
+        # the heap key is state_since + retention; the rule is now - state_since > retention:
+        # look a rounding error ahead and decide with the rule itself
+        horizon = now + 1e-9 * (abs(now) + retention + 1.0)
+        if timers[0][0] > horizon:
+            return
+        later = []
+        while timers and timers[0][0] <= horizon:
+            entry = heapq.heappop(timers)
+            member, since = entry[2], entry[3]
+            if member.state_since != since or member.state not in _GONE \
+                    or self.members.get(member.peer_id) is not member:
+                continue
+            if now - since > retention:
+                del self.members[member.peer_id]
+            else:
+                later.append(entry)
+        for entry in later:
+            heapq.heappush(timers, entry)
+
+    def _candidate_listed(self, cand: _Candidate) -> bool:
+        per_peer = self.candidates.get(cand.contact.peer_id)
+        return per_peer is not None and per_peer.get(cand.contact.transport_key) is cand
+
+    def _next_hello_at(self) -> float:
+        """Earliest ``next_hello`` of any candidate (inf if none)."""
+        timers = self._hello_timers
+        while timers:
+            at, _, cand = timers[0]
+            if not self._candidate_listed(cand):
+                heapq.heappop(timers)
+            elif cand.next_hello != at:  # moved since: re-file at its current time
+                heapq.heapreplace(timers, (cand.next_hello, next(self._timer_seq), cand))
+            else:
+                return at
+        return math.inf
+
+    def _next_expiry_at(self) -> float:
+        """Earliest expiry of any expiring candidate (inf if none)."""
+        timers = self._expiry_timers
+        while timers:
+            at, _, cand = timers[0]
+            if cand.expires is None or not self._candidate_listed(cand):
+                heapq.heappop(timers)
+            elif cand.expires != at:
+                heapq.heapreplace(timers, (cand.expires, next(self._timer_seq), cand))
+            else:
+                return at
+        return math.inf
 
     def _start_probe(self, now: float) -> None:
         cfg = self.config
@@ -633,11 +906,12 @@ class Membership:
             if m is not None and m.state in (MemberState.ALIVE, MemberState.SUSPECT):
                 break
         else:
-            order = [p for p, m in self.members.items()
-                     if m.state in (MemberState.ALIVE, MemberState.SUSPECT)]
+            table = self.members
+            order = list(table) if table.live == len(table) else \
+                [p for p, m in table.items() if m.state in _LIVE]
             if not order:
                 return
-            self.rng.shuffle(order)
+            _shuffle(self.rng, order)
             self._probe_order = order
             target = self._probe_order.pop()
         probe_id = self.rng.getrandbits(63)
@@ -721,7 +995,7 @@ class Membership:
             self._apply_update(sender, update, now)
 
     def _apply_update(self, sender: str, update: MemberUpdate, now: float) -> None:
-        state = MemberState(update.state)
+        state = _STATE_OF[update.state]
         pid = update.peer_id
         if pid == self.peer_id:
             if state in (MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT) \

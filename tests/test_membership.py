@@ -354,3 +354,187 @@ def test_a_stale_stored_contact_does_not_hide_a_fresh_bootstrap_address():
     core2.tick(0.1)
     hellos = [a for a in core2.take_actions() if isinstance(a, Send) and a.via is not None]
     assert hellos and hellos[-1].via.addresses[0] == "tcp://10.0.0.1:2"
+
+
+# ------------------------------------------------------------------ scale and config
+
+
+def _scan_deadline(core: Membership) -> float:
+    """next_deadline() as a full scan of every timer (the definition the heaps must match)."""
+    if core._left:
+        return float("inf")
+    deadlines = [core._next_probe_at, core._next_sync_at, core._next_reconnect_at]
+    if core._probe is not None:
+        deadlines.append(core._probe.period_end)
+        if not core._probe.indirect_sent and not core._probe.acked:
+            deadlines.append(core._probe.ack_deadline)
+    deadlines += [m.suspect_deadline for m in core.members.values() if m.suspect_deadline is not None]
+    deadlines += [c.next_hello for per_peer in core.candidates.values() for c in per_peer.values()]
+    deadlines += [r.expires for r in core._relays.values()]
+    return min(deadlines)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_timer_heaps_match_a_full_scan_through_churn(seed):
+    """tick()/next_deadline() keep suspicion timeouts, retention and candidate Hellos
+    in heaps; at every step the earliest deadline, the live/dead counts and the
+    suspicion timeouts are what a scan of the whole table gives."""
+    cfg = MembershipConfig(probe_interval_s=1.0, probe_timeout_s=0.4, sync_interval_s=5.0,
+                           reconnect_interval_s=2.0, dead_retention_s=8.0, candidate_ttl_s=6.0,
+                           hello_retry_max_s=3.0)
+    net = SimNet(9, seed, loss=0.05)
+    for pid in net.ids:
+        net.cores[pid] = Membership(net.contacts[pid], 1, cfg, random.Random(seed * 100 + len(pid)), 0.0)
+    net.bootstrap_all_to(net.ids[0])
+    net.down.update(net.ids[6:8])  # crash before anyone met them: their contacts expire as candidates
+    steps = 0
+    while net.now < 60.0:
+        net.run_until(net.now + 0.05)
+        steps += 1
+        if steps == 300:
+            net.down.add(net.ids[3])
+        if steps == 700:
+            net.restart(net.ids[3], incarnation=2)
+            net.cores[net.ids[3]].add_candidate(net.contacts[net.ids[0]], net.now, static=True)
+            net.flush(net.ids[3])
+        for pid, core in net.cores.items():
+            if pid in net.down:
+                continue
+            assert core.next_deadline() == _scan_deadline(core)
+            states = [m.state for m in core.members.values()]
+            assert core.member_count() == 1 + sum(s in (MemberState.ALIVE, MemberState.SUSPECT) for s in states)
+            assert core.members.dead == states.count(MemberState.DEAD)
+            assert not [m for m in core.members.values() if m.state is MemberState.SUSPECT
+                        and m.suspect_deadline < net.now]
+    gone = [e for _, e in net.events if e.kind == "peer_failed"]
+    assert {e.peer_id for e in gone} >= {net.ids[3]}
+    # dead members were forgotten after dead_retention_s, and the expired candidates too
+    assert all(net.ids[6] not in net.cores[p].candidates for p in net.ids[:6])
+
+
+def test_tick_and_next_deadline_do_not_scan_the_member_table():
+    """A steady mesh: timers and counts must not walk the member table per tick or per
+    message (it did: O(n) per call, O(n^2) per virtual second over n simulated peers).
+    Only a new probe pass, an anti-entropy sync and its reply may read the whole table."""
+    net = SimNet(8, 12)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(10.0)
+    core = net.cores[net.ids[0]]
+    scans = [0]
+
+    class Counting(type(core.members)):
+        __slots__ = ()
+
+        def __iter__(self):
+            scans[0] += 1
+            return super().__iter__()
+
+        def values(self):
+            scans[0] += 1
+            return super().values()
+
+        def items(self):
+            scans[0] += 1
+            return super().items()
+
+    table = Counting()
+    table.update(core.members)
+    core.members = table
+    calls = [0]
+    for name in ("tick", "next_deadline", "on_message"):
+        def counted(*args, _original=getattr(core, name)):
+            calls[0] += 1
+            return _original(*args)
+        setattr(core, name, counted)
+    net.run_until(70.0)
+    # 60 s: 60 ticks of probes, ~8 passes, 12 own syncs and the replies to others' (a scan
+    # per call made it >= 2000 scans)
+    assert calls[0] > 1000
+    assert scans[0] < calls[0] / 20, (scans[0], calls[0])
+    assert net.full_mesh(net.ids)
+
+
+def test_member_rows_are_small_and_share_an_empty_confirmation_set():
+    import tracemalloc
+
+    from chimera.protocol.membership import Member
+
+    contact = PeerContact(peer_id=SigningIdentity(b"\x01" * 32).peer_id, transport_key=b"\x01" * 32,
+                          addresses=("tcp://10.0.0.1:7420",))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        rows = [Member(contact, 1, MemberState.ALIVE, 0.0, 0.0, 1) for _ in range(2000)]
+        per_row = (tracemalloc.get_traced_memory()[0] - before) / len(rows)
+    finally:
+        tracemalloc.stop()
+    assert per_row < 160, per_row  # a set per row (216 bytes) made it ~350
+    assert rows[0].confirmations is rows[1].confirmations and not rows[0].confirmations
+    # a confirmation gets its own set; leaving suspicion goes back to the shared empty one
+    net = SimNet(5, 13)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(5.0)
+    core = net.cores[net.ids[0]]
+    target = core.members[net.ids[1]]
+    core._suspect(target, target.incarnation, net.ids[2], net.now)
+    assert target.confirmations == {net.ids[2]}
+    assert core.members[net.ids[3]].confirmations == frozenset()
+    core._set_state(target, MemberState.ALIVE, target.incarnation + 1, net.now)
+    assert target.confirmations is rows[0].confirmations
+
+
+def test_shuffle_is_random_shuffle():
+    from chimera.protocol.membership import _shuffle
+
+    class Other(random.Random):
+        pass
+
+    for cls in (random.Random, Other):
+        for n in (0, 1, 2, 3, 7, 64, 1000):
+            for seed in range(5):
+                a, b = list(range(n)), list(range(n))
+                r1, r2 = cls(seed), cls(seed)
+                r1.shuffle(a)
+                _shuffle(r2, b)
+                assert a == b and r1.random() == r2.random()
+
+
+def test_preload_members_fills_a_converged_table_within_max_members():
+    from chimera.protocol.errors import LocalProtocolError
+
+    net = SimNet(6, 14)
+    cfg = MembershipConfig(max_members=4)
+    me = net.ids[0]
+    core = Membership(net.contacts[me], 1, cfg, random.Random(1), 0.0)
+    with pytest.raises(LocalProtocolError, match="max_members"):
+        core.preload_members(list(net.contacts.values()), 0.0)  # 5 others > 4
+    assert not core.members and core.member_count() == 1
+    assert core.preload_members([net.contacts[p] for p in net.ids[:5]], 0.0) == 4  # ourselves skipped
+    assert core.member_count() == 5 and core.take_actions() == []
+    assert all(m.state is MemberState.ALIVE and m.incarnation == m.hello_incarnation == 1
+               for m in core.members.values())
+    # the node's revoke pops a row from outside: the count follows
+    core.members.pop(net.ids[1])
+    assert core.member_count() == 4
+
+
+INTERVALS = ("probe_interval_s", "probe_timeout_s", "sync_interval_s", "hello_retry_min_s",
+             "hello_retry_max_s", "candidate_ttl_s", "reconnect_interval_s", "dead_retention_s")
+
+
+@pytest.mark.parametrize("name", INTERVALS)
+@pytest.mark.parametrize("value", [0, 0.0, -1.0, float("nan"), float("inf")])
+def test_config_refuses_zero_negative_and_non_finite_intervals(name, value):
+    """sync_interval_s = 0 made every tick due at once: the driver spun, memory grew."""
+    from chimera.protocol.errors import LocalProtocolError
+
+    with pytest.raises(ValueError, match=name) as info:
+        MembershipConfig(**{name: value})
+    assert isinstance(info.value, LocalProtocolError)
+
+
+@pytest.mark.parametrize("field", ["suspicion_alpha", "suspicion_beta"])
+def test_config_refuses_non_finite_suspicion_factors(field):
+    for value in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=field):
+            MembershipConfig(**{field: value})
