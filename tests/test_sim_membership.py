@@ -10,7 +10,7 @@ import pytest
 from chimera.protocol.membership import MembershipConfig, MemberState
 from chimera.simulations.behaviours import make_behaviour
 from chimera.simulations.engine import Simulator
-from chimera.simulations.membership_world import MembershipWorld
+from chimera.simulations.membership_world import EventRecord, MembershipWorld
 from chimera.simulations.network import Latency, LinkSpec, SimNetwork
 from chimera.simulations.runner import swim_expected_first_detection_periods, swim_false_suspicion_per_probe
 
@@ -107,3 +107,81 @@ def test_stalled_peer_delays_its_processing():
     # a 4 s stall: others suspect it, it refutes after the stall, nobody declares it failed
     assert any(e.kind == "peer_suspected" and e.target == "p2" for e in world.events)
     assert world.live_view_ok()
+
+
+def test_warm_start_refuses_more_peers_than_a_member_table_holds():
+    """A warm start wrote every peer into every table, past max_members (the core's own
+    bound on its table): 20 peers with max_members = 10 held 19 members each."""
+    sim = Simulator(1, trace=False)
+    world = MembershipWorld(sim, SimNetwork(sim, LinkSpec(latency=Latency.constant(0.001))),
+                            MembershipConfig(max_members=10))
+    for _ in range(20):
+        world.add_peer()
+    with pytest.raises(ValueError, match="max_members"):
+        world.start_all(warm_start=True)
+    assert not any(p.up for p in world.peers)
+    world.peers[11:] = []  # 11 peers: 10 others each, the bound exactly
+    world.start_all(warm_start=True)
+    sim.run(5.0)
+    assert {len(p.core.members) for p in world.peers} == {10} and world.live_view_ok()
+
+
+def test_restarted_peer_detection_counts_and_is_not_a_false_positive():
+    """Crash p3 at 10 s, restart it at 40 s: its detection is measured and its
+    suspicions and failures while down (or about its crashed run) are true ones."""
+    runs = []
+    for _ in range(2):
+        sim, world = _world(8, seed=1)
+        world.start_all(warm_start=True)
+        sim.schedule(10.0, world.crash, world.peers[3])
+        sim.schedule(40.0, world.restart, world.peers[3])
+        sim.run(60.0)
+        runs.append((sim.trace.text(), world.metrics(60.0)))
+    (trace, m), (trace2, m2) = runs
+    assert trace == trace2  # same seed, same run
+    assert m["crashed"] == 1 and m["detected_by_all"] == 1
+    assert 0 < m["detect_first_suspect_s"] < m["detect_all_failed_s"] < 30
+    assert m["false_suspicions"] == 0 and m["false_failures"] == 0
+    assert m["views_consistent"]
+
+
+def test_false_failure_rate_is_per_live_honest_peer_hour():
+    """The denominator is the time honest peers were up: not downtime, not sybil
+    identities (it was peers x duration)."""
+    sim, world = _world(4, seed=7)
+    sybil = world.add_peer(sybil=True)
+    world.start_all(warm_start=True)
+    sim.schedule(10.0, world.crash, world.peers[2])
+    sim.schedule(30.0, world.restart, world.peers[2])
+    sim.run(60.0)
+    assert world.honest_hosts() == {"p0", "p1", "p2", "p3"} and sybil.name == "p4"
+    assert world.live_seconds("p2", 60.0) == pytest.approx(40.0)
+    m = world.metrics(60.0)
+    assert m["false_failures"] == 0
+    # a live honest peer declared failed (its current run, while it was up) is a false failure
+    inc = world.peers[1].core.incarnation
+    world.events.append(EventRecord(20.0, "p0", "peer_failed", "p1", inc, True))
+    world.events.append(EventRecord(20.0, "p0", "peer_failed", "p4", 1, True))  # a sybil: not counted
+    m = world.metrics(60.0)
+    assert m["false_failures"] == 1
+    assert m["false_failures_per_peer_hour"] == pytest.approx(1 / ((3 * 60 + 40) / 3600))
+
+
+def test_large_warm_start_rows_are_kept_out_of_the_garbage_collector():
+    import gc
+
+    sim = Simulator(1, trace=False)
+    world = MembershipWorld(sim, SimNetwork(sim, LinkSpec(latency=Latency.constant(0.001))), CFG)
+    n = 520  # 269 880 rows, over GC_FREEZE_ROWS
+    for _ in range(n):
+        world.add_peer()
+    try:
+        world.start_all(warm_start=True)
+        assert gc.get_freeze_count() >= n * (n - 1)
+        assert gc.isenabled()
+        # one shared route table for the warm start, not n per peer
+        assert all(p.routes == {} and p.warm_routes is world.peers[0].warm_routes for p in world.peers)
+        sim.run(3.0)
+        assert world.live_view_ok()
+    finally:
+        gc.unfreeze()
