@@ -2,7 +2,12 @@
 
 (a) membership (SWIM + Lifeguard cores, real signed envelopes): ``n`` virtual
     peers from a converged start for ``--membership-virtual-s`` virtual seconds,
-    n in ``--membership-sizes`` (default 100, 300, 1000);
+    n in ``--membership-sizes`` (default 100, 300, 1000), anti-entropy every
+    ``--membership-sync-s`` (default 60: none in a 30 s run; each round sends
+    every peer's n-row member list to one peer and back, n^2 rows in all).
+    Reports setup (warm start) wall time and peak RSS, wall seconds per virtual
+    second, and between consecutive sizes the growth of wall per virtual second
+    divided by the growth of n (1.0: linear in n, the target; 2.0: quadratic);
 (b) the BFT log core: ``n`` validators (equal weights, LAN latency, a value
     load of 20 values/s) until every validator committed ``--heights`` heights
     (default 100), n in ``--bft-sizes`` (default 4, 16, 32, 64, 128). A size
@@ -68,23 +73,50 @@ LAN = LinkSpec(latency=Latency.lognormal(0.002, 0.5))
 VALUES_PER_S = 20.0
 
 
-def membership(n: int, virtual_s: float, seed: int = 1) -> dict:
+def _max_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def membership(n: int, virtual_s: float, seed: int = 1, sync_s: float = 60.0) -> dict:
     sim = Simulator(seed, trace=False)
     net = SimNetwork(sim, LAN)
     world = MembershipWorld(sim, net, MembershipConfig(probe_interval_s=1.0, probe_timeout_s=0.5,
-                                                       sync_interval_s=60.0))
+                                                       sync_interval_s=sync_s))
     for _ in range(n):
         world.add_peer()
     start = time.perf_counter()
     world.start_all(warm_start=True)
     setup = time.perf_counter() - start
+    setup_rss = _max_rss_mb()
     start = time.perf_counter()
     sim.run(virtual_s)
     wall = time.perf_counter() - start
-    return {"peers": n, "virtual_s": virtual_s, "setup_wall_s": round(setup, 3), "wall_s": round(wall, 3),
+    return {"peers": n, "virtual_s": virtual_s, "sync_interval_s": sync_s,
+            "sync_rounds": int(virtual_s // sync_s), "setup_wall_s": round(setup, 3),
+            "setup_max_rss_mb": setup_rss, "wall_s": round(wall, 3),
+            "wall_per_virtual_s": round(wall / virtual_s, 3),
             "events": sim.events_processed, "events_per_s": round(sim.events_processed / wall),
             "frames": net.stats["frames_sent"], "frames_per_s": round(net.stats["frames_sent"] / wall),
-            "virtual_per_wall": round(virtual_s / wall, 3), "views_consistent": world.live_view_ok()}
+            "virtual_per_wall": round(virtual_s / wall, 3), "max_rss_mb": _max_rss_mb(),
+            "views_consistent": world.live_view_ok()}
+
+
+def membership_scaling(rows: list[dict]) -> list[dict]:
+    """Growth of wall per virtual second over growth of n between consecutive sizes
+    (1.0: linear, 2.0: quadratic); the same for setup time (2.0 is the n(n-1) table)."""
+    out = []
+    for a, b in zip(rows, rows[1:]):
+        growth = b["peers"] / a["peers"]
+        if growth <= 1 or not a["wall_per_virtual_s"] or not a["setup_wall_s"]:
+            continue
+        out.append({"from": a["peers"], "to": b["peers"],
+                    "run_exponent": round(math.log(b["wall_per_virtual_s"] / a["wall_per_virtual_s"])
+                                          / math.log(growth), 2),
+                    "setup_exponent": round(math.log(max(b["setup_wall_s"], 1e-3) / a["setup_wall_s"])
+                                            / math.log(growth), 2)})
+    return out
 
 
 def bft(n: int, heights: int, budget_s: float, seed: int = 1, validators: int | None = None) -> dict:
@@ -228,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also report where the time goes")
     parser.add_argument("--membership-sizes", type=int, nargs="*", default=[100, 300, 1000])
     parser.add_argument("--membership-virtual-s", type=float, default=30.0)
+    parser.add_argument("--membership-sync-s", type=float, default=60.0,
+                        help="anti-entropy interval (sync_interval_s) of the membership runs")
     parser.add_argument("--bft-sizes", type=int, nargs="*", default=[4, 16, 32, 64, 128])
     parser.add_argument("--heights", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=90.0, help="wall seconds per BFT size at most")
@@ -254,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict = {"membership": [], "bft": [], "bft_observers": [], "training": []}
     for n in args.membership_sizes:
-        results["membership"].append(membership(n, args.membership_virtual_s))
+        results["membership"].append(membership(n, args.membership_virtual_s, sync_s=args.membership_sync_s))
         if not args.json:
             print("membership", results["membership"][-1], flush=True)
+    if len(results["membership"]) > 1:
+        results["membership_scaling"] = membership_scaling(results["membership"])
     for n in args.bft_sizes:
         results["bft"].append(bft(n, args.heights, args.budget_s))
         if not args.json:
@@ -286,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for key in ("bft_extrapolation", "profile_membership_300", "profile_bft_64", "environment"):
+        for key in ("membership_scaling", "bft_extrapolation", "profile_membership_300", "profile_bft_64",
+                    "environment"):
             if key in results:
                 print(key, json.dumps(results[key]))
     return 0
