@@ -223,15 +223,21 @@ FILE_GROUPS = [
 
 def _group(filename: str, func: str) -> str:
     if filename == "~":  # C functions
-        if "sign'" in func:
+        if "sign'" in func or func.endswith("crypto_sign>"):
             return "ed25519 sign"
-        if "verify'" in func:
+        if "verify'" in func or "crypto_sign_open" in func:
             return "ed25519 verify"
+        if "getrandbits" in func or "Random" in func:
+            return "rng draws"
+        if "MemberTable" in func:
+            return "membership core"
         if "pack" in func or "Packer" in func:
             return "msgpack"
         if "heap" in func:
             return "engine + network model"
         return "other builtins"
+    if filename.endswith("random.py"):
+        return "rng draws"
     for part, label in FILE_GROUPS:
         if filename.endswith(part):
             return label
