@@ -311,10 +311,7 @@ def _run_membership(sim, network, sc: Scenario, skew, progress) -> RunResult:
     _, behaviours = byzantine_layout(sim, sc)
     for behaviour in behaviours:
         world.add_peer(behaviour)
-    sybil_hosts = []
-    for peer in list(world.peers):
-        for _ in range(peer.behaviour.sybils):
-            sybil_hosts.append(world.add_peer(Behaviour()))
+    sybil_hosts = world.add_sybil_identities()  # marked as sybils: left out of the honest metrics
     world.start_all(warm_start=sc.warm_start)
     _schedule_churn(sim, sc, world, lambda: world.peers, honest_only=True)
     sim.run(sc.duration_s, None, progress)

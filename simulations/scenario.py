@@ -629,6 +629,11 @@ def _parse(doc: dict, source: str, overrides: dict) -> Scenario:
     mcfg = _config(mem.sub("config"), MembershipConfig, base)
     if not lifeguard:
         mcfg = dataclasses.replace(mcfg, max_local_health=0, suspicion_beta=1.0)
+    if kind == "membership" and warm and peers - 1 > mcfg.max_members:
+        # a warm start holds every peer's full table (about 140 bytes x peers^2)
+        raise mem.error("warm_start", f"a warm start of {peers} peers needs [membership.config] max_members >= "
+                                      f"{peers - 1} (it is {mcfg.max_members}); set warm_start = false or "
+                                      "raise max_members")
     mem.done()
 
     out = root.sub("output")

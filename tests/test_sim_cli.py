@@ -56,6 +56,8 @@ def test_search_cli_reports_no_violation_for_the_real_core(tmp_path, capsys):
     ('[scenario]\nname="x"\nkind="bft"\npeers=4\n[[partitions]]\nstart_s=2\nend_s=1\nsplit=0.5\n', "partitions[0].end_s"),
     ('[scenario]\nname="x"\nkind="bft"\n[byzantine]\nstrategies=["evil"]\n', "byzantine.strategies"),
     ('[scenario]\nname="x"\nkind="bft"\n[sweep]\n"scenario.peers"=[]\n', "sweep.scenario.peers"),
+    ('[scenario]\nname="x"\nkind="membership"\npeers=20\n[membership.config]\nmax_members=10\n',
+     "membership.warm_start"),  # a converged start holds 19 members: more than a table takes
 ])
 def test_bad_scenario_names_the_field(tmp_path, capsys, body, field):
     path = tmp_path / "bad.toml"
