@@ -83,6 +83,11 @@ def run(peers: int, rounds: int) -> dict:
             net.start()
             if not net.wait_for(net.full_mesh, timeout_s=120, interval_s=0.2):
                 raise RuntimeError("no full mesh")
+            # peers configured with training data load it and scikit-learn at start: measure the
+            # round trip on idle peers, not during 5 imports on shared cores
+            if not net.wait_for(lambda: all(net.query(i, "train_status", {})["data"]["state"] != "loading"
+                                            for i in range(peers)), timeout_s=120, interval_s=0.2):
+                raise RuntimeError("training data not loaded")
             other = net.peers[1].status["peer_id"]
             rtts = [r for r in net.query(0, "ping", {"peer_id": other, "count": 200})["rtt_s"] if r]
             t0 = time.perf_counter()

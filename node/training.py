@@ -108,11 +108,12 @@ def training_admin_handlers(node) -> dict:
         if service is None:
             if admin_api.str_arg(args, "job", None, max_len=64):
                 raise admin_api.AdminError("no training job has been committed")
-            return {"peer_id": node.peer_id, "jobs": [], "bytes_sent": 0}
+            return {"peer_id": node.peer_id, "jobs": [], "bytes_sent": 0,
+                    "data": {"state": "not_loaded", "train_samples": None, "test_samples": None, "error": None}}
         ref = admin_api.str_arg(args, "job", None, max_len=64)
         states = [service.find(ref)] if ref else sorted(service.jobs.values(), key=lambda s: s.height)
         return {"peer_id": node.peer_id, "jobs": [service.job_doc(s) for s in states],
-                "bytes_sent": node.counters.get("training_bytes_sent", 0)}
+                "bytes_sent": node.counters.get("training_bytes_sent", 0), "data": service.data_status()}
 
     async def train_export(args: dict) -> dict:
         service = host().service

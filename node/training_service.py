@@ -391,6 +391,8 @@ class TrainingService:
         self.root = node.data_dir / "training"
         self._wake = asyncio.Event()
         self._data = None  # (train, test) once loaded
+        self._data_error: str | None = None  # why the last load failed (cleared by a good load)
+        self._preparing = False
         self._data_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.poison = parse_poison(node.config.training_test_poison)
@@ -685,21 +687,41 @@ class TrainingService:
     async def _prepare(self) -> None:
         from chimera.consensus.models import import_model_library
 
+        self._preparing = True
         try:
             train, test = await self._load_data()
             await asyncio.to_thread(import_model_library)
         except (TrainingDataError, ImportError) as exc:
+            self._data_error = str(exc)
             self.counters["training_data_errors"] += 1
             log.warning("training is configured but not ready: %s", exc)
             return
+        finally:
+            self._preparing = False
         log.info("training ready: %d training and %d test samples of %d features",
                  len(train.y), len(test.y), train.X.shape[1])
+
+    def data_status(self) -> dict:
+        """This node's training data for ``train_status``: ``{"state", "train_samples",
+        "test_samples", "error"}``; state ``"loading"`` (being loaded at start), ``"ready"``,
+        ``"error"`` (``error`` says why; a round retries the load) or ``"not_loaded"``
+        (loaded when a job first trains here)."""
+        if self._data is not None:
+            train, test = self._data
+            return {"state": "ready", "train_samples": len(train.y), "test_samples": len(test.y), "error": None}
+        state = "loading" if self._preparing else "error" if self._data_error else "not_loaded"
+        return {"state": state, "train_samples": None, "test_samples": None, "error": self._data_error}
 
     async def _load_data(self):
         async with self._data_lock:
             if self._data is None:
-                self._data = await asyncio.to_thread(load_node_data, self.node.config,
-                                                     tuple(self.node.network.genesis), self.node.peer_id)
+                try:
+                    self._data = await asyncio.to_thread(load_node_data, self.node.config,
+                                                         tuple(self.node.network.genesis), self.node.peer_id)
+                except TrainingDataError as exc:
+                    self._data_error = str(exc)
+                    raise
+                self._data_error = None
         return self._data
 
     def _fit(self, job: JobSpec, action: TrainLocal, train) -> tuple[dict, Any, float, float]:

@@ -413,7 +413,10 @@ def test_a_node_configured_with_training_data_prepares_it_at_start(tmp_path, cap
         ready, missing = asyncio.run(main())
     assert ready._data is not None and "sklearn.linear_model" in sys.modules
     assert ready.counters["training_data_errors"] == 0
+    assert ready.data_status()["state"] == "ready" and ready.data_status()["train_samples"] > 0
     assert missing._data is None and missing.counters["training_data_errors"] == 1
+    status = missing.data_status()
+    assert status["state"] == "error" and "nope.csv" in status["error"]
     assert "training ready" in caplog.text and "nope.csv" in caplog.text
 
 
