@@ -82,3 +82,22 @@ def golden(request):
         assert text == path.read_text(), f"transcript differs from {path} (--update-golden rewrites it)"
 
     return check
+
+
+@pytest.fixture
+def node_answers(monkeypatch):
+    """``set(answers)``: the node's train_status/tasks_status answers, one per call; ``polls``
+    counts calls, ``sleeps`` the follow intervals. Past the last answer, Ctrl-C."""
+    from chimera.node import cli, cli_train
+
+    state = {"answers": [], "polls": 0, "sleeps": []}
+
+    def call(args, cmd, cargs=None, timeout_s=10.0):
+        state["polls"] += 1
+        if not state["answers"]:
+            raise KeyboardInterrupt
+        return state["answers"].pop(0)
+
+    monkeypatch.setattr(cli, "_call", call)
+    monkeypatch.setattr(cli_train.time, "sleep", lambda s: state["sleeps"].append(s))
+    return state

@@ -183,23 +183,6 @@ def job(state="running", rnd=1, done=0, error=None, total=3) -> dict:
             "last_error": error, "rounds": rounds}
 
 
-@pytest.fixture
-def node_answers(monkeypatch):
-    """``set(answers)``: the node's train_status/tasks_status answers, one per call; ``polls``
-    counts calls, ``sleeps`` the follow intervals. Past the last answer, Ctrl-C."""
-    state = {"answers": [], "polls": 0, "sleeps": []}
-
-    def call(args, cmd, cargs=None, timeout_s=10.0):
-        state["polls"] += 1
-        if not state["answers"]:
-            raise KeyboardInterrupt
-        return state["answers"].pop(0)
-
-    monkeypatch.setattr(cli, "_call", call)
-    monkeypatch.setattr(cli_train.time, "sleep", lambda s: state["sleeps"].append(s))
-    return state
-
-
 def test_follow_without_a_job_says_so_and_exits_1(node_answers, capsys):
     node_answers["answers"] = [{"jobs": []}]
     code, out, err = run_cli(["train", "status", "--follow"], capsys)

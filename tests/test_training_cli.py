@@ -88,41 +88,25 @@ def _job(state: str, rounds: list[int], total: int = 3, accuracy: float | None =
                        for n in rounds]}
 
 
-@pytest.fixture
-def answers(monkeypatch):
-    """The node's train_status answers, one per poll; past the last one, Ctrl-C (exit 130)."""
-    state = {"answers": [], "polls": 0}
-
-    def call(args, cmd, cargs=None, timeout_s=10.0):
-        state["polls"] += 1
-        if not state["answers"]:
-            raise KeyboardInterrupt
-        return state["answers"].pop(0)
-
-    monkeypatch.setattr(cli, "_call", call)
-    monkeypatch.setattr(cli_train.time, "sleep", lambda s: None)
-    return state
-
-
-def test_follow_ends_on_an_observer_whose_rounds_have_no_accuracy(answers, capsys):
+def test_follow_ends_on_an_observer_whose_rounds_have_no_accuracy(node_answers, capsys):
     """An observer without test data scores no round: ``--follow`` used to poll forever. It
     prints each committed round ("-" for accuracy and loss) and ends once the job finished
     with its last round committed here; a finished job whose last round's row is not written
     yet is still followed."""
-    answers["answers"] = [{"jobs": [_job("observing", [1])]}, {"jobs": [_job("finished", [1, 2])]},
+    node_answers["answers"] = [{"jobs": [_job("observing", [1])]}, {"jobs": [_job("finished", [1, 2])]},
                           {"jobs": [_job("finished", [1, 2, 3])]}, {"jobs": [_job("finished", [1, 2, 3])]}]
     code = cli.main(["train", "status", "--follow", "--interval", "0.2"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.splitlines() == [f"{'ab' * 8} digits: round {n}/3 accuracy - loss - updates 3 time 1.00 s"
                                 for n in (1, 2, 3)]
-    assert answers["polls"] == 3
+    assert node_answers["polls"] == 3
 
 
-def test_follow_json_ends_on_an_observer_and_keeps_the_rounds_nulls(answers, capsys):
+def test_follow_json_ends_on_an_observer_and_keeps_the_rounds_nulls(node_answers, capsys):
     import json
 
-    answers["answers"] = [{"jobs": [_job("finished", [1], total=1)]}]
+    node_answers["answers"] = [{"jobs": [_job("finished", [1], total=1)]}]
     assert cli.main(["train", "status", "--follow", "--json"]) == 0
     docs = [json.loads(line)["result"] for line in capsys.readouterr().out.splitlines()]
     assert [(d["event"], d["round"], d["accuracy"]) for d in docs] == [("round", 1, None)]
