@@ -10,6 +10,9 @@
   ``pynvml.NVMLError``) reports zero GPUs and carries on.
 * :class:`StaticProbe` returns a fixed inventory (tests, simulations, a
   node told by configuration what it may offer).
+* :class:`SimulatedGpuProbe` is :class:`SystemProbe` without NVML that
+  advertises N simulated GPUs (the node's ``fabric_probe_gpus = N``);
+  :func:`probe_for` picks between the two from the node's settings.
 
 Both satisfy the :class:`Probe` protocol, which is all the node needs.
 
@@ -61,7 +64,7 @@ import logging
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -86,6 +89,38 @@ class StaticProbe:
 
     def resources(self) -> Resources:
         return self.inventory
+
+
+SIM_GPU_NAME = "Simulated GPU (fabric_probe_gpus)"
+SIM_GPU_MEMORY_BYTES = 16 << 30
+
+
+class SimulatedGpuProbe:
+    """This machine as :class:`SystemProbe` sees it (CPU, load, memory, disk probed anew on
+    every call; NVML not used), advertising ``gpu_count`` simulated GPUs (each
+    :data:`SIM_GPU_NAME`, :data:`SIM_GPU_MEMORY_BYTES`, idle) instead of real ones: the
+    node's test/simulation option ``fabric_probe_gpus = N`` (N in 0 … 64)."""
+
+    def __init__(self, data_dir: Path | str | None, gpu_count: int, *, max_wasm_memory_bytes: int = 64 << 20) -> None:
+        self.system = SystemProbe(data_dir, nvml=False, max_wasm_memory_bytes=max_wasm_memory_bytes)
+        self.gpus = tuple(GpuInfo(index=i, name=SIM_GPU_NAME, memory_total_bytes=SIM_GPU_MEMORY_BYTES,
+                                  memory_used_bytes=0) for i in range(min(max(gpu_count, 0), 64)))
+        self.nvml_error: str | None = None
+
+    def resources(self) -> Resources:
+        return replace(self.system.resources(), gpus=self.gpus)
+
+    def close(self) -> None:
+        self.system.close()
+
+
+def probe_for(data_dir: Path | str | None, *, probe_gpus: int, max_wasm_memory_bytes: int) -> SystemProbe | SimulatedGpuProbe:
+    """The probe a node with these settings advertises from (the node and ``chimera resources``
+    both use it): ``probe_gpus < 0`` the real machine (NVML), else :class:`SimulatedGpuProbe`
+    with ``probe_gpus`` simulated GPUs."""
+    if probe_gpus < 0:
+        return SystemProbe(data_dir, max_wasm_memory_bytes=max_wasm_memory_bytes)
+    return SimulatedGpuProbe(data_dir, probe_gpus, max_wasm_memory_bytes=max_wasm_memory_bytes)
 
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")

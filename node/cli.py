@@ -306,27 +306,19 @@ def cmd_reputation(args: argparse.Namespace) -> int:
 def cmd_resources(args: argparse.Namespace) -> int:
     """This machine's capacity as a peer advertises it (psutil, NVML; no node needed), with the
     settings of the data dir's configuration that shape the advertisement (as the node's probe)."""
-    import dataclasses
-
-    from chimera.fabric.probes import SystemProbe
-    from chimera.fabric.resources import GpuInfo
+    from chimera.fabric.probes import probe_for
     from chimera.protocol.messages import encode_fields
 
     data_dir = _data_dir(args)
     config = load_config(data_dir)  # config.toml there, CHIMERA_* variables: what `chimera node` would use
-    probe = SystemProbe(data_dir if data_dir.exists() else None, nvml=config.fabric_probe_gpus < 0,
-                        max_wasm_memory_bytes=config.fabric_max_wasm_memory_bytes)
+    probe = probe_for(data_dir if data_dir.exists() else None, probe_gpus=config.fabric_probe_gpus,
+                      max_wasm_memory_bytes=config.fabric_max_wasm_memory_bytes)
     try:
         res = probe.resources()
     finally:
         probe.close()
     nvml = probe.nvml_error or "ok"
-    if config.fabric_probe_gpus >= 0:  # as node/fabric.py FabricService._make_probe
-        from .fabric import SIM_GPU_MEMORY_BYTES, SIM_GPU_NAME
-
-        res = dataclasses.replace(res, gpus=tuple(
-            GpuInfo(index=i, name=SIM_GPU_NAME, memory_total_bytes=SIM_GPU_MEMORY_BYTES, memory_used_bytes=0)
-            for i in range(min(config.fabric_probe_gpus, 64))))
+    if config.fabric_probe_gpus >= 0:
         nvml = f"not used: fabric_probe_gpus = {config.fabric_probe_gpus} advertises simulated GPUs"
     doc = encode_fields(res)
     doc["gpus"] = [encode_fields(g) for g in res.gpus]

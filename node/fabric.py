@@ -7,7 +7,7 @@ core. The protocol is in docs/PROTOCOL.md §18; in short:
 * **Capacity.** Every ``fabric_capacity_interval_s`` the node probes itself
   (:class:`~chimera.fabric.probes.SystemProbe`: psutil + NVML; with the
   simulation option ``fabric_probe_gpus = N`` a
-  :class:`~chimera.fabric.probes.StaticProbe` with N simulated GPUs) and sends
+  :class:`~chimera.fabric.probes.SimulatedGpuProbe` with N simulated GPUs) and sends
   a signed ``fabric_capacity`` to every alive member. A peer's advertisement
   expires after three intervals; the placement core only sees alive members
   with a fresh advertisement (and this node itself).
@@ -92,8 +92,8 @@ from chimera.fabric.placement import (
     check_threshold,
     verify_task_certificate,
 )
-from chimera.fabric.probes import StaticProbe, SystemProbe
-from chimera.fabric.resources import GpuInfo, Resources
+from chimera.fabric.probes import probe_for
+from chimera.fabric.resources import Resources
 from chimera.fabric.wire import (
     CHUNK_BYTES,
     FABRIC_ACTOR,
@@ -124,8 +124,6 @@ from .metrics import LatencyHistogram
 
 log = logging.getLogger("chimera.fabric.node")
 
-SIM_GPU_NAME = "Simulated GPU (fabric_probe_gpus)"
-SIM_GPU_MEMORY_BYTES = 16 << 30
 FETCH_CHUNK_TIMEOUT_S = 10.0
 QUEUE_PER_SLOT = 4  # attempts waiting for a slot, per slot; beyond that: refused as "busy"
 MAX_TASKS_KEPT = 256  # finished tasks kept for tasks_status (input and replicas' stdout freed when done)
@@ -254,16 +252,10 @@ class FabricService:
 
     def _make_probe(self):
         n = self.config.fabric_probe_gpus
-        cap = self.config.fabric_max_wasm_memory_bytes
-        if n < 0:
-            return SystemProbe(self.node.data_dir, max_wasm_memory_bytes=cap)
-        base = SystemProbe(self.node.data_dir, nvml=False, max_wasm_memory_bytes=cap).resources()
-        gpus = tuple(GpuInfo(index=i, name=SIM_GPU_NAME, memory_total_bytes=SIM_GPU_MEMORY_BYTES,
-                             memory_used_bytes=0) for i in range(min(n, 64)))
-        log.warning("fabric_probe_gpus = %d: advertising %d SIMULATED GPUs (test/simulation option)", n, len(gpus))
-        return StaticProbe(Resources(**{**{k: getattr(base, k) for k in (
-            "cpu_count", "load_1m", "memory_total_bytes", "memory_available_bytes", "disk_total_bytes",
-            "disk_free_bytes", "max_wasm_memory_bytes")}, "gpus": gpus}))
+        if n >= 0:
+            log.warning("fabric_probe_gpus = %d: advertising %d SIMULATED GPUs (test/simulation option)",
+                        n, min(n, 64))
+        return probe_for(self.node.data_dir, probe_gpus=n, max_wasm_memory_bytes=self.config.fabric_max_wasm_memory_bytes)
 
     def runtime(self) -> _Runtime:
         """The wasmtime engine, actor host and deployment manager (created on first call; blocks)."""

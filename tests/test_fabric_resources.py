@@ -328,3 +328,23 @@ def test_any_exception_from_one_gpu_cannot_drop_the_advertisement(tmp_path, fake
     assert "GPU 1: RuntimeError" in probe.nvml_error and "GPU 2 MIG 0: ValueError" in probe.nvml_error
     nvml.devices = nvml.err(nvml.NVML_ERROR_GPU_IS_LOST)  # the count itself fails: no GPUs, still an advert
     assert probe.resources().gpus == () and "GPU count" in probe.nvml_error
+
+
+def test_simulated_gpus_ride_on_a_fresh_probe_of_the_machine(tmp_path, monkeypatch):
+    """fabric_probe_gpus = N: N simulated GPUs, and the CPU/memory/load part is probed anew on
+    every call (it was taken once at start and advertised unchanged for the node's lifetime)."""
+    from dataclasses import replace
+
+    from chimera.fabric.probes import SIM_GPU_NAME, SimulatedGpuProbe, SystemProbe, probe_for
+
+    probe = probe_for(tmp_path, probe_gpus=3, max_wasm_memory_bytes=16 << 20)
+    assert isinstance(probe, SimulatedGpuProbe) and isinstance(probe_for(tmp_path, probe_gpus=-1,
+                                                                         max_wasm_memory_bytes=1 << 20), SystemProbe)
+    first = probe.resources()
+    assert [g.name for g in first.gpus] == [SIM_GPU_NAME] * 3 and [g.index for g in first.gpus] == [0, 1, 2]
+    assert first.max_wasm_memory_bytes == 16 << 20
+    real = probe.system.resources
+    monkeypatch.setattr(probe.system, "resources", lambda: replace(real(), memory_available_bytes=12345))
+    assert probe.resources().memory_available_bytes == 12345 and len(probe.resources().gpus) == 3
+    probe.close()
+
