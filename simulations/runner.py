@@ -157,6 +157,16 @@ def _schedule_churn(sim: Simulator, sc: Scenario, world, peers_of: Callable[[], 
     return lambda: left[0] == 0
 
 
+def _too_short(sc: Scenario) -> str:
+    """The reason a run stopped at ``duration_s`` although its peers may have reached the
+    target: churn or a partition still to come (a run settles only after the last one)."""
+    end = sc.disruption_end_s()
+    if end < sc.duration_s:
+        return ""
+    return (f"; the run ends at scenario.duration_s = {sc.duration_s:g} s, before its last churn "
+            f"or partition at {end:g} s, so it never settled")
+
+
 def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liveness) -> RunResult:
     weights, behaviours = byzantine_layout(sim, sc)
     world = BftWorld(sim, network, sc.bft_config, weights, behaviours=behaviours,
@@ -188,7 +198,8 @@ def _run_bft(sim, network, sc: Scenario, skew, core_class, progress, check_liven
     reached, violation = _run_to_target(sim, sc, done, progress)
     if violation is None and check_liveness and not reached:
         heights = {p.name: p.committed_height for p in world.honest}
-        violation = f"liveness: honest heights {heights} below target {target} at {sc.duration_s} s"
+        what = f"below target {target}" if any(h < target for h in heights.values()) else "all at target"
+        violation = f"liveness: honest heights {heights} {what} at {sc.duration_s} s{_too_short(sc)}"
     row = dict(sc.sweep_values)
     row.update({"seed": sc.seed, "peers": sc.peers, "virtual_s": round(sim.now, 6), "events": sim.events_processed,
                 "live": reached, "safe": violation is None or violation.startswith("liveness")})
@@ -229,7 +240,8 @@ def _run_training(sim, network, sc: Scenario, skew, progress, check_liveness) ->
     reached, violation = _run_to_target(sim, sc, done, progress)
     if violation is None and check_liveness and not reached:
         rounds = {p.name: (p.training.core.model_round if p.training.core else 0) for p in fed.honest_participants}
-        violation = f"liveness: honest peers' rounds {rounds} below {sc.training.setup.rounds} at {sc.duration_s} s"
+        violation = (f"liveness: honest peers' rounds {rounds} below {sc.training.setup.rounds} at "
+                     f"{sc.duration_s} s{_too_short(sc)}")
     row = dict(sc.sweep_values)
     setup = sc.training.setup
     row.setdefault("training.rule", setup.rule + ("+detect" if setup.detect else ""))
@@ -274,7 +286,8 @@ def _run_fabric(sim, network, sc: Scenario, skew, progress, check_liveness) -> R
     reached, violation = _run_to_target(sim, sc, done, progress)
     if violation is None and check_liveness and not reached:
         violation = (f"liveness: {world.metrics()['tasks_unfinished']} tasks unfinished, "
-                     f"{sc.fabric.setup.tasks - world.arrived} not yet submitted at {sc.duration_s} s")
+                     f"{sc.fabric.setup.tasks - world.arrived} not yet submitted at {sc.duration_s} s"
+                     f"{_too_short(sc)}")
     row = dict(sc.sweep_values)
     row.update({"seed": sc.seed, "peers": sc.peers, "replicas": sc.fabric.setup.replicas,
                 "loss": sc.link.loss, "virtual_s": round(sim.now, 6), "events": sim.events_processed,

@@ -202,6 +202,15 @@ def test_a_run_does_not_stop_before_its_last_churn_event(tmp_path):
     assert result.virtual_s >= 1.03
 
 
+def test_a_run_too_short_for_its_churn_says_so(tmp_path):
+    """Churn scheduled after duration_s never runs, so the run cannot settle: the liveness
+    message must say why, not claim heights below a target they reached."""
+    late = CHURN_AT_SETTLE.replace("at_s = 1.03", "at_s = 100.0").replace("duration_s = 20.0", "duration_s = 5.0")
+    result = run_one(scenario(tmp_path, late))
+    assert result.violation is not None and "all at target" in result.violation
+    assert "before its last churn or partition at 100 s" in result.violation
+
+
 def test_flapping_partition_windows_are_made_lazily():
     from chimera.simulations.network import FlappingPartition
 
