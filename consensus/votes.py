@@ -148,6 +148,8 @@ class Ballot:
         num, den = self.threshold_num, self.threshold_den
         if den < 1 or math.gcd(num, den) != 1:
             raise ValueError("threshold must be a reduced fraction with a positive denominator")
+        if num > MAX_THRESHOLD_TERM or den > MAX_THRESHOLD_TERM:  # the wire's bound on both terms
+            raise ValueError(f"threshold {num}/{den}: numerator and denominator must be at most 2**32")
         t = Fraction(num, den)
         if self.rule == UNANIMOUS:
             if t != 1:
@@ -177,8 +179,8 @@ class Ballot:
         """
         if rule not in RULES:
             raise LocalProtocolError(f"unknown ballot rule {rule!r}; one of {RULES}")
-        if threshold is not None and not isinstance(threshold, (Fraction, int)):
-            raise LocalProtocolError("threshold must be a Fraction (exact), not a float")
+        if threshold is not None and (type(threshold) is bool or not isinstance(threshold, (Fraction, int))):
+            raise LocalProtocolError(f"threshold must be an exact fraction (Fraction), not {type(threshold).__name__}")
         t = DEFAULT_THRESHOLDS[rule] if threshold is None else Fraction(threshold)
         if not isinstance(purpose, str) or len(purpose) > MAX_PURPOSE_CHARS:
             raise LocalProtocolError(f"purpose must be a str of <= {MAX_PURPOSE_CHARS} characters")

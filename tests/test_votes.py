@@ -225,7 +225,8 @@ def test_ballot_terms_are_validated_and_bound_to_the_id():
                     ("unanimous", Fraction(1, 2)), ("plurality", None)):
         with pytest.raises(LocalProtocolError):
             Ballot.create(epoch=0, purpose="x", rule=rule, threshold=t)
-    for bad in (dict(threshold=0.5), dict(options=(A, A)), dict(options=(b"",)),
+    for bad in (dict(threshold=0.5), dict(threshold=True), dict(threshold=Fraction(2**33 - 1, 2**33)),
+                dict(options=(A, A)), dict(options=(b"",)),
                 dict(options=(b"x" * 65,)), dict(purpose="p" * 257)):
         kw = dict(epoch=0, purpose="x", rule="weighted") | bad
         with pytest.raises(LocalProtocolError):
