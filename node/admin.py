@@ -42,6 +42,7 @@ from chimera.protocol.messages import reject_duplicate_keys
 from . import admin_keys
 from .admin_keys import COMMAND_HELP, COMMAND_OPTIONS, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
 from .audit import AuditLog
+from .config import tcp_endpoint_port
 
 log = logging.getLogger("chimera.admin")
 
@@ -728,8 +729,7 @@ class RemoteClient:
     """
 
     def __init__(self, endpoint: str, server_key: bytes, key, timeout_s: float = 10.0) -> None:
-        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-        if not endpoint.startswith("tcp://") or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not tcp_endpoint_port(endpoint):  # None (malformed) or 0 (no port to dial)
             raise AdminError(f"bad endpoint {endpoint[:80]}: use tcp://HOST:PORT (port 1..65535)", EXIT_USAGE)
         self.endpoint = endpoint
         self.server_key = server_key

@@ -16,7 +16,7 @@ import math
 import os
 import tomllib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
@@ -411,10 +411,17 @@ def check_config(config: NodeConfig, sources: typing.Mapping[str, str] | None = 
         except RemoteProtocolError as exc:
             raise ConfigError(f"{where('bootstrap')}: {_show(uri)} is not a contact URI "
                               f"(chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY): {exc}") from None
-    host, _, port = config.admin_listen.removeprefix("tcp://").rpartition(":")
-    if config.admin_listen and not (config.admin_listen.startswith("tcp://") and host
-                                    and port.isdigit() and int(port) <= 65535):
+    if config.admin_listen and tcp_endpoint_port(config.admin_listen) is None:
         raise ConfigError(f"admin_listen {_show(config.admin_listen)}: use tcp://HOST:PORT (or \"\" for off)")
+
+
+def tcp_endpoint_port(endpoint: str) -> int | None:
+    """The port (0..65535) of a ``tcp://HOST:PORT`` endpoint (``admin_listen``, a remote admin
+    target); None when ``endpoint`` is not of that form."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return int(port)
 
 
 def reputation_config(config: NodeConfig) -> ReputationConfig:
