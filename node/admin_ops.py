@@ -27,6 +27,7 @@ from . import admin as admin_api
 from .admin import EXIT_USAGE, AdminError, float_arg, int_arg, str_arg
 from .actors import wait_event
 from .config import RANGES, ConfigError, NodeConfig, _coerce
+from .events import EVENT_KINDS, unknown_kinds
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -77,6 +78,12 @@ def _event_filter(args: dict):
             kinds = set(kinds)
         else:
             raise AdminError("kind is a name or a comma-separated list of names", EXIT_USAGE)
+        if not kinds:
+            raise AdminError("kind names no event kind; kinds: " + ", ".join(sorted(EVENT_KINDS)), EXIT_USAGE)
+        unknown = unknown_kinds(kinds)
+        if unknown:
+            raise AdminError(f"unknown event kind {', '.join(map(repr, unknown[:5]))[:300]}; kinds: "
+                             + ", ".join(sorted(EVENT_KINDS)), EXIT_USAGE)
     floor = str_arg(args, "min_priority", "debug", choices=tuple(PRIORITIES))
     floor_rank = PRIORITIES[floor]
 

@@ -475,7 +475,8 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     data_dir_arg(p)
     json_arg(p)
     p.add_argument("--limit", type=bounded_int(1, 10_000), default=50)
-    p.add_argument("--kind", help="only these kinds (comma-separated, e.g. peer_failed,decision_committed)")
+    p.add_argument("--kind", help="only these kinds (comma-separated, e.g. peer_failed,decision_committed); "
+                   "an unknown kind is an error that lists them all (docs/PROTOCOL.md §19.8)")
     p.add_argument("--min-priority", default="debug", choices=("debug", "info", "notice", "warning", "error", "critical"),
                    help="only events at or above this priority")
     p.set_defaults(func=cmd_events)

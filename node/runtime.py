@@ -49,6 +49,7 @@ from . import admin_ops, features
 from .actors import Actor, ActorRef, Supervisor, wait_event
 from .config import NodeConfig, reputation_config
 from .discovery import Discovery, resolve_interfaces
+from .events import EVENT_KINDS
 from .keys import load_or_create_identity, load_or_create_transport_keys
 from .logs import DropLog
 from .store import SEQ_BLOCK, SignStateError, Store
@@ -465,7 +466,13 @@ class Node:
             self._on_member_event(action)
 
     def emit_event(self, kind: str, peer_id: str, *, priority: str = "info", **fields: object) -> None:
-        """Record a typed event (admin ``events``, logs, metrics counter ``events.KIND``)."""
+        """Record a typed event (admin ``events``, logs, metrics counter ``events.KIND``).
+
+        ``kind`` must be one of :data:`chimera.node.events.EVENT_KINDS`; another is still
+        recorded but also counted as ``events_unregistered`` (a bug in the emitting code).
+        """
+        if kind not in EVENT_KINDS:
+            self.counters["events_unregistered"] += 1
         self.counters[f"events.{kind}"] += 1
         doc = {"kind": kind, "peer_id": peer_id, "at_ms": wall_ms(), "priority": priority, **fields}
         self.events.append(doc)

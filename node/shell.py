@@ -56,6 +56,7 @@ from .admin_keys import (
     write_key_file,
 )
 from .admin_keys import fingerprint as key_fingerprint
+from .events import EVENT_KINDS
 
 DESTRUCTIVE = frozenset({"stop", "revoke_peer", "agents_remove", "admin_key_revoke", "config_set"})
 STRING_ARGS = frozenset({"peer_id", "data", "uri", "name", "field", "key", "kind", "reason", "level",
@@ -709,6 +710,8 @@ def _completer(shell: Shell):
                 candidates += shell.names("agent")
             if cmd in ("events", "events_follow") and word.startswith("min_priority="):
                 candidates += [f"min_priority={p}" for p in ("info", "warning", "critical")]
+            if cmd in ("events", "events_follow") and word.startswith("kind="):
+                candidates += [f"kind={k}" for k in sorted(EVENT_KINDS)]
             for c in candidates:
                 if c.startswith(word):
                     yield Completion(c, start_position=-len(word))

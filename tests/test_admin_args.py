@@ -163,8 +163,16 @@ async def test_node_handlers_refuse_non_finite_and_mistyped_numbers(node_factory
     assert await code_of("audit", {"limit": math.inf}) == EXIT_USAGE
     assert await code_of("revoke_peer", {"peer_id": 5}) == EXIT_USAGE
     assert await code_of("config_get", {"field": ["port"]}) == EXIT_USAGE
+    # a misspelt event kind matched nothing, silently (and forever under events_follow)
+    for kind in ("decison_committed", "peer_failed,nope", ",", "", ["peer_failed", "x"], []):
+        with pytest.raises(AdminError, match="kind") as err:
+            await asyncio.to_thread(admin.call, node.data_dir, "events", {"kind": kind}, 20.0)
+        assert err.value.code == EXIT_USAGE and "decision_committed" in str(err.value), kind
+    assert await code_of("events", {"kind": "peer_failed, decision_committed"}) == 0
+    assert await code_of("events", {"kind": ["reputation_changed"]}) == 0
     client = admin.LocalClient(node.data_dir / admin.SOCKET_NAME)
-    for args in ({"max_events": math.inf}, {"duration_s": math.nan}, {"min_priority": ["x"]}):
+    for args in ({"max_events": math.inf}, {"duration_s": math.nan}, {"min_priority": ["x"]},
+                 {"kind": "peer_faild"}):
         with pytest.raises(AdminError) as err:
             await asyncio.to_thread(lambda: list(client.follow("events_follow", args)))
         assert err.value.code == EXIT_USAGE, args
