@@ -33,13 +33,23 @@ leases, and a peer that refuses for lack of capacity reports a failure.)
 **Breakers, retries, timeouts.** Per peer a circuit breaker (closed -> open
 after ``breaker_failures`` consecutive failures -> half-open after
 ``breaker_open_s`` with one trial call -> closed on success, open again with
-the open time doubled, up to ``breaker_max_open_s``); a removed peer's breaker
-is forgotten. A replica's refusal that is not its fault (:data:`REFUSALS_NOT_BLAMED`:
-``busy``, ``gpu_unavailable``, ``module_unavailable``, ``deadline_exceeded``) is no
-reputation observation; only the last two count for the breaker. A failed or timed-out
+the open time doubled, up to ``breaker_max_open_s``; a trial that ends in an
+outcome the breaker does not count lets the next call be the trial); a removed
+peer's breaker is forgotten. A replica's refusal that is no wrong result
+(:data:`REFUSALS_NOT_BLAMED`: ``busy``, ``gpu_unavailable``, ``over_capacity``,
+``module_unavailable``, ``internal_error``, ``deadline_exceeded``) is no reputation
+observation; that table says which count for the breaker: the peer's own unreliability
+(``over_capacity``, ``module_unavailable``, ``internal_error``) does, room taken by
+other submitters (``busy``, ``gpu_unavailable``) and the task's own epoch deadline
+(``deadline_exceeded``: a module that loops is the user's bug, not the peer's) do not. A
+``deadline_exceeded`` that arrives sooner than the task's wall time after dispatch cannot
+be true (:func:`deadline_claim_plausible`) and counts for the breaker. An attempt that
+times out here (no answer at all) counts for the breaker too. A failed or timed-out
 attempt is retried on another peer after exponential backoff
 ``min(backoff_max_s, backoff_base_s * 2 ** (n - 1)) * (1 + jitter * u)``,
-at most ``max_retries`` times per task. An attempt times out
+at most ``max_retries`` times per task; a task that runs out of retries or peers
+fails ``deadline_exceeded`` when most of its failed attempts ran past its wall
+time, else ``retries_exhausted``. An attempt times out
 ``wall_time_s + timeout_slack_s`` after dispatch.
 
 **Redundant results and votes.** With ``replicas = k`` the task runs on k
@@ -59,11 +69,13 @@ anyone with the replica table checks it with :func:`verify_task_certificate`.
 **Reputation observations** (:class:`Observe`, kinds from
 :class:`~chimera.consensus.reputation.ObservationKind`): ``task_agree`` for
 replicas whose digest matches the accepted one, ``task_disagree`` for the
-others and for a peer that reported a failure of its own (a signed failure
-report, except the refusals of :data:`REFUSALS_NOT_BLAMED`); ``equivocation`` for a replica that signed two digests. Timeouts are
-*not* reported by default: per :mod:`chimera.consensus.reputation` a silent
-peer may be our own link's fault (``observe_timeouts=True`` changes that);
-they feed the circuit breaker instead.
+others and for a peer whose report is its own doing: a digest that does not
+match the result it sent (``inconsistent_digest``), or a refusal reason outside
+:data:`REFUSALS_NOT_BLAMED` (no such reason comes from an honest peer);
+``equivocation`` for a replica that signed two digests. Refusals that are no
+wrong result cost no reputation, and neither do timeouts by default: per
+:mod:`chimera.consensus.reputation` a silent peer may be our own link's fault
+(``observe_timeouts=True`` changes that); they feed the circuit breaker instead.
 """
 
 from __future__ import annotations
@@ -95,13 +107,39 @@ MAX_TASK_ID_CHARS = 64
 MAX_TASK_SLOTS = 1024  # the wire bound of fabric_capacity.task_slots and tasks_running
 
 REFUSALS_NOT_BLAMED: dict[str, bool] = {
-    # a replica's refusal that is not its lie nor its task's fault -> whether it counts toward the
-    # peer's circuit breaker. No reputation observation; the attempt is retried on another peer.
+    # a replica's refusal (``fabric_task_result`` status ``refused``) that is no wrong result ->
+    # whether it counts toward the peer's circuit breaker. No reputation observation (an honest
+    # report of a failure must not cost more than silence: a timeout costs none); the attempt is
+    # retried on another peer. Reasons outside this table are blamed (``task_disagree``).
     "busy": False,               # no free slot (other submitters' attempts, a stale advertisement)
     "gpu_unavailable": False,    # its GPUs leased by another submitter (this core sees only its own leases)
+    "over_capacity": True,       # memory_bytes above the per-agent cap it advertised room for (a stale
+                                 # advertisement): calls to it fail, like a timeout, until it advertises again
     "module_unavailable": True,  # it could not fetch the module from us: calls to it fail, like a timeout
-    "deadline_exceeded": True,   # wall time ran out there (not deterministic): slow or overloaded
+    "internal_error": True,      # its host failed outside the task (a bug or a fault of that machine): its
+                                 # unreliability, but no result at all, so no disagreement
+    "deadline_exceeded": False,  # the task's own epoch deadline (wall_time_s) ran out there: a module that
+                                 # loops is the task's fault; a slow peer is retried elsewhere. Counted when
+                                 # the claim cannot be true (deadline_claim_plausible)
 }
+
+DEADLINE_CLAIM_WIRE_S = 0.001
+"""The replica's wall time may be this much shorter than the task's: the wire carries whole
+milliseconds, rounded down (``wall_time_ms``)."""
+DEADLINE_CLAIM_RATE = 0.99
+"""Fraction of the wall time a ``deadline_exceeded`` must take at least, seen from the submitter
+(the two monotonic clocks may run at rates up to 1 % apart)."""
+
+
+def deadline_claim_plausible(wall_time_s: float, elapsed_s: float) -> bool:
+    """Whether a ``deadline_exceeded`` refusal that reached the submitter ``elapsed_s`` seconds after
+    the attempt's dispatch can be true for a task of ``wall_time_s``.
+
+    The replica's run starts after the dispatch and its epoch deadline is never shorter than the
+    wall time it was sent (``ceil(wall_time / tick) + 1`` ticks), so an honest claim takes at least
+    that long; the tolerances are :data:`DEADLINE_CLAIM_WIRE_S` and :data:`DEADLINE_CLAIM_RATE`.
+    """
+    return elapsed_s >= wall_time_s * DEADLINE_CLAIM_RATE - DEADLINE_CLAIM_WIRE_S
 
 
 # ------------------------------------------------------------------- inputs
@@ -261,8 +299,10 @@ class TaskAccepted:
 @dataclass(frozen=True, slots=True)
 class TaskFailed:
     """The task ended without an accepted result. ``reason``: ``unsatisfiable``,
-    ``no_capacity``, ``retries_exhausted``, ``no_agreement``, ``vote_timeout``, ``cancelled``,
-    ``invalid_ballot`` (its rule and threshold make no ballot; TaskRequirements rejects them first)."""
+    ``no_capacity``, ``retries_exhausted``, ``deadline_exceeded`` (out of retries or peers, and
+    most of its failed attempts ran past its wall time: the module does not finish in time),
+    ``no_agreement``, ``vote_timeout``, ``cancelled``, ``invalid_ballot`` (its rule and threshold
+    make no ballot; TaskRequirements rejects them first)."""
 
     task_id: str
     reason: str
@@ -292,7 +332,11 @@ class BreakerState(str, enum.Enum):
 
 
 class CircuitBreaker:
-    """Per-peer circuit breaker (see the module docstring for the rule)."""
+    """Per-peer circuit breaker (see the module docstring for the rule).
+
+    ``trial``: the call (any hashable the caller passes to :meth:`on_dispatch`) that is the
+    half-open breaker's one trial, None while no trial is in flight.
+    """
 
     def __init__(self, failures_to_open: int, open_s: float, max_open_s: float) -> None:
         self.failures_to_open, self.base_open_s, self.max_open_s = failures_to_open, open_s, max_open_s
@@ -300,13 +344,17 @@ class CircuitBreaker:
         self.failures = 0
         self.open_for_s = open_s
         self.opened_at = 0.0
-        self.trial_in_flight = False
+        self.trial: object | None = None
+
+    @property
+    def trial_in_flight(self) -> bool:
+        return self.trial is not None
 
     def current(self, now: float) -> BreakerState:
         """The state at ``now`` (an open breaker whose time is up is half-open)."""
         if self.state is BreakerState.OPEN and now >= self.opened_at + self.open_for_s:
             self.state = BreakerState.HALF_OPEN
-            self.trial_in_flight = False
+            self.trial = None
         return self.state
 
     def allows(self, now: float) -> bool:
@@ -318,15 +366,24 @@ class CircuitBreaker:
         state = self.state if now is None else self.current(now)
         return self.opened_at + self.open_for_s if state is BreakerState.OPEN else None
 
-    def on_dispatch(self, now: float) -> None:
+    def on_dispatch(self, now: float, call: object) -> None:
+        """A call goes out; on a half-open breaker it is the trial (``call`` names it)."""
         if self.current(now) is BreakerState.HALF_OPEN:
-            self.trial_in_flight = True
+            self.trial = call
+
+    def on_call_ended(self, call: object) -> None:
+        """Call ``call`` ended. If it was the trial and neither :meth:`on_success` nor
+        :meth:`on_failure` follows (an outcome the breaker does not count: a refusal for room,
+        the task's own deadline, a cancel), the next call may be the trial: a half-open breaker
+        never waits for a trial that is over."""
+        if self.trial is not None and self.trial == call:
+            self.trial = None
 
     def on_success(self) -> None:
         self.state = BreakerState.CLOSED
         self.failures = 0
         self.open_for_s = self.base_open_s
-        self.trial_in_flight = False
+        self.trial = None
 
     def on_failure(self, now: float) -> None:
         self.failures += 1
@@ -340,7 +397,7 @@ class CircuitBreaker:
     def _open(self, now: float) -> None:
         self.state = BreakerState.OPEN
         self.opened_at = now
-        self.trial_in_flight = False
+        self.trial = None
 
 
 # -------------------------------------------------------------------- tasks
@@ -369,6 +426,7 @@ class _Attempt:
     peer_id: str
     gpu_indices: tuple[int, ...]
     deadline: float
+    dispatched_at: float
 
 
 @dataclass
@@ -381,6 +439,7 @@ class _Task:
     results: dict[str, bytes] = field(default_factory=dict)      # peer -> digest
     tried: set[str] = field(default_factory=set)
     failures: int = 0
+    deadline_failures: int = 0                      # of failures: plausible deadline_exceeded refusals
     next_attempt: int = 1
     retry_at: float | None = None
     tally: Tally | None = None
@@ -624,12 +683,17 @@ class Placement:
     def on_failure(self, task_id: str, attempt: int, peer_id: str, reason: str, now: float) -> list[Action]:
         """Attempt ``attempt`` on ``peer_id`` failed by the peer's own (signed) report.
 
-        A refusal in :data:`REFUSALS_NOT_BLAMED` (``busy``, ``gpu_unavailable``,
-        ``module_unavailable``, ``deadline_exceeded``) is no fault of the replica's: no reputation
-        observation, the breaker counts it only where that table says so, and ``busy`` marks the
-        peer's slots full until its next advertisement. Any other reason (a refusal that is the
-        peer's doing, an inconsistent digest) is a ``task_disagree`` and counts for the breaker.
-        Either way the attempt is retried on another peer (within ``max_retries``).
+        A refusal in :data:`REFUSALS_NOT_BLAMED` (``busy``, ``gpu_unavailable``, ``over_capacity``,
+        ``module_unavailable``, ``internal_error``, ``deadline_exceeded``) is no wrong result: no
+        reputation observation, the breaker counts it only where that table says so, and ``busy``
+        marks the peer's slots full until its next advertisement. A ``deadline_exceeded`` is the
+        task's own (not counted, and it counts toward the task failing ``deadline_exceeded``) unless
+        it came sooner after dispatch than the task's wall time allows
+        (:func:`deadline_claim_plausible`): then it counts for the breaker
+        (``attempt_deadline_exceeded_early``). Any other reason (an inconsistent digest, a refusal
+        reason no honest peer sends) is the peer's doing: ``task_disagree``, and it counts for the
+        breaker. Either way the attempt is retried on another peer (within
+        ``max_retries``).
         """
         task = self.tasks.get(task_id)
         att = task.attempts.get(attempt) if task is not None else None
@@ -637,10 +701,17 @@ class Placement:
             self._count("ignored_failure")
             return []
         if reason in REFUSALS_NOT_BLAMED:
+            breaker = REFUSALS_NOT_BLAMED[reason]
             if reason == "busy" and peer_id in self.slots:
                 s = self.slots[peer_id]
                 s.others = max(s.others, s.task_slots)  # full until it advertises again
-            actions = self._fail_attempt(task, att, reason, now, observe=False, breaker=REFUSALS_NOT_BLAMED[reason])
+            elif reason == "deadline_exceeded":
+                if deadline_claim_plausible(task.req.wall_time_s, now - att.dispatched_at):
+                    task.deadline_failures += 1
+                else:  # it cannot have run for the wall time: a refusal in disguise
+                    breaker = True
+                    reason = "deadline_exceeded_early"
+            actions = self._fail_attempt(task, att, reason, now, observe=False, breaker=breaker)
         else:
             actions = self._fail_attempt(task, att, reason, now, observe=True, breaker=True)
         return actions + self._place_waiting(now)
@@ -763,9 +834,10 @@ class Placement:
         if task.missing > 0 and not task.attempts and not chosen:
             untried = [p for p in self.peers if p not in busy and self._could_ever_fit(p, task.req)]
             if len(untried) < task.missing:
-                return actions + self._finish_failed(
-                    task, "retries_exhausted" if task.failures else "no_capacity",
-                    f"{len(untried)} untried capable peers left, {task.missing} replicas missing")
+                detail = f"{len(untried)} untried capable peers left, {task.missing} replicas missing"
+                if task.failures:
+                    return actions + self._finish_exhausted(task, detail)
+                return actions + self._finish_failed(task, "no_capacity", detail)
             if now >= task.submitted_at + self.config.queue_timeout_s:
                 return actions + self._finish_failed(task, "no_capacity",
                                                      f"no peer had room within {self.config.queue_timeout_s} s")
@@ -782,9 +854,9 @@ class Placement:
             leases[index] = (task.task_id, number)
         self.committed_memory[peer_id] = self.committed_memory.get(peer_id, 0) + req.memory_bytes
         self.in_flight[peer_id] = self.in_flight.get(peer_id, 0) + 1
-        self.breakers[peer_id].on_dispatch(now)
+        self.breakers[peer_id].on_dispatch(now, (task.task_id, number))
         timeout_s = req.wall_time_s + self.config.timeout_slack_s
-        att = _Attempt(number, peer_id, gpus, now + timeout_s)
+        att = _Attempt(number, peer_id, gpus, now + timeout_s, now)
         task.attempts[number] = att
         task.tried.add(peer_id)
         self._count("dispatched")
@@ -793,6 +865,8 @@ class Placement:
     def _end_attempt(self, task: _Task, att: _Attempt) -> None:
         if task.attempts.pop(att.number, None) is None:
             return  # ended already
+        if att.peer_id in self.breakers:
+            self.breakers[att.peer_id].on_call_ended((task.task_id, att.number))
         if att.peer_id in self.in_flight:
             self.in_flight[att.peer_id] = max(0, self.in_flight[att.peer_id] - 1)
         leases = self.gpu_leases.get(att.peer_id, {})
@@ -815,14 +889,14 @@ class Placement:
         if observe:
             actions.append(Observe(att.peer_id, ObservationKind.TASK_DISAGREE, task.task_id, f"failed: {reason}"))
         task.failures += 1
-        self._count(f"attempt_{reason}" if reason in ("timeout", "peer_removed", *REFUSALS_NOT_BLAMED)
+        self._count(f"attempt_{reason}"
+                    if reason in ("timeout", "peer_removed", "deadline_exceeded_early", *REFUSALS_NOT_BLAMED)
                     else "attempt_failed")
         if task.failures > self.config.max_retries:
             for other in list(task.attempts.values()):
                 self._end_attempt(task, other)
                 actions.append(Cancel(task.task_id, other.number, other.peer_id, "task_failed"))
-            return actions + self._finish_failed(task, "retries_exhausted",
-                                                 f"{task.failures} failed attempts, last: {reason}")
+            return actions + self._finish_exhausted(task, f"{task.failures} failed attempts, last: {reason}")
         cfg = self.config
         delay = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (task.failures - 1))
         task.retry_at = now + delay * (1 + cfg.backoff_jitter * self.rng.random())
@@ -855,6 +929,17 @@ class Placement:
         self._count("accepted")
         self._forget(task)
         return actions
+
+    def _finish_exhausted(self, task: _Task, detail: str) -> list[Action]:
+        """The task is out of retries or untried peers: ``deadline_exceeded`` when most of its
+        failed attempts ran past its wall time (the module does not finish in time; retrying it
+        elsewhere will not help), else ``retries_exhausted``."""
+        if 2 * task.deadline_failures > task.failures:
+            return self._finish_failed(
+                task, "deadline_exceeded",
+                f"{task.deadline_failures} of {task.failures} failed attempts ran past the task's wall time "
+                f"({task.req.wall_time_s:g} s), each on another peer; {detail}")
+        return self._finish_failed(task, "retries_exhausted", detail)
 
     def _no_agreement(self, task: _Task, reason: str, detail: str) -> list[Action]:
         return self._finish_failed(task, reason, detail)

@@ -122,8 +122,10 @@ class FabricTaskResult:
     Fields:
         status: ``ok`` (ran; ``exit_code`` and ``stdout`` are the result),
             ``error`` (a deterministic failure such as ``fuel_exhausted``: a
-            result too, ``reason`` names it) or ``refused`` (did not run:
-            ``busy``, ``module_unavailable``, ``bad_request``, ``deadline_exceeded``...).
+            result too, ``reason`` names it) or ``refused`` (no result: ``busy``,
+            ``gpu_unavailable``, ``over_capacity``, ``module_unavailable``,
+            ``internal_error``, ``deadline_exceeded``; how the submitter scores each:
+            :data:`~chimera.fabric.placement.REFUSALS_NOT_BLAMED`).
         digest: the result digest the replica will sign, 32 bytes; for ``ok``
             ``result_digest(exit_code, stdout)``, for ``error``
             ``error_digest(reason)`` (both in :mod:`chimera.fabric.sandbox`);

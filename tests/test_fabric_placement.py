@@ -411,18 +411,118 @@ def test_refusals_that_are_not_the_replicas_fault_are_retried_without_blame():
         assert retry.peer_id != d.peer_id  # retried elsewhere
         core.on_result(retry.task_id, retry.attempt, retry.peer_id, b"\x01" * 32, float(n) + 0.6)
     assert core.counters["attempt_busy"] == 5 and core.counters["attempt_gpu_unavailable"] == 5
-    # a deadline or a failed module fetch count for the breaker (no blame); the peer's own failure blames it
+
+
+@pytest.mark.parametrize("reason, after_s, blamed, counted", [
+    ("busy", 0.5, False, False),                # room taken by other submitters
+    ("gpu_unavailable", 0.5, False, False),
+    ("over_capacity", 0.5, False, True),        # was task_disagree: a capacity refusal, not a wrong result
+    ("module_unavailable", 0.5, False, True),
+    ("internal_error", 0.5, False, True),       # was task_disagree: its host failed, it computed nothing
+    ("deadline_exceeded", 1.0, False, False),   # was counted: the task's own wall time ran out there
+    ("deadline_exceeded", 0.99, False, False),  # within the tolerance (whole ms on the wire, clock rates)
+    ("deadline_exceeded", 0.5, False, True),    # sooner than the wall time allows: cannot be true
+    ("inconsistent_digest", 0.5, True, True),   # its digest does not match its own result
+    ("crashed", 0.5, True, True),               # a reason no honest peer sends
+])
+def test_each_refusal_costs_reputation_only_for_a_wrong_answer_and_counts_as_the_table_says(
+        reason, after_s, blamed, counted):
+    core = slot_core(1, slots=8, breaker_failures=1, max_retries=0)
+    (d,) = core.submit("t", TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0), 0.0)
+    acts = core.on_failure("t", d.attempt, d.peer_id, reason, after_s)
+    observed = [a for a in acts if isinstance(a, Observe)]
+    assert observed == ([Observe(d.peer_id, ObservationKind.TASK_DISAGREE, "t", f"failed: {reason}")]
+                        if blamed else [])
+    assert bool([a for a in acts if isinstance(a, BreakerOpened)]) is counted
+    assert (core.breaker(d.peer_id).current(after_s) is BreakerState.OPEN) is counted
+
+
+def run_until_finished(core: Placement, task_id: str, first: list, outcome, now: float) -> tuple[list, float]:
+    """Answer every attempt of ``task_id`` with ``outcome(dispatch)`` -> (reason, seconds after
+    dispatch); tick through the backoffs until the task ends. Returns (all actions, now)."""
+    seen, pending = list(first), [a for a in first if isinstance(a, Dispatch) and a.task_id == task_id]
+    while task_id in core.tasks:
+        if pending:
+            d = pending.pop(0)
+            reason, after_s = outcome(d)
+            now = max(now, d.deadline - d.timeout_s + after_s)
+            acts = core.on_failure(task_id, d.attempt, d.peer_id, reason, now)
+        else:
+            now = core.next_deadline()
+            acts = core.tick(now)
+        seen += acts
+        pending += [a for a in acts if isinstance(a, Dispatch) and a.task_id == task_id]
+    return seen, now
+
+
+@pytest.mark.parametrize("peers", [2, 6])  # out of peers first / out of retries first
+def test_a_task_that_always_runs_past_its_deadline_fails_deadline_exceeded_and_opens_no_breaker(peers):
+    """A module that loops is the user's bug: every replica reports ``deadline_exceeded`` after the
+    task's wall time. Was: each report counted for the peer's breaker, so a few such tasks opened
+    the breaker of every peer they ran on, and the task failed ``retries_exhausted``."""
+    core = slot_core(peers, slots=8, breaker_failures=2, max_retries=3)
+    req = TaskRequirements(fuel=10**9, memory_bytes=1 << 20, wall_time_s=2.0)
+    everything, now = [], 0.0
+    for n in range(4):
+        first = core.submit(f"loop{n}", req, now)
+        seen, now = run_until_finished(core, f"loop{n}", first, lambda d: ("deadline_exceeded", 2.0 + 0.01), now)
+        everything += seen
+        failed = [a for a in seen if isinstance(a, TaskFailed)]
+        assert [a.reason for a in failed] == ["deadline_exceeded"], failed
+        tried = min(peers, 4)  # each peer once; at most max_retries + 1 attempts
+        assert failed[0].detail.startswith(f"{tried} of {tried} failed attempts ran past the task's wall time (2 s)")
+    assert not [a for a in everything if isinstance(a, (BreakerOpened, Observe))]
+    assert all(b.current(now) is BreakerState.CLOSED and b.failures == 0 for b in core.breakers.values())
+    # the peers still take work at once
+    assert len([a for a in core.submit("ok", req, now) if isinstance(a, Dispatch)]) == 1
+
+
+def test_a_task_whose_failures_are_mostly_not_deadlines_fails_retries_exhausted():
+    core = slot_core(4, slots=8, max_retries=2)
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=2.0)
+    reasons = iter(["deadline_exceeded", "internal_error", "module_unavailable"])
+    seen, _ = run_until_finished(core, "t", core.submit("t", req, 0.0), lambda d: (next(reasons), 2.0), 0.0)
+    assert [(a.reason, a.detail) for a in seen if isinstance(a, TaskFailed)] == \
+        [("retries_exhausted", "3 failed attempts, last: module_unavailable")]
+
+
+def test_a_peer_that_never_answers_still_opens_its_breaker():
+    """Unlike a reported deadline, no answer at all within wall time + slack is the peer's
+    (or its link's) failure: it counts for the breaker (and costs no reputation by default)."""
     core = slot_core(1, slots=8, breaker_failures=2, max_retries=0)
-    (d,) = core.submit("m", req, 0.0)
-    assert not [a for a in core.on_failure("m", d.attempt, d.peer_id, "module_unavailable", 0.0)
-                if isinstance(a, Observe)]
-    (d,) = [a for a in core.submit("d", req, 1.0) if isinstance(a, Dispatch)]
-    acts = core.on_failure("d", d.attempt, d.peer_id, "deadline_exceeded", 1.0)
-    assert [a for a in acts if isinstance(a, BreakerOpened)] and not [a for a in acts if isinstance(a, Observe)]
-    core = slot_core(1, slots=8)
-    (d,) = core.submit("o", req, 0.0)
-    assert Observe(d.peer_id, ObservationKind.TASK_DISAGREE, "o", "failed: over_capacity") in \
-        core.on_failure("o", d.attempt, d.peer_id, "over_capacity", 0.0)
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    opened = []
+    for n in range(2):
+        (d,) = [a for a in core.submit(f"t{n}", req, 10.0 * n) if isinstance(a, Dispatch)]
+        acts = core.tick(d.deadline)
+        assert [a.reason for a in acts if isinstance(a, TaskFailed)] == ["retries_exhausted"]
+        assert not [a for a in acts if isinstance(a, Observe)]
+        opened += [a for a in acts if isinstance(a, BreakerOpened)]
+    assert opened == [BreakerOpened("peer00", 5.0, 2)]
+
+
+@pytest.mark.parametrize("end", ["busy", "deadline_exceeded", "cancel"])
+def test_a_half_open_trial_that_ends_uncounted_lets_the_next_call_through(end):
+    """Was: the breaker waited for its trial forever when the trial ended with an outcome it does
+    not count (a ``busy`` refusal, the task's own deadline, a cancel): no work reached the peer again."""
+    core = slot_core(1, slots=8, breaker_failures=1, breaker_open_s=5.0, max_retries=0)
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    (d,) = core.submit("x", req, 0.0)
+    core.on_failure("x", d.attempt, d.peer_id, "crashed", 0.5)   # opens the breaker
+    assert core.submit("t", req, 1.0) == []                       # waits for the peer
+    (trial,) = [a for a in core.tick(6.0) if isinstance(a, Dispatch)]
+    assert core.breaker("peer00").trial_in_flight and core.candidates(req, 6.0) == []
+    if end == "cancel":
+        core.cancel("t", 7.0)
+    else:
+        core.on_failure("t", trial.attempt, "peer00", end, 7.0)
+    if end == "busy":  # its slots count as full until it advertises again
+        core.update_peer("peer00", inventory(0, mem_gib=64), task_slots=8, tasks_running=0)
+    assert core.breaker("peer00").current(7.0) is BreakerState.HALF_OPEN
+    assert core.candidates(req, 7.0) == ["peer00"]  # the next call is the trial
+    (nxt,) = [a for a in core.submit("u", req, 7.0) if isinstance(a, Dispatch)]
+    core.on_result("u", nxt.attempt, "peer00", b"\x01" * 32, 7.5)
+    assert core.breaker("peer00").current(7.5) is BreakerState.CLOSED
 
 
 def test_next_deadline_is_not_in_the_past_while_a_replica_waits_with_another_in_flight():
@@ -465,10 +565,11 @@ def test_a_removed_peers_breaker_is_forgotten_and_reopen_times_are_current():
     assert core.tick(100.01) == [] and core.next_deadline() == pytest.approx(130.0)
 
 
-REASONS = ["crashed", "busy", "gpu_unavailable", "module_unavailable", "deadline_exceeded", "inconsistent_digest"]
+REASONS = ["crashed", "busy", "gpu_unavailable", "module_unavailable", "deadline_exceeded", "inconsistent_digest",
+           "over_capacity", "internal_error"]
 deadline_ops = st.lists(st.tuples(
     st.sampled_from(["submit", "result", "fail", "tick", "advertise", "remove", "readd"]),
-    st.integers(0, 5), st.integers(1, 3), st.floats(0.0, 40.0)), min_size=1, max_size=50)
+    st.integers(0, 7), st.integers(1, 3), st.floats(0.0, 40.0)), min_size=1, max_size=50)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
