@@ -39,8 +39,11 @@ What each peer does (as ``node/fabric.py``)
   (``busy``), as in the node. Each advertisement carries ``task_slots`` and
   ``tasks_running`` into the cores (the peer's own live), so submitters queue
   tasks instead of over-dispatching. A cancelled attempt reports nothing; one
-  cancelled while it waits is dropped unrun (``cancelled_before_start``). The
-  replica remembers the digest it reported and signs only that one.
+  cancelled while it waits is dropped unrun (``cancelled_before_start``). A run
+  whose modelled duration exceeds the task's wall time is stopped there and
+  refused ``deadline_exceeded`` (the node's epoch deadline; counted
+  ``refused_deadline_exceeded``). The replica remembers the digest it reported
+  and signs only that one.
 
 The task (modelled)
 -------------------
@@ -50,7 +53,8 @@ SHA-256 of the input), named on the wire by the fixed module hash
 :data:`TASK_MODULE_SHA256` (no module bytes travel; module fetching is not
 simulated). Its *virtual* duration is modelled:
 ``(exec_base_s + exec_s_per_kib * input KiB) * speed`` with the peer's
-``speed`` factor drawn uniformly in ``[0.5, 2.0]`` by the seed. Every result
+``speed`` factor drawn uniformly in ``[0.5, 2.0]`` by the seed (a task whose
+duration exceeds ``wall_time_s`` on every peer stands for a module that loops). Every result
 a replica returns goes through its behaviour's
 :meth:`~chimera.simulations.behaviours.Behaviour.task_result` (honest: the
 result unchanged; ``wrong_result``: a wrong stdout, with its own consistent
@@ -123,8 +127,8 @@ QUEUE_PER_SLOT = 4
 """Attempts waiting per task slot before more are refused as ``busy`` (the node's value)."""
 MAX_TICK_S = 1.0
 """Longest gap between two placement ticks (the node's timer)."""
-TASK_FAILURE_REASONS = ("unsatisfiable", "no_capacity", "retries_exhausted", "no_agreement", "vote_timeout",
-                        "cancelled", "invalid_ballot", "submitter_crashed")
+TASK_FAILURE_REASONS = ("unsatisfiable", "no_capacity", "retries_exhausted", "deadline_exceeded", "no_agreement",
+                        "vote_timeout", "cancelled", "invalid_ballot", "submitter_crashed")
 """Why a task fails: the placement core's ``TaskFailed`` reasons, and ``submitter_crashed``
 (this world's). Every run's metrics carry a ``failed_<reason>`` column for each, zeros
 included (a reason not listed here gets a column in the runs where it occurs)."""
@@ -159,7 +163,8 @@ class FabricSetup:
     per task input (uniform); ``wall_time_s`` a run may take (> 0);
     ``memory_bytes`` per run; ``fuel`` per run (not consumed by the model);
     ``exec_base_s`` + ``exec_s_per_kib`` per KiB of input: modelled run time
-    before the peer's speed factor (>= 0); ``task_slots`` per peer (>= 1);
+    before the peer's speed factor (>= 0; a run longer than ``wall_time_s`` is
+    refused ``deadline_exceeded`` at ``wall_time_s``); ``task_slots`` per peer (>= 1);
     ``capacity_interval_s`` between advertisements (>= 0.1); ``sample_interval_s``
     between reputation samples (> 0); ``placement`` the core's
     :class:`PlacementConfig`.
@@ -453,9 +458,12 @@ class FabricPeer(PeerHost):
             self.active += 1
             kib = len(run.msg.input) / 1024.0
             duration = (setup.exec_base_s + setup.exec_s_per_kib * kib) * self.speed
-            self.sim.schedule(self.sim.now + duration, self._done, self.incarnation, key, duration)
+            wall_time_s = run.msg.wall_time_ms / 1000
+            exceeded = duration > wall_time_s  # the epoch deadline stops the run at its wall time
+            self.sim.schedule(self.sim.now + min(duration, wall_time_s), self._done, self.incarnation, key,
+                              min(duration, wall_time_s), exceeded)
 
-    def _done(self, incarnation: int, key: tuple[str, str, int], duration: float) -> None:
+    def _done(self, incarnation: int, key: tuple[str, str, int], duration: float, exceeded: bool) -> None:
         if incarnation != self.incarnation or not self.up:
             return
         self.active -= 1
@@ -463,7 +471,13 @@ class FabricPeer(PeerHost):
         if run is not None and run.cancelled:
             self.fworld.counters["result_after_cancel"] += 1
             run = None
-        if run is not None:
+        if run is not None and exceeded:  # as the node: wall time is not deterministic, no result
+            msg = run.msg
+            self.fworld.counters["refused_deadline_exceeded"] += 1
+            self._reply(run.submitter, FabricTaskResult(
+                task_id=msg.task_id, attempt=msg.attempt, status="refused", reason="deadline_exceeded",
+                detail=f"ran past its {msg.wall_time_ms / 1000:g} s deadline", elapsed_ms=int(duration * 1000)))
+        elif run is not None:
             msg = run.msg
             honest = word_count_task(msg.input)
             stdout = self.behaviour.task_result(self, msg, honest)  # every result goes through the behaviour

@@ -142,11 +142,31 @@ def test_an_overload_waits_at_the_submitters_and_blames_no_honest_peer():
     assert row["tasks_accepted"] + row.get("failed_no_capacity", 0) == 60
 
 
+def test_tasks_that_always_run_past_their_wall_time_fail_deadline_exceeded_and_open_no_breaker():
+    """Every run takes longer than the task's wall time (a module that loops): each replica stops
+    it at its epoch deadline and refuses ``deadline_exceeded``. The tasks fail with that reason and
+    no honest peer's breaker opens (was: every such report counted for the breaker, so the
+    submitter's breakers opened for the peers, and the tasks failed ``retries_exhausted``)."""
+    sim = Simulator(5)
+    net = SimNetwork(sim, LinkSpec(latency=Latency.uniform(0.001, 0.01)))
+    setup = FabricSetup(tasks=8, tasks_per_s=2.0, submitters=1, replicas=2, wall_time_s=1.0, exec_base_s=3.0,
+                        capacity_interval_s=1.0)
+    world = FabricWorld(sim, net, setup, [Behaviour() for _ in range(5)])
+    with shared_fabric_verification():
+        world.start_all()
+        sim.run(300.0, world.finished)
+    row = world.metrics()
+    assert world.finished() and world.violation is None
+    assert row["failed_deadline_exceeded"] == row["tasks_submitted"] == 8 and row["tasks_accepted"] == 0
+    assert world.counters["refused_deadline_exceeded"] == row["dispatched"] > 8
+    assert row["breaker_openings"] == 0 and row["observed_task_disagree"] == 0 and row["results_returned"] == 0
+
+
 def test_every_failure_reason_has_a_column_zeros_included(tmp_path):
     """Runs with and without failures write the same failed_<reason> columns (a CSV of a sweep
     used to miss a column where a reason never occurred)."""
-    reasons = ("unsatisfiable", "no_capacity", "retries_exhausted", "no_agreement", "vote_timeout", "cancelled",
-               "invalid_ballot", "submitter_crashed")  # TaskFailed's reasons and the world's own
+    reasons = ("unsatisfiable", "no_capacity", "retries_exhausted", "deadline_exceeded", "no_agreement",
+               "vote_timeout", "cancelled", "invalid_ballot", "submitter_crashed")  # TaskFailed's and the world's
     row = run_one(scenario(tmp_path, wrong=1, loss=0.0, tasks=10), trace=False).row
     assert row["tasks_failed"] == 0
     assert {f"failed_{r}": row.get(f"failed_{r}") for r in reasons} == {f"failed_{r}": 0 for r in reasons}
