@@ -462,6 +462,23 @@ async def test_an_attempt_cancelled_while_it_waits_for_a_slot_is_never_run(node_
     assert started == ["first"]
 
 
+async def test_a_task_that_loops_fails_deadline_exceeded_and_opens_no_breaker(node_factory):
+    """A module that loops with fuel to spare runs into its epoch deadline: the replica (here the
+    node itself) refuses ``deadline_exceeded``. The task fails with that reason, and the peer's
+    breaker stays closed (was: three such tasks opened it; the tasks failed ``retries_exhausted``)."""
+    node = await node_factory("loop", NodeConfig(**FABRIC_FAST))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    for _ in range(3):  # breaker_failures (default 3) reports used to open the breaker
+        res = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62, "timeout_s": 0.2,
+                                                "wait": True, "wait_s": 30})
+        assert res["state"] == "failed", res
+        assert res["failure"]["reason"] == "deadline_exceeded" and not res["failure"]["agreed"], res
+        assert [r["reason"] for r in res["results"]] == ["deadline_exceeded"]
+    assert node.counters["fabric_breaker_opened"] == 0
+    assert node.fabric.placement.breaker(node.peer_id).failures == 0
+    assert not node.fabric.observations and not [e for e in node.events if e["kind"] == "task_breaker_opened"]
+
+
 async def test_a_running_task_does_not_stop_older_finished_ones_from_being_evicted(node_factory):
     from chimera.node.fabric import MAX_TASKS_KEPT, _Submitted
 
