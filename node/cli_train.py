@@ -52,7 +52,8 @@ ROUND_HEADER = f"{'ROUND':>5}  {'ACCURACY':>8}  {'LOSS':>7}  {'UPDATES':>7}  {'R
 def round_line(r: dict) -> str:
     return (f"{r['round']:>5}  {_fmt(r['accuracy'], '8.4f'):>8}  {_fmt(r['loss'], '7.4f'):>7}  "
             f"{_fmt(r['participants'], 'd'):>7}  {_fmt(r['round_s'], '7.2f'):>7}  {_fmt(r['fit_s'], '6.3f'):>6}  "
-            f"{r['bytes_sent']:>7}  {(r['digest'] or '-')[:16]}")
+            f"{r['bytes_sent']:>7}  {(r['digest'] or '-')[:16]}" + ("  (checkpoint not written)"
+                                                                    if r.get("saved") is False else ""))
 
 
 def status_text(res: dict) -> str:
@@ -61,6 +62,10 @@ def status_text(res: dict) -> str:
     lines = []
     for job in res["jobs"]:
         lines += [job_header(job), ROUND_HEADER, *[round_line(r) for r in job["rounds"]]]
+        checkpoint = job.get("checkpoint") or {}
+        if checkpoint.get("state") == "failing":
+            lines.append(f"checkpoint: round {checkpoint['unsaved_round']} is in memory only "
+                         f"({checkpoint['failures']} failed writes, retried): {checkpoint['error']}")
         if job["last_error"]:
             lines.append(f"last error: {job['last_error']}")
         lines.append("")

@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import math
+import sqlite3
 import time
 import tomllib
 from collections import Counter
@@ -94,6 +95,8 @@ ENVELOPE_MARGIN_BYTES = 64 * 1024
 """Room kept in an envelope for everything of an update but its tensor bytes."""
 CHECKPOINT_FILES_KEPT = 3
 """Checkpoint files kept per job (older rounds keep their SQLite row, not the file)."""
+CHECKPOINT_RETRY_S = 30.0
+"""Seconds between tries to write again a checkpoint whose write failed (the model is kept in memory)."""
 EVENT_KINDS = {"round_started", "round_committed", "job_finished", "aggregate_mismatch", "model_fetched",
                "local_failed", "waiting_weight_table"}
 JOB_FIELDS = {"name", "model_kind", "n_features", "classes", "l2", "dataset", "rounds", "local_epochs",
@@ -328,7 +331,8 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 @dataclass
 class RoundInfo:
-    """What this node saw of one round (monotonic seconds; ``None``: not yet)."""
+    """What this node saw of one round (monotonic seconds; ``None``: not yet). ``saved``: its
+    checkpoint file is on disk (False: the write failed; the round is listed all the same)."""
 
     started_mono: float | None = None
     round_s: float | None = None
@@ -339,11 +343,12 @@ class RoundInfo:
     committed_ms: int | None = None
     accuracy: float | None = None
     loss: float | None = None
+    saved: bool = True
 
     def doc(self, number: int) -> dict:
         return {"round": number, "digest": self.digest, "accuracy": self.accuracy, "loss": self.loss,
                 "participants": self.included, "round_s": self.round_s, "fit_s": self.fit_s,
-                "bytes_sent": self.bytes_sent, "committed_ms": self.committed_ms}
+                "bytes_sent": self.bytes_sent, "committed_ms": self.committed_ms, "saved": self.saved}
 
 
 @dataclass
@@ -358,6 +363,18 @@ class JobState:
     last_error: str | None = None
     pending: list = field(default_factory=list)  # actions left by the restart replay
     checkpoint_task: asyncio.Task | None = None  # the newest checkpoint write (they run in round order)
+    unsaved: Checkpoint | None = None  # the newest certified model whose checkpoint write failed (kept
+    #   in memory: export serves it, a retry writes it; a later round's checkpoint supersedes it)
+    checkpoint_error: str | None = None  # why the last checkpoint write failed (None once one succeeds)
+    checkpoint_failures: int = 0  # failed checkpoint writes of this job (retries included)
+    retry_at: float = math.inf  # monotonic time of the next try to write ``unsaved``
+
+    def checkpoint_doc(self) -> dict:
+        """``train_status``'s ``checkpoint``: ``state`` ``ok`` or ``failing`` (the newest certified
+        model, round ``unsaved_round``, is only in memory; retried every ``CHECKPOINT_RETRY_S``)."""
+        return {"state": "ok" if self.unsaved is None else "failing",
+                "unsaved_round": None if self.unsaved is None else self.unsaved.round,
+                "failures": self.checkpoint_failures, "error": self.checkpoint_error}
 
     def info(self, number: int) -> RoundInfo:
         rnd = self.rounds.get(number)
@@ -420,7 +437,8 @@ class TrainingService:
         rule) is skipped: the log replay re-derives everything from an older one or round 0."""
         spec = job.model_spec()
         rows = self.store.db.execute("SELECT round, digest, path, next_epoch FROM fl_checkpoints WHERE job_id=? "
-                                     "ORDER BY round DESC LIMIT ?", (job_id, CHECKPOINT_FILES_KEPT)).fetchall()
+                                     "AND path != '' ORDER BY round DESC LIMIT ?",  # '': the write failed
+                                     (job_id, CHECKPOINT_FILES_KEPT)).fetchall()
         for number, digest, path, next_epoch in rows:
             if next_epoch is None and number < job.rounds:
                 self.counters["training_checkpoint_without_epoch"] += 1
@@ -570,12 +588,13 @@ class TrainingService:
                             epoch=epoch, checkpoint=checkpoint,
                             config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s))
         state = JobState(job=job, job_id=job_id, value=value, height=height, core=core)
-        for number, digest, committed_ms, acc, loss, round_s, fit_s, included, sent in self.store.db.execute(
-                "SELECT round, digest, committed_ms, accuracy, loss, round_s, fit_s, included, bytes_sent "
+        for number, digest, path, committed_ms, acc, loss, round_s, fit_s, included, sent in self.store.db.execute(
+                "SELECT round, digest, path, committed_ms, accuracy, loss, round_s, fit_s, included, bytes_sent "
                 "FROM fl_checkpoints WHERE job_id=? ORDER BY round", (job_id,)):
             state.rounds[int(number)] = RoundInfo(round_s=round_s, fit_s=fit_s, included=included,
                                                   bytes_sent=sent or 0, digest=bytes(digest).hex(),
-                                                  committed_ms=committed_ms, accuracy=acc, loss=loss)
+                                                  committed_ms=committed_ms, accuracy=acc, loss=loss,
+                                                  saved=bool(path))
         self.jobs[job_id] = state
         log.info("training job %s (%s) committed at height %d: %s%s", job.name, job_id.hex()[:16], height,
                  job.describe(), f", resuming after round {checkpoint[0]}" if checkpoint else "")
@@ -770,44 +789,120 @@ class TrainingService:
         round show its digest. Checkpoints of one job are written in round order.
         Nothing is lost by the delay: the certified hash is in the log, so a peer killed
         before the row exists resumes from the previous checkpoint and fetches the model.
+
+        A write that fails (disk full, no permission, a file where the directory should be)
+        holds nothing up: the round is listed all the same (its digest, ``saved`` false, a
+        row without a file), the model stays in memory (:attr:`JobState.unsaved`, which
+        ``train export`` serves) and is written again every :data:`CHECKPOINT_RETRY_S` until
+        a write succeeds or a later round's checkpoint supersedes it. Each failure is
+        counted (``training_checkpoint_failures``) and logged, and ``train_status`` shows it
+        (``checkpoint``, ``last_error``); ``training_checkpoint_recovered`` counts the ends
+        of such streaks.
         """
         certified_ms = time.time_ns() // 1_000_000
         state.checkpoint_task = self._spawn(self._write_checkpoint(state, action, certified_ms,
                                                                    state.checkpoint_task))
 
+    def _checkpoint_path(self, state: JobState, number: int) -> Path:
+        return self.root / state.job_id.hex()[:32] / f"round-{number:07d}.npz"
+
     async def _write_checkpoint(self, state: JobState, action: Checkpoint, certified_ms: int,
                                 previous: asyncio.Task | None) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        number = action.round
-        path = self.root / state.job_id.hex()[:32] / f"round-{number:07d}.npz"
-        try:
-            await asyncio.to_thread(write_npz_atomic, path, dict(action.params))
-        except (OSError, ValueError) as exc:
-            self.counters["training_action_errors"] += 1
-            state.last_error = f"Checkpoint: {exc}"
-            log.error("training checkpoint of round %d failed: %s", number, exc)
-            return
-        info = state.info(number)
+        saved = await self._save_file(state, action)
+        info = state.info(action.round)
         info.accuracy, info.loss = await self._evaluate(state, dict(action.params))
         if self.node._stopped.is_set():
             return  # the store may be closed already
         info.digest = action.digest.hex()
         info.committed_ms = certified_ms  # when the round was certified here, not when the file landed
-        self.store.db.execute(  # one row write (one fsync) per round, with the model's test figures
-            "INSERT OR REPLACE INTO fl_checkpoints(job_id, round, digest, path, committed_ms, accuracy, loss, "
-            "round_s, fit_s, included, bytes_sent, next_epoch) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-            (state.job_id, number, action.digest, str(path), info.committed_ms, info.accuracy, info.loss,
-             info.round_s, info.fit_s, info.included, info.bytes_sent, action.next_epoch))
+        info.saved = saved
+        self._record(state, action, info)
+
+    async def _save_file(self, state: JobState, action: Checkpoint) -> bool:
+        """Write the checkpoint file of ``action``; False (counted, logged, kept for a retry) if
+        that fails."""
+        path = self._checkpoint_path(state, action.round)
+        try:
+            await asyncio.to_thread(write_npz_atomic, path, dict(action.params))
+        except (OSError, ValueError) as exc:
+            self._checkpoint_failed(state, action, str(exc))
+            return False
+        return True
+
+    def _record(self, state: JobState, action: Checkpoint, info: RoundInfo) -> None:
+        """The round's row (one write, one fsync, with the model's test figures); ``path`` empty
+        when its file could not be written (a restart skips such a row)."""
+        path = str(self._checkpoint_path(state, action.round)) if info.saved else ""
+        try:
+            self.store.db.execute(
+                "INSERT OR REPLACE INTO fl_checkpoints(job_id, round, digest, path, committed_ms, accuracy, "
+                "loss, round_s, fit_s, included, bytes_sent, next_epoch) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                (state.job_id, action.round, action.digest, path, info.committed_ms, info.accuracy, info.loss,
+                 info.round_s, info.fit_s, info.included, info.bytes_sent, action.next_epoch))
+        except sqlite3.Error as exc:  # a restart would not find the file: not durable yet
+            info.saved = False
+            self._checkpoint_failed(state, action, f"its row: {exc}")
+            return
+        if info.saved:
+            self._checkpoint_saved(state, action)
+
+    def _checkpoint_failed(self, state: JobState, action: Checkpoint, why: str) -> None:
+        """A checkpoint write failed: count and log it, keep the model in memory and retry later."""
+        self.counters["training_checkpoint_failures"] += 1
+        state.checkpoint_failures += 1
+        first = state.checkpoint_error is None
+        state.checkpoint_error = state.last_error = f"checkpoint of round {action.round} not written: {why}"
+        if state.unsaved is None or state.unsaved.round <= action.round:
+            state.unsaved = action  # the newest certified model is what a restart or an export needs
+        state.retry_at = time.monotonic() + CHECKPOINT_RETRY_S
+        self._wake.set()
+        (log.error if first else log.warning)(
+            "training job %s: %s; the model stays in memory, retried in %g s", state.job_id.hex()[:16],
+            state.checkpoint_error, CHECKPOINT_RETRY_S)
+
+    def _checkpoint_saved(self, state: JobState, action: Checkpoint) -> None:
+        """The checkpoint of ``action.round`` is on disk (file and row)."""
+        number = action.round
         self.counters["training_checkpoints"] += 1
-        for (old,) in self.store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round<=?",
+        if state.unsaved is not None and state.unsaved.round <= number:  # written, or superseded
+            state.unsaved = None
+            state.retry_at = math.inf
+        if state.unsaved is None and state.checkpoint_error is not None:
+            state.checkpoint_error = None
+            self.counters["training_checkpoint_recovered"] += 1
+            log.info("training job %s: checkpoints are written again (round %d)", state.job_id.hex()[:16], number)
+        for (old,) in self.store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round<=? "
+                                            "AND path != ''",
                                             (state.job_id, number - CHECKPOINT_FILES_KEPT)).fetchall():
             try:
                 Path(old).unlink()
-            except FileNotFoundError:
+            except OSError:  # gone already (or unreachable: nothing to keep either way)
                 pass
         for old in [r for r in state.rounds if r < number - 1000]:  # bound memory of very long jobs
             del state.rounds[old]
+
+    def retry_checkpoint(self, state: JobState) -> asyncio.Task | None:
+        """Write the checkpoint kept in memory after a failed write again (the timer calls this
+        every :data:`CHECKPOINT_RETRY_S`); after the job's other checkpoint writes. None: nothing
+        to write."""
+        state.retry_at = math.inf
+        if state.unsaved is None:
+            return None
+        state.checkpoint_task = self._spawn(self._rewrite_checkpoint(state, state.unsaved, state.checkpoint_task))
+        return state.checkpoint_task
+
+    async def _rewrite_checkpoint(self, state: JobState, action: Checkpoint, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        if state.unsaved is not action:  # superseded meanwhile by a later round's checkpoint
+            return
+        info = state.info(action.round)
+        if not await self._save_file(state, action) or self.node._stopped.is_set():
+            return
+        info.saved = True
+        self._record(state, action, info)
 
     def _score(self, job: JobSpec, params: dict, test) -> tuple[float, float]:
         from chimera.consensus.models import make_adapter
@@ -842,7 +937,7 @@ class TrainingService:
         self.run_all()  # actions left by the replay
         while True:
             now = time.monotonic()
-            deadline = min((s.core.next_deadline() for s in self.jobs.values()), default=math.inf)
+            deadline = min((min(s.core.next_deadline(), s.retry_at) for s in self.jobs.values()), default=math.inf)
             delay = deadline - now
             if delay > 0:
                 self._wake.clear()
@@ -851,6 +946,8 @@ class TrainingService:
             now = time.monotonic()
             for state in list(self.jobs.values()):
                 try:
+                    if state.retry_at <= now:
+                        self.retry_checkpoint(state)
                     if state.core.next_deadline() <= now:
                         state.core.tick(now)
                         self.run_actions(state)
@@ -871,7 +968,7 @@ class TrainingService:
                "participants": len(job.participants), "quorum": job.quorum, "height": state.height,
                "round_deadline_s": job.round_deadline_s, "update_bytes": update_bytes,
                "drops": dict(core.drops), "last_error": state.last_error, "recent_events": state.events[-40:],
-               "spec": _spec_doc(job)}
+               "checkpoint": state.checkpoint_doc(), "spec": _spec_doc(job)}
         if rounds:
             doc["rounds"] = [info.doc(n) for n, info in sorted(state.rounds.items()) if info.digest is not None]
         return doc
@@ -1012,28 +1109,36 @@ class TrainingService:
         behalf (a remote operator must not choose paths on the node's disk); the
         CLI writes both next to each other.
 
+        The newest certified model is the newest checkpoint file's, or the model kept in
+        memory after its checkpoint write failed (:attr:`JobState.unsaved`) when that is newer.
+
         Raises:
             AdminError: no such job, no committed round yet, or the checkpoint is
                 unreadable, holds tensors of other names or shapes than the job's model,
                 or does not match its certified digest.
         """
         state = self.find(ref)
-        row = self.store.db.execute("SELECT round, digest, path FROM fl_checkpoints WHERE job_id=? "
+        row = self.store.db.execute("SELECT round, digest, path FROM fl_checkpoints WHERE job_id=? AND path != '' "
                                     "ORDER BY round DESC LIMIT 1", (state.job_id,)).fetchone()
-        if row is None:
+        unsaved = state.unsaved
+        if unsaved is not None and (row is None or unsaved.round > int(row[0])):
+            number, digest, source = unsaved.round, unsaved.digest, f"the model of round {unsaved.round} in memory"
+            params = {k: np.array(v) for k, v in unsaved.params.items()}
+        elif row is None:
             raise admin_api.AdminError(f"job {state.job_id.hex()[:16]} has no committed round yet")
-        number, digest, source = int(row[0]), bytes(row[1]), Path(row[2])
-        try:
-            params = read_npz(source)
-        except (OSError, ValueError) as exc:
-            raise admin_api.AdminError(f"checkpoint {source} unreadable: {exc}") from None
+        else:
+            number, digest, source = int(row[0]), bytes(row[1]), f"checkpoint {row[2]}"
+            try:
+                params = read_npz(Path(row[2]))
+            except (OSError, ValueError) as exc:
+                raise admin_api.AdminError(f"{source} unreadable: {exc}") from None
         try:
             ok = aggregate_hash(params, state.job.model_spec()) == digest
         except (ValueError, TypeError, RemoteProtocolError) as exc:  # UpdateRejected: other names or shapes
-            raise admin_api.AdminError(f"checkpoint {source} does not hold this job's model: "
+            raise admin_api.AdminError(f"{source} does not hold this job's model: "
                                        f"{str(exc)[:200]}") from None
         if not ok:
-            raise admin_api.AdminError(f"checkpoint {source} does not match its certified digest")
+            raise admin_api.AdminError(f"{source} does not match its certified digest")
         info = state.rounds.get(number) or RoundInfo()
         sidecar = json.dumps({
             "job_id": state.job_id.hex(), "round": number, "digest": digest.hex(),

@@ -26,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -472,4 +473,95 @@ def test_a_store_from_before_rule_started_rounds_is_migrated_and_its_old_checkpo
     core = svc.jobs[job_id].core
     assert core.model_round == 1 and core._rounds[2].epoch == 4
     assert svc.counters["training_resumed_from_checkpoint"] == 1
+    store.close()
+
+
+def test_a_failed_checkpoint_write_loses_nothing_and_the_job_still_finishes(tmp_path):
+    """A checkpoint write that fails for real (here the checkpoint directory's parent is a
+    regular file; as root, a chmod would not stop the write) must not leave the round without
+    its digest: the round is listed all the same (``saved`` false), the model stays in memory
+    (export serves it), the failure is counted and shown in ``train_status``, and so the job
+    finishes and ``chimera train status --follow`` ends. Before, such a round was never listed
+    and --follow never ended on that node. A later successful write recovers: file, row, a
+    restart resumes from it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from chimera.consensus.aggregation import aggregate_hash
+    from chimera.consensus.training import JobSpec, encode_log_value, job_id_of
+    from chimera.node import cli_train
+    from chimera.node.store import Store
+    from chimera.node.training_service import TrainingService, read_npz
+    from chimera.protocol.identity import SigningIdentity
+
+    identity = SigningIdentity.generate()
+    me = identity.peer_id
+    rounds = 2
+    job = JobSpec(name="ckpt", model_kind="sgd_classifier", n_features=64, classes=tuple(range(10)), l2=1e-4,
+                  dataset="digits", rounds=rounds, local_epochs=1, learning_rate=0.1, rule="fedavg",
+                  byzantine_f=0, detect_anomalies=False, participants=(me,), quorum=1, round_deadline_s=5.0,
+                  max_update_norm=1e6, seed=1)
+    job_value = encode_log_value(job)
+    job_id = job_id_of(job_value)
+    data_dir = tmp_path / "peer"
+    data_dir.mkdir()
+    (data_dir / "training").write_text("a file where the checkpoint directory should be\n")
+    submitted: list[bytes] = []
+    events: list[str] = []
+    store = Store(data_dir)
+
+    async def main():
+        node = SimpleNamespace(
+            peer_id=me, identity=identity, data_dir=data_dir, store=store, counters=Counter(),
+            consensus=SimpleNamespace(submit=lambda v: submitted.append(v) or True, recheck_soon=lambda: None,
+                                      reputation=SimpleNamespace(observe=lambda *a: None)),
+            network=SimpleNamespace(genesis=(me,), network_id=b"\x06" * 32), _stopped=asyncio.Event(),
+            emit_event=lambda kind, peer_id, **fields: events.append(kind), routes={},
+            drops=SimpleNamespace(record=lambda *a: None),
+            config=SimpleNamespace(max_message_bytes=1 << 20, training_test_poison="",
+                                   training_test_drop_updates_from="", training_fetch_interval_s=1.0,
+                                   training_digits_shard="0/1", training_split="iid", training_split_seed=0,
+                                   training_data="", training_label_column="", training_test_data=""))
+        svc = TrainingService(node, 0)
+        svc._apply_value(1, job_value, 0.0, epoch=0)
+        state = svc.jobs[job_id]
+        svc.run_all()
+        height = 1
+        for _ in range(2000):  # the log: commit what the core proposes, one block at a time
+            if state.core.finished and not svc._tasks:
+                break
+            if submitted:
+                height += 1
+                block, submitted[:] = list(submitted), []
+                svc.on_commit(height, SimpleNamespace(app_values=block, epoch=0, new_table=None))
+            await asyncio.sleep(0.01)
+        assert state.core.finished, "the job did not finish"
+        failed(svc, state)
+        (data_dir / "training").unlink()  # the disk is fixed: the retry writes the kept model
+        await svc.retry_checkpoint(state)
+        return svc, state
+
+    def failed(svc, state):
+        doc = svc.job_doc(state)
+        assert [r["round"] for r in doc["rounds"]] == list(range(1, rounds + 1))  # every round listed ...
+        assert all(r["digest"] == state.core.certified_hash(r["round"]).hex() and r["saved"] is False
+                   for r in doc["rounds"])  # ... with its digest, marked not saved
+        assert cli_train._finished({"jobs": [doc]})  # what ends `train status --follow`
+        assert doc["checkpoint"]["state"] == "failing" and doc["checkpoint"]["unsaved_round"] == rounds
+        assert svc.counters["training_checkpoint_failures"] == rounds == doc["checkpoint"]["failures"]
+        assert "not written" in doc["last_error"] and "in memory only" in cli_train.status_text({"jobs": [doc]})
+        assert state.retry_at < float("inf") and "job_finished" in events
+        exported = svc.export(None)  # the committed model is not lost: served from memory
+        assert exported["round"] == rounds and exported["digest"] == doc["rounds"][-1]["digest"]
+        assert svc._checkpoint_of(job_id, job) is None  # rows without a file are not resumed from
+
+    svc, state = asyncio.run(main())
+    doc = svc.job_doc(state)
+    assert doc["checkpoint"] == {"state": "ok", "unsaved_round": None, "failures": rounds, "error": None}
+    assert doc["rounds"][-1]["saved"] is True and svc.counters["training_checkpoint_recovered"] == 1
+    number, params, next_epoch = svc._checkpoint_of(job_id, job)
+    assert number == rounds and next_epoch is None
+    assert aggregate_hash(params, job.model_spec()) == state.core.certified_hash(rounds)
+    path = store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round=?", (job_id, rounds)).fetchone()[0]
+    assert aggregate_hash(read_npz(Path(path)), job.model_spec()).hex() == svc.export(None)["digest"]
     store.close()
