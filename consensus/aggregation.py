@@ -758,6 +758,23 @@ def detect_anomalies(X: np.ndarray, digests: Sequence[bytes], loss_change: np.nd
     return AnomalyReport(tuple(digests), features, z, outlier, flagged)
 
 
+def screen_library_version() -> str:
+    """The scikit-learn version installed here (``sklearn.__version__``).
+
+    The anomaly screen's ``IsolationForest`` is reproducible only with the same
+    scikit-learn version (PROTOCOL.md §17.7), so a job with ``detect_anomalies``
+    records its proposer's (``JobSpec.sklearn_version``) and a driver passes its own
+    to the round core (``TrainingConfig.sklearn_version``): a peer with another
+    version does not check or confirm that job's aggregates.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+    """
+    import sklearn
+
+    return str(sklearn.__version__)
+
+
 # -------------------------------------------------------------------- aggregate
 
 

@@ -230,9 +230,15 @@ class JobSpec:
     table whose updates an inclusion needs (1..len(participants), at least what the rule
     needs; see :meth:`TrainingCore.validate_log_value`); ``round_deadline_s``
     seconds (> 0); ``max_update_norm`` L2 bound of an update's delta (> 0);
-    ``seed`` for local training seeds. The four floats must be finite (the codec
-    carries finite floats only). Invalid combinations raise ``ValueError``
-    (``MalformedError`` when decoded).
+    ``seed`` for local training seeds; ``sklearn_version`` the scikit-learn version of
+    the job's proposer, recorded with ``detect_anomalies`` (the screen's IsolationForest
+    is reproducible only with the same version, PROTOCOL.md §17.7: a participant running
+    another one neither checks, confirms nor proposes the job's aggregates, see
+    :attr:`TrainingCore.checks_aggregates`), empty when not recorded (a job without the
+    screen, or from before the field) and then left out of the encoding, so such a job's
+    value and id are what they were before the field existed. The four floats must be
+    finite (the codec carries finite floats only). Invalid combinations raise
+    ``ValueError`` (``MalformedError`` when decoded).
     """
 
     name: Annotated[str, MaxLen(64)]
@@ -252,6 +258,7 @@ class JobSpec:
     round_deadline_s: float
     max_update_norm: float = 1e6
     seed: Annotated[int, Range(0, 2**32 - 1)] = 0
+    sklearn_version: Annotated[str, MaxLen(32)] = ""
 
     def __post_init__(self) -> None:
         if self.model_kind not in ADAPTERS:
@@ -278,6 +285,10 @@ class JobSpec:
             raise ValueError("l2 must be >= 0")
         if self.model_kind == "sgd_classifier" and len(set(self.classes)) < 2:
             raise ValueError("a classifier needs at least two classes")
+        if self.sklearn_version and not self.detect_anomalies:
+            raise ValueError("sklearn_version is recorded only for a job with detect_anomalies")
+        if not all(33 <= ord(c) <= 126 for c in self.sklearn_version):
+            raise ValueError("sklearn_version must be printable ASCII without spaces")
 
     def aggregation(self) -> AggregationConfig:
         return AggregationConfig(rule=self.rule, f=self.byzantine_f, detect=self.detect_anomalies)
@@ -287,7 +298,8 @@ class JobSpec:
 
     def describe(self) -> str:
         return (f"job {self.name} {self.model_kind} {self.rule} f={self.byzantine_f} rounds={self.rounds} "
-                f"{len(self.participants)} participants quorum {self.quorum}")
+                f"{len(self.participants)} participants quorum {self.quorum}"
+                + (f" screen sklearn {self.sklearn_version}" if self.sklearn_version else ""))
 
 
 @record
@@ -354,7 +366,10 @@ def encode_log_value(value: Any) -> bytes:
     tag = _TAG_OF.get(type(value))
     if tag is None:
         raise LocalProtocolError(f"{type(value).__name__} is not a training log record")
-    raw = msgpack.packb([tag, encode_fields(value)], use_bin_type=True)
+    fields = encode_fields(value)
+    if tag == "fl_job" and not fields["sklearn_version"]:
+        del fields["sklearn_version"]  # left out when empty: a job's bytes (its id) as before the field
+    raw = msgpack.packb([tag, fields], use_bin_type=True)
     if len(raw) > MAX_LOG_VALUE_BYTES:
         raise LocalProtocolError(f"log value of {len(raw)} bytes exceeds {MAX_LOG_VALUE_BYTES}")
     return raw
@@ -381,6 +396,8 @@ def decode_log_value(value: bytes) -> Any:
         raise MalformedError(f"bad msgpack: {type(exc).__name__}") from None
     if type(outer) is not list or len(outer) != 2 or type(outer[0]) is not str or outer[0] not in LOG_TAGS:
         raise MalformedError("not a training log value")
+    if outer[0] == "fl_job" and type(outer[1]) is dict and outer[1].get("sklearn_version") == "":
+        raise MalformedError("fl_job: an empty sklearn_version is left out, not sent")  # one encoding
     return decode_fields(LOG_TAGS[outer[0]], outer[1], outer[0])
 
 
@@ -677,7 +694,8 @@ class Rejected:
 class TrainingEvent:
     """``kind``: round_started | update_accepted | inclusion_committed | aggregated |
     round_committed | aggregate_mismatch | model_fetched | job_finished | local_failed |
-    waiting_weight_table; ``detail``: one line (hashes shortened to 8 hex digits)."""
+    waiting_weight_table | sklearn_version_mismatch; ``detail``: one line (hashes shortened
+    to 8 hex digits)."""
 
     kind: str
     round: int
@@ -704,11 +722,17 @@ class TrainingConfig:
     :meth:`TrainingCore.validate_log_value` (the BFT log with the validity hook wired, as
     in the node). False for a log that commits whatever is proposed (the ideal-log
     simulator): then :meth:`TrainingCore.fast_path` is always False, so proposers confirm
-    with their inclusions, as only confirmations certify."""
+    with their inclusions, as only confirmations certify.
+
+    ``sklearn_version``: the scikit-learn version installed here (the driver's input, e.g.
+    :func:`~chimera.consensus.aggregation.screen_library_version`), None when unknown. A job
+    with ``detect_anomalies`` that records another version (any, when this is None) has
+    aggregates this peer cannot reproduce: see :attr:`TrainingCore.checks_aggregates`."""
 
     fetch_interval_s: float = 1.0
     fetch_grace_s: float = 0.1
     checked_log: bool = True
+    sklearn_version: str | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.fetch_interval_s) and self.fetch_interval_s > 0):
@@ -769,6 +793,16 @@ class TrainingCore:
             (resume; see :class:`Checkpoint`); the core then ignores log values of rounds
             up to it and starts round ``round + 1`` with the epoch ``next_epoch``.
 
+    Attributes:
+        checks_aggregates: whether this peer computes the job's aggregates itself: checks
+            inclusions (:meth:`validate_log_value`), proposes them and confirms. False where the
+            job records a scikit-learn version for its anomaly screen (``JobSpec.sklearn_version``)
+            other than ``config.sklearn_version`` (``version_mismatch``; counted
+            ``sklearn_version_mismatch``, event ``sklearn_version_mismatch``): its screened
+            aggregate would differ from the others' (PROTOCOL.md §17.7). Such a participant still
+            trains and sends updates, answers "not yet" for the job's inclusions (counted
+            ``inclusion_unchecked_sklearn_version``) and fetches every certified model.
+
     Raises:
         LocalProtocolError: ``job_id`` is not 32 bytes, an epoch is out of range, or a
             checkpoint before the job's last round has no ``next_epoch``.
@@ -794,6 +828,11 @@ class TrainingCore:
         self.aggregation = job.aggregation()
         self.participant = self.peer_id in job.participants
         self._participants = frozenset(job.participants)
+        # the anomaly screen's IsolationForest is reproducible only with the scikit-learn version
+        # the job records (PROTOCOL.md §17.7): with another one our aggregate hash would differ
+        self.version_mismatch = bool(job.detect_anomalies and job.sklearn_version
+                                     and job.sklearn_version != self.config.sklearn_version)
+        self.checks_aggregates = not self.version_mismatch
         self.drops: Counter[str] = Counter()
         self._tables: dict[int, WeightTable] = dict(tables)
         self._actions: list[Action] = []
@@ -807,6 +846,12 @@ class TrainingCore:
             self.model_round = round_
             self._certified[round_] = aggregate_hash(self.model, self.spec)
         self.finished = self.model_round >= job.rounds
+        if self.participant and self.version_mismatch and not self.finished:
+            self.drops["sklearn_version_mismatch"] += 1
+            self._event("sklearn_version_mismatch", self.model_round + 1,
+                        f"the job's anomaly screen needs scikit-learn {job.sklearn_version}, this peer runs "
+                        f"{self.config.sklearn_version or 'an unknown version'}: it trains but neither checks, "
+                        "confirms nor proposes aggregates (it takes the certified models from peers)")
         self._next_fetch = math.inf
         self._model_requested = 0
         self._model_asks = 0  # tries for the model of _model_requested (widens the peers asked, see _ask)
@@ -911,7 +956,8 @@ class TrainingCore:
         and a confirm whose signature does not verify. None ("not yet", no fault
         of the sender): an inclusion a participant cannot check yet (it lacks one of
         the updates, the round has not begun here, or the round is ahead of our
-        model); the BFT core neither pools it nor prevotes a block holding it, and
+        model), or cannot check at all (:attr:`checks_aggregates` is False: the job's
+        anomaly screen needs another scikit-learn version than ours); the BFT core neither pools it nor prevotes a block holding it, and
         asks again later. Values of other jobs or of past rounds are True
         (harmless: ignored on commit); so is any inclusion at a non-participant,
         which holds no updates (see :meth:`fast_path`), past the stateless checks.
@@ -930,6 +976,10 @@ class TrainingCore:
             if not self.participant or rec.round <= self.model_round or rec.round > self.job.rounds \
                     or (rnd is not None and rnd.inclusion is not None):
                 return True  # not checkable here, or ignored on commit
+            if not self.checks_aggregates:  # another scikit-learn version: we cannot reproduce the
+                #   screened aggregate, and a participant's prevote must mean it did (fast_path)
+                self.drops["inclusion_unchecked_sklearn_version"] += 1
+                return None
             if rec.round != self.model_round + 1 or rnd is None or rnd.started_at is None:
                 return None
             held = [rnd.updates[h][0].sender for h in rec.updates if h in rnd.updates]
@@ -1585,7 +1635,7 @@ class TrainingCore:
         are ``quorum`` distinct senders; never a set the rule fails on (``error``: we wait
         for more updates) unless it is complete, and each set larger than the last we
         proposed. What :meth:`validate_log_value` accepts, so an honest proposal is valid."""
-        if rnd.started_at is None or rnd.inclusion is not None:
+        if rnd.started_at is None or rnd.inclusion is not None or not self.checks_aggregates:
             return
         table = self._round_table(rnd)
         if table is None:  # pragma: no cover - a round begins only with its table
@@ -1623,8 +1673,8 @@ class TrainingCore:
         self._speculate(rnd.number + 1, result)
 
     def _maybe_aggregate(self, rnd: _Round, now: float) -> None:
-        if rnd.inclusion is None or rnd.result is not None or rnd.started_at is None:
-            return
+        if rnd.inclusion is None or rnd.result is not None or rnd.started_at is None or not self.checks_aggregates:
+            return  # (a peer that does not check aggregates takes the certified model: _progress)
         missing = [h for h in rnd.inclusion if h not in rnd.updates]
         if missing:
             # Only a participant whose confirmation may still be needed fetches updates; once

@@ -62,6 +62,10 @@ def status_text(res: dict) -> str:
     lines = []
     for job in res["jobs"]:
         lines += [job_header(job), ROUND_HEADER, *[round_line(r) for r in job["rounds"]]]
+        if job.get("sklearn_version_mismatch"):
+            lines.append(f"this peer runs scikit-learn {job.get('sklearn_version') or '(none)'}, the job's anomaly "
+                         f"screen needs {job['spec'].get('sklearn_version')}: it trains but does not check or "
+                         "confirm aggregates (it fetches the certified models)")
         checkpoint = job.get("checkpoint") or {}
         if checkpoint.get("state") == "failing":
             lines.append(f"checkpoint: round {checkpoint['unsaved_round']} is in memory only "

@@ -39,6 +39,7 @@ neither one envelope nor :data:`~chimera.consensus.training.MAX_PARTS` parts
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import io
 import json
 import logging
@@ -101,7 +102,7 @@ EVENT_KINDS = {"round_started", "round_committed", "job_finished", "aggregate_mi
                "local_failed", "waiting_weight_table"}
 JOB_FIELDS = {"name", "model_kind", "n_features", "classes", "l2", "dataset", "rounds", "local_epochs",
               "learning_rate", "rule", "byzantine_f", "detect_anomalies", "participants", "quorum",
-              "round_deadline_s", "max_update_norm", "seed"}
+              "round_deadline_s", "max_update_norm", "seed", "sklearn_version"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fl_jobs (
@@ -129,6 +130,15 @@ CREATE TABLE IF NOT EXISTS fl_checkpoints (
 
 class TrainingDataError(Exception):
     """This node's training data is not configured or cannot be loaded (one clear line)."""
+
+
+def installed_sklearn_version() -> str | None:
+    """scikit-learn's version as installed (its package metadata: read without importing it),
+    None when it is not installed. What the anomaly screen's results depend on (PROTOCOL.md §17.7)."""
+    try:
+        return importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # ------------------------------------------------------------------ data
@@ -413,6 +423,7 @@ class TrainingService:
         self._data_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self.poison = parse_poison(node.config.training_test_poison)
+        self.sklearn_version = installed_sklearn_version()  # passed to the cores; recorded in screened jobs
         self.drop_updates_from = node.config.training_test_drop_updates_from  # TEST HOOK
         self.store.db.executescript(_SCHEMA)
         columns = {row[1] for row in self.store.db.execute("PRAGMA table_info(fl_checkpoints)")}
@@ -586,7 +597,8 @@ class TrainingService:
             self.counters["training_resumed_from_checkpoint"] += 1
         core = TrainingCore(self.node.identity, self.node.network.network_id, job, job_id, self._tables(), now,
                             epoch=epoch, checkpoint=checkpoint,
-                            config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s))
+                            config=TrainingConfig(fetch_interval_s=self.node.config.training_fetch_interval_s,
+                                                  sklearn_version=self.sklearn_version))
         state = JobState(job=job, job_id=job_id, value=value, height=height, core=core)
         for number, digest, path, committed_ms, acc, loss, round_s, fit_s, included, sent in self.store.db.execute(
                 "SELECT round, digest, path, committed_ms, accuracy, loss, round_s, fit_s, included, bytes_sent "
@@ -684,6 +696,8 @@ class TrainingService:
             info.started_mono = now
         elif event.kind == "round_committed" and info.started_mono is not None and info.round_s is None:
             info.round_s = now - info.started_mono
+        if event.kind == "sklearn_version_mismatch":
+            log.warning("training job %s: %s", state.job_id.hex()[:16], event.detail)
         if event.kind in EVENT_KINDS:
             self.node.emit_event(event.kind, self.node.peer_id, job=state.job_id.hex()[:16], round=event.round,
                                  detail=event.detail, priority="warning" if event.kind in (
@@ -968,7 +982,8 @@ class TrainingService:
                "participants": len(job.participants), "quorum": job.quorum, "height": state.height,
                "round_deadline_s": job.round_deadline_s, "update_bytes": update_bytes,
                "drops": dict(core.drops), "last_error": state.last_error, "recent_events": state.events[-40:],
-               "checkpoint": state.checkpoint_doc(), "spec": _spec_doc(job)}
+               "checkpoint": state.checkpoint_doc(), "sklearn_version": self.sklearn_version,
+               "sklearn_version_mismatch": core.version_mismatch, "spec": _spec_doc(job)}
         if rounds:
             doc["rounds"] = [info.doc(n) for n, info in sorted(state.rounds.items()) if info.digest is not None]
         return doc
@@ -989,7 +1004,10 @@ class TrainingService:
         """A :class:`JobSpec` from TOML text or a map (``[job]`` table optional).
 
         Defaults: ``participants`` every validator of the current epoch (also
-        ``"validators"``); ``quorum`` ``max(n - (n - 1) // 3, rule minimum)``.
+        ``"validators"``); ``quorum`` ``max(n - (n - 1) // 3, rule minimum)``; with
+        ``detect_anomalies``, ``sklearn_version`` this node's scikit-learn version (the
+        anomaly screen is reproducible only with it; peers running another one do not
+        check the job's aggregates).
         The participants are checked first (not empty, no peer id twice, at least
         the rule's minimum for its ``byzantine_f``), then every field as the log
         checks a committed job (type, range, finite floats, invariants) before
@@ -997,7 +1015,8 @@ class TrainingService:
 
         Raises:
             admin.AdminError (code 2): bad TOML, unknown keys, or an invalid job
-                (the message names the field, or the duplicate peer id).
+                (the message names the field, or the duplicate peer id), or
+                ``detect_anomalies`` without ``sklearn_version`` on a node without scikit-learn.
         """
         def bad(message: str) -> admin_api.AdminError:
             return admin_api.AdminError(message, admin_api.EXIT_USAGE)
@@ -1047,6 +1066,12 @@ class TrainingService:
         fields["classes"] = list(classes) if isinstance(classes, (list, tuple)) else classes
         if "quorum" not in fields:
             fields["quorum"] = min(n, max(n - (n - 1) // 3, need))
+        if fields.get("detect_anomalies") is True and "sklearn_version" not in fields:
+            if self.sklearn_version is None:
+                raise bad("invalid job: detect_anomalies records the scikit-learn version of the anomaly "
+                          "screen, and scikit-learn is not installed on this node: install it, or set "
+                          "sklearn_version")
+            fields["sklearn_version"] = self.sklearn_version
         try:  # the log's own strict decoding: exact types, ranges, finite floats, then the invariants
             return decode_fields(JobSpec, fields, "job")
         except (MalformedError, LocalProtocolError) as exc:  # the latter: AggregationConfig's checks

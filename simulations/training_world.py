@@ -78,7 +78,7 @@ import msgpack
 import numpy as np
 
 from chimera.consensus import training as training_core
-from chimera.consensus.aggregation import RULES, AggregationConfig
+from chimera.consensus.aggregation import RULES, AggregationConfig, screen_library_version
 from chimera.consensus.bft import BftConfig, BftCore, CertifiedCommit, Commit
 from chimera.consensus.datasets import (
     Shard,
@@ -255,6 +255,8 @@ class Federation:
         shards, self.test = digits_federation(n, setup.split, float(setup.alpha), float(setup.test_fraction),
                                               setup.data_seed)
         self.shard_of = {p.peer_id: shards[i] for i, p in enumerate(self.peers)}
+        # every simulated peer runs this process's scikit-learn; a screened job records it (§17.7)
+        self.sklearn_version = screen_library_version()
         self.jobs: list[JobSpec] = []
         self.job_values: list[bytes] = []
         self.job_ids: list[bytes] = []
@@ -275,7 +277,7 @@ class Federation:
                           byzantine_f=f, detect_anomalies=setup.detect,
                           participants=tuple(sorted(p.peer_id for p in members)), quorum=quorum,
                           round_deadline_s=setup.round_deadline_s, max_update_norm=setup.max_update_norm,
-                          seed=setup.job_seed)
+                          seed=setup.job_seed, sklearn_version=self.sklearn_version if setup.detect else "")
             value = encode_log_value(job)
             self.jobs.append(job)
             self.job_values.append(value)
@@ -385,7 +387,6 @@ class Federation:
     def on_event(self, host: PeerHost, ev: TrainingEvent) -> None:
         if ev.kind == "inclusion_committed":
             j = self.job_for(host.peer_id)
-            key = (j, ev.round)
             self.counters.setdefault(f"included_{j}_{ev.round}", int(ev.detail.split()[0]))
         elif ev.kind in ("aggregate_mismatch", "local_failed", "model_fetched"):
             self.counters[ev.kind] += 1
@@ -520,7 +521,8 @@ class PeerTraining:
         self.core = TrainingCore.for_committed_job(
             self.host.identity, self.host.network_id, job_value, {fed.table.epoch: fed.table}, now, epoch=epoch,
             config=TrainingConfig(fetch_interval_s=fed.setup.fetch_interval_s,
-                                  checked_log=isinstance(self.host, BftTrainingPeer)),
+                                  checked_log=isinstance(self.host, BftTrainingPeer),
+                                  sklearn_version=fed.sklearn_version),
             checkpoint=checkpoint)
         self.host.sim.log(f"{self.host.name} trains job {fed.job_index[self.core.job_id]}"
                           + (f" from checkpoint r={checkpoint[0]}" if checkpoint else ""))

@@ -80,11 +80,12 @@ def roundtrip(msg):
 
 
 def make_job(rule="fedavg", f=0, detect=False, quorum=4, rounds=ROUNDS, deadline_s=5.0, name="digits",
-             max_norm=1e6, participants=PEERS) -> JobSpec:
+             max_norm=1e6, participants=PEERS, sklearn_version="") -> JobSpec:
     return JobSpec(name=name, model_kind="sgd_classifier", n_features=64, classes=CLASSES, l2=1e-4,
                    dataset="digits:dirichlet:0.5", rounds=rounds, local_epochs=EPOCHS, learning_rate=LR,
                    rule=rule, byzantine_f=f, detect_anomalies=detect, participants=tuple(participants),
-                   quorum=quorum, round_deadline_s=deadline_s, max_update_norm=max_norm, seed=7)
+                   quorum=quorum, round_deadline_s=deadline_s, max_update_norm=max_norm, seed=7,
+                   sklearn_version=sklearn_version)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +104,11 @@ class Mesh:
 
     ``attacker``: peer whose driver sends ``base - 10 * (trained - base)`` (sign flip, x10).
     ``silent_at``: ``(peer, round)``: the peer dies once it has been asked to train in that round.
+    ``sklearn_versions``: peer -> the scikit-learn version its core is told it runs (others: none).
     """
 
-    def __init__(self, job: JobSpec, shards, *, attacker=None, silent_at=None, table=None, fast=True):
+    def __init__(self, job: JobSpec, shards, *, attacker=None, silent_at=None, table=None, fast=True,
+                 sklearn_versions=None):
         self.job = job
         self.shards = shards
         self.attacker = attacker
@@ -130,9 +133,10 @@ class Mesh:
         self.fits: list[tuple[str, int, bool]] = []  # (peer, round, speculative) of every TrainLocal run
         job_value = encode_log_value(job)
         self.job_id = job_id_of(job_value)
-        self.cores = {p: TrainingCore.for_committed_job(BY_PEER[p], NET, job_value, {self.epoch: self.table},
-                                                        self.now, epoch=self.epoch, config=self.config)
-                      for p in job.participants}
+        versions = sklearn_versions or {}
+        self.cores = {p: TrainingCore.for_committed_job(
+            BY_PEER[p], NET, job_value, {self.epoch: self.table}, self.now, epoch=self.epoch,
+            config=dataclasses.replace(self.config, sklearn_version=versions.get(p))) for p in job.participants}
         for p, core in self.cores.items():
             self.queue.extend((p, a) for a in core.take_actions())
 
@@ -1377,3 +1381,76 @@ def test_an_inclusion_whose_aggregate_fails_is_proposed_only_when_no_larger_set_
     (inc,) = _proposed(core.take_actions())  # before the deadline: complete
     assert len(inc.updates) == 3 and inc.aggregate_hash == core.certified_hash(0)
     assert core.validate_log_value(encode_log_value(inc)) is True
+
+
+# ------------------------------------------- the anomaly screen's scikit-learn version
+
+
+def test_a_screened_job_records_its_sklearn_version_and_old_job_values_keep_their_bytes():
+    """``sklearn_version`` is part of the job (its id covers it); left out of the encoding when
+    empty, so a job value from before the field decodes, is canonical and keeps its id; an
+    explicitly empty one is not canonical; it is recorded only with the anomaly screen."""
+    pinned = make_job(detect=True, sklearn_version="1.5.2")
+    value = encode_log_value(pinned)
+    assert decode_log_value(value) == pinned and "screen sklearn 1.5.2" in pinned.describe()
+    plain = make_job(detect=True)
+    old_fields = encode_fields(plain)
+    del old_fields["sklearn_version"]  # the fields of a job before sklearn_version existed
+    old_value = msgpack.packb(["fl_job", old_fields], use_bin_type=True)
+    assert encode_log_value(plain) == old_value and decode_log_value(old_value) == plain
+    assert job_id_of(value) != job_id_of(old_value)
+    explicit_empty = msgpack.packb(["fl_job", encode_fields(plain)], use_bin_type=True)
+    with pytest.raises(MalformedError, match="sklearn_version"):
+        decode_log_value(explicit_empty)
+    with pytest.raises(ValueError, match="only for a job with detect_anomalies"):
+        make_job(detect=False, sklearn_version="1.5.2")
+    with pytest.raises(ValueError, match="printable"):
+        make_job(detect=True, sklearn_version="1.5 2")
+    bad = encode_fields(pinned)
+    bad["sklearn_version"] = "x" * 33
+    with pytest.raises(MalformedError):
+        decode_log_value(msgpack.packb(["fl_job", bad], use_bin_type=True))
+
+
+def test_a_peer_with_another_sklearn_version_neither_checks_nor_confirms_screened_aggregates(digits):
+    """The anomaly screen's IsolationForest is reproducible only with one scikit-learn version
+    (§17.7). The job records its proposer's; a participant told it runs another one (two
+    versions simulated honestly: the version is the core's input) says so once (counted, an
+    event), still trains and sends its updates, answers "not yet" for the job's inclusions (a
+    participant's prevote must mean it computed the aggregate: fast path), proposes and
+    confirms nothing and takes every certified model from its peers: no aggregate_mismatch,
+    and every peer ends with the same model. Before, nothing checked the version: such a
+    peer computed another aggregate hash, refused (False) every honest inclusion, blaming
+    its proposer, and reported aggregate_mismatch each round."""
+    _, _, shards = digits
+    rounds = 3
+    job = make_job(rule="median", f=1, detect=True, quorum=4, rounds=rounds, sklearn_version="1.5.2")
+    other = PEERS[2]
+    versions = {p: "1.5.2" for p in PEERS} | {other: "1.6.0"}
+    mesh = Mesh(job, shards, sklearn_versions=versions)
+    odd = mesh.cores[other]
+    assert odd.version_mismatch and not odd.checks_aggregates and odd.drops["sklearn_version_mismatch"] == 1
+    assert all(c.checks_aggregates for p, c in mesh.cores.items() if p != other)
+    mesh.run()
+    final = mesh.final_model()  # every peer (the odd one too) checkpointed the same last model
+    assert final.round == rounds
+    kinds = Counter(e.kind for e in mesh.events[other])
+    assert kinds["sklearn_version_mismatch"] == 1 and kinds["aggregate_mismatch"] == 0
+    assert kinds["aggregated"] == 0 and kinds["model_fetched"] == rounds
+    assert odd.drops["inclusion_unchecked_sklearn_version"] >= 1
+    assert all(Counter(e.kind for e in mesh.events[p])["aggregate_mismatch"] == 0 for p in PEERS)
+    assert mesh.invalid_values == 0
+    committed = [decode_log_value(v) for v in mesh.committed]
+    inclusions = [r for r in committed if isinstance(r, Inclusion)]
+    assert len(inclusions) == rounds and all(len(r.updates) == 5 for r in inclusions)  # its updates count
+    # the same peer told it runs the job's version checks aggregates; so does any peer of a
+    # job that records none (a job from before the field: unpinned, as before)
+    same, _ = _core(job, peer=other)
+    assert not same.checks_aggregates  # _core passes no version: unknown is not the job's
+    job_value = encode_log_value(job)
+    table = WeightTable(epoch=0, weights={p: 1 for p in PEERS})
+    told = TrainingCore.for_committed_job(BY_PEER[other], NET, job_value, {0: table}, 0.0, epoch=0,
+                                          config=TrainingConfig(sklearn_version="1.5.2"))
+    assert told.checks_aggregates and not told.version_mismatch
+    unpinned, _ = _core(make_job(rule="median", f=1, detect=True, quorum=4, rounds=rounds), peer=other)
+    assert unpinned.checks_aggregates

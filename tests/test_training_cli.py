@@ -129,12 +129,13 @@ def validators():
     return sorted(SigningIdentity.generate().peer_id for _ in range(4))
 
 
-def _start(validators: list[str], text: str):
-    """``job_from_args`` of a node whose current epoch has ``validators``."""
+def _start(validators: list[str], text: str, sklearn_version: str | None = "1.5.2"):
+    """``job_from_args`` of a node whose current epoch has ``validators`` (and that runs
+    scikit-learn ``sklearn_version``, None: not installed)."""
     from chimera.node.training_service import TrainingService
 
     fake = SimpleNamespace(consensus=SimpleNamespace(core=SimpleNamespace(
-        table=SimpleNamespace(weights={p: 1 for p in validators}))))
+        table=SimpleNamespace(weights={p: 1 for p in validators}))), sklearn_version=sklearn_version)
     base = ('name="d"\nmodel_kind="sgd_classifier"\nn_features=64\nclasses=[0,1]\nrounds=2\n'
             'learning_rate=0.1\nround_deadline_s=5.0\n')
     return TrainingService.job_from_args(fake, base + text)
@@ -181,3 +182,22 @@ def test_participant_checks_leave_good_jobs_and_other_fields_alone(validators):
     assert "byzantine_f" in _usage_error(validators, 'rule="krum"\nbyzantine_f=-1\n')
     assert "byzantine_f" in _usage_error(validators, 'rule="krum"\nbyzantine_f=' + "9" * 4000 + "\n")
     assert "rule" in _usage_error(validators, 'rule="nonsense"\nbyzantine_f=1\n')
+
+
+def test_a_screened_job_records_the_proposers_sklearn_version(validators):
+    """The anomaly screen is reproducible only with one scikit-learn version (PROTOCOL §17.7):
+    a job with detect_anomalies records the proposing node's unless the file names one; a
+    node without scikit-learn cannot say which (an error, unless the file names it)."""
+    from chimera.node.training_service import installed_sklearn_version
+
+    assert _start(validators, "detect_anomalies=true\n").sklearn_version == "1.5.2"
+    assert _start(validators, 'detect_anomalies=true\nsklearn_version="1.4.0"\n').sklearn_version == "1.4.0"
+    assert _start(validators, "").sklearn_version == ""  # no screen: no version
+    assert "only for a job with detect_anomalies" in _usage_error(validators, 'sklearn_version="1.4.0"\n')
+    with pytest.raises(AdminError, match="scikit-learn is not installed"):
+        _start(validators, "detect_anomalies=true\n", sklearn_version=None)
+    assert _start(validators, 'detect_anomalies=true\nsklearn_version="1.4.0"\n',
+                  sklearn_version=None).sklearn_version == "1.4.0"
+    import sklearn
+
+    assert installed_sklearn_version() == sklearn.__version__
