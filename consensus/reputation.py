@@ -61,7 +61,7 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Annotated, Iterable, Mapping, Sequence
+from typing import Annotated, Callable, Iterable, Mapping, Sequence
 
 import msgpack
 
@@ -129,8 +129,9 @@ class ReputationConfig:
         weights: evidence units added per observation of each kind (finite, > 0);
             kinds left out keep :data:`DEFAULT_OBSERVATION_WEIGHTS`.
         half_life_s: seconds after which old evidence counts half (> 0, finite).
-        max_peers: most peers tracked; the one with the least decayed evidence
-            (ties: smallest peer id) is forgotten to make room (>= 1).
+        max_peers: most peers tracked (>= 1); when a new peer would exceed it, the
+            ``max(1, max_peers // 16)`` peers with the least decayed evidence (ties:
+            smallest peer id) are forgotten to make room.
         min_opinion_evidence: decayed ``r + s`` a peer needs before this node
             states an opinion about it (>= 0).
     Raises:
@@ -202,8 +203,16 @@ class LocalReputation:
     that update's time (no negative decay; the entry's time never goes back).
     """
 
-    def __init__(self, config: ReputationConfig | None = None) -> None:
+    def __init__(self, config: ReputationConfig | None = None,
+                 tracks: Callable[[str], bool] | None = None) -> None:
+        """``tracks``: whether a peer not tracked yet may get an entry (the node passes "is a
+        member or a validator"); observations of a peer it refuses are counted in
+        ``untracked`` and dropped. Without it every peer is tracked (up to ``max_peers``).
+        An attacker who signs junk with fresh keys then costs no entry, no eviction of a
+        real peer's evidence and no exported series."""
         self.config = config or ReputationConfig()
+        self.tracks = tracks
+        self.untracked = 0
         self._peers: dict[str, _Evidence] = {}
 
     # -- evidence
@@ -229,6 +238,9 @@ class LocalReputation:
             raise LocalProtocolError("peer_id must be a str")
         entry = self._peers.get(peer_id)
         if entry is None:
+            if self.tracks is not None and not self.tracks(peer_id):
+                self.untracked += 1
+                return
             if len(self._peers) >= self.config.max_peers:
                 self._evict(now)
             entry = self._peers[peer_id] = _Evidence(now)
@@ -242,8 +254,12 @@ class LocalReputation:
             entry.s += amount
 
     def _evict(self, now: float) -> None:
-        victim = min(self._peers, key=lambda p: (sum(self._decayed(self._peers[p], now)), p))
-        del self._peers[victim]
+        # The 1/16 of the entries with the least decayed evidence (ties: smallest peer id) in
+        # one O(n log n) pass: evicting one entry per new peer scanned all n entries each
+        # time (4 ms per observation at 4096 peers).
+        keyed = sorted((sum(self._decayed(e, now)), p) for p, e in self._peers.items())
+        for _, victim in keyed[:max(1, self.config.max_peers // 16)]:
+            del self._peers[victim]
 
     def forget(self, peer_id: str) -> None:
         """Drop everything known about ``peer_id`` (no error if unknown)."""

@@ -34,8 +34,9 @@ Names (all prefixed ``chimera_``):
   (``module``: the first 12 hex digits of the module's SHA-256, at most 64 distinct, then
   ``other``; ``outcome``: accepted | failed)
 
-Label sets are bounded: peer ids of the validator set or the membership, at most
-8 jobs, at most 65 modules.
+Label sets are bounded: peer ids of the validator set or the membership (local
+reputation keeps no entry for any other key, and at most 4096), at most 8 jobs, at
+most 65 modules.
 """
 
 from __future__ import annotations

@@ -180,8 +180,9 @@ class Node:
         self.discovery: Discovery | None = None
         self.routes: dict[str, PeerContact] = {}
         self.consensus = None  # ConsensusService once started (networks with genesis validators)
-        # this node's local reputation of every peer (consensus, training and fabric feed it)
-        self.reputation = LocalReputation(reputation_config(config))
+        # this node's local reputation of every peer (consensus, training and fabric feed it);
+        # only members and validators get an entry (fresh keys signing junk get none)
+        self.reputation = LocalReputation(reputation_config(config), tracks=self._tracks_reputation)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -545,6 +546,17 @@ class Node:
             elif not cell.tell(env):
                 self.drops.record("mailbox_full", env.sender, env.kind, now)
 
+    def _tracks_reputation(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` may get a local reputation entry: a member (any state) or a
+        validator of the current epoch. Anyone holding the join token can sign envelopes
+        with fresh keys; each one tracked cost an entry, an eviction scan once the table
+        was full and an exported ``chimera_reputation_local_score`` series."""
+        membership = getattr(self, "membership", None)
+        if membership is not None and peer_id in membership.members:
+            return True
+        consensus = self.consensus
+        return consensus is not None and peer_id in consensus.ledger.table.weights
+
     def _on_discovered(self, contact: PeerContact) -> None:
         cell = self.supervisor.get(MEMBERSHIP_ACTOR)
         if cell is not None and not cell.tell(contact):
@@ -617,7 +629,8 @@ class Node:
                 "max_message_bytes", "send_hwm", "recv_hwm", "mailbox_size", "rate_limit_msgs_per_s",
                 "rate_limit_burst", "probe_interval_s", "probe_timeout_s", "max_clock_skew_s",
                 "fabric_task_slots", "fabric_max_wasm_memory_bytes")},
-            "counters": dict(sorted(self.counters.items())),
+            "counters": dict(sorted((self.counters + Counter(
+                reputation_untracked=self.reputation.untracked)).items())),
         }
 
     def peers(self) -> list[dict]:

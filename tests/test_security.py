@@ -482,10 +482,13 @@ async def test_malformed_frames_are_dropped(pair: Pair, name: str, make_frame, r
 
 
 async def test_a_signed_body_that_breaks_its_schema_costs_its_signer_reputation(pair: Pair) -> None:
-    """§6.5: the drop is attributed to the signer (an invalid_envelope observation); a
-    forged signature over the same body blames nobody; a replay is not counted twice."""
+    """§6.5: the drop is attributed to the signer (an invalid_envelope observation) when the
+    signer is a member; a forged signature over the same body blames nobody; a replay is not
+    counted twice."""
     sock, _ = await pair.member_dealer()
     forger, framed = pair.forger(), pair.forger()
+    pair.a.membership.preload_members(  # a member (unreachable; it is probed and fails: still a member)
+        [PeerContact(peer_id=forger.identity.peer_id, transport_key=bytes(32), addresses=("tcp://127.0.0.1:9",))], time.monotonic())
     bad_body = forger.frame(body={"nonce": "1"})
     unsigned = framed.frame(body={"nonce": "1"})[:-64] + bytes(64)
     await pair.expect_drops(lambda: [sock.send(f) for f in (bad_body, unsigned)], {"drop_malformed": 2})
@@ -494,6 +497,22 @@ async def test_a_signed_body_that_breaks_its_schema_costs_its_signer_reputation(
     units = rep.config.weights[ObservationKind.INVALID_ENVELOPE]
     assert rep.evidence(forger.identity.peer_id, time.monotonic()) == pytest.approx((0.0, units), rel=1e-3)
     assert rep.evidence(framed.identity.peer_id, time.monotonic()) == (0.0, 0.0)
+    await pair.assert_serves_honest_peer()
+
+
+async def test_junk_signed_with_fresh_keys_costs_no_reputation_entry(pair: Pair) -> None:
+    """Anyone with the token can sign junk with a fresh key per envelope: each was tracked
+    (an entry, an O(n) eviction scan once 4096 were tracked: ~4 ms per envelope, and one more
+    exported reputation series). Keys that are neither members nor validators get no entry;
+    they are counted (``reputation_untracked``)."""
+    sock, _ = await pair.member_dealer()
+    frames = [pair.forger().frame(body={"nonce": "1"}) for _ in range(30)]  # an unbound connection's burst: 32
+    tracked_before = set(pair.a.reputation.peers())
+    untracked_before = pair.a.reputation.untracked
+    await pair.expect_drops(lambda: [sock.send(f) for f in frames], {"drop_malformed": 30})
+    assert set(pair.a.reputation.peers()) <= tracked_before | {pair.b.peer_id}
+    assert pair.a.reputation.untracked >= untracked_before + 30
+    assert pair.a.status()["counters"]["reputation_untracked"] == pair.a.reputation.untracked
     await pair.assert_serves_honest_peer()
 
 
