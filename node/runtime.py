@@ -629,9 +629,15 @@ class Node:
                 "max_message_bytes", "send_hwm", "recv_hwm", "mailbox_size", "rate_limit_msgs_per_s",
                 "rate_limit_burst", "probe_interval_s", "probe_timeout_s", "max_clock_skew_s",
                 "fabric_task_slots", "fabric_max_wasm_memory_bytes")},
-            "counters": dict(sorted((self.counters + Counter(
-                reputation_untracked=self.reputation.untracked)).items())),
+            "counters": dict(sorted({**self.counters, **self._core_counters()}.items())),
         }
+
+    def _core_counters(self) -> dict[str, int]:
+        """Counts the pure cores keep themselves, when nonzero (in ``status`` counters)."""
+        counts = {"reputation_untracked": self.reputation.untracked,
+                  "membership_candidates_evicted": self.membership.candidates_evicted,
+                  "membership_candidates_refused": self.membership.candidates_refused}
+        return {k: v for k, v in counts.items() if v}
 
     def peers(self) -> list[dict]:
         now = time.monotonic()

@@ -40,6 +40,7 @@ import heapq
 import itertools
 import math
 import random
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Annotated
@@ -387,6 +388,7 @@ class _Candidate:
     next_hello: float
     backoff_s: float
     expires: float | None  # None: static bootstrap, never expires
+    hellos_sent: int = 0
 
 
 @dataclass(slots=True)
@@ -460,6 +462,11 @@ class Membership:
         self.rng = rng
         self.members = MemberTable()
         self.candidates: dict[str, dict[bytes, _Candidate]] = {}
+        # expiring candidates, oldest first (lazily cleaned): when the table is full the oldest
+        # one that was already sent a Hello and did not answer makes room for a new hint
+        self._candidate_order: deque[_Candidate] = deque()
+        self.candidates_evicted = 0  # made room for a newer hint
+        self.candidates_refused = 0  # table full of hints not yet tried: the new one dropped
         # Timer heaps, lazily cleaned (an entry is acted on only if it still matches the
         # row it names), so tick() and next_deadline() cost O(log n) per timer, not O(n):
         #   suspicion timeouts: (suspect_deadline, seq, member)
@@ -525,11 +532,19 @@ class Membership:
                 existing.backoff_s = self.config.hello_retry_min_s
                 heapq.heappush(self._hello_timers, (now, next(self._timer_seq), existing))
             return
-        if not static and sum(len(v) for v in self.candidates.values()) >= self.config.max_candidates:
+        if not static and sum(len(v) for v in self.candidates.values()) >= self.config.max_candidates \
+                and not self._evict_candidate():
+            self.candidates_refused += 1
             return  # bounded: a flood of hints cannot grow memory (static contacts still go in)
         cand = _Candidate(contact=contact, next_hello=now, backoff_s=self.config.hello_retry_min_s,
                           expires=expires)
         self.candidates.setdefault(pid, {})[contact.transport_key] = cand
+        if not static:
+            order = self._candidate_order
+            order.append(cand)
+            if len(order) > 2 * self.config.max_candidates + 64:  # drop the entries no longer listed
+                self._candidate_order = deque(c for c in order if c.expires is not None
+                                              and self._candidate_listed(c))
         heapq.heappush(self._hello_timers, (now, next(self._timer_seq), cand))
         if expires is not None:
             heapq.heappush(self._expiry_timers, (expires, next(self._timer_seq), cand))
@@ -694,6 +709,32 @@ class Membership:
     def _adjust_health(self, delta: int) -> None:
         self.local_health = min(self.config.max_local_health, max(0, self.local_health + delta))
 
+    def _evict_candidate(self) -> bool:
+        """Make room in a full candidate table: forget the oldest expiring candidate that was
+        sent a Hello and has not answered (an answer makes it a member). Anyone on the LAN
+        can forge well-formed DNS-SD records (the network id in them is public): refusing
+        every new hint once 1024 forged ones were held blocked discovery for their 10-minute
+        lifetime, renewed by each re-announcement. A real peer answers its first Hello
+        within a round trip, and it is the newest entry, so a flood must insert the whole
+        table's worth of hints after it before it can be evicted. False when every expiring
+        candidate is still waiting for its first Hello (the new hint is then dropped)."""
+        order = self._candidate_order
+        while order:
+            cand = order[0]
+            if cand.expires is None or not self._candidate_listed(cand):
+                order.popleft()
+                continue
+            if cand.hellos_sent == 0:
+                return False
+            order.popleft()
+            per_peer = self.candidates[cand.contact.peer_id]
+            del per_peer[cand.contact.transport_key]
+            if not per_peer:
+                del self.candidates[cand.contact.peer_id]
+            self.candidates_evicted += 1
+            return True
+        return False
+
     def _tick_candidates(self, now: float) -> None:
         if self._next_hello_at() > now and self._next_expiry_at() > now:
             return  # nothing due: the scan below would change nothing
@@ -705,6 +746,7 @@ class Membership:
                     del per_peer[key]
                 elif now >= cand.next_hello:
                     self._actions.append(Send(pid, self._hello(True), via=cand.contact))
+                    cand.hellos_sent += 1
                     cand.next_hello = now + cand.backoff_s * (0.5 + self.rng.random())
                     cand.backoff_s = min(self.config.hello_retry_max_s, cand.backoff_s * 2)
             if not per_peer:

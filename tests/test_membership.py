@@ -325,6 +325,37 @@ def test_candidate_table_is_bounded_without_leftovers():
     assert all(core.candidates.values())  # no empty entries left behind
 
 
+def test_a_full_candidate_table_of_unanswered_hints_makes_room_for_a_new_one():
+    """Anyone on the LAN can forge DNS-SD records (the network id is public): 1024 forged
+    hints blocked every new one, a real peer's included, for their 10-minute lifetime."""
+    net = SimNet(2, 10)
+    core = net.cores[net.ids[0]]
+    cap = core.config.max_candidates
+
+    def hint(i: int) -> PeerContact:
+        return PeerContact(peer_id=SigningIdentity(i.to_bytes(4, "big") * 8).peer_id,
+                           transport_key=b"\x01" * 32, addresses=("tcp://10.1.0.1:1",))
+
+    forged = [hint(i) for i in range(cap)]
+    for c in forged:
+        core.add_candidate(c, 0.0)
+    core.add_candidate(hint(10**6), 0.0)  # none was tried yet: nothing to evict, dropped
+    assert core.candidates_refused == 1 and hint(10**6).peer_id not in core.candidates
+    core.tick(0.0)  # every forged hint gets its hello (and never answers)
+    assert sum(isinstance(a, Send) for a in core.take_actions()) >= cap
+    real = hint(10**6 + 1)
+    core.add_candidate(real, 0.1)
+    assert real.peer_id in core.candidates and core.candidates_evicted == 1
+    assert forged[0].peer_id not in core.candidates  # the oldest tried one made room
+    assert sum(len(v) for v in core.candidates.values()) == cap
+    for k in range(cap - 1):  # the new hint is the newest: the flood must replace all the rest first
+        core.add_candidate(hint(2 * 10**6 + k), 0.2)
+    assert real.peer_id in core.candidates
+    static = hint(3 * 10**6)
+    core.add_candidate(static, 0.3, static=True)  # bootstrap contacts always go in
+    assert static.peer_id in core.candidates
+
+
 def test_a_stale_stored_contact_does_not_hide_a_fresh_bootstrap_address():
     """A restarted peer listens on a new port: its stored contact (old port) arrives after
     the static bootstrap contact (new port) for the same key. Both addresses are tried,
