@@ -795,7 +795,9 @@ class TrainingCore:
 
     Attributes:
         checks_aggregates: whether this peer computes the job's aggregates itself: checks
-            inclusions (:meth:`validate_log_value`), proposes them and confirms. False where the
+            inclusions (:meth:`validate_log_value`), proposes them and confirms. False at a
+            non-participant (it takes no updates: pushed ones are dropped, counted
+            ``update_at_non_participant``; it follows the certified models), and where the
             job records a scikit-learn version for its anomaly screen (``JobSpec.sklearn_version``)
             other than ``config.sklearn_version`` (``version_mismatch``; counted
             ``sklearn_version_mismatch``, event ``sklearn_version_mismatch``): its screened
@@ -832,7 +834,9 @@ class TrainingCore:
         # the job records (PROTOCOL.md §17.7): with another one our aggregate hash would differ
         self.version_mismatch = bool(job.detect_anomalies and job.sklearn_version
                                      and job.sklearn_version != self.config.sklearn_version)
-        self.checks_aggregates = not self.version_mismatch
+        # a non-participant holds no updates (they go to participants; it never asks for any): it
+        # can neither check an inclusion nor know that participants can get the updates it names
+        self.checks_aggregates = self.participant and not self.version_mismatch
         self.drops: Counter[str] = Counter()
         self._tables: dict[int, WeightTable] = dict(tables)
         self._actions: list[Action] = []
@@ -1379,7 +1383,13 @@ class TrainingCore:
         is the author's key and the update names its epoch, so this needs nothing the round's
         start brings) and its epoch is the round's where that is known; the rest (contents
         against the round's base) is checked at the start. Past rounds, and rounds beyond the
-        job's last (a finished job keeps nothing), are counted drops."""
+        job's last (a finished job keeps nothing), are counted drops; so is every update at a
+        non-participant (``update_at_non_participant``: see :attr:`checks_aggregates`)."""
+        if not self.participant:  # nobody sends us updates, nor do we ask for any: someone pushes
+            #   them (only an inclusion of them could come of it, which participants may not be able
+            #   to check: a private update only we got)
+            self.drops["update_at_non_participant"] += 1
+            return
         if update.sender not in self.job.participants:
             raise RemoteProtocolError(f"{update.sender[:10]} is not a participant", reason="not_participant")
         if update.round > self.job.rounds:
@@ -1483,6 +1493,9 @@ class TrainingCore:
         if part.index >= part.count or (part.count - 1) * PART_BYTES > self._max_body_bytes:
             raise RemoteProtocolError(f"part {part.index} of {part.count}: more than this job's model "
                                       "can need", reason="bad_part")
+        if cls is FlUpdate and not self.participant:
+            self.drops["update_at_non_participant"] += 1
+            return
         if cls is FlUpdate and not self.model_round < part.round <= min(self.model_round + 2, self.job.rounds):
             self.drops["update_other_round"] += 1
             return
@@ -1634,7 +1647,9 @@ class TrainingCore:
         table once we hold one of every such participant, or after the deadline once they
         are ``quorum`` distinct senders; never a set the rule fails on (``error``: we wait
         for more updates) unless it is complete, and each set larger than the last we
-        proposed. What :meth:`validate_log_value` accepts, so an honest proposal is valid."""
+        proposed. What :meth:`validate_log_value` accepts, so an honest proposal is valid.
+        Only where :attr:`checks_aggregates` holds: never at a non-participant (it could not
+        know that participants can get the updates it names, e.g. one pushed only to it)."""
         if rnd.started_at is None or rnd.inclusion is not None or not self.checks_aggregates:
             return
         table = self._round_table(rnd)

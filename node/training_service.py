@@ -492,8 +492,9 @@ class TrainingService:
             # round on the strength of the participants' checks, TrainingCore.fast_path).
             return None if isinstance(rec, Inclusion) and rec.job_id in self.refused else True
         core = state.core
-        if isinstance(rec, Inclusion) and not core.participant:
-            return len(rec.updates) >= state.job.quorum  # observers do not receive updates
+        # (at a non-participant the core's stateless bounds only: quorum ... len(participants)
+        # hashes, as at every peer; a wider check here let this peer pool, and choose for its
+        # blocks as the largest set, an inclusion every participant refuses)
         ok = core.validate_log_value(value)
         if ok is None and core.wants_updates:
             # ask for the missing updates after the consensus step that asked us (its actions

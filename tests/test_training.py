@@ -1454,3 +1454,53 @@ def test_a_peer_with_another_sklearn_version_neither_checks_nor_confirms_screene
     assert told.checks_aggregates and not told.version_mismatch
     unpinned, _ = _core(make_job(rule="median", f=1, detect=True, quorum=4, rounds=rounds), peer=other)
     assert unpinned.checks_aggregates
+
+
+# ------------------------------------------------- proposers that are not participants
+
+
+def test_a_non_participant_never_builds_an_inclusion_from_updates_pushed_to_it():
+    """A peer outside the job holds no updates (they go to participants; it never asks for
+    any), so it cannot know whether participants can get the updates an inclusion names, nor
+    check its aggregate. Before, its core took updates pushed to it and proposed inclusions of
+    them (padded, as here, with the update of a participant without weight to reach the log's
+    quorum hash count): a byzantine participant relaying the honest updates plus a private
+    one only this peer received led it to propose, gossip and put into its blocks a set no
+    honest participant could ever check (it cannot fetch the private update: only its author
+    holds it), so each of its blocks was refused until a participant's inclusion committed.
+    Now a non-participant drops pushed updates (counted) and proposes no inclusion."""
+    peers = PEERS[:3]
+    job = JobSpec(name="j", model_kind="sgd_regressor", n_features=3, rounds=2, learning_rate=0.1,
+                  rule="fedavg", participants=tuple(peers), quorum=3, round_deadline_s=5.0)
+    job_value = encode_log_value(job)
+    job_id, spec = job_id_of(job_value), job.model_spec()
+    table = WeightTable(epoch=0, weights={**{p: 1 for p in peers[:2]}, IDS[5].peer_id: 1})  # peers[2]: none
+    observer = TrainingCore.for_committed_job(IDS[5], NET, job_value, {0: table}, 0.0, epoch=0)
+    honest = TrainingCore.for_committed_job(BY_PEER[peers[0]], NET, job_value, {0: table}, 0.0, epoch=0)
+    assert not observer.participant and not observer.checks_aggregates and honest.checks_aggregates
+    observer.take_actions()
+    honest.take_actions()
+    rng = np.random.default_rng(5)
+    own, d_own = _signed(job_id, spec, BY_PEER[peers[0]], _random_params(spec, rng))
+    public, d_public = _signed(job_id, spec, BY_PEER[peers[1]], _random_params(spec, rng))
+    private, d_private = _signed(job_id, spec, BY_PEER[peers[1]], _random_params(spec, rng))  # byzantine
+    unweighted, d_unweighted = _signed(job_id, spec, BY_PEER[peers[2]], _random_params(spec, rng))
+    for msg in (own, public, unweighted):  # what the participants hold
+        if msg.sender != peers[0]:
+            honest.on_message(msg.sender, roundtrip(msg), 0.1)
+    honest.on_message(own.sender, roundtrip(own), 0.1)
+    honest.take_actions()
+    for msg in (own, private, unweighted):  # pushed to the observer by the byzantine participant
+        observer.on_message(peers[1], roundtrip(msg), 0.2)
+    observer.tick(job.round_deadline_s + 1)
+    assert _proposed(observer.take_actions()) == []
+    assert observer.drops["update_at_non_participant"] == 3 and not observer._rounds[1].updates
+    # what it proposed before (the set it held, padded with the unweighted update): never
+    # checkable at an honest participant, which can fetch the private update from nobody
+    padded = tuple(sorted([d_own, d_private, d_unweighted]))
+    before = Inclusion(job_id=job_id, round=1, updates=padded, aggregate_hash=bytes(32))
+    assert honest.validate_log_value(encode_log_value(before)) is None
+    honest.fetch_wanted(1.0)  # (after fetch_grace_s)
+    honest.fetch_wanted(2.0)
+    asked = [a for a in honest.take_actions() if isinstance(a, Send)]
+    assert asked and {a.peer_id for a in asked} <= set(peers)  # only participants: not the observer

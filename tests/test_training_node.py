@@ -565,3 +565,51 @@ def test_a_failed_checkpoint_write_loses_nothing_and_the_job_still_finishes(tmp_
     path = store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round=?", (job_id, rounds)).fetchone()[0]
     assert aggregate_hash(read_npz(Path(path)), job.model_spec()).hex() == svc.export(None)["digest"]
     store.close()
+
+
+def test_a_non_participant_node_applies_the_same_stateless_inclusion_bounds_as_every_peer(tmp_path):
+    """A peer outside a job cannot check an inclusion's aggregate, but it applies the bounds
+    every peer applies: ``quorum`` … ``len(participants)`` hashes. Its validity hook only asked
+    for ``quorum`` or more: an inclusion naming more hashes than the job has participants was
+    valid here and invalid at every participant; as the set with the most hashes it was the one
+    this peer chose for its blocks (inclusion_choice), so each block it proposed was refused."""
+    from types import SimpleNamespace
+
+    from chimera.consensus.training import Inclusion, JobSpec, encode_log_value, job_id_of
+    from chimera.node.store import Store
+    from chimera.node.training_service import TrainingService
+    from chimera.protocol.identity import SigningIdentity
+
+    identities = {i.peer_id: i for i in (SigningIdentity.generate() for _ in range(4))}
+    a, b, c, outside = sorted(identities)
+
+    def service(peer_id: str) -> TrainingService:
+        data_dir = tmp_path / peer_id
+        data_dir.mkdir()
+        node = SimpleNamespace(peer_id=peer_id, identity=identities[peer_id], data_dir=data_dir,
+                               store=Store(data_dir), counters=Counter(), consensus=None,
+                               emit_event=lambda *args, **fields: None,
+                               network=SimpleNamespace(genesis=(a, b, c, outside), network_id=b"\x07" * 32),
+                               config=SimpleNamespace(max_message_bytes=1 << 20, training_test_poison="",
+                                                      training_test_drop_updates_from="",
+                                                      training_fetch_interval_s=1.0))
+        return TrainingService(node, 0)
+
+    job = JobSpec(name="j", model_kind="sgd_regressor", n_features=3, rounds=2, learning_rate=0.1,
+                  participants=(a, b, c), quorum=2, round_deadline_s=5.0)
+    job_value = encode_log_value(job)
+    job_id = job_id_of(job_value)
+
+    def inclusion(count: int) -> bytes:
+        return encode_log_value(Inclusion(job_id=job_id, round=1, updates=tuple(bytes([i]) * 32 for i in
+                                                                                range(1, count + 1)),
+                                          aggregate_hash=b"\x09" * 32))
+
+    participant, observer = service(a), service(outside)
+    for svc in (participant, observer):
+        svc._apply_value(1, job_value, 0.0, epoch=0)
+    oversized = inclusion(4)  # more hashes than the job's 3 participants
+    assert participant.validate_value(oversized) is False
+    assert observer.validate_value(oversized) is False
+    assert observer.validate_value(inclusion(1)) is False  # below the quorum, as before
+    assert observer.validate_value(inclusion(3)) is True  # what it cannot check it does not refuse
