@@ -222,7 +222,7 @@ def peers_table(rows: list[dict]) -> str:
     for r in rows:
         rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}"
         lines.append(f"{r['peer_id']:<52}  {r['state']:<7}  {r['incarnation']:>3}  {rtt:>7}  "
-                     f"{r['last_seen_s']:>6.1f}  {(r['addresses'] or ['-'])[0]}")
+                     f"{r['last_seen_s']:>6.1f}  {printable((r['addresses'] or ['-'])[0])}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import ipaddress
 import math
 import os
 import tomllib
@@ -377,11 +378,15 @@ def load_config(
     return config
 
 
+MAX_ADVERTISE_HOSTS = 8
+"""Addresses a contact carries (protocol ``MAX_CONTACT_ADDRESSES``)."""
+
+
 def check_config(config: NodeConfig, sources: typing.Mapping[str, str] | None = None) -> None:
     """Check the merged ``config``: every numeric field within its :data:`RANGES` entry
     (floats finite), ``probe_timeout_s < probe_interval_s``, ``log_level``,
-    ``reputation_weights``/``reputation_half_life_s``, ``bootstrap`` contact URIs and
-    ``admin_listen``.
+    ``reputation_weights``/``reputation_half_life_s``, ``bootstrap`` contact URIs,
+    ``advertise_hosts`` (at most 8 IPv4 addresses) and ``admin_listen``.
 
     Raises:
         ConfigError: one line naming the first bad field (after ``sources[field]``, where
@@ -411,6 +416,15 @@ def check_config(config: NodeConfig, sources: typing.Mapping[str, str] | None = 
         except RemoteProtocolError as exc:
             raise ConfigError(f"{where('bootstrap')}: {_show(uri)} is not a contact URI "
                               f"(chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY): {exc}") from None
+    if len(config.advertise_hosts) > MAX_ADVERTISE_HOSTS:
+        raise ConfigError(f"{where('advertise_hosts')}: {len(config.advertise_hosts)} hosts; a contact "
+                          f"holds at most {MAX_ADVERTISE_HOSTS}")
+    for host in config.advertise_hosts:  # peers dial tcp://HOST:PORT and mDNS publishes A records
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"{where('advertise_hosts')}: {_show(host)} is not an IPv4 address "
+                              "(dotted quad, e.g. 192.168.1.20)") from None
     if config.admin_listen and tcp_endpoint_port(config.admin_listen) is None:
         raise ConfigError(f"admin_listen {_show(config.admin_listen)}: use tcp://HOST:PORT (or \"\" for off)")
 

@@ -9,6 +9,7 @@ only after the CURVE handshake and its own signed Hello.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from typing import Callable
@@ -30,7 +31,12 @@ log = logging.getLogger("chimera.discovery")
 def resolve_interfaces(names_or_ips: tuple[str, ...]) -> list[str] | None:
     """Map interface names (``eth0``) or IPv4 addresses to IPv4 addresses.
 
-    Returns None for "all interfaces". Raises ValueError for an unknown name.
+    Returns None for "all interfaces".
+
+    Raises:
+        ValueError: an unknown name, or an interface without an IPv4 address (down, not
+            configured yet, IPv6 only): zeroconf given no address answers and asks nothing,
+            so mDNS would be silently off.
     """
     if not names_or_ips:
         return None
@@ -38,7 +44,10 @@ def resolve_interfaces(names_or_ips: tuple[str, ...]) -> list[str] | None:
     out = []
     for item in names_or_ips:
         if item in addrs:
-            out.extend(a.address for a in addrs[item] if a.family == socket.AF_INET)
+            found = [a.address for a in addrs[item] if a.family == socket.AF_INET]
+            if not found:
+                raise ValueError(f"interface {item!r} has no IPv4 address (down or not configured yet?)")
+            out.extend(found)
         else:
             try:
                 socket.inet_aton(item)
@@ -101,21 +110,29 @@ class Discovery:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        """Register and browse. On any failure what was opened is closed again (the
+        multicast socket stayed bound for the node's life) and the error propagates."""
         kwargs = {"ip_version": IPVersion.V4Only}
         if self.interfaces is not None:
             kwargs["interfaces"] = self.interfaces
         self.azc = AsyncZeroconf(**kwargs)
-        self.info = AsyncServiceInfo(
-            SERVICE_TYPE,
-            f"{self.contact.peer_id[:24]}-{self.port}.{SERVICE_TYPE}",
-            addresses=[socket.inet_aton(h) for h in self.hosts],
-            port=self.port,
-            properties=txt_record(self.contact, self.network_id),
-            server=f"chimera-{self.contact.peer_id[:16]}.local.",
-        )
-        await self.azc.async_register_service(self.info, allow_name_change=True)
-        self.browser = AsyncServiceBrowser(self.azc.zeroconf, [SERVICE_TYPE],
-                                           handlers=[self._on_change])
+        try:
+            self.info = AsyncServiceInfo(
+                SERVICE_TYPE,
+                f"{self.contact.peer_id[:24]}-{self.port}.{SERVICE_TYPE}",
+                addresses=[socket.inet_aton(h) for h in self.hosts],
+                port=self.port,
+                properties=txt_record(self.contact, self.network_id),
+                server=f"chimera-{self.contact.peer_id[:16]}.local.",
+            )
+            await self.azc.async_register_service(self.info, allow_name_change=True)
+            self.browser = AsyncServiceBrowser(self.azc.zeroconf, [SERVICE_TYPE],
+                                               handlers=[self._on_change])
+        except BaseException:
+            azc, self.azc, self.info, self.browser = self.azc, None, None, None
+            with contextlib.suppress(Exception):
+                await azc.async_close()
+            raise
 
     def _on_change(self, zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:

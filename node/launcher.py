@@ -15,7 +15,7 @@ from chimera.protocol.network import Network
 
 from . import admin
 from .config import ConfigError
-from .keys import load_or_create_identity, save_network
+from .keys import atomic_write, load_or_create_identity, save_network
 
 MAX_LOCAL_PEERS = 64  # `chimera up --peers N` / `chimera demo --peers N`: N in 1..64
 
@@ -109,7 +109,7 @@ class LocalNetwork:
         if type(peers) is not int or not 1 <= peers <= MAX_LOCAL_PEERS:
             raise LaunchError(f"the number of peers must be in 1..{MAX_LOCAL_PEERS}, not {peers!r}")
         self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)  # holds the token and every key
         self.extra = list(extra_args or [])
         if not mdns:
             self.extra.append("--no-mdns")
@@ -124,8 +124,8 @@ class LocalNetwork:
             if genesis:
                 ids = tuple(load_or_create_identity(self._data_dir(i)).peer_id for i in range(peers))
             self.network = Network.create(name=name, genesis=ids, epoch_length=epoch_length)
-            token_file.write_text(self.network.token() + "\n")
-            token_file.chmod(0o600)
+            # created 0600 (write_text then chmod left it readable under the umask for a moment)
+            atomic_write(token_file, (self.network.token() + "\n").encode())
         self.peers = [self._make(i) for i in range(peers)]
 
     def _data_dir(self, i: int) -> Path:

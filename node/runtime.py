@@ -138,8 +138,9 @@ def _lock_data_dir(data_dir: Path) -> int:
 
 
 class NodeStartError(Exception):
-    """The node cannot start from its data directory: its store or sign-state file cannot
-    be read or decoded. The message names the file and what the operator can do."""
+    """The node cannot start: its store or sign-state file cannot be read or decoded, or a
+    listener it is configured to open (the metrics exporter) cannot be opened. The message
+    names the file or the setting and what the operator can do."""
 
 
 @contextlib.contextmanager
@@ -275,7 +276,13 @@ class Node:
         if cfg.metrics_port >= 0:
             from . import metrics
 
-            served = metrics.serve(self, cfg.metrics_host, cfg.metrics_port)
+            try:
+                served = metrics.serve(self, cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:  # port taken, host not of this machine or not resolvable
+                await self.stop()  # what already runs (sockets, admin, mDNS) closes again
+                raise NodeStartError(
+                    f"metrics exporter on {cfg.metrics_host}:{cfg.metrics_port} (metrics_host, "
+                    f"metrics_port): {exc.strerror or exc}") from None
             if served is not None:
                 self.metrics_server = served[0]
         loop = asyncio.get_running_loop()

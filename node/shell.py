@@ -57,6 +57,7 @@ from .admin_keys import (
 )
 from .admin_keys import fingerprint as key_fingerprint
 from .events import EVENT_KINDS
+from .logs import printable
 
 DESTRUCTIVE = frozenset({"stop", "revoke_peer", "agents_remove", "admin_key_revoke", "config_set"})
 STRING_ARGS = frozenset({"peer_id", "data", "uri", "name", "field", "key", "kind", "reason", "level",
@@ -224,7 +225,7 @@ def _cell(value: object) -> str:
         return ",".join(_cell(v) for v in value) or "-"
     if isinstance(value, dict):
         return json.dumps(value, default=_json_default, separators=(",", ":"))
-    return str(value)
+    return printable(str(value))  # peers' text (addresses, names, reasons): no control sequences
 
 
 def table(rows: list[dict], columns: Iterable[str] | None = None) -> str:
@@ -295,7 +296,8 @@ def event_line(e: dict) -> str:
     extra = " ".join(f"{k}={_cell(v)}" for k, v in e.items()
                      if k not in ("at_ms", "kind", "peer_id", "priority", "weights"))
     stamp = time.strftime("%H:%M:%S", time.localtime(e.get("at_ms", 0) / 1000))
-    return f"{stamp} {e.get('priority', 'info'):<7} {e.get('kind', '?'):<24} {e.get('peer_id', '')} {extra}".rstrip()
+    return printable(f"{stamp} {e.get('priority', 'info'):<7} {e.get('kind', '?'):<24} {e.get('peer_id', '')} "
+                     f"{extra}".rstrip())
 
 
 def _json_default(value: object) -> object:

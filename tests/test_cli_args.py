@@ -408,3 +408,31 @@ def test_unknown_scenario_and_unwritable_key_file_say_what_the_user_gave(tmp_pat
     code, out, _ = run_cli(["admin", "key", "create", "k", "--out", "/proc/nope.pem", "--json",
                             "--data-dir", tmp_path / "dd"], capsys)
     assert code == 1 and "/proc/nope.pem" in out and ".tmp" not in out, out
+
+
+def test_a_local_network_token_is_never_readable_by_others(tmp_path, monkeypatch):
+    """`chimera up` wrote network.token under the umask and chmod-ed it after (0644 for a
+    moment, in a 0755 workdir): another local user could read the network's secret."""
+    import os
+    import stat
+
+    from chimera.node.launcher import LocalNetwork
+
+    seen: list[int] = []
+    real_chmod = os.chmod
+
+    def spy(path, mode, *args, **kwargs):  # every mode the file has before it is final
+        if str(path).endswith("network.token") and os.path.exists(path):
+            seen.append(stat.S_IMODE(os.stat(path).st_mode))
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", spy)
+    old_umask = os.umask(0)
+    try:
+        LocalNetwork(tmp_path / "lab", 2)
+    finally:
+        os.umask(old_umask)
+    token = tmp_path / "lab" / "network.token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "lab").stat().st_mode) == 0o700
+    assert all(mode & 0o077 == 0 for mode in seen), [oct(m) for m in seen]

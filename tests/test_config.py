@@ -215,3 +215,17 @@ def test_the_batch_bound_is_the_cores_and_reading_config_does_not_load_the_core(
                              "print(sorted(m for m in sys.modules if m.startswith('chimera.consensus')))"],
                             capture_output=True, text=True, timeout=60).stdout
     assert loaded.strip() == "[]", loaded
+
+
+@pytest.mark.parametrize("hosts, problem", [
+    (("myhost.local",), "is not an IPv4 address"),   # was: mDNS off ("illegal IP address string")
+    (("::1",), "is not an IPv4 address"),            # was: advertised as tcp://::1:PORT
+    (("10.0.0.1", "1"), "is not an IPv4 address"),   # inet_aton's shorthand for 0.0.0.1
+    (tuple(f"10.0.0.{i}" for i in range(1, 10)), "9 hosts; a contact holds at most 8"),
+])
+def test_advertise_hosts_must_be_at_most_8_ipv4_addresses(tmp_path: Path, hosts: tuple, problem: str):
+    with pytest.raises(ConfigError, match="advertise_hosts") as info:
+        load_config(tmp_path, environ={}, overrides={"advertise_hosts": hosts})
+    assert problem in str(info.value)
+    ok = tuple(f"192.168.1.{i}" for i in range(1, 9))
+    assert load_config(tmp_path, environ={}, overrides={"advertise_hosts": ok}).advertise_hosts == ok

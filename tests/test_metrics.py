@@ -45,6 +45,29 @@ async def test_metrics_endpoint_reports_live_state(node_factory):
     assert 'chimera_envelopes_dropped_total{reason="replay"} 1.0' in text
 
 
+async def test_a_metrics_port_in_use_is_a_start_error_that_names_the_setting(tmp_path, network):
+    """It was "chimera: [Errno 98] Address already in use", which reads as the node's own
+    port, and the node exited without closing what it had opened."""
+    import socket
+
+    from chimera.node.runtime import Node, NodeStartError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = Node(tmp_path / "a", NodeConfig(**FAST, metrics_port=port), network)
+        with pytest.raises(NodeStartError, match=f"metrics exporter on 127.0.0.1:{port} "
+                                                 r"\(metrics_host, metrics_port\): Address already in use"):
+            await node.start()
+    again = Node(tmp_path / "a", NodeConfig(**FAST, metrics_port=0), network)  # the data dir was released
+    await again.start()
+    try:
+        assert again.metrics_server is not None
+    finally:
+        await again.stop()
+
+
 async def test_consensus_reputation_and_process_metrics_match_the_node(tmp_path):
     """Three validators; a decision committed; the scrape, parsed by prometheus_client's own text
     parser, agrees with the node's state (height, weights, commit latency count, CPU)."""

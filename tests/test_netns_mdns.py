@@ -60,3 +60,18 @@ def _status(d: Path):
         return admin.call(d, "status", timeout_s=2)
     except admin.AdminError:
         return None
+
+
+def test_an_interface_without_ipv4_is_an_error_not_silently_no_mdns():
+    """``--interface wlan0`` before wlan0 has an address (an edge box booting) gave zeroconf
+    an empty interface list: no socket answered or asked, and nothing said so."""
+    code = ("from chimera.node.discovery import resolve_interfaces\n"
+            "print(resolve_interfaces(('lan0',)))\n"
+            "try:\n    resolve_interfaces(('nov4',))\n"
+            "except ValueError as exc:\n    print('ValueError:', exc)\n")
+    with LanBridge(1) as lan:
+        lan.run(0, ["ip", "link", "add", "nov4", "type", "veth", "peer", "name", "nov4b"], check=True)
+        lan.run(0, ["ip", "link", "set", "nov4", "up"], check=True)  # up, IPv6 link-local only
+        out = lan.run(0, [sys.executable, "-c", code], check=True).stdout.splitlines()
+    assert out[0] == f"['{lan.hosts[0].ip}']"
+    assert out[1] == "ValueError: interface 'nov4' has no IPv4 address (down or not configured yet?)"
