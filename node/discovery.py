@@ -25,6 +25,8 @@ from chimera.protocol.membership import PeerContact
 from chimera.protocol.messages import decode_fields, encode_fields
 
 SERVICE_TYPE = "_chimera._tcp.local."
+MAX_RESOLVING = 64
+"""Service lookups in flight at once (each waits up to 3 s for an answer)."""
 log = logging.getLogger("chimera.discovery")
 
 
@@ -108,6 +110,7 @@ class Discovery:
         self.browser: AsyncServiceBrowser | None = None
         self.info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._resolving: set[str] = set()  # service names being looked up
 
     async def start(self) -> None:
         """Register and browse. On any failure what was opened is closed again (the
@@ -136,10 +139,20 @@ class Discovery:
 
     def _on_change(self, zeroconf, service_type: str, name: str,
                    state_change: ServiceStateChange) -> None:
-        if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
-            task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if state_change not in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            return
+        # Anyone on the LAN can announce services: at most MAX_RESOLVING lookups run at once
+        # (each waits up to 3 s), one per name; the rest are counted and dropped (a real
+        # peer re-announces, and bootstrap and peer exchange do not depend on this).
+        if name in self._resolving:
+            return
+        if len(self._resolving) >= MAX_RESOLVING:
+            self.counters["discovery_resolves_dropped"] += 1
+            return
+        self._resolving.add(name)
+        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
@@ -150,6 +163,8 @@ class Discovery:
             self.counters["discovery_errors"] += 1
             log.debug("could not resolve %s: %s", name, exc)
             return
+        finally:
+            self._resolving.discard(name)
         contact = contact_from_service(info, self.network_id)
         if contact is None or contact.peer_id == self.contact.peer_id:
             return

@@ -75,3 +75,32 @@ def test_an_interface_without_ipv4_is_an_error_not_silently_no_mdns():
         out = lan.run(0, [sys.executable, "-c", code], check=True).stdout.splitlines()
     assert out[0] == f"['{lan.hosts[0].ip}']"
     assert out[1] == "ValueError: interface 'nov4' has no IPv4 address (down or not configured yet?)"
+
+
+def test_an_announcement_flood_runs_a_bounded_number_of_lookups():
+    """Each Added/Updated announcement started a 3-second lookup task, without bound."""
+    code = """
+import asyncio, collections
+from zeroconf import ServiceStateChange
+from chimera.node.discovery import MAX_RESOLVING, SERVICE_TYPE, Discovery
+from chimera.protocol.identity import SigningIdentity
+from chimera.protocol.membership import PeerContact
+
+async def main():
+    me = SigningIdentity.generate()
+    contact = PeerContact(peer_id=me.peer_id, transport_key=bytes(32), addresses=("tcp://HOST_IP:7420",))
+    counters = collections.Counter()
+    d = Discovery(contact, bytes(32), 7420, ["HOST_IP"], ["HOST_IP"], lambda c: None, counters)
+    await d.start()
+    for i in range(300):  # nobody answers these: every lookup waits its 3 s
+        d._on_change(None, SERVICE_TYPE, f"forged-{i % 200}.{SERVICE_TYPE}", ServiceStateChange.Added)
+    print(len(d._tasks), MAX_RESOLVING, counters["discovery_resolves_dropped"])
+    await d.close()
+
+asyncio.run(main())
+"""
+    with LanBridge(1) as lan:
+        ip = lan.hosts[0].ip
+        out = lan.run(0, [sys.executable, "-c", code.replace("HOST_IP", ip)], check=True, timeout=60).stdout.split()
+    running, cap, dropped = map(int, out)
+    assert running == cap == 64 and dropped == 300 - 64 - 64  # a repeat of a name in flight: no lookup, no drop
