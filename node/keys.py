@@ -57,11 +57,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
+def check_private(path: Path) -> None:
+    """Raise :class:`KeyFileError` when ``path`` (a key or the network's join token, both
+    secrets) has any group or other permission bit."""
+    st = path.stat()
+    if st.st_mode & 0o077:
+        raise KeyFileError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+
+
 def _load_or_create_secret(path: Path) -> bytes:
     if path.exists():
-        st = path.stat()
-        if st.st_mode & 0o077:
-            raise KeyFileError(f"{path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+        check_private(path)
         data = path.read_bytes()
         if len(data) != 32:
             raise KeyFileError(f"{path} must hold exactly 32 bytes, has {len(data)}")
@@ -95,9 +101,16 @@ def load_or_create_transport_keys(data_dir: Path) -> TransportKeys:
 
 
 def load_network(data_dir: Path) -> Network | None:
+    """The network whose join token ``data_dir`` holds; None when it holds none.
+
+    Raises:
+        KeyFileError: the file is not a join token, or others may read it (the token is
+            the network's admission secret, like the identity key).
+    """
     path = data_dir / NETWORK_FILE
     if not path.exists():
         return None
+    check_private(path)
     try:
         return Network.from_token(path.read_text().strip())
     except InvalidTokenError as exc:

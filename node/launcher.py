@@ -15,7 +15,7 @@ from chimera.protocol.network import Network
 
 from . import admin
 from .config import ConfigError
-from .keys import atomic_write, load_or_create_identity, save_network
+from .keys import atomic_write, check_private, load_or_create_identity, save_network
 
 MAX_LOCAL_PEERS = 64  # `chimera up --peers N` / `chimera demo --peers N`: N in 1..64
 
@@ -115,6 +115,7 @@ class LocalNetwork:
             self.extra.append("--no-mdns")
         token_file = workdir / "network.token"
         if token_file.exists():
+            check_private(token_file)
             try:
                 self.network = Network.from_token(token_file.read_text().strip())
             except UnicodeDecodeError:

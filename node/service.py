@@ -160,5 +160,6 @@ def install(unit_text: str, *, root: Path = Path("/"), user: str = "chimera",
             _run([systemctl, "daemon-reload"], "systemctl daemon-reload", done)
             steps.append("ran systemctl daemon-reload")
         steps.append(f"next: chimera network init --data-dir /var/lib/chimera (or put a join token in "
-                     f"/var/lib/chimera/network.token), then systemctl enable --now {UNIT_NAME}")
+                     f"/var/lib/chimera/network.token, mode 600, owned by the service user), then "
+                     f"systemctl enable --now {UNIT_NAME}")
     return steps

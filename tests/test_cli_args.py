@@ -436,3 +436,23 @@ def test_a_local_network_token_is_never_readable_by_others(tmp_path, monkeypatch
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "lab").stat().st_mode) == 0o700
     assert all(mode & 0o077 == 0 for mode in seen), [oct(m) for m in seen]
+
+
+@pytest.mark.parametrize("where", ["data_dir", "workdir"])
+def test_a_join_token_readable_by_others_is_refused_like_a_key(tmp_path, capsys, where):
+    """identity.key with mode 0644 was refused, the network's token (its admission secret) was not."""
+    from chimera.node.keys import save_network
+    from chimera.protocol.network import Network
+
+    network = Network.create(name="t")
+    if where == "data_dir":
+        save_network(tmp_path / "d", network)
+        token, argv = tmp_path / "d" / "network.token", ["network", "token", "--data-dir", str(tmp_path / "d")]
+    else:
+        (tmp_path / "lab").mkdir()
+        token = tmp_path / "lab" / "network.token"
+        token.write_text(network.token() + "\n")
+        argv = ["up", "--peers", "1", "--workdir", str(tmp_path / "lab")]
+    token.chmod(0o644)
+    code, _, err = run_cli(argv, capsys)
+    assert code != 0 and f"{token} is readable by others (mode 644); chmod 600 it" in err
