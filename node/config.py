@@ -237,15 +237,19 @@ def _has_type(value: object, tp: object) -> bool:
     return isinstance(value, tp)  # type: ignore[arg-type]
 
 
-def _coerce(name: str, value: object, source: str) -> object:
+def _coerce(name: str, value: object, source: str, *, typed: bool = False) -> object:
     """``value`` (from TOML, or a string from the environment or ``--set``) as field
     ``name``'s type. Ranges are checked later, on the merged config (:func:`check_config`).
+    ``typed`` (TOML): a boolean or number must be one, not a string (``port = "7420"``).
 
     Raises:
         ConfigError: one line naming ``source`` and ``name``.
     """
     tp = _HINTS[name]
     try:
+        if typed and tp in (bool, int, float) and isinstance(value, str):
+            raise ValueError(f"expected {'true or false' if tp is bool else 'a number'}, got a string "
+                             f"{_show(value)} (write it without quotes)")
         if tp is bool:
             if isinstance(value, bool):
                 return value
@@ -352,7 +356,7 @@ def load_config(
         for key, value in table.items():
             if key not in _FIELDS:
                 raise ConfigError(f"{path}: unknown setting {key[:64]!r}")
-            values[key] = _coerce(key, value, str(path))
+            values[key] = _coerce(key, value, str(path), typed=True)
             sources[key] = str(path)
     env = os.environ if environ is None else environ
     for name in _FIELDS:

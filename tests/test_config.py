@@ -88,6 +88,9 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str):
     ("node = 5", "node: expected a [node] table, got an integer"),
     ("[node]\nport = 1\n[other]\nx = 1", "unknown top-level key 'other'"),
     ("bootstrap = ['a', 2]", "bootstrap: expected a list of strings; entry 1 is an integer"),
+    ('port = "7420"', "port: expected a number, got a string '7420' (write it without quotes)"),
+    ('mdns = "no"', "mdns: expected true or false, got a string 'no'"),
+    ('probe_interval_s = "1.5"', "probe_interval_s: expected a number, got a string"),
 ])
 def test_errors_name_the_field(tmp_path: Path, text: str, names: str):
     (tmp_path / "config.toml").write_text(text + "\n")
