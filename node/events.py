@@ -39,6 +39,8 @@ EVENT_KINDS: dict[str, str] = {
     "model_fetched": "this node fetched a committed model from a peer",
     "local_failed": "local training of a round failed on this node",
     "waiting_weight_table": "a round waits for the weight table of its epoch",
+    "sklearn_version_mismatch": "a screened job needs another scikit-learn version than this node's",
+    "checkpoint_failed": "a round's checkpoint could not be written (kept in memory, retried)",
     # agent fabric (node/fabric.py)
     "task_dispatched": "a task attempt was sent to a peer (field to: the peer)",
     "task_completed": "a task was accepted or failed (state: done or failed)",

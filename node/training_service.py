@@ -99,6 +99,7 @@ CHECKPOINT_FILES_KEPT = 3
 CHECKPOINT_RETRY_S = 30.0
 """Seconds between tries to write again a checkpoint whose write failed (the model is kept in memory)."""
 EVENT_KINDS = {"round_started", "round_committed", "job_finished", "aggregate_mismatch", "model_fetched",
+               "sklearn_version_mismatch",
                "local_failed", "waiting_weight_table"}
 JOB_FIELDS = {"name", "model_kind", "n_features", "classes", "l2", "dataset", "rounds", "local_epochs",
               "learning_rate", "rule", "byzantine_f", "detect_anomalies", "participants", "quorum",
@@ -702,7 +703,8 @@ class TrainingService:
         if event.kind in EVENT_KINDS:
             self.node.emit_event(event.kind, self.node.peer_id, job=state.job_id.hex()[:16], round=event.round,
                                  detail=event.detail, priority="warning" if event.kind in (
-                                     "aggregate_mismatch", "local_failed") else "info")
+                                     "aggregate_mismatch", "local_failed", "sklearn_version_mismatch")
+                                 else "info")
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -876,6 +878,9 @@ class TrainingService:
         (log.error if first else log.warning)(
             "training job %s: %s; the model stays in memory, retried in %g s", state.job_id.hex()[:16],
             state.checkpoint_error, CHECKPOINT_RETRY_S)
+        if first:  # once per outage, not per retry
+            self.node.emit_event("checkpoint_failed", self.node.peer_id, priority="warning",
+                                 job=state.job_id.hex()[:16], round=action.round, detail=why[:200])
 
     def _checkpoint_saved(self, state: JobState, action: Checkpoint) -> None:
         """The checkpoint of ``action.round`` is on disk (file and row)."""

@@ -551,6 +551,7 @@ def test_a_failed_checkpoint_write_loses_nothing_and_the_job_still_finishes(tmp_
         assert svc.counters["training_checkpoint_failures"] == rounds == doc["checkpoint"]["failures"]
         assert "not written" in doc["last_error"] and "in memory only" in cli_train.status_text({"jobs": [doc]})
         assert state.retry_at < float("inf") and "job_finished" in events
+        assert events.count("checkpoint_failed") == 1  # one warning per outage, not per round or retry
         exported = svc.export(None)  # the committed model is not lost: served from memory
         assert exported["round"] == rounds and exported["digest"] == doc["rounds"][-1]["digest"]
         assert svc._checkpoint_of(job_id, job) is None  # rows without a file are not resumed from
