@@ -123,6 +123,10 @@ REFUSALS_NOT_BLAMED: dict[str, bool] = {
                                  # the claim cannot be true (deadline_claim_plausible)
 }
 
+ROOM_REFUSALS = frozenset({"busy", "gpu_unavailable"})
+"""Refusals for lack of room (another submitter's attempts hold the peer's slots or GPUs): they use
+no retry of the task, and the peer may be tried again for it (see ``Placement._refused_for_room``)."""
+
 DEADLINE_CLAIM_WIRE_S = 0.001
 """The replica's wall time may be this much shorter than the task's: the wire carries whole
 milliseconds, rounded down (``wall_time_ms``)."""
@@ -440,6 +444,8 @@ class _Task:
     tried: set[str] = field(default_factory=set)
     failures: int = 0
     deadline_failures: int = 0                      # of failures: plausible deadline_exceeded refusals
+    room_refused: set[str] = field(default_factory=set)  # peers that refused it for room (busy, GPUs taken)
+    room_refusals: int = 0
     next_attempt: int = 1
     retry_at: float | None = None
     tally: Tally | None = None
@@ -700,12 +706,14 @@ class Placement:
         if task is None or att is None or att.peer_id != peer_id:
             self._count("ignored_failure")
             return []
-        if reason in REFUSALS_NOT_BLAMED:
-            breaker = REFUSALS_NOT_BLAMED[reason]
+        if reason in ROOM_REFUSALS:
             if reason == "busy" and peer_id in self.slots:
                 s = self.slots[peer_id]
                 s.others = max(s.others, s.task_slots)  # full until it advertises again
-            elif reason == "deadline_exceeded":
+            return self._refused_for_room(task, att, reason, now) + self._place_waiting(now)
+        if reason in REFUSALS_NOT_BLAMED:
+            breaker = REFUSALS_NOT_BLAMED[reason]
+            if reason == "deadline_exceeded":
                 if deadline_claim_plausible(task.req.wall_time_s, now - att.dispatched_at):
                     task.deadline_failures += 1
                 else:  # it cannot have run for the wall time: a refusal in disguise
@@ -826,15 +834,26 @@ class Placement:
         if task.retry_at is not None and now < task.retry_at:
             return []
         task.retry_at = None
-        busy = task.tried | set(task.results) | {a.peer_id for a in task.attempts.values()}
+        in_use = set(task.results) | {a.peer_id for a in task.attempts.values()}
+        busy = task.tried | in_use
         chosen = self._choose(self.candidates(task.req, now, busy), task.missing)
+        # peers that only refused it for room may take it again once no untried peer is left,
+        # within queue_timeout_s of its submission (a peer may keep refusing: the wait is bounded)
+        waited_out = now >= task.submitted_at + self.config.queue_timeout_s
+        again = busy if waited_out else (task.tried - task.room_refused) | in_use
+        if len(chosen) < task.missing and task.room_refused and not waited_out:
+            more = self._choose(self.candidates(task.req, now, again | set(chosen)), task.missing - len(chosen))
+            chosen = list(chosen) + list(more)
         actions: list[Action] = []
         for peer_id in chosen:
             actions.append(self._dispatch(task, peer_id, now))
         if task.missing > 0 and not task.attempts and not chosen:
-            untried = [p for p in self.peers if p not in busy and self._could_ever_fit(p, task.req)]
+            untried = [p for p in self.peers if p not in again and self._could_ever_fit(p, task.req)]
             if len(untried) < task.missing:
                 detail = f"{len(untried)} untried capable peers left, {task.missing} replicas missing"
+                if task.room_refusals and waited_out:
+                    detail += (f"; {task.room_refusals} refusals for lack of room within "
+                               f"{self.config.queue_timeout_s} s")
                 if task.failures:
                     return actions + self._finish_exhausted(task, detail)
                 return actions + self._finish_failed(task, "no_capacity", detail)
@@ -859,6 +878,7 @@ class Placement:
         att = _Attempt(number, peer_id, gpus, now + timeout_s, now)
         task.attempts[number] = att
         task.tried.add(peer_id)
+        task.room_refused.discard(peer_id)  # another refusal for room adds it again, a failure does not
         self._count("dispatched")
         return Dispatch(task.task_id, number, peer_id, gpus, timeout_s, att.deadline)
 
@@ -874,6 +894,22 @@ class Placement:
             if leases.get(index) == (task.task_id, att.number):
                 del leases[index]
         self.committed_memory[att.peer_id] = max(0, self.committed_memory.get(att.peer_id, 0) - task.req.memory_bytes)
+
+    def _refused_for_room(self, task: _Task, att: _Attempt, reason: str, now: float) -> list[Action]:
+        """A replica had no room for the attempt (other submitters took it): no failure of the task
+        (it used up ``max_retries`` and, the peer counting as tried, ran out of peers: a burst from
+        two submitters failed tasks no peer had done anything wrong with) and no blame. The task is
+        placed again after a backoff, on another peer first; the refusing peer is tried again once
+        no other is left and it has room. Waiting is bounded by ``queue_timeout_s`` from submission
+        (``no_capacity``)."""
+        self._end_attempt(task, att)
+        self._count(f"attempt_{reason}")
+        task.room_refused.add(att.peer_id)
+        task.room_refusals += 1
+        cfg = self.config
+        delay = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** min(task.room_refusals - 1, 32))
+        task.retry_at = now + delay * (1 + cfg.backoff_jitter * self.rng.random())
+        return []
 
     def _fail_attempt(self, task: _Task, att: _Attempt, reason: str, now: float, *, observe: bool,
                       breaker: bool) -> list[Action]:

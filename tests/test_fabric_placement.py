@@ -413,6 +413,47 @@ def test_refusals_that_are_not_the_replicas_fault_are_retried_without_blame():
     assert core.counters["attempt_busy"] == 5 and core.counters["attempt_gpu_unavailable"] == 5
 
 
+def test_refusals_for_room_use_no_retry_and_the_peer_is_tried_again():
+    """Busy peers (another submitter's attempts in their slots) used up the task's retries and,
+    counted as tried, its peers: with 2 peers and max_retries=1 the third busy refusal failed
+    the task ``retries_exhausted`` though nobody had done anything wrong."""
+    core = slot_core(2, slots=1, max_retries=1, queue_timeout_s=60.0)
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    (d,) = [a for a in core.submit("t", req, 0.0) if isinstance(a, Dispatch)]
+    now, refused_by = 0.0, []
+    for _ in range(6):  # both peers refuse, alternately, three times each
+        refused_by.append(d.peer_id)
+        assert not [a for a in core.on_failure("t", d.attempt, d.peer_id, "busy", now) if isinstance(a, TaskFailed)]
+        core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=1, tasks_running=0)  # room again
+        now = core.next_deadline()
+        (d,) = [a for a in core.tick(now) if isinstance(a, Dispatch)]
+        assert d.peer_id != refused_by[-1] or len(set(refused_by)) == 2  # another peer first
+    assert set(refused_by) == set(peer_ids(2)) and core.counters["attempt_busy"] == 6
+    done = core.on_result("t", d.attempt, d.peer_id, b"\x01" * 32, now)
+    assert [a for a in done if isinstance(a, RequestVote)] and not core.breaker(d.peer_id).failures
+    # the one GPU peer's GPUs are leased by another submitter: the task waits for them
+    gpu = slot_core(1, slots=4, max_retries=0, queue_timeout_s=30.0)
+    gpu.update_peer(peer_ids(1)[0], inventory(1, mem_gib=64), task_slots=4, tasks_running=0)
+    (g,) = [a for a in gpu.submit("g", TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0, gpus=1),
+                                  0.0) if isinstance(a, Dispatch)]
+    assert not gpu.on_failure("g", g.attempt, g.peer_id, "gpu_unavailable", 0.1)  # was: failed at once
+    (g2,) = [a for a in gpu.tick(gpu.next_deadline()) if isinstance(a, Dispatch)]
+    assert g2.peer_id == g.peer_id and g2.attempt == g.attempt + 1
+    # a peer that keeps refusing: the wait ends at queue_timeout_s after submission
+    t = 0.1
+    while "g" in gpu.tasks:
+        acts = gpu.on_failure("g", g2.attempt, g2.peer_id, "gpu_unavailable", t)
+        while "g" in gpu.tasks and not [a for a in acts if isinstance(a, Dispatch)]:
+            t = gpu.next_deadline()
+            acts = gpu.tick(t)
+        failed = [a for a in acts if isinstance(a, TaskFailed)]
+        if failed:
+            assert failed[0].reason == "no_capacity" and 30.0 <= t <= 41.0, (failed, t)
+            break
+        (g2,) = [a for a in acts if isinstance(a, Dispatch)]
+    assert "g" not in gpu.tasks
+
+
 @pytest.mark.parametrize("reason, after_s, blamed, counted", [
     ("busy", 0.5, False, False),                # room taken by other submitters
     ("gpu_unavailable", 0.5, False, False),
