@@ -402,6 +402,28 @@ def verify_equivocation(evidence: Equivocation, table: WeightTable, network_id: 
     return all(verify_vote(v.signed, v.vote_type, network_id, table.epoch, v.statement()) for v in (a, b))
 
 
+def commit_certificate(table: WeightTable, votes: dict[str, SignedVote]) -> QuorumCertificate:
+    """The certificate of a decided block from its precommits (``votes``: voter -> signature).
+
+    Up to :data:`MAX_VOTERS` precommitters: all of them, in peer id order. More than that
+    (a certificate holds at most :data:`MAX_VOTERS` votes, PROTOCOL §14.3): the voters by
+    descending weight (ties by peer id) up to the shortest prefix whose weight passes the
+    quorum, at most :data:`MAX_VOTERS` of them, again in peer id order. (Cutting the peer id
+    order at :data:`MAX_VOTERS` could leave out the heavy voters: a certificate that no
+    peer accepts.)
+    """
+    if len(votes) <= MAX_VOTERS:
+        return QuorumCertificate(votes=tuple(votes[v] for v in sorted(votes)))
+    chosen: list[str] = []
+    weight = 0
+    for voter in sorted(votes, key=lambda v: (-table.weights.get(v, 0), v))[:MAX_VOTERS]:
+        chosen.append(voter)
+        weight += table.weights.get(voter, 0)
+        if 3 * weight > 2 * table.total:
+            break
+    return QuorumCertificate(votes=tuple(votes[v] for v in sorted(chosen)))
+
+
 # ---------------------------------------------------------------------- actions
 
 
@@ -1612,8 +1634,7 @@ class BftCore:
                     block = self._blocks[digest]
                     if (block.height, block.parent_hash) != (self.height, self._last_hash):
                         continue
-                    cert = QuorumCertificate(votes=tuple(
-                        voters[v].signed for v in sorted(voters))[:MAX_VOTERS])
+                    cert = commit_certificate(table, {v: vote.signed for v, vote in voters.items()})
                     self._apply_commit(CertifiedCommit(round=r, block=block, certificate=cert), digest, now,
                                        "consensus")
                     return True

@@ -1457,3 +1457,38 @@ def test_negative_waits_are_refused(field):
     with pytest.raises(LocalProtocolError, match="must be >= 0"):
         BftConfig(**{field: -0.1})
     assert getattr(BftConfig(**{field: 0.0}), field) == 0.0
+
+
+def test_a_certificate_of_more_than_1024_precommitters_takes_the_heaviest_and_verifies():
+    """A certificate holds at most MAX_VOTERS votes (PROTOCOL §14.3): with more precommitters
+    the core keeps the heaviest, up to the shortest set that passes the quorum (it used to
+    cut the peer id order at 1024, leaving out the heavy validators: a certificate no peer
+    accepted). 4 validators of weight 1000 that sort last and 1196 of weight 1."""
+    from chimera.consensus.quorum import MAX_VOTERS
+
+    net = b"\x42" * 16
+    ids = sorted((SigningIdentity(hashlib.sha256(b"c%d" % i).digest()) for i in range(1200)),
+                 key=lambda i: i.peer_id)
+    heavy, light = ids[-4:], ids[:-4]
+    table = WeightTable(epoch=1, weights={**{i.peer_id: 1000 for i in heavy}, **{i.peer_id: 1 for i in light}})
+    core = BftCore(SigningIdentity(hashlib.sha256(b"observer").digest()), net, table, BftConfig(), 0.0)
+    by_id = {i.peer_id: i for i in ids}
+    proposer = by_id[core.proposer(1, 0)]
+    block = Block(height=1, epoch=1, proposer=proposer.peer_id, parent_hash=bytes(32))
+    digest = block_hash(block)
+    core.on_message(proposer.peer_id, BftProposal(height=1, round=0, block=block, signed=sign_vote(
+        proposer, PROPOSAL, net, 1, [1, 0, digest, None])), 0.0)
+    for i in ids:
+        core.on_message(i.peer_id, BftVote(vote=Vote(vote_type=PRECOMMIT, height=1, round=0, block_hash=digest,
+                                                      signed=sign_vote(i, PRECOMMIT, net, 1, [1, 0, digest]))), 0.0)
+    [commit] = [a.commit for a in core.take_actions() if isinstance(a, Commit)]
+    verify_commit(commit, table, net)
+    voters = [v.voter for v in commit.certificate.votes]
+    assert len(voters) <= MAX_VOTERS and voters == sorted(voters)
+    # votes arrive in peer id order: the quorum is reached with the 3rd heavy vote (1196 + 3000
+    # of 5196); the shortest passing prefix by weight is those 3 and 465 light voters (3465)
+    assert set(i.peer_id for i in heavy[:3]) <= set(voters)
+    assert len(voters) == 468 and table.weight_of(voters) == 3465
+    # up to MAX_VOTERS precommitters: every one of them, in peer id order (unchanged)
+    few = {i.peer_id: sign_vote(i, PRECOMMIT, net, 1, [1, 0, digest]) for i in ids[:MAX_VOTERS]}
+    assert [v.voter for v in bft.commit_certificate(table, few).votes] == sorted(few)
