@@ -281,6 +281,9 @@ class ApplyOutcome:
     ignored: list[str] = field(default_factory=list)  # reasons, one per ignored value
     app_values: list[bytes] = field(default_factory=list)  # committed fl_* values, block order
     new_table: WeightTable | None = None  # in force from height + 1
+    # with new_table: the ledger's snapshot right after this height (store it with this height;
+    # taken here because a driver may store this height after later heights were applied)
+    snapshot: bytes | None = None
 
 
 class Ledger:
@@ -452,6 +455,7 @@ class Ledger:
         self.height = height
         if height % self.epoch_length == 0:
             out.new_table = self._next_table()
+            out.snapshot = self.snapshot()
         return out
 
     def _next_table(self) -> WeightTable:
@@ -493,7 +497,13 @@ class Ledger:
     # ------------------------------------------------------------ snapshots
 
     def snapshot(self) -> bytes:
-        """Canonical msgpack of the whole state (store it with the block of ``self.height``)."""
+        """Canonical msgpack of the whole state (store it with the block of ``self.height``).
+
+        :meth:`apply` takes it at every epoch boundary (:attr:`ApplyOutcome.snapshot`): a
+        driver that stores commits after the core applied them (a catch-up response is
+        applied whole before its first commit is stored) must store that one, not a later
+        state under an earlier height.
+        """
         return msgpack.packb({
             "height": self.height, "epoch": self.table.epoch, "table": list(self.table.weights.items()),
             "table_height": self.table_height, "joins": sorted(self.joins),

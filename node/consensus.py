@@ -189,11 +189,28 @@ class ConsensusService:
     # ------------------------------------------------------------- recovery
 
     def _recover(self) -> None:
-        """Ledger state = last snapshot + replay of the blocks stored after it."""
-        snap = self.store.latest_snapshot()
-        if snap is not None:
-            self.ledger.restore(snap[1])
+        """Ledger state = last usable snapshot + replay of the blocks stored after it.
+
+        A snapshot holding a height above the store's last one (or one whose block is not
+        stored) is skipped with a warning, and the one before it is tried (none left: replay
+        from genesis). Releases before 2026-12 stored, at an epoch boundary met during a
+        catch-up, the ledger state after the whole response under the boundary's height; a
+        node killed before the response's last commit was stored then held a snapshot ahead
+        of its log, and could not start again.
+        """
         last = self.store.last_height()
+        below = None
+        while (snap := self.store.latest_snapshot(below)) is not None:
+            ledger = Ledger(self.network_id, self.genesis_table, self.ledger.epoch_length)
+            ledger.restore(snap[1])
+            if ledger.height <= last and self.store.block_hash(ledger.height) is not None:
+                self.ledger = ledger
+                break
+            self.counters["consensus_snapshots_skipped"] += 1
+            log.warning("%s: the ledger snapshot stored at height %d holds height %d, but the log ends at "
+                        "height %d: skipped (the ledger is rebuilt from an earlier snapshot and the stored "
+                        "blocks)", self.store.path, snap[0], ledger.height, last)
+            below = snap[0]
         height = self.ledger.height + 1
         while height <= last:
             blobs = self.store.commit_blobs(height, 256)
@@ -457,7 +474,10 @@ class ConsensusService:
         block = action.block
         snapshot = new_table = None
         if outcome.new_table is not None:
-            snapshot = self.ledger.snapshot()
+            # the ledger's state right after this height, taken when it was applied: the core
+            # applies a whole catch-up response before the first of its commits is stored here,
+            # so the ledger may already be further ahead now
+            snapshot = outcome.snapshot
             table = outcome.new_table
             new_table = (table.epoch, action.height + 1, msgpack.packb(list(table.weights.items())))
         # Durable before anything below: events, waiters, the next action.

@@ -210,9 +210,12 @@ class Store:
         row = self.db.execute("SELECT hash FROM blocks WHERE height=?", (height,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def latest_snapshot(self) -> tuple[int, bytes] | None:
-        row = self.db.execute("SELECT height, snapshot FROM ledger_snapshots "
-                              "ORDER BY height DESC LIMIT 1").fetchone()
+    def latest_snapshot(self, below: int | None = None) -> tuple[int, bytes] | None:
+        """The ledger snapshot stored with the highest height (below ``below`` when given):
+        (that height, the snapshot)."""
+        row = self.db.execute("SELECT height, snapshot FROM ledger_snapshots WHERE height < ? "
+                              "ORDER BY height DESC LIMIT 1",
+                              (1 << 62 if below is None else below,)).fetchone()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
     def blocks(self, from_height: int, limit: int) -> list[dict]:

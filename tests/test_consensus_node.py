@@ -351,3 +351,139 @@ def test_a_second_node_on_the_same_data_directory_is_refused(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+class _DriverNode:
+    """The parts of a Node a ConsensusService uses, around a real Store (no transport)."""
+
+    def __init__(self, data_dir: Path, network: Network, identity) -> None:
+        import types
+        from collections import Counter
+
+        from chimera.consensus.reputation import LocalReputation
+        from chimera.node.store import Store
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir, self.network, self.identity, self.peer_id = data_dir, network, identity, identity.peer_id
+        self.store = Store(data_dir)
+        self.reputation = LocalReputation()
+        self.counters: Counter = Counter()
+        self.config = NodeConfig()
+        self.membership = types.SimpleNamespace(members={})
+        self.events: list = []
+        self.sent: list = []
+
+    def emit_event(self, kind, peer_id, **fields) -> None:
+        self.events.append(kind)
+
+    def send(self, peer_id, message) -> bool:
+        self.sent.append((peer_id, message))
+        return True
+
+    def broadcast(self, peers, message) -> int:
+        self.sent.append((None, message))
+        return 1
+
+
+def _certified_chain(network: Network, validators: list, length: int) -> tuple[list, list[bytes]]:
+    """``length`` certified empty commits signed by ``validators`` (the genesis), and the
+    snapshot of a reference ledger after each height."""
+    from chimera.consensus.bft import PRECOMMIT, Block, CertifiedCommit, block_hash
+    from chimera.consensus.ledger import Ledger
+    from chimera.consensus.quorum import QuorumCertificate, WeightTable, sign_vote
+
+    ledger = Ledger(network.network_id, WeightTable(epoch=0, weights={v.peer_id: 1000 for v in validators}),
+                    network.epoch_length)
+    parent, commits, snapshots = network.genesis_hash(), [], []
+    for height in range(1, length + 1):
+        table = ledger.table
+        block = Block(height=height, epoch=table.epoch, proposer=validators[0].peer_id, parent_hash=parent)
+        digest = block_hash(block)
+        votes = sorted((sign_vote(v, PRECOMMIT, network.network_id, table.epoch, [height, 0, digest])
+                        for v in validators), key=lambda s: s.voter)
+        commit = CertifiedCommit(round=0, block=block, certificate=QuorumCertificate(votes=tuple(votes)))
+        ledger.apply(commit)
+        commits.append(commit)
+        snapshots.append(ledger.snapshot())
+        parent = digest
+    return commits, snapshots
+
+
+def test_a_catch_up_across_an_epoch_boundary_stores_the_boundary_snapshot_and_survives_a_crash(tmp_path, caplog):
+    """The core applies a whole commit response (the ledger too) before the driver stores
+    its first commit: the snapshot stored with an epoch's last height must be the ledger at
+    that height, not after the response (a node that failed after storing the boundary then
+    held a snapshot ahead of its log and could never start again: TypeError at every start).
+    Here the real store turns read-only right after the boundary height 4 is stored: the node
+    halts, restarts from the same data dir at height 4 and catches up. A store damaged by the
+    older release (snapshot at 4 holding height 8) starts too: the snapshot is skipped."""
+    import hashlib
+    import logging
+
+    import msgpack
+
+    from chimera.consensus.bft import BftCommitResponse, BftConfig
+    from chimera.node.consensus import ConsensusService
+    from chimera.protocol.envelope import Envelope
+    from chimera.protocol.identity import SigningIdentity
+
+    validators = [SigningIdentity(hashlib.sha256(b"snap-val-%d" % i).digest()) for i in range(4)]
+    me = SigningIdentity(hashlib.sha256(b"snap-observer").digest())
+    net = Network.create("t", genesis=[v.peer_id for v in validators], epoch_length=4)
+    commits, snapshots = _certified_chain(net, validators, 8)
+
+    def response(first: int) -> Envelope:
+        msg = BftCommitResponse(commits=tuple(commits[first - 1:]), latest_height=8)
+        return Envelope(version=1, kind=msg.KIND, sender=validators[1].peer_id, recipient=None, seq=1,
+                        sent_at_ms=0, message=msg, size_bytes=0)
+
+    data_dir = tmp_path / "observer"
+    node = _DriverNode(data_dir, net, me)
+    service = ConsensusService(node, BftConfig())
+    store = node.store
+    save_commit = store.save_commit
+
+    def save_then_fail(**row) -> None:
+        save_commit(**row)
+        if row["height"] == 4:  # the disk fails right after the boundary height is durable
+            store.db.execute("PRAGMA query_only = 1")
+
+    store.save_commit = save_then_fail
+    service.on_envelope(response(1))
+    assert service.halted and "could not be stored" in service.halted
+    assert store.last_height() == 4
+    row_height, blob = store.latest_snapshot()
+    assert (row_height, blob) == (4, snapshots[3])  # the ledger at height 4, epoch 1 in force
+    assert msgpack.unpackb(blob)["height"] == 4
+    service.close()
+    store.close()
+
+    node = _DriverNode(data_dir, net, me)  # restart from the same data dir
+    service = ConsensusService(node, BftConfig())
+    assert (service.height, service.core.height, service.ledger.table.epoch) == (4, 5, 1)
+    service.on_envelope(response(5))
+    assert service.halted is None and service.height == node.store.last_height() == 8
+    assert service.ledger.snapshot() == snapshots[7] and node.store.latest_snapshot() == (8, snapshots[7])
+    service.close()
+    node.store.close()
+
+    # a store written by the older release: the snapshot stored with height 4 holds height 8
+    damaged = tmp_path / "damaged"
+    node = _DriverNode(damaged, net, me)
+    service = ConsensusService(node, BftConfig())
+    service.on_envelope(response(1))
+    service.close()
+    node.store.db.execute("DELETE FROM blocks WHERE height > 4")
+    node.store.db.execute("DELETE FROM ledger_snapshots")
+    node.store.db.execute("INSERT INTO ledger_snapshots(height, snapshot) VALUES(4, ?)", (snapshots[7],))
+    node.store.close()
+    with caplog.at_level(logging.WARNING, logger="chimera.consensus"):
+        node = _DriverNode(damaged, net, me)
+        service = ConsensusService(node, BftConfig())
+    assert "holds height 8, but the log ends at height 4: skipped" in caplog.text
+    assert node.counters["consensus_snapshots_skipped"] == 1
+    assert (service.height, service.core.height, service.ledger.snapshot()) == (4, 5, snapshots[3])
+    service.on_envelope(response(5))
+    assert service.height == 8 and service.ledger.snapshot() == snapshots[7]
+    service.close()
+    node.store.close()
