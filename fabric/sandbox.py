@@ -36,9 +36,14 @@ Everything an agent runs goes through one :class:`SandboxEngine` (one
   functions ``clock_time_get``, ``clock_res_get`` and ``poll_oneoff`` answer
   ``ENOTCAPABLE`` (errno 76). WASI preview 1 has no way to open sockets; there
   is no network. A module may import only ``wasi_snapshot_preview1`` functions
-  and, for actors, the ``chimera`` host functions; anything else (an unlinked
-  import) is refused by :meth:`SandboxEngine.compile` with
-  :class:`ModuleRejected`.
+  and, for actors, the ``chimera`` host functions, each of exactly its type;
+  anything else (an unlinked import) is refused by
+  :meth:`SandboxEngine.compile` with :class:`ModuleRejected`.
+* **Exact export types.** The exports the host calls (``_start``,
+  ``_initialize``, ``alloc``, ``handle``: :data:`ABI_EXPORTS`) must have
+  exactly their documented types, checked at compile time from the module
+  bytes; wasmtime-py aborts the whole process when it meets a ``v128`` in a
+  function type, so the host never calls a function with one.
 * **Discard after a trap.** Any trap marks the instance dead
   (:class:`AgentDiscarded` on later calls); its state is never reused.
 
@@ -94,26 +99,55 @@ PAGE_BYTES = 65536
 WASI_ERRNO_NOTCAPABLE = 76
 SHA256_HEX_CHARS = 64
 
-#: wasi_snapshot_preview1 functions (the frozen preview 1 ABI).
-WASI_FUNCTIONS = frozenset("""
-args_get args_sizes_get environ_get environ_sizes_get clock_res_get clock_time_get
-fd_advise fd_allocate fd_close fd_datasync fd_fdstat_get fd_fdstat_set_flags
-fd_fdstat_set_rights fd_filestat_get fd_filestat_set_size fd_filestat_set_times fd_pread
-fd_prestat_get fd_prestat_dir_name fd_pwrite fd_read fd_readdir fd_renumber fd_seek fd_sync
-fd_tell fd_write path_create_directory path_filestat_get path_filestat_set_times path_link
-path_open path_readlink path_remove_directory path_rename path_symlink path_unlink_file
-poll_oneoff proc_exit proc_raise sched_yield random_get sock_accept sock_recv sock_send
-sock_shutdown
-""".split())
+#: wasi_snapshot_preview1 functions (the frozen preview 1 ABI) and their types, as
+#: ``name params results`` with ``i`` = i32, ``I`` = i64, ``-`` = none (what wasmtime's linker defines).
+_WASI_TABLE = """
+args_get ii i  args_sizes_get ii i  clock_res_get ii i  clock_time_get iIi i  environ_get ii i
+environ_sizes_get ii i  fd_advise iIIi i  fd_allocate iII i  fd_close i i  fd_datasync i i
+fd_fdstat_get ii i  fd_fdstat_set_flags ii i  fd_fdstat_set_rights iII i  fd_filestat_get ii i
+fd_filestat_set_size iI i  fd_filestat_set_times iIIi i  fd_pread iiiIi i  fd_prestat_dir_name iii i
+fd_prestat_get ii i  fd_pwrite iiiIi i  fd_read iiii i  fd_readdir iiiIi i  fd_renumber ii i
+fd_seek iIii i  fd_sync i i  fd_tell ii i  fd_write iiii i  path_create_directory iii i
+path_filestat_get iiiii i  path_filestat_set_times iiiiIIi i  path_link iiiiiii i
+path_open iiiiiIIii i  path_readlink iiiiii i  path_remove_directory iii i  path_rename iiiiii i
+path_symlink iiiii i  path_unlink_file iii i  poll_oneoff iiii i  proc_exit i -  proc_raise i i
+random_get ii i  sched_yield - i  sock_accept iii i  sock_recv iiiiii i  sock_send iiiii i
+sock_shutdown ii i
+"""
+
+
+def _wasi_types(code: str) -> tuple[str, ...]:
+    return tuple({"i": "i32", "I": "i64"}[c] for c in code if c != "-")
+
+
+_WASI_WORDS = _WASI_TABLE.split()
+WASI_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    _WASI_WORDS[k]: (_wasi_types(_WASI_WORDS[k + 1]), _wasi_types(_WASI_WORDS[k + 2]))
+    for k in range(0, len(_WASI_WORDS), 3)
+}
+WASI_FUNCTIONS = frozenset(WASI_SIGNATURES)
 
 _I32 = wasmtime.ValType.i32()
 _I64 = wasmtime.ValType.i64()
+#: A function type as value type names: ``(params, results)``, e.g. ``(("i32",), ("i32",))``.
+Signature = tuple[tuple[str, ...], tuple[str, ...]]
 #: The ``chimera`` host functions: name -> (param types, result types); see docs/AGENTS.md.
-HOST_FUNCTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+HOST_FUNCTIONS: dict[str, Signature] = {
     "send": (("i32", "i32", "i32", "i32"), ("i32",)),
     "log": (("i32", "i32"), ()),
     "now_ms": ((), ("i64",)),
 }
+#: The exports the host calls, with the only type each may have (docs/AGENTS.md). A module that
+#: exports one of these names with another type (or not as a function) is refused at compile time.
+ABI_EXPORTS: dict[str, Signature] = {
+    "_start": ((), ()),
+    "_initialize": ((), ()),
+    "alloc": (("i32",), ("i32",)),
+    "handle": (("i32", "i32", "i32", "i32"), ("i32",)),
+}
+#: Value types the host can pass to or take from a guest function (wasmtime-py aborts the process
+#: on v128 and cannot convert references here), so :meth:`ActorInstance.call` only calls these.
+HOST_CALLABLE_TYPES = frozenset({"i32", "i64", "f32", "f64"})
 _CLOCK_DENIED = {
     "clock_time_get": ((_I32, _I64, _I32), (_I32,)),
     "clock_res_get": ((_I32, _I32), (_I32,)),
@@ -302,6 +336,8 @@ class CompiledModule:
         size_bytes: size of the ``.wasm`` bytes.
         imports: ``(module, name)`` pairs it imports.
         exports: names it exports.
+        functions: ``(name, (params, results))`` of each exported function, value
+            types as text (``"i32"``, ``"v128"``...), read from the module bytes.
     """
 
     sha256: str
@@ -309,6 +345,7 @@ class CompiledModule:
     size_bytes: int
     imports: tuple[tuple[str, str], ...]
     exports: frozenset[str]
+    functions: tuple[tuple[str, Signature], ...] = ()
 
     @property
     def is_actor(self) -> bool:
@@ -317,6 +354,13 @@ class CompiledModule:
     @property
     def is_task(self) -> bool:
         return "_start" in self.exports
+
+    def signature(self, export: str) -> Signature | None:
+        """``(params, results)`` of an exported function (value type names), None if there is none."""
+        for name, sig in self.functions:
+            if name == export:
+                return sig
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,10 +391,6 @@ class TaskResult:
 
 
 # ----------------------------------------------------------------------- engine
-
-
-def _valtype_name(vt: wasmtime.ValType) -> str:
-    return str(vt)
 
 
 class SandboxEngine:
@@ -433,8 +473,10 @@ class SandboxEngine:
 
         Raises:
             ModuleRejected: not bytes, larger than ``max_module_bytes``, invalid
-                WebAssembly, or an import other than a WASI preview 1 function or
-                a ``chimera`` host function with the documented signature.
+                WebAssembly (including a proposal the engine disables), an import
+                other than a WASI preview 1 function or a ``chimera`` host function
+                of exactly its type, or an export named like one the host calls
+                (:data:`ABI_EXPORTS`, ``memory``) that does not have exactly its type.
         """
         if not isinstance(wasm, (bytes, bytearray, memoryview)):
             raise ModuleRejected(f"module must be bytes, not {type(wasm).__name__}")
@@ -456,15 +498,17 @@ class SandboxEngine:
             try:
                 module = wasmtime.Module(self.engine, wasm)
             except wasmtime.WasmtimeError as exc:
-                raise ModuleRejected(f"module {sha[:12]} is not valid WebAssembly: {_first_line(exc)}") from None
+                raise ModuleRejected(f"module {sha[:12]} is not valid WebAssembly: {_error_summary(exc)}") from None
             self.counters["compiled"] += 1
-            _check_imports(module, sha)
+            imports, exports = _check_interface(wasm, sha)
             self._store_artefact(sha, module)
         else:
-            _check_imports(module, sha)
+            imports, exports = _check_interface(wasm, sha)
         compiled = CompiledModule(sha256=sha, module=module, size_bytes=len(wasm),
-                                  imports=tuple((i.module, i.name or "") for i in module.imports),
-                                  exports=frozenset(e.name for e in module.exports))
+                                  imports=tuple((mod, name) for mod, name, _ in imports),
+                                  exports=frozenset(exports),
+                                  functions=tuple((name, sig) for name, (_, sig) in exports.items()
+                                                  if sig is not None))
         with self._cache_lock:
             self._memory_cache[sha] = compiled
             while len(self._memory_cache) > self._memory_cache_entries:
@@ -559,11 +603,7 @@ class SandboxEngine:
             FuelExhausted, DeadlineExceeded, MemoryLimitExceeded, AgentTrap: the run trapped.
             OutputLimitExceeded: stdout went past ``limits.max_output_bytes``.
         """
-        if "_start" not in compiled.exports:
-            raise ModuleRejected(f"task module {compiled.sha256[:12]} does not export _start")
-        if any(mod == HOST_MODULE for mod, _ in compiled.imports):
-            raise ModuleRejected(f"task module {compiled.sha256[:12]} imports chimera host functions; "
-                                 "only actor agents get them")
+        check_task_module(compiled)
         if len(stdin) > limits.max_input_bytes:
             raise InputTooLarge(f"task input is {len(stdin)} bytes; the limit is {limits.max_input_bytes}")
         self.counters["tasks_run"] += 1
@@ -639,6 +679,20 @@ def _first_line(exc: BaseException) -> str:
     return text[:200]
 
 
+def _error_summary(exc: BaseException) -> str:
+    """First line of a wasmtime error plus its innermost cause (e.g. which proposal is disabled)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first, last = lines[0], lines[-1]
+    if len(lines) > 1 and last != first and not last.startswith("Caused by"):
+        head, sep, rest = last.partition(": ")
+        if sep and head.isdigit():
+            last = rest
+        return f"{first}: {last}"[:300]
+    return first[:300]
+
+
 def _trap_cause(exc: BaseException) -> str:
     for line in str(exc).splitlines():
         line = line.strip()
@@ -647,27 +701,200 @@ def _trap_cause(exc: BaseException) -> str:
     return _first_line(exc)
 
 
-def _check_imports(module: wasmtime.Module, sha: str) -> None:
-    for imp in module.imports:
-        where = f"{imp.module}.{imp.name}"
-        ty = imp.type
-        if not isinstance(ty, wasmtime.FuncType):
-            raise ModuleRejected(f"module {sha[:12]} imports {where}, which is not a function; "
-                                 "only functions can be imported")
-        if imp.module == WASI_MODULE:
-            if imp.name not in WASI_FUNCTIONS:
+# ------------------------------------------------------------ module interface
+
+#: Value type encodings (WebAssembly binary format, section 5.3). The engine disables the GC and
+#: function-references proposals, so a validated module has no other value types.
+_VALTYPES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64", 0x7B: "v128", 0x70: "funcref",
+             0x6F: "externref"}
+_EXTERN_KINDS = {0: "function", 1: "table", 2: "memory", 3: "global", 4: "tag"}
+
+
+class _Reader:
+    """Bounds-checked reader of WebAssembly binary encodings (LEB128, names, value types)."""
+
+    def __init__(self, data: bytes, pos: int, end: int, sha: str) -> None:
+        self.data, self.pos, self.end, self.sha = data, pos, end, sha
+
+    def fail(self, what: str) -> ModuleRejected:
+        return ModuleRejected(f"module {self.sha[:12]}: cannot read its {what} (offset {self.pos})")
+
+    def byte(self) -> int:
+        if self.pos >= self.end:
+            raise self.fail("encoding")
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def u32(self) -> int:
+        result = shift = 0
+        for _ in range(5):
+            b = self.byte()
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result
+            shift += 7
+        raise self.fail("integer encoding")
+
+    def name(self) -> str:
+        n = self.u32()
+        if self.pos + n > self.end:
+            raise self.fail("names")
+        raw = self.data[self.pos:self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("names") from None
+
+    def valtypes(self) -> tuple[str, ...]:
+        out = []
+        for _ in range(self.u32()):
+            code = self.byte()
+            if code not in _VALTYPES:
+                raise ModuleRejected(f"module {self.sha[:12]} uses the value type 0x{code:02x}, which the "
+                                     "agent ABI does not allow")
+            out.append(_VALTYPES[code])
+        return tuple(out)
+
+
+def _module_interface(wasm: bytes, sha: str) -> tuple[list[tuple[str, str, Signature]],
+                                                          dict[str, tuple[str, Signature | None]]]:
+    """The function imports ``(module, name, signature)`` and the exports ``name -> (kind, signature)``
+    of a module wasmtime has validated, read from its bytes.
+
+    wasmtime-py reads types through the wasm C API, which aborts the process on ``v128``
+    ("support for v128 is not implemented"), so the host never asks wasmtime for them.
+
+    Raises:
+        ModuleRejected: an import that is not a function, or an encoding this reader does not know.
+    """
+    sections: dict[int, tuple[int, int]] = {}
+    r = _Reader(wasm, 8, len(wasm), sha)
+    while r.pos < r.end:
+        sid = r.byte()
+        size = r.u32()
+        if r.pos + size > r.end:
+            raise r.fail("sections")
+        if sid in (1, 2, 3, 7):
+            sections[sid] = (r.pos, r.pos + size)
+        r.pos += size
+
+    types: list[Signature] = []
+    if 1 in sections:
+        t = _Reader(wasm, *sections[1], sha)
+        for _ in range(t.u32()):
+            form = t.byte()
+            if form != 0x60:
+                raise ModuleRejected(f"module {sha[:12]} declares a type of form 0x{form:02x}; only function "
+                                     "types are allowed (the GC proposal is disabled)")
+            types.append((t.valtypes(), t.valtypes()))
+
+    def func_type(index: int, reader: _Reader) -> Signature:
+        if index >= len(types):
+            raise reader.fail("type indices")
+        return types[index]
+
+    imports: list[tuple[str, str, Signature]] = []
+    if 2 in sections:
+        i = _Reader(wasm, *sections[2], sha)
+        for _ in range(i.u32()):
+            module, name = i.name(), i.name()
+            kind = i.byte()
+            if kind != 0:
+                raise ModuleRejected(f"module {sha[:12]} imports {module}.{name}, which is not a function "
+                                     f"(a {_EXTERN_KINDS.get(kind, 'thing')}); only functions can be imported")
+            imports.append((module, name, func_type(i.u32(), i)))
+
+    functions: list[Signature] = [sig for _, _, sig in imports]
+    if 3 in sections:
+        f = _Reader(wasm, *sections[3], sha)
+        for _ in range(f.u32()):
+            functions.append(func_type(f.u32(), f))
+
+    exports: dict[str, tuple[str, Signature | None]] = {}
+    if 7 in sections:
+        e = _Reader(wasm, *sections[7], sha)
+        for _ in range(e.u32()):
+            name = e.name()
+            kind, index = e.byte(), e.u32()
+            sig = None
+            if kind == 0:
+                if index >= len(functions):
+                    raise e.fail("function indices")
+                sig = functions[index]
+            exports[name] = (_EXTERN_KINDS.get(kind, "unknown"), sig)
+    return imports, exports
+
+
+def _show(sig: Signature) -> str:
+    return f"({', '.join(sig[0])}) -> ({', '.join(sig[1])})"
+
+
+def _check_interface(wasm: bytes, sha: str) -> tuple[list[tuple[str, str, Signature]],
+                                                         dict[str, tuple[str, Signature | None]]]:
+    """Imports: only WASI preview 1 and ``chimera`` functions, each with its exact type. Exports: the
+    names the host calls (:data:`ABI_EXPORTS`) only as functions of exactly their type, ``memory``
+    only as a memory. Returns what :func:`_module_interface` read.
+
+    Raises:
+        ModuleRejected: anything else, with what was expected.
+    """
+    imports, exports = _module_interface(wasm, sha)
+    for module, name, sig in imports:
+        where = f"{module}.{name}"
+        if module == WASI_MODULE:
+            expected = WASI_SIGNATURES.get(name)
+            if expected is None:
                 raise ModuleRejected(f"module {sha[:12]} imports {where}, which WASI preview 1 does not define")
-        elif imp.module == HOST_MODULE:
-            spec = HOST_FUNCTIONS.get(imp.name or "")
-            if spec is None:
+        elif module == HOST_MODULE:
+            expected = HOST_FUNCTIONS.get(name)
+            if expected is None:
                 raise ModuleRejected(f"module {sha[:12]} imports {where}; the chimera host functions are "
                                      f"{', '.join(sorted(HOST_FUNCTIONS))}")
-            got = (tuple(_valtype_name(p) for p in ty.params), tuple(_valtype_name(r) for r in ty.results))
-            if got != spec:
-                raise ModuleRejected(f"module {sha[:12]} imports {where} with signature {got}; expected {spec}")
         else:
             raise ModuleRejected(f"module {sha[:12]} imports {where}, which the host does not provide "
                                  f"(only {WASI_MODULE} and {HOST_MODULE})")
+        if sig != expected:
+            raise ModuleRejected(f"module {sha[:12]} imports {where} with type {_show(sig)}; "
+                                 f"it must be {_show(expected)}")
+    for name, (kind, sig) in exports.items():
+        expected = ABI_EXPORTS.get(name)
+        if expected is not None and sig != expected:
+            got = _show(sig) if sig is not None else f"a {kind}"
+            raise ModuleRejected(f"module {sha[:12]} exports {name} as {got}; the host calls {name} "
+                                 f"as a function of type {_show(expected)}")
+        if name == "memory" and kind != "memory":
+            raise ModuleRejected(f"module {sha[:12]} exports memory as a {kind}; it must be its linear memory")
+    return imports, exports
+
+
+def check_task_module(compiled: CompiledModule) -> None:
+    """A task agent (WASI command): exports ``_start`` of type ``() -> ()`` and imports no
+    ``chimera`` host functions (those are for actors). Deploy, upgrade and every run check it.
+
+    Raises:
+        ModuleRejected: it can never run as a task.
+    """
+    if compiled.signature("_start") is None:
+        raise ModuleRejected(f"task module {compiled.sha256[:12]} does not export _start (a WASI command's "
+                             "entry point); it cannot be a task agent")
+    host_imports = sorted(name for mod, name in compiled.imports if mod == HOST_MODULE)
+    if host_imports:
+        raise ModuleRejected(f"task module {compiled.sha256[:12]} imports chimera host functions "
+                             f"({', '.join(host_imports)}); only actor agents get them")
+
+
+def check_actor_module(compiled: CompiledModule) -> None:
+    """An actor agent (WASI reactor): exports ``memory``, ``alloc`` and ``handle`` (their types, and
+    ``_initialize``'s, are checked by :meth:`SandboxEngine.compile`).
+
+    Raises:
+        ModuleRejected: one of them is missing.
+    """
+    missing = {"memory", "alloc", "handle"} - compiled.exports
+    if missing:
+        raise ModuleRejected(f"actor module {compiled.sha256[:12]} lacks exports {sorted(missing)}")
 
 
 def _define_wasi(linker: wasmtime.Linker, clock: bool) -> None:
@@ -827,10 +1054,9 @@ class ActorInstance:
                  address: str | None = None, limits: Limits = DEFAULT_LIMITS, grants: Grants = NO_GRANTS,
                  on_send: SendFn | None = None, on_log: LogFn | None = None,
                  clock_ms: Callable[[], int] | None = None) -> None:
-        missing = {"memory", "alloc", "handle"} - compiled.exports
-        if missing:
-            raise ModuleRejected(f"actor module {compiled.sha256[:12]} lacks exports {sorted(missing)}")
+        check_actor_module(compiled)
         self.sandbox, self.compiled, self.name = sandbox, compiled, name
+        self._signatures = dict(compiled.functions)
         self.address = address or name
         self.limits, self.grants = limits, grants
         self._on_send = on_send
@@ -945,14 +1171,19 @@ class ActorInstance:
 
         Raises:
             AgentDiscarded: the instance trapped before.
-            ModuleRejected: no such exported function.
+            ModuleRejected: no such exported function, or one whose type has a value the host
+                cannot pass (anything but i32, i64, f32, f64; the instance is unharmed).
             AgentTrap (and subclasses): the call trapped; the instance is now dead.
         """
         if not self.alive:
             raise AgentDiscarded(f"{self.name}: instance was discarded after a trap")
         func = self._exports.get(export)
-        if not isinstance(func, wasmtime.Func):
+        sig = self._signatures.get(export)
+        if not isinstance(func, wasmtime.Func) or sig is None:
             raise ModuleRejected(f"{self.name}: no exported function {export!r}")
+        if not HOST_CALLABLE_TYPES.issuperset(sig[0] + sig[1]):
+            raise ModuleRejected(f"{self.name}: {export} has type {_show(sig)}; the host only calls functions "
+                                 f"of {', '.join(sorted(HOST_CALLABLE_TYPES))}")
         store = self.store
         store.set_fuel(self.limits.fuel)
         store.set_epoch_deadline(self.sandbox.deadline_ticks(self.limits.wall_time_s))

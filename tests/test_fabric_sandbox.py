@@ -172,3 +172,88 @@ def test_compile_cache_reused_from_disk(tmp_path):
     with SandboxEngine(tmp_path / "cache") as third:
         third.compile(wasm("wordfreq"))
         assert third.counters["cache_rejected"] == 1 and third.counters["compiled"] == 1
+
+
+# ---------------------------------------------------------------- export and import types
+
+_MEM = '(memory (export "memory") 1)'
+_ALLOC = '(func (export "alloc") (param i32) (result i32) (i32.const 16))'
+_HANDLE = '(func (export "handle") (param i32 i32 i32 i32) (result i32) (i32.const 0))'
+_V128 = '(v128.const i64x2 0 0)'
+#: modules whose exports or imports do not have the ABI's exact types (docs/AGENTS.md)
+WRONG_TYPES = {
+    "handle_v128_param": f'(module {_MEM} {_ALLOC} (func (export "handle") (param v128 i32 i32 i32) (result i32) (i32.const 0)))',
+    "alloc_v128_result": f'(module {_MEM} (func (export "alloc") (param i32) (result v128) {_V128}) {_HANDLE})',
+    "start_v128_result": f'(module {_MEM} (func (export "_start") (result v128) {_V128}))',
+    "initialize_v128_param": f'(module {_MEM} {_ALLOC} {_HANDLE} (func (export "_initialize") (param v128)))',
+    "handle_three_params": f'(module {_MEM} {_ALLOC} (func (export "handle") (param i32 i32 i32) (result i32) (i32.const 0)))',
+    "alloc_i64": f'(module {_MEM} (func (export "alloc") (param i64) (result i64) (i64.const 16)) {_HANDLE})',
+    "start_with_result": f'(module {_MEM} (func (export "_start") (result i32) (i32.const 0)))',
+    "alloc_not_a_function": f'(module {_MEM} (global (export "alloc") i32 (i32.const 0)) {_HANDLE})',
+    "memory_not_a_memory": '(module (global (export "memory") i32 (i32.const 0)) (func (export "_start")))',
+    "chimera_import_v128": f'(module (import "chimera" "log" (func (param v128 i32))) {_MEM} {_ALLOC} {_HANDLE})',
+    "wasi_import_v128": f'(module (import "wasi_snapshot_preview1" "fd_write" (func (param v128) (result i32))) {_MEM} (func (export "_start")))',
+    "wasi_import_wrong_width": f'(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i64) (result i32))) {_MEM} (func (export "_start")))',
+}
+
+_TYPES_SCRIPT = r'''
+import json, sys, wasmtime
+from chimera.fabric.host import AgentHost
+from chimera.fabric.sandbox import ActorInstance, ModuleRejected, SandboxEngine
+cases, valid = json.loads(sys.argv[1]), sys.argv[2]
+with SandboxEngine() as eng:
+    host = AgentHost(eng, peer_id="me")
+    for label, wat in cases.items():
+        try:
+            compiled = eng.compile(wasmtime.wat2wasm(wat))
+        except ModuleRejected as exc:
+            print(label, "REJECTED", exc, flush=True)
+            continue
+        print(label, "ACCEPTED", flush=True)
+        try:  # what a node would do next (with v128 this aborted the whole process)
+            if compiled.is_actor:
+                host.start_agent(label.replace("_", "-"), compiled)
+                print(label, "handled", host.call(label.replace("_", "-"), b"msg").reason, flush=True)
+            else:
+                print(label, "ran", eng.run_task(compiled, b""), flush=True)
+        except Exception as exc:
+            print(label, "raised", type(exc).__name__, exc, flush=True)
+    ok = eng.compile(wasmtime.wat2wasm(valid))
+    host.start_agent("ok", ok)
+    print("valid handled", host.call("ok", b"msg").reason, flush=True)
+    actor = ActorInstance(eng, ok, name="ok")
+    try:
+        actor.call("simd", 0)
+    except ModuleRejected as exc:
+        print("simd refused", actor.alive, exc, flush=True)
+    host.close()
+print("done", flush=True)
+'''
+
+
+def test_exports_and_imports_must_have_the_exact_abi_types_and_v128_never_reaches_the_host():
+    """wasmtime-py aborts the process (SIGABRT, "support for v128 is not implemented") when the host
+    calls a function whose type has a v128, so every type is checked at compile time from the module
+    bytes. Run in a subprocess: an abort fails this test instead of killing pytest."""
+    import json
+    import subprocess
+    import sys
+
+    # a valid actor may export other functions with v128 and a v128 global: it runs; the host
+    # refuses to call such a function itself
+    valid = (f'(module {_MEM} {_ALLOC} {_HANDLE} (func (export "simd") (param v128) (result v128) (local.get 0))'
+             f' (global (export "g") v128 {_V128}))')
+    proc = subprocess.run([sys.executable, "-c", _TYPES_SCRIPT, json.dumps(WRONG_TYPES), valid],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = {line.split(" ", 1)[0]: line for line in proc.stdout.splitlines()}
+    for label in WRONG_TYPES:
+        assert lines[label].startswith(f"{label} REJECTED module "), proc.stdout
+    assert "the host calls handle as a function of type (i32, i32, i32, i32) -> (i32)" in lines["handle_v128_param"]
+    assert "alloc as (i32) -> (v128)" in lines["alloc_v128_result"]
+    assert "exports alloc as a global" in lines["alloc_not_a_function"]
+    assert "chimera.log with type (v128, i32) -> (); it must be (i32, i32) -> ()" in lines["chimera_import_v128"]
+    assert "wasi_snapshot_preview1.fd_write with type (i32, i32, i32, i64) -> (i32)" in lines["wasi_import_wrong_width"]
+    assert lines["valid"] == "valid handled ok"
+    assert lines["simd"].startswith("simd refused True ") and "(v128) -> (v128)" in lines["simd"]
+    assert lines["done"] == "done"
