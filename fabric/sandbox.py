@@ -392,6 +392,33 @@ class TaskResult:
 
 # ----------------------------------------------------------------------- engine
 
+#: ``wasmtime.Config`` settings of every engine (part of the compiled-module cache fingerprint).
+#: Proposals the agent ABI does not need are off, so a module using them is refused at compile
+#: time (``ModuleRejected``): the GC proposal (its heap would be a second memory beside the capped
+#: linear memory; ``gc_support`` off also drops ``externref``), typed function references,
+#: exceptions, stack switching, tail calls, wide arithmetic, 64-bit, multiple, shared or
+#: custom-page-size memories, threads. Determinism, so that honest replicas of a task agree on its
+#: result digest: every NaN a float operation produces is the canonical NaN
+#: (``cranelift_nan_canonicalization``), and relaxed SIMD gives the same answer on every CPU
+#: (``wasm_relaxed_simd_deterministic``: e.g. ``relaxed_madd`` is always fused, with or without FMA).
+ENGINE_SETTINGS: tuple[tuple[str, bool], ...] = (
+    ("wasm_gc", False),
+    ("gc_support", False),
+    ("wasm_function_references", False),
+    ("wasm_exceptions", False),
+    ("wasm_stack_switching", False),
+    ("wasm_tail_call", False),
+    ("wasm_wide_arithmetic", False),
+    ("wasm_memory64", False),
+    ("wasm_multi_memory", False),
+    ("wasm_custom_page_sizes", False),
+    ("wasm_threads", False),
+    ("shared_memory", False),
+    ("wasm_component_model", False),
+    ("cranelift_nan_canonicalization", True),
+    ("wasm_relaxed_simd_deterministic", True),
+)
+
 
 class SandboxEngine:
     """One wasmtime engine with its epoch ticker and compile cache.
@@ -421,12 +448,15 @@ class SandboxEngine:
         config.memory_guard_size = PAGE_BYTES
         config.memory_reservation_for_growth = 0
         config.max_wasm_stack = int(max_wasm_stack_bytes)
-        config.wasm_threads = False
-        config.shared_memory = False
         config.parallel_compilation = False
+        for attr, value in ENGINE_SETTINGS:
+            if not hasattr(wasmtime.Config, attr):  # setting an unknown attribute would silently do nothing
+                raise RuntimeError(f"this wasmtime ({_wasmtime_version()}) has no Config.{attr}; "
+                                   "the sandbox needs it")
+            setattr(config, attr, value)
         self.engine = wasmtime.Engine(config)
         settings = (wasmtime.__name__, _wasmtime_version(), platform.machine(), os.name,
-                    memory_reservation_bytes, max_wasm_stack_bytes, "fuel", "epoch", "v1")
+                    memory_reservation_bytes, max_wasm_stack_bytes, "fuel", "epoch", ENGINE_SETTINGS, "v2")
         self.fingerprint = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:

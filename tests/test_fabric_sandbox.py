@@ -257,3 +257,91 @@ def test_exports_and_imports_must_have_the_exact_abi_types_and_v128_never_reache
     assert lines["valid"] == "valid handled ok"
     assert lines["simd"].startswith("simd refused True ") and "(v128) -> (v128)" in lines["simd"]
     assert lines["done"] == "done"
+
+
+# ---------------------------------------------------------------- engine settings
+
+#: one module per proposal the engine disables (sandbox.ENGINE_SETTINGS)
+DISABLED_PROPOSALS = {
+    # a GC array is a second heap beside the capped linear memory (about twice the memory cap)
+    "gc": '''(module (type $a (array (mut i8))) (global $keep (mut (ref null $a)) (ref.null $a))
+               (memory (export "memory") 1)
+               (func (export "_start") (global.set $keep (array.new $a (i32.const 1) (i32.const 62914560)))))''',
+    "externref": '(module (memory (export "memory") 1) (table 1 externref) (func (export "_start")))',
+    "function_references": '''(module (type $t (func)) (func $f (type $t)) (elem declare func $f)
+               (memory (export "memory") 1) (func (export "_start") (call_ref $t (ref.func $f))))''',
+    "exceptions": '(module (tag $e) (memory (export "memory") 1) (func (export "_start") (throw $e)))',
+    "tail_call": '(module (func $f) (memory (export "memory") 1) (func (export "_start") (return_call $f)))',
+    "memory64": '(module (memory (export "memory") i64 1) (func (export "_start")))',
+    "multi_memory": '(module (memory (export "memory") 1) (memory 1) (func (export "_start")))',
+    "shared_memory": '(module (memory (export "memory") 1 1 shared) (func (export "_start")))',
+    "custom_page_sizes": '(module (memory (export "memory") 1 (pagesize 1)) (func (export "_start")))',
+    "wide_arithmetic": '''(module (memory (export "memory") 1) (func (export "_start")
+               (drop (drop (i64.add128 (i64.const 1) (i64.const 0) (i64.const 2) (i64.const 0))))))''',
+    "stack_switching": '(module (type $f (func)) (type $c (cont $f)) (memory (export "memory") 1) (func (export "_start")))',
+}
+
+
+@pytest.mark.parametrize("proposal", sorted(DISABLED_PROPOSALS))
+def test_proposals_the_agent_abi_does_not_need_are_refused_at_compile_time(sandbox, proposal):
+    import wasmtime
+
+    with pytest.raises(ModuleRejected, match="not valid WebAssembly") as info:
+        sandbox.compile(wasmtime.wat2wasm(DISABLED_PROPOSALS[proposal]))
+    assert info.value.reason == "module_rejected"
+
+
+def test_engine_settings_are_in_the_compiled_module_cache_fingerprint(monkeypatch):
+    from chimera.fabric import sandbox as sandbox_module
+
+    settings = dict(sandbox_module.ENGINE_SETTINGS)
+    assert settings["wasm_gc"] is False and settings["gc_support"] is False
+    assert settings["cranelift_nan_canonicalization"] is True
+    assert settings["wasm_relaxed_simd_deterministic"] is True
+    with SandboxEngine() as engine:
+        fingerprint = engine.fingerprint
+    flipped = tuple((k, not v) if k == "cranelift_nan_canonicalization" else (k, v)
+                    for k, v in sandbox_module.ENGINE_SETTINGS)
+    monkeypatch.setattr(sandbox_module, "ENGINE_SETTINGS", flipped)
+    with SandboxEngine() as engine:
+        assert engine.fingerprint != fingerprint  # an artefact compiled otherwise is never reused
+
+
+#: a task whose output depended on the CPU: the NaN bits of 0/0 (x86 gives 0xffc00000) and
+#: relaxed SIMD's multiply-add (fused with FMA, not without)
+NONDETERMINISTIC = r'''
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (local $z f32)
+    (i32.store (i32.const 100) (i32.reinterpret_f32 (f32.div (local.get $z) (local.get $z))))
+    (v128.store (i32.const 112)
+      (f32x4.relaxed_madd (f32x4.splat (f32.const 0x1.001p+0)) (f32x4.splat (f32.const 0x1.001p+0))
+                          (f32x4.splat (f32.const -0x1.002p+0))))
+    (i32.store (i32.const 104) (i32.load (i32.const 112)))
+    (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 8))
+    (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))))'''
+
+
+def test_honest_replicas_on_different_cpus_get_the_same_result_digest(monkeypatch):
+    import struct
+
+    import wasmtime
+
+    module = wasmtime.wat2wasm(NONDETERMINISTIC)
+    with SandboxEngine() as engine:
+        here = engine.run_task(engine.compile(module), b"")
+    assert here.exit_code == 0
+    assert struct.unpack("<I", here.stdout[:4])[0] == 0x7FC00000  # the canonical NaN
+    assert struct.unpack("<f", here.stdout[4:8])[0] == 2.0 ** -24  # fused: (1+2^-12)^2 - (1+2^-11)
+
+    real_engine = wasmtime.Engine
+
+    def engine_without_fma(config):  # the code cranelift emits for a CPU without FMA
+        config.cranelift_flag_set("has_fma", "false")
+        return real_engine(config)
+
+    monkeypatch.setattr(wasmtime, "Engine", engine_without_fma)
+    with SandboxEngine() as other_cpu:
+        there = other_cpu.run_task(other_cpu.compile(module), b"")
+    assert there.stdout == here.stdout and there.digest() == here.digest()
