@@ -54,7 +54,9 @@ Epochs: epoch ``e`` covers heights ``e * epoch_length + 1 .. (e + 1) *
 epoch_length``. When the last height of an epoch is applied, the next table is
 :func:`~chimera.consensus.reputation.next_weight_table` of the current table,
 the epoch's committed opinions and the members (current validators plus the
-epoch's committed joins); a validator with equivocation evidence committed in
+epoch's committed joins, at most
+:func:`~chimera.consensus.reputation.max_joins_per_epoch` of them in commit order:
+the rest are committed but ignored, and may join in a later epoch); a validator with equivocation evidence committed in
 the epoch is then cut to weight 1 (the floor; removing a member is not a
 reputation decision). The new table is in force from the next height.
 """
@@ -74,6 +76,7 @@ from chimera.consensus.reputation import (
     MAX_OPINION_ENTRIES,
     Opinion,
     WeightPolicy,
+    max_joins_per_epoch,
     next_weight_table,
     verify_opinion,
 )
@@ -276,6 +279,8 @@ class ApplyOutcome:
     epoch: int
     decisions: list[CommittedDecision] = field(default_factory=list)
     joins: list[str] = field(default_factory=list)
+    # joins over the epoch's limit (max_joins_per_epoch): committed, ignored; they may join later
+    joins_deferred: list[str] = field(default_factory=list)
     opinions: list[str] = field(default_factory=list)  # authors
     evidence: list[str] = field(default_factory=list)  # offenders
     ignored: list[str] = field(default_factory=list)  # reasons, one per ignored value
@@ -324,6 +329,7 @@ class Ledger:
         self.offenders: set[str] = set()
         self.outcomes: list[ApplyOutcome] = []  # filled by on_commit, drained by the driver
         self.app_validator = app_validator
+        self._max_joins_for: tuple[WeightTable | None, int] = (None, 0)
         self._valid: OrderedDict[bytes, tuple[bool, int | None]] = OrderedDict()  # hash -> (ok, decision epoch)
 
     # ------------------------------------------------------------- validation
@@ -424,6 +430,9 @@ class Ledger:
             elif isinstance(item, Join):
                 if item.peer_id in self.table.weights or item.peer_id in self.joins:
                     out.ignored.append("already a validator or joining")
+                elif len(self.joins) >= self._max_joins():
+                    out.ignored.append("the epoch's joins are full (it may join in a later epoch)")
+                    out.joins_deferred.append(item.peer_id)
                 else:
                     self.joins.add(item.peer_id)
                     out.joins.append(item.peer_id)
@@ -457,6 +466,13 @@ class Ledger:
             out.new_table = self._next_table()
             out.snapshot = self.snapshot()
         return out
+
+    def _max_joins(self) -> int:
+        """Joins admitted in the current epoch, in commit order (PROTOCOL §15.3): the newcomer
+        budget in newcomer weights, and room in the table's bound of ``MAX_VOTERS`` peers."""
+        if self._max_joins_for[0] is not self.table:
+            self._max_joins_for = (self.table, max_joins_per_epoch(self.table, self.policy))
+        return self._max_joins_for[1]
 
     def _next_table(self) -> WeightTable:
         members = set(self.table.weights) | self.joins

@@ -425,10 +425,12 @@ class WeightPolicy:
             the weight behind any median that is computed, so the median lies
             within the honest opinions' range whatever the byzantine ones say
             or withhold (withholding can only keep a weight unchanged).
-        max_newcomer_share: total weight all newcomers of one epoch may get,
-            as a fraction of the previous table's total; when exceeded each
-            newcomer gets ``max(1, budget // count)``. In (0, 1], or ``None``
-            for no such bound.
+        max_newcomer_share: total weight all newcomers of one epoch may get, as
+            a fraction of the previous table's total and of the weight its
+            members keep in the next table (the smaller); see
+            :func:`next_weight_table` and :func:`max_joins_per_epoch`. In (0, 1],
+            or ``None`` for no such bound. Below 1/2 the members of the previous
+            table alone keep more than 2/3 of the next table's weight.
     Raises:
         LocalProtocolError: a value out of range or of the wrong type.
     """
@@ -573,9 +575,18 @@ def next_weight_table(previous: WeightTable, opinions: Iterable[Opinion], member
     * a member of ``previous`` with weight ``w``: ``min(t, w + max_growth_per_epoch)``,
       or ``w`` unchanged when ``m`` is ``None`` (too little evidence);
     * a newcomer: ``min(t, newcomer_weight)``, or ``newcomer_weight`` when
-      ``m`` is ``None``; then, if all newcomers together would exceed
-      ``floor(previous.total * max_newcomer_share)``, each newcomer's weight is
-      cut to at most ``max(1, budget // newcomer_count)``.
+      ``m`` is ``None``;
+    * the newcomer cap: ``budget = floor(min(previous.total, kept) *
+      max_newcomer_share)``, ``kept`` being the total weight of the members of
+      ``previous`` just computed. At most ``n = min(newcomer_count, budget,
+      MAX_VOTERS - members of previous)`` newcomers enter, the first ``n`` in
+      peer id order (the others are left out; they may join in a later epoch);
+      if their weights add up to more than ``budget``, each is cut to at most
+      ``budget // n``. So newcomers never hold more than ``budget`` together,
+      and the table never exceeds :data:`~chimera.consensus.quorum.MAX_VOTERS`
+      peers because of them. (Before 2026-12 the cut was ``max(1, budget //
+      count)`` with no bound on the count: a flood of joins at weight 1 each
+      outweighed the validators, and a quorum was never reached again.)
 
     Peers of ``previous`` that are not in ``members`` are left out. Opinions
     by peers outside ``previous`` count for nothing, so fresh identities
@@ -591,7 +602,8 @@ def next_weight_table(previous: WeightTable, opinions: Iterable[Opinion], member
         policy: the network's :class:`WeightPolicy` (default values if ``None``).
         network_id: when given, opinions whose signature does not verify are dropped.
     Raises:
-        LocalProtocolError: ``members`` is empty or holds a non-peer-id.
+        LocalProtocolError: ``members`` is empty or holds a non-peer-id, or (with a
+            newcomer cap) no member of ``previous`` is left to admit newcomers.
     """
     policy = policy or WeightPolicy()
     member_set = set(members)
@@ -614,14 +626,46 @@ def next_weight_table(previous: WeightTable, opinions: Iterable[Opinion], member
         else:
             newcomers.append(peer_id)
             weights[peer_id] = policy.newcomer_weight if target is None else min(target, policy.newcomer_weight)
-    share = policy.max_newcomer_share
-    if newcomers and share is not None:
-        budget = previous.total * share.numerator // share.denominator
-        if sum(weights[p] for p in newcomers) > budget:
-            each = max(1, budget // len(newcomers))
-            for peer_id in newcomers:
+    if newcomers:
+        room = max(0, MAX_VOTERS - (len(weights) - len(newcomers)))
+        share = policy.max_newcomer_share
+        budget = None
+        if share is not None:
+            kept = sum(w for p, w in weights.items() if p in previous.weights)
+            budget = min(previous.total, kept) * share.numerator // share.denominator
+            room = min(room, budget)  # every newcomer holds at least 1
+        for peer_id in newcomers[room:]:  # newcomers are in peer id order
+            del weights[peer_id]
+        entering = newcomers[:room]
+        if budget is not None and entering and sum(weights[p] for p in entering) > budget:
+            each = budget // len(entering)  # >= 1: at most `budget` enter
+            for peer_id in entering:
                 weights[peer_id] = min(weights[peer_id], each)
+        if not weights:
+            raise LocalProtocolError("no member of the previous table is left to admit newcomers")
     return WeightTable(epoch=previous.epoch + 1, weights=weights)
+
+
+def newcomer_budget(previous: WeightTable, policy: WeightPolicy | None = None) -> int | None:
+    """``floor(previous.total * max_newcomer_share)``: the most weight the newcomers of the
+    epoch after ``previous`` can hold together (None: no such bound). :func:`next_weight_table`
+    also bounds them by the share of what the previous members keep."""
+    share = (policy or WeightPolicy()).max_newcomer_share
+    return None if share is None else previous.total * share.numerator // share.denominator
+
+
+def max_joins_per_epoch(previous: WeightTable, policy: WeightPolicy | None = None) -> int:
+    """How many committed joins the ledger admits during the epoch of ``previous``
+    (PROTOCOL §15.3): ``max(1, budget // newcomer_weight)`` (none when the budget is 0),
+    and no more than the :data:`~chimera.consensus.quorum.MAX_VOTERS` bound on the table
+    leaves room for. Joins beyond it are committed but ignored (they may join again in
+    a later epoch), so a flood of joins cannot grow the table or the newcomers' weight."""
+    policy = policy or WeightPolicy()
+    room = max(0, MAX_VOTERS - len(previous.weights))
+    budget = newcomer_budget(previous, policy)
+    if budget is None:
+        return room
+    return min(room, budget, max(1, budget // policy.newcomer_weight))
 
 
 # -------------------------------------------------------------------- EigenTrust

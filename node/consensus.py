@@ -500,6 +500,8 @@ class ConsensusService:
             node.emit_event("validator_join_committed", peer_id, height=action.height)
         for peer_id in outcome.evidence:
             node.emit_event("evidence_committed", peer_id, height=action.height, priority="warning")
+        if outcome.joins_deferred:  # over the epoch's join limit (PROTOCOL §15.3): may join later
+            self.counters["consensus_joins_deferred"] += len(outcome.joins_deferred)
         for reason in outcome.ignored:
             self.counters["consensus_values_ignored"] += 1
             log.info("committed value ignored at height %d: %s", action.height, reason)

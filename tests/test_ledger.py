@@ -260,3 +260,44 @@ def test_opinions_in_parts_give_the_same_table_as_whole_opinions():
     expected = whole.apply(commit(2, [])).new_table
     assert again.new_table == expected
     assert expected.weights != table.weights  # the opinions did move the weights
+
+
+def test_a_join_flood_admits_the_epochs_share_in_commit_order_and_keeps_the_quorum():
+    """Anyone with a key can commit a join. The ledger admits max(1, budget // newcomer weight)
+    joins per epoch (budget: a quarter of the table's total), in commit order; the rest are
+    committed but ignored (counted in the outcome) and may join in a later epoch. Before
+    2026-12 every join was admitted and each newcomer kept weight >= 1: a few thousand fresh
+    keys outweighed the validators, who could never pass a quorum again."""
+    import hashlib
+
+    flood = [SigningIdentity(hashlib.sha256(b"sybil-%d" % i).digest()) for i in range(60)]
+    joins = [encode_join(s, NID) for s in flood]
+    ledger = Ledger(NID, genesis(), epoch_length=4)
+    admitted, deferred = [], []
+    for height in range(1, 5):
+        out = ledger.apply(commit(height, joins[(height - 1) * 15:height * 15]))
+        admitted += out.joins
+        deferred += out.joins_deferred
+    order = [v for h in range(4) for v in commit(h + 1, joins[h * 15:(h + 1) * 15]).block.values]
+    by_value = {encode_join(s, NID): s.peer_id for s in flood}
+    assert admitted == [by_value[v] for v in order][:10] and len(deferred) == 50  # 4000 // 4 // 100
+    table = out.new_table
+    honest = [v.peer_id for v in VALIDATORS]
+    assert len(table.weights) == 14 and table.total - table.weight_of(honest) == 1000
+    assert table.passes(honest)
+    # next epoch (total 5000: 12 joins), a deferred peer joins again and is admitted
+    out = ledger.apply(commit(5, [encode_join(flood[k], NID) for k in range(60)
+                                  if flood[k].peer_id in deferred[:13]], epoch=1))
+    assert len(out.joins) == 12 and len(out.joins_deferred) == 1
+
+
+def test_joins_never_grow_the_table_beyond_max_voters():
+    from chimera.consensus.quorum import MAX_VOTERS
+
+    big = [SigningIdentity.generate().peer_id for _ in range(MAX_VOTERS - 2)]
+    ledger = Ledger(NID, WeightTable(epoch=0, weights={p: 1000 for p in big}), epoch_length=1)
+    out = ledger.apply(commit(1, [encode_join(i, NID) for i in IDS]))
+    assert len(out.joins) == 2 and len(out.joins_deferred) == 3
+    assert len(out.new_table.weights) == MAX_VOTERS
+    out = ledger.apply(commit(2, [encode_join(i, NID) for i in IDS], epoch=1))
+    assert out.joins == [] and len(out.joins_deferred) == 3

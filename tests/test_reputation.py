@@ -314,7 +314,7 @@ POOL += [Opinion(epoch=0, author=PIDS[3], entries=POOL[6].entries, signature=byt
        st.lists(st.integers(1, 1500), min_size=6, max_size=6), st.sets(st.integers(0, 11), min_size=1))
 def test_next_weight_table_is_deterministic_under_permutations(opinions, rnd, weights, members):
     prev = _table(dict(enumerate(weights)))
-    member_ids = [PIDS[m] for m in members]
+    member_ids = [PIDS[m] for m in members | {min(members) % 6}]  # a member of prev admits newcomers
     expected = next_weight_table(prev, opinions, member_ids, network_id=NET)
     for _ in range(3):
         shuffled, shuffled_members = list(opinions), list(member_ids) * 2
@@ -322,7 +322,10 @@ def test_next_weight_table_is_deterministic_under_permutations(opinions, rnd, we
         rnd.shuffle(shuffled_members)
         got = next_weight_table(prev, shuffled, shuffled_members, network_id=NET)
         assert got == expected and got.digest() == expected.digest()
-    assert expected.epoch == 1 and set(expected.weights) == set(member_ids)
+    kept = {p for p in member_ids if p in prev.weights}
+    assert expected.epoch == 1 and kept <= set(expected.weights) <= set(member_ids)
+    newcomers = set(expected.weights) - kept  # those over the newcomer budget are left out
+    assert sum(expected.weights[p] for p in newcomers) <= prev.total // 4
     assert all(type(w) is int and w >= 1 for w in expected.weights.values())
     policy = WeightPolicy()
     for peer_id, w in expected.weights.items():
@@ -486,3 +489,53 @@ def test_a_full_table_evicts_a_sixteenth_with_the_least_evidence_at_once():
     for k in range(3):  # room again: no eviction until the table is full
         rep.observe(f"more{k}", ObservationKind.TASK_AGREE, 0.0)
     assert len(rep.peers()) == 64
+
+
+# ------------------------------------------------------------ join floods
+
+
+_FLOOD_IDS: list[str] = []
+
+
+def _flood_ids(count: int) -> list[str]:
+    """``count`` distinct peer ids (made once, reused by every example)."""
+    import hashlib
+
+    while len(_FLOOD_IDS) < count:
+        _FLOOD_IDS.append(SigningIdentity(hashlib.sha256(b"flood-%d" % len(_FLOOD_IDS)).digest()).peer_id)
+    return _FLOOD_IDS[:count]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([1, 2, 3, 4, 7, 1000, 1020]), st.lists(st.integers(1, 2000), min_size=1, max_size=8),
+       st.integers(0, 1200), st.lists(st.integers(0, PPM), max_size=8), st.integers(0, 40))
+def test_any_number_of_joins_stays_in_the_newcomer_budget_and_the_validators_keep_a_quorum(
+        validators, weights, joins, scores, scored_newcomers):
+    """However many peers join in one epoch (each join is one signed value anyone with a key
+    can commit), the newcomers together get at most the budget (a quarter of the previous
+    total and of what the validators keep), the previous validators alone still pass a more
+    than 2/3 quorum of the next table, and the table stays within MAX_VOTERS. (Before
+    2026-12 every newcomer kept at least weight 1: 2048 joins outweighed 4 validators of
+    1000 and nothing could commit again.) Opinions may push the validators' weights down."""
+    from chimera.consensus.quorum import MAX_VOTERS
+    from chimera.consensus.reputation import max_joins_per_epoch, newcomer_budget
+
+    ids = _flood_ids(validators + joins)
+    prev_ids, newcomer_ids = ids[:validators], ids[validators:]
+    prev = WeightTable(epoch=0, weights={p: weights[k % len(weights)] for k, p in enumerate(prev_ids)})
+    about = sorted(prev_ids[:30] + newcomer_ids[:scored_newcomers])
+    opinions = [Opinion(epoch=0, author=author, signature=bytes(64), entries=tuple(
+        OpinionEntry(peer_id=p, score_ppm=score) for p in about)) for author, score in zip(prev_ids, scores)]
+    table = next_weight_table(prev, opinions, prev_ids + newcomer_ids)
+    assert set(prev_ids) <= set(table.weights)
+    kept = sum(table.weights[p] for p in prev_ids)
+    newcomer_weight = table.total - kept
+    assert newcomer_weight <= newcomer_budget(prev) and 4 * newcomer_weight <= kept
+    assert table.passes(prev_ids)
+    assert len(table.weights) <= max(MAX_VOTERS, validators)
+    # the ledger admits at most this many joins per epoch: they all enter when nothing pushes
+    # the validators' weights down
+    admitted = newcomer_ids[:max_joins_per_epoch(prev)]
+    assert len(admitted) <= max(1, newcomer_budget(prev) // WeightPolicy().newcomer_weight)
+    plain = next_weight_table(prev, [], prev_ids + admitted)
+    assert set(plain.weights) == set(prev_ids + admitted) and plain.passes(prev_ids)
