@@ -13,7 +13,9 @@ Everything an agent runs goes through one :class:`SandboxEngine` (one
   ticks ahead, so an agent that computes past ``Limits.wall_time_s`` traps with
   :class:`DeadlineExceeded`. The deadline must be set again before each call:
   an expired deadline would trap every later call at once. Precision is one
-  tick (default 5 ms). Time spent inside a host function (a WASI read, our
+  tick (default 5 ms). :meth:`SandboxEngine.close` keeps this working for the
+  calls still running: it advances the epoch past their deadlines, so each
+  ends with :class:`DeadlineExceeded` instead of running on without a ticker. Time spent inside a host function (a WASI read, our
   ``chimera.send``) is not interrupted, which is why every host function here
   is bounded and the clock-based WASI calls (``poll_oneoff`` can sleep) are
   denied unless granted.
@@ -83,9 +85,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import wasmtime
 
@@ -162,6 +165,8 @@ SEND_TOO_LARGE = -3     # message or address over the limits
 SEND_QUOTA = -4         # more than Limits.max_sends_per_call sends in this call
 SEND_FAILED = -5        # the router failed (counted, logged by the host)
 
+_EPOCH_BURST = 4096  # epoch increments per burst while closing (the lock is let go between bursts)
+
 MAX_ADDRESS_BYTES = 160
 
 
@@ -237,6 +242,12 @@ class MemoryLimitExceeded(AgentTrap):
     trapped or exited non-zero), or its module needs more than the limit."""
 
     reason = "memory_limit"
+
+
+class EngineClosed(FabricError):
+    """The :class:`SandboxEngine` was closed (the node is shutting down): no agent code starts."""
+
+    reason = "engine_closed"
 
 
 class GuestFault(AgentTrap):
@@ -469,22 +480,86 @@ class SandboxEngine:
         self._tmp_root = Path(tempfile.mkdtemp(prefix="chimera-wasm-"))
         self.counters = {"compiled": 0, "cache_hits_memory": 0, "cache_hits_disk": 0,
                          "cache_rejected": 0, "tasks_run": 0}
-        self._stop = threading.Event()
+        # Calls running guest code (instantiation included): token -> the epoch its deadline falls
+        # on. The epoch is only advanced with _lock held, so _epoch is the engine's epoch there.
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._in_flight: dict[object, int] = {}
+        self._epoch = 0
+        self._closing = False
+        self._wake = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._ticker.start()
 
     # --------------------------------------------------------------- lifecycle
 
     def _tick(self) -> None:
-        while not self._stop.wait(self.epoch_tick_s):
-            self.engine.increment_epoch()
+        """Advance the epoch every tick. Once closing: jump the epoch past the deadline of every call
+        still running (each then traps with DeadlineExceeded at its next epoch check), keep ticking
+        until none is left, then remove the temporary files and end."""
+        try:
+            while True:
+                with self._lock:
+                    if self._closing:
+                        if not self._in_flight:
+                            return
+                        behind = max(self._in_flight.values()) - self._epoch
+                        if behind > 0:
+                            step = min(behind, _EPOCH_BURST)  # then let go of the lock a moment
+                            for _ in range(step):
+                                self.engine.increment_epoch()
+                            self._epoch += step
+                            continue
+                if self._closing:
+                    time.sleep(self.epoch_tick_s)
+                else:
+                    self._wake.wait(self.epoch_tick_s)
+                with self._lock:
+                    self.engine.increment_epoch()
+                    self._epoch += 1
+        finally:
+            shutil.rmtree(self._tmp_root, ignore_errors=True)
 
-    def close(self) -> None:
-        """Stop the epoch ticker and remove the engine's temporary files."""
-        self._stop.set()
-        if self._ticker.is_alive() and self._ticker is not threading.current_thread():
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Close the engine: no more agent code starts (:class:`EngineClosed`), and every call still
+        running ends with :class:`DeadlineExceeded` at its next epoch check (the epoch jumps past its
+        deadline; a re-armed call gets a deadline that has passed). Waits up to ``timeout_s`` for
+        them to end, then for the ticker, which removes the temporary files. A call that is still
+        running then (inside a host function) keeps the ticker going until it ends."""
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        with self._lock:
+            drained = self._drained.wait_for(lambda: not self._in_flight, timeout=timeout_s)
+        if drained and self._ticker.is_alive() and self._ticker is not threading.current_thread():
             self._ticker.join(timeout=5)
-        shutil.rmtree(self._tmp_root, ignore_errors=True)
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls running guest code now (instantiations included)."""
+        with self._lock:
+            return len(self._in_flight)
+
+    @contextmanager
+    def _guest_call(self) -> Iterator[object]:
+        """Bracket code that runs guest instructions; yields the token :meth:`_arm` records the
+        deadline under, so :meth:`close` can end the call.
+
+        Raises:
+            EngineClosed: the engine is closed (nothing runs).
+        """
+        token = object()
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the sandbox engine is closed: no agent code starts")
+            self._in_flight[token] = self._epoch
+        try:
+            yield token
+        finally:
+            with self._lock:
+                del self._in_flight[token]
+                if not self._in_flight:
+                    self._drained.notify_all()
 
     def __enter__(self) -> "SandboxEngine":
         return self
@@ -587,10 +662,18 @@ class SandboxEngine:
                          instances=4, tables=4, memories=1)
         return store
 
-    def _arm(self, store: wasmtime.Store, limits: Limits) -> None:
-        """Refuel and set the epoch deadline: required before *every* call."""
+    def _arm(self, store: wasmtime.Store, limits: Limits, token: object | None = None) -> None:
+        """Refuel and set the epoch deadline: required before *every* call. ``token`` (from
+        :meth:`_guest_call`) records the deadline for :meth:`close`; while closing, the deadline
+        is the current epoch, so the call traps at its first epoch check."""
         store.set_fuel(limits.fuel)
-        store.set_epoch_deadline(self.deadline_ticks(limits.wall_time_s))
+        ticks = self.deadline_ticks(limits.wall_time_s)
+        with self._lock:
+            if self._closing:
+                ticks = 0
+            store.set_epoch_deadline(ticks)
+            if token is not None and token in self._in_flight:
+                self._in_flight[token] = self._epoch + ticks
 
     def _base_linker(self, clock: bool) -> wasmtime.Linker:
         """A linker with WASI and, unless ``clock``, the clock functions denied (cached)."""
@@ -630,12 +713,19 @@ class SandboxEngine:
             ModuleRejected: not a command (no ``_start``), or imports ``chimera``
                 host functions (those are for actors), or cannot be linked.
             InputTooLarge: ``len(stdin) > limits.max_input_bytes``.
-            FuelExhausted, DeadlineExceeded, MemoryLimitExceeded, AgentTrap: the run trapped.
+            FuelExhausted, DeadlineExceeded, MemoryLimitExceeded, AgentTrap: the run trapped
+                (DeadlineExceeded also when the engine was closed under it).
             OutputLimitExceeded: stdout went past ``limits.max_output_bytes``.
+            EngineClosed: the engine is closed.
         """
         check_task_module(compiled)
         if len(stdin) > limits.max_input_bytes:
             raise InputTooLarge(f"task input is {len(stdin)} bytes; the limit is {limits.max_input_bytes}")
+        with self._guest_call() as token:
+            return self._run_task(compiled, stdin, limits, grants, name, token)
+
+    def _run_task(self, compiled: CompiledModule, stdin: bytes, limits: Limits, grants: Grants, name: str,
+                  token: object) -> TaskResult:
         self.counters["tasks_run"] += 1
         workdir = Path(tempfile.mkdtemp(dir=self._tmp_root))
         collector: _OutputCollector | None = None
@@ -649,7 +739,7 @@ class SandboxEngine:
             wasi.stdout_file = str(collector.stdout_path)
             wasi.stderr_file = str(collector.stderr_path)
             store.set_wasi(wasi)
-            self._arm(store, limits)
+            self._arm(store, limits, token)
             memory = None
             try:
                 instance = self._base_linker(grants.clock).instantiate(store, compiled.module)
@@ -662,7 +752,7 @@ class SandboxEngine:
             start = exports["_start"]
             if not isinstance(start, wasmtime.Func):
                 raise ModuleRejected(f"task module {compiled.sha256[:12]}: _start is not a function")
-            self._arm(store, limits)
+            self._arm(store, limits, token)
             exit_code = 0
             try:
                 start(store)
@@ -1102,13 +1192,14 @@ class ActorInstance:
         _define_wasi(linker, grants.clock)
         self._define_host(linker)
         self._memory: wasmtime.Memory | None = None
-        sandbox._arm(self.store, limits)
-        try:
-            instance = linker.instantiate(self.store, compiled.module)
-        except wasmtime.Trap as exc:
-            raise _classify(exc, self.store, None, limits, name, "(start)") from None
-        except wasmtime.WasmtimeError as exc:
-            raise _instantiate_error(exc, compiled, limits) from None
+        with sandbox._guest_call() as token:
+            sandbox._arm(self.store, limits, token)
+            try:
+                instance = linker.instantiate(self.store, compiled.module)
+            except wasmtime.Trap as exc:
+                raise _classify(exc, self.store, None, limits, name, "(start)") from None
+            except wasmtime.WasmtimeError as exc:
+                raise _instantiate_error(exc, compiled, limits) from None
         exports = instance.exports(self.store)
         memory, alloc, handle = exports["memory"], exports["alloc"], exports["handle"]
         if not (isinstance(memory, wasmtime.Memory) and isinstance(alloc, wasmtime.Func)
@@ -1204,6 +1295,7 @@ class ActorInstance:
             ModuleRejected: no such exported function, or one whose type has a value the host
                 cannot pass (anything but i32, i64, f32, f64; the instance is unharmed).
             AgentTrap (and subclasses): the call trapped; the instance is now dead.
+            EngineClosed: the engine is closed (the instance is unharmed; nothing ran).
         """
         if not self.alive:
             raise AgentDiscarded(f"{self.name}: instance was discarded after a trap")
@@ -1215,14 +1307,14 @@ class ActorInstance:
             raise ModuleRejected(f"{self.name}: {export} has type {_show(sig)}; the host only calls functions "
                                  f"of {', '.join(sorted(HOST_CALLABLE_TYPES))}")
         store = self.store
-        store.set_fuel(self.limits.fuel)
-        store.set_epoch_deadline(self.sandbox.deadline_ticks(self.limits.wall_time_s))
-        self._sends = self._logs = 0
-        try:
-            return func(store, *args)
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            self.alive = False
-            raise _classify(exc, store, self._memory, self.limits, self.name, export) from None
+        with self.sandbox._guest_call() as token:
+            self.sandbox._arm(store, self.limits, token)
+            self._sends = self._logs = 0
+            try:
+                return func(store, *args)
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                self.alive = False
+                raise _classify(exc, store, self._memory, self.limits, self.name, export) from None
 
     def handle(self, sender: str, payload: bytes) -> int:
         """Deliver one message: ``alloc(len(sender) + len(payload))``, copy both in,

@@ -517,7 +517,7 @@ class FabricService:
     def _execute(self, msg: FabricTaskRun) -> FabricTaskResult:
         """Run one attempt (worker thread). Never raises for anything the task or its module does."""
         rt = self.runtime()
-        from chimera.fabric.sandbox import DeadlineExceeded, FabricError, Limits
+        from chimera.fabric.sandbox import DeadlineExceeded, EngineClosed, FabricError, Limits
 
         t0 = time.perf_counter()
         common = dict(task_id=msg.task_id, attempt=msg.attempt)
@@ -530,9 +530,11 @@ class FabricService:
             limits = Limits(fuel=msg.fuel, memory_bytes=msg.memory_bytes, wall_time_s=msg.wall_time_ms / 1000,
                             max_input_bytes=MAX_TASK_INPUT_BYTES, max_output_bytes=MAX_TASK_OUTPUT_BYTES)
             res = rt.sandbox.run_task(compiled, msg.input, limits=limits, name=f"task {msg.task_id}")
-        except DeadlineExceeded as exc:  # wall time is not deterministic: not a result
+        except DeadlineExceeded as exc:  # wall time is not deterministic (and closing ends runs): not a result
             return FabricTaskResult(**common, status="refused", reason=exc.reason, detail=str(exc)[:256],
                                     elapsed_ms=int((time.perf_counter() - t0) * 1000))
+        except EngineClosed as exc:  # this node is shutting down: its doing, not the task's
+            return FabricTaskResult(**common, status="refused", reason="internal_error", detail=str(exc)[:256])
         except FabricError as exc:  # deterministic failure: a result replicas can agree on
             reason = exc.reason + ("_wrong" if self.config.fabric_test_wrong_results else "")
             return FabricTaskResult(**common, status="error", reason=reason[:64], detail=str(exc)[:256],

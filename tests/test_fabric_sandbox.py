@@ -345,3 +345,89 @@ def test_honest_replicas_on_different_cpus_get_the_same_result_digest(monkeypatc
     with SandboxEngine() as other_cpu:
         there = other_cpu.run_task(other_cpu.compile(module), b"")
     assert there.stdout == here.stdout and there.digest() == here.digest()
+
+
+# ---------------------------------------------------------------- closing the engine
+
+_LOOPING_ACTOR = ('(module (import "chimera" "log" (func $log (param i32 i32))) (memory (export "memory") 1)'
+                  ' (data (i32.const 0) "looping") (func (export "alloc") (param i32) (result i32) (i32.const 16))'
+                  ' (func (export "handle") (param i32 i32 i32 i32) (result i32)'
+                  ' (call $log (i32.const 0) (i32.const 7)) (loop (br 0)) (i32.const 0)))')
+
+
+def _wait_for(predicate, timeout_s: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_close_ends_every_running_call_with_deadline_exceeded():
+    """close() used to stop the epoch ticker under running calls: a task with fuel to spare never
+    ended (and a node's shutdown hung on its worker thread)."""
+    import threading
+
+    import wasmtime
+
+    from chimera.fabric.sandbox import EngineClosed
+
+    engine = SandboxEngine()
+    long = Limits(fuel=2**62, wall_time_s=600.0)
+    task = engine.compile(wasm("hostile_loop"))
+    in_handle = threading.Event()
+    actor = ActorInstance(engine, engine.compile(wasmtime.wat2wasm(_LOOPING_ACTOR)), name="spin", limits=long,
+                          on_log=lambda line: in_handle.set())
+    outcomes: dict[str, BaseException] = {}
+
+    def run(label, fn):
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertions
+            outcomes[label] = exc
+
+    threads = [threading.Thread(target=run, args=("task", lambda: engine.run_task(task, b"", limits=long)), daemon=True),
+               threading.Thread(target=run, args=("actor", lambda: actor.handle("p/x", b"go")), daemon=True)]
+    for t in threads:
+        t.start()
+    assert in_handle.wait(30) and _wait_for(lambda: engine.calls_in_flight == 2)
+    engine.close(timeout_s=60)
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a call kept running after close()"
+    assert isinstance(outcomes["task"], DeadlineExceeded) and isinstance(outcomes["actor"], DeadlineExceeded)
+    assert engine.calls_in_flight == 0 and not actor.alive
+    assert _wait_for(lambda: not engine._ticker.is_alive())
+    with pytest.raises(EngineClosed):  # nothing starts any more
+        engine.run_task(task, b"")
+
+
+_EXIT_SCRIPT = r'''
+from concurrent.futures import ThreadPoolExecutor
+from chimera.fabric.sandbox import Limits, SandboxEngine
+import sys
+engine = SandboxEngine()
+loop = engine.compile(open(sys.argv[1], "rb").read())
+pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fabric-task")
+future = pool.submit(engine.run_task, loop, b"", limits=Limits(fuel=2**62, wall_time_s=600.0))
+while engine.calls_in_flight == 0:
+    pass
+pool.shutdown(wait=False, cancel_futures=True)  # what FabricService.close() does
+engine.close()
+print(type(future.exception(timeout=60)).__name__, flush=True)
+'''
+
+
+def test_a_process_that_closes_the_engine_under_a_running_task_exits():
+    import subprocess
+    import sys
+
+    from fabric_helpers import AGENTS
+
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(AGENTS / "hostile_loop.wasm")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "DeadlineExceeded"
