@@ -47,7 +47,17 @@ from chimera.protocol.messages import MaxLen, Range, record
 
 from .host import AgentHost, Outcome, check_agent_name
 from .modules import ModuleNotFound, ModuleStore, check_hash_name
-from .sandbox import DEFAULT_LIMITS, NO_GRANTS, FabricError, Grants, Limits, SandboxEngine, TaskResult
+from .sandbox import (
+    DEFAULT_LIMITS,
+    NO_GRANTS,
+    CompiledModule,
+    FabricError,
+    Grants,
+    Limits,
+    SandboxEngine,
+    TaskResult,
+    check_task_module,
+)
 
 log = logging.getLogger("chimera.fabric.deploy")
 
@@ -251,7 +261,9 @@ class DeploymentManager:
         policy: the automatic rollback rule;
         clock_ms: wall-clock milliseconds for event timestamps;
         on_event: called with each stored :class:`DeploymentEvent`
-            (e.g. the node emits ``agent_swapped``).
+            (e.g. the node emits ``agent_swapped``);
+        limits: the limits of an agent deployed or restored without its own
+            (a node passes its ``fabric_max_wasm_memory_bytes`` here).
     Thread-safe: changes are serialised by one lock; the monitor may roll back
     from a worker thread.
 
@@ -264,8 +276,10 @@ class DeploymentManager:
 
     def __init__(self, sandbox: SandboxEngine, modules: ModuleStore, host: AgentHost, store: DeploymentStore, *,
                  policy: RollbackPolicy | None = None, clock_ms: Callable[[], int] | None = None,
-                 on_event: Callable[[DeploymentEvent], None] | None = None) -> None:
+                 on_event: Callable[[DeploymentEvent], None] | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.sandbox, self.modules, self.host, self.store = sandbox, modules, host, store
+        self.limits = limits
         self.policy = policy or RollbackPolicy()
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.on_event = on_event
@@ -332,20 +346,26 @@ class DeploymentManager:
                 log.exception("deployment event listener failed")
         return event
 
-    def _module(self, module: bytes | str) -> tuple[str, object]:
+    def _module(self, module: bytes | str) -> tuple[str, CompiledModule]:
         sha = module if isinstance(module, str) else self.modules.put(module)
         compiled = self.sandbox.compile(self.modules.get(sha))
         return sha, compiled
 
-    def deploy(self, ref: str, module: bytes | str, *, kind: str = "actor", limits: Limits = DEFAULT_LIMITS,
+    def _spec(self, name: str) -> _Spec:
+        return self._specs.get(name) or _Spec(self.limits, NO_GRANTS)
+
+    def deploy(self, ref: str, module: bytes | str, *, kind: str = "actor", limits: Limits | None = None,
                grants: Grants = NO_GRANTS) -> DeploymentEvent:
-        """Deploy ``name@version`` from module bytes or a stored module hash.
+        """Deploy ``name@version`` from module bytes or a stored module hash
+        (``limits`` default: the manager's).
 
         Raises:
             ValueError: bad ref, unknown kind, or the name is deployed already.
-            ModuleRejected / AgentTrap family: the module cannot run.
+            ModuleRejected / AgentTrap family: the module cannot run as that kind
+                (a task: :func:`~chimera.fabric.sandbox.check_task_module`; an actor: it must start).
             ModuleNotFound: an unknown hash.
         """
+        limits = self.limits if limits is None else limits
         name, version = parse_ref(ref)
         if version is None:
             raise ValueError("deploy needs name@version")
@@ -359,8 +379,8 @@ class DeploymentManager:
             sha, compiled = self._module(module)
             if kind == "actor":
                 self.host.start_agent(name, compiled, version=version, limits=limits, grants=grants)
-            elif not compiled.is_task:
-                raise FabricErrorNotTask(f"module {sha[:12]} has no _start; it cannot be a task agent")
+            else:
+                check_task_module(compiled)
             self._specs[name] = _Spec(limits, grants)
             return self._record("deploy", kind, name, version, sha)
 
@@ -369,8 +389,9 @@ class DeploymentManager:
 
         Raises:
             KeyError: not deployed. ValueError: same version as current, bad ref.
-            ModuleRejected / AgentTrap family: the new version cannot start (the old keeps running).
-            FabricErrorNotTask: a task agent's new module has no ``_start`` (as :meth:`deploy`).
+            ModuleRejected / AgentTrap family: the new version fails the checks of a deploy of the
+                agent's kind (an actor's cannot start; a task's cannot run, e.g. no ``_start`` or
+                ``chimera`` imports); the current version keeps serving and nothing is recorded.
         """
         name, version = parse_ref(ref)
         if version is None:
@@ -380,11 +401,11 @@ class DeploymentManager:
             if version == deployed.version:
                 raise ValueError(f"{name}@{version} is already current")
             sha, compiled = self._module(module)
-            spec = self._specs.get(name, _Spec(DEFAULT_LIMITS, NO_GRANTS))
+            spec = self._spec(name)
             if deployed.kind == "actor":
                 self._swap_or_start(name, compiled, version, spec)
-            elif not compiled.is_task:  # the same check as deploy: the current version keeps serving
-                raise FabricErrorNotTask(f"module {sha[:12]} has no _start; it cannot be a task agent")
+            else:  # the same check as deploy: the current version keeps serving
+                check_task_module(compiled)
             self.restore_failures.pop(name, None)
             self._windows[(name, version)] = ErrorWindow(self.policy)
             return self._record("upgrade", deployed.kind, name, version, sha)
@@ -402,7 +423,7 @@ class DeploymentManager:
                 raise ValueError(f"{name}@{deployed.version} has no previous version")
             version, sha = previous
             _, compiled = self._module(sha)
-            spec = self._specs.get(name, _Spec(DEFAULT_LIMITS, NO_GRANTS))
+            spec = self._spec(name)
             if deployed.kind == "actor":
                 self._swap_or_start(name, compiled, version, spec)
             self.restore_failures.pop(name, None)
@@ -427,16 +448,19 @@ class DeploymentManager:
         else:
             self.host.start_agent(name, compiled, version=version, limits=spec.limits, grants=spec.grants)
 
-    def restore(self, *, limits: Limits = DEFAULT_LIMITS, grants: Grants = NO_GRANTS) -> list[str]:
+    def restore(self, *, limits: Limits | None = None, grants: Grants = NO_GRANTS) -> list[str]:
         """After a restart: start every deployed actor at its current version; returns the refs restored.
 
         Each agent is restored on its own: one whose module is missing or
         damaged, or that cannot start, is logged once (ERROR, with the reason),
         counted (``agents_restore_failed``) and kept in :attr:`restore_failures`
         (it stays deployed; :meth:`state` says ``failed``), and the others are
-        still started. A task agent's module is checked the same way. Calling
-        it again retries the failed ones and leaves running actors alone.
+        still started. A task agent's module is checked the same way
+        (:func:`~chimera.fabric.sandbox.check_task_module`). Calling it again
+        retries the failed ones and leaves running actors alone. ``limits``
+        default: the manager's.
         """
+        limits = self.limits if limits is None else limits
         started = []
         with self._lock:
             current = self.current()
@@ -455,6 +479,8 @@ class DeploymentManager:
                     if deployed.kind == "actor":
                         self.host.start_agent(name, compiled, version=deployed.version, limits=spec.limits,
                                               grants=spec.grants)
+                    else:
+                        check_task_module(compiled)
                 except Exception as exc:  # noqa: BLE001 - one bad agent must not keep the others down
                     reason = _restore_reason(exc, deployed.module_sha256)
                     if name not in self.restore_failures:  # logged and counted once, not on every retry
@@ -483,7 +509,7 @@ class DeploymentManager:
         if deployed.kind != "task":
             raise KeyError(f"{name} is not a task agent")
         _, compiled = self._module(deployed.module_sha256)
-        spec = self._specs.get(name, _Spec(DEFAULT_LIMITS, NO_GRANTS))
+        spec = self._spec(name)
         try:
             result = self.sandbox.run_task(compiled, stdin, limits=spec.limits, grants=spec.grants, name=name)
         except FabricError:
@@ -524,9 +550,3 @@ def _restore_reason(exc: Exception, sha: str) -> str:
     if isinstance(exc, ModuleNotFound):
         return f"module {sha[:12]} is not stored on this node (ModuleNotFound)"
     return f"{type(exc).__name__}: {exc}"[:256]
-
-
-class FabricErrorNotTask(FabricError, ValueError):
-    """A module deployed as a task agent is not a WASI command."""
-
-    reason = "not_a_task"

@@ -263,16 +263,18 @@ class FabricService:
             if self._runtime is None:
                 from chimera.fabric.deploy import DeploymentManager
                 from chimera.fabric.host import AgentHost
-                from chimera.fabric.sandbox import SandboxEngine
+                from chimera.fabric.sandbox import Limits, SandboxEngine
 
                 from .agent_store import SqliteDeploymentStore
 
-                sandbox = SandboxEngine(self.root / "compiled",
-                                        memory_reservation_bytes=self.config.fabric_max_wasm_memory_bytes)
+                cap = self.config.fabric_max_wasm_memory_bytes
+                sandbox = SandboxEngine(self.root / "compiled", memory_reservation_bytes=cap)
                 host = AgentHost(sandbox, peer_id=self.peer_id, remote_send=self._remote_send)
                 host.add_sink("admin", self._admin_sink)
                 store = SqliteDeploymentStore(self.root / "agents.sqlite3")
-                deploy = DeploymentManager(sandbox, self.modules, host, store, on_event=self._on_deployment_event)
+                # agents deployed here get the node's memory cap, as tasks from other peers do
+                deploy = DeploymentManager(sandbox, self.modules, host, store, on_event=self._on_deployment_event,
+                                           limits=Limits(memory_bytes=cap))
                 try:
                     restored = deploy.restore()
                     if restored:

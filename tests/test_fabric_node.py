@@ -360,6 +360,22 @@ async def test_upgrade_runs_the_deploy_checks_of_the_agents_kind(node_factory):
     assert (await call(node, "agents_call", {"name": "wf", "input": b"x"}))["version"] == "2"
 
 
+async def test_locally_deployed_agents_get_the_nodes_memory_cap(node_factory):
+    """fabric_max_wasm_memory_bytes (the edge profile's 16 MiB) capped only tasks from other peers:
+    an agent deployed on the node got 64 MiB, and the memory bomb grew past the reservation until
+    its deadline (deadline_exceeded after 11 s) instead of failing at the cap."""
+    cap = 16 << 20
+    node = await node_factory("cap", NodeConfig(**FABRIC_FAST, fabric_max_wasm_memory_bytes=cap))
+    await call(node, "agents_deploy", {"ref": "bomb@1", "module": wasm("hostile_memory_bomb"), "kind": "task"})
+    with pytest.raises(admin.AdminError) as failed:
+        await call(node, "agents_call", {"name": "bomb", "input": b""})
+    assert failed.value.code == admin.EXIT_FAIL
+    assert str(failed.value).startswith("memory_limit: ") and f"of {cap} bytes" in str(failed.value)
+    await call(node, "agents_deploy", {"ref": "ctr@1", "module": wasm("counter"), "kind": "actor"})
+    rt = node.fabric._runtime
+    assert rt.deploy.limits.memory_bytes == cap and rt.host._get("ctr").limits.memory_bytes == cap
+
+
 async def test_agent_admin_errors_are_plain_and_bad_arguments_are_usage_errors(node_factory):
     node = await node_factory("e", NodeConfig(**FABRIC_FAST))
     await call(node, "agents_deploy", {"ref": "wf@1", "module": wasm("wordfreq")})
