@@ -15,7 +15,8 @@ Everything an agent runs goes through one :class:`SandboxEngine` (one
   an expired deadline would trap every later call at once. Precision is one
   tick (default 5 ms). :meth:`SandboxEngine.close` keeps this working for the
   calls still running: it advances the epoch past their deadlines, so each
-  ends with :class:`DeadlineExceeded` instead of running on without a ticker. Time spent inside a host function (a WASI read, our
+  ends with :class:`DeadlineExceeded` instead of running on without a ticker.
+  Time spent inside a host function (a WASI read, our
   ``chimera.send``) is not interrupted, which is why every host function here
   is bounded and the clock-based WASI calls (``poll_oneoff`` can sleep) are
   denied unless granted.
@@ -46,6 +47,10 @@ Everything an agent runs goes through one :class:`SandboxEngine` (one
   exactly their documented types, checked at compile time from the module
   bytes; wasmtime-py aborts the whole process when it meets a ``v128`` in a
   function type, so the host never calls a function with one.
+* **Only what agents need, deterministically.** :data:`ENGINE_SETTINGS`: the
+  proposals the agent ABI does not need (GC, exceptions, function references,
+  tail calls, 64-bit or multiple memories...) are off, NaNs are canonical and
+  relaxed SIMD is deterministic, so replicas on different CPUs agree.
 * **Discard after a trap.** Any trap marks the instance dead
   (:class:`AgentDiscarded` on later calls); its state is never reused.
 
