@@ -571,6 +571,11 @@ class BftConfig:
     max_batch: int = 64  # values per block
     max_value_bytes: int = MAX_VALUE_BYTES
     max_pool: int = 10_000
+    # Values gossiped by one sender (envelope sender: values are not forwarded, so its author)
+    # held at most; a full pool makes room by dropping the oldest value of the sender holding
+    # the most (never a value submitted here), so one or a few flooding senders cannot shut out
+    # the others or our own submissions.
+    max_pool_per_sender: int = 1024
     max_future_rounds: int = 4  # votes further ahead only count for round skipping
     dedupe_heights: int = 1000  # a value committed this recently is never committed again
     commit_cache: int = 256  # certified commits kept in memory for catch-up
@@ -593,6 +598,8 @@ class BftConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BLOCK_VALUES:
             raise LocalProtocolError(f"max_batch must be in 1..{MAX_BLOCK_VALUES}")
+        if min(self.max_pool, self.max_pool_per_sender) < 1:
+            raise LocalProtocolError("max_pool and max_pool_per_sender must be >= 1")
         if not 1 <= self.max_value_bytes <= MAX_VALUE_BYTES:
             raise LocalProtocolError(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
         if self.max_block_bytes < self.max_value_bytes:
@@ -775,6 +782,13 @@ class BftCore:
         self._timer_seq = 0
         self._pool: dict[bytes, bytes] = {}  # value hash -> value, arrival order
         self._own_pending: dict[bytes, None] = {}  # hashes of values submitted here, uncommitted
+        # Gossiped values by sender (quota and eviction, see _pool_add): value hash -> sender;
+        # sender -> its pooled values in arrival order; count -> the senders holding that many
+        # (in the order they reached it), with the largest count in _pool_top.
+        self._pool_sender: dict[bytes, str] = {}
+        self._sender_values: dict[str, dict[bytes, None]] = {}
+        self._pool_holders: dict[int, dict[str, None]] = {}
+        self._pool_top = 0
         self._next_value_gossip = now + config.value_regossip_interval_s
         self._recent: dict[bytes, int] = {}  # committed value hash -> height
         self._commits: dict[int, CertifiedCommit] = {}
@@ -870,14 +884,17 @@ class BftCore:
     def submit(self, value: bytes, now: float) -> bool:
         """Add an application value to the pool and gossip it; False if refused.
 
-        Refused: already pending or recently committed, pool full, or the
-        application check fails.
+        Refused: already pending or recently committed, the pool full of values
+        submitted here (gossiped ones make room), or the application check fails.
         Raises:
             LocalProtocolError: ``value`` is not bytes or too long.
         """
         if type(value) is not bytes or len(value) > self.config.max_value_bytes:
             raise LocalProtocolError(f"a value is bytes of <= {self.config.max_value_bytes} bytes")
-        if not self._pool_add(value):
+        reason = self._pool_add(value, None)
+        if reason != "pooled":
+            if reason == "invalid_value":
+                self.drops[reason] += 1
             return False
         self._own_pending[value_hash(value)] = None
         self._actions.append(Broadcast(BftValues(values=(value,))))
@@ -995,21 +1012,72 @@ class BftCore:
         self.drops[reason] += 1
         self._actions.append(Rejected(sender, reason, detail[:200]))
 
-    def _pool_add(self, value: bytes) -> bool:
+    def _pool_add(self, value: bytes, sender: str | None) -> str:
+        """Pool ``value``, submitted here (``sender`` None) or gossiped by ``sender``. Returns
+        ``"pooled"`` or why not (counted in ``drops``, but ``invalid_value``): ``duplicate_value``,
+        ``pool_sender_full`` (the sender already holds ``max_pool_per_sender`` values),
+        ``pool_full``, ``invalid_value``, ``value_not_ready``.
+
+        Room: a sender's gossiped values hold at most ``max_pool_per_sender`` places. In a full
+        pool, a value submitted here, or one from a sender holding at least 2 values fewer than
+        the sender holding the most, replaces that sender's oldest value (``pool_evicted``; its
+        author re-gossips it, §14.9). Values submitted here are never evicted, so a flood by one
+        or a few senders shuts out neither our own submissions nor the other senders' values.
+        The cheap checks run before the application check (which may verify a signature)."""
         digest = value_hash(value)
         if digest in self._pool or digest in self._recent:
-            self.drops["duplicate_value"] += 1
-            return False
-        if len(self._pool) >= self.config.max_pool:
-            self.drops["pool_full"] += 1
-            return False
-        if self.validate_value is not None:
-            ok = self.validate_value(value)
-            if not ok:
-                self.drops["invalid_value" if ok is False else "value_not_ready"] += 1
-                return False
+            reason = "duplicate_value"
+        else:
+            held = 0 if sender is None else len(self._sender_values.get(sender, ()))
+            if held >= self.config.max_pool_per_sender:
+                reason = "pool_sender_full"
+            elif len(self._pool) >= self.config.max_pool and \
+                    (self._pool_top == 0 if sender is None else held + 1 >= self._pool_top):
+                reason = "pool_full"
+            else:
+                ok = True if self.validate_value is None else self.validate_value(value)
+                reason = "pooled" if ok else "invalid_value" if ok is False else "value_not_ready"
+        if reason != "pooled":
+            if reason != "invalid_value":  # (counted by the caller: once per message for gossip)
+                self.drops[reason] += 1
+            return reason
+        while len(self._pool) >= self.config.max_pool:  # checked above: a foreign value to evict
+            victim = next(iter(self._pool_holders[self._pool_top]))
+            self._pool_remove(next(iter(self._sender_values[victim])))
+            self.drops["pool_evicted"] += 1
         self._pool[digest] = value
-        return True
+        if sender is not None:
+            values = self._sender_values.setdefault(sender, {})
+            values[digest] = None
+            self._pool_sender[digest] = sender
+            self._pool_holding(sender, len(values) - 1, len(values))
+        return "pooled"
+
+    def _pool_remove(self, digest: bytes) -> None:
+        """Take a value out of the pool (committed, expired or evicted)."""
+        self._own_pending.pop(digest, None)
+        if self._pool.pop(digest, None) is None:
+            return
+        sender = self._pool_sender.pop(digest, None)
+        if sender is not None:
+            values = self._sender_values[sender]
+            del values[digest]
+            if not values:
+                del self._sender_values[sender]
+            self._pool_holding(sender, len(values) + 1, len(values))
+
+    def _pool_holding(self, sender: str, old: int, new: int) -> None:
+        """``sender`` now holds ``new`` pooled values instead of ``old`` (they differ by 1)."""
+        if old:
+            bucket = self._pool_holders[old]
+            del bucket[sender]
+            if not bucket:
+                del self._pool_holders[old]
+        if new:
+            self._pool_holders.setdefault(new, {})[sender] = None
+        self._pool_top = max(self._pool_top, new)
+        if self._pool_top not in self._pool_holders:
+            self._pool_top = max(self._pool_top - 1, 0)  # held by the sender that went down by 1
 
     # ---- messages
 
@@ -1019,15 +1087,8 @@ class BftCore:
             if len(value) > self.config.max_value_bytes:
                 invalid += 1
                 continue
-            if self.validate_value is not None:
-                ok = self.validate_value(value)
-                if ok is None:  # not yet decidable here: the author re-gossips it
-                    self.drops["value_not_ready"] += 1
-                    continue
-                if not ok:
-                    invalid += 1
-                    continue
-            self._pool_add(value)
+            if self._pool_add(value, sender) == "invalid_value":
+                invalid += 1
         if invalid:
             self._reject(sender, "invalid_value", f"{invalid} invalid values")
 
@@ -1439,8 +1500,7 @@ class BftCore:
                 chosen.append(v)
                 size += len(v)
         for d in expired:
-            del self._pool[d]
-            self._own_pending.pop(d, None)
+            self._pool_remove(d)
             self.drops["expired_value"] += 1
         chosen.sort(key=value_hash)
         return Block(height=self.height, epoch=self.table.epoch, proposer=self.peer_id,
@@ -1724,8 +1784,7 @@ class BftCore:
         self._commits.pop(height - self.config.commit_cache, None)
         for value in commit.block.values:
             vh = value_hash(value)
-            self._pool.pop(vh, None)
-            self._own_pending.pop(vh, None)
+            self._pool_remove(vh)
             self._recent[vh] = height
         if len(self._recent) > 4 * self.config.dedupe_heights * self.config.max_batch or height % 64 == 0:
             floor = height - self.config.dedupe_heights

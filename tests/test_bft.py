@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from chimera.consensus import bft
 from chimera.consensus.bft import (
     MAX_COMMITS_PER_RESPONSE,
+    MAX_VALUES_PER_MESSAGE,
     PRECOMMIT,
     PREVOTE,
     PROPOSAL,
@@ -645,6 +646,54 @@ def test_weight_table_change_at_height_boundary():
     schedule = ProposerSchedule(new, switch)
     assert [c.block.proposer for c in commits[switch - 1:switch + 5]] == [
         schedule.proposer(h, 0) for h in range(switch, switch + 6)]
+
+
+# ------------------------------------- value pool quota, lock after a store gap, follow-up cap
+
+
+def test_a_flood_of_gossiped_values_leaves_room_for_our_own_and_other_senders_values():
+    """One sender gossiping values as fast as it can fills only its quota of the pool: a value
+    submitted here and an honest peer's gossiped value are still pooled."""
+    core, table, _, by_id = _core_and_others(4)
+    flooder = IDS[8].peer_id  # a member holding the join token, not a validator
+    for k in range(FAST.max_pool // MAX_VALUES_PER_MESSAGE + 2):
+        core.on_message(flooder, BftValues(values=tuple(b"flood-%d-%d" % (k, i)
+                                                        for i in range(MAX_VALUES_PER_MESSAGE))), 0.1)
+    assert core.pool_size == FAST.max_pool_per_sender
+    assert core.drops["pool_sender_full"] > 0 and not any(isinstance(a, Rejected) for a in core.take_actions())
+    assert core.submit(b"evidence or opinion of ours", 0.2)
+    honest = next(p for p in table.weights if p != core.peer_id)
+    core.on_message(honest, BftValues(values=(b"an honest peer's value",)), 0.3)
+    assert core.pool_size == FAST.max_pool_per_sender + 2
+
+
+def test_a_full_pool_drops_the_largest_senders_oldest_value_never_our_own():
+    config = replace(FAST, max_pool=8, max_pool_per_sender=3)
+    core = BftCore(IDS[0], NET, table_of(IDS[:1]), config, 0.0, validate_value=valid_value)  # decides alone
+    a, b, c, d = (IDS[k].peer_id for k in (6, 7, 8, 9))
+    for sender in (a, b):
+        core.on_message(sender, BftValues(values=tuple(b"%s-%d" % (sender[:4].encode(), i) for i in range(5))),
+                        0.1)
+    assert core.pool_size == 6 and core.drops["pool_sender_full"] == 4
+    assert core.submit(b"own-0", 0.1) and core.submit(b"own-1", 0.1)  # pool full (8)
+    core.on_message(c, BftValues(values=(b"c-0",)), 0.2)  # c holds fewer: a's oldest value goes
+    assert core.pool_size == 8 and core.drops["pool_evicted"] == 1
+    assert value_hash(b"%s-0" % a[:4].encode()) not in core._pool
+    core.on_message(c, BftValues(values=(b"c-1", b"c-2")), 0.2)  # b's oldest, then (2 vs 2) dropped
+    assert core.drops["pool_evicted"] == 2 and core.drops["pool_full"] == 1
+    for k in range(2, 6):  # our own submissions push the gossiped values out, never each other
+        assert core.submit(b"own-%d" % k, 0.3)
+    assert core.submit(b"own-6", 0.3) and core.submit(b"own-7", 0.3)
+    assert not core.submit(b"own-8", 0.3) and core.drops["pool_full"] == 2
+    assert sorted(core._pool.values()) == [b"own-%d" % k for k in range(8)]
+    core.on_message(d, BftValues(values=(b"d-0",)), 0.4)  # nothing gossiped left to make room
+    assert core.pool_size == 8 and core.drops["pool_full"] == 3
+    assert core.drops["pool_evicted"] == 8
+    while core.height == 1:  # our 8 values are committed (max_batch 8): the pool is empty again
+        core.tick(core.next_deadline())
+    assert core.pool_size == 0
+    core.on_message(a, BftValues(values=tuple(b"late-%d" % i for i in range(4))), 5.0)
+    assert core.pool_size == 3  # the quota counts the values a sender holds now
 
 
 # ------------------------------------------------------- randomized simulation
