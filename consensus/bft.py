@@ -72,8 +72,9 @@ Driver duties (the order of :meth:`BftCore.take_actions` matters)
 * :class:`PersistVote`: write ``state`` durably *before* running the next
   action (which sends the signed proposal/vote). Pass the last persisted state
   back as ``sign_state`` on restart: the core then never signs a conflicting
-  proposal or vote for the same or an earlier (height, round, step), and it
-  restores its lock.
+  proposal or vote for the same or an earlier (height, round, step), and at
+  the state's height (at once, or when catch-up gets there after the store lost
+  commits) it resumes in the stored round with the stored lock.
 * :class:`Commit`: persist the block with its certificate *before* running any
   later action and before acknowledging its values to clients.
 * :class:`Broadcast` goes to every validator of the current table except us;
@@ -713,7 +714,8 @@ class BftCore:
         last_block_hash: hash of the block at ``height - 1``; at height 1 the network's genesis
             hash (``Network.genesis_hash()``, PROTOCOL.md §3.1; :data:`GENESIS_HASH`, zeros, by default).
         table_height: first height of ``table`` (proposer rotation starts there).
-        sign_state: the last :class:`SignState` persisted (after a restart).
+        sign_state: the last :class:`SignState` persisted (after a restart). At its height
+            (now, or once catch-up gets there) the core resumes in its round with its lock.
         sign_from_height: the core signs nothing (proposal or vote) at heights below this
             (default 1: no floor). A driver whose sign state was lost while its log
             survived passes the last committed height + 2: it may have signed at the
@@ -803,14 +805,8 @@ class BftCore:
         self._vote_to_commit_s: deque[float] = deque(maxlen=15)  # our first vote of a height -> its commit
         self._first_vote_at: float | None = None  # when we first voted at this height
         self._commit_waiters: dict[str, int] = {}  # peer -> max_count, asked for our current height
-        self._reset_height_state()
-        start_round = 0
-        if sign_state is not None and sign_state.height == height:
-            start_round = sign_state.round
-            self.locked_round = sign_state.locked_round
-            self.locked_hash = sign_state.locked_hash
-        self.round = start_round
-        self._schedule(now, "start", height, start_round)
+        self._enter_height()
+        self._schedule(now, "start", height, self.round)
 
     # ------------------------------------------------------------- inspection
 
@@ -871,14 +867,13 @@ class BftCore:
         ``height`` must be above the current height, or equal to it before the
         height's first round started (i.e. right after a :class:`Commit`).
         """
-        if height < self.height or (height == self.height and (self.step != NEW_HEIGHT or self.round != 0)):
+        if height < self.height or (height == self.height and self.step != NEW_HEIGHT):
             raise LocalProtocolError(f"cannot change the weight table at height {height} "
                                      f"(now at {self.height}, step {self.step})")
         self._tables = [(h, s) for h, s in self._tables if h < height]
         self._tables.append((height, ProposerSchedule(table, height)))
         if height == self.height:  # votes verified under the old table are void
-            self._reset_height_state()
-            self.round = 0
+            self._enter_height()
         self._prune_tables()
 
     def submit(self, value: bytes, now: float) -> bool:
@@ -977,6 +972,19 @@ class BftCore:
         current = [i for i, (h, _) in enumerate(self._tables) if h <= self.height]
         if len(current) > 1:
             del self._tables[:current[-1]]
+
+    def _enter_height(self) -> None:
+        """Fresh state for the current height, in round 0; but at the height of the persisted
+        sign state (a restart, or catching up to it after the store lost commits, PROTOCOL.md
+        §14.12), in its round and with its lock (L22/L28 may never prevote against a lock we
+        signed under)."""
+        self._reset_height_state()
+        self.round = 0
+        state = self._sign_state
+        if state is not None and state.height == self.height:
+            self.round = state.round
+            self.locked_round = state.locked_round
+            self.locked_hash = state.locked_hash
 
     def _reset_height_state(self) -> None:
         self.step = NEW_HEIGHT
@@ -1791,8 +1799,7 @@ class BftCore:
             self._recent = {d: h for d, h in self._recent.items() if h > floor}
         self.height = height + 1
         self._last_hash = digest
-        self._reset_height_state()
-        self.round = 0
+        self._enter_height()
         if self.on_commit is not None:
             table = self.on_commit(commit)
             if table is not None:
@@ -1800,7 +1807,7 @@ class BftCore:
                 self._tables.append((self.height, ProposerSchedule(table, self.height)))
         self._prune_tables()
         self._event("new_height")
-        self._schedule(now + self.config.commit_wait_s, "start", self.height, 0)
+        self._schedule(now + self.config.commit_wait_s, "start", self.height, self.round)
         waiters, self._commit_waiters = self._commit_waiters, {}
         for peer_id, max_count in waiters.items():
             self._last_push[peer_id] = now

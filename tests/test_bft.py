@@ -696,6 +696,36 @@ def test_a_full_pool_drops_the_largest_senders_oldest_value_never_our_own():
     assert core.pool_size == 3  # the quota counts the values a sender holds now
 
 
+def test_a_core_that_catches_up_to_its_sign_state_height_keeps_the_lock_signed_there():
+    """The store lost commits the sign state is past (store_behind_sign_state): the core starts
+    below its last signature, fetches the commits, and at the signed height it is in the signed
+    round and locked as it was: a proposal of another block in a later round gets a nil prevote."""
+    table = table_of(IDS[:4])
+    schedule = ProposerSchedule(table, 1)
+    me = next(i for i in IDS[:4] if i.peer_id not in {schedule.proposer(2, r) for r in range(2)})
+    others = [i for i in IDS[:4] if i is not me]
+    c1 = block_of(others[0])
+    d1 = block_hash(c1)
+    commit1 = CertifiedCommit(round=0, block=c1, certificate=QuorumCertificate(votes=tuple(sorted(
+        (sign_vote(i, PRECOMMIT, NET, 0, [1, 0, d1]) for i in IDS[:4]), key=lambda v: v.voter))))
+    x = block_of(others[0], [b"x"], height=2, parent=d1)
+    y = block_of(others[1], [b"y"], height=2, parent=d1)
+    state = SignState(height=2, round=0, step=PRECOMMIT, block_hash=block_hash(x),
+                      locked_round=0, locked_hash=block_hash(x))
+    core = BftCore(me, NET, table, replace(FAST, commit_wait_s=0.0), 0.0, height=1, sign_state=state,
+                   validate_value=valid_value)
+    core.on_message(others[0].peer_id, BftCommitResponse(commits=(commit1,), latest_height=1), 0.0)
+    core.tick(0.01)
+    assert (core.height, core.round, core.locked_round, core.locked_hash) == (2, 0, 0, block_hash(x))
+    for other in others[:2]:  # more than 1/3 moved to round 1
+        core.on_message(other.peer_id, make_vote(other, PREVOTE, 2, 1, None), 0.02)
+    assert core.round == 1
+    core.take_actions()
+    p1 = next(i for i in IDS[:4] if i.peer_id == schedule.proposer(2, 1))
+    core.on_message(p1.peer_id, make_proposal(p1, 2, 1, y), 0.03)
+    assert [(v.vote_type, v.block_hash) for v in own_votes(core.take_actions(), PREVOTE)] == [(PREVOTE, None)]
+
+
 # ------------------------------------------------------- randomized simulation
 
 
