@@ -133,6 +133,7 @@ NUDGERS = 2  # validators after a silent proposer (peer-id order) that push it t
 MAX_HELD_PER_SENDER = 8  # proposals/votes of the next height held per validator until we get there
 FETCH_DECIDED_FROM = 2  # precommitters asked for the commit of a decided block we never received
 MAX_COMMIT_WAITERS = 64  # requests for the height in progress, answered when it commits
+MAX_FOLLOW_UPS = 32  # catch-up follow-ups answered per peer per catchup_interval_s
 GENESIS_HASH = bytes(32)  # default parent of height 1 for bare cores (tests, simulator); nodes pass Network.genesis_hash()
 ONE_THIRD = Fraction(1, 3)
 
@@ -796,6 +797,7 @@ class BftCore:
         self._commits: dict[int, CertifiedCommit] = {}
         self._last_push: dict[str, float] = {}
         self._served_to: dict[str, int] = {}  # peer -> first height after the last commits sent to it
+        self._follow_ups: dict[str, tuple[float, int]] = {}  # peer -> (window start, follow-ups answered)
         self._next_request_at = now
         self._next_rebroadcast = now + config.rebroadcast_interval_s
         # Proposals and votes of the next height that arrived before our commit of this one
@@ -1112,17 +1114,30 @@ class BftCore:
 
     def _may_serve(self, sender: str, now: float, from_height: int | None = None) -> bool:
         """At most one answer per ``catchup_interval_s`` per peer, except the follow-up of a
-        catch-up: a request from beyond what we last sent that peer (its progress bounds the
-        work: a peer can walk the log once per interval, not loop on it)."""
+        catch-up: a request from beyond what we last sent that peer (a peer cannot loop on the
+        log), at most :data:`MAX_FOLLOW_UPS` of them per ``catchup_interval_s`` (a peer asking
+        ahead without applying anything cannot make us serve the whole log at once; one
+        catching up walks at network speed up to the cap, then again from its next request
+        an interval later)."""
+        interval = self.config.catchup_interval_s
         last = self._last_push.get(sender)
-        if last is not None and now - last < self.config.catchup_interval_s:
+        window = None
+        if last is not None and now - last < interval:
             served_to = self._served_to.get(sender)
             if from_height is None or served_to is None or from_height < served_to:
+                return False
+            start, count = self._follow_ups.get(sender, (now, 0))
+            window = (start, count + 1) if now - start < interval else (now, 1)
+            if window[1] > MAX_FOLLOW_UPS:
+                self.drops["follow_up_limit"] += 1
                 return False
         if len(self._last_push) >= 4096:
             self._last_push.clear()
             self._served_to.clear()
+            self._follow_ups.clear()
         self._last_push[sender] = now
+        if window is not None:
+            self._follow_ups[sender] = window
         return True
 
     def _answer(self, sender: str, from_height: int, max_count: int) -> None:

@@ -726,6 +726,52 @@ def test_a_core_that_catches_up_to_its_sign_state_height_keeps_the_lock_signed_t
     assert [(v.vote_type, v.block_hash) for v in own_votes(core.take_actions(), PREVOTE)] == [(PREVOTE, None)]
 
 
+def _solo_log(heights):
+    """A single validator (it decides alone) at ``heights`` + 1, holding every commit in memory."""
+    config = replace(FAST, commit_cache=2 * heights)
+    solo = BftCore(IDS[0], NET, table_of(IDS[:1]), config, 0.0)
+    while solo.height <= heights:
+        solo.tick(solo.next_deadline())
+    solo.take_actions()
+    return solo, config
+
+
+def test_catch_up_follow_ups_are_capped_per_peer_and_an_honest_walk_still_completes():
+    heights = (bft.MAX_FOLLOW_UPS + 8) * MAX_COMMITS_PER_RESPONSE
+    server, config = _solo_log(heights)
+    now = server.next_deadline()
+    # a peer asking ahead without applying anything: answered until the cap, then not
+    asker = IDS[2].peer_id
+    answered = 0
+    for _ in range(2):
+        for from_height in range(1, server.height, MAX_COMMITS_PER_RESPONSE):
+            server.on_message(asker, BftCommitRequest(from_height=from_height), now)
+            answered += sum(isinstance(a, Send) for a in server.take_actions())
+    assert answered == 1 + bft.MAX_FOLLOW_UPS
+    # counted: the requests beyond the cap, in both walks (a request going back is simply refused)
+    assert server.drops["follow_up_limit"] == 2 * (heights // MAX_COMMITS_PER_RESPONSE - answered)
+    # an observer catching up at network speed (1 ms links) crosses the cap and still gets there
+    walker = BftCore(IDS[1], NET, table_of(IDS[:1]), config, now)
+    limited = server.drops["follow_up_limit"]
+    start, target = now, server.height
+    queue: list = []  # (due, seq, sender, receiver, message)
+    seq = 0
+    while walker.height < target and now < start + 10.0:
+        for src, dst in ((server, walker), (walker, server)):
+            for action in src.take_actions():
+                if isinstance(action, Send):
+                    seq += 1
+                    heapq.heappush(queue, (now + 0.001, seq, src, dst, roundtrip(action.message)))
+        if queue and queue[0][0] <= walker.next_deadline():
+            now, _, src, dst, msg = heapq.heappop(queue)
+            dst.on_message(src.peer_id, msg, now)
+        else:
+            now = walker.next_deadline()
+            walker.tick(now)
+    assert walker.height == target and server.drops["follow_up_limit"] > limited
+    assert now - start < 3 * config.rebroadcast_interval_s  # two observer polls: a walk, then the rest
+
+
 # ------------------------------------------------------- randomized simulation
 
 
