@@ -4,7 +4,7 @@
     peers from a converged start for ``--membership-virtual-s`` virtual seconds,
     n in ``--membership-sizes`` (default 100, 300, 1000), anti-entropy every
     ``--membership-sync-s`` (default 60: none in a 30 s run; each round sends
-    every peer's n-row member list to one peer and back, n^2 rows in all).
+    every peer's n-row member list to one peer and back, 2n^2 rows in all).
     Reports setup (warm start) wall time and peak RSS, wall seconds per virtual
     second, and between consecutive sizes the growth of wall per virtual second
     divided by the growth of n (1.0: linear in n, the target; 2.0: quadratic);
