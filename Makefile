@@ -18,6 +18,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_transport
+	$(PY) -m benchmarks.bench_codec
 	$(PY) -m benchmarks.bench_footprint
 	$(PY) -m benchmarks.bench_consensus
 	$(PY) -m benchmarks.bench_wasm
