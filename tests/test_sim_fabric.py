@@ -95,11 +95,20 @@ def test_colluding_majority_is_the_only_way_a_wrong_result_is_accepted(tmp_path)
     assert row["honest_score_mean"] > row["byzantine_score_mean"]
 
 
-def _small_world(behaviours, seed=2, tasks=12):
+def _small_world(behaviours, seed=2, tasks=12, setup=None):
     sim = Simulator(seed)
     net = SimNetwork(sim, LinkSpec(latency=Latency.uniform(0.001, 0.01)))
-    setup = FabricSetup(tasks=tasks, tasks_per_s=10.0, submitters=1, replicas=3, capacity_interval_s=1.0)
+    setup = setup or FabricSetup(tasks=tasks, tasks_per_s=10.0, submitters=1, replicas=3, capacity_interval_s=1.0)
     return sim, FabricWorld(sim, net, setup, behaviours)
+
+
+def _run_honest(setup, seed, peers=5):
+    """``peers`` honest peers run ``setup`` to the end; returns the world and its metrics row."""
+    sim, world = _small_world([Behaviour() for _ in range(peers)], seed=seed, setup=setup)
+    with shared_fabric_verification():
+        world.start_all()
+        sim.run(300.0, world.finished)
+    return world, world.metrics()
 
 
 def test_accepted_certificate_verifies_with_the_real_verifier_and_only_for_its_task():
@@ -127,15 +136,8 @@ def test_an_overload_waits_at_the_submitters_and_blames_no_honest_peer():
     """A burst far beyond the peers' slots: the cores use only the slots the peers advertise free,
     so no replica refuses ``busy`` (was: honest peers scored ``task_disagree`` and their breakers
     opened); what finds no room within queue_timeout_s fails ``no_capacity``."""
-    sim = Simulator(3)
-    net = SimNetwork(sim, LinkSpec(latency=Latency.uniform(0.001, 0.01)))
-    setup = FabricSetup(tasks=60, tasks_per_s=200.0, submitters=2, replicas=3, task_slots=1, exec_base_s=0.5,
-                        capacity_interval_s=1.0)
-    world = FabricWorld(sim, net, setup, [Behaviour() for _ in range(5)])
-    with shared_fabric_verification():
-        world.start_all()
-        sim.run(300.0, world.finished)
-    row = world.metrics()
+    world, row = _run_honest(FabricSetup(tasks=60, tasks_per_s=200.0, submitters=2, replicas=3, task_slots=1,
+                                         exec_base_s=0.5, capacity_interval_s=1.0), seed=3)
     assert world.finished() and world.violation is None
     assert row["refused_busy"] == 0 and row["breaker_openings"] == 0 and row["observed_task_disagree"] == 0
     assert row["tasks_accepted"] > 0
@@ -147,15 +149,8 @@ def test_tasks_that_always_run_past_their_wall_time_fail_deadline_exceeded_and_o
     it at its epoch deadline and refuses ``deadline_exceeded``. The tasks fail with that reason and
     no honest peer's breaker opens (was: every such report counted for the breaker, so the
     submitter's breakers opened for the peers, and the tasks failed ``retries_exhausted``)."""
-    sim = Simulator(5)
-    net = SimNetwork(sim, LinkSpec(latency=Latency.uniform(0.001, 0.01)))
-    setup = FabricSetup(tasks=8, tasks_per_s=2.0, submitters=1, replicas=2, wall_time_s=1.0, exec_base_s=3.0,
-                        capacity_interval_s=1.0)
-    world = FabricWorld(sim, net, setup, [Behaviour() for _ in range(5)])
-    with shared_fabric_verification():
-        world.start_all()
-        sim.run(300.0, world.finished)
-    row = world.metrics()
+    world, row = _run_honest(FabricSetup(tasks=8, tasks_per_s=2.0, submitters=1, replicas=2, wall_time_s=1.0,
+                                         exec_base_s=3.0, capacity_interval_s=1.0), seed=5)
     assert world.finished() and world.violation is None
     assert row["failed_deadline_exceeded"] == row["tasks_submitted"] == 8 and row["tasks_accepted"] == 0
     assert world.counters["refused_deadline_exceeded"] == row["dispatched"] > 8
