@@ -698,8 +698,6 @@ class TrainingService:
             info.started_mono = now
         elif event.kind == "round_committed" and info.started_mono is not None and info.round_s is None:
             info.round_s = now - info.started_mono
-        if event.kind == "sklearn_version_mismatch":
-            log.warning("training job %s: %s", state.job_id.hex()[:16], event.detail)
         if event.kind in EVENT_KINDS:
             self.node.emit_event(event.kind, self.node.peer_id, job=state.job_id.hex()[:16], round=event.round,
                                  detail=event.detail, priority="warning" if event.kind in (
