@@ -127,6 +127,12 @@ ROOM_REFUSALS = frozenset({"busy", "gpu_unavailable"})
 """Refusals for lack of room (another submitter's attempts hold the peer's slots or GPUs): they use
 no retry of the task, and the peer may be tried again for it (see ``Placement._refused_for_room``)."""
 
+def wire_wall_time_ms(wall_time_s: float) -> int:
+    """``FabricTaskRun.wall_time_ms`` for a task of ``wall_time_s`` seconds: whole milliseconds,
+    rounded down, at least 1."""
+    return max(1, int(wall_time_s * 1000))
+
+
 DEADLINE_CLAIM_WIRE_S = 0.001
 """The replica's wall time may be this much shorter than the task's: the wire carries whole
 milliseconds, rounded down (``wall_time_ms``)."""
@@ -602,6 +608,7 @@ class Placement:
         res = self.peers[peer_id]
         gpus_big_enough = sum(1 for g in res.gpus if g.memory_total_bytes >= req.gpu_memory_bytes)
         return (self._weight(peer_id) > 0 and res.max_wasm_memory_bytes >= req.memory_bytes
+                and res.max_task_wall_time_ms >= wire_wall_time_ms(req.wall_time_s)
                 and res.memory_total_bytes >= req.memory_bytes and gpus_big_enough >= req.gpus)
 
     def free_slots(self, peer_id: str) -> int | None:
@@ -662,7 +669,8 @@ class Placement:
         capable = [p for p in self.peers if self._could_ever_fit(p, req)]
         if len(capable) < req.replicas:
             return self._finish_failed(task, "unsatisfiable",
-                                       f"{len(capable)} peers could ever run it, {req.replicas} replicas needed")
+                                       f"{len(capable)} peers could ever run it (memory, wall time, GPUs, weight), "
+                                       f"{req.replicas} replicas needed")
         return self._place_waiting(now)  # tasks waiting for room go first, this one last
 
     def on_result(self, task_id: str, attempt: int, peer_id: str, digest: bytes, now: float) -> list[Action]:

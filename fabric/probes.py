@@ -70,7 +70,7 @@ from typing import Protocol
 
 import psutil
 
-from .resources import MAX_GPUS, GpuInfo, Resources
+from .resources import MAX_GPUS, MAX_TASK_WALL_TIME_MS, GpuInfo, Resources
 
 log = logging.getLogger("chimera.fabric.probes")
 
@@ -101,8 +101,10 @@ class SimulatedGpuProbe:
     :data:`SIM_GPU_NAME`, :data:`SIM_GPU_MEMORY_BYTES`, idle) instead of real ones: the
     node's test/simulation option ``fabric_probe_gpus = N`` (N in 0 … 64)."""
 
-    def __init__(self, data_dir: Path | str | None, gpu_count: int, *, max_wasm_memory_bytes: int = 64 << 20) -> None:
-        self.system = SystemProbe(data_dir, nvml=False, max_wasm_memory_bytes=max_wasm_memory_bytes)
+    def __init__(self, data_dir: Path | str | None, gpu_count: int, *, max_wasm_memory_bytes: int = 64 << 20,
+                 max_task_wall_time_ms: int = MAX_TASK_WALL_TIME_MS) -> None:
+        self.system = SystemProbe(data_dir, nvml=False, max_wasm_memory_bytes=max_wasm_memory_bytes,
+                                  max_task_wall_time_ms=max_task_wall_time_ms)
         self.gpus = tuple(GpuInfo(index=i, name=SIM_GPU_NAME, memory_total_bytes=SIM_GPU_MEMORY_BYTES,
                                   memory_used_bytes=0) for i in range(min(max(gpu_count, 0), 64)))
         self.nvml_error: str | None = None
@@ -114,13 +116,15 @@ class SimulatedGpuProbe:
         self.system.close()
 
 
-def probe_for(data_dir: Path | str | None, *, probe_gpus: int, max_wasm_memory_bytes: int) -> SystemProbe | SimulatedGpuProbe:
+def probe_for(data_dir: Path | str | None, *, probe_gpus: int, max_wasm_memory_bytes: int,
+              max_task_wall_time_ms: int = MAX_TASK_WALL_TIME_MS) -> SystemProbe | SimulatedGpuProbe:
     """The probe a node with these settings advertises from (the node and ``chimera resources``
     both use it): ``probe_gpus < 0`` the real machine (NVML), else :class:`SimulatedGpuProbe`
     with ``probe_gpus`` simulated GPUs."""
+    caps = dict(max_wasm_memory_bytes=max_wasm_memory_bytes, max_task_wall_time_ms=max_task_wall_time_ms)
     if probe_gpus < 0:
-        return SystemProbe(data_dir, max_wasm_memory_bytes=max_wasm_memory_bytes)
-    return SimulatedGpuProbe(data_dir, probe_gpus, max_wasm_memory_bytes=max_wasm_memory_bytes)
+        return SystemProbe(data_dir, **caps)
+    return SimulatedGpuProbe(data_dir, probe_gpus, **caps)
 
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -279,6 +283,7 @@ class SystemProbe:
     Args:
         data_dir: directory whose file system is reported as disk (default: cwd).
         max_wasm_memory_bytes: advertised per-agent linear memory cap.
+        max_task_wall_time_ms: advertised longest task run accepted, milliseconds (1 .. a day).
         nvml: False skips NVML entirely (reports no GPUs).
         cgroup_root: where the cgroup file systems are mounted (None: ignore cgroups).
         proc_cgroup: the file naming this process's cgroups.
@@ -291,10 +296,12 @@ class SystemProbe:
     """
 
     def __init__(self, data_dir: Path | str | None = None, *, max_wasm_memory_bytes: int = 64 << 20,
+                 max_task_wall_time_ms: int = MAX_TASK_WALL_TIME_MS,
                  nvml: bool = True, cgroup_root: Path | str | None = DEFAULT_CGROUP_ROOT,
                  proc_cgroup: Path | str = DEFAULT_PROC_CGROUP) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else Path.cwd()
         self.max_wasm_memory_bytes = max_wasm_memory_bytes
+        self.max_task_wall_time_ms = max_task_wall_time_ms
         self.cgroup_root = Path(cgroup_root) if cgroup_root is not None else None
         self.proc_cgroup = Path(proc_cgroup)
         self._nvml_wanted = nvml
@@ -449,7 +456,8 @@ class SystemProbe:
         return Resources(cpu_count=min(usable_cpu_count(limits), 1 << 16), load_1m=max(0.0, load_1m),
                          memory_total_bytes=memory_total_bytes, memory_available_bytes=memory_available_bytes,
                          disk_total_bytes=disk_total, disk_free_bytes=disk_free, gpus=self.gpus(),
-                         max_wasm_memory_bytes=self.max_wasm_memory_bytes)
+                         max_wasm_memory_bytes=self.max_wasm_memory_bytes,
+                         max_task_wall_time_ms=self.max_task_wall_time_ms)
 
     def close(self) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ from chimera.protocol.messages import MaxItems, MaxLen, Range, record
 
 MAX_GPUS = 64
 U63 = 2**63 - 1
+MAX_TASK_WALL_TIME_MS = 86_400_000  # a day: the wire's bound on a task's wall time (FabricTaskRun.wall_time_ms)
 
 
 @record
@@ -53,6 +54,9 @@ class Resources:
         disk_total_bytes, disk_free_bytes: the data directory's file system, bytes.
         gpus: the NVIDIA GPUs (empty without a driver).
         max_wasm_memory_bytes: the most linear memory this peer gives one agent.
+        max_task_wall_time_ms: the longest run (epoch deadline) this peer accepts for a
+            task from anyone, milliseconds, 1 .. 86 400 000 (a day, the wire's limit and the
+            default for peers that do not send it).
     """
 
     cpu_count: Annotated[int, Range(1, 1 << 16)]
@@ -63,6 +67,7 @@ class Resources:
     disk_free_bytes: Annotated[int, Range(0, U63)] = 0
     gpus: Annotated[tuple[GpuInfo, ...], MaxItems(MAX_GPUS)] = ()
     max_wasm_memory_bytes: Annotated[int, Range(0, U63)] = 64 << 20
+    max_task_wall_time_ms: Annotated[int, Range(1, MAX_TASK_WALL_TIME_MS)] = MAX_TASK_WALL_TIME_MS
 
     def __post_init__(self) -> None:
         if self.load_1m < 0:

@@ -306,13 +306,15 @@ def cmd_reputation(args: argparse.Namespace) -> int:
 def cmd_resources(args: argparse.Namespace) -> int:
     """This machine's capacity as a peer advertises it (psutil, NVML; no node needed), with the
     settings of the data dir's configuration that shape the advertisement (as the node's probe)."""
+    from chimera.fabric.placement import wire_wall_time_ms
     from chimera.fabric.probes import probe_for
     from chimera.protocol.messages import encode_fields
 
     data_dir = _data_dir(args)
     config = load_config(data_dir)  # config.toml there, CHIMERA_* variables: what `chimera node` would use
     probe = probe_for(data_dir if data_dir.exists() else None, probe_gpus=config.fabric_probe_gpus,
-                      max_wasm_memory_bytes=config.fabric_max_wasm_memory_bytes)
+                      max_wasm_memory_bytes=config.fabric_max_wasm_memory_bytes,
+                      max_task_wall_time_ms=wire_wall_time_ms(config.fabric_max_task_wall_s))
     try:
         res = probe.resources()
     finally:
@@ -326,7 +328,8 @@ def cmd_resources(args: argparse.Namespace) -> int:
     lines = [f"cpu      {res.cpu_count} usable (affinity, cgroup quota), load {res.load_1m:.2f} (1 min)",
              f"memory   {res.memory_available_bytes / 2**30:.1f} GiB free of {res.memory_total_bytes / 2**30:.1f} GiB",
              f"disk     {res.disk_free_bytes / 2**30:.1f} GiB free of {res.disk_total_bytes / 2**30:.1f} GiB",
-             f"wasm     {res.max_wasm_memory_bytes >> 20} MiB linear memory per agent"]
+             f"wasm     {res.max_wasm_memory_bytes >> 20} MiB linear memory per agent, "
+             f"tasks up to {res.max_task_wall_time_ms / 1000:g} s"]
     lines += [f"gpu {g.index}    {g.name}: {g.memory_used_bytes >> 20}/{g.memory_total_bytes >> 20} MiB used, "
               f"{g.utilization_percent}% busy" for g in res.gpus]
     if not res.gpus:

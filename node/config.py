@@ -86,6 +86,7 @@ class NodeConfig:
     fabric_task_slots: int = 2  # tasks run at once (worker threads); 4 per slot wait; more: refused "busy"
     fabric_capacity_interval_s: float = 5.0  # signed fabric_capacity advertisement period
     fabric_max_wasm_memory_bytes: int = 64 << 20  # linear memory per agent: advertised cap + wasmtime reservation
+    fabric_max_task_wall_s: float = 3600.0  # longest task run accepted from anyone (advertised; longer: over_capacity)
     fabric_probe_gpus: int = -1  # SIMULATION/TEST: >= 0 advertises this many simulated GPUs instead of NVML's
     fabric_test_wrong_results: bool = False  # TEST HOOK: return wrong task results (tests only)
     fabric_test_tamper_chunks: bool = False  # TEST HOOK: corrupt module chunks served to peers (tests only)
@@ -168,6 +169,7 @@ RANGES: dict[str, Range] = {
     "fabric_task_slots": Range(1, 256),
     "fabric_capacity_interval_s": Range(0.1, _DAY_S),
     "fabric_max_wasm_memory_bytes": Range(64 << 10, 4 << 30, note="64 KiB..4 GiB"),
+    "fabric_max_task_wall_s": Range(0.001, _DAY_S, note="1 ms..1 day"),
     "fabric_probe_gpus": Range(-1, 64, note="-1: real GPUs (NVML)"),
     # operation
     "drop_log_interval_s": Range(0.0, _DAY_S, note="0: log every drop"),
@@ -194,6 +196,7 @@ PROFILES: dict[str, dict[str, object]] = {
         "reconnect_interval_s": 20.0,
         "fabric_task_slots": 1,
         "fabric_max_wasm_memory_bytes": 16 << 20,
+        "fabric_max_task_wall_s": 600.0,
     },
 }
 

@@ -91,9 +91,10 @@ from chimera.fabric.placement import (
     TaskRequirements,
     check_threshold,
     verify_task_certificate,
+    wire_wall_time_ms,
 )
 from chimera.fabric.probes import probe_for
-from chimera.fabric.resources import Resources
+from chimera.fabric.resources import MAX_TASK_WALL_TIME_MS, Resources
 from chimera.fabric.wire import (
     CHUNK_BYTES,
     FABRIC_ACTOR,
@@ -223,6 +224,8 @@ class FabricService:
         self.modules = ModuleStore(self.root / "modules")
         self.counters = node.counters
         self.slots = cfg.fabric_task_slots
+        # the longest run accepted from anyone (advertised): bounds a slot's occupation and close()
+        self.max_task_wall_time_ms = min(MAX_TASK_WALL_TIME_MS, wire_wall_time_ms(cfg.fabric_max_task_wall_s))
         self.interval_s = max(0.1, cfg.fabric_capacity_interval_s)
         self.probe = self._make_probe()
         self.own: Resources | None = None
@@ -255,7 +258,8 @@ class FabricService:
         if n >= 0:
             log.warning("fabric_probe_gpus = %d: advertising %d SIMULATED GPUs (test/simulation option)",
                         n, min(n, 64))
-        return probe_for(self.node.data_dir, probe_gpus=n, max_wasm_memory_bytes=self.config.fabric_max_wasm_memory_bytes)
+        return probe_for(self.node.data_dir, probe_gpus=n, max_wasm_memory_bytes=self.config.fabric_max_wasm_memory_bytes,
+                         max_task_wall_time_ms=self.max_task_wall_time_ms)
 
     def runtime(self) -> _Runtime:
         """The wasmtime engine, actor host and deployment manager (created on first call; blocks)."""
@@ -472,6 +476,10 @@ class FabricService:
             return
         if self.own is not None and msg.memory_bytes > self.own.max_wasm_memory_bytes:
             self._refuse(submitter, msg, "over_capacity", "memory_bytes above this peer's per-agent cap")
+            return
+        if msg.wall_time_ms > self.max_task_wall_time_ms:
+            self._refuse(submitter, msg, "over_capacity", f"wall_time_ms {msg.wall_time_ms} above this peer's "
+                                                          f"fabric_max_task_wall_s ({self.max_task_wall_time_ms} ms)")
             return
         for i in msg.gpu_indices:
             self.gpu_leases[i] = key
@@ -735,7 +743,7 @@ class FabricService:
             req = rec.req
             msg = FabricTaskRun(task_id=a.task_id, attempt=a.attempt, module_sha256=rec.module_sha256,
                                 input=rec.input, fuel=req.fuel, memory_bytes=req.memory_bytes,
-                                wall_time_ms=max(1, int(req.wall_time_s * 1000)), gpu_indices=a.gpu_indices)
+                                wall_time_ms=wire_wall_time_ms(req.wall_time_s), gpu_indices=a.gpu_indices)
             rec.dispatches.append({"attempt": a.attempt, "peer_id": a.peer_id, "gpus": list(a.gpu_indices),
                                    "at_ms": _wall_ms()})
             self.node.emit_event("task_dispatched", self.peer_id, task_id=a.task_id, to=a.peer_id,

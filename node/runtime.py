@@ -635,7 +635,7 @@ class Node:
             "limits": {k: getattr(self.config, k) for k in (
                 "max_message_bytes", "send_hwm", "recv_hwm", "mailbox_size", "rate_limit_msgs_per_s",
                 "rate_limit_burst", "probe_interval_s", "probe_timeout_s", "max_clock_skew_s",
-                "fabric_task_slots", "fabric_max_wasm_memory_bytes")},
+                "fabric_task_slots", "fabric_max_wasm_memory_bytes", "fabric_max_task_wall_s")},
             "counters": dict(sorted({**self.counters, **self._core_counters()}.items())),
         }
 

@@ -101,6 +101,7 @@ from chimera.fabric.placement import (
     TaskFailed,
     TaskRequirements,
     verify_task_certificate,
+    wire_wall_time_ms,
 )
 from chimera.fabric.resources import Resources
 from chimera.fabric.wire import (
@@ -558,7 +559,7 @@ class FabricPeer(PeerHost):
             setup = world.setup
             msg = FabricTaskRun(task_id=a.task_id, attempt=a.attempt, module_sha256=TASK_MODULE_SHA256,
                                 input=rec.input, fuel=setup.fuel, memory_bytes=setup.memory_bytes,
-                                wall_time_ms=max(1, int(setup.wall_time_s * 1000)), gpu_indices=a.gpu_indices)
+                                wall_time_ms=wire_wall_time_ms(setup.wall_time_s), gpu_indices=a.gpu_indices)
             world.counters["dispatched"] += 1
             if a.attempt > setup.replicas:  # beyond the first placement: after a failure or timeout
                 world.counters["redispatched"] += 1

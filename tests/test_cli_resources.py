@@ -20,6 +20,7 @@ def test_resources_json_reports_real_capacity_and_no_crash_without_nvml(tmp_path
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= res["cpu_count"] <= usable  # the CPUs this process may use (affinity, cgroup quota)
     assert res["max_wasm_memory_bytes"] == 64 << 20  # the default configuration
+    assert res["max_task_wall_time_ms"] == 3_600_000
     assert 0 < res["memory_available_bytes"] <= res["memory_total_bytes"]
     assert 0 < res["disk_free_bytes"] <= res["disk_total_bytes"]
     if res["nvml"] != "ok":  # no NVIDIA driver here: zero GPUs, and the reason is reported
@@ -40,7 +41,7 @@ def test_resources_uses_the_data_dirs_config_as_the_node_does(tmp_path):
     (tmp_path / "config.toml").write_text('profile = "edge"\n')
     text = _resources(tmp_path)
     assert text.returncode == 0, text.stderr
-    assert "16 MiB linear memory per agent" in text.stdout
+    assert "16 MiB linear memory per agent, tasks up to 600 s" in text.stdout
     # a broken config is a usage error naming the field, not a silently default advertisement
     (tmp_path / "config.toml").write_text("fabric_max_wasm_memory_bytes = 1\n")
     bad = _resources(tmp_path)

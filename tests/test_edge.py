@@ -52,9 +52,10 @@ async def test_edge_limits_visible_in_status_and_advertised(tmp_path, network):
 
         limits = (await asyncio.to_thread(admin.call, e.data_dir, "status"))["limits"]
         assert limits["fabric_task_slots"] == 1 and limits["fabric_max_wasm_memory_bytes"] == 16 << 20
+        assert limits["fabric_max_task_wall_s"] == 600.0
         assert await async_wait_until(lambda: e.peer_id in a.fabric.capacity, 30)
         advert, _ = a.fabric.capacity[e.peer_id]
-        assert advert.max_wasm_memory_bytes == 16 << 20
+        assert advert.max_wasm_memory_bytes == 16 << 20 and advert.max_task_wall_time_ms == 600_000
     finally:
         await e.stop()
         await a.stop()

@@ -573,3 +573,26 @@ def test_wire_messages_decode_strictly():
         for task_id in ("", "has space", "tab\there", "é", "x" * 65):
             with pytest.raises(MalformedError):
                 decode_fields(cls, {**body, "task_id": task_id})
+
+
+async def test_a_replica_refuses_runs_longer_than_its_fabric_max_task_wall_s(node_factory):
+    """Any peer could make a replica run a task for up to a day (the wire's bound), holding a task
+    slot that long and making shutdown end it one epoch tick at a time: the node advertises
+    ``fabric_max_task_wall_s`` and refuses longer runs ``over_capacity``; its own placement
+    finds no peer for a longer task."""
+    node = await node_factory("wallcap", NodeConfig(**FABRIC_FAST, fabric_max_task_wall_s=2.0))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    svc = node.fabric
+    assert svc.own.max_task_wall_time_ms == 2000
+    sha = await asyncio.to_thread(svc.modules.put, wasm("hostile_loop"))
+    submitter = "peer-that-is-not-here"  # its results are sent nowhere
+    svc._on_task_run(submitter, FabricTaskRun(task_id="long", attempt=1, module_sha256=sha, input=b"",
+                                              fuel=2**62, memory_bytes=1 << 20, wall_time_ms=2001))
+    assert node.counters["fabric_refused_over_capacity"] == 1 and not svc.running
+    svc._on_task_run(submitter, FabricTaskRun(task_id="fits", attempt=1, module_sha256=sha, input=b"",
+                                              fuel=2**62, memory_bytes=1 << 20, wall_time_ms=2000))
+    assert (submitter, "fits", 1) in svc.running  # exactly the cap is accepted (it loops until its deadline)
+    res = await call(node, "tasks_submit", {"sha256": sha, "timeout_s": 5, "wait": True, "wait_s": 30})
+    assert res["state"] == "failed" and res["failure"]["reason"] == "unsatisfiable", res
+    assert "wall time" in res["failure"]["detail"]
+    assert await async_wait_until(lambda: not svc.running, 30)

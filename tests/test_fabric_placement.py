@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ from chimera.fabric.placement import (
     TaskFailed,
     TaskRequirements,
     verify_task_certificate,
+    wire_wall_time_ms,
 )
 from chimera.fabric.resources import GpuInfo, Resources
 from chimera.fabric.sandbox import FabricError, Limits, SandboxEngine, error_digest
@@ -672,3 +674,27 @@ def test_two_attempts_timing_out_in_one_tick_fail_the_task_once():
     assert sorted((a.attempt, a.reason) for a in out if isinstance(a, Cancel)) in (
         [(1, "timeout"), (2, "task_failed")], [(1, "task_failed"), (2, "timeout")])
     assert core.in_flight == {p: 0 for p in core.in_flight} and not core.committed_memory.get("peer00")
+
+
+def test_peers_get_no_task_longer_than_the_wall_time_they_advertise():
+    """A replica ran any wall time a submitter asked for (up to a day, a slot held that long):
+    peers advertise ``max_task_wall_time_ms`` (their ``fabric_max_task_wall_s``) and only peers
+    that accept the task's wall time are candidates; a peer that does not send it accepts a day."""
+    core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(3))
+    core.set_weights(WeightTable(1, {"short": 1, "long": 1, "old": 1}))
+    core.update_peer("short", replace(inventory(0), max_task_wall_time_ms=600_000))
+    core.update_peer("long", replace(inventory(0), max_task_wall_time_ms=3_600_000))
+    core.update_peer("old", inventory(0))  # no cap sent: the wire's day
+    assert inventory(0).max_task_wall_time_ms == 86_400_000
+    hour = TaskRequirements(fuel=10, memory_bytes=1 << 20, wall_time_s=3600, replicas=2)
+    chosen = {a.peer_id for a in core.submit("hour", hour, 0.0) if isinstance(a, Dispatch)}
+    assert chosen == {"long", "old"}
+    # exactly at the cap fits (whole milliseconds, as the wire carries them); a day fits only "old"
+    ten_min = TaskRequirements(fuel=10, memory_bytes=1 << 20, wall_time_s=600.0009)
+    assert wire_wall_time_ms(600.0009) == 600_000
+    assert core._could_ever_fit("short", ten_min)
+    day = TaskRequirements(fuel=10, memory_bytes=1 << 20, wall_time_s=86_400)
+    assert [a.peer_id for a in core.submit("day", day, 0.0) if isinstance(a, Dispatch)] == ["old"]
+    two_days_worth = TaskRequirements(fuel=10, memory_bytes=1 << 20, wall_time_s=86_400, replicas=2)
+    assert [a.reason for a in core.submit("day2", two_days_worth, 0.0) if isinstance(a, TaskFailed)] \
+        == ["unsatisfiable"]  # one peer could ever run it: too few for two replicas
