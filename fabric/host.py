@@ -1,9 +1,10 @@
 """Actor agents on one peer: mailboxes, one message at a time, routing, supervision.
 
 An :class:`AgentHost` keeps the node's running actor agents. Each agent has
-a bounded mailbox (``mailbox_size`` messages; a full mailbox refuses and the
-refusal is counted) and at most one message in progress: a per-agent lock
-serialises message handling, hot swaps and restarts.
+a bounded mailbox (``mailbox_size`` messages and ``mailbox_max_bytes`` of
+payload; a full mailbox refuses and the refusal is counted) and at most one
+message in progress: a per-agent lock serialises message handling, hot swaps
+and restarts.
 
 Addresses are ``"name"`` (an agent on this peer) or ``"peer_id/name"``.
 A message to a local agent is queued in process; a message to another peer
@@ -60,6 +61,7 @@ from .sandbox import (
 )
 
 log = logging.getLogger("chimera.fabric")
+DEFAULT_MAILBOX_MAX_BYTES = 16 << 20  # payload bytes queued per agent (AgentHost mailbox_max_bytes)
 
 RemoteSend = Callable[[str, str, str, bytes], bool]
 Sink = Callable[[str, bytes], None]
@@ -107,6 +109,7 @@ class _Agent:
     grants: Grants
     instance: ActorInstance | None
     mailbox: deque = field(default_factory=deque)
+    mailbox_bytes: int = 0  # payload bytes queued in ``mailbox``
     lock: threading.Lock = field(default_factory=threading.Lock)
     scheduled: bool = False
     stopped: bool = False
@@ -137,17 +140,24 @@ class AgentHost:
         remote_send: route to another peer; returns False when it cannot
             (counted as ``SEND_REFUSED`` for the agent).
         mailbox_size: messages queued per agent at most (>= 1).
+        mailbox_max_bytes: payload bytes queued per agent at most (>= 1; a message
+            that would pass it is refused like one to a full mailbox: 1024 messages of
+            256 KiB from peers would otherwise hold 256 MiB per agent).
         clock_ms: wall-clock milliseconds for ``chimera.now_ms``.
     """
 
     def __init__(self, sandbox: SandboxEngine, *, peer_id: str = "local", remote_send: RemoteSend | None = None,
-                 mailbox_size: int = 1024, clock_ms: Callable[[], int] | None = None) -> None:
+                 mailbox_size: int = 1024, mailbox_max_bytes: int = DEFAULT_MAILBOX_MAX_BYTES,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         if mailbox_size < 1:
             raise ValueError("mailbox_size must be >= 1")
+        if mailbox_max_bytes < 1:
+            raise ValueError("mailbox_max_bytes must be >= 1")
         self.sandbox = sandbox
         self.peer_id = peer_id
         self.remote_send = remote_send
         self.mailbox_size = mailbox_size
+        self.mailbox_max_bytes = mailbox_max_bytes
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.counters: Counter = Counter()
         self._agents: dict[str, _Agent] = {}
@@ -206,8 +216,10 @@ class AgentHost:
             return 0
         with agent.lock:
             agent.stopped = True
-            dropped = len(agent.mailbox)
-            agent.mailbox.clear()
+            with self._lock:
+                dropped = len(agent.mailbox)
+                agent.mailbox.clear()
+                agent.mailbox_bytes = 0
             if agent.instance is not None:
                 agent.instance.close()
                 agent.instance = None
@@ -332,7 +344,11 @@ class AgentHost:
             if agent.stopped or len(agent.mailbox) >= self.mailbox_size:
                 self.counters["drop_mailbox_full"] += 1
                 return False
+            if agent.mailbox_bytes + len(payload) > self.mailbox_max_bytes:
+                self.counters["drop_mailbox_bytes"] += 1
+                return False
             agent.mailbox.append((sender, payload))
+            agent.mailbox_bytes += len(payload)
             schedule = self._running and not agent.scheduled
             if schedule:
                 agent.scheduled = True
@@ -350,6 +366,7 @@ class AgentHost:
                 if not agent.mailbox or agent.stopped:
                     return None
                 sender, payload = agent.mailbox.popleft()
+                agent.mailbox_bytes -= len(payload)
             outcome = self._handle_locked(agent, sender, payload)
         self._notify(outcome)
         return outcome

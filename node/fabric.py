@@ -273,7 +273,9 @@ class FabricService:
 
                 cap = self.config.fabric_max_wasm_memory_bytes
                 sandbox = SandboxEngine(self.root / "compiled", memory_reservation_bytes=cap)
-                host = AgentHost(sandbox, peer_id=self.peer_id, remote_send=self._remote_send)
+                # queued payload per agent: 16 of the largest envelopes this node accepts (16 MiB, edge 4 MiB)
+                host = AgentHost(sandbox, peer_id=self.peer_id, remote_send=self._remote_send,
+                                 mailbox_max_bytes=16 * self.config.max_message_bytes)
                 host.add_sink("admin", self._admin_sink)
                 store = SqliteDeploymentStore(self.root / "agents.sqlite3")
                 # agents deployed here get the node's memory cap, as tasks from other peers do

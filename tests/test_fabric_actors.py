@@ -141,6 +141,27 @@ def test_mailbox_bounded(sandbox):
     host.close()
 
 
+def test_mailbox_bounded_in_bytes(sandbox):
+    """A mailbox was bounded by count only: 1024 queued messages of 256 KiB (the wire's payload
+    limit) held 256 MiB per agent. Queued payload bytes are bounded too; handling a message frees
+    its bytes, and stopping the agent frees all of them."""
+    host = AgentHost(sandbox, peer_id=PEER_A, mailbox_max_bytes=10_000)
+    host.start_agent("c", sandbox.compile(wasm("counter")))
+    big = b"inc" + b" " * 3997  # 4000 bytes
+    assert [host.deliver("c", "x/y", big) for _ in range(3)] == [True, True, False]
+    assert host.counters["drop_mailbox_bytes"] == 1 and host.counters["drop_mailbox_full"] == 0
+    assert host.deliver("c", "x/y", b"inc" + b" " * 1997)  # 2000 more: exactly 10 000 queued
+    assert not host.deliver("c", "x/y", b"i")
+    assert host.pump("c") == 3  # handled: their bytes are free again
+    assert [host.deliver("c", "x/y", big) for _ in range(3)] == [True, True, False]
+    assert host.stop_agent("c") == 2
+    host.start_agent("c", sandbox.compile(wasm("counter")))
+    assert host.deliver("c", "x/y", big)
+    with pytest.raises(ValueError):
+        AgentHost(sandbox, mailbox_max_bytes=0)
+    host.close()
+
+
 def manager_for(sandbox, tmp_path, store=None, policy=None):
     host = AgentHost(sandbox, peer_id=PEER_A, mailbox_size=100_000)
     modules = ModuleStore(tmp_path / "modules")

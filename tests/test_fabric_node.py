@@ -374,6 +374,7 @@ async def test_locally_deployed_agents_get_the_nodes_memory_cap(node_factory):
     await call(node, "agents_deploy", {"ref": "ctr@1", "module": wasm("counter"), "kind": "actor"})
     rt = node.fabric._runtime
     assert rt.deploy.limits.memory_bytes == cap and rt.host._get("ctr").limits.memory_bytes == cap
+    assert rt.host.mailbox_max_bytes == 16 * node.config.max_message_bytes  # queued payload per agent
 
 
 async def test_agent_admin_errors_are_plain_and_bad_arguments_are_usage_errors(node_factory):
