@@ -24,9 +24,14 @@ first element is a tag:
   sizes ``dedupe_heights`` with :func:`dedupe_heights_for`), after it the
   ledger refuses it. A decision from a later epoch is "not yet" valid (None:
   this peer is behind), unless more than a window ahead (invalid).
-* ``["join", peer_id, signature]``: ``peer_id`` asks to become a validator.
-  Signature by ``peer_id``, purpose ``"validator_join"``, epoch 0, statement
-  ``[peer_id]`` (proof of key possession: nobody can enrol someone else).
+* ``["join", peer_id, epoch, signature]``: ``peer_id`` asks to become a
+  validator. Signature by ``peer_id``, purpose ``"validator_join"``, epoch
+  ``epoch`` (the epoch in force when it asked), statement ``[peer_id]`` (proof of
+  key possession: nobody can enrol someone else). Valid while ``0 <= current
+  epoch - epoch <=`` :data:`JOIN_WINDOW_EPOCHS`; a join deferred by a full epoch
+  is asked again with the new epoch, so its bytes differ and the BFT core's
+  dedupe does not refuse it. The legacy form ``["join", peer_id, signature]``
+  (signed for epoch 0, no window) is still applied, never made.
 * ``["opinion", opinion]``: a signed :class:`~chimera.consensus.reputation.Opinion`
   (its ``encode_fields`` map) for the current epoch. An author whose scores do
   not fit one value (4096 bytes: about 48 peers) commits them in several
@@ -106,6 +111,7 @@ class Decision:
 class Join:
     peer_id: str
     signature: bytes
+    epoch: int | None = None  # the epoch it was asked in; None: the legacy 3-element form
 
 
 LedgerValue = Decision | Join | Opinion | Equivocation
@@ -187,7 +193,12 @@ def decode_value(value: bytes) -> LedgerValue:
         if type(data) is not bytes or len(data) > MAX_DECISION_BYTES:
             raise MalformedError(f"decision data is bytes of <= {MAX_DECISION_BYTES}")
         return Decision(_peer_id(author), nonce, data, _signature(sig))
-    if tag == "join" and len(items) == 3:
+    if tag == "join" and len(items) == 4:
+        epoch = items[2]
+        if type(epoch) is not int or not 0 <= epoch < 1 << 32:
+            raise MalformedError("join epoch must be in 0 .. 2**32 - 1")
+        return Join(_peer_id(items[1]), _signature(items[3]), epoch)
+    if tag == "join" and len(items) == 3:  # legacy: signed for epoch 0, no window
         return Join(_peer_id(items[1]), _signature(items[2]))
     if tag == "opinion" and len(items) == 2:
         return decode_fields(Opinion, items[1], "opinion")
@@ -201,11 +212,16 @@ def encode_item(item: LedgerValue) -> bytes:
     if isinstance(item, Decision):
         return msgpack.packb(["decision", item.author, item.nonce, item.data, item.signature])
     if isinstance(item, Join):
-        return msgpack.packb(["join", item.peer_id, item.signature])
+        if item.epoch is None:
+            return msgpack.packb(["join", item.peer_id, item.signature])
+        return msgpack.packb(["join", item.peer_id, item.epoch, item.signature])
     if isinstance(item, Opinion):
         return encode_opinion(item)
     return encode_evidence(item)
 
+
+JOIN_WINDOW_EPOCHS = 1
+"""Epochs after its own in which a join is valid (asked late in an epoch, it commits in the next)."""
 
 DECISION_WINDOW_HEIGHTS = 1000
 """About how many heights a decision stays valid after the epoch it names."""
@@ -248,10 +264,17 @@ def encode_decision(identity: SigningIdentity, network_id: bytes, nonce: int, da
     return msgpack.packb(["decision", identity.peer_id, nonce, data, vote.signature])
 
 
-def encode_join(identity: SigningIdentity, network_id: bytes) -> bytes:
-    """The signed request of ``identity`` to become a validator."""
-    vote = sign_vote(identity, JOIN_PURPOSE, network_id, 0, [identity.peer_id])
-    return msgpack.packb(["join", identity.peer_id, vote.signature])
+def encode_join(identity: SigningIdentity, network_id: bytes, epoch: int = 0) -> bytes:
+    """The signed request of ``identity`` to become a validator, asked in ``epoch`` (the current
+    epoch: the value is valid in it and the next :data:`JOIN_WINDOW_EPOCHS`).
+
+    Raises:
+        LocalProtocolError: ``epoch`` not in 0 .. 2**32 - 1.
+    """
+    if type(epoch) is not int or not 0 <= epoch < 1 << 32:
+        raise LocalProtocolError("join epoch must be in 0 .. 2**32 - 1")
+    vote = sign_vote(identity, JOIN_PURPOSE, network_id, epoch, [identity.peer_id])
+    return msgpack.packb(["join", identity.peer_id, epoch, vote.signature])
 
 
 def encode_opinion(opinion: Opinion) -> bytes:
@@ -349,8 +372,8 @@ class Ledger:
         """The BFT core's ``validate_value``: decodes and self-signature holds.
 
         Decode and signature results are cached by value hash (the same value is
-        checked when it is gossiped, proposed and applied); a decision's window
-        (see the module docstring) is checked against the current epoch every
+        checked when it is gossiped, proposed and applied); a decision's or join's
+        window (see the module docstring) is checked against the current epoch every
         time. ``fl_*``
         values go to the ``app_validator`` (never cached), which may answer
         None: "not yet" (see :class:`~chimera.consensus.bft.BftCore`).
@@ -370,19 +393,24 @@ class Ledger:
                 # One encoding per value: the in-pool/commit dedupe is by the hash of the
                 # exact bytes, so a re-encoded copy of a signed value must not pass.
                 ok = encode_item(item) == value and self._signature_ok(item)
-                known = (ok, item.nonce >> 32 if ok and isinstance(item, Decision) else None)
+                if ok and isinstance(item, Decision):
+                    known = (True, item.nonce >> 32, decision_window_epochs(self.epoch_length))
+                elif ok and isinstance(item, Join) and item.epoch is not None:
+                    known = (True, item.epoch, JOIN_WINDOW_EPOCHS)
+                else:
+                    known = (ok, None, 0)
             except MalformedError:
-                known = (False, None)
+                known = (False, None, 0)
             self._valid[key] = known
             if len(self._valid) > VALID_CACHE_ENTRIES:
                 self._valid.popitem(last=False)
-        ok, decision_epoch = known
-        if not ok or decision_epoch is None:
+        ok, value_epoch, window = known
+        if not ok or value_epoch is None:
             return ok
-        age = self.table.epoch - decision_epoch  # the window moves with the epoch: checked every time
+        age = self.table.epoch - value_epoch  # the window moves with the epoch: checked every time
         if age < 0:
-            return None if -age <= decision_window_epochs(self.epoch_length) else False
-        return age <= decision_window_epochs(self.epoch_length)
+            return None if -age <= window else False
+        return age <= window
 
     def _signature_ok(self, item: LedgerValue) -> bool:
         if isinstance(item, Decision):
@@ -390,7 +418,7 @@ class Ledger:
                                self.network_id, 0, [item.nonce, item.data])
         if isinstance(item, Join):
             return verify_vote(SignedVote(voter=item.peer_id, signature=item.signature), JOIN_PURPOSE,
-                               self.network_id, 0, [item.peer_id])
+                               self.network_id, item.epoch or 0, [item.peer_id])
         if isinstance(item, Opinion):
             return verify_opinion(item, self.network_id)
         return item.first.voter == item.second.voter  # checked against the table when applied
@@ -423,7 +451,7 @@ class Ledger:
                 out.ignored.append(f"malformed: {exc}")
                 continue
             if not self.validate_value(value):
-                out.ignored.append("bad signature")
+                out.ignored.append("invalid: bad signature, or outside its epoch window")
                 continue
             if isinstance(item, Decision):
                 out.decisions.append(CommittedDecision(height, index, item.author, item.nonce, item.data))

@@ -559,7 +559,7 @@ class ConsensusService:
         elif self.node.config.consensus_validator and epoch != self._join_epoch \
                 and me not in self.ledger.joins:
             self._join_epoch = epoch
-            self.submit(encode_join(self.node.identity, self.network_id))
+            self.submit(encode_join(self.node.identity, self.network_id, epoch))  # new bytes each epoch
 
     # ----------------------------------------------------------------- reads
 

@@ -56,6 +56,39 @@ def test_values_round_trip_and_validate():
         encode_decision(VALIDATORS[0], NID, 1, b"x" * 5000)
 
 
+def test_a_join_names_its_epoch_and_is_valid_in_it_and_the_next():
+    """A join was signed for epoch 0 and had the same bytes every time: one deferred by a full
+    epoch was asked again next epoch and the BFT core's dedupe refused it for dedupe_heights
+    (~11 epochs of 100). It now names the epoch it was asked in (valid then and one epoch
+    after), so every epoch's request is a new value; the legacy 3-element form still applies."""
+    ledger = Ledger(NID, genesis(), epoch_length=1)
+    joins = [encode_join(NEWCOMER, NID, e) for e in range(4)]
+    assert len(set(joins)) == 4 and [decode_value(j).epoch for j in joins] == [0, 1, 2, 3]
+    assert [ledger.validate_value(j) for j in joins] == [True, None, False, False]  # None: not yet
+    ledger.apply(commit(1, [], epoch=0))
+    assert [ledger.validate_value(j) for j in joins] == [True, True, None, False]
+    ledger.apply(commit(2, [], epoch=1))
+    assert [ledger.validate_value(j) for j in joins] == [False, True, True, None]  # the first is stale
+    out = ledger.apply(commit(3, [joins[0], joins[2]], epoch=2))
+    assert out.joins == [NEWCOMER.peer_id] and out.ignored == ["invalid: bad signature, or outside its epoch window"]
+    # the signed epoch is the named one: a join moved to another epoch does not verify
+    moved = msgpack.unpackb(joins[2])
+    moved[2] = 3
+    assert not ledger.validate_value(msgpack.packb(moved))
+    # legacy ["join", peer_id, signature] (signed for epoch 0): no window, canonical, applied
+    legacy_sig = sign_vote(IDS[3], "validator_join", NID, 0, [IDS[3].peer_id]).signature
+    legacy = msgpack.packb(["join", IDS[3].peer_id, legacy_sig])
+    assert decode_value(legacy) == Join(IDS[3].peer_id, legacy_sig) and decode_value(legacy).epoch is None
+    fresh = Ledger(NID, WeightTable(epoch=0, weights={i.peer_id: 1000 for i in IDS[:3]}), epoch_length=1)
+    assert fresh.validate_value(legacy)
+    assert fresh.apply(commit(1, [legacy])).joins == [IDS[3].peer_id]
+    for bad in (-1, 2**32, True):
+        with pytest.raises(LocalProtocolError):
+            encode_join(NEWCOMER, NID, bad)
+    with pytest.raises(MalformedError):
+        decode_value(msgpack.packb(["join", NEWCOMER.peer_id, 2**32, bytes(64)]))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_decode_of_arbitrary_bytes_only_raises_malformed(blob):
