@@ -95,7 +95,7 @@ import statistics
 from collections import Counter, deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Annotated, Any, Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable, Iterator
 
 import msgpack
 
@@ -1496,15 +1496,33 @@ class BftCore:
         sets.setdefault(self.round, _VoteSet()).add(vote)
         self._actions.append(Broadcast(BftVote(vote=vote)))
 
+    def _pool_round_robin(self) -> Iterator[bytes]:
+        """The pooled values' hashes, fairly by sender: our own first, then one value of each
+        gossiping sender in turn (senders in the order of their oldest pooled value), each
+        sender's in arrival order. A sender holding its whole quota then delays another
+        sender's value by at most one value per block, not by its queue (with arrival order a
+        flooder's 1024 values went into the next 4-16 blocks first)."""
+        # (nothing changes the pool while a block is built: the iterators stay valid)
+        queues = [iter(self._own_pending)] + [iter(v) for v in self._sender_values.values()]
+        while queues:
+            alive = []
+            for q in queues:
+                d = next(q, None)
+                if d is not None:
+                    alive.append(q)
+                    yield d
+            queues = alive
+
     def _make_block(self) -> Block:
         chosen: list[bytes] = []
         expired: list[bytes] = []
         groups: dict[bytes, tuple[Any, bytes]] = {}  # choice group -> (rank, value chosen)
         size = 0
-        for d, v in self._pool.items():
+        for d in self._pool_round_robin():
             if len(chosen) >= self.config.max_batch:
                 break
-            if size + len(v) > self.config.max_block_bytes or d in self._recent:
+            v = self._pool.get(d)
+            if v is None or size + len(v) > self.config.max_block_bytes or d in self._recent:
                 continue  # (a smaller value may still fit)
             ok = True if self.validate_value is None else self.validate_value(v)
             if ok is False:  # no longer valid (e.g. a decision past its window): leaves the pool

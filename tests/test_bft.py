@@ -1617,3 +1617,22 @@ def test_a_certificate_of_more_than_1024_precommitters_takes_the_heaviest_and_ve
     # up to MAX_VOTERS precommitters: every one of them, in peer id order (unchanged)
     few = {i.peer_id: sign_vote(i, PRECOMMIT, net, 1, [1, 0, digest]) for i in ids[:MAX_VOTERS]}
     assert [v.voter for v in bft.commit_certificate(table, few).votes] == sorted(few)
+
+
+def test_blocks_take_pooled_values_round_robin_by_sender():
+    """A sender at its pool quota delayed another sender's value by its whole queue (arrival
+    order: 1024 values, 16 blocks of 64). Blocks now take our own values first, then one value
+    of each sender in turn: the honest value that arrived after the flood is in the next block."""
+    core = BftCore(IDS[0], NET, table_of(IDS[:1]), FAST, 0.0, validate_value=valid_value)  # decides alone
+    flooder, honest = IDS[8].peer_id, IDS[9].peer_id
+    for k in range(4):
+        core.on_message(flooder, BftValues(values=tuple(b"flood-%d-%d" % (k, i)
+                                                        for i in range(MAX_VALUES_PER_MESSAGE))), 0.1)
+    core.on_message(honest, BftValues(values=(b"honest-0", b"honest-1")), 0.2)
+    assert core.submit(b"own-0", 0.3)
+    assert core.pool_size > FAST.max_batch + 3
+    block = core._make_block()
+    assert len(block.values) == FAST.max_batch
+    assert {b"own-0", b"honest-0", b"honest-1"} <= set(block.values)
+    floods = [v for v in block.values if v.startswith(b"flood-")]  # the flooder's oldest, in order
+    assert sorted(floods) == sorted(b"flood-0-%d" % i for i in range(FAST.max_batch - 3))
