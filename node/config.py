@@ -49,6 +49,7 @@ class NodeConfig:
     # discovery
     mdns: bool = True
     interfaces: tuple[str, ...] = ()  # IPv4 addresses or interface names; empty: all
+    mdns_interface_poll_s: float = 10.0  # re-read interfaces/addresses, re-advertise on a change; 0: never
     bootstrap: tuple[str, ...] = ()  # chm://PEER_ID@HOST:PORT?key=TRANSPORT_KEY
     # membership (SWIM + Lifeguard)
     probe_interval_s: float = 1.0
@@ -147,6 +148,8 @@ RANGES: dict[str, Range] = {
     "rate_limit_msgs_per_s": Range(1.0, 1e6),
     "rate_limit_burst": Range(1, 1_000_000),
     "mailbox_size": Range(1, 1_000_000),  # asyncio.Queue: <= 0 would be unbounded
+    # discovery
+    "mdns_interface_poll_s": Range(0.0, _DAY_S, note="0: interfaces read once at start"),
     # membership
     "probe_interval_s": _TIMER,
     "probe_timeout_s": _TIMER,  # and < probe_interval_s

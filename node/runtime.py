@@ -48,7 +48,7 @@ from . import admin as admin_api
 from . import admin_ops, features
 from .actors import Actor, ActorRef, Supervisor, wait_event
 from .config import NodeConfig, reputation_config
-from .discovery import Discovery, resolve_interfaces
+from .discovery import Discovery
 from .events import EVENT_KINDS
 from .keys import load_or_create_identity, load_or_create_transport_keys
 from .logs import DropLog
@@ -264,14 +264,23 @@ class Node:
         self.admin = admin_ops.build_admin_server(self)  # local socket, keys, audit, remote (node/admin_ops.py)
         await self.admin.start()
         if cfg.mdns:
+            # hosts not pinned (advertise_hosts, a listen address) follow the machine's addresses
+            pinned = bool(cfg.advertise_hosts) or cfg.listen_host not in ("0.0.0.0", "")
+            self.discovery = Discovery(
+                self.contact, self.network.network_id, self.port, self.hosts, cfg.interfaces,
+                self._on_discovered, self.counters, poll_s=cfg.mdns_interface_poll_s,
+                hosts_now=None if pinned else (lambda: advertise_hosts(cfg)))
             try:
-                self.discovery = Discovery(
-                    self.contact, self.network.network_id, self.port, self.hosts,
-                    resolve_interfaces(cfg.interfaces), self._on_discovered, self.counters)
                 await self.discovery.start()
             except (OSError, ValueError) as exc:
-                log.warning("mDNS discovery unavailable (%s); using bootstrap and peer exchange only", exc)
-                self.discovery = None
+                if cfg.mdns_interface_poll_s:
+                    log.warning("mDNS discovery unavailable for now (%s); using bootstrap and peer exchange "
+                                "until it starts (interfaces checked every %g s)", exc, cfg.mdns_interface_poll_s)
+                else:
+                    log.warning("mDNS discovery unavailable (%s); using bootstrap and peer exchange only", exc)
+                    self.discovery = None
+            if self.discovery is not None:
+                self.discovery.follow()
         self.metrics_server = None
         if cfg.metrics_port >= 0:
             from . import metrics
@@ -627,7 +636,7 @@ class Node:
             "cpu_s": round(sum(proc.cpu_times()[:2]), 3),
             "members": {s.value: states.get(s.value, 0) for s in MemberState},
             "local_health": self.membership.local_health,
-            "mdns": self.discovery is not None,
+            "mdns": self.discovery is not None and self.discovery.advertising,
             "metrics_url": (f"http://{self.config.metrics_host}:{self.metrics_server.server_port}/metrics"
                             if self.metrics_server is not None else None),
             "features": features.report(),
