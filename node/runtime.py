@@ -181,6 +181,7 @@ class Node:
         self.discovery: Discovery | None = None
         self.routes: dict[str, PeerContact] = {}
         self.consensus = None  # ConsensusService once started (networks with genesis validators)
+        self.metrics_server = None  # (status() may be asked while start() still runs: admin is up early)
         # this node's local reputation of every peer (consensus, training and fabric feed it);
         # only members and validators get an entry (fresh keys signing junk get none)
         self.reputation = LocalReputation(reputation_config(config), tracks=self._tracks_reputation)
@@ -281,7 +282,6 @@ class Node:
                     self.discovery = None
             if self.discovery is not None:
                 self.discovery.follow()
-        self.metrics_server = None
         if cfg.metrics_port >= 0:
             from . import metrics
 

@@ -1,0 +1,36 @@
+"""The admin API answers while the node is still starting (it starts before mDNS, metrics and the
+services): ``status`` then works and says what runs so far."""
+
+from __future__ import annotations
+
+from chimera.node import admin_ops
+from chimera.node.config import NodeConfig
+from chimera.node.runtime import Node
+from tests.conftest import FAST
+
+
+async def test_status_during_start_answers_instead_of_failing(tmp_path, network, monkeypatch, caplog):
+    """status() read ``metrics_server`` before start() had set it: every status call in that
+    window failed with an AttributeError traceback in the log (seen while mDNS started)."""
+    seen: list[dict] = []
+    build = admin_ops.build_admin_server
+
+    def build_and_ask(node):
+        server = build(node)
+        start = server.start
+
+        async def start_then_ask():
+            await start()
+            seen.append(node.status())  # what an admin client asking right now gets
+        server.start = start_then_ask
+        return server
+
+    monkeypatch.setattr(admin_ops, "build_admin_server", build_and_ask)
+    node = Node(tmp_path / "a", NodeConfig(**FAST, metrics_port=0), network)
+    await node.start()
+    try:
+        assert len(seen) == 1 and seen[0]["metrics_url"] is None and seen[0]["consensus"] is None
+        assert node.status()["metrics_url"].startswith("http://127.0.0.1:")  # once started
+        assert "Traceback" not in caplog.text
+    finally:
+        await node.stop()
