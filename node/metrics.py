@@ -16,6 +16,9 @@ Names (all prefixed ``chimera_``):
 * ``local_health``, ``incarnation``, ``uptime_seconds``, ``resident_memory_bytes``
 * ``actor_crashes_total{actor}``, ``info{peer_id,profile,network}`` (value 1)
 * ``process_cpu_seconds_total`` (user + system CPU of the peer process)
+* ``node_counter_total{name}``: every other counter of the node's ``status`` counters
+  (discovery, fabric refusals, joins deferred, ...) under its name, names of the
+  code's fixed sets only (``[a-z0-9_.]``, at most :data:`MAX_GENERIC_COUNTERS`)
 * consensus: ``consensus_height``, ``consensus_epoch``, ``consensus_commits_total``,
   ``consensus_values_committed_total``, ``consensus_rejected_total{reason}`` (input
   rejected, a fault of its sender), ``consensus_drops_total{reason}`` (messages the core
@@ -44,12 +47,19 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import re
 from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     from .runtime import Node
 
 log = logging.getLogger("chimera.metrics")
+
+MAX_GENERIC_COUNTERS = 1024
+_OWN_FAMILY = ("envelopes_accepted", "frames_received", "frames_sent", "handshakes_admitted",
+               "handshakes_refused", "consensus_commits", "consensus_values_committed")
+_OWN_PREFIXES = ("drop_", "actor_crashes.", "events.", "consensus_rejected.", "consensus_events.")
+_COUNTER_NAME = re.compile(r"[a-z0-9_.]{1,96}")
 
 
 class LatencyHistogram:
@@ -136,6 +146,7 @@ class NodeCollector:
             for (module, outcome), n in sorted(node.fabric.task_outcomes.items()):
                 tasks.add_metric([module, outcome], n)
             yield tasks
+        yield _generic_counters(status["counters"])
         yield InfoMetricFamily("chimera", "This peer", value={
             "peer_id": node.peer_id, "profile": node.config.profile, "network": node.network.fingerprint()})
 
@@ -155,6 +166,19 @@ def _by_prefix(counters: dict, prefix: str, name: str, help_: str, label: str):
     for key, value in counters.items():
         if key.startswith(prefix):
             family.add_metric([key[len(prefix):]], value)
+    return family
+
+
+def _generic_counters(counters: dict):
+    """``chimera_node_counter_total{name}``: the counters no other family exports."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily("chimera_node_counter", "Other node counters by name (status counters)",
+                                 labels=["name"])
+    names = sorted(k for k in counters if k not in _OWN_FAMILY and not k.startswith(_OWN_PREFIXES)
+                   and _COUNTER_NAME.fullmatch(k))
+    for name in names[:MAX_GENERIC_COUNTERS]:
+        family.add_metric([name], counters[name])
     return family
 
 

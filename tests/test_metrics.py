@@ -43,6 +43,13 @@ async def test_metrics_endpoint_reports_live_state(node_factory):
     assert await async_wait_until(lambda: a.counters["drop_replay"] == 1, 20)
     text = await asyncio.to_thread(_scrape, url)
     assert 'chimera_envelopes_dropped_total{reason="replay"} 1.0' in text
+    # every other counter is exported by name (discovery, fabric refusals were invisible)
+    assert re.search(r'chimera_node_counter_total\{name="membership_[a-z_]+"\} [0-9]', text) or \
+        re.search(r'chimera_node_counter_total\{name="[a-z0-9_.]+"\}', text)
+    a.counters["discovery_readvertised"] += 2
+    text = await asyncio.to_thread(_scrape, url)
+    assert 'chimera_node_counter_total{name="discovery_readvertised"} 2.0' in text
+    assert 'chimera_node_counter_total{name="drop_replay"}' not in text  # has its own family
 
 
 async def test_a_metrics_port_in_use_is_a_start_error_that_names_the_setting(tmp_path, network):
