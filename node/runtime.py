@@ -518,7 +518,7 @@ class Node:
         for conn_id, frame in batch:
             self.counters["frames_received"] += 1
             # Rate limit before any verification. A connection is charged to the
-            # first peer that it delivered a verified envelope for, so all of a
+            # first peer that it delivered a verified envelope addressed to us for, so all of a
             # peer's connections share one bucket and reconnecting gains nothing;
             # a connection not yet bound gets only a small bucket of its own.
             owner = self._conn_owner.get(conn_id)
@@ -551,7 +551,11 @@ class Node:
             self.counters["envelopes_accepted"] += 1
             if self.consensus is not None:
                 self.consensus.valid_counts[env.sender] += 1
-            if owner is None:
+            # Bind only on an envelope addressed to us (the opener let through no other
+            # recipient): only its sender can have sent it to us, whereas a nil-recipient
+            # frame (bft_* broadcasts) reached other members too, and any of them could
+            # replay it on a connection of its own to charge that connection to the sender.
+            if owner is None and env.recipient is not None:
                 if len(self._conn_owner) >= 8192:
                     self._conn_owner.pop(next(iter(self._conn_owner)))
                 self._conn_owner[conn_id] = env.sender

@@ -139,11 +139,12 @@ _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 class _ReplayWindow:
     """Sliding anti-replay window (as IPsec, RFC 4303 s3.4.3) over seq numbers."""
 
-    __slots__ = ("highest", "bits")
+    __slots__ = ("highest", "bits", "last_ms")
 
     def __init__(self) -> None:
         self.highest = 0
         self.bits = 0  # bit i set: highest - i was seen
+        self.last_ms = 0  # receiver's wall clock when a seq was last marked
 
     def seen(self, seq: int) -> bool:
         if seq > self.highest:
@@ -170,7 +171,11 @@ class EnvelopeOpener:
         network_id: 16-byte network id the signatures must be bound to.
         max_message_bytes: frames longer than this are rejected before decoding.
         max_clock_skew_ms: ``|now_ms - sent_at_ms|`` above this is stale.
-        max_tracked_senders: replay windows kept (least recently used evicted).
+        max_tracked_senders: replay windows kept. Only a window idle for more than
+            ``2 * max_clock_skew_ms`` is evicted (every frame it recorded is stale by
+            then, so forgetting it cannot let a replay through); while the table is
+            full of windows active more recently, frames from senders without a
+            window are refused (``replay_table_full``) instead.
     """
 
     def __init__(
@@ -196,7 +201,8 @@ class EnvelopeOpener:
         Raises:
             RemoteProtocolError: a subclass naming the reason (``oversize``,
                 ``malformed``, ``bad_version``, ``unknown_kind``,
-                ``wrong_recipient``, ``stale``, ``replay``, ``bad_signature``).
+                ``wrong_recipient``, ``stale``, ``replay``, ``replay_table_full``,
+                ``bad_signature``).
                 Nothing else is raised for any input bytes.
         """
         size = len(frame)
@@ -250,7 +256,11 @@ class EnvelopeOpener:
         if abs(now_ms - sent_at_ms) > self.max_clock_skew_ms:
             raise StaleError(f"sent_at_ms is {now_ms - sent_at_ms} ms from our clock")
         window = self._windows.get(sender)
-        if window is not None and window.seen(seq):
+        if window is None:
+            if len(self._windows) >= self._max_senders and not self._evict_idle(now_ms):
+                raise ReplayError("replay table full of recently active senders",
+                                  reason="replay_table_full")
+        elif window.seen(seq):
             raise ReplayError(f"seq {seq} already seen or below the replay window")
         try:
             message = decode_fields(cls, body)
@@ -259,12 +269,12 @@ class EnvelopeOpener:
             # (an invalid_envelope observation, §6.5); its seq is spent like an accepted
             # one, so nobody can replay it to blame the sender again.
             if self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
-                self._mark(sender, window, seq)
+                self._mark(sender, window, seq, now_ms)
                 exc.sender = peer_id_from_public_key(sender)
             raise
         if not self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
             raise BadSignatureError("Ed25519 signature does not verify")
-        self._mark(sender, window, seq)
+        self._mark(sender, window, seq, now_ms)
         return Envelope(
             version=version,
             kind=kind,
@@ -276,12 +286,28 @@ class EnvelopeOpener:
             size_bytes=size,
         )
 
-    def _mark(self, sender: bytes, window: "_ReplayWindow | None", seq: int) -> None:
+    def _evict_idle(self, now_ms: int) -> bool:
+        """Make room for one window: evict the least recently active one if it has been
+        idle for more than twice the clock skew; False if it has not (nothing evicted).
+
+        A frame marked at receiver time ``t`` had ``sent_at_ms >= t - skew`` and is
+        stale for good once ``now_ms > t + 2 * skew``, so such a window no longer
+        stops any replay. A younger one still does: evicting it would let an
+        attacker who floods fresh identities replay a captured frame (§6.4).
+        """
+        oldest = next(iter(self._windows.values()))
+        if now_ms - oldest.last_ms <= 2 * self.max_clock_skew_ms:
+            return False
+        self._windows.popitem(last=False)
+        return True
+
+    def _mark(self, sender: bytes, window: "_ReplayWindow | None", seq: int, now_ms: int) -> None:
         """Record ``seq`` of ``sender`` (whose signature verified) in its replay window."""
         if window is None:
+            # open() made room; never evict an active window here (§6.4)
             window = self._windows[sender] = _ReplayWindow()
-            if len(self._windows) > self._max_senders:
-                self._windows.popitem(last=False)
         else:
             self._windows.move_to_end(sender)
         window.mark(seq)
+        # the order stays by last activity; a clock stepped back keeps the newer time
+        window.last_ms = max(window.last_ms, now_ms)

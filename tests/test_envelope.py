@@ -129,6 +129,43 @@ def test_a_huge_seq_jump_costs_nothing_and_keeps_the_window_exact():
     op.open(frame(s=sealer(first_seq=2**64 - 1)), NOW_MS)
 
 
+def test_a_replay_window_is_kept_while_its_frames_could_still_be_fresh():
+    """A token holder signing envelopes with fresh identities evicted the least recently
+    used window (65 536 of them: ~14 s), after which a captured nil-recipient frame of the
+    victim was accepted again. Only windows idle for more than 2 x skew are evicted now;
+    while the table is full of younger ones, new senders are refused (and counted)."""
+    skew = 30_000
+    op = opener(max_tracked_senders=4, max_clock_skew_ms=skew)
+    victim = frame(s=sealer(ALICE))  # nil recipient, as bft_* broadcasts
+    op.open(victim, NOW_MS)
+    honest = sealer(SigningIdentity(bytes([9]) * 32))
+    op.open(frame(s=honest), NOW_MS)
+    for i in range(2):  # the table is now full
+        op.open(frame(s=sealer(SigningIdentity(bytes([40 + i]) * 32))), NOW_MS)
+    for i in range(20):  # a flood of fresh identities is refused before any signature check
+        fresh = frame(s=sealer(SigningIdentity(bytes([60 + i]) * 32)), at=NOW_MS + 1000)
+        assert reason(op, fresh, NOW_MS + 1000) == "replay_table_full"
+    assert len(op._windows) == 4
+    assert reason(op, victim, NOW_MS + 1000) == "replay"  # the victim's window survived
+    # an existing sender is still served during the flood
+    op.open(frame(s=honest, at=NOW_MS + 2 * skew), NOW_MS + 2 * skew)
+    # once the oldest window has been idle for more than 2 x skew every frame it recorded is
+    # stale, so it can go: a new sender takes its place, and the replay is stale anyway
+    late = NOW_MS + 2 * skew + 1
+    newcomer = sealer(SigningIdentity(bytes([99]) * 32))
+    op.open(frame(s=newcomer, at=late), late)
+    assert len(op._windows) == 4 and ALICE.public_key not in op._windows
+    assert reason(op, victim, late) == "stale"
+    # the other idle windows go the same way, one per new sender; the honest sender's
+    # (active at NOW + 2 x skew) and the newcomers' stay, so the next new one is refused
+    for i in range(2):
+        op.open(frame(s=sealer(SigningIdentity(bytes([100 + i]) * 32)), at=late), late)
+    assert reason(op, frame(s=sealer(SigningIdentity(bytes([98]) * 32)), at=late), late) == (
+        "replay_table_full")
+    assert len(op._windows) == 4 and honest.identity.public_key in op._windows
+    op.open(frame(s=honest, at=late), late)
+
+
 def test_forged_frame_does_not_poison_replay_window():
     op = opener()
     s = sealer()

@@ -658,6 +658,36 @@ async def test_reconnecting_does_not_reset_the_rate_limit(make_pair) -> None:
     await pair.assert_serves_honest_peer()
 
 
+async def test_a_forwarded_broadcast_does_not_charge_the_forwarders_connection_to_its_sender(
+        make_pair) -> None:
+    """A nil-recipient envelope (bft_* broadcasts) reaches every validator; one of them
+    delivered honest B's copy to A on a connection of its own first (or replayed it once
+    B's replay window had been evicted by a flood of fresh identities). That bound the
+    connection to B, and junk on it drained B's rate-limit bucket: B's genuine envelopes
+    were dropped as rate_limited. A connection is bound only by an envelope addressed to A."""
+    rate, burst, junk = 50.0, 100, 1000
+    pair = await make_pair(rate_limit_msgs_per_s=rate, rate_limit_burst=burst)
+    a, b = pair.a, pair.b
+    b_conns = {conn for conn, owner in a._conn_owner.items() if owner == b.peer_id}
+    assert b_conns
+    # B seals a broadcast (as it does bft_* votes); the attacker delivers it first
+    broadcast = b.sealer.seal(EchoRequest(nonce=77, reply=False), sent_at_ms=now_ms(), recipient=None)
+    sock, _ = await pair.member_dealer()
+    echo_before = a.counters["echo_requests_received"]
+    sock.send(broadcast)
+    await wait_for(lambda: a.counters["echo_requests_received"] > echo_before,
+                   "the forwarded broadcast to be accepted (it is authentic)")
+    assert {conn for conn, owner in a._conn_owner.items() if owner == b.peer_id} == b_conns
+    before = drops(a)
+    for _ in range(junk):
+        sock.send(b"\x00" * 100)
+    await wait_for(lambda: sum((drops(a) - before).values()) >= junk,
+                   lambda: f"{junk} junk frames dropped, got {dict(drops(a) - before)}")
+    # the junk was charged to the attacker's unbound connection, not to B
+    assert (drops(a) - before)["drop_rate_limited"] > 0
+    await pair.assert_serves_honest_peer()
+
+
 # ------------------------------------------- 3. spoofed discovery / advertisement
 
 
