@@ -30,6 +30,7 @@ log = logging.getLogger("chimera.transport")
 # max_message_bytes so slightly-oversize frames reach the codec and are counted.
 MAXMSGSIZE_SLACK_BYTES = 64 * 1024
 _POLLIN, _EVENTS, _NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK)  # plain ints: no enum ops per frame
+_RCVMORE = int(zmq.RCVMORE)
 
 
 DropCallback = Callable[[str, str, str], None]  # (reason, who, detail)
@@ -167,18 +168,23 @@ class Transport:
                     try:
                         if not router.getsockopt(_EVENTS) & _POLLIN:
                             break
-                        parts = router.recv_multipart(flags=_NOBLOCK, copy=True)
+                        # Part by part, not recv_multipart: a message of N parts (each
+                        # under MAXMSGSIZE, libzmq caps nothing else) would be copied
+                        # into N Python bytes objects before it could be refused.
+                        conn_id = router.recv(_NOBLOCK, copy=True)
+                        frame = router.recv(_NOBLOCK, copy=True) if router.getsockopt(_RCVMORE) else None
+                        extra = self._discard_rest(router) if router.getsockopt(_RCVMORE) else 0
                     except zmq.Again:
                         break
                     except zmq.ZMQError as exc:
                         if self._terminated(exc):
                             return
                         break
-                    if len(parts) == 2:
-                        batch.append((parts[0], parts[1]))
+                    if frame is not None and not extra:
+                        batch.append((conn_id, frame))
                     else:
-                        self.on_drop("malformed", f"conn:{parts[0].hex()}",
-                                     f"{len(parts) - 1} frames; an envelope is exactly one")
+                        self.on_drop("malformed", f"conn:{conn_id.hex()}",
+                                     f"{0 if frame is None else 1 + extra} frames; an envelope is exactly one")
                 if batch:
                     try:
                         self.on_frames(batch)
@@ -200,6 +206,20 @@ class Transport:
         finally:
             if not router.closed:
                 loop.remove_reader(fd)
+
+    @staticmethod
+    def _discard_rest(router: zmq.Socket) -> int:
+        """Receive and free the remaining parts of a multipart message without copying
+        them into Python (``copy=False``: each part is released as it is received);
+        returns how many there were. libzmq delivers a message only whole, so they
+        are all there already: holding them until now is the libzmq-side cost that no
+        socket option bounds (PROTOCOL.md §5.4)."""
+        parts = 0
+        while True:
+            router.recv(_NOBLOCK, copy=False)
+            parts += 1
+            if not router.getsockopt(_RCVMORE):
+                return parts
 
     def _terminated(self, exc: zmq.ZMQError) -> bool:
         """True when the context is being terminated (stop receiving); else count and log."""

@@ -23,6 +23,7 @@ import asyncio
 import socket
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -528,6 +529,31 @@ async def test_multipart_messages_are_dropped(pair: Pair) -> None:
     sock.send(valid)  # the same envelope alone is fine: nothing was half-processed
     await wait_for(lambda: a.counters["echo_requests_received"] == 1, "the single-part frame")
     await pair.expect_attacker_accepted(1)
+    await pair.assert_serves_honest_peer()
+
+
+async def test_a_multipart_message_is_refused_without_copying_its_parts_into_python(pair: Pair) -> None:
+    """MAXMSGSIZE caps each part, not their number, and libzmq hands over a message only
+    whole; recv_multipart then copied every part into Python before the message could be
+    refused (400 parts of 1 MB: +401 MB). The parts after the envelope are now received
+    without a copy and freed one by one (what libzmq holds meanwhile is bounded only by
+    the process's memory limit, PROTOCOL.md §5.4)."""
+    a = pair.a
+    parts, part = 40, b"x" * (256 << 10)  # 10 MiB in all, each part well under MAXMSGSIZE
+    sock, _ = await pair.member_dealer()
+    before = drops(a)
+    tracemalloc.start()
+    try:
+        sock.send_multipart([part] * parts)
+        await wait_for(lambda: (drops(a) - before)["drop_malformed"] >= 1,
+                       lambda: f"the multipart message dropped, got {dict(drops(a) - before)}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert dict(drops(a) - before) == {"drop_malformed": 1}
+    assert peak < 3 * len(part), f"Python allocated {peak} bytes for a message it refused"
+    sock.send(pair.forger().echo(nonce=4))  # the connection still works for a real envelope
+    await wait_for(lambda: a.counters["echo_requests_received"] == 1, "the single-part frame")
     await pair.assert_serves_honest_peer()
 
 
