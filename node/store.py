@@ -27,7 +27,7 @@ from pathlib import Path
 import msgpack
 
 from chimera.protocol.errors import RemoteProtocolError
-from chimera.protocol.membership import PeerContact
+from chimera.protocol.membership import MAX_INCARNATION, PeerContact
 from chimera.protocol.messages import decode_fields, encode_fields
 
 SEQ_BLOCK = 1 << 20
@@ -100,8 +100,10 @@ class Store:
                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     def bump_incarnation(self) -> int:
-        """Next incarnation (persisted before it is used)."""
-        value = self.get_meta("incarnation") + 1
+        """Next incarnation (persisted before it is used), at most ``MAX_INCARNATION``:
+        a stored value at or above 2**62 (written by a node that refuted a forged claim
+        before refutations were capped) is clamped there, since no Hello can carry more."""
+        value = min(max(self.get_meta("incarnation"), 0) + 1, MAX_INCARNATION)
         self.set_meta("incarnation", value)
         return value
 

@@ -52,6 +52,13 @@ MEMBERSHIP_ACTOR = "membership"
 PeerIdStr = PeerId
 # Incarnations only grow by one per refutation; a claim near 2**62 is forged.
 MAX_INCARNATION = 2**62
+# We refute only claims about ourselves below this (so a refutation never goes past it):
+# the 2**20 left above it are the headroom for restarts (+1 each), so a forged claim
+# cannot push us to an incarnation that no Hello can encode (PROTOCOL s10.4).
+REFUTE_LIMIT = MAX_INCARNATION - 2**20
+# Gossip about another peer may raise its incarnation by at most this much above the
+# highest one we know for it (its own Hello may jump any distance; PROTOCOL s10.3).
+GOSSIP_INCARNATION_STEP = 2**16
 Incarnation = Annotated[int, Range(0, MAX_INCARNATION)]
 ADDRESS_SCHEMES = ("tcp://",)
 MAX_CONTACT_ADDRESSES = 8
@@ -455,6 +462,8 @@ class Membership:
     ) -> None:
         if incarnation < 1:
             raise LocalProtocolError("incarnation starts at 1")
+        if incarnation > MAX_INCARNATION:
+            raise LocalProtocolError(f"incarnation {incarnation} is above 2**62: no Hello can carry it")
         self.contact = self_contact
         self.peer_id = self_contact.peer_id
         self.incarnation = incarnation
@@ -467,6 +476,8 @@ class Membership:
         self._candidate_order: deque[_Candidate] = deque()
         self.candidates_evicted = 0  # made room for a newer hint
         self.candidates_refused = 0  # table full of hints not yet tried: the new one dropped
+        self.incarnations_refused = 0  # gossip about us at >= REFUTE_LIMIT, or about another
+        #                                peer more than GOSSIP_INCARNATION_STEP above what we know
         # Timer heaps, lazily cleaned (an entry is acted on only if it still matches the
         # row it names), so tick() and next_deadline() cost O(log n) per timer, not O(n):
         #   suspicion timeouts: (suspect_deadline, seq, member)
@@ -834,8 +845,16 @@ class Membership:
                 return
             self._confirm(member, by)
         else:
+            started = member.suspect_started
+            # A suspicion at a higher incarnation replaces the one running: only reports
+            # about the new incarnation confirm it (PROTOCOL s10.2). Its timer restarts only
+            # if the peer was heard from since the old one began; otherwise gossip alone
+            # (anyone can claim "suspect at inc + 1") could postpone a dead peer forever.
+            keep = member.state is MemberState.SUSPECT and started is not None \
+                and member.last_seen <= started
             self._set_state(member, MemberState.SUSPECT, incarnation, now)
-            member.suspect_started = now
+            member.confirmations = _NO_CONFIRMATIONS
+            member.suspect_started = started if keep else now
             if by != self.peer_id:
                 self._confirm(member, by)
             self._queue_gossip(member)
@@ -1040,8 +1059,13 @@ class Membership:
         state = _STATE_OF[update.state]
         pid = update.peer_id
         if pid == self.peer_id:
-            if state in (MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT) \
-                    and self.incarnation <= update.incarnation < MAX_INCARNATION:
+            if update.incarnation >= REFUTE_LIMIT:
+                # Only a forger names us this high (we never go past REFUTE_LIMIT by
+                # refuting, and restarts add one each): refuting would take us to an
+                # incarnation that our next start could no longer encode.
+                self.incarnations_refused += 1
+            elif state in (MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT) \
+                    and self.incarnation <= update.incarnation:
                 self.incarnation = update.incarnation + 1  # refute (SWIM s4.2)
                 self._adjust_health(+1)
                 self._queue_gossip(None)
@@ -1055,6 +1079,11 @@ class Membership:
         if pid == sender and state is not MemberState.ALIVE:
             return  # a peer does not declare itself suspect or dead
         inc = member.incarnation
+        if update.incarnation > inc + GOSSIP_INCARNATION_STEP:
+            # A peer's incarnation grows by one per refutation or start; a jump this large
+            # in gossip is forged (it would pin the peer near 2**62). Its own Hello may jump.
+            self.incarnations_refused += 1
+            return
         if state is MemberState.ALIVE:
             if update.incarnation > inc:
                 if member.state in (MemberState.DEAD, MemberState.LEFT):
