@@ -258,6 +258,10 @@ class MembershipConfig:
     dead_retention_s: float = 3600.0
     max_members: int = 4096
     max_candidates: int = 1024
+    # a full member list is sent to one peer at most once per this interval when it asks
+    # (member_list reply_requested, or a Hello while we hold it suspect/dead/left);
+    # None: sync_interval_s / 4
+    member_list_interval_s: float | None = None
 
     def __post_init__(self) -> None:
         # A zero, negative, NaN or infinite timer would busy-loop the driver (a deadline
@@ -266,6 +270,10 @@ class MembershipConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ConfigError(f"{name} must be a finite number of seconds > 0 (got {value!r})")
+        value = self.member_list_interval_s
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ConfigError(f"member_list_interval_s must be None or a finite number of seconds > 0 "
+                              f"(got {value!r})")
         for name in ("suspicion_alpha", "suspicion_beta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
@@ -278,6 +286,17 @@ class MembershipConfig:
             raise ConfigError("probe_timeout_s must be below probe_interval_s")
         if self.hello_retry_min_s > self.hello_retry_max_s:
             raise ConfigError("hello_retry_min_s must be at most hello_retry_max_s")
+
+    @property
+    def member_list_min_interval_s(self) -> float:
+        """Per-peer minimum time between the full member lists it can make us send."""
+        value = self.member_list_interval_s
+        return self.sync_interval_s / 4 if value is None else value
+
+    @property
+    def relay_quota(self) -> int:
+        """Pending ``ping_req`` relays one requester may hold (of the 256 in all)."""
+        return 2 * max(1, self.indirect_checks)
 
 
 _NO_CONFIRMATIONS: frozenset[str] = frozenset()
@@ -476,8 +495,12 @@ class Membership:
         self._candidate_order: deque[_Candidate] = deque()
         self.candidates_evicted = 0  # made room for a newer hint
         self.candidates_refused = 0  # table full of hints not yet tried: the new one dropped
+        self.member_lists_refused = 0  # a peer asked for our full list again within the interval
         self.incarnations_refused = 0  # gossip about us at >= REFUTE_LIMIT, or about another
         #                                peer more than GOSSIP_INCARNATION_STEP above what we know
+        self.relays_refused = 0  # ping_req over the requester's quota, a repeat, or table full
+        # peer id -> when we last sent it a full member list it asked for (pruned at each sync)
+        self._list_sent: dict[str, float] = {}
         # Timer heaps, lazily cleaned (an entry is acted on only if it still matches the
         # row it names), so tick() and next_deadline() cost O(log n) per timer, not O(n):
         #   suspicion timeouts: (suspect_deadline, seq, member)
@@ -491,11 +514,14 @@ class Membership:
         self._timer_seq = itertools.count()
         self.local_health = 0
         self._actions: list[Action] = []
-        self._gossip: dict[str, list] = {}  # peer_id -> [MemberUpdate, sends_left]
+        # peer_id -> [MemberUpdate, sends_left, recipients]: a send is spent only on a
+        # recipient that did not get the update yet (recipients: a set of peer ids)
+        self._gossip: dict[str, list] = {}
         self._probe: _Probe | None = None
         self._probe_order: list[str] = []
         self._next_probe_at = now + config.probe_interval_s * rng.random()
         self._relays: dict[int, _Relay] = {}
+        self._relays_by: dict[str, int] = {}  # requester -> relays pending for it
         self._next_sync_at = now + config.sync_interval_s
         self._next_reconnect_at = now + config.reconnect_interval_s
         self._left = False
@@ -618,7 +644,7 @@ class Membership:
             self._on_ping_req(sender, msg, now)
         elif isinstance(msg, MemberList):
             self._apply_updates(sender, msg.members, now)
-            if msg.reply_requested:
+            if msg.reply_requested and self._may_send_list(sender, now):
                 self._send_member_list(sender, reply_requested=False)
 
     def tick(self, now: float) -> None:
@@ -657,10 +683,14 @@ class Membership:
             self._probe = None
         if self._probe is None and now >= self._next_probe_at:
             self._start_probe(now)
-        for probe_id in [k for k, r in self._relays.items() if now >= r.expires]:
-            del self._relays[probe_id]
+        if self._relays:
+            for probe_id in [k for k, r in self._relays.items() if now >= r.expires]:
+                self._drop_relay(probe_id)
         if now >= self._next_sync_at:
             self._next_sync_at = now + cfg.sync_interval_s
+            if self._list_sent:
+                horizon = now - cfg.member_list_min_interval_s
+                self._list_sent = {p: t for p, t in self._list_sent.items() if t > horizon}
             alive = self._alive_ids()
             if alive:
                 self._send_member_list(self.rng.choice(alive), reply_requested=True)
@@ -768,14 +798,14 @@ class Membership:
         if contact.peer_id != sender or sender == self.peer_id:
             return  # a Hello speaks only for its signer
         member = self.members.get(sender)
+        if member is None and len(self.members) >= self.config.max_members:
+            return  # not added: its candidate entries stay (a static one is retried)
         static = self.candidates.pop(sender, None)
         if static:  # keep static bootstrap contacts for later reconnects
             for cand in static.values():
                 if cand.expires is None and cand.contact.transport_key != contact.transport_key:
                     self.candidates.setdefault(sender, {})[cand.contact.transport_key] = cand
         if member is None:
-            if len(self.members) >= self.config.max_members:
-                return
             member = Member(contact=contact, incarnation=msg.incarnation, state=MemberState.ALIVE,
                             state_since=now, last_seen=now, hello_incarnation=msg.incarnation)
             self.members[sender] = member
@@ -806,7 +836,8 @@ class Membership:
             if rejoined:
                 self._emit("peer_joined", member, now)
             self._queue_gossip(member)
-            self._send_member_list(sender, reply_requested=True)
+            if self._may_send_list(sender, now):
+                self._send_member_list(sender, reply_requested=True)
         else:
             member.incarnation = incarnation
         if msg.reply_requested:
@@ -982,8 +1013,9 @@ class Membership:
         self._send(target, Ping(probe_id=probe_id, updates=self._piggyback(target)))
 
     def _on_ack(self, sender: str, msg: Ack, now: float) -> None:
-        relay = self._relays.pop(msg.probe_id, None)
+        relay = self._relays.get(msg.probe_id)
         if relay is not None and relay.target == sender:
+            self._drop_relay(msg.probe_id)
             self._send(relay.requester, Ack(probe_id=relay.requester_probe_id, of=sender,
                                             updates=self._piggyback(relay.requester)))
             return
@@ -1005,14 +1037,40 @@ class Membership:
 
     def _on_ping_req(self, sender: str, msg: PingReq, now: float) -> None:
         target = self.members.get(msg.target)
-        if target is None or target.state not in (MemberState.ALIVE, MemberState.SUSPECT) \
-                or len(self._relays) >= 256:
+        if target is None or target.state not in (MemberState.ALIVE, MemberState.SUSPECT):
+            return
+        # 256 relays in all, at most relay_quota per requester and one per (requester,
+        # probe id): one member cannot fill the table and make us refuse everyone else.
+        held = self._relays_by.get(sender, 0)
+        if len(self._relays) >= 256 or held >= self.config.relay_quota or (held and any(
+                r.requester == sender and r.requester_probe_id == msg.probe_id
+                for r in self._relays.values())):
+            self.relays_refused += 1
             return
         probe_id = self.rng.getrandbits(63)
         self._relays[probe_id] = _Relay(requester=sender, requester_probe_id=msg.probe_id,
                                         target=msg.target,
                                         expires=now + self.config.probe_interval_s * 2)
+        self._relays_by[sender] = held + 1
         self._send(msg.target, Ping(probe_id=probe_id, updates=self._piggyback(msg.target)))
+
+    def _drop_relay(self, probe_id: int) -> None:
+        relay = self._relays.pop(probe_id)
+        left = self._relays_by[relay.requester] - 1
+        if left:
+            self._relays_by[relay.requester] = left
+        else:
+            del self._relays_by[relay.requester]
+
+    def _may_send_list(self, to: str, now: float) -> bool:
+        """Whether ``to`` may make us send our full member list now (at most once per
+        ``member_list_min_interval_s``: it costs ~290 bytes and a signature share per member)."""
+        last = self._list_sent.get(to)
+        if last is not None and now - last < self.config.member_list_min_interval_s:
+            self.member_lists_refused += 1
+            return False
+        self._list_sent[to] = now
+        return True
 
     # ------------------------------------------------------- dissemination
 
@@ -1027,7 +1085,7 @@ class Membership:
     def _queue_gossip(self, member: Member | None) -> None:
         update = self._self_update() if member is None else self._update_of(member)
         sends = self.config.gossip_mult * math.ceil(math.log10(self.member_count() + 1))
-        self._gossip[update.peer_id] = [update, max(1, sends)]
+        self._gossip[update.peer_id] = [update, max(1, sends), set()]
 
     def _piggyback(self, to: str) -> tuple[MemberUpdate, ...]:
         if not self._gossip:
@@ -1035,14 +1093,25 @@ class Membership:
         # A pending update about the recipient always goes first: a suspected
         # member must hear the suspicion to refute it (SWIM s4.2).
         about_to = self._gossip.get(to)
-        rest = sorted((item for pid, item in self._gossip.items() if pid != to),
+        # The others: only those the recipient has not been sent yet, most sends left first.
+        # A send is spent only on a new recipient, so one peer's pings (each answered with
+        # an Ack) cannot use up an update, such as our refutation, that others still need.
+        rest = sorted((item for pid, item in self._gossip.items() if pid != to and to not in item[2]),
                       key=lambda item: -item[1])
         chosen = ([about_to] if about_to else []) + rest
         chosen = chosen[: self.config.max_piggyback]
+        live = self.members.live
         for item in chosen:
+            recipients = item[2]
+            if to in recipients:
+                continue
             item[1] -= 1
             if item[1] <= 0:
                 self._gossip.pop(item[0].peer_id, None)
+            elif len(recipients) + 1 >= live:
+                recipients.clear()  # every live member has it: a new round may repeat it to each
+            else:
+                recipients.add(to)
         return tuple(item[0] for item in chosen)
 
     def _send_member_list(self, to: str, *, reply_requested: bool) -> None:

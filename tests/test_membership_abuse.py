@@ -15,12 +15,15 @@ from chimera.protocol.membership import (
     REFUTE_LIMIT,
     Ack,
     Hello,
+    Leave,
+    MemberList,
     Membership,
     MembershipConfig,
     MemberState,
     MemberUpdate,
     PeerContact,
     Ping,
+    PingReq,
     Send,
 )
 from chimera.protocol.messages import decode_fields, encode_fields
@@ -40,6 +43,49 @@ def _core(n: int, incarnation: int = 1, **cfg) -> tuple[Membership, list[str]]:
 
 def _sent(core: Membership, kind: type) -> list[Send]:
     return [a for a in core.take_actions() if isinstance(a, Send) and isinstance(a.message, kind)]
+
+
+# ------------------------------------------------------------ 1. member list amplification
+
+
+def test_a_peer_gets_our_full_member_list_at_most_once_per_interval():
+    """A 175-byte member_list(reply_requested) made us encode and sign the whole table
+    (1.2 MB at 4095 members) every time, with no per-peer limit."""
+    core, ids = _core(300)
+    attacker, honest = ids[0], ids[1]
+    interval = core.config.sync_interval_s / 4  # the default member_list_min_interval_s
+    for _ in range(5):
+        core.on_message(attacker, MemberList(members=(), reply_requested=True), 1.0)
+    lists = _sent(core, MemberList)
+    assert len(lists) == 2 and {s.peer_id for s in lists} == {attacker}  # one list: 301 rows, 2 chunks
+    assert core.member_lists_refused == 4
+    core.on_message(honest, MemberList(members=(), reply_requested=True), 1.0)  # per peer
+    assert len(_sent(core, MemberList)) == 2
+    core.on_message(attacker, MemberList(members=(), reply_requested=True), 1.0 + interval)
+    assert len(_sent(core, MemberList)) == 2
+    assert core.member_lists_refused == 4
+
+
+def test_leave_and_hello_again_cannot_pull_the_member_list_each_time():
+    """A member that leaves and says Hello again (or is suspect) got a full list per Hello."""
+    core, ids = _core(50)
+    attacker = ids[0]
+    contact = core.members[attacker].contact
+    for i in range(6):
+        core.on_message(attacker, Leave(incarnation=1), 1.0 + i * 0.01)
+        core.on_message(attacker, Hello(contact=contact, incarnation=1, reply_requested=False), 1.0 + i * 0.01)
+        assert core.members[attacker].state is MemberState.ALIVE
+    assert len(_sent(core, MemberList)) == 1
+    assert core.member_lists_refused == 5
+    # and a reply request right after is the same limit
+    core.on_message(attacker, MemberList(members=(), reply_requested=True), 1.1)
+    assert not _sent(core, MemberList) and core.member_lists_refused == 6
+
+
+def test_member_list_interval_is_configurable_and_checked():
+    assert MembershipConfig(member_list_interval_s=2.0).member_list_min_interval_s == 2.0
+    with pytest.raises(ValueError, match="member_list_interval_s"):
+        MembershipConfig(member_list_interval_s=0.0)
 
 
 # ------------------------------------------------------------ 2. incarnation brick
@@ -144,6 +190,58 @@ def test_a_suspicion_at_a_new_incarnation_restarts_when_the_peer_was_heard_from(
     assert target.suspect_started == 6.0  # not heard from since: the start stays
 
 
+# ------------------------------------------------------------ 4. piggyback budget
+
+
+def test_one_peers_pings_cannot_use_up_our_refutation():
+    """Each Ack to a member's Ping spent one send of every pending update: 8 pings
+    from one peer drained our refutation before anyone else heard it."""
+    core, ids = _core(10)
+    attacker, honest, others = ids[0], ids[1], ids[2:]
+    core.on_message(honest, Ping(probe_id=1, updates=(
+        MemberUpdate(peer_id=core.peer_id, state="suspect", incarnation=1),)), 0.0)
+    assert core.incarnation == 2
+    core.take_actions()
+    for i in range(50):
+        core.on_message(attacker, Ping(probe_id=100 + i), 0.1)
+    acks = [s.message for s in _sent(core, Ack)]
+    assert [u.peer_id for u in acks[0].updates] == [core.peer_id]
+    assert all(not a.updates for a in acks[1:])  # it already has it: nothing spent
+    budget = core.config.gossip_mult * 2  # ceil(log10(11 + 1)) = 2: 8 sends, to 8 distinct peers
+    for pid in others[:budget - 2]:  # the honest suspector and the attacker had theirs
+        core.on_message(pid, Ping(probe_id=200), 0.2)
+        (ack,) = [s.message for s in _sent(core, Ack)]
+        assert [(u.peer_id, u.incarnation) for u in ack.updates] == [(core.peer_id, 2)]
+    assert core.peer_id not in core._gossip  # spent, on 8 different peers
+
+
+# ------------------------------------------------------------ 5. relay table
+
+
+def test_one_requester_cannot_fill_the_relay_table():
+    core, ids = _core(10)
+    attacker, honest, target = ids[0], ids[1], ids[2]
+    for i in range(256):
+        core.on_message(attacker, PingReq(probe_id=i, target=target), 0.0)
+    quota = 2 * core.config.indirect_checks  # the default relay_quota
+    assert len(_sent(core, Ping)) == quota
+    assert core.relays_refused == 256 - quota
+    core.on_message(honest, PingReq(probe_id=999, target=target), 0.1)
+    core.on_message(honest, PingReq(probe_id=999, target=target), 0.1)  # one relay per probe id
+    (ping,) = _sent(core, Ping)
+    assert core.relays_refused == 256 - quota + 1
+    core.on_message(target, Ack(probe_id=ping.message.probe_id), 0.2)
+    (ack,) = _sent(core, Ack)
+    assert ack.peer_id == honest and ack.message.probe_id == 999 and ack.message.of == target
+    # relays expire: the quota frees up
+    core.tick(0.0 + 2 * core.config.probe_interval_s)
+    core.take_actions()
+    assert not core._relays and not core._relays_by
+    assert core.config.relay_quota == quota
+    core.on_message(attacker, PingReq(probe_id=1000, target=target), 2.5)
+    assert len(_sent(core, Ping)) == 1
+
+
 # ------------------------------------------------------------ 6. confirmations per incarnation
 
 
@@ -163,3 +261,21 @@ def test_confirmations_of_an_older_incarnation_do_not_count_for_a_newer_one():
     assert member.incarnation == 2 and member.confirmations == {c}
     min_s, max_s = core.suspicion_bounds_s()
     assert member.suspect_deadline - member.suspect_started > min_s + 0.5 * (max_s - min_s) - 1e-9
+
+
+# ------------------------------------------------------------ 7. full table, static candidate
+
+
+def test_a_full_table_keeps_the_static_candidate_of_a_peer_it_could_not_add():
+    core, ids = _core(4, max_members=4)
+    boot = _contact(9999)
+    core.add_candidate(boot, 0.0, static=True)
+    core.on_message(boot.peer_id, Hello(contact=boot, incarnation=1), 1.0)
+    assert boot.peer_id not in core.members
+    assert boot.peer_id in core.candidates  # retried later
+    core.members.pop(ids[0])  # room again (e.g. a revoked or forgotten member)
+    core.tick(1000.0)
+    assert [a for a in core.take_actions() if isinstance(a, Send) and a.peer_id == boot.peer_id]
+    core.on_message(boot.peer_id, Hello(contact=boot, incarnation=1), 1001.0)
+    assert core.members[boot.peer_id].state is MemberState.ALIVE
+    assert boot.peer_id not in core.candidates
