@@ -656,7 +656,10 @@ class Node:
         """Counts the pure cores keep themselves, when nonzero (in ``status`` counters)."""
         counts = {"reputation_untracked": self.reputation.untracked,
                   "membership_candidates_evicted": self.membership.candidates_evicted,
-                  "membership_candidates_refused": self.membership.candidates_refused}
+                  "membership_candidates_refused": self.membership.candidates_refused,
+                  "membership_member_lists_refused": self.membership.member_lists_refused,
+                  "membership_incarnations_refused": self.membership.incarnations_refused,
+                  "membership_relays_refused": self.membership.relays_refused}
         return {k: v for k, v in counts.items() if v}
 
     def peers(self) -> list[dict]:

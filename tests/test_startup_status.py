@@ -34,3 +34,14 @@ async def test_status_during_start_answers_instead_of_failing(tmp_path, network,
         assert "Traceback" not in caplog.text
     finally:
         await node.stop()
+
+
+async def test_the_membership_cores_refusal_counters_reach_status(node_factory):
+    node = await node_factory("m")
+    assert "membership_relays_refused" not in node.status()["counters"]  # reported when nonzero
+    node.membership.relays_refused = 3
+    node.membership.member_lists_refused = 2
+    node.membership.incarnations_refused = 1
+    counters = node.status()["counters"]
+    assert (counters["membership_relays_refused"], counters["membership_member_lists_refused"],
+            counters["membership_incarnations_refused"]) == (3, 2, 1)
