@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -61,6 +62,11 @@ CAPABILITIES = ("membership", "echo")
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _hosts_pinned(config: NodeConfig) -> bool:
+    """Whether the operator fixed the addresses we advertise (else they follow the machine's)."""
+    return bool(config.advertise_hosts) or config.listen_host not in ("0.0.0.0", "")
 
 
 def advertise_hosts(config: NodeConfig) -> list[str]:
@@ -266,7 +272,7 @@ class Node:
         await self.admin.start()
         if cfg.mdns:
             # hosts not pinned (advertise_hosts, a listen address) follow the machine's addresses
-            pinned = bool(cfg.advertise_hosts) or cfg.listen_host not in ("0.0.0.0", "")
+            pinned = _hosts_pinned(cfg)
             self.discovery = Discovery(
                 self.contact, self.network.network_id, self.port, self.hosts, cfg.interfaces,
                 self._on_discovered, self.counters, poll_s=cfg.mdns_interface_poll_s,
@@ -296,6 +302,8 @@ class Node:
                 self.metrics_server = served[0]
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._membership_timer(), name="membership-timer"))
+        if not _hosts_pinned(cfg) and cfg.mdns_interface_poll_s > 0:
+            self._tasks.append(loop.create_task(self._follow_addresses(), name="follow-addresses"))
         if cfg.consensus and self.network.genesis:
             from chimera.consensus.bft import BftConfig
 
@@ -596,6 +604,32 @@ class Node:
                 self.counters["membership_timer_errors"] += 1
                 log.exception("membership tick failed")
             await asyncio.sleep(0)  # never starve the loop, whatever the core reports
+
+    async def _follow_addresses(self) -> None:
+        """Every ``mdns_interface_poll_s``: when the machine's IPv4 addresses changed (hosts not
+        pinned by ``advertise_hosts`` or a listen address), our signed contact follows them."""
+        while not await wait_event(self._stopped, self.config.mdns_interface_poll_s):
+            try:
+                self.follow_addresses(advertise_hosts(self.config))
+            except Exception:  # a bug here must not end the checks
+                self.counters["contact_change_errors"] += 1
+                log.exception("address check failed")
+
+    def follow_addresses(self, hosts: list[str]) -> bool:
+        """Make ``hosts`` (IPv4, at most 8 used) our contact's addresses if they differ: the
+        membership core raises our incarnation and sends members a Hello (PROTOCOL.md §9.2), so
+        they dial the new addresses. True when the contact changed."""
+        hosts = list(dict.fromkeys(hosts))[:8]
+        if not hosts or set(hosts) == set(self.hosts):
+            return False
+        contact = dataclasses.replace(self.contact, addresses=tuple(f"tcp://{h}:{self.port}" for h in hosts))
+        before = self.hosts
+        self.hosts, self.contact = hosts, contact
+        if self.membership.change_contact(contact, time.monotonic()):
+            self.run_membership_actions()  # the new incarnation is stored before the Hellos go out
+        self.counters["contact_changed"] += 1
+        log.info("our addresses changed: %s (were %s); members are told", ", ".join(hosts), ", ".join(before))
+        return True
 
     # -------------------------------------------------------------- diagnostics
 

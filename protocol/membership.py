@@ -715,6 +715,28 @@ class Membership:
         deadlines.extend(r.expires for r in self._relays.values())  # at most 256
         return min(deadlines)
 
+    def change_contact(self, contact: PeerContact, now: float) -> bool:
+        """Our addresses changed (a DHCP lease, an interface that came up): from now on
+        ``contact`` is ours. Members take a contact only from a Hello of a newer incarnation
+        (§9.2), so the incarnation rises by one (unless it is at :data:`REFUTE_LIMIT`, where
+        members keep dialling the old contact until our next start), a Hello goes to every
+        live member and our update is gossiped. Returns False when nothing changed.
+
+        Raises:
+            LocalProtocolError: ``contact`` names another peer or transport key.
+        """
+        if contact.peer_id != self.peer_id or contact.transport_key != self.contact.transport_key:
+            raise LocalProtocolError("change_contact: our own peer id and transport key only")
+        if contact == self.contact or self._left:
+            return False
+        self.contact = contact
+        if self.incarnation < REFUTE_LIMIT:
+            self.incarnation += 1
+        for pid in self._alive_ids():
+            self._send(pid, self._hello(reply_requested=False))
+        self._queue_gossip(None)
+        return True
+
     def leave(self, now: float) -> None:
         """Announce a graceful leave to every live member and stop reacting."""
         for pid in self._alive_ids():

@@ -569,3 +569,35 @@ def test_config_refuses_non_finite_suspicion_factors(field):
     for value in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=field):
             MembershipConfig(**{field: value})
+
+
+def test_a_changed_contact_reaches_every_member_with_a_newer_incarnation():
+    """change_contact: our addresses changed; members take a contact only from a Hello of a
+    newer incarnation, so the incarnation rises and every live member gets a Hello (and the
+    gossip carries it on); members then route to the new contact."""
+    from dataclasses import replace as dc_replace
+
+    from chimera.protocol.errors import LocalProtocolError
+
+    net = SimNet(5, seed=3)
+    net.bootstrap_all_to(net.ids[0])
+    net.run_until(20.0)
+    me = net.ids[2]
+    core = net.cores[me]
+    assert all(me in net.cores[p].members for p in net.ids if p != me)
+    moved = dc_replace(core.contact, addresses=("tcp://10.9.9.9:7420",))
+    assert not core.change_contact(core.contact, net.now)  # unchanged: nothing
+    before = core.incarnation
+    assert core.change_contact(moved, net.now) and core.incarnation == before + 1
+    hellos = [a for a in core.take_actions() if isinstance(a, Send) and isinstance(a.message, Hello)]
+    assert sorted(a.peer_id for a in hellos) == sorted(p for p in net.ids if p != me)
+    for a in hellos:
+        assert a.message.contact == moved and a.message.incarnation == before + 1
+        net._send(me, a.peer_id, a.message)
+    net.run_until(25.0)
+    for p in net.ids:
+        if p != me:
+            member = net.cores[p].members[me]
+            assert member.contact == moved and member.incarnation >= before + 1
+    with pytest.raises(LocalProtocolError):
+        core.change_contact(dc_replace(moved, transport_key=b"\x55" * 32), net.now)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from chimera.node import admin_ops
 from chimera.node.config import NodeConfig
 from chimera.node.runtime import Node
-from tests.conftest import FAST
+from tests.conftest import FAST, async_wait_until
 
 
 async def test_status_during_start_answers_instead_of_failing(tmp_path, network, monkeypatch, caplog):
@@ -45,3 +45,23 @@ async def test_the_membership_cores_refusal_counters_reach_status(node_factory):
     counters = node.status()["counters"]
     assert (counters["membership_relays_refused"], counters["membership_member_lists_refused"],
             counters["membership_incarnations_refused"]) == (3, 2, 1)
+
+
+async def test_a_node_whose_addresses_change_tells_its_members(node_factory):
+    """Only the mDNS record followed a changed address: the signed contact kept the start
+    addresses and members kept dialling those until a restart. Now the contact follows: the
+    incarnation rises (stored first), members get a Hello and route to the new address."""
+    a = await node_factory("a", NodeConfig(**{**FAST, "listen_host": "0.0.0.0"}, advertise_hosts=("127.0.0.1",)))
+    b = await node_factory("b", NodeConfig(**FAST).replace(bootstrap=(a.contact_uri,)))
+    assert await async_wait_until(lambda: a.peer_id in b.membership.members
+                                  and b.peer_id in a.membership.members, 30)
+    before = a.membership.incarnation
+    assert not a.follow_addresses(["127.0.0.1"])  # unchanged: nothing happens
+    assert a.follow_addresses(["127.0.0.2"])
+    assert a.contact.addresses == (f"tcp://127.0.0.2:{a.port}",) and "127.0.0.2" in a.contact_uri
+    assert a.membership.incarnation == before + 1 and a.store.get_meta("incarnation") == before + 1
+    assert await async_wait_until(
+        lambda: b.membership.members[a.peer_id].contact.addresses == (f"tcp://127.0.0.2:{a.port}",), 30)
+    assert b.membership.members[a.peer_id].incarnation == before + 1
+    ok = await b.ping(a.peer_id, count=1, timeout_s=10)  # reached at the new address
+    assert ok[0] is not None and a.counters["contact_changed"] == 1
