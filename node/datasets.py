@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,8 @@ def _check(X: np.ndarray, y: np.ndarray, path: Path, column: str) -> Shard:
         raise DatasetError(f"{path}: features must be a 2-D array with at least one column")
     if X.shape[0] == 0:
         raise DatasetError(f"{path}: no samples")
+    if y.ndim != 1:
+        raise DatasetError(f"{path}: labels must be a 1-D array (got {y.ndim} dimensions)")
     if X.shape[0] != y.shape[0]:
         raise DatasetError(f"{path}: {X.shape[0]} feature rows but {y.shape[0]} labels")
     if not np.isfinite(X).all():
@@ -84,7 +87,7 @@ def load_csv(path: str | Path, label_column: str = "label") -> Shard:
     path = Path(path)
     _size_ok(path)
     try:
-        with path.open("r", encoding="utf-8") as handle:
+        with path.open("r", encoding="utf-8-sig") as handle:
             header = ""
             for line in handle:
                 if line.strip() and not line.lstrip().startswith("#"):
@@ -143,7 +146,8 @@ def load_npz(path: str | Path, label_column: str = "y", features_key: str = "X")
             y = _npz_array(archive, members, label_column, path)
     except DatasetError:
         raise
-    except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+    except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError,
+            zlib.error) as exc:
         raise DatasetError(f"{path}: not a usable .npz ({str(exc)[:120]})") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None

@@ -47,6 +47,8 @@ import math
 import sqlite3
 import time
 import tomllib
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,10 +333,14 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` written by :func:`write_npz_atomic` (``allow_pickle=False``).
 
     Raises:
-        OSError, ValueError: unreadable or not an npz.
+        OSError: unreadable. ValueError: not an npz, or a damaged one (truncated, bad
+            compressed data: ``np.load`` raises zipfile/zlib errors for those, turned into this).
     """
-    with np.load(path, allow_pickle=False) as archive:
-        return {k: archive[k] for k in archive.files}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise ValueError(f"{path}: damaged .npz ({str(exc)[:120]})") from None
 
 
 # ------------------------------------------------------------------ state

@@ -45,7 +45,7 @@ def _checkpoint(svc, job_id: bytes, number: int, params: dict, digest: bytes) ->
                          "VALUES(?,?,?,?,?,?)", (job_id, number, digest, str(path), 0, 0))
 
 
-@pytest.mark.parametrize("damage", ["shape", "names", "dtype"])
+@pytest.mark.parametrize("damage", ["shape", "names", "dtype", "truncated", "bad_deflate"])
 def test_a_checkpoint_of_the_wrong_shape_falls_back_to_an_older_one_and_export_says_why(tmp_path, damage):
     """A checkpoint file whose tensors have other shapes (or names, or a dtype that is no
     number) than the job's model is damage like any other: the restart resumes from the
@@ -60,8 +60,22 @@ def test_a_checkpoint_of_the_wrong_shape_falls_back_to_an_older_one_and_export_s
     _checkpoint(svc, job_id, 1, good, aggregate_hash(good, spec))
     bad = {"shape": {k: np.zeros(v.size + 1) for k, v in good.items()},
            "names": {"w": np.zeros(3)},
-           "dtype": {k: np.zeros(v.shape, dtype=[("a", "f8"), ("b", "i4")]) for k, v in good.items()}}[damage]
+           "dtype": {k: np.zeros(v.shape, dtype=[("a", "f8"), ("b", "i4")]) for k, v in good.items()}
+           }.get(damage, good)
     _checkpoint(svc, job_id, 2, bad, b"\x07" * 32)
+    path = svc.node.data_dir / "round-2.npz"
+    if damage == "truncated":  # a torn file: np.load raised zipfile.BadZipFile out of node start
+        path.write_bytes(path.read_bytes()[:300])
+    elif damage == "bad_deflate":  # a compressed member with damaged bytes: zlib.error
+        import io
+        import zipfile
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for k, v in good.items():
+                z.writestr(f"{k}.npy", (lambda b: (np.save(b, v), b.getvalue())[1])(io.BytesIO()))
+        data = bytearray(buf.getvalue())
+        data[60:80] = b"\xff" * 20  # inside the first member's deflate stream
+        path.write_bytes(bytes(data))
 
     svc._apply_value(3, value, 0.0, epoch=0, replay=True)  # the job's commit, as the restart replays it
     assert svc.jobs[job_id].core.model_round == 1
@@ -69,7 +83,9 @@ def test_a_checkpoint_of_the_wrong_shape_falls_back_to_an_older_one_and_export_s
     assert svc.counters["training_checkpoint_unusable"] == 1
     assert svc.counters["training_resumed_from_checkpoint"] == 1
 
-    with pytest.raises(AdminError, match=r"round-2\.npz does not hold this job's model"):
+    unreadable = damage in ("truncated", "bad_deflate")
+    with pytest.raises(AdminError, match=r"round-2\.npz unreadable" if unreadable
+                       else r"round-2\.npz does not hold this job's model"):
         svc.export(None)
     svc.store.close()
 
