@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,9 @@ def cmd_train_start(args: argparse.Namespace) -> int:
     cli = _cli()
     path = Path(args.job_file)
     try:
+        info = path.stat()  # a device or FIFO would read without end
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JOB_FILE_BYTES:
+            raise cli.CliError(f"{path}: not a regular file of at most {MAX_JOB_FILE_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise cli.CliError(f"cannot read {path}: {exc}") from None
@@ -94,6 +98,7 @@ def _status(args: argparse.Namespace) -> dict:
     return _cli()._call(args, "train_status", {"job": args.job} if args.job else {})
 
 
+MAX_JOB_FILE_BYTES = 1 << 20  # a job file is a few hundred bytes of TOML
 MIN_POLL_S = 0.2  # every poll is an admin request, and the node writes an audit row for each
 NO_JOB = "no training job committed yet (`chimera train start JOB.toml`)"
 

@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import math
 import os
+import stat
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ class Range(typing.NamedTuple):
 # consensus.bft.MAX_BLOCK_VALUES, written out so that reading the config (every `chimera`
 # command does) does not import the consensus core; tests/test_config.py checks they agree
 MAX_BATCH_VALUES = 256
+MAX_CONFIG_BYTES = 1 << 20  # config.toml and --config files
 _DAY_S = 86_400.0
 _TIMER = Range(0.01, _DAY_S)  # timeouts and intervals: > 0 (tiny ones busy-loop), at most a day
 
@@ -336,6 +338,11 @@ def load_config(
     sources: dict[str, str] = {}  # field -> where its value came from, for range errors
     path = config_file or data_dir / "config.toml"
     try:
+        info = path.stat()  # a device or FIFO (--config /dev/zero) would read without end
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {info.st_size} bytes; a config file is at most {MAX_CONFIG_BYTES}")
         text: str | None = path.read_text()
     except FileNotFoundError:
         if config_file is not None:

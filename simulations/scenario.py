@@ -162,6 +162,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -184,6 +185,7 @@ KINDS = ("bft", "membership", "training", "fabric")
 ATTACKS = ("none",) + MODEL_ATTACKS
 PLOT_KINDS = ("runs", "rounds", "time")
 MAX_TRAINING_PEERS = 1000
+MAX_SCENARIO_BYTES = 1 << 20  # a scenario file
 CHURN_ACTIONS = ("crash", "restart", "join", "leave")
 MAX_SEED = 2**63 - 1
 MAX_TIME_S = 1e9          # any virtual time or duration in seconds (~32 years)
@@ -840,6 +842,9 @@ def load_scenarios(name: str | Path, overrides: dict | None = None) -> list[Scen
     path = resolve_path(name)
     source = path.name
     try:
+        info = path.stat()  # a device or FIFO would read without end
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SCENARIO_BYTES:
+            raise ScenarioError(str(name), "-", f"not a regular file of at most {MAX_SCENARIO_BYTES} bytes")
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(source, "-", f"not valid TOML: {exc}") from None
@@ -851,6 +856,13 @@ def load_scenarios(name: str | Path, overrides: dict | None = None) -> list[Scen
     sweep = overrides.pop("sweep") if "sweep" in overrides else doc.get("sweep", {})  # --set sweep={}
     if not isinstance(sweep, dict):
         raise ScenarioError(source, "sweep", "must be a table of dotted field = [values]")
+    # --set sweep.FIELD=[...] (quoted or not) sets one axis of the sweep; it used to land in the
+    # document after the sweep was expanded, and was ignored without a word
+    axes = {k: overrides.pop(k) for k in [k for k in overrides if k.startswith("sweep.")]}
+    if axes:
+        sweep = dict(sweep)
+        for key, values in axes.items():
+            sweep[key[len("sweep."):].strip('"')] = values
     keys = []
     for key, values in sweep.items():
         if not isinstance(values, list) or not values:

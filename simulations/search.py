@@ -29,7 +29,7 @@ from typing import Callable
 from chimera.consensus.bft import BftCore
 
 from .runner import RunResult, check_layout, is_safety_violation, run_one
-from .scenario import Scenario
+from .scenario import MAX_SEED, Scenario
 
 
 @dataclass
@@ -128,12 +128,15 @@ def search(scenario: Scenario, seeds: int, *, first_seed: int = 0, out: Path | N
             ``--peers``); written to ``violation.json`` and into its replay command.
         scenario_arg: the scenario as named on the command line (default: its file name).
     Raises:
-        ValueError: ``seeds`` < 1.
+        ValueError: ``seeds`` < 1, or seeds outside 0 .. ``MAX_SEED`` (what ``run --seed``
+            takes, so every reported seed replays).
         ScenarioError: a searched seed draws byzantine weights >= 1/3 (``bft.weights =
             "random"``), checked for every seed before the first run.
     """
     if seeds < 1:
         raise ValueError("seeds must be >= 1")
+    if first_seed < 0 or first_seed + seeds - 1 > MAX_SEED:
+        raise ValueError(f"seeds must be within 0 .. {MAX_SEED} (first seed {first_seed}, {seeds} seeds)")
     for seed in range(first_seed, first_seed + seeds):
         check_layout(dataclasses.replace(scenario, seed=seed))
     for i, seed in enumerate(range(first_seed, first_seed + seeds)):

@@ -244,3 +244,23 @@ def test_a_directory_is_not_a_scenario(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     assert main(["run", str(tmp_path / "d"), "--no-progress", "--out", str(tmp_path / "o")]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_sweep_axis_can_be_set_from_the_command_line():
+    """``--set sweep.FIELD=[...]`` (quoted or not) was silently ignored: it landed in the
+    document after the sweep had been expanded (5 runs of commit_latency instead of 1)."""
+    assert len(load_scenarios("commit_latency")) > 1
+    for key in ("sweep.scenario.peers", 'sweep."scenario.peers"'):
+        points = load_scenarios("commit_latency", {key: [4]})
+        assert len(points) == 1 and points[0].peers == 4 and points[0].sweep_values == {"scenario.peers": 4}
+    with pytest.raises(ScenarioError, match="non-empty list"):
+        load_scenarios("commit_latency", {"sweep.scenario.peers": []})
+
+
+@pytest.mark.parametrize("first, seeds", [(-2, 1), (2**63 - 1, 2)])
+def test_search_refuses_seeds_that_run_would_refuse(tmp_path, capsys, first, seeds):
+    """``search --first-seed -2`` ran and printed a replay command that ``run --seed -2`` refuses
+    (and Random(-2) is Random(2): a repeated seed)."""
+    assert main(["search", "mutant_hunt", "--seeds", str(seeds), "--first-seed", str(first),
+                 "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "seeds must be within 0 .. " in capsys.readouterr().err
