@@ -104,6 +104,11 @@ class ModuleStore:
                     os.fsync(out.fileno())
                 os.chmod(tmp, 0o600)
                 os.replace(tmp, path)
+                dir_fd = os.open(self.root, os.O_RDONLY)  # the rename itself survives a power loss
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
