@@ -44,6 +44,7 @@ class NodeConfig:
     max_clock_skew_s: float = 30.0
     send_hwm: int = 1000
     recv_hwm: int = 10000
+    send_queue_max_bytes: int = 64 << 20  # bytes queued for sending, all peers together
     rate_limit_msgs_per_s: float = 2000.0
     rate_limit_burst: int = 4000
     mailbox_size: int = 4096
@@ -147,6 +148,7 @@ RANGES: dict[str, Range] = {
     "max_clock_skew_s": Range(1.0, 3600.0),
     "send_hwm": Range(1, 1_000_000),  # ZMQ: 0 would be unbounded, < 0 an error
     "recv_hwm": Range(1, 1_000_000),
+    "send_queue_max_bytes": Range(1 << 20, 1 << 40, note="1 MiB..1 TiB"),
     "rate_limit_msgs_per_s": Range(1.0, 1e6),
     "rate_limit_burst": Range(1, 1_000_000),
     "mailbox_size": Range(1, 1_000_000),  # asyncio.Queue: <= 0 would be unbounded
@@ -192,6 +194,7 @@ PROFILES: dict[str, dict[str, object]] = {
         "max_message_bytes": 256 * 1024,
         "send_hwm": 200,
         "recv_hwm": 1000,
+        "send_queue_max_bytes": 16 << 20,
         "mailbox_size": 512,
         "rate_limit_msgs_per_s": 500.0,
         "rate_limit_burst": 1000,

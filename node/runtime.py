@@ -240,6 +240,7 @@ class Node:
             on_frames=self._on_frames, counters=self.counters,
             on_drop=lambda reason, who, detail: self.drops.record(reason, who, detail, time.monotonic()),
             max_message_bytes=cfg.max_message_bytes, send_hwm=cfg.send_hwm, recv_hwm=cfg.recv_hwm,
+            send_queue_max_bytes=cfg.send_queue_max_bytes,
         )
         self.port = await self.transport.start(cfg.listen_host, cfg.port)
         self.hosts = advertise_hosts(cfg)
@@ -680,7 +681,7 @@ class Node:
             "features": features.report(),
             "consensus": None if self.consensus is None else self.consensus.status(),
             "limits": {k: getattr(self.config, k) for k in (
-                "max_message_bytes", "send_hwm", "recv_hwm", "mailbox_size", "rate_limit_msgs_per_s",
+                "max_message_bytes", "send_hwm", "recv_hwm", "send_queue_max_bytes", "mailbox_size", "rate_limit_msgs_per_s",
                 "rate_limit_burst", "probe_interval_s", "probe_timeout_s", "max_clock_skew_s",
                 "fabric_task_slots", "fabric_max_wasm_memory_bytes", "fabric_max_task_wall_s")},
             "counters": dict(sorted({**self.counters, **self._core_counters()}.items())),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Callable
 
 import zmq
@@ -31,6 +31,13 @@ log = logging.getLogger("chimera.transport")
 MAXMSGSIZE_SLACK_BYTES = 64 * 1024
 _POLLIN, _EVENTS, _NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK)  # plain ints: no enum ops per frame
 _RCVMORE = int(zmq.RCVMORE)
+
+DEFAULT_SEND_QUEUE_MAX_BYTES = 64 << 20
+# Bytes sent to one DEALER between two tracked frames. A tracked frame is sent zero-copy
+# and libzmq releases it once it has left the socket's queue; queues are FIFO, so that
+# release proves that everything sent before it left too. Up to this many bytes per
+# DEALER (the tail after its last tracked frame) are never counted.
+CHECKPOINT_BYTES = 16 << 10
 
 
 DropCallback = Callable[[str, str, str], None]  # (reason, who, detail)
@@ -52,6 +59,27 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+class _Backlog:
+    """What one DEALER still holds: the tracked frames not yet released by libzmq, each
+    with the bytes it covers (itself and the untracked frames sent just before it)."""
+
+    __slots__ = ("checkpoints", "queued", "untracked")
+
+    def __init__(self) -> None:
+        self.checkpoints: deque[tuple[zmq.MessageTracker, int]] = deque()
+        self.queued = 0  # bytes of the checkpoints still pending
+        self.untracked = 0  # bytes sent since the last tracked frame
+
+    def reap(self) -> int:
+        """Drop the checkpoints libzmq has released; returns the bytes freed."""
+        freed = 0
+        checkpoints = self.checkpoints
+        while checkpoints and checkpoints[0][0].done:
+            freed += checkpoints.popleft()[1]
+        self.queued -= freed
+        return freed
 
 
 class _Admission:
@@ -82,6 +110,9 @@ class Transport:
         on_frames: called with a list of ``(connection_id, frame)`` for each
             batch of received frames (connection_id: the ROUTER routing id).
         counters: shared counter dict; keys documented in docs/PROTOCOL.md.
+        send_queue_max_bytes: bytes that all DEALERs together may hold queued
+            (not yet taken by libzmq for the wire): a DEALER whose peer never
+            drains holds up to ``send_hwm`` frames, and there may be 4096 of them.
     """
 
     def __init__(
@@ -96,6 +127,7 @@ class Transport:
         max_message_bytes: int,
         send_hwm: int,
         recv_hwm: int,
+        send_queue_max_bytes: int = DEFAULT_SEND_QUEUE_MAX_BYTES,
     ) -> None:
         self.ctx = zmq.asyncio.Context()
         # Outbound sockets are only ever written with NOBLOCK, so they use a plain
@@ -112,6 +144,10 @@ class Transport:
         self.router: zmq.Socket | None = None
         self.auth: AsyncioAuthenticator | None = None
         self.dealers: OrderedDict[tuple[bytes, str], zmq.Socket] = OrderedDict()
+        self.send_queue_max_bytes = send_queue_max_bytes
+        self.queued_bytes = 0  # sum of the backlogs' queued bytes
+        self._backlogs: dict[tuple[bytes, str], _Backlog] = {}  # one per DEALER
+        self._pending: dict[tuple[bytes, str], _Backlog] = {}  # those with queued bytes
         self.port = 0
         self._recv_task: asyncio.Task | None = None
 
@@ -243,21 +279,76 @@ class Transport:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         sock.setsockopt(zmq.MAXMSGSIZE, 1024)  # nothing legitimate ever arrives on a DEALER
+        sock.copy_threshold = 0  # a copy=False send is zero-copy whatever its size (tracked)
         sock.curve_serverkey = transport_key
         sock.curve_publickey = self.client_public
         sock.curve_secretkey = self.client_secret
         sock.connect(endpoint)
         self.dealers[key] = sock
+        self._backlogs[key] = _Backlog()
         self.counters["connections_opened"] += 1
         while len(self.dealers) > 4096:
-            _, old = self.dealers.popitem(last=False)
-            old.close(linger=0)
+            old_key, old = self.dealers.popitem(last=False)
+            self._close(old_key, old)
         return sock
+
+    def _close(self, key: tuple[bytes, str], sock: zmq.Socket) -> None:
+        """Close a DEALER (LINGER 0: libzmq frees what it queued) and forget its backlog."""
+        sock.close(linger=0)
+        backlog = self._backlogs.pop(key, None)
+        if backlog is not None:
+            self.queued_bytes -= backlog.queued
+            self._pending.pop(key, None)
+
+    def _make_room(self, key: tuple[bytes, str], size: int) -> bool:
+        """Whether ``size`` more counted bytes fit under ``send_queue_max_bytes``.
+
+        Releases what libzmq has sent meanwhile; then, while over the cap, closes the
+        DEALER with the largest backlog if it is larger than the one of ``key`` (a peer
+        that never drains, counted ``send_backlogs_shed``): a contact that never drains
+        cannot take the whole budget from the peers that do."""
+        for k, backlog in list(self._pending.items()):
+            self.queued_bytes -= backlog.reap()
+            if not backlog.queued:
+                del self._pending[k]
+        own = self._backlogs[key].queued
+        while self.queued_bytes + size > self.send_queue_max_bytes:
+            worst = max(self._pending, key=lambda k: self._pending[k].queued, default=None)
+            if worst is None or worst == key or self._pending[worst].queued <= own:
+                return False
+            stuck = self._pending[worst].queued
+            self._close(worst, self.dealers.pop(worst))
+            self.counters["send_backlogs_shed"] += 1
+            log.info("closed the connection to %s: it held %d queued bytes", worst[1], stuck)
+        return True
 
     def send(self, transport_key: bytes, endpoint: str, frame: bytes) -> bool:
         """Queue ``frame`` to the peer at ``endpoint``; False (and counted) if dropped."""
+        key = (transport_key, endpoint)
+        size = len(frame)
         try:
-            self._dealer(transport_key, endpoint).send(frame, flags=zmq.NOBLOCK, copy=len(frame) < 65536)
+            sock = self._dealer(transport_key, endpoint)
+            backlog = self._backlogs[key]
+            if backlog.checkpoints:
+                freed = backlog.reap()
+                self.queued_bytes -= freed
+                if not backlog.queued:
+                    self._pending.pop(key, None)
+            covered = backlog.untracked + size
+            if covered < CHECKPOINT_BYTES:
+                sock.send(frame, flags=_NOBLOCK, copy=True)
+                backlog.untracked = covered
+            else:
+                if (self.queued_bytes + covered > self.send_queue_max_bytes
+                        and not self._make_room(key, covered)):
+                    self.counters["drop_send_bytes"] += 1
+                    return False
+                tracker = sock.send(frame, flags=_NOBLOCK, copy=False, track=True)
+                backlog.checkpoints.append((tracker, covered))
+                backlog.queued += covered
+                backlog.untracked = 0
+                self.queued_bytes += covered
+                self._pending[key] = backlog
         except zmq.Again:
             self.counters["drop_send_hwm"] += 1
             return False
@@ -269,9 +360,10 @@ class Transport:
         return True
 
     def disconnect(self, transport_key: bytes, endpoint: str) -> None:
-        sock = self.dealers.pop((transport_key, endpoint), None)
+        key = (transport_key, endpoint)
+        sock = self.dealers.pop(key, None)
         if sock is not None:
-            sock.close(linger=0)
+            self._close(key, sock)
 
     async def close(self) -> None:
         if self._recv_task is not None:
@@ -280,8 +372,8 @@ class Transport:
                 await self._recv_task
             except asyncio.CancelledError:
                 pass
-        for sock in self.dealers.values():
-            sock.close(linger=0)
+        for key, sock in list(self.dealers.items()):
+            self._close(key, sock)
         self.dealers.clear()
         if self.router is not None:
             self.router.close(linger=0)

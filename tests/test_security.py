@@ -557,6 +557,57 @@ async def test_a_multipart_message_is_refused_without_copying_its_parts_into_pyt
     await pair.assert_serves_honest_peer()
 
 
+def _transport(network: Network, received: list, **limits: int):
+    from chimera.node.transport import Transport
+    public, secret = zmq.curve_keypair()
+    counters: Counter = Counter()
+    return Transport(network, z85.decode(secret), z85.decode(public), on_frames=received.extend,
+                     counters=counters, on_drop=lambda reason, who, detail: counters.update([f"drop_{reason}"]),
+                     max_message_bytes=1 << 20, send_hwm=1000, recv_hwm=10000, **limits)
+
+
+async def test_bytes_queued_for_sending_are_bounded_across_all_dealers() -> None:
+    """SNDHWM bounds each DEALER in frames, and there are up to 4096 DEALERs: replies to
+    members whose contact never drains piled up (8 dead ends x 1000 frames of 64 KiB:
+    +528 MB). The bytes libzmq still holds are bounded for the node as a whole; a contact
+    that never drains is closed to make room for one that does."""
+    from chimera.node.transport import CHECKPOINT_BYTES
+    network = Network.create(name="sendq")
+    cap, frame = 2 << 20, b"x" * (64 << 10)
+    got: list = []
+    sender, live = _transport(network, [], send_queue_max_bytes=cap), _transport(network, got)
+    await sender.start("127.0.0.1", 0)
+    live_port = await live.start("127.0.0.1", 0)
+    with socket.socket() as s:  # a port nobody listens on: a contact that never drains
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    try:
+        dead = [(bytes([k]) * 32, f"tcp://127.0.0.1:{dead_port}") for k in range(4)]
+        for key, endpoint in dead:
+            for _ in range(100):  # 6.4 MiB each, 25.6 MiB in all
+                sender.send(key, endpoint, frame)
+        assert sender.queued_bytes <= cap
+        assert sender.counters["send_backlogs_shed"] >= 1
+        # small frames are counted too, one tracked frame per CHECKPOINT_BYTES
+        small_key = bytes([9]) * 32
+        for _ in range(400):
+            sender.send(small_key, f"tcp://127.0.0.1:{dead_port}", b"y" * 300)
+        assert sender._backlogs[(small_key, f"tcp://127.0.0.1:{dead_port}")].queued >= (
+            400 * 300 - CHECKPOINT_BYTES)
+        # a peer that takes its frames gets them all, although dead ends filled the budget
+        endpoint = f"tcp://127.0.0.1:{live_port}"
+        for n in range(16, 65, 16):  # 1 MiB at a time: what the peer takes is released
+            assert all(sender.send(live.server_public, endpoint, frame) for _ in range(16)), (
+                dict(sender.counters))
+            await wait_for(lambda: len(got) == n, lambda: f"{n} frames delivered, got {len(got)}")
+        assert sender.queued_bytes <= cap
+        sender.send(live.server_public, endpoint, frame)  # releases what was delivered
+        assert sender._backlogs[(live.server_public, endpoint)].queued <= 2 * len(frame)
+    finally:
+        await sender.close()
+        await live.close()
+
+
 async def test_frame_beyond_maxmsgsize_disconnects_the_attacker_only(pair: Pair) -> None:
     a = pair.a
     sock, monitor = await pair.member_dealer()
