@@ -381,7 +381,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     from . import service
 
     unit = service.render_unit(args.executable or service.default_executable(), user=args.user,
-                               profile=args.profile)
+                               profile=args.profile, memory_max=args.memory_max)
     if args.service_command == "unit":
         print(unit, end="")
         return EXIT_OK
@@ -525,6 +525,9 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
         p.add_argument("--executable", help="absolute path of chimera (default: this one)")
         p.add_argument("--user", default="chimera", help="system user to run as")
         p.add_argument("--profile", choices=sorted(PROFILES), help="e.g. edge for 1-4 GB machines")
+        p.add_argument("--memory-max", default="75%", metavar="SIZE",
+                       help="MemoryMax= of the unit: a percentage of RAM, bytes with K/M/G/T, or infinity "
+                            "(default 75%%; past it the node is killed and restarted)")
         if name == "install":
             p.add_argument("--root", default="/", help="install below this root (staging; "
                                                        "no user creation, no systemctl)")

@@ -5,7 +5,12 @@ The unit runs the node as its own system user with its data dir under
 lines to the journal. It is hardened with systemd's sandboxing options but
 deliberately leaves out ``MemoryDenyWriteExecute=`` and address-space limits
 (``LimitAS=``): wasmtime's JIT needs writable-then-executable memory and
-reserves large virtual address ranges for WASM linear memories.
+reserves large virtual address ranges for WASM linear memories. It caps the
+memory the node may use instead (``MemoryMax=``, cgroup: resident memory, not
+reservations; default 75 % of the machine's): libzmq holds a whole multipart
+message before the node can refuse it (PROTOCOL.md §5.4), so a peer could
+otherwise make the machine swap; at the cap the kernel kills the node and
+systemd restarts it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from .config import PROFILES, ConfigError
 
 UNIT_NAME = "chimera-node.service"
+DEFAULT_MEMORY_MAX = "75%"
 
 UNIT_TEMPLATE = """\
 [Unit]
@@ -40,6 +46,9 @@ Restart=on-failure
 RestartSec=2s
 TimeoutStopSec=20s
 KillSignal=SIGTERM
+# Memory the node may use at most (a peer can make libzmq buffer a whole multipart
+# message before the node sees it): past it the node is killed and restarted.
+MemoryMax={memory_max}
 # Hardening. Not used on purpose: MemoryDenyWriteExecute= and LimitAS= (they
 # break wasmtime's JIT and its virtual memory reservations).
 NoNewPrivileges=yes
@@ -82,13 +91,17 @@ _EXEC_RE = re.compile(r"/[\w/.+,:@~=-]*")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")
 
 
-def render_unit(chimera: str, user: str = "chimera", profile: str | None = None) -> str:
+def render_unit(chimera: str, user: str = "chimera", profile: str | None = None,
+                memory_max: str = DEFAULT_MEMORY_MAX) -> str:
     """The unit text for the ``chimera`` executable at ``chimera`` (an absolute path).
+
+    ``memory_max``: systemd's ``MemoryMax=``: a percentage of the machine's memory (1-100 %),
+    or bytes with an optional K, M, G or T suffix (at least 64M), or ``infinity``.
 
     Raises:
         UnitError (a ValueError): ``chimera`` is not an absolute path a unit line can hold,
-            ``user`` is no valid system user name, or ``profile`` is no profile of
-            node/config.py's PROFILES.
+            ``user`` is no valid system user name, ``profile`` is no profile of
+            node/config.py's PROFILES, or ``memory_max`` is none of the forms above.
     """
     if not os.path.isabs(chimera):
         raise UnitError(f"the chimera executable must be an absolute path, got {chimera!r}")
@@ -100,8 +113,24 @@ def render_unit(chimera: str, user: str = "chimera", profile: str | None = None)
                         "at most 32)")
     if profile is not None and profile not in PROFILES:
         raise UnitError(f"unknown profile {profile!r}; known: {', '.join(sorted(PROFILES))}")
+    _check_memory_max(memory_max)
     extra = f" --profile {profile}" if profile else ""
-    return UNIT_TEMPLATE.format(user=user, chimera=chimera, extra_args=extra)
+    return UNIT_TEMPLATE.format(user=user, chimera=chimera, extra_args=extra, memory_max=memory_max)
+
+
+def _check_memory_max(value: str) -> None:
+    if value == "infinity":
+        return
+    percent = re.fullmatch(r"(\d{1,3})%", value)
+    if percent:
+        if not 1 <= int(percent.group(1)) <= 100:
+            raise UnitError(f"memory max {value!r}: a percentage is 1% .. 100%")
+        return
+    size = re.fullmatch(r"(\d{1,15})([KMGT]?)", value)
+    if size is None:
+        raise UnitError(f"memory max {value!r}: give a percentage (75%), bytes with K/M/G/T (2G) or infinity")
+    if int(size.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[size.group(2)] < 64 << 20:
+        raise UnitError(f"memory max {value!r} is below 64M: the node would not start")
 
 
 def default_executable() -> str:

@@ -75,8 +75,14 @@ def test_service_unit_is_hardened_and_installs_to_a_staging_root(tmp_path: Path)
     unit = service.render_unit("/opt/chimera/venv/bin/chimera", profile="edge")
     for line in ("User=chimera", "StateDirectory=chimera", "Environment=CHIMERA_HOME=/var/lib/chimera",
                  "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                 "ExecStart=/opt/chimera/venv/bin/chimera node --log-json --profile edge"):
+                 "ExecStart=/opt/chimera/venv/bin/chimera node --log-json --profile edge",
+                 "MemoryMax=75%"):  # libzmq may buffer a whole multipart message: a cap, then a restart
         assert line in unit.splitlines(), line
+    assert "MemoryMax=2G" in service.render_unit("/c", memory_max="2G").splitlines()
+    assert "MemoryMax=infinity" in service.render_unit("/c", memory_max="infinity").splitlines()
+    for bad in ("0%", "101%", "1K", "63M", "2 G", "lots", "75%\nUser=root"):
+        with pytest.raises(service.UnitError):
+            service.render_unit("/c", memory_max=bad)
     active = [l for l in unit.splitlines() if not l.startswith("#")]
     assert not any(l.startswith(("MemoryDenyWriteExecute", "LimitAS")) for l in active)
     with pytest.raises(ValueError):
