@@ -340,7 +340,8 @@ class AdminServer:
         cmd, args = "-", {}
 
         def finish(principal: Principal, response: dict, result: str) -> tuple[dict, None]:
-            self._audit_row(principal, cmd, args, result, time.perf_counter() - started)
+            self._audit_row(principal, cmd, args, result, time.perf_counter() - started,
+                            source=anonymous.who)
             return response, None
 
         if transport == "local" and uid is not None and uid not in (os.geteuid(), 0):
@@ -428,13 +429,18 @@ class AdminServer:
                                             "ask for less (limit=...)", EXIT_FAIL), "error: response too large")
         return finish(principal, {"ok": True, "result": result}, "ok")
 
-    def _audit_row(self, principal: Principal, cmd: str, args: object, result: str, duration_s: float) -> None:
+    def _audit_row(self, principal: Principal, cmd: str, args: object, result: str, duration_s: float,
+                   source: str | None = None) -> None:
+        """Append one audit row. A refusal, or a request refused or unreadable before anyone was
+        authenticated (role ``-``), is aggregated per ``source`` (the connection: uid or
+        remote address; never a claimed key, which the sender chooses) in the audit log."""
         if self.audit is None:
             return
+        aggregate = source if (result.startswith("refused") or principal.role == "-") else None
         try:
             self.audit.append(at_ms=time.time_ns() // 1_000_000, who=principal.who,
                               transport=principal.transport, role=principal.role, command=cmd,
-                              args=args, result=result, duration_s=duration_s)
+                              args=args, result=result, duration_s=duration_s, aggregate=aggregate)
         except Exception:
             log.exception("could not append to the audit log")
 
@@ -478,6 +484,11 @@ class AdminServer:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self.audit is not None:
+            try:
+                self.audit.flush()
+            except Exception:
+                log.exception("could not write the audit log's pending refusal counts")
         try:
             self.path.unlink()
         except FileNotFoundError:

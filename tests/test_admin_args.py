@@ -115,8 +115,8 @@ async def test_a_local_request_with_a_duplicate_key_runs_nothing_and_is_audited(
     reply, _ = await server.dispatch(nested, "local")  # a duplicate inside args too
     assert reply["code"] == EXIT_USAGE and "duplicate" in reply["error"]
     assert ran == []
-    rows = server.audit.rows(10)
-    assert [r["result"] for r in rows] == ["error: duplicate map key"] * 2
+    rows = server.audit.rows(10)  # unreadable requests from one source within a second share a row
+    assert {r["result"] for r in rows} == {"error: duplicate map key"} and sum(r["count"] for r in rows) == 2
 
 
 async def test_a_signed_request_with_a_duplicate_key_is_a_usage_error(tmp_path: Path):
