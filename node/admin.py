@@ -37,7 +37,6 @@ from zmq.utils import z85
 
 from chimera.protocol.errors import MalformedError, RemoteProtocolError
 from chimera.protocol.identity import fingerprint
-from chimera.protocol.messages import reject_duplicate_keys
 
 from . import admin_keys
 from .admin_keys import COMMAND_HELP, COMMAND_OPTIONS, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
@@ -51,6 +50,8 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 SOCKET_NAME = "admin.sock"
 STREAM_WRITE_TIMEOUT_S = 10.0
 MAX_REMOTE_IN_FLIGHT = 16
+THREAD_VERIFY_BYTES = 256 * 1024  # signed parts longer than this are verified in a worker thread
+REMOTE_RCVHWM = 4  # requests libzmq queues per remote connection (each up to MAX_REQUEST_BYTES)
 
 # Exit codes of `chimera shell`, `chimera admin`, `chimera audit` and the "code"
 # of an error response.
@@ -347,14 +348,13 @@ class AdminServer:
         if transport == "local" and uid is not None and uid not in (os.geteuid(), 0):
             return finish(anonymous, _error(f"uid {uid} is not this node's owner", EXIT_REFUSED),
                           "refused: not the owner")
-        try:
-            req = msgpack.unpackb(body, raw=False, ext_hook=admin_keys._no_ext, strict_map_key=True,
-                                  object_pairs_hook=reject_duplicate_keys)
+        try:  # bounded cost whatever the bytes (admin_keys.check_shape)
+            req = admin_keys.unpack_request(body)
         except MalformedError:  # a map with a repeated key: which one counts is ambiguous, run nothing
             return finish(anonymous, _error("request has a map with a duplicate key", EXIT_USAGE),
                           "error: duplicate map key")
-        except Exception:
-            return finish(anonymous, _error("request is not msgpack", EXIT_USAGE), "error: not msgpack")
+        except admin_keys.UnreadableRequest as exc:
+            return finish(anonymous, _error(f"request {exc}", EXIT_USAGE), f"error: request {exc}")
         if type(req) is not dict:
             return finish(anonymous, _error("request must be a msgpack map", EXIT_USAGE), "error: not a map")
         if "signed" in req or "sig" in req:
@@ -362,7 +362,12 @@ class AdminServer:
                 return finish(anonymous, _error("this node does not accept signed requests", EXIT_REFUSED),
                               "refused: no key ring")
             try:
-                signed = self.verifier.verify(req, time.time_ns() // 1_000_000)
+                claim = self.verifier.claim(req)  # key registered and active: before the costly check
+                if len(claim.signed) > THREAD_VERIFY_BYTES:  # ~4 ms per MiB: off the event loop
+                    signature_ok = await asyncio.to_thread(claim.signature_ok)
+                else:
+                    signature_ok = claim.signature_ok()
+                signed = self.verifier.admit(claim, signature_ok, time.time_ns() // 1_000_000)
             except admin_keys.MalformedRequest as exc:
                 principal = Principal(f"{exc.who} via {anonymous.who}", exc.role, transport)
                 return finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
@@ -564,9 +569,12 @@ class RemoteAdminServer:
         self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
+        # a request is one frame of at most MAX_REQUEST_BYTES (+ room for CURVE's framing, which
+        # libzmq counts); libzmq queues a few per connection (not 256 x 17 MiB): while they
+        # wait, TCP pushes back on the sender
         router.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES + 1024)
-        router.setsockopt(zmq.SNDHWM, 256)
-        router.setsockopt(zmq.RCVHWM, 256)
+        router.setsockopt(zmq.SNDHWM, 16)
+        router.setsockopt(zmq.RCVHWM, REMOTE_RCVHWM)
         router.curve_server = True
         router.curve_secretkey = self.secret
         router.curve_publickey = self.public

@@ -16,10 +16,10 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 import sqlite3
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,8 @@ ROLES = ("observer", "operator", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 REQUEST_DOMAIN = b"chimera-admin-request-v1\x00"
 REPLAY_WINDOW_S = 60.0
-MAX_TRACKED_NONCES = 65536
+MAX_TRACKED_NONCES = 65536  # all keys together (a key under its share of this is still served)
+MAX_NONCES_PER_KEY = 4096  # one key's requests in the replay window (~34 per second sustained)
 NONCE_BYTES = 16
 MAX_KEY_NAME_CHARS = 64
 
@@ -329,34 +330,76 @@ class SignedRequest:
     args: dict
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A signed request whose key is registered and active, its signature not yet checked."""
+    body: dict
+    key: AdminKey
+    signed: bytes
+    sig: bytes
+    who: str
+
+    def signature_ok(self) -> bool:
+        return verify_signature(self.key.public_key, self.sig, REQUEST_DOMAIN + self.signed)  # PROTOCOL §6.2
+
+
 class RequestVerifier:
     """Checks signed requests: audience, freshness, nonce, key state, signature.
 
     Args:
         keys: the node's key ring.
         node: this node's transport-key fingerprint (the audience).
-        window_s: ``|now - sent_at|`` allowed, seconds; nonces are remembered this long.
+        window_s: ``|now - sent_at|`` allowed, seconds. A nonce is remembered
+            until the request it came with is stale (``max(now, sent_at) +
+            window``, plus 1 ms), so a replay is refused for as long as the
+            original would still be fresh.
+
+    Each key may have at most :data:`MAX_NONCES_PER_KEY` nonces remembered; all
+    keys together :data:`MAX_TRACKED_NONCES`. When the table is full, only keys
+    holding at least their share of it (the cap over the number of keys in it)
+    are refused: one key (an observer's included) cannot lock the others out.
     """
 
     def __init__(self, keys: KeyRing, node: str, window_s: float = REPLAY_WINDOW_S) -> None:
         self.keys = keys
         self.node = node
         self.window_ms = int(window_s * 1000)
-        self._seen: OrderedDict[tuple[str, bytes], int] = OrderedDict()  # -> expiry ms
+        self._seen: set[tuple[str, bytes]] = set()
+        self._expiry: list[tuple[int, str, bytes]] = []  # heap of (forget at ms, key, nonce)
+        self._per_key: dict[str, int] = {}
+
+    def _expire(self, now_ms: int) -> None:
+        while self._expiry and self._expiry[0][0] <= now_ms:
+            _, fp, nonce = heapq.heappop(self._expiry)
+            self._seen.discard((fp, nonce))
+            left = self._per_key[fp] - 1
+            if left:
+                self._per_key[fp] = left
+            else:
+                del self._per_key[fp]
 
     def verify(self, req: dict, now_ms: int) -> SignedRequest:
         """Raises Refused (with the claimed key, when readable) for every failure."""
+        claim = self.claim(req)
+        return self.admit(claim, claim.signature_ok(), now_ms)
+
+    def claim(self, req: dict) -> "Claim":
+        """The first checks, in order: shape and fields (decoded at bounded cost), the key is
+        registered and not revoked. Then :meth:`Claim.signature_ok` (the one step whose cost
+        grows with the request: run it off the event loop for a big one) and :meth:`admit`.
+
+        Raises:
+            Refused: with the claimed key, when readable.
+        """
         signed, sig = req.get("signed"), req.get("sig")
         if not isinstance(signed, bytes) or not isinstance(sig, bytes) or len(sig) != 64:
             raise Refused("a signed request is {signed: bytes, sig: 64 bytes}")
         try:
-            body = msgpack.unpackb(signed, raw=False, strict_map_key=True, ext_hook=_no_ext,
-                                   max_bin_len=len(signed), max_str_len=len(signed),
-                                   object_pairs_hook=reject_duplicate_keys)
+            body = unpack_request(signed)
         except MalformedError:  # which of two values counts would be ambiguous: never run it
             raise MalformedRequest("signed part has a map with a duplicate key") from None
-        except Exception:
-            raise Refused("signed part is not msgpack") from None
+        except UnreadableRequest as exc:
+            raise Refused(f"signed part {exc}") from None
         if type(body) is not dict:
             raise Refused("signed part must be a map")
         fp = body.get("key")
@@ -371,24 +414,138 @@ class RequestVerifier:
         who = f"{key.name} ({key.fingerprint})"
         if key.revoked_ms is not None:
             raise Refused(f"admin key {key.name!r} ({key.fingerprint}) is revoked", who, key.role)
-        if not verify_signature(key.public_key, sig, REQUEST_DOMAIN + signed):  # PROTOCOL.md §6.2 rules
+        return Claim(body, key, signed, sig, who)
+
+    def admit(self, claim: "Claim", signature_ok: bool, now_ms: int) -> SignedRequest:
+        """The remaining checks: signature, audience, freshness, nonce (remembered if all pass).
+
+        Raises:
+            Refused: the first that fails.
+        """
+        body, key, who = claim.body, claim.key, claim.who
+        if not signature_ok:
             raise Refused("bad signature", who, key.role)
         if body["node"] != self.node:
             raise Refused(f"request is for node {body['node'][:40]}, this is {self.node}", who, key.role)
-        if abs(now_ms - body["sent_at_ms"]) > self.window_ms:
+        sent_at = body["sent_at_ms"]
+        if abs(now_ms - sent_at) > self.window_ms:
             raise Refused(f"request time is more than {self.window_ms // 1000} s from the node's clock",
                           who, key.role)
         if not 8 <= len(body["nonce"]) <= 64:
             raise Refused("nonce must be 8..64 bytes", who, key.role)
-        while self._seen and next(iter(self._seen.values())) <= now_ms:
-            self._seen.popitem(last=False)
+        self._expire(now_ms)
         marker = (key.fingerprint, body["nonce"])
         if marker in self._seen:
             raise Refused("replayed request (nonce already used)", who, key.role)
-        if len(self._seen) >= MAX_TRACKED_NONCES:
+        held = self._per_key.get(key.fingerprint, 0)
+        if held >= MAX_NONCES_PER_KEY:
+            raise Refused(f"this key sent more than {MAX_NONCES_PER_KEY} requests in the replay window; "
+                          "retry later", who, key.role)
+        if len(self._seen) >= MAX_TRACKED_NONCES \
+                and held >= MAX_TRACKED_NONCES // (len(self._per_key) + (held == 0)):
             raise Refused("too many signed requests in the replay window; retry later", who, key.role)
-        self._seen[marker] = now_ms + 2 * self.window_ms
+        self._seen.add(marker)
+        self._per_key[key.fingerprint] = held + 1
+        # fresh while now <= sent_at + window: remember it until then (and at least a window from now)
+        heapq.heappush(self._expiry, (max(now_ms, sent_at) + self.window_ms + 1, key.fingerprint, body["nonce"]))
         return SignedRequest(key, body["cmd"], body["args"])
+
+
+# ------------------------------------------------------------ bounded decoding
+
+MAX_REQUEST_VALUES = 8192
+"""msgpack values in one request (or its signed part), all levels: a training job with
+1 024 classes and 64 participants has about 1 200."""
+MAX_REQUEST_DEPTH = 16
+"""Nesting of maps and arrays (a job map inside ``args`` inside the request is 4)."""
+MAX_MAP_LEN = 64
+"""Entries of one map (the longest is a job spec: 18 fields)."""
+MAX_ARRAY_LEN = 1024
+"""Items of one array (a job's ``classes``: at most 1 024)."""
+
+# msgpack first byte -> bytes of length to read (for str/bin) or fixed payload size.
+_FIXED = {0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8}
+_SIZED = {0xc4: 1, 0xc5: 2, 0xc6: 4, 0xd9: 1, 0xda: 2, 0xdb: 4}  # bin8/16/32, str8/16/32
+_ARRAYS = {0xdc: 2, 0xdd: 4}
+_MAPS = {0xde: 2, 0xdf: 4}
+
+
+class UnreadableRequest(ValueError):
+    """A request (or signed part) that is not msgpack, or is beyond the decoding limits."""
+
+
+def check_shape(data: bytes, max_values: int = MAX_REQUEST_VALUES, max_depth: int = MAX_REQUEST_DEPTH) -> None:
+    """Walk the msgpack encoding of one value without building it, and stop at the first
+    of ``max_values`` values: the cost of looking at any input is bounded (a 17 MiB array of
+    empty maps costs as much as 8 192 values), before :func:`msgpack.unpackb` builds anything.
+
+    Raises:
+        UnreadableRequest: truncated, an extension type or an unused code, a map longer than
+            :data:`MAX_MAP_LEN`, an array longer than :data:`MAX_ARRAY_LEN`, more values than
+            ``max_values`` or nested deeper than ``max_depth``.
+    """
+    end, pos, count = len(data), 0, 0
+    left = [1]  # values still to read at each open level
+    while left:
+        if not left[-1]:
+            left.pop()
+            continue
+        left[-1] -= 1
+        if pos >= end:
+            raise UnreadableRequest("is not msgpack")
+        count += 1
+        if count > max_values:
+            raise UnreadableRequest(f"has more than {max_values} values")
+        b = data[pos]
+        pos += 1
+        if b <= 0x7f or b >= 0xe0 or b in (0xc0, 0xc2, 0xc3):
+            continue
+        if 0xa0 <= b <= 0xbf:
+            pos += b & 0x1f
+            continue
+        if b in _FIXED:
+            pos += _FIXED[b]
+            continue
+        if b in _SIZED:
+            n = _SIZED[b]
+            pos += n + int.from_bytes(data[pos:pos + n], "big")
+            continue
+        if 0x80 <= b <= 0x8f or 0x90 <= b <= 0x9f:
+            n, is_map = b & 0x0f, b <= 0x8f
+        elif b in _ARRAYS or b in _MAPS:
+            size = _ARRAYS.get(b) or _MAPS[b]
+            n, is_map = int.from_bytes(data[pos:pos + size], "big"), b in _MAPS
+            pos += size
+        else:
+            raise UnreadableRequest("is not msgpack")  # an extension type, or 0xc1
+        if n > (MAX_MAP_LEN if is_map else MAX_ARRAY_LEN):
+            raise UnreadableRequest(f"has {'a map' if is_map else 'an array'} of {n} entries "
+                                    f"(at most {MAX_MAP_LEN if is_map else MAX_ARRAY_LEN})")
+        if n:
+            if len(left) > max_depth:
+                raise UnreadableRequest(f"is nested deeper than {max_depth}")
+            left.append(2 * n if is_map else n)
+
+
+def unpack_request(data: bytes) -> object:
+    """Decode one admin request (or signed part) strictly and at bounded cost: :func:`check_shape`
+    first, then msgpack with the same limits, no extension types, string or bytes map keys,
+    no duplicate keys.
+
+    Raises:
+        MalformedError: a map with a duplicate key.
+        UnreadableRequest: anything else that is not a well-formed, bounded msgpack value.
+    """
+    check_shape(data)
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext,
+                               max_bin_len=len(data), max_str_len=len(data), max_ext_len=0,
+                               max_map_len=MAX_MAP_LEN, max_array_len=MAX_ARRAY_LEN,
+                               object_pairs_hook=reject_duplicate_keys)
+    except MalformedError:
+        raise
+    except Exception:
+        raise UnreadableRequest("is not msgpack") from None
 
 
 def _no_ext(code: int, data: bytes) -> None:

@@ -132,3 +132,116 @@ async def test_the_audit_row_of_a_key_revocation_names_the_key(tmp_path: Path):
     assert added["args"]["public_key"] == public.hex()
     assert revoked["args"] == {"key": "bob"}
     assert audit.redact({"key": "k", "api_key": "s"}) == {"key": "<redacted>", "api_key": "<redacted>"}
+
+
+# ------------------------------------------------------------------ bounded decoding
+
+
+@pytest.mark.parametrize("body", [
+    b"\xdd" + (1 << 24).to_bytes(4, "big") + b"\x80" * (1 << 24),                             # 16M empty maps
+    b"\xdc\x04\x00" + (b"\xdc\x04\x00" + b"\x80" * 1024) * 1024,                                # 1M, nested
+    b"\x91" * 40 + b"\xc0",                                                                    # deep
+    msgpack.packb({"signed": b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x80" * (1 << 20), "sig": b"\0" * 64}),
+])
+async def test_an_anonymous_request_is_refused_before_it_is_built(tmp_path: Path, body: bytes):
+    server = _server(tmp_path)
+    reply, _ = await server.dispatch(body, "remote", address="203.0.113.9")
+    assert reply["code"] in (EXIT_USAGE, EXIT_REFUSED)
+    assert any(word in reply["error"] for word in ("entries", "values", "nested")), reply["error"]
+
+
+def test_check_shape_stops_at_the_value_cap():
+    with pytest.raises(admin_keys.UnreadableRequest, match="more than 10 values"):
+        admin_keys.check_shape(b"\x9f" + b"\xc0" * 15, max_values=10)
+    admin_keys.check_shape(b"\x9f" + b"\xc0" * 15)
+    for bad in (b"\xd4\x01\x00", b"\xc1", b"\x92\xc0", b"\xc6\x00\x00\x00\x09abc"):
+        with pytest.raises(admin_keys.UnreadableRequest, match="not msgpack"):
+            admin_keys.unpack_request(bad)
+
+
+async def test_the_largest_legitimate_requests_still_pass(tmp_path: Path):
+    server = _server(tmp_path)
+    key = generate_key()
+    server.keys.add("op", "operator", public_bytes(key), 1)
+    module = b"\0asm" + b"\1" * ((16 << 20) - 4)
+    submit = _signed(key, "tasks_submit", {"module": module, "input": "x" * (512 << 10), "rule": "majority",
+                                           "replicas": 3, "wait": True, "wait_s": 10.0, "fuel": 10**9})
+    assert len(submit) <= admin.MAX_REQUEST_BYTES
+    job = {"job": {"name": "j", "model_kind": "sgd_classifier", "classes": list(range(1024)),
+                   "participants": [f"p{i:050d}" for i in range(64)], **{f"f{i}": 1.0 for i in range(16)}}}
+    for body in (submit, _signed(key, "agents_deploy", {"ref": "a@1", "module": module, "kind": "task"}),
+                 _signed(key, "train_start", job)):
+        reply, _ = await server.dispatch(body, "remote", address="127.0.0.1")
+        assert reply == {"ok": True, "result": "ran"}
+
+
+async def test_the_remote_socket_queues_few_requests(tmp_path: Path):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+    sk = X25519PrivateKey.generate()
+    keys = (sk.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    server = _server(tmp_path, remote_endpoint="tcp://127.0.0.1:0", transport_keys=keys)
+    await server.start()
+    try:
+        router = server.remote.router
+        assert router.getsockopt(zmq.RCVHWM) <= 8
+        assert router.getsockopt(zmq.MAXMSGSIZE) <= admin.MAX_REQUEST_BYTES + 1024
+    finally:
+        await server.close()
+
+
+# ------------------------------------------------------------------ replay table
+
+
+def _verifier() -> tuple[RequestVerifier, KeyRing]:
+    ring = KeyRing(sqlite3.connect(":memory:", isolation_level=None))
+    return RequestVerifier(ring, NODE), ring
+
+
+def _req(key, cmd: str, now_ms: int, nonce: bytes | None = None) -> dict:
+    return msgpack.unpackb(msgpack.packb(sign_request(key, NODE, cmd, {}, now_ms=now_ms, nonce=nonce)))
+
+
+def test_a_request_dated_at_the_window_edge_is_never_accepted_twice():
+    verifier, ring = _verifier()
+    key = generate_key()
+    ring.add("ops", "admin", public_bytes(key), 1)
+    t = 1_700_000_000_000
+    req = _req(key, "stop", t + 60_000)
+    assert verifier.verify(req, t).cmd == "stop"
+    for now in (t + 60_000, t + 119_999, t + 120_000):
+        with pytest.raises(Refused, match="replayed"):
+            verifier.verify(req, now)
+    with pytest.raises(Refused, match="more than 60 s"):
+        verifier.verify(req, t + 120_001)
+
+
+def test_one_key_filling_the_replay_table_does_not_lock_out_the_others(monkeypatch):
+    monkeypatch.setattr(admin_keys, "MAX_TRACKED_NONCES", 100)
+    verifier, ring = _verifier()
+    obs, root = generate_key(), generate_key()
+    ring.add("obs", "observer", public_bytes(obs), 1)
+    ring.add("root", "admin", public_bytes(root), 1)
+    now = 1_700_000_000_000
+    for i in range(100):
+        verifier.verify(_req(obs, "status", now), now)
+    with pytest.raises(Refused, match="too many"):
+        verifier.verify(_req(obs, "status", now), now)  # the key over its share
+    assert verifier.verify(_req(root, "revoke_peer", now), now).cmd == "revoke_peer"
+
+
+def test_a_key_has_a_quota_of_its_own(monkeypatch):
+    monkeypatch.setattr(admin_keys, "MAX_NONCES_PER_KEY", 20)
+    verifier, ring = _verifier()
+    obs, root = generate_key(), generate_key()
+    ring.add("obs", "observer", public_bytes(obs), 1)
+    ring.add("root", "admin", public_bytes(root), 1)
+    now = 1_700_000_000_000
+    for i in range(20):
+        verifier.verify(_req(obs, "status", now), now)
+    with pytest.raises(Refused, match="more than 20 requests"):
+        verifier.verify(_req(obs, "status", now), now)
+    assert verifier.verify(_req(root, "stop", now), now).cmd == "stop"
+    assert verifier.verify(_req(obs, "status", now + 60_001), now + 60_001).cmd == "status"  # forgotten
