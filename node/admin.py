@@ -49,6 +49,7 @@ MAX_REQUEST_BYTES = 17 * 1024 * 1024  # agents_deploy / tasks_submit carry a .wa
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 SOCKET_NAME = "admin.sock"
 STREAM_WRITE_TIMEOUT_S = 10.0
+STREAM_KEY_CHECK_S = 5.0  # a stream opened with an admin key ends within this long of its revocation
 MAX_REMOTE_IN_FLIGHT = 16
 THREAD_VERIFY_BYTES = 256 * 1024  # signed parts longer than this are verified in a worker thread
 REMOTE_RCVHWM = 4  # requests libzmq queues per remote connection (each up to MAX_REQUEST_BYTES)
@@ -207,6 +208,7 @@ class Principal:
     who: str
     role: str
     transport: str  # "local" or "remote"
+    key: str | None = None  # the admin key's fingerprint (signed requests)
 
 
 def _error(message: str, code: int) -> dict:
@@ -296,23 +298,39 @@ class AdminServer:
 
     async def _run_stream(self, stream: "_OpenStream", reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        """Write one ``{"event": record}`` frame per item, then ``{"end": reason}``."""
+        """Write one ``{"event": record}`` frame per item, then ``{"end": reason}``.
+
+        A stream opened with an admin key re-reads the key every :data:`STREAM_KEY_CHECK_S`
+        and ends (``"admin key revoked"``) once it is revoked.
+        """
         started = time.perf_counter()
         it = stream.iterator.__aiter__()
         eof = asyncio.ensure_future(reader.read(1))  # any byte, or EOF, ends the stream
+        nxt: asyncio.Future | None = None
         sent, reason = 0, "done"
+        checked = time.monotonic()
         try:
             while True:
-                nxt = asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait({nxt, eof}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    nxt.cancel()
+                if stream.principal.key is not None and time.monotonic() - checked >= STREAM_KEY_CHECK_S:
+                    checked = time.monotonic()
+                    if not self._key_active(stream.principal.key):
+                        reason = "admin key revoked"
+                        break
+                if nxt is None:
+                    nxt = asyncio.ensure_future(it.__anext__())
+                timeout = STREAM_KEY_CHECK_S if stream.principal.key is not None else None
+                done, _ = await asyncio.wait({nxt, eof}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if eof in done and nxt not in done:
                     reason = "client closed"
                     break
+                if nxt not in done:
+                    continue  # time to look at the key again
                 try:
                     item = nxt.result()
                 except StopAsyncIteration:
                     break
+                finally:
+                    nxt = None
                 await asyncio.wait_for(_write(writer, {"event": item}), STREAM_WRITE_TIMEOUT_S)
                 sent += 1
             if reason != "client closed":
@@ -322,6 +340,8 @@ class AdminServer:
         except (ConnectionError, RuntimeError):
             reason = "client closed"
         finally:
+            if nxt is not None:
+                nxt.cancel()
             eof.cancel()
             try:
                 await it.aclose()
@@ -329,6 +349,15 @@ class AdminServer:
                 pass
             self._audit_row(stream.principal, stream.cmd, stream.args, f"ok ({sent} records, {reason})",
                             time.perf_counter() - started)
+
+    def _key_active(self, fp: str) -> bool:
+        """Whether the admin key ``fp`` is still registered and not revoked (a store error: no)."""
+        try:
+            key = self.keys.get(fp) if self.keys is not None else None
+        except Exception:
+            log.exception("could not re-read admin key %s", fp)
+            return False
+        return key is not None and key.revoked_ms is None
 
     # --------------------------------------------------------------- dispatch
 
@@ -377,7 +406,8 @@ class AdminServer:
             except Exception as exc:  # e.g. the store is busy: still one line, still audited
                 return finish(anonymous, _error(f"could not check the signature: {exc}", EXIT_FAIL),
                               f"error: {exc}")
-            principal = Principal(f"{signed.key.name} ({signed.key.fingerprint})", signed.key.role, transport)
+            principal = Principal(f"{signed.key.name} ({signed.key.fingerprint})", signed.key.role, transport,
+                                  signed.key.fingerprint)
             cmd, args = signed.cmd, signed.args
         else:
             if transport != "local":

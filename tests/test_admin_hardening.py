@@ -245,3 +245,48 @@ def test_a_key_has_a_quota_of_its_own(monkeypatch):
         verifier.verify(_req(obs, "status", now), now)
     assert verifier.verify(_req(root, "stop", now), now).cmd == "stop"
     assert verifier.verify(_req(obs, "status", now + 60_001), now + 60_001).cmd == "status"  # forgotten
+
+
+# ------------------------------------------------------------------ streams after revocation
+
+
+async def test_a_stream_ends_when_its_key_is_revoked(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(admin, "STREAM_KEY_CHECK_S", 0.05)
+
+    async def ticks(args):
+        i = 0
+        while True:
+            yield {"tick": i}
+            i += 1
+            await asyncio.sleep(0.01)
+
+    server = _server(tmp_path, streams={"events_follow": ticks})
+    await server.start()
+    try:
+        key = generate_key()
+        server.keys.add("obs", "observer", public_bytes(key), 1)
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "admin.sock"))
+        body = _signed(key, "events_follow", {})
+        writer.write(struct.pack(">I", len(body)) + body)
+
+        async def frame() -> dict:
+            (n,) = struct.unpack(">I", await reader.readexactly(4))
+            return msgpack.unpackb(await reader.readexactly(n))
+
+        assert (await frame())["ok"] is True
+        assert "event" in await frame()
+        server.keys.revoke("obs", int(time.time() * 1000))
+
+        async def until_end() -> dict:
+            while True:
+                f = await frame()
+                if "event" not in f:
+                    return f
+
+        assert await asyncio.wait_for(until_end(), 10) == {"end": "admin key revoked"}
+        writer.close()
+        await asyncio.sleep(0.05)
+        row = server.audit.rows(1)[0]
+        assert row["command"] == "events_follow" and row["result"].endswith(", admin key revoked)")
+    finally:
+        await server.close()
