@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import admin
 from .admin import EXIT_FAIL, EXIT_NO_NODE, EXIT_OK, EXIT_USAGE, AdminError
-from .admin_keys import MAX_KEY_NAME_CHARS, ROLES, AdminKeyError, KeyRing
+from .admin_keys import MAX_KEY_NAME_CHARS, ROLES, AdminKeyError, KeyRing, check_name
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -93,6 +93,10 @@ def _print_result(args: argparse.Namespace, result, text: str) -> int:
 def cmd_key_create(args: argparse.Namespace) -> int:
     from .shell import create_key
 
+    try:  # before anything is created: a name like "a/b" must not make directories
+        check_name(args.name)
+    except AdminKeyError as exc:
+        return _fail(args, str(exc), EXIT_USAGE)
     data_dir = _data_dir(args)
     if not data_dir.is_dir():
         return _fail(args, f"data dir {data_dir} does not exist", EXIT_USAGE)

@@ -290,3 +290,18 @@ async def test_a_stream_ends_when_its_key_is_revoked(tmp_path: Path, monkeypatch
         assert row["command"] == "events_follow" and row["result"].endswith(", admin key revoked)")
     finally:
         await server.close()
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_key_create_checks_the_name_before_creating_anything(tmp_path: Path, capsys):
+    (tmp_path / "admin-keys").mkdir()
+    args = argparse.Namespace(data_dir=str(tmp_path), name="a/b", role="observer", out=None, json=True)
+    assert cli_admin.cmd_key_create(args) == EXIT_USAGE
+    assert list((tmp_path / "admin-keys").iterdir()) == []
+    assert json.loads(capsys.readouterr().out)["code"] == EXIT_USAGE
+    args = argparse.Namespace(data_dir=str(tmp_path / "fresh"), name="../x", role="observer", out=None, json=True)
+    (tmp_path / "fresh").mkdir()
+    assert cli_admin.cmd_key_create(args) == EXIT_USAGE
+    assert list((tmp_path / "fresh").iterdir()) == []
