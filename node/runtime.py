@@ -188,6 +188,7 @@ class Node:
         self.routes: dict[str, PeerContact] = {}
         self.consensus = None  # ConsensusService once started (networks with genesis validators)
         self.metrics_server = None  # (status() may be asked while start() still runs: admin is up early)
+        self.started = False  # start() finished: the admin ``status`` answers from then on
         # this node's local reputation of every peer (consensus, training and fabric feed it);
         # only members and validators get an entry (fresh keys signing junk get none)
         self.reputation = LocalReputation(reputation_config(config), tracks=self._tracks_reputation)
@@ -338,6 +339,7 @@ class Node:
                  self.peer_id, ", ".join(self.contact.addresses), self.network.name,
                  self.network.fingerprint(), self.incarnation, fingerprint(self.transport_keys.public),
                  cfg.profile)
+        self.started = True
         for name, feature in features.report().items():
             if not feature["available"]:
                 log.info("optional %s unavailable: %s", name, feature["detail"])
@@ -716,6 +718,8 @@ class Node:
 
     def _admin_handlers(self) -> dict:
         async def status(args: dict) -> dict:
+            if not self.started:  # (clients such as LocalNetwork.wait_ready poll until it answers)
+                raise admin_api.AdminError("the node is still starting; ask again in a moment")
             return self.status()
 
         async def peers(args: dict) -> list:
