@@ -218,12 +218,18 @@ def test_a_request_dated_at_the_window_edge_is_never_accepted_twice():
         verifier.verify(req, t + 120_001)
 
 
-def test_one_key_filling_the_replay_table_does_not_lock_out_the_others(monkeypatch):
-    monkeypatch.setattr(admin_keys, "MAX_TRACKED_NONCES", 100)
+def _observer_and_admin():
+    """A verifier with an observer key and an admin key: (verifier, observer, admin)."""
     verifier, ring = _verifier()
     obs, root = generate_key(), generate_key()
     ring.add("obs", "observer", public_bytes(obs), 1)
     ring.add("root", "admin", public_bytes(root), 1)
+    return verifier, obs, root
+
+
+def test_one_key_filling_the_replay_table_does_not_lock_out_the_others(monkeypatch):
+    monkeypatch.setattr(admin_keys, "MAX_TRACKED_NONCES", 100)
+    verifier, obs, root = _observer_and_admin()
     now = 1_700_000_000_000
     for i in range(100):
         verifier.verify(_req(obs, "status", now), now)
@@ -234,10 +240,7 @@ def test_one_key_filling_the_replay_table_does_not_lock_out_the_others(monkeypat
 
 def test_a_key_has_a_quota_of_its_own(monkeypatch):
     monkeypatch.setattr(admin_keys, "MAX_NONCES_PER_KEY", 20)
-    verifier, ring = _verifier()
-    obs, root = generate_key(), generate_key()
-    ring.add("obs", "observer", public_bytes(obs), 1)
-    ring.add("root", "admin", public_bytes(root), 1)
+    verifier, obs, root = _observer_and_admin()
     now = 1_700_000_000_000
     for i in range(20):
         verifier.verify(_req(obs, "status", now), now)
