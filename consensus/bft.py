@@ -531,7 +531,8 @@ class ServeCommits:
 @dataclass(frozen=True, slots=True)
 class BftEvent:
     """``kind``: new_height | new_round | round_skip | timeout_propose |
-    timeout_prevote | timeout_precommit | locked | committed | sign_refused."""
+    timeout_prevote | timeout_precommit | locked | committed | sign_refused | vote_resent
+    (and the driver-visible kinds of PROTOCOL.md §14.13)."""
 
     kind: str
     height: int
@@ -1486,15 +1487,35 @@ class BftCore:
             self.step = PREVOTE
         else:
             self.step = PRECOMMIT
-        if self.peer_id not in self.table.weights or not self._may_sign(vote_type, self.round, digest, None):
+        if self.peer_id not in self.table.weights:
             return
-        statement = [self.height, self.round, digest]
-        vote = Vote(vote_type=vote_type, height=self.height, round=self.round, block_hash=digest,
+        if not self._may_sign(vote_type, self.round, digest, None):
+            self._resend_signed_vote()
+            return
+        self._send_vote(vote_type, self.round, digest)
+
+    def _send_vote(self, vote_type: str, round_: int, digest: bytes | None) -> None:
+        statement = [self.height, round_, digest]
+        vote = Vote(vote_type=vote_type, height=self.height, round=round_, block_hash=digest,
                     signed=sign_vote(self.identity, vote_type, self.network_id, self.table.epoch, statement))
-        self._own_votes[(vote_type, self.round)] = vote
+        self._own_votes[(vote_type, round_)] = vote
         sets = self._prevotes if vote_type == PREVOTE else self._precommits
-        sets.setdefault(self.round, _VoteSet()).add(vote)
+        sets.setdefault(round_, _VoteSet()).add(vote)
         self._actions.append(Broadcast(BftVote(vote=vote)))
+
+    def _resend_signed_vote(self) -> None:
+        """A vote was refused because the persisted sign state is at or past it (a restart at
+        the height we had signed in): send the vote the sign state holds instead, once, if this
+        run has not sent it. It is the very statement we signed before (the same signature),
+        so it conflicts with nothing; without it, validators that all restarted after signing
+        votes nobody received would wait in the same round for ever, each having sent nothing
+        (no 2/3 of any votes, no timeout: PROTOCOL.md §14.12)."""
+        last = self._sign_state
+        if last is None or last.height != self.height or last.step not in (PREVOTE, PRECOMMIT) \
+                or (last.step, last.round) in self._own_votes:
+            return
+        self._event("vote_resent", f"{last.step} of round {last.round} from the sign state")
+        self._send_vote(last.step, last.round, last.block_hash)
 
     def _pool_round_robin(self) -> Iterator[bytes]:
         """The pooled values' hashes, fairly by sender: our own first, then one value of each

@@ -585,8 +585,11 @@ def test_restart_never_signs_conflicting_votes_and_keeps_lock():
     p2 = next(i for i in IDS[:4] if i.peer_id == schedule.proposer(1, 2))
     core.on_message(p2.peer_id, make_proposal(p2, 1, 2, block_of(p2)), 0.1)
     actions = core.take_actions()
-    assert own_votes(actions) == []  # prevote of round 2 would go back behind the persisted precommit
+    # a prevote of round 2 would go back behind the persisted precommit: refused; the precommit
+    # signed before the restart is sent again instead (the same statement: nothing conflicts)
+    assert [(v.vote_type, v.round, v.block_hash) for v in own_votes(actions)] == [(PRECOMMIT, 2, locked)]
     assert any(isinstance(a, BftEvent) and a.kind == "sign_refused" for a in actions)
+    assert not any(isinstance(a, PersistVote) for a in actions)
     # round 3: signs again, still locked on the persisted hash -> prevote nil for another block
     others = [i for i in IDS[:4] if i.peer_id != me.peer_id]
     for other in others:
@@ -1636,3 +1639,27 @@ def test_blocks_take_pooled_values_round_robin_by_sender():
     assert {b"own-0", b"honest-0", b"honest-1"} <= set(block.values)
     floods = [v for v in block.values if v.startswith(b"flood-")]  # the flooder's oldest, in order
     assert sorted(floods) == sorted(b"flood-0-%d" % i for i in range(FAST.max_batch - 3))
+
+
+def test_validators_restarted_after_signing_votes_the_others_never_saw_still_commit():
+    """Seen on `chimera up` after a run with 2 of 4 validators: every validator restarted at a
+    height where its sign state held a prevote of round 0 that nobody had received. In round
+    0 each wanted another prevote (nil after the propose timeout), the sign state refused it
+    as a conflict, so none sent a prevote, nobody saw 2/3 of any prevotes, no timeout fired:
+    the log stalled for good. A core now sends the vote it signed before instead (the same
+    statement, so the same signature), and the height commits."""
+    cluster = Cluster(4)
+    for k, ident in enumerate(cluster.ids):
+        signed = SignState(height=1, round=0, step=PREVOTE, block_hash=bytes([k + 1]) * 32 if k % 2 else None)
+        cluster.cores[ident.peer_id] = BftCore(ident, NET, cluster.table, FAST, 0.0, sign_state=signed,
+                                               validate_value=valid_value)
+    first = cluster.cores[cluster.ids[0].peer_id]
+    assert first.submit(b"after the restart", 0.0)
+    cluster.advance(30.0)
+    assert all(len(cs) >= 1 for cs in cluster.commits.values()), {p[:6]: len(c) for p, c in cluster.commits.items()}
+    assert len({cs[0].block_hash for cs in cluster.commits.values()}) == 1
+    # what each sent in round 0 is what it had signed before the restart: never a conflicting vote
+    for k, ident in enumerate(cluster.ids):
+        prevotes = [v for v in own_votes(cluster.log[ident.peer_id])
+                    if v.vote_type == PREVOTE and (v.height, v.round) == (1, 0)]
+        assert prevotes and {v.block_hash for v in prevotes} == {bytes([k + 1]) * 32 if k % 2 else None}
