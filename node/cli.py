@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -568,7 +569,33 @@ def plugin_commands() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by a closed pipe exits with
+
+
+def stdout_closed() -> int:
+    """The reader of our stdout went away (``chimera log | head``): point stdout at /dev/null so
+    that the interpreter's final flush does not fail again with a traceback; returns
+    :data:`EXIT_BROKEN_PIPE`."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # --help, a usage error: argparse printed and exits
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # (a closed pipe shows here, not at exit)
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] not in parser.command_names:
@@ -593,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         return _fail(args, str(exc), EXIT_FAIL)
 

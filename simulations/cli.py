@@ -27,6 +27,7 @@ their metrics kept).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,10 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
-            return cmd_list()
-        if args.command == "run":
-            return cmd_run(args)
-        return cmd_search(args)
+            code = cmd_list()
+        elif args.command == "run":
+            code = cmd_run(args)
+        else:
+            code = cmd_search(args)
+        sys.stdout.flush()  # (a closed pipe shows here, not at exit)
+        return code
+    except BrokenPipeError:  # `simulate list | head -1`: the reader went away, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
