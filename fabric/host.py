@@ -283,6 +283,12 @@ class AgentHost:
             self._sinks[name] = sink
         return self.address(name)
 
+    def is_sink(self, name: str) -> bool:
+        """True when ``name`` is a Python sink (:meth:`add_sink`), not an agent: sinks serve local
+        callers only, so the node refuses a peer's message addressed to one."""
+        with self._lock:
+            return name in self._sinks and name not in self._agents
+
     def add_listener(self, listener: OutcomeListener) -> None:
         self._listeners.append(listener)
 

@@ -8,9 +8,15 @@ a mismatch is the sending peer's fault (:class:`ModuleIntegrityError`, a
 bytes ever travel between peers; compiled artefacts never do (see
 :mod:`chimera.fabric.sandbox`).
 
-Layout: ``root/<sha256>.wasm``, files 0600 in a 0700 directory, written
-atomically (temporary file, fsync, rename). Every read re-hashes the bytes, so
-a file damaged on disk is reported (and removed) rather than run.
+Layout: ``root/<sha256>.wasm`` for modules stored here (deployed, submitted),
+``root/fetched/<sha256>.wasm`` for modules fetched from peers; files 0600 in
+0700 directories, written atomically (temporary file, fsync, rename). Fetched
+modules have a byte quota (``fetched_max_bytes``): beyond it the least recently
+used fetched modules are removed (never those the caller names as in use; a
+fetched module stored here again with :meth:`ModuleStore.put` becomes a local
+one). Every :meth:`ModuleStore.get` re-hashes the bytes, so a file damaged on
+disk is reported (and removed) rather than run; :meth:`ModuleStore.read_chunk`
+(serving peers) hashes each stored file once (by inode, size and mtime).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import os
 import re
 import tempfile
 import threading
+from collections import OrderedDict
+from collections.abc import Collection
 from pathlib import Path
 
 from chimera.protocol.errors import RemoteProtocolError
@@ -38,6 +46,14 @@ class ModuleTooLarge(RemoteProtocolError):
     """Module bytes over the store's size limit."""
 
     reason = "oversize"
+
+
+class BadOffset(ValueError):
+    """A chunk asked for beyond the module's end (:attr:`size`: the module's size)."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 class ModuleNotFound(KeyError):
@@ -66,21 +82,67 @@ class ModuleStore:
     Args:
         root: directory (created with mode 0700).
         max_module_bytes: largest module accepted by :meth:`put` / :meth:`accept_fetched`.
+        fetched_max_bytes: quota of the modules fetched from peers (None: no quota).
     Thread-safe.
     """
 
-    def __init__(self, root: Path | str, *, max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES) -> None:
+    VERIFIED_KEPT = 256  # files whose hash read_chunk checked (by inode, size, mtime)
+
+    def __init__(self, root: Path | str, *, max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES,
+                 fetched_max_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root.chmod(0o700)
+        self.fetched_root = self.root / "fetched"
+        self.fetched_root.mkdir(exist_ok=True, mode=0o700)
+        self.fetched_root.chmod(0o700)
         self.max_module_bytes = int(max_module_bytes)
+        self.fetched_max_bytes = fetched_max_bytes
+        self.evicted = 0  # fetched modules removed for the quota
         self._lock = threading.Lock()
+        self._used: dict[str, int] = {}  # sha -> use sequence (LRU of fetched modules; unknown: mtime order)
+        self._use_seq = 0
+        self._verified: OrderedDict[tuple[str, int, int, int], None] = OrderedDict()
 
-    def _path(self, sha256: str) -> Path:
+    def _local(self, sha256: str) -> Path:
         return self.root / f"{check_hash_name(sha256)}.wasm"
 
+    def _fetched(self, sha256: str) -> Path:
+        return self.fetched_root / f"{check_hash_name(sha256)}.wasm"
+
+    def _path(self, sha256: str) -> Path:
+        local = self._local(sha256)
+        if local.is_file():
+            return local
+        fetched = self._fetched(sha256)
+        return fetched if fetched.is_file() else local
+
+    def _touch(self, sha256: str) -> None:
+        with self._lock:
+            self._use_seq += 1
+            self._used[sha256] = self._use_seq
+
+    def _write(self, directory: Path, path: Path, wasm: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".wasm")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(wasm)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+            dir_fd = os.open(directory, os.O_RDONLY)  # the rename itself survives a power loss
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def put(self, wasm: bytes) -> str:
-        """Store ``wasm``; returns its hash (idempotent).
+        """Store ``wasm`` as a local module (no quota); returns its hash (idempotent; a fetched
+        copy becomes local).
 
         Raises:
             ModuleTooLarge: over ``max_module_bytes``.
@@ -92,30 +154,17 @@ class ModuleStore:
             raise ModuleTooLarge(f"module is {len(wasm)} bytes; the limit is {self.max_module_bytes}")
         wasm = bytes(wasm)
         sha = module_hash(wasm)
-        path = self._path(sha)
+        path = self._local(sha)
         with self._lock:
             if path.is_file():
                 return sha
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".wasm")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(wasm)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, path)
-                dir_fd = os.open(self.root, os.O_RDONLY)  # the rename itself survives a power loss
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            self._write(self.root, path, wasm)
+            self._fetched(sha).unlink(missing_ok=True)
         return sha
 
-    def accept_fetched(self, sha256: str, wasm: bytes) -> str:
-        """Verify bytes fetched from a peer against the hash requested, then store them.
+    def accept_fetched(self, sha256: str, wasm: bytes, *, keep: Collection[str] = ()) -> str:
+        """Verify bytes fetched from a peer against the hash requested, then store them as a
+        fetched module; then enforce the quota (:meth:`enforce_quota` with ``keep``).
 
         Raises:
             ValueError: ``sha256`` is not a hash name (our own misuse).
@@ -130,7 +179,39 @@ class ModuleStore:
         actual = module_hash(bytes(wasm))
         if actual != sha256:
             raise ModuleIntegrityError(f"fetched module hashes to {actual[:12]}, not {sha256[:12]}")
-        return self.put(wasm)
+        with self._lock:
+            if not self._local(sha256).is_file() and not self._fetched(sha256).is_file():
+                self._write(self.fetched_root, self._fetched(sha256), bytes(wasm))
+        self._touch(sha256)
+        self.enforce_quota(keep={*keep, sha256})
+        return sha256
+
+    def enforce_quota(self, keep: Collection[str] = ()) -> int:
+        """Remove least recently used fetched modules not in ``keep`` until the fetched modules
+        fit ``fetched_max_bytes``; returns how many were removed (also added to :attr:`evicted`)."""
+        if self.fetched_max_bytes is None:
+            return 0
+        with self._lock:
+            files = []
+            for p in self.fetched_root.glob("*.wasm"):
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                files.append((self._used.get(p.stem, 0), st.st_mtime_ns, p, st.st_size))
+            total = sum(f[3] for f in files)
+            removed = 0
+            for _, _, p, size in sorted(files, key=lambda f: (f[0], f[1])):
+                if total <= self.fetched_max_bytes:
+                    break
+                if p.stem in keep:
+                    continue
+                p.unlink(missing_ok=True)
+                self._used.pop(p.stem, None)
+                total -= size
+                removed += 1
+            self.evicted += removed
+        return removed
 
     def get(self, sha256: str) -> bytes:
         """The module's bytes, re-verified.
@@ -147,25 +228,106 @@ class ModuleStore:
         if module_hash(data) != sha256:
             path.unlink(missing_ok=True)
             raise ModuleIntegrityError(f"stored module {sha256[:12]} is damaged; removed")
+        self._touch(sha256)
         return data
+
+    def read_chunk(self, sha256: str, offset: int, max_bytes: int) -> tuple[bytes, int]:
+        """``(bytes at offset, up to max_bytes; the module's size)``. The whole file is hashed only
+        the first time this (inode, size, mtime) is read; later chunks read just their bytes.
+
+        Raises:
+            ModuleNotFound: not stored.
+            ModuleIntegrityError: the file on disk does not match its name (it is removed).
+            BadOffset: ``offset`` beyond the module's end.
+        """
+        path = self._path(sha256)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ModuleNotFound(sha256) from None
+        try:
+            st = os.fstat(fd)
+            key = (sha256, st.st_ino, st.st_size, st.st_mtime_ns)
+            with self._lock:
+                known = key in self._verified
+                if known:
+                    self._verified.move_to_end(key)
+            if not known:
+                h = hashlib.sha256()
+                pos = 0
+                while True:
+                    block = os.pread(fd, 1 << 20, pos)
+                    if not block:
+                        break
+                    h.update(block)
+                    pos += len(block)
+                if h.hexdigest() != sha256:
+                    path.unlink(missing_ok=True)
+                    raise ModuleIntegrityError(f"stored module {sha256[:12]} is damaged; removed")
+                with self._lock:
+                    self._verified[key] = None
+                    while len(self._verified) > self.VERIFIED_KEPT:
+                        self._verified.popitem(last=False)
+            if offset > st.st_size:
+                raise BadOffset(f"offset {offset} beyond the module's {st.st_size} bytes", st.st_size)
+            data = os.pread(fd, max(0, min(max_bytes, st.st_size - offset)), offset)
+        finally:
+            os.close(fd)
+        self._touch(sha256)
+        return data, st.st_size
+
+    def is_verified(self, sha256: str) -> bool:
+        """True when :meth:`read_chunk` already hashed the file as it is now (one stat)."""
+        try:
+            st = self._path(sha256).stat()
+        except (OSError, ValueError):
+            return False
+        with self._lock:
+            return (sha256, st.st_ino, st.st_size, st.st_mtime_ns) in self._verified
 
     def has(self, sha256: str) -> bool:
         try:
-            return self._path(sha256).is_file()
+            return self._local(sha256).is_file() or self._fetched(sha256).is_file()
         except ValueError:
             return False
 
+    def is_fetched(self, sha256: str) -> bool:
+        """True when the module is stored only as a fetched one (under the quota)."""
+        return not self._local(sha256).is_file() and self._fetched(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        """The stored module's size in bytes. Raises ModuleNotFound."""
+        try:
+            return self._path(sha256).stat().st_size
+        except FileNotFoundError:
+            raise ModuleNotFound(sha256) from None
+
     def remove(self, sha256: str) -> bool:
         """Delete a module; True if it was there."""
-        path = self._path(sha256)
         with self._lock:
-            existed = path.is_file()
-            path.unlink(missing_ok=True)
+            existed = False
+            for path in (self._local(sha256), self._fetched(sha256)):
+                existed |= path.is_file()
+                path.unlink(missing_ok=True)
         return existed
 
     def list(self) -> list[str]:
-        """Hashes of the stored modules, sorted."""
-        return sorted(p.stem for p in self.root.glob("*.wasm") if _SHA_RE.fullmatch(p.stem))
+        """Hashes of the stored modules (local and fetched), sorted."""
+        return sorted({p.stem for d in (self.root, self.fetched_root) for p in d.glob("*.wasm")
+                       if _SHA_RE.fullmatch(p.stem)})
 
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*.wasm"))
+        return _sizes(self.root) + _sizes(self.fetched_root)
+
+    def fetched_bytes(self) -> int:
+        return _sizes(self.fetched_root)
+
+
+def _sizes(directory: Path) -> int:
+    total = 0
+    for p in directory.glob("*.wasm"):
+        try:
+            total += p.stat().st_size
+        except OSError:  # removed meanwhile
+            pass
+    return total

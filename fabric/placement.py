@@ -72,7 +72,8 @@ replicas whose digest matches the accepted one, ``task_disagree`` for the
 others and for a peer whose report is its own doing: a digest that does not
 match the result it sent (``inconsistent_digest``), or a refusal reason outside
 :data:`REFUSALS_NOT_BLAMED` (no such reason comes from an honest peer);
-``equivocation`` for a replica that signed two digests. Refusals that are no
+``equivocation`` for a replica that signed two digests, or signed a vote for a digest
+other than the one it reported (never counted). Refusals that are no
 wrong result cost no reputation, and neither do timeouts by default: per
 :mod:`chimera.consensus.reputation` a silent peer may be our own link's fault
 (``observe_timeouts=True`` changes that); they feed the circuit breaker instead.
@@ -83,6 +84,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -413,21 +415,117 @@ class CircuitBreaker:
 # -------------------------------------------------------------------- tasks
 
 
-def task_ballot_purpose(task_id: str, table: WeightTable) -> str:
-    """Ballot purpose binding the task and its replica table: ``"task <id> replicas <sha256 hex>"``."""
-    return f"task {task_id} replicas {table.digest().hex()}"
+_PURPOSE_RE = re.compile(r"task (\S{1,64}) (\S{1,64}) replicas ([0-9a-f]{64})")
 
 
-def verify_task_certificate(cert: VoteCertificate, table: WeightTable, network_id: bytes, task_id: str) -> None:
-    """Check that ``cert`` accepts a result of ``task_id`` under the replica table ``table``.
+def task_ballot_purpose(submitter: str, task_id: str, table: WeightTable) -> str:
+    """Ballot purpose binding the submitter, the task and its replica table:
+    ``"task <submitter peer id> <task id> replicas <sha256 hex of the table>"``.
+
+    Task ids are the submitter's own id space, so the submitter is part of the name: a replica
+    that ran the same task id for two submitters signs ballots of two different purposes (and
+    so two different ballot ids), never one ballot for both.
+    """
+    return f"task {submitter} {task_id} replicas {table.digest().hex()}"
+
+
+def ballot_names_task(purpose: str, submitter: str, task_id: str) -> bool:
+    """True when ``purpose`` is exactly a :func:`task_ballot_purpose` of ``submitter``'s task
+    ``task_id`` (any replica table: the replica does not know the table)."""
+    m = _PURPOSE_RE.fullmatch(purpose)
+    return m is not None and m.group(1) == submitter and m.group(2) == task_id
+
+
+def verify_task_certificate(cert: VoteCertificate, table: WeightTable, network_id: bytes, task_id: str, *,
+                            submitter: str) -> None:
+    """Check that ``cert`` accepts a result of ``submitter``'s task ``task_id`` under the replica
+    table ``table``.
 
     Raises:
-        CertificateError: the ballot is not for this task and table, or
+        CertificateError: the ballot is not for this submitter, task and table, or
             :func:`~chimera.consensus.votes.verify_vote_certificate` fails.
     """
-    if cert.ballot.purpose != task_ballot_purpose(task_id, table):
-        raise CertificateError("certificate's ballot is not for this task and replica table")
+    if cert.ballot.purpose != task_ballot_purpose(submitter, task_id, table):
+        raise CertificateError("certificate's ballot is not for this submitter, task and replica table")
     verify_vote_certificate(cert, table, network_id)
+
+
+EXECUTED_PER_SUBMITTER = 512
+"""Reported digests a replica keeps per submitter (that submitter's oldest forgotten first)."""
+EXECUTED_TOTAL = 8192
+"""Reported digests a replica keeps in all (beyond: the largest submitter's oldest forgotten)."""
+
+
+class ExecutedDigests:
+    """Replica side: the digest this peer reported for each ``(submitter, task id)``, and the
+    weight-table epoch it was in when it accepted the run, for the vote requests that follow.
+
+    Bounded per submitter (``per_submitter``: a submitter's new entry forgets its own oldest)
+    and in total (``total``: the submitter holding the most entries loses its oldest), so one
+    submitter's runs can never make this peer forget another submitter's digests while that
+    one stays within its share (``total // per_submitter`` submitters fit at full share).
+    """
+
+    def __init__(self, *, per_submitter: int = EXECUTED_PER_SUBMITTER, total: int = EXECUTED_TOTAL) -> None:
+        if not 1 <= per_submitter <= total:
+            raise LocalProtocolError("need 1 <= per_submitter <= total")
+        self.per_submitter, self.total = per_submitter, total
+        self._by: dict[str, OrderedDict[str, tuple[bytes, int]]] = {}
+        self._count = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return self.get(*key) is not None
+
+    def get(self, submitter: str, task_id: str) -> tuple[bytes, int] | None:
+        """``(digest, epoch when the run was accepted)`` or None."""
+        table = self._by.get(submitter)
+        return None if table is None else table.get(task_id)
+
+    def digest(self, submitter: str, task_id: str) -> bytes | None:
+        entry = self.get(submitter, task_id)
+        return None if entry is None else entry[0]
+
+    def record(self, submitter: str, task_id: str, digest: bytes, epoch: int) -> None:
+        table = self._by.setdefault(submitter, OrderedDict())
+        if task_id in table:
+            table.move_to_end(task_id)
+        else:
+            self._count += 1
+        table[task_id] = (digest, epoch)
+        while len(table) > self.per_submitter:
+            self._evict(submitter)
+        while self._count > self.total:
+            self._evict(max(self._by, key=lambda s: len(self._by[s])))
+
+    def _evict(self, submitter: str) -> None:
+        table = self._by[submitter]
+        table.popitem(last=False)
+        self._count -= 1
+        self.evicted += 1
+        if not table:
+            del self._by[submitter]
+
+    def vote_refusal(self, submitter: str, task_id: str, ballot: Ballot, digest: bytes,
+                     current_epoch: int) -> str | None:
+        """Why this replica must not sign ``digest`` on ``ballot`` for ``submitter`` (the envelope
+        sender of the vote request), or None when it may (PROTOCOL.md 18.4 step 6): it signs only
+        the digest it reported for that submitter's task, on a ballot whose purpose names exactly
+        that submitter and task id, in an epoch between the one before the epoch it was in when it
+        accepted the run and its current epoch."""
+        entry = self.get(submitter, task_id)
+        if entry is None:
+            return "no result of that task from that submitter"
+        if entry[0] != digest:
+            return "not the digest this peer reported"
+        if not ballot_names_task(ballot.purpose, submitter, task_id):
+            return "ballot purpose does not name that submitter and task"
+        if not entry[1] - 1 <= ballot.epoch <= current_epoch:
+            return f"ballot epoch {ballot.epoch} outside {entry[1] - 1}..{current_epoch}"
+        return None
 
 
 @dataclass
@@ -458,6 +556,7 @@ class _Task:
     table: WeightTable | None = None
     vote_deadline: float | None = None
     vote_retry_at: float | None = None
+    vote_faults: set[str] = field(default_factory=set)  # voters that voted for a digest they did not report
 
     @property
     def missing(self) -> int:
@@ -489,15 +588,17 @@ class Placement:
     """The placement state machine of one submitting peer.
 
     Args:
-        config: tuning; network_id: the network the votes are signed for;
+        config: tuning; network_id: the network the votes are signed for; submitter: the peer
+        id of the node this core submits for (named in every task ballot's purpose);
         rng: the injected random source (placement sampling, backoff jitter).
     Call :meth:`set_weights` (committed reputation weights) and
     :meth:`update_peer` (advertised resources) before submitting.
     """
 
-    def __init__(self, config: PlacementConfig, *, network_id: bytes, rng: random.Random) -> None:
+    def __init__(self, config: PlacementConfig, *, network_id: bytes, submitter: str, rng: random.Random) -> None:
         self.config = config
         self.network_id = network_id
+        self.submitter = submitter
         self.rng = rng
         self.weights: WeightTable | None = None
         self.peers: dict[str, Resources] = {}
@@ -733,11 +834,26 @@ class Placement:
         return actions + self._place_waiting(now)
 
     def on_vote(self, task_id: str, vote: BallotVote, now: float) -> list[Action]:
-        """A replica's signed vote on the task's ballot."""
+        """A replica's signed vote on the task's ballot.
+
+        A validly signed vote whose choice is not the digest its voter reported is never counted
+        (``vote_not_reported_digest``): its signed result and its signed vote conflict, so it is an
+        ``equivocation`` observation (once per task and voter).
+        """
         task = self.tasks.get(task_id)
         if task is None or task.tally is None or task.state != "voting":
             self._count("ignored_vote")
             return []
+        reported = task.results.get(vote.voter)
+        if (reported is not None and vote.choice != reported and vote.ballot_id == task.tally.ballot.ballot_id
+                and vote.verify(task.tally.ballot.epoch, self.network_id)):
+            # it signed a digest other than the one it reported (both signed by it): never counted
+            self._count("vote_not_reported_digest")
+            if vote.voter in task.vote_faults:
+                return []
+            task.vote_faults.add(vote.voter)
+            return [Observe(vote.voter, ObservationKind.EQUIVOCATION, task_id,
+                            "voted for a digest other than the one it reported")]
         result = task.tally.add(vote)
         actions: list[Action] = []
         if result.status is VoteStatus.EQUIVOCATION:
@@ -950,7 +1066,7 @@ class Placement:
         assert self.weights is not None
         table = WeightTable(self.weights.epoch, {p: max(1, self._weight(p)) for p in task.results})
         try:  # TaskRequirements checked the rule and threshold; a ballot that still cannot open fails the task
-            ballot = Ballot.create(epoch=table.epoch, purpose=task_ballot_purpose(task.task_id, table),
+            ballot = Ballot.create(epoch=table.epoch, purpose=task_ballot_purpose(self.submitter, task.task_id, table),
                                    rule=task.req.rule, threshold=task.req.threshold)
         except LocalProtocolError as exc:
             return self._finish_failed(task, "invalid_ballot", str(exc))

@@ -79,6 +79,7 @@ Sources: wasmtime ``Config``/``Store`` documentation
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -447,12 +448,15 @@ class SandboxEngine:
         max_module_bytes: largest accepted ``.wasm``.
         max_wasm_stack_bytes: wasm stack cap (stack overflow traps).
         memory_cache_entries: compiled modules kept in memory (LRU).
+        cache_max_bytes: size bound of ``cache_dir`` (None: unbounded); beyond it the artefacts
+            used least recently (file mtime, refreshed on each load) are removed (``cache_evicted``).
     Use as a context manager or call :meth:`close` (stops the ticker thread).
     """
 
     def __init__(self, cache_dir: Path | str | None = None, *, epoch_tick_s: float = 0.005,
                  memory_reservation_bytes: int = 64 << 20, max_module_bytes: int = 16 << 20,
-                 max_wasm_stack_bytes: int = 512 << 10, memory_cache_entries: int = 64) -> None:
+                 max_wasm_stack_bytes: int = 512 << 10, memory_cache_entries: int = 64,
+                 cache_max_bytes: int | None = None) -> None:
         if not 0.001 <= epoch_tick_s <= 1.0:
             raise ValueError("epoch_tick_s must be in [0.001, 1]")
         self.epoch_tick_s = float(epoch_tick_s)
@@ -475,6 +479,7 @@ class SandboxEngine:
                     memory_reservation_bytes, max_wasm_stack_bytes, "fuel", "epoch", ENGINE_SETTINGS, "v2")
         self.fingerprint = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_max_bytes = cache_max_bytes
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.cache_dir.chmod(0o700)
@@ -484,7 +489,7 @@ class SandboxEngine:
         self._linkers: dict[bool, wasmtime.Linker] = {}
         self._tmp_root = Path(tempfile.mkdtemp(prefix="chimera-wasm-"))
         self.counters = {"compiled": 0, "cache_hits_memory": 0, "cache_hits_disk": 0,
-                         "cache_rejected": 0, "tasks_run": 0}
+                         "cache_rejected": 0, "cache_evicted": 0, "tasks_run": 0}
         # Calls running guest code (instantiation included): token -> the epoch its deadline falls
         # on. The epoch is only advanced with _lock held, so _epoch is the engine's epoch there.
         self._lock = threading.Lock()
@@ -641,6 +646,8 @@ class SandboxEngine:
             path.unlink(missing_ok=True)
             return None
         self.counters["cache_hits_disk"] += 1
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used (the disk cache's LRU order)
         return module
 
     def _store_artefact(self, sha: str, module: wasmtime.Module) -> None:
@@ -658,6 +665,30 @@ class SandboxEngine:
             os.replace(tmp, path)
         except OSError:
             Path(tmp).unlink(missing_ok=True)  # a cache write failure only costs a recompile
+            return
+        self._trim_disk_cache(keep=path)
+
+    def _trim_disk_cache(self, keep: Path) -> None:
+        """Remove the least recently used artefacts (mtime) until the cache fits ``cache_max_bytes``."""
+        if self.cache_max_bytes is None or self.cache_dir is None:
+            return
+        files = []
+        for p in self.cache_dir.glob("*.cwasm"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime_ns, p, st.st_size))
+        total = sum(f[2] for f in files)
+        for _, p, size in sorted(files, key=lambda f: f[0]):
+            if total <= self.cache_max_bytes:
+                break
+            if p == keep:
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                total -= size
+                self.counters["cache_evicted"] += 1
 
     # ---------------------------------------------------------- instantiation
 

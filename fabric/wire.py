@@ -177,9 +177,11 @@ class FabricTaskCancel:
 class FabricVoteRequest:
     """Sign ``digest`` (the one you reported for ``task_id``) on ``ballot``.
 
-    The ballot's purpose is ``"task <task_id> replicas <replica table sha256>"``
+    The ballot's purpose is ``"task <submitter> <task_id> replicas <replica table sha256>"``
     (:func:`~chimera.fabric.placement.task_ballot_purpose`); a replica signs
-    only a digest it computed itself for that task from that submitter.
+    only a digest it computed itself for that task from that submitter, on a
+    ballot naming exactly that submitter (the envelope sender) and task id
+    (:meth:`~chimera.fabric.placement.ExecutedDigests.vote_refusal`).
     """
 
     task_id: TaskId
@@ -273,6 +275,16 @@ def module_chunks(wasm: bytes, sha256: str) -> list[FabricModuleChunk]:
             for o in range(0, max(total, 1), CHUNK_BYTES)]
 
 
+WASM_HEADER = b"\0asm\x01\x00\x00\x00"
+"""The first 8 bytes of every binary WebAssembly core module: magic ``\\0asm`` and version 1."""
+
+
+class NotWebAssembly(ValueError):
+    """Fetched bytes that cannot be a WebAssembly core module (they do not start with
+    :data:`WASM_HEADER`): every peer's sandbox rejects such a module (``module_rejected``),
+    so no more of it needs to travel or be stored."""
+
+
 class ModuleAssembler:
     """Reassembles one module from in-order chunks and verifies its SHA-256.
 
@@ -285,6 +297,8 @@ class ModuleAssembler:
             non-final chunk, or a total that changes between chunks.
         ModuleTooLarge: the announced total exceeds ``max_bytes``.
         ModuleIntegrityError: the assembled bytes do not hash to ``sha256``.
+        NotWebAssembly: the announced total is under 8 bytes or the first bytes are not
+            :data:`WASM_HEADER` (checked as soon as they arrive, normally with the first chunk).
     """
 
     def __init__(self, sha256: str, max_bytes: int = MAX_MODULE_BYTES) -> None:
@@ -311,6 +325,11 @@ class ModuleAssembler:
             raise MalformedError(f"chunk at offset {chunk.offset}, expected {self.next_offset}")
         if not chunk.data and chunk.offset + len(chunk.data) < self.total:
             raise MalformedError("empty chunk before the end of the module")
+        if self.next_offset < len(WASM_HEADER):
+            head = (b"".join(self.parts) + chunk.data)[:len(WASM_HEADER)]
+            if self.total < len(WASM_HEADER) or not WASM_HEADER.startswith(head):
+                raise NotWebAssembly(f"module {self.sha256[:12]} is not valid WebAssembly: it does not start "
+                                     f"with the binary module header (\\0asm, version 1)")
         self.parts.append(chunk.data)
         self._hash.update(chunk.data)
         self.next_offset += len(chunk.data)

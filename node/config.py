@@ -90,6 +90,8 @@ class NodeConfig:
     fabric_capacity_interval_s: float = 5.0  # signed fabric_capacity advertisement period
     fabric_max_wasm_memory_bytes: int = 64 << 20  # linear memory per agent: advertised cap + wasmtime reservation
     fabric_max_task_wall_s: float = 3600.0  # longest task run accepted from anyone (advertised; longer: over_capacity)
+    fabric_fetched_modules_max_bytes: int = 256 << 20  # modules fetched from peers kept on disk (LRU beyond)
+    fabric_compiled_cache_max_bytes: int = 1 << 30  # compiled-artefact disk cache (LRU beyond)
     fabric_probe_gpus: int = -1  # SIMULATION/TEST: >= 0 advertises this many simulated GPUs instead of NVML's
     fabric_test_wrong_results: bool = False  # TEST HOOK: return wrong task results (tests only)
     fabric_test_tamper_chunks: bool = False  # TEST HOOK: corrupt module chunks served to peers (tests only)
@@ -177,6 +179,8 @@ RANGES: dict[str, Range] = {
     "fabric_capacity_interval_s": Range(0.1, _DAY_S),
     "fabric_max_wasm_memory_bytes": Range(64 << 10, 4 << 30, note="64 KiB..4 GiB"),
     "fabric_max_task_wall_s": Range(0.001, _DAY_S, note="1 ms..1 day"),
+    "fabric_fetched_modules_max_bytes": Range(16 << 20, 1 << 40, note="16 MiB..1 TiB"),
+    "fabric_compiled_cache_max_bytes": Range(16 << 20, 1 << 40, note="16 MiB..1 TiB"),
     "fabric_probe_gpus": Range(-1, 64, note="-1: real GPUs (NVML)"),
     # operation
     "drop_log_interval_s": Range(0.0, _DAY_S, note="0: log every drop"),
@@ -205,6 +209,8 @@ PROFILES: dict[str, dict[str, object]] = {
         "fabric_task_slots": 1,
         "fabric_max_wasm_memory_bytes": 16 << 20,
         "fabric_max_task_wall_s": 600.0,
+        "fabric_fetched_modules_max_bytes": 64 << 20,
+        "fabric_compiled_cache_max_bytes": 256 << 20,
     },
 }
 

@@ -72,6 +72,7 @@ from chimera.consensus.reputation import ObservationKind
 from chimera.consensus.votes import RULES, BallotVote
 from chimera.fabric.digests import error_digest, result_digest
 from chimera.fabric.modules import (
+    BadOffset,
     ModuleIntegrityError,
     ModuleNotFound,
     ModuleStore,
@@ -82,6 +83,7 @@ from chimera.fabric.placement import (
     BreakerOpened,
     Cancel,
     Dispatch,
+    ExecutedDigests,
     Observe,
     Placement,
     PlacementConfig,
@@ -113,6 +115,7 @@ from chimera.fabric.wire import (
     FabricVote,
     FabricVoteRequest,
     ModuleAssembler,
+    NotWebAssembly,
 )
 from chimera.protocol.envelope import Envelope
 from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
@@ -122,13 +125,16 @@ from chimera.protocol.messages import encode_fields
 from . import admin as admin_api
 from .actors import Actor, wait_event
 from .metrics import LatencyHistogram
+from .transport import TokenBucket
 
 log = logging.getLogger("chimera.fabric.node")
 
 FETCH_CHUNK_TIMEOUT_S = 10.0
 QUEUE_PER_SLOT = 4  # attempts waiting for a slot, per slot; beyond that: refused as "busy"
 MAX_TASKS_KEPT = 256  # finished tasks kept for tasks_status (input and replicas' stdout freed when done)
-MAX_EXECUTED_KEPT = 4096
+MAX_FETCHES_PER_SOURCE = 2  # module fetches in flight from one submitter; more runs naming new modules: busy
+MODULE_REQUESTS_PER_S = 200.0  # fabric_module_request served per peer and second (burst: 2 s worth)
+INLINE_CHUNK_BYTES = 64 << 10  # verified chunks up to this size are read on the event loop
 DEFAULT_FUEL = 1_000_000_000
 LOCAL_CALL_INPUT_BYTES = 4 << 20  # agents_call runs here: the sandbox's own stdin limit (no envelope)
 DEFAULT_TASK_MEMORY_BYTES = 64 << 20
@@ -156,11 +162,15 @@ class _Run:
     submitter: str
     msg: FabricTaskRun
     started_mono: float
+    epoch: int = 0  # this node's weight-table epoch when it accepted the run (vote requests: 18.4 step 6)
     cancelled: bool = False
 
 
 @dataclass
 class _Fetch:
+    """A module fetched from ``source`` (keyed by ``(module sha256, source)``): only the attempts
+    that ``source`` itself sent wait on it."""
+
     assembler: ModuleAssembler
     source: str
     deadline: float
@@ -221,7 +231,7 @@ class FabricService:
         self.loop = asyncio.get_running_loop()
         self.root = node.data_dir / "fabric"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.modules = ModuleStore(self.root / "modules")
+        self.modules = ModuleStore(self.root / "modules", fetched_max_bytes=cfg.fabric_fetched_modules_max_bytes)
         self.counters = node.counters
         self.slots = cfg.fabric_task_slots
         # the longest run accepted from anyone (advertised): bounds a slot's occupation and close()
@@ -230,14 +240,14 @@ class FabricService:
         self.probe = self._make_probe()
         self.own: Resources | None = None
         self.capacity: dict[str, tuple[Resources, float]] = {}  # peer -> (resources, expires at, monotonic)
-        self.placement = Placement(PlacementConfig(), network_id=self.network_id,
+        self.placement = Placement(PlacementConfig(), network_id=self.network_id, submitter=self.peer_id,
                                    rng=random.Random(int.from_bytes(os.urandom(8), "big")))
         self.tasks: OrderedDict[str, _Submitted] = OrderedDict()
         self.running: dict[tuple[str, str, int], _Run] = {}
         self.gpu_leases: dict[int, tuple[str, str, int]] = {}
-        self.executed: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self.fetches: dict[str, _Fetch] = {}
-        self._served: OrderedDict[str, bytes] = OrderedDict()  # recently served modules' bytes
+        self.executed = ExecutedDigests()  # the digests this node reported, per submitter (bounded)
+        self.fetches: dict[tuple[str, str], _Fetch] = {}  # (module sha256, source) -> fetch
+        self._module_request_buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # per peer (LRU, bounded)
         self.reputation = node.reputation
         self.observations: deque[dict] = deque(maxlen=500)
         self.task_pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="fabric-task")
@@ -272,7 +282,8 @@ class FabricService:
                 from .agent_store import SqliteDeploymentStore
 
                 cap = self.config.fabric_max_wasm_memory_bytes
-                sandbox = SandboxEngine(self.root / "compiled", memory_reservation_bytes=cap)
+                sandbox = SandboxEngine(self.root / "compiled", memory_reservation_bytes=cap,
+                                        cache_max_bytes=self.config.fabric_compiled_cache_max_bytes)
                 # queued payload per agent: 16 of the largest envelopes this node accepts (16 MiB, edge 4 MiB)
                 host = AgentHost(sandbox, peer_id=self.peer_id, remote_send=self._remote_send,
                                  mailbox_max_bytes=16 * self.config.max_message_bytes)
@@ -332,7 +343,7 @@ class FabricService:
                 except Exception:  # noqa: BLE001 - a bug must not stop timeouts and retries for good
                     self.counters["fabric_timer_errors"] += 1
                     log.exception("fabric tick failed")
-                deadlines = [self._next_advert, *(f.deadline for f in self.fetches.values())]
+                deadlines = [self._next_advert, *(f.deadline for f in self.fetches.values())]  # inf: storing
                 nd = self.placement.next_deadline()
                 if nd is not None:
                     deadlines.append(nd)
@@ -485,13 +496,19 @@ class FabricService:
             return
         for i in msg.gpu_indices:
             self.gpu_leases[i] = key
-        self.running[key] = _Run(submitter, msg, time.monotonic())
+        self.running[key] = _Run(submitter, msg, time.monotonic(), epoch=self.weights().epoch)
         self.counters["fabric_tasks_received"] += 1
         if self.modules.has(msg.module_sha256):
             self._start_run(key)
         elif submitter == self.peer_id:
             self._finish(key, FabricTaskResult(task_id=msg.task_id, attempt=msg.attempt, status="refused",
                                                reason="module_unavailable", detail="not in the local store"))
+        elif (msg.module_sha256, submitter) not in self.fetches and \
+                sum(1 for _, src in self.fetches if src == submitter) >= MAX_FETCHES_PER_SOURCE:
+            self.counters["fabric_fetches_per_source_full"] += 1
+            self._finish(key, FabricTaskResult(task_id=msg.task_id, attempt=msg.attempt, status="refused",
+                                               reason="busy", detail=f"{MAX_FETCHES_PER_SOURCE} module fetches "
+                                                                     f"from this submitter in flight"))
         else:
             self._fetch(msg.module_sha256, submitter, key)
 
@@ -571,18 +588,16 @@ class FabricService:
             self.counters["fabric_result_after_cancel"] += 1
             return
         if result.digest is not None:
-            self.executed[(run.submitter, result.task_id)] = result.digest
-            while len(self.executed) > MAX_EXECUTED_KEPT:
-                self.executed.popitem(last=False)
+            self.executed.record(run.submitter, result.task_id, result.digest, run.epoch)
         self.counters[f"fabric_tasks_{result.status}"] += 1
         self._reply(run.submitter, result)
 
     def _on_vote_request(self, submitter: str, msg: FabricVoteRequest) -> list:
-        digest = self.executed.get((submitter, msg.task_id))
-        if digest is None or digest != msg.digest or not msg.ballot.purpose.startswith(f"task {msg.task_id} replicas "):
-            self._drop("fabric_vote_refused", submitter, f"no such result of task {msg.task_id[:64]} to sign")
+        refusal = self.executed.vote_refusal(submitter, msg.task_id, msg.ballot, msg.digest, self.weights().epoch)
+        if refusal is not None:
+            self._drop("fabric_vote_refused", submitter, f"task {msg.task_id[:64]}: {refusal}")
             return []
-        vote = BallotVote.sign(self.node.identity, msg.ballot, digest, self.network_id)
+        vote = BallotVote.sign(self.node.identity, msg.ballot, msg.digest, self.network_id)
         self.counters["fabric_votes_signed"] += 1
         if submitter == self.peer_id:
             return self.placement.on_vote(msg.task_id, vote, time.monotonic())
@@ -592,10 +607,10 @@ class FabricService:
     # ------------------------------------------------------------ modules between peers
 
     def _fetch(self, sha: str, source: str, key: tuple[str, str, int]) -> None:
-        fetch = self.fetches.get(sha)
+        fetch = self.fetches.get((sha, source))
         if fetch is None:
-            fetch = self.fetches[sha] = _Fetch(ModuleAssembler(sha, MAX_MODULE_BYTES), source,
-                                               time.monotonic() + FETCH_CHUNK_TIMEOUT_S)
+            fetch = self.fetches[(sha, source)] = _Fetch(ModuleAssembler(sha, MAX_MODULE_BYTES), source,
+                                                         time.monotonic() + FETCH_CHUNK_TIMEOUT_S)
             self.node.send(source, FabricModuleRequest(module_sha256=sha, offset=0,
                                                        max_chunk_bytes=self._chunk_bytes()))
             self.counters["fabric_module_fetches"] += 1
@@ -606,59 +621,112 @@ class FabricService:
         """Chunk size to ask for: 512 KiB, less when our own envelope limit is smaller (edge profile)."""
         return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, self.config.max_message_bytes - (16 << 10)))
 
-    def _fail_fetch(self, sha: str, detail: str) -> None:
-        fetch = self.fetches.pop(sha, None)
+    def _fail_fetch(self, fkey: tuple[str, str], detail: str, *, rejected: bool = False) -> None:
+        """End a fetch: its waiting attempts are refused ``module_unavailable``, or with
+        ``rejected`` (the bytes are not WebAssembly) answered with the deterministic
+        ``error``/``module_rejected`` result every sandbox gives such a module."""
+        fetch = self.fetches.pop(fkey, None)
         if fetch is None:
             return
         self.counters["fabric_module_fetch_failed"] += 1
         for key in fetch.waiting:
             run = self.running.get(key)
-            if run is not None:
-                self._finish(key, FabricTaskResult(task_id=run.msg.task_id, attempt=run.msg.attempt,
-                                                   status="refused", reason="module_unavailable",
-                                                   detail=detail[:256]))
+            if run is None:
+                continue
+            common = dict(task_id=run.msg.task_id, attempt=run.msg.attempt, detail=detail[:256])
+            if rejected:
+                reason = "module_rejected" + ("_wrong" if self.config.fabric_test_wrong_results else "")
+                result = FabricTaskResult(**common, status="error", reason=reason, digest=error_digest(reason))
+            else:
+                result = FabricTaskResult(**common, status="refused", reason="module_unavailable")
+            self._finish(key, result)
 
     def _expire_fetches(self, now: float) -> None:
-        for sha, fetch in list(self.fetches.items()):
+        for fkey, fetch in list(self.fetches.items()):
             if now >= fetch.deadline:
-                self._fail_fetch(sha, f"no chunk from {fetch.source[:10]} within {FETCH_CHUNK_TIMEOUT_S} s")
+                self._fail_fetch(fkey, f"no chunk from {fetch.source[:10]} within {FETCH_CHUNK_TIMEOUT_S} s")
+
+    def _module_request_allowed(self, peer: str) -> bool:
+        now = time.monotonic()
+        buckets = self._module_request_buckets
+        bucket = buckets.get(peer)
+        if bucket is None:
+            bucket = buckets[peer] = TokenBucket(MODULE_REQUESTS_PER_S, int(2 * MODULE_REQUESTS_PER_S), now)
+            while len(buckets) > 1024:
+                buckets.popitem(last=False)
+        buckets.move_to_end(peer)
+        return bucket.take(now)
 
     async def _serve_module(self, peer: str, msg: FabricModuleRequest) -> None:
+        """One chunk of a stored module. Each stored file is hashed once (ModuleStore.read_chunk),
+        not on every request; reads of large or unverified chunks run off the event loop; each
+        peer gets at most MODULE_REQUESTS_PER_S requests a second (more: dropped, counted)."""
         sha = msg.module_sha256
-        wasm = self._served.get(sha)
-        if wasm is None:
-            try:
-                wasm = await self.loop.run_in_executor(self.admin_pool, self.modules.get, sha)
-            except (ModuleNotFound, ModuleIntegrityError):
-                self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=0, total_bytes=0,
-                                                       error="not_found"))
-                return
-            self._served[sha] = wasm
-            while len(self._served) > 4:
-                self._served.popitem(last=False)
-        if msg.offset > len(wasm):
-            self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=0, total_bytes=len(wasm),
-                                                   error="bad_offset"))
+        if not self._module_request_allowed(peer):
+            self._drop("fabric_module_request_rate", peer, f"over {MODULE_REQUESTS_PER_S:g} module requests/s")
             return
-        data = wasm[msg.offset:msg.offset + min(msg.max_chunk_bytes, CHUNK_BYTES)]
-        if self.config.fabric_test_tamper_chunks and data:  # TEST HOOK: a peer serving bad bytes
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=msg.offset, total_bytes=len(wasm),
-                                               data=data))
+        n = min(msg.max_chunk_bytes, CHUNK_BYTES)
+        try:
+            if n <= INLINE_CHUNK_BYTES and self.modules.is_verified(sha):
+                data, total = self.modules.read_chunk(sha, msg.offset, n)
+            else:
+                data, total = await self.loop.run_in_executor(self.admin_pool, self.modules.read_chunk, sha,
+                                                              msg.offset, n)
+        except (ModuleNotFound, ModuleIntegrityError):
+            self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=0, total_bytes=0, error="not_found"))
+            return
+        except BadOffset as exc:  # offset beyond the end
+            self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=0,
+                                                   total_bytes=min(exc.size, MAX_MODULE_BYTES), error="bad_offset"))
+            return
+        if self.config.fabric_test_tamper_chunks and data:  # TEST HOOK: a peer serving bad bytes (the
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])   # last byte: the module header stays intact)
+        self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=msg.offset, total_bytes=total, data=data))
         self.counters["fabric_module_chunks_served"] += 1
 
+    def _modules_in_use(self) -> set[str]:
+        """Modules the fetched-module quota must not evict: those of runs in flight and of fetches."""
+        return {r.msg.module_sha256 for r in self.running.values()} | {sha for sha, _ in self.fetches}
+
+    def _deployed_modules(self) -> set[str]:
+        """Every module named by the deployment history of an agent that is not removed (any
+        version: rollbacks need them). Read from SQLite directly (admin pool thread)."""
+        path = self.root / "agents.sqlite3"
+        if not path.exists():
+            return set()
+        db = sqlite3.connect(path)
+        try:
+            rows = db.execute("SELECT name, action, module_sha256 FROM agent_deployments ORDER BY seq").fetchall()
+        except sqlite3.Error:
+            return set(self.modules.list())  # cannot tell: evict nothing
+        finally:
+            db.close()
+        last = {name: action for name, action, _ in rows}
+        return {sha for name, _, sha in rows if last.get(name) != "remove"}
+
+    def _store_fetched(self, sha: str, wasm: bytes, in_use: set[str]) -> int:
+        """Admin pool thread: store a fetched module and apply the quota; returns evictions."""
+        before = self.modules.evicted
+        self.modules.accept_fetched(sha, wasm, keep=in_use | self._deployed_modules())
+        return self.modules.evicted - before
+
     async def _on_chunk(self, peer: str, msg: FabricModuleChunk) -> None:
-        fetch = self.fetches.get(msg.module_sha256)
-        if fetch is None or fetch.source != peer:
+        fkey = (msg.module_sha256, peer)
+        fetch = self.fetches.get(fkey)
+        if fetch is None:
             self._drop("fabric_unexpected_chunk", peer, f"module {msg.module_sha256[:12]} was not requested")
             return
         if msg.error:  # an honest "cannot serve": no fault of the peer's
-            self._fail_fetch(msg.module_sha256, f"{peer[:10]} cannot serve it: {msg.error}")
+            self._fail_fetch(fkey, f"{peer[:10]} cannot serve it: {msg.error}")
             return
         try:
             wasm = fetch.assembler.add(msg)
+        except NotWebAssembly as exc:  # the submitter's own module: its tasks fail, deterministically
+            self.counters["fabric_module_not_wasm"] += 1
+            self._fail_fetch(fkey, str(exc), rejected=True)
+            return
         except (ModuleIntegrityError, ModuleTooLarge, MalformedError) as exc:
-            self._fail_fetch(msg.module_sha256, f"{exc.reason}: {exc}")
+            self._fail_fetch(fkey, f"{exc.reason}: {exc}")
             raise
         if wasm is None:
             fetch.deadline = time.monotonic() + FETCH_CHUNK_TIMEOUT_S
@@ -666,8 +734,19 @@ class FabricService:
                                                      offset=fetch.assembler.next_offset,
                                                      max_chunk_bytes=self._chunk_bytes()))
             return
-        await self.loop.run_in_executor(self.admin_pool, self.modules.accept_fetched, msg.module_sha256, wasm)
-        del self.fetches[msg.module_sha256]
+        fetch.deadline = math.inf  # stored now: the chunk timeout no longer applies
+        try:
+            evicted = await self.loop.run_in_executor(self.admin_pool, self._store_fetched, msg.module_sha256,
+                                                      wasm, self._modules_in_use())
+        except Exception as exc:  # noqa: BLE001 - a disk failure: refuse its attempts, keep serving
+            log.error("could not store fetched module %s: %r", msg.module_sha256[:12], exc)
+            if self.fetches.get(fkey) is fetch:
+                self._fail_fetch(fkey, f"could not store it: {exc}")
+            return
+        self.counters["fabric_fetched_modules_evicted"] += evicted
+        if self.fetches.get(fkey) is not fetch:  # ended while it was stored (closing): its attempts are answered
+            return
+        del self.fetches[fkey]
         self.counters["fabric_modules_fetched"] += 1
         log.info("fetched module %s (%d bytes) from %s; SHA-256 verified", msg.module_sha256[:12], len(wasm),
                  peer[:10])
@@ -784,7 +863,7 @@ class FabricService:
             if rec is None:
                 return []
             try:  # the certificate must stand on its own before anyone is told
-                verify_task_certificate(a.certificate, a.table, self.network_id, a.task_id)
+                verify_task_certificate(a.certificate, a.table, self.network_id, a.task_id, submitter=self.peer_id)
             except CertificateError as exc:
                 log.error("task %s: certificate does not verify: %s", a.task_id, exc)
                 rec.state, rec.failure = "failed", ("bad_certificate", str(exc))
@@ -872,6 +951,9 @@ class FabricService:
             self._drop("fabric_bad_actor_sender", sender, "from_address is not the sender's")
             return
         rt = self._runtime
+        if rt is not None and rt.host.is_sink(msg.to_name):  # sinks ("admin") answer local callers only
+            self._drop("fabric_actor_to_sink", sender, f"{msg.to_name[:64]!r} is a local sink")
+            return
         if rt is None or not rt.host.deliver(msg.to_name, msg.from_address, msg.payload):
             self._drop("fabric_actor_undeliverable", sender, f"no agent {msg.to_name[:64]!r} took it")
             return
@@ -1227,10 +1309,10 @@ def admin_handlers(node) -> dict:
         rows = []
         for sha in svc.modules.list():
             try:
-                size = (svc.modules.root / f"{sha}.wasm").stat().st_size
-            except OSError:
+                size = svc.modules.size(sha)
+            except (OSError, KeyError):
                 continue
-            rows.append({"sha256": sha, "size_bytes": size})
+            rows.append({"sha256": sha, "size_bytes": size, "fetched": svc.modules.is_fetched(sha)})
         return {"modules": rows, "total_bytes": sum(r["size_bytes"] for r in rows)}
 
     async def resources(args: dict) -> dict:

@@ -43,7 +43,8 @@ What each peer does (as ``node/fabric.py``)
   whose modelled duration exceeds the task's wall time is stopped there and
   refused ``deadline_exceeded`` (the node's epoch deadline; counted
   ``refused_deadline_exceeded``). The replica remembers the digest it reported
-  and signs only that one.
+  (:class:`~chimera.fabric.placement.ExecutedDigests`, bounded per submitter) and
+  signs only that one, on a ballot naming that submitter and task.
 
 The task (modelled)
 -------------------
@@ -93,6 +94,7 @@ from chimera.fabric.placement import (
     BreakerState,
     Cancel,
     Dispatch,
+    ExecutedDigests,
     Observe,
     Placement,
     PlacementConfig,
@@ -135,8 +137,6 @@ TASK_FAILURE_REASONS = ("unsatisfiable", "no_capacity", "retries_exhausted", "de
 included (a reason not listed here gets a column in the runs where it occurs)."""
 MIN_TICK_S = 0.005
 """Shortest gap between two placement ticks (the node's timer)."""
-MAX_EXECUTED_KEPT = 4096
-"""Reported digests a replica remembers for vote requests (oldest forgotten first)."""
 WORDS = ("mesh", "peer", "vote", "task", "ballot", "replica", "quorum", "digest", "epoch", "fuel",
          "agent", "weight", "certificate", "placement", "breaker", "retry", "lease", "result")
 PEER_MEMORY_BYTES = 16 << 30
@@ -277,7 +277,7 @@ class FabricPeer(PeerHost):
         self.running: dict[tuple[str, str, int], _Run] = {}
         self.waiting: deque[tuple[str, str, int]] = deque()
         self.active = 0
-        self.executed: dict[tuple[str, str], bytes] = {}
+        self.executed = ExecutedDigests()
         self.incarnation = 0
         self._next_advert = math.inf
         self._breaker_seen: dict[str, float] = {}
@@ -295,11 +295,11 @@ class FabricPeer(PeerHost):
         self.boot()
         self.incarnation += 1
         setup = self.fworld.setup
-        self.placement = Placement(setup.placement, network_id=self.network_id,
+        self.placement = Placement(setup.placement, network_id=self.network_id, submitter=self.peer_id,
                                    rng=random.Random(self.rng.getrandbits(64)))
         self.reputation = LocalReputation()
         self.capacity, self.running, self.waiting, self.active = {}, {}, deque(), 0
-        self.executed = {}
+        self.executed = ExecutedDigests()
         self._breaker_seen = {}
         self._next_advert = self.clock.now()
         self.sim.log(f"start {self.name}")
@@ -487,9 +487,7 @@ class FabricPeer(PeerHost):
             if stdout != honest:
                 self.fworld.counters["wrong_results_returned"] += 1
             digest = result_digest(0, stdout)
-            self.executed[(run.submitter, msg.task_id)] = digest
-            while len(self.executed) > MAX_EXECUTED_KEPT:
-                del self.executed[next(iter(self.executed))]
+            self.executed.record(run.submitter, msg.task_id, digest, self._weights().epoch)
             self.fworld.counters["results_returned"] += 1
             self._reply(run.submitter, FabricTaskResult(
                 task_id=msg.task_id, attempt=msg.attempt, status="ok", exit_code=0, stdout=stdout,
@@ -497,12 +495,13 @@ class FabricPeer(PeerHost):
         self._pump()
 
     def _on_vote_request(self, submitter: str, msg: FabricVoteRequest) -> list:
-        digest = self.executed.get((submitter, msg.task_id))
-        if digest is None or digest != msg.digest or \
-                not msg.ballot.purpose.startswith(f"task {msg.task_id} replicas "):
+        # the node's rule (PROTOCOL.md 18.4 step 6): the digest it reported, on a ballot naming
+        # exactly that submitter (the envelope sender) and task, in an epoch it accepts
+        if self.executed.vote_refusal(submitter, msg.task_id, msg.ballot, msg.digest,
+                                      self._weights().epoch) is not None:
             self.fworld.counters["vote_refused"] += 1
             return []
-        vote = BallotVote.sign(self.identity, msg.ballot, digest, self.network_id)
+        vote = BallotVote.sign(self.identity, msg.ballot, msg.digest, self.network_id)
         self.fworld.counters["votes_signed"] += 1
         if submitter == self.peer_id:
             return self.placement.on_vote(msg.task_id, vote, self.clock.now())
@@ -728,7 +727,7 @@ class FabricWorld(World):
         if rec is None or rec.state != "running":
             return
         try:  # the certificate must stand on its own before anyone is told (as the node does)
-            verify_task_certificate(a.certificate, a.table, self.network_id, a.task_id)
+            verify_task_certificate(a.certificate, a.table, self.network_id, a.task_id, submitter=peer.peer_id)
         except CertificateError as exc:
             self._violate(f"task {a.task_id}: certificate from {peer.name}'s core does not verify: {exc}")
         self.certificates_verified += 1

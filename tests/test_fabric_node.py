@@ -34,7 +34,9 @@ from chimera.fabric.wire import (
     FabricTaskRun,
     FabricVote,
     FabricVoteRequest,
+    WASM_HEADER,
     ModuleAssembler,
+    NotWebAssembly,
     module_chunks,
 )
 from chimera.node import admin
@@ -123,7 +125,7 @@ async def test_replicas_majority_accepts_right_result_with_certificate(tmp_path)
         # the certificate stands on its own: decode it and check it against the replica table
         cert = decode_fields(VoteCertificate, msgpack.unpackb(bytes.fromhex(cert_doc["encoded_hex"]), raw=False))
         table = WeightTable(cert_doc["replica_table"]["epoch"], cert_doc["replica_table"]["weights"])
-        verify_task_certificate(cert, table, nodes[0].network.network_id, res["task_id"])
+        verify_task_certificate(cert, table, nodes[0].network.network_id, res["task_id"], submitter=nodes[0].peer_id)
         assert set(cert.voters()) <= set(cert_doc["agreeing"]) and liar not in cert.voters()
         assert cert.choice.hex() == res["result"]["digest"]
         # the liar's reputation observation went into the node's reputation (consensus LocalReputation)
@@ -307,7 +309,7 @@ async def test_agreed_error_is_reported_as_a_failure_not_a_success(tmp_path, cap
         assert sorted(cert_doc["agreeing"]) == sorted(n.peer_id for n in nodes)
         cert = decode_fields(VoteCertificate, msgpack.unpackb(bytes.fromhex(cert_doc["encoded_hex"]), raw=False))
         table = WeightTable(cert_doc["replica_table"]["epoch"], cert_doc["replica_table"]["weights"])
-        verify_task_certificate(cert, table, nodes[0].network.network_id, res["task_id"])
+        verify_task_certificate(cert, table, nodes[0].network.network_id, res["task_id"], submitter=nodes[0].peer_id)
         done = [e for e in nodes[0].events if e["kind"] == "task_completed"]
         assert done and done[-1]["state"] == "failed" and done[-1]["reason"] == "fuel_exhausted"
 
@@ -524,7 +526,7 @@ def test_idle_node_does_not_load_wasmtime():
 
 
 def test_module_assembler_verifies_hash_and_rejects_bad_chunks():
-    wasm_bytes = bytes(range(256)) * ((3 * CHUNK_BYTES) // 256 + 7)
+    wasm_bytes = WASM_HEADER + bytes(range(256)) * ((3 * CHUNK_BYTES) // 256 + 7)
     sha = hashlib.sha256(wasm_bytes).hexdigest()
     chunks = module_chunks(wasm_bytes, sha)
     assert len(chunks) == 4 and all(len(c.data) <= CHUNK_BYTES for c in chunks)
@@ -547,6 +549,22 @@ def test_module_assembler_verifies_hash_and_rejects_bad_chunks():
         asm.add(chunks[1])  # out of order
     with pytest.raises(ModuleTooLarge):
         ModuleAssembler(sha, max_bytes=1024).add(chunks[0])
+
+
+def test_module_assembler_rejects_what_is_not_webassembly_at_the_first_bytes():
+    for blob in (b"\x7fELF" + bytes(5000), b"\0asm\x02\0\0\0" + bytes(5000), b"\0asm\x01\0\0"):
+        sha = hashlib.sha256(blob).hexdigest()
+        with pytest.raises(NotWebAssembly, match="not valid WebAssembly"):
+            ModuleAssembler(sha).add(module_chunks(blob, sha)[0])
+    blob = WASM_HEADER + bytes(5000)  # a header split over two chunks is checked as it arrives
+    sha = hashlib.sha256(blob).hexdigest()
+    asm = ModuleAssembler(sha)
+    assert asm.add(FabricModuleChunk(module_sha256=sha, offset=0, total_bytes=len(blob), data=blob[:3])) is None
+    assert asm.add(FabricModuleChunk(module_sha256=sha, offset=3, total_bytes=len(blob), data=blob[3:])) == blob
+    asm = ModuleAssembler(sha)
+    asm.add(FabricModuleChunk(module_sha256=sha, offset=0, total_bytes=len(blob), data=blob[:3]))
+    with pytest.raises(NotWebAssembly):
+        asm.add(FabricModuleChunk(module_sha256=sha, offset=3, total_bytes=len(blob), data=b"xyz" + blob[6:]))
 
 
 def test_wire_messages_decode_strictly():

@@ -33,6 +33,7 @@ from chimera.protocol.identity import SigningIdentity
 from fabric_helpers import reference_wordfreq, wasm
 
 NETWORK_ID = b"\x07" * 16
+SUBMITTER = "S" * 52  # the peer id the cores submit for (named in task ballots)
 GIB = 1 << 30
 
 
@@ -49,7 +50,7 @@ def inventory(gpus: int, mem_gib: int = 8) -> Resources:
 
 
 def make_core(gpu_counts: list[int], seed: int = 0, **config) -> Placement:
-    core = Placement(PlacementConfig(**config), network_id=NETWORK_ID, rng=random.Random(seed))
+    core = Placement(PlacementConfig(**config), network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(seed))
     ids = peer_ids(len(gpu_counts))
     core.set_weights(WeightTable(3, {p: 1 + i % 3 for i, p in enumerate(ids)}))
     for peer, gpus in zip(ids, gpu_counts):
@@ -207,7 +208,7 @@ def test_redundant_run_accepts_right_result_with_certificate(tmp_path):
     with SandboxEngine(tmp_path / "cache") as sandbox:
         peers = [Peer(sandbox), Peer(sandbox, wrong=True), Peer(sandbox)]
         by_id = {p.identity.peer_id: p for p in peers}
-        core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(11))
+        core = Placement(PlacementConfig(), network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(11))
         core.set_weights(WeightTable(4, {pid: 2 for pid in by_id}))
         for pid in by_id:
             core.update_peer(pid, inventory(0))
@@ -240,20 +241,23 @@ def test_redundant_run_accepts_right_result_with_certificate(tmp_path):
         assert right.stdout == reference_wordfreq(text)
         assert acc.digest == right.digest()
         assert acc.disagreeing == (wrong_id,) and len(acc.agreeing) == 2
-        verify_task_certificate(acc.certificate, acc.table, NETWORK_ID, "wf-1")
+        verify_task_certificate(acc.certificate, acc.table, NETWORK_ID, "wf-1", submitter=SUBMITTER)
         assert set(acc.certificate.voters()) <= set(acc.agreeing)
         with pytest.raises(CertificateError):
-            verify_task_certificate(acc.certificate, acc.table, NETWORK_ID, "another-task")
+            verify_task_certificate(acc.certificate, acc.table, NETWORK_ID, "another-task", submitter=SUBMITTER)
+        with pytest.raises(CertificateError):  # the same task id of another submitter
+            verify_task_certificate(acc.certificate, acc.table, NETWORK_ID, "wf-1", submitter="T" * 52)
+        assert acc.certificate.ballot.purpose.startswith(f"task {SUBMITTER} wf-1 replicas ")
         observed = {(o.peer_id, o.kind) for o in outcome if isinstance(o, Observe)}
         assert (wrong_id, ObservationKind.TASK_DISAGREE) in observed
         assert all((pid, ObservationKind.TASK_AGREE) in observed for pid in acc.agreeing)
         assert reputation.score(wrong_id, now) < reputation.score(acc.agreeing[0], now)
 
 
-def test_equivocating_replica_reported():
+def test_a_vote_for_a_digest_the_voter_did_not_report_is_refused_and_observed():
     core = make_core([0, 0, 0])
     idents = [SigningIdentity.generate() for _ in range(3)]
-    core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(2))
+    core = Placement(PlacementConfig(), network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(2))
     core.set_weights(WeightTable(1, {i.peer_id: 1 for i in idents}))
     for i in idents:
         core.update_peer(i.peer_id, inventory(0))
@@ -263,15 +267,25 @@ def test_equivocating_replica_reported():
     for d in dispatches:
         votes += core.on_result("t", d.attempt, d.peer_id, b"\x05" * 32, 0.1)
     liar = votes[0]
-    actions = core.on_vote("t", BallotVote.sign(by_id[liar.peer_id], liar.ballot, b"\x06" * 32, NETWORK_ID), 0.2)
-    actions += core.on_vote("t", BallotVote.sign(by_id[liar.peer_id], liar.ballot, b"\x05" * 32, NETWORK_ID), 0.2)
-    assert Observe(liar.peer_id, ObservationKind.EQUIVOCATION, "t", "signed two result digests") in actions
+    # a vote for a digest it never reported: not counted, an equivocation (its signed result and its
+    # signed vote conflict), observed once however often it is sent
+    other = BallotVote.sign(by_id[liar.peer_id], liar.ballot, b"\x06" * 32, NETWORK_ID)
+    actions = core.on_vote("t", other, 0.2) + core.on_vote("t", other, 0.2)
+    assert actions == [Observe(liar.peer_id, ObservationKind.EQUIVOCATION, "t",
+                               "voted for a digest other than the one it reported")]
+    assert core.tasks["t"].tally.voters() == frozenset() and core.counters["vote_not_reported_digest"] == 2
+    # a forged one (bad signature) is no evidence against the peer it names
+    forged = BallotVote(ballot_id=other.ballot_id, choice=b"\x07" * 32, voter=liar.peer_id, signature=b"\0" * 64)
+    assert not any(isinstance(a, Observe) for a in core.on_vote("t", forged, 0.2))
+    # its vote for the digest it reported still counts
+    core.on_vote("t", BallotVote.sign(by_id[liar.peer_id], liar.ballot, b"\x05" * 32, NETWORK_ID), 0.2)
+    assert core.tasks["t"].tally.voters() == {liar.peer_id}
 
 
 def test_lost_vote_requests_are_repeated_and_finished_tasks_leave_the_core():
     idents = [SigningIdentity.generate() for _ in range(3)]
     core = Placement(PlacementConfig(vote_retry_s=1.0, vote_timeout_s=10.0, finished_kept=2),
-                     network_id=NETWORK_ID, rng=random.Random(3))
+                     network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(3))
     core.set_weights(WeightTable(1, {i.peer_id: 1 for i in idents}))
     for i in idents:
         core.update_peer(i.peer_id, inventory(0))
@@ -363,7 +377,7 @@ def test_a_ballot_that_cannot_open_fails_the_task_instead_of_leaving_it_running(
 
 
 def slot_core(n: int, slots: int, seed: int = 0, **config) -> Placement:
-    core = Placement(PlacementConfig(**config), network_id=NETWORK_ID, rng=random.Random(seed))
+    core = Placement(PlacementConfig(**config), network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(seed))
     ids = peer_ids(n)
     core.set_weights(WeightTable(1, {p: 1 for p in ids}))
     for p in ids:
@@ -571,7 +585,7 @@ def test_a_half_open_trial_that_ends_uncounted_lets_the_next_call_through(end):
 def test_next_deadline_is_not_in_the_past_while_a_replica_waits_with_another_in_flight():
     """Audit r1: a 2-replica task, one attempt in flight, no room for the other: the queue
     timeout is not reported once past (tick does nothing about it while an attempt runs)."""
-    core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(1))
+    core = Placement(PlacementConfig(), network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(1))
     core.set_weights(WeightTable(1, {"a": 1, "b": 1}))
     core.update_peer("a", inventory(0))
     core.update_peer("b", Resources(cpu_count=4, memory_total_bytes=8 * GIB, memory_available_bytes=0,
@@ -587,7 +601,7 @@ def test_next_deadline_is_not_in_the_past_while_a_replica_waits_with_another_in_
 
 def test_a_removed_peers_breaker_is_forgotten_and_reopen_times_are_current():
     """Audit r2: an open breaker of a removed peer kept reporting a past reopen time."""
-    core = Placement(PlacementConfig(max_retries=10), network_id=NETWORK_ID, rng=random.Random(1))
+    core = Placement(PlacementConfig(max_retries=10), network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(1))
     core.set_weights(WeightTable(1, {"a": 1, "b": 1}))
     core.update_peer("b", inventory(0))
     req = TaskRequirements(fuel=10, memory_bytes=1 << 20, wall_time_s=1)
@@ -620,7 +634,7 @@ deadline_ops = st.lists(st.tuples(
 def test_after_a_tick_the_next_deadline_is_never_in_the_past_and_slots_are_respected(script, seed):
     ids = peer_ids(4)
     core = Placement(PlacementConfig(max_retries=3, breaker_failures=2, queue_timeout_s=20.0, vote_timeout_s=5.0),
-                     network_id=NETWORK_ID, rng=random.Random(seed))
+                     network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(seed))
     core.set_weights(WeightTable(1, {p: 1 for p in ids}))
     for p in ids:
         core.update_peer(p, inventory(1, mem_gib=1 if p == ids[3] else 8), task_slots=2, tasks_running=0)
@@ -680,7 +694,7 @@ def test_peers_get_no_task_longer_than_the_wall_time_they_advertise():
     """A replica ran any wall time a submitter asked for (up to a day, a slot held that long):
     peers advertise ``max_task_wall_time_ms`` (their ``fabric_max_task_wall_s``) and only peers
     that accept the task's wall time are candidates; a peer that does not send it accepts a day."""
-    core = Placement(PlacementConfig(), network_id=NETWORK_ID, rng=random.Random(3))
+    core = Placement(PlacementConfig(), network_id=NETWORK_ID, submitter=SUBMITTER, rng=random.Random(3))
     core.set_weights(WeightTable(1, {"short": 1, "long": 1, "old": 1}))
     core.update_peer("short", replace(inventory(0), max_task_wall_time_ms=600_000))
     core.update_peer("long", replace(inventory(0), max_task_wall_time_ms=3_600_000))

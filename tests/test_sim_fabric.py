@@ -120,16 +120,21 @@ def test_accepted_certificate_verifies_with_the_real_verifier_and_only_for_its_t
     accepted = world.example
     assert accepted is not None
     cert, table = accepted.certificate, accepted.table
-    verify_task_certificate(cert, table, NETWORK_ID, accepted.task_id)  # outside the shared memo too
+    name = world.records[accepted.task_id].submitter  # the submitting peer's name
+    submitter = next(p.peer_id for p in world.peers if p.name == name)
+    verify_task_certificate(cert, table, NETWORK_ID, accepted.task_id, submitter=submitter)  # outside the memo too
     assert set(cert.voters()) <= set(accepted.agreeing) and len(cert.voters()) >= 2
     assert accepted.digest == world.records[accepted.task_id].correct
     with pytest.raises(CertificateError):
-        verify_task_certificate(cert, table, NETWORK_ID, accepted.task_id + "x")
+        verify_task_certificate(cert, table, NETWORK_ID, accepted.task_id + "x", submitter=submitter)
+    with pytest.raises(CertificateError):  # the same task id of another submitter
+        verify_task_certificate(cert, table, NETWORK_ID, accepted.task_id,
+                                submitter=next(p.peer_id for p in world.peers if p.peer_id != submitter))
     with pytest.raises(CertificateError):
         verify_task_certificate(cert, WeightTable(table.epoch, {**table.weights, world.peers[0].peer_id: 5}),
-                                NETWORK_ID, accepted.task_id)
+                                NETWORK_ID, accepted.task_id, submitter=submitter)
     with pytest.raises(CertificateError):
-        verify_task_certificate(cert, table, bytes(16), accepted.task_id)
+        verify_task_certificate(cert, table, bytes(16), accepted.task_id, submitter=submitter)
 
 
 def test_an_overload_waits_at_the_submitters_and_blames_no_honest_peer():
