@@ -247,22 +247,20 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
-def _event_line(e: dict) -> str:
-    extra = " ".join(f"{k}={v}" for k, v in e.items()
-                     if k not in ("at_ms", "kind", "peer_id", "priority", "weights"))
-    return printable(f"{e['at_ms']}  {e['kind']:<24} {e['peer_id']} {extra}".rstrip())
-
-
 def cmd_events(args: argparse.Namespace) -> int:
+    from .shell import event_line
+
     cargs = {"limit": args.limit, "min_priority": args.min_priority}
     if args.kind:
         cargs["kind"] = args.kind
     rows = _call(args, "events", cargs)
-    _print(args, rows, "\n".join(_event_line(e) for e in rows) or "no events")
+    _print(args, rows, "\n".join(event_line(e) for e in rows) or "no events")
     return EXIT_OK
 
 
 def cmd_propose(args: argparse.Namespace) -> int:
+    if not args.value:
+        raise CliError("the value to propose is empty", EXIT_USAGE)
     res = _call(args, "propose", {"data": args.value, "timeout_s": args.timeout},
                 timeout_s=args.timeout + 5)
     _print(args, res, f"committed at height {res['height']} (value {res['value_hash'][:16]})")
@@ -284,12 +282,10 @@ def cmd_log(args: argparse.Namespace) -> int:
     cargs = {"limit": args.limit}
     if args.from_height is not None:
         cargs["from_height"] = args.from_height
+    from .shell import log_text
+
     res = _call(args, "log", cargs)
-    lines = [f"height {res['height']}"]
-    lines += [f"{d['height']:>8}.{d['index']:<3} {d['author'][:16]}  {d['data_text']}" for d in res["decisions"]]
-    if not res["decisions"]:
-        lines.append("no decisions committed yet")
-    _print(args, res, "\n".join(lines))
+    _print(args, res, log_text(res))
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from . import admin
 from .admin import EXIT_FAIL, EXIT_NO_NODE, EXIT_OK, EXIT_USAGE, AdminError
 from .admin_keys import MAX_KEY_NAME_CHARS, ROLES, AdminKeyError, KeyRing, check_name
+from .logs import local_time_text
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -144,10 +145,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         rows = _via_node_or_store(_data_dir(args), "audit", {"limit": args.limit})
     except (AdminKeyError, AdminError) as exc:
         return _fail(args, str(exc), getattr(exc, "code", EXIT_USAGE))
-    for r in rows:
-        r["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at_ms"] / 1000))
-    return _print_result(args, rows, table(rows, ["time", "who", "transport", "role", "command", "result",
-                                                  "duration_s"]) if rows else "no audit records")
+    shown = [dict(r, time=local_time_text(r["at_ms"]), result=_clip(r["result"], 60)) for r in rows]
+    return _print_result(args, rows, table(shown, ["time", "who", "transport", "role", "command", "result",
+                                                   "count", "duration_s"]) if rows else "no audit records")
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters for a table cell (``--json`` keeps all of it)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
 
 
 def cmd_shell(args: argparse.Namespace) -> int:

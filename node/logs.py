@@ -8,6 +8,13 @@ import sys
 import time
 
 
+def local_time_text(at_ms: int) -> str:
+    """``at_ms`` (ms since the epoch) as local time with its UTC offset, to the second:
+    ``2026-12-02 07:24:15 +0000`` (what every table and event line of the CLI and shell shows)."""
+    moment = time.localtime(at_ms / 1000)
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", moment)
+
+
 def printable(text: str) -> str:
     """``text`` safe to print on an operator's terminal: every character that is not
     printable (control characters such as ESC or newline, format characters such as the

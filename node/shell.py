@@ -57,7 +57,7 @@ from .admin_keys import (
 )
 from .admin_keys import fingerprint as key_fingerprint
 from .events import EVENT_KINDS
-from .logs import printable
+from .logs import local_time_text, printable
 
 DESTRUCTIVE = frozenset({"stop", "revoke_peer", "agents_remove", "admin_key_revoke", "config_set"})
 STRING_ARGS = frozenset({"peer_id", "data", "uri", "name", "field", "key", "kind", "reason", "level",
@@ -254,10 +254,7 @@ def render(cmd: str, result: Any, extra: dict | None = None) -> str:
     if cmd == "metrics" and isinstance(result, dict) and result.get("format") == "prometheus":
         return result["text"].rstrip()
     if cmd == "log" and isinstance(result, dict) and "decisions" in result:
-        lines = [f"height {result.get('height')}"]
-        lines += [f"{d['height']:>8}.{d['index']:<3} {str(d.get('author', ''))[:16]}  "
-                  f"{d.get('data_text', _cell(d.get('data')))}" for d in result["decisions"]]
-        return "\n".join(lines + ([] if result["decisions"] else ["no decisions committed yet"]))
+        return log_text(result)
     if cmd == "propose" and isinstance(result, dict) and "height" in result:
         return f"committed at height {result['height']}" + (
             f" (value {str(result['value_hash'])[:16]})" if "value_hash" in result else "")
@@ -295,9 +292,21 @@ def _block(doc: dict, indent: str = "") -> str:
 def event_line(e: dict) -> str:
     extra = " ".join(f"{k}={_cell(v)}" for k, v in e.items()
                      if k not in ("at_ms", "kind", "peer_id", "priority", "weights"))
-    stamp = time.strftime("%H:%M:%S", time.localtime(e.get("at_ms", 0) / 1000))
-    return printable(f"{stamp} {e.get('priority', 'info'):<7} {e.get('kind', '?'):<24} {e.get('peer_id', '')} "
+    stamp = local_time_text(e.get("at_ms", 0))
+    return printable(f"{stamp}  {e.get('priority', 'info'):<7} {e.get('kind', '?'):<24} {e.get('peer_id', '')} "
                      f"{extra}".rstrip())
+
+
+def log_text(result: dict) -> str:
+    """The committed decisions of a ``log`` answer as a table (the CLI's and the shell's)."""
+    lines = [f"height {result.get('height')}"]
+    if result["decisions"]:
+        lines.append(f"{'HEIGHT':>8} {'IDX':>4}  {'AUTHOR':<16}  DATA")
+        lines += [f"{d['height']:>8} {d['index']:>4}  {str(d.get('author', ''))[:16]:<16}  "
+                  f"{printable(str(d.get('data_text', _cell(d.get('data')))))}" for d in result["decisions"]]
+    else:
+        lines.append("no decisions committed yet")
+    return "\n".join(lines)
 
 
 def _json_default(value: object) -> object:
