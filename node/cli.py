@@ -338,9 +338,25 @@ def cmd_resources(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .launcher import LocalNetwork
 
+    extra: list[str] = []
+    overrides: dict = {}
+    for item in args.set or []:  # checked here, once, not by each peer's exit
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+        extra += ["--set", item]
+    if overrides:
+        load_config(Path(tempfile.gettempdir()) / "chimera-up-check-none", environ={}, overrides=overrides)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chimera-up-"))
-    net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns)
+    net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns, extra_args=extra)
     print(f"starting {args.peers} peers in {workdir} (network {net.network.fingerprint()})")
+    validators = len(net.network.genesis)
+    if args.peers < validators:
+        quorum = validators * 2 // 3 + 1
+        print(f"warning: the network has {validators} genesis validators and {args.peers} peers start: "
+              + ("the log commits nothing until more of them run" if args.peers < quorum
+                 else "one more crash stops the log") + f" (a quorum needs {quorum} of equal weight)")
     try:
         net.start()
         for p in net.peers:
@@ -400,9 +416,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- parser
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already says its default or
+    there is none to say (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default is None \
+                or action.default is False or action.default == argparse.SUPPRESS \
+                or isinstance(action.default, (list, tuple)) and not action.default:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error contract: a usage error is one line on stderr
     (``chimera CMD: MESSAGE (see chimera CMD --help)``) and exit code 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        # every option with a help text says its default (`--fuel`, `--timeout`, ...)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
@@ -509,9 +543,11 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.set_defaults(func=cmd_resources)
 
     p = sub.add_parser("up", help="launch N peer processes on this machine")
-    p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4)
+    p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4, help="peer processes to start")
     p.add_argument("--workdir", type=folder_path, help="keep each peer's data dir under this folder")
     p.add_argument("--mdns", action="store_true", help="also discover by mDNS (default: bootstrap + peer exchange)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="a config field for every peer (e.g. training_digits_shard=genesis)")
     p.set_defaults(func=cmd_up)
 
     svc = sub.add_parser("service", help="systemd unit: print it or install it")
@@ -531,7 +567,7 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
         p.set_defaults(func=cmd_service)
 
     p = sub.add_parser("demo", help="bring up a local network, show it working, stop")
-    p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4)
+    p.add_argument("--peers", type=bounded_int(1, MAX_LOCAL_PEERS), default=4, help="peer processes to start")
     p.add_argument("--workdir", type=folder_path, help="keep the peers' data dirs and logs here")
     p.add_argument("--hold", action="store_true",
                    help="after the report, keep the network running (attach `chimera shell DATA_DIR`) "

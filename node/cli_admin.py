@@ -179,7 +179,10 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``shell``, ``admin`` and ``audit`` to the ``chimera`` subcommands."""
-    p = sub.add_parser("shell", help="interactive admin shell (or one command with -c)")
+    p = sub.add_parser("shell", help="interactive admin shell (or one command with -c)",
+                       description="The admin shell: interactive on a terminal; `-c COMMAND` runs one command; "
+                                   "commands piped in (one per line) run in order and the shell stops at the "
+                                   "first that fails, with its exit status.")
     p.add_argument("target", nargs="?", help="data dir, admin socket, or tcp://HOST:PORT (remote)")
     p.add_argument("--data-dir", help="node data directory when no TARGET is given")
     p.add_argument("-c", dest="command_line", metavar="COMMAND", help="run one command and exit")

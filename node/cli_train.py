@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import stat
 import sys
 import time
@@ -88,9 +89,10 @@ def cmd_train_start(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         raise cli.CliError(f"cannot read {path}: {exc}") from None
     res = cli._call(args, "train_start", {"job": text, "timeout_s": args.timeout}, timeout_s=args.timeout + 5)
-    cli._print(args, res, f"job {res['job_id']} ({res['name']}) committed at height {res['height']}: "
+    where = f" --data-dir {shlex.quote(str(args.data_dir))}" if args.data_dir else ""
+    cli._print(args, res, f"job {res['job_id'][:16]} ({res['name']}) committed at height {res['height']}: "
                       f"{res['participants']} participants, quorum {res['quorum']}, update {res['update_bytes']} "
-                      f"bytes\nfollow it: chimera train status --follow")
+                      f"bytes\nfollow it: chimera train status --follow{where}")
     return 0
 
 

@@ -15,9 +15,11 @@ vote certificate and two actor agents talking across peers
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -89,7 +91,9 @@ def _hold(net: LocalNetwork, console: Console) -> None:
 
 
 def run_demo(peers: int = 4, workdir: Path | None = None, hold: bool = False) -> int:
-    console = Console(highlight=False)
+    # piped or logged (not a terminal): rich would wrap at 80 columns, splitting contact URIs,
+    # data dirs and the commands to copy; COLUMNS still wins when set
+    console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
     if peers < 3:
         console.print("[red]the demo needs at least 3 peers[/red]")
         return 2
