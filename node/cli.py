@@ -178,44 +178,11 @@ def _call(args: argparse.Namespace, cmd: str, cargs: dict | None = None, timeout
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .shell import status_text
+
     s = _call(args, "status")
-    members = ", ".join(f"{v} {k}" for k, v in s["members"].items() if v) or "no members yet"
-    text = "\n".join([
-        f"peer id      {s['peer_id']}",
-        f"contact      {s['contact']}",
-        f"network      {s['network']} ({s['network_fingerprint']})",
-        f"incarnation  {s['incarnation']}   profile {s['profile']}   pid {s['pid']}",
-        f"uptime       {s['uptime_s']:.1f} s   RSS {s['rss_bytes'] / 2**20:.1f} MiB",
-        f"members      {members}",
-        f"mdns         {'on' if s['mdns'] else 'off'}   local health {s['local_health']}",
-        "limits       " + ", ".join(f"{k}={v}" for k, v in s["limits"].items()),
-        *[f"optional     {name}: {'yes' if f['available'] else 'no'} ({f['detail']})"
-          for name, f in s["features"].items()],
-        "drops        " + (", ".join(f"{k[5:]}={v}" for k, v in s["counters"].items()
-                                     if k.startswith("drop_")) or "none"),
-        *_consensus_lines(s.get("consensus")),
-    ])
-    _print(args, s, text)
+    _print(args, s, status_text(s))
     return EXIT_OK
-
-
-def _consensus_lines(c: dict | None) -> list[str]:
-    if not c:
-        return ["consensus    none (no genesis validators, or consensus = false)"]
-    lines = [f"consensus    height {c['height']}  epoch {c['epoch']}  {c['role']}  weight {c['weight']}"
-             f"/{c['total_weight']} of {c['validators']} validators  round {c['round']} {c['step']}"
-             f"  pool {c['pool_size']}",
-             "  dropped    " + (", ".join(f"{k}={v}" for k, v in (c.get("drops") or {}).items()) or "none")]
-    if c.get("halted"):
-        lines.append(f"CONSENSUS HALTED  {c['halted']} (fix the disk, then restart the node)")
-    if c.get("signs_from_height"):
-        lines.append(f"NOT SIGNING  below height {c['signs_from_height']}: the sign state was missing at start "
-                     "(restore bft_sign_state.bin to avoid this)")
-    if c.get("store_gap"):
-        lo, hi = c["store_gap"]
-        lines.append(f"STORE GAP    committed heights {lo}..{hi}, which this node signed for, were missing "
-                     "from its store at start (lost or an older copy); being fetched again from peers")
-    return lines
 
 
 def peers_table(rows: list[dict]) -> str:

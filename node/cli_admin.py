@@ -21,7 +21,6 @@ from pathlib import Path
 from . import admin
 from .admin import EXIT_FAIL, EXIT_NO_NODE, EXIT_OK, EXIT_USAGE, AdminError
 from .admin_keys import MAX_KEY_NAME_CHARS, ROLES, AdminKeyError, KeyRing, check_name
-from .logs import local_time_text
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -137,7 +136,7 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .shell import table
+    from .shell import audit_text
 
     if not 1 <= args.limit <= 10_000:
         return _fail(args, "--limit must be in 1..10000", EXIT_USAGE)
@@ -145,14 +144,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         rows = _via_node_or_store(_data_dir(args), "audit", {"limit": args.limit})
     except (AdminKeyError, AdminError) as exc:
         return _fail(args, str(exc), getattr(exc, "code", EXIT_USAGE))
-    shown = [dict(r, time=local_time_text(r["at_ms"]), result=_clip(r["result"], 60)) for r in rows]
-    return _print_result(args, rows, table(shown, ["time", "who", "transport", "role", "command", "result",
-                                                   "count", "duration_s"]) if rows else "no audit records")
-
-
-def _clip(text: str, width: int) -> str:
-    """``text`` cut to ``width`` characters for a table cell (``--json`` keeps all of it)."""
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return _print_result(args, rows, audit_text(rows))
 
 
 

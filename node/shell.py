@@ -259,10 +259,9 @@ def render(cmd: str, result: Any, extra: dict | None = None) -> str:
         return f"committed at height {result['height']}" + (
             f" (value {str(result['value_hash'])[:16]})" if "value_hash" in result else "")
     if cmd == "audit" and isinstance(result, list):
-        rows = [{"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at_ms"] / 1000)), **r}
-                for r in result]
-        return table(rows, ["time", "who", "transport", "role", "command", "args", "result", "duration_s"]) \
-            if rows else "no audit records"
+        return audit_text(result)
+    if cmd == "status" and isinstance(result, dict) and "peer_id" in result and "limits" in result:
+        return status_text(result)
     if cmd == "commands" and isinstance(result, list):
         return table([{"command": phrase(c["name"]), "role": c["role"],
                        "args": " ".join(c["args"]), "help": c["help"]} for c in result])
@@ -295,6 +294,72 @@ def event_line(e: dict) -> str:
     stamp = local_time_text(e.get("at_ms", 0))
     return printable(f"{stamp}  {e.get('priority', 'info'):<7} {e.get('kind', '?'):<24} {e.get('peer_id', '')} "
                      f"{extra}".rstrip())
+
+
+def status_text(s: dict) -> str:
+    """A node's ``status`` answer as text (the CLI's ``chimera status`` and the shell's ``status``)."""
+    members = ", ".join(f"{v} {k}" for k, v in s["members"].items() if v) or "no members yet"
+    text = "\n".join([
+        f"peer id      {s['peer_id']}",
+        f"contact      {s['contact']}",
+        f"network      {s['network']} ({s['network_fingerprint']})",
+        f"incarnation  {s['incarnation']}   profile {s['profile']}   pid {s['pid']}",
+        f"uptime       {s['uptime_s']:.1f} s   RSS {s['rss_bytes'] / 2**20:.1f} MiB",
+        f"members      {members}",
+        f"mdns         {'on' if s['mdns'] else 'off'}   local health {s['local_health']}",
+        *_wrapped("limits       ", [f"{k}={v}" for k, v in s["limits"].items()]),
+        *[f"optional     {name}: {'yes' if f['available'] else 'no'} ({f['detail']})"
+          for name, f in s["features"].items()],
+        "drops        " + (", ".join(f"{k[5:]}={v}" for k, v in s["counters"].items()
+                                     if k.startswith("drop_")) or "none"),
+        *_consensus_lines(s.get("consensus")),
+    ])
+    return text
+
+
+def _wrapped(head: str, items: list[str], width: int = 100) -> list[str]:
+    """``items`` joined by ", " on lines of at most ``width`` characters, the first after ``head``."""
+    lines, line = [], head
+    for item in items:
+        if line.strip() and len(line) + len(item) + 2 > width and line != head:
+            lines.append(line.rstrip(", ") + ",")
+            line = " " * len(head)
+        line += item + ", "
+    lines.append(line.rstrip(", "))
+    return lines
+
+
+def _consensus_lines(c: dict | None) -> list[str]:
+    if not c:
+        return ["consensus    none (no genesis validators, or consensus = false)"]
+    lines = [f"consensus    height {c['height']}  epoch {c['epoch']}  {c['role']}  weight {c['weight']}"
+             f"/{c['total_weight']} of {c['validators']} validators  round {c['round']} {c['step']}"
+             f"  pool {c['pool_size']}",
+             "  dropped    " + (", ".join(f"{k}={v}" for k, v in (c.get("drops") or {}).items()) or "none")]
+    if c.get("halted"):
+        lines.append(f"CONSENSUS HALTED  {c['halted']} (fix the disk, then restart the node)")
+    if c.get("signs_from_height"):
+        lines.append(f"NOT SIGNING  below height {c['signs_from_height']}: the sign state was missing at start "
+                     "(restore bft_sign_state.bin to avoid this)")
+    if c.get("store_gap"):
+        lo, hi = c["store_gap"]
+        lines.append(f"STORE GAP    committed heights {lo}..{hi}, which this node signed for, were missing "
+                     "from its store at start (lost or an older copy); being fetched again from peers")
+    return lines
+
+
+def audit_text(rows: list[dict]) -> str:
+    """Audit rows as a table: local time with offset, cells clipped (``--json`` keeps all)."""
+    if not rows:
+        return "no audit records"
+    shown = [dict(r, time=local_time_text(r["at_ms"]), result=_clip_cell(str(r["result"]), 60),
+                  args=_clip_cell(_cell(r.get("args")), 60)) for r in rows]
+    return table(shown, ["time", "who", "transport", "role", "command", "args", "result", "count", "duration_s"])
+
+
+def _clip_cell(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters for a table cell."""
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def log_text(result: dict) -> str:

@@ -111,7 +111,7 @@ def test_observer_key_is_refused_an_operator_command_and_it_is_audited(net, tmp_
     try:
         child.expect("chimera observer@")
         child.sendline("status")
-        child.expect("peer_id")
+        child.expect("peer id ")
         child.sendline('propose "not allowed"')
         child.expect("refused: propose needs role operator")
         child.sendline("audit limit=20")

@@ -7,9 +7,8 @@ import re
 import subprocess
 import sys
 
-from chimera.node.cli_admin import _clip
 from chimera.node.logs import local_time_text
-from chimera.node.shell import event_line, log_text
+from chimera.node.shell import _clip_cell, audit_text, event_line, log_text, status_text
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}"
 
@@ -32,7 +31,11 @@ def test_the_log_is_a_headed_table():
 
 
 def test_audit_cells_are_clipped_for_the_table():
-    assert _clip("x" * 300, 60) == "x" * 59 + "…" and _clip("short", 60) == "short"
+    assert _clip_cell("x" * 300, 60) == "x" * 59 + "…" and _clip_cell("short", 60) == "short"
+    row = {"at_ms": 0, "who": "local-owner uid=0", "transport": "local", "role": "admin", "command": "train_start",
+           "args": {"job": "j" * 500}, "result": "error: " + "e" * 300, "count": 1, "duration_s": 0.01}
+    text = audit_text([row])
+    assert max(len(line) for line in text.splitlines()) < 230 and "COUNT" in text.splitlines()[0]
 
 
 def test_an_empty_proposal_is_a_usage_error(tmp_path):
@@ -103,3 +106,19 @@ def test_help_says_each_options_default_but_not_for_flags():
     assert "fuel units per run (default: 1000000000)" in text and "GPUs per replica (0..64) (default: 0)" in text
     assert "(default: False)" not in text and "(default: None)" not in text
     assert "stops at the first that fails" in " ".join(_chimera("shell", "--help").stdout.split())
+
+
+def test_status_text_is_the_same_in_the_cli_and_the_shell_and_wraps_its_limits():
+    from chimera.node.shell import render
+
+    s = {"peer_id": "p" * 52, "contact": "chm://x", "network": "lab", "network_fingerprint": "sha256:ab",
+         "incarnation": 3, "profile": "default", "pid": 42, "uptime_s": 1.5, "rss_bytes": 57 << 20,
+         "members": {"alive": 3, "suspect": 0}, "mdns": False, "local_health": 0,
+         "limits": {f"setting_number_{i}": 1000 * i for i in range(14)}, "features": {},
+         "counters": {"drop_replay": 2}, "consensus": None}
+    text = status_text(s)
+    assert render("status", s) == text
+    assert "RSS 57.0 MiB" in text and "mdns         off" in text and "drops        replay=2" in text
+    limits = [line for line in text.splitlines() if "setting_number_" in line]
+    assert len(limits) > 1 and all(len(line) <= 101 for line in limits), limits  # was one 300-character line
+    assert text.count("setting_number_") == 14
