@@ -32,6 +32,32 @@ from pathlib import Path
 
 from chimera.protocol.errors import RemoteProtocolError
 
+
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool) -> None:
+    """Write ``data`` to ``path`` (mode 0600) through a temporary file in its folder: fsync,
+    rename, and with ``sync_dir`` an fsync of the folder (the rename survives a power loss).
+
+    Raises:
+        OSError: it could not be written (no temporary file is left behind).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        if sync_dir:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 DEFAULT_MAX_MODULE_BYTES = 16 << 20
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -123,22 +149,7 @@ class ModuleStore:
             self._used[sha256] = self._use_seq
 
     def _write(self, directory: Path, path: Path, wasm: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".wasm")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(wasm)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-            dir_fd = os.open(directory, os.O_RDONLY)  # the rename itself survives a power loss
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, wasm, sync_dir=True)
 
     def put(self, wasm: bytes) -> str:
         """Store ``wasm`` as a local module (no quota); returns its hash (idempotent; a fetched

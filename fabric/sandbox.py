@@ -99,6 +99,7 @@ from typing import Callable, Iterator
 import wasmtime
 
 from .digests import error_digest, result_digest  # noqa: F401 (re-exported)
+from .modules import write_atomic
 
 WASM_MAGIC = b"\0asm"  # every binary WebAssembly module starts with it (text format is not accepted)
 
@@ -654,17 +655,9 @@ class SandboxEngine:
         path = self._artefact_path(sha)
         if path is None:
             return
-        data = bytes(module.serialize())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".cwasm")
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)  # a cache write failure only costs a recompile
+            write_atomic(path, bytes(module.serialize()), sync_dir=False)
+        except OSError:  # a cache write failure only costs a recompile
             return
         self._trim_disk_cache(keep=path)
 
