@@ -28,7 +28,9 @@ core. The protocol is in docs/PROTOCOL.md §18; in short:
   :class:`Observe` goes into the node's reputation (``node.reputation``).
 * **Executing**: at most ``fabric_task_slots`` tasks at once, each in a worker
   thread, and ``QUEUE_PER_SLOT`` per slot waiting (more are refused with
-  reason ``busy``, which the submitter retries elsewhere without blame). The
+  reason ``busy``, which the submitter retries elsewhere without blame); one
+  submitter holds at most ``QUEUE_PER_SLOT`` places per slot, so the others
+  always find a slot's worth. The
   submitters' cores use no more slots than ``fabric_capacity`` advertised free,
   so the queue holds only what several submitters sent at once; an attempt
   cancelled while it waits there is dropped unrun (``fabric_cancelled_before_start``).
@@ -481,6 +483,11 @@ class FabricService:
         if len(self.running) >= self.slots * (1 + QUEUE_PER_SLOT):
             self._refuse(submitter, msg, "busy", f"{self.slots} task slots busy and "
                                                  f"{self.slots * QUEUE_PER_SLOT} queued")
+            return
+        held = sum(1 for k in self.running if k[0] == submitter)
+        if held >= self.slots * QUEUE_PER_SLOT:  # one submitter leaves a slot's worth to the others
+            self._refuse(submitter, msg, "busy", f"this submitter already holds {held} of the "
+                                                 f"{self.slots * (1 + QUEUE_PER_SLOT)} places")
             return
         own_gpus = {g.index for g in self.own.gpus} if self.own is not None else set()
         if any(i not in own_gpus or i in self.gpu_leases for i in msg.gpu_indices) \

@@ -426,6 +426,9 @@ class FabricPeer(PeerHost):
         if len(self.running) >= setup.task_slots * (1 + QUEUE_PER_SLOT):
             self._refuse(submitter, msg, "busy", f"{setup.task_slots} task slots busy")
             return
+        if sum(1 for k in self.running if k[0] == submitter) >= setup.task_slots * QUEUE_PER_SLOT:
+            self._refuse(submitter, msg, "busy", "this submitter holds its share")  # as node/fabric.py
+            return
         if msg.gpu_indices:
             self._refuse(submitter, msg, "gpu_unavailable", "this peer has no GPUs")
             return

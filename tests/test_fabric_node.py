@@ -615,3 +615,28 @@ async def test_a_replica_refuses_runs_longer_than_its_fabric_max_task_wall_s(nod
     assert res["state"] == "failed" and res["failure"]["reason"] == "unsatisfiable", res
     assert "wall time" in res["failure"]["detail"]
     assert await async_wait_until(lambda: not svc.running, 30)
+
+
+async def test_one_submitter_cannot_take_every_place_of_a_replica(node_factory):
+    """One member could fill all of a replica's slots and queue (slots x 5) with loops: every
+    other submitter got `busy` until they ended. A submitter holds at most 4 places per slot;
+    another submitter still gets in."""
+    node = await node_factory("share", NodeConfig(**FABRIC_FAST, fabric_task_slots=1))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    svc = node.fabric
+    sha = await asyncio.to_thread(svc.modules.put, wasm("hostile_loop"))
+
+    def run(submitter: str, task_id: str) -> FabricTaskRun:
+        return FabricTaskRun(task_id=task_id, attempt=1, module_sha256=sha, input=b"", fuel=2**62,
+                             memory_bytes=1 << 20, wall_time_ms=1000)
+
+    greedy, other = "peer-greedy-not-here", "peer-other-not-here"  # results are sent nowhere
+    for k in range(6):
+        svc._on_task_run(greedy, run(greedy, f"g{k}"))
+    assert sum(1 for key in svc.running if key[0] == greedy) == 4  # 1 slot x 4: the 5th and 6th refused
+    assert node.counters["fabric_refused_busy"] == 2
+    svc._on_task_run(other, run(other, "o1"))
+    assert (other, "o1", 1) in svc.running
+    for key in list(svc.running):
+        svc.running[key].cancelled = True
+    assert await async_wait_until(lambda: not svc.running, 30)
