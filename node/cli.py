@@ -80,13 +80,19 @@ def cmd_network_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def _set_items(items: list[str] | None) -> dict:
+    """``--set FIELD=VALUE`` items as ``{field: value text}``; CliError for an item without ``=``."""
     out: dict = {}
-    for item in args.set or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
         out[key.strip()] = value
+    return out
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = _set_items(args.set)
     if args.port is not None:
         out["port"] = args.port
     if args.listen is not None:
@@ -305,14 +311,8 @@ def cmd_resources(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .launcher import LocalNetwork
 
-    extra: list[str] = []
-    overrides: dict = {}
-    for item in args.set or []:  # checked here, once, not by each peer's exit
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
-        overrides[key.strip()] = value
-        extra += ["--set", item]
+    overrides = _set_items(args.set)  # checked here, once, not by each peer's exit
+    extra = [arg for item in args.set or [] for arg in ("--set", item)]
     if overrides:
         load_config(Path(tempfile.gettempdir()) / "chimera-up-check-none", environ={}, overrides=overrides)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chimera-up-"))
