@@ -8,7 +8,8 @@
     chimera simulate SCENARIO [--seed N] [--peers N] ...   (same as ``run``)
 
 ``SCENARIO`` is a TOML file or the name of a shipped one (``list`` shows
-them). ``run`` writes ``metrics.csv``, ``metrics.json``, PNG plots, pivot tables
+them): ``commit-latency``, the name the scenario and its output folder carry;
+the file's spelling ``commit_latency`` works too. ``run`` writes ``metrics.csv``, ``metrics.json``, PNG plots, pivot tables
 (``[[output.tables]]``: Markdown + CSV) and (for small runs)
 ``trace-<k>.txt`` to ``--out`` (default ``sim-out/<name>``).
 ``search`` stops at the first seed that violates a safety property and writes
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .scenario import SCENARIO_DIR, ScenarioError, load_scenarios
+from .scenario import SCENARIO_DIR, ScenarioError, load_scenarios, shipped_name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a scenario (all its sweep points)")
     search = sub.add_parser("search", help="run many seeds; stop at the first safety violation")
     for p in (run, search):
-        p.add_argument("scenario", help="TOML file or shipped scenario name")
+        p.add_argument("scenario", help="TOML file or shipped scenario name (commit-latency; "
+                                        "commit_latency works too)")
         p.add_argument("--peers", type=int, help="override scenario.peers (removes it from the sweep)")
         p.add_argument("--out", type=Path, help="output folder (default sim-out/<scenario name>)")
         p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -163,7 +165,7 @@ def cmd_list() -> int:
 
     for path in sorted(SCENARIO_DIR.glob("*.toml")):
         doc = tomllib.loads(path.read_text(encoding="utf-8")).get("scenario", {})
-        print(f"{path.stem:28} {doc.get('kind', '?'):11} {doc.get('description', '')}")
+        print(f"{shipped_name(path):28} {doc.get('kind', '?'):11} {doc.get('description', '')}")
     return 0
 
 

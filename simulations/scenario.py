@@ -814,18 +814,34 @@ def _training(root: _Reader, kind: str, peers: int, other_byzantine: int) -> Tra
                         attack_params=tuple(sorted(params.items())))
 
 
+def shipped_name(path: Path) -> str:
+    """The name of a shipped scenario file: its stem with ``-`` for ``_`` (``commit_latency.toml`` is
+    ``commit-latency``, the ``scenario.name`` inside it, ``list``'s name and its output folder)."""
+    return path.stem.replace("_", "-")
+
+
+def shipped_names() -> list[str]:
+    """The names of the shipped scenarios (``commit-latency``, ...), sorted."""
+    return sorted(shipped_name(p) for p in SCENARIO_DIR.glob("*.toml"))
+
+
 def resolve_path(name: str | Path) -> Path:
-    """A scenario file: a path, or the name of a shipped one (``commit_latency``)."""
+    """A scenario file: a path, or the name of a shipped one, spelt with ``-`` or ``_``
+    (``commit-latency``, ``commit_latency``, with or without ``.toml``).
+
+    Raises:
+        ScenarioError: neither a file nor a shipped name (the message lists the shipped names).
+    """
     path = Path(name)
     if path.exists() and not path.is_dir():
         return path
-    shipped = SCENARIO_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
-    if shipped.is_file():
+    stem = path.name[:-len(".toml")] if path.name.endswith(".toml") else path.name
+    shipped = SCENARIO_DIR / f"{stem.replace('-', '_')}.toml"
+    if stem and shipped.is_file():
         return shipped
     if path.is_dir():
         raise ScenarioError(str(name), "-", "is a directory; give a scenario file (.toml) or a shipped name")
-    raise ScenarioError(str(name), "-", f"no such file; shipped scenarios: "
-                        f"{', '.join(sorted(p.stem for p in SCENARIO_DIR.glob('*.toml')))}")
+    raise ScenarioError(str(name), "-", f"no such file; shipped scenarios: {', '.join(shipped_names())}")
 
 
 def load_scenarios(name: str | Path, overrides: dict | None = None) -> list[Scenario]:

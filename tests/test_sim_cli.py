@@ -76,6 +76,22 @@ def test_shipped_scenarios_are_valid():
         assert load_scenarios(name)
 
 
+def test_a_shipped_scenario_has_one_name_in_either_spelling():
+    """The files are commit_latency.toml, the scenarios and their output folders commit-latency:
+    `run commit-latency` was 'no such file'. Each spelling (with or without .toml) finds the
+    file, and the name inside each file is the one `list` shows."""
+    from chimera.simulations.scenario import resolve_path, shipped_name, shipped_names
+
+    for path in SCENARIO_DIR.glob("*.toml"):
+        name = shipped_name(path)
+        assert "_" not in name and load_scenarios(path)[0].name == name, path  # the name inside the file
+        for spelling in (name, path.stem, f"{name}.toml", path.name):
+            assert resolve_path(spelling) == path, spelling
+    assert "commit-latency" in shipped_names() and "commit_latency" not in shipped_names()
+    with pytest.raises(ScenarioError, match="shipped scenarios: byzantine-partition, commit-latency"):
+        resolve_path("commit-latencyy")
+
+
 def test_chimera_simulate_is_the_simulator_through_the_plugin_entry_point(tmp_path, capsys):
     """`chimera simulate SCENARIO` reaches the simulator without the node importing it."""
     import subprocess
@@ -85,9 +101,10 @@ def test_chimera_simulate_is_the_simulator_through_the_plugin_entry_point(tmp_pa
 
     assert plugin_commands()["simulate"].value == "chimera.simulations.cli:main"
     assert chimera_main(["simulate", "list"]) == 0
-    assert "commit_latency" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "commit-latency " in listed and "commit_latency" not in listed  # the name run and sim-out/ use
     out = tmp_path / "out"
-    rc = chimera_main(["simulate", "swim_loss", "--no-progress", "--out", str(out),
+    rc = chimera_main(["simulate", "swim-loss", "--no-progress", "--out", str(out),
                        "--set", "scenario.duration_s=3", "--set", "sweep={}"])
     assert rc == 0 and (out / "metrics.csv").exists()
     # from a fresh process too; an unknown scenario is bad usage (exit status 2)
