@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .launcher import LocalNetwork
 
@@ -36,6 +37,34 @@ FAST_TIMERS = ["--set", "probe_interval_s=0.5", "--set", "probe_timeout_s=0.2",
                "--set", f"consensus_commit_wait_s={COMMIT_WAIT_S}", "--set", "consensus_propose_timeout_s=1",
                "--set", "consensus_vote_timeout_s=0.5", "--set", "consensus_empty_block_interval_s=0.25"]
 EPOCH_LENGTH = 8  # heights per epoch (about 2 s here): several epochs pass during the demo
+
+
+PIPED_RULE_COLUMNS = 80
+"""Width of a section rule when stdout is not a terminal (and COLUMNS is unset)."""
+PIPED_MAX_COLUMNS = 1000
+"""Lines up to this many characters are never wrapped when piped: each line and table is as
+wide as its content (peer ids, contact URIs, data dirs, the commands to copy stay whole)."""
+
+
+class _PipedConsole(Console):
+    """A rich console for a pipe or a log file: no wrapping of lines or table cells below
+    :data:`PIPED_MAX_COLUMNS`, and section rules of :data:`PIPED_RULE_COLUMNS` (a rule fills the
+    console's width, which here is no terminal's)."""
+
+    def rule(self, title: str | Text = "", **_: object) -> None:
+        text = Text.from_markup(title).plain if isinstance(title, str) else title.plain
+        head = f"── {text} " if text else ""
+        self.print(head + "─" * max(3, PIPED_RULE_COLUMNS - len(head)), markup=False)
+
+
+def demo_console(file=None) -> Console:
+    """The demo's console on ``file`` (default stdout): a terminal's (or COLUMNS's) width when
+    there is one; otherwise :class:`_PipedConsole` (rich would wrap at 80 columns, a fixed width
+    pads rules and wide lines to it)."""
+    stream = file if file is not None else sys.stdout
+    if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()):
+        return Console(highlight=False, file=file)
+    return _PipedConsole(highlight=False, file=file, width=PIPED_MAX_COLUMNS)
 
 
 def _propose_many(net: LocalNetwork, peers: list[int], texts: list[str]) -> list[tuple[dict, float]]:
@@ -91,9 +120,7 @@ def _hold(net: LocalNetwork, console: Console) -> None:
 
 
 def run_demo(peers: int = 4, workdir: Path | None = None, hold: bool = False) -> int:
-    # piped or logged (not a terminal): rich would wrap at 80 columns, splitting contact URIs,
-    # data dirs and the commands to copy; COLUMNS still wins when set
-    console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+    console = demo_console()
     if peers < 3:
         console.print("[red]the demo needs at least 3 peers[/red]")
         return 2
