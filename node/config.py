@@ -92,6 +92,8 @@ class NodeConfig:
     fabric_max_task_wall_s: float = 3600.0  # longest task run accepted from anyone (advertised; longer: over_capacity)
     fabric_fetched_modules_max_bytes: int = 256 << 20  # modules fetched from peers kept on disk (LRU beyond)
     fabric_compiled_cache_max_bytes: int = 1 << 30  # compiled-artefact disk cache (LRU beyond)
+    fabric_module_requests_per_s: float = 200.0  # module chunk requests served per peer and second (more: dropped)
+    fabric_module_request_burst: int = 400  # requests one peer may send at once before that rate applies
     fabric_probe_gpus: int = -1  # SIMULATION/TEST: >= 0 advertises this many simulated GPUs instead of NVML's
     fabric_test_wrong_results: bool = False  # TEST HOOK: return wrong task results (tests only)
     fabric_test_tamper_chunks: bool = False  # TEST HOOK: corrupt module chunks served to peers (tests only)
@@ -181,6 +183,8 @@ RANGES: dict[str, Range] = {
     "fabric_max_task_wall_s": Range(0.001, _DAY_S, note="1 ms..1 day"),
     "fabric_fetched_modules_max_bytes": Range(16 << 20, 1 << 40, note="16 MiB..1 TiB"),
     "fabric_compiled_cache_max_bytes": Range(16 << 20, 1 << 40, note="16 MiB..1 TiB"),
+    "fabric_module_requests_per_s": Range(1.0, 1e6),
+    "fabric_module_request_burst": Range(1, 1_000_000),
     "fabric_probe_gpus": Range(-1, 64, note="-1: real GPUs (NVML)"),
     # operation
     "drop_log_interval_s": Range(0.0, _DAY_S, note="0: log every drop"),
@@ -211,6 +215,8 @@ PROFILES: dict[str, dict[str, object]] = {
         "fabric_max_task_wall_s": 600.0,
         "fabric_fetched_modules_max_bytes": 64 << 20,
         "fabric_compiled_cache_max_bytes": 256 << 20,
+        "fabric_module_requests_per_s": 50.0,
+        "fabric_module_request_burst": 100,
     },
 }
 

@@ -135,7 +135,6 @@ FETCH_CHUNK_TIMEOUT_S = 10.0
 QUEUE_PER_SLOT = 4  # attempts waiting for a slot, per slot; beyond that: refused as "busy"
 MAX_TASKS_KEPT = 256  # finished tasks kept for tasks_status (input and replicas' stdout freed when done)
 MAX_FETCHES_PER_SOURCE = 2  # module fetches in flight from one submitter; more runs naming new modules: busy
-MODULE_REQUESTS_PER_S = 200.0  # fabric_module_request served per peer and second (burst: 2 s worth)
 INLINE_CHUNK_BYTES = 64 << 10  # verified chunks up to this size are read on the event loop
 DEFAULT_FUEL = 1_000_000_000
 LOCAL_CALL_INPUT_BYTES = 4 << 20  # agents_call runs here: the sandbox's own stdin limit (no envelope)
@@ -658,7 +657,8 @@ class FabricService:
         buckets = self._module_request_buckets
         bucket = buckets.get(peer)
         if bucket is None:
-            bucket = buckets[peer] = TokenBucket(MODULE_REQUESTS_PER_S, int(2 * MODULE_REQUESTS_PER_S), now)
+            bucket = buckets[peer] = TokenBucket(self.config.fabric_module_requests_per_s,
+                                                 self.config.fabric_module_request_burst, now)
             while len(buckets) > 1024:
                 buckets.popitem(last=False)
         buckets.move_to_end(peer)
@@ -667,10 +667,11 @@ class FabricService:
     async def _serve_module(self, peer: str, msg: FabricModuleRequest) -> None:
         """One chunk of a stored module. Each stored file is hashed once (ModuleStore.read_chunk),
         not on every request; reads of large or unverified chunks run off the event loop; each
-        peer gets at most MODULE_REQUESTS_PER_S requests a second (more: dropped, counted)."""
+        peer gets at most ``fabric_module_requests_per_s`` requests a second after a burst of
+        ``fabric_module_request_burst`` (more: dropped, counted)."""
         sha = msg.module_sha256
         if not self._module_request_allowed(peer):
-            self._drop("fabric_module_request_rate", peer, f"over {MODULE_REQUESTS_PER_S:g} module requests/s")
+            self._drop("fabric_module_request_rate", peer, f"over {self.config.fabric_module_requests_per_s:g} module requests/s")
             return
         n = min(msg.max_chunk_bytes, CHUNK_BYTES)
         try:

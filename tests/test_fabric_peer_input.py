@@ -18,7 +18,7 @@ from chimera.fabric.modules import ModuleStore
 from chimera.fabric.placement import ExecutedDigests, task_ballot_purpose, verify_task_certificate
 from chimera.fabric.wire import (FabricActorMessage, FabricModuleChunk, FabricModuleRequest, FabricTaskResult,
                                  FabricTaskRun, FabricVote, FabricVoteRequest, module_chunks)
-from chimera.node.config import NodeConfig
+from chimera.node.config import ConfigError, NodeConfig, load_config
 from conftest import FAST, async_wait_until
 from fabric_helpers import wasm
 
@@ -245,6 +245,26 @@ async def test_serving_hashes_a_module_once_and_limits_requests_per_peer(node_fa
         await svc._serve_module(A, FabricModuleRequest(module_sha256=big, offset=0, max_chunk_bytes=4096))
     assert node.counters["drop_fabric_module_request_rate"] > 100
     assert node.counters["fabric_module_chunks_served"] < 51 + 500
+
+
+async def test_the_module_request_rate_and_burst_are_settings(node_factory, tmp_path):
+    node, svc, sent = await replica(node_factory, "r5b", fabric_module_requests_per_s=1.0,
+                                    fabric_module_request_burst=3)
+    sha = await asyncio.to_thread(svc.modules.put, wasm("wordfreq"))
+    t0 = time.monotonic()
+    for _ in range(12):
+        await svc._serve_module(A, FabricModuleRequest(module_sha256=sha, offset=0, max_chunk_bytes=4096))
+    refilled = int(time.monotonic() - t0) + 1  # 1 request/s comes back while they are served
+    served = len([m for p, m in sent if isinstance(m, FabricModuleChunk)])
+    assert 3 <= served <= 3 + refilled  # was: all 12 (200/s, burst 400 in code)
+    assert node.counters["drop_fabric_module_request_rate"] == 12 - served
+    await svc._serve_module(B, FabricModuleRequest(module_sha256=sha, offset=0, max_chunk_bytes=4096))
+    assert len([m for p, m in sent if isinstance(m, FabricModuleChunk) and p == B]) == 1  # per peer
+    edge = load_config(tmp_path / "edge", environ={}, overrides={"profile": "edge"})
+    assert (edge.fabric_module_requests_per_s, edge.fabric_module_request_burst) == (50.0, 100)
+    for bad in ({"fabric_module_requests_per_s": 0.0}, {"fabric_module_request_burst": 0}):
+        with pytest.raises(ConfigError, match="outside"):
+            load_config(tmp_path / "bad", environ={}, overrides=bad)
 
 
 # ------------------------------------------------------------------ 18.6: sinks are local
