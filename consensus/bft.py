@@ -745,6 +745,13 @@ class BftCore:
             counts), else None. A block we propose carries at most one value per
             group, the one of smallest rank among the valid pooled values; the
             others stay pooled.
+        proposable: proposer policy (not a validity rule): ``proposable(value, sender)``
+            says whether a valid pooled value may go into a block we propose;
+            ``sender`` is the peer that gossiped it to us, i.e. its submitter
+            (values are not forwarded), or None for a value submitted here. A value
+            it refuses stays pooled (the next proposer may take it). E.g. a
+            validator that cannot check a training inclusion (it is not a
+            participant) takes only those a participant gossiped. Default: all.
 
     A peer that is not in the table (an observer) votes on nothing; it learns
     new heights by asking a validator for commits every
@@ -758,6 +765,7 @@ class BftCore:
                  validate_value: Callable[[bytes], bool | None] | None = None,
                  on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None,
                  choice_key: Callable[[bytes], tuple[bytes, Any] | None] | None = None,
+                 proposable: Callable[[bytes, str | None], bool] | None = None,
                  sign_from_height: int = 1) -> None:
         if not 1 <= table_height <= height:
             raise LocalProtocolError("table_height must be in 1..height")
@@ -770,6 +778,7 @@ class BftCore:
         self.validate_value = validate_value
         self.on_commit = on_commit
         self.choice_key = choice_key
+        self.proposable = proposable
         # nothing is signed below this height: a driver whose sign state was lost sets it past
         # every height it may have signed at (it follows those heights from certified commits)
         self.sign_from_height = sign_from_height
@@ -1548,7 +1557,7 @@ class BftCore:
             ok = True if self.validate_value is None else self.validate_value(v)
             if ok is False:  # no longer valid (e.g. a decision past its window): leaves the pool
                 expired.append(d)
-            elif ok:
+            elif ok and (self.proposable is None or self.proposable(v, self._pool_sender.get(d))):
                 choice = None if self.choice_key is None else self.choice_key(v)
                 if choice is not None:  # one value per group of alternatives: the best ranked
                     group, rank = choice

@@ -326,13 +326,17 @@ class Ledger:
             ``validate_value``; may depend on local state, so its answers are not
             cached). ``None``: ``fl_*`` values are invalid. May be set later
             through the attribute of the same name.
+        app_proposable: block-building policy for training inclusions
+            (``app_proposable(value, sender) -> bool``, see :meth:`proposable`); ``None``:
+            every valid one may be proposed. May be set later like ``app_validator``.
     Raises:
         LocalProtocolError: ``epoch_length`` < 1 or ``genesis`` not of epoch 0.
     """
 
     def __init__(self, network_id: bytes, genesis: WeightTable, epoch_length: int,
                  policy: WeightPolicy | None = None,
-                 app_validator: Callable[[bytes], bool] | None = None) -> None:
+                 app_validator: Callable[[bytes], bool] | None = None,
+                 app_proposable: Callable[[bytes, str | None], bool] | None = None) -> None:
         if type(epoch_length) is not int or epoch_length < 1:
             raise LocalProtocolError("epoch_length must be an int >= 1")
         if genesis.epoch != 0:
@@ -352,6 +356,7 @@ class Ledger:
         self.offenders: set[str] = set()
         self.outcomes: list[ApplyOutcome] = []  # filled by on_commit, drained by the driver
         self.app_validator = app_validator
+        self.app_proposable = app_proposable
         self._max_joins_for: tuple[WeightTable | None, int] = (None, 0)
         self._valid: OrderedDict[bytes, tuple[bool, int | None]] = OrderedDict()  # hash -> (ok, decision epoch)
 
@@ -367,6 +372,15 @@ class Ledger:
         from chimera.consensus.training import inclusion_choice
 
         return inclusion_choice(value)
+
+    def proposable(self, value: bytes, sender: str | None) -> bool:
+        """The BFT core's ``proposable`` (block-building policy): a training inclusion goes
+        into a block we propose only where ``app_proposable`` allows it (a validator that is
+        not a participant of the job cannot check an inclusion, so it takes only those a
+        participant gossiped, PROTOCOL.md §17.4 step 3); every other valid value may."""
+        if self.app_proposable is None or not value.startswith(_INCLUSION_PREFIX):
+            return True
+        return bool(self.app_proposable(value, sender))
 
     def validate_value(self, value: bytes) -> bool | None:
         """The BFT core's ``validate_value``: decodes and self-signature holds.

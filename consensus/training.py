@@ -422,6 +422,34 @@ def inclusion_choice(value: bytes) -> tuple[bytes, tuple[int, bytes]] | None:
     return rec.job_id + rec.round.to_bytes(8, "big"), (-len(rec.updates), value)
 
 
+def inclusion_proposable(value: bytes, sender: str | None, job: JobSpec | None, peer_id: str) -> bool:
+    """Block-building policy for the log (``BftCore(proposable=...)``): may the validator
+    ``peer_id`` put the training inclusion ``value``, gossiped to it by ``sender`` (None:
+    submitted by ``peer_id`` itself), into a block it proposes? ``job``: the committed
+    :class:`JobSpec` of the inclusion's job as this peer knows it (None: unknown here).
+
+    A participant of the job checks every inclusion before it pools it (its aggregate must
+    match), so it may propose any it pooled: True. A validator that is not a participant
+    holds no updates and cannot check one (any inclusion within the stateless bounds is
+    valid at it), so it takes only those gossiped by a participant of the job (values are
+    not forwarded: the gossiping peer is the submitter): otherwise any peer could gossip an
+    inclusion naming an update no participant can get, and every block of a
+    non-participant proposer would carry it (the largest set is chosen) and get no
+    participant's prevote until the round's inclusion committed elsewhere. Unknown job:
+    False (its participants are unknown here). Any other value: True.
+    PROTOCOL.md §14.6 and §17.4 step 3.
+    """
+    try:
+        rec = decode_log_value(value)
+    except MalformedError:
+        return False
+    if not isinstance(rec, Inclusion):
+        return True
+    if job is None:
+        return False
+    return peer_id in job.participants or (sender is not None and sender in job.participants)
+
+
 def is_training_value(value: bytes) -> bool:
     """True when ``value`` decodes as a training log value (for routing committed values)."""
     try:

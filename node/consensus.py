@@ -173,7 +173,7 @@ class ConsensusService:
                             table_height=self.ledger.table_height, sign_state=sign_state,
                             sign_from_height=self.sign_from_height,
                             validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit,
-                            choice_key=self.ledger.choice_key)
+                            choice_key=self.ledger.choice_key, proposable=self.ledger.proposable)
         # the dedupe of committed values survives a restart (a replayed value is refused)
         start = max(1, height - config.dedupe_heights + 1)
         while start <= height:

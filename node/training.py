@@ -38,6 +38,7 @@ class TrainingHost:
         self.node = node
         self.service = None
         node.consensus.ledger.app_validator = self.validate_value
+        node.consensus.ledger.app_proposable = self.proposable
         node.consensus.commit_hooks.append(self.on_commit)
         if self._store_has_jobs():  # a restart: resume the jobs now
             self.load(node.store.last_height())
@@ -68,6 +69,10 @@ class TrainingHost:
     def validate_value(self, value: bytes) -> bool | None:
         """The ledger's ``app_validator`` (``fl_*`` values only; None: not yet decidable here)."""
         return self.load(self.node.store.last_height()).validate_value(value)
+
+    def proposable(self, value: bytes, sender: str | None) -> bool:
+        """The ledger's ``app_proposable`` (training inclusions only, already found valid)."""
+        return self.load(self.node.store.last_height()).proposable(value, sender)
 
     def on_commit(self, height: int, outcome) -> None:
         """Commit hook: blocks with ``fl_*`` values (and, once loaded, new weight tables)."""

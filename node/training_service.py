@@ -82,6 +82,7 @@ from chimera.consensus.training import (
     TrainLocal,
     decode_log_value,
     encode_log_value,
+    inclusion_proposable,
     job_id_of,
 )
 from chimera.protocol.envelope import Envelope
@@ -508,6 +509,18 @@ class TrainingService:
             # first); without a loop (tests driving the service) the commit fetches them
             call_soon_once(self._fetch_soon, rec.job_id, lambda: self._fetch_wanted(state))
         return ok
+
+    def proposable(self, value: bytes, sender: str | None) -> bool:
+        """Block-building policy for an inclusion we found valid
+        (:func:`~chimera.consensus.training.inclusion_proposable`): a job we do not take part
+        in contributes only inclusions a participant gossiped to our blocks."""
+        try:
+            rec = decode_log_value(value)
+        except MalformedError:
+            return False
+        state = self.jobs.get(rec.job_id)
+        return inclusion_proposable(value, sender, None if state is None else state.job,
+                                    self.node.peer_id)
 
     def _fetch_wanted(self, state: JobState) -> None:
         state.core.fetch_wanted(time.monotonic())

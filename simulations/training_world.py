@@ -97,6 +97,7 @@ from chimera.consensus.training import (
     FlModelRequest,
     FlUpdate,
     FlUpdateRequest,
+    Inclusion,
     JobSpec,
     Observe,
     ProposeValue,
@@ -109,6 +110,7 @@ from chimera.consensus.training import (
     decode_log_value,
     encode_log_value,
     inclusion_choice,
+    inclusion_proposable,
     job_id_of,
     local_seed,
 )
@@ -540,6 +542,19 @@ class PeerTraining:
             return False
         return True
 
+    def proposable(self, value: bytes, sender: str | None) -> bool:
+        """The log's block-building policy for inclusions (as the node:
+        :func:`~chimera.consensus.training.inclusion_proposable`; the job's spec from the
+        federation's list, which holds every job the scenario proposes)."""
+        try:
+            rec = decode_log_value(value)
+        except MalformedError:
+            return False
+        if not isinstance(rec, Inclusion):
+            return True
+        j = self.fed.job_index.get(rec.job_id)
+        return inclusion_proposable(value, sender, None if j is None else self.fed.jobs[j], self.host.peer_id)
+
     def on_committed(self, value: bytes, now: float, epoch: int) -> None:
         if self.core is None:
             try:
@@ -904,8 +919,9 @@ class BftTrainingWorld(BftWorld):
     def _make_core(self, identity, *args, validate_value=None, **kwargs) -> BftCore:
         """The real BftCore with the validity hook of this validator's training core (and the
         node's block-building policy for inclusions)."""
-        return BftCore(identity, *args, validate_value=self.by_id[identity.peer_id].training.validate,
-                       choice_key=inclusion_choice, **kwargs)
+        training = self.by_id[identity.peer_id].training
+        return BftCore(identity, *args, validate_value=training.validate, choice_key=inclusion_choice,
+                       proposable=training.proposable, **kwargs)
 
     def start_all(self) -> None:
         super().start_all()

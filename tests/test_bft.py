@@ -1196,6 +1196,28 @@ def test_a_proposed_block_carries_one_value_per_group_of_alternatives():
     assert len(plain._make_block().values) == len(values)
 
 
+def test_a_proposed_block_leaves_out_the_values_the_proposable_policy_refuses():
+    """proposable (proposer policy, not validity) sees each pooled value with the peer that
+    gossiped it (None: submitted here); a value it refuses stays out of our blocks but stays
+    pooled, valid, for a proposer that may take it."""
+    table = table_of(IDS[:4])
+    seen = []
+
+    def proposable(value: bytes, sender):
+        seen.append((value, sender))
+        return not value.startswith(b"fl") or sender == IDS[1].peer_id
+
+    core = BftCore(IDS[0], NET, table, FAST, 0.0, validate_value=valid_value, proposable=proposable)
+    core.submit(b"own value", 0.0)
+    core.on_message(IDS[1].peer_id, BftValues(values=(b"fl from a participant", b"plain 1")), 0.0)
+    core.on_message(IDS[2].peer_id, BftValues(values=(b"fl from anyone", b"plain 2")), 0.0)
+    block = core._make_block()
+    assert sorted(block.values) == sorted([b"own value", b"fl from a participant", b"plain 1", b"plain 2"])
+    assert (b"fl from anyone", IDS[2].peer_id) in seen and (b"own value", None) in seen
+    assert core.pool_size == 5
+    assert core.drops["invalid_value"] == 0
+
+
 @pytest.mark.parametrize("nudgers", [bft.NUDGERS, 0])
 def test_a_proposer_that_missed_the_last_commit_is_nudged_before_the_propose_timeout(monkeypatch, nudgers):
     """The proposer of height 2 missed height 1's precommits (it was cut off) and, back, sits

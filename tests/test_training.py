@@ -1075,6 +1075,52 @@ def test_past_the_per_round_cap_only_a_larger_set_is_checked_and_blocks_carry_th
     assert inclusion_choice(encode_log_value(job)) is None and inclusion_choice(b"\x92\xaafl_include garbage") is None
 
 
+def test_a_validator_outside_the_job_proposes_only_inclusions_a_participant_gossiped():
+    """Block-building policy (PROTOCOL §14.6, §17.4 step 3): a validator that is not a
+    participant cannot check an inclusion (every one within the bounds is valid at it), so its
+    blocks carry only those gossiped by a participant: a peer outside the job can no longer
+    make every block of such a proposer carry a set no participant can check (no prevotes
+    from participants until the round's inclusion committed elsewhere). Through the real
+    ledger and BFT core: the outsider's block leaves the other's inclusion out, keeps it
+    pooled, and takes the participant's."""
+    from chimera.consensus.bft import BftConfig, BftCore, BftValues
+    from chimera.consensus.ledger import Ledger
+    from chimera.consensus.training import inclusion_proposable
+
+    job = make_job(participants=PEERS[:4], quorum=3)
+    outsider, stranger = PEERS[4], IDS[5].peer_id
+    job_id = job_id_of(encode_log_value(job))
+
+    def inclusion(updates):
+        return encode_log_value(Inclusion(job_id=job_id, round=1, updates=tuple(updates),
+                                          aggregate_hash=b"\x00" * 32))
+
+    gossiped = inclusion([bytes([i]) * 32 for i in (1, 2, 3)])
+    forged = inclusion([bytes([i]) * 32 for i in (4, 5, 6, 7)])  # more hashes: it would be chosen
+    assert inclusion_proposable(gossiped, PEERS[1], job, outsider)
+    assert not inclusion_proposable(forged, stranger, job, outsider)
+    assert not inclusion_proposable(forged, outsider, job, outsider)
+    assert inclusion_proposable(forged, stranger, job, PEERS[0])  # a participant checked it first
+    assert not inclusion_proposable(gossiped, PEERS[1], None, outsider)  # a job unknown here
+    assert inclusion_proposable(encode_log_value(job), stranger, None, outsider)  # not an inclusion
+    assert not inclusion_proposable(b"\x92\xaafl_include garbage", PEERS[1], job, outsider)
+
+    table = WeightTable(epoch=0, weights={p: 1000 for p in (*PEERS, stranger)})
+    ledger = Ledger(NET, table, epoch_length=10, app_validator=lambda value: True,
+                    app_proposable=lambda value, sender: inclusion_proposable(value, sender, job, outsider))
+    core = BftCore(BY_PEER[outsider], NET, table, BftConfig(), 0.0, validate_value=ledger.validate_value,
+                   choice_key=ledger.choice_key, proposable=ledger.proposable)
+    core.on_message(stranger, BftValues(values=(forged,)), 0.0)
+    core.on_message(PEERS[1], BftValues(values=(gossiped,)), 0.0)
+    assert core._make_block().values == (gossiped,)
+    assert core.pool_size == 2
+    without = BftCore(BY_PEER[outsider], NET, table, BftConfig(), 0.0, validate_value=ledger.validate_value,
+                      choice_key=ledger.choice_key)
+    without.on_message(stranger, BftValues(values=(forged,)), 0.0)
+    without.on_message(PEERS[1], BftValues(values=(gossiped,)), 0.0)
+    assert without._make_block().values == (forged,)  # the old policy: the largest set, unchecked
+
+
 # ------------------------------------------------------------------ job spec
 
 
