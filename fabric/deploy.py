@@ -40,6 +40,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterable, Protocol
 
@@ -346,6 +347,12 @@ class DeploymentManager:
                 log.exception("deployment event listener failed")
         return event
 
+    def _holding(self, module: bytes | str):
+        """A module named by hash stays pinned in the store (out of the fetched-module quota's
+        reach) until the deploy or upgrade that names it is recorded; bytes are stored as a
+        local module, never under the quota. Raises ModuleNotFound."""
+        return self.modules.held(module) if isinstance(module, str) else nullcontext()
+
     def _module(self, module: bytes | str) -> tuple[str, CompiledModule]:
         sha = module if isinstance(module, str) else self.modules.put(module)
         compiled = self.sandbox.compile(self.modules.get(sha))
@@ -376,13 +383,14 @@ class DeploymentManager:
                 why = self.restore_failures.get(name)
                 state = f" (not running: {why})" if why else ""
                 raise ValueError(f"{name} is deployed already{state}; use upgrade")
-            sha, compiled = self._module(module)
-            if kind == "actor":
-                self.host.start_agent(name, compiled, version=version, limits=limits, grants=grants)
-            else:
-                check_task_module(compiled)
-            self._specs[name] = _Spec(limits, grants)
-            return self._record("deploy", kind, name, version, sha)
+            with self._holding(module):
+                sha, compiled = self._module(module)
+                if kind == "actor":
+                    self.host.start_agent(name, compiled, version=version, limits=limits, grants=grants)
+                else:
+                    check_task_module(compiled)
+                self._specs[name] = _Spec(limits, grants)
+                return self._record("deploy", kind, name, version, sha)
 
     def upgrade(self, ref: str, module: bytes | str) -> DeploymentEvent:
         """Hot-swap ``name`` to ``version`` (queued messages are kept).
@@ -400,15 +408,16 @@ class DeploymentManager:
             deployed = self.get(name)
             if version == deployed.version:
                 raise ValueError(f"{name}@{version} is already current")
-            sha, compiled = self._module(module)
-            spec = self._spec(name)
-            if deployed.kind == "actor":
-                self._swap_or_start(name, compiled, version, spec)
-            else:  # the same check as deploy: the current version keeps serving
-                check_task_module(compiled)
-            self.restore_failures.pop(name, None)
-            self._windows[(name, version)] = ErrorWindow(self.policy)
-            return self._record("upgrade", deployed.kind, name, version, sha)
+            with self._holding(module):
+                sha, compiled = self._module(module)
+                spec = self._spec(name)
+                if deployed.kind == "actor":
+                    self._swap_or_start(name, compiled, version, spec)
+                else:  # the same check as deploy: the current version keeps serving
+                    check_task_module(compiled)
+                self.restore_failures.pop(name, None)
+                self._windows[(name, version)] = ErrorWindow(self.policy)
+                return self._record("upgrade", deployed.kind, name, version, sha)
 
     def rollback(self, name: str, *, reason: str = "", automatic: bool = False) -> DeploymentEvent:
         """Return ``name`` to its previous version.

@@ -12,9 +12,11 @@ Layout: ``root/<sha256>.wasm`` for modules stored here (deployed, submitted),
 ``root/fetched/<sha256>.wasm`` for modules fetched from peers; files 0600 in
 0700 directories, written atomically (temporary file, fsync, rename). Fetched
 modules have a byte quota (``fetched_max_bytes``): beyond it the least recently
-used fetched modules are removed (never those the caller names as in use; a
+used fetched modules are removed, never a pinned one (:meth:`ModuleStore.pin`:
+a run, a task or a deploy that uses it), one the store's ``protected`` callback
+names (the modules deployed agents name) or one the caller names as in use; a
 fetched module stored here again with :meth:`ModuleStore.put` becomes a local
-one). Every :meth:`ModuleStore.get` re-hashes the bytes, so a file damaged on
+one. Every :meth:`ModuleStore.get` re-hashes the bytes, so a file damaged on
 disk is reported (and removed) rather than run; :meth:`ModuleStore.read_chunk`
 (serving peers) hashes each stored file once (by inode, size and mtime).
 """
@@ -27,7 +29,8 @@ import re
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from chimera.protocol.errors import RemoteProtocolError
@@ -109,13 +112,18 @@ class ModuleStore:
         root: directory (created with mode 0700).
         max_module_bytes: largest module accepted by :meth:`put` / :meth:`accept_fetched`.
         fetched_max_bytes: quota of the modules fetched from peers (None: no quota).
+        protected: called by every quota enforcement, under the store's lock (after the pins
+            are read, so a user that records its use of a module before it unpins it is never
+            missed): modules the quota must not remove, e.g. the ones deployed agents name.
+            It may read the store but must not block on a thread that waits for the store.
     Thread-safe.
     """
 
     VERIFIED_KEPT = 256  # files whose hash read_chunk checked (by inode, size, mtime)
 
     def __init__(self, root: Path | str, *, max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES,
-                 fetched_max_bytes: int | None = None) -> None:
+                 fetched_max_bytes: int | None = None,
+                 protected: Callable[[], Collection[str]] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root.chmod(0o700)
@@ -125,7 +133,9 @@ class ModuleStore:
         self.max_module_bytes = int(max_module_bytes)
         self.fetched_max_bytes = fetched_max_bytes
         self.evicted = 0  # fetched modules removed for the quota
-        self._lock = threading.Lock()
+        self.protected = protected
+        self._lock = threading.RLock()
+        self._pins: dict[str, int] = {}  # sha -> users (runs, tasks, deploys) that need it kept
         self._used: dict[str, int] = {}  # sha -> use sequence (LRU of fetched modules; unknown: mtime order)
         self._use_seq = 0
         self._verified: OrderedDict[tuple[str, int, int, int], None] = OrderedDict()
@@ -197,9 +207,59 @@ class ModuleStore:
         self.enforce_quota(keep={*keep, sha256})
         return sha256
 
+    def pin(self, sha256: str) -> bool:
+        """Keep ``sha256`` out of the quota's reach until a matching :meth:`unpin` (pins count:
+        each user pins and unpins once). Returns whether the module is stored now, checked
+        atomically with the pin: True means it stays until unpinned; False means it is not
+        here (a module fetched later is kept too), and the caller still unpins.
+
+        Raises:
+            ValueError: ``sha256`` is not a hash name.
+        """
+        check_hash_name(sha256)
+        with self._lock:
+            self._pins[sha256] = self._pins.get(sha256, 0) + 1
+            return self._local(sha256).is_file() or self._fetched(sha256).is_file()
+
+    def unpin(self, sha256: str) -> None:
+        """Release one :meth:`pin` (an unpinned name is ignored); the quota applies again at the
+        next enforcement once nobody pins it."""
+        with self._lock:
+            n = self._pins.get(sha256, 0) - 1
+            if n > 0:
+                self._pins[sha256] = n
+            else:
+                self._pins.pop(sha256, None)
+
+    @contextmanager
+    def held(self, sha256: str) -> Iterator[str]:
+        """Pinned for the ``with`` block (:meth:`pin`).
+
+        Raises:
+            ModuleNotFound: not stored (nothing stays pinned).
+            ValueError: ``sha256`` is not a hash name.
+        """
+        present = self.pin(sha256)
+        try:
+            if not present:
+                raise ModuleNotFound(f"module {sha256[:12]} is not in this node's store")
+            yield sha256
+        finally:
+            self.unpin(sha256)
+
+    def pinned(self) -> dict[str, int]:
+        """Modules pinned now, with their number of users."""
+        with self._lock:
+            return dict(self._pins)
+
     def enforce_quota(self, keep: Collection[str] = ()) -> int:
-        """Remove least recently used fetched modules not in ``keep`` until the fetched modules
-        fit ``fetched_max_bytes``; returns how many were removed (also added to :attr:`evicted`)."""
+        """Remove least recently used fetched modules until the fetched modules fit
+        ``fetched_max_bytes``, never one in ``keep``, pinned (:meth:`pin`) or ``protected``;
+        returns how many were removed (also added to :attr:`evicted`).
+
+        Raises:
+            Exception: whatever the ``protected`` callback raises (nothing is removed then).
+        """
         if self.fetched_max_bytes is None:
             return 0
         with self._lock:
@@ -211,6 +271,11 @@ class ModuleStore:
                     continue
                 files.append((self._used.get(p.stem, 0), st.st_mtime_ns, p, st.st_size))
             total = sum(f[3] for f in files)
+            if total <= self.fetched_max_bytes:
+                return 0
+            keep = {*keep, *self._pins}
+            if self.protected is not None:
+                keep.update(self.protected())
             removed = 0
             for _, _, p, size in sorted(files, key=lambda f: (f[0], f[1])):
                 if total <= self.fetched_max_bytes:

@@ -200,6 +200,7 @@ class _Submitted:
     finished_ms: int | None = None
     latency_s: float | None = None
     input_bytes: int | None = None
+    module_pinned: bool = True  # in the module store until the task ends (FabricService._release)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -232,7 +233,10 @@ class FabricService:
         self.loop = asyncio.get_running_loop()
         self.root = node.data_dir / "fabric"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.modules = ModuleStore(self.root / "modules", fetched_max_bytes=cfg.fabric_fetched_modules_max_bytes)
+        # the quota never removes a module a run, a task or a deploy here has pinned, nor one the
+        # deployment history of an agent not removed names (read at each enforcement)
+        self.modules = ModuleStore(self.root / "modules", fetched_max_bytes=cfg.fabric_fetched_modules_max_bytes,
+                                   protected=self._deployed_modules)
         self.counters = node.counters
         self.slots = cfg.fabric_task_slots
         # the longest run accepted from anyone (advertised): bounds a slot's occupation and close()
@@ -504,7 +508,8 @@ class FabricService:
             self.gpu_leases[i] = key
         self.running[key] = _Run(submitter, msg, time.monotonic(), epoch=self.weights().epoch)
         self.counters["fabric_tasks_received"] += 1
-        if self.modules.has(msg.module_sha256):
+        # pinned until _finish: the quota keeps it (or the module fetched for it) until the run ends
+        if self.modules.pin(msg.module_sha256):
             self._start_run(key)
         elif submitter == self.peer_id:
             self._finish(key, FabricTaskResult(task_id=msg.task_id, attempt=msg.attempt, status="refused",
@@ -585,6 +590,8 @@ class FabricService:
 
     def _finish(self, key: tuple[str, str, int], result: FabricTaskResult | None) -> None:
         run = self.running.pop(key, None)
+        if run is not None:
+            self.modules.unpin(run.msg.module_sha256)
         for i, holder in list(self.gpu_leases.items()):
             if holder == key:
                 del self.gpu_leases[i]
@@ -692,13 +699,10 @@ class FabricService:
         self.node.send(peer, FabricModuleChunk(module_sha256=sha, offset=msg.offset, total_bytes=total, data=data))
         self.counters["fabric_module_chunks_served"] += 1
 
-    def _modules_in_use(self) -> set[str]:
-        """Modules the fetched-module quota must not evict: those of runs in flight and of fetches."""
-        return {r.msg.module_sha256 for r in self.running.values()} | {sha for sha, _ in self.fetches}
-
     def _deployed_modules(self) -> set[str]:
         """Every module named by the deployment history of an agent that is not removed (any
-        version: rollbacks need them). Read from SQLite directly (admin pool thread)."""
+        version: rollbacks need them). Read from SQLite directly (the module store's quota
+        asks, on the admin pool thread)."""
         path = self.root / "agents.sqlite3"
         if not path.exists():
             return set()
@@ -712,10 +716,11 @@ class FabricService:
         last = {name: action for name, action, _ in rows}
         return {sha for name, _, sha in rows if last.get(name) != "remove"}
 
-    def _store_fetched(self, sha: str, wasm: bytes, in_use: set[str]) -> int:
-        """Admin pool thread: store a fetched module and apply the quota; returns evictions."""
+    def _store_fetched(self, sha: str, wasm: bytes) -> int:
+        """Admin pool thread: store a fetched module and apply the quota (pinned and deployed
+        modules are kept); returns evictions."""
         before = self.modules.evicted
-        self.modules.accept_fetched(sha, wasm, keep=in_use | self._deployed_modules())
+        self.modules.accept_fetched(sha, wasm)
         return self.modules.evicted - before
 
     async def _on_chunk(self, peer: str, msg: FabricModuleChunk) -> None:
@@ -745,7 +750,7 @@ class FabricService:
         fetch.deadline = math.inf  # stored now: the chunk timeout no longer applies
         try:
             evicted = await self.loop.run_in_executor(self.admin_pool, self._store_fetched, msg.module_sha256,
-                                                      wasm, self._modules_in_use())
+                                                      wasm)
         except Exception as exc:  # noqa: BLE001 - a disk failure: refuse its attempts, keep serving
             log.error("could not store fetched module %s: %r", msg.module_sha256[:12], exc)
             if self.fetches.get(fkey) is fetch:
@@ -766,10 +771,13 @@ class FabricService:
     def submit(self, module_sha256: str, stdin: bytes, req: TaskRequirements) -> str:
         """Place a task; returns its id. Raises LocalProtocolError for a bad request."""
         check_hash_name(module_sha256)
-        if not self.modules.has(module_sha256):
-            raise LocalProtocolError(f"module {module_sha256[:12]} is not in this node's store")
         if len(stdin) > MAX_TASK_INPUT_BYTES:
             raise LocalProtocolError(f"task input is {len(stdin)} bytes; the limit is {MAX_TASK_INPUT_BYTES}")
+        # pinned until the task ends (_release): its attempts, here and at the replicas that
+        # fetch it from this node, need it even if this node once fetched it itself
+        if not self.modules.pin(module_sha256):
+            self.modules.unpin(module_sha256)
+            raise LocalProtocolError(f"module {module_sha256[:12]} is not in this node's store")
         self._task_seq += 1
         task_id = f"t{self._task_seq}-{os.urandom(4).hex()}"
         rec = _Submitted(task_id, module_sha256, stdin, req, _wall_ms(), time.monotonic())
@@ -779,8 +787,14 @@ class FabricService:
             for old_id in [t for t, r in self.tasks.items() if r.state != "running"][:excess]:
                 del self.tasks[old_id]
         now = time.monotonic()
-        self._refresh_peers(now)
-        self._run_actions(self.placement.submit(task_id, req, now))
+        try:
+            self._refresh_peers(now)
+            actions = self.placement.submit(task_id, req, now)
+        except BaseException:
+            del self.tasks[task_id]
+            self._release(rec)
+            raise
+        self._run_actions(actions)
         self._wake.set()
         return task_id
 
@@ -928,9 +942,12 @@ class FabricService:
         key = (module, "accepted" if rec.state == "accepted" else "failed")
         self.task_outcomes[key] = self.task_outcomes.get(key, 0) + 1
 
-    @staticmethod
-    def _release(rec: _Submitted) -> None:
-        """A finished task keeps only what its view shows: drop the input and the replicas' stdout."""
+    def _release(self, rec: _Submitted) -> None:
+        """A finished task keeps only what its view shows: drop the input and the replicas' stdout,
+        unpin its module (once)."""
+        if rec.module_pinned:
+            rec.module_pinned = False
+            self.modules.unpin(rec.module_sha256)
         rec.input_bytes, rec.input = len(rec.input), b""
         for row in rec.results.values():
             row.pop("_stdout", None)

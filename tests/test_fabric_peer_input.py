@@ -5,6 +5,7 @@ the fetched-module quota, module serving, and actor messages to local sinks."""
 import asyncio
 import hashlib
 import os
+import threading
 import time
 from types import SimpleNamespace as NS
 
@@ -15,12 +16,12 @@ from chimera.consensus.quorum import CertificateError, WeightTable
 from chimera.consensus.votes import Ballot, Tally
 from chimera.fabric.digests import error_digest
 from chimera.fabric.modules import ModuleStore
-from chimera.fabric.placement import ExecutedDigests, task_ballot_purpose, verify_task_certificate
+from chimera.fabric.placement import ExecutedDigests, TaskRequirements, task_ballot_purpose, verify_task_certificate
 from chimera.fabric.wire import (FabricActorMessage, FabricModuleChunk, FabricModuleRequest, FabricTaskResult,
                                  FabricTaskRun, FabricVote, FabricVoteRequest, module_chunks)
 from chimera.node.config import ConfigError, NodeConfig, load_config
 from conftest import FAST, async_wait_until
-from fabric_helpers import wasm
+from fabric_helpers import reference_wordfreq, wasm
 
 CFG = dict(FAST, fabric_capacity_interval_s=0.3, fabric_probe_gpus=0)
 A = "a" * 52  # a byzantine member (what it is sent is captured)
@@ -181,6 +182,32 @@ def test_fetched_modules_have_a_quota_with_lru_eviction(tmp_path):
     assert not store.is_fetched(new) and store.has(new)
 
 
+def test_pinned_and_protected_fetched_modules_are_kept_by_the_quota(tmp_path):
+    protected: set[str] = set()
+    store = ModuleStore(tmp_path / "m", fetched_max_bytes=1, protected=lambda: protected)
+    blobs = [b"\0asm\1\0\0\0" + bytes([k]) * 100 for k in range(4)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
+    assert store.pin(shas[0]) is False  # not here yet: pinned all the same (a fetch for it is coming)
+    store.accept_fetched(shas[0], blobs[0])
+    assert store.pin(shas[1]) is False
+    store.accept_fetched(shas[1], blobs[1])
+    assert store.has(shas[0]) and store.has(shas[1]) and store.evicted == 0
+    protected.add(shas[1])
+    store.unpin(shas[1])
+    store.unpin(shas[1])  # one unpin too many: ignored
+    with store.held(shas[0]):
+        store.unpin(shas[0])  # the first pin ends; held() still holds one
+        store.accept_fetched(shas[2], blobs[2])
+        assert store.has(shas[0]) and store.has(shas[1]) and store.evicted == 0
+    assert store.pinned() == {}
+    store.accept_fetched(shas[3], blobs[3])
+    assert not store.has(shas[0]) and not store.has(shas[2]) and store.has(shas[1]) and store.evicted == 2
+    with pytest.raises(modules_mod.ModuleNotFound, match="not in this node's store"):
+        with store.held(shas[0]):
+            pass
+    assert store.pinned() == {}
+
+
 async def test_the_node_never_evicts_modules_of_runs_in_flight_or_deployed_agents(node_factory):
     node, svc, sent = await replica(node_factory, "r3b")
     svc.modules.fetched_max_bytes = 1  # everything over the quota
@@ -199,6 +226,80 @@ async def test_the_node_never_evicts_modules_of_runs_in_flight_or_deployed_agent
     assert [m.status for m in results(sent, A)] == ["ok"] * 3  # each ran: never evicted before its run
     assert svc.modules.has(dsha)  # a deployed agent's module stays
     assert node.counters["fabric_fetched_modules_evicted"] == 2
+
+
+async def fetched_from(svc, peer, tid, blob, *, wall_time_ms=5000):
+    """``peer`` sends a run of ``blob`` (a module this node lacks); it is fetched, stored, and runs."""
+    sha = hashlib.sha256(blob).hexdigest()
+    svc._on_task_run(peer, FabricTaskRun(task_id=tid, attempt=1, module_sha256=sha, input=b"w w", fuel=10**9,
+                                         memory_bytes=16 << 20, wall_time_ms=wall_time_ms))
+    for ch in module_chunks(blob, sha):
+        await svc.on_envelope(NS(message=ch, sender=peer))
+    assert await async_wait_until(lambda: (sha, peer) not in svc.fetches, 30)
+    return sha
+
+
+async def test_a_task_submitted_by_the_hash_of_a_fetched_module_keeps_it_until_it_ends(node_factory):
+    """A task submitted here by the hash of a module this node once fetched waited for a slot
+    while this node fetched another module for a peer's run: the quota removed the task's
+    module (only runs in flight and fetches were kept), then the task's own attempt here
+    was refused module_unavailable and the task failed (its replicas elsewhere could not
+    fetch the module from it either)."""
+    node, svc, sent = await replica(node_factory, "r3c", fabric_task_slots=1)
+    svc.modules.fetched_max_bytes = 1  # everything over the quota
+    mine = await fetched_from(svc, A, "m0", wasm("wordfreq") + custom_section(b"mine", b"m"))
+    assert await async_wait_until(lambda: len(results(sent, A)) == 1, 30)
+    loop_sha = await asyncio.to_thread(svc.modules.put, wasm("hostile_loop"))  # holds the only slot ~1.5 s
+    svc._on_task_run(A, FabricTaskRun(task_id="busy", attempt=1, module_sha256=loop_sha, input=b"", fuel=2**62,
+                                      memory_bytes=16 << 20, wall_time_ms=1500))
+    svc._refresh_peers(time.monotonic())
+    task_id = svc.submit(mine, b"to be or not to be", TaskRequirements(fuel=10**9, memory_bytes=16 << 20,
+                                                                                 wall_time_s=5.0))
+    assert svc.placement.tasks[task_id].attempts == {}  # waits at the submitter for the slot
+    await fetched_from(svc, A, "other", wasm("wordfreq") + custom_section(b"other", b"o"))
+    assert svc.modules.has(mine)  # was: evicted
+    rec = svc.tasks[task_id]
+    await asyncio.wait_for(rec.done.wait(), 60)
+    assert rec.state == "accepted", (rec.failure, rec.results)  # was: failed, module_unavailable
+    assert rec.stdout == reference_wordfreq(b"to be or not to be")
+    assert await async_wait_until(lambda: len(results(sent, A)) == 3, 30)
+    svc._refresh_peers(time.monotonic())  # the task ended: its module is under the quota again
+    await fetched_from(svc, A, "third", wasm("wordfreq") + custom_section(b"third", b"t"))
+    assert not svc.modules.has(mine)
+
+
+async def test_a_fetched_module_deployed_by_hash_is_not_evicted_while_the_deploy_compiles(node_factory):
+    """agents_deploy by the hash of a fetched module read the module, compiled it and only then
+    recorded the deployment; a fetched module stored meanwhile (the other admin thread)
+    evicted the deployed module (not yet in the deployment history): the agent ran, but
+    nothing could restore it after a restart or roll back to it."""
+    node, svc, sent = await replica(node_factory, "r3d")
+    svc.modules.fetched_max_bytes = 1
+    deployed = wasm("wordfreq") + custom_section(b"deployed", b"race")
+    dsha = await fetched_from(svc, A, "d0", deployed)
+    assert await async_wait_until(lambda: len(results(sent, A)) == 1, 30)  # its run is over
+    rt = await asyncio.to_thread(svc.runtime)
+    compiling, release = threading.Event(), threading.Event()
+    real_compile = rt.sandbox.compile
+
+    def slow_compile(wasm_bytes, *a, **kw):  # the deploy's compile waits for the other store
+        if hashlib.sha256(wasm_bytes).hexdigest() == dsha:
+            compiling.set()
+            release.wait(30)
+        return real_compile(wasm_bytes, *a, **kw)
+    rt.sandbox.compile = slow_compile
+    from chimera.node.fabric import admin_handlers
+    deploy = asyncio.create_task(admin_handlers(node)["agents_deploy"]({"ref": "wf@1", "sha256": dsha,
+                                                                        "kind": "task"}))
+    assert await async_wait_until(compiling.is_set, 30)
+    try:
+        await fetched_from(svc, A, "other", wasm("wordfreq") + custom_section(b"other", b"o"))
+    finally:
+        release.set()
+    assert (await deploy)["module_sha256"] == dsha
+    assert svc.modules.has(dsha)  # was: evicted while it compiled
+    call = await admin_handlers(node)["agents_call"]({"name": "wf", "input": "a b a"})
+    assert call["stdout"] == reference_wordfreq(b"a b a").decode()
 
 
 async def test_a_fetch_whose_deadline_passes_while_the_module_is_stored_still_runs(node_factory):
