@@ -47,6 +47,8 @@ class NodeConfig:
     send_queue_max_bytes: int = 64 << 20  # bytes queued for sending, all peers together
     rate_limit_msgs_per_s: float = 2000.0
     rate_limit_burst: int = 4000
+    new_senders_per_address_per_s: float = 16.0  # new sender identities one IP address may introduce
+    new_senders_burst: int = 256  # ... at once, before that rate applies
     mailbox_size: int = 4096
     # discovery
     mdns: bool = True
@@ -155,6 +157,8 @@ RANGES: dict[str, Range] = {
     "send_queue_max_bytes": Range(1 << 20, 1 << 40, note="1 MiB..1 TiB"),
     "rate_limit_msgs_per_s": Range(1.0, 1e6),
     "rate_limit_burst": Range(1, 1_000_000),
+    "new_senders_per_address_per_s": Range(0.01, 1e6),
+    "new_senders_burst": Range(1, 1_000_000),
     "mailbox_size": Range(1, 1_000_000),  # asyncio.Queue: <= 0 would be unbounded
     # discovery
     "mdns_interface_poll_s": Range(0.0, _DAY_S, note="0: interfaces read once at start"),

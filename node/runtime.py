@@ -234,6 +234,8 @@ class Node:
             self.peer_id, self.network.network_id,
             max_message_bytes=cfg.max_message_bytes,
             max_clock_skew_ms=int(cfg.max_clock_skew_s * 1000),
+            new_senders_per_source_per_s=cfg.new_senders_per_address_per_s,
+            new_senders_burst=cfg.new_senders_burst,
         )
         self.drops = DropLog(self.counters, cfg.drop_log_interval_s, log)
         self.transport = Transport(
@@ -544,7 +546,7 @@ class Node:
                 self.drops.record("rate_limited", f"conn:{conn_id.hex()}", "over the token bucket", now)
                 continue
             try:
-                env = self.opener.open(frame, now_ms)
+                env = self.opener.open(frame, now_ms, self.transport.source_of(conn_id))
             except RemoteProtocolError as exc:
                 if exc.sender is not None:  # signed by its sender: its fault (§6.5)
                     self.drops.record(exc.reason, exc.sender, str(exc), now)

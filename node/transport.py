@@ -33,6 +33,7 @@ _POLLIN, _EVENTS, _NOBLOCK = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.NOBLOCK) 
 _RCVMORE = int(zmq.RCVMORE)
 
 DEFAULT_SEND_QUEUE_MAX_BYTES = 64 << 20
+MAX_KNOWN_CONNECTIONS = 8192  # connections whose peer address is remembered (newest first kept)
 # Bytes sent to one DEALER between two tracked frames. A tracked frame is sent zero-copy
 # and libzmq releases it once it has left the socket's queue; queues are FIFO, so that
 # release proves that everything sent before it left too. Up to this many bytes per
@@ -150,6 +151,13 @@ class Transport:
         self._pending: dict[tuple[bytes, str], _Backlog] = {}  # those with queued bytes
         self.port = 0
         self._recv_task: asyncio.Task | None = None
+        # ROUTER connection id -> the peer's IP address (libzmq's Peer-Address), learned from
+        # the first frame of each connection; the newest MAX_KNOWN_CONNECTIONS are kept
+        self._conn_address: OrderedDict[bytes, str] = OrderedDict()
+
+    def source_of(self, conn_id: bytes) -> str | None:
+        """The IP address the connection ``conn_id`` comes from (None: unknown)."""
+        return self._conn_address.get(conn_id)
 
     async def start(self, host: str, port: int) -> int:
         """Bind the ROUTER on ``host:port`` (0: any free port); returns the port."""
@@ -208,7 +216,14 @@ class Transport:
                         # under MAXMSGSIZE, libzmq caps nothing else) would be copied
                         # into N Python bytes objects before it could be refused.
                         conn_id = router.recv(_NOBLOCK, copy=True)
-                        frame = router.recv(_NOBLOCK, copy=True) if router.getsockopt(_RCVMORE) else None
+                        if not router.getsockopt(_RCVMORE):
+                            frame = None
+                        elif conn_id in self._conn_address:
+                            frame = router.recv(_NOBLOCK, copy=True)
+                        else:  # a new connection: learn its address (a property of the frame)
+                            part = router.recv(_NOBLOCK, copy=False)
+                            frame = part.bytes
+                            self._learn_address(conn_id, part)
                         extra = self._discard_rest(router) if router.getsockopt(_RCVMORE) else 0
                     except zmq.Again:
                         break
@@ -242,6 +257,16 @@ class Transport:
         finally:
             if not router.closed:
                 loop.remove_reader(fd)
+
+    def _learn_address(self, conn_id: bytes, part: zmq.Frame) -> None:
+        try:
+            address = part.get("Peer-Address")
+        except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+            return  # (no address: the frame is still received, without a new-sender budget)
+        known = self._conn_address
+        if len(known) >= MAX_KNOWN_CONNECTIONS:
+            known.popitem(last=False)
+        known[conn_id] = address
 
     @staticmethod
     def _discard_rest(router: zmq.Socket) -> int:

@@ -176,6 +176,16 @@ class EnvelopeOpener:
             then, so forgetting it cannot let a replay through); while the table is
             full of windows active more recently, frames from senders without a
             window are refused (``replay_table_full``) instead.
+        new_senders_per_source_per_s: replay windows one source (the network address
+            the driver names in :meth:`open`) may create per second once its burst is
+            spent; a frame from a sender without a window past that is refused
+            (``new_sender_rate``). Otherwise one token holder signing with fresh
+            identities (free to make) fills the table in ``2 x skew`` and keeps every
+            other new sender out for as long as it goes on (§6.4).
+        new_senders_burst: windows one source may create at once (e.g. a restarted
+            node on a host that runs many peers).
+        max_sources: sources whose budget is remembered (least recently seen beyond
+            that are forgotten, i.e. start again with a full burst).
     """
 
     def __init__(
@@ -186,6 +196,9 @@ class EnvelopeOpener:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
         max_tracked_senders: int = 65536,
+        new_senders_per_source_per_s: float = 16.0,
+        new_senders_burst: int = 256,
+        max_sources: int = 4096,
     ) -> None:
         self.local_public_key = public_key_from_peer_id(local_peer_id)
         self.network_id = network_id
@@ -194,15 +207,24 @@ class EnvelopeOpener:
         self._max_senders = max_tracked_senders
         self._windows: OrderedDict[bytes, _ReplayWindow] = OrderedDict()
         self._verifier = Verifier()
+        self._source_rate_per_ms = new_senders_per_source_per_s / 1000.0
+        self._source_burst = float(new_senders_burst)
+        self._max_sources = max_sources
+        # source -> [tokens, receiver time of the last refill in ms]: the new-sender budgets
+        self._sources: OrderedDict[str, list] = OrderedDict()
 
-    def open(self, frame: bytes, now_ms: int) -> Envelope:
+    def open(self, frame: bytes, now_ms: int, source: str | None = None) -> Envelope:
         """Decode, check and verify ``frame``.
+
+        ``source``: where the frame came from (the reference node: the connection's peer
+        IP address), whose budget of new replay windows a sender without one uses; None:
+        no budget (in-process drivers, simulations).
 
         Raises:
             RemoteProtocolError: a subclass naming the reason (``oversize``,
                 ``malformed``, ``bad_version``, ``unknown_kind``,
                 ``wrong_recipient``, ``stale``, ``replay``, ``replay_table_full``,
-                ``bad_signature``).
+                ``new_sender_rate``, ``bad_signature``).
                 Nothing else is raised for any input bytes.
         """
         size = len(frame)
@@ -256,7 +278,13 @@ class EnvelopeOpener:
         if abs(now_ms - sent_at_ms) > self.max_clock_skew_ms:
             raise StaleError(f"sent_at_ms is {now_ms - sent_at_ms} ms from our clock")
         window = self._windows.get(sender)
+        budget = None
         if window is None:
+            if source is not None:
+                budget = self._budget(source, now_ms)
+                if budget[0] < 1.0:
+                    raise ReplayError(f"over {self._source_rate_per_ms * 1000:g} new senders/s from {source[:64]}",
+                                      reason="new_sender_rate")
             if len(self._windows) >= self._max_senders and not self._evict_idle(now_ms):
                 raise ReplayError("replay table full of recently active senders",
                                   reason="replay_table_full")
@@ -270,11 +298,15 @@ class EnvelopeOpener:
             # one, so nobody can replay it to blame the sender again.
             if self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
                 self._mark(sender, window, seq, now_ms)
+                if budget is not None:
+                    budget[0] -= 1.0
                 exc.sender = peer_id_from_public_key(sender)
             raise
         if not self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
             raise BadSignatureError("Ed25519 signature does not verify")
         self._mark(sender, window, seq, now_ms)
+        if budget is not None:  # charged only for a window made (forged frames cost nothing)
+            budget[0] -= 1.0
         return Envelope(
             version=version,
             kind=kind,
@@ -285,6 +317,22 @@ class EnvelopeOpener:
             message=message,
             size_bytes=size,
         )
+
+    def _budget(self, source: str, now_ms: int) -> list:
+        """``source``'s new-sender budget ``[tokens, last_ms]``, refilled to ``now_ms``."""
+        sources = self._sources
+        budget = sources.get(source)
+        if budget is None:
+            if len(sources) >= self._max_sources:
+                sources.popitem(last=False)
+            budget = sources[source] = [self._source_burst, now_ms]
+        else:
+            sources.move_to_end(source)
+            elapsed = now_ms - budget[1]
+            if elapsed > 0:  # (a clock stepped back refills nothing)
+                budget[0] = min(self._source_burst, budget[0] + elapsed * self._source_rate_per_ms)
+                budget[1] = now_ms
+        return budget
 
     def _evict_idle(self, now_ms: int) -> bool:
         """Make room for one window: evict the least recently active one if it has been

@@ -166,6 +166,39 @@ def test_a_replay_window_is_kept_while_its_frames_could_still_be_fresh():
     op.open(frame(s=honest, at=late), late)
 
 
+def test_new_senders_from_one_address_are_bounded_and_other_addresses_are_not_charged():
+    """A token holder signing with fresh identities (free to make) filled the replay table in
+    2 x skew and kept every new sender out meanwhile. Each source address now has a budget of
+    new windows (burst, then a rate), charged only when the signature verifies; senders that
+    have a window, other addresses and frames without a source are not limited by it."""
+    op = opener(new_senders_burst=3, new_senders_per_source_per_s=2.0)
+
+    def fresh(i, at=NOW_MS):
+        return frame(s=sealer(SigningIdentity(bytes([70 + i]) * 32)), at=at)
+
+    forged = bytearray(fresh(50))
+    forged[-1] ^= 0xFF
+    for _ in range(5):  # forged frames cost the address nothing
+        with pytest.raises(RemoteProtocolError) as info:
+            op.open(bytes(forged), NOW_MS, "10.0.0.66")
+        assert info.value.reason == "bad_signature"
+    known = sealer(SigningIdentity(bytes([69]) * 32))
+    op.open(frame(s=known), NOW_MS, "10.0.0.66")
+    for i in range(2):
+        op.open(fresh(i), NOW_MS, "10.0.0.66")
+    with pytest.raises(RemoteProtocolError) as info:
+        op.open(fresh(2), NOW_MS, "10.0.0.66")
+    assert info.value.reason == "new_sender_rate"
+    op.open(frame(s=known), NOW_MS, "10.0.0.66")  # a sender with a window is served
+    op.open(fresh(3), NOW_MS, "10.0.0.7")  # another address has its own budget
+    op.open(fresh(4), NOW_MS)  # no source: no budget (in-process drivers)
+    op.open(fresh(2, NOW_MS + 500), NOW_MS + 500, "10.0.0.66")  # 2/s: one more after 0.5 s
+    with pytest.raises(RemoteProtocolError) as info:
+        op.open(fresh(5, NOW_MS + 500), NOW_MS + 500, "10.0.0.66")
+    assert info.value.reason == "new_sender_rate"
+    assert len(op._windows) == 6
+
+
 def test_forged_frame_does_not_poison_replay_window():
     op = opener()
     s = sealer()

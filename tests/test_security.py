@@ -683,6 +683,37 @@ async def test_flood_from_an_admitted_connection_is_rate_limited(make_pair) -> N
     await pair.assert_serves_honest_peer()
 
 
+async def test_fresh_identities_from_one_address_cannot_keep_new_senders_out(make_pair) -> None:
+    """PROTOCOL §6.4: one token holder signing with fresh identities (Ed25519 keys are free)
+    filled the 65 536 replay windows within 2 x skew, after which every *new* sender was
+    refused for as long as the flood went on. A source address may now create new windows
+    only within its budget: the flood from 127.0.0.2 is cut at the burst, while a newcomer
+    from 127.0.0.3 and the known peer B are served."""
+    burst = 20
+    pair = await make_pair(new_senders_burst=burst, new_senders_per_address_per_s=0.01)
+    a = pair.a
+    keys = pair.network.curve_client_keypair()
+    flood_sock, monitor = pair.dealer(keys, endpoint=f"tcp://127.0.0.2:0;127.0.0.1:{a.port}")
+    await wait_for(lambda: monitor.count("HANDSHAKE_SUCCEEDED") >= 1, "the flooder's handshake")
+    echo_before = a.counters["echo_requests_received"]
+    frames = [pair.forger().echo(nonce=i) for i in range(3 * burst)]
+    before = drops(a)
+    for f in frames:
+        flood_sock.send(f)
+    await wait_for(lambda: a.counters["echo_requests_received"] - echo_before
+                   + (drops(a) - before)["drop_new_sender_rate"] >= len(frames),
+                   lambda: f"{len(frames)} flood frames handled ({dict(drops(a) - before)})")
+    assert dict(drops(a) - before) == {"drop_new_sender_rate": 2 * burst}
+    assert a.counters["echo_requests_received"] - echo_before == burst
+    newcomer, monitor = pair.dealer(keys, endpoint=f"tcp://127.0.0.3:0;127.0.0.1:{a.port}")
+    await wait_for(lambda: monitor.count("HANDSHAKE_SUCCEEDED") >= 1, "the newcomer's handshake")
+    newcomer.send(pair.forger().echo(nonce=1))
+    await wait_for(lambda: a.counters["echo_requests_received"] - echo_before == burst + 1,
+                   "the newcomer's envelope accepted")
+    await pair.expect_attacker_accepted(burst + 1)
+    await pair.assert_serves_honest_peer()
+
+
 async def test_reconnecting_does_not_reset_the_rate_limit(make_pair) -> None:
     """A member that opens a fresh connection for every burst shares one bucket."""
     rate, burst, connections, per_connection = 100.0, 50, 20, 200
