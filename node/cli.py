@@ -20,11 +20,11 @@ from chimera.protocol.errors import InvalidTokenError, LocalProtocolError
 from chimera.protocol.network import MAX_EPOCH_LENGTH, Network
 
 from . import admin
-from .cli_fabric import bounded_int, finite_float, folder_path
+from .cli_fabric import bounded_int, finite_float, folder_path, old_spelling
 from .config import PROFILES, ConfigError, default_data_dir, load_config
 from .keys import KeyFileError, load_network, load_or_create_identity, save_network
 from .launcher import MAX_LOCAL_PEERS
-from .logs import printable, setup_logging
+from .logs import setup_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_NODE = 0, 1, 2, 3
 
@@ -183,26 +183,37 @@ def _call(args: argparse.Namespace, cmd: str, cargs: dict | None = None, timeout
         raise CliError(str(exc), exc.code) from None
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from .shell import status_text
+def _show(args: argparse.Namespace, cmd: str, res, extra: dict | None = None) -> None:
+    """Print an admin answer: ``--json`` as is, else the text the shell shows for ``cmd``
+    (:func:`chimera.node.shell.render`: the same columns and headers in both)."""
+    if args.json:
+        _print(args, res, "")
+    else:
+        from .shell import render
 
-    s = _call(args, "status")
-    _print(args, s, status_text(s))
+        print(render(cmd, res, extra))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _show(args, "status", _call(args, "status"))
     return EXIT_OK
 
 
-def peers_table(rows: list[dict]) -> str:
-    lines = [f"{'PEER ID':<52}  {'STATE':<7}  {'INC':>3}  {'RTT ms':>7}  {'SEEN s':>6}  ADDRESS"]
-    for r in rows:
-        rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}"
-        lines.append(f"{r['peer_id']:<52}  {r['state']:<7}  {r['incarnation']:>3}  {rtt:>7}  "
-                     f"{r['last_seen_s']:>6.1f}  {printable((r['addresses'] or ['-'])[0])}")
-    return "\n".join(lines)
+def peers_table(rows: list[dict], extra: dict | None = None) -> str:
+    """The members table (the shell's ``peers`` view, :func:`chimera.node.shell.peers_text`)."""
+    from .shell import peers_text
+
+    return peers_text(rows, extra)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
     rows = _call(args, "peers")
-    _print(args, rows, peers_table(rows) if rows else "no peers known yet")
+    extra = None
+    if not args.json:  # the members view: this peer too, with its weights (as the shell's)
+        from .shell import peers_extra
+
+        extra = peers_extra(lambda cmd: admin.call(_data_dir(args), cmd, timeout_s=3.0))
+    _show(args, "peers", rows, extra)
     return EXIT_OK
 
 
@@ -211,43 +222,30 @@ def cmd_ping(args: argparse.Namespace) -> int:
                 timeout_s=5 + 2.5 * args.count)
     if not any(r is not None for r in res["rtt_s"]):
         raise CliError(f"no answer from {args.peer_id} ({len(res['rtt_s'])} pings)", EXIT_FAIL)
-    ok = [r for r in res["rtt_s"] if r is not None]
-    text = "\n".join(
-        [f"{'timeout' if r is None else f'{r * 1000:.3f} ms'}" for r in res["rtt_s"]]
-        + [f"{len(ok)}/{len(res['rtt_s'])} answered"]
-    )
-    _print(args, res, text)
-    return EXIT_OK if ok else EXIT_FAIL
+    _show(args, "ping", res)
+    return EXIT_OK
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from .shell import event_line
-
     cargs = {"limit": args.limit, "min_priority": args.min_priority}
     if args.kind:
         cargs["kind"] = args.kind
-    rows = _call(args, "events", cargs)
-    _print(args, rows, "\n".join(event_line(e) for e in rows) or "no events")
+    _show(args, "events", _call(args, "events", cargs))
     return EXIT_OK
 
 
 def cmd_propose(args: argparse.Namespace) -> int:
-    if not args.value:
-        raise CliError("the value to propose is empty", EXIT_USAGE)
-    res = _call(args, "propose", {"data": args.value, "timeout_s": args.timeout},
-                timeout_s=args.timeout + 5)
-    _print(args, res, f"committed at height {res['height']} (value {res['value_hash'][:16]})")
+    if not args.data:
+        raise CliError("the decision to propose is empty", EXIT_USAGE)
+    res = _call(args, "propose", {"data": args.data, "timeout_s": args.timeout_s},
+                timeout_s=args.timeout_s + 5)
+    _show(args, "propose", res)
     return EXIT_OK
 
 
 def cmd_certificate(args: argparse.Namespace) -> int:
     res = _call(args, "certificate", {} if args.height is None else {"height": args.height})
-    lines = [f"height {res['height']} round {res['round']} epoch {res['epoch']} block {res['block_hash'][:16]} "
-             f"({res['value_count']} values, proposer {res['proposer'][:16]})",
-             f"precommits of {res['signed_weight']}/{res['total_weight']} weight; {res['rule']}: "
-             + ("verified" if res["verified"] else f"DOES NOT VERIFY: {res['error']}")]
-    lines += [f"  {v['voter']}  weight {v['weight']:>5}  sig {v['signature'][:32]}…" for v in res["precommits"]]
-    _print(args, res, "\n".join(lines))
+    _show(args, "certificate", res)
     return EXIT_OK if res["verified"] else EXIT_FAIL
 
 
@@ -255,21 +253,12 @@ def cmd_log(args: argparse.Namespace) -> int:
     cargs = {"limit": args.limit}
     if args.from_height is not None:
         cargs["from_height"] = args.from_height
-    from .shell import log_text
-
-    res = _call(args, "log", cargs)
-    _print(args, res, log_text(res))
+    _show(args, "log", _call(args, "log", cargs))
     return EXIT_OK
 
 
 def cmd_reputation(args: argparse.Namespace) -> int:
-    res = _call(args, "reputation")
-    lines = [f"epoch {res['epoch']}  total weight {res['total_weight']}  height {res['height']}",
-             f"{'PEER ID':<52}  {'WEIGHT':>6}  {'SHARE':>6}  {'LOCAL':>6}  NOTE"]
-    for r in res["peers"]:
-        note = " ".join(x for x, on in (("me", r["me"]), ("joining", r["joining"])) if on)
-        lines.append(f"{r['peer_id']:<52}  {r['weight']:>6}  {r['share']:>6.1%}  {r['local_score']:>6.3f}  {note}")
-    _print(args, res, "\n".join(lines))
+    _show(args, "reputation", _call(args, "reputation"))
     return EXIT_OK
 
 
@@ -484,8 +473,10 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p = sub.add_parser("propose", help="commit a decision to the consensus log and wait for it")
     data_dir_arg(p)
     json_arg(p)
-    p.add_argument("value", help="the decision (text, at most 2048 bytes UTF-8)")
-    p.add_argument("--timeout", type=finite_float(0.1, 3600.0), default=30.0, help="seconds to wait for the commit")
+    p.add_argument("data", metavar="DATA", help="the decision (text, at most 2048 bytes UTF-8)")
+    p.add_argument("--timeout-s", type=finite_float(0.1, 3600.0), default=30.0,
+                   help="seconds to wait for the commit")
+    old_spelling(p, "--timeout", "--timeout-s")
     p.set_defaults(func=cmd_propose)
     p = sub.add_parser("log", help="the committed decisions of the consensus log")
     data_dir_arg(p)

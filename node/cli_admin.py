@@ -80,13 +80,11 @@ def _via_node_or_store(data_dir: Path, cmd: str, cargs: dict):
         ring.close()
 
 
-def _print_result(args: argparse.Namespace, result, text: str) -> int:
-    if args.json:
-        from .shell import json_line
+def _print_result(args: argparse.Namespace, result, cmd: str) -> int:
+    """``--json``: the answer as is; else the text the shell shows for ``cmd``."""
+    from .shell import json_line, render
 
-        print(json_line({"ok": True, "result": result}))
-    else:
-        print(text)
+    print(json_line({"ok": True, "result": result}) if args.json else render(cmd, result))
     return EXIT_OK
 
 
@@ -111,20 +109,15 @@ def cmd_key_create(args: argparse.Namespace) -> int:
         return _fail(args, str(exc), EXIT_USAGE)
     except AdminError as exc:
         return _fail(args, str(exc), exc.code)
-    return _print_result(args, info, f"created admin key {info['name']} (role {info['role']})\n"
-                                     f"fingerprint  {info['fingerprint']}\n"
-                                     f"private key  {info['key_file']} (mode 0600; keep it secret)")
+    return _print_result(args, info, "admin_key_add")
 
 
 def cmd_key_list(args: argparse.Namespace) -> int:
-    from .shell import table
-
     try:
         rows = _via_node_or_store(_data_dir(args), "admin_key_list", {})
     except (AdminKeyError, AdminError) as exc:
         return _fail(args, str(exc), getattr(exc, "code", EXIT_USAGE))
-    return _print_result(args, rows, table(rows, ["name", "role", "fingerprint", "state"]) if rows
-                         else "no admin keys")
+    return _print_result(args, rows, "admin_key_list")
 
 
 def cmd_key_revoke(args: argparse.Namespace) -> int:
@@ -132,19 +125,17 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
         info = _via_node_or_store(_data_dir(args), "admin_key_revoke", {"key": args.key})
     except (AdminKeyError, AdminError) as exc:
         return _fail(args, str(exc), getattr(exc, "code", EXIT_USAGE))
-    return _print_result(args, info, f"revoked admin key {info['name']} ({info['fingerprint']})")
+    return _print_result(args, info, "admin_key_revoke")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .shell import audit_text
-
     if not 1 <= args.limit <= 10_000:
         return _fail(args, "--limit must be in 1..10000", EXIT_USAGE)
     try:
         rows = _via_node_or_store(_data_dir(args), "audit", {"limit": args.limit})
     except (AdminKeyError, AdminError) as exc:
         return _fail(args, str(exc), getattr(exc, "code", EXIT_USAGE))
-    return _print_result(args, rows, audit_text(rows))
+    return _print_result(args, rows, "audit")
 
 
 
@@ -153,7 +144,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
     try:
         client = connect(args.target, data_dir=Path(args.data_dir).expanduser() if args.data_dir else None,
-                         key_file=args.key, server_key=args.server_key, timeout_s=args.timeout)
+                         key_file=args.key, server_key=args.server_key, timeout_s=args.timeout_s)
     except ShellError as exc:
         return _fail(args, str(exc), exc.code)
     shell = Shell(client, json_output=args.json, assume_yes=args.yes)
@@ -182,7 +173,10 @@ def register(sub) -> None:
     p.add_argument("--yes", action="store_true", help="do not ask before destructive commands")
     p.add_argument("--key", help="admin private key file: sign requests (required for remote)")
     p.add_argument("--server-key", help="remote node's contact URI or base32 transport key")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    p.add_argument("--timeout-s", type=float, default=10.0, help="seconds to wait for an answer")
+    from .cli_fabric import old_spelling
+
+    old_spelling(p, "--timeout", "--timeout-s")
     p.set_defaults(func=cmd_shell)
 
     adm = sub.add_parser("admin", help="admin keys of the local node")

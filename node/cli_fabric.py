@@ -14,8 +14,6 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from .logs import printable
-
 MAX_MODULE_BYTES = 16 << 20
 MAX_INPUT_BYTES = 512 << 10        # a task's stdin travels in an envelope
 MAX_LOCAL_INPUT_BYTES = 4 << 20    # agent call runs on the local node
@@ -83,6 +81,15 @@ def folder_path(text: str) -> str:
 folder_path.__name__ = "folder path"
 
 
+def old_spelling(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept ``old`` as another spelling of the option ``new`` already added to ``parser``
+    (same destination, type and choices; scripts written for it keep working); ``--help``
+    shows only ``new``."""
+    action = next(a for a in parser._actions if new in a.option_strings)
+    parser.add_argument(old, dest=action.dest, type=action.type, choices=action.choices,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _cli():
     from . import cli  # imported late: cli builds its parser with register()
 
@@ -117,11 +124,6 @@ def _input_args(args: argparse.Namespace, limit: int = MAX_INPUT_BYTES) -> dict:
     return {"input": data}
 
 
-def _event_text(e: dict) -> str:
-    return (f"{e['action']} {e['name']}@{e['version']} ({e['kind']}, module {e['module_sha256'][:12]})"
-            + (f": {e['reason']}" if e.get("reason") else ""))
-
-
 def cmd_agent_change(args: argparse.Namespace) -> int:
     cli = _cli()
     op = args.agent_command
@@ -132,22 +134,13 @@ def cmd_agent_change(args: argparse.Namespace) -> int:
     else:
         cargs = {"name": args.name}
     res = cli._call(args, f"agents_{op}", cargs, timeout_s=120.0)
-    cli._print(args, res, _event_text(res))
+    cli._show(args, f"agents_{op}", res)
     return cli.EXIT_OK
 
 
 def cmd_agent_list(args: argparse.Namespace) -> int:
     cli = _cli()
-    res = cli._call(args, "agents_list", timeout_s=60.0)
-    lines = [f"{'NAME':<20} {'VERSION':<10} {'KIND':<6} {'STATE':<8} {'MODULE':<12} {'HANDLED':>7} "
-             f"{'ERRORS':>6} {'QUEUED':>6}"]
-    for a in res["agents"]:
-        lines.append(f"{a['name']:<20} {a['version']:<10} {a['kind']:<6} {a.get('state', '-'):<8} "
-                     f"{a['module_sha256'][:12]:<12} "
-                     f"{a.get('handled', '-'):>7} {a.get('errors', '-'):>6} {a.get('queued', '-'):>6}")
-        if a.get("failure"):
-            lines.append(f"  not running: {printable(a['failure'])}")
-    cli._print(args, res, "\n".join(lines) if res["agents"] else "no agents deployed")
+    cli._show(args, "agents_list", cli._call(args, "agents_list", timeout_s=60.0))
     return cli.EXIT_OK
 
 
@@ -155,40 +148,15 @@ def cmd_agent_call(args: argparse.Namespace) -> int:
     cli = _cli()
     res = cli._call(args, "agents_call", {"name": args.name, **_input_args(args, MAX_LOCAL_INPUT_BYTES),
                                           "reply_wait_s": args.reply_wait_s}, timeout_s=120.0)
-    if res["kind"] == "task":
-        text = res["stdout"].rstrip("\n") + f"\n(exit {res['exit_code']}, fuel {res['fuel_consumed']})"
-    else:
-        text = "\n".join(res["replies"]) or f"(no reply; outcome {res['outcome']})"
-    cli._print(args, res, text)
+    cli._show(args, "agents_call", res)
     return cli.EXIT_OK if res.get("exit_code", 0) == 0 and res.get("ok", True) else cli.EXIT_FAIL
 
 
 def task_text(t: dict) -> str:
-    req = t["requirements"]
-    lines = [f"task {t['task_id']}  {t['state']}  module {t['module_sha256'][:12]}  "
-             f"replicas {req['replicas']} ({req['rule']})  gpus {req['gpus']}"]
-    for d in t["placement"]:
-        gpus = f" gpus {d['gpus']}" if d["gpus"] else ""
-        lines.append(f"  attempt {d['attempt']} -> {d['peer_id']}{gpus}")
-    for r in t["results"]:
-        what = f"exit {r['exit_code']} digest {r['digest'][:16]}" if r["status"] == "ok" else r["reason"]
-        lines.append(f"  result from {r['peer_id'][:16]}: {r['status']} {what}")
-    if "result" in t:
-        c, res = t["certificate"], t["result"]
-        signed = (f"certificate {c['rule']}>{c['threshold']} signed by {len(c['voters'])}: "
-                  + ", ".join(v[:16] for v in c["voters"]))
-        if res.get("status", "ok") == "ok":
-            lines.append(f"accepted digest {res['digest'][:16]} (exit {res['exit_code']}); {signed}")
-        else:  # the replicas agree that the task failed: an outcome, not a success
-            lines.append(f"agreed error {res.get('reason', '?')} (digest {res['digest'][:16]}); {signed}")
-        if c["disagreeing"]:
-            lines.append("disagreed: " + ", ".join(p[:16] for p in c["disagreeing"]))
-        if res.get("status", "ok") == "ok":
-            lines.append(res["stdout"].rstrip("\n"))
-    if "failure" in t:
-        lines.append(f"failed: {t['failure']['reason']}"
-                     + (f": {t['failure']['detail']}" if t["failure"].get("detail") else ""))
-    return "\n".join(lines)
+    """One task as text (:func:`chimera.node.shell.task_text`, what the shell shows)."""
+    from .shell import task_text as text
+
+    return text(t)
 
 
 def task_exit_code(t: dict) -> int:
@@ -206,12 +174,12 @@ def task_exit_code(t: dict) -> int:
 def cmd_task_submit(args: argparse.Namespace) -> int:
     cli = _cli()
     cargs = {**_module_args(args.module), **_input_args(args), "replicas": args.replicas,
-             "rule": args.agreement, "gpus": args.gpus, "fuel": args.fuel, "timeout_s": args.timeout_s,
+             "rule": args.rule, "gpus": args.gpus, "fuel": args.fuel, "timeout_s": args.timeout_s,
              "wait": args.wait, "wait_s": args.wait_s}
     if args.memory_mib is not None:
         cargs["memory_bytes"] = args.memory_mib << 20
     res = cli._call(args, "tasks_submit", cargs, timeout_s=args.wait_s + 10 if args.wait else 60.0)
-    cli._print(args, res, task_text(res))
+    cli._show(args, "tasks_submit", res)
     return task_exit_code(res)
 
 
@@ -219,20 +187,13 @@ def cmd_task_status(args: argparse.Namespace) -> int:
     cli = _cli()
     if args.task_id:
         res = cli._call(args, "tasks_status", {"task_id": args.task_id})
-        cli._print(args, res, task_text(res))
+        cli._show(args, "tasks_status", res)
         return task_exit_code(res)  # as `task submit --wait`: a failed task is 1 (running: 0)
     res = cli._call(args, "tasks_status", {"limit": args.limit})
     # the node applies the limit to both lists; cut here too for nodes that sent more
     res["observations"] = list(res.get("observations") or [])[-args.limit:]
     res["tasks"] = list(res["tasks"])[-args.limit:]
-    lines = [f"{'TASK':<20} {'STATE':<9} {'REPLICAS':>8} {'PEERS'}"] if res["tasks"] else ["no tasks yet"]
-    for t in res["tasks"]:
-        lines.append(f"{t['task_id']:<20} {t['state']:<9} {t['requirements']['replicas']:>8} "
-                     + ", ".join(d["peer_id"][:10] for d in t["placement"]))
-    f = res["fabric"]
-    lines.append(f"{f['tasks_running']}/{f['task_slots']} task slots busy here; "
-                 f"{len(f['peers_with_capacity'])} peers advertise capacity")
-    cli._print(args, res, "\n".join(lines))
+    cli._show(args, "tasks_status", res)
     return cli.EXIT_OK
 
 
@@ -287,7 +248,9 @@ def register(sub) -> None:
     group.add_argument("--text", help="stdin of the task, as text")
     p.add_argument("--replicas", type=bounded_int(1, MAX_REPLICAS), default=1,
                    help=f"distinct peers that run it (1..{MAX_REPLICAS})")
-    p.add_argument("--agreement", choices=["majority", "weighted", "unanimous", "quorum"], default="majority")
+    p.add_argument("--rule", choices=["majority", "weighted", "unanimous", "quorum"], default="majority",
+                   help="how the replicas' results are accepted (the task's requirements.rule)")
+    old_spelling(p, "--agreement", "--rule")
     p.add_argument("--gpus", type=bounded_int(0, MAX_GPUS), default=0, help=f"GPUs per replica (0..{MAX_GPUS})")
     p.add_argument("--fuel", type=bounded_int(1, MAX_FUEL), default=1_000_000_000, help="fuel units per run")
     p.add_argument("--memory-mib", type=bounded_int(1, MAX_MEMORY_MIB),

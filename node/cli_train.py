@@ -88,11 +88,11 @@ def cmd_train_start(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise cli.CliError(f"cannot read {path}: {exc}") from None
-    res = cli._call(args, "train_start", {"job": text, "timeout_s": args.timeout}, timeout_s=args.timeout + 5)
+    res = cli._call(args, "train_start", {"job": text, "timeout_s": args.timeout_s}, timeout_s=args.timeout_s + 5)
     where = f" --data-dir {shlex.quote(str(args.data_dir))}" if args.data_dir else ""
-    cli._print(args, res, f"job {res['job_id'][:16]} ({res['name']}) committed at height {res['height']}: "
-                      f"{res['participants']} participants, quorum {res['quorum']}, update {res['update_bytes']} "
-                      f"bytes\nfollow it: chimera train status --follow{where}")
+    from .shell import train_start_text
+
+    cli._print(args, res, f"{train_start_text(res)}\nfollow it: chimera train status --follow{where}")
     return 0
 
 
@@ -107,8 +107,7 @@ NO_JOB = "no training job committed yet (`chimera train start JOB.toml`)"
 
 def cmd_train_status(args: argparse.Namespace) -> int:
     if not args.follow:
-        res = _status(args)
-        _cli()._print(args, res, status_text(res))
+        _cli()._show(args, "train_status", _status(args))
         return 0
     res = _status(args)
     if not res["jobs"]:
@@ -260,9 +259,7 @@ def cmd_train_export(args: argparse.Namespace) -> int:
         res = write_export(res, path, sidecar)
     except OSError as exc:
         raise cli.CliError(f"cannot write {path}: {exc.strerror or exc}", cli.EXIT_FAIL) from None
-    acc = "" if res["accuracy"] is None else f", accuracy {res['accuracy']:.4f}"
-    cli._print(args, res, f"wrote {res['path']} and {res['sidecar']} (job {res['job_id'][:16]}, round {res['round']}, "
-                      f"digest {res['digest'][:16]}{acc})")
+    cli._show(args, "train_export", res)
     return 0
 
 
@@ -270,7 +267,7 @@ def register(sub) -> None:
     """Add ``chimera train ...`` to the CLI's subparsers ``sub``."""
     train = sub.add_parser("train", help="federated training: start a job, follow it, export the model")
     train_sub = train.add_subparsers(dest="train_command", required=True)
-    from .cli_fabric import finite_float
+    from .cli_fabric import finite_float, old_spelling
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="node data directory (default: $CHIMERA_HOME or "
@@ -280,8 +277,9 @@ def register(sub) -> None:
     p = train_sub.add_parser("start", help="commit a training job (TOML, see examples/digits-job.toml)")
     common(p)
     p.add_argument("job_file", metavar="JOB.toml")
-    p.add_argument("--timeout", type=finite_float(0.1, 600.0), default=60.0,
+    p.add_argument("--timeout-s", type=finite_float(0.1, 600.0), default=60.0,
                    help="seconds to wait for the job's commit (0.1..600)")
+    old_spelling(p, "--timeout", "--timeout-s")
     p.set_defaults(func=cmd_train_start)
     p = train_sub.add_parser("status", help="jobs and per-round accuracy/loss")
     common(p)

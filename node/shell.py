@@ -5,9 +5,10 @@ Grammar (the same interactively and with ``-c``)::
     CMD [positional ...] [name=value ...]
 
 split with :mod:`shlex`. ``CMD`` is an admin command name, written with
-spaces or underscores (``train start`` = ``train_start``; ``agent list`` =
-``agents_list``). Positionals fill the command's arguments in the order
-``commands`` lists them. Values are typed conservatively: integers, decimals,
+spaces or underscores (``train start`` = ``train_start``); help writes the
+command groups as ``chimera`` does (``agent list``, ``task submit``, ``module
+list``) and the admin API's plural works too (``agents list`` = ``agents_list``).
+Positionals fill the command's arguments in the order ``commands`` lists them. Values are typed conservatively: integers, decimals,
 ``true``/``false``, otherwise text (arguments that name things -- peer_id,
 data, uri, name, field, key, kind, ... -- always stay text); ``@FILE`` passes
 a file's bytes (``module=@agent.wasm``; ``@@`` escapes a literal ``@``;
@@ -21,7 +22,8 @@ piped script).
 Errors are one line (``error: ...`` on stderr, or the ``--json`` error map)
 and never end an interactive session; only EOF (Ctrl-D) and ``exit`` do.
 
-Output: plain text (no colours unless stdout is a terminal); ``--json`` prints
+Output: plain text (no colours unless stdout is a terminal), the text the
+``chimera`` command of the same name prints (:data:`VIEWS`); ``--json`` prints
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "code": N}``
 (codes: :data:`chimera.node.admin.EXIT_CODES`).
 """
@@ -153,8 +155,16 @@ def value_of(name: str, text: str) -> object:
     return value
 
 
+GROUP_WORDS = {"agents": "agent", "tasks": "task", "modules": "module"}
+"""Admin command groups the shell shows as the CLI names them (``chimera agent list``, ``agent
+list`` here; ``agents list`` = ``agents_list``, the admin API's name, keeps working)."""
+
+
 def phrase(cmd: str) -> str:
-    return cmd.replace("_", " ")
+    """How the shell and its help write an admin command: words, the group as the CLI names it
+    (``agents_list`` -> ``agent list``)."""
+    first, sep, rest = cmd.partition("_")
+    return f"{GROUP_WORDS.get(first, first)}{sep and ' '}{rest.replace('_', ' ')}"
 
 
 # ------------------------------------------------------------------ targets
@@ -168,7 +178,7 @@ def connect(target: str | None, *, data_dir: Path | None = None, key_file: str |
         ShellError: a bad target, key file, server key or timeout (code 2).
     """
     if not (math.isfinite(timeout_s) and 0 < timeout_s <= 86_400):
-        raise ShellError(f"--timeout must be in (0, 86400] seconds, not {timeout_s:g}")
+        raise ShellError(f"--timeout-s must be in (0, 86400] seconds, not {timeout_s:g}")
     try:
         key = load_key_file(Path(key_file).expanduser()) if key_file else None
     except AdminKeyError as exc:
@@ -228,43 +238,46 @@ def _cell(value: object) -> str:
     return printable(str(value))  # peers' text (addresses, names, reasons): no control sequences
 
 
+UNIT_WORDS = {"ms": "ms", "s": "s", "bytes": "bytes", "mib": "MiB"}
+"""Field-name unit suffixes a column header keeps as written (``rtt_ms`` -> ``RTT ms``)."""
+HEADINGS = {"incarnation": "INC", "last_seen_s": "SEEN s", "module_sha256": "MODULE", "index": "IDX"}
+"""Headers shorter than the field's name (the CLI's since its first tables)."""
+
+
+def heading(column: str) -> str:
+    """A table column's header: the field's words upper case, a unit suffix as written
+    (``peer_id`` -> ``PEER ID``, ``rtt_ms`` -> ``RTT ms``, ``duration_s`` -> ``DURATION s``)."""
+    if column in HEADINGS:
+        return HEADINGS[column]
+    *words, last = column.split("_")
+    if words and last in UNIT_WORDS:
+        return f"{' '.join(words).upper()} {UNIT_WORDS[last]}"
+    return column.replace("_", " ").upper()
+
+
 def table(rows: list[dict], columns: Iterable[str] | None = None) -> str:
+    """``rows`` as a text table of ``columns`` (default: the first row's keys), headed by
+    :func:`heading`; a column of numbers only is right-aligned. The CLI's and the shell's tables."""
     cols = list(columns or rows[0].keys())
     cells = [[_cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    widths = [max(len(heading(c)), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    numeric = [all(r.get(c) is None or (isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool))
+                   for r in rows) and any(r.get(c) is not None for r in rows) for c in cols]
+    pad = [str.rjust if n else str.ljust for n in numeric]
+    lines = ["  ".join(p(heading(c), w) for c, w, p in zip(cols, widths, pad)).rstrip()]
+    lines += ["  ".join(p(v, w) for v, w, p in zip(row, widths, pad)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
 def render(cmd: str, result: Any, extra: dict | None = None) -> str:
-    """Plain text for one command's result."""
-    if cmd == "peers" and isinstance(result, list):
-        weights = (extra or {}).get("weights", {})
-        result = ([extra["self"]] if extra and "self" in extra else []) + result
-        if not result:
-            return "no peers known yet"
-        rows = [{"peer_id": r["peer_id"], "address": (r.get("addresses") or ["-"])[0], "state": r["state"],
-                 "reputation": weights.get(r["peer_id"]), "profile": r.get("profile"),
-                 "resources": r.get("resources") or "-",
-                 "rtt_ms": r.get("rtt_ms"), "last_seen_s": r.get("last_seen_s")} for r in result]
-        return table(rows)
-    if cmd in ("events", "events_follow") and isinstance(result, list):
-        return "\n".join(event_line(e) for e in result) or "no events"
+    """Plain text for one command's result: the view :data:`VIEWS` has for ``cmd`` (the same text
+    the ``chimera`` command of that name prints) when the answer has its shape, else a generic
+    table or key/value block. ``extra``: :func:`peers_extra` for ``peers``."""
+    view = VIEWS.get(cmd)
+    if view is not None and view[0](result):
+        return view[1](result, extra) if cmd == "peers" else view[1](result)
     if cmd == "metrics" and isinstance(result, dict) and result.get("format") == "prometheus":
         return result["text"].rstrip()
-    if cmd == "log" and isinstance(result, dict) and "decisions" in result:
-        return log_text(result)
-    if cmd == "propose" and isinstance(result, dict) and "height" in result:
-        return f"committed at height {result['height']}" + (
-            f" (value {str(result['value_hash'])[:16]})" if "value_hash" in result else "")
-    if cmd == "audit" and isinstance(result, list):
-        return audit_text(result)
-    if cmd == "status" and isinstance(result, dict) and "peer_id" in result and "limits" in result:
-        return status_text(result)
-    if cmd == "commands" and isinstance(result, list):
-        return table([{"command": phrase(c["name"]), "role": c["role"],
-                       "args": " ".join(c["args"]), "help": c["help"]} for c in result])
     if isinstance(result, list):
         if result and all(isinstance(r, dict) for r in result):
             return table(result)
@@ -372,6 +385,251 @@ def log_text(result: dict) -> str:
     else:
         lines.append("no decisions committed yet")
     return "\n".join(lines)
+
+
+PEER_COLUMNS = ("peer_id", "state", "incarnation", "rtt_ms", "last_seen_s", "weight", "profile", "resources",
+                "address")
+"""The members view of ``chimera peers`` and the shell's ``peers``."""
+
+
+def peers_text(rows: list[dict], extra: dict | None = None) -> str:
+    """Members as a table of :data:`PEER_COLUMNS` (``chimera peers``, the shell's ``peers``):
+    ``extra["self"]`` (this node's own row) first, ``extra["weights"]`` the committed voting
+    weight per peer id ("-" without consensus). Raises KeyError for a row without peer_id or state."""
+    weights = (extra or {}).get("weights") or {}
+    rows = ([extra["self"]] if extra and extra.get("self") else []) + list(rows)
+    if not rows:
+        return "no peers known yet"
+    return table([{"peer_id": r["peer_id"], "state": r["state"], "incarnation": r.get("incarnation"),
+                   "rtt_ms": r.get("rtt_ms"), "last_seen_s": r.get("last_seen_s"),
+                   "weight": weights.get(r["peer_id"]), "profile": r.get("profile"),
+                   "resources": r.get("resources"), "address": (r.get("addresses") or ["-"])[0]}
+                  for r in rows], PEER_COLUMNS)
+
+
+def peers_extra(call) -> dict:
+    """What the members view shows besides the ``peers`` answer: ``self`` (this node's row, from
+    ``status`` and ``resources``) and ``weights`` (peer id -> committed weight, from ``reputation``).
+    ``call(cmd)`` asks the node; best effort: a part whose call fails is left out."""
+    extra: dict = {}
+    try:
+        me = call("status")
+        extra["self"] = {"peer_id": me["peer_id"], "addresses": me["addresses"], "state": "self",
+                         "incarnation": me.get("incarnation"), "profile": me["profile"], "rtt_ms": None,
+                         "last_seen_s": None}
+        try:
+            own = call("resources").get("own")
+            extra["self"]["resources"] = own and own.get("summary")
+        except (AdminError, AttributeError, KeyError, TypeError):  # a node without the fabric
+            pass
+        if me.get("consensus"):
+            extra["weights"] = {r["peer_id"]: r["weight"] for r in call("reputation").get("peers", [])}
+    except (AdminError, AttributeError, KeyError, TypeError):
+        pass
+    return extra
+
+
+def reputation_text(res: dict) -> str:
+    """A ``reputation`` answer: the epoch, then weight, share and local score per peer."""
+    rows = [{"peer_id": r["peer_id"], "weight": r["weight"], "share": f"{r['share']:.1%}",
+             "local_score": r["local_score"],
+             "note": " ".join(x for x, on in (("me", r.get("me")), ("joining", r.get("joining"))) if on)}
+            for r in res["peers"]]
+    head = f"epoch {res['epoch']}  total weight {res['total_weight']}  height {res['height']}"
+    return "\n".join([head, table(rows, ("peer_id", "weight", "share", "local_score", "note"))]) if rows else head
+
+
+def certificate_text(res: dict) -> str:
+    """A ``certificate`` answer: the height's block, the signed weight and whether it verifies."""
+    lines = [f"height {res['height']} round {res['round']} epoch {res['epoch']} block {res['block_hash'][:16]} "
+             f"({res['value_count']} values, proposer {res['proposer'][:16]})",
+             f"precommits of {res['signed_weight']}/{res['total_weight']} weight; {res['rule']}: "
+             + ("verified" if res["verified"] else f"DOES NOT VERIFY: {printable(str(res['error']))}")]
+    lines += [f"  {v['voter']}  weight {v['weight']:>5}  sig {v['signature'][:32]}…" for v in res["precommits"]]
+    return "\n".join(lines)
+
+
+def ping_text(res: dict) -> str:
+    """A ``ping`` answer: one round trip (ms) or ``timeout`` per request, then the count answered."""
+    ok = [r for r in res["rtt_s"] if r is not None]
+    return "\n".join([f"{'timeout' if r is None else f'{r * 1000:.3f} ms'}" for r in res["rtt_s"]]
+                     + [f"{len(ok)}/{len(res['rtt_s'])} answered"])
+
+
+def propose_text(res: dict) -> str:
+    return f"committed at height {res['height']}" + (
+        f" (value {str(res['value_hash'])[:16]})" if "value_hash" in res else "")
+
+
+def _printable_lines(text: str) -> str:
+    """:func:`printable` line by line: a task's or an agent's output keeps its lines and tabs."""
+    return "\n".join("\t".join(printable(part) for part in line.split("\t")) for line in text.split("\n"))
+
+
+def agents_text(res: dict) -> str:
+    """An ``agents_list`` answer: a table of the deployed agents, then why any is not running."""
+    agents = res["agents"]
+    if not agents:
+        return "no agents deployed"
+    rows = [{**a, "module_sha256": str(a["module_sha256"])[:12]} for a in agents]
+    lines = [table(rows, ("name", "version", "kind", "state", "module_sha256", "handled", "errors", "queued"))]
+    lines += [f"  {printable(str(a['name']))} not running: {printable(str(a['failure']))}"
+              for a in agents if a.get("failure")]
+    return "\n".join(lines)
+
+
+def agent_event_text(e: dict) -> str:
+    """The deployment event an ``agents_deploy|upgrade|rollback|remove`` answers with."""
+    return printable(f"{e['action']} {e['name']}@{e['version']} ({e['kind']}, module {e['module_sha256'][:12]})"
+                     + (f": {e['reason']}" if e.get("reason") else ""))
+
+
+def agent_call_text(res: dict) -> str:
+    """An ``agents_call`` answer: a task's stdout and exit status, or an actor's replies."""
+    if res["kind"] == "task":
+        return _printable_lines(res["stdout"].rstrip("\n")) \
+            + f"\n(exit {res['exit_code']}, fuel {res['fuel_consumed']})"
+    return _printable_lines("\n".join(res["replies"])) or f"(no reply; outcome {res['outcome']})"
+
+
+def task_text(t: dict) -> str:
+    """One task of ``tasks_submit`` / ``tasks_status task_id=...``: placement, results, the
+    accepted (or agreed failed) result with its certificate, the task's stdout."""
+    req = t["requirements"]
+    lines = [f"task {t['task_id']}  {t['state']}  module {t['module_sha256'][:12]}  "
+             f"replicas {req['replicas']} ({req['rule']})  gpus {req['gpus']}"]
+    for d in t["placement"]:
+        gpus = f" gpus {d['gpus']}" if d["gpus"] else ""
+        lines.append(f"  attempt {d['attempt']} -> {d['peer_id']}{gpus}")
+    for r in t["results"]:
+        what = f"exit {r['exit_code']} digest {r['digest'][:16]}" if r["status"] == "ok" else r["reason"]
+        lines.append(f"  result from {r['peer_id'][:16]}: {r['status']} {what}")
+    if "result" in t:
+        c, res = t["certificate"], t["result"]
+        signed = (f"certificate {c['rule']}>{c['threshold']} signed by {len(c['voters'])}: "
+                  + ", ".join(v[:16] for v in c["voters"]))
+        if res.get("status", "ok") == "ok":
+            lines.append(f"accepted digest {res['digest'][:16]} (exit {res['exit_code']}); {signed}")
+        else:  # the replicas agree that the task failed: an outcome, not a success
+            lines.append(f"agreed error {res.get('reason', '?')} (digest {res['digest'][:16]}); {signed}")
+        if c["disagreeing"]:
+            lines.append("disagreed: " + ", ".join(p[:16] for p in c["disagreeing"]))
+        if res.get("status", "ok") == "ok":
+            lines.append(res["stdout"].rstrip("\n"))
+    if "failure" in t:
+        lines.append(f"failed: {t['failure']['reason']}"
+                     + (f": {t['failure']['detail']}" if t["failure"].get("detail") else ""))
+    return _printable_lines("\n".join(lines))
+
+
+def tasks_text(res: dict) -> str:
+    """A ``tasks_status`` list: the recent tasks, then this node's task slots."""
+    rows = [{"task_id": t["task_id"], "state": t["state"], "replicas": t["requirements"]["replicas"],
+             "peers": ", ".join(d["peer_id"][:10] for d in t["placement"]) or "-"} for t in res["tasks"]]
+    f = res["fabric"]
+    return "\n".join([table(rows, ("task_id", "state", "replicas", "peers")) if rows else "no tasks yet",
+                      f"{f['tasks_running']}/{f['task_slots']} task slots busy here; "
+                      f"{len(f['peers_with_capacity'])} peers advertise capacity"])
+
+
+def modules_text(res: dict) -> str:
+    """A ``modules_list`` answer: the stored WASM modules and their total size."""
+    if not res["modules"]:
+        return "no modules stored"
+    return "\n".join([table(res["modules"], ("sha256", "size_bytes", "fetched")),
+                      f"{res['total_bytes']} bytes in {len(res['modules'])} module(s)"])
+
+
+def resources_text(res: dict) -> str:
+    """A node's ``resources`` answer: the capacity it advertises, then the fresh advertisements
+    of the others (breaker state, seconds until each expires). ``chimera resources`` is this
+    machine's own probe, without a node."""
+    rows = []
+    if res.get("own"):
+        rows.append({"peer_id": res.get("peer_id"), "resources": res["own"].get("summary"), "breaker": "self",
+                     "expires_in_s": None})
+    rows += [{"peer_id": p, "resources": r.get("summary"), "breaker": r.get("breaker"),
+              "expires_in_s": r.get("expires_in_s")} for p, r in (res.get("peers") or {}).items()]
+    return table(rows, ("peer_id", "breaker", "expires_in_s", "resources")) if rows else "no capacity advertised"
+
+
+def keys_text(rows: list[dict]) -> str:
+    """An ``admin_key_list`` answer."""
+    return table(rows, ("name", "role", "fingerprint", "state")) if rows else "no admin keys"
+
+
+def key_text(info: dict) -> str:
+    """An ``admin_key_add`` / ``admin_key_revoke`` answer (``admin key create`` adds ``key_file``)."""
+    if info.get("state") == "revoked":
+        return f"revoked admin key {info['name']} ({info['fingerprint']})"
+    text = f"admin key {info['name']} (role {info['role']})\nfingerprint  {info['fingerprint']}"
+    if info.get("key_file"):
+        text = f"created {text}\nprivate key  {info['key_file']} (mode 0600; keep it secret)"
+    return text
+
+
+def train_start_text(res: dict) -> str:
+    return (f"job {res['job_id'][:16]} ({printable(str(res['name']))}) committed at height {res['height']}: "
+            f"{res['participants']} participants, quorum {res['quorum']}, update {res['update_bytes']} bytes")
+
+
+def train_export_text(res: dict) -> str:
+    acc = "" if res.get("accuracy") is None else f", accuracy {res['accuracy']:.4f}"
+    return (f"wrote {res['path']} and {res['sidecar']} (job {res['job_id'][:16]}, round {res['round']}, "
+            f"digest {res['digest'][:16]}{acc})")
+
+
+def _train_status_text(res: dict) -> str:
+    from .cli_train import status_text as train_status_text
+
+    return train_status_text(res)
+
+
+def _commands_text(rows: list[dict]) -> str:
+    return table([{"command": phrase(c["name"]), "role": c["role"], "args": " ".join(c["args"]),
+                   "help": c["help"]} for c in rows])
+
+
+def _is_list(result: Any) -> bool:
+    return isinstance(result, list)
+
+
+def _has(*keys: str):
+    return lambda result: isinstance(result, dict) and all(k in result for k in keys)
+
+
+VIEWS: dict[str, tuple[Any, Any]] = {
+    "status": (_has("peer_id", "limits"), status_text),
+    "peers": (_is_list, peers_text),
+    "events": (_is_list, lambda rows: "\n".join(event_line(e) for e in rows) or "no events"),
+    "events_follow": (_is_list, lambda rows: "\n".join(event_line(e) for e in rows) or "no events"),
+    "log": (_has("decisions"), log_text),
+    "audit": (_is_list, audit_text),
+    "propose": (_has("height"), propose_text),
+    "ping": (_has("rtt_s"), ping_text),
+    "certificate": (_has("precommits", "verified"), certificate_text),
+    "reputation": (_has("peers", "epoch"), reputation_text),
+    "commands": (_is_list, _commands_text),
+    "agents_list": (_has("agents"), agents_text),
+    "agents_deploy": (_has("action", "name", "version"), agent_event_text),
+    "agents_upgrade": (_has("action", "name", "version"), agent_event_text),
+    "agents_rollback": (_has("action", "name", "version"), agent_event_text),
+    "agents_remove": (_has("action", "name", "version"), agent_event_text),
+    "agents_call": (_has("kind"), agent_call_text),
+    "tasks_submit": (_has("task_id", "requirements"), task_text),
+    "tasks_status": (lambda r: _has("task_id", "requirements")(r) or _has("tasks", "fabric")(r),
+                     lambda r: task_text(r) if "task_id" in r else tasks_text(r)),
+    "modules_list": (_has("modules", "total_bytes"), modules_text),
+    "resources": (_has("own", "peers"), resources_text),
+    "admin_key_list": (_is_list, keys_text),
+    "admin_key_add": (_has("name", "role", "fingerprint"), key_text),
+    "admin_key_revoke": (_has("name", "fingerprint"), key_text),
+    "train_status": (_has("jobs"), _train_status_text),
+    "train_start": (_has("job_id", "height"), train_start_text),
+    "train_export": (_has("path", "sidecar"), train_export_text),
+}
+"""Admin command -> (does the answer have the view's shape, its text): what the shell shows and
+the ``chimera`` command of the same name prints (``chimera peers`` = ``peers`` here)."""
 
 
 def _json_default(value: object) -> object:
@@ -636,22 +894,8 @@ class Shell:
             return self._train_export(args)
         result = self.client.call(cmd, args, timeout_s=self._timeout(cmd, args))
         extra = None
-        if cmd == "peers" and not self.json:  # the members view: this peer too, with reputation
-            extra = {}
-            try:
-                me = self.client.call("status", timeout_s=3.0)
-                extra["self"] = {"peer_id": me["peer_id"], "addresses": me["addresses"], "state": "self",
-                                 "profile": me["profile"], "rtt_ms": None, "last_seen_s": 0.0}
-                try:
-                    own = self.client.call("resources", timeout_s=3.0).get("own")
-                    extra["self"]["resources"] = own and own.get("summary")
-                except AdminError:  # a node without the fabric
-                    pass
-                if me.get("consensus"):
-                    rep = self.client.call("reputation", timeout_s=3.0)
-                    extra["weights"] = {r["peer_id"]: r["weight"] for r in rep.get("peers", [])}
-            except (AdminError, AttributeError, KeyError, TypeError):
-                pass
+        if cmd == "peers" and not self.json:  # the members view: this peer too, with its weights
+            extra = peers_extra(lambda c: self.client.call(c, timeout_s=3.0))
         self._emit(cmd, result, extra=extra)
         return EXIT_OK
 
@@ -774,7 +1018,7 @@ def _completer(shell: Shell):
                     if p.startswith(word):
                         yield Completion(p, start_position=-len(word))
                 return
-            cmd = matched.replace(" ", "_")
+            cmd = shell.resolve(matched.split())[0] if matched not in BUILTINS else matched.replace(" ", "_")
             info = shell.commands.get(cmd, {"args": []})
             word = "" if text.endswith(" ") else text.split()[-1]
             candidates = [f"{a}=" for a in (shell.accepted(cmd) if cmd in shell.commands else None)

@@ -73,7 +73,7 @@ def test_interactive_shell_completion_peers_propose_history(net, tmp_path: Path)
         child.send("pee\t")  # tab completes the only command starting "pee" (redraws may split it)
         child.expect(r"pee(\x1b\[[0-9;?]*[A-Za-z])*rs")
         child.send("\r")
-        child.expect("PEER_ID")
+        child.expect("PEER ID")
         for _ in ids:  # every id, in any order (self first)
             child.expect("|".join(ids))
         child.expect("chimera admin@")
@@ -146,7 +146,7 @@ def test_oneshot_json_errors_and_malformed_requests(net, tmp_path: Path):
     assert out.returncode == 2 and out.stderr.startswith("chimera: ")
     # plain text when stdout is not a terminal: no escape sequences
     out = _oneshot([str(data_dir), "-c", "peers"], tmp_path)
-    assert out.returncode == 0 and "\x1b[" not in out.stdout and "PEER_ID" in out.stdout
+    assert out.returncode == 0 and "\x1b[" not in out.stdout and "PEER ID" in out.stdout
 
     client = admin.LocalClient(data_dir / admin.SOCKET_NAME)
     assert client.send_raw(b"\xc1\xff not msgpack") == {"ok": False, "error": "request is not msgpack", "code": 2}
@@ -493,7 +493,7 @@ def test_shell_job_file_errors_name_the_file_and_the_parser_message(tmp_path: Pa
     code, out, node = _run_line("train start")
     assert code == 2 and not node.sent and "train start: missing argument 'job'" in out
     code, out, node = _run_line("agents deploy")
-    assert code == 2 and not node.sent and "agents deploy: missing argument 'ref'" in out
+    assert code == 2 and not node.sent and "agent deploy: missing argument 'ref'" in out
     code, out, node = _run_line("agents deploy wordfreq@1")
     assert code == 2 and not node.sent and "missing argument 'module'" in out
 
@@ -525,7 +525,7 @@ def test_shell_bad_input_against_a_real_node(net, tmp_path: Path):
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and len(out.stderr) < 300
     out = subprocess.run([CHIMERA, "shell", str(data_dir)], input="peers\nexit\nstatus\n", capture_output=True,
                          text=True, timeout=60, env=_env(tmp_path))
-    assert out.returncode == 0 and out.stderr == "" and "PEER_ID" in out.stdout
+    assert out.returncode == 0 and out.stderr == "" and "PEER ID" in out.stdout
     assert "counters" not in out.stdout  # `status` after `exit` did not run
     out = subprocess.run([CHIMERA, "shell", str(data_dir)], input="quit 3\npeers\n", capture_output=True,
                          text=True, timeout=60, env=_env(tmp_path))
@@ -550,6 +550,43 @@ def test_shell_bad_input_against_a_real_node(net, tmp_path: Path):
     assert child.exitstatus == 0
     history = tmp_path / "state" / "chimera-mesh" / "shell_history"
     assert stat.S_IMODE(history.stat().st_mode) == 0o600 and "99999999999999999999999" in history.read_text()
+
+
+def test_the_shell_names_command_groups_as_the_cli_and_keeps_the_plural():
+    """The shell listed `agents deploy`, `tasks submit` where `chimera` says `agent deploy`,
+    `task submit`: help and errors use the CLI's word now, the admin API's plural still parses."""
+    from chimera.node.shell import Shell
+
+    shell = Shell(FakeNode())
+    listing = shell.help([])
+    assert "agent deploy" in listing and "task submit" in listing and "agents deploy" not in listing
+    assert shell.parse("agents deploy wf@1 module=@@x") == shell.parse("agent deploy wf@1 module=@@x") == (
+        "agents_deploy", {"ref": "wf@1", "module": "@x"})
+    assert shell.parse("tasks submit module=@@m") == shell.parse("task submit module=@@m")
+    usage = shell.help(["agents", "deploy"]).splitlines()
+    assert usage[0].startswith("usage: agent deploy [ref]") and "  admin command: agents_deploy" in usage
+    assert "agent deploy" in shell.phrases() and "task submit" in shell.phrases()
+
+
+def test_the_cli_and_the_shell_show_the_same_tables(net, tmp_path: Path):
+    """Against a real node: `chimera peers` and the shell's `peers` (and `reputation`) print the
+    same columns under the same headers, this node's own row first."""
+    data_dir = str(net.peers[0].data_dir)
+    me = net.peers[0].status["peer_id"]
+    for line, argv in (("peers", ["peers"]), ("reputation", ["reputation"])):
+        shell = _oneshot([data_dir, "-c", line], tmp_path)
+        cli = subprocess.run([CHIMERA, *argv, "--data-dir", data_dir], capture_output=True, text=True,
+                             timeout=60, env=_env(tmp_path))
+        assert shell.returncode == cli.returncode == 0, (shell.stderr, cli.stderr)
+        header = [x for x in shell.stdout.splitlines() if x.startswith("PEER ID")]
+        assert header and header == [x for x in cli.stdout.splitlines() if x.startswith("PEER ID")], (
+            shell.stdout, cli.stdout)
+    for out in (shell.stdout, cli.stdout):  # reputation: every peer, weights and scores
+        assert all(p.status["peer_id"] in out for p in net.peers)
+    cli = subprocess.run([CHIMERA, "peers", "--data-dir", data_dir], capture_output=True, text=True, timeout=60)
+    lines = cli.stdout.splitlines()
+    assert lines[0].split()[:4] == ["PEER", "ID", "STATE", "INC"] and lines[1].split()[:2] == [me, "self"]
+    assert len(lines) == 1 + len(net.peers)
 
 
 def test_shell_exit_ends_any_runner():

@@ -122,3 +122,88 @@ def test_status_text_is_the_same_in_the_cli_and_the_shell_and_wraps_its_limits()
     limits = [line for line in text.splitlines() if "setting_number_" in line]
     assert len(limits) > 1 and all(len(line) <= 101 for line in limits), limits  # was one 300-character line
     assert text.count("setting_number_") == 14
+
+
+def test_old_option_spellings_still_work_and_help_shows_the_new():
+    """The CLI said --agreement and --timeout where the shell, the admin API and the task's own
+    fields say rule and timeout_s (and the other options carry their unit: --timeout-s, --wait-s).
+    The new names are the ones --help shows; scripts with the old spelling keep working."""
+    from chimera.node.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["task", "submit", "m.wasm", "--agreement", "unanimous"]).rule == "unanimous"
+    assert parser.parse_args(["task", "submit", "m.wasm", "--rule", "quorum"]).rule == "quorum"
+    assert parser.parse_args(["task", "submit", "m.wasm"]).rule == "majority"
+    assert parser.parse_args(["propose", "v", "--timeout", "5"]).timeout_s == 5.0
+    assert parser.parse_args(["propose", "v"]).timeout_s == 30.0
+    assert parser.parse_args(["train", "start", "j.toml", "--timeout", "7"]).timeout_s == 7.0
+    assert parser.parse_args(["shell", "--timeout", "3"]).timeout_s == 3.0
+    assert parser.parse_args(["shell", "--timeout-s", "4"]).timeout_s == 4.0
+    for argv, new, old in ((["task", "submit"], "--rule", "--agreement"), (["propose"], "--timeout-s", "--timeout "),
+                           (["train", "start"], "--timeout-s", "--timeout "), (["shell"], "--timeout-s", "--timeout ")):
+        text = _chimera(*argv, "--help").stdout
+        assert new in text and old not in text, text
+    out = _chimera("task", "submit", "m.wasm", "--agreement", "most")  # the old spelling is checked as the new
+    assert out.returncode == 2 and "invalid choice: 'most'" in out.stderr
+
+
+def test_the_cli_prints_what_the_shell_shows(node_answers, capsys):
+    """`chimera agent list`, `task status`, `reputation`, `admin key list` had their own tables
+    (NAME VERSION ..., PEER ID WEIGHT SHARE LOCAL) and the shell a generic dump of the same
+    answers (agents: ... a JSON line per row). Both print the shell's view now."""
+    from chimera.node import cli
+    from chimera.node.shell import heading, render
+
+    agents = {"agents": [{"name": "wf", "version": "1", "kind": "task", "state": "running",
+                          "module_sha256": "ab" * 32, "handled": 12, "errors": 0, "queued": 0},
+                         {"name": "pp", "version": "2", "kind": "actor", "state": "failed",
+                          "module_sha256": "cd" * 32, "handled": 3, "errors": 1, "queued": 0, "failure": "trap"}]}
+    tasks = {"fabric": {"task_slots": 2, "tasks_running": 1, "peers_with_capacity": ["p"]},
+             "observations": [], "tasks": [{"task_id": "t1", "state": "accepted", "requirements": {"replicas": 3},
+                                            "placement": [{"peer_id": "q" * 52}]}]}
+    rep = {"epoch": 2, "total_weight": 300, "height": 17,
+           "peers": [{"peer_id": "p" * 52, "weight": 100, "share": 1 / 3, "local_score": 0.75, "me": True,
+                      "joining": False}]}
+    for argv, cmd, answer in ((["agent", "list"], "agents_list", agents), (["task", "status"], "tasks_status", tasks),
+                              (["reputation"], "reputation", rep)):
+        node_answers["answers"] = [answer]
+        code, out = cli.main(argv), capsys.readouterr().out
+        assert code == 0 and out == render(cmd, answer) + "\n", out
+    lines = render("agents_list", agents).splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "KIND", "STATE", "MODULE", "HANDLED", "ERRORS", "QUEUED"]
+    assert lines[1].split()[:5] == ["wf", "1", "task", "running", "ab" * 6] and lines[-1] == "  pp not running: trap"
+    assert render("tasks_status", tasks).splitlines()[0].split() == ["TASK", "ID", "STATE", "REPLICAS", "PEERS"]
+    assert render("reputation", rep).splitlines()[1].split() == ["PEER", "ID", "WEIGHT", "SHARE", "LOCAL", "SCORE",
+                                                                 "NOTE"]
+    # the shell's own views of answers the CLI has no command for: tables, not nested key dumps
+    assert render("modules_list", {"modules": [{"sha256": "ab" * 32, "size_bytes": 1234, "fetched": True}],
+                                   "total_bytes": 1234}).splitlines()[0].split() == ["SHA256", "SIZE", "bytes",
+                                                                                     "FETCHED"]
+    res = render("resources", {"peer_id": "a" * 52, "own": {"summary": "2 cpu"},
+                               "peers": {"b" * 52: {"summary": "4 cpu", "breaker": "open", "expires_in_s": 9.5}}})
+    assert [line.split()[:3] for line in res.splitlines()] == [
+        ["PEER", "ID", "BREAKER"], ["a" * 52, "self", "-"], ["b" * 52, "open", "9.5"]]
+    assert [heading(c) for c in ("peer_id", "rtt_ms", "last_seen_s", "duration_s", "size_bytes")] == [
+        "PEER ID", "RTT ms", "SEEN s", "DURATION s", "SIZE bytes"]
+
+
+def test_peers_have_the_same_columns_in_the_cli_and_the_shell():
+    """`chimera peers` showed PEER ID STATE INC RTT ms SEEN s ADDRESS, the shell PEER_ID ADDRESS
+    STATE REPUTATION PROFILE RESOURCES RTT_MS LAST_SEEN_S: one table now, numbers right-aligned."""
+    from chimera.node.cli import peers_table
+    from chimera.node.shell import render
+
+    rows = [{"peer_id": "p" * 52, "state": "alive", "incarnation": 3, "rtt_ms": 0.512, "last_seen_s": 1.25,
+             "addresses": ["tcp://10.0.0.2:7420"], "profile": "edge", "resources": "4 cpu load 0.10"}]
+    extra = {"self": {"peer_id": "s" * 52, "state": "self", "incarnation": 1, "addresses": ["tcp://10.0.0.1:7420"],
+                      "profile": "default", "rtt_ms": None, "last_seen_s": None},
+             "weights": {"p" * 52: 100, "s" * 52: 100}}
+    text = render("peers", rows, extra)
+    assert peers_table(rows, extra) == text
+    head, me, peer = text.splitlines()
+    assert head.split() == ["PEER", "ID", "STATE", "INC", "RTT", "ms", "SEEN", "s", "WEIGHT", "PROFILE",
+                            "RESOURCES", "ADDRESS"]
+    assert me.split()[:5] == ["s" * 52, "self", "1", "-", "-"]
+    assert peer.split()[:7] == ["p" * 52, "alive", "3", "0.512", "1.25", "100", "edge"]
+    assert peer.index("0.512") + len("0.512") == head.index("RTT ms") + len("RTT ms")  # right-aligned
+    assert render("peers", []) == "no peers known yet"
