@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -170,8 +169,12 @@ def _run(coro) -> None:
 
 
 def _print(args: argparse.Namespace, value, text: str) -> None:
+    """``--json``: ``{"ok": true, "result": value}`` as the shell's ``--json`` writes it (one
+    line, bytes as hex); else ``text``."""
     if args.json:
-        print(json.dumps({"ok": True, "result": value}, indent=None, default=str))
+        from .shell import json_line
+
+        print(json_line({"ok": True, "result": value}))
     else:
         print(text)
 
@@ -621,7 +624,9 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     "code"}`` document on stdout (what the admin API, `chimera shell --json` and the admin
     commands print); returns ``code``."""
     if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "error": message, "code": code}))
+        from .shell import json_line
+
+        print(json_line({"ok": False, "error": message, "code": code}))
     else:
         print(f"chimera: {message}", file=sys.stderr)
     return code

@@ -11,7 +11,6 @@ directly when the node is stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sqlite3
 import sys
@@ -31,7 +30,9 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "error": message, "code": code}))
+        from .shell import json_line
+
+        print(json_line({"ok": False, "error": message, "code": code}))
     else:
         print(f"chimera: {message}", file=sys.stderr)
     return code

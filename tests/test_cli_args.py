@@ -395,7 +395,7 @@ def test_a_remote_shell_target_with_an_impossible_port_is_refused_at_once(tmp_pa
     write_key_file(key, generate_key())
     code, out, _ = run_cli(["shell", "tcp://127.0.0.1:99999", "--key", key, "--server-key", "a" * 52,
                             "-c", "whoami", "--json"], capsys)
-    assert code == 2 and '"code": 2' in out and "port 1..65535" in out, out
+    assert code == 2 and '"code":2' in out and "port 1..65535" in out, out  # the shell's own --json line
 
 
 def test_unknown_scenario_and_unwritable_key_file_say_what_the_user_gave(tmp_path, capsys):

@@ -207,3 +207,19 @@ def test_peers_have_the_same_columns_in_the_cli_and_the_shell():
     assert peer.split()[:7] == ["p" * 52, "alive", "3", "0.512", "1.25", "100", "edge"]
     assert peer.index("0.512") + len("0.512") == head.index("RTT ms") + len("RTT ms")  # right-aligned
     assert render("peers", []) == "no peers known yet"
+
+
+def test_json_output_is_the_shells_line(node_answers, capsys):
+    """`chimera X --json` wrote bytes as Python reprs ("b'\\x01\\xff'") with spaced separators, the
+    shell's --json hex and compact: one writer for both now (errors too)."""
+    from chimera.node import cli
+    from chimera.node.shell import json_line
+
+    answer = {"agents": [], "blob": b"\x01\xff"}
+    node_answers["answers"] = [answer]
+    assert cli.main(["agent", "list", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out == json_line({"ok": True, "result": answer}) + "\n" and '"blob":"01ff"' in out, out
+    out = _chimera("propose", "", "--json", "--data-dir", "/nonexistent")
+    assert out.returncode == 2 and out.stdout == json_line({"ok": False, "error": "the decision to propose is empty",
+                                                            "code": 2}) + "\n", out.stdout
