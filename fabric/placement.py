@@ -24,6 +24,18 @@ at most ``queue_timeout_s`` after submission. Among candidates the core samples 
 probability proportional to ``reputation weight / (1 + load_1m / cpu_count)``
 (Efraimidis-Spirakis keys ``u ** (1 / w)`` from the injected RNG).
 
+**Slots a peer does not honour.** A peer that refuses an attempt ``busy``
+(or lets it time out) although its advertisement left room for it did not
+honour the slots it advertised. Its *trusted* slots drop to what it held then
+(its ``others`` plus this core's attempts still in flight there), and grow back
+by one per ``PlacementConfig.slot_trust_recovery_s`` (time passed in); an
+advertisement that admits it is full (``tasks_running >= task_slots``) makes
+the refusal an honest one and restores them. So a peer advertising more room
+than it takes gets one attempt per recovery period instead of its advertised
+slots after every advertisement (counters ``slots_unhonoured`` and, per peer,
+:meth:`Placement.trusted_slots`). No reputation observation, and the breaker
+counts only what it counted before: a busy peer is no wrong result.
+
 **GPU leases.** Dispatching leases specific GPU indices on the peer until the
 attempt ends (result, failure, timeout, peer removed); a leased GPU is never
 offered again, so this core never oversubscribes a GPU. (The executing peer
@@ -235,12 +247,14 @@ class PlacementConfig:
     breaker_max_open_s: float = 300.0
     max_load_per_cpu: float = 4.0
     observe_timeouts: bool = False
+    slot_trust_recovery_s: float = 10.0  # a distrusted peer's trusted slots grow back by one per this
 
     def __post_init__(self) -> None:
         if self.max_retries < 0 or self.breaker_failures < 1:
             raise LocalProtocolError("max_retries >= 0 and breaker_failures >= 1")
         for name in ("backoff_base_s", "backoff_max_s", "timeout_slack_s", "vote_timeout_s", "vote_retry_s",
-                     "queue_timeout_s", "breaker_open_s", "breaker_max_open_s", "max_load_per_cpu"):
+                     "queue_timeout_s", "breaker_open_s", "breaker_max_open_s", "max_load_per_cpu",
+                     "slot_trust_recovery_s"):
             if not getattr(self, name) > 0:
                 raise LocalProtocolError(f"{name} must be > 0")
         if not 0 <= self.backoff_jitter <= 1:
@@ -571,6 +585,16 @@ class _Slots:
 
     task_slots: int
     others: int
+    full: bool = False  # it refused an attempt ``busy`` since: no room until it advertises again
+
+
+@dataclass
+class _SlotTrust:
+    """Slots of a peer that refused room it advertised: ``slots`` trusted at ``since`` (monotonic s),
+    one more per ``slot_trust_recovery_s`` after that."""
+
+    slots: int
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,6 +631,7 @@ class Placement:
         self.committed_memory: dict[str, int] = {}
         self.slots: dict[str, _Slots] = {}      # peers that advertised task slots
         self.in_flight: dict[str, int] = {}     # peer -> this core's attempts in flight there
+        self.slot_trust: dict[str, _SlotTrust] = {}  # peers that did not honour advertised slots
         self.tasks: dict[str, _Task] = {}  # in progress (running or voting)
         self.finished: OrderedDict[str, TaskView] = OrderedDict()  # the last config.finished_kept done/failed
         self.counters: dict[str, int] = {}
@@ -639,6 +664,8 @@ class Placement:
                 raise LocalProtocolError(f"task_slots must be in 1..{MAX_TASK_SLOTS} and tasks_running in "
                                          f"0..{MAX_TASK_SLOTS}")
             self.slots[peer_id] = _Slots(task_slots, max(0, tasks_running - self.in_flight.get(peer_id, 0)))
+            if tasks_running >= task_slots:  # it says it is full: its refusals were honest
+                self.slot_trust.pop(peer_id, None)
         self.peers[peer_id] = resources
         self.breakers.setdefault(peer_id, CircuitBreaker(self.config.breaker_failures, self.config.breaker_open_s,
                                                          self.config.breaker_max_open_s))
@@ -653,6 +680,7 @@ class Placement:
         self.peers.pop(peer_id, None)
         self.breakers.pop(peer_id, None)
         self.slots.pop(peer_id, None)
+        self.slot_trust.pop(peer_id, None)
         self.in_flight.pop(peer_id, None)
         self.committed_memory.pop(peer_id, None)
         self.gpu_leases.pop(peer_id, None)
@@ -712,22 +740,52 @@ class Placement:
                 and res.max_task_wall_time_ms >= wire_wall_time_ms(req.wall_time_s)
                 and res.memory_total_bytes >= req.memory_bytes and gpus_big_enough >= req.gpus)
 
-    def free_slots(self, peer_id: str) -> int | None:
-        """Task slots of ``peer_id`` this core may still use (None: it advertised none, no limit)."""
+    def trusted_slots(self, peer_id: str, now: float | None = None) -> int | None:
+        """The task slots of ``peer_id`` this core counts on: those it advertised, fewer while it
+        is distrusted for refusing room it advertised (see the module docstring); ``now``
+        (monotonic s) adds the slots grown back since (None: none). None: it advertised none."""
         s = self.slots.get(peer_id)
         if s is None:
             return None
-        return max(0, s.task_slots - s.others - self.in_flight.get(peer_id, 0))
+        trust = self.slot_trust.get(peer_id)
+        if trust is None:
+            return s.task_slots
+        grown = 0 if now is None else int(max(0.0, now - trust.since) // self.config.slot_trust_recovery_s)
+        return min(s.task_slots, trust.slots + grown)
 
-    def _slot_free(self, peer_id: str) -> bool:
-        free = self.free_slots(peer_id)
+    def free_slots(self, peer_id: str, now: float | None = None) -> int | None:
+        """Task slots of ``peer_id`` this core may still use at ``now`` (None: it advertised none,
+        no limit): its :meth:`trusted_slots` minus the attempts it held for others when it
+        advertised, minus this core's attempts in flight there."""
+        trusted = self.trusted_slots(peer_id, now)
+        if trusted is None:
+            return None
+        s = self.slots[peer_id]
+        if s.full:
+            return 0
+        return max(0, trusted - s.others - self.in_flight.get(peer_id, 0))
+
+    def _slot_free(self, peer_id: str, now: float) -> bool:
+        free = self.free_slots(peer_id, now)
         return free is None or free > 0
+
+    def _distrust(self, peer_id: str, now: float) -> None:
+        """``peer_id`` did not honour a slot it advertised (a ``busy`` refusal or a timeout of an
+        attempt sent within its advertised room; the attempt has ended): trust it with what it
+        held, its ``others`` and this core's attempts still in flight there."""
+        s = self.slots.get(peer_id)
+        if s is None or peer_id == self.submitter:  # no advertised slots to discount; our own are live
+            return
+        trusted = self.trusted_slots(peer_id, now)
+        held = s.others + self.in_flight.get(peer_id, 0)
+        self.slot_trust[peer_id] = _SlotTrust(min(trusted if trusted is not None else s.task_slots, held), now)
+        self._count("slots_unhonoured")
 
     def _fits_now(self, peer_id: str, req: TaskRequirements, now: float) -> bool:
         res = self.peers[peer_id]
         if not self._could_ever_fit(peer_id, req):
             return False
-        if not self._slot_free(peer_id):
+        if not self._slot_free(peer_id, now):
             return False
         if res.memory_available_bytes - self.committed_memory.get(peer_id, 0) < req.memory_bytes:
             return False
@@ -816,10 +874,11 @@ class Placement:
             self._count("ignored_failure")
             return []
         if reason in ROOM_REFUSALS:
+            actions = self._refused_for_room(task, att, reason, now)
             if reason == "busy" and peer_id in self.slots:
-                s = self.slots[peer_id]
-                s.others = max(s.others, s.task_slots)  # full until it advertises again
-            return self._refused_for_room(task, att, reason, now) + self._place_waiting(now)
+                self._distrust(peer_id, now)  # it was sent within the room it advertised
+                self.slots[peer_id].full = True  # until it advertises again
+            return actions + self._place_waiting(now)
         if reason in REFUSALS_NOT_BLAMED:
             breaker = REFUSALS_NOT_BLAMED[reason]
             if reason == "deadline_exceeded":
@@ -881,9 +940,17 @@ class Placement:
 
     def tick(self, now: float) -> list[Action]:
         """Handle everything due at ``now``: timeouts, retries, queued placements, vote timeouts,
-        breakers whose open time is up (they turn half-open)."""
+        breakers whose open time is up (they turn half-open), distrusted peers' slots grown back."""
         for b in self.breakers.values():
             b.current(now)
+        rec = self.config.slot_trust_recovery_s
+        for peer_id, trust in list(self.slot_trust.items()):
+            grown = int(max(0.0, now - trust.since) // rec)
+            if grown:
+                trust.slots, trust.since = trust.slots + grown, trust.since + grown * rec
+            s = self.slots.get(peer_id)
+            if s is None or trust.slots >= s.task_slots:
+                del self.slot_trust[peer_id]
         actions: list[Action] = []
         for task in list(self.tasks.values()):
             if task.state == "running":
@@ -893,6 +960,7 @@ class Placement:
                     actions.append(Cancel(task.task_id, att.number, att.peer_id, "timeout"))
                     actions += self._fail_attempt(task, att, "timeout", now,
                                                   observe=self.config.observe_timeouts, breaker=True)
+                    self._distrust(att.peer_id, now)  # it took the attempt and never answered
                 if task.state == "running" and task.missing > 0 and (task.retry_at is None or now >= task.retry_at):
                     actions += self._place(task, now)
             elif task.state == "voting" and task.vote_deadline is not None and now >= task.vote_deadline:
@@ -913,7 +981,8 @@ class Placement:
         ``now`` (a driver's timer never spins on a past deadline). An attempt's timeout; a
         task's backoff end; for a task that waits for room (no backoff pending) its queue
         timeout, but only while none of its attempts is in flight (the timeout is checked when
-        they end), and the reopen time of each open breaker (of peers still known). Room that a
+        they end), the reopen time of each open breaker (of peers still known) and when a
+        distrusted peer's next slot grows back. Room that a
         result, a failure or a new advertisement frees is an event, not a time: the driver calls
         the core then (and ticks at least every second).
         """
@@ -935,6 +1004,7 @@ class Placement:
                     times.append(task.vote_retry_at)
         if waiting:
             times += [t for b in self.breakers.values() if (t := b.reopens_at()) is not None]
+            times += [t.since + self.config.slot_trust_recovery_s for t in self.slot_trust.values()]
         return min(times) if times else None
 
     # ------------------------------------------------------------ internals
@@ -945,7 +1015,7 @@ class Placement:
         actions: list[Action] = []
         for task in list(self.tasks.values()):
             if task.state == "running" and task.missing > 0 and (task.retry_at is None or now >= task.retry_at):
-                if not any(self._slot_free(p) for p in self.peers):
+                if not any(self._slot_free(p, now) for p in self.peers):
                     if now >= task.submitted_at + self.config.queue_timeout_s:
                         actions += self._place(task, now)  # fails it if nothing of it is in flight
                     continue

@@ -99,6 +99,7 @@ class NodeConfig:
     fabric_probe_gpus: int = -1  # SIMULATION/TEST: >= 0 advertises this many simulated GPUs instead of NVML's
     fabric_test_wrong_results: bool = False  # TEST HOOK: return wrong task results (tests only)
     fabric_test_tamper_chunks: bool = False  # TEST HOOK: corrupt module chunks served to peers (tests only)
+    fabric_test_advertise_slots: int = 0  # TEST HOOK: > 0 advertises this many task slots, a lie (tests only)
     # operation
     profile: str = "default"
     log_level: str = "info"
@@ -190,6 +191,7 @@ RANGES: dict[str, Range] = {
     "fabric_module_requests_per_s": Range(1.0, 1e6),
     "fabric_module_request_burst": Range(1, 1_000_000),
     "fabric_probe_gpus": Range(-1, 64, note="-1: real GPUs (NVML)"),
+    "fabric_test_advertise_slots": Range(0, 1024, note="0: the true fabric_task_slots"),
     # operation
     "drop_log_interval_s": Range(0.0, _DAY_S, note="0: log every drop"),
     "metrics_port": Range(-1, 65535, note="-1: off, 0: any free port"),

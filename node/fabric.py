@@ -382,7 +382,8 @@ class FabricService:
     def _capacity_msg(self) -> FabricCapacity | None:
         if self.own is None:
             return None
-        return FabricCapacity(resources=self.own, task_slots=min(self.slots, 1024),
+        slots = self.config.fabric_test_advertise_slots or self.slots  # TEST HOOK: a peer lying about its slots
+        return FabricCapacity(resources=self.own, task_slots=min(slots, 1024),
                               tasks_running=min(len(self.running), 1024),
                               interval_ms=max(100, int(self.interval_s * 1000)))
 
@@ -1071,10 +1072,21 @@ class FabricService:
         return out + [used, total, util]
 
     def status(self) -> dict:
+        """The fabric's state for ``tasks_status``; ``slots_distrusted``: peers that refused room
+        they advertised (PROTOCOL.md §18.4 step 2), with the slots they advertised and the ones
+        placement trusts them with now; ``slots_unhonoured``: such refusals and timeouts counted."""
+        now = time.monotonic()
+        distrusted = {}
+        for peer in sorted(self.placement.slot_trust):
+            trusted, advertised = self.placement.trusted_slots(peer, now), self.placement.slots.get(peer)
+            if trusted is not None and advertised is not None and trusted < advertised.task_slots:
+                distrusted[peer] = {"advertised": advertised.task_slots, "trusted": trusted}
         return {"task_slots": self.slots, "tasks_running": len(self.running),
                 "gpu_leases": {str(i): list(k[1:]) for i, k in self.gpu_leases.items()},
                 "peers_with_capacity": sorted(self.capacity), "runtime_loaded": self._runtime is not None,
-                "own": None if self.own is None else self.own.describe()}
+                "own": None if self.own is None else self.own.describe(),
+                "slots_unhonoured": self.placement.counters.get("slots_unhonoured", 0),
+                "slots_distrusted": distrusted}
 
 
 # ------------------------------------------------------------------ wiring
@@ -1355,7 +1367,8 @@ def admin_handlers(node) -> dict:
             return "closed" if b is None else b.current(now).value
 
         return {"peer_id": svc.peer_id, "own": None if svc.own is None else doc(svc.own),
-                "peers": {p: dict(doc(res), expires_in_s=round(exp - now, 3), breaker=breaker(p))
+                "peers": {p: dict(doc(res), expires_in_s=round(exp - now, 3), breaker=breaker(p),
+                                  task_slots_trusted=svc.placement.trusted_slots(p, now))
                           for p, (res, exp) in sorted(svc.capacity.items())}}
 
     return {"agents_deploy": agents_deploy, "agents_upgrade": agents_upgrade, "agents_rollback": agents_rollback,

@@ -38,7 +38,9 @@ What each peer does (as ``node/fabric.py``)
   :data:`QUEUE_PER_SLOT` per slot waiting; beyond that an attempt is refused
   (``busy``), as in the node. Each advertisement carries ``task_slots`` and
   ``tasks_running`` into the cores (the peer's own live), so submitters queue
-  tasks instead of over-dispatching. A cancelled attempt reports nothing; one
+  tasks instead of over-dispatching (and the core's trusted slots discount a
+  peer that refused or dropped attempts sent within its advertised room, e.g.
+  a crashed peer's timeouts). A cancelled attempt reports nothing; one
   cancelled while it waits is dropped unrun (``cancelled_before_start``). A run
   whose modelled duration exceeds the task's wall time is stopped there and
   refused ``deadline_exceeded`` (the node's epoch deadline; counted

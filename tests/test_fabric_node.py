@@ -455,6 +455,34 @@ async def test_a_burst_on_a_one_slot_peer_waits_at_the_submitter_and_all_are_acc
     assert not [o for o in node.fabric.observations if o["kind"] != "task_agree"]
 
 
+async def test_a_peer_advertising_slots_it_does_not_honour_gets_what_it_takes(tmp_path):
+    """The liar advertises 16 task slots and holds 5 places (1 slot, 4 queued; one submitter gets 4
+    of them): after each advertisement the submitter sent it up to 16 attempts, the rest refused
+    ``busy``. Now the submitter trusts it with the places it held when it refused (PROTOCOL.md
+    §18.4 step 2), shown in tasks_status and the resources view."""
+    nodes = await start_nodes(tmp_path, [{"fabric_task_slots": 1},
+                                         {"fabric_task_slots": 1, "fabric_test_advertise_slots": 16}],
+                              genesis=False)
+    try:
+        submitter, liar = nodes
+        assert await async_wait_until(lambda: submitter.fabric.placement.free_slots(liar.peer_id) == 16, 30)
+        sha = await asyncio.to_thread(submitter.fabric.modules.put, wasm("wordfreq"))
+        req = TaskRequirements(fuel=10**9, memory_bytes=16 << 20, wall_time_s=10.0)
+        ids = [submitter.fabric.submit(sha, b"a b %d" % k, req) for k in range(12)]  # one burst
+        assert await async_wait_until(lambda: all(submitter.fabric.tasks[t].state != "running" for t in ids), 60)
+        assert [submitter.fabric.tasks[t].state for t in ids] == ["accepted"] * 12, \
+            [submitter.fabric.tasks[t].failure for t in ids]
+        status = (await call(submitter, "tasks_status", {"limit": 1}))["fabric"]
+        assert status["slots_unhonoured"] >= 1 and liar.counters["fabric_refused_busy"] >= 1
+        assert status["slots_distrusted"][liar.peer_id]["advertised"] == 16
+        assert status["slots_distrusted"][liar.peer_id]["trusted"] <= 5  # the places it really has
+        peers = (await call(submitter, "resources"))["peers"]
+        assert peers[liar.peer_id]["task_slots_trusted"] <= 5
+        assert not [o for o in submitter.fabric.observations if o["kind"] != "task_agree"]  # no blame
+    finally:
+        await stop_all(nodes)
+
+
 async def test_an_attempt_cancelled_while_it_waits_for_a_slot_is_never_run(node_factory):
     """PROTOCOL.md 18.2: the replica drops an attempt that has not started (was: run anyway)."""
     node = await node_factory("cq", NodeConfig(**FABRIC_FAST, fabric_task_slots=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -422,10 +423,13 @@ def test_refusals_that_are_not_the_replicas_fault_are_retried_without_blame():
         assert core.breaker(d.peer_id).failures == 0
         if reason == "busy":  # its slots are full until it advertises again
             assert core.free_slots(d.peer_id) == 0
-            core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=2, tasks_running=0)
+            # its advertisement says it was full (other submitters' attempts): an honest refusal
+            core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=2, tasks_running=2)
+            assert core.trusted_slots(d.peer_id) == 2
         (retry,) = [a for a in core.tick(float(n) + 0.5) if isinstance(a, Dispatch) and a.task_id == f"b{n}"]
         assert retry.peer_id != d.peer_id  # retried elsewhere
         core.on_result(retry.task_id, retry.attempt, retry.peer_id, b"\x01" * 32, float(n) + 0.6)
+        core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=2, tasks_running=0)  # room again
     assert core.counters["attempt_busy"] == 5 and core.counters["attempt_gpu_unavailable"] == 5
 
 
@@ -440,7 +444,9 @@ def test_refusals_for_room_use_no_retry_and_the_peer_is_tried_again():
     for _ in range(6):  # both peers refuse, alternately, three times each
         refused_by.append(d.peer_id)
         assert not [a for a in core.on_failure("t", d.attempt, d.peer_id, "busy", now) if isinstance(a, TaskFailed)]
-        core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=1, tasks_running=0)  # room again
+        # it advertises that it was full (an honest refusal), then room again
+        core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=1, tasks_running=1)
+        core.update_peer(d.peer_id, inventory(0, mem_gib=64), task_slots=1, tasks_running=0)
         now = core.next_deadline()
         (d,) = [a for a in core.tick(now) if isinstance(a, Dispatch)]
         assert d.peer_id != refused_by[-1] or len(set(refused_by)) == 2  # another peer first
@@ -550,7 +556,8 @@ def test_a_peer_that_never_answers_still_opens_its_breaker():
     req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
     opened = []
     for n in range(2):
-        (d,) = [a for a in core.submit(f"t{n}", req, 10.0 * n) if isinstance(a, Dispatch)]
+        # 20 s apart: a timeout also leaves the peer trusted with no slot for slot_trust_recovery_s
+        (d,) = [a for a in core.submit(f"t{n}", req, 20.0 * n) if isinstance(a, Dispatch)]
         acts = core.tick(d.deadline)
         assert [a.reason for a in acts if isinstance(a, TaskFailed)] == ["retries_exhausted"]
         assert not [a for a in acts if isinstance(a, Observe)]
@@ -573,7 +580,8 @@ def test_a_half_open_trial_that_ends_uncounted_lets_the_next_call_through(end):
         core.cancel("t", 7.0)
     else:
         core.on_failure("t", trial.attempt, "peer00", end, 7.0)
-    if end == "busy":  # its slots count as full until it advertises again
+    if end == "busy":  # its slots count as full until it advertises again (full: an honest refusal)
+        core.update_peer("peer00", inventory(0, mem_gib=64), task_slots=8, tasks_running=8)
         core.update_peer("peer00", inventory(0, mem_gib=64), task_slots=8, tasks_running=0)
     assert core.breaker("peer00").current(7.0) is BreakerState.HALF_OPEN
     assert core.candidates(req, 7.0) == ["peer00"]  # the next call is the trial
@@ -712,3 +720,78 @@ def test_peers_get_no_task_longer_than_the_wall_time_they_advertise():
     two_days_worth = TaskRequirements(fuel=10, memory_bytes=1 << 20, wall_time_s=86_400, replicas=2)
     assert [a.reason for a in core.submit("day2", two_days_worth, 0.0) if isinstance(a, TaskFailed)] \
         == ["unsatisfiable"]  # one peer could ever run it: too few for two replicas
+
+
+def run_with_a_liar(core: Placement, until_s: float, step_s: float = 0.5) -> Counter:
+    """peer00 advertises 4 slots and runs 1 attempt at once (refuses the rest ``busy``); peer01
+    advertises 2 and runs what it advertises. A task every ``step_s``, runs take 1 s, both advertise
+    every 5 s (their true ``tasks_running``). Counts what each peer did."""
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=2.0)
+    running: dict[str, list[tuple[float, str, int]]] = {p: [] for p in peer_ids(2)}
+    seen: Counter = Counter()
+    pending = []
+
+    def handle(actions, now):
+        for a in actions:
+            if isinstance(a, Dispatch):
+                pending.append(a)
+        while pending:
+            d = pending.pop(0)
+            if d.peer_id == "peer00" and running["peer00"]:
+                seen["liar_busy"] += 1
+                handle(core.on_failure(d.task_id, d.attempt, d.peer_id, "busy", now), now)
+            else:
+                seen[f"{d.peer_id}_ran"] += 1
+                running[d.peer_id].append((now + 1.0, d.task_id, d.attempt))
+
+    t, n = 0.0, 0
+    while t < until_s:
+        if abs(t / 5.0 - round(t / 5.0)) < 1e-9:
+            core.update_peer("peer00", inventory(0, mem_gib=64), task_slots=4, tasks_running=len(running["peer00"]))
+            core.update_peer("peer01", inventory(0, mem_gib=64), task_slots=2, tasks_running=len(running["peer01"]))
+        for peer, runs in running.items():
+            for end, task_id, attempt in [r for r in runs if r[0] <= t]:
+                runs.remove((end, task_id, attempt))
+                handle(core.on_result(task_id, attempt, peer, b"\x01" * 32, t), t)
+        handle(core.submit(f"t{n}", req, t), t)
+        handle(core.tick(t), t)
+        t, n = t + step_s, n + 1
+    return seen
+
+
+def test_a_peer_refusing_the_slots_it_advertises_is_trusted_with_what_it_takes():
+    """A peer advertising 4 free slots that runs 1 attempt at once got up to 3 attempts it refused
+    ``busy`` after each of its advertisements (busy neither opens the breaker nor outlasts the next
+    advertisement), each a task's backoff, and then no attempt until its next advertisement. Now its
+    trusted slots drop to what it held when it refused, and grow back by one per
+    slot_trust_recovery_s: fewer refusals, and it runs more of the work it can take."""
+    core = slot_core(2, slots=2, queue_timeout_s=60.0)
+    seen = run_with_a_liar(core, 60.0, step_s=0.25)  # 4 tasks/s for 3 slots that are real
+    assert seen["liar_busy"] <= 8, seen  # was 34
+    assert seen["peer00_ran"] >= 30 and seen["peer01_ran"] >= 100, seen  # was 12 and 120
+    assert core.counters["slots_unhonoured"] == seen["liar_busy"]
+    assert core.trusted_slots("peer00") <= 2 and core.trusted_slots("peer01") == 2
+    # grows back by one per slot_trust_recovery_s (10 s) with no new refusal, up to what it advertises
+    trust = core.slot_trust["peer00"]
+    assert core.trusted_slots("peer00", trust.since + 10.0) == trust.slots + 1
+    assert core.trusted_slots("peer00", trust.since + 100.0) == 4
+    # an advertisement that admits it is full makes its refusals honest ones: trusted as advertised
+    core.update_peer("peer00", inventory(0, mem_gib=64), task_slots=4, tasks_running=4)
+    assert core.trusted_slots("peer00") == 4 and "peer00" not in core.slot_trust
+
+
+def test_a_peer_that_takes_attempts_and_never_answers_gets_fewer():
+    core = slot_core(1, slots=4, breaker_failures=100, max_retries=10, queue_timeout_s=60.0)
+    req = TaskRequirements(fuel=1, memory_bytes=1 << 20, wall_time_s=1.0)
+    first = [a for i in range(4) for a in core.submit(f"t{i}", req, 0.0) if isinstance(a, Dispatch)]
+    assert len(first) == 4
+    core.tick(first[0].deadline)  # all four time out
+    assert core.counters["slots_unhonoured"] == 4 and core.trusted_slots("peer00") == 0
+    core.update_peer("peer00", inventory(0, mem_gib=64), task_slots=4, tasks_running=0)  # "all free"
+    now = first[0].deadline + 1.0
+    assert core.free_slots("peer00", now) == 0  # was: 4 more attempts to lose
+    core.tick(now)  # the four tasks are out of peers: failed
+    assert [a for i in range(4) for a in core.submit(f"u{i}", req, now) if isinstance(a, Dispatch)] == []
+    later = first[0].deadline + 10.0
+    assert core.next_deadline() == later  # waiting tasks are placed when a slot grows back
+    assert len([a for a in core.tick(later) if isinstance(a, Dispatch)]) == 1
