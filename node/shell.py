@@ -1002,15 +1002,17 @@ def _completer(shell: Shell):
             text = document.text_before_cursor
             stripped = text.lstrip()
             phrases = shell.phrases()
+            spoken = {*phrases, *(c.replace("_", " ") for c in shell.commands)}  # agents deploy too
             matched = None
-            for p in sorted(phrases, key=len, reverse=True):
+            for p in sorted(spoken, key=len, reverse=True):
                 if stripped.startswith(p + " "):
                     matched = p
                     break
-            if matched is None:
-                for p in phrases:
-                    if p.startswith(stripped):
-                        yield Completion(p, start_position=-len(stripped))
+            if matched is None:  # the shown phrases; the admin API's plural when only it fits
+                fits = [p for p in phrases if p.startswith(stripped)] \
+                    or sorted(p for p in spoken if p.startswith(stripped))
+                for p in fits:
+                    yield Completion(p, start_position=-len(stripped))
                 return
             if matched == "help":
                 word = stripped[len("help "):]

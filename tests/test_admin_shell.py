@@ -566,6 +566,16 @@ def test_the_shell_names_command_groups_as_the_cli_and_keeps_the_plural():
     usage = shell.help(["agents", "deploy"]).splitlines()
     assert usage[0].startswith("usage: agent deploy [ref]") and "  admin command: agents_deploy" in usage
     assert "agent deploy" in shell.phrases() and "task submit" in shell.phrases()
+    from prompt_toolkit.document import Document
+
+    from chimera.node.shell import _completer
+
+    def complete(text: str) -> list[str]:
+        return [c.text for c in _completer(shell).get_completions(Document(text), None)]
+
+    assert complete("agent de") == ["agent deploy"] and complete("agents de") == ["agents deploy"]
+    assert complete("agent deploy ") == complete("agents deploy ") == ["ref=", "module=", "kind=", "sha256="]
+    assert "rule=" in complete("tasks submit r") and "rule=" in complete("task submit r")
 
 
 def test_the_cli_and_the_shell_show_the_same_tables(net, tmp_path: Path):
