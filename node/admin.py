@@ -12,8 +12,10 @@ CURVE server with the node's transport key; each message is one request map
 and must be signed, and each answer is one response map.
 
 Every request, refused ones included, is appended to the audit log
-(:mod:`.audit`). Requests are records dispatched by name, never evaluated;
-every error is one line with a code from :data:`EXIT_CODES`.
+(:mod:`.audit`, written by its own thread): the answer is sent once the row is
+durable, and the event loop never waits for the disk meanwhile. Requests are
+records dispatched by name, never evaluated; every error is one line with a
+code from :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import socket
+import sqlite3
 import struct
 import time
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from chimera.protocol.errors import MalformedError, RemoteProtocolError
 from chimera.protocol.identity import fingerprint
 
 from . import admin_keys
+from . import audit as audit_log
 from .admin_keys import COMMAND_HELP, COMMAND_OPTIONS, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
 from .audit import AuditLog
 from .config import tcp_endpoint_port
@@ -237,7 +241,7 @@ class AdminServer:
         self.streams = dict(streams or {})
         self.server: asyncio.AbstractServer | None = None
         self.keys = KeyRing(db) if db is not None else None
-        self.audit = AuditLog(db) if db is not None else None
+        self.audit = AuditLog(db, background=True) if db is not None else None
         self.verifier = RequestVerifier(self.keys, node_fingerprint) if self.keys is not None else None
         self.remote: RemoteAdminServer | None = None
         if remote_endpoint:
@@ -280,8 +284,8 @@ class AdminServer:
                     return
                 (size,) = struct.unpack(">I", header)
                 if size > MAX_REQUEST_BYTES:
-                    self._audit_row(Principal(_local_who(uid), "-", "local"), "-", {},
-                                    f"error: request of {size} bytes is too large", 0.0)
+                    await self._audit_row(Principal(_local_who(uid), "-", "local"), "-", {},
+                                          f"error: request of {size} bytes is too large", 0.0)
                     await _write(writer, _error(f"request too large ({size} > {MAX_REQUEST_BYTES} bytes)",
                                                 EXIT_USAGE))
                     return
@@ -347,8 +351,8 @@ class AdminServer:
                 await it.aclose()
             except (AttributeError, RuntimeError):
                 pass
-            self._audit_row(stream.principal, stream.cmd, stream.args, f"ok ({sent} records, {reason})",
-                            time.perf_counter() - started)
+            self._audit_row_nowait(stream.principal, stream.cmd, stream.args,
+                                   f"ok ({sent} records, {reason})", time.perf_counter() - started)
 
     def _key_active(self, fp: str) -> bool:
         """Whether the admin key ``fp`` is still registered and not revoked (a store error: no)."""
@@ -369,27 +373,30 @@ class AdminServer:
                               "-", transport)
         cmd, args = "-", {}
 
-        def finish(principal: Principal, response: dict, result: str) -> tuple[dict, None]:
-            self._audit_row(principal, cmd, args, result, time.perf_counter() - started,
-                            source=anonymous.who)
+        async def finish(principal: Principal, response: dict, result: str) -> tuple[dict, None]:
+            failure = await self._audit_row(principal, cmd, args, result, time.perf_counter() - started,
+                                            source=anonymous.who)
+            if failure is not None:  # the request ran (or was refused) but is not on record: say so
+                response = _error(f"not recorded in the audit log ({failure}); the request's outcome: "
+                                  f"{result[:200]}", EXIT_FAIL)
             return response, None
 
         if transport == "local" and uid is not None and uid not in (os.geteuid(), 0):
-            return finish(anonymous, _error(f"uid {uid} is not this node's owner", EXIT_REFUSED),
-                          "refused: not the owner")
+            return await finish(anonymous, _error(f"uid {uid} is not this node's owner", EXIT_REFUSED),
+                                "refused: not the owner")
         try:  # bounded cost whatever the bytes (admin_keys.check_shape)
             req = admin_keys.unpack_request(body)
         except MalformedError:  # a map with a repeated key: which one counts is ambiguous, run nothing
-            return finish(anonymous, _error("request has a map with a duplicate key", EXIT_USAGE),
-                          "error: duplicate map key")
+            return await finish(anonymous, _error("request has a map with a duplicate key", EXIT_USAGE),
+                                "error: duplicate map key")
         except admin_keys.UnreadableRequest as exc:
-            return finish(anonymous, _error(f"request {exc}", EXIT_USAGE), f"error: request {exc}")
+            return await finish(anonymous, _error(f"request {exc}", EXIT_USAGE), f"error: request {exc}")
         if type(req) is not dict:
-            return finish(anonymous, _error("request must be a msgpack map", EXIT_USAGE), "error: not a map")
+            return await finish(anonymous, _error("request must be a msgpack map", EXIT_USAGE), "error: not a map")
         if "signed" in req or "sig" in req:
             if self.verifier is None:
-                return finish(anonymous, _error("this node does not accept signed requests", EXIT_REFUSED),
-                              "refused: no key ring")
+                return await finish(anonymous, _error("this node does not accept signed requests", EXIT_REFUSED),
+                                    "refused: no key ring")
             try:
                 claim = self.verifier.claim(req)  # key registered and active: before the costly check
                 if len(claim.signed) > THREAD_VERIFY_BYTES:  # ~4 ms per MiB: off the event loop
@@ -399,85 +406,117 @@ class AdminServer:
                 signed = self.verifier.admit(claim, signature_ok, time.time_ns() // 1_000_000)
             except admin_keys.MalformedRequest as exc:
                 principal = Principal(f"{exc.who} via {anonymous.who}", exc.role, transport)
-                return finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
+                return await finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
             except Refused as exc:
                 principal = Principal(f"{exc.who} via {anonymous.who}", exc.role, transport)
-                return finish(principal, _error(f"refused: {exc}", EXIT_REFUSED), f"refused: {exc}")
+                return await finish(principal, _error(f"refused: {exc}", EXIT_REFUSED), f"refused: {exc}")
             except Exception as exc:  # e.g. the store is busy: still one line, still audited
-                return finish(anonymous, _error(f"could not check the signature: {exc}", EXIT_FAIL),
-                              f"error: {exc}")
+                return await finish(anonymous, _error(f"could not check the signature: {exc}", EXIT_FAIL),
+                                    f"error: {exc}")
             principal = Principal(f"{signed.key.name} ({signed.key.fingerprint})", signed.key.role, transport,
                                   signed.key.fingerprint)
             cmd, args = signed.cmd, signed.args
         else:
             if transport != "local":
-                return finish(anonymous, _error("refused: remote requests must be signed by an admin key",
-                                                EXIT_REFUSED), "refused: unsigned remote request")
+                return await finish(anonymous, _error("refused: remote requests must be signed by an admin key",
+                                                      EXIT_REFUSED), "refused: unsigned remote request")
             principal = Principal(anonymous.who, "admin", transport)
             if type(req.get("cmd")) is not str:
-                return finish(principal, _error("request must be a map with a 'cmd' string", EXIT_USAGE),
-                              "error: no cmd")
+                return await finish(principal, _error("request must be a map with a 'cmd' string", EXIT_USAGE),
+                                    "error: no cmd")
             cmd, args = req["cmd"][:80], req.get("args", {})
             if type(args) is not dict:
                 args = {"<not a map>": repr(args)[:80]}
-                return finish(principal, _error("'args' must be a map", EXIT_USAGE), "error: args not a map")
+                return await finish(principal, _error("'args' must be a map", EXIT_USAGE), "error: args not a map")
         handler, stream = self.handlers.get(cmd), self.streams.get(cmd)
         if handler is None and stream is None:
             known = ", ".join(sorted({*self.handlers, *self.streams}))
             msg = f"unknown command {cmd[:40]!r} (known: {known})"
-            return finish(principal, _error(msg, EXIT_USAGE), "error: unknown command")
+            return await finish(principal, _error(msg, EXIT_USAGE), "error: unknown command")
         if not role_allows(principal.role, cmd):
             msg = f"refused: {cmd} needs role {required_role(cmd)}; {principal.who} is {principal.role}"
-            return finish(principal, _error(msg, EXIT_REFUSED), f"refused: needs {required_role(cmd)}")
+            return await finish(principal, _error(msg, EXIT_REFUSED), f"refused: needs {required_role(cmd)}")
         if stream is not None:
             if transport != "local":
-                return finish(principal, _error(f"{cmd} streams: use the local socket", EXIT_USAGE),
-                              "error: stream over remote")
+                return await finish(principal, _error(f"{cmd} streams: use the local socket", EXIT_USAGE),
+                                    "error: stream over remote")
             try:
                 iterator = stream(args)
             except (ValueError, TypeError, KeyError, AdminError) as exc:
-                return finish(principal, _error(_bad_args(exc), getattr(exc, "code", EXIT_USAGE)),
-                              f"error: {_bad_args(exc)}")
+                return await finish(principal, _error(_bad_args(exc), getattr(exc, "code", EXIT_USAGE)),
+                                    f"error: {_bad_args(exc)}")
             return {"ok": True, "result": {"stream": cmd}}, _OpenStream(principal, cmd, args, iterator)
         self._principal = principal
         try:
             result = await handler(args)
         except AdminError as exc:
-            return finish(principal, _error(str(exc), exc.code), f"error: {exc}")
+            return await finish(principal, _error(str(exc), exc.code), f"error: {exc}")
         except AdminKeyError as exc:
-            return finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
+            return await finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
         except (ValueError, TypeError, KeyError, RemoteProtocolError) as exc:
-            return finish(principal, _error(_bad_args(exc), EXIT_USAGE), f"error: {_bad_args(exc)}")
+            return await finish(principal, _error(_bad_args(exc), EXIT_USAGE), f"error: {_bad_args(exc)}")
         except Exception as exc:  # a bug in one handler must not take the API down
             log.exception("admin command %s failed", cmd)
             msg = f"internal error in {cmd}: {type(exc).__name__}: {exc}"
-            return finish(principal, _error(msg, EXIT_FAIL), f"error: {msg}")
+            return await finish(principal, _error(msg, EXIT_FAIL), f"error: {msg}")
         finally:
             self._principal = None
         try:
             data = msgpack.packb({"ok": True, "result": result}, use_bin_type=True)
         except (TypeError, ValueError) as exc:
-            return finish(principal, _error(f"{cmd} returned an unencodable result: {exc}", EXIT_FAIL),
-                          "error: unencodable result")
+            return await finish(principal, _error(f"{cmd} returned an unencodable result: {exc}", EXIT_FAIL),
+                                "error: unencodable result")
         if len(data) > MAX_RESPONSE_BYTES:
-            return finish(principal, _error(f"{cmd}: response of {len(data)} bytes is too large; "
-                                            "ask for less (limit=...)", EXIT_FAIL), "error: response too large")
-        return finish(principal, {"ok": True, "result": result}, "ok")
+            return await finish(principal, _error(f"{cmd}: response of {len(data)} bytes is too large; "
+                                                  "ask for less (limit=...)", EXIT_FAIL), "error: response too large")
+        return await finish(principal, {"ok": True, "result": result}, "ok")
 
-    def _audit_row(self, principal: Principal, cmd: str, args: object, result: str, duration_s: float,
-                   source: str | None = None) -> None:
-        """Append one audit row. A refusal, or a request refused or unreadable before anyone was
-        authenticated (role ``-``), is aggregated per ``source`` (the connection: uid or
-        remote address; never a claimed key, which the sender chooses) in the audit log."""
+    def _submit_row(self, principal: Principal, cmd: str, args: object, result: str, duration_s: float,
+                    source: str | None):
+        aggregate = source if (result.startswith("refused") or principal.role == "-") else None
+        return self.audit.submit(at_ms=time.time_ns() // 1_000_000, who=principal.who,
+                                 transport=principal.transport, role=principal.role, command=cmd,
+                                 args=args, result=result, duration_s=duration_s, aggregate=aggregate)
+
+    async def _audit_row(self, principal: Principal, cmd: str, args: object, result: str, duration_s: float,
+                         source: str | None = None) -> str | None:
+        """Append one audit row and wait (off the event loop's thread) until it is durable.
+
+        A refusal, or a request refused or unreadable before anyone was authenticated (role
+        ``-``), is aggregated per ``source`` (the connection: uid or remote address; never a
+        claimed key, which the sender chooses); one counted into an open row returns at once.
+
+        Returns:
+            None once the row is durable (or counted, or there is no audit log); else why it
+            is not: the store's error, or no commit within ``audit.DURABLE_WAIT_S`` seconds.
+        """
+        if self.audit is None:
+            return None
+        try:
+            future = self._submit_row(principal, cmd, args, result, duration_s, source)
+            if future is not None:
+                await asyncio.wait_for(asyncio.wrap_future(future), audit_log.DURABLE_WAIT_S)
+            return None
+        except asyncio.TimeoutError:
+            failure = f"no commit within {audit_log.DURABLE_WAIT_S:g} s"
+        except Exception as exc:  # sqlite3.Error (disk full, I/O error, locked), AuditError
+            failure = f"{type(exc).__name__}: {exc}"
+        log.error("admin request %s by %s not recorded in the audit log: %s", cmd[:80], principal.who, failure)
+        return failure
+
+    def _audit_row_nowait(self, principal: Principal, cmd: str, args: object, result: str,
+                          duration_s: float) -> None:
+        """Queue one audit row without waiting for it (a stream's, after its last frame)."""
         if self.audit is None:
             return
-        aggregate = source if (result.startswith("refused") or principal.role == "-") else None
         try:
-            self.audit.append(at_ms=time.time_ns() // 1_000_000, who=principal.who,
-                              transport=principal.transport, role=principal.role, command=cmd,
-                              args=args, result=result, duration_s=duration_s, aggregate=aggregate)
+            future = self._submit_row(principal, cmd, args, result, duration_s, None)
         except Exception:
             log.exception("could not append to the audit log")
+            return
+        if future is not None:
+            future.add_done_callback(lambda f: f.exception() is not None and log.error(
+                "admin stream %s by %s not recorded in the audit log: %s", cmd[:80], principal.who, f.exception()))
 
     # -------------------------------------------------------------- built-ins
 
@@ -499,7 +538,13 @@ class AdminServer:
         return {"who": p.who, "role": p.role, "transport": p.transport} if p else {}
 
     async def _audit(self, args: dict) -> list[dict]:
-        return self.audit.rows(int_arg(args, "limit", 50, 1, 10_000))
+        future = self.audit.read(int_arg(args, "limit", 50, 1, 10_000))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), audit_log.DURABLE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise AdminError(f"the audit log did not answer within {audit_log.DURABLE_WAIT_S:g} s") from None
+        except sqlite3.Error as exc:
+            raise AdminError(f"cannot read the audit log: {exc}") from None
 
     async def _key_add(self, args: dict) -> dict:
         key = self.keys.add(str_arg(args, "name", max_len=admin_keys.MAX_KEY_NAME_CHARS),
@@ -519,11 +564,14 @@ class AdminServer:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        if self.audit is not None:
+        if self.audit is not None:  # every queued row and open refusal count, then the writer ends
             try:
-                self.audit.flush()
-            except Exception:
-                log.exception("could not write the audit log's pending refusal counts")
+                await asyncio.wait_for(asyncio.wrap_future(self.audit.close()), audit_log.CLOSE_WAIT_S)
+            except asyncio.TimeoutError:
+                log.error("the audit log's writer did not finish within %g s: %d queued operations not written",
+                          audit_log.CLOSE_WAIT_S, self.audit.pending)
+            except Exception as exc:
+                log.error("could not write the audit log's last rows: %s", exc)
         try:
             self.path.unlink()
         except FileNotFoundError:

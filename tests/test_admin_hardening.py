@@ -53,7 +53,7 @@ async def test_a_flood_of_refused_remote_requests_keeps_changes_and_costs_few_wr
         "name": "ops", "role": "admin", "public_key": public_bytes(generate_key())}}), "local")
     assert reply["ok"], reply
     writes = []
-    server.audit.db.set_trace_callback(lambda sql: writes.append(sql) if "admin_audit" in sql
+    server.audit.write_db.set_trace_callback(lambda sql: writes.append(sql) if "admin_audit" in sql
                                        and sql.lstrip().startswith(("INSERT", "UPDATE")) else None)
     started = time.monotonic()
     for i in range(20_000):
