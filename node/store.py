@@ -73,8 +73,28 @@ CREATE TABLE IF NOT EXISTS evidence (
 """
 
 
+def _schema_columns() -> dict[str, set[str]]:
+    """The columns of each table of :data:`_SCHEMA` (read from an in-memory copy)."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.executescript(_SCHEMA)
+        tables = [t for (t,) in mem.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: {row[1] for row in mem.execute(f"PRAGMA table_info({t})")} for t in tables}
+    finally:
+        mem.close()
+
+
+_COLUMNS = _schema_columns()
+
+
 class Store:
-    """One SQLite database per node, at ``data_dir/node.sqlite3``."""
+    """One SQLite database per node, at ``data_dir/node.sqlite3``.
+
+    Raises (from the constructor):
+        sqlite3.DatabaseError: the file is not an SQLite database, is locked, or holds a
+            table of ours without the columns it needs (a foreign or damaged schema: it
+            would fail later, mid-start, with a traceback).
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "node.sqlite3"
@@ -83,6 +103,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            for table, needed in _COLUMNS.items():
+                missing = needed - {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                if missing:
+                    raise sqlite3.DatabaseError(f"table {table} lacks column(s) {', '.join(sorted(missing))}")
             self.path.chmod(0o600)
         except BaseException:
             self.db.close()  # a file that is no database (or is locked) is not held open

@@ -286,6 +286,17 @@ async def test_a_corrupt_or_lost_store_is_a_clear_error_or_a_reported_gap_never_
     db.write_bytes(b"\x00garbage" * 512)
     with pytest.raises(NodeStartError, match="cannot be read"):
         await Node(data_dir, config, net).start()
+    db.write_bytes(pristine)  # a table of ours with a foreign schema: one line, not a traceback
+    conn = sqlite3.connect(db)  # (the peers table was read only after the transport had started)
+    with conn:
+        conn.execute("DROP TABLE peers")
+        conn.execute("CREATE TABLE peers(x)")
+    conn.close()
+    with pytest.raises(NodeStartError, match="table peers lacks column.*contact"):
+        await Node(data_dir, config, net).start()
+    for suffix in ("-wal", "-shm"):
+        (data_dir / f"node.sqlite3{suffix}").unlink(missing_ok=True)
+    db.write_bytes(b"\x00garbage" * 512)
     from chimera.node.keys import save_network
 
     save_network(data_dir, net)
