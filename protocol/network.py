@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -179,6 +181,26 @@ def format_contact_uri(peer_id: str, host: str, port: int, transport_key: bytes)
     return f"{CONTACT_SCHEME}://{peer_id}@{host}:{port}?key={b32(transport_key)}"
 
 
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def valid_host(host: str) -> bool:
+    """Whether ``host`` is an IPv4 literal, an IPv6 literal (no brackets; an optional
+    ``%scope``), or a DNS name of letters, digits and hyphens (labels of 1-63, at most 253
+    characters, lowercase): the hosts a contact may name (§4). Anything else could be
+    ZeroMQ endpoint syntax (``1.2.3.4;5.6.7.8`` connects *from* the first address *to*
+    the second), or is refused by libzmq on every connection attempt."""
+    if not isinstance(host, str) or not 0 < len(host) <= 253:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".") if host != "." else [""]
+    return all(_DNS_LABEL.fullmatch(label) for label in labels) and not host.replace(".", "").isdigit()
+
+
 def parse_contact_uri(uri: str) -> tuple[str, str, bytes]:
     """Parse a contact URI into (peer_id, ``tcp://HOST:PORT`` endpoint, transport key).
 
@@ -209,5 +231,8 @@ def parse_contact_uri(uri: str) -> tuple[str, str, bytes]:
     if len(key) != 32:
         raise MalformedError("transport key must be 32 bytes")
     host = parts.hostname
+    if not valid_host(host):
+        raise MalformedError(f"contact URI {uri[:60]!r}: the host must be an IPv4 or [IPv6] literal "
+                             "or a DNS name of letters, digits and hyphens")
     endpoint = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
     return peer_id, endpoint, key

@@ -398,6 +398,21 @@ def test_contact_uri_roundtrip():
             parse_contact_uri(bad)
 
 
+def test_a_contact_uri_host_is_an_address_or_a_dns_name_never_endpoint_syntax():
+    """§4: ``1.2.3.4;5.6.7.8`` passed and became ``tcp://1.2.3.4;5.6.7.8:80``, ZeroMQ's
+    source-address syntax (the node dialled 5.6.7.8); ``*``, spaces, NUL and non-ASCII
+    names passed and then failed in libzmq on every Hello retry."""
+    key = format_contact_uri(ALICE.peer_id, "h", 1, b"\x05" * 32).split("?")[1]
+    for host, endpoint in (("10.0.0.7", "tcp://10.0.0.7:80"), ("[fe80::1%eth0]", "tcp://[fe80::1%eth0]:80"),
+                           ("[::1]", "tcp://[::1]:80"), ("Node-7.LAN", "tcp://node-7.lan:80"),
+                           ("xn--bcher-kva.example", "tcp://xn--bcher-kva.example:80")):
+        assert parse_contact_uri(f"chm://{ALICE.peer_id}@{host}:80?{key}")[1] == endpoint
+    for host in ("1.2.3.4;5.6.7.8", "*", "a b", "x\0y", "ü.example", "1.2.3", "-a.lan", "a..lan",
+                 "a_b.lan", "999.1.1.1", "a" * 64 + ".lan"):
+        with pytest.raises(RemoteProtocolError, match="host"):
+            parse_contact_uri(f"chm://{ALICE.peer_id}@{host}:80?{key}")
+
+
 def test_peer_id_has_exactly_one_spelling():
     from chimera.protocol.identity import public_key_from_peer_id
 
