@@ -1150,10 +1150,14 @@ class Membership:
         state = _STATE_OF[update.state]
         pid = update.peer_id
         if pid == self.peer_id:
-            if update.incarnation >= REFUTE_LIMIT:
+            if update.incarnation >= REFUTE_LIMIT \
+                    or update.incarnation > self.incarnation + GOSSIP_INCARNATION_STEP:
                 # Only a forger names us this high (we never go past REFUTE_LIMIT by
                 # refuting, and restarts add one each): refuting would take us to an
-                # incarnation that our next start could no longer encode.
+                # incarnation that our next start could no longer encode. Nobody holds us
+                # far above our own incarnation either: without the step bound one forged
+                # "suspect at REFUTE_LIMIT - 1" pushed us to the cap, where we could never
+                # refute again (PROTOCOL s10.4).
                 self.incarnations_refused += 1
             elif state in (MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT) \
                     and self.incarnation <= update.incarnation:

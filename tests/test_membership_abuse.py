@@ -103,6 +103,12 @@ def test_a_forged_claim_near_the_cap_cannot_push_our_incarnation_past_what_a_hel
     core.on_message(ids[0], Ping(probe_id=2, updates=(
         MemberUpdate(peer_id=core.peer_id, state="alive", incarnation=MAX_INCARNATION),)), 0.0)
     assert core.incarnation == 1 and core.incarnations_refused == 3
+    # nor a claim more than GOSSIP_INCARNATION_STEP above our own: it pushed us to the cap
+    core.on_message(ids[0], Ping(probe_id=3, updates=(
+        MemberUpdate(peer_id=core.peer_id, state="dead", incarnation=REFUTE_LIMIT - 1),)), 0.0)
+    assert core.incarnation == 1 and core.incarnations_refused == 4
+    # a node near the cap (2**20 restarts away from it) refutes up to REFUTE_LIMIT, no further
+    core, ids = _core(3, incarnation=REFUTE_LIMIT - 3)
     core.on_message(ids[0], Ping(probe_id=3, updates=(
         MemberUpdate(peer_id=core.peer_id, state="dead", incarnation=REFUTE_LIMIT - 1),)), 0.0)
     assert core.incarnation == REFUTE_LIMIT  # the highest a refutation reaches
