@@ -1,10 +1,25 @@
 """Prometheus metrics of a peer (optional extra ``[metrics]``: prometheus_client).
 
 Metrics are read from the node's state at scrape time by a custom collector, so
-nothing is counted twice and the hot path pays nothing. Served over HTTP by
-``prometheus_client.start_http_server`` on ``metrics_host:metrics_port`` (off by
-default; ``127.0.0.1`` unless configured otherwise: metrics reveal peer ids and
-addresses).
+nothing is counted twice and the hot path pays nothing. Served over HTTP
+(prometheus_client's ``make_wsgi_app`` on a threading wsgiref server) on
+``metrics_host:metrics_port`` (off by default; ``127.0.0.1`` unless configured
+otherwise: metrics reveal peer ids and addresses).
+
+The exporter bounds what a client can hold (it was a thread per connection, without
+limit or timeout: 400 half-sent requests held 400 threads):
+
+* at most :data:`MAX_CONNECTIONS` (16) connections are served at once, one thread each;
+* a connection whose request is not complete :data:`REQUEST_TIMEOUT_S` (10 s) after it
+  was accepted is closed (counter ``metrics_connections_timed_out``); every socket
+  operation of a connection times out after the same time (a client that does not
+  read its answer);
+* a connection arriving while all are taken closes the one that has waited longest
+  for its request to complete (``metrics_connections_evicted``), so a scrape, whose
+  request arrives at once, is answered while slow clients hold every place; when all
+  are answering, it is closed at once (``metrics_connections_refused``).
+
+The counters are the node's (``status`` counters, ``chimera_node_counter_total{name}``).
 
 Names (all prefixed ``chimera_``):
 
@@ -48,7 +63,13 @@ import asyncio
 import bisect
 import logging
 import re
-from typing import TYPE_CHECKING, Iterator
+import socket
+import sys
+import threading
+import time
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 if TYPE_CHECKING:
     from .runtime import Node
@@ -56,6 +77,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("chimera.metrics")
 
 MAX_GENERIC_COUNTERS = 1024
+MAX_CONNECTIONS = 16  # connections of the HTTP exporter served at once (one thread each)
+REQUEST_TIMEOUT_S = 10.0  # a request not complete this long after accept is closed
+EVICT_WAIT_S = 2.0  # longest the accept loop waits for a closed connection's thread to end
 _OWN_FAMILY = ("envelopes_accepted", "frames_received", "frames_sent", "handshakes_admitted",
                "handshakes_refused", "consensus_commits", "consensus_values_committed")
 _OWN_PREFIXES = ("drop_", "actor_crashes.", "events.", "consensus_rejected.", "consensus_events.")
@@ -250,15 +274,169 @@ async def _snapshot(node: "Node") -> tuple[dict, dict, list, dict | None, list[d
 
 
 def serve(node: "Node", host: str, port: int) -> tuple[object, object] | None:
-    """Start the HTTP exporter; None (logged) when prometheus_client is missing."""
+    """Start the HTTP exporter on ``host:port`` (0: any free port) in a daemon thread.
+
+    Returns ``(server, thread)``; the server has ``server_port``, ``shutdown()`` and
+    ``server_close()``. None (logged) when prometheus_client is missing. Raises
+    :class:`OSError` when the address cannot be bound or resolved (port in use, host
+    not of this machine). Limits: :data:`MAX_CONNECTIONS`, :data:`REQUEST_TIMEOUT_S`
+    (read when called).
+    """
     try:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, make_wsgi_app
     except ImportError:
         log.warning("metrics_port set but prometheus_client is not installed "
                     "(pip install 'chimera-mesh[metrics]'); metrics are off")
         return None
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    server = BoundedWSGIServer((sockaddr[0], port), family, make_wsgi_app(registry),
+                               max_connections=MAX_CONNECTIONS, request_timeout_s=REQUEST_TIMEOUT_S,
+                               count=_node_counter(node))
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    log.info("metrics on http://%s:%d/metrics (at most %d connections, %g s per request)",
+             host, server.server_port, MAX_CONNECTIONS, REQUEST_TIMEOUT_S)
     return server, thread
+
+
+def _node_counter(node: "Node") -> Callable[[str], None]:
+    """A thread-safe ``count(name)``: adds 1 to ``node.counters[name]`` on the node's loop."""
+    loop, counters = node.loop, node.counters
+
+    def bump(name: str) -> None:
+        counters[name] += 1
+
+    def count(name: str) -> None:
+        try:
+            loop.call_soon_threadsafe(bump, name)
+        except RuntimeError:  # the loop is closed: the node has stopped
+            pass
+
+    return count
+
+
+_READING, _ANSWERING = "reading", "answering"
+
+
+class _Connection:
+    __slots__ = ("sock", "accepted_at", "state")
+
+    def __init__(self, sock: socket.socket, accepted_at: float) -> None:
+        self.sock = sock
+        self.accepted_at = accepted_at
+        self.state = _READING  # then _ANSWERING, or "timed_out" / "evicted" / "closed" when we closed it
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """One request per connection; no access log; socket operations time out."""
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout_s  # StreamRequestHandler: sock.settimeout
+        super().setup()
+
+    def parse_request(self) -> bool:
+        # the request is complete: from now on the connection is answered, never evicted
+        return super().parse_request() and self.server._begin_answer(self.connection)
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+class BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """A thread-per-connection WSGI server with a cap on connections and a request deadline.
+
+    ``max_connections`` (>= 1) connections are served at once; a connection arriving when
+    all are taken closes the one that has waited longest for its request to complete
+    (``count("metrics_connections_evicted")``), or, when every one is being answered, is
+    closed at once (``count("metrics_connections_refused")``). A request not complete
+    ``request_timeout_s`` seconds after accept is closed (``count("metrics_connections_timed_out")``);
+    every socket operation times out after ``request_timeout_s``. ``count(name)`` is called
+    from the server's threads. Binding raises :class:`OSError`.
+    """
+
+    daemon_threads = True
+    request_queue_size = 64  # listen backlog: a burst of connects is accepted (and sorted) quickly
+
+    def __init__(self, address: tuple[str, int], family: int, app: Callable, *, max_connections: int,
+                 request_timeout_s: float, count: Callable[[str], None]) -> None:
+        if max_connections < 1 or not request_timeout_s > 0:
+            raise ValueError("max_connections must be >= 1 and request_timeout_s > 0")
+        self.address_family = family
+        self.max_connections = max_connections
+        self.request_timeout_s = float(request_timeout_s)
+        self._count = count
+        self._cond = threading.Condition()
+        self._open: dict[socket.socket, _Connection] = {}
+        super().__init__(address, _QuietHandler)
+        self.set_app(app)
+
+    def open_connections(self) -> int:
+        """Connections being served now (at most ``max_connections``)."""
+        with self._cond:
+            return len(self._open)
+
+    def verify_request(self, request, client_address) -> bool:  # the accept thread
+        with self._cond:
+            if len(self._open) >= self.max_connections:
+                waiting = [c for c in self._open.values() if c.state == _READING]
+                if not waiting:
+                    self._count("metrics_connections_refused")
+                    return False
+                self._close(min(waiting, key=lambda c: c.accepted_at), "evicted")
+                if not self._cond.wait_for(lambda: len(self._open) < self.max_connections, EVICT_WAIT_S):
+                    self._count("metrics_connections_refused")
+                    return False
+            self._open[request] = _Connection(request, time.monotonic())
+            return True
+
+    def service_actions(self) -> None:  # serve_forever's thread, at least every 0.5 s
+        super().service_actions()
+        deadline = time.monotonic() - self.request_timeout_s
+        with self._cond:
+            for conn in list(self._open.values()):
+                if conn.state == _READING and conn.accepted_at <= deadline:
+                    self._close(conn, "timed_out")
+
+    def _close(self, conn: _Connection, reason: str) -> None:
+        """Wake the connection's thread (its reads end); the thread closes the socket. Lock held."""
+        if conn.state == _READING and reason in ("timed_out", "evicted"):
+            self._count(f"metrics_connections_{reason}")
+        conn.state = reason
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the peer has gone already
+            pass
+
+    def _begin_answer(self, sock: socket.socket) -> bool:
+        with self._cond:
+            conn = self._open.get(sock)
+            if conn is None or conn.state != _READING:
+                return False  # closed by us meanwhile: a request cut short is not answered
+            conn.state = _ANSWERING
+            return True
+
+    def shutdown_request(self, request) -> None:
+        with self._cond:  # out of the table first: _close never touches a closed socket
+            known = self._open.pop(request, None) is not None
+        super().shutdown_request(request)
+        if known:
+            with self._cond:
+                self._cond.notify_all()
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        with self._cond:
+            conn = self._open.get(request)
+            if conn is not None and conn.state == _READING and isinstance(exc, TimeoutError):
+                self._close(conn, "timed_out")  # its own read timed out before service_actions looked
+                return
+        log.debug("metrics connection from %s ended: %r", client_address, exc)
+
+    def server_close(self) -> None:
+        with self._cond:
+            for conn in list(self._open.values()):
+                self._close(conn, "closed")
+        super().server_close()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import select
+import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -73,6 +77,97 @@ async def test_a_metrics_port_in_use_is_a_start_error_that_names_the_setting(tmp
         assert again.metrics_server is not None
     finally:
         await again.stop()
+
+
+def _closed_by_server(socks: list[socket.socket], deadline_s: float) -> set[socket.socket]:
+    """The sockets the server closed (EOF or reset) within ``deadline_s`` seconds."""
+    closed: set[socket.socket] = set()
+    end = time.monotonic() + deadline_s
+    while len(closed) < len(socks) and time.monotonic() < end:
+        readable, _, _ = select.select([c for c in socks if c not in closed], [], [], 0.2)
+        for c in readable:
+            try:
+                data = c.recv(4096)
+            except OSError:  # reset: refused with the request unread
+                data = b""
+            if not data:
+                closed.add(c)
+    return closed
+
+
+async def test_half_sent_requests_hold_no_more_than_the_cap_and_time_out_while_scrapes_are_answered(
+        node_factory, monkeypatch):
+    """Each connection had its own thread without limit or timeout: 400 half-sent requests
+    held 400 threads until the clients left. Now at most MAX_CONNECTIONS are served, a scrape
+    is answered during the flood (the longest-waiting slow connection makes room), and the
+    slow ones are closed after REQUEST_TIMEOUT_S, counted."""
+    from chimera.node import metrics
+
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 3.0)
+    a = await node_factory("a", NodeConfig(**FAST, metrics_port=0))
+    url = a.status()["metrics_url"]
+    port = a.metrics_server.server_port
+    await asyncio.to_thread(_scrape, url)
+    before = threading.active_count()
+
+    def flood(n: int) -> list[socket.socket]:
+        socks = []
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            c.sendall(b"GET /metrics HTTP/1.1\r\n")  # the headers never end
+            socks.append(c)
+        return socks
+
+    socks = await asyncio.to_thread(flood, 200)
+    try:
+        assert threading.active_count() <= before + metrics.MAX_CONNECTIONS + 2
+        assert a.metrics_server.open_connections() == metrics.MAX_CONNECTIONS
+        text = await asyncio.to_thread(_scrape, url)  # every place is held by a slow client
+        assert 'chimera_members{state="alive"}' in text
+        assert threading.active_count() <= before + metrics.MAX_CONNECTIONS + 2
+        # every slow connection is closed by the server: made room for a newer one, or timed out
+        closed = await asyncio.to_thread(_closed_by_server, socks, 30)
+        assert len(closed) == len(socks)
+        assert await async_wait_until(lambda: a.counters["metrics_connections_timed_out"] >= 1
+                                      and a.counters["metrics_connections_evicted"]
+                                      + a.counters["metrics_connections_refused"]
+                                      + a.counters["metrics_connections_timed_out"] >= len(socks), 20)
+        assert a.metrics_server.open_connections() <= 1
+        text = await asyncio.to_thread(_scrape, url)
+        assert re.search(r'chimera_node_counter_total\{name="metrics_connections_evicted"\} [1-9]', text)
+        assert await async_wait_until(lambda: threading.active_count() <= before, 20)
+    finally:
+        for c in socks:
+            c.close()
+
+
+async def test_a_request_dripped_byte_by_byte_is_closed_at_the_deadline(node_factory, monkeypatch):
+    """A per-read timeout alone would let a client that sends a byte every second hold its
+    thread for ever; the deadline counts from accept."""
+    from chimera.node import metrics
+
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 2.0)
+    a = await node_factory("a", NodeConfig(**FAST, metrics_port=0))
+    port = a.metrics_server.server_port
+
+    def drip() -> float:
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /metrics HTTP/1.1\r\n")
+            while time.monotonic() - start < 30:
+                try:
+                    c.sendall(b"X")
+                except OSError:
+                    break
+                if _closed_by_server([c], 0.5):
+                    break
+            return time.monotonic() - start
+
+    held_s = await asyncio.to_thread(drip)
+    assert 2.0 <= held_s < 8.0
+    assert await async_wait_until(lambda: a.counters["metrics_connections_timed_out"] == 1, 20)
+    text = await asyncio.to_thread(_scrape, a.status()["metrics_url"])
+    assert "chimera_uptime_seconds" in text
 
 
 async def test_consensus_reputation_and_process_metrics_match_the_node(tmp_path):
