@@ -32,8 +32,10 @@ from chimera.protocol.envelope import Envelope, EnvelopeOpener, EnvelopeSealer
 from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from chimera.protocol.identity import fingerprint, public_key_from_peer_id
 from chimera.protocol.membership import (
+    ALIVE_PROOF_CAPABILITY,
     HELLO_ADDRESSES,
     MEMBERSHIP_ACTOR,
+    AliveProofs,
     Connect,
     Hello,
     MemberEvent,
@@ -57,7 +59,7 @@ from .store import SEQ_BLOCK, SignStateError, Store
 from .transport import TokenBucket, Transport
 
 log = logging.getLogger("chimera.node")
-CAPABILITIES = ("membership", "echo")
+CAPABILITIES = ("membership", "echo", ALIVE_PROOF_CAPABILITY)
 
 
 def wall_ms() -> int:
@@ -263,6 +265,7 @@ class Node:
                 reconnect_interval_s=cfg.reconnect_interval_s,
             ),
             random.Random(int.from_bytes(os.urandom(8), "big")), now,
+            proofs=AliveProofs(self.network.network_id, self.identity.sign),  # signed alive claims, §10.3
         )
         self.supervisor = Supervisor(self.counters, cfg.mailbox_size)
         self.supervisor.spawn(MembershipActor(self))
@@ -698,7 +701,9 @@ class Node:
                   "membership_candidates_refused": self.membership.candidates_refused,
                   "membership_member_lists_refused": self.membership.member_lists_refused,
                   "membership_incarnations_refused": self.membership.incarnations_refused,
-                  "membership_relays_refused": self.membership.relays_refused}
+                  "membership_relays_refused": self.membership.relays_refused,
+                  "membership_alive_unsigned": self.membership.alive_unsigned,
+                  "membership_alive_bad_signatures": self.membership.alive_bad_signatures}
         return {k: v for k, v in counts.items() if v}
 
     def peers(self) -> list[dict]:

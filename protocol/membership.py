@@ -21,6 +21,14 @@ Currey, "Lifeguard: Local Health Awareness for More Accurate Failure Detection"
   exchange with a new member and an anti-entropy exchange every
   ``sync_interval_s`` with a random member (peer exchange).
 
+Signed alive claims (PROTOCOL s10.3): only a peer itself raises its incarnation, so an
+``alive`` update that raises a member's incarnation must carry that member's Ed25519
+signature over :func:`alive_statement` (or come from the member itself) when the
+member's verified contact lists :data:`ALIVE_PROOF_CAPABILITY`; receivers keep the
+latest signature per member and re-gossip it, so refutations still spread
+epidemically, while a byzantine member can no longer keep a dead peer "alive" by
+gossip. The core signs and verifies through the callables of :class:`AliveProofs`.
+
 Trust rule (DESIGN.md, "discovery is a hint"): the member table only holds
 peers that sent *us* a signed ``Hello``; the transport key and addresses used to
 reach a member come only from that peer's own signed ``Hello``. Contacts heard
@@ -41,12 +49,15 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Annotated
 
+import msgpack
+
 from .errors import LocalProtocolError
-from .messages import Len, MaxItems, MaxLen, PeerId, Range, message, record
+from .identity import SIGNATURE_BYTES, public_key_from_peer_id, verify_signature
+from .messages import Len, MaxItems, MaxLen, OmitNone, PeerId, Range, message, record
 
 MEMBERSHIP_ACTOR = "membership"
 PeerIdStr = PeerId
@@ -59,6 +70,11 @@ REFUTE_LIMIT = MAX_INCARNATION - 2**20
 # Gossip about another peer may raise its incarnation by at most this much above the
 # highest one we know for it (its own Hello may jump any distance; PROTOCOL s10.3).
 GOSSIP_INCARNATION_STEP = 2**16
+# A peer whose contact lists this capability signs every alive claim about itself: an alive
+# update that raises its incarnation is taken only with its signature (PROTOCOL s10.3).
+ALIVE_PROOF_CAPABILITY = "signed_alive"
+# Domain of the signed alive statement (NUL-terminated like the other signing domains).
+ALIVE_DOMAIN = b"chimera-mesh/member/v1\x00"
 Incarnation = Annotated[int, Range(0, MAX_INCARNATION)]
 ADDRESS_SCHEMES = ("tcp://",)
 MAX_CONTACT_ADDRESSES = 8
@@ -98,24 +114,39 @@ class PeerContact:
         return f"{self.peer_id[:10]}@{','.join(self.addresses) or '-'}"
 
 
+def alive_statement(network_id: bytes, peer_id: str, incarnation: int) -> bytes:
+    """The exact bytes a peer signs to claim "``peer_id`` is alive at ``incarnation``"
+    (PROTOCOL s10.3): ``ALIVE_DOMAIN || msgpack(["alive", network_id, peer_id, incarnation])``,
+    canonically encoded (``network_id`` bin, 16 bytes; ``peer_id`` str; ``incarnation``
+    int in 0 .. 2**62)."""
+    return ALIVE_DOMAIN + msgpack.packb(["alive", network_id, peer_id, incarnation], use_bin_type=True)
+
+
 @record
 class MemberUpdate:
     """One gossiped fact: ``peer_id`` is in ``state`` at ``incarnation``.
 
-    ``contact`` is an unverified hint used only to send a Hello.
+    ``contact`` is an unverified hint used only to send a Hello. ``signature``: only
+    with state ``alive``: the peer's own Ed25519 signature (64 bytes) over
+    :func:`alive_statement` of this incarnation; left out of the wire map when None
+    (peers without :data:`ALIVE_PROOF_CAPABILITY` reject unknown fields and are
+    never sent it).
     """
 
     peer_id: PeerIdStr
     state: Annotated[str, MaxLen(8)]
     incarnation: Incarnation
     contact: PeerContact | None = None
+    signature: Annotated[bytes | None, Len(SIGNATURE_BYTES), OmitNone()] = None
 
     def __post_init__(self) -> None:
         if self.state not in _STATES:
             raise ValueError(f"unknown member state {self.state[:8]!r}")
+        if self.signature is not None and self.state != "alive":
+            raise ValueError(f"a signature only goes with state alive, not {self.state[:8]!r}")
 
     def describe(self) -> str:
-        return f"{self.peer_id[:10]}={self.state}/{self.incarnation}"
+        return f"{self.peer_id[:10]}={self.state}/{self.incarnation}" + ("+sig" if self.signature else "")
 
 
 _STATES = frozenset(s.value for s in MemberState)
@@ -227,6 +258,27 @@ class MemberEvent:
 Action = Send | Connect | MemberEvent
 
 
+@dataclass(frozen=True, slots=True)
+class AliveProofs:
+    """How a core signs its own alive claims and checks other peers' (no keys held here).
+
+    Args:
+        network_id: the 16-byte network id (PROTOCOL s3.1) bound into every statement.
+        sign: signs a message with our identity key: bytes -> 64-byte Ed25519 signature
+            (``SigningIdentity.sign``).
+        verify: ``(public_key, signature, message) -> bool`` by the rules of PROTOCOL
+            s6.2 (``verify_signature``, or a memoizing drop-in such as the simulator's).
+    """
+
+    network_id: bytes
+    sign: Callable[[bytes], bytes]
+    verify: Callable[[bytes, bytes, bytes], bool] = verify_signature
+
+    def __post_init__(self) -> None:
+        if type(self.network_id) is not bytes or len(self.network_id) != 16:
+            raise LocalProtocolError("AliveProofs.network_id must be 16 bytes")
+
+
 # ------------------------------------------------------------------------ state
 
 
@@ -323,6 +375,10 @@ class Member:
     suspect_deadline: float | None = None
     suspect_started: float | None = None
     confirmations: set[str] | frozenset[str] = _NO_CONFIRMATIONS
+    # the peer's verified signature over its alive statement at proof_incarnation (re-gossiped
+    # with "alive" updates while proof_incarnation == incarnation)
+    proof: bytes | None = None
+    proof_incarnation: int = 0
 
     @property
     def peer_id(self) -> str:
@@ -469,6 +525,14 @@ class Membership:
         config: timers and limits.
         rng: the only randomness used (target order, probe ids, helpers).
         now: monotonic seconds at construction.
+        proofs: signs our alive claims and checks others' (PROTOCOL s10.3); None: we
+            sign nothing and check nothing (then our contact must not list
+            :data:`ALIVE_PROOF_CAPABILITY`, and alive claims about members that list
+            it are taken only from the member itself).
+
+    Raises:
+        LocalProtocolError: ``incarnation`` outside 1 .. 2**62, or a contact that lists
+            :data:`ALIVE_PROOF_CAPABILITY` without ``proofs``.
     """
 
     def __init__(
@@ -478,11 +542,19 @@ class Membership:
         config: MembershipConfig,
         rng: random.Random,
         now: float,
+        *,
+        proofs: AliveProofs | None = None,
     ) -> None:
         if incarnation < 1:
             raise LocalProtocolError("incarnation starts at 1")
         if incarnation > MAX_INCARNATION:
             raise LocalProtocolError(f"incarnation {incarnation} is above 2**62: no Hello can carry it")
+        if proofs is None and ALIVE_PROOF_CAPABILITY in self_contact.capabilities:
+            raise LocalProtocolError(f"a contact listing {ALIVE_PROOF_CAPABILITY!r} needs AliveProofs "
+                                     "to sign its alive claims")
+        self.proofs = proofs
+        self._self_proof: bytes | None = None  # our signature over our alive statement at...
+        self._self_proof_incarnation = 0  # ...this incarnation (signed when first needed after a change)
         self.contact = self_contact
         self.peer_id = self_contact.peer_id
         self.incarnation = incarnation
@@ -499,6 +571,11 @@ class Membership:
         self.incarnations_refused = 0  # gossip about us at >= REFUTE_LIMIT, or about another
         #                                peer more than GOSSIP_INCARNATION_STEP above what we know
         self.relays_refused = 0  # ping_req over the requester's quota, a repeat, or table full
+        self.alive_unsigned = 0  # an alive claim raising a signing member's incarnation, unsigned,
+        #                          from a third party: ignored
+        self.alive_bad_signatures = 0  # an alive claim whose signature does not verify (or a
+        #                                signed claim after one in the same message, unchecked)
+        self._bad_proof_in_message = False
         # peer id -> when we last sent it a full member list it asked for (pruned at each sync)
         self._list_sent: dict[str, float] = {}
         # Timer heaps, lazily cleaned (an entry is acted on only if it still matches the
@@ -1097,12 +1174,39 @@ class Membership:
     # ------------------------------------------------------- dissemination
 
     def _update_of(self, member: Member) -> MemberUpdate:
-        return MemberUpdate(peer_id=member.peer_id, state=member.state.value,
-                            incarnation=member.incarnation, contact=member.contact)
+        state = member.state
+        signature = member.proof if state is MemberState.ALIVE \
+            and member.proof_incarnation == member.incarnation else None
+        return MemberUpdate(peer_id=member.peer_id, state=state.value,
+                            incarnation=member.incarnation, contact=member.contact, signature=signature)
 
     def _self_update(self) -> MemberUpdate:
         return MemberUpdate(peer_id=self.peer_id, state=MemberState.ALIVE.value,
-                            incarnation=self.incarnation, contact=self.contact)
+                            incarnation=self.incarnation, contact=self.contact, signature=self._own_proof())
+
+    def _own_proof(self) -> bytes | None:
+        """Our signature over our alive statement at our current incarnation (signed once
+        per incarnation: at start, refutation or contact change, when first gossiped)."""
+        proofs = self.proofs
+        if proofs is None:
+            return None
+        if self._self_proof is None or self._self_proof_incarnation != self.incarnation:
+            signature = proofs.sign(alive_statement(proofs.network_id, self.peer_id, self.incarnation))
+            if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
+                raise LocalProtocolError("AliveProofs.sign must return a 64-byte signature")
+            self._self_proof, self._self_proof_incarnation = signature, self.incarnation
+        return self._self_proof
+
+    def _for_recipient(self, to: str, updates: tuple[MemberUpdate, ...]) -> tuple[MemberUpdate, ...]:
+        """``updates`` as ``to`` may receive them: without signatures unless its verified
+        contact lists :data:`ALIVE_PROOF_CAPABILITY` (an older peer rejects the unknown
+        field, and with it the whole message, PROTOCOL s7)."""
+        member = self.members.get(to)
+        if member is not None and ALIVE_PROOF_CAPABILITY in member.contact.capabilities:
+            return updates
+        if not any(u.signature is not None for u in updates):
+            return updates
+        return tuple(u if u.signature is None else replace(u, signature=None) for u in updates)
 
     def _queue_gossip(self, member: Member | None) -> None:
         update = self._self_update() if member is None else self._update_of(member)
@@ -1122,6 +1226,8 @@ class Membership:
                       key=lambda item: -item[1])
         chosen = ([about_to] if about_to else []) + rest
         chosen = chosen[: self.config.max_piggyback]
+        if not chosen:
+            return ()
         live = self.members.live
         for item in chosen:
             recipients = item[2]
@@ -1134,17 +1240,43 @@ class Membership:
                 recipients.clear()  # every live member has it: a new round may repeat it to each
             else:
                 recipients.add(to)
-        return tuple(item[0] for item in chosen)
+        return self._for_recipient(to, tuple(item[0] for item in chosen))
 
     def _send_member_list(self, to: str, *, reply_requested: bool) -> None:
-        updates = [self._self_update()] + [self._update_of(m) for m in self.members.values()]
+        updates = self._for_recipient(
+            to, (self._self_update(),) + tuple(self._update_of(m) for m in self.members.values()))
         for start in range(0, len(updates), 256):
-            self._send(to, MemberList(members=tuple(updates[start:start + 256]),
+            self._send(to, MemberList(members=updates[start:start + 256],
                                       reply_requested=reply_requested and start == 0))
 
     def _apply_updates(self, sender: str, updates: tuple[MemberUpdate, ...], now: float) -> None:
+        self._bad_proof_in_message = False
         for update in updates:
             self._apply_update(sender, update, now)
+
+    def _proof_ok(self, peer_id: str, incarnation: int, signature: bytes) -> bool:
+        """Whether ``signature`` is ``peer_id``'s over its alive statement at ``incarnation``.
+        After one bad signature in a message the others in it are refused unchecked: an
+        honest member only relays signatures it verified, so one message costs a forger at
+        most one check. Counts ``alive_bad_signatures``."""
+        proofs = self.proofs
+        if proofs is not None and not self._bad_proof_in_message:
+            if proofs.verify(public_key_from_peer_id(peer_id), signature,
+                             alive_statement(proofs.network_id, peer_id, incarnation)):
+                return True
+            self._bad_proof_in_message = True
+        self.alive_bad_signatures += 1
+        return False
+
+    def _keep_proof(self, member: Member, incarnation: int, signature: bytes) -> None:
+        """Hold ``member``'s verified signature at ``incarnation``; a queued "alive" update
+        about it at that incarnation, built before we had it, now carries it."""
+        member.proof, member.proof_incarnation = signature, incarnation
+        item = self._gossip.get(member.peer_id)
+        if item is not None:
+            queued = item[0]
+            if queued.state == "alive" and queued.incarnation == incarnation and queued.signature is None:
+                item[0] = replace(queued, signature=signature)
 
     def _apply_update(self, sender: str, update: MemberUpdate, now: float) -> None:
         state = _STATE_OF[update.state]
@@ -1180,14 +1312,34 @@ class Membership:
             self.incarnations_refused += 1
             return
         if state is MemberState.ALIVE:
-            if update.incarnation > inc:
-                if member.state in (MemberState.DEAD, MemberState.LEFT):
-                    # Someone heard from it; verify ourselves before believing.
-                    member.incarnation = update.incarnation
-                    self._actions.append(Send(pid, self._hello(reply_requested=True)))
-                else:
-                    self._set_state(member, MemberState.ALIVE, update.incarnation, now)
-                    self._queue_gossip(member)
+            if update.incarnation < inc:
+                return
+            signature = update.signature
+            signs = ALIVE_PROOF_CAPABILITY in member.contact.capabilities
+            if update.incarnation == inc:
+                # The claim we hold: keep its signature if we have none yet (one check per
+                # member and incarnation), to re-gossip it (a Hello raised the incarnation).
+                if signs and signature is not None \
+                        and (member.proof is None or member.proof_incarnation != inc) \
+                        and self._proof_ok(pid, inc, signature):
+                    self._keep_proof(member, inc, signature)
+                return
+            if signs:
+                # Only the peer raises its own incarnation: a third party's claim must carry
+                # its signature; its own envelope speaks for it (PROTOCOL s10.3).
+                if signature is not None and self._proof_ok(pid, update.incarnation, signature):
+                    self._keep_proof(member, update.incarnation, signature)
+                elif pid != sender:
+                    if signature is None:
+                        self.alive_unsigned += 1
+                    return
+            if member.state in (MemberState.DEAD, MemberState.LEFT):
+                # Someone heard from it; verify ourselves before believing.
+                member.incarnation = update.incarnation
+                self._actions.append(Send(pid, self._hello(reply_requested=True)))
+            else:
+                self._set_state(member, MemberState.ALIVE, update.incarnation, now)
+                self._queue_gossip(member)
         elif state is MemberState.SUSPECT:
             if member.state is MemberState.ALIVE and update.incarnation >= inc:
                 self._suspect(member, update.incarnation, sender, now)

@@ -11,6 +11,8 @@ no list of fields to keep in sync by hand:
 * Bounds come from ``typing.Annotated`` markers: ``Len(n)`` exact byte length,
   ``MaxLen(n)`` for str/bytes, ``MaxItems(n)`` for tuples, ``Range(lo, hi)`` for
   ints. Unannotated: str <= 1024 chars, bytes <= 65536, tuple <= 1024 items.
+* ``OmitNone()`` on an optional field: left out of the wire map (not ``nil``)
+  while ``None`` (a field old peers do not know, ``MemberUpdate.signature``).
 
 On the wire a message body (and every record) is a msgpack map from field name
 (str) to value. Decoding rejects unknown fields, missing required fields, wrong
@@ -80,6 +82,14 @@ class Range:
 @dataclass(frozen=True, slots=True)
 class PeerIdMark:
     """Marks a ``str`` field that must be a canonical peer id (52 chars base32)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OmitNone:
+    """Marks an optional (``T | None``) field that the encoder leaves out of the wire map
+    while it is ``None``, instead of writing ``nil``: a field added to a record after
+    peers that reject unknown fields were deployed (PROTOCOL.md §7). Decoding is as for
+    any optional field: absent or ``nil`` both mean ``None``."""
 
 
 # ---------------------------------------------------------------- field codecs
@@ -415,16 +425,39 @@ def _codec_for(tp: Any, marks: tuple = ()) -> _Codec:
 
 def _build_fields(cls: type) -> None:
     hints = typing.get_type_hints(cls, include_extras=True)
-    fields = []
+    fields, omit = [], []
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        fields.append((f.name, _codec_for(hints[f.name]), required))
+        codec = _codec_for(hints[f.name])
+        fields.append((f.name, codec, required))
+        tp = hints[f.name]
+        if get_origin(tp) is Annotated and any(isinstance(m, OmitNone) for m in get_args(tp)[1:]):
+            if not isinstance(codec, _Optional) or required:
+                raise LocalProtocolError(f"{cls.__name__}.{f.name}: OmitNone needs an optional field "
+                                         "with a default")
+            omit.append(f.name)
     cls.__chimera_fields__ = tuple(fields)
+    if omit:
+        _OMIT_NONE[cls] = frozenset(omit)
+
+
+# record class -> its OmitNone fields (only records that have any)
+_OMIT_NONE: dict[type, frozenset[str]] = {}
 
 
 def encode_fields(obj: Any) -> dict:
-    """Wire map of a record or message (nested records become maps)."""
-    return {name: codec.dump(getattr(obj, name)) for name, codec, _ in obj.__chimera_fields__}
+    """Wire map of a record or message (nested records become maps); an ``OmitNone``
+    field holding ``None`` is left out."""
+    omit = _OMIT_NONE.get(type(obj))
+    if omit is None:
+        return {name: codec.dump(getattr(obj, name)) for name, codec, _ in obj.__chimera_fields__}
+    out = {}
+    for name, codec, _ in obj.__chimera_fields__:
+        value = getattr(obj, name)
+        if value is None and name in omit:
+            continue
+        out[name] = codec.dump(value)
+    return out
 
 
 PeerId = Annotated[str, PeerIdMark()]

@@ -4,7 +4,9 @@ The driver does what ``node/runtime.py`` does with the core's actions, with
 the in-memory ports: ``Send`` becomes a sealed envelope to the route learned
 from ``Connect`` (a candidate only ever gets a ``Hello``, through its
 contact), ``MemberEvent`` is recorded, the incarnation is persisted before a
-refutation goes out and bumped at every start.
+refutation goes out and bumped at every start. Each peer signs its alive claims
+with its identity key (PROTOCOL s10.3); signatures are checked through the
+world's shared verifier (one real check per exact signed bytes).
 
 Metrics (see :meth:`MembershipWorld.metrics`): time from a crash to the first
 suspicion of the crashed peer by anyone (SWIM's "detection time"), to its
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 
 from chimera.protocol.envelope import Envelope
 from chimera.protocol.membership import (
+    ALIVE_PROOF_CAPABILITY,
+    AliveProofs,
     Connect,
     MemberEvent,
     Membership,
@@ -62,7 +66,9 @@ class MembershipPeer(PeerHost):
         self.mworld = world
         self.contact = PeerContact(peer_id=self.peer_id,
                                    transport_key=hashlib.sha256(b"tk" + self.peer_id.encode()).digest(),
-                                   addresses=(self.address,))
+                                   addresses=(self.address,), capabilities=(ALIVE_PROOF_CAPABILITY,))
+        # signs our alive claims; checks others' through the world's shared memo (PROTOCOL s10.3)
+        self.proofs = AliveProofs(world.network_id, self.identity.sign, world.verifier.verify)
         self.core: Membership | None = None
         self.routes: dict[str, PeerContact] = {}
         # a warm start's routes (every peer's contact), shared by the peers of that start;
@@ -79,7 +85,7 @@ class MembershipPeer(PeerHost):
         self.store.put(b"incarnation", self._incarnation.to_bytes(8, "big"))
         now = self.clock.now()
         self.core = Membership(self.contact, self._incarnation, self.mworld.config,
-                               random.Random(self.sim.rng.getrandbits(64)), now)
+                               random.Random(self.sim.rng.getrandbits(64)), now, proofs=self.proofs)
         self.routes = {}
         self.warm_routes = None
         for contact in bootstrap:

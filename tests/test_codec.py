@@ -6,6 +6,8 @@ it encodes with the reference encoder. The section below is a frozen copy of the
 it was before the compiled one (commit da172eb), with its own field specs built
 from the annotations: every record of the protocol, valid and mutated, must
 decode (and encode) to the same result or the same error, type and message.
+One rule was added to the codec since, and to this copy with it: a field marked
+``OmitNone`` (``MemberUpdate.signature``) is left out of the encoded map while None.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from chimera.protocol.messages import (
     Len,
     MaxItems,
     MaxLen,
+    OmitNone,
     PeerIdMark,
     Range,
     decode_fields,
@@ -255,9 +258,18 @@ def old_spec(cls: type) -> tuple:
     return _OLD_SPECS[cls]
 
 
+def omitted_when_none(cls: type) -> frozenset[str]:
+    """The fields of ``cls`` annotated ``OmitNone`` (the rule added after the freeze)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return frozenset(name for name, tp in hints.items() if get_origin(tp) is Annotated
+                     and any(isinstance(m, OmitNone) for m in get_args(tp)[1:]))
+
+
 def old_encode_fields(obj: Any) -> dict:
     obj.__chimera_fields__  # the original read the spec here: AttributeError for a non-record
-    return {name: codec.dump(getattr(obj, name)) for name, codec, _ in old_spec(type(obj))}
+    omit = omitted_when_none(type(obj))
+    return {name: codec.dump(getattr(obj, name)) for name, codec, _ in old_spec(type(obj))
+            if not (name in omit and getattr(obj, name) is None)}
 
 
 def old_decode_fields(cls: type, value: Any, path: str = "body") -> Any:
