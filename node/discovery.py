@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -127,6 +128,17 @@ def txt_record(contact: PeerContact, network_id: bytes) -> dict[str, str]:
     }
 
 
+def _dialable(address: str) -> bool:
+    """An A record a peer could be listening on: not 0.0.0.0, multicast, broadcast or the
+    reserved 240/4 (a forged record with those made the node dial them; 0.0.0.0 reaches this
+    host's own services)."""
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        return False
+    return not (ip.is_unspecified or ip.is_multicast or ip.is_reserved)
+
+
 def contact_from_service(info: AsyncServiceInfo, network_id: bytes) -> PeerContact | None:
     """A candidate contact from a resolved service, or None if not ours / malformed."""
     props = {}
@@ -141,7 +153,8 @@ def contact_from_service(info: AsyncServiceInfo, network_id: bytes) -> PeerConta
         key = unb32(props["tk"])
         if len(key) != 32 or not info.port:
             return None
-        addresses = tuple(f"tcp://{a}:{info.port}" for a in info.parsed_addresses(IPVersion.V4Only))[:8]
+        addresses = tuple(f"tcp://{a}:{info.port}" for a in info.parsed_addresses(IPVersion.V4Only)
+                          if _dialable(a))[:8]
         if not addresses:
             return None
         caps = tuple(c for c in props.get("caps", "").split(",") if c)[:32]

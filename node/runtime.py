@@ -485,7 +485,7 @@ class Node:
                     return  # only a Hello ever goes to an unverified contact
                 for endpoint in action.via.addresses[:HELLO_ADDRESSES]:
                     self.transport.send(action.via.transport_key, endpoint,
-                                        self._seal(action.message, action.peer_id))
+                                        self._seal(action.message, action.peer_id), unverified=True)
             else:
                 self.send(action.peer_id, action.message)
         elif isinstance(action, Connect):

@@ -34,6 +34,12 @@ _RCVMORE = int(zmq.RCVMORE)
 
 DEFAULT_SEND_QUEUE_MAX_BYTES = 64 << 20
 MAX_KNOWN_CONNECTIONS = 8192  # connections whose peer address is remembered (newest first kept)
+MAX_DEALERS = 4096  # DEALERs to verified contacts (max_members); beyond: the least recently used closed
+# DEALERs to contacts nobody verified yet (Hellos to candidates: mDNS records, gossip, bootstrap);
+# beyond: the least recently used closed, which also ends libzmq's reconnect attempts to it
+MAX_UNVERIFIED_DEALERS = 128
+# libzmq's default is 1023 sockets per context: past that every new DEALER failed, members' too
+MAX_SOCKETS = MAX_DEALERS + MAX_UNVERIFIED_DEALERS + 64
 # Bytes sent to one DEALER between two tracked frames. A tracked frame is sent zero-copy
 # and libzmq releases it once it has left the socket's queue; queues are FIFO, so that
 # release proves that everything sent before it left too. Up to this many bytes per
@@ -60,6 +66,26 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+def raise_open_files_limit(wanted: int = 2 * MAX_SOCKETS + 1024) -> int:
+    """Raise this process's soft limit of open files to ``wanted`` (within the hard limit);
+    returns the soft limit now in force. Each DEALER holds a descriptor for its libzmq mailbox
+    and one for its TCP connection: a node talking to a few thousand members needs more than
+    the usual soft limit of 1024, and past it libzmq fails (or aborts) creating sockets."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 class _Backlog:
@@ -131,6 +157,7 @@ class Transport:
         send_queue_max_bytes: int = DEFAULT_SEND_QUEUE_MAX_BYTES,
     ) -> None:
         self.ctx = zmq.asyncio.Context()
+        self.ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)  # (applied when the first socket is made)
         # Outbound sockets are only ever written with NOBLOCK, so they use a plain
         # (synchronous) view of the same libzmq context: no futures per send.
         self._sync_ctx = zmq.Context.shadow(self.ctx.underlying)
@@ -145,6 +172,7 @@ class Transport:
         self.router: zmq.Socket | None = None
         self.auth: AsyncioAuthenticator | None = None
         self.dealers: OrderedDict[tuple[bytes, str], zmq.Socket] = OrderedDict()
+        self.unverified: OrderedDict[tuple[bytes, str], zmq.Socket] = OrderedDict()
         self.send_queue_max_bytes = send_queue_max_bytes
         self.queued_bytes = 0  # sum of the backlogs' queued bytes
         self._backlogs: dict[tuple[bytes, str], _Backlog] = {}  # one per DEALER
@@ -161,6 +189,7 @@ class Transport:
 
     async def start(self, host: str, port: int) -> int:
         """Bind the ROUTER on ``host:port`` (0: any free port); returns the port."""
+        raise_open_files_limit()
         self.auth = AsyncioAuthenticator(self.ctx)
         self.auth.start()
         self.auth.configure_curve_callback(
@@ -290,11 +319,26 @@ class Transport:
         log.warning("receive error: %s", exc)
         return False
 
-    def _dealer(self, transport_key: bytes, endpoint: str) -> zmq.Socket:
+    def _dealer(self, transport_key: bytes, endpoint: str, unverified: bool = False) -> zmq.Socket:
+        """The DEALER to ``endpoint`` (made on first use). ``unverified``: for a contact
+        that nobody verified yet (a Hello to a candidate); such DEALERs live in a pool of
+        their own of :data:`MAX_UNVERIFIED_DEALERS` (forged mDNS records with fresh keys made
+        a node open a lasting DEALER each, up to libzmq's socket limit, which then refused
+        every new DEALER, members' too, while the old ones kept reconnecting to whatever
+        address the records named). A verified send through such a DEALER promotes it."""
         key = (transport_key, endpoint)
         sock = self.dealers.get(key)
         if sock is not None:
             self.dealers.move_to_end(key)
+            return sock
+        sock = self.unverified.get(key)
+        if sock is not None:
+            if unverified:
+                self.unverified.move_to_end(key)
+                return sock
+            del self.unverified[key]
+            self.dealers[key] = sock
+            self._trim_dealers()
             return sock
         sock = self._sync_ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -309,13 +353,27 @@ class Transport:
         sock.curve_publickey = self.client_public
         sock.curve_secretkey = self.client_secret
         sock.connect(endpoint)
-        self.dealers[key] = sock
         self._backlogs[key] = _Backlog()
         self.counters["connections_opened"] += 1
-        while len(self.dealers) > 4096:
+        if unverified:
+            self.unverified[key] = sock
+            while len(self.unverified) > MAX_UNVERIFIED_DEALERS:
+                old_key, old = self.unverified.popitem(last=False)
+                self._close(old_key, old)
+                self.counters["unverified_connections_closed"] += 1
+        else:
+            self.dealers[key] = sock
+            self._trim_dealers()
+        return sock
+
+    def _trim_dealers(self) -> None:
+        while len(self.dealers) > MAX_DEALERS:
             old_key, old = self.dealers.popitem(last=False)
             self._close(old_key, old)
-        return sock
+
+    def _pop_dealer(self, key: tuple[bytes, str]) -> zmq.Socket | None:
+        sock = self.dealers.pop(key, None)
+        return self.unverified.pop(key, None) if sock is None else sock
 
     def _close(self, key: tuple[bytes, str], sock: zmq.Socket) -> None:
         """Close a DEALER (LINGER 0: libzmq frees what it queued) and forget its backlog."""
@@ -342,17 +400,19 @@ class Transport:
             if worst is None or worst == key or self._pending[worst].queued <= own:
                 return False
             stuck = self._pending[worst].queued
-            self._close(worst, self.dealers.pop(worst))
+            self._close(worst, self._pop_dealer(worst))
             self.counters["send_backlogs_shed"] += 1
             log.info("closed the connection to %s: it held %d queued bytes", worst[1], stuck)
         return True
 
-    def send(self, transport_key: bytes, endpoint: str, frame: bytes) -> bool:
-        """Queue ``frame`` to the peer at ``endpoint``; False (and counted) if dropped."""
+    def send(self, transport_key: bytes, endpoint: str, frame: bytes, *, unverified: bool = False) -> bool:
+        """Queue ``frame`` to the peer at ``endpoint``; False (and counted) if dropped.
+        ``unverified``: ``endpoint`` comes from a contact nobody verified yet (see
+        :meth:`_dealer`)."""
         key = (transport_key, endpoint)
         size = len(frame)
         try:
-            sock = self._dealer(transport_key, endpoint)
+            sock = self._dealer(transport_key, endpoint, unverified)
             backlog = self._backlogs[key]
             if backlog.checkpoints:
                 freed = backlog.reap()
@@ -386,7 +446,7 @@ class Transport:
 
     def disconnect(self, transport_key: bytes, endpoint: str) -> None:
         key = (transport_key, endpoint)
-        sock = self.dealers.pop(key, None)
+        sock = self._pop_dealer(key)
         if sock is not None:
             self._close(key, sock)
 
@@ -397,9 +457,10 @@ class Transport:
                 await self._recv_task
             except asyncio.CancelledError:
                 pass
-        for key, sock in list(self.dealers.items()):
+        for key, sock in [*self.dealers.items(), *self.unverified.items()]:
             self._close(key, sock)
         self.dealers.clear()
+        self.unverified.clear()
         if self.router is not None:
             self.router.close(linger=0)
         if self.auth is not None:

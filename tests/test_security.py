@@ -20,6 +20,7 @@ short and the wait fails.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import threading
 import time
@@ -878,6 +879,49 @@ async def test_spoofed_zeroconf_advertisement_gets_only_hellos(pair: Pair) -> No
     assert info.parsed_addresses(IPVersion.V4Only) == ["127.0.0.1"]
     a._on_discovered(contact)  # the hint Discovery hands over after resolving a service
     await _assert_spoof_only_got_hellos(pair, fake, min_hellos=2)
+
+
+async def test_a_flood_of_forged_advertisements_holds_a_bounded_pool_of_connections(make_pair) -> None:
+    """Forged mDNS records, each with a fresh peer id and transport key, made the victim open
+    a lasting DEALER per record (reconnecting to the named address every 0.1-5 s for ever):
+    1,200 records reached libzmq's 1023 sockets per context, after which every new DEALER
+    failed, members' too, and a real peer could not join. Hellos to unverified contacts now
+    share a pool of MAX_UNVERIFIED_DEALERS; records naming 0.0.0.0, multicast or broadcast
+    addresses are not contacts at all."""
+    from chimera.node.transport import MAX_UNVERIFIED_DEALERS
+
+    pair = await make_pair()
+    a, network = pair.a, pair.network
+    records = 3 * MAX_UNVERIFIED_DEALERS
+    for i in range(records):
+        forged = SigningIdentity(hashlib.sha256(b"forged-%d" % i).digest())
+        info = AsyncServiceInfo(
+            SERVICE_TYPE, f"{forged.peer_id[:24]}-9.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton("127.0.0.1")], port=9,
+            properties=txt_record(PeerContact(peer_id=forged.peer_id, transport_key=bytes([i % 251]) * 32,
+                                              addresses=("tcp://127.0.0.1:9",)), network.network_id))
+        a._on_discovered(contact_from_service(info, network.network_id))
+    await wait_for(lambda: a.transport.counters["unverified_connections_closed"] >= records - MAX_UNVERIFIED_DEALERS,
+                   lambda: f"the forged contacts' Hellos sent ({dict(a.counters)})")
+    assert len(a.transport.unverified) <= MAX_UNVERIFIED_DEALERS
+    assert len(a.transport.dealers) <= 2  # B's only (and its former address, at most)
+    assert a.counters["drop_send_error"] == 0
+    # a real peer still joins (its DEALER moves to the verified pool once B is verified)
+    c = Node(a.data_dir.parent / "c-after-flood", node_config(bootstrap=(a.contact_uri,)), network)
+    await c.start()
+    try:
+        await wait_for(lambda: state_of(a, c.peer_id) == "alive" and state_of(c, a.peer_id) == "alive",
+                       "a new peer joining the flooded node")
+    finally:
+        await c.stop()
+    await pair.assert_serves_honest_peer()
+    for bogus in ("0.0.0.0", "224.0.0.251", "255.255.255.255", "240.0.0.1"):
+        info = AsyncServiceInfo(
+            SERVICE_TYPE, f"x-{bogus}.{SERVICE_TYPE}", addresses=[socket.inet_aton(bogus)], port=9,
+            properties=txt_record(PeerContact(peer_id=SigningIdentity(bytes(32)).peer_id,
+                                              transport_key=bytes(32), addresses=("tcp://127.0.0.1:9",)),
+                                  network.network_id))
+        assert contact_from_service(info, network.network_id) is None, bogus
 
 
 async def test_spoofed_address_with_the_real_key_never_completes_a_handshake(pair: Pair) -> None:
