@@ -547,10 +547,21 @@ def resources_text(res: dict) -> str:
     rows = []
     if res.get("own"):
         rows.append({"peer_id": res.get("peer_id"), "resources": res["own"].get("summary"), "breaker": "self",
-                     "expires_in_s": None})
+                     "expires_in_s": None, "slots_trusted": None})
     rows += [{"peer_id": p, "resources": r.get("summary"), "breaker": r.get("breaker"),
-              "expires_in_s": r.get("expires_in_s")} for p, r in (res.get("peers") or {}).items()]
-    return table(rows, ("peer_id", "breaker", "expires_in_s", "resources")) if rows else "no capacity advertised"
+              "expires_in_s": r.get("expires_in_s"), "slots_trusted": _trusted(r)}
+             for p, r in (res.get("peers") or {}).items()]
+    return (table(rows, ("peer_id", "breaker", "slots_trusted", "expires_in_s", "resources")) if rows
+            else "no capacity advertised")
+
+
+def _trusted(peer: dict) -> str | None:
+    """``trusted/advertised`` task slots of a peer that refused room it advertised (placement
+    counts on fewer until it recovers), else None."""
+    trusted, advertised = peer.get("task_slots_trusted"), peer.get("task_slots")
+    if trusted is None or advertised is None or trusted >= advertised:
+        return None
+    return f"{trusted}/{advertised}"
 
 
 def keys_text(rows: list[dict]) -> str:

@@ -223,3 +223,20 @@ def test_json_output_is_the_shells_line(node_answers, capsys):
     out = _chimera("propose", "", "--json", "--data-dir", "/nonexistent")
     assert out.returncode == 2 and out.stdout == json_line({"ok": False, "error": "the decision to propose is empty",
                                                             "code": 2}) + "\n", out.stdout
+
+
+def test_resources_show_the_slots_placement_trusts_for_a_peer_that_refused_advertised_room():
+    """A peer that refused room it advertised is counted on for fewer task slots until it
+    recovers (PROTOCOL §18.4): the table says how many of how many; trusted peers show none."""
+    from chimera.node.shell import resources_text
+
+    res = {"peer_id": "me", "own": {"summary": "4 cpu"},
+           "peers": {"liar": {"summary": "8 cpu", "breaker": "closed", "expires_in_s": 3.5,
+                              "task_slots": 4, "task_slots_trusted": 1},
+                     "honest": {"summary": "2 cpu", "breaker": "closed", "expires_in_s": 2.0,
+                                "task_slots": 2, "task_slots_trusted": 2}}}
+    lines = resources_text(res).splitlines()
+    assert lines[0].split()[:5] == ["PEER", "ID", "BREAKER", "SLOTS", "TRUSTED"]
+    liar = next(line for line in lines if line.startswith("liar"))
+    honest = next(line for line in lines if line.startswith("honest"))
+    assert "1/4" in liar and "/" not in honest
