@@ -58,6 +58,7 @@ import msgpack
 from .errors import LocalProtocolError
 from .identity import SIGNATURE_BYTES, public_key_from_peer_id, verify_signature
 from .messages import Len, MaxItems, MaxLen, OmitNone, PeerId, Range, message, record
+from .network import valid_endpoint
 
 MEMBERSHIP_ACTOR = "membership"
 PeerIdStr = PeerId
@@ -76,7 +77,6 @@ ALIVE_PROOF_CAPABILITY = "signed_alive"
 # Domain of the signed alive statement (NUL-terminated like the other signing domains).
 ALIVE_DOMAIN = b"chimera-mesh/member/v1\x00"
 Incarnation = Annotated[int, Range(0, MAX_INCARNATION)]
-ADDRESS_SCHEMES = ("tcp://",)
 MAX_CONTACT_ADDRESSES = 8
 HELLO_ADDRESSES = 2  # a Hello to an unverified contact goes to its first two addresses
 
@@ -107,8 +107,8 @@ class PeerContact:
 
     def __post_init__(self) -> None:
         for address in self.addresses:
-            if not address.startswith(ADDRESS_SCHEMES):
-                raise ValueError(f"address {address[:40]!r} is not a tcp:// endpoint")
+            if not valid_endpoint(address):  # (ZeroMQ syntax such as "h1;h2" must not reach connect)
+                raise ValueError(f"address {address[:40]!r} is not a tcp://HOST:PORT endpoint")
 
     def describe(self) -> str:
         return f"{self.peer_id[:10]}@{','.join(self.addresses) or '-'}"

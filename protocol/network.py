@@ -201,6 +201,23 @@ def valid_host(host: str) -> bool:
     return all(_DNS_LABEL.fullmatch(label) for label in labels) and not host.replace(".", "").isdigit()
 
 
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+
+
+def valid_endpoint(address: str) -> bool:
+    """Whether ``address`` is ``tcp://HOST:PORT`` as a contact carries it (§4, §8.1): HOST
+    a :func:`valid_host` (an IPv6 literal in brackets), PORT 1-65535 without leading zeros."""
+    if not isinstance(address, str) or not address.startswith("tcp://"):
+        return False
+    host, sep, port = address[6:].rpartition(":")
+    if not sep or not _PORT.fullmatch(port) or int(port) > 65535:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        return ":" in host and valid_host(host)
+    return ":" not in host and valid_host(host)
+
+
 def parse_contact_uri(uri: str) -> tuple[str, str, bytes]:
     """Parse a contact URI into (peer_id, ``tcp://HOST:PORT`` endpoint, transport key).
 

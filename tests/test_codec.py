@@ -648,7 +648,7 @@ def test_decode_errors_keep_their_exact_messages():
         "body.members[0].contact.addresses[0]: longer than 128 characters":
             {"members": [{**row, "contact": {**contact, "addresses": ["tcp://" + "a" * 123]}}]},
         "body.members[0]: unknown member state 'zombie'": {"members": [{**row, "state": "zombie"}]},
-        "body.members[0].contact: address 'udp://x' is not a tcp:// endpoint":
+        "body.members[0].contact: address 'udp://x' is not a tcp://HOST:PORT endpoint":
             {"members": [{**row, "contact": {**contact, "addresses": ["udp://x"]}}]},
     }
     for message, value in cases.items():

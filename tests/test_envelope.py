@@ -413,6 +413,22 @@ def test_a_contact_uri_host_is_an_address_or_a_dns_name_never_endpoint_syntax():
             parse_contact_uri(f"chm://{ALICE.peer_id}@{host}:80?{key}")
 
 
+def test_a_contact_carries_only_tcp_endpoints_whose_host_a_uri_would_accept():
+    """A contact in a signed Hello, member list or mDNS record had only its ``tcp://`` prefix
+    checked, so a member could spread ``tcp://1.2.3.4;5.6.7.8:80`` (ZeroMQ source-address
+    syntax) to every peer; its addresses now follow the contact URI's host rule (§4, §8.1)."""
+    from chimera.protocol.membership import PeerContact
+    from chimera.protocol.messages import decode_fields, encode_fields
+
+    good = PeerContact(peer_id=ALICE.peer_id, transport_key=b"\x05" * 32,
+                       addresses=("tcp://10.0.0.7:7420", "tcp://[fe80::1%eth0]:7420", "tcp://node-7.lan:1"))
+    assert decode_fields(PeerContact, encode_fields(good)) == good
+    for bad in ("tcp://1.2.3.4;5.6.7.8:80", "tcp://*:80", "tcp://a b:1", "tcp://h:0", "tcp://h:65536",
+                "tcp://::1:80", "tcp://h", "udp://h:1"):
+        with pytest.raises(RemoteProtocolError, match="tcp://HOST:PORT"):
+            decode_fields(PeerContact, {**encode_fields(good), "addresses": [bad]})
+
+
 def test_peer_id_has_exactly_one_spelling():
     from chimera.protocol.identity import public_key_from_peer_id
 
