@@ -15,6 +15,14 @@ actually leaves the peer. Strategies:
   "send me everything") and for the whole log from height 1.
 * ``sybil``: operates extra identities: in membership they join as peers, in
   consensus they send votes signed by keys that hold no weight.
+* ``zombie`` (membership): every membership message it sends first claims
+  "P alive" for each peer P it holds suspect or dead, one incarnation higher
+  than its last claim about P (so always above what the receivers hold), without
+  P's signature: unsigned, or with a random 64-byte signature (``forge``:
+  ``unsigned``, ``badsig`` or ``mixed``, alternating); and every
+  ``flood_interval_s`` (1 s) it sends these claims in a ``ping`` to every member
+  it holds alive. Without signed alive claims (PROTOCOL s10.3) this kept a
+  crashed peer alive.
 
 Federated-averaging strategies (:meth:`Behaviour.model_update`, driven by
 :mod:`chimera.simulations.training_world`); the peer's core, envelopes and
@@ -75,6 +83,7 @@ from chimera.consensus.bft import (
 )
 from chimera.consensus.quorum import SignedVote, sign_vote
 from chimera.protocol.identity import SigningIdentity
+from chimera.protocol.membership import Ack, MemberList, MemberState, MemberUpdate, Ping, PingReq
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +292,66 @@ class Sybil(Behaviour):
         return out
 
 
+class Zombie(Behaviour):
+    """Keeps peers it holds suspect or dead "alive" by forged gossip (module docstring)."""
+
+    name = "zombie"
+    byzantine = True
+    params = ("forge", "flood_interval_s")
+    flood_interval_s = 1.0
+    _forge = "mixed"
+    FORGES = ("unsigned", "badsig", "mixed")
+
+    def __init__(self) -> None:
+        self.claims: dict[str, int] = {}  # peer id -> the incarnation last claimed for it
+        self.sent = 0  # forged claims sent
+
+    @property
+    def forge(self) -> str:
+        return self._forge
+
+    @forge.setter
+    def forge(self, value: str) -> None:
+        if value not in self.FORGES:
+            raise ValueError(f"zombie forge must be one of {', '.join(self.FORGES)}, got {value!r}")
+        self._forge = value
+
+    def _claims(self, ctx, room: int) -> tuple[MemberUpdate, ...]:
+        core = getattr(ctx, "core", None)
+        if core is None or room <= 0:
+            return ()
+        out = []
+        for pid, member in core.members.items():
+            if member.state is not MemberState.SUSPECT and member.state is not MemberState.DEAD:
+                continue
+            claim = max(self.claims.get(pid, 0), member.incarnation) + 1
+            self.claims[pid] = claim
+            unsigned = self._forge == "unsigned" or (self._forge == "mixed" and self.sent % 2 == 0)
+            signature = None if unsigned else ctx.rng.getrandbits(512).to_bytes(64, "big")
+            out.append(MemberUpdate(peer_id=pid, state="alive", incarnation=claim, signature=signature))
+            self.sent += 1
+            if len(out) >= room:
+                break
+        return tuple(out)
+
+    def outgoing(self, ctx, message, targets):
+        if isinstance(message, (Ping, Ack, PingReq)):
+            forged = self._claims(ctx, 16)
+            if forged:
+                message = replace(message, updates=(forged + message.updates)[:16])
+        elif isinstance(message, MemberList):
+            forged = self._claims(ctx, 256)
+            if forged:
+                message = replace(message, members=(forged + message.members)[:256])
+        return [Outgoing(targets, message)]
+
+    def flood(self, ctx, targets):
+        forged = self._claims(ctx, 16)
+        if not forged or not targets:
+            return []
+        return [Outgoing(targets, Ping(probe_id=ctx.rng.getrandbits(63), updates=forged))]
+
+
 def alie_z(n: int, f: int) -> float:
     """``z_max`` of "A Little Is Enough" (Baruch, Baruch, Goldberg, NeurIPS 2019, s3 and
     Algorithm 3): with ``s = floor(n/2 + 1) - f`` honest workers the attackers need on
@@ -414,8 +483,8 @@ def register(cls: type[Behaviour]) -> type[Behaviour]:
     return cls
 
 
-for _cls in (Behaviour, Silent, Equivocate, BadSignature, Flood, Sybil, GaussianNoise, SignFlip, Alie, Late,
-             WrongResult):
+for _cls in (Behaviour, Silent, Equivocate, BadSignature, Flood, Sybil, Zombie, GaussianNoise, SignFlip, Alie,
+             Late, WrongResult):
     register(_cls)
 
 BYZANTINE_STRATEGIES = ("silent", "equivocate", "badsig", "flood", "sybil")
@@ -444,5 +513,6 @@ def sybil_identity(owner: str, index: int, salt: bytes = b"") -> SigningIdentity
 
 
 __all__ = ["BEHAVIOURS", "BYZANTINE_STRATEGIES", "MODEL_ATTACKS", "TASK_ATTACKS", "Alie", "Behaviour",
-           "GaussianNoise", "Late", "Outgoing", "PeerContext", "SignFlip", "WrongResult", "alie_delta", "alie_z",
+           "GaussianNoise", "Late", "Outgoing", "PeerContext", "SignFlip", "WrongResult",
+           "Zombie", "alie_delta", "alie_z",
            "make_behaviour", "register", "sybil_identity"]

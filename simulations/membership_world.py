@@ -77,6 +77,7 @@ class MembershipPeer(PeerHost):
         self._incarnation = 0
         self._last_probe: object | None = None
         self.probes = 0
+        self._next_flood = math.inf  # a byzantine behaviour's extra traffic (Behaviour.flood)
 
     def start(self, bootstrap: list[PeerContact]) -> None:
         self.boot()
@@ -88,6 +89,8 @@ class MembershipPeer(PeerHost):
                                random.Random(self.sim.rng.getrandbits(64)), now, proofs=self.proofs)
         self.routes = {}
         self.warm_routes = None
+        interval = self.behaviour.flood_interval_s
+        self._next_flood = now + interval if interval else math.inf
         for contact in bootstrap:
             if contact.peer_id != self.peer_id:
                 self.core.add_candidate(contact, now, static=True)
@@ -120,7 +123,17 @@ class MembershipPeer(PeerHost):
         if probe is not None and probe is not self._last_probe:
             self._last_probe = probe
             self.probes += 1
+        if now >= self._next_flood:
+            self._next_flood = now + self.behaviour.flood_interval_s
+            alive = tuple(pid for pid, m in self.core.members.items() if m.state is MemberState.ALIVE)
+            self.emit(self.behaviour.flood(self, alive), self._address_of)
         self.flush(True)
+
+    def _address_of(self, peer_id: str) -> str | None:
+        route = self.routes.get(peer_id)
+        if route is None and self.warm_routes is not None:
+            route = self.warm_routes.get(peer_id)
+        return route.addresses[0] if route is not None else None
 
     def flush(self, from_timer: bool) -> None:
         core = self.core
@@ -152,7 +165,7 @@ class MembershipPeer(PeerHost):
                 self.routes[action.contact.peer_id] = action.contact
             elif isinstance(action, MemberEvent):
                 self.mworld.on_member_event(self, action, from_timer)
-        self.wake_at(core.next_deadline())
+        self.wake_at(min(core.next_deadline(), self._next_flood))
 
 
 class MembershipWorld(World):
@@ -396,6 +409,9 @@ class MembershipWorld(World):
             "false_failures": len(false_failed),
             "false_failures_per_peer_hour": len(false_failed) / (live_peer_seconds / 3600.0) if live_peer_seconds else 0,
             "views_consistent": self.live_view_ok(),
+            # alive claims refused (PROTOCOL s10.3), summed over the peers up at the end
+            "alive_unsigned": sum(p.core.alive_unsigned for p in self.peers if p.core is not None),
+            "alive_bad_signatures": sum(p.core.alive_bad_signatures for p in self.peers if p.core is not None),
         }
         return out
 

@@ -185,3 +185,34 @@ def test_large_warm_start_rows_are_kept_out_of_the_garbage_collector():
         assert world.live_view_ok()
     finally:
         gc.unfreeze()
+
+
+def _zombie_run(signed: bool) -> tuple[MembershipWorld, object]:
+    """10 peers, p9 gossips forged alive claims (and floods them each second); p3 crashes."""
+    import dataclasses
+
+    sim, world = _world(10, seed=3, behaviours=[None] * 9 + [make_behaviour("zombie")])
+    if not signed:  # the rules before signed alive claims: nobody signs, nobody asks for it
+        for peer in world.peers:
+            peer.contact, peer.proofs = dataclasses.replace(peer.contact, capabilities=()), None
+    world.start_all(warm_start=True)
+    sim.run(5.0)
+    victim = world.peers[3]
+    world.crash(victim)
+    sim.run(90.0)
+    return world, victim
+
+
+def test_a_zombie_gossiper_cannot_keep_a_crashed_peer_alive():
+    """One byzantine member claiming "P alive at inc + 1" (unsigned, or with a forged
+    signature) for every peer it suspects kept a crashed peer from being declared failed
+    by every live peer; with signed alive claims (PROTOCOL §10.3) they all declare it."""
+    world, victim = _zombie_run(signed=True)
+    m = world.metrics(90.0)
+    assert m["detected_by_all"] == 1 and m["false_failures"] == 0 and m["views_consistent"]
+    assert all(p.core.members[victim.peer_id].state is MemberState.DEAD for p in world.peers if p.up)
+    assert m["alive_unsigned"] > 0 and m["alive_bad_signatures"] > 0
+    assert world.peers[9].behaviour.sent > 50
+    # the same run under the old rules: the attack works (so the test above can fail)
+    world, victim = _zombie_run(signed=False)
+    assert world.metrics(90.0)["detected_by_all"] == 0
