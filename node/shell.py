@@ -551,7 +551,7 @@ def resources_text(res: dict) -> str:
     rows += [{"peer_id": p, "resources": r.get("summary"), "breaker": r.get("breaker"),
               "expires_in_s": r.get("expires_in_s"), "slots_trusted": _trusted(r)}
              for p, r in (res.get("peers") or {}).items()]
-    return (table(rows, ("peer_id", "breaker", "slots_trusted", "expires_in_s", "resources")) if rows
+    return (table(rows, ("peer_id", "breaker", "expires_in_s", "slots_trusted", "resources")) if rows
             else "no capacity advertised")
 
 

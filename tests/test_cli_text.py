@@ -236,7 +236,7 @@ def test_resources_show_the_slots_placement_trusts_for_a_peer_that_refused_adver
                      "honest": {"summary": "2 cpu", "breaker": "closed", "expires_in_s": 2.0,
                                 "task_slots": 2, "task_slots_trusted": 2}}}
     lines = resources_text(res).splitlines()
-    assert lines[0].split()[:5] == ["PEER", "ID", "BREAKER", "SLOTS", "TRUSTED"]
+    assert lines[0].split()[:7] == ["PEER", "ID", "BREAKER", "EXPIRES", "IN", "s", "SLOTS"]
     liar = next(line for line in lines if line.startswith("liar"))
     honest = next(line for line in lines if line.startswith("honest"))
     assert "1/4" in liar and "/" not in honest

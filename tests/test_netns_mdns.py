@@ -3,6 +3,7 @@ other through mDNS alone (no bootstrap contacts). Root only."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,9 +205,12 @@ def test_the_advertised_address_follows_a_changed_address(tmp_path: Path):
                 pytest.fail(f"no mDNS record with {ip}: {out}\n{(tmp_path / 'a.log').read_text()[-2000:]}")
             assert browser.returncode == 0 and f"'{ip}'" in out, out
         status = _status(tmp_path / "a")
-        assert status["mdns"] is True and status["counters"]["discovery_readvertised"] == 1
-        assert f"mDNS advertising on interfaces {new_ip}, hosts {new_ip} (before: interfaces {a.ip}, " \
-               f"hosts {a.ip})" in (tmp_path / "a.log").read_text()
+        assert status["mdns"] is True and status["counters"]["discovery_readvertised"] >= 1
+        # (the address is deleted, then added, by two commands: a poll between them may see the
+        # interface without an address and stop advertising until the new one appears)
+        assert re.search(rf"mDNS advertising on interfaces {re.escape(new_ip)}, hosts {re.escape(new_ip)} "
+                         rf"\(before: (interfaces {re.escape(a.ip)}, hosts {re.escape(a.ip)}|not advertising)\)",
+                         (tmp_path / "a.log").read_text())
         assert lan.terminate(pa) == 0
 
 
