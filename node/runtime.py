@@ -407,7 +407,7 @@ class Node:
     # ------------------------------------------------------------------ sending
 
     def _reserve_seq(self) -> None:
-        first = self.store.reserve_seq_block()
+        first = self.store.reserve_seq_block(wall_ms())
         self.sealer.next_seq = max(self.sealer.next_seq, first)
         self._seq_limit = first + SEQ_BLOCK
 

@@ -131,13 +131,19 @@ class Store:
         self.set_meta("incarnation", value)
         return value
 
-    def reserve_seq_block(self) -> int:
-        """Reserve ``SEQ_BLOCK`` sequence numbers; returns the first.
+    def reserve_seq_block(self, now_ms: int = 0) -> int:
+        """Reserve ``SEQ_BLOCK`` sequence numbers; returns the first: the stored floor, or
+        ``now_ms * SEQ_BLOCK`` (wall clock, ms) when that is higher.
 
         The floor is committed before any of them is used, so a node killed at
-        any point never reuses a sequence number after restart.
+        any point never reuses a sequence number after restart. The clock term covers a
+        store that was lost or replaced by an older copy (its floor is behind numbers
+        already sent): a node sends far fewer than ``SEQ_BLOCK`` envelopes per millisecond,
+        so numbers drawn at a later millisecond are above every one it used before (its
+        peers' replay windows otherwise dropped all it sent as ``replay`` for good, and it
+        could never catch up). ``now_ms`` 0: the stored floor only.
         """
-        first = max(self.get_meta("seq_floor"), 1)
+        first = max(self.get_meta("seq_floor"), 1, now_ms * SEQ_BLOCK)
         self.set_meta("seq_floor", first + SEQ_BLOCK)
         return first
 

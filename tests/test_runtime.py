@@ -52,6 +52,33 @@ async def test_supervisor_restarts_crashed_actor_and_drops_poison(node_factory):
     assert node.counters["poison_dropped.fragile"] == 1
 
 
+async def test_a_node_whose_store_was_lost_still_numbers_above_what_it_sent(tmp_path, network):
+    """PROTOCOL §6.3: the sequence floor lived only in the store, so a node restarted with its
+    store lost (or an older copy) numbered from 1 again, below every peer's replay window:
+    all it sent was dropped as ``replay`` for as long as its peers ran (found by a chaos
+    walk-through: the peer stayed at height 0 and, with one more crash, the log stopped).
+    Blocks now start no lower than the wall clock in ms x SEQ_BLOCK."""
+    from chimera.node.config import NodeConfig
+    from chimera.node.runtime import Node
+    from tests.conftest import FAST
+
+    sent = 0
+    for _ in range(2):  # a restart: the second start continues past the first block
+        node = Node(tmp_path / "n", NodeConfig(**FAST), network)
+        await node.start()
+        assert node.sealer.next_seq > sent
+        sent = node.sealer.next_seq + 3
+        await node.stop()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / "n" / f"node.sqlite3{suffix}").unlink(missing_ok=True)
+    node = Node(tmp_path / "n", NodeConfig(**FAST), network)
+    await node.start()
+    try:
+        assert node.sealer.next_seq > sent  # above everything sent before the store was lost
+    finally:
+        await node.stop()
+
+
 async def test_keys_reused_across_restart_and_never_logged(tmp_path, network, caplog):
     from chimera.node.config import NodeConfig
     from chimera.node.runtime import Node
