@@ -358,7 +358,7 @@ class Ledger:
         self.app_validator = app_validator
         self.app_proposable = app_proposable
         self._max_joins_for: tuple[WeightTable | None, int] = (None, 0)
-        self._valid: OrderedDict[bytes, tuple[bool, int | None]] = OrderedDict()  # hash -> (ok, decision epoch)
+        self._valid: OrderedDict[bytes, tuple[bool, int | None, int]] = OrderedDict()  # hash -> (ok, epoch, window)
 
     # ------------------------------------------------------------- validation
 

@@ -147,7 +147,7 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Annotated, Any, Collection, Mapping
+from typing import Annotated, Any, Callable, Collection, Mapping
 
 import msgpack
 import numpy as np
@@ -422,11 +422,12 @@ def inclusion_choice(value: bytes) -> tuple[bytes, tuple[int, bytes]] | None:
     return rec.job_id + rec.round.to_bytes(8, "big"), (-len(rec.updates), value)
 
 
-def inclusion_proposable(value: bytes, sender: str | None, job: JobSpec | None, peer_id: str) -> bool:
+def inclusion_proposable(value: bytes, sender: str | None, job_of: Callable[[bytes], JobSpec | None],
+                         peer_id: str) -> bool:
     """Block-building policy for the log (``BftCore(proposable=...)``): may the validator
     ``peer_id`` put the training inclusion ``value``, gossiped to it by ``sender`` (None:
-    submitted by ``peer_id`` itself), into a block it proposes? ``job``: the committed
-    :class:`JobSpec` of the inclusion's job as this peer knows it (None: unknown here).
+    submitted by ``peer_id`` itself), into a block it proposes? ``job_of(job_id)``: the
+    committed :class:`JobSpec` of a job as this peer knows it (None: unknown here).
 
     A participant of the job checks every inclusion before it pools it (its aggregate must
     match), so it may propose any it pooled: True. A validator that is not a participant
@@ -445,6 +446,7 @@ def inclusion_proposable(value: bytes, sender: str | None, job: JobSpec | None, 
         return False
     if not isinstance(rec, Inclusion):
         return True
+    job = job_of(rec.job_id)
     if job is None:
         return False
     return peer_id in job.participants or (sender is not None and sender in job.participants)

@@ -514,13 +514,11 @@ class TrainingService:
         """Block-building policy for an inclusion we found valid
         (:func:`~chimera.consensus.training.inclusion_proposable`): a job we do not take part
         in contributes only inclusions a participant gossiped to our blocks."""
-        try:
-            rec = decode_log_value(value)
-        except MalformedError:
-            return False
-        state = self.jobs.get(rec.job_id)
-        return inclusion_proposable(value, sender, None if state is None else state.job,
-                                    self.node.peer_id)
+        return inclusion_proposable(value, sender, self._job_of, self.node.peer_id)
+
+    def _job_of(self, job_id: bytes) -> JobSpec | None:
+        state = self.jobs.get(job_id)
+        return None if state is None else state.job
 
     def _fetch_wanted(self, state: JobState) -> None:
         state.core.fetch_wanted(time.monotonic())

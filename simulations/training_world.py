@@ -97,7 +97,6 @@ from chimera.consensus.training import (
     FlModelRequest,
     FlUpdate,
     FlUpdateRequest,
-    Inclusion,
     JobSpec,
     Observe,
     ProposeValue,
@@ -546,14 +545,11 @@ class PeerTraining:
         """The log's block-building policy for inclusions (as the node:
         :func:`~chimera.consensus.training.inclusion_proposable`; the job's spec from the
         federation's list, which holds every job the scenario proposes)."""
-        try:
-            rec = decode_log_value(value)
-        except MalformedError:
-            return False
-        if not isinstance(rec, Inclusion):
-            return True
-        j = self.fed.job_index.get(rec.job_id)
-        return inclusion_proposable(value, sender, None if j is None else self.fed.jobs[j], self.host.peer_id)
+        return inclusion_proposable(value, sender, self._job_of, self.host.peer_id)
+
+    def _job_of(self, job_id: bytes) -> JobSpec | None:
+        j = self.fed.job_index.get(job_id)
+        return None if j is None else self.fed.jobs[j]
 
     def on_committed(self, value: bytes, now: float, epoch: int) -> None:
         if self.core is None:

@@ -1095,19 +1095,25 @@ def test_a_validator_outside_the_job_proposes_only_inclusions_a_participant_goss
         return encode_log_value(Inclusion(job_id=job_id, round=1, updates=tuple(updates),
                                           aggregate_hash=b"\x00" * 32))
 
+    def known(jid):
+        return job if jid == job_id else None
+
+    def unknown(jid):
+        return None
+
     gossiped = inclusion([bytes([i]) * 32 for i in (1, 2, 3)])
     forged = inclusion([bytes([i]) * 32 for i in (4, 5, 6, 7)])  # more hashes: it would be chosen
-    assert inclusion_proposable(gossiped, PEERS[1], job, outsider)
-    assert not inclusion_proposable(forged, stranger, job, outsider)
-    assert not inclusion_proposable(forged, outsider, job, outsider)
-    assert inclusion_proposable(forged, stranger, job, PEERS[0])  # a participant checked it first
-    assert not inclusion_proposable(gossiped, PEERS[1], None, outsider)  # a job unknown here
-    assert inclusion_proposable(encode_log_value(job), stranger, None, outsider)  # not an inclusion
-    assert not inclusion_proposable(b"\x92\xaafl_include garbage", PEERS[1], job, outsider)
+    assert inclusion_proposable(gossiped, PEERS[1], known, outsider)
+    assert not inclusion_proposable(forged, stranger, known, outsider)
+    assert not inclusion_proposable(forged, outsider, known, outsider)
+    assert inclusion_proposable(forged, stranger, known, PEERS[0])  # a participant checked it first
+    assert not inclusion_proposable(gossiped, PEERS[1], unknown, outsider)  # a job unknown here
+    assert inclusion_proposable(encode_log_value(job), stranger, unknown, outsider)  # not an inclusion
+    assert not inclusion_proposable(b"\x92\xaafl_include garbage", PEERS[1], known, outsider)
 
     table = WeightTable(epoch=0, weights={p: 1000 for p in (*PEERS, stranger)})
     ledger = Ledger(NET, table, epoch_length=10, app_validator=lambda value: True,
-                    app_proposable=lambda value, sender: inclusion_proposable(value, sender, job, outsider))
+                    app_proposable=lambda value, sender: inclusion_proposable(value, sender, known, outsider))
     core = BftCore(BY_PEER[outsider], NET, table, BftConfig(), 0.0, validate_value=ledger.validate_value,
                    choice_key=ledger.choice_key, proposable=ledger.proposable)
     core.on_message(stranger, BftValues(values=(forged,)), 0.0)
