@@ -152,12 +152,6 @@ class _Insert:
 
 
 @dataclass(slots=True)
-class _Count:
-    window: _Window
-    more: int
-
-
-@dataclass(slots=True)
 class _Read:
     limit: int
     future: Future
@@ -240,9 +234,8 @@ class AuditLog:
         of the last row written for that source only adds one to that row's ``count`` and
         None is returned: the count is written when the window is over (background mode:
         by wall clock, at most about a second later; else at the next row), or at
-        :meth:`flush`, :meth:`read` or :meth:`close`.
+        :meth:`read` or :meth:`close`.
         """
-        text = args_json(command, args)
         with self._lock:
             ops: list = self._close_windows(at_ms) if self._windows else []
             window = None
@@ -255,8 +248,8 @@ class AuditLog:
                     self._run_ops(ops)
                     return None
                 window = self._windows[aggregate] = _Window(at_ms)
-            fut = _future()
-            ops.append(_Insert((at_ms, who[:200], transport, role, command[:80], text, result[:500],
+            fut = _future()  # (the args are encoded only for a row written: not for a counted one)
+            ops.append(_Insert((at_ms, who[:200], transport, role, command[:80], args_json(command, args), result[:500],
                                 round(duration_s, 6)), window, fut))
             self._run_ops(ops)
         return fut
@@ -288,11 +281,6 @@ class AuditLog:
             AuditError: no answer within :data:`DURABLE_WAIT_S`.
         """
         return wait(self.read(limit))
-
-    def flush(self) -> None:
-        """Write the counts of aggregated rows still open and wait until every queued row is
-        durable (blocking). Raises as :meth:`rows`."""
-        self.rows(0)
 
     def close(self) -> Future:
         """Write the open counts and every queued row, then close the writer's connection.
@@ -329,8 +317,8 @@ class AuditLog:
         for source, window in list(self._windows.items()):
             if now_ms is None or not window.start_ms <= now_ms < window.start_ms + AGGREGATE_WINDOW_MS:
                 del self._windows[source]
-                if window.more:
-                    ops.append(_Count(window, window.more))
+                if window.more:  # (closed: its count no longer changes)
+                    ops.append(window)
         return ops
 
     def _run_ops(self, ops: list) -> None:
@@ -371,10 +359,9 @@ class AuditLog:
                     if self._appended % PRUNE_EVERY == 0:
                         self._prune(conn)
                     done.append((op.future, None))
-                elif isinstance(op, _Count):
-                    if op.window.row_id is not None:  # None: its row was lost with a failed commit
-                        conn.execute("UPDATE admin_audit SET count = count + ? WHERE id=?",
-                                     (op.more, op.window.row_id))
+                elif isinstance(op, _Window):  # a closed window's count
+                    if op.row_id is not None:  # None: its row was lost with a failed commit
+                        conn.execute("UPDATE admin_audit SET count = count + ? WHERE id=?", (op.more, op.row_id))
                 elif isinstance(op, _Read):
                     done.append((op.future, _read_rows(conn, op.limit)))
                 elif isinstance(op, _Stop):
@@ -390,7 +377,7 @@ class AuditLog:
             for window in inserted:
                 window.row_id = None
             lost = sum(isinstance(op, _Insert) for op in ops)
-            counts = sum(op.more for op in ops if isinstance(op, _Count))
+            counts = sum(op.more for op in ops if isinstance(op, _Window))
             log.error("audit log write failed (%s rows, %s aggregated counts not written): %s", lost, counts, exc)
             for op in ops:
                 if isinstance(op, (_Insert, _Read, _Stop)):

@@ -131,7 +131,7 @@ class Store:
         self.set_meta("incarnation", value)
         return value
 
-    def reserve_seq_block(self, now_ms: int = 0) -> int:
+    def reserve_seq_block(self, now_ms: int) -> int:
         """Reserve ``SEQ_BLOCK`` sequence numbers; returns the first: the stored floor, or
         ``now_ms * SEQ_BLOCK`` (wall clock, ms) when that is higher.
 
@@ -141,7 +141,7 @@ class Store:
         already sent): a node sends far fewer than ``SEQ_BLOCK`` envelopes per millisecond,
         so numbers drawn at a later millisecond are above every one it used before (its
         peers' replay windows otherwise dropped all it sent as ``replay`` for good, and it
-        could never catch up). ``now_ms`` 0: the stored floor only.
+        could never catch up).
         """
         first = max(self.get_meta("seq_floor"), 1, now_ms * SEQ_BLOCK)
         self.set_meta("seq_floor", first + SEQ_BLOCK)

@@ -383,6 +383,12 @@ class Transport:
             self.queued_bytes -= backlog.queued
             self._pending.pop(key, None)
 
+    def _reap(self, key: tuple[bytes, str], backlog: _Backlog) -> None:
+        """Release what libzmq has sent from ``backlog`` (the DEALER ``key``'s)."""
+        self.queued_bytes -= backlog.reap()
+        if not backlog.queued:
+            self._pending.pop(key, None)
+
     def _make_room(self, key: tuple[bytes, str], size: int) -> bool:
         """Whether ``size`` more counted bytes fit under ``send_queue_max_bytes``.
 
@@ -391,9 +397,7 @@ class Transport:
         that never drains, counted ``send_backlogs_shed``): a contact that never drains
         cannot take the whole budget from the peers that do."""
         for k, backlog in list(self._pending.items()):
-            self.queued_bytes -= backlog.reap()
-            if not backlog.queued:
-                del self._pending[k]
+            self._reap(k, backlog)
         own = self._backlogs[key].queued
         while self.queued_bytes + size > self.send_queue_max_bytes:
             worst = max(self._pending, key=lambda k: self._pending[k].queued, default=None)
@@ -415,10 +419,7 @@ class Transport:
             sock = self._dealer(transport_key, endpoint, unverified)
             backlog = self._backlogs[key]
             if backlog.checkpoints:
-                freed = backlog.reap()
-                self.queued_bytes -= freed
-                if not backlog.queued:
-                    self._pending.pop(key, None)
+                self._reap(key, backlog)
             covered = backlog.untracked + size
             if covered < CHECKPOINT_BYTES:
                 sock.send(frame, flags=_NOBLOCK, copy=True)

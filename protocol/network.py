@@ -23,6 +23,7 @@ genesis validators runs membership only. ``epoch_length`` (heights per epoch,
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 import re
@@ -204,6 +205,7 @@ def valid_host(host: str) -> bool:
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 
 
+@functools.lru_cache(maxsize=16384)  # every decoded contact's addresses: mostly the same few
 def valid_endpoint(address: str) -> bool:
     """Whether ``address`` is ``tcp://HOST:PORT`` as a contact carries it (§4, §8.1): HOST
     a :func:`valid_host` (an IPv6 literal in brackets), PORT 1-65535 without leading zeros."""
