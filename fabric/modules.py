@@ -158,9 +158,6 @@ class ModuleStore:
             self._use_seq += 1
             self._used[sha256] = self._use_seq
 
-    def _write(self, directory: Path, path: Path, wasm: bytes) -> None:
-        write_atomic(path, wasm, sync_dir=True)
-
     def put(self, wasm: bytes) -> str:
         """Store ``wasm`` as a local module (no quota); returns its hash (idempotent; a fetched
         copy becomes local).
@@ -179,7 +176,7 @@ class ModuleStore:
         with self._lock:
             if path.is_file():
                 return sha
-            self._write(self.root, path, wasm)
+            write_atomic(path, wasm, sync_dir=True)
             self._fetched(sha).unlink(missing_ok=True)
         return sha
 
@@ -201,8 +198,8 @@ class ModuleStore:
         if actual != sha256:
             raise ModuleIntegrityError(f"fetched module hashes to {actual[:12]}, not {sha256[:12]}")
         with self._lock:
-            if not self._local(sha256).is_file() and not self._fetched(sha256).is_file():
-                self._write(self.fetched_root, self._fetched(sha256), bytes(wasm))
+            if not self.has(sha256):
+                write_atomic(self._fetched(sha256), bytes(wasm), sync_dir=True)
         self._touch(sha256)
         self.enforce_quota(keep={*keep, sha256})
         return sha256
@@ -219,7 +216,7 @@ class ModuleStore:
         check_hash_name(sha256)
         with self._lock:
             self._pins[sha256] = self._pins.get(sha256, 0) + 1
-            return self._local(sha256).is_file() or self._fetched(sha256).is_file()
+            return self.has(sha256)
 
     def unpin(self, sha256: str) -> None:
         """Release one :meth:`pin` (an unpinned name is ignored); the quota applies again at the

@@ -486,7 +486,6 @@ class ExecutedDigests:
         self.per_submitter, self.total = per_submitter, total
         self._by: dict[str, OrderedDict[str, tuple[bytes, int]]] = {}
         self._count = 0
-        self.evicted = 0
 
     def __len__(self) -> int:
         return self._count
@@ -519,7 +518,6 @@ class ExecutedDigests:
         table = self._by[submitter]
         table.popitem(last=False)
         self._count -= 1
-        self.evicted += 1
         if not table:
             del self._by[submitter]
 
@@ -776,9 +774,8 @@ class Placement:
         s = self.slots.get(peer_id)
         if s is None or peer_id == self.submitter:  # no advertised slots to discount; our own are live
             return
-        trusted = self.trusted_slots(peer_id, now)
         held = s.others + self.in_flight.get(peer_id, 0)
-        self.slot_trust[peer_id] = _SlotTrust(min(trusted if trusted is not None else s.task_slots, held), now)
+        self.slot_trust[peer_id] = _SlotTrust(min(self.trusted_slots(peer_id, now), held), now)  # (s exists)
         self._count("slots_unhonoured")
 
     def _fits_now(self, peer_id: str, req: TaskRequirements, now: float) -> bool:

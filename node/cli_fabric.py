@@ -152,13 +152,6 @@ def cmd_agent_call(args: argparse.Namespace) -> int:
     return cli.EXIT_OK if res.get("exit_code", 0) == 0 and res.get("ok", True) else cli.EXIT_FAIL
 
 
-def task_text(t: dict) -> str:
-    """One task as text (:func:`chimera.node.shell.task_text`, what the shell shows)."""
-    from .shell import task_text as text
-
-    return text(t)
-
-
 def task_exit_code(t: dict) -> int:
     """1 for a failed task (an agreed error such as fuel_exhausted included) or an accepted result
     with a non-zero exit status (as ``agent call``); else 0."""

@@ -717,13 +717,6 @@ class FabricService:
         last = {name: action for name, action, _ in rows}
         return {sha for name, _, sha in rows if last.get(name) != "remove"}
 
-    def _store_fetched(self, sha: str, wasm: bytes) -> int:
-        """Admin pool thread: store a fetched module and apply the quota (pinned and deployed
-        modules are kept); returns evictions."""
-        before = self.modules.evicted
-        self.modules.accept_fetched(sha, wasm)
-        return self.modules.evicted - before
-
     async def _on_chunk(self, peer: str, msg: FabricModuleChunk) -> None:
         fkey = (msg.module_sha256, peer)
         fetch = self.fetches.get(fkey)
@@ -750,14 +743,15 @@ class FabricService:
             return
         fetch.deadline = math.inf  # stored now: the chunk timeout no longer applies
         try:
-            evicted = await self.loop.run_in_executor(self.admin_pool, self._store_fetched, msg.module_sha256,
-                                                      wasm)
+            # (admin pool thread: stores it and applies the quota; pinned and deployed modules are kept)
+            await self.loop.run_in_executor(self.admin_pool, self.modules.accept_fetched, msg.module_sha256, wasm)
         except Exception as exc:  # noqa: BLE001 - a disk failure: refuse its attempts, keep serving
             log.error("could not store fetched module %s: %r", msg.module_sha256[:12], exc)
             if self.fetches.get(fkey) is fetch:
                 self._fail_fetch(fkey, f"could not store it: {exc}")
             return
-        self.counters["fabric_fetched_modules_evicted"] += evicted
+        # (the store's own count: two fetches stored at once each saw the other's evictions)
+        self.counters["fabric_fetched_modules_evicted"] = self.modules.evicted
         if self.fetches.get(fkey) is not fetch:  # ended while it was stored (closing): its attempts are answered
             return
         del self.fetches[fkey]
