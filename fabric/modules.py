@@ -36,9 +36,10 @@ from pathlib import Path
 from chimera.protocol.errors import RemoteProtocolError
 
 
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool) -> None:
-    """Write ``data`` to ``path`` (mode 0600) through a temporary file in its folder: fsync,
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` (``mode``) through a temporary file in its folder: fsync,
     rename, and with ``sync_dir`` an fsync of the folder (the rename survives a power loss).
+    The project's one atomic write (:func:`chimera.node.keys.atomic_write` wraps it).
 
     Raises:
         OSError: it could not be written (no temporary file is left behind).
@@ -49,7 +50,7 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         if sync_dir:
             dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -30,31 +30,21 @@ class KeyFileError(Exception):
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync dir.
+    """Write ``data`` to ``path`` atomically (:func:`chimera.fabric.modules.write_atomic`: temp
+    file, fsync, rename, fsync of the folder), creating the folder first.
 
     Raises:
         OSError: the file cannot be written; its ``filename`` is ``path`` (not the temp file).
     """
+    from chimera.fabric.modules import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        write_atomic(path, data, sync_dir=True, mode=mode)
     except OSError as exc:
+        if exc.filename is None or exc.filename == str(path):
+            raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from None
-    try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def check_private(path: Path) -> None:
