@@ -123,11 +123,11 @@ from chimera.protocol.envelope import Envelope
 from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from chimera.protocol.membership import MemberState
 from chimera.protocol.messages import encode_fields
+from chimera.protocol.ratelimit import TokenBucket
 
 from . import admin as admin_api
 from .actors import Actor, wait_event
 from .metrics import LatencyHistogram
-from .transport import TokenBucket
 
 log = logging.getLogger("chimera.fabric.node")
 

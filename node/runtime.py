@@ -46,6 +46,7 @@ from chimera.protocol.membership import (
     Send,
 )
 from chimera.protocol.network import Network, format_contact_uri, parse_contact_uri
+from chimera.protocol.ratelimit import TokenBucket
 
 from . import admin as admin_api
 from . import admin_ops, features
@@ -56,7 +57,7 @@ from .events import EVENT_KINDS
 from .keys import load_or_create_identity, load_or_create_transport_keys
 from .logs import DropLog
 from .store import SEQ_BLOCK, SignStateError, Store
-from .transport import TokenBucket, Transport
+from .transport import Transport
 
 log = logging.getLogger("chimera.node")
 CAPABILITIES = ("membership", "echo", ALIVE_PROOF_CAPABILITY)

@@ -50,24 +50,6 @@ CHECKPOINT_BYTES = 16 << 10
 DropCallback = Callable[[str, str, str], None]  # (reason, who, detail)
 
 
-class TokenBucket:
-    """Token bucket rate limiter; ``now`` is passed in (monotonic seconds)."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
-        self.rate, self.burst = rate_per_s, float(burst)
-        self.tokens, self.stamp = float(burst), now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 def raise_open_files_limit(wanted: int = 2 * MAX_SOCKETS + 1024) -> int:
     """Raise this process's soft limit of open files to ``wanted`` (within the hard limit);
     returns the soft limit now in force. Each DEALER holds a descriptor for its libzmq mailbox

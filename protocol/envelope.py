@@ -47,6 +47,7 @@ from .identity import (
     public_key_from_peer_id,
 )
 from .messages import MESSAGE_TYPES, decode_fields, encode_fields, reject_duplicate_keys
+from .ratelimit import TokenBucket
 
 # Importing the message modules registers their kinds, so an opener built from
 # this module alone knows every kind of this protocol version.
@@ -207,11 +208,10 @@ class EnvelopeOpener:
         self._max_senders = max_tracked_senders
         self._windows: OrderedDict[bytes, _ReplayWindow] = OrderedDict()
         self._verifier = Verifier()
-        self._source_rate_per_ms = new_senders_per_source_per_s / 1000.0
-        self._source_burst = float(new_senders_burst)
+        self._source_rate_per_s = new_senders_per_source_per_s
+        self._source_burst = new_senders_burst
         self._max_sources = max_sources
-        # source -> [tokens, receiver time of the last refill in ms]: the new-sender budgets
-        self._sources: OrderedDict[str, list] = OrderedDict()
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()  # source -> new-sender budget
 
     def open(self, frame: bytes, now_ms: int, source: str | None = None) -> Envelope:
         """Decode, check and verify ``frame``.
@@ -282,8 +282,8 @@ class EnvelopeOpener:
         if window is None:
             if source is not None:
                 budget = self._budget(source, now_ms)
-                if budget[0] < 1.0:
-                    raise ReplayError(f"over {self._source_rate_per_ms * 1000:g} new senders/s from {source[:64]}",
+                if not budget.ready(now_ms / 1000.0):
+                    raise ReplayError(f"over {self._source_rate_per_s:g} new senders/s from {source[:64]}",
                                       reason="new_sender_rate")
             if len(self._windows) >= self._max_senders and not self._evict_idle(now_ms):
                 raise ReplayError("replay table full of recently active senders",
@@ -299,14 +299,14 @@ class EnvelopeOpener:
             if self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
                 self._mark(sender, window, seq, now_ms)
                 if budget is not None:
-                    budget[0] -= 1.0
+                    budget.spend()
                 exc.sender = peer_id_from_public_key(sender)
             raise
         if not self._verifier.verify(sender, signature, signing_input(self.network_id, payload)):
             raise BadSignatureError("Ed25519 signature does not verify")
         self._mark(sender, window, seq, now_ms)
         if budget is not None:  # charged only for a window made (forged frames cost nothing)
-            budget[0] -= 1.0
+            budget.spend()
         return Envelope(
             version=version,
             kind=kind,
@@ -318,20 +318,16 @@ class EnvelopeOpener:
             size_bytes=size,
         )
 
-    def _budget(self, source: str, now_ms: int) -> list:
-        """``source``'s new-sender budget ``[tokens, last_ms]``, refilled to ``now_ms``."""
+    def _budget(self, source: str, now_ms: int) -> TokenBucket:
+        """``source``'s new-sender budget (made full on first sight)."""
         sources = self._sources
         budget = sources.get(source)
         if budget is None:
             if len(sources) >= self._max_sources:
                 sources.popitem(last=False)
-            budget = sources[source] = [self._source_burst, now_ms]
+            budget = sources[source] = TokenBucket(self._source_rate_per_s, self._source_burst, now_ms / 1000.0)
         else:
             sources.move_to_end(source)
-            elapsed = now_ms - budget[1]
-            if elapsed > 0:  # (a clock stepped back refills nothing)
-                budget[0] = min(self._source_burst, budget[0] + elapsed * self._source_rate_per_ms)
-                budget[1] = now_ms
         return budget
 
     def _evict_idle(self, now_ms: int) -> bool:
