@@ -27,6 +27,7 @@ import os
 import socket
 import sqlite3
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from . import audit as audit_log
 from .admin_keys import COMMAND_HELP, COMMAND_OPTIONS, AdminKeyError, KeyRing, Refused, RequestVerifier, required_role, role_allows
 from .audit import AuditLog
 from .config import tcp_endpoint_port
+from .logs import printable
 
 log = logging.getLogger("chimera.admin")
 
@@ -376,10 +378,15 @@ class AdminServer:
         async def finish(principal: Principal, response: dict, result: str) -> tuple[dict, None]:
             failure = await self._audit_row(principal, cmd, args, result, time.perf_counter() - started,
                                             source=anonymous.who)
-            if failure is not None:  # the request ran (or was refused) but is not on record: say so
-                response = _error(f"not recorded in the audit log ({failure}); the request's outcome: "
-                                  f"{result[:200]}", EXIT_FAIL)
-            return response, None
+            if failure is None:
+                return response, None
+            if response.get("ok") and required_role(cmd) == "observer":
+                # A read changed nothing: answer it (flagged) so that `status` can still show
+                # why the node is in trouble when the trouble is a full or failing disk.
+                return {**response, "audit_failure": failure}, None
+            # A change (or a refusal) ran but is not on record: say so instead of its result.
+            return _error(f"not recorded in the audit log ({failure}); the request's outcome: "
+                          f"{result[:200]}", EXIT_FAIL), None
 
         if transport == "local" and uid is not None and uid not in (os.geteuid(), 0):
             return await finish(anonymous, _error(f"uid {uid} is not this node's owner", EXIT_REFUSED),
@@ -875,6 +882,9 @@ class RemoteClient:
 def _result(reply: dict) -> Any:
     if not reply.get("ok"):
         raise AdminError(str(reply.get("error", "unknown error")), int(reply.get("code", EXIT_FAIL)))
+    if "audit_failure" in reply:  # a read answered although its audit row could not be written
+        print(f"warning: the node could not record this request in its audit log: "
+              f"{printable(str(reply['audit_failure']))[:300]}", file=sys.stderr)
     return reply.get("result")
 
 

@@ -296,7 +296,8 @@ class ConsensusService:
         to when this coroutine resumed, which can trail it by a loop iteration).
 
         Raises:
-            LocalProtocolError: data too long, the pool refused it, or no commit within ``timeout_s``.
+            LocalProtocolError: data too long, the pool refused it, no commit within ``timeout_s``,
+                or consensus halted on this node (at once, also while waiting).
         """
         nonce = decision_nonce(self.ledger.table.epoch, random.getrandbits(32))  # epoch-bound: no replay
         value = encode_decision(self.node.identity, self.network_id, nonce, data)
@@ -406,6 +407,9 @@ class ConsensusService:
         self.counters["consensus_halted"] += 1
         log.critical("consensus halted: %s; fix the disk and restart the node", reason)
         self.node.emit_event("consensus_halted", self.node.peer_id, priority="critical", detail=reason)
+        for fut in self.waiters.values():  # nothing more commits here: waiting proposers learn it now
+            if not fut.done():
+                fut.set_exception(LocalProtocolError(f"consensus is halted: {reason}"))
 
     def _run(self, action: object) -> None:
         node = self.node

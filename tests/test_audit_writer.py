@@ -156,15 +156,34 @@ async def test_a_full_disk_answers_a_clear_error_and_the_log_recovers(tmp_path: 
 
 async def test_a_store_locked_past_the_busy_timeout_is_an_error_not_a_hang(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(audit, "BUSY_TIMEOUT_S", 0.2)
-    server, path = _server(tmp_path)
+    ran: list = []
+    server, path = _server(tmp_path, ran)
     locker = _locker(path)
     try:
-        reply, _ = await asyncio.wait_for(server.dispatch(_request("status"), "local"), 30)
+        reply, _ = await asyncio.wait_for(server.dispatch(_request("propose", {"i": 1}), "local"), 30)
         assert reply["code"] == EXIT_FAIL and "database is locked" in reply["error"], reply
     finally:
         locker.execute("COMMIT")
-    reply, _ = await server.dispatch(_request("status"), "local")
-    assert reply["ok"]
+    reply, _ = await server.dispatch(_request("propose", {"i": 2}), "local")
+    assert reply["ok"] and "audit_failure" not in reply
+    await server.close()
+
+
+async def test_a_read_is_answered_and_flagged_when_its_row_cannot_be_written(tmp_path: Path, monkeypatch, capsys):
+    """On a full or locked disk `status` must still answer: it is how the operator sees why."""
+    monkeypatch.setattr(audit, "BUSY_TIMEOUT_S", 0.2)
+    ran: list = []
+    server, path = _server(tmp_path, ran)
+    locker = _locker(path)
+    try:
+        reply, _ = await asyncio.wait_for(server.dispatch(_request("status"), "local"), 30)
+    finally:
+        locker.execute("COMMIT")
+    assert reply["ok"] and "status" in ran, reply
+    assert "database is locked" in reply["audit_failure"], reply
+    assert admin._result(reply) == reply["result"]  # the client returns the result and warns on stderr
+    assert "could not record this request in its audit log: OperationalError: database is locked" \
+        in capsys.readouterr().err
     await server.close()
 
 

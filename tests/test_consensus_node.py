@@ -229,8 +229,8 @@ async def test_a_sign_state_write_failure_halts_consensus_and_keeps_the_log(tmp_
     try:
         first = await node.consensus.propose(b"stored before the failure", 30)
         os.close(node.consensus.sign_state_file._fd)  # the disk goes away under the node
-        with pytest.raises(LocalProtocolError):
-            await node.consensus.propose(b"never signed", 3)
+        with pytest.raises(LocalProtocolError, match="consensus is halted: PersistVote could not be stored"):
+            await node.consensus.propose(b"never signed", 60)  # the waiter fails with the halt, not the timeout
         status = node.consensus.status()
         assert status["halted"] and "could not be stored" in status["halted"]
         assert any(e["kind"] == "consensus_halted" for e in node.events)
