@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -310,12 +311,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chimera-up-"))
     net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns, extra_args=extra)
     print(f"starting {args.peers} peers in {workdir} (network {net.network.fingerprint()})")
-    validators = len(net.network.genesis)
-    if args.peers < validators:
-        quorum = validators * 2 // 3 + 1
-        print(f"warning: the network has {validators} genesis validators and {args.peers} peers start: "
-              + ("the log commits nothing until more of them run" if args.peers < quorum
-                 else "one more crash stops the log") + f" (a quorum needs {quorum} of equal weight)")
+    warning = net.quorum_warning(args.peers)
+    if warning:
+        print(f"warning: {warning}")
+    restart = args.restart == "on-failure"
+    all_down = False
     try:
         net.start()
         for p in net.peers:
@@ -332,10 +332,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             print("press Ctrl-C to stop all peers", flush=True)
+            nonlocal all_down
             while not stop.is_set():
-                if not all(p.alive() for p in net.peers):
-                    dead = [p.index for p in net.peers if not p.alive()]
-                    print(f"peer(s) {dead} exited; see {workdir / 'logs'}", flush=True)
+                for line in net.supervise(time.monotonic(), restart_on_failure=restart):
+                    print(line, flush=True)
+                if net.running() == 0 and net.waiting_restarts() == 0:
+                    all_down = True
+                    print("no peer is running", flush=True)
                     break
                 try:
                     await asyncio.wait_for(stop.wait(), 1.0)
@@ -346,7 +349,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         codes = net.stop()
         print(f"stopped {len(codes)} peers (exit codes {codes})")
-    return EXIT_OK
+    return EXIT_FAIL if all_down and any(code != 0 for code in codes) else EXIT_OK
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -509,6 +512,10 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.add_argument("--mdns", action="store_true", help="also discover by mDNS (default: bootstrap + peer exchange)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a config field for every peer (e.g. training_digits_shard=genesis)")
+    p.add_argument("--restart", choices=("no", "on-failure"), default="no",
+                   help="on-failure: start a peer again when it crashes (exit code not 0, or a signal), "
+                        "after 1 s, doubled per crash in a row up to 30 s; either way the other peers "
+                        "keep running when one exits")
     p.set_defaults(func=cmd_up)
 
     svc = sub.add_parser("service", help="systemd unit: print it or install it")

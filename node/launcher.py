@@ -16,8 +16,12 @@ from chimera.protocol.network import Network
 from . import admin
 from .config import ConfigError
 from .keys import atomic_write, check_private, load_or_create_identity, save_network
+from .logs import printable
 
 MAX_LOCAL_PEERS = 64  # `chimera up --peers N` / `chimera demo --peers N`: N in 1..64
+RESTART_FIRST_DELAY_S = 1.0  # `chimera up --restart on-failure`: the first restart's delay,
+RESTART_MAX_DELAY_S = 30.0  # doubled for each crash in a row up to this,
+STABLE_UPTIME_S = 60.0  # and back to the first delay once a peer has run this long
 
 
 class LaunchError(ConfigError, ValueError):
@@ -34,9 +38,16 @@ class PeerProcess:
     status: dict = field(default_factory=dict)
     term_sent: bool = False
     python: str = sys.executable  # the interpreter (and so the installation) the peer runs in
+    started_s: float = 0.0  # time.monotonic() of the last start
+    exit_seen: bool = False  # its exit since the last start was reported (LocalNetwork.supervise)
+    crashes_in_row: int = 0  # exits other than a clean stop without STABLE_UPTIME_S between them
+    restart_at_s: float | None = None  # time.monotonic() of a scheduled restart
 
     def start(self) -> None:
         self.term_sent = False
+        self.exit_seen = False
+        self.restart_at_s = None
+        self.started_s = time.monotonic()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -181,7 +192,94 @@ class LocalNetwork:
             time.sleep(interval_s)
         return predicate()
 
+    def quorum_warning(self, running: int) -> str | None:
+        """What ``running`` peers mean for the log when every peer is a genesis validator of
+        equal weight: None when a crash more is still tolerated, else one line."""
+        validators = len(self.network.genesis)
+        if validators == 0 or running >= validators:
+            return None
+        quorum = validators * 2 // 3 + 1
+        what = ("the log commits nothing until more of them run" if running < quorum
+                else "one more crash stops the log" if running == quorum else None)
+        if what is None:
+            return None
+        return f"{running} of the network's {validators} genesis validators run: {what} " \
+               f"(a quorum needs {quorum} of equal weight)"
+
+    def running(self) -> int:
+        return sum(p.alive() for p in self.peers)
+
+    def supervise(self, now_s: float, restart_on_failure: bool = False) -> list[str]:
+        """Look at every peer once (``chimera up`` calls it each second); returns lines to show.
+
+        A peer that exited is reported once, with its exit status, uptime and last log
+        line; the others keep running. With ``restart_on_failure``, a peer that did not
+        stop cleanly (a non-zero exit code or a signal; `chimera stop` exits 0) is started
+        again after RESTART_FIRST_DELAY_S, doubled for each crash in a row up to
+        RESTART_MAX_DELAY_S (a run of STABLE_UPTIME_S resets it).
+
+        Args:
+            now_s: ``time.monotonic()``.
+        """
+        lines = []
+        for p in self.peers:
+            if p.proc is None:
+                continue
+            if p.restart_at_s is not None:
+                if now_s >= p.restart_at_s:
+                    p.start()
+                    lines.append(f"peer {p.index} restarted (pid {p.proc.pid})")
+                continue
+            code = p.proc.poll()
+            if code is None or p.exit_seen:
+                continue
+            p.exit_seen = True
+            uptime_s = max(0.0, now_s - p.started_s)
+            if uptime_s >= STABLE_UPTIME_S:
+                p.crashes_in_row = 0
+            failed = code != 0
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+            line = f"peer {p.index} {'exited' if failed else 'stopped'} ({how}) after {uptime_s:.0f} s"
+            if failed:
+                last = last_log_line(p.log_path)
+                line += (f"; last log line: {last}" if last else "") + f"; log: {p.log_path}"
+            if failed and restart_on_failure:
+                delay_s = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** p.crashes_in_row)
+                p.crashes_in_row += 1
+                p.restart_at_s = now_s + delay_s
+                line += f"; restarting in {delay_s:g} s"
+            lines.append(line)
+            running = self.running()
+            lines.append(f"{running} of {len(self.peers)} peers running")
+            warning = self.quorum_warning(running)
+            if warning and not (failed and restart_on_failure):
+                lines.append(f"warning: {warning}")
+        return lines
+
+    def waiting_restarts(self) -> int:
+        return sum(p.restart_at_s is not None for p in self.peers)
+
     def stop(self) -> list[int | None]:
         for p in self.peers:
+            p.restart_at_s = None
             p.terminate()
         return [p.stop() for p in self.peers]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def last_log_line(path: Path, tail_bytes: int = 4096) -> str:
+    """The last non-empty line of a peer's log (at most 200 printable characters; '' if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return printable(lines[-1])[:200] if lines else ""

@@ -108,3 +108,62 @@ def test_network_init_token_and_key_files(tmp_path: Path):
     assert chimera("network", "init", "--data-dir", str(d)).returncode == 2  # no silent replace
     assert chimera("network", "token", "--data-dir", str(d)).stdout.strip() == token
     assert (os.stat(d / "network.token").st_mode & 0o777) == 0o600
+
+
+@pytest.mark.slow
+def test_up_keeps_the_others_running_reports_each_exit_and_restarts_a_crashed_peer(tmp_path: Path):
+    """`chimera up`: one peer's death is reported (status, last log line) and the others keep
+    running; with --restart on-failure a SIGKILLed peer comes back under its identity; a
+    cleanly stopped one (SIGTERM, exit 0) is not restarted; when none is left, up ends."""
+    import signal
+
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen([sys.executable, "-m", "chimera.node", "up", "--peers", "3", "--workdir", str(workdir),
+                             "--restart", "on-failure", *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines: list[str] = []
+
+    def read_until(prefix: str) -> str:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                return line
+        pytest.fail(f"up ended before {prefix!r}: {proc.wait()}\n" + "\n".join(lines) + proc.stderr.read())
+
+    def status(i: int) -> dict:
+        return admin.call(workdir / f"peer-{i}", "status", timeout_s=10)
+
+    try:
+        read_until("press Ctrl-C")
+        victim = status(1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        line = read_until("peer 1 exited")
+        assert "(killed by SIGKILL)" in line and "restarting in 1 s" in line and "peer-1.log" in line, line
+        assert read_until("2 of 3 peers running")
+        assert read_until("peer 1 restarted")
+        assert wait_until(lambda: _answers(workdir / "peer-1"), timeout_s=60)
+        again = status(1)
+        assert again["peer_id"] == victim["peer_id"] and again["pid"] != victim["pid"]
+        for i in (0, 2, 1):  # clean stops: reported, never restarted
+            os.kill(status(i)["pid"], signal.SIGTERM)
+            assert "(exit code 0)" in read_until(f"peer {i} stopped")
+        read_until("no peer is running")
+        lines += [line.rstrip("\n") for line in proc.stdout]  # (communicate() would skip what is buffered)
+        proc.wait(60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (lines, err)
+    assert not any("restarted" in line for line in lines[lines.index("peer 1 restarted (pid "
+                                                                     f"{again['pid']})") + 1:]), lines
+    assert "stopped 3 peers (exit codes [0, 0, 0])" in lines[-1] and "Traceback" not in err, (lines, err)
+
+
+def _answers(data_dir: Path) -> bool:
+    try:
+        admin.call(data_dir, "status", timeout_s=5)
+        return True
+    except admin.AdminError:
+        return False
