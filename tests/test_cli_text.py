@@ -73,7 +73,7 @@ def test_up_passes_settings_to_every_peer_and_warns_below_a_quorum(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = _wait_for_line(proc, "press Ctrl-C")
     try:
-        assert "warning: the network has 4 genesis validators and 2 peers start: the log commits nothing" in seen
+        assert "warning: 2 of the network's 4 genesis validators run: the log commits nothing" in seen
         from chimera.node import admin
 
         deadline = time.monotonic() + 30
