@@ -101,6 +101,9 @@ CHECKPOINT_FILES_KEPT = 3
 """Checkpoint files kept per job (older rounds keep their SQLite row, not the file)."""
 CHECKPOINT_RETRY_S = 30.0
 """Seconds between tries to write again a checkpoint whose write failed (the model is kept in memory)."""
+CHECKPOINT_FAILURE_LOG_INTERVAL_S = 300.0
+"""During one checkpoint outage, the first failure is logged as an error and then at most one
+warning per this many seconds (each later round and retry fails too; all are counted)."""
 EVENT_KINDS = {"round_started", "round_committed", "job_finished", "aggregate_mismatch", "model_fetched",
                "sklearn_version_mismatch",
                "local_failed", "waiting_weight_table"}
@@ -385,6 +388,8 @@ class JobState:
     #   in memory: export serves it, a retry writes it; a later round's checkpoint supersedes it)
     checkpoint_error: str | None = None  # why the last checkpoint write failed (None once one succeeds)
     checkpoint_failures: int = 0  # failed checkpoint writes of this job (retries included)
+    checkpoint_logged_s: float = -math.inf  # time.monotonic() of the last log line about a failed write
+    checkpoint_failures_logged: int = 0  # checkpoint_failures at that line
     retry_at: float = math.inf  # monotonic time of the next try to write ``unsaved``
 
     def checkpoint_doc(self) -> dict:
@@ -888,11 +893,17 @@ class TrainingService:
         state.checkpoint_error = state.last_error = f"checkpoint of round {action.round} not written: {why}"
         if state.unsaved is None or state.unsaved.round <= action.round:
             state.unsaved = action  # the newest certified model is what a restart or an export needs
-        state.retry_at = time.monotonic() + CHECKPOINT_RETRY_S
+        now = time.monotonic()
+        state.retry_at = now + CHECKPOINT_RETRY_S
         self._wake.set()
-        (log.error if first else log.warning)(
-            "training job %s: %s; the model stays in memory, retried in %g s", state.job_id.hex()[:16],
-            state.checkpoint_error, CHECKPOINT_RETRY_S)
+        if first or now - state.checkpoint_logged_s >= CHECKPOINT_FAILURE_LOG_INTERVAL_S:
+            # the first failure of an outage, then one line per interval (not per round or retry)
+            since = "" if first else \
+                f" ({state.checkpoint_failures - state.checkpoint_failures_logged} failed writes since the last report)"
+            (log.error if first else log.warning)(
+                "training job %s: %s%s; the model stays in memory, retried every %g s", state.job_id.hex()[:16],
+                state.checkpoint_error, since, CHECKPOINT_RETRY_S)
+            state.checkpoint_logged_s, state.checkpoint_failures_logged = now, state.checkpoint_failures
         if first:  # once per outage, not per retry
             self.node.emit_event("checkpoint_failed", self.node.peer_id, priority="warning",
                                  job=state.job_id.hex()[:16], round=action.round, detail=why[:200])
@@ -906,6 +917,7 @@ class TrainingService:
             state.retry_at = math.inf
         if state.unsaved is None and state.checkpoint_error is not None:
             state.checkpoint_error = None
+            state.checkpoint_logged_s = -math.inf  # a next outage is reported at once
             self.counters["training_checkpoint_recovered"] += 1
             log.info("training job %s: checkpoints are written again (round %d)", state.job_id.hex()[:16], number)
         for (old,) in self.store.db.execute("SELECT path FROM fl_checkpoints WHERE job_id=? AND round<=? "

@@ -476,7 +476,7 @@ def test_a_store_from_before_rule_started_rounds_is_migrated_and_its_old_checkpo
     store.close()
 
 
-def test_a_failed_checkpoint_write_loses_nothing_and_the_job_still_finishes(tmp_path):
+def test_a_failed_checkpoint_write_loses_nothing_and_the_job_still_finishes(tmp_path, caplog):
     """A checkpoint write that fails for real (here the checkpoint directory's parent is a
     regular file; as root, a chmod would not stop the write) must not leave the round without
     its digest: the round is listed all the same (``saved`` false), the model stays in memory
@@ -552,6 +552,8 @@ def test_a_failed_checkpoint_write_loses_nothing_and_the_job_still_finishes(tmp_
         assert "not written" in doc["last_error"] and "in memory only" in cli_train.status_text({"jobs": [doc]})
         assert state.retry_at < float("inf") and "job_finished" in events
         assert events.count("checkpoint_failed") == 1  # one warning per outage, not per round or retry
+        lines = [r for r in caplog.records if r.name == "chimera.training" and "not written" in r.getMessage()]
+        assert [r.levelname for r in lines] == ["ERROR"], lines  # and one log line per outage (per 300 s)
         exported = svc.export(None)  # the committed model is not lost: served from memory
         assert exported["round"] == rounds and exported["digest"] == doc["rounds"][-1]["digest"]
         assert svc._checkpoint_of(job_id, job) is None  # rows without a file are not resumed from
