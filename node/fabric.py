@@ -47,12 +47,22 @@ core. The protocol is in docs/PROTOCOL.md §18; in short:
 wasmtime is imported lazily, when the first agent or task runs (or at start
 when agents were deployed before a restart), so an idle peer stays small.
 Events: ``task_dispatched``, ``task_completed``, ``agent_swapped``.
+
+**Task records.** Each task submitted here is written to the store's
+``fabric_tasks`` table (:class:`~chimera.node.store.TaskRecords`) when it is
+submitted and when it ends, by one writer thread with its own connection (never
+on the event loop; the same ``MAX_TASKS_KEPT`` bound as in memory). At start the
+records are read back: a finished task shows as it did, one that was still
+``running`` is ``failed`` with reason ``interrupted`` (its placement state is
+gone). A write the store refuses (disk full) is counted
+(``fabric_task_record_errors``) and logged; the task goes on in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import math
 import os
@@ -71,7 +81,7 @@ import msgpack
 
 from chimera.consensus.quorum import CertificateError, WeightTable
 from chimera.consensus.reputation import ObservationKind
-from chimera.consensus.votes import RULES, BallotVote
+from chimera.consensus.votes import RULES, BallotVote, VoteCertificate
 from chimera.fabric.digests import error_digest, result_digest
 from chimera.fabric.modules import (
     BadOffset,
@@ -122,12 +132,13 @@ from chimera.fabric.wire import (
 from chimera.protocol.envelope import Envelope
 from chimera.protocol.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from chimera.protocol.membership import MemberState
-from chimera.protocol.messages import encode_fields
+from chimera.protocol.messages import decode_fields, encode_fields
 from chimera.protocol.ratelimit import TokenBucket
 
 from . import admin as admin_api
 from .actors import Actor, wait_event
 from .metrics import LatencyHistogram
+from .store import TaskRecords
 
 log = logging.getLogger("chimera.fabric.node")
 
@@ -140,6 +151,9 @@ DEFAULT_FUEL = 1_000_000_000
 LOCAL_CALL_INPUT_BYTES = 4 << 20  # agents_call runs here: the sandbox's own stdin limit (no envelope)
 DEFAULT_TASK_MEMORY_BYTES = 64 << 20
 DEFAULT_WALL_TIME_S = 10.0
+RECORD_WAIT_S = 5.0  # tasks_submit waits at most this long for the task's record; close() for the writer
+MAX_RECORD_HISTORY_BYTES = 4 << 20  # a stored record's placement/results/observations (larger: unreadable)
+INTERRUPTED_DETAIL = "the submitting node restarted before the result was agreed"
 
 
 def _wall_ms() -> int:
@@ -202,6 +216,8 @@ class _Submitted:
     input_bytes: int | None = None
     module_pinned: bool = True  # in the module store until the task ends (FabricService._release)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    seq: int = 0  # submission order on this node (kept across restarts: the record's seq)
+    saved: asyncio.Future | None = None  # the last record write queued (None: none, or no records)
 
 
 class FabricActor(Actor):
@@ -265,8 +281,172 @@ class FabricService:
         self._advertised_to: set[str] = set()
         self._task_seq = 0
         self._closed = False
+        # task records: one writer thread (writes stay in order), its own connection to the store
+        self._records_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fabric-records")
+        self._records_closed: asyncio.Future | None = None
+        self._records = self._open_records()
 
     # ------------------------------------------------------------ set-up
+
+    def _open_records(self) -> TaskRecords | None:
+        """Open the task records and load them into ``self.tasks`` (None: the store could not be
+        read; counted, logged, and the fabric runs without records)."""
+        try:
+            records = TaskRecords(self.node.store.path)
+        except sqlite3.Error as exc:
+            self.counters["fabric_task_record_errors"] += 1
+            log.error("cannot open the task records in %s (tasks are kept in memory only): %s",
+                      self.node.store.path, exc)
+            return None
+        try:
+            rows = records.load(MAX_TASKS_KEPT)
+        except sqlite3.Error as exc:
+            self.counters["fabric_task_record_errors"] += 1
+            log.error("cannot read the task records in %s: %s", self.node.store.path, exc)
+            rows = []
+        interrupted = []
+        for row in rows:
+            try:
+                rec = self._task_of_record(row)
+            except Exception as exc:  # noqa: BLE001 - a damaged row is skipped, never a failed start
+                self.counters["fabric_task_records_unreadable"] += 1
+                log.error("skipping an unreadable task record %.64r: %s", row.get("task_id"), exc)
+                continue
+            if rec.state == "running":
+                rec.state, rec.failure, rec.finished_ms = "failed", ("interrupted", INTERRUPTED_DETAIL), _wall_ms()
+                interrupted.append(rec)
+            self.tasks[rec.task_id] = rec
+            self._task_seq = max(self._task_seq, rec.seq)
+        self._records = records
+        for rec in interrupted:
+            self.counters["fabric_tasks_interrupted"] += 1
+            log.warning("task %s was running when this node stopped: failed (interrupted)", rec.task_id)
+            self._save_record(rec)
+        if rows:
+            log.info("loaded %d task records (%d interrupted)", len(self.tasks), len(interrupted))
+        return records
+
+    def _record_of(self, rec: _Submitted) -> dict:
+        """The stored form of ``rec`` (store.TASK_RECORD_COLUMNS), built on the event loop."""
+        req, a = rec.req, rec.accepted
+        pack = functools.partial(msgpack.packb, use_bin_type=True)
+        return {
+            "task_id": rec.task_id, "seq": rec.seq, "module_sha256": rec.module_sha256,
+            "requirements": pack({"fuel": req.fuel, "memory_bytes": req.memory_bytes,
+                                  "wall_time_s": float(req.wall_time_s), "gpus": req.gpus,
+                                  "gpu_memory_bytes": req.gpu_memory_bytes, "replicas": req.replicas,
+                                  "rule": req.rule,
+                                  "threshold": None if req.threshold is None else str(req.threshold)}),
+            "input_bytes": len(rec.input) if rec.input_bytes is None else rec.input_bytes,
+            "submitted_ms": rec.submitted_ms, "finished_ms": rec.finished_ms, "state": rec.state,
+            "outcome": rec.outcome, "exit_code": rec.exit_code, "stdout": rec.stdout,
+            "digest": None if a is None else a.digest,
+            "certificate": None if a is None else pack(encode_fields(a.certificate)),
+            "acceptance": None if a is None else pack({"epoch": a.table.epoch, "weights": dict(a.table.weights),
+                                                       "agreeing": list(a.agreeing),
+                                                       "disagreeing": list(a.disagreeing)}),
+            "failure_reason": None if rec.failure is None else rec.failure[0],
+            "failure_detail": None if rec.failure is None else rec.failure[1],
+            "history": pack({"placement": rec.dispatches, "observations": rec.observations,
+                             "results": [{k: v for k, v in r.items() if not k.startswith("_")}
+                                         for r in rec.results.values()],
+                             "latency_s": rec.latency_s}),
+        }
+
+    def _task_of_record(self, row: dict) -> _Submitted:
+        """A task as it was stored (the inverse of :meth:`_record_of`); an accepted result's
+        certificate is verified again.
+
+        Raises:
+            ValueError, TypeError, KeyError, LocalProtocolError, RemoteProtocolError (a
+            certificate that does not decode or verify), msgpack errors: a damaged record.
+        """
+        def typed(name: str, kind: type, optional: bool = False):
+            value = row[name]
+            if value is None and optional:
+                return None
+            if type(value) is not kind:
+                raise ValueError(f"{name} is {type(value).__name__}, not {kind.__name__}")
+            return value
+
+        def unpack(name: str, optional: bool = False):
+            blob = typed(name, bytes, optional)
+            if blob is None:
+                return None
+            if len(blob) > MAX_RECORD_HISTORY_BYTES:
+                raise ValueError(f"{name} is {len(blob)} bytes")
+            value = msgpack.unpackb(blob, raw=False, strict_map_key=True)
+            if name != "certificate" and type(value) is not dict:
+                raise ValueError(f"{name} is not a map")
+            return value
+
+        task_id = typed("task_id", str)
+        if not 0 < len(task_id) <= 128:
+            raise ValueError("task id length")
+        sha = check_hash_name(typed("module_sha256", str))
+        r = unpack("requirements")
+        threshold = r.get("threshold")
+        req = TaskRequirements(fuel=r["fuel"], memory_bytes=r["memory_bytes"], wall_time_s=r["wall_time_s"],
+                               gpus=r["gpus"], gpu_memory_bytes=r["gpu_memory_bytes"], replicas=r["replicas"],
+                               rule=r["rule"], threshold=None if threshold is None else Fraction(str(threshold)))
+        state = typed("state", str)
+        outcome = typed("outcome", str, optional=True)
+        if state not in ("running", "accepted", "failed") or outcome not in (None, "ok", "error"):
+            raise ValueError(f"state {state[:16]!r} / outcome {str(outcome)[:16]!r}")
+        stdout = typed("stdout", bytes)
+        if len(stdout) > MAX_TASK_OUTPUT_BYTES:
+            raise ValueError(f"stdout of {len(stdout)} bytes")
+        reason, detail = typed("failure_reason", str, optional=True), typed("failure_detail", str, optional=True)
+        history = unpack("history")
+        placement, observations, results = history["placement"], history["observations"], history["results"]
+        if not all(type(v) is list for v in (placement, observations, results)) or \
+                not all(type(x) is dict for x in (*placement, *observations, *results)):
+            raise ValueError("history is not lists of maps")
+        latency = history.get("latency_s")
+        if latency is not None and type(latency) is not float:
+            raise ValueError("latency_s")
+        rec = _Submitted(task_id, sha, b"", req, typed("submitted_ms", int), 0.0, state=state,
+                         dispatches=placement, observations=observations, stdout=stdout,
+                         exit_code=typed("exit_code", int, optional=True), outcome=outcome,
+                         failure=None if reason is None else (reason, detail or ""),
+                         finished_ms=typed("finished_ms", int, optional=True), latency_s=latency,
+                         input_bytes=typed("input_bytes", int), module_pinned=False, seq=typed("seq", int))
+        rec.results = {str(x.get("peer_id")): x for x in results}
+        if outcome is not None:  # an agreed result: its certificate must stand on its own again
+            digest = typed("digest", bytes)
+            cert = decode_fields(VoteCertificate, unpack("certificate"), "certificate")
+            acc = unpack("acceptance")
+            table = WeightTable(acc["epoch"], acc["weights"])
+            verify_task_certificate(cert, table, self.network_id, task_id, submitter=self.peer_id)
+            if cert.choice != digest:
+                raise ValueError("the certificate is for another digest")
+            rec.accepted = TaskAccepted(task_id, digest, cert, table, tuple(acc["agreeing"]),
+                                        tuple(acc["disagreeing"]))
+            if (state == "accepted") != (outcome == "ok") or (outcome == "error" and rec.failure is None):
+                raise ValueError(f"state {state} does not go with outcome {outcome}")
+        elif state != "running" and rec.failure is None:
+            raise ValueError(f"a {state} task without a result or a failure")
+        rec.done.set()
+        return rec
+
+    def _save_record(self, rec: _Submitted) -> None:
+        """Queue a write of ``rec``'s record (the writer thread; in order). A failure is counted
+        (``fabric_task_record_errors``) and logged; the task itself goes on in memory."""
+        if self._records is None or self._closed:
+            return
+        record = self._record_of(rec)
+        fut = self.loop.run_in_executor(self._records_pool,
+                                        functools.partial(self._records.save, record, keep=MAX_TASKS_KEPT))
+
+        def written(f: asyncio.Future) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:
+                self.counters["fabric_task_record_errors"] += 1
+                log.error("could not write the record of task %s (%s; kept in memory only): %s",
+                          rec.task_id, rec.state, exc)
+
+        fut.add_done_callback(written)
+        rec.saved = fut
 
     def _make_probe(self):
         n = self.config.fabric_probe_gpus
@@ -357,6 +537,11 @@ class FabricService:
                 await wait_event(self._wake, delay)
         finally:
             self.close()
+            if self._records_closed is not None:  # the last records written before the store is reused
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._records_closed), RECORD_WAIT_S)
+                except Exception as exc:  # noqa: BLE001 - closing goes on: the writes already failed or wait
+                    log.warning("the task records were not closed cleanly within %g s: %r", RECORD_WAIT_S, exc)
 
     def close(self) -> None:
         if self._closed:
@@ -364,6 +549,9 @@ class FabricService:
         self._closed = True
         self.task_pool.shutdown(wait=False, cancel_futures=True)
         self.admin_pool.shutdown(wait=False, cancel_futures=True)
+        if self._records is not None:  # after the writes queued before it (run() waits for it)
+            self._records_closed = self.loop.run_in_executor(self._records_pool, self._records.close)
+        self._records_pool.shutdown(wait=False)
         rt = self._runtime
         if rt is not None:
             rt.host.close()
@@ -775,7 +963,7 @@ class FabricService:
             raise LocalProtocolError(f"module {module_sha256[:12]} is not in this node's store")
         self._task_seq += 1
         task_id = f"t{self._task_seq}-{os.urandom(4).hex()}"
-        rec = _Submitted(task_id, module_sha256, stdin, req, _wall_ms(), time.monotonic())
+        rec = _Submitted(task_id, module_sha256, stdin, req, _wall_ms(), time.monotonic(), seq=self._task_seq)
         self.tasks[task_id] = rec
         excess = len(self.tasks) - MAX_TASKS_KEPT
         if excess > 0:  # the oldest finished ones go; running ones stay (a task always ends: timeouts)
@@ -789,6 +977,7 @@ class FabricService:
             del self.tasks[task_id]
             self._release(rec)
             raise
+        self._save_record(rec)  # (before its actions: a task that ends at once writes its end after)
         self._run_actions(actions)
         self._wake.set()
         return task_id
@@ -902,6 +1091,7 @@ class FabricService:
             rec.finished_ms, rec.latency_s = _wall_ms(), time.monotonic() - rec.submitted_mono
             self._count_outcome(rec)
             self._release(rec)
+            self._save_record(rec)
             extra = {"reason": rec.failure[0]} if rec.failure is not None else {}
             self.node.emit_event("task_completed", self.peer_id,
                                  **({"priority": "warning"} if rec.state == "failed" else {}),
@@ -921,6 +1111,7 @@ class FabricService:
             rec.latency_s = time.monotonic() - rec.submitted_mono
             self._count_outcome(rec)
             self._release(rec)
+            self._save_record(rec)
             self.node.emit_event("task_completed", self.peer_id, priority="warning", task_id=a.task_id,
                                  state="failed", reason=a.reason)
             rec.done.set()
@@ -1316,6 +1507,12 @@ def admin_handlers(node) -> dict:
         except (LocalProtocolError, ValueError, ZeroDivisionError) as exc:
             raise admin_api.AdminError(str(exc)) from None
         rec = svc.tasks[task_id]
+        saved = rec.saved
+        if saved is not None:  # the submission's record is durable before its id is answered
+            try:
+                await asyncio.wait_for(asyncio.shield(saved), RECORD_WAIT_S)
+            except Exception:  # noqa: BLE001 - timed out, or refused: counted and logged by _save_record
+                pass  # (the task runs in memory either way)
         if wait:
             try:
                 await asyncio.wait_for(rec.done.wait(), wait_s)

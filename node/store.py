@@ -7,7 +7,13 @@ consensus log: ``blocks`` (every committed height with its certificate),
 shared state at each epoch boundary), ``epochs`` (each epoch's weight table),
 ``evidence`` and ``blobs`` (older releases kept the last signed vote state
 there). A commit and everything derived from it are written in one
-transaction, before anything is acknowledged.
+transaction, before anything is acknowledged. ``fabric_tasks`` holds the
+records of the fabric tasks submitted on this node (:class:`TaskRecords`,
+written by node/fabric.py through its own connection, off the event loop).
+
+Schema steps: every table is created with ``CREATE TABLE IF NOT EXISTS`` at
+open, so a store written by an older release gains the tables added since
+(``fabric_tasks``: added after the consensus tables) and opens as before.
 
 The last signed vote state lives in its own small file (:class:`SignStateFile`,
 the role of CometBFT's ``priv_validator_state.json``): it is written before
@@ -70,6 +76,26 @@ CREATE TABLE IF NOT EXISTS evidence (
     offender TEXT NOT NULL,
     PRIMARY KEY (height, offender)
 );
+CREATE TABLE IF NOT EXISTS fabric_tasks (
+    task_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    module_sha256 TEXT NOT NULL,
+    requirements BLOB NOT NULL,
+    input_bytes INTEGER NOT NULL,
+    submitted_ms INTEGER NOT NULL,
+    finished_ms INTEGER,
+    state TEXT NOT NULL,
+    outcome TEXT,
+    exit_code INTEGER,
+    stdout BLOB NOT NULL,
+    digest BLOB,
+    certificate BLOB,
+    acceptance BLOB,
+    failure_reason TEXT,
+    failure_detail TEXT,
+    history BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fabric_tasks_by_seq ON fabric_tasks(seq);
 """
 
 
@@ -271,6 +297,77 @@ class Store:
     def epoch_tables(self) -> list[tuple[int, int, bytes]]:
         return [(int(e), int(h), bytes(w)) for e, h, w in
                 self.db.execute("SELECT epoch, from_height, weights FROM epochs ORDER BY epoch")]
+
+
+TASK_RECORD_COLUMNS = ("task_id", "seq", "module_sha256", "requirements", "input_bytes", "submitted_ms",
+                       "finished_ms", "state", "outcome", "exit_code", "stdout", "digest", "certificate",
+                       "acceptance", "failure_reason", "failure_detail", "history")
+"""The columns of a ``fabric_tasks`` record, the keys of the dicts :class:`TaskRecords` takes and returns."""
+
+
+class TaskRecords:
+    """The ``fabric_tasks`` table of a node's store (created by :class:`Store`), through a
+    connection of its own (``synchronous=FULL``), so that a write never runs inside a
+    transaction the event loop's connection has open.
+
+    A record is a dict with the keys of :data:`TASK_RECORD_COLUMNS`: ``seq`` orders the
+    tasks by submission; ``requirements``, ``acceptance`` and ``history`` are msgpack maps
+    and ``certificate`` the msgpack of the vote certificate (node/fabric.py encodes and
+    checks them). The connection may be used from one thread at a time (node/fabric.py:
+    at start on the event loop, then only from its record writer thread).
+
+    Raises (from the constructor):
+        sqlite3.Error: the file cannot be opened.
+    """
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+        try:
+            self.db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            self.db.close()
+            raise
+
+    def save(self, record: dict, *, keep: int) -> None:
+        """Insert or replace ``record`` (by task id), then delete the oldest records that are not
+        ``running`` beyond the newest ``keep`` (>= 1) records, in one transaction; durable when it
+        returns.
+
+        Raises:
+            KeyError: ``record`` lacks a column.
+            sqlite3.Error: the store refused the write (disk full, locked beyond the busy timeout,
+                read-only); nothing of it was written.
+        """
+        values = tuple(record[c] for c in TASK_RECORD_COLUMNS)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(f"INSERT OR REPLACE INTO fabric_tasks({', '.join(TASK_RECORD_COLUMNS)}) "
+                            f"VALUES({', '.join('?' * len(TASK_RECORD_COLUMNS))})", values)
+            (count,) = self.db.execute("SELECT COUNT(*) FROM fabric_tasks").fetchone()
+            if count > keep:
+                self.db.execute("DELETE FROM fabric_tasks WHERE task_id IN (SELECT task_id FROM fabric_tasks "
+                                "WHERE state != 'running' ORDER BY seq LIMIT ?)", (count - keep,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            raise
+
+    def load(self, limit: int) -> list[dict]:
+        """The newest ``limit`` records by ``seq``, oldest first (values as SQLite stores them:
+        the caller checks their types).
+
+        Raises:
+            sqlite3.Error: the table cannot be read.
+        """
+        rows = self.db.execute(f"SELECT {', '.join(TASK_RECORD_COLUMNS)} FROM fabric_tasks "
+                               "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(zip(TASK_RECORD_COLUMNS, row)) for row in reversed(rows)]
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class SignStateError(Exception):

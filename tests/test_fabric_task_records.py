@@ -1,0 +1,194 @@
+"""Fabric task records survive a restart of the submitting node (node/fabric.py, store table
+``fabric_tasks``): finished tasks show as before, a task running when the node stopped or was
+killed is ``failed`` (``interrupted``), a store that refuses writes (disk full) is counted and
+the task goes on in memory. Real SQLite, real nodes (in-process and an OS process killed with
+SIGKILL), real WASM modules from agents/wasm/."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from chimera.node import admin
+from chimera.node.config import NodeConfig
+from chimera.node.fabric import INTERRUPTED_DETAIL
+from chimera.node.store import TASK_RECORD_COLUMNS, Store, TaskRecords
+from conftest import async_wait_until, wait_until
+from fabric_helpers import reference_wordfreq, wasm
+from test_fabric_node import FABRIC_FAST, call
+
+# a stdout of about 60 KB: the record of its result needs new database pages
+WIDE_TEXT = b" ".join(b"w%05d" % k for k in range(6000))
+
+
+async def test_finished_tasks_show_the_same_after_a_restart(node_factory):
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("r", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    ok = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"b a b", "wait": True,
+                                           "wait_s": 60})
+    agreed_error = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 100_000,
+                                                     "wait": True, "wait_s": 60})
+    unsatisfiable = await call(node, "tasks_submit", {"sha256": ok["module_sha256"], "gpus": 2, "wait": True})
+    assert ok["state"] == "accepted" and ok["result"]["stdout"] == "2 b\n1 a\n", ok
+    assert agreed_error["state"] == "failed" and agreed_error["failure"]["agreed"], agreed_error
+    assert unsatisfiable["state"] == "failed" and unsatisfiable["failure"]["reason"] == "unsatisfiable"
+    ids = [ok["task_id"], agreed_error["task_id"], unsatisfiable["task_id"]]
+    before = {t: await call(node, "tasks_status", {"task_id": t}) for t in ids}
+    listed = (await call(node, "tasks_status", {}))["tasks"]
+    assert before[ok["task_id"]]["certificate"]["verified"] and before[ok["task_id"]]["latency_s"] > 0
+    await node.stop()
+
+    again = await node_factory("r", cfg)  # same data dir
+    for t in ids:
+        assert await call(again, "tasks_status", {"task_id": t}) == before[t]
+    assert (await call(again, "tasks_status", {}))["tasks"] == listed
+    assert again.counters["fabric_task_records_unreadable"] == 0 and again.counters["fabric_tasks_interrupted"] == 0
+    # numbering goes on after the restored tasks, and a new task is listed after them
+    assert await async_wait_until(lambda: again.fabric.own is not None, 30)
+    new = await call(again, "tasks_submit", {"sha256": ok["module_sha256"], "input": b"c", "wait": True})
+    assert new["state"] == "accepted" and new["task_id"].startswith("t4-")
+    assert [t["task_id"] for t in (await call(again, "tasks_status", {}))["tasks"]] == [*ids, new["task_id"]]
+
+
+async def test_a_task_running_when_the_node_stops_is_failed_interrupted_after_the_restart(node_factory):
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("i", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    done = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"x", "wait": True})
+    looping = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62,
+                                                "timeout_s": 600})
+    assert looping["state"] == "running"
+    assert await async_wait_until(lambda: node.fabric.running and node.fabric._runtime is not None
+                                  and node.fabric._runtime.sandbox.calls_in_flight > 0, 60)
+    await node.stop()  # the run is ended by the closing sandbox: no result is agreed
+
+    again = await node_factory("i", cfg)
+    view = await call(again, "tasks_status", {"task_id": looping["task_id"]})
+    assert view["state"] == "failed", view
+    assert view["failure"] == {"reason": "interrupted", "detail": INTERRUPTED_DETAIL, "agreed": False}
+    assert "result" not in view and "certificate" not in view and view["finished_ms"] >= view["submitted_ms"]
+    assert (await call(again, "tasks_status", {"task_id": done["task_id"]}))["state"] == "accepted"
+    assert again.counters["fabric_tasks_interrupted"] == 1
+    # the verdict is stored too: a second restart shows it without counting it again
+    assert await async_wait_until(lambda: again.fabric.tasks[looping["task_id"]].saved is not None
+                                  and again.fabric.tasks[looping["task_id"]].saved.done(), 30)
+    await again.stop()
+    third = await node_factory("i", cfg)
+    assert await call(third, "tasks_status", {"task_id": looping["task_id"]}) == view
+    assert third.counters["fabric_tasks_interrupted"] == 0
+
+
+@pytest.mark.slow
+def test_a_task_running_when_the_node_process_is_killed_shows_interrupted(tmp_path: Path):
+    """SIGKILL of the submitting node's process while its task runs: the submission's record was
+    durable before ``tasks_submit`` answered, and the restarted process reports the task failed."""
+    from chimera.node.launcher import LocalNetwork
+
+    net = LocalNetwork(tmp_path, 1, extra_args=["--set", "fabric_capacity_interval_s=0.3"])
+    try:
+        net.start()
+        assert wait_until(lambda: net.query(0, "resources")["own"] is not None, timeout_s=60)
+        done = net.query(0, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a a", "wait": True})
+        assert done["state"] == "accepted"
+        looping = net.query(0, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62, "timeout_s": 600})
+        assert wait_until(lambda: net.query(0, "tasks_status", {})["fabric"]["tasks_running"] == 1, timeout_s=60)
+        net.peers[0].kill()
+        net.restart(0)
+        view = net.query(0, "tasks_status", {"task_id": looping["task_id"]})
+        assert view["state"] == "failed" and view["failure"]["reason"] == "interrupted", view
+        again = net.query(0, "tasks_status", {"task_id": done["task_id"]})
+        assert again["state"] == "accepted" and again["result"]["stdout"] == "2 a\n"
+    finally:
+        net.stop()
+
+
+async def test_a_store_that_refuses_the_record_is_counted_and_the_task_goes_on(node_factory, caplog):
+    node = await node_factory("full", NodeConfig(**FABRIC_FAST))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    svc = node.fabric
+    sha = await asyncio.to_thread(svc.modules.put, wasm("wordfreq"))
+    db = svc._records.db  # (the writer is idle: nothing submitted yet)
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")  # SQLITE_FULL from the next new page
+    caplog.set_level(logging.ERROR, logger="chimera.fabric.node")
+    res = await call(node, "tasks_submit", {"sha256": sha, "input": WIDE_TEXT, "wait": True, "wait_s": 60})
+    assert res["state"] == "accepted" and res["result"]["stdout"].encode() == reference_wordfreq(WIDE_TEXT)
+    assert await async_wait_until(lambda: node.counters["fabric_task_record_errors"] >= 1, 30)
+    assert any("could not write the record of task" in r.getMessage() and "full" in r.getMessage()
+               for r in caplog.records)
+    assert (await call(node, "tasks_status", {"task_id": res["task_id"]}))["state"] == "accepted"
+    db.execute("PRAGMA max_page_count=1073741823")  # room again: the next records are written
+    errors = node.counters["fabric_task_record_errors"]
+    later = await call(node, "tasks_submit", {"sha256": sha, "input": WIDE_TEXT, "wait": True, "wait_s": 60})
+    assert later["state"] == "accepted"
+    rec = svc.tasks[later["task_id"]]
+    assert await async_wait_until(lambda: rec.saved.done(), 30)
+    assert node.counters["fabric_task_record_errors"] == errors
+
+
+async def test_an_unreadable_record_is_skipped_and_counted(node_factory):
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("bad", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    first = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "wait": True})
+    second = await call(node, "tasks_submit", {"sha256": first["module_sha256"], "input": b"b", "wait": True})
+    assert first["state"] == second["state"] == "accepted"
+    await node.stop()
+    db = sqlite3.connect(node.data_dir / "node.sqlite3")
+    (blob,) = db.execute("SELECT certificate FROM fabric_tasks WHERE task_id=?", (first["task_id"],)).fetchone()
+    cert = msgpack.unpackb(blob, raw=False)
+    cert["votes"][0]["signature"] = bytes(64)  # a forged vote: the certificate no longer verifies
+    db.execute("UPDATE fabric_tasks SET certificate=? WHERE task_id=?",
+               (msgpack.packb(cert, use_bin_type=True), first["task_id"]))
+    db.execute("UPDATE fabric_tasks SET history=x'c1' WHERE task_id=?", (second["task_id"],))  # not msgpack
+    db.commit()
+    db.close()
+    again = await node_factory("bad", cfg)
+    assert again.counters["fabric_task_records_unreadable"] == 2
+    assert (await call(again, "tasks_status", {}))["tasks"] == []
+    with pytest.raises(admin.AdminError):
+        await call(again, "tasks_status", {"task_id": first["task_id"]})
+
+
+def _record(task_id: str, seq: int, state: str) -> dict:
+    row = dict.fromkeys(TASK_RECORD_COLUMNS)
+    row.update(task_id=task_id, seq=seq, module_sha256="0" * 64, requirements=b"\x80", input_bytes=0,
+               submitted_ms=seq, state=state, stdout=b"", history=b"\x80")
+    return row
+
+
+def test_the_store_keeps_the_newest_finished_records_and_every_running_one(tmp_path):
+    Store(tmp_path).close()
+    records = TaskRecords(tmp_path / "node.sqlite3")
+    try:
+        records.save(_record("stuck", 1, "running"), keep=3)
+        for k in range(2, 7):
+            records.save(_record(f"t{k}", k, "accepted"), keep=3)
+        assert [r["task_id"] for r in records.load(10)] == ["stuck", "t5", "t6"]
+        records.save(_record("stuck", 1, "failed"), keep=3)  # its end: now it may go
+        records.save(_record("t7", 7, "failed"), keep=3)
+        assert [r["task_id"] for r in records.load(10)] == ["t5", "t6", "t7"]
+        assert [r["task_id"] for r in records.load(2)] == ["t6", "t7"]
+    finally:
+        records.close()
+
+
+def test_a_store_from_before_the_task_records_opens_and_gains_the_table(tmp_path):
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "node.sqlite3")
+    db.execute("DROP TABLE fabric_tasks")  # the schema of a release without task records
+    db.execute("INSERT INTO meta(key, value) VALUES('incarnation', 7)")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        assert store.get_meta("incarnation") == 7
+        assert {row[1] for row in store.db.execute("PRAGMA table_info(fabric_tasks)")} == set(TASK_RECORD_COLUMNS)
+    finally:
+        store.close()
