@@ -26,7 +26,13 @@ from test_fabric_node import FABRIC_FAST, call
 WIDE_TEXT = b" ".join(b"w%05d" % k for k in range(6000))
 
 
-async def test_finished_tasks_show_the_same_after_a_restart(node_factory):
+async def test_finished_tasks_show_the_same_after_a_restart(node_factory, capsys):
+    from chimera.node.cli import main
+
+    async def task_status_text(node, task_id: str) -> tuple[int, str]:
+        code = await asyncio.to_thread(main, ["task", "status", task_id, "--data-dir", str(node.data_dir)])
+        return code, capsys.readouterr().out
+
     cfg = NodeConfig(**FABRIC_FAST)
     node = await node_factory("r", cfg)
     assert await async_wait_until(lambda: node.fabric.own is not None, 30)
@@ -42,12 +48,15 @@ async def test_finished_tasks_show_the_same_after_a_restart(node_factory):
     before = {t: await call(node, "tasks_status", {"task_id": t}) for t in ids}
     listed = (await call(node, "tasks_status", {}))["tasks"]
     assert before[ok["task_id"]]["certificate"]["verified"] and before[ok["task_id"]]["latency_s"] > 0
+    texts = {t: await task_status_text(node, t) for t in ids}
+    assert texts[ok["task_id"]][0] == 0 and "2 b" in texts[ok["task_id"]][1]
     await node.stop()
 
     again = await node_factory("r", cfg)  # same data dir
     for t in ids:
         assert await call(again, "tasks_status", {"task_id": t}) == before[t]
     assert (await call(again, "tasks_status", {}))["tasks"] == listed
+    assert {t: await task_status_text(again, t) for t in ids} == texts  # chimera task status: the same
     assert again.counters["fabric_task_records_unreadable"] == 0 and again.counters["fabric_tasks_interrupted"] == 0
     # numbering goes on after the restored tasks, and a new task is listed after them
     assert await async_wait_until(lambda: again.fabric.own is not None, 30)
