@@ -1,8 +1,9 @@
 """ZeroMQ transport: one inbound ROUTER, one outbound DEALER per peer, CURVE + ZAP.
 
 * The ROUTER is a CURVE server with the node's own transport key. A ZAP handler
-  (``zmq.auth.asyncio``) admits only the network's client key, which is derived
-  from the join token: a process without the token cannot finish a handshake.
+  (``zmq.auth``'s checks, driven by :meth:`Transport._zap_loop`) admits only the
+  network's client key, which is derived from the join token: a process without the
+  token cannot finish a handshake.
 * Every outbound DEALER is a CURVE client with the network's client keypair and
   the peer's transport key as ``curve_serverkey``.
 * ``LINGER`` is 0 (pyzmq's default of -1 hangs shutdown), high-water marks are
@@ -18,8 +19,7 @@ from collections import Counter, OrderedDict, deque
 from typing import Callable
 
 import zmq
-import zmq.asyncio
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.base import Authenticator
 from zmq.utils import z85
 
 from chimera.protocol.network import Network
@@ -138,11 +138,10 @@ class Transport:
         recv_hwm: int,
         send_queue_max_bytes: int = DEFAULT_SEND_QUEUE_MAX_BYTES,
     ) -> None:
-        self.ctx = zmq.asyncio.Context()
+        # A plain (not zmq.asyncio) context: every socket is used with NOBLOCK and waited on
+        # through its file descriptor by this class (no futures per send or wake).
+        self.ctx = zmq.Context()
         self.ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)  # (applied when the first socket is made)
-        # Outbound sockets are only ever written with NOBLOCK, so they use a plain
-        # (synchronous) view of the same libzmq context: no futures per send.
-        self._sync_ctx = zmq.Context.shadow(self.ctx.underlying)
         self.network = network
         self.server_secret, self.server_public = server_secret, server_public
         self.client_public, self.client_secret = network.curve_client_keypair()
@@ -152,7 +151,7 @@ class Transport:
         self.max_message_bytes = max_message_bytes
         self.send_hwm, self.recv_hwm = send_hwm, recv_hwm
         self.router: zmq.Socket | None = None
-        self.auth: AsyncioAuthenticator | None = None
+        self.auth: Authenticator | None = None
         self.dealers: OrderedDict[tuple[bytes, str], zmq.Socket] = OrderedDict()
         self.unverified: OrderedDict[tuple[bytes, str], zmq.Socket] = OrderedDict()
         self.send_queue_max_bytes = send_queue_max_bytes
@@ -161,6 +160,7 @@ class Transport:
         self._pending: dict[tuple[bytes, str], _Backlog] = {}  # those with queued bytes
         self.port = 0
         self._recv_task: asyncio.Task | None = None
+        self._zap_task: asyncio.Task | None = None
         # ROUTER connection id -> the peer's IP address (libzmq's Peer-Address), learned from
         # the first frame of each connection; the newest MAX_KNOWN_CONNECTIONS are kept
         self._conn_address: OrderedDict[bytes, str] = OrderedDict()
@@ -170,15 +170,23 @@ class Transport:
         return self._conn_address.get(conn_id)
 
     async def start(self, host: str, port: int) -> int:
-        """Bind the ROUTER on ``host:port`` (0: any free port); returns the port."""
+        """Bind the ROUTER on ``host:port`` (0: any free port); returns the port.
+
+        Raises:
+            zmq.ZMQError: the address cannot be bound (e.g. ``EADDRINUSE``, a host not of
+                this machine); the transport is then closed (no task, socket or event-loop
+                reader is left behind)."""
         raise_open_files_limit()
-        self.auth = AsyncioAuthenticator(self.ctx)
+        # pyzmq's checks, our own wait (see _zap_loop): AsyncioAuthenticator's poller removed
+        # its event-loop reader of the ZAP socket's descriptor only a loop turn after stop()
+        self.auth = Authenticator(self.ctx)
         self.auth.start()
         self.auth.configure_curve_callback(
             domain="chimera", credentials_provider=_Admission(self.client_public, self.counters, self.on_drop)
         )
+        self._zap_task = asyncio.get_running_loop().create_task(self._zap_loop())
         # A plain socket: _recv_loop waits on its file descriptor itself (no futures per wake).
-        router = self._sync_ctx.socket(zmq.ROUTER)
+        router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.IPV6, 1)
         router.setsockopt(zmq.RCVHWM, self.recv_hwm)
@@ -188,13 +196,17 @@ class Transport:
         router.curve_secretkey = self.server_secret
         router.curve_publickey = self.server_public
         router.setsockopt(zmq.ZAP_DOMAIN, b"chimera")
-        endpoint_host = f"[{host}]" if ":" in host else host
-        if port:
-            router.bind(f"tcp://{endpoint_host}:{port}")
-            self.port = port
-        else:
-            self.port = router.bind_to_random_port(f"tcp://{endpoint_host}")
         self.router = router
+        endpoint_host = f"[{host}]" if ":" in host else host
+        try:
+            if port:
+                router.bind(f"tcp://{endpoint_host}:{port}")
+                self.port = port
+            else:
+                self.port = router.bind_to_random_port(f"tcp://{endpoint_host}")
+        except BaseException:
+            await self.close()
+            raise
         self._recv_task = asyncio.get_running_loop().create_task(self._recv_loop())
         return self.port
 
@@ -269,6 +281,55 @@ class Transport:
             if not router.closed:
                 loop.remove_reader(fd)
 
+    async def _zap_loop(self) -> None:
+        """Answer libzmq's ZAP requests (one per CURVE handshake into the ROUTER) with
+        ``self.auth``'s checks, waiting on the ZAP socket's file descriptor as
+        :meth:`_recv_loop` waits on the ROUTER's.
+
+        The reader is removed when this task ends, which :meth:`close` awaits before the
+        socket is closed. pyzmq's ``AsyncioAuthenticator`` removed it from a callback one
+        loop turn after ``stop()``, by descriptor number: a Transport started in the same
+        event loop in between (a node restarted in process, as tests and the simulator
+        do) could get that number for its own ZAP socket and lose its reader. Its ZAP
+        requests then went unanswered, no handshake into its ROUTER ever completed, and
+        the restarted node never heard from its peers again."""
+        auth = self.auth
+        assert auth is not None
+        sock = auth.zap_socket
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                readable.clear()  # (edge-triggered: clear, then ask EVENTS, then sleep)
+                try:
+                    while sock.getsockopt(_EVENTS) & _POLLIN:
+                        request = sock.recv_multipart(_NOBLOCK)
+                        try:
+                            await auth.handle_zap_message(request)
+                        except zmq.ZMQError:
+                            raise
+                        except Exception:  # a bug must not end authentication for good
+                            self.counters["zap_errors"] += 1
+                            log.exception("ZAP request failed")
+                            # answer it (RFC 27 status 500: the handshake fails), else the REP
+                            # socket refuses every later request
+                            sock.send_multipart([b"1.0", request[1] if len(request) > 1 else b"",
+                                                 b"500", b"internal error", b"", b""], _NOBLOCK)
+                except zmq.Again:
+                    pass
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.ETERM:
+                        return
+                    self.counters["zap_errors"] += 1
+                    log.warning("ZAP socket error: %s", exc)
+                    await asyncio.sleep(0.01)
+                    continue
+                await readable.wait()
+        finally:
+            loop.remove_reader(fd)
+
     def _learn_address(self, conn_id: bytes, part: zmq.Frame) -> None:
         try:
             address = part.get("Peer-Address")
@@ -322,7 +383,7 @@ class Transport:
             self.dealers[key] = sock
             self._trim_dealers()
             return sock
-        sock = self._sync_ctx.socket(zmq.DEALER)
+        sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.SNDHWM, self.send_hwm)
@@ -434,12 +495,14 @@ class Transport:
             self._close(key, sock)
 
     async def close(self) -> None:
-        if self._recv_task is not None:
-            self._recv_task.cancel()
-            try:
-                await self._recv_task
-            except asyncio.CancelledError:
-                pass
+        # the tasks remove their event-loop readers as they end: before the sockets close
+        for task in (self._recv_task, self._zap_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         for key, sock in [*self.dealers.items(), *self.unverified.items()]:
             self._close(key, sock)
         self.dealers.clear()
