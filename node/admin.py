@@ -29,6 +29,7 @@ import sqlite3
 import struct
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
@@ -36,7 +37,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 import msgpack
 import zmq
 import zmq.asyncio
-from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.base import Authenticator
 from zmq.utils import z85
 
 from chimera.protocol.errors import MalformedError, RemoteProtocolError
@@ -48,6 +49,7 @@ from .admin_keys import COMMAND_HELP, COMMAND_OPTIONS, AdminKeyError, KeyRing, R
 from .audit import AuditLog
 from .config import tcp_endpoint_port
 from .logs import printable
+from .transport import serve_zap
 
 log = logging.getLogger("chimera.admin")
 
@@ -646,12 +648,19 @@ class RemoteAdminServer:
         self.port = 0
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
+        self._zap_task: asyncio.Task | None = None
+        self.counters: Counter = Counter()  # zap_errors (transport.serve_zap)
 
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.auth = AsyncioAuthenticator(self.ctx)
+        # pyzmq's checks on a plain view of the same context, waited on by our own task
+        # (transport.serve_zap: AsyncioAuthenticator removed its event-loop reader a loop turn
+        # after stop(), which could take the reader of a server started in the meantime)
+        self.auth = Authenticator(zmq.Context.shadow(self.ctx.underlying))
         self.auth.start()
         self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        self._zap_task = asyncio.get_running_loop().create_task(serve_zap(self.auth, self.counters),
+                                                                name="remote-admin-zap")
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         # a request is one frame of at most MAX_REQUEST_BYTES (+ room for CURVE's framing, which
@@ -672,6 +681,7 @@ class RemoteAdminServer:
                 self.port = int(self.endpoint.rsplit(":", 1)[1])
         except zmq.ZMQError as exc:
             router.close(linger=0)
+            await _cancelled(self._zap_task)
             self.auth.stop()
             self.ctx.term()
             raise OSError(f"cannot listen for remote admin on {self.endpoint}: {exc}") from None
@@ -732,8 +742,18 @@ class RemoteAdminServer:
                 except (asyncio.CancelledError, Exception):
                     pass
         self.router.close(linger=0)
+        await _cancelled(self._zap_task)  # its reader is removed before the ZAP socket closes
         self.auth.stop()
         self.ctx.term()
+
+
+async def _cancelled(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
 
 
 # --------------------------------------------------------------------- clients

@@ -110,6 +110,59 @@ class _Admission:
         return False
 
 
+async def serve_zap(auth: Authenticator, counters: Counter) -> None:
+    """Answer libzmq's ZAP requests (one per CURVE handshake into a server socket of
+    ``auth``'s context) with ``auth``'s checks, until cancelled or the context ends;
+    waits on the ZAP socket's file descriptor as :meth:`Transport._recv_loop` waits on
+    the ROUTER's. ``auth`` must be started on a plain (not ``zmq.asyncio``) context or
+    a shadow of one; its ZAP socket is closed by ``auth.stop()`` after this returns.
+
+    The event-loop reader is removed when this coroutine ends (callers cancel and await
+    it before ``auth.stop()``). pyzmq's ``AsyncioAuthenticator`` removed it from a
+    callback one loop turn after ``stop()``, by descriptor number: a server started in
+    the same event loop in between (a node restarted in process, as tests and the
+    simulator do) could get that number for its own ZAP socket and lose its reader. Its
+    ZAP requests then went unanswered and no handshake into it ever completed.
+
+    A check that raises answers that request with ZAP status 500 (the handshake fails;
+    ``counters["zap_errors"]``) instead of ending authentication for good.
+    """
+    sock = auth.zap_socket
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    fd = sock.getsockopt(zmq.FD)
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            readable.clear()  # (edge-triggered: clear, then ask EVENTS, then sleep)
+            try:
+                while sock.getsockopt(_EVENTS) & _POLLIN:
+                    request = sock.recv_multipart(_NOBLOCK)
+                    try:
+                        await auth.handle_zap_message(request)
+                    except zmq.ZMQError:
+                        raise
+                    except Exception:  # a bug must not end authentication for good
+                        counters["zap_errors"] += 1
+                        log.exception("ZAP request failed")
+                        # answer it (RFC 27 status 500: the handshake fails), else the REP
+                        # socket refuses every later request
+                        sock.send_multipart([b"1.0", request[1] if len(request) > 1 else b"",
+                                             b"500", b"internal error", b"", b""], _NOBLOCK)
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    return
+                counters["zap_errors"] += 1
+                log.warning("ZAP socket error: %s", exc)
+                await asyncio.sleep(0.01)
+                continue
+            await readable.wait()
+    finally:
+        loop.remove_reader(fd)
+
+
 class Transport:
     """Owns the node's sockets. Not thread-safe: use from the event loop only.
 
@@ -282,53 +335,8 @@ class Transport:
                 loop.remove_reader(fd)
 
     async def _zap_loop(self) -> None:
-        """Answer libzmq's ZAP requests (one per CURVE handshake into the ROUTER) with
-        ``self.auth``'s checks, waiting on the ZAP socket's file descriptor as
-        :meth:`_recv_loop` waits on the ROUTER's.
-
-        The reader is removed when this task ends, which :meth:`close` awaits before the
-        socket is closed. pyzmq's ``AsyncioAuthenticator`` removed it from a callback one
-        loop turn after ``stop()``, by descriptor number: a Transport started in the same
-        event loop in between (a node restarted in process, as tests and the simulator
-        do) could get that number for its own ZAP socket and lose its reader. Its ZAP
-        requests then went unanswered, no handshake into its ROUTER ever completed, and
-        the restarted node never heard from its peers again."""
-        auth = self.auth
-        assert auth is not None
-        sock = auth.zap_socket
-        loop = asyncio.get_running_loop()
-        readable = asyncio.Event()
-        fd = sock.getsockopt(zmq.FD)
-        loop.add_reader(fd, readable.set)
-        try:
-            while True:
-                readable.clear()  # (edge-triggered: clear, then ask EVENTS, then sleep)
-                try:
-                    while sock.getsockopt(_EVENTS) & _POLLIN:
-                        request = sock.recv_multipart(_NOBLOCK)
-                        try:
-                            await auth.handle_zap_message(request)
-                        except zmq.ZMQError:
-                            raise
-                        except Exception:  # a bug must not end authentication for good
-                            self.counters["zap_errors"] += 1
-                            log.exception("ZAP request failed")
-                            # answer it (RFC 27 status 500: the handshake fails), else the REP
-                            # socket refuses every later request
-                            sock.send_multipart([b"1.0", request[1] if len(request) > 1 else b"",
-                                                 b"500", b"internal error", b"", b""], _NOBLOCK)
-                except zmq.Again:
-                    pass
-                except zmq.ZMQError as exc:
-                    if exc.errno == zmq.ETERM:
-                        return
-                    self.counters["zap_errors"] += 1
-                    log.warning("ZAP socket error: %s", exc)
-                    await asyncio.sleep(0.01)
-                    continue
-                await readable.wait()
-        finally:
-            loop.remove_reader(fd)
+        assert self.auth is not None
+        await serve_zap(self.auth, self.counters)
 
     def _learn_address(self, conn_id: bytes, part: zmq.Frame) -> None:
         try:

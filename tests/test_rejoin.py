@@ -155,3 +155,31 @@ async def test_a_transport_that_cannot_bind_leaves_nothing_running(network):
         await second.close()
     finally:
         await first.close()
+
+
+async def test_the_remote_admin_api_restarted_in_process_answers(tmp_path):
+    """The remote admin server had the same deferred clean-up (pyzmq's AsyncioAuthenticator):
+    a server started right after another closed in the same event loop could lose its ZAP
+    reader, and then no client's CURVE handshake completed (the client got no answer)."""
+    import asyncio
+
+    import zmq
+
+    from chimera.node import admin
+
+    secret, public = (z := zmq.curve_keypair())[1], z[0]
+    from zmq.utils import z85
+    secret, public = z85.decode(secret), z85.decode(public)
+
+    async def dispatch(body: bytes, transport: str, address=None):
+        return {"ok": True, "result": {"transport": transport}}, None
+
+    for attempt in range(3):
+        server = admin.RemoteAdminServer("tcp://127.0.0.1:0", secret, public, dispatch)
+        await server.start()
+        try:
+            client = admin.RemoteClient(f"tcp://127.0.0.1:{server.port}", public, None, timeout_s=10)
+            reply = await asyncio.to_thread(client.send_raw, b"\x80")
+            assert reply == {"ok": True, "result": {"transport": "remote"}}, (attempt, reply)
+        finally:
+            await server.close()
