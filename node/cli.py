@@ -302,7 +302,7 @@ def cmd_resources(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .launcher import LocalNetwork
+    from .launcher import LocalNetwork, PeerStartError
 
     overrides = _set_items(args.set)  # checked here, once, not by each peer's exit
     extra = [arg for item in args.set or [] for arg in ("--set", item)]
@@ -317,7 +317,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     restart = args.restart == "on-failure"
     all_down = False
     try:
-        net.start()
+        try:
+            net.start()
+        except PeerStartError as exc:
+            raise CliError(str(exc), EXIT_FAIL) from None
         for p in net.peers:
             print(f"  peer {p.index}: {p.status['peer_id']}\n"
                   f"          contact  {p.status['contact']}\n"
@@ -371,8 +374,12 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .launcher import PeerStartError
 
-    return run_demo(peers=args.peers, workdir=Path(args.workdir) if args.workdir else None, hold=args.hold)
+    try:
+        return run_demo(peers=args.peers, workdir=Path(args.workdir) if args.workdir else None, hold=args.hold)
+    except PeerStartError as exc:  # (the demo's report is printed; the cause in one line)
+        raise CliError(str(exc), EXIT_FAIL) from None
 
 
 # -------------------------------------------------------------------- parser

@@ -28,6 +28,11 @@ class LaunchError(ConfigError, ValueError):
     """The local network cannot be laid out as asked (the CLI reports a usage error, exit 2)."""
 
 
+class PeerStartError(RuntimeError):
+    """A peer process exited before it answered, or did not answer in time (the CLI reports
+    a runtime failure, exit 1, with the peer's last log line)."""
+
+
 @dataclass
 class PeerProcess:
     index: int
@@ -63,18 +68,27 @@ class PeerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, timeout_s: float = 30.0) -> dict:
-        """Wait until the node answers ``status``; returns it. RuntimeError on failure."""
+        """Wait until the node answers ``status``; returns it.
+
+        Raises:
+            PeerStartError: the process exited first (the message gives its exit status and
+                last log line), or it did not answer within ``timeout_s`` seconds.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"peer {self.index} exited; see {self.log_path}:\n"
-                                   + self.log_path.read_text()[-2000:])
+                code = self.proc.returncode if self.proc is not None else None
+                how = "" if code is None else f" ({exit_text(code)})"
+                last = last_log_line(self.log_path)
+                raise PeerStartError(f"peer {self.index} exited while starting{how}"
+                                     + (f": {last}" if last else "") + f"; log: {self.log_path}")
             try:
                 self.status = admin.call(self.data_dir, "status", timeout_s=2.0)
                 return self.status
             except admin.AdminError:
                 time.sleep(0.05)
-        raise RuntimeError(f"peer {self.index} not ready after {timeout_s} s; see {self.log_path}")
+        raise PeerStartError(f"peer {self.index} did not answer within {timeout_s:g} s of its start; "
+                             f"log: {self.log_path}")
 
     def terminate(self) -> None:
         """Send SIGTERM once (the node stops gracefully)."""
@@ -238,8 +252,7 @@ class LocalNetwork:
             if uptime_s >= STABLE_UPTIME_S:
                 p.crashes_in_row = 0
             failed = code != 0
-            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-            line = f"peer {p.index} {'exited' if failed else 'stopped'} ({how}) after {uptime_s:.0f} s"
+            line = f"peer {p.index} {'exited' if failed else 'stopped'} ({exit_text(code)}) after {uptime_s:.0f} s"
             if failed:
                 last = last_log_line(p.log_path)
                 line += (f"; last log line: {last}" if last else "") + f"; log: {p.log_path}"
@@ -266,11 +279,14 @@ class LocalNetwork:
         return [p.stop() for p in self.peers]
 
 
-def _signal_name(number: int) -> str:
+def exit_text(returncode: int) -> str:
+    """``exit code N``, or ``killed by SIGNAME`` for a negative ``Popen.returncode``."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
     try:
-        return signal.Signals(number).name
+        return f"killed by {signal.Signals(-returncode).name}"
     except ValueError:
-        return f"signal {number}"
+        return f"killed by signal {-returncode}"
 
 
 def last_log_line(path: Path, tail_bytes: int = 4096) -> str:

@@ -167,3 +167,21 @@ def _answers(data_dir: Path) -> bool:
         return True
     except admin.AdminError:
         return False
+
+
+def test_up_reports_a_peer_that_cannot_start_in_one_line(tmp_path: Path):
+    """A peer that exits while starting (here its metrics port is taken) was a traceback of
+    `chimera up`; it is one line with the peer's own reason, exit 1."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        out = chimera("up", "--peers", "2", "--workdir", str(tmp_path / "w"),
+                      "--set", f"metrics_port={taken.getsockname()[1]}")
+    finally:
+        taken.close()
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("chimera: peer 0 exited while starting (exit code 1): ") \
+        and "Address already in use" in out.stderr and out.stderr.count("\n") == 1, out.stderr
