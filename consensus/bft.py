@@ -431,9 +431,17 @@ def commit_certificate(table: WeightTable, votes: dict[str, SignedVote]) -> Quor
 
 @dataclass(frozen=True, slots=True)
 class PersistVote:
-    """Persist ``state`` durably before running the next action (it sends the signature)."""
+    """Persist ``state`` durably before running the next action (it sends the signature).
+
+    ``locked_block``: while the state holds a lock, the block it is locked on (its
+    ``block_hash`` is ``state.locked_hash``), persisted with the state (PROTOCOL.md
+    §14.12): after a restart the core must hold that block to commit it, and when no peer
+    has it (a lone validator, or every validator restarted before storing the commit) it
+    would be lost, the lock unreleasable and the log stopped for good.
+    """
 
     state: SignState
+    locked_block: Block | None = None
 
     def describe(self) -> str:
         return f"persist {self.state.describe()}"
@@ -718,6 +726,10 @@ class BftCore:
         table_height: first height of ``table`` (proposer rotation starts there).
         sign_state: the last :class:`SignState` persisted (after a restart). At its height
             (now, or once catch-up gets there) the core resumes in its round with its lock.
+        locked_block: the block persisted with ``sign_state`` (:class:`PersistVote`), or
+            None. Used only when it is the block of ``sign_state.locked_hash`` at that
+            height: the core then holds it again (it can commit it on the resent precommit,
+            and re-proposes it as its valid block, L16).
         sign_from_height: the core signs nothing (proposal or vote) at heights below this
             (default 1: no floor). A driver whose sign state was lost while its log
             survived passes the last committed height + 2: it may have signed at the
@@ -766,7 +778,7 @@ class BftCore:
                  on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None,
                  choice_key: Callable[[bytes], tuple[bytes, Any] | None] | None = None,
                  proposable: Callable[[bytes, str | None], bool] | None = None,
-                 sign_from_height: int = 1) -> None:
+                 sign_from_height: int = 1, locked_block: Block | None = None) -> None:
         if not 1 <= table_height <= height:
             raise LocalProtocolError("table_height must be in 1..height")
         if len(last_block_hash) != 32:
@@ -790,6 +802,10 @@ class BftCore:
         self._tables: list[tuple[int, ProposerSchedule]] = [(table_height, ProposerSchedule(table, table_height))]
         self._last_hash = last_block_hash
         self._sign_state = sign_state
+        self._restored_block = None  # (hash, block) of sign_state's lock, until its height is entered
+        if sign_state is not None and locked_block is not None and sign_state.locked_hash is not None \
+                and locked_block.height == sign_state.height and block_hash(locked_block) == sign_state.locked_hash:
+            self._restored_block = (sign_state.locked_hash, locked_block)
         self._actions: list[Action] = []
         self._timers: list[tuple[float, int, str, int, int]] = []
         self._timer_seq = 0
@@ -997,6 +1013,13 @@ class BftCore:
             self.round = state.round
             self.locked_round = state.locked_round
             self.locked_hash = state.locked_hash
+            restored = self._restored_block
+            if restored is not None and restored[0] == state.locked_hash:
+                # the locked block, persisted with the lock: a polka of locked_round made us
+                # lock on it, so it is also our valid block (L36) and the proposal we re-propose
+                self._blocks[restored[0]] = restored[1]
+                self.valid_round, self.valid_block = state.locked_round, restored[1]
+        self._restored_block = None if state is None or state.height <= self.height else self._restored_block
 
     def _reset_height_state(self) -> None:
         self.step = NEW_HEIGHT
@@ -1488,7 +1511,8 @@ class BftCore:
         self._sign_state = SignState(height=self.height, round=round_, step=step, block_hash=digest,
                                      valid_round=valid_round, locked_round=self.locked_round,
                                      locked_hash=self.locked_hash)
-        self._actions.append(PersistVote(self._sign_state))
+        locked = None if self.locked_hash is None else self._blocks.get(self.locked_hash)
+        self._actions.append(PersistVote(self._sign_state, locked))
         return True
 
     def _vote(self, vote_type: str, digest: bytes | None) -> None:

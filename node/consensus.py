@@ -44,6 +44,7 @@ from chimera.consensus.bft import (
     BftEvent,
     BftValues,
     BftVote,
+    Block,
     CertifiedCommit,
     Commit,
     FAULT_REASONS,
@@ -172,6 +173,7 @@ class ConsensusService:
                             height=height + 1, last_block_hash=last_hash,
                             table_height=self.ledger.table_height, sign_state=sign_state,
                             sign_from_height=self.sign_from_height,
+                            locked_block=self._load_locked_block(sign_state, height),
                             validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit,
                             choice_key=self.ledger.choice_key, proposable=self.ledger.proposable)
         # the dedupe of committed values survives a restart (a replayed value is refused)
@@ -232,6 +234,25 @@ class ConsensusService:
             self.sign_state_file.save(_pack(state))
             self.store.delete_blob(SIGN_STATE_KEY)
         return state
+
+    def _load_locked_block(self, state: SignState | None, stored_height: int) -> Block | None:
+        """The block persisted with the sign state's lock (PersistVote.locked_block), or None.
+        Its bytes are not covered by the sign-state slot's digest: a block that does not
+        decode, or whose hash is not the lock's (a write torn by a power loss), is ignored
+        (logged): the lock stays, and the block must then come from a peer."""
+        if state is None or state.locked_hash is None or state.height <= stored_height:
+            return None  # (no lock, or its height is committed and stored: nothing to resume)
+        blob = self.sign_state_file.load_extra()
+        try:
+            block = decode_fields(Block, msgpack.unpackb(blob, raw=False), "locked_block") if blob else None
+        except Exception:  # noqa: BLE001 - damaged bytes: the same as no block
+            block = None
+        if block is None or block_hash(block) != state.locked_hash or block.height != state.height:
+            log.warning("%s: this validator is locked on block %s at height %d but the block is not "
+                        "stored with the lock; it is fetched from peers", self.sign_state_file.path,
+                        state.locked_hash.hex()[:16], state.height)
+            return None
+        return block
 
     def close(self) -> None:
         self.sign_state_file.close()
@@ -414,7 +435,8 @@ class ConsensusService:
     def _run(self, action: object) -> None:
         node = self.node
         if isinstance(action, PersistVote):
-            self.sign_state_file.save(_pack(action.state))
+            locked = action.locked_block
+            self.sign_state_file.save(_pack(action.state), None if locked is None else _pack(locked))
         elif isinstance(action, Broadcast):
             node.broadcast(self.core.table.weights, action.message)  # signed once for all validators
             if node.config.test_equivocate and isinstance(action.message, BftVote) \

@@ -44,6 +44,7 @@ from chimera.consensus.bft import (
     BftConfig,
     BftCore,
     BftEvent,
+    Block,
     Broadcast,
     CertifiedCommit,
     Commit,
@@ -155,10 +156,13 @@ class BftPeer(PeerHost):
         current = [(h, t) for h, t in tables if h <= height][-1]
         raw_state = store.get(b"sign_state")
         sign_state = _unpack(SignState, raw_state) if raw_state else None
+        raw_block = store.get(b"locked_block")  # (written with the sign state, as the node does)
+        locked_block = _unpack(Block, raw_block) if raw_block else None
         now = self.clock.now()
         self.core = world.core_class(self.identity, self.network_id, current[1], world.config, now,
                                      height=height, last_block_hash=last_hash, table_height=current[0],
-                                     sign_state=sign_state, validate_value=validate_value)
+                                     sign_state=sign_state, locked_block=locked_block,
+                                     validate_value=validate_value)
         for h, table in tables:
             if h > height:
                 self.core.set_weight_table(h, table)
@@ -218,6 +222,8 @@ class BftPeer(PeerHost):
                 self.emit(outs, world.address_of)
             elif kind is PersistVote:
                 self.store.put(b"sign_state", _pack(action.state))
+                if action.locked_block is not None:
+                    self.store.put(b"locked_block", _pack(action.locked_block))
             elif kind is Commit:
                 self.store.put(b"commit/" + _h(action.height), _pack(action.commit))
                 self.committed_height = action.height

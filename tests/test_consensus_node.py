@@ -185,6 +185,79 @@ def test_sign_state_file_survives_a_torn_write_and_refuses_a_corrupt_file(tmp_pa
         SignStateFile(path)
 
 
+def test_sign_state_file_keeps_the_extra_record_of_the_state_a_torn_write_falls_back_to(tmp_path: Path):
+    """The locked block is stored beside the sign state (PersistVote.locked_block): a new
+    write never overwrites the extra record of the last complete state, so a write torn by
+    a power loss falls back to a state whose block is intact; files of older releases (no
+    locator in the slot) read with no extra record."""
+    import hashlib
+    import struct
+
+    from chimera.node.store import SignStateFile
+
+    path = tmp_path / "bft_sign_state.bin"
+    f = SignStateFile(path)
+    f.save(b"state 1", b"A" * 5000)
+    f.save(b"state 2", b"B" * 7000)  # must not land on A's bytes (slot 1's record)
+    f.save(b"state 3")  # no lock: no extra record
+    assert f.load_extra() is None
+    f.save(b"state 4", b"D" * 300)
+    f.close()
+    reopened = SignStateFile(path)
+    assert (reopened.load(), reopened.load_extra()) == (b"state 4", b"D" * 300)
+    reopened.save(b"state 5", b"E" * 9000)  # seq 5 -> slot 1; slot 0 (seq 4) keeps D
+    reopened.close()
+    raw = bytearray(path.read_bytes())
+    raw[SignStateFile.SLOT_BYTES + 20:SignStateFile.SLOT_BYTES + 60] = bytes(40)  # seq 5's slot torn
+    path.write_bytes(bytes(raw))
+    fallen_back = SignStateFile(path)
+    assert (fallen_back.load(), fallen_back.load_extra()) == (b"state 4", b"D" * 300)
+    fallen_back.close()
+    # a slot as releases before the locator wrote it: head, payload, zero padding, digest
+    legacy = tmp_path / "legacy.bin"
+    body = struct.pack(">4sQH", b"CMSS", 1, 7) + b"state 1"
+    body += bytes(SignStateFile.SLOT_BYTES - 16 - len(body))
+    legacy.write_bytes(body + hashlib.blake2b(body, digest_size=16).digest() + bytes(SignStateFile.SLOT_BYTES))
+    old = SignStateFile(legacy)
+    assert (old.load(), old.load_extra()) == (b"state 1", None)
+    old.close()
+
+
+async def test_a_lone_validator_commits_again_after_a_commit_that_could_not_be_stored(tmp_path: Path):
+    """The disk fills up between a lone validator's precommit (sign state with its lock,
+    durable) and the commit: the node halts. Before, after the disk was fixed and the node
+    restarted, it was locked on a block it no longer had, no peer could send it, and it
+    refused every other block: the log never committed again. The locked block is now
+    persisted with the lock, and the restarted node commits it, then goes on."""
+    from chimera.node.runtime import Node
+    from chimera.protocol.errors import LocalProtocolError
+
+    data_dir, net, config = _lone_validator(tmp_path)
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        first = await node.consensus.propose(b"stored", 30)
+        pages = node.store.db.execute("PRAGMA page_count").fetchone()[0]
+        node.store.db.execute(f"PRAGMA max_page_count={pages}")  # SQLITE_FULL from the next new page
+        with pytest.raises(LocalProtocolError, match="halted"):
+            for k in range(100):
+                await node.consensus.propose(b"x" * 2000 + bytes([k]), 30)
+        halted_at = node.consensus.height
+    finally:
+        await node.stop()
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        again = await node.consensus.propose(b"after the restart", 30)
+        assert again["height"] > halted_at + 1 > first["height"]  # the locked block was committed first
+        rows = node.store.decisions(1, 1000)
+        assert rows[0]["data"] == b"stored" and rows[-1]["data"] == b"after the restart"
+        locked = [r for r in rows if r["height"] == halted_at + 1]  # the block the node was locked on
+        assert locked and all(r["data"].startswith(b"x" * 2000) for r in locked), locked
+    finally:
+        await node.stop()
+
+
 async def test_sign_state_moves_from_the_sqlite_row_of_older_releases(tmp_path: Path):
     import msgpack
 
