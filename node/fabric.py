@@ -50,12 +50,17 @@ Events: ``task_dispatched``, ``task_completed``, ``agent_swapped``.
 
 **Task records.** Each task submitted here is written to the store's
 ``fabric_tasks`` table (:class:`~chimera.node.store.TaskRecords`) when it is
-submitted and when it ends, by one writer thread with its own connection (never
-on the event loop; the same ``MAX_TASKS_KEPT`` bound as in memory). At start the
-records are read back: a finished task shows as it did, one that was still
-``running`` is ``failed`` with reason ``interrupted`` (its placement state is
-gone). A write the store refuses (disk full) is counted
-(``fabric_task_record_errors``) and logged; the task goes on in memory.
+submitted (with its first dispatches), again when its dispatches change (retries:
+the tasks re-placed in one event-loop turn in one transaction) and when it ends,
+by one writer thread with its own connection (never on the event loop; the same
+``MAX_TASKS_KEPT`` bound as in memory). At start the records are read back: a
+finished task shows as it did, one that was still ``running`` is ``failed`` with
+reason ``interrupted`` (its placement state is gone; where it was dispatched is
+kept), and task ids go on from the highest stored ``seq`` (unreadable records
+included). A write the store refuses (disk full) is counted
+(``fabric_task_record_errors``) and logged; the task goes on in memory. When the
+table cannot be read at all, nothing is written to it in this run (counted and
+logged): the trim could otherwise delete records this run cannot see.
 """
 
 from __future__ import annotations
@@ -154,6 +159,9 @@ DEFAULT_WALL_TIME_S = 10.0
 RECORD_WAIT_S = 5.0  # tasks_submit waits at most this long for the task's record; close() for the writer
 MAX_RECORD_HISTORY_BYTES = 4 << 20  # a stored record's placement/results/observations (larger: unreadable)
 INTERRUPTED_DETAIL = "the submitting node restarted before the result was agreed"
+# a stored threshold is str(Fraction): "n/d" or "n"; bounded digits, so that parsing a damaged
+# record costs nothing (Fraction("1e10000000") computes a ten-million-digit integer)
+_STORED_FRACTION_TEXT = re.compile(r"\d{1,19}(/\d{1,19})?")
 
 
 def _wall_ms() -> int:
@@ -281,6 +289,8 @@ class FabricService:
         self._advertised_to: set[str] = set()
         self._task_seq = 0
         self._closed = False
+        self._placed: dict[str, _Submitted] = {}  # running tasks whose dispatches changed since their last write
+        self._placed_flush: asyncio.Handle | None = None
         # task records: one writer thread (writes stay in order), its own connection to the store
         self._records_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fabric-records")
         self._records_closed: asyncio.Future | None = None
@@ -289,8 +299,10 @@ class FabricService:
     # ------------------------------------------------------------ set-up
 
     def _open_records(self) -> TaskRecords | None:
-        """Open the task records and load them into ``self.tasks`` (None: the store could not be
-        read; counted, logged, and the fabric runs without records)."""
+        """Open the task records and load them into ``self.tasks``; task numbering goes on from the
+        highest stored ``seq``. None: the store could not be opened or read (counted, logged);
+        the fabric then keeps its tasks in memory only and writes no record in this run, so
+        that the trim of a table it cannot see never deletes the newest records."""
         try:
             records = TaskRecords(self.node.store.path)
         except sqlite3.Error as exc:
@@ -300,10 +312,17 @@ class FabricService:
             return None
         try:
             rows = records.load(MAX_TASKS_KEPT)
+            self._task_seq = records.max_seq()
         except sqlite3.Error as exc:
             self.counters["fabric_task_record_errors"] += 1
-            log.error("cannot read the task records in %s: %s", self.node.store.path, exc)
-            rows = []
+            log.error("cannot read the task records in %s (no record is written in this run; tasks are kept "
+                      "in memory only): %s", self.node.store.path, exc)
+            try:  # numbering still goes on after the stored tasks where the numbers can be read
+                self._task_seq = records.max_seq()
+            except sqlite3.Error:
+                pass
+            records.close()
+            return None
         interrupted = []
         for row in rows:
             try:
@@ -386,9 +405,13 @@ class FabricService:
         sha = check_hash_name(typed("module_sha256", str))
         r = unpack("requirements")
         threshold = r.get("threshold")
+        if threshold is not None:  # matched before Fraction sees it (see _STORED_FRACTION_TEXT)
+            if type(threshold) is not str or not _STORED_FRACTION_TEXT.fullmatch(threshold):
+                raise ValueError(f"threshold {str(threshold)[:40]!r} is not a stored fraction")
+            threshold = Fraction(threshold)  # (a zero denominator: ZeroDivisionError, unreadable)
         req = TaskRequirements(fuel=r["fuel"], memory_bytes=r["memory_bytes"], wall_time_s=r["wall_time_s"],
                                gpus=r["gpus"], gpu_memory_bytes=r["gpu_memory_bytes"], replicas=r["replicas"],
-                               rule=r["rule"], threshold=None if threshold is None else Fraction(str(threshold)))
+                               rule=r["rule"], threshold=threshold)
         state = typed("state", str)
         outcome = typed("outcome", str, optional=True)
         if state not in ("running", "accepted", "failed") or outcome not in (None, "ok", "error"):
@@ -432,21 +455,45 @@ class FabricService:
     def _save_record(self, rec: _Submitted) -> None:
         """Queue a write of ``rec``'s record (the writer thread; in order). A failure is counted
         (``fabric_task_record_errors``) and logged; the task itself goes on in memory."""
-        if self._records is None or self._closed:
+        self._save_records([rec])
+
+    def _save_records(self, recs: list[_Submitted]) -> None:
+        """Queue one write (one transaction) of the records of ``recs``; as :meth:`_save_record`."""
+        if self._records is None or self._closed or not recs:
             return
-        record = self._record_of(rec)
+        for rec in recs:  # written as they are now: a pending placement write of them is done by this one
+            self._placed.pop(rec.task_id, None)
+        records = [self._record_of(rec) for rec in recs]
         fut = self.loop.run_in_executor(self._records_pool,
-                                        functools.partial(self._records.save, record, keep=MAX_TASKS_KEPT))
+                                        functools.partial(self._records.save, *records, keep=MAX_TASKS_KEPT))
+        described = ", ".join(f"{rec.task_id} ({rec.state})" for rec in recs[:3]) + \
+            (f" and {len(recs) - 3} more" if len(recs) > 3 else "")
 
         def written(f: asyncio.Future) -> None:
             exc = None if f.cancelled() else f.exception()
             if exc is not None:
                 self.counters["fabric_task_record_errors"] += 1
-                log.error("could not write the record of task %s (%s; kept in memory only): %s",
-                          rec.task_id, rec.state, exc)
+                log.error("could not write the record of task %s; kept in memory only: %s", described, exc)
 
         fut.add_done_callback(written)
-        rec.saved = fut
+        for rec in recs:
+            rec.saved = fut
+
+    def _placement_changed(self, rec: _Submitted) -> None:
+        """``rec`` was dispatched again: its record is written at the end of this event-loop turn,
+        with every other task re-placed in the same turn (one transaction: a round of retries
+        after a peer left is one write, not one per task)."""
+        if self._records is None or self._closed:
+            return
+        self._placed[rec.task_id] = rec
+        if self._placed_flush is None:
+            self._placed_flush = self.loop.call_soon(self._flush_placed)
+
+    def _flush_placed(self) -> None:
+        self._placed_flush = None
+        recs = [r for r in self._placed.values() if r.state == "running" and self.tasks.get(r.task_id) is r]
+        self._placed.clear()  # (an ended task's record was written when it ended)
+        self._save_records(recs)
 
     def _make_probe(self):
         n = self.config.fabric_probe_gpus
@@ -977,8 +1024,11 @@ class FabricService:
             del self.tasks[task_id]
             self._release(rec)
             raise
-        self._save_record(rec)  # (before its actions: a task that ends at once writes its end after)
-        self._run_actions(actions)
+        try:
+            self._run_actions(actions)
+        finally:  # the submission's record, with its first dispatches (one that ended at once: written)
+            if rec.saved is None:
+                self._save_record(rec)
         self._wake.set()
         return task_id
 
@@ -1033,6 +1083,7 @@ class FabricService:
                                 wall_time_ms=wire_wall_time_ms(req.wall_time_s), gpu_indices=a.gpu_indices)
             rec.dispatches.append({"attempt": a.attempt, "peer_id": a.peer_id, "gpus": list(a.gpu_indices),
                                    "at_ms": _wall_ms()})
+            self._placement_changed(rec)  # (written with the submission when dispatched by it)
             self.node.emit_event("task_dispatched", self.peer_id, task_id=a.task_id, to=a.peer_id,
                                  attempt=a.attempt, gpus=list(a.gpu_indices))
             if a.peer_id == self.peer_id:

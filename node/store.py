@@ -329,21 +329,21 @@ class TaskRecords:
             self.db.close()
             raise
 
-    def save(self, record: dict, *, keep: int) -> None:
-        """Insert or replace ``record`` (by task id), then delete the oldest records that are not
-        ``running`` beyond the newest ``keep`` (>= 1) records, in one transaction; durable when it
-        returns.
+    def save(self, *records: dict, keep: int) -> None:
+        """Insert or replace each of ``records`` (by task id), then delete the oldest records (by
+        ``seq``) that are not ``running`` beyond the newest ``keep`` (>= 1) records, in one
+        transaction; durable when it returns.
 
         Raises:
-            KeyError: ``record`` lacks a column.
+            KeyError: a record lacks a column.
             sqlite3.Error: the store refused the write (disk full, locked beyond the busy timeout,
                 read-only); nothing of it was written.
         """
-        values = tuple(record[c] for c in TASK_RECORD_COLUMNS)
+        values = [tuple(record[c] for c in TASK_RECORD_COLUMNS) for record in records]
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute(f"INSERT OR REPLACE INTO fabric_tasks({', '.join(TASK_RECORD_COLUMNS)}) "
-                            f"VALUES({', '.join('?' * len(TASK_RECORD_COLUMNS))})", values)
+            self.db.executemany(f"INSERT OR REPLACE INTO fabric_tasks({', '.join(TASK_RECORD_COLUMNS)}) "
+                                f"VALUES({', '.join('?' * len(TASK_RECORD_COLUMNS))})", values)
             (count,) = self.db.execute("SELECT COUNT(*) FROM fabric_tasks").fetchone()
             if count > keep:
                 self.db.execute("DELETE FROM fabric_tasks WHERE task_id IN (SELECT task_id FROM fabric_tasks "
@@ -365,6 +365,16 @@ class TaskRecords:
         rows = self.db.execute(f"SELECT {', '.join(TASK_RECORD_COLUMNS)} FROM fabric_tasks "
                                "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [dict(zip(TASK_RECORD_COLUMNS, row)) for row in reversed(rows)]
+
+    def max_seq(self) -> int:
+        """The highest ``seq`` of every stored record, those :meth:`load` leaves out or the caller
+        cannot decode included (0: none; a value that is not an integer counts as none).
+
+        Raises:
+            sqlite3.Error: the table cannot be read.
+        """
+        (top,) = self.db.execute("SELECT MAX(seq) FROM fabric_tasks WHERE typeof(seq) = 'integer'").fetchone()
+        return top if type(top) is int and top > 0 else 0
 
     def close(self) -> None:
         self.db.close()

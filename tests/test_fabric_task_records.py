@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
+from fractions import Fraction
 from pathlib import Path
 
 import msgpack
@@ -20,7 +22,7 @@ from chimera.node.fabric import INTERRUPTED_DETAIL
 from chimera.node.store import TASK_RECORD_COLUMNS, Store, TaskRecords
 from conftest import async_wait_until, wait_until
 from fabric_helpers import reference_wordfreq, wasm
-from test_fabric_node import FABRIC_FAST, call
+from test_fabric_node import FABRIC_FAST, call, start_nodes, stop_all
 
 # a stdout of about 60 KB: the record of its result needs new database pages
 WIDE_TEXT = b" ".join(b"w%05d" % k for k in range(6000))
@@ -201,3 +203,131 @@ def test_a_store_from_before_the_task_records_opens_and_gains_the_table(tmp_path
         assert {row[1] for row in store.db.execute("PRAGMA table_info(fabric_tasks)")} == set(TASK_RECORD_COLUMNS)
     finally:
         store.close()
+
+
+def _stored(data_dir: Path) -> dict[str, dict]:
+    """The stored records of the node in ``data_dir`` by task id (a connection of the test's own)."""
+    db = sqlite3.connect(data_dir / "node.sqlite3")
+    try:
+        rows = db.execute(f"SELECT {', '.join(TASK_RECORD_COLUMNS)} FROM fabric_tasks").fetchall()
+    finally:
+        db.close()
+    return {row[0]: dict(zip(TASK_RECORD_COLUMNS, row)) for row in rows}
+
+
+async def test_a_damaged_stored_threshold_is_rejected_at_once(node_factory):
+    """A record whose threshold reads "1e10000000" held the node's start for seconds (Fraction
+    computed a ten-million-digit integer on the event loop); it is now unreadable at once, and a
+    real threshold still comes back."""
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("th", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    kept = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "threshold": "2/3",
+                                             "wait": True})
+    damaged = await call(node, "tasks_submit", {"sha256": kept["module_sha256"], "input": b"b", "wait": True})
+    assert kept["state"] == damaged["state"] == "accepted"
+    await node.stop()
+    db = sqlite3.connect(node.data_dir / "node.sqlite3")
+    (blob,) = db.execute("SELECT requirements FROM fabric_tasks WHERE task_id=?", (damaged["task_id"],)).fetchone()
+    req = msgpack.unpackb(blob, raw=False)
+    req["threshold"] = "1e10000000"
+    db.execute("UPDATE fabric_tasks SET requirements=? WHERE task_id=?",
+               (msgpack.packb(req, use_bin_type=True), damaged["task_id"]))
+    db.commit()
+    db.close()
+    started = time.monotonic()
+    again = await node_factory("th", cfg)
+    assert time.monotonic() - started < 5.0  # (about 8 s before, on this machine)
+    assert again.counters["fabric_task_records_unreadable"] == 1
+    assert again.fabric.tasks[kept["task_id"]].req.threshold == Fraction(2, 3)
+    assert [t["task_id"] for t in (await call(again, "tasks_status", {}))["tasks"]] == [kept["task_id"]]
+
+
+async def test_task_numbers_go_on_after_an_unreadable_newest_record(node_factory):
+    """The newest record is unreadable: its number is not given to the next task."""
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("seq", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    first = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "wait": True})
+    second = await call(node, "tasks_submit", {"sha256": first["module_sha256"], "input": b"b", "wait": True})
+    assert second["task_id"].startswith("t2-")
+    await node.stop()
+    db = sqlite3.connect(node.data_dir / "node.sqlite3")
+    db.execute("UPDATE fabric_tasks SET history=x'c1' WHERE task_id=?", (second["task_id"],))
+    db.commit()
+    db.close()
+    again = await node_factory("seq", cfg)
+    assert again.counters["fabric_task_records_unreadable"] == 1
+    assert await async_wait_until(lambda: again.fabric.own is not None, 30)
+    new = await call(again, "tasks_submit", {"sha256": first["module_sha256"], "input": b"c", "wait": True})
+    assert new["state"] == "accepted" and new["task_id"].startswith("t3-"), new["task_id"]
+
+
+async def test_records_that_cannot_be_read_at_all_are_left_alone(node_factory, caplog):
+    """A text value that is not UTF-8 fails the whole read of the table: the node starts without
+    records, numbers its tasks after the stored ones and writes nothing to the table in this run
+    (its trim, lowest numbers first, would otherwise delete what it cannot see)."""
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("unread", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    first = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "wait": True})
+    second = await call(node, "tasks_submit", {"sha256": first["module_sha256"], "input": b"b", "wait": True})
+    await node.stop()
+    db = sqlite3.connect(node.data_dir / "node.sqlite3")
+    db.execute("UPDATE fabric_tasks SET failure_detail=CAST(x'ff' AS TEXT) WHERE task_id=?", (second["task_id"],))
+    db.commit()
+    db.close()
+    with pytest.raises(sqlite3.OperationalError):  # (what the node's read meets)
+        _stored(node.data_dir)
+    raw = sqlite3.connect(node.data_dir / "node.sqlite3")
+    raw.text_factory = bytes
+    before = raw.execute("SELECT * FROM fabric_tasks ORDER BY seq").fetchall()
+    caplog.set_level(logging.ERROR, logger="chimera.fabric.node")
+    again = await node_factory("unread", cfg)
+    assert again.counters["fabric_task_record_errors"] == 1 and again.fabric._records is None
+    assert any("cannot read the task records" in r.getMessage() for r in caplog.records)
+    assert (await call(again, "tasks_status", {}))["tasks"] == []
+    assert await async_wait_until(lambda: again.fabric.own is not None, 30)
+    new = await call(again, "tasks_submit", {"sha256": first["module_sha256"], "input": b"c", "wait": True})
+    assert new["state"] == "accepted" and new["task_id"].startswith("t3-"), new["task_id"]
+    await again.stop()  # (any write it had queued is done)
+    try:
+        assert raw.execute("SELECT * FROM fabric_tasks ORDER BY seq").fetchall() == before
+    finally:
+        raw.close()
+
+
+async def test_an_interrupted_task_shows_where_it_was_dispatched(tmp_path):
+    """The record of a running task follows its dispatches: the submission's record has the first
+    one, a retry on the other peer is written when it is dispatched, and after a restart the
+    interrupted task still shows both (it showed none: the record was written before them)."""
+    from chimera.node.runtime import Node
+
+    nodes = await start_nodes(tmp_path, [{}, {}], genesis=False)
+    node, svc = nodes[0], nodes[0].fabric
+    try:
+        # loops until its 2 s wall time ends the attempt: deadline_exceeded, retried on the other peer
+        res = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62, "timeout_s": 2})
+        task_id = res["task_id"]
+        stored = (await asyncio.to_thread(_stored, node.data_dir))[task_id]  # durable before the answer
+        first = msgpack.unpackb(stored["history"], raw=False)["placement"]
+        assert stored["state"] == "running" and [d["attempt"] for d in first] == [1], first
+        rec = svc.tasks[task_id]
+        assert await async_wait_until(lambda: len(rec.dispatches) >= 2, 60), rec.dispatches
+        assert {d["peer_id"] for d in rec.dispatches} == {n.peer_id for n in nodes}
+        assert await async_wait_until(lambda: task_id not in svc._placed and rec.saved.done(), 30)
+        stored = (await asyncio.to_thread(_stored, node.data_dir))[task_id]
+        assert stored["state"] == "running", "ended before the test looked: the retry's write was not checked"
+        placed = msgpack.unpackb(stored["history"], raw=False)["placement"]
+        assert placed == rec.dispatches[:len(placed)] and len(placed) >= 2, placed
+        await node.stop()  # (the running attempts end with the nodes: no result is agreed)
+    finally:
+        await stop_all(nodes)
+    again = Node(node.data_dir, NodeConfig(**FABRIC_FAST), node.network)
+    await again.start()
+    try:
+        view = await call(again, "tasks_status", {"task_id": task_id})
+        assert view["failure"]["reason"] == "interrupted" and view["placement"] == placed, view
+    finally:
+        await again.stop()
+
