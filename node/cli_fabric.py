@@ -1,7 +1,7 @@
 """``chimera agent ...`` and ``chimera task ...``: the execution fabric from the command line.
 
-Each command is one admin call to the local node (``--data-dir``); ``--json``
-prints the node's answer as is. Module files are read here (at most 16 MiB)
+Each command is one admin call to the local node (``--data-dir``; ``task submit
+--wait`` then polls ``tasks_status``); ``--json`` prints the node's answer as is. Module files are read here (at most 16 MiB)
 and sent in the request; a 64-hex-digit argument that is not a file names a
 module already in the node's store.
 """
@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -165,15 +168,46 @@ def task_exit_code(t: dict) -> int:
 
 
 def cmd_task_submit(args: argparse.Namespace) -> int:
+    """Submit; with ``--wait`` the task id goes to stderr at once (stdout keeps one document),
+    then the task is polled (``tasks_status``) until it ends or ``--wait-s`` pass."""
     cli = _cli()
     cargs = {**_module_args(args.module), **_input_args(args), "replicas": args.replicas,
-             "rule": args.rule, "gpus": args.gpus, "fuel": args.fuel, "timeout_s": args.timeout_s,
-             "wait": args.wait, "wait_s": args.wait_s}
+             "rule": args.rule, "gpus": args.gpus, "fuel": args.fuel, "timeout_s": args.timeout_s}
     if args.memory_mib is not None:
         cargs["memory_bytes"] = args.memory_mib << 20
-    res = cli._call(args, "tasks_submit", cargs, timeout_s=args.wait_s + 10 if args.wait else 60.0)
+    deadline = time.monotonic() + args.wait_s
+    res = cli._call(args, "tasks_submit", cargs, timeout_s=60.0)
+    if args.wait and res["state"] == "running":
+        print(f"task {res['task_id']} submitted; waiting up to {args.wait_s:g} s for its result",
+              file=sys.stderr, flush=True)
+        res = _wait_for_task(args, res["task_id"], deadline)
     cli._show(args, "tasks_submit", res)
     return task_exit_code(res)
+
+
+def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> dict:
+    """The task's view once it is no longer ``running``, or when ``deadline`` (monotonic) has
+    passed. Polls ``tasks_status`` every 0.05 s at first, then less often (at most 1 s apart).
+
+    Raises:
+        CliError: the node went away or refused the call; the message names the task and how to
+            look it up once the node runs again (exit 3 when no node answers).
+    """
+    cli = _cli()
+    pause_s = 0.05
+    while True:
+        try:
+            res = cli._call(args, "tasks_status", {"task_id": task_id}, timeout_s=10.0)
+        except cli.CliError as exc:
+            again = f"chimera task status {task_id}" + (f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else "")
+            raise cli.CliError(f"{exc} while waiting for task {task_id}; once the node runs again, "
+                               f"`{again}` shows it (failed: interrupted if the node stopped before its "
+                               "result was agreed)", exc.code) from None
+        left_s = deadline - time.monotonic()
+        if res["state"] != "running" or left_s <= 0:
+            return res
+        time.sleep(min(pause_s, left_s))
+        pause_s = min(1.0, pause_s * 1.5)
 
 
 def cmd_task_status(args: argparse.Namespace) -> int:

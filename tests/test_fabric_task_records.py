@@ -331,3 +331,45 @@ async def test_an_interrupted_task_shows_where_it_was_dispatched(tmp_path):
     finally:
         await again.stop()
 
+
+@pytest.mark.slow
+def test_task_submit_wait_names_the_task_when_the_node_dies(tmp_path: Path, capsys):
+    """`chimera task submit --wait` while the node process is killed: the task id was printed when
+    it was submitted and the error names it and how to look it up; after the restart `chimera task
+    status ID` shows it interrupted, with where it had been dispatched. (Before, only `node closed
+    the connection`: the operator had no id to ask about.)"""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chimera.node.cli import main
+    from chimera.node.launcher import LocalNetwork
+    from fabric_helpers import AGENTS
+
+    net = LocalNetwork(tmp_path, 1, extra_args=["--set", "fabric_capacity_interval_s=0.3"])
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        net.start()
+        d = str(net.peers[0].data_dir)
+        assert wait_until(lambda: net.query(0, "resources")["own"] is not None, timeout_s=60)
+        peer_id = net.query(0, "resources")["peer_id"]
+        waiting = pool.submit(main, ["task", "submit", str(AGENTS / "hostile_loop.wasm"), "--fuel", str(2**62),
+                                     "--timeout-s", "600", "--wait", "--wait-s", "600", "--data-dir", d])
+        assert wait_until(lambda: net.query(0, "tasks_status", {})["fabric"]["tasks_running"] == 1, timeout_s=60)
+        net.peers[0].kill()
+        assert waiting.result(timeout=60) == 3
+        out = capsys.readouterr()
+        found = re.search(r"^task (t1-[0-9a-f]{8}) submitted; waiting", out.err, re.M)
+        assert found, (out.out, out.err)
+        task_id = found.group(1)
+        error = out.err.splitlines()[-1]
+        assert error.startswith("chimera: ") and f"while waiting for task {task_id}" in error, error
+        assert f"chimera task status {task_id} --data-dir {d}" in error, error
+        net.restart(0)
+        assert main(["task", "status", task_id, "--data-dir", d]) == 1
+        shown = capsys.readouterr().out
+        assert "failed: interrupted" in shown and f"attempt 1 -> {peer_id}" in shown, shown
+        assert main(["task", "status", "--data-dir", d]) == 0  # the list: PEERS is where it ran, not -
+        assert re.search(rf"{task_id} +failed +1 +{peer_id[:10]}", capsys.readouterr().out)
+    finally:
+        pool.shutdown(wait=False)
+        net.stop()
