@@ -302,16 +302,33 @@ def cmd_resources(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .launcher import LocalNetwork, PeerStartError
+    from .launcher import WorkdirBusyError, lock_workdir
 
     overrides = _set_items(args.set)  # checked here, once, not by each peer's exit
     extra = [arg for item in args.set or [] for arg in ("--set", item)]
     if overrides:
         load_config(Path(tempfile.gettempdir()) / "chimera-up-check-none", environ={}, overrides=overrides)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chimera-up-"))
+    try:
+        lock_fd = lock_workdir(workdir.resolve())  # held until up ends (its peers stopped)
+    except WorkdirBusyError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+    except OSError as exc:
+        raise CliError(f"cannot lock {workdir}: {exc.strerror or exc}", EXIT_FAIL) from None
+    try:
+        return _up(args, workdir, extra)
+    finally:
+        os.close(lock_fd)
+
+
+def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
+    """`chimera up` once ``workdir`` is locked: start, supervise until Ctrl-C or no peer is
+    left, stop; returns the exit code."""
+    from .launcher import LocalNetwork, PeerStartError
+
     net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns, extra_args=extra)
     print(f"starting {args.peers} peers in {workdir} (network {net.network.fingerprint()})")
-    warning = net.quorum_warning(args.peers)
+    warning = net.quorum_warning(net.validators(running=False))
     if warning:
         print(f"warning: {warning}")
     restart = args.restart == "on-failure"
@@ -520,9 +537,10 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a config field for every peer (e.g. training_digits_shard=genesis)")
     p.add_argument("--restart", choices=("no", "on-failure"), default="no",
-                   help="on-failure: start a peer again when it crashes (exit code not 0, or a signal), "
-                        "after 1 s, doubled per crash in a row up to 30 s; either way the other peers "
-                        "keep running when one exits")
+                   help="on-failure: start a peer again, on its port, when it exits with a code other "
+                        "than 0 or is killed (SIGKILL, a crash), after 1 s, doubled per crash in a row "
+                        "up to 30 s; a peer that exits 0 (SIGTERM, the shell's `stop`) stopped cleanly "
+                        "and is not restarted; either way the other peers keep running when one exits")
     p.set_defaults(func=cmd_up)
 
     svc = sub.add_parser("service", help="systemd unit: print it or install it")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chimera.protocol.errors import InvalidTokenError
-from chimera.protocol.network import Network
+from chimera.protocol.errors import InvalidTokenError, MalformedError
+from chimera.protocol.network import Network, parse_contact_uri
 
 from . import admin
 from .config import ConfigError
@@ -22,6 +24,8 @@ MAX_LOCAL_PEERS = 64  # `chimera up --peers N` / `chimera demo --peers N`: N in 
 RESTART_FIRST_DELAY_S = 1.0  # `chimera up --restart on-failure`: the first restart's delay,
 RESTART_MAX_DELAY_S = 30.0  # doubled for each crash in a row up to this,
 STABLE_UPTIME_S = 60.0  # and back to the first delay once a peer has run this long
+UP_LOCK_FILE = "up.lock"  # WORKDIR/up.lock: held by the `chimera up` running there
+LOCAL_HOST = "127.0.0.1"  # where local peers listen
 
 
 class LaunchError(ConfigError, ValueError):
@@ -31,6 +35,58 @@ class LaunchError(ConfigError, ValueError):
 class PeerStartError(RuntimeError):
     """A peer process exited before it answered, or did not answer in time (the CLI reports
     a runtime failure, exit 1, with the peer's last log line)."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another process (a `chimera up`) holds the workdir's lock (the CLI reports a runtime
+    failure, exit 1, naming its pid)."""
+
+
+def lock_workdir(workdir: Path) -> int:
+    """Hold ``WORKDIR/up.lock`` (an exclusive ``flock``, released when the returned descriptor
+    is closed or the process dies; peer processes do not inherit it) and write our pid into
+    it. Two `chimera up` on one workdir would start every peer twice: the second's peers
+    exit "already running" and append to the first's logs. Creates ``workdir`` (mode 700)
+    if missing.
+
+    Raises:
+        WorkdirBusyError: another process holds the lock (the message names its pid).
+        OSError: the folder or the lock file cannot be created or opened.
+    """
+    workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = workdir / UP_LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = printable(os.pread(fd, 32, 0).decode(errors="replace").strip())[:20] or "?"
+        os.close(fd)
+        raise WorkdirBusyError(f"chimera up (pid {holder}) is already running in {workdir} "
+                               f"(its lock: {path})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def contact_port(contact: str) -> int:
+    """The TCP port of a contact URI (``chm://PEER_ID@HOST:PORT?key=...``); 0 if it has none
+    that parses."""
+    try:
+        endpoint = parse_contact_uri(contact)[1]
+        return int(endpoint.rsplit(":", 1)[1])
+    except (MalformedError, ValueError, IndexError):
+        return 0
+
+
+def port_taken(host: str, port: int) -> bool:
+    """True when a TCP listener cannot bind ``host:port`` now (someone else holds it); 1..65535."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq's listener does
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass
@@ -43,6 +99,10 @@ class PeerProcess:
     status: dict = field(default_factory=dict)
     term_sent: bool = False
     python: str = sys.executable  # the interpreter (and so the installation) the peer runs in
+    peer_id: str = ""  # its identity (the data dir's key; created by LocalNetwork if missing)
+    port: int = 0  # --port of the next start: 0 (any free port) until it answered on one
+    bootstrap: str | None = None  # --bootstrap of the next start (a contact URI)
+    answered: bool = False  # it answered `status` since its last start
     started_s: float = 0.0  # time.monotonic() of the last start
     exit_seen: bool = False  # its exit since the last start was reported (LocalNetwork.supervise)
     crashes_in_row: int = 0  # exits other than a clean stop without STABLE_UPTIME_S between them
@@ -52,13 +112,15 @@ class PeerProcess:
         self.term_sent = False
         self.exit_seen = False
         self.restart_at_s = None
+        self.answered = False
         self.started_s = time.monotonic()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [self.python, "-m", "chimera.node.cli", "node", "--data-dir", str(self.data_dir),
-             *self.args],
+             "--listen", LOCAL_HOST, "--port", str(self.port), *self.args,
+             *(["--bootstrap", self.bootstrap] if self.bootstrap else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )
@@ -67,8 +129,15 @@ class PeerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def learn(self, status: dict) -> None:
+        """Keep a ``status`` answer; its contact's port is the next start's ``--port`` (so a
+        restarted peer keeps the contact others and the operator have)."""
+        self.status = status
+        self.answered = True
+        self.port = contact_port(status.get("contact", "")) or self.port
+
     def wait_ready(self, timeout_s: float = 30.0) -> dict:
-        """Wait until the node answers ``status``; returns it.
+        """Wait until the node answers ``status``; returns it (and keeps it, :meth:`learn`).
 
         Raises:
             PeerStartError: the process exited first (the message gives its exit status and
@@ -83,7 +152,7 @@ class PeerProcess:
                 raise PeerStartError(f"peer {self.index} exited while starting{how}"
                                      + (f": {last}" if last else "") + f"; log: {self.log_path}")
             try:
-                self.status = admin.call(self.data_dir, "status", timeout_s=2.0)
+                self.learn(admin.call(self.data_dir, "status", timeout_s=2.0))
                 return self.status
             except admin.AdminError:
                 time.sleep(0.05)
@@ -102,6 +171,9 @@ class PeerProcess:
             self.proc.wait()
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM (SIGKILL after ``timeout_s`` seconds) and wait; returns the exit status of
+        the last process started (``Popen.returncode``: negative for a signal), also when it
+        had exited before; None if it was never started."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -162,22 +234,38 @@ class LocalNetwork:
     def _make(self, i: int) -> PeerProcess:
         data_dir = self._data_dir(i)
         save_network(data_dir, self.network)
-        return PeerProcess(i, data_dir, ["--listen", "127.0.0.1", "--port", "0", *self.extra],
-                           self.workdir / "logs" / f"peer-{i}.log")
+        peer_id = load_or_create_identity(data_dir).peer_id  # (what the node would create)
+        return PeerProcess(i, data_dir, list(self.extra), self.workdir / "logs" / f"peer-{i}.log",
+                           peer_id=peer_id)
 
     def start(self, timeout_s: float = 60.0) -> None:
         first = self.peers[0]
         first.start()
         contact = first.wait_ready(timeout_s)["contact"]
         for p in self.peers[1:]:
-            p.args += ["--bootstrap", contact]
+            p.bootstrap = contact
             p.start()
         for p in self.peers[1:]:
             p.wait_ready(timeout_s)
 
+    def _refresh_bootstrap(self, p: PeerProcess) -> None:
+        """A peer other than 0 starts again with peer 0's latest contact."""
+        contact = self.peers[0].status.get("contact")
+        if p.index != 0 and contact:
+            p.bootstrap = contact
+
     def restart(self, i: int, timeout_s: float = 60.0) -> dict:
+        """Stop peer ``i`` (SIGTERM) and start it again on the port it had (on a new one if
+        another process took that port meanwhile); returns its first ``status``.
+
+        Raises:
+            PeerStartError: as :meth:`PeerProcess.wait_ready`.
+        """
         p = self.peers[i]
         p.stop()
+        if p.port and port_taken(LOCAL_HOST, p.port):
+            p.port = 0
+        self._refresh_bootstrap(p)
         p.start()
         return p.wait_ready(timeout_s)
 
@@ -206,9 +294,17 @@ class LocalNetwork:
             time.sleep(interval_s)
         return predicate()
 
+    def validators(self, *, running: bool = True) -> int:
+        """How many of our peers are genesis validators of the network (their peer id is in
+        its token's genesis list), counting only running ones unless ``running`` is false.
+        A workdir reused with another ``--peers`` has more or fewer peers than validators."""
+        genesis = set(self.network.genesis)
+        return sum(p.peer_id in genesis and (p.alive() or not running) for p in self.peers)
+
     def quorum_warning(self, running: int) -> str | None:
-        """What ``running`` peers mean for the log when every peer is a genesis validator of
-        equal weight: None when a crash more is still tolerated, else one line."""
+        """What ``running`` genesis validators (of equal weight, :meth:`validators`) mean for
+        the log: None when all run or a crash more is still tolerated, else one line. (The
+        epoch-0 set: validators that joined at a later epoch are not counted.)"""
         validators = len(self.network.genesis)
         if validators == 0 or running >= validators:
             return None
@@ -227,10 +323,17 @@ class LocalNetwork:
         """Look at every peer once (``chimera up`` calls it each second); returns lines to show.
 
         A peer that exited is reported once, with its exit status, uptime and last log
-        line; the others keep running. With ``restart_on_failure``, a peer that did not
-        stop cleanly (a non-zero exit code or a signal; `chimera stop` exits 0) is started
-        again after RESTART_FIRST_DELAY_S, doubled for each crash in a row up to
-        RESTART_MAX_DELAY_S (a run of STABLE_UPTIME_S resets it).
+        line; the others keep running. Then the number of peers running, and a warning
+        when the running genesis validators are below the log's quorum or one crash from
+        it (with the restarts pending). With ``restart_on_failure``, a peer that exited
+        with a non-zero exit code or by a signal other than a clean stop is started again
+        after RESTART_FIRST_DELAY_S, doubled for each crash in a row up to
+        RESTART_MAX_DELAY_S (a run of STABLE_UPTIME_S resets it). A peer that exits 0
+        stopped cleanly (SIGTERM, or the shell's ``stop``) and is not restarted. A
+        restarted peer listens on the port it had, so its contact stays valid; if that port
+        is taken when it exits, it restarts on a new one (said in the exit report), and its
+        new contact is shown once it answers. Peers other than 0 restart with peer 0's
+        latest contact as bootstrap.
 
         Args:
             now_s: ``time.monotonic()``.
@@ -241,9 +344,18 @@ class LocalNetwork:
                 continue
             if p.restart_at_s is not None:
                 if now_s >= p.restart_at_s:
-                    p.start()
-                    lines.append(f"peer {p.index} restarted (pid {p.proc.pid})")
+                    self._refresh_bootstrap(p)
+                    try:
+                        p.start()
+                    except OSError as exc:  # its log cannot be opened, no process can be made
+                        p.restart_at_s = None
+                        lines.append(f"peer {p.index} cannot be restarted: {exc}")
+                        continue
+                    lines.append(f"peer {p.index} restarted (pid {p.proc.pid}"
+                                 + (f", port {p.port})" if p.port else ", a new port)"))
                 continue
+            if not p.answered and p.alive():
+                lines += self._learn_restarted(p)
             code = p.proc.poll()
             if code is None or p.exit_seen:
                 continue
@@ -261,13 +373,34 @@ class LocalNetwork:
                 p.crashes_in_row += 1
                 p.restart_at_s = now_s + delay_s
                 line += f"; restarting in {delay_s:g} s"
+                if p.port and port_taken(LOCAL_HOST, p.port):
+                    line += f" on a new port (its port {p.port} is taken)"
+                    p.port = 0
+                elif p.port:
+                    line += f" on port {p.port}"
             lines.append(line)
-            running = self.running()
-            lines.append(f"{running} of {len(self.peers)} peers running")
-            warning = self.quorum_warning(running)
-            if warning and not (failed and restart_on_failure):
+            lines.append(f"{self.running()} of {len(self.peers)} peers running")
+            warning = self.quorum_warning(self.validators())
+            if warning:
+                pending = self.waiting_restarts()
+                if pending:
+                    warning += f"; {pending} restart{'s' if pending > 1 else ''} pending"
                 lines.append(f"warning: {warning}")
         return lines
+
+    def _learn_restarted(self, p: PeerProcess) -> list[str]:
+        """Ask a (re)started peer that has not answered yet for its status (1 s at most); a
+        contact other than its last one is a line to show."""
+        before = p.status.get("contact")
+        try:
+            status = admin.call(p.data_dir, "status", timeout_s=1.0)
+        except admin.AdminError:
+            return []  # still starting (or gone: its exit is reported by the caller)
+        p.learn(status)
+        contact = status.get("contact")
+        if before and contact and contact != before:
+            return [f"peer {p.index} has a new contact: {printable(contact)}"]
+        return []
 
     def waiting_restarts(self) -> int:
         return sum(p.restart_at_s is not None for p in self.peers)

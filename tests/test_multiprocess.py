@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from chimera.node import admin
-from chimera.node.launcher import LocalNetwork
+from chimera.node.launcher import LocalNetwork, contact_port, lock_workdir
 from tests.conftest import wait_until
 
 FAST = ["--set", "probe_interval_s=0.3", "--set", "probe_timeout_s=0.1",
@@ -33,6 +37,7 @@ def test_four_processes_mesh_detect_crash_and_rejoin(tmp_path: Path):
         victim = net.peers[3]
         vid = victim.status["peer_id"]
         old_incarnation = victim.status["incarnation"]
+        old_contact = victim.status["contact"]
         victim.kill()  # SIGKILL: no leave message
 
         def all_see_dead() -> bool:
@@ -47,6 +52,7 @@ def test_four_processes_mesh_detect_crash_and_rejoin(tmp_path: Path):
         status = net.restart(3)
         assert status["peer_id"] == vid, "restarted peer changed identity"
         assert status["incarnation"] > old_incarnation
+        assert status["contact"] == old_contact, "restarted on another port"
         assert wait_until(net.full_mesh, timeout_s=60), "restarted peer did not rejoin"
         events = net.query(0, "events", {"limit": 500})
         kinds = [e["kind"] for e in events if e["peer_id"] == vid]
@@ -110,55 +116,191 @@ def test_network_init_token_and_key_files(tmp_path: Path):
     assert (os.stat(d / "network.token").st_mode & 0o777) == 0o600
 
 
+class _Output:
+    """A process's stdout, read on a thread: each wait has a deadline, so a regression fails
+    the test with what was read instead of hanging it (no pytest-timeout here)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def next(self, timeout_s: float = 120.0, waiting_for: str = "a line") -> str:
+        try:
+            line = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            pytest.fail(f"no {waiting_for} within {timeout_s:g} s; read so far:\n" + "\n".join(self.lines))
+        if line is None:
+            self._queue.put(None)  # (the end, for the next wait too)
+            pytest.fail(f"up ended (exit {self.proc.wait(60)}) before {waiting_for}; read:\n"
+                        + "\n".join(self.lines) + "\n" + self.proc.stderr.read())
+        self.lines.append(line)
+        return line
+
+    def until(self, prefix: str, timeout_s: float = 120.0) -> str:
+        """The next line that starts with ``prefix`` (within ``timeout_s`` seconds in all)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.next(max(0.0, deadline - time.monotonic()), f"line starting {prefix!r}")
+            if line.startswith(prefix):
+                return line
+
+    def rest(self, timeout_s: float = 120.0) -> list[str]:
+        """The lines up to the end of the output."""
+        deadline, rest = time.monotonic() + timeout_s, []
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("output did not end; read:\n" + "\n".join(self.lines + rest))
+            if line is None:
+                self._queue.put(None)
+                self.lines += rest
+                return rest
+            rest.append(line)
+
+
+def _up(workdir: Path, *args: str) -> tuple[subprocess.Popen, _Output]:
+    proc = subprocess.Popen([sys.executable, "-m", "chimera.node", "up", "--workdir", str(workdir), *args, *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, _Output(proc)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_up_keeps_the_others_running_reports_each_exit_and_restarts_a_crashed_peer(tmp_path: Path):
     """`chimera up`: one peer's death is reported (status, last log line) and the others keep
-    running; with --restart on-failure a SIGKILLed peer comes back under its identity; a
-    cleanly stopped one (SIGTERM, exit 0) is not restarted; when none is left, up ends."""
-    import signal
-
+    running, with a quorum warning even while its restart is pending; with --restart
+    on-failure a SIGKILLed peer comes back under its identity on its port (its contact as
+    printed stays valid); a cleanly stopped one (SIGTERM, exit 0) is not restarted; when
+    none is left, up ends."""
     workdir = tmp_path / "w"
-    proc = subprocess.Popen([sys.executable, "-m", "chimera.node", "up", "--peers", "3", "--workdir", str(workdir),
-                             "--restart", "on-failure", *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    lines: list[str] = []
-
-    def read_until(prefix: str) -> str:
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith(prefix):
-                return line
-        pytest.fail(f"up ended before {prefix!r}: {proc.wait()}\n" + "\n".join(lines) + proc.stderr.read())
+    proc, out = _up(workdir, "--peers", "3", "--restart", "on-failure")
 
     def status(i: int) -> dict:
         return admin.call(workdir / f"peer-{i}", "status", timeout_s=10)
 
     try:
-        read_until("press Ctrl-C")
+        out.until("press Ctrl-C")
         victim = status(1)
+        assert f"contact  {victim['contact']}" in "\n".join(out.lines)
+        port = contact_port(victim["contact"])
         os.kill(victim["pid"], signal.SIGKILL)
-        line = read_until("peer 1 exited")
-        assert "(killed by SIGKILL)" in line and "restarting in 1 s" in line and "peer-1.log" in line, line
-        assert read_until("2 of 3 peers running")
-        assert read_until("peer 1 restarted")
+        line = out.until("peer 1 exited")
+        assert "(killed by SIGKILL)" in line and f"restarting in 1 s on port {port}" in line \
+            and "peer-1.log" in line, line
+        assert out.next() == "2 of 3 peers running"
+        assert out.next(30, "the quorum warning") == (
+            "warning: 2 of the network's 3 genesis validators run: the log commits nothing until more "
+            "of them run (a quorum needs 3 of equal weight); 1 restart pending"), out.lines
+        restarted = out.until("peer 1 restarted")
         assert wait_until(lambda: _answers(workdir / "peer-1"), timeout_s=60)
         again = status(1)
+        assert restarted == f"peer 1 restarted (pid {again['pid']}, port {port})", restarted
         assert again["peer_id"] == victim["peer_id"] and again["pid"] != victim["pid"]
+        assert again["contact"] == victim["contact"], "the restarted peer's contact changed"
         for i in (0, 2, 1):  # clean stops: reported, never restarted
             os.kill(status(i)["pid"], signal.SIGTERM)
-            assert "(exit code 0)" in read_until(f"peer {i} stopped")
-        read_until("no peer is running")
-        lines += [line.rstrip("\n") for line in proc.stdout]  # (communicate() would skip what is buffered)
+            assert "(exit code 0)" in out.until(f"peer {i} stopped")
+        out.until("no peer is running")
+        out.rest()
         proc.wait(60)
         err = proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _end(proc)
+    lines = out.lines
     assert proc.returncode == 0, (lines, err)
-    assert not any("restarted" in line for line in lines[lines.index("peer 1 restarted (pid "
-                                                                     f"{again['pid']})") + 1:]), lines
+    assert not any("restarted" in line or "new contact" in line for line in lines[lines.index(restarted) + 1:]), lines
     assert "stopped 3 peers (exit codes [0, 0, 0])" in lines[-1] and "Traceback" not in err, (lines, err)
+
+
+@pytest.mark.slow
+def test_up_counts_genesis_validators_refuses_a_second_up_and_reports_last_exit_codes(tmp_path: Path):
+    """A workdir laid out for 2 peers (2 genesis validators) run with --peers 3: the third is no
+    validator, so one validator's crash leaves 1 of 2 (the log stops) and is said (it was
+    counted as 2 of 3 running, no warning). A second `up` on the running workdir is refused
+    in one line naming the first one's pid (it started every peer again: they exited
+    "already running" and wrote to the first run's logs). The final line gives each peer's
+    last exit status (-9 for the one killed and not restarted)."""
+    workdir = tmp_path / "w"
+    LocalNetwork(workdir, 2)  # what `chimera up --peers 2 --workdir w` leaves: peers 0 and 1 validate
+    proc, out = _up(workdir, "--peers", "3")
+    try:
+        out.until("press Ctrl-C")
+        assert not any(line.startswith("warning") for line in out.lines), out.lines  # 2 of 2 run
+        logs = {p: p.stat().st_size for p in (workdir / "logs").iterdir()}
+        second = chimera("up", "--peers", "3", "--workdir", str(workdir))
+        assert second.returncode == 1 and second.stdout == "", (second.stdout, second.stderr)
+        assert second.stderr == (f"chimera: chimera up (pid {proc.pid}) is already running in {workdir} "
+                                 f"(its lock: {workdir / 'up.lock'})\n"), second.stderr
+        assert {p: p.stat().st_size for p in (workdir / "logs").iterdir()} == logs
+        victim = admin.call(workdir / "peer-1", "status", timeout_s=10)
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert "(killed by SIGKILL)" in out.until("peer 1 exited")
+        assert out.next() == "2 of 3 peers running", out.lines
+        assert out.next(30, "the quorum warning") == (
+            "warning: 1 of the network's 2 genesis validators run: the log commits nothing until more "
+            "of them run (a quorum needs 2 of equal weight)"), out.lines
+        proc.send_signal(signal.SIGINT)
+        last = out.rest()[-1]
+        proc.wait(60)
+    finally:
+        _end(proc)
+    assert last == "stopped 3 peers (exit codes [0, -9, 0])", out.lines
+    assert proc.returncode == 0
+    os.close(lock_workdir(workdir))  # the lock went with the first run: a new `up` may start here
+
+
+@pytest.mark.slow
+def test_up_restarts_a_peer_on_a_new_port_when_its_own_was_taken(tmp_path: Path):
+    """A crashed peer restarts on its port; when another process took that port meanwhile, the
+    exit report says it restarts on a new one, and its new contact is shown once it answers."""
+    workdir = tmp_path / "w"
+    proc, out = _up(workdir, "--peers", "1", "--restart", "on-failure")
+    taken = socket.socket()
+    try:
+        out.until("press Ctrl-C")
+        first = admin.call(workdir / "peer-0", "status", timeout_s=10)
+        port = contact_port(first["contact"])
+        os.kill(first["pid"], signal.SIGKILL)
+
+        def take() -> bool:
+            try:
+                taken.bind(("127.0.0.1", port))
+                return True
+            except OSError:  # (the killed process may hold it a moment longer)
+                return False
+
+        assert wait_until(take, timeout_s=30), f"port {port} not free after the kill"
+        taken.listen()
+        line = out.until("peer 0 exited")
+        if "on a new port" not in line:  # (up looked before the port was taken: that start fails)
+            assert f"on port {port}" in line, line
+            line = out.until("peer 0 exited")
+            assert "Address already in use" in line, line
+        assert f"on a new port (its port {port} is taken)" in line, line
+        assert out.until("peer 0 restarted").endswith(", a new port)")
+        contact = out.until("peer 0 has a new contact: ").split(": ", 1)[1]
+        now = admin.call(workdir / "peer-0", "status", timeout_s=10)
+        assert now["contact"] == contact and contact_port(contact) not in (0, port)
+        assert now["peer_id"] == first["peer_id"]
+        proc.send_signal(signal.SIGINT)
+        assert out.rest()[-1] == "stopped 1 peers (exit codes [0])", out.lines
+        proc.wait(60)
+    finally:
+        taken.close()
+        _end(proc)
 
 
 def _answers(data_dir: Path) -> bool:
