@@ -90,13 +90,27 @@ def test_up_passes_settings_to_every_peer_and_warns_below_a_quorum(tmp_path):
         proc.wait(60)
 
 
+_READERS: dict = {}  # a process -> the queue its stdout lines go to (read on a thread)
+
+
 def _wait_for_line(proc, marker: str, timeout_s: float = 120.0) -> str:
+    """What ``proc`` printed up to and with the first line holding ``marker``; fails after
+    ``timeout_s`` seconds with what was read (a blocking readline hung the test)."""
+    import queue
+    import threading
     import time
 
+    if proc not in _READERS:
+        lines = _READERS[proc] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put("")],
+                         daemon=True).start()
     seen, deadline = "", time.monotonic() + timeout_s
     while marker not in seen:
-        line = proc.stdout.readline()
-        assert line and time.monotonic() < deadline, seen
+        try:
+            line = _READERS[proc].get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        assert line, f"no {marker!r} within {timeout_s:g} s (or the output ended): {seen}"
         seen += line
     return seen
 
