@@ -74,6 +74,15 @@ EXIT_CODES = {
 }
 
 
+def os_error_text(what: str, exc: OSError) -> str:
+    """One line for an OSError met while doing ``what``: ``WHAT: STRERROR (PATH)``, e.g.
+    ``agents_deploy: No space left on device (/data/agents/x.wasm)``; without an errno (a
+    TimeoutError, an OSError raised with a message only) the exception's text or type name."""
+    text = exc.strerror if exc.strerror else (str(exc) or type(exc).__name__)
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return printable(f"{what}: {text}" + (f" ({' -> '.join(paths)})" if paths else ""))[:400]
+
+
 class AdminError(Exception):
     """The node answered with an error, or could not be reached (``code``: see EXIT_CODES)."""
 
@@ -235,11 +244,12 @@ class AdminServer:
         node_fingerprint: this node's transport-key fingerprint (signed requests' audience).
         remote_endpoint: ``tcp://HOST:PORT`` for the remote API, or None.
         transport_keys: ``(secret, public)`` raw CURVE keys for the remote API.
+        counters: the node's counters (the remote API counts ``zap_errors`` there); None: its own.
     """
 
     def __init__(self, path: Path, handlers: dict[str, Handler], *, streams: dict[str, Stream] | None = None,
                  db=None, node_fingerprint: str = "", remote_endpoint: str | None = None,
-                 transport_keys: tuple[bytes, bytes] | None = None) -> None:
+                 transport_keys: tuple[bytes, bytes] | None = None, counters: Counter | None = None) -> None:
         self.path = path
         self.handlers = dict(handlers)
         self.streams = dict(streams or {})
@@ -251,7 +261,7 @@ class AdminServer:
         if remote_endpoint:
             if transport_keys is None:
                 raise ValueError("the remote admin API needs the node's transport keys")
-            self.remote = RemoteAdminServer(remote_endpoint, *transport_keys, self.dispatch)
+            self.remote = RemoteAdminServer(remote_endpoint, *transport_keys, self.dispatch, counters=counters)
         builtins: dict[str, Handler] = {"commands": self._commands, "whoami": self._whoami}
         if self.keys is not None:
             builtins.update(audit=self._audit, admin_key_add=self._key_add,
@@ -382,13 +392,10 @@ class AdminServer:
                                             source=anonymous.who)
             if failure is None:
                 return response, None
-            if response.get("ok") and required_role(cmd) == "observer":
-                # A read changed nothing: answer it (flagged) so that `status` can still show
-                # why the node is in trouble when the trouble is a full or failing disk.
-                return {**response, "audit_failure": failure}, None
-            # A change (or a refusal) ran but is not on record: say so instead of its result.
-            return _error(f"not recorded in the audit log ({failure}); the request's outcome: "
-                          f"{result[:200]}", EXIT_FAIL), None
+            # The request's own answer (its result, or its own error with its own code), flagged:
+            # replacing it with an error would hide that a change ran (a task submitted on a full
+            # disk was accepted; its id must reach the operator, or it is submitted again).
+            return {**response, "audit_failure": failure}, None
 
         if transport == "local" and uid is not None and uid not in (os.geteuid(), 0):
             return await finish(anonymous, _error(f"uid {uid} is not this node's owner", EXIT_REFUSED),
@@ -464,6 +471,10 @@ class AdminServer:
             return await finish(principal, _error(str(exc), EXIT_USAGE), f"error: {exc}")
         except (ValueError, TypeError, KeyError, RemoteProtocolError) as exc:
             return await finish(principal, _error(_bad_args(exc), EXIT_USAGE), f"error: {_bad_args(exc)}")
+        except OSError as exc:  # the machine's trouble (disk full, permissions), not a bug: one line
+            msg = os_error_text(cmd, exc)
+            log.error("admin command %s failed: %s", cmd, msg)
+            return await finish(principal, _error(msg, EXIT_FAIL), f"error: {msg}")
         except Exception as exc:  # a bug in one handler must not take the API down
             log.exception("admin command %s failed", cmd)
             msg = f"internal error in {cmd}: {type(exc).__name__}: {exc}"
@@ -641,7 +652,9 @@ class RemoteAdminServer:
     """
 
     def __init__(self, endpoint: str, secret: bytes, public: bytes,
-                 dispatch: Callable[..., Awaitable[tuple[dict, Any]]]) -> None:
+                 dispatch: Callable[..., Awaitable[tuple[dict, Any]]], *, counters: Counter | None = None) -> None:
+        """``counters``: where ``zap_errors`` are counted (transport.serve_zap); the node's own
+        (its ``status`` and metrics show them), or a fresh one for a server without a node."""
         self.endpoint = endpoint
         self.secret, self.public = secret, public
         self.dispatch = dispatch
@@ -649,7 +662,7 @@ class RemoteAdminServer:
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self._zap_task: asyncio.Task | None = None
-        self.counters: Counter = Counter()  # zap_errors (transport.serve_zap)
+        self.counters: Counter = Counter() if counters is None else counters  # zap_errors
 
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
@@ -899,13 +912,38 @@ class RemoteClient:
         raise AdminError(f"{cmd} streams and is served on the local socket only", EXIT_USAGE)
 
 
+_audit_warned: set[str] = set()  # reasons this process has warned about (once each)
+_audit_noted: list[str] = []  # reasons since the last take_audit_failures(), in order, distinct
+
+
 def _result(reply: dict) -> Any:
+    """The result of one reply; raises AdminError for an error reply.
+
+    A reply whose audit row the node could not write (``audit_failure``, PROTOCOL §19.6) is
+    still its command's own answer: the reason is noted for :func:`take_audit_failures` and
+    warned about on stderr, once per distinct reason in this process (a CLI command makes
+    several calls; a full disk fails them all the same way)."""
+    if "audit_failure" in reply:
+        reason = printable(str(reply["audit_failure"]))[:300]
+        if reason not in _audit_noted:
+            _audit_noted.append(reason)
+        if reason not in _audit_warned:
+            _audit_warned.add(reason)
+            print(f"warning: the node could not record this request in its audit log: {reason}",
+                  file=sys.stderr)
     if not reply.get("ok"):
         raise AdminError(str(reply.get("error", "unknown error")), int(reply.get("code", EXIT_FAIL)))
-    if "audit_failure" in reply:  # a read answered although its audit row could not be written
-        print(f"warning: the node could not record this request in its audit log: "
-              f"{printable(str(reply['audit_failure']))[:300]}", file=sys.stderr)
     return reply.get("result")
+
+
+def take_audit_failures() -> str | None:
+    """The ``audit_failure`` reasons of the replies read since the last call (``; ``-joined,
+    distinct), or None; forgets them. ``--json`` printers put it in their document."""
+    if not _audit_noted:
+        return None
+    reasons = "; ".join(_audit_noted)
+    _audit_noted.clear()
+    return reasons
 
 
 def _read_frame(sock: socket.socket) -> dict:

@@ -321,7 +321,7 @@ def build_admin_server(node: "Node") -> admin_api.AdminServer:
         node.data_dir / admin_api.SOCKET_NAME, handlers, streams=streams, db=node.store.db,
         node_fingerprint=fingerprint(node.transport_keys.public),
         remote_endpoint=node.config.admin_listen or None,
-        transport_keys=(node.transport_keys.secret, node.transport_keys.public))
+        transport_keys=(node.transport_keys.secret, node.transport_keys.public), counters=node.counters)
 
     async def whoami(args: dict) -> dict:
         p = server._principal

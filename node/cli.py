@@ -171,11 +171,11 @@ def _run(coro) -> None:
 
 def _print(args: argparse.Namespace, value, text: str) -> None:
     """``--json``: ``{"ok": true, "result": value}`` as the shell's ``--json`` writes it (one
-    line, bytes as hex); else ``text``."""
+    line, bytes as hex; plus ``"audit_failure"`` when a reply carried one); else ``text``."""
     if args.json:
-        from .shell import json_line
+        from .shell import json_line, with_audit_failure
 
-        print(json_line({"ok": True, "result": value}))
+        print(json_line(with_audit_failure({"ok": True, "result": value})))
     else:
         print(text)
 
@@ -656,9 +656,9 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     "code"}`` document on stdout (what the admin API, `chimera shell --json` and the admin
     commands print); returns ``code``."""
     if getattr(args, "json", False):
-        from .shell import json_line
+        from .shell import json_line, with_audit_failure
 
-        print(json_line({"ok": False, "error": message, "code": code}))
+        print(json_line(with_audit_failure({"ok": False, "error": message, "code": code})))
     else:
         print(f"chimera: {message}", file=sys.stderr)
     return code

@@ -30,9 +30,9 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     if getattr(args, "json", False):
-        from .shell import json_line
+        from .shell import json_line, with_audit_failure
 
-        print(json_line({"ok": False, "error": message, "code": code}))
+        print(json_line(with_audit_failure({"ok": False, "error": message, "code": code})))
     else:
         print(f"chimera: {message}", file=sys.stderr)
     return code
@@ -83,9 +83,9 @@ def _via_node_or_store(data_dir: Path, cmd: str, cargs: dict):
 
 def _print_result(args: argparse.Namespace, result, cmd: str) -> int:
     """``--json``: the answer as is; else the text the shell shows for ``cmd``."""
-    from .shell import json_line, render
+    from .shell import json_line, render, with_audit_failure
 
-    print(json_line({"ok": True, "result": result}) if args.json else render(cmd, result))
+    print(json_line(with_audit_failure({"ok": True, "result": result})) if args.json else render(cmd, result))
     return EXIT_OK
 
 

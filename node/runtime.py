@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -152,15 +153,68 @@ class NodeStartError(Exception):
     names the file or the setting and what the operator can do."""
 
 
+DISK_NEARLY_FULL_BYTES = 1 << 20
+"""Free space (bytes) under which a write error met while starting is taken for a full disk:
+SQLite reports a full disk as ``disk I/O error`` when it cannot size its shared-memory file."""
+
+
+def _free_space(path: Path) -> tuple[int, int] | None:
+    """``(bytes, inodes)`` this process may still use on the file system of ``path`` (root
+    may use the blocks reserved for it), or None when it cannot be asked."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    root = os.geteuid() == 0
+    return ((st.f_bfree if root else st.f_bavail) * st.f_frsize,
+            st.f_ffree if root else st.f_favail)
+
+
+def _disk_full(exc: BaseException, data_dir: Path) -> str | None:
+    """Why ``exc`` (met while starting on ``data_dir``) is a full disk, or None if it is not.
+
+    Full: SQLite's SQLITE_FULL (``database or disk is full``), an OSError ENOSPC or EDQUOT;
+    or an SQLite I/O or cannot-open error, or another OSError, while the file system of ``data_dir`` has less
+    than :data:`DISK_NEARLY_FULL_BYTES` or no inode left. Returns the one-line reason."""
+    reason = f"{type(exc).__name__}: {str(exc)[:160]}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{type(exc).__name__}: {exc.strerror}"
+    if isinstance(exc, sqlite3.Error) and (
+            (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+            or "database or disk is full" in str(exc)):
+        return reason
+    io_error = isinstance(exc, OSError) or (isinstance(exc, sqlite3.OperationalError) and (
+        (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
+        or "disk I/O error" in str(exc)))
+    if io_error:  # (not "locked", "no such table", ...: those are no full disk)
+        free = _free_space(data_dir)
+        if free is not None and (free[0] < DISK_NEARLY_FULL_BYTES or free[1] == 0):
+            return f"{reason}; {free[0]} bytes" + (" and no inode" if free[1] == 0 else "") + " free"
+    return None
+
+
+def _disk_full_text(data_dir: Path, reason: str) -> str:
+    return f"the disk holding {data_dir} is full ({reason}); free space and start the node again"
+
+
 @contextlib.contextmanager
 def _reading_stored_state(data_dir: Path):
-    """Turn a corrupt store or sign-state file met while starting into :class:`NodeStartError`
-    (one clear line for the operator instead of a traceback)."""
+    """Turn a corrupt store or sign-state file, or a full disk, met while starting into
+    :class:`NodeStartError` (one clear line for the operator instead of a traceback).
+    Another OSError passes through unchanged."""
     try:
         yield
-    except SignStateError as exc:
+    except SignStateError as exc:  # a corrupt record (a write failure is an OSError)
         raise NodeStartError(str(exc)) from None
+    except OSError as exc:
+        full = _disk_full(exc, data_dir)
+        if full is None:
+            raise
+        raise NodeStartError(_disk_full_text(data_dir, full)) from None
     except (sqlite3.DatabaseError, RemoteProtocolError, ValueError) as exc:
+        full = _disk_full(exc, data_dir)
+        if full is not None:  # the store is intact: moving it away would lose the log
+            raise NodeStartError(_disk_full_text(data_dir, full)) from None
         path = data_dir / "node.sqlite3"
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             raise NodeStartError(f"{path} is locked by another process "

@@ -649,6 +649,14 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+def with_audit_failure(doc: dict) -> dict:
+    """``doc`` plus ``"audit_failure": REASON`` when a reply read since the last such call
+    carried one (the node ran the request but could not write its audit row, PROTOCOL
+    §19.6): a ``--json`` document keeps what the node said."""
+    reasons = admin.take_audit_failures()
+    return doc if reasons is None else {**doc, "audit_failure": reasons}
+
+
 def json_line(doc: dict) -> str:
     return json.dumps(doc, default=_json_default, separators=(",", ":"))
 
@@ -828,6 +836,7 @@ class Shell:
             ShellExit: the line was ``exit [CODE]`` or ``quit``.
             KeyboardInterrupt: Ctrl-C (a following stream ends quietly instead).
         """
+        admin.take_audit_failures()  # what an earlier line's replies noted is not this line's
         try:
             return self._execute(line)
         except ShellError as exc:
@@ -844,7 +853,7 @@ class Shell:
     def _fail(self, message: str, code: int) -> int:
         message = one_line(message) or "unknown error"
         if self.json:
-            self._print(json_line({"ok": False, "error": message, "code": code}))
+            self._print(json_line(with_audit_failure({"ok": False, "error": message, "code": code})))
         else:
             self._print(f"error: {message}", err=True)
         return code
@@ -923,7 +932,7 @@ class Shell:
 
     def _emit(self, cmd: str, result: Any, extra: dict | None = None, raw: bool = False) -> None:
         if self.json:
-            self._print(json_line({"ok": True, "result": result}))
+            self._print(json_line(with_audit_failure({"ok": True, "result": result})))
         else:
             self._print(result if raw else render(cmd, result, extra))
 

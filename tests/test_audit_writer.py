@@ -14,7 +14,7 @@ from pathlib import Path
 import msgpack
 
 from chimera.node import admin, audit
-from chimera.node.admin import EXIT_FAIL, AdminServer
+from chimera.node.admin import AdminServer
 from chimera.node.admin_keys import generate_key, sign_request
 from chimera.node.launcher import LocalNetwork
 from chimera.node.store import Store
@@ -127,51 +127,62 @@ async def test_the_event_loop_is_served_while_a_commit_waits_for_the_disk(tmp_pa
     await server.close()
 
 
-async def test_a_full_disk_answers_a_clear_error_and_the_log_recovers(tmp_path: Path):
+async def test_a_full_disk_answers_the_commands_own_result_flagged_and_the_log_recovers(tmp_path: Path):
+    """A change that ran is answered with its own result plus ``audit_failure`` (an error in its
+    place made `task submit --wait` lose the task id, and the operator submit it again); its
+    row is not in the log; the next request's row is written once there is room again."""
     ran: list = []
     server, path = _server(tmp_path, ran)
     big = {"note": "x" * 200}
     reply, _ = await server.dispatch(_request("propose", {"i": 0, **big}), "local")
-    assert reply["ok"]
+    assert reply == {"ok": True, "result": {"i": 0}}
     pages = server.audit.write_db.execute("PRAGMA page_count").fetchone()[0]
     server.audit.write_db.execute(f"PRAGMA max_page_count={pages}")  # SQLITE_FULL from the next new page
     failed = None
     for i in range(1, 200):
         reply, _ = await asyncio.wait_for(server.dispatch(_request("propose", {"i": i, **big}), "local"), 30)
-        if not reply["ok"]:
+        if "audit_failure" in reply:
             failed = (i, reply)
             break
+        assert reply == {"ok": True, "result": {"i": i}}
     assert failed is not None, "the database never filled up"
     i, reply = failed
-    assert reply["code"] == EXIT_FAIL and i in ran  # the command ran; the client is told it is not on record
-    assert "not recorded in the audit log" in reply["error"] and "full" in reply["error"], reply
-    assert reply["error"].endswith("outcome: ok"), reply
+    assert i in ran and reply["ok"] and reply["result"] == {"i": i}, reply  # the command's own answer
+    assert "database or disk is full" in reply["audit_failure"], reply
+    # a request that fails is answered with its own error and code, flagged the same way
+    reply, _ = await asyncio.wait_for(server.dispatch(_request("nope", {"note": "x" * 400}), "local"), 30)
+    assert reply["code"] == admin.EXIT_USAGE and reply["error"].startswith("unknown command 'nope'"), reply
+    assert "database or disk is full" in reply["audit_failure"], reply
     server.audit.write_db.execute("PRAGMA max_page_count=1073741823")
     reply, _ = await server.dispatch(_request("propose", {"i": 999}), "local")
-    assert reply["ok"]
-    logged = [json.loads(a)["i"] for (a,) in _on_disk(path, "SELECT args FROM admin_audit ORDER BY id")]
+    assert reply == {"ok": True, "result": {"i": 999}}
+    logged = [json.loads(a)["i"] for (a,) in _on_disk(path, "SELECT args FROM admin_audit WHERE command='propose' "
+                                                            "ORDER BY id")]
     assert i not in logged and logged[-1] == 999
+    assert _on_disk(path, "SELECT count(*) FROM admin_audit WHERE command='nope'") == [(0,)]
     await server.close()
 
 
-async def test_a_store_locked_past_the_busy_timeout_is_an_error_not_a_hang(tmp_path: Path, monkeypatch):
+async def test_a_store_locked_past_the_busy_timeout_is_flagged_not_a_hang(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(audit, "BUSY_TIMEOUT_S", 0.2)
     ran: list = []
     server, path = _server(tmp_path, ran)
     locker = _locker(path)
     try:
         reply, _ = await asyncio.wait_for(server.dispatch(_request("propose", {"i": 1}), "local"), 30)
-        assert reply["code"] == EXIT_FAIL and "database is locked" in reply["error"], reply
+        assert reply["result"] == {"i": 1} and "database is locked" in reply["audit_failure"], reply
     finally:
         locker.execute("COMMIT")
     reply, _ = await server.dispatch(_request("propose", {"i": 2}), "local")
-    assert reply["ok"] and "audit_failure" not in reply
+    assert reply == {"ok": True, "result": {"i": 2}}
+    assert _on_disk(path, "SELECT args FROM admin_audit") == [('{"i":2}',)]  # the first is not on record
     await server.close()
 
 
 async def test_a_read_is_answered_and_flagged_when_its_row_cannot_be_written(tmp_path: Path, monkeypatch, capsys):
     """On a full or locked disk `status` must still answer: it is how the operator sees why."""
     monkeypatch.setattr(audit, "BUSY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(admin, "_audit_warned", set())  # this test's own process, for the warning
     ran: list = []
     server, path = _server(tmp_path, ran)
     locker = _locker(path)
