@@ -173,9 +173,15 @@ def _up(workdir: Path, *args: str) -> tuple[subprocess.Popen, _Output]:
 
 
 def _end(proc: subprocess.Popen) -> None:
+    """Stop a `chimera up` left running by a failed test: SIGTERM stops its peers (SIGKILL
+    would leave them running: they are in their own sessions)."""
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
