@@ -190,19 +190,22 @@ def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> d
     passed. Polls ``tasks_status`` every 0.05 s at first, then less often (at most 1 s apart).
 
     Raises:
-        CliError: the node went away or refused the call; the message names the task and how to
-            look it up once the node runs again (exit 3 when no node answers).
+        CliError: the node went away (a reset connection included) or refused the call; the
+            message names the task and how to look it up once the node runs again (exit 3 when
+            no node answers).
     """
     cli = _cli()
     pause_s = 0.05
     while True:
         try:
             res = cli._call(args, "tasks_status", {"task_id": task_id}, timeout_s=10.0)
-        except cli.CliError as exc:
+        except (cli.CliError, OSError) as exc:  # (OSError: the connection reset as the node died)
+            code = exc.code if isinstance(exc, cli.CliError) else cli.EXIT_NO_NODE
+            why = str(exc) if isinstance(exc, cli.CliError) else f"lost the node: {exc.strerror or exc}"
             again = f"chimera task status {task_id}" + (f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else "")
-            raise cli.CliError(f"{exc} while waiting for task {task_id}; once the node runs again, "
+            raise cli.CliError(f"{why} while waiting for task {task_id}; once the node runs again, "
                                f"`{again}` shows it (failed: interrupted if the node stopped before its "
-                               "result was agreed)", exc.code) from None
+                               "result was agreed)", code) from None
         left_s = deadline - time.monotonic()
         if res["state"] != "running" or left_s <= 0:
             return res
