@@ -120,6 +120,7 @@ COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
     "agents_upgrade": ("sha256",),
     "tasks_submit": ("sha256", "rule", "threshold", "wait", "wait_s", "fuel", "memory_bytes", "timeout_s",
                      "gpus", "gpu_memory_bytes", "replicas"),
+    "tasks_status": ("wait_s",),
 }
 
 

@@ -1,7 +1,7 @@
 """``chimera agent ...`` and ``chimera task ...``: the execution fabric from the command line.
 
 Each command is one admin call to the local node (``--data-dir``; ``task submit
---wait`` then polls ``tasks_status``); ``--json`` prints the node's answer as is. Module files are read here (at most 16 MiB)
+--wait`` then waits in ``tasks_status {task_id, wait_s}``); ``--json`` prints the node's answer as is. Module files are read here (at most 16 MiB)
 and sent in the request; a 64-hex-digit argument that is not a file names a
 module already in the node's store.
 """
@@ -169,7 +169,7 @@ def task_exit_code(t: dict) -> int:
 
 def cmd_task_submit(args: argparse.Namespace) -> int:
     """Submit; with ``--wait`` the task id goes to stderr at once (stdout keeps one document),
-    then the task is polled (``tasks_status``) until it ends or ``--wait-s`` pass."""
+    then ``tasks_status`` waits (in the node) until it ends or ``--wait-s`` pass."""
     cli = _cli()
     cargs = {**_module_args(args.module), **_input_args(args), "replicas": args.replicas,
              "rule": args.rule, "gpus": args.gpus, "fuel": args.fuel, "timeout_s": args.timeout_s}
@@ -187,30 +187,26 @@ def cmd_task_submit(args: argparse.Namespace) -> int:
 
 def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> dict:
     """The task's view once it is no longer ``running``, or when ``deadline`` (monotonic) has
-    passed. Polls ``tasks_status`` every 0.05 s at first, then less often (at most 1 s apart).
+    passed: ``tasks_status {task_id, wait_s}``, which the node answers when the task ends (one
+    call, one audit row; again only if the node answered early).
 
     Raises:
-        CliError: the node went away (a reset connection included) or refused the call; the
-            message names the task and how to look it up once the node runs again (exit 3 when
-            no node answers).
+        CliError: the node went away or refused the call; the message names the task and how to
+            look it up once the node runs again (exit 3 when no node answers).
     """
     cli = _cli()
-    pause_s = 0.05
     while True:
+        left_s = max(0.0, deadline - time.monotonic())
         try:
-            res = cli._call(args, "tasks_status", {"task_id": task_id}, timeout_s=10.0)
-        except (cli.CliError, OSError) as exc:  # (OSError: the connection reset as the node died)
-            code = exc.code if isinstance(exc, cli.CliError) else cli.EXIT_NO_NODE
-            why = str(exc) if isinstance(exc, cli.CliError) else f"lost the node: {exc.strerror or exc}"
+            res = cli._call(args, "tasks_status", {"task_id": task_id, "wait_s": min(left_s, 3600.0)},
+                            timeout_s=left_s + 10.0)
+        except cli.CliError as exc:
             again = f"chimera task status {task_id}" + (f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else "")
-            raise cli.CliError(f"{why} while waiting for task {task_id}; once the node runs again, "
+            raise cli.CliError(f"{exc} while waiting for task {task_id}; once the node runs again, "
                                f"`{again}` shows it (failed: interrupted if the node stopped before its "
-                               "result was agreed)", code) from None
-        left_s = deadline - time.monotonic()
-        if res["state"] != "running" or left_s <= 0:
+                               "result was agreed)", exc.code) from None
+        if res["state"] != "running" or deadline - time.monotonic() <= 0:
             return res
-        time.sleep(min(pause_s, left_s))
-        pause_s = min(1.0, pause_s * 1.5)
 
 
 def cmd_task_status(args: argparse.Namespace) -> int:

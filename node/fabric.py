@@ -1574,10 +1574,16 @@ def admin_handlers(node) -> dict:
     async def tasks_status(args: dict) -> Any:
         svc = service()
         task_id = admin_api.str_arg(args, "task_id", None, max_len=128)
+        wait_s = admin_api.float_arg(args, "wait_s", 0.0, 0.0, 3600.0)  # wait for a running task's end
         if task_id is not None:
             rec = svc.tasks.get(task_id)
             if rec is None:
                 raise admin_api.AdminError(f"no task {str(task_id)[:64]!r} was submitted here")
+            if wait_s > 0 and not rec.done.is_set():
+                try:
+                    await asyncio.wait_for(rec.done.wait(), wait_s)
+                except asyncio.TimeoutError:
+                    pass  # still running: its view says so
             return svc.task_view(rec)
         limit = admin_api.int_arg(args, "limit", 50, 1, MAX_TASKS_KEPT)  # the latest tasks and observations
         return {"fabric": svc.status(), "observations": list(svc.observations)[-limit:],

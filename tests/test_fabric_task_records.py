@@ -373,3 +373,17 @@ def test_task_submit_wait_names_the_task_when_the_node_dies(tmp_path: Path, caps
     finally:
         pool.shutdown(wait=False)
         net.stop()
+
+
+async def test_tasks_status_waits_for_a_running_task_to_end(node_factory):
+    """`tasks_status {task_id, wait_s}` answers when the task ends (what `chimera task submit
+    --wait` uses after printing the task id: one call and one audit row, not a poll per 0.05-1 s)."""
+    node = await node_factory("w", NodeConfig(**FABRIC_FAST))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    res = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62, "timeout_s": 1})
+    task_id = res["task_id"]
+    assert (await call(node, "tasks_status", {"task_id": task_id}))["state"] == "running"  # wait_s 0: at once
+    ended = await call(node, "tasks_status", {"task_id": task_id, "wait_s": 120})
+    assert ended["state"] == "failed" and ended["failure"]["reason"] != "interrupted", ended
+    with pytest.raises(admin.AdminError, match="wait_s"):
+        await call(node, "tasks_status", {"task_id": task_id, "wait_s": 4000})
