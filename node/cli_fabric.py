@@ -191,8 +191,9 @@ def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> d
     call, one audit row; again only if the node answered early).
 
     Raises:
-        CliError: the node went away or refused the call; the message names the task and how to
-            look it up once the node runs again (exit 3 when no node answers).
+        CliError: the node went away (a reset connection included) or refused the call; the
+            message names the task and how to look it up once the node runs again (exit 3 when
+            no node answers).
     """
     cli = _cli()
     while True:
@@ -200,11 +201,13 @@ def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> d
         try:
             res = cli._call(args, "tasks_status", {"task_id": task_id, "wait_s": min(left_s, 3600.0)},
                             timeout_s=left_s + 10.0)
-        except cli.CliError as exc:
+        except (cli.CliError, OSError) as exc:  # (OSError: the connection reset as the node died)
+            code = exc.code if isinstance(exc, cli.CliError) else cli.EXIT_NO_NODE
+            why = str(exc) if isinstance(exc, cli.CliError) else f"lost the node: {exc.strerror or exc}"
             again = f"chimera task status {task_id}" + (f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else "")
-            raise cli.CliError(f"{exc} while waiting for task {task_id}; once the node runs again, "
+            raise cli.CliError(f"{why} while waiting for task {task_id}; once the node runs again, "
                                f"`{again}` shows it (failed: interrupted if the node stopped before its "
-                               "result was agreed)", exc.code) from None
+                               "result was agreed)", code) from None
         if res["state"] != "running" or deadline - time.monotonic() <= 0:
             return res
 

@@ -294,6 +294,10 @@ class FabricService:
         # task records: one writer thread (writes stay in order), its own connection to the store
         self._records_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fabric-records")
         self._records_closed: asyncio.Future | None = None
+        # records waiting for the writer (task id -> (task, its saved future)); one transaction
+        # in flight at a time (group commit, _save_records)
+        self._record_queue: dict[str, tuple[_Submitted, asyncio.Future]] = {}
+        self._records_writing = False
         self._records = self._open_records()
 
     # ------------------------------------------------------------ set-up
@@ -458,26 +462,51 @@ class FabricService:
         self._save_records([rec])
 
     def _save_records(self, recs: list[_Submitted]) -> None:
-        """Queue one write (one transaction) of the records of ``recs``; as :meth:`_save_record`."""
+        """Queue writes of the records of ``recs`` as they are now; as :meth:`_save_record`.
+
+        Group commit: while the writer thread commits one transaction, the records queued
+        meanwhile wait and go together in the next (a task's latest state once); each task's
+        ``saved`` future is done when a transaction holding its state as of this call is
+        durable (a burst of 100 submissions is a few transactions, not 100 fsyncs)."""
         if self._records is None or self._closed or not recs:
             return
         for rec in recs:  # written as they are now: a pending placement write of them is done by this one
             self._placed.pop(rec.task_id, None)
-        records = [self._record_of(rec) for rec in recs]
-        fut = self.loop.run_in_executor(self._records_pool,
+            queued = self._record_queue.get(rec.task_id)
+            if queued is None:  # (a queued one is snapshot when its transaction starts: it has this state)
+                rec.saved = self.loop.create_future()
+                self._record_queue[rec.task_id] = (rec, rec.saved)
+        self._write_records()
+
+    def _write_records(self) -> None:
+        """Start the next transaction of queued records unless one is in flight."""
+        if self._records_writing or not self._record_queue or self._records is None:
+            return
+        batch, self._record_queue = list(self._record_queue.values()), {}
+        records = [self._record_of(rec) for rec, _ in batch]  # (on the event loop: consistent snapshots)
+        self._records_writing = True
+        job = self.loop.run_in_executor(self._records_pool,
                                         functools.partial(self._records.save, *records, keep=MAX_TASKS_KEPT))
-        described = ", ".join(f"{rec.task_id} ({rec.state})" for rec in recs[:3]) + \
-            (f" and {len(recs) - 3} more" if len(recs) > 3 else "")
+        described = ", ".join(f"{rec.task_id} ({rec.state})" for rec, _ in batch[:3]) + \
+            (f" and {len(batch) - 3} more" if len(batch) > 3 else "")
 
         def written(f: asyncio.Future) -> None:
+            self._records_writing = False
             exc = None if f.cancelled() else f.exception()
             if exc is not None:
                 self.counters["fabric_task_record_errors"] += 1
                 log.error("could not write the record of task %s; kept in memory only: %s", described, exc)
+            for _, saved in batch:
+                if not saved.done():
+                    if exc is None:
+                        saved.set_result(None)
+                    else:
+                        saved.set_exception(exc)
+                        saved.exception()  # (retrieved: counted and logged here)
+            if not self._closed:
+                self._write_records()
 
-        fut.add_done_callback(written)
-        for rec in recs:
-            rec.saved = fut
+        job.add_done_callback(written)
 
     def _placement_changed(self, rec: _Submitted) -> None:
         """``rec`` was dispatched again: its record is written at the end of this event-loop turn,
@@ -597,6 +626,9 @@ class FabricService:
         self.task_pool.shutdown(wait=False, cancel_futures=True)
         self.admin_pool.shutdown(wait=False, cancel_futures=True)
         if self._records is not None:  # after the writes queued before it (run() waits for it)
+            if self._record_queue:  # not started yet: after the one in flight (the pool runs jobs in order)
+                self._records_writing = False
+                self._write_records()
             self._records_closed = self.loop.run_in_executor(self._records_pool, self._records.close)
         self._records_pool.shutdown(wait=False)
         rt = self._runtime

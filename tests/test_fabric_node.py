@@ -315,10 +315,10 @@ async def test_agreed_error_is_reported_as_a_failure_not_a_success(tmp_path, cap
 
         d = str(nodes[0].data_dir)
 
-        async def chimera(*argv: str) -> tuple[int, str]:
+        async def chimera(*argv: str, stdout_only: bool = False) -> tuple[int, str]:
             code = await asyncio.to_thread(main, [*argv, "--data-dir", d])
             out = capsys.readouterr()
-            return code, out.out + out.err
+            return code, out.out if stdout_only else out.out + out.err
 
         code, out = await chimera("task", "submit", str(AGENTS / "hostile_loop.wasm"), "--fuel", "100000",
                                   "--replicas", "2", "--wait")
@@ -328,7 +328,8 @@ async def test_agreed_error_is_reported_as_a_failure_not_a_success(tmp_path, cap
         code, out = await chimera("task", "submit", str(corrupt), "--replicas", "2", "--wait")
         assert code == 1 and "exit 0" not in out, out
         assert "module_rejected" in out and "not valid WebAssembly" in out and "utf-8" not in out, out
-        code, out = await chimera("task", "submit", str(corrupt), "--wait", "--json")
+        # (--json: one document on stdout; "task ID submitted; waiting" may go to stderr)
+        code, out = await chimera("task", "submit", str(corrupt), "--wait", "--json", stdout_only=True)
         doc = json.loads(out)["result"]
         assert code == 1 and doc["state"] == "failed" and doc["failure"]["reason"] == "module_rejected"
         code, out = await chimera("task", "status", doc["task_id"])  # the same verdict later
