@@ -811,6 +811,9 @@ class LocalClient:
             sock.connect(str(self.path))
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
+            if not self.path.parent.is_dir():  # a typo in --data-dir reads differently from a stopped node
+                raise AdminError(f"no node is running with data dir {self.target}: there is no such "
+                                 "directory", EXIT_NO_NODE) from None
             raise AdminError(f"no node is running with data dir {self.target}", EXIT_NO_NODE) from None
         except PermissionError:
             sock.close()

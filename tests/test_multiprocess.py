@@ -94,6 +94,10 @@ def test_cli_status_peers_and_graceful_leave(tmp_path: Path):
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path):
     out = chimera("status", "--data-dir", str(tmp_path / "none"))
     assert out.returncode == 3 and out.stderr.startswith("chimera: no node is running")
+    assert out.stderr.rstrip().endswith("there is no such directory")  # (a typo, not a stopped node)
+    (tmp_path / "stopped").mkdir()
+    out = chimera("status", "--data-dir", str(tmp_path / "stopped"))
+    assert out.returncode == 3 and out.stderr == f"chimera: no node is running with data dir {tmp_path / 'stopped'}\n"
     assert "Traceback" not in out.stderr
     out = chimera("node", "--data-dir", str(tmp_path / "fresh"), "--no-mdns")
     assert out.returncode == 2 and "belongs to no network" in out.stderr
