@@ -19,7 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import msgpack
 import pytest
 
 from chimera.node import admin, audit
@@ -28,6 +27,7 @@ from chimera.node.config import NodeConfig
 from chimera.node.launcher import LocalNetwork
 from chimera.node.store import Store
 from tests.conftest import FAST, async_wait_until, wait_until
+from tests.test_audit_writer import _locker, _request
 
 CHIMERA = str(Path(sys.executable).with_name("chimera"))
 WARNING = "warning: the node could not record this request in its audit log"
@@ -40,16 +40,6 @@ def _fresh_warnings(monkeypatch):
     """Each test is one 'process' for the once-per-process audit warning."""
     monkeypatch.setattr(admin, "_audit_warned", set())
     monkeypatch.setattr(admin, "_audit_noted", [])
-
-
-def _request(cmd: str, args: dict | None = None) -> bytes:
-    return msgpack.packb({"cmd": cmd, "args": args or {}}, use_bin_type=True)
-
-
-def _locker(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
-    conn.execute("BEGIN IMMEDIATE")
-    return conn
 
 
 # ------------------------------------------------- clients: warn once, keep the flag

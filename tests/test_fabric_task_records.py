@@ -143,14 +143,20 @@ async def test_a_store_that_refuses_the_record_is_counted_and_the_task_goes_on(n
     assert node.counters["fabric_task_record_errors"] == errors
 
 
-async def test_an_unreadable_record_is_skipped_and_counted(node_factory):
-    cfg = NodeConfig(**FABRIC_FAST)
-    node = await node_factory("bad", cfg)
+async def _two_finished_tasks(node_factory, name: str, cfg: NodeConfig):
+    """A node named ``name`` that ran two accepted wordfreq tasks, then stopped: (node, first, second)."""
+    node = await node_factory(name, cfg)
     assert await async_wait_until(lambda: node.fabric.own is not None, 30)
     first = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "wait": True})
     second = await call(node, "tasks_submit", {"sha256": first["module_sha256"], "input": b"b", "wait": True})
     assert first["state"] == second["state"] == "accepted"
     await node.stop()
+    return node, first, second
+
+
+async def test_an_unreadable_record_is_skipped_and_counted(node_factory):
+    cfg = NodeConfig(**FABRIC_FAST)
+    node, first, second = await _two_finished_tasks(node_factory, "bad", cfg)
     db = sqlite3.connect(node.data_dir / "node.sqlite3")
     (blob,) = db.execute("SELECT certificate FROM fabric_tasks WHERE task_id=?", (first["task_id"],)).fetchone()
     cert = msgpack.unpackb(blob, raw=False)
@@ -246,12 +252,8 @@ async def test_a_damaged_stored_threshold_is_rejected_at_once(node_factory):
 async def test_task_numbers_go_on_after_an_unreadable_newest_record(node_factory):
     """The newest record is unreadable: its number is not given to the next task."""
     cfg = NodeConfig(**FABRIC_FAST)
-    node = await node_factory("seq", cfg)
-    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
-    first = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "wait": True})
-    second = await call(node, "tasks_submit", {"sha256": first["module_sha256"], "input": b"b", "wait": True})
+    node, first, second = await _two_finished_tasks(node_factory, "seq", cfg)
     assert second["task_id"].startswith("t2-")
-    await node.stop()
     db = sqlite3.connect(node.data_dir / "node.sqlite3")
     db.execute("UPDATE fabric_tasks SET history=x'c1' WHERE task_id=?", (second["task_id"],))
     db.commit()
