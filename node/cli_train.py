@@ -154,7 +154,7 @@ def _changes(res: dict, seen: dict[str, tuple], printed: dict[str, int]) -> list
 def _follow_plain(args: argparse.Namespace, res: dict) -> int:
     """A line per committed round, and one when a job's state changes otherwise (``--json``: one
     JSON document each, with ``event`` "round" or "state"), until the jobs finish."""
-    from .shell import json_line
+    from .shell import json_line, with_audit_failure
 
     seen: dict[str, tuple] = {}
     printed: dict[str, int] = {}
@@ -164,7 +164,7 @@ def _follow_plain(args: argparse.Namespace, res: dict) -> int:
                 doc = ({"event": "round", "job_id": job["job_id"], **r} if what == "round" else
                        {"event": "state", **{k: job[k] for k in ("job_id", "name", "state", "round", "model_round",
                                                                   "rounds_total", "last_error")}})
-                print(json_line({"ok": True, "result": doc}), flush=True)
+                print(json_line(with_audit_failure({"ok": True, "result": doc})), flush=True)
             elif what == "round":
                 print(f"{job['job_id'][:16]} {job['name']}: round {r['round']}/{job['rounds_total']} "
                       f"accuracy {_fmt(r['accuracy'], '.4f')} loss {_fmt(r['loss'], '.4f')} updates {r['participants']} "

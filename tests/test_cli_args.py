@@ -234,6 +234,24 @@ def test_follow_json_has_one_document_per_change(node_answers, capsys):
     assert docs[0]["result"]["job_id"] == docs[1]["result"]["job_id"] == "f0" * 32
 
 
+def test_follow_json_keeps_the_audit_failure_of_the_replies(node_answers, capsys, monkeypatch):
+    """A reply whose audit row the node could not write (a full disk) is still shown; the
+    --json document says so, as every other --json printer does (PROTOCOL §19.6)."""
+    import json
+
+    from chimera.node import admin
+
+    monkeypatch.setattr(admin, "_audit_warned", set())
+    monkeypatch.setattr(admin, "_audit_noted", [])
+    replies = [{"ok": True, "result": {"jobs": [job(state="finished", rnd=1, done=1, total=1)]},
+                "audit_failure": "OperationalError: database or disk is full"}]
+    node_answers["answers"] = [admin._result(r) for r in replies]
+    code, out, err = run_cli(["train", "status", "--follow", "--json"], capsys)
+    docs = [json.loads(l) for l in out.splitlines()]
+    assert code == 0 and docs and docs[0]["audit_failure"] == "OperationalError: database or disk is full", docs
+    assert "could not record this request in its audit log" in err
+
+
 # ------------------------------------------------------------------ chimera task status
 
 
