@@ -327,6 +327,12 @@ def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
     from .launcher import LocalNetwork, PeerStartError
 
     net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns, extra_args=extra)
+    held = net.held_elsewhere()
+    if held:
+        pids = " ".join(pid for _, pid in held)
+        raise CliError(f"{len(held)} peer(s) of {workdir} still run from an earlier run ("
+                       + ", ".join(f"peer {i}: pid {pid}" for i, pid in held)
+                       + f"); stop them (kill {pids}) or use another --workdir", EXIT_FAIL)
     print(f"starting {args.peers} peers in {workdir} (network {net.network.fingerprint()})")
     warning = net.quorum_warning(net.validators(running=False))
     if warning:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -337,3 +338,30 @@ def test_up_reports_a_peer_that_cannot_start_in_one_line(tmp_path: Path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith("chimera: peer 0 exited while starting (exit code 1): ") \
         and "Address already in use" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.slow
+def test_up_refuses_a_workdir_whose_peers_outlived_a_killed_up(tmp_path: Path):
+    """`chimera up` SIGKILLed: its peers (own sessions) live on and its lock is gone. A new `up`
+    there started every peer again; each exited "already running". It now refuses in one line
+    naming the pids to stop."""
+    workdir = tmp_path / "w"
+    proc, out = _up(workdir, "--peers", "2")
+    pids: list[int] = []
+    try:
+        out.until("press Ctrl-C")
+        pids = [admin.call(workdir / f"peer-{i}", "status", timeout_s=10)["pid"] for i in range(2)]
+        proc.kill()
+        proc.wait(60)
+        again = chimera("up", "--peers", "2", "--workdir", str(workdir))
+        assert again.returncode == 1 and again.stdout == "", (again.stdout, again.stderr)
+        assert again.stderr == (f"chimera: 2 peer(s) of {workdir} still run from an earlier run (peer 0: pid "
+                                f"{pids[0]}, peer 1: pid {pids[1]}); stop them (kill {pids[0]} {pids[1]}) or "
+                                "use another --workdir\n"), again.stderr
+    finally:
+        _end(proc)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    assert wait_until(lambda: not any(_answers(workdir / f"peer-{i}") for i in range(2)), timeout_s=60)
+    assert LocalNetwork(workdir, 2).held_elsewhere() == []  # stopped: a new `up` may start here
