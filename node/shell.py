@@ -676,6 +676,7 @@ class Shell:
         self.interactive = interactive
         self._commands: dict[str, dict] | None = None
         self._cache: dict[str, tuple[float, list[str]]] = {}
+        self._positional: list[str] = []  # argument names the last line's positional words filled
 
     # -------------------------------------------------------------- model
 
@@ -752,6 +753,7 @@ class Shell:
             raise ShellError("empty command")
         cmd, rest = self.resolve(words)
         arg_names = list(self.commands[cmd].get("args", []))
+        self._positional = []  # the argument names the positional words filled, in order
         accepted = self.accepted(cmd)
         args: dict[str, object] = {}
         files: dict[str, str] = {}  # argument -> the @FILE it was read from
@@ -770,6 +772,7 @@ class Shell:
                     raise ShellError(f"{phrase(cmd)}: too many arguments (takes: {usage}; use name=value)")
                 name, text = arg_names[positional], word
                 positional += 1
+                self._positional.append(name)
             args[name] = value_of(name, text)
             if text.startswith("@") and not text.startswith("@@") and len(text) > 1:
                 files[name] = text[1:]
@@ -837,18 +840,28 @@ class Shell:
             KeyboardInterrupt: Ctrl-C (a following stream ends quietly instead).
         """
         admin.take_audit_failures()  # what an earlier line's replies noted is not this line's
+        self._positional = []
         try:
             return self._execute(line)
         except ShellError as exc:
             return self._fail(str(exc), exc.code)
         except AdminError as exc:
-            return self._fail(str(exc), exc.code)
+            return self._fail(str(exc) + self._positional_hint(str(exc), exc.code), exc.code)
         except AdminKeyError as exc:
             return self._fail(str(exc), EXIT_USAGE)
         except OSError as exc:
             return self._fail(str(exc), EXIT_FAIL)
         except Exception as exc:  # a bug here or an odd answer: one line, and the session goes on
             return self._fail(f"internal error: {type(exc).__name__}: {exc}", EXIT_FAIL)
+
+    def _positional_hint(self, message: str, code: int) -> str:
+        """For a usage error about an argument that a later positional word filled (``propose
+        hello from shell``: 'from' became timeout_s): say how the words were mapped."""
+        names = self._positional
+        if code != EXIT_USAGE or len(names) < 2 or not any(re.search(rf"\b{re.escape(n)}\b", message)
+                                                          for n in names[1:]):
+            return ""
+        return f" (the words after the command filled {', '.join(names)} in order; quote text with spaces)"
 
     def _fail(self, message: str, code: int) -> int:
         message = one_line(message) or "unknown error"

@@ -397,6 +397,7 @@ FAKE_COMMANDS = [
     {"name": "train_export", "args": ["job"], "help": "", "role": "operator"},
     {"name": "agents_deploy", "args": ["ref", "module", "kind"], "help": "", "role": "operator"},
     {"name": "tasks_submit", "args": ["module", "input"], "help": "", "role": "operator"},
+    {"name": "propose", "args": ["data", "timeout_s", "count"], "help": "", "role": "operator"},
     {"name": "plugin_thing", "args": [], "help": "a handler this shell does not know", "role": "admin"},
 ]
 
@@ -635,3 +636,20 @@ def test_text_from_peers_reaches_the_terminal_escaped():
                  event_line({"at_ms": 0, "kind": "task_completed", "peer_id": "p", "reason": evil})):
         assert "\x1b" not in text and "\x07" not in text and "\n fake line" not in text, text
         assert "\\x1b[2J" in text and "\\n fake line" in text, text
+
+
+def test_a_usage_error_about_a_positional_word_says_how_the_words_were_mapped():
+    """`propose hello from shell`: 'from' fills timeout_s and the node's error named timeout_s
+    only; the shell now says how the words were mapped (an operator saw no reason)."""
+    from chimera.node.admin import AdminError
+
+    refusal = AdminError("timeout_s must be a number in [0.1, 3600], not 'from'", 2)
+    code, out, node = _run_line("propose hello from shell", answer=refusal)
+    assert code == 2 and node.sent == [("propose", {"data": "hello", "timeout_s": "from", "count": "shell"})]
+    assert out == ("error: timeout_s must be a number in [0.1, 3600], not 'from' (the words after the command "
+                   "filled data, timeout_s, count in order; quote text with spaces)\n"), out
+    code, out, _ = _run_line('propose "hello from shell" 5', answer=AdminError("timeout_s is wrong", 2))
+    assert out == "error: timeout_s is wrong (the words after the command filled data, timeout_s in order; " \
+                  "quote text with spaces)\n", out
+    code, out, _ = _run_line("propose hello", answer=AdminError("data is wrong", 2))
+    assert out == "error: data is wrong\n"  # one word: nothing to explain
