@@ -321,18 +321,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         os.close(lock_fd)
 
 
-def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
-    """`chimera up` once ``workdir`` is locked: start, supervise until Ctrl-C or no peer is
-    left, stop; returns the exit code."""
-    from .launcher import LocalNetwork, PeerStartError
-
-    net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns, extra_args=extra)
+def _refuse_leftover_peers(net, workdir: Path) -> None:
+    """CliError (exit 1) naming the pids when peers of ``workdir`` still run from an earlier
+    launcher (a `chimera up` or demo that was SIGKILLed: its peers, in their own sessions,
+    outlive it, and starting them again would only make them exit "already running")."""
     held = net.held_elsewhere()
     if held:
         pids = " ".join(pid for _, pid in held)
         raise CliError(f"{len(held)} peer(s) of {workdir} still run from an earlier run ("
                        + ", ".join(f"peer {i}: pid {pid}" for i, pid in held)
                        + f"); stop them (kill {pids}) or use another --workdir", EXIT_FAIL)
+
+
+def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
+    """`chimera up` once ``workdir`` is locked: start, supervise until Ctrl-C or no peer is
+    left, stop; returns the exit code."""
+    from .launcher import LocalNetwork, PeerStartError
+
+    net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns, extra_args=extra)
+    _refuse_leftover_peers(net, workdir)
     print(f"starting {args.peers} peers in {workdir} (network {net.network.fingerprint()})")
     warning = net.quorum_warning(net.validators(running=False))
     if warning:
@@ -397,12 +404,26 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .launcher import PeerStartError
+    from .launcher import LocalNetwork, PeerStartError, WorkdirBusyError, lock_workdir
 
+    workdir = Path(args.workdir).resolve() if args.workdir else None
+    lock_fd = None
+    if workdir is not None:  # (a temporary workdir is the demo's own)
+        try:
+            lock_fd = lock_workdir(workdir)  # as `chimera up`: one launcher per workdir
+        except WorkdirBusyError as exc:
+            raise CliError(str(exc), EXIT_FAIL) from None
+        except OSError as exc:
+            raise CliError(f"cannot lock {workdir}: {exc.strerror or exc}", EXIT_FAIL) from None
     try:
-        return run_demo(peers=args.peers, workdir=Path(args.workdir) if args.workdir else None, hold=args.hold)
+        if workdir is not None and (workdir / "network.token").exists():
+            _refuse_leftover_peers(LocalNetwork(workdir, args.peers), workdir)
+        return run_demo(peers=args.peers, workdir=workdir, hold=args.hold)
     except PeerStartError as exc:  # (the demo's report is printed; the cause in one line)
         raise CliError(str(exc), EXIT_FAIL) from None
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 # -------------------------------------------------------------------- parser

@@ -61,7 +61,7 @@ def lock_workdir(workdir: Path) -> int:
     except BlockingIOError:
         holder = printable(os.pread(fd, 32, 0).decode(errors="replace").strip())[:20] or "?"
         os.close(fd)
-        raise WorkdirBusyError(f"chimera up (pid {holder}) is already running in {workdir} "
+        raise WorkdirBusyError(f"a chimera up or demo (pid {holder}) is already running in {workdir} "
                                f"(its lock: {path})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -253,7 +253,7 @@ def test_up_counts_genesis_validators_refuses_a_second_up_and_reports_last_exit_
         logs = {p: p.stat().st_size for p in (workdir / "logs").iterdir()}
         second = chimera("up", "--peers", "3", "--workdir", str(workdir))
         assert second.returncode == 1 and second.stdout == "", (second.stdout, second.stderr)
-        assert second.stderr == (f"chimera: chimera up (pid {proc.pid}) is already running in {workdir} "
+        assert second.stderr == (f"chimera: a chimera up or demo (pid {proc.pid}) is already running in {workdir} "
                                  f"(its lock: {workdir / 'up.lock'})\n"), second.stderr
         assert {p: p.stat().st_size for p in (workdir / "logs").iterdir()} == logs
         victim = admin.call(workdir / "peer-1", "status", timeout_s=10)
@@ -365,3 +365,17 @@ def test_up_refuses_a_workdir_whose_peers_outlived_a_killed_up(tmp_path: Path):
                 os.kill(pid, signal.SIGTERM)
     assert wait_until(lambda: not any(_answers(workdir / f"peer-{i}") for i in range(2)), timeout_s=60)
     assert LocalNetwork(workdir, 2).held_elsewhere() == []  # stopped: a new `up` may start here
+
+
+def test_demo_with_a_workdir_takes_the_launchers_lock(tmp_path: Path):
+    """`chimera demo --workdir W` on a workdir a `chimera up` runs in started every peer a second
+    time (each exited "already running"); it is refused as a second `up` is."""
+    workdir = tmp_path / "w"
+    fd = lock_workdir(workdir)  # a running `chimera up` (this process) holds it
+    try:
+        out = chimera("demo", "--workdir", str(workdir))
+    finally:
+        os.close(fd)
+    assert out.returncode == 1 and out.stderr == (
+        f"chimera: a chimera up or demo (pid {os.getpid()}) is already running in {workdir} "
+        f"(its lock: {workdir / 'up.lock'})\n"), out.stderr
