@@ -728,8 +728,9 @@ class BftCore:
             (now, or once catch-up gets there) the core resumes in its round with its lock.
         locked_block: the block persisted with ``sign_state`` (:class:`PersistVote`), or
             None. Used only when it is the block of ``sign_state.locked_hash`` at that
-            height: the core then holds it again (it can commit it on the resent precommit,
-            and re-proposes it as its valid block, L16).
+            height: the core then holds it again (it can commit it on the resent precommit)
+            and proposes it when it is the proposer, without a valid round (the polka that
+            made us lock may be lost with every validator's restart).
         sign_from_height: the core signs nothing (proposal or vote) at heights below this
             (default 1: no floor). A driver whose sign state was lost while its log
             survived passes the last committed height + 2: it may have signed at the
@@ -1015,10 +1016,15 @@ class BftCore:
             self.locked_hash = state.locked_hash
             restored = self._restored_block
             if restored is not None and restored[0] == state.locked_hash:
-                # the locked block, persisted with the lock: a polka of locked_round made us
-                # lock on it, so it is also our valid block (L36) and the proposal we re-propose
+                # the locked block, persisted with the lock: we hold it again (a resent precommit
+                # can commit it), and as proposer we propose it, with no valid round: the polka
+                # of locked_round (prevotes are not persisted) may exist nowhere after a restart
+                # of every validator, and a re-proposal naming that round (L28) would be
+                # prevoted by nobody while those locked on it refuse any other block. Proposed
+                # fresh, it is prevoted under L22 by those locked on it and the unlocked ones
+                # (any proposer may propose any valid block; the voters' locks keep safety).
                 self._blocks[restored[0]] = restored[1]
-                self.valid_round, self.valid_block = state.locked_round, restored[1]
+                self.valid_round, self.valid_block = None, restored[1]
         self._restored_block = None if state is None or state.height <= self.height else self._restored_block
 
     def _reset_height_state(self) -> None:

@@ -390,19 +390,21 @@ class SignStateFile:
     Layout (``data_dir/bft_sign_state.bin``, mode 0600): two slots of 512 bytes
     written alternately, then the extra records. A slot is ``b"CMSS"``, a
     big-endian u64 sequence number, a big-endian u16 payload length, the payload,
-    the locator of the slot's extra record (big-endian u64 file offset and u32
-    length; zeros: none), zero padding, and a 16-byte BLAKE2b digest of the
-    slot's first 496 bytes at its end. A write is a ``pwrite`` of the extra
-    record (if any) at an offset that does not overlap the other slot's extra
-    record, one ``pwrite`` of the whole slot, and one ``fdatasync``; a write torn
-    by a power loss damages only what is being written, and the other slot (with
-    its extra record) still holds the state before it (the write never
-    completed, so nothing signed after that state was sent). :meth:`load`
-    returns the payload of the valid slot with the highest sequence number and
-    :meth:`load_extra` its extra record (the node stores the locked block there;
-    it checks the block's hash, since the slot's digest does not cover the
-    extra bytes). Files written before the extra record existed read the same
-    (their padding is a zero locator).
+    the locator of the slot's extra record (big-endian u64 file offset, u32
+    length and the extra's 16-byte BLAKE2b digest; all zeros: none), zero
+    padding, and a 16-byte BLAKE2b digest of the slot's first 496 bytes at its
+    end. A write is a ``pwrite`` of the extra record (when it is not the one the
+    last slot already points at) at an offset that does not overlap the last
+    slot's extra record, one ``pwrite`` of the whole slot, and one
+    ``fdatasync``; only then may what was signed leave. A slot counts only when
+    its digest and its extra record's digest both verify: after a power loss
+    during a write, any part of it may be on disk, but then the sync never
+    completed and nothing signed after the previous state was sent, so the other
+    slot (with its extra record, never written over) is the state to resume
+    from. :meth:`load` returns the payload of the valid slot with the highest
+    sequence number and :meth:`load_extra` its extra record (the node keeps the
+    locked block there). Files written before the extra record existed read the
+    same (their padding is a zero locator).
 
     Raises:
         SignStateError: from the constructor when the file exists but no slot
@@ -413,10 +415,11 @@ class SignStateFile:
     SLOT_BYTES = 512
     MAGIC = b"CMSS"
     _HEAD = struct.Struct(">4sQH")
-    _LOCATOR = struct.Struct(">QI")  # extra record: offset, length
-    MAX_PAYLOAD_BYTES = SLOT_BYTES - 16 - _HEAD.size - _LOCATOR.size  # 470
+    _LOCATOR = struct.Struct(">QI16s")  # extra record: offset, length, BLAKE2b-128 of its bytes
+    MAX_PAYLOAD_BYTES = SLOT_BYTES - 16 - _HEAD.size - _LOCATOR.size  # 454
     MAX_EXTRA_BYTES = 64 << 20
     EXTRA_ALIGN = 4096
+    _NO_EXTRA = (0, 0, bytes(16))
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -431,25 +434,38 @@ class SignStateFile:
                     os.fsync(dir_fd)  # the new file's name is durable too
                 finally:
                     os.close(dir_fd)
-            self._seq, self._payload, self._extra_at = self._read()
+            self._seq, self._payload, self._extra_at, self._extra = self._read()
         except BaseException:
             os.close(self._fd)
             raise
 
-    def _slot(self, raw: bytes) -> tuple[int, bytes, tuple[int, int]] | None:
+    @staticmethod
+    def _digest(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=16).digest()
+
+    def _slot(self, raw: bytes) -> tuple[int, bytes, tuple[int, int, bytes], bytes | None] | None:
+        """``(seq, payload, locator, extra)`` of a slot whose digest and extra record verify."""
         if len(raw) != self.SLOT_BYTES or raw[:4] != self.MAGIC:
             return None
-        if hashlib.blake2b(raw[:-16], digest_size=16).digest() != raw[-16:]:
+        if self._digest(raw[:-16]) != raw[-16:]:
             return None
         _, seq, length = self._HEAD.unpack_from(raw)
         if length > self.SLOT_BYTES - 16 - self._HEAD.size:
             return None
         start = self._HEAD.size
         # (a payload longer than MAX_PAYLOAD_BYTES was possible before the locator existed)
-        extra_at = self._LOCATOR.unpack_from(raw, start + length) if length <= self.MAX_PAYLOAD_BYTES else (0, 0)
-        return seq, raw[start:start + length], extra_at
+        at = self._LOCATOR.unpack_from(raw, start + length) if length <= self.MAX_PAYLOAD_BYTES else self._NO_EXTRA
+        extra = None
+        if at[1]:
+            offset, size, digest = at
+            if size > self.MAX_EXTRA_BYTES or offset < 2 * self.SLOT_BYTES:
+                return None
+            extra = os.pread(self._fd, size, offset)
+            if len(extra) != size or self._digest(extra) != digest:
+                return None  # its write never completed (so nothing signed under it left)
+        return seq, raw[start:start + length], at, extra
 
-    def _read(self) -> tuple[int, bytes | None, tuple[int, int]]:
+    def _read(self) -> tuple[int, bytes | None, tuple[int, int, bytes], bytes | None]:
         data = os.pread(self._fd, 2 * self.SLOT_BYTES, 0)
         slots = [self._slot(data[k * self.SLOT_BYTES:(k + 1) * self.SLOT_BYTES]) for k in (0, 1)]
         valid = [s for s in slots if s is not None]
@@ -457,24 +473,16 @@ class SignStateFile:
             if any(data):
                 raise SignStateError(f"{self.path}: no valid sign-state record (corrupt file); "
                                      "restore it or remove it only if this key never signed")
-            return 0, None, (0, 0)
-        return max(valid)
+            return 0, None, self._NO_EXTRA, None
+        return max(valid, key=lambda slot: slot[0])
 
     def load(self) -> bytes | None:
         """The last saved payload, or None when nothing was ever saved."""
         return self._payload
 
     def load_extra(self) -> bytes | None:
-        """The extra record saved with the last payload (None: none, or not readable in
-        full: its bytes are not covered by the slot's digest; the caller checks them)."""
-        offset, length = self._extra_at
-        if length == 0 or length > self.MAX_EXTRA_BYTES or offset < 2 * self.SLOT_BYTES:
-            return None
-        try:
-            data = os.pread(self._fd, length, offset)
-        except OSError:
-            return None
-        return data if len(data) == length else None
+        """The extra record saved with the last payload (verified by its digest), or None."""
+        return self._extra
 
     def save(self, payload: bytes, extra: bytes | None = None) -> None:
         """Write ``payload`` (and ``extra``, an opaque record kept with it) durably
@@ -490,26 +498,29 @@ class SignStateFile:
         if extra is not None and len(extra) > self.MAX_EXTRA_BYTES:
             raise ValueError(f"sign-state extra record of {len(extra)} bytes > {self.MAX_EXTRA_BYTES}")
         seq = self._seq + 1
-        extra_at = (0, 0)
+        extra_at = self._NO_EXTRA
         if extra:
-            # the other slot (the last state, kept intact until this write is durable) may
-            # point at its own extra record: never write over it
-            offset = 2 * self.SLOT_BYTES
-            kept_at, kept_len = self._extra_at
-            if kept_len and offset < kept_at + kept_len and kept_at < offset + len(extra):
-                offset = -(-(kept_at + kept_len) // self.EXTRA_ALIGN) * self.EXTRA_ALIGN
-            written = os.pwrite(self._fd, extra, offset)
-            if written != len(extra):
-                raise OSError(f"{self.path}: short write ({written} of {len(extra)} bytes)")
-            extra_at = (offset, len(extra))
+            if extra == self._extra:  # already on disk, synced with the last slot: point at it again
+                extra_at = self._extra_at
+            else:
+                # the last slot (the state kept until this write is durable) may point at its
+                # own extra record: never write over it
+                offset = 2 * self.SLOT_BYTES
+                kept_at, kept_len, _ = self._extra_at
+                if kept_len and offset < kept_at + kept_len and kept_at < offset + len(extra):
+                    offset = -(-(kept_at + kept_len) // self.EXTRA_ALIGN) * self.EXTRA_ALIGN
+                written = os.pwrite(self._fd, extra, offset)
+                if written != len(extra):
+                    raise OSError(f"{self.path}: short write ({written} of {len(extra)} bytes)")
+                extra_at = (offset, len(extra), self._digest(extra))
         body = self._HEAD.pack(self.MAGIC, seq, len(payload)) + payload + self._LOCATOR.pack(*extra_at)
         body += bytes(self.SLOT_BYTES - 16 - len(body))
-        slot = body + hashlib.blake2b(body, digest_size=16).digest()
+        slot = body + self._digest(body)
         written = os.pwrite(self._fd, slot, (seq % 2) * self.SLOT_BYTES)
         if written != self.SLOT_BYTES:
             raise OSError(f"{self.path}: short write ({written} of {self.SLOT_BYTES} bytes)")
         os.fdatasync(self._fd)
-        self._seq, self._payload, self._extra_at = seq, payload, extra_at
+        self._seq, self._payload, self._extra_at, self._extra = seq, payload, extra_at, (extra or None)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -1685,3 +1685,56 @@ def test_validators_restarted_after_signing_votes_the_others_never_saw_still_com
         prevotes = [v for v in own_votes(cluster.log[ident.peer_id])
                     if v.vote_type == PREVOTE and (v.height, v.round) == (1, 0)]
         assert prevotes and {v.block_hash for v in prevotes} == {bytes([k + 1]) * 32 if k % 2 else None}
+
+
+def test_every_validator_restarting_after_a_lock_of_an_older_round_still_commits():
+    """Round 0: only A and B see the polka for X, lock it and precommit it; C and D precommit
+    nil; round 1's proposal is lost and every validator precommits nil in round 1. Then all
+    four restart (a power cut) with their sign state and the locked block persisted with it.
+    The polka of round 0 (prevotes are not persisted) exists nowhere: a re-proposal of X naming
+    valid round 0 (L28) was prevoted by nobody while A and B, locked on X, refused anything
+    else: the height never committed. X is now proposed without a valid round (L22)."""
+    c = Cluster(4)
+    schedule = ProposerSchedule(c.table, 1)
+    a = schedule.proposer(1, 0)
+    b, c_, d = [i.peer_id for i in c.ids if i.peer_id != a]
+    c.cores[a].submit(b"value-x", 0.0)
+
+    def votes_in(message) -> list:
+        return [message.vote] if isinstance(message, BftVote) else list(getattr(message, "votes", ()) or ())
+
+    def lose(src, dst, action) -> bool:
+        m = getattr(action, "message", None)
+        if isinstance(m, BftProposal) and ((m.round == 0 and dst == d) or m.round == 1):
+            return True
+        return dst in (c_, d) and any(v.vote_type == PREVOTE and v.round == 0 and v.voter == a
+                                      for v in votes_in(m))
+
+    c.lose = lose
+    t, last = 0.0, {}
+    while t < 60:
+        t += 0.01
+        c.advance(t)
+        persisted = {p: [x for x in c.log[p] if isinstance(x, PersistVote)] for p in c.cores}
+        if all(persisted.values()):
+            last = {p: v[-1] for p, v in persisted.items()}
+            if all(x.state.round == 1 and x.state.step == PRECOMMIT for x in last.values()):
+                break
+    assert last and not any(c.commits.values())
+    locked = {p: x.state.locked_round for p, x in last.items()}
+    assert locked == {a: 0, b: 0, c_: None, d: None}, locked
+    assert last[a].locked_block is not None and last[a].state.locked_hash == block_hash(last[a].locked_block)
+
+    restarted = Cluster(4)
+    for identity in restarted.ids:
+        x = last[identity.peer_id]
+        restarted.cores[identity.peer_id] = BftCore(identity, NET, restarted.table, FAST, 0.0,
+                                                    validate_value=valid_value, sign_state=x.state,
+                                                    locked_block=x.locked_block)
+    t = 0.0
+    while t < 600 and not all(restarted.commits.values()):
+        t += 1.0
+        restarted.advance(t)
+    firsts = {p: v[0] for p, v in restarted.commits.items() if v}
+    assert len(firsts) == 4, {p: len(v) for p, v in restarted.commits.items()}
+    assert {x.block_hash for x in firsts.values()} == {last[a].state.locked_hash}  # X, the locked block

@@ -212,7 +212,24 @@ def test_sign_state_file_keeps_the_extra_record_of_the_state_a_torn_write_falls_
     path.write_bytes(bytes(raw))
     fallen_back = SignStateFile(path)
     assert (fallen_back.load(), fallen_back.load_extra()) == (b"state 4", b"D" * 300)
+    # power loss the other way round: the new slot reached the disk, its extra record did not
+    # (one fdatasync orders nothing between them). The sync never completed, so what state 5
+    # signed never left: the slot does not count, state 4 (with its record) is resumed.
+    fallen_back.save(b"state 5", b"F" * 6000)
+    offset, size, _ = fallen_back._extra_at
     fallen_back.close()
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + size] = bytes(size)
+    path.write_bytes(bytes(raw))
+    lost_extra = SignStateFile(path)
+    assert (lost_extra.load(), lost_extra.load_extra()) == (b"state 4", b"D" * 300)
+    # the same record again (a later round, still locked on the same block): not written again
+    size_before = path.stat().st_size
+    lost_extra.save(b"state 6", b"D" * 300)
+    lost_extra.save(b"state 7", b"D" * 300)
+    assert path.stat().st_size == size_before
+    lost_extra.close()
+    assert (SignStateFile(path).load(), SignStateFile(path).load_extra()) == (b"state 7", b"D" * 300)
     # a slot as releases before the locator wrote it: head, payload, zero padding, digest
     legacy = tmp_path / "legacy.bin"
     body = struct.pack(">4sQH", b"CMSS", 1, 7) + b"state 1"
