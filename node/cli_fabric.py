@@ -198,6 +198,7 @@ def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> d
     cli = _cli()
     while True:
         left_s = max(0.0, deadline - time.monotonic())
+        asked_at = time.monotonic()
         try:
             res = cli._call(args, "tasks_status", {"task_id": task_id, "wait_s": min(left_s, 3600.0)},
                             timeout_s=left_s + 10.0)
@@ -210,6 +211,8 @@ def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> d
                                "result was agreed)", code) from None
         if res["state"] != "running" or deadline - time.monotonic() <= 0:
             return res
+        if time.monotonic() - asked_at < 1.0:  # answered without waiting (its waiters are busy): poll
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def cmd_task_status(args: argparse.Namespace) -> int:

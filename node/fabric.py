@@ -157,6 +157,7 @@ LOCAL_CALL_INPUT_BYTES = 4 << 20  # agents_call runs here: the sandbox's own std
 DEFAULT_TASK_MEMORY_BYTES = 64 << 20
 DEFAULT_WALL_TIME_S = 10.0
 RECORD_WAIT_S = 5.0  # tasks_submit waits at most this long for the task's record; close() for the writer
+MAX_STATUS_WAITERS = 4  # tasks_status calls waiting (wait_s) at once; more are answered at once
 MAX_RECORD_HISTORY_BYTES = 4 << 20  # a stored record's placement/results/observations (larger: unreadable)
 INTERRUPTED_DETAIL = "the submitting node restarted before the result was agreed"
 # a stored threshold is str(Fraction): "n/d" or "n"; bounded digits, so that parsing a damaged
@@ -298,6 +299,7 @@ class FabricService:
         # in flight at a time (group commit, _save_records)
         self._record_queue: dict[str, tuple[_Submitted, asyncio.Future]] = {}
         self._records_writing = False
+        self.status_waiters = 0  # tasks_status calls waiting for a task's end (MAX_STATUS_WAITERS)
         self._records = self._open_records()
 
     # ------------------------------------------------------------ set-up
@@ -1611,11 +1613,16 @@ def admin_handlers(node) -> dict:
             rec = svc.tasks.get(task_id)
             if rec is None:
                 raise admin_api.AdminError(f"no task {str(task_id)[:64]!r} was submitted here")
-            if wait_s > 0 and not rec.done.is_set():
+            # an observer's command: its waits must not fill the admin API's places (the remote
+            # server serves 16 requests at once); beyond MAX_STATUS_WAITERS it answers at once
+            if wait_s > 0 and not rec.done.is_set() and svc.status_waiters < MAX_STATUS_WAITERS:
+                svc.status_waiters += 1
                 try:
                     await asyncio.wait_for(rec.done.wait(), wait_s)
                 except asyncio.TimeoutError:
                     pass  # still running: its view says so
+                finally:
+                    svc.status_waiters -= 1
             return svc.task_view(rec)
         limit = admin_api.int_arg(args, "limit", 50, 1, MAX_TASKS_KEPT)  # the latest tasks and observations
         return {"fabric": svc.status(), "observations": list(svc.observations)[-limit:],

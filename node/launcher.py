@@ -367,6 +367,9 @@ class LocalNetwork:
             if p.restart_at_s is not None:
                 if now_s >= p.restart_at_s:
                     self._refresh_bootstrap(p)
+                    taken = p.port if p.port and port_taken(LOCAL_HOST, p.port) else 0
+                    if taken:  # taken during the delay: a new port now, not one more crash
+                        p.port = 0
                     try:
                         p.start()
                     except OSError as exc:  # its log cannot be opened, no process can be made
@@ -374,7 +377,8 @@ class LocalNetwork:
                         lines.append(f"peer {p.index} cannot be restarted: {exc}")
                         continue
                     lines.append(f"peer {p.index} restarted (pid {p.proc.pid}"
-                                 + (f", port {p.port})" if p.port else ", a new port)"))
+                                 + (f", port {p.port})" if p.port else
+                                    f", a new port: its port {taken} was taken)" if taken else ", a new port)"))
                 continue
             if not p.answered and p.alive():
                 lines += self._learn_restarted(p)

@@ -382,10 +382,18 @@ async def test_tasks_status_waits_for_a_running_task_to_end(node_factory):
     --wait` uses after printing the task id: one call and one audit row, not a poll per 0.05-1 s)."""
     node = await node_factory("w", NodeConfig(**FABRIC_FAST))
     assert await async_wait_until(lambda: node.fabric.own is not None, 30)
-    res = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62, "timeout_s": 1})
+    from chimera.node.fabric import MAX_STATUS_WAITERS
+
+    res = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62, "timeout_s": 5})
     task_id = res["task_id"]
     assert (await call(node, "tasks_status", {"task_id": task_id}))["state"] == "running"  # wait_s 0: at once
-    ended = await call(node, "tasks_status", {"task_id": task_id, "wait_s": 120})
-    assert ended["state"] == "failed" and ended["failure"]["reason"] != "interrupted", ended
+    waits = [asyncio.ensure_future(call(node, "tasks_status", {"task_id": task_id, "wait_s": 120}))
+             for _ in range(MAX_STATUS_WAITERS)]
+    assert await async_wait_until(lambda: node.fabric.status_waiters == MAX_STATUS_WAITERS, 30)
+    # an observer's command: its waits must not fill the admin API's places; one more answers at once
+    more = await call(node, "tasks_status", {"task_id": task_id, "wait_s": 120})
+    assert more["state"] == "running" and not any(w.done() for w in waits), more
+    for ended in await asyncio.gather(*waits):
+        assert ended["state"] == "failed" and ended["failure"]["reason"] != "interrupted", ended
     with pytest.raises(admin.AdminError, match="wait_s"):
         await call(node, "tasks_status", {"task_id": task_id, "wait_s": 4000})
