@@ -28,7 +28,6 @@ from chimera.consensus.bft import (
     PRECOMMIT,
     PREVOTE,
     PROPOSAL,
-    PROPOSE,
     BftCommitRequest,
     BftCommitResponse,
     BftConfig,
