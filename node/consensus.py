@@ -237,9 +237,9 @@ class ConsensusService:
 
     def _load_locked_block(self, state: SignState | None, stored_height: int) -> Block | None:
         """The block persisted with the sign state's lock (PersistVote.locked_block), or None.
-        Its bytes are not covered by the sign-state slot's digest: a block that does not
-        decode, or whose hash is not the lock's (a write torn by a power loss), is ignored
-        (logged): the lock stays, and the block must then come from a peer."""
+        The file verifies its bytes (a digest in the slot); a block that still does not decode
+        or whose hash is not the lock's (a file written before blocks were kept, or by other
+        code) is ignored (logged): the lock stays, and the block must then come from a peer."""
         if state is None or state.locked_hash is None or state.height <= stored_height:
             return None  # (no lock, or its height is committed and stored: nothing to resume)
         blob = self.sign_state_file.load_extra()
