@@ -305,6 +305,13 @@ TASK_RECORD_COLUMNS = ("task_id", "seq", "module_sha256", "requirements", "input
 """The columns of a ``fabric_tasks`` record, the keys of the dicts :class:`TaskRecords` takes and returns."""
 
 
+def _utf8_or_bytes(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return bytes(raw)
+
+
 class TaskRecords:
     """The ``fabric_tasks`` table of a node's store (created by :class:`Store`), through a
     connection of its own (``synchronous=FULL``), so that a write never runs inside a
@@ -323,6 +330,9 @@ class TaskRecords:
     def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s, check_same_thread=False)
+        # a text value that is not UTF-8 comes back as bytes (the caller's type check refuses
+        # that one record) instead of failing the read of every record
+        self.db.text_factory = _utf8_or_bytes
         try:
             self.db.execute("PRAGMA synchronous=FULL")
         except BaseException:

@@ -265,22 +265,23 @@ async def test_task_numbers_go_on_after_an_unreadable_newest_record(node_factory
     assert new["state"] == "accepted" and new["task_id"].startswith("t3-"), new["task_id"]
 
 
-async def test_records_that_cannot_be_read_at_all_are_left_alone(node_factory, caplog):
-    """A text value that is not UTF-8 fails the whole read of the table: the node starts without
-    records, numbers its tasks after the stored ones and writes nothing to the table in this run
-    (its trim, lowest numbers first, would otherwise delete what it cannot see)."""
+async def test_records_that_cannot_be_read_at_all_are_left_alone(node_factory, caplog, monkeypatch):
+    """A read of the table that fails as a whole (an I/O error; stood in for by the read raising
+    what SQLite raises, since a real one cannot be made here): the node starts without records,
+    numbers its tasks after the stored ones and writes nothing to the table in this run (its
+    trim, lowest numbers first, would otherwise delete what it cannot see)."""
     cfg = NodeConfig(**FABRIC_FAST)
     node = await node_factory("unread", cfg)
     assert await async_wait_until(lambda: node.fabric.own is not None, 30)
     first = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"a", "wait": True})
     second = await call(node, "tasks_submit", {"sha256": first["module_sha256"], "input": b"b", "wait": True})
     await node.stop()
-    db = sqlite3.connect(node.data_dir / "node.sqlite3")
-    db.execute("UPDATE fabric_tasks SET failure_detail=CAST(x'ff' AS TEXT) WHERE task_id=?", (second["task_id"],))
-    db.commit()
-    db.close()
-    with pytest.raises(sqlite3.OperationalError):  # (what the node's read meets)
-        _stored(node.data_dir)
+    assert second["state"] == "accepted"
+
+    def failing_load(self, limit: int) -> list[dict]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(TaskRecords, "load", failing_load)
     raw = sqlite3.connect(node.data_dir / "node.sqlite3")
     raw.text_factory = bytes
     before = raw.execute("SELECT * FROM fabric_tasks ORDER BY seq").fetchall()
@@ -297,6 +298,20 @@ async def test_records_that_cannot_be_read_at_all_are_left_alone(node_factory, c
         assert raw.execute("SELECT * FROM fabric_tasks ORDER BY seq").fetchall() == before
     finally:
         raw.close()
+
+
+async def test_a_record_with_a_text_value_that_is_not_utf8_is_skipped_alone(node_factory):
+    """One text value that is not UTF-8 failed the read of every record (the node ran the whole
+    session without records); now only that record is skipped and counted."""
+    cfg = NodeConfig(**FABRIC_FAST)
+    node, first, second = await _two_finished_tasks(node_factory, "utf8", cfg)
+    db = sqlite3.connect(node.data_dir / "node.sqlite3")
+    db.execute("UPDATE fabric_tasks SET failure_detail=CAST(x'ff' AS TEXT) WHERE task_id=?", (second["task_id"],))
+    db.commit()
+    db.close()
+    again = await node_factory("utf8", cfg)
+    assert again.fabric._records is not None and again.counters["fabric_task_records_unreadable"] == 1
+    assert [t["task_id"] for t in (await call(again, "tasks_status", {}))["tasks"]] == [first["task_id"]]
 
 
 async def test_an_interrupted_task_shows_where_it_was_dispatched(tmp_path):
