@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 from chimera.protocol.errors import InvalidTokenError, LocalProtocolError
 from chimera.protocol.network import MAX_EPOCH_LENGTH, Network
@@ -203,13 +204,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def peers_table(rows: list[dict], extra: dict | None = None) -> str:
-    """The members table (the shell's ``peers`` view, :func:`chimera.node.shell.peers_text`)."""
-    from .shell import peers_text
-
-    return peers_text(rows, extra)
-
-
 def cmd_peers(args: argparse.Namespace) -> int:
     rows = _call(args, "peers")
     extra = None
@@ -302,35 +296,39 @@ def cmd_resources(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .launcher import WorkdirBusyError, lock_workdir
-
     overrides = _set_items(args.set)  # checked here, once, not by each peer's exit
     extra = [arg for item in args.set or [] for arg in ("--set", item)]
     if overrides:
         load_config(Path(tempfile.gettempdir()) / "chimera-up-check-none", environ={}, overrides=overrides)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chimera-up-"))
+    with _launcher_workdir(workdir.resolve()):  # held until up ends (its peers stopped)
+        return _up(args, workdir, extra)
+
+
+@contextlib.contextmanager
+def _launcher_workdir(workdir: Path) -> Iterator[None]:
+    """Hold ``workdir``'s launcher lock (``up.lock``: one `chimera up` or demo per workdir) for
+    the block. CliError (exit 1) when another launcher holds it, or when peers of ``workdir``
+    still run from an earlier one that was SIGKILLed (its peers, in their own sessions,
+    outlive it; starting them again would only make them exit "already running")."""
+    from .launcher import WorkdirBusyError, leftover_peers, lock_workdir
+
     try:
-        lock_fd = lock_workdir(workdir.resolve())  # held until up ends (its peers stopped)
+        lock_fd = lock_workdir(workdir)
     except WorkdirBusyError as exc:
         raise CliError(str(exc), EXIT_FAIL) from None
     except OSError as exc:
         raise CliError(f"cannot lock {workdir}: {exc.strerror or exc}", EXIT_FAIL) from None
     try:
-        return _up(args, workdir, extra)
+        held = leftover_peers(workdir)
+        if held:
+            pids = " ".join(pid for _, pid in held)
+            raise CliError(f"{len(held)} peer(s) of {workdir} still run from an earlier run ("
+                           + ", ".join(f"peer {i}: pid {pid}" for i, pid in held)
+                           + f"); stop them (kill {pids}) or use another --workdir", EXIT_FAIL)
+        yield
     finally:
         os.close(lock_fd)
-
-
-def _refuse_leftover_peers(net, workdir: Path) -> None:
-    """CliError (exit 1) naming the pids when peers of ``workdir`` still run from an earlier
-    launcher (a `chimera up` or demo that was SIGKILLed: its peers, in their own sessions,
-    outlive it, and starting them again would only make them exit "already running")."""
-    held = net.held_elsewhere()
-    if held:
-        pids = " ".join(pid for _, pid in held)
-        raise CliError(f"{len(held)} peer(s) of {workdir} still run from an earlier run ("
-                       + ", ".join(f"peer {i}: pid {pid}" for i, pid in held)
-                       + f"); stop them (kill {pids}) or use another --workdir", EXIT_FAIL)
 
 
 def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
@@ -339,7 +337,6 @@ def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
     from .launcher import LocalNetwork, PeerStartError
 
     net = LocalNetwork(workdir.resolve(), args.peers, mdns=args.mdns, extra_args=extra)
-    _refuse_leftover_peers(net, workdir)
     print(f"starting {args.peers} peers in {workdir} (network {net.network.fingerprint()})")
     warning = net.quorum_warning(net.validators(running=False))
     if warning:
@@ -404,26 +401,15 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .launcher import LocalNetwork, PeerStartError, WorkdirBusyError, lock_workdir
+    from .launcher import PeerStartError
 
     workdir = Path(args.workdir).resolve() if args.workdir else None
-    lock_fd = None
-    if workdir is not None:  # (a temporary workdir is the demo's own)
+    # as `chimera up`: one launcher per workdir (a temporary workdir is the demo's own)
+    with _launcher_workdir(workdir) if workdir is not None else contextlib.nullcontext():
         try:
-            lock_fd = lock_workdir(workdir)  # as `chimera up`: one launcher per workdir
-        except WorkdirBusyError as exc:
+            return run_demo(peers=args.peers, workdir=workdir, hold=args.hold)
+        except PeerStartError as exc:  # (the demo's report is printed; the cause in one line)
             raise CliError(str(exc), EXIT_FAIL) from None
-        except OSError as exc:
-            raise CliError(f"cannot lock {workdir}: {exc.strerror or exc}", EXIT_FAIL) from None
-    try:
-        if workdir is not None and (workdir / "network.token").exists():
-            _refuse_leftover_peers(LocalNetwork(workdir, args.peers), workdir)
-        return run_demo(peers=args.peers, workdir=workdir, hold=args.hold)
-    except PeerStartError as exc:  # (the demo's report is printed; the cause in one line)
-        raise CliError(str(exc), EXIT_FAIL) from None
-    finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
 
 
 # -------------------------------------------------------------------- parser

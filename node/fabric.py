@@ -316,17 +316,16 @@ class FabricService:
             log.error("cannot open the task records in %s (tasks are kept in memory only): %s",
                       self.node.store.path, exc)
             return None
+        try:  # numbering goes on after every stored task (also when the records cannot be loaded)
+            self._task_seq = records.max_seq()
+        except sqlite3.Error:
+            pass
         try:
             rows = records.load(MAX_TASKS_KEPT)
-            self._task_seq = records.max_seq()
         except sqlite3.Error as exc:
             self.counters["fabric_task_record_errors"] += 1
             log.error("cannot read the task records in %s (no record is written in this run; tasks are kept "
                       "in memory only): %s", self.node.store.path, exc)
-            try:  # numbering still goes on after the stored tasks where the numbers can be read
-                self._task_seq = records.max_seq()
-            except sqlite3.Error:
-                pass
             records.close()
             return None
         interrupted = []

@@ -68,6 +68,32 @@ def lock_workdir(workdir: Path) -> int:
     return fd
 
 
+def leftover_peers(workdir: Path) -> list[tuple[int, str]]:
+    """``(peer index, pid)`` of each ``WORKDIR/peer-N`` whose ``node.lock`` another process
+    holds now: a node still running there (e.g. from a `chimera up` that was SIGKILLed: its
+    peers, in their own sessions, live on). Starting that peer again would only exit
+    "already running"."""
+    from .runtime import LOCK_FILE
+
+    held = []
+    for data_dir in workdir.glob("peer-*"):
+        index = data_dir.name[len("peer-"):]
+        if not index.isdigit():
+            continue
+        try:
+            fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = printable(os.pread(fd, 32, 0).decode(errors="replace").strip())[:20] or "?"
+            held.append((int(index), pid))
+        finally:
+            os.close(fd)  # (releases our shared lock if we took it)
+    return sorted(held)
+
+
 def contact_port(contact: str) -> int:
     """The TCP port of a contact URI (``chm://PEER_ID@HOST:PORT?key=...``); 0 if it has none
     that parses."""
@@ -293,28 +319,6 @@ class LocalNetwork:
                 return True
             time.sleep(interval_s)
         return predicate()
-
-    def held_elsewhere(self) -> list[tuple[int, str]]:
-        """``(peer index, pid)`` of each peer data dir whose ``node.lock`` another process holds
-        now: a node still running there (e.g. from a `chimera up` that was SIGKILLed: its
-        peers, in their own sessions, live on). Starting that peer again would only exit
-        "already running"."""
-        from .runtime import LOCK_FILE
-
-        held = []
-        for p in self.peers:
-            try:
-                fd = os.open(p.data_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = printable(os.pread(fd, 32, 0).decode(errors="replace").strip())[:20] or "?"
-                held.append((p.index, pid))
-            finally:
-                os.close(fd)  # (releases our shared lock if we took it)
-        return held
 
     def validators(self, *, running: bool = True) -> int:
         """How many of our peers are genesis validators of the network (their peer id is in

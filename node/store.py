@@ -99,13 +99,13 @@ CREATE INDEX IF NOT EXISTS fabric_tasks_by_seq ON fabric_tasks(seq);
 """
 
 
-def _schema_columns() -> dict[str, set[str]]:
-    """The columns of each table of :data:`_SCHEMA` (read from an in-memory copy)."""
+def _schema_columns() -> dict[str, tuple[str, ...]]:
+    """The columns of each table of :data:`_SCHEMA`, in table order (read from an in-memory copy)."""
     mem = sqlite3.connect(":memory:")
     try:
         mem.executescript(_SCHEMA)
         tables = [t for (t,) in mem.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return {t: {row[1] for row in mem.execute(f"PRAGMA table_info({t})")} for t in tables}
+        return {t: tuple(row[1] for row in mem.execute(f"PRAGMA table_info({t})")) for t in tables}
     finally:
         mem.close()
 
@@ -130,7 +130,7 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
             for table, needed in _COLUMNS.items():
-                missing = needed - {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                missing = set(needed) - {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                 if missing:
                     raise sqlite3.DatabaseError(f"table {table} lacks column(s) {', '.join(sorted(missing))}")
             self.path.chmod(0o600)
@@ -299,10 +299,9 @@ class Store:
                 self.db.execute("SELECT epoch, from_height, weights FROM epochs ORDER BY epoch")]
 
 
-TASK_RECORD_COLUMNS = ("task_id", "seq", "module_sha256", "requirements", "input_bytes", "submitted_ms",
-                       "finished_ms", "state", "outcome", "exit_code", "stdout", "digest", "certificate",
-                       "acceptance", "failure_reason", "failure_detail", "history")
-"""The columns of a ``fabric_tasks`` record, the keys of the dicts :class:`TaskRecords` takes and returns."""
+TASK_RECORD_COLUMNS = _COLUMNS["fabric_tasks"]
+"""The columns of a ``fabric_tasks`` record (from :data:`_SCHEMA`), the keys of the dicts
+:class:`TaskRecords` takes and returns."""
 
 
 def _utf8_or_bytes(raw: bytes) -> str | bytes:

@@ -1,7 +1,7 @@
 """ZeroMQ transport: one inbound ROUTER, one outbound DEALER per peer, CURVE + ZAP.
 
 * The ROUTER is a CURVE server with the node's own transport key. A ZAP handler
-  (``zmq.auth``'s checks, driven by :meth:`Transport._zap_loop`) admits only the
+  (``zmq.auth``'s checks, driven by :func:`serve_zap`) admits only the
   network's client key, which is derived from the join token: a process without the
   token cannot finish a handshake.
 * Every outbound DEALER is a CURVE client with the network's client keypair and
@@ -230,14 +230,14 @@ class Transport:
                 this machine); the transport is then closed (no task, socket or event-loop
                 reader is left behind)."""
         raise_open_files_limit()
-        # pyzmq's checks, our own wait (see _zap_loop): AsyncioAuthenticator's poller removed
+        # pyzmq's checks, our own wait (see serve_zap): AsyncioAuthenticator's poller removed
         # its event-loop reader of the ZAP socket's descriptor only a loop turn after stop()
         self.auth = Authenticator(self.ctx)
         self.auth.start()
         self.auth.configure_curve_callback(
             domain="chimera", credentials_provider=_Admission(self.client_public, self.counters, self.on_drop)
         )
-        self._zap_task = asyncio.get_running_loop().create_task(self._zap_loop())
+        self._zap_task = asyncio.get_running_loop().create_task(serve_zap(self.auth, self.counters))
         # A plain socket: _recv_loop waits on its file descriptor itself (no futures per wake).
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -333,10 +333,6 @@ class Transport:
         finally:
             if not router.closed:
                 loop.remove_reader(fd)
-
-    async def _zap_loop(self) -> None:
-        assert self.auth is not None
-        await serve_zap(self.auth, self.counters)
 
     def _learn_address(self, conn_id: bytes, part: zmq.Frame) -> None:
         try:

@@ -626,13 +626,12 @@ def test_train_export_refuses_a_directory_an_empty_path_and_a_force_that_is_no_b
 def test_text_from_peers_reaches_the_terminal_escaped():
     """A member's contact address (up to 128 characters after tcp://), an agent name or an
     event field is a peer's text: an ESC in it was printed raw by `peers` and the shell."""
-    from chimera.node.cli import peers_table
-    from chimera.node.shell import event_line, render
+    from chimera.node.shell import event_line, peers_text, render
 
     evil = "tcp://10.0.0.1:7420\x1b[2J\x1b]0;owned\x07\n fake line"
     row = {"peer_id": "p" * 52, "state": "alive", "incarnation": 1, "rtt_ms": None, "last_seen_s": 0.5,
            "addresses": [evil]}
-    for text in (peers_table([row]), render("peers", [row]),
+    for text in (peers_text([row]), render("peers", [row]),
                  event_line({"at_ms": 0, "kind": "task_completed", "peer_id": "p", "reason": evil})):
         assert "\x1b" not in text and "\x07" not in text and "\n fake line" not in text, text
         assert "\\x1b[2J" in text and "\\n fake line" in text, text

@@ -204,8 +204,7 @@ def test_the_cli_prints_what_the_shell_shows(node_answers, capsys):
 def test_peers_have_the_same_columns_in_the_cli_and_the_shell():
     """`chimera peers` showed PEER ID STATE INC RTT ms SEEN s ADDRESS, the shell PEER_ID ADDRESS
     STATE REPUTATION PROFILE RESOURCES RTT_MS LAST_SEEN_S: one table now, numbers right-aligned."""
-    from chimera.node.cli import peers_table
-    from chimera.node.shell import render
+    from chimera.node.shell import peers_text, render
 
     rows = [{"peer_id": "p" * 52, "state": "alive", "incarnation": 3, "rtt_ms": 0.512, "last_seen_s": 1.25,
              "addresses": ["tcp://10.0.0.2:7420"], "profile": "edge", "resources": "4 cpu load 0.10"}]
@@ -213,7 +212,7 @@ def test_peers_have_the_same_columns_in_the_cli_and_the_shell():
                       "profile": "default", "rtt_ms": None, "last_seen_s": None},
              "weights": {"p" * 52: 100, "s" * 52: 100}}
     text = render("peers", rows, extra)
-    assert peers_table(rows, extra) == text
+    assert peers_text(rows, extra) == text
     head, me, peer = text.splitlines()
     assert head.split() == ["PEER", "ID", "STATE", "INC", "RTT", "ms", "SEEN", "s", "WEIGHT", "PROFILE",
                             "RESOURCES", "ADDRESS"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from chimera.node import admin
-from chimera.node.launcher import LocalNetwork, contact_port, lock_workdir
+from chimera.node.launcher import LocalNetwork, contact_port, leftover_peers, lock_workdir
 from tests.conftest import wait_until
 
 FAST = ["--set", "probe_interval_s=0.3", "--set", "probe_timeout_s=0.1",
@@ -364,7 +364,7 @@ def test_up_refuses_a_workdir_whose_peers_outlived_a_killed_up(tmp_path: Path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
     # stopped (their locks go when the processes have exited): a new `up` may start here
-    assert wait_until(lambda: LocalNetwork(workdir, 2).held_elsewhere() == [], timeout_s=60)
+    assert wait_until(lambda: leftover_peers(workdir) == [], timeout_s=60)
 
 
 def test_demo_with_a_workdir_takes_the_launchers_lock(tmp_path: Path):
