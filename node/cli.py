@@ -440,6 +440,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            # `chimera status DIR` (the shell takes its target that way): say how to give it
+            folder = next((e for e in extras if not e.startswith("-") and os.path.isdir(e)), None)
+            if folder is not None and getattr(parsed, "data_dir", False) is None:
+                message += f"; a node's data directory is given as --data-dir {folder}"
+            self.error(message)
+        return parsed
+
 
 def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="chimera", description="Chimera Mesh peer")

@@ -474,3 +474,14 @@ def test_a_join_token_readable_by_others_is_refused_like_a_key(tmp_path, capsys,
     token.chmod(0o644)
     code, _, err = run_cli(argv, capsys)
     assert code != 0 and f"{token} is readable by others (mode 644); chmod 600 it" in err
+
+
+@pytest.mark.parametrize("command", ["status", "peers", "log", "reputation"])
+def test_a_data_directory_given_as_a_word_says_how_to_give_it(command, tmp_path, capsys, no_node):
+    """``chimera status DIR`` (the shell takes its target that way) is refused with the
+    option to use; a word that is no directory gets the plain message."""
+    code, _, err = run_cli([command, tmp_path], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"unrecognized arguments: {tmp_path}; a node's data directory is given as --data-dir {tmp_path}" in err
+    code, _, err = run_cli([command, tmp_path / "missing"], capsys)
+    assert code == 2 and "--data-dir" not in err and "unrecognized arguments" in err
