@@ -330,7 +330,8 @@ class LocalNetwork:
     def quorum_warning(self, running: int) -> str | None:
         """What ``running`` genesis validators (of equal weight, :meth:`validators`) mean for
         the log: None when all run or a crash more is still tolerated, else one line. (The
-        epoch-0 set: validators that joined at a later epoch are not counted.)"""
+        epoch-0 set: validators that joined at a later epoch are not counted; see
+        :meth:`weighted_quorum_warning` for the committed table.)"""
         validators = len(self.network.genesis)
         if validators == 0 or running >= validators:
             return None
@@ -342,6 +343,35 @@ class LocalNetwork:
         return f"{running} of the network's {validators} genesis validators run: {what} " \
                f"(a quorum needs {quorum} of equal weight)"
 
+    def weighted_quorum_warning(self, timeout_s: float = 1.0) -> str | None:
+        """The quorum warning over the voting weights the log has committed for the current
+        epoch (validators that joined later and reputation-weighted shares included), asked of
+        one running peer (``reputation`` and ``peers``, ``timeout_s`` seconds each).
+
+        A validator of this workdir counts as running while its process runs; one from
+        elsewhere (it joined over the LAN) while the answering peer sees it alive. Returns None
+        when the running weight is more than 2/3 of the total and stays so after the crash of
+        the heaviest running validator, else one line; when no peer answers, the genesis count
+        (:meth:`quorum_warning`).
+        """
+        ours = {p.peer_id: p.alive() for p in self.peers if p.peer_id}
+        for p in self.peers:
+            if not (p.alive() and p.answered):
+                continue
+            try:
+                table = admin.call(p.data_dir, "reputation", timeout_s=timeout_s)
+                members = admin.call(p.data_dir, "peers", timeout_s=timeout_s)
+                weights = {r["peer_id"]: int(r["weight"]) for r in table["peers"] if int(r["weight"]) > 0}
+                alive = {r["peer_id"] for r in members if r.get("state") == "alive"}
+                epoch = int(table["epoch"])
+            except (admin.AdminError, AttributeError, KeyError, TypeError, ValueError):
+                continue  # stopping meanwhile, or an answer of another release: ask the next
+            break
+        else:
+            return self.quorum_warning(self.validators())
+        return weight_quorum_warning(weights, {v for v in weights if (ours[v] if v in ours else v in alive)},
+                                     epoch)
+
     def running(self) -> int:
         return sum(p.alive() for p in self.peers)
 
@@ -350,8 +380,8 @@ class LocalNetwork:
 
         A peer that exited is reported once, with its exit status, uptime and last log
         line; the others keep running. Then the number of peers running, and a warning
-        when the running genesis validators are below the log's quorum or one crash from
-        it (with the restarts pending). With ``restart_on_failure``, a peer that exited
+        when the running validators' committed voting weight is below the log's quorum or
+        one crash from it (:meth:`weighted_quorum_warning`, with the restarts pending). With ``restart_on_failure``, a peer that exited
         with a non-zero exit code or by a signal other than a clean stop is started again
         after RESTART_FIRST_DELAY_S, doubled for each crash in a row up to
         RESTART_MAX_DELAY_S (a run of STABLE_UPTIME_S resets it). A peer that exits 0
@@ -410,7 +440,7 @@ class LocalNetwork:
                     line += f" on port {p.port}"
             lines.append(line)
             lines.append(f"{self.running()} of {len(self.peers)} peers running")
-            warning = self.quorum_warning(self.validators())
+            warning = self.weighted_quorum_warning()
             if warning:
                 pending = self.waiting_restarts()
                 if pending:
@@ -440,6 +470,25 @@ class LocalNetwork:
             p.restart_at_s = None
             p.terminate()
         return [p.stop() for p in self.peers]
+
+
+def weight_quorum_warning(weights: dict[str, int], running: set[str], epoch: int) -> str | None:
+    """The quorum warning for validators of ``weights`` (peer id -> voting weight of ``epoch``)
+    of which ``running`` run: None when the running weight is more than 2/3 of the total and
+    stays so after the crash of the heaviest running validator (or every validator runs), else
+    one line (the log's quorum: more than 2/3 of the weight, docs/PROTOCOL.md §14.3)."""
+    total = sum(weights.values())
+    up = [w for v, w in weights.items() if v in running]
+    if total == 0 or len(up) == len(weights):
+        return None
+    if 3 * sum(up) <= 2 * total:
+        what = "the log commits nothing until more of them run"
+    elif 3 * (sum(up) - max(up)) <= 2 * total:
+        what = "one more crash stops the log"
+    else:
+        return None
+    return (f"{len(up)} of the network's {len(weights)} validators run, with {sum(up)} of the {total} "
+            f"voting weight of epoch {epoch}: {what} (a quorum needs more than 2/3 of it: {2 * total // 3 + 1})")
 
 
 def exit_text(returncode: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from chimera.node import cli, cli_fabric, cli_train, service
-from chimera.node.launcher import MAX_LOCAL_PEERS, LaunchError, LocalNetwork
+from chimera.node.launcher import MAX_LOCAL_PEERS, LaunchError, LocalNetwork, weight_quorum_warning
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -485,3 +485,19 @@ def test_a_data_directory_given_as_a_word_says_how_to_give_it(command, tmp_path,
     assert f"unrecognized arguments: {tmp_path}; a node's data directory is given as --data-dir {tmp_path}" in err
     code, _, err = run_cli([command, tmp_path / "missing"], capsys)
     assert code == 2 and "--data-dir" not in err and "unrecognized arguments" in err
+
+
+def test_the_up_quorum_warning_counts_committed_weight_not_heads():
+    """Reputation-weighted epochs: 3 of 4 validators running is no quorum when the one down holds
+    more than 1/3 of the weight, and 3 of 4 is safe from one more crash only when no running
+    validator's weight would take the rest to 2/3 or below (docs/PROTOCOL.md §14.3)."""
+    weights = {"a": 5000, "b": 1000, "c": 1000, "d": 1000}
+    assert weight_quorum_warning(weights, {"b", "c", "d"}, 3) == (
+        "3 of the network's 4 validators run, with 3000 of the 8000 voting weight of epoch 3: the log "
+        "commits nothing until more of them run (a quorum needs more than 2/3 of it: 5334)")
+    assert "one more crash stops the log" in weight_quorum_warning(weights, {"a", "b", "c"}, 3)
+    assert weight_quorum_warning(weights, set(weights), 3) is None
+    even = {"a": 1000, "b": 1000, "c": 1000, "d": 1000, "e": 1000, "f": 1000, "g": 1000}
+    assert weight_quorum_warning(even, set("abcdef"), 0) is None  # 6/7 minus one is still > 2/3
+    assert "one more crash" in weight_quorum_warning(even, set("abcde"), 0)  # 5/7, 4/7 after a crash
+    assert "commits nothing" in weight_quorum_warning(even, set("abcd"), 0)

@@ -213,8 +213,9 @@ def test_up_keeps_the_others_running_reports_each_exit_and_restarts_a_crashed_pe
             and "peer-1.log" in line, line
         assert out.next() == "2 of 3 peers running"
         assert out.next(30, "the quorum warning") == (
-            "warning: 2 of the network's 3 genesis validators run: the log commits nothing until more "
-            "of them run (a quorum needs 3 of equal weight); 1 restart pending"), out.lines
+            "warning: 2 of the network's 3 validators run, with 2000 of the 3000 voting weight of epoch 0: "
+            "the log commits nothing until more of them run (a quorum needs more than 2/3 of it: 2001); "
+            "1 restart pending"), out.lines
         restarted = out.until("peer 1 restarted")
         assert wait_until(lambda: _answers(workdir / "peer-1"), timeout_s=60)
         again = status(1)
@@ -261,8 +262,8 @@ def test_up_counts_genesis_validators_refuses_a_second_up_and_reports_last_exit_
         assert "(killed by SIGKILL)" in out.until("peer 1 exited")
         assert out.next() == "2 of 3 peers running", out.lines
         assert out.next(30, "the quorum warning") == (
-            "warning: 1 of the network's 2 genesis validators run: the log commits nothing until more "
-            "of them run (a quorum needs 2 of equal weight)"), out.lines
+            "warning: 1 of the network's 2 validators run, with 1000 of the 2000 voting weight of epoch 0: "
+            "the log commits nothing until more of them run (a quorum needs more than 2/3 of it: 1334)"), out.lines
         proc.send_signal(signal.SIGINT)
         last = out.rest()[-1]
         proc.wait(60)
