@@ -332,3 +332,131 @@ def test_tampered_envelope_is_dropped_and_counted_as_bad_signature(node, peer):
     peer.send_frame(route["transport_key"], route["addresses"][0], frame)
     assert wait_until(lambda: node.counter("drop_replay") == replay_before + 1, timeout_s=30)
     assert node.counter("drop_bad_signature") == bad_before + 1
+
+
+# --- The edge cases the spec now states (§3.2, §4, §8): the independent code, written from
+# the text, and the reference give the outcome the text says. A difference is a spec gap.
+
+_S = bytes([0xFB]) * 32  # its base64url has '-' and '_'
+_PID = "rkeohxlubhyzl7ks3mwtzos5olfgocn7dwkbeg7toseadnapn5oa"
+_KEY = "etrkn3fmuaqtxeolywvvbzp345gtc6r3gr2p6slumy43akqoufpa"
+
+
+def _token(value: list) -> str:
+    import base64
+    return "chm1_" + base64.urlsafe_b64encode(ip.packb(value)).decode().rstrip("=")
+
+
+_T = _token([2, "lab", _S, [], [], 100])
+TOKENS = [  # (case, token, parses)
+    ("plain", _T, True),
+    ("whitespace before the prefix", " " + _T, False),
+    ("whitespace after the prefix and a trailing newline", "chm1_ " + _T[5:] + "\n", True),
+    ("whitespace inside", _T[:20] + " " + _T[20:], False),
+    ("uppercase prefix", "CHM1_" + _T[5:], False),
+    ("= padding present", _T + "=" * (-len(_T[5:]) % 4), True),
+    ("standard alphabet + and /", "chm1_" + _T[5:].replace("-", "+").replace("_", "/"), True),
+    ("a character of neither alphabet", _T[:-1] + "*", False),
+    ("name with a space", _token([2, "my lab", _S, [], [], 100]), True),
+    ("name with an emoji", _token([2, "lab \U0001F600", _S, [], [], 100]), True),
+    ("name with a tab", _token([2, "a\tb", _S, [], [], 100]), False),
+    ("name with U+00A0", _token([2, "a\u00a0b", _S, [], [], 100]), False),
+    ("name with U+2028", _token([2, "a\u2028b", _S, [], [], 100]), False),
+    ("8193 characters", _T + " " * (8193 - len(_T)), False),
+]
+
+
+@pytest.mark.parametrize("case,token,parses", TOKENS, ids=[c[0] for c in TOKENS])
+def test_join_token_edge_cases_as_section_3_2_states(case, token, parses):
+    from chimera.protocol.network import Network
+
+    results = []
+    for parse in (Network.from_token, ip.Network.from_token):
+        try:
+            net = parse(token)
+            results.append((net.name, net.network_id))
+        except Exception as exc:  # InvalidTokenError of either side
+            assert "Token" in type(exc).__name__, exc
+            results.append(None)
+    assert results[0] == results[1], results
+    assert (results[1] is not None) == parses
+    if parses and "alphabet" in case:
+        assert results[1] == ("lab", ip.Network("lab", _S).network_id)
+
+
+_U = f"chm://{_PID}@h.example:7420?key={_KEY}"
+URIS = [  # (case, uri, endpoint or None)
+    ("plain", _U, "tcp://h.example:7420"),
+    ("512 with surrounding whitespace counted", " " * (513 - len(_U)) + _U, None),
+    ("key in uppercase", _U.replace(_KEY, _KEY.upper()), "tcp://h.example:7420"),
+    ("key with = padding", _U + "====", "tcp://h.example:7420"),
+    ("key with unused bits set", _U[:-1] + "b", "tcp://h.example:7420"),
+    ("key of 31 bytes", _U.replace(_KEY, _KEY[:50]), None),
+    ("key percent-escaped", _U[:-1] + "%" + format(ord(_U[-1]), "02x"), "tcp://h.example:7420"),
+    ("an empty key= left out", _U + "&key=", "tcp://h.example:7420"),
+    ("two keys", _U + f"&key={_KEY}", None),
+    ("a path", _U.replace(":7420?", ":7420/x?"), "tcp://h.example:7420"),
+    ("trailing dot", _U.replace("h.example", "h.example."), "tcp://h.example.:7420"),
+    ("host uppercased", _U.replace("h.example", "H.Example"), "tcp://h.example:7420"),
+    ("port with a leading zero", _U.replace(":7420", ":07420"), "tcp://h.example:7420"),
+    ("IPv4 with a leading zero", _U.replace("h.example", "192.0.2.010"), None),
+    ("peer id in uppercase", _U.replace(_PID, _PID.upper()), None),
+    ("IPv6 with a scope", _U.replace("h.example", "[FE80::1%eth0]"), "tcp://[fe80::1%eth0]:7420"),
+]
+
+
+@pytest.mark.parametrize("case,uri,endpoint", URIS, ids=[c[0] for c in URIS])
+def test_contact_uri_edge_cases_as_section_4_states(case, uri, endpoint):
+    from chimera.protocol.errors import MalformedError
+    from chimera.protocol.network import parse_contact_uri
+
+    try:
+        ref = parse_contact_uri(uri)[1]
+    except MalformedError:
+        ref = None
+    try:
+        mine = ip.parse_contact_uri(uri).endpoint
+    except ip.ProtocolError:
+        mine = None
+    assert ref == mine == endpoint
+
+
+def _hello(addresses: list[str]) -> dict:
+    return {"contact": ip.contact_body(_PID, bytes(32), addresses, []), "incarnation": 1}
+
+
+BODIES = [  # (case, kind, body, decodes)
+    ("a DNS address in lowercase", "hello", _hello(["tcp://h.lan:7420"]), True),
+    ("a DNS address with an uppercase letter", "hello", _hello(["tcp://H.lan:7420"]), False),
+    ("an address with a trailing dot", "hello", _hello(["tcp://h.lan.:7420"]), True),
+    ("an IPv6 address in uppercase hex", "hello", _hello(["tcp://[FE80::1]:7420"]), True),
+    ("an address port with a leading zero", "hello", _hello(["tcp://h.lan:07420"]), False),
+    ("no address at all", "hello", _hello([]), True),
+    ("ping_req target not a peer id", "ping_req", {"probe_id": 1, "target": "x"}, False),
+    ("ping_req target in uppercase", "ping_req", {"probe_id": 1, "target": _PID.upper()}, False),
+    ("ack of not a peer id", "ack", {"probe_id": 1, "of": "x"}, False),
+    ("ack of a peer id", "ack", {"probe_id": 1, "of": _PID}, True),
+]
+
+
+@pytest.mark.parametrize("case,kind,body,decodes", BODIES, ids=[c[0] for c in BODIES])
+def test_body_edge_cases_as_section_8_states(case, kind, body, decodes):
+    from chimera.protocol.envelope import EnvelopeOpener
+    from chimera.protocol.errors import RemoteProtocolError
+
+    sender = nacl.signing.SigningKey(bytes([5]) * 32)
+    receiver = ip.peer_id_of(bytes(nacl.signing.SigningKey(bytes([6]) * 32).verify_key))
+    network_id, now = bytes([7]) * 16, 1700000000000
+    frame = ip.seal(sender, network_id, kind, ip.public_key_of(receiver), 3, now, body)
+    outcomes = []
+    try:
+        EnvelopeOpener(receiver, network_id).open(frame, now)
+        outcomes.append("ok")
+    except RemoteProtocolError as exc:
+        outcomes.append(exc.reason)
+    try:
+        ip.open_envelope(frame, network_id, ip.public_key_of(receiver), now, {})
+        outcomes.append("ok")
+    except ip.ProtocolError as exc:
+        outcomes.append(exc.reason)
+    assert outcomes == (["ok", "ok"] if decodes else ["malformed", "malformed"])
