@@ -651,6 +651,7 @@ class IndependentPeer:
         self.stats = Stats()
         self.members: dict[str, Member] = {}
         self.echo_replies: dict[int, tuple[Envelope, bytes]] = {}  # nonce -> (reply, its frame)
+        self.hellos: list[Envelope] = []  # every authentic hello received, in order
         self.windows: dict[bytes, ReplayWindow] = {}
         self._seq = 0
         self._lock = threading.Lock()
@@ -752,6 +753,11 @@ class IndependentPeer:
 
     # -- membership ----------------------------------------------------------------------
 
+    def contact_uri(self) -> str:
+        """Our contact URI (§4), for an operator to give to a node (``--bootstrap``, ``add_contact``)."""
+        host, port = self.address[len("tcp://"):].rsplit(":", 1)
+        return Contact(self.peer_id, host, int(port), self.transport_public).uri()
+
     def hello_body(self, reply_requested: bool) -> dict:
         return {"contact": self.contact, "incarnation": self.incarnation, "reply_requested": reply_requested}
 
@@ -786,6 +792,8 @@ class IndependentPeer:
         with self._lock:
             member = self.members.get(sender)
         if env.kind == "hello":
+            with self._lock:
+                self.hellos.append(env)
             contact = body["contact"]
             if contact["peer_id"] != sender or sender == self.peer_id:
                 return  # §9.1: ignored

@@ -240,6 +240,18 @@ def test_echo_reply_verifies_by_section_6(node, peer):
     # §6.3: one strictly increasing counter per sender.
     assert replies[1][0].seq > replies[0][0].seq
     assert not peer.stats.drops, peer.stats.drops
+    # §8.2: a request from a peer that never sent its hello is answered with nothing, and
+    # the node counts the reply it could not route.
+    unverified = ip.IndependentPeer(peer.network)
+    try:
+        unroutable_before = node.counter("drop_unroutable")
+        nonce = secrets.randbits(63)
+        route = peer.members[node_id].contact
+        unverified.send(node_id, "echo_request", {"nonce": nonce, "payload": b"", "reply": True}, contact=route)
+        assert wait_until(lambda: node.counter("drop_unroutable") > unroutable_before, timeout_s=30)
+        assert nonce not in unverified.echo_replies and node_id not in unverified.members
+    finally:
+        unverified.close()
 
 
 def test_section_13_worked_example_byte_for_byte():
@@ -333,6 +345,26 @@ def test_tampered_envelope_is_dropped_and_counted_as_bad_signature(node, peer):
     assert wait_until(lambda: node.counter("drop_replay") == replay_before + 1, timeout_s=30)
     assert node.counter("drop_bad_signature") == bad_before + 1
 
+
+
+def test_the_node_joins_the_independent_peer_from_its_contact_uri(node, peer):
+    """§4 + §9.2 the other way round: the node is the joiner. Given the independent peer's
+    contact URI (the admin `add_contact` call, as `--bootstrap` does at start), it sends a
+    hello(reply_requested=true) addressed to that peer id, and both end up members."""
+    node_id = ip.parse_contact_uri(node.contact_uri).peer_id
+    joiner = ip.IndependentPeer(peer.network)
+    try:
+        admin.call(node.data_dir, "add_contact", {"uri": joiner.contact_uri()}, timeout_s=10)
+        assert joiner.wait_for(lambda: node_id in joiner.members, 30), f"no hello from the node: {joiner.stats}"
+        first = joiner.hellos[0]
+        assert first.sender_id == node_id and first.recipient == joiner.public_key
+        assert first.body["reply_requested"] is True
+        assert wait_until(lambda: {r["peer_id"]: r["state"] for r in node.peers()}.get(joiner.peer_id) == "alive",
+                          timeout_s=30), node.peers()
+        assert joiner.wait_for(lambda: joiner.stats.received["member_list"] >= 1, 30), joiner.stats
+        assert not joiner.stats.drops, joiner.stats.drops
+    finally:
+        joiner.close()
 
 # --- The edge cases the spec now states (§3.2, §4, §8): the independent code, written from
 # the text, and the reference give the outcome the text says. A difference is a spec gap.
