@@ -188,7 +188,7 @@ _DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 def valid_host(host: str) -> bool:
     """Whether ``host`` is an IPv4 literal, an IPv6 literal (no brackets; an optional
     ``%scope``), or a DNS name of letters, digits and hyphens (labels of 1-63, at most 253
-    characters, lowercase): the hosts a contact may name (§4). Anything else could be
+    characters, lowercase, one optional dot at the end): the hosts a contact may name (§4). Anything else could be
     ZeroMQ endpoint syntax (``1.2.3.4;5.6.7.8`` connects *from* the first address *to*
     the second), or is refused by libzmq on every connection attempt."""
     if not isinstance(host, str) or not 0 < len(host) <= 253:
@@ -198,7 +198,8 @@ def valid_host(host: str) -> bool:
         return True
     except ValueError:
         pass
-    labels = host.rstrip(".").split(".") if host != "." else [""]
+    # one dot at the end: a fully qualified name (``h.example.``); ``h..`` has an empty label
+    labels = (host[:-1] if host.endswith(".") else host).split(".") if host != "." else [""]
     return all(_DNS_LABEL.fullmatch(label) for label in labels) and not host.replace(".", "").isdigit()
 
 

@@ -267,7 +267,7 @@ _DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 def valid_host(host: str) -> bool:
     """§4 hosts (already lowercased where the caller lowercases): an IPv4 dotted quad
     without leading zeros, an IPv6 literal (no brackets, optional %scope), or an LDH DNS
-    name of at most 253 characters, not all digits, trailing dots left out of the check."""
+    name of at most 253 characters, not all digits, one dot at the end (a fully qualified name) left out of the check."""
     if not 0 < len(host) <= 253:
         return False
     try:
@@ -282,7 +282,7 @@ def valid_host(host: str) -> bool:
         except ValueError:
             return False
         return "%" not in host or bool(scope)
-    name = host.rstrip(".")
+    name = host[:-1] if host.endswith(".") else host  # one root dot: "h.." has an empty label
     return (bool(name) and not name.replace(".", "").isdigit()
             and all(_DNS_LABEL_RE.fullmatch(label) for label in name.split(".")))
 
