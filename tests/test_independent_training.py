@@ -364,3 +364,197 @@ def test_distances_scores_norms_and_weighted_medians_match_the_reference_bit_for
     # the order matters on such rows: a left-to-right sum differs somewhere
     X = adversarial_rows(np.random.default_rng(7), 50, 1000)
     assert any(float(it.tree(x * x)) != float(np.add.reduce(list(x * x))) for x in X)
+
+
+# ------------------------------------------------------------------ 3. the round rules over a real log
+
+JOB_TOML = """
+[job]
+name = "{name}"
+model_kind = "sgd_classifier"
+n_features = 64
+classes = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+rounds = {rounds}
+local_epochs = 1
+learning_rate = 0.1
+quorum = {quorum}
+round_deadline_s = 2.0
+max_update_norm = 1000.0
+seed = 3
+"""
+
+
+def stored_blocks(data_dir: Path) -> list[tuple[int, int, list[bytes]]]:
+    from chimera.node.consensus import _unpack_commit
+
+    db = sqlite3.connect(f"file:{data_dir / 'node.sqlite3'}?mode=ro", uri=True)
+    try:
+        blobs = [bytes(b) for (b,) in db.execute("SELECT commit_blob FROM blocks ORDER BY height")]
+    finally:
+        db.close()
+    out = []
+    for blob in blobs:
+        block = _unpack_commit(blob).block
+        out.append((block.height, block.epoch, [bytes(v) for v in block.values]))
+    return out
+
+
+def nacl_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    import nacl.exceptions
+    import nacl.signing
+
+    try:
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
+        return True
+    except nacl.exceptions.BadSignatureError:
+        return False
+
+
+@pytest.mark.slow
+def test_round_starts_inclusions_and_certified_hashes_over_a_real_log_match_the_reference(tmp_path):
+    """4 peer processes, two jobs at once: one of every validator (each round certified by its
+    inclusion's commit, §17.4 step 5 fast path) and one of 2 of the 4 (outside weight 1/2 > 1/3:
+    certified by signed fl_confirm values). From peer 0's stored log alone, follow_job must find
+    the certified hash of every round that the reference nodes checkpointed, and the exported
+    model must hash (§17.1) to the last one."""
+    from chimera.node.launcher import LocalNetwork
+    from tests.conftest import wait_until
+    from tests.test_consensus_node import PROCESS_FAST
+
+    net = LocalNetwork(tmp_path, 4, extra_args=PROCESS_FAST + [
+        "--set", "training_digits_shard=genesis", "--set", "training_fetch_interval_s=0.5"], epoch_length=1000)
+    try:
+        net.start()
+        assert wait_until(net.full_mesh, timeout_s=60), "no full mesh"
+        ids = sorted(net.query(i, "status")["peer_id"] for i in range(4))
+        all_job = net.query(0, "train_start", {"job": JOB_TOML.format(name="all", rounds=2, quorum=3),
+                                               "timeout_s": 60})["job_id"]
+        pair = json.dumps(ids[:2])
+        sub_job = net.query(0, "train_start", {"job": JOB_TOML.format(name="pair", rounds=3, quorum=2)
+                                               + f"participants = {pair}\n", "timeout_s": 60})["job_id"]
+
+        def finished(i: int, job: str) -> bool:  # and the last round's row written (rows land behind it)
+            doc = net.query(i, "train_status", {"job": job})["jobs"][0]
+            return doc.get("state") == "finished" and bool(doc.get("rounds")) \
+                and doc["rounds"][-1]["accuracy"] is not None
+
+        assert wait_until(lambda: all(finished(i, j) for i in range(4) for j in (all_job, sub_job)),
+                          timeout_s=90, interval_s=0.2), "jobs did not finish"
+        docs = {j: [net.query(i, "train_status", {"job": j})["jobs"][0] for i in range(4)] for j in (all_job, sub_job)}
+        exported = net.query(0, "train_export", {"job": sub_job})
+        blocks = stored_blocks(net.peers[0].data_dir)
+        network_id = net.network.network_id
+    finally:
+        net.stop()
+    values = [v for _h, _e, vs in blocks for v in vs]
+    assert {_e for _h, _e, _vs in blocks} == {0}  # one epoch: its table is the genesis one
+    tables = {0: {p: 1000 for p in ids}}
+    for job, rounds, fast in ((all_job, 2, True), (sub_job, 3, False)):
+        job_value = next(v for v in values if hashlib.sha256(v).hexdigest() == job)
+        verdicts = it.follow_job(job_value, blocks, tables, network_id, nacl_verify)
+        reference = {r["round"]: r["digest"] for r in docs[job][0]["rounds"]}
+        assert all({r["round"]: r["digest"] for r in d["rounds"]} == reference for d in docs[job])
+        assert len(reference) == rounds
+        assert [(v.round, v.certified_hash.hex() if v.certified_hash else None) for v in verdicts] == \
+            sorted(reference.items())
+        assert all(v.fast_path == fast for v in verdicts)
+        if not fast:  # certified by the confirms of both participants (2 of 2 needed)
+            assert all(sorted(v.voters) == ids[:2] for v in verdicts)
+        for a, b in zip(verdicts, verdicts[1:]):  # each round starts where the previous one certified
+            assert b.start == a.certified_at and b.base_hash == a.certified_hash
+            assert b.inclusion_at > b.start
+    import io
+    with np.load(io.BytesIO(exported["npz"]), allow_pickle=False) as npz:
+        model = {k: npz[k] for k in npz.files}
+    assert it.model_hash(model).hex() == exported["digest"] == docs[sub_job][0]["rounds"][-1]["digest"]
+
+
+def test_round_rules_over_random_logs_match_the_reference_core():
+    """Synthetic committed logs (values built by the clean-room encoders, signed with real
+    keys): inclusions of every size, of past/future rounds and other jobs; confirms before and
+    after their inclusion, for other inclusions, with bad signatures, by non-participants,
+    repeated; epochs whose validators outside the job hold more or less than 1/3 (fast path or
+    not). A reference follower (TrainingCore, fed the same values with each block's epoch)
+    and follow_job must certify the same hash for every round and start each with the same epoch."""
+    from chimera.consensus.quorum import WeightTable
+    from chimera.protocol.identity import SigningIdentity
+
+    rng = np.random.default_rng(8)
+    network_id = bytes(range(16))
+    keys = [SigningIdentity(hashlib.sha256(b"k%d" % i).digest()) for i in range(6)]
+    by_id = {k.peer_id: k for k in keys}
+    follower = SigningIdentity(hashlib.sha256(b"follower").digest())
+    certified_rounds = fast_rounds = 0
+    for case in range(60):
+        ids = sorted(by_id)
+        equal = case % 3 == 0  # 3 participants of equal weight: 2 of them hold exactly 2/3, not more
+        participants = sorted(rng.choice(ids, size=3 if equal else int(rng.integers(2, 6)), replace=False).tolist())
+        quorum = int(rng.integers(1, len(participants) + 1))
+        job_value = it.encode_job(name=f"c{case}", model_kind="sgd_regressor", n_features=2, rounds=3,
+                                  learning_rate=0.1, participants=participants, quorum=quorum,
+                                  round_deadline_s=1.0)
+        job_id = hashlib.sha256(job_value).digest()
+        epoch_length = 3
+        tables = {}
+        for e in range(8):  # every validator, or with more weight outside the job
+            heavy = case % 2 and rng.random() < 0.8  # the validators outside the job weigh more
+            tables[e] = {p: (1000 if equal else int(rng.integers(1, 1000))) * (1 if p in participants or not heavy else 5)
+                         for p in ids if p in participants or heavy or rng.random() < 0.5}
+        pool = [bytes([i]) * 32 for i in range(3)]  # aggregate hashes
+        made: list[tuple[int, tuple[bytes, ...]]] = []
+        blocks = []
+        for height in range(1, 25):
+            epoch = (height - 1) // epoch_length
+            # steer some confirms at the round in progress (as participants would confirm it)
+            steer = None
+            if blocks:
+                last = it.follow_job(job_value, blocks, tables, network_id, nacl_verify)[-1]
+                steer = last if last.inclusion is not None and last.certified_hash is None else None
+            values = [job_value] if height == 1 else []
+            for _ in range(int(rng.integers(0, 7))):
+                rnd = int(rng.integers(1, 5))
+                if rng.random() < 0.25:
+                    k = int(rng.integers(max(0, quorum - 1), len(participants) + 2))
+                    ups = tuple(sorted(rng.bytes(32) for _ in range(k)))
+                    made.append((rnd, ups))
+                    jid = job_id if rng.random() < 0.9 else bytes(32)
+                    values.append(it.encode_inclusion(jid, rnd, ups, pool[int(rng.integers(0, 3))]))
+                else:
+                    if steer is not None and rng.random() < 0.6:  # the round's committed inclusion
+                        rnd, ups = steer.round, steer.inclusion.updates
+                        ihash = it.inclusion_hash(ups)
+                    elif made and rng.random() < 0.9:  # mostly the newest inclusions
+                        rnd, ups = made[max(0, len(made) - 1 - int(rng.integers(0, 3)))]
+                        ihash = it.inclusion_hash(ups)
+                    else:
+                        ihash = rng.bytes(32)
+                    voter = str(rng.choice(participants if rng.random() < 0.9 else ids))
+                    agg = pool[0] if rng.random() < 0.7 else pool[int(rng.integers(0, 3))]
+                    sign_epoch = steer.epoch if steer is not None and rng.random() < 0.7 else \
+                        max(0, epoch - int(rng.choice([0, 0, 1, 2])))
+                    sig = by_id[voter].sign(it.vote_bytes("fl_confirm", network_id, sign_epoch,
+                                                          it.confirm_statement(job_id, rnd, ihash, agg)))
+                    if rng.random() < 0.1:
+                        sig = bytes(64)
+                    values.append(it.encode_confirm(job_id, rnd, ihash, agg, voter, sig))
+            values = sorted(set(values), key=lambda v: hashlib.sha256(v).digest())
+            if height == 1:  # the job first: values before it in its block are not this job's
+                values.remove(job_value)
+                values.insert(0, job_value)
+            blocks.append((height, epoch, values))
+        core = reftr.TrainingCore.for_committed_job(
+            follower, network_id, job_value, {e: WeightTable(e, t) for e, t in tables.items()}, 0.0, epoch=0)
+        for height, epoch, values in blocks:
+            for v in values:
+                if v != job_value:
+                    core.on_committed(v, 0.0, epoch=epoch)
+        verdicts = it.follow_job(job_value, blocks, tables, network_id, nacl_verify)
+        mine = {v.round: v.certified_hash for v in verdicts if v.certified_hash}
+        theirs = {r: core.certified_hash(r) for r in (1, 2, 3) if core.certified_hash(r)}
+        assert mine == theirs, case
+        assert {v.round: v.epoch for v in verdicts} == \
+            {r: core._rounds[r].epoch for r in core._rounds if core._rounds[r].epoch is not None}, case
+        certified_rounds += len(mine)
+        fast_rounds += sum(v.fast_path for v in verdicts if v.certified_hash)
+    # both paths are exercised
+    assert certified_rounds >= 40 and 10 <= fast_rounds <= certified_rounds - 10, (certified_rounds, fast_rounds)
