@@ -81,7 +81,8 @@ def test_model_hash_matches_the_reference_on_many_shapes_and_dtypes():
 
 
 @pytest.mark.parametrize("kind,classes", [("sgd_classifier", (0, 1)), ("sgd_classifier", (3, 1, 2)),
-                                          ("sgd_classifier", tuple(range(10))), ("sgd_regressor", ())])
+                                          ("sgd_classifier", tuple(range(10))), ("sgd_classifier", (5, 5, 1, 2)),
+                                          ("sgd_classifier", (4, 4, 7)), ("sgd_regressor", ())])
 def test_model_spec_and_zero_model_match_the_reference(kind, classes):
     mine = it.model_spec(kind, 7, classes)
     theirs = {t.name: (t.shape, t.dtype) for t in ref.ModelSpec(
@@ -558,3 +559,38 @@ def test_round_rules_over_random_logs_match_the_reference_core():
         fast_rounds += sum(v.fast_path for v in verdicts if v.certified_hash)
     # both paths are exercised
     assert certified_rounds >= 40 and 10 <= fast_rounds <= certified_rounds - 10, (certified_rounds, fast_rounds)
+
+
+@pytest.mark.xfail(strict=True, reason="reference deviation, PROTOCOL §17.4 step 5: TrainingCore holds at most "
+                   "256 confirms of a round (confirm_overflow), so one participant's 256 own confirms committed "
+                   "before the inclusion make it drop the honest ones; the spec's rule certifies the round")
+def test_a_flood_of_one_participants_confirms_does_not_hide_the_honest_ones():
+    from chimera.consensus.quorum import WeightTable
+    from chimera.protocol.identity import SigningIdentity
+
+    keys = sorted((SigningIdentity(hashlib.sha256(b"k%d" % i).digest()) for i in range(5)), key=lambda k: k.peer_id)
+    ids = [k.peer_id for k in keys]
+    network_id = bytes(16)
+    job = it.encode_job(name="flood", model_kind="sgd_regressor", n_features=2, rounds=2, learning_rate=0.1,
+                        participants=ids[:4], quorum=3, round_deadline_s=1.0)
+    job_id = hashlib.sha256(job).digest()
+    tables = {0: {**{p: 1000 for p in ids[:4]}, ids[4]: 3000}}  # outside weight 3/7 > 1/3: confirms certify
+    ups = tuple(sorted(bytes([i]) * 32 for i in range(3)))
+    ihash, good = it.inclusion_hash(ups), bytes([9]) * 32
+
+    def confirm(key, agg: bytes) -> bytes:
+        sig = key.sign(it.vote_bytes("fl_confirm", network_id, 0, it.confirm_statement(job_id, 1, ihash, agg)))
+        return it.encode_confirm(job_id, 1, ihash, agg, key.peer_id, sig)
+
+    flood = [confirm(keys[0], hashlib.sha256(b"%d" % i).digest()) for i in range(256)]
+    honest = [confirm(k, good) for k in keys[1:4]]
+    blocks = [(1, 0, [job]), (2, 0, flood[:200]), (3, 0, flood[200:] + honest),
+              (4, 0, [it.encode_inclusion(job_id, 1, ups, good)])]
+    verdicts = it.follow_job(job, blocks, tables, network_id, nacl_verify)
+    assert verdicts[0].certified_hash == good  # the spec's rule: 3 of 4 participants' weight
+    core = reftr.TrainingCore.for_committed_job(SigningIdentity(hashlib.sha256(b"f").digest()), network_id, job,
+                                                {0: WeightTable(0, tables[0])}, 0.0, epoch=0)
+    for _h, epoch, values in blocks[1:]:
+        for v in values:
+            core.on_committed(v, 0.0, epoch=epoch)
+    assert core.certified_hash(1) == good
