@@ -190,6 +190,7 @@ INCLUSION_DOMAIN = b"chimera-mesh/fl-include/v1\x00"
 SEED_DOMAIN = b"chimera-mesh/fl-seed/v1\x00"
 
 MAX_PARTICIPANTS = 64
+MAX_HELD_CONFIRMS_PER_VOTER = 4  # confirms of one participant held per round until its inclusion commits
 MAX_ROUNDS = 1_000_000
 MAX_TENSOR_BYTES = 256 << 20  # larger models travel in fl_part messages (PART_BYTES each)
 PART_BYTES = 192 << 10  # an fl_update/fl_model body above this goes as parts (fits 256 KiB edge envelopes)
@@ -1344,10 +1345,22 @@ class TrainingCore:
             rec.signed, CONFIRM_PURPOSE, self.network_id, table.epoch, rec.statement())
 
     def _on_confirm(self, rec: AggregateConfirm, epoch: int) -> None:
+        """Hold a committed confirm until it can be counted (:meth:`_try_certify`): at most
+        :data:`MAX_HELD_CONFIRMS_PER_VOTER` per participant and round (later ones of that
+        participant: ``confirm_overflow``), none of a voter that is no participant (it is not
+        in the round table: ``bad_confirm``). A per-voter bound, not one for the round: 256
+        confirms one participant committed before the inclusion made the round's bound drop
+        every honest confirm after them, and the round never certified (PROTOCOL §17.4)."""
         rnd = self._rnd(rec.round)
         if rnd.certified is not None:
             return
-        if len(rnd.unverified) + len(rnd.votes) >= 4 * MAX_PARTICIPANTS:
+        voter = rec.signed.voter
+        if voter not in self._participants:
+            self.drops["bad_confirm"] += 1
+            return
+        if voter in rnd.votes:
+            return  # its first valid confirm counted already
+        if sum(held.signed.voter == voter for held, _ in rnd.unverified) >= MAX_HELD_CONFIRMS_PER_VOTER:
             self.drops["confirm_overflow"] += 1
             return
         rnd.unverified.append((rec, epoch))

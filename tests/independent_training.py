@@ -44,6 +44,7 @@ INCLUDE_DOMAIN = b"chimera-mesh/fl-include/v1\x00"
 VOTE_DOMAIN = b"chimera-mesh/vote/v1\x00"
 MAX_VALUE_BYTES = 4096
 MAX_ROUNDS = 10 ** 6  # bound of every `round` field (fl_job.rounds)
+MAX_HELD_CONFIRMS_PER_VOTER = 4  # §17.4 step 5: a participant's confirms held before they can count
 RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "reputation_clipped")
 MODEL_KINDS = ("sgd_classifier", "sgd_regressor")
 DTYPES = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
@@ -813,7 +814,12 @@ def follow_job(job_value: bytes, blocks: Sequence[tuple[int, int, Sequence[bytes
                     continue
                 if conf.job_id != jid or conf.round < cur.round:
                     continue
-                confirms.setdefault(conf.round, []).append((point, conf))
+                held = confirms.setdefault(conf.round, [])
+                waiting = conf.round > cur.round or cur.inclusion is None
+                if waiting and (conf.voter not in parts
+                                or sum(c.voter == conf.voter for _, c in held) >= MAX_HELD_CONFIRMS_PER_VOTER):
+                    continue  # §17.4 step 5: at most 4 held per participant, none of others
+                held.append((point, conf))
                 if conf.round == cur.round and cur.inclusion is not None:
                     certified_now = _count_confirms(cur, confirms[cur.round], point, tables, parts,
                                                     network_id, verify, jid)

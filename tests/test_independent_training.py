@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import sqlite3
 import sys
 from pathlib import Path
@@ -561,10 +560,10 @@ def test_round_rules_over_random_logs_match_the_reference_core():
     assert certified_rounds >= 40 and 10 <= fast_rounds <= certified_rounds - 10, (certified_rounds, fast_rounds)
 
 
-@pytest.mark.xfail(strict=True, reason="reference deviation, PROTOCOL §17.4 step 5: TrainingCore holds at most "
-                   "256 confirms of a round (confirm_overflow), so one participant's 256 own confirms committed "
-                   "before the inclusion make it drop the honest ones; the spec's rule certifies the round")
 def test_a_flood_of_one_participants_confirms_does_not_hide_the_honest_ones():
+    """PROTOCOL §17.4 step 5: confirms held before the inclusion are bounded per participant
+    (4), so one participant's 256 confirms cannot crowd out the others' (releases before
+    2026-12-02 held 256 per round whoever signed them: the round never certified)."""
     from chimera.consensus.quorum import WeightTable
     from chimera.protocol.identity import SigningIdentity
 
@@ -594,3 +593,42 @@ def test_a_flood_of_one_participants_confirms_does_not_hide_the_honest_ones():
         for v in values:
             core.on_committed(v, 0.0, epoch=epoch)
     assert core.certified_hash(1) == good
+
+
+def test_a_participants_fifth_held_confirm_is_ignored_by_both_and_a_later_one_counts():
+    """The per-participant bound of held confirms is a rule of the log (every peer applies it
+    at the same point): a participant's 5th confirm committed before the inclusion does not
+    count even when it is its first valid one; one committed after the inclusion does."""
+    from chimera.consensus.quorum import WeightTable
+    from chimera.protocol.identity import SigningIdentity
+
+    keys = sorted((SigningIdentity(hashlib.sha256(b"h%d" % i).digest()) for i in range(5)), key=lambda k: k.peer_id)
+    ids = [k.peer_id for k in keys]
+    network_id = bytes(16)
+    job = it.encode_job(name="held", model_kind="sgd_regressor", n_features=2, rounds=2, learning_rate=0.1,
+                        participants=ids[:4], quorum=3, round_deadline_s=1.0)
+    job_id = hashlib.sha256(job).digest()
+    tables = {0: {**{p: 1000 for p in ids[:4]}, ids[4]: 3000}}  # confirms certify (no fast path)
+    ups = tuple(sorted(bytes([i]) * 32 for i in range(3)))
+    ihash, good = it.inclusion_hash(ups), bytes([9]) * 32
+
+    def confirm(key, agg: bytes, inclusion: bytes = ihash) -> bytes:
+        statement = it.confirm_statement(job_id, 1, inclusion, agg)
+        sig = key.sign(it.vote_bytes("fl_confirm", network_id, 0, statement))
+        return it.encode_confirm(job_id, 1, inclusion, agg, key.peer_id, sig)
+
+    other = [confirm(keys[1], good, hashlib.sha256(b"other %d" % i).digest()) for i in range(4)]
+    blocks = [(1, 0, [job]),
+              (2, 0, other + [confirm(keys[1], good), confirm(keys[2], good), confirm(keys[3], good)]),
+              (3, 0, [it.encode_inclusion(job_id, 1, ups, good)]),
+              (4, 0, [confirm(keys[1], good)])]  # not held: counted at once
+    core = reftr.TrainingCore.for_committed_job(SigningIdentity(hashlib.sha256(b"g").digest()), network_id, job,
+                                                {0: WeightTable(0, tables[0])}, 0.0, epoch=0)
+    for upto, expected in ((3, None), (4, good)):
+        verdicts = it.follow_job(job, blocks[:upto], tables, network_id, nacl_verify)
+        assert verdicts[0].certified_hash == expected, upto
+    for height, epoch, values in blocks[1:]:
+        for v in values:
+            core.on_committed(v, 0.0, epoch=epoch)
+        assert core.certified_hash(1) == (good if height == 4 else None), height
+    assert core.drops["confirm_overflow"] == 1
