@@ -144,17 +144,9 @@ class MembershipPeer(PeerHost):
             self.store.put(b"incarnation", self._incarnation.to_bytes(8, "big"))
         for action in core.take_actions():
             if isinstance(action, Send):
-                if action.via is not None:
-                    address = action.via.addresses[0]
-                else:
-                    route = self.routes.get(action.peer_id)
-                    if route is None:
-                        if self.warm_routes is None:
-                            continue
-                        route = self.warm_routes.get(action.peer_id)
-                        if route is None:
-                            continue
-                    address = route.addresses[0]
+                address = action.via.addresses[0] if action.via is not None else self._address_of(action.peer_id)
+                if address is None:
+                    continue
                 if not self.behaviour.byzantine:
                     self.send_to(address, action.message, recipient=action.peer_id)
                     continue
