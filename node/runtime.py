@@ -755,6 +755,7 @@ class Node:
                   "membership_candidates_evicted": self.membership.candidates_evicted,
                   "membership_candidates_refused": self.membership.candidates_refused,
                   "membership_member_lists_refused": self.membership.member_lists_refused,
+                  "membership_hellos_refused": self.membership.hellos_refused,
                   "membership_incarnations_refused": self.membership.incarnations_refused,
                   "membership_relays_refused": self.membership.relays_refused,
                   "membership_alive_unsigned": self.membership.alive_unsigned,

@@ -568,6 +568,7 @@ class Membership:
         self.candidates_evicted = 0  # made room for a newer hint
         self.candidates_refused = 0  # table full of hints not yet tried: the new one dropped
         self.member_lists_refused = 0  # a peer asked for our full list again within the interval
+        self.hellos_refused = 0  # a Hello listing no address: the sender could never be reached
         self.incarnations_refused = 0  # gossip about us at >= REFUTE_LIMIT, or about another
         #                                peer more than GOSSIP_INCARNATION_STEP above what we know
         self.relays_refused = 0  # ping_req over the requester's quota, a repeat, or table full
@@ -896,6 +897,9 @@ class Membership:
         contact = msg.contact
         if contact.peer_id != sender or sender == self.peer_id:
             return  # a Hello speaks only for its signer
+        if not contact.addresses:  # unroutable: adding it only made it fail its probes
+            self.hellos_refused += 1
+            return
         member = self.members.get(sender)
         if member is None and len(self.members) >= self.config.max_members:
             return  # not added: its candidate entries stay (a static one is retried)

@@ -285,3 +285,19 @@ def test_a_full_table_keeps_the_static_candidate_of_a_peer_it_could_not_add():
     core.on_message(boot.peer_id, Hello(contact=boot, incarnation=1), 1001.0)
     assert core.members[boot.peer_id].state is MemberState.ALIVE
     assert boot.peer_id not in core.candidates
+
+
+# ------------------------------------------------------------ 8. a Hello listing no address
+
+
+def test_a_hello_listing_no_address_is_refused_and_counted():
+    """A Hello with an empty address list decoded and added its sender, which nothing could
+    reach: it failed every probe and was gossiped as suspect and dead for nothing (§8.1)."""
+    core, _ = _core(3)
+    mute = _contact(777)
+    core.on_message(mute.peer_id, Hello(contact=PeerContact(peer_id=mute.peer_id, transport_key=mute.transport_key, addresses=()),
+                                        incarnation=1, reply_requested=True), 1.0)
+    assert mute.peer_id not in core.members and core.hellos_refused == 1
+    assert not [a for a in core.take_actions() if isinstance(a, Send) and a.peer_id == mute.peer_id]
+    core.on_message(mute.peer_id, Hello(contact=mute, incarnation=1), 2.0)  # with an address: added
+    assert core.members[mute.peer_id].state is MemberState.ALIVE and core.hellos_refused == 1
