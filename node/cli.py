@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import sys
 import tempfile
@@ -355,27 +356,33 @@ def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
         print(f"join token: {workdir / 'network.token'}")
         ok = net.wait_for(net.full_mesh, timeout_s=30)
         print("full mesh formed" if ok else "mesh still forming (see `chimera peers`)")
-        stop = asyncio.Event()
-
-        async def wait() -> None:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+        # Ctrl-C / SIGTERM set net.stop_requested at once, even while supervise waits for a
+        # hung peer's answer (it then stops asking); the wakeup fd ends the 1 s pause early
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        old_wakeup_fd = signal.set_wakeup_fd(wake_w)
+        old_handlers = {sig: signal.signal(sig, lambda *_: setattr(net, "stop_requested", True))
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
             print("press Ctrl-C to stop all peers", flush=True)
-            nonlocal all_down
-            while not stop.is_set():
+            while not net.stop_requested:
                 for line in net.supervise(time.monotonic(), restart_on_failure=restart):
                     print(line, flush=True)
                 if net.running() == 0 and net.waiting_restarts() == 0:
                     all_down = True
                     print("no peer is running", flush=True)
                     break
-                try:
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                except asyncio.TimeoutError:
-                    pass
-
-        asyncio.run(wait())
+                if not net.stop_requested:
+                    select.select([wake_r], [], [], 1.0)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wake_r, 512)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(old_wakeup_fd)
+            os.close(wake_r)
+            os.close(wake_w)
     finally:
         codes = net.stop()
         print(f"stopped {len(codes)} peers (exit codes {codes})")

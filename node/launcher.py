@@ -16,7 +16,7 @@ from chimera.protocol.errors import InvalidTokenError, MalformedError
 from chimera.protocol.network import Network, parse_contact_uri
 
 from . import admin
-from .config import ConfigError
+from .config import ConfigError, tcp_endpoint_port
 from .keys import atomic_write, check_private, load_or_create_identity, save_network
 from .logs import printable
 
@@ -98,10 +98,18 @@ def contact_port(contact: str) -> int:
     """The TCP port of a contact URI (``chm://PEER_ID@HOST:PORT?key=...``); 0 if it has none
     that parses."""
     try:
-        endpoint = parse_contact_uri(contact)[1]
-        return int(endpoint.rsplit(":", 1)[1])
-    except (MalformedError, ValueError, IndexError):
+        return tcp_endpoint_port(parse_contact_uri(contact)[1]) or 0
+    except MalformedError:
         return 0
+
+
+def release_taken_port(p: "PeerProcess") -> int:
+    """Before (re)starting ``p``: if another process holds the port it had, forget that port
+    (``p.port`` = 0: the next start takes any free one) and return it; else 0."""
+    taken = p.port if p.port and port_taken(LOCAL_HOST, p.port) else 0
+    if taken:
+        p.port = 0
+    return taken
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -186,10 +194,12 @@ class PeerProcess:
                              f"log: {self.log_path}")
 
     def terminate(self) -> None:
-        """Send SIGTERM once (the node stops gracefully)."""
+        """Send SIGTERM once (the node stops gracefully), then SIGCONT: a stopped peer
+        (SIGSTOP, Ctrl-Z) handles it too, as after a shell's ``kill``."""
         if self.alive() and not self.term_sent:
             self.term_sent = True
             self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.alive():
@@ -251,6 +261,9 @@ class LocalNetwork:
             # created 0600 (write_text then chmod left it readable under the umask for a moment)
             atomic_write(token_file, (self.network.token() + "\n").encode())
         self.peers = [self._make(i) for i in range(peers)]
+        # set (from a signal handler) when the peers are about to be stopped: supervise and its
+        # admin calls (1 s each to a hung peer) end early instead of delaying Ctrl-C
+        self.stop_requested = False
 
     def _data_dir(self, i: int) -> Path:
         data_dir = self.workdir / f"peer-{i}"
@@ -289,8 +302,7 @@ class LocalNetwork:
         """
         p = self.peers[i]
         p.stop()
-        if p.port and port_taken(LOCAL_HOST, p.port):
-            p.port = 0
+        release_taken_port(p)
         self._refresh_bootstrap(p)
         p.start()
         return p.wait_ready(timeout_s)
@@ -335,13 +347,11 @@ class LocalNetwork:
         validators = len(self.network.genesis)
         if validators == 0 or running >= validators:
             return None
-        quorum = validators * 2 // 3 + 1
-        what = ("the log commits nothing until more of them run" if running < quorum
-                else "one more crash stops the log" if running == quorum else None)
+        what = quorum_shortfall([1] * running, validators)
         if what is None:
             return None
         return f"{running} of the network's {validators} genesis validators run: {what} " \
-               f"(a quorum needs {quorum} of equal weight)"
+               f"(a quorum needs {validators * 2 // 3 + 1} of equal weight)"
 
     def weighted_quorum_warning(self, timeout_s: float = 1.0) -> str | None:
         """The quorum warning over the voting weights the log has committed for the current
@@ -356,6 +366,8 @@ class LocalNetwork:
         """
         ours = {p.peer_id: p.alive() for p in self.peers if p.peer_id}
         for p in self.peers:
+            if self.stop_requested:
+                return None  # all of them are being stopped: nothing to warn about
             if not (p.alive() and p.answered):
                 continue
             try:
@@ -391,19 +403,22 @@ class LocalNetwork:
         new contact is shown once it answers. Peers other than 0 restart with peer 0's
         latest contact as bootstrap.
 
+        Once :attr:`stop_requested` is set it returns at the next peer (and asks no peer
+        anything more), so a hung peer cannot delay the stop.
+
         Args:
             now_s: ``time.monotonic()``.
         """
         lines = []
         for p in self.peers:
+            if self.stop_requested:
+                break
             if p.proc is None:
                 continue
             if p.restart_at_s is not None:
                 if now_s >= p.restart_at_s:
                     self._refresh_bootstrap(p)
-                    taken = p.port if p.port and port_taken(LOCAL_HOST, p.port) else 0
-                    if taken:  # taken during the delay: a new port now, not one more crash
-                        p.port = 0
+                    taken = release_taken_port(p)  # taken during the delay: a new port, not a crash
                     try:
                         p.start()
                     except OSError as exc:  # its log cannot be opened, no process can be made
@@ -433,11 +448,9 @@ class LocalNetwork:
                 p.crashes_in_row += 1
                 p.restart_at_s = now_s + delay_s
                 line += f"; restarting in {delay_s:g} s"
-                if p.port and port_taken(LOCAL_HOST, p.port):
-                    line += f" on a new port (its port {p.port} is taken)"
-                    p.port = 0
-                elif p.port:
-                    line += f" on port {p.port}"
+                taken = release_taken_port(p)  # (checked again when the delay is over)
+                line += (f" on a new port (its port {taken} is taken)" if taken
+                         else f" on port {p.port}" if p.port else "")
             lines.append(line)
             lines.append(f"{self.running()} of {len(self.peers)} peers running")
             warning = self.weighted_quorum_warning()
@@ -452,6 +465,8 @@ class LocalNetwork:
         """Ask a (re)started peer that has not answered yet for its status (1 s at most); a
         contact other than its last one is a line to show."""
         before = p.status.get("contact")
+        if self.stop_requested:
+            return []
         try:
             status = admin.call(p.data_dir, "status", timeout_s=1.0)
         except admin.AdminError:
@@ -465,11 +480,14 @@ class LocalNetwork:
     def waiting_restarts(self) -> int:
         return sum(p.restart_at_s is not None for p in self.peers)
 
-    def stop(self) -> list[int | None]:
+    def stop(self, timeout_s: float = 10.0) -> list[int | None]:
+        """SIGTERM every peer, wait ``timeout_s`` seconds in all (not per peer) and SIGKILL
+        those still running; returns their exit statuses (:meth:`PeerProcess.stop`)."""
+        deadline_s = time.monotonic() + timeout_s
         for p in self.peers:
             p.restart_at_s = None
             p.terminate()
-        return [p.stop() for p in self.peers]
+        return [p.stop(max(0.0, deadline_s - time.monotonic())) for p in self.peers]
 
 
 def weight_quorum_warning(weights: dict[str, int], running: set[str], epoch: int) -> str | None:
@@ -481,14 +499,23 @@ def weight_quorum_warning(weights: dict[str, int], running: set[str], epoch: int
     up = [w for v, w in weights.items() if v in running]
     if total == 0 or len(up) == len(weights):
         return None
-    if 3 * sum(up) <= 2 * total:
-        what = "the log commits nothing until more of them run"
-    elif 3 * (sum(up) - max(up)) <= 2 * total:
-        what = "one more crash stops the log"
-    else:
+    what = quorum_shortfall(up, total)
+    if what is None:
         return None
     return (f"{len(up)} of the network's {len(weights)} validators run, with {sum(up)} of the {total} "
             f"voting weight of epoch {epoch}: {what} (a quorum needs more than 2/3 of it: {2 * total // 3 + 1})")
+
+
+def quorum_shortfall(up: list[int], total: int) -> str | None:
+    """What running voting weights ``up`` (one entry per running validator) of ``total`` > 0
+    mean for the log, whose quorum is more than 2/3 of the weight (docs/PROTOCOL.md §14.3):
+    "the log commits nothing until more of them run", "one more crash stops the log" (the
+    heaviest running one), or None."""
+    if 3 * sum(up) <= 2 * total:
+        return "the log commits nothing until more of them run"
+    if 3 * (sum(up) - max(up)) <= 2 * total:
+        return "one more crash stops the log"
+    return None
 
 
 def exit_text(returncode: int) -> str:

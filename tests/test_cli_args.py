@@ -501,3 +501,62 @@ def test_the_up_quorum_warning_counts_committed_weight_not_heads():
     assert weight_quorum_warning(even, set("abcdef"), 0) is None  # 6/7 minus one is still > 2/3
     assert "one more crash" in weight_quorum_warning(even, set("abcde"), 0)  # 5/7, 4/7 after a crash
     assert "commits nothing" in weight_quorum_warning(even, set("abcd"), 0)
+
+
+def test_the_genesis_quorum_warning_matches_the_weighted_rule_with_equal_weights(tmp_path):
+    """The start-up warning (genesis count) and the committed-weight one share one rule."""
+    for validators in range(1, 11):
+        net = LocalNetwork(tmp_path / f"n{validators}", validators)
+        genesis = list(net.network.genesis)
+        for running in range(validators + 1):
+            counted = net.quorum_warning(running)
+            weighted = weight_quorum_warning(dict.fromkeys(genesis, 1), set(genesis[:running]), 0)
+            assert (counted is None) == (weighted is None), (validators, running)
+            if counted:
+                assert counted.split(": ")[1].split(" (")[0] == weighted.split(": ")[1].split(" (")[0]
+
+
+def test_a_stop_request_ends_supervise_without_asking_a_hung_peer(tmp_path):
+    """`chimera up` supervised on its only thread: each question to a hung peer (stopped,
+    its admin socket accepting but never answering) took up to 1 s, so Ctrl-C waited that
+    long per hung peer. A stop request (set by up's signal handler) now ends supervise before
+    it asks anyone anything more."""
+    import socket
+    import threading
+
+    from chimera.node.admin import SOCKET_NAME
+    from tests.conftest import wait_until
+
+    net = LocalNetwork(tmp_path / "lab", 2)
+    accepted: list = []
+    servers = []
+    for p in net.peers:  # a hung peer: the socket is there, nobody answers
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(p.data_dir / SOCKET_NAME))
+        server.listen(8)
+        servers.append(server)
+        threading.Thread(target=lambda s=server: [accepted.append(s.accept()) for _ in range(8)],
+                         daemon=True).start()
+        p.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        p.answered = True
+    try:
+        assert net.weighted_quorum_warning(timeout_s=0.2) is None  # asked (and timed out), both run
+        assert wait_until(lambda: len(accepted) >= 2, timeout_s=30)
+        net.peers[0].proc.kill()
+        net.peers[0].proc.wait(30)
+        net.stop_requested = True
+        asked = len(accepted)
+        assert net.supervise(0.0) == [] and net.weighted_quorum_warning(timeout_s=0.2) is None
+        net.peers[1].answered = False  # (a restarted peer is asked for its status)
+        assert net.supervise(0.0) == []
+        assert len(accepted) == asked  # nobody was asked anything more
+        net.stop_requested = False
+        lines = net.supervise(0.0)  # without the request: the exit is reported, peer 1 asked
+        assert lines and lines[0].startswith("peer 0 exited (killed by SIGKILL)")
+        assert wait_until(lambda: len(accepted) > asked, timeout_s=30)
+    finally:
+        for p in net.peers:
+            p.proc.kill()
+            p.proc.wait(30)
+        for server in servers:
+            server.close()

@@ -88,6 +88,9 @@ def test_cli_status_peers_and_graceful_leave(tmp_path: Path):
         # graceful stop of peer 1 -> peer 0 sees "left" quickly (Leave message, no suspicion)
         assert net.peers[1].stop() == 0
         assert wait_until(lambda: net.query(0, "peers")[0]["state"] == "left", timeout_s=30)
+        # a stopped (SIGSTOP, Ctrl-Z) peer stops gracefully too: it was SIGKILLed after 10 s
+        net.peers[0].proc.send_signal(signal.SIGSTOP)
+        assert net.stop() == [0, 0]
     finally:
         net.stop()
 
