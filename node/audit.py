@@ -338,9 +338,9 @@ class AuditLog:
             conn.execute(f"DELETE FROM admin_audit WHERE id IN (SELECT id FROM admin_audit WHERE {where} "
                          "ORDER BY id DESC LIMIT -1 OFFSET ?)", (*params, caps[bucket]))
 
-    def _apply(self, conn: sqlite3.Connection, ops: list) -> None:
+    def _apply(self, conn: sqlite3.Connection, ops: list) -> Exception | None:
         """Write ``ops`` in one transaction; resolve their futures after the commit (or fail
-        them all with the error). Never raises."""
+        them all with the error). Returns that error (None: committed); never raises."""
         done: list[tuple[Future, object]] = []
         inserted: list[_Window] = []
         own = not conn.in_transaction
@@ -364,8 +364,6 @@ class AuditLog:
                         conn.execute("UPDATE admin_audit SET count = count + ? WHERE id=?", (op.more, op.row_id))
                 elif isinstance(op, _Read):
                     done.append((op.future, _read_rows(conn, op.limit)))
-                elif isinstance(op, _Stop):
-                    done.append((op.future, None))
             if own:
                 conn.execute("COMMIT")
         except Exception as exc:
@@ -380,11 +378,12 @@ class AuditLog:
             counts = sum(op.more for op in ops if isinstance(op, _Window))
             log.error("audit log write failed (%s rows, %s aggregated counts not written): %s", lost, counts, exc)
             for op in ops:
-                if isinstance(op, (_Insert, _Read, _Stop)):
+                if isinstance(op, (_Insert, _Read)):
                     _settle(op.future, exc=exc)
-            return
+            return exc
         for fut, value in done:
             _settle(fut, value)
+        return None
 
     def _next_expiry_s(self) -> float | None:
         """Seconds until the first open window is over (None: none open)."""
@@ -399,6 +398,7 @@ class AuditLog:
         q = self._queue
         assert q is not None
         stop: _Stop | None = None
+        error = None  # of the last commit: the stop's result
         while stop is None:
             try:
                 first = q.get(timeout=self._next_expiry_s())
@@ -416,7 +416,8 @@ class AuditLog:
             stop = next((op for op in batch if isinstance(op, _Stop)), None)
             if stop is not None:  # resolved last: after its connection is closed
                 batch.remove(stop)
-            self._apply(self.write_db, batch)
+            if batch:
+                error = self._apply(self.write_db, batch)
         with self._lock:  # callers wait here: nothing queued can be left behind
             rest = []
             while True:
@@ -424,11 +425,8 @@ class AuditLog:
                     rest.append(q.get_nowait())
                 except queue.Empty:
                     break
-            error = None
             if rest:
-                probe = _future()
-                self._apply(self.write_db, [*rest, _Stop(probe)])
-                error = probe.exception()
+                error = self._apply(self.write_db, rest)
             try:
                 self.write_db.close()
             except sqlite3.Error:

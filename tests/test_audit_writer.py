@@ -249,3 +249,21 @@ def test_sigterm_writes_the_rows_still_queued(tmp_path: Path):
     refused = _on_disk(db, "SELECT sum(count) FROM admin_audit WHERE result LIKE 'refused%'")
     assert refused == [(20,)]
     assert _on_disk(db, "SELECT count(*) FROM admin_audit WHERE command='status' AND result='ok'")[0][0] >= 2
+
+
+def test_close_reports_the_failed_commit_of_the_rows_before_it(tmp_path: Path, monkeypatch):
+    """close() promises the error of the last commit: rows taken in the same batch as the stop
+    (or just before it) that could not be committed were reported as a clean close."""
+    monkeypatch.setattr(audit, "BUSY_TIMEOUT_S", 0.2)
+    store = Store(tmp_path)
+    log = audit.AuditLog(store.db, background=True)
+    locker = _locker(store.path)
+    try:
+        row = log.submit(at_ms=1, who="local", transport="local", role="admin", command="propose",
+                         args={"i": 1}, result="ok", duration_s=0.0)
+        closed = log.close()
+        assert isinstance(closed.exception(30), sqlite3.OperationalError)
+        assert isinstance(row.exception(30), sqlite3.OperationalError)  # (the row's own error too)
+    finally:
+        locker.execute("COMMIT")
+        store.db.close()
