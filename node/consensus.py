@@ -185,6 +185,11 @@ class ConsensusService:
             for blob in blobs:
                 self.core.remember_committed(start, _unpack_commit(blob).block.values)
                 start += 1
+        if net.epoch_length == 1:
+            log.warning("this network's epoch_length is 1: a validator's opinion can commit in its "
+                        "epoch only if it reaches the proposer of the epoch's one height before the "
+                        "proposal, which it rarely does, so reputation weights hardly ever change; "
+                        "use an epoch_length of 2 or more (PROTOCOL.md §15.5)")
         log.info("consensus at height %d, epoch %d, %s (%d validators)", height + 1, self.ledger.table.epoch,
                  "validator" if self.is_validator else "observer", len(self.ledger.table.weights))
 
@@ -539,6 +544,9 @@ class ConsensusService:
                      {p[:10]: w for p, w in table.weights.items()})
         for hook in self.commit_hooks:
             hook(action.height, outcome)
+        # The height that makes our opinion due is reached by a commit: submit it now (at the
+        # next loop iteration, after this batch of actions), not at the next 1 s sample.
+        call_soon_once(self._soon, "opinion", self._opinion_after_commit)
         for value in block.values:
             digest = value_hash(value)
             t0 = self._submitted_at.pop(digest, None)
@@ -568,24 +576,53 @@ class ConsensusService:
         table = self.core.table
         epoch = table.epoch
         me = self.node.peer_id
-        now = time.monotonic()
         if me in table.weights:
-            start = epoch * self.ledger.epoch_length + 1
-            if epoch != self._opinion_epoch and self.core.height >= start + self.ledger.epoch_length // 2:
-                peers = [p for p in table.weights if p != me]
-                scores = {p: int(round(self.reputation.score(p, now) * PPM)) for p in peers
-                          if sum(self.reputation.evidence(p, now)) >= self.reputation.config.min_opinion_evidence}
-                self._opinion_epoch = epoch
-                for part in _opinion_parts(scores):  # each part one signed value of <= 4096 bytes
-                    value = encode_opinion(sign_opinion(self.node.identity, self.network_id, epoch, part))
-                    if len(value) <= self.core.config.max_value_bytes:
-                        self.submit(value)
-                    else:
-                        self.counters["consensus_opinion_too_large"] += 1
+            self._submit_opinion_if_due()
         elif self.node.config.consensus_validator and epoch != self._join_epoch \
                 and me not in self.ledger.joins:
             self._join_epoch = epoch
             self.submit(encode_join(self.node.identity, self.network_id, epoch))  # new bytes each epoch
+
+    def _opinion_after_commit(self) -> None:
+        """After the commits of a loop iteration: our opinion, if its height has come."""
+        if self.halted is not None:
+            return
+        try:
+            self._submit_opinion_if_due()
+        except Exception:
+            self.counters["consensus_sample_errors"] += 1
+            log.exception("submitting our reputation opinion failed")
+
+    def _submit_opinion_if_due(self) -> None:
+        """Our signed opinion of epoch ``e`` (the current table's), once, when the height in
+        progress has reached :func:`opinion_height` (PROTOCOL.md §15.5): a part per
+        :data:`OPINION_PART_ENTRIES` scored validators, each scored one with at least
+        ``min_opinion_evidence`` of local evidence; nothing when none qualifies.
+
+        Called after every stored commit (the height that makes it due) and by the 1 s
+        timer. Until 2026-12 only the timer asked, so with epochs shorter than about two
+        seconds most epochs were over before it looked (or it looked at their last height,
+        and the opinion committed in the next epoch, where the ledger ignores it).
+        """
+        table = self.core.table
+        epoch = table.epoch
+        me = self.node.peer_id
+        if me not in table.weights or epoch == self._opinion_epoch:
+            return
+        if self.core.height < opinion_height(epoch, self.ledger.epoch_length):
+            return
+        now = time.monotonic()
+        peers = [p for p in table.weights if p != me]
+        scores = {p: int(round(self.reputation.score(p, now) * PPM)) for p in peers
+                  if sum(self.reputation.evidence(p, now)) >= self.reputation.config.min_opinion_evidence}
+        self._opinion_epoch = epoch
+        self.counters["consensus_opinions_submitted" if scores else "consensus_opinions_empty"] += 1
+        for part in _opinion_parts(scores):  # each part one signed value of <= 4096 bytes
+            value = encode_opinion(sign_opinion(self.node.identity, self.network_id, epoch, part))
+            if len(value) <= self.core.config.max_value_bytes:
+                self.submit(value)
+            else:
+                self.counters["consensus_opinion_too_large"] += 1
 
     # ----------------------------------------------------------------- reads
 
@@ -701,6 +738,18 @@ def _coalesce_values(actions: list) -> list:
     merged = [Broadcast(BftValues(values=tuple(unique[k:k + MAX_VALUES_PER_MESSAGE])))
               for k in range(0, len(unique), MAX_VALUES_PER_MESSAGE)]
     return out[:first] + merged + out[first:]
+
+
+def opinion_height(epoch: int, epoch_length: int) -> int:
+    """The height (in progress) from which a validator submits its opinion of ``epoch``
+    (PROTOCOL.md §15.5): ``e·L + 1 + min(L div 2, max(0, L - 2))``, half way through the
+    epoch, but at least two heights before its end when the epoch has two (``L = 2``: its
+    first height). The opinion counts only if committed by the epoch's last height; one
+    submitted for the last height reaches only that height's proposer in time (measured:
+    with ``L = 2`` and 0.1 s blocks, one opinion of four per epoch committed in it).
+
+    ``epoch`` >= 0 and ``epoch_length`` >= 1 (heights)."""
+    return epoch * epoch_length + 1 + min(epoch_length // 2, max(0, epoch_length - 2))
 
 
 OPINION_PART_ENTRIES = 32  # scores per opinion value: 32 x ~80 bytes fits the 4096-byte value limit
