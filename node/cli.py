@@ -483,8 +483,10 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
                    help="another genesis validator of the consensus log (repeatable)")
     p.add_argument("--no-local-validator", action="store_true",
                    help="do not make this data dir's peer a genesis validator")
-    p.add_argument("--epoch-length", type=bounded_int(1, MAX_EPOCH_LENGTH), default=100,
-                   help="heights per consensus epoch")
+    # (a token may say 1, but then opinions can rarely commit in their epoch: PROTOCOL.md §15.5)
+    p.add_argument("--epoch-length", type=bounded_int(2, MAX_EPOCH_LENGTH), default=100,
+                   help="heights per consensus epoch; at least 2, so that each epoch's reputation "
+                        "opinions can commit in it")
     p.set_defaults(func=cmd_network_init)
     p = net_sub.add_parser("token", help="print the join token of this data dir's network")
     data_dir_arg(p)

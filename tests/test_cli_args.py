@@ -560,3 +560,12 @@ def test_a_stop_request_ends_supervise_without_asking_a_hung_peer(tmp_path):
             p.proc.wait(30)
         for server in servers:
             server.close()
+
+
+def test_network_init_refuses_an_epoch_of_one_height(tmp_path, capsys):
+    """With epoch_length 1 a validator's opinion reaches the epoch's only proposer too late
+    (PROTOCOL.md §15.5): the weights would never move. A token may still say 1."""
+    code, _, err = run_cli(["network", "init", "--data-dir", tmp_path / "d", "--epoch-length", "1"], capsys)
+    assert code == 2 and "--epoch-length" in err and "2" in err, err
+    code, _, _ = run_cli(["network", "init", "--data-dir", tmp_path / "d", "--epoch-length", "2"], capsys)
+    assert code == 0
