@@ -16,7 +16,8 @@ and adds, with wasmtime (an external library) as the sandbox and nothing from ``
   memory cap, no preopens / env / args, clocks answering ENOTCAPABLE, bounded stdout.
 
 A replica can be told to lie (``lie = True``): it reports a different stdout with the
-digest of that stdout (a consistent, wrong result) and signs that digest when asked.
+digest of that stdout (a consistent, wrong result) and signs that digest when asked; with
+``lie = "inconsistent"`` it reports the true stdout with a digest that is not its digest.
 
 Times: wall-clock milliseconds on the wire (§1); sizes in bytes.
 """
@@ -567,7 +568,7 @@ class FabricPeer(ip.IndependentPeer):
 
     def __init__(self, network: ip.Network, host: str = "127.0.0.1", *, task_slots: int = 2,
                  capacity_interval_ms: int = 1000, max_wasm_memory_bytes: int = 64 * MIB,
-                 lie: bool = False) -> None:
+                 lie: bool | str = False) -> None:
         self.fabric_drops: dict[str, int] = {}
         self.sandbox = Sandbox()
         self.modules: dict[str, bytes] = {}                  # sha hex -> wasm bytes
@@ -676,7 +677,9 @@ class FabricPeer(ip.IndependentPeer):
         digest = outcome.digest
         stdout = outcome.stdout if outcome.status == "ok" else b""
         exit_code = outcome.exit_code if outcome.status == "ok" else 0
-        if self.lie and outcome.status == "ok":
+        if self.lie == "inconsistent" and outcome.status == "ok":
+            digest = hashlib.sha256(b"not the digest of this stdout").digest()
+        elif self.lie and outcome.status == "ok":
             stdout = b"a lie: " + stdout[:64]
             digest = result_digest(exit_code, stdout)   # consistent, but not what the module said
         body = {"task_id": run["task_id"], "attempt": run["attempt"], "status": outcome.status,

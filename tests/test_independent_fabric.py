@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from chimera.node import admin
@@ -298,6 +299,21 @@ def test_3b_a_vote_for_another_digest_is_never_counted(mesh, peer):
     assert peer.stats.sent["fabric_vote"] >= 2  # the request was repeated (vote_retry_s) and answered again
 
 
+def test_3c_an_inconsistent_digest_is_a_failed_attempt_and_blamed(mesh, peer):
+    """§18.4 steps 5 and 8: a digest that is not its own stdout's fails the attempt (retried on
+    an untried peer: none is left of three) and is task_disagree."""
+    peer.lie = "inconsistent"
+    try:
+        task = _submit(mesh.a, AGENTS / "wordfreq.wasm", TEXT + b" thrice", replicas=3, rule="majority")
+    finally:
+        peer.lie = False
+    ours = next(r for r in peer.sent_results if r["task_id"] == task["task_id"])
+    assert ours["digest"] != fx.result_digest(ours["exit_code"], ours["stdout"])
+    assert task["state"] == "failed" and task["failure"]["reason"] == "retries_exhausted", task
+    kinds = [o["kind"] for o in task["observations"] if o["peer_id"] == peer.peer_id]
+    assert kinds == ["task_disagree"], task["observations"]
+
+
 def test_4_peer_placed_task_and_module_served_by_the_peer(mesh, peer):
     # A module node A lacks (the same code under another SHA-256): A must fetch it from us.
     wasm = fx.with_custom_section(WORDFREQ, "clean-room", b"test 4")
@@ -402,6 +418,17 @@ def test_5_malformed_fabric_messages_are_counted_drops(mesh, peer):
     peer.send(a.peer_id, "fabric_actor_message", {"to_name": "counter", "from_address": f"{peer.peer_id}/p",
                                                   "payload": b"x" * (1024 * 1024 + 100)})
     assert wait_until(lambda: a.counter("drop_oversize") >= before + 1, timeout_s=30)
+    # A vote whose voter is not the envelope sender (§18.2 MUST): the node counts drop_fabric_vote_not_own.
+    before = a.counter("drop_fabric_vote_not_own")
+    b = fx.make_ballot(0, fx.task_purpose(a.peer_id, "t999-x", "2" * 64))
+    vote = fx.sign_ballot_vote(peer.signing_key, peer.network_id, b, b"\x01" * 32)
+    peer.send(a.peer_id, "fabric_vote", {"task_id": "t999-x", "vote": dict(vote, voter=mesh.b.peer_id)})
+    assert wait_until(lambda: a.counter("drop_fabric_vote_not_own") >= before + 1, timeout_s=30)
+    # A result for a task the node never placed with us is ignored (counted fabric_result_ignored).
+    before = a.counter("fabric_result_ignored")
+    peer.send(a.peer_id, "fabric_task_result", {"task_id": "t999-x", "attempt": 1, "status": "ok",
+                                                "digest": fx.result_digest(0, b"")})
+    assert wait_until(lambda: a.counter("fabric_result_ignored") >= before + 1, timeout_s=30)
     # A chunk nobody asked for.
     before = a.counter("drop_fabric_unexpected_chunk")
     peer.send(a.peer_id, "fabric_module_chunk",
@@ -452,3 +479,63 @@ def test_5_malformed_fabric_messages_are_counted_drops(mesh, peer):
     assert a.proc.poll() is None and mesh.b.proc.poll() is None
     task = _submit(a, AGENTS / "wordfreq.wasm", b"after the noise", replicas=3, rule="unanimous")
     assert task["state"] == "accepted" and peer.peer_id in task["certificate"]["voters"], task
+
+
+def _malformed_on_node(node: RealNode, peer: fx.FabricPeer, kind: str, body: dict) -> bool:
+    """Send one body; True when the node counted it drop_malformed (an echo round trip after
+    it marks that the node read it: one connection keeps the order)."""
+    before = node.counter("drop_malformed")
+    peer.send(node.peer_id, kind, body)
+    nonce = int.from_bytes(hashlib.sha256(repr((kind, time.monotonic_ns())).encode()).digest()[:6], "big")
+    peer.send(node.peer_id, "echo_request", {"nonce": nonce, "payload": b"", "reply": True})
+    assert peer.wait_for(lambda: nonce in peer.echo_replies, 30)
+    return wait_until(lambda: node.counter("drop_malformed") > before, timeout_s=1.0)
+
+
+def _ballot_body(peer: fx.FabricPeer, **change) -> dict:
+    b = fx.make_ballot(0, fx.task_purpose(peer.peer_id, "cr-6", "2" * 64))
+    b.update(change)
+    return {"task_id": "cr-6", "ballot": b, "digest": b"\x02" * 32}
+
+
+def test_6_codec_edges_agree_with_the_node(mesh, peer):
+    """Bodies the clean-room codec calls malformed (or not) are counted the same by the node."""
+    cap = peer.capacity_body()
+    res = cap["resources"]
+    gpu = {"index": 0, "name": "g", "memory_total_bytes": 10, "memory_used_bytes": 1, "utilization_percent": 0}
+    run = _run_body("cr-6", "e" * 64)
+    cases = [
+        ("fabric_capacity", dict(cap, resources=dict(res, gpus=[gpu, gpu]))),           # duplicate GPU index
+        ("fabric_capacity", dict(cap, resources=dict(res, load_1m=-0.5))),
+        ("fabric_capacity", dict(cap, resources=dict(res, load_1m=float("nan")))),
+        ("fabric_capacity", dict(cap, resources=dict(res, load_1m=1))),                 # an int is a float
+        ("fabric_capacity", dict(cap, interval_ms=99)),
+        ("fabric_task_run", dict(run, task_id="has space")),
+        ("fabric_task_run", dict(run, task_id="x" * 65)),
+        ("fabric_task_run", dict(run, memory_bytes=65535)),
+        ("fabric_task_run", dict(run, gpu_indices=[64])),
+        ("fabric_task_result", {"task_id": "cr-6", "attempt": 1, "status": "refused", "reason": "busy",
+                                "digest": b"\x00" * 32}),                               # digest on a refusal
+        ("fabric_task_result", {"task_id": "cr-6", "attempt": 1, "status": "error", "digest": b"\x00" * 32}),
+        ("fabric_task_result", {"task_id": "cr-6", "attempt": 1, "status": "done", "reason": "x"}),
+        ("fabric_task_result", {"task_id": "cr-6", "attempt": 1, "status": "ok", "exit_code": -2**31,
+                                "digest": b"\x00" * 32}),
+        ("fabric_module_chunk", {"module_sha256": "ab" * 32, "offset": 0, "total_bytes": 9, "data": b"x",
+                                 "error": "not_found"}),                                # error chunk with data
+        ("fabric_module_request", {"module_sha256": "ab" * 32, "offset": 0, "max_chunk_bytes": 4095}),
+        ("fabric_vote_request", _ballot_body(peer, ballot_id=b"\x00" * 32)),            # id does not match
+        ("fabric_vote_request", _ballot_body(peer, threshold_num=1, threshold_den=3)),  # below 1/2
+        ("fabric_vote_request", _ballot_body(peer, options=[b"a", b"a"])),
+        ("fabric_actor_message", {"to_name": "x" * 65, "from_address": f"{peer.peer_id}/p", "payload": b""}),
+    ]
+    ours, theirs = [], []
+    for kind, body in cases:
+        try:
+            fx.decode_fabric(kind, msgpack.unpackb(ip.packb(body), raw=False))
+            mine = False
+        except ip.ProtocolError:
+            mine = True
+        ours.append(mine)
+        theirs.append(_malformed_on_node(mesh.a, peer, kind, body))
+    differ = [(kind, body, mine, node) for (kind, body), mine, node in zip(cases, ours, theirs) if mine != node]
+    assert not differ, differ
