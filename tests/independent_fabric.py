@@ -762,13 +762,10 @@ class FabricPeer(ip.IndependentPeer):
         with self._lock:
             self.module_requests_seen.append(dict(req, sender=sender))
             wasm = self.modules.get(req["module_sha256"])
-        if wasm is None:
-            chunk = {"module_sha256": req["module_sha256"], "offset": req["offset"], "total_bytes": 0,
-                     "data": b"", "error": "not_found"}
-        elif req["offset"] > len(wasm):
-            chunk = {"module_sha256": req["module_sha256"], "offset": req["offset"], "total_bytes": len(wasm),
-                     "data": b"", "error": "bad_offset"}
-            chunk["offset"] = 0  # offset + len(data) must stay within total_bytes
+        if wasm is None or req["offset"] > len(wasm):
+            # error chunks: offset 0, total_bytes 0 (what the reference sends, whatever was asked)
+            chunk = {"module_sha256": req["module_sha256"], "offset": 0, "total_bytes": 0,
+                     "data": b"", "error": "not_found" if wasm is None else "bad_offset"}
         else:
             data = wasm[req["offset"]:req["offset"] + req["max_chunk_bytes"]]
             chunk = {"module_sha256": req["module_sha256"], "offset": req["offset"], "total_bytes": len(wasm),
@@ -803,12 +800,12 @@ class FabricPeer(ip.IndependentPeer):
         if fetch is None:
             self._drop("fabric_unexpected_chunk")
             return
+        if c["error"]:  # an error chunk carries offset 0 and total_bytes 0 whatever was asked
+            self._drop("fabric_module_" + c["error"])
+            return self._end_fetch(fetch, c["error"])
         if c["offset"] != fetch.offset:  # a failed check ends the fetch (the reference: malformed)
             self._drop("fabric_malformed")
             return self._end_fetch(fetch, f"chunk at offset {c['offset']}, expected {fetch.offset}")
-        if c["error"]:
-            self._drop("fabric_module_" + c["error"])
-            return self._end_fetch(fetch, c["error"])
         if fetch.total_bytes is None:
             fetch.total_bytes = c["total_bytes"]
         if c["total_bytes"] != fetch.total_bytes or not c["data"] and c["offset"] < c["total_bytes"]:
