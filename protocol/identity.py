@@ -132,9 +132,12 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> boo
 
 def is_usable_public_key(public_key: bytes) -> bool:
     """True when ``public_key`` (raw bytes) is a canonical Ed25519 point of the prime-order
-    subgroup: every real key is; a small-order or malformed one can never verify a
-    signature under :func:`verify_signature`'s rules (to refuse it where a key is
-    registered, with a clear error, instead of a key that silently never works)."""
+    subgroup: every real key is. A small-order or malformed one can never verify a
+    signature under :func:`verify_signature`'s rules; a mixed-order one (a prime-order
+    point plus a low-order component) does verify there (PROTOCOL.md §6.2) but no key
+    generator makes one. Used to refuse such keys where a key is registered
+    (``admin_key_add``), with a clear error, instead of a key that never works or one
+    crafted to be odd."""
     return len(public_key) == PUBLIC_KEY_BYTES and bool(crypto_core_ed25519_is_valid_point(public_key))
 
 
