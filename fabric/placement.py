@@ -118,6 +118,7 @@ from .resources import Resources
 
 DIGEST_BYTES = 32
 MAX_TASK_ID_CHARS = 64
+MAX_ATTEMPT = 2**31 - 1  # the largest attempt number on the wire (PROTOCOL.md 18.2 Attempt)
 MAX_TASK_SLOTS = 1024  # the wire bound of fabric_capacity.task_slots and tasks_running
 
 REFUSALS_NOT_BLAMED: dict[str, bool] = {
@@ -731,6 +732,12 @@ class Placement:
         return sorted(g.index for g in res.gpus
                       if g.index not in leased and g.memory_free_bytes >= req.gpu_memory_bytes)
 
+    def capable_peers(self, req: TaskRequirements) -> int:
+        """How many known peers could ever run ``req`` (weight, memory cap, wall time, GPUs),
+        whatever they hold now: :meth:`submit` fails a task ``unsatisfiable`` below
+        ``req.replicas``."""
+        return sum(1 for p in self.peers if self._could_ever_fit(p, req))
+
     def _could_ever_fit(self, peer_id: str, req: TaskRequirements) -> bool:
         res = self.peers[peer_id]
         gpus_big_enough = sum(1 for g in res.gpus if g.memory_total_bytes >= req.gpu_memory_bytes)
@@ -808,19 +815,24 @@ class Placement:
 
     # ------------------------------------------------------------- inputs
 
-    def submit(self, task_id: str, req: TaskRequirements, now: float) -> list[Action]:
-        """Place a new task.
+    def submit(self, task_id: str, req: TaskRequirements, now: float, *, first_attempt: int = 1) -> list[Action]:
+        """Place a new task; its attempts are numbered from ``first_attempt`` (1 .. 2³¹−1; a
+        driver that places a task again after a restart starts above every number it may have
+        used before, so that a late result of an earlier attempt is never taken for a new one).
 
         Raises:
-            LocalProtocolError: duplicate or invalid task id, or no weights set.
+            LocalProtocolError: duplicate or invalid task id, ``first_attempt`` out of range, or
+                no weights set.
         """
         if not isinstance(task_id, str) or not 1 <= len(task_id) <= MAX_TASK_ID_CHARS or " " in task_id:
             raise LocalProtocolError(f"task id must be 1..{MAX_TASK_ID_CHARS} characters without spaces")
         if task_id in self.tasks or task_id in self.finished:
             raise LocalProtocolError(f"task {task_id} submitted twice")
+        if type(first_attempt) is not int or not 1 <= first_attempt <= MAX_ATTEMPT:
+            raise LocalProtocolError(f"first_attempt must be an int in 1..{MAX_ATTEMPT}")
         if self.weights is None:
             raise LocalProtocolError("set_weights() before submitting tasks")
-        task = _Task(task_id=task_id, req=req, submitted_at=now)
+        task = _Task(task_id=task_id, req=req, submitted_at=now, next_attempt=first_attempt)
         self.tasks[task_id] = task
         capable = [p for p in self.peers if self._could_ever_fit(p, req)]
         if len(capable) < req.replicas:

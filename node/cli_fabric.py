@@ -207,8 +207,8 @@ def _wait_for_task(args: argparse.Namespace, task_id: str, deadline: float) -> d
             why = str(exc) if isinstance(exc, cli.CliError) else f"lost the node: {exc.strerror or exc}"
             again = f"chimera task status {task_id}" + (f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else "")
             raise cli.CliError(f"{why} while waiting for task {task_id}; once the node runs again, "
-                               f"`{again}` shows it (failed: interrupted if the node stopped before its "
-                               "result was agreed)", code) from None
+                               f"`{again}` shows it (the node resumes a task it was running when it "
+                               "stopped; one older than fabric_resume_max_age_s shows failed: interrupted)", code) from None
         if res["state"] != "running" or deadline - time.monotonic() <= 0:
             return res
         if time.monotonic() - asked_at < 1.0:  # answered without waiting (its waiters are busy): poll

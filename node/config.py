@@ -96,6 +96,9 @@ class NodeConfig:
     fabric_compiled_cache_max_bytes: int = 1 << 30  # compiled-artefact disk cache (LRU beyond)
     fabric_module_requests_per_s: float = 200.0  # module chunk requests served per peer and second (more: dropped)
     fabric_module_request_burst: int = 400  # requests one peer may send at once before that rate applies
+    # a task still running when this node stopped or crashed is placed again at the restart when
+    # it was submitted at most this long before (older: failed "interrupted"); 0: never resumed
+    fabric_resume_max_age_s: float = 3600.0
     fabric_probe_gpus: int = -1  # SIMULATION/TEST: >= 0 advertises this many simulated GPUs instead of NVML's
     fabric_test_wrong_results: bool = False  # TEST HOOK: return wrong task results (tests only)
     fabric_test_tamper_chunks: bool = False  # TEST HOOK: corrupt module chunks served to peers (tests only)
@@ -190,6 +193,7 @@ RANGES: dict[str, Range] = {
     "fabric_compiled_cache_max_bytes": Range(16 << 20, 1 << 40, note="16 MiB..1 TiB"),
     "fabric_module_requests_per_s": Range(1.0, 1e6),
     "fabric_module_request_burst": Range(1, 1_000_000),
+    "fabric_resume_max_age_s": Range(0.0, 7 * _DAY_S, note="0: a running task is never resumed"),
     "fabric_probe_gpus": Range(-1, 64, note="-1: real GPUs (NVML)"),
     "fabric_test_advertise_slots": Range(0, 1024, note="0: the true fabric_task_slots"),
     # operation

@@ -44,6 +44,7 @@ EVENT_KINDS: dict[str, str] = {
     # agent fabric (node/fabric.py)
     "task_dispatched": "a task attempt was sent to a peer (field to: the peer)",
     "task_completed": "a task was accepted or failed (state: done or failed)",
+    "task_resumed": "a task running when this node stopped was placed again after the restart",
     "task_breaker_opened": "a peer's circuit breaker opened (peer_id: that peer)",
     "agent_swapped": "an agent was upgraded or rolled back (action: upgrade, rollback, auto_rollback)",
 }

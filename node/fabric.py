@@ -46,18 +46,26 @@ core. The protocol is in docs/PROTOCOL.md §18; in short:
 
 wasmtime is imported lazily, when the first agent or task runs (or at start
 when agents were deployed before a restart), so an idle peer stays small.
-Events: ``task_dispatched``, ``task_completed``, ``agent_swapped``.
+Events: ``task_dispatched``, ``task_completed``, ``task_resumed``, ``agent_swapped``.
 
 **Task records.** Each task submitted here is written to the store's
 ``fabric_tasks`` table (:class:`~chimera.node.store.TaskRecords`) when it is
 submitted (with its first dispatches), again when its dispatches change (retries:
 the tasks re-placed in one event-loop turn in one transaction) and when it ends,
 by one writer thread with its own connection (never on the event loop; the same
-``MAX_TASKS_KEPT`` bound as in memory). At start the records are read back: a
-finished task shows as it did, one that was still ``running`` is ``failed`` with
-reason ``interrupted`` (its placement state is gone; where it was dispatched is
-kept), and task ids go on from the highest stored ``seq`` (unreadable records
-included). A write the store refuses (disk full) is counted
+``MAX_TASKS_KEPT`` bound as in memory). A running task's record holds its input
+(written once; cleared when it ends). At start the records are read back: a
+finished task shows as it did; one that was still ``running`` is **resumed** when
+it was submitted at most ``fabric_resume_max_age_s`` before and its input and
+module are here: its record is written again with the resumption (attempt numbers
+from ``1 + n * ATTEMPT_BLOCK`` for its n-th resumption, above every number an
+earlier placement of it can have used, so a late result of a pre-crash attempt is
+ignored), and once that is durable and enough capable peers advertise (or
+``_resume_wait_s`` passed) it is placed again from scratch (counter
+``fabric_tasks_resumed``, event ``task_resumed``; the replicas re-run it and sign
+the same deterministic digest). Any other one is ``failed`` with reason
+``interrupted`` (where it was dispatched is kept). Task ids go on from the
+highest stored ``seq`` (unreadable records included). A write the store refuses (disk full) is counted
 (``fabric_task_record_errors``) and logged; the task goes on in memory. When the
 table cannot be read at all, nothing is written to it in this run (counted and
 logged): the trim could otherwise delete records this run cannot see.
@@ -97,6 +105,7 @@ from chimera.fabric.modules import (
     check_hash_name,
 )
 from chimera.fabric.placement import (
+    MAX_ATTEMPT,
     BreakerOpened,
     Cancel,
     Dispatch,
@@ -160,6 +169,11 @@ RECORD_WAIT_S = 5.0  # tasks_submit waits at most this long for the task's recor
 MAX_STATUS_WAITERS = 4  # tasks_status calls waiting (wait_s) at once; more are answered at once
 MAX_RECORD_HISTORY_BYTES = 4 << 20  # a stored record's placement/results/observations (larger: unreadable)
 INTERRUPTED_DETAIL = "the submitting node restarted before the result was agreed"
+# attempt numbers one placement of a task may use: its n-th resumption after a restart numbers its
+# attempts from 1 + n * ATTEMPT_BLOCK (a placement uses a few dozen at most: retries, room refusals)
+ATTEMPT_BLOCK = 1 << 20
+MAX_RESUMPTIONS = MAX_ATTEMPT // ATTEMPT_BLOCK - 1  # 2046: the last block still fits the wire's Attempt
+MAX_RESUME_CANCELS = 64  # a resumed task's earlier attempts told to stop (its latest dispatches)
 # a stored threshold is str(Fraction): "n/d" or "n"; bounded digits, so that parsing a damaged
 # record costs nothing (Fraction("1e10000000") computes a ten-million-digit integer)
 _STORED_FRACTION_TEXT = re.compile(r"\d{1,19}(/\d{1,19})?")
@@ -227,6 +241,8 @@ class _Submitted:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     seq: int = 0  # submission order on this node (kept across restarts: the record's seq)
     saved: asyncio.Future | None = None  # the last record write queued (None: none, or no records)
+    input_stored: bool = False  # a durable write of the record holds the input (later ones leave it)
+    resumes: list[dict] = field(default_factory=list)  # {at_ms, first_attempt} per restart that resumed it
 
 
 class FabricActor(Actor):
@@ -300,6 +316,12 @@ class FabricService:
         self._record_queue: dict[str, tuple[_Submitted, asyncio.Future]] = {}
         self._records_writing = False
         self.status_waiters = 0  # tasks_status calls waiting for a task's end (MAX_STATUS_WAITERS)
+        # tasks running when this node stopped, to be placed again (_resume_due): task id -> task
+        self._resuming: dict[str, _Submitted] = {}
+        self._resume_since = time.monotonic()
+        # how long a resumed task waits for enough capable peers to advertise before it is placed
+        # with those known (a restarted node hears every alive member within about an interval)
+        self._resume_wait_s = min(60.0, max(5.0, 2 * self.interval_s))
         self._records = self._open_records()
 
     # ------------------------------------------------------------ set-up
@@ -328,7 +350,8 @@ class FabricService:
                       "in memory only): %s", self.node.store.path, exc)
             records.close()
             return None
-        interrupted = []
+        interrupted, resumed = [], []
+        now_ms = _wall_ms()
         for row in rows:
             try:
                 rec = self._task_of_record(row)
@@ -337,24 +360,117 @@ class FabricService:
                 log.error("skipping an unreadable task record %.64r: %s", row.get("task_id"), exc)
                 continue
             if rec.state == "running":
-                rec.state, rec.failure, rec.finished_ms = "failed", ("interrupted", INTERRUPTED_DETAIL), _wall_ms()
-                interrupted.append(rec)
+                why = self._resume(rec, now_ms)
+                if why is None:
+                    resumed.append(rec)
+                else:
+                    rec.state, rec.failure, rec.finished_ms = "failed", ("interrupted", why), now_ms
+                    rec.input = b""
+                    interrupted.append(rec)
             self.tasks[rec.task_id] = rec
             self._task_seq = max(self._task_seq, rec.seq)
         self._records = records
         for rec in interrupted:
             self.counters["fabric_tasks_interrupted"] += 1
-            log.warning("task %s was running when this node stopped: failed (interrupted)", rec.task_id)
-            self._save_record(rec)
+            log.warning("task %s was running when this node stopped: failed (interrupted: %s)", rec.task_id,
+                        rec.failure[1])
+        for rec in resumed:
+            log.warning("task %s was running when this node stopped: it is placed again (attempts from %d)",
+                        rec.task_id, rec.resumes[-1]["first_attempt"])
+        # written before any resumed attempt is sent (_resume_due waits for it): its attempt
+        # numbers are then never used again, whatever happens next
+        self._save_records(interrupted + resumed)
         if rows:
-            log.info("loaded %d task records (%d interrupted)", len(self.tasks), len(interrupted))
+            log.info("loaded %d task records (%d interrupted, %d to resume)", len(self.tasks), len(interrupted),
+                     len(resumed))
         return records
+
+    def _resume(self, rec: _Submitted, now_ms: int) -> str | None:
+        """Prepare ``rec``, running when this node stopped, to be placed again (:meth:`_resume_due`);
+        or the detail of its ``interrupted`` failure when it cannot be: resumption is off
+        (``fabric_resume_max_age_s`` 0), its input was not stored (a record of an older release, or
+        the write that held it failed), it was submitted more than ``fabric_resume_max_age_s``
+        before (wall clock), it was resumed ``MAX_RESUMPTIONS`` times, or its module is gone."""
+        max_age_s = self.config.fabric_resume_max_age_s
+        if max_age_s <= 0 or not rec.input_stored:
+            return INTERRUPTED_DETAIL
+        age_s = (now_ms - rec.submitted_ms) / 1000
+        if age_s > max_age_s:
+            return (f"{INTERRUPTED_DETAIL}; submitted {age_s:.0f} s before the restart, more than "
+                    f"fabric_resume_max_age_s ({max_age_s:g} s)")
+        if len(rec.resumes) >= MAX_RESUMPTIONS:
+            return f"{INTERRUPTED_DETAIL}; it was resumed {len(rec.resumes)} times already"
+        if not self.modules.pin(rec.module_sha256):  # pinned until it ends, as at submission
+            self.modules.unpin(rec.module_sha256)
+            return f"{INTERRUPTED_DETAIL}; its module {rec.module_sha256[:12]} is no longer in this node's store"
+        rec.module_pinned = True
+        rec.resumes.append({"at_ms": now_ms, "first_attempt": 1 + (len(rec.resumes) + 1) * ATTEMPT_BLOCK})
+        rec.results = {}  # the earlier attempts' results are not counted (their votes are gone)
+        rec.done = asyncio.Event()
+        rec.submitted_mono = time.monotonic() - max(0.0, age_s)  # latency_s still runs from the submission
+        self._resuming[rec.task_id] = rec
+        return None
+
+    def _resume_due(self, now: float) -> None:
+        """Place the tasks waiting to be resumed whose record (with the resumption) is durable, once
+        enough peers that could run each advertise, or ``_resume_wait_s`` after the start."""
+        waited = now - self._resume_since >= self._resume_wait_s
+        for task_id, rec in list(self._resuming.items()):
+            saved = rec.saved
+            if saved is not None and not saved.done():
+                continue
+            if saved is None or saved.cancelled() or saved.exception() is not None:
+                # its attempt numbers are not durable: a second crash could use them again
+                del self._resuming[task_id]
+                self._end_unresumed(rec, "its record could not be written")
+                continue
+            if not waited and self.placement.capable_peers(rec.req) < rec.req.replicas:
+                continue
+            del self._resuming[task_id]
+            first = rec.resumes[-1]["first_attempt"]
+            try:
+                actions = self.placement.submit(task_id, rec.req, now, first_attempt=first)
+            except LocalProtocolError as exc:  # (cannot happen: a fresh core, a checked number)
+                log.error("task %s could not be placed again: %s", task_id, exc)
+                self._end_unresumed(rec, str(exc))
+                continue
+            self.counters["fabric_tasks_resumed"] += 1
+            age_s = round(max(0, rec.resumes[-1]["at_ms"] - rec.submitted_ms) / 1000, 3)
+            self.node.emit_event("task_resumed", self.peer_id, task_id=task_id, first_attempt=first, age_s=age_s)
+            self._cancel_earlier_attempts(rec, first)
+            self._run_actions(actions)  # (its dispatches are written as a submission's retries are)
+
+    def _end_unresumed(self, rec: _Submitted, why: str) -> None:
+        """A task prepared for resumption that cannot be placed after all: ``interrupted``."""
+        rec.state, rec.finished_ms = "failed", _wall_ms()
+        rec.failure = ("interrupted", f"{INTERRUPTED_DETAIL}; {why}")
+        self.counters["fabric_tasks_interrupted"] += 1
+        log.warning("task %s: failed (interrupted: %s)", rec.task_id, why)
+        self._release(rec)
+        self._save_record(rec)
+        rec.done.set()
+
+    def _cancel_earlier_attempts(self, rec: _Submitted, first: int) -> None:
+        """Tell the peers that held the latest earlier attempts of a resumed task to drop them
+        (those still queued there are dropped unrun; a result of one would be ignored anyway)."""
+        told: set[tuple[str, int]] = set()
+        for d in rec.dispatches[-MAX_RESUME_CANCELS:]:
+            peer, attempt = d.get("peer_id"), d.get("attempt")
+            if type(peer) is not str or type(attempt) is not int or not 1 <= attempt < first \
+                    or peer == self.peer_id or (peer, attempt) in told:
+                continue
+            told.add((peer, attempt))
+            try:
+                self.node.send(peer, FabricTaskCancel(task_id=rec.task_id, attempt=attempt,
+                                                      reason="submitter restarted"))
+            except LocalProtocolError as exc:  # a stored peer id that is not one: nothing to tell
+                log.debug("no cancel for task %s attempt %d: %s", rec.task_id, attempt, exc)
 
     def _record_of(self, rec: _Submitted) -> dict:
         """The stored form of ``rec`` (store.TASK_RECORD_COLUMNS), built on the event loop."""
         req, a = rec.req, rec.accepted
         pack = functools.partial(msgpack.packb, use_bin_type=True)
-        return {
+        record = {
             "task_id": rec.task_id, "seq": rec.seq, "module_sha256": rec.module_sha256,
             "requirements": pack({"fuel": req.fuel, "memory_bytes": req.memory_bytes,
                                   "wall_time_s": float(req.wall_time_s), "gpus": req.gpus,
@@ -374,8 +490,15 @@ class FabricService:
             "history": pack({"placement": rec.dispatches, "observations": rec.observations,
                              "results": [{k: v for k, v in r.items() if not k.startswith("_")}
                                          for r in rec.results.values()],
-                             "latency_s": rec.latency_s}),
+                             "latency_s": rec.latency_s, "resumes": rec.resumes}),
         }
+        # a running task's input is written until a write holding it is durable, then left as
+        # stored (TaskRecords.save without the key); an ended task's is cleared
+        if rec.state != "running":
+            record["input"] = None
+        elif not rec.input_stored:
+            record["input"] = rec.input
+        return record
 
     def _task_of_record(self, row: dict) -> _Submitted:
         """A task as it was stored (the inverse of :meth:`_record_of`); an accepted result's
@@ -433,13 +556,25 @@ class FabricService:
         latency = history.get("latency_s")
         if latency is not None and type(latency) is not float:
             raise ValueError("latency_s")
+        resumes = history.get("resumes", [])  # (absent in records of older releases)
+        if type(resumes) is not list or not all(
+                type(x) is dict and type(x.get("at_ms")) is int and type(x.get("first_attempt")) is int
+                and 1 <= x["first_attempt"] <= MAX_ATTEMPT for x in resumes):
+            raise ValueError("resumes is not a list of {at_ms, first_attempt}")
+        stored_input = row.get("input")  # None: not kept (an ended task, or a record of an older release)
+        if stored_input is not None and (type(stored_input) is not bytes
+                                         or len(stored_input) > MAX_TASK_INPUT_BYTES):
+            raise ValueError("input is not bytes of at most 512 KiB")
         rec = _Submitted(task_id, sha, b"", req, typed("submitted_ms", int), 0.0, state=state,
                          dispatches=placement, observations=observations, stdout=stdout,
                          exit_code=typed("exit_code", int, optional=True), outcome=outcome,
                          failure=None if reason is None else (reason, detail or ""),
                          finished_ms=typed("finished_ms", int, optional=True), latency_s=latency,
-                         input_bytes=typed("input_bytes", int), module_pinned=False, seq=typed("seq", int))
+                         input_bytes=typed("input_bytes", int), module_pinned=False, seq=typed("seq", int),
+                         resumes=resumes)
         rec.results = {str(x.get("peer_id")): x for x in results}
+        if state == "running" and stored_input is not None:
+            rec.input, rec.input_stored = stored_input, True
         if outcome is not None:  # an agreed result: its certificate must stand on its own again
             digest = typed("digest", bytes)
             cert = decode_fields(VoteCertificate, unpack("certificate"), "certificate")
@@ -485,6 +620,7 @@ class FabricService:
             return
         batch, self._record_queue = list(self._record_queue.values()), {}
         records = [self._record_of(rec) for rec, _ in batch]  # (on the event loop: consistent snapshots)
+        with_input = [rec for (rec, _), r in zip(batch, records) if r.get("input") is not None]
         self._records_writing = True
         job = self.loop.run_in_executor(self._records_pool,
                                         functools.partial(self._records.save, *records, keep=MAX_TASKS_KEPT))
@@ -497,6 +633,9 @@ class FabricService:
             if exc is not None:
                 self.counters["fabric_task_record_errors"] += 1
                 log.error("could not write the record of task %s; kept in memory only: %s", described, exc)
+            else:
+                for rec in with_input:
+                    rec.input_stored = True
             for _, saved in batch:
                 if not saved.done():
                     if exc is None:
@@ -601,6 +740,8 @@ class FabricService:
                     now = time.monotonic()
                     self._expire_fetches(now)
                     self._refresh_peers(now)
+                    if self._resuming:
+                        self._resume_due(now)
                     self._run_actions(self.placement.tick(now))
                 except Exception:  # noqa: BLE001 - a bug must not stop timeouts and retries for good
                     self.counters["fabric_timer_errors"] += 1
@@ -1284,6 +1425,7 @@ class FabricService:
             "placement": rec.dispatches,
             "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rec.results.values()],
             "observations": rec.observations,
+            "resumed": rec.resumes,
         }
         if rec.failure is not None:
             # agreed: the replicas voted for this failure (the certificate below proves it)
@@ -1355,7 +1497,7 @@ class FabricService:
                 "peers_with_capacity": sorted(self.capacity), "runtime_loaded": self._runtime is not None,
                 "own": None if self.own is None else self.own.describe(),
                 "slots_unhonoured": self.placement.counters.get("slots_unhonoured", 0),
-                "slots_distrusted": distrusted}
+                "slots_distrusted": distrusted, "tasks_resuming": len(self._resuming)}
 
 
 # ------------------------------------------------------------------ wiring

@@ -498,9 +498,13 @@ def task_text(t: dict) -> str:
     req = t["requirements"]
     lines = [f"task {t['task_id']}  {t['state']}  module {t['module_sha256'][:12]}  "
              f"replicas {req['replicas']} ({req['rule']})  gpus {req['gpus']}"]
+    resumed = list(t.get("resumed") or [])  # restarts that placed it again (absent from older nodes)
     for d in t["placement"]:
+        while resumed and d["attempt"] >= resumed[0]["first_attempt"]:
+            lines.append(f"  resumed after the node restarted (attempts from {resumed.pop(0)['first_attempt']})")
         gpus = f" gpus {d['gpus']}" if d["gpus"] else ""
         lines.append(f"  attempt {d['attempt']} -> {d['peer_id']}{gpus}")
+    lines += [f"  resumed after the node restarted (attempts from {r['first_attempt']})" for r in resumed]
     for r in t["results"]:
         what = f"exit {r['exit_code']} digest {r['digest'][:16]}" if r["status"] == "ok" else r["reason"]
         lines.append(f"  result from {r['peer_id'][:16]}: {r['status']} {what}")

@@ -13,7 +13,9 @@ written by node/fabric.py through its own connection, off the event loop).
 
 Schema steps: every table is created with ``CREATE TABLE IF NOT EXISTS`` at
 open, so a store written by an older release gains the tables added since
-(``fabric_tasks``: added after the consensus tables) and opens as before.
+(``fabric_tasks``: added after the consensus tables) and opens as before; a
+column added to a table since (:data:`_ADDED_COLUMNS`: ``fabric_tasks.input``)
+is added with ``ALTER TABLE ... ADD COLUMN``, NULL in the rows written before.
 
 The last signed vote state lives in its own small file (:class:`SignStateFile`,
 the role of CometBFT's ``priv_validator_state.json``): it is written before
@@ -93,7 +95,8 @@ CREATE TABLE IF NOT EXISTS fabric_tasks (
     acceptance BLOB,
     failure_reason TEXT,
     failure_detail TEXT,
-    history BLOB NOT NULL
+    history BLOB NOT NULL,
+    input BLOB
 );
 CREATE INDEX IF NOT EXISTS fabric_tasks_by_seq ON fabric_tasks(seq);
 """
@@ -112,6 +115,10 @@ def _schema_columns() -> dict[str, tuple[str, ...]]:
 
 _COLUMNS = _schema_columns()
 
+_ADDED_COLUMNS = (("fabric_tasks", "input", "BLOB"),)
+"""Columns added to a table after its first release: ``(table, column, type)``, added at open
+to a store that lacks them (nullable, so the rows written before read as NULL)."""
+
 
 class Store:
     """One SQLite database per node, at ``data_dir/node.sqlite3``.
@@ -129,6 +136,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             for table, needed in _COLUMNS.items():
                 missing = set(needed) - {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
                 if missing:
@@ -319,7 +330,8 @@ class TaskRecords:
     A record is a dict with the keys of :data:`TASK_RECORD_COLUMNS`: ``seq`` orders the
     tasks by submission; ``requirements``, ``acceptance`` and ``history`` are msgpack maps
     and ``certificate`` the msgpack of the vote certificate (node/fabric.py encodes and
-    checks them). The connection may be used from one thread at a time (node/fabric.py:
+    checks them); ``input`` is the task's stdin while it runs (what a restarted node needs to
+    place it again; None once it ended, and in records written before the column existed). The connection may be used from one thread at a time (node/fabric.py:
     at start on the event loop, then only from its record writer thread).
 
     Raises (from the constructor):
@@ -341,18 +353,27 @@ class TaskRecords:
     def save(self, *records: dict, keep: int) -> None:
         """Insert or replace each of ``records`` (by task id), then delete the oldest records (by
         ``seq``) that are not ``running`` beyond the newest ``keep`` (>= 1) records, in one
-        transaction; durable when it returns.
+        transaction; durable when it returns. A record without the key ``input`` keeps the
+        stored row's input (a running task's input, up to 512 KiB, is written once, not again
+        with each change of its placement); one with ``input`` None clears it.
 
         Raises:
-            KeyError: a record lacks a column.
+            KeyError: a record lacks a column other than ``input``.
             sqlite3.Error: the store refused the write (disk full, locked beyond the busy timeout,
                 read-only); nothing of it was written.
         """
-        values = [tuple(record[c] for c in TASK_RECORD_COLUMNS) for record in records]
+        full = [tuple(r[c] for c in TASK_RECORD_COLUMNS) for r in records if "input" in r]
+        kept = [c for c in TASK_RECORD_COLUMNS if c != "input"]
+        rest = [tuple(r[c] for c in kept) for r in records if "input" not in r]
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany(f"INSERT OR REPLACE INTO fabric_tasks({', '.join(TASK_RECORD_COLUMNS)}) "
-                                f"VALUES({', '.join('?' * len(TASK_RECORD_COLUMNS))})", values)
+            if full:
+                self.db.executemany(f"INSERT OR REPLACE INTO fabric_tasks({', '.join(TASK_RECORD_COLUMNS)}) "
+                                    f"VALUES({', '.join('?' * len(TASK_RECORD_COLUMNS))})", full)
+            if rest:  # (a row not stored yet gets input NULL: a restart then cannot resume it)
+                self.db.executemany(f"INSERT INTO fabric_tasks({', '.join(kept)}) VALUES({', '.join('?' * len(kept))}) "
+                                    f"ON CONFLICT(task_id) DO UPDATE SET "
+                                    + ", ".join(f"{c}=excluded.{c}" for c in kept if c != "task_id"), rest)
             (count,) = self.db.execute("SELECT COUNT(*) FROM fabric_tasks").fetchone()
             if count > keep:
                 self.db.execute("DELETE FROM fabric_tasks WHERE task_id IN (SELECT task_id FROM fabric_tasks "

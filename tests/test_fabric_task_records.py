@@ -68,7 +68,7 @@ async def test_finished_tasks_show_the_same_after_a_restart(node_factory, capsys
 
 
 async def test_a_task_running_when_the_node_stops_is_failed_interrupted_after_the_restart(node_factory):
-    cfg = NodeConfig(**FABRIC_FAST)
+    cfg = NodeConfig(**FABRIC_FAST, fabric_resume_max_age_s=0)  # resumption off (tests/test_fabric_resume.py)
     node = await node_factory("i", cfg)
     assert await async_wait_until(lambda: node.fabric.own is not None, 30)
     done = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"x", "wait": True})
@@ -101,7 +101,8 @@ def test_a_task_running_when_the_node_process_is_killed_shows_interrupted(tmp_pa
     durable before ``tasks_submit`` answered, and the restarted process reports the task failed."""
     from chimera.node.launcher import LocalNetwork
 
-    net = LocalNetwork(tmp_path, 1, extra_args=["--set", "fabric_capacity_interval_s=0.3"])
+    net = LocalNetwork(tmp_path, 1, extra_args=["--set", "fabric_capacity_interval_s=0.3",
+                                                "--set", "fabric_resume_max_age_s=0"])  # (else resumed)
     try:
         net.start()
         assert wait_until(lambda: net.query(0, "resources")["own"] is not None, timeout_s=60)
@@ -340,7 +341,7 @@ async def test_an_interrupted_task_shows_where_it_was_dispatched(tmp_path):
         await node.stop()  # (the running attempts end with the nodes: no result is agreed)
     finally:
         await stop_all(nodes)
-    again = Node(node.data_dir, NodeConfig(**FABRIC_FAST), node.network)
+    again = Node(node.data_dir, NodeConfig(**FABRIC_FAST, fabric_resume_max_age_s=0), node.network)
     await again.start()
     try:
         view = await call(again, "tasks_status", {"task_id": task_id})
@@ -362,7 +363,8 @@ def test_task_submit_wait_names_the_task_when_the_node_dies(tmp_path: Path, caps
     from chimera.node.launcher import LocalNetwork
     from fabric_helpers import AGENTS
 
-    net = LocalNetwork(tmp_path, 1, extra_args=["--set", "fabric_capacity_interval_s=0.3"])
+    net = LocalNetwork(tmp_path, 1, extra_args=["--set", "fabric_capacity_interval_s=0.3",
+                                                "--set", "fabric_resume_max_age_s=0"])  # (else resumed)
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         net.start()
