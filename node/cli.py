@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
 from chimera.protocol.errors import InvalidTokenError, LocalProtocolError
+from chimera.protocol.identity import fingerprint
 from chimera.protocol.network import MAX_EPOCH_LENGTH, Network
 
 from . import admin
 from .cli_fabric import bounded_int, finite_float, folder_path, old_spelling
 from .config import PROFILES, ConfigError, default_data_dir, load_config
-from .keys import KeyFileError, load_network, load_or_create_identity, save_network
+from .keys import KeyFileError, load_network, load_or_create_identity, load_or_create_transport_keys, save_network
 from .launcher import MAX_LOCAL_PEERS
 from .logs import setup_logging
 
@@ -65,6 +66,17 @@ def cmd_network_init(args: argparse.Namespace) -> int:
         print("no genesis validators: this network runs membership only (no consensus log)", file=sys.stderr)
     print("join token (secret: share only with peers you admit):", file=sys.stderr)
     print(network.token())
+    return EXIT_OK
+
+
+def cmd_network_id(args: argparse.Namespace) -> int:
+    """`chimera network id`: this data dir's peer id, its keys created as the node would at its
+    first start, so that a network's creator can name it with ``--validator`` before it runs."""
+    data_dir = _data_dir(args)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    peer_id = load_or_create_identity(data_dir).peer_id
+    transport_key = load_or_create_transport_keys(data_dir).public
+    _print(args, {"peer_id": peer_id, "transport_key_fingerprint": fingerprint(transport_key)}, peer_id)
     return EXIT_OK
 
 
@@ -491,6 +503,11 @@ def build_parser(plugins: dict[str, Any] | None = None) -> argparse.ArgumentPars
     p = net_sub.add_parser("token", help="print the join token of this data dir's network")
     data_dir_arg(p)
     p.set_defaults(func=cmd_network_token)
+    p = net_sub.add_parser("id", help="print this data dir's peer id (its keys are created if missing, as "
+                                      "the node does at first start): give it to `network init --validator`")
+    data_dir_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_network_id)
 
     p = sub.add_parser("node", help="run one peer")
     data_dir_arg(p)

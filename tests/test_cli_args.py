@@ -569,3 +569,25 @@ def test_network_init_refuses_an_epoch_of_one_height(tmp_path, capsys):
     assert code == 2 and "--epoch-length" in err and "2" in err, err
     code, _, _ = run_cli(["network", "init", "--data-dir", tmp_path / "d", "--epoch-length", "2"], capsys)
     assert code == 0
+
+
+def test_network_id_prints_the_peer_id_a_creator_names_with_validator(tmp_path, capsys):
+    """A network with genesis validators on several machines needs their peer ids before any of
+    them runs: `network id` creates the keys as the first start would and prints the id, and
+    the node started later on that data dir is that validator."""
+    other = tmp_path / "other-machine"
+    code, out, _ = run_cli(["network", "id", "--data-dir", other], capsys)
+    peer_id = out.strip()
+    assert code == 0 and len(peer_id) == 52
+    code, again, _ = run_cli(["network", "id", "--data-dir", other, "--json"], capsys)
+    assert code == 0 and '"peer_id":"%s"' % peer_id in again  # the same keys, kept
+    assert oct((other / "identity.key").stat().st_mode & 0o777) == "0o600"
+    code, token, err = run_cli(["network", "init", "--data-dir", tmp_path / "creator", "--validator", peer_id],
+                               capsys)
+    assert code == 0 and peer_id in err
+    code, _, _ = run_cli(["network", "init", "--data-dir", other, "--no-local-validator"], capsys)
+    from chimera.node.keys import load_or_create_identity
+    from chimera.protocol.network import Network
+
+    assert load_or_create_identity(other).peer_id == peer_id  # what `chimera node` will load
+    assert peer_id in Network.from_token(token.strip()).genesis
