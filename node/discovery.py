@@ -35,6 +35,8 @@ from .actors import wait_event
 SERVICE_TYPE = "_chimera._tcp.local."
 MAX_RESOLVING = 64
 """Service lookups in flight at once (each waits up to 3 s for an answer)."""
+GOODBYE_WAIT_S = 2.0
+"""At most this long for the goodbye packets at close (3 packets 125 ms apart)."""
 log = logging.getLogger("chimera.discovery")
 
 
@@ -313,7 +315,11 @@ class Discovery:
         if azc is not None:
             if info is not None:
                 with _logged("unregistering the mDNS service"):
-                    await azc.async_unregister_service(info)
+                    # the call only queues the goodbyes (TTL 0, RFC 6762 §10.1): wait until they
+                    # are sent (3 packets, 125 ms apart) before closing the sockets; without the
+                    # wait none was sent and browsers kept our record for its TTL (SRV 120 s)
+                    goodbyes = await azc.async_unregister_service(info)
+                    await asyncio.wait_for(goodbyes, GOODBYE_WAIT_S)
             with _logged("closing zeroconf"):
                 await azc.async_close()
 
@@ -338,7 +344,11 @@ class Discovery:
         info = AsyncServiceInfo(service_type, name)
         try:
             azc = self.azc
-            if azc is None or not await info.async_request(azc.zeroconf, 3000):
+            if azc is None:
+                return
+            if not await info.async_request(azc.zeroconf, 3000):
+                self.counters["discovery_errors"] += 1  # no answer within 3 s: a failed resolve
+                log.debug("no answer resolving %s within 3 s", name)
                 return
         except Exception as exc:  # a broken advertisement must not hurt us
             self.counters["discovery_errors"] += 1
