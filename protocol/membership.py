@@ -379,6 +379,9 @@ class Member:
     # with "alive" updates while proof_incarnation == incarnation)
     proof: bytes | None = None
     proof_incarnation: int = 0
+    # while dead/left: the highest incarnation a third party claimed it alive at (we sent it a
+    # Hello to check); its row keeps the incarnation it was seen failing at
+    alive_claim_incarnation: int = 0
 
     @property
     def peer_id(self) -> str:
@@ -939,17 +942,20 @@ class Membership:
             if rejoined:
                 self._emit("peer_joined", member, now)
             self._queue_gossip(member)
-            if self._may_send_list(sender, now):
-                self._send_member_list(sender, reply_requested=True)
         else:
             member.incarnation = incarnation
+        # our Hello first: a restarted peer that lost us takes a member list only from a member,
+        # so a list sent before it ignored it, and its own request then fell in our interval
         if msg.reply_requested:
             self._send(sender, self._hello(reply_requested=False))
+        if was is not MemberState.ALIVE and self._may_send_list(sender, now):
+            self._send_member_list(sender, reply_requested=True)
 
     def _set_state(self, member: Member, state: MemberState, incarnation: int, now: float,
                    emit: bool = True) -> None:
         previous = member.state
         member.incarnation = incarnation
+        member.alive_claim_incarnation = 0  # (claims count only while it is dead or left)
         if state is not MemberState.SUSPECT:
             member.suspect_deadline = member.suspect_started = None
             member.confirmations = _NO_CONFIRMATIONS
@@ -1338,9 +1344,12 @@ class Membership:
                         self.alive_unsigned += 1
                     return
             if member.state in (MemberState.DEAD, MemberState.LEFT):
-                # Someone heard from it; verify ourselves before believing.
-                member.incarnation = update.incarnation
-                self._actions.append(Send(pid, self._hello(reply_requested=True)))
+                # Someone heard from it; verify ourselves before believing (one Hello per higher
+                # claim). The row keeps the incarnation it failed at: "dead at U.inc" in our
+                # gossip and member lists would kill it at an incarnation nobody saw fail.
+                if update.incarnation > member.alive_claim_incarnation:
+                    member.alive_claim_incarnation = update.incarnation
+                    self._actions.append(Send(pid, self._hello(reply_requested=True)))
             else:
                 self._set_state(member, MemberState.ALIVE, update.incarnation, now)
                 self._queue_gossip(member)

@@ -400,12 +400,12 @@ def test_precedence_table_of_section_10_3_on_a_real_node(mesh):
     assert p.wait_for(lambda: echo_nonce in p.echo_replies, 30)
     assert state(p) == ("dead", 4)
     hellos = len(p.hellos)
-    send(mu(P, "alive", 6, None, sig(6)))                     # dead: recorded, hello(true) to P, not alive yet
-    assert state(p) == ("dead", 6), state(p)
+    send(mu(P, "alive", 6, None, sig(6)))                     # dead: hello(true) to P, not alive yet
+    assert state(p) == ("dead", 4), state(p)                  # (the row keeps the incarnation P failed at)
     assert p.wait_for(lambda: any(h.sender_id == a.peer_id and h.body["reply_requested"]
                                   for h in p.hellos[hellos:]), 30)
-    p.answer_hellos = True                                    # P's own hello makes it alive at max(6, 3)
-    assert wait_until(lambda: state(p) == ("alive", 6), timeout_s=30), state(p)
+    p.answer_hellos = True                                    # P's own hello (at 3) makes it alive at
+    assert wait_until(lambda: state(p) == ("alive", 4), timeout_s=30), state(p)  # max(row 4, hello 3)
     # a member that does not sign: alive claims apply unsigned
     send(mu(p2.peer_id, "alive", 2))
     assert state(p2) == ("alive", 2)
@@ -441,7 +441,7 @@ def test_precedence_table_of_section_10_3_on_a_real_node(mesh):
     ids.append(s.ping(a.peer_id, [mu(P, "dead", 7)] * 17))    # 17 updates
     assert wait_until(lambda: counters()["drop_malformed"] >= before + len(ids), timeout_s=30)
     assert counters()["drop_malformed"] == before + len(ids)
-    assert state(p) == ("alive", 6)
+    assert state(p) == ("alive", 4)
     assert not set(ids) & set(s.acks)
     p2.close()
 
@@ -496,14 +496,12 @@ def test_leave_and_rejoin_with_a_higher_incarnation(mesh):
     assert again.last_error is None
 
 
-@pytest.mark.xfail(strict=True, reason="node bug: a dead/left member's alive claim at a higher incarnation is "
-                   "recorded (§10.3) and the node's member_list then gossips 'dead' at that incarnation, "
-                   "which kills the member wherever it is alive at it")
 def test_a_recorded_alive_claim_is_not_passed_on_as_a_death(mesh):
-    """§10.3 row "alive" for a dead P records U.inc and waits for P's hello. Until the hello
-    comes (here it never does: P is silent), the node's member_list (§9.3: every member, any
-    state) carries "P dead at U.inc", an incarnation at which nobody saw P fail; by the
-    dead row every receiver that holds P alive at U.inc (P refuted, restarted) marks it dead."""
+    """§10.3 row "alive" for a dead P: the node asks P (hello) and waits for its hello. Until
+    then (here it never comes: P is silent) its member_list (§9.3: every member, any state)
+    carried "P dead at U.inc", an incarnation at which nobody saw P fail, so every receiver
+    holding P alive at U.inc (P refuted, restarted) marked it dead. The row keeps the
+    incarnation P failed at."""
     a, network = mesh["nodes"]["a"], mesh["network"]
     s, p = sw.CraftingPeer(network), sw.SwimPeer(network, config=CFG)
     mesh["peers"] += [s, p]
@@ -517,7 +515,7 @@ def test_a_recorded_alive_claim_is_not_passed_on_as_a_death(mesh):
     for update in (ip.member_update(p.peer_id, "dead", 1),
                    ip.member_update(p.peer_id, "alive", 2, None, p.alive_signature(2))):
         assert s.wait_ack(s.ping(a.peer_id, [update]), 30)
-    assert a.state_of(p.peer_id) == ("dead", 2)   # recorded, as §10.3 says
+    assert a.state_of(p.peer_id) == ("dead", 1)   # the incarnation it failed at (§10.3)
     t = sw.CraftingPeer(network)                  # a newcomer gets A's full list at once (§9.2)
     mesh["peers"].append(t)
     t.join(a.contact_uri)
@@ -526,10 +524,6 @@ def test_a_recorded_alive_claim_is_not_passed_on_as_a_death(mesh):
     assert rows[p.peer_id] != ("dead", 2), "A passes on a death at an incarnation P was only claimed alive at"
 
 
-@pytest.mark.xfail(strict=True, reason="node bug: to a member it holds dead/left the node sends member_list "
-                   "before its hello (§9.2 'Known, not ALIVE' row), so a restarted member, which does not "
-                   "know the node yet, ignores it (§9.1) and its own request is then refused "
-                   "(member_list_interval_s): it learns the other members only by anti-entropy")
 def test_a_rejoining_member_gets_the_nodes_hello_before_its_member_list(mesh):
     """What the rejoin of the leave test received from A, in order: a member_list from a
     node it does not know yet is ignored (§9.1), so A's hello must come first."""

@@ -301,3 +301,47 @@ def test_a_hello_listing_no_address_is_refused_and_counted():
     assert not [a for a in core.take_actions() if isinstance(a, Send) and a.peer_id == mute.peer_id]
     core.on_message(mute.peer_id, Hello(contact=mute, incarnation=1), 2.0)  # with an address: added
     assert core.members[mute.peer_id].state is MemberState.ALIVE and core.hellos_refused == 1
+
+
+# ------------------------------------------------------------ 9. claims about a dead member
+
+
+def test_an_alive_claim_about_a_dead_member_is_checked_not_passed_on_as_its_death():
+    """A dead P claimed alive at j by a third party: the row took j as P's incarnation, so our
+    member lists said "P dead at j" and killed P wherever it was alive at j (found by the
+    clean-room SWIM member). The row keeps the incarnation P failed at; each higher claim
+    gets one Hello to P; P's own Hello makes it alive."""
+    core, ids = _core(4)
+    p, gossiper, asker = ids[0], ids[1], ids[2]
+    core.on_message(gossiper, Ping(probe_id=1, updates=(MemberUpdate(peer_id=p, state="dead", incarnation=1),)), 1.0)
+    assert core.members[p].state is MemberState.DEAD
+    core.take_actions()
+    claim = Ping(probe_id=2, updates=(MemberUpdate(peer_id=p, state="alive", incarnation=3),))
+    core.on_message(gossiper, claim, 2.0)
+    assert [s.peer_id for s in _sent(core, Hello)] == [p]  # checked with P itself
+    core.on_message(gossiper, claim, 2.1)  # the same claim again: no second Hello
+    assert not _sent(core, Hello)
+    row = core.members[p]
+    assert (row.state, row.incarnation) == (MemberState.DEAD, 1)
+    core.on_message(asker, MemberList(members=(), reply_requested=True), 3.0)
+    rows = [u for s in _sent(core, MemberList) for u in s.message.members if u.peer_id == p]
+    assert [(u.state, u.incarnation) for u in rows] == [("dead", 1)]
+    core.on_message(gossiper, Ping(probe_id=3, updates=(MemberUpdate(peer_id=p, state="alive", incarnation=4),)),
+                    4.0)
+    assert [s.peer_id for s in _sent(core, Hello)] == [p]  # a higher claim: asked again
+    core.on_message(p, Hello(contact=row.contact, incarnation=2), 5.0)  # P's own word: alive at 2
+    assert (row.state, row.incarnation) == (MemberState.ALIVE, 2)
+
+
+def test_a_member_back_from_dead_gets_our_hello_before_our_member_list():
+    """A restarted peer that lost us drops a member list from a non-member (§9.1): sent before
+    our Hello, the list was lost and its own request then fell in our per-peer interval, so it
+    learned the other members only by anti-entropy (23-30 s in the clean-room SWIM test)."""
+    core, ids = _core(4)
+    p = ids[0]
+    contact = core.members[p].contact
+    core.on_message(p, Leave(incarnation=1), 1.0)
+    core.take_actions()
+    core.on_message(p, Hello(contact=contact, incarnation=2, reply_requested=True), 2.0)
+    kinds = [type(a.message) for a in core.take_actions() if isinstance(a, Send) and a.peer_id == p]
+    assert kinds[:2] == [Hello, MemberList], kinds
