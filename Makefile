@@ -13,8 +13,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/chimera demo $(DEMO_ARGS)
 
+# Test files run on TEST_WORKERS processes (pytest-xdist, one file per worker at a time,
+# so a module's shared fixtures stay in one process): most tests wait on peer processes,
+# so 2 workers halve the wall time on a 2-core machine. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.bench_transport
