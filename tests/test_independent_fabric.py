@@ -14,17 +14,15 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import queue
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from chimera.node import admin
+from tests.node_process import NodeProcess
 from tests import independent_fabric as fx
 from tests import independent_peer as ip
 from tests.conftest import wait_until
@@ -39,57 +37,17 @@ def _cli(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout_s)
 
 
-class RealNode:
+class RealNode(NodeProcess):
     """One ``chimera node`` process started by the CLI; admin answers over its local socket."""
 
     def __init__(self, root: Path, name: str, extra: list[str]) -> None:
-        self.data_dir = root / name
-        self.log_path = root / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [*CLI, "node", "--data-dir", str(self.data_dir), "--no-mdns", "--listen", "127.0.0.1", "--port", "0",
-             *extra], stdout=subprocess.PIPE, stderr=self.log, text=True)
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                lines.put(line.strip())
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        self.contact_uri = ""
-        while not self.contact_uri:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                pytest.fail(f"node {name} printed no 'listening' line:\n" + self.log_path.read_text())
-            if line.startswith("listening chm://"):
-                self.contact_uri = line.split(" ", 1)[1]
-        self.peer_id = ip.parse_contact_uri(self.contact_uri).peer_id
+        super().__init__(root / name, root / f"{name}.log", extra)
 
     def call(self, command: str, **args):
-        return admin.call(self.data_dir, command, args or None, timeout_s=30)
-
-    def counter(self, name: str) -> int:
-        return int(self.call("status")["counters"].get(name, 0))
+        return super().call(command, args or None, timeout_s=30)
 
     def alive(self, peer_id: str) -> bool:
         return any(r["peer_id"] == peer_id and r["state"] == "alive" for r in self.call("peers"))
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 class Mesh:

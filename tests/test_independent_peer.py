@@ -11,12 +11,9 @@ from __future__ import annotations
 import ast
 import json
 import os
-import queue
 import secrets
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import msgpack
@@ -25,6 +22,7 @@ import pytest
 import zmq
 
 from chimera.node import admin
+from tests.node_process import NodeProcess
 from tests import independent_peer as ip
 from tests.conftest import wait_until
 
@@ -35,59 +33,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
 
 
-class RealNode:
-    """One ``chimera node`` process; ``status()``/``peers()`` ask it over its admin socket."""
+class RealNode(NodeProcess):
+    """One ``chimera node`` process of a network created by ``chimera network init``."""
 
     def __init__(self, root: Path) -> None:
-        self.data_dir = root / "node"
-        out = _cli("network", "init", "--data-dir", str(self.data_dir), "--name", "interop")
+        data_dir = root / "node"
+        out = _cli("network", "init", "--data-dir", str(data_dir), "--name", "interop")
         assert out.returncode == 0, out.stderr
         self.init_token = out.stdout.strip()
         self.started_ms = ip.now_ms()
-        self.log = open(root / "node.log", "w")
-        self.proc = subprocess.Popen(
-            [*CLI, "node", "--data-dir", str(self.data_dir), "--no-mdns", "--listen", "127.0.0.1", "--port", "0"],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                lines.put(line.strip())
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        self.contact_uri = ""
-        while not self.contact_uri:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                pytest.fail("the node printed no 'listening chm://...' line:\n" + (root / "node.log").read_text())
-            if line.startswith("listening chm://"):
-                self.contact_uri = line.split(" ", 1)[1]
-
-    def status(self) -> dict:
-        return admin.call(self.data_dir, "status", timeout_s=10)
-
-    def counter(self, name: str) -> int:
-        return int(self.status()["counters"].get(name, 0))
-
-    def peers(self) -> list[dict]:
-        return admin.call(self.data_dir, "peers", timeout_s=10)
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        super().__init__(data_dir, root / "node.log")
 
 
 @pytest.fixture(scope="module")

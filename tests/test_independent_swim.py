@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import ast
 import os
-import queue
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from chimera.node import admin
+from tests.node_process import NodeProcess
 from tests import independent_peer as ip
 from tests import independent_swim as sw
 from tests.conftest import wait_until
@@ -41,65 +40,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
 
 
-class RealNode:
-    """One ``chimera node`` process; ``peers()``/``status()`` over its admin socket."""
+class RealNode(NodeProcess):
+    """One ``chimera node`` process (membership only: fabric off, SWIM timings of SETTINGS)."""
 
     def __init__(self, root: Path, name: str, token: str | None) -> None:
         self.name = name
-        self.data_dir = root / name
-        self.log_path = root / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        args = [*CLI, "node", "--data-dir", str(self.data_dir), "--no-mdns", "--listen", "127.0.0.1", "--port", "0",
-                "--set", "fabric=false"]
+        extra = ["--set", "fabric=false"]
         for key, value in SETTINGS.items():
-            args += ["--set", f"{key}={value}"]
+            extra += ["--set", f"{key}={value}"]
         if token:
-            args += ["--join", token]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                lines.put(line.strip())
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        self.contact_uri = ""
-        while not self.contact_uri:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                self.stop()
-                pytest.fail(f"node {name} printed no 'listening chm://...' line:\n" + self.log_path.read_text())
-            if line.startswith("listening chm://"):
-                self.contact_uri = line.split(" ", 1)[1]
-        self.peer_id = ip.parse_contact_uri(self.contact_uri).peer_id
-
-    def status(self) -> dict:
-        return admin.call(self.data_dir, "status", timeout_s=10)
-
-    def counter(self, name: str) -> int:
-        return int(self.status()["counters"].get(name, 0))
+            extra += ["--join", token]
+        super().__init__(root / name, root / f"{name}.log", extra)
 
     def view(self) -> dict[str, tuple[str, int]]:
-        return {r["peer_id"]: (r["state"], r["incarnation"]) for r in admin.call(self.data_dir, "peers", timeout_s=10)}
+        return {r["peer_id"]: (r["state"], r["incarnation"]) for r in self.peers()}
 
     def state_of(self, peer_id: str) -> tuple[str, int] | None:
         return self.view().get(peer_id)
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,15 @@ from __future__ import annotations
 import ast
 import json
 import os
-import queue
 import secrets
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from chimera.node import admin
+from tests.node_process import NodeProcess
 from tests import independent_validator as ivd
 from tests import independent_verifier as iv
 from tests import independent_peer as ip
@@ -48,56 +45,17 @@ def _cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout_s)
 
 
-class RealNode:
+class RealNode(NodeProcess):
+    """A real validator (NODE_SETTINGS), started without waiting (:meth:`wait_listening`)."""
+
     def __init__(self, data_dir: Path, log_path: Path, extra: list[str]) -> None:
-        self.data_dir = data_dir
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([*CLI, "node", "--data-dir", str(data_dir), "--no-mdns", "--listen", "127.0.0.1",
-                                      "--port", "0", *NODE_SETTINGS, *extra],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.contact_uri = ""
-        self.peer_id = ""
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-        self.lines.put(None)
-
-    def wait_listening(self, timeout_s: float = 60) -> str:
-        deadline = time.monotonic() + timeout_s
-        while not self.contact_uri:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                pytest.fail(f"{self.data_dir.name} printed no 'listening' line")
-            if line.startswith("listening chm://"):
-                self.contact_uri = line.split(" ", 1)[1]
-                self.peer_id = ip.parse_contact_uri(self.contact_uri).peer_id
-        return self.contact_uri
-
-    def call(self, command: str, args: dict | None = None, timeout_s: float = 10):
-        return admin.call(self.data_dir, command, args or {}, timeout_s=timeout_s)
+        super().__init__(data_dir, log_path, [*NODE_SETTINGS, *extra], wait=False)
 
     def height(self) -> int:
         return int(self.call("status")["consensus"]["height"])
 
     def commit(self, height: int) -> iv.CertifiedCommit:
         return iv.decode_certified_commit(bytes.fromhex(self.call("certificate", {"height": height})["commit_hex"]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def _identity(data_dir: Path) -> str:
