@@ -418,6 +418,12 @@ class FabricService:
         for task_id, rec in list(self._resuming.items()):
             saved = rec.saved
             if saved is not None and not saved.done():
+                if now - self._resume_since < self._resume_wait_s + RECORD_WAIT_S:
+                    continue
+                # a disk that hangs: no attempt was sent, so ending it is safe (its failed record
+                # is queued after the hung write and lands last)
+                del self._resuming[task_id]
+                self._end_unresumed(rec, "its record could not be written")
                 continue
             if saved is None or saved.cancelled() or saved.exception() is not None:
                 # its attempt numbers are not durable: a second crash could use them again
@@ -441,13 +447,18 @@ class FabricService:
             self._run_actions(actions)  # (its dispatches are written as a submission's retries are)
 
     def _end_unresumed(self, rec: _Submitted, why: str) -> None:
-        """A task prepared for resumption that cannot be placed after all: ``interrupted``."""
+        """A task prepared for resumption that cannot be placed after all: ``interrupted`` (its
+        resumption entry goes: it was never placed again)."""
+        if rec.resumes:
+            rec.resumes.pop()
         rec.state, rec.finished_ms = "failed", _wall_ms()
         rec.failure = ("interrupted", f"{INTERRUPTED_DETAIL}; {why}")
         self.counters["fabric_tasks_interrupted"] += 1
         log.warning("task %s: failed (interrupted: %s)", rec.task_id, why)
         self._release(rec)
         self._save_record(rec)
+        self.node.emit_event("task_completed", self.peer_id, priority="warning", task_id=rec.task_id,
+                             state="failed", reason="interrupted")
         rec.done.set()
 
     def _cancel_earlier_attempts(self, rec: _Submitted, first: int) -> None:
@@ -561,10 +572,15 @@ class FabricService:
                 type(x) is dict and type(x.get("at_ms")) is int and type(x.get("first_attempt")) is int
                 and 1 <= x["first_attempt"] <= MAX_ATTEMPT for x in resumes):
             raise ValueError("resumes is not a list of {at_ms, first_attempt}")
-        stored_input = row.get("input")  # None: not kept (an ended task, or a record of an older release)
+        # None: not kept (an ended task, or a record of an older release). Only a running task needs
+        # it; one that is not bytes of its recorded size cannot be resumed (it ends interrupted and
+        # its record is written again) but the record still reads
+        stored_input = row.get("input") if state == "running" else None
         if stored_input is not None and (type(stored_input) is not bytes
-                                         or len(stored_input) > MAX_TASK_INPUT_BYTES):
-            raise ValueError("input is not bytes of at most 512 KiB")
+                                         or len(stored_input) > MAX_TASK_INPUT_BYTES
+                                         or len(stored_input) != typed("input_bytes", int)):
+            log.warning("task %s: its stored input is unreadable; it cannot be resumed", task_id)
+            stored_input = None
         rec = _Submitted(task_id, sha, b"", req, typed("submitted_ms", int), 0.0, state=state,
                          dispatches=placement, observations=observations, stdout=stdout,
                          exit_code=typed("exit_code", int, optional=True), outcome=outcome,

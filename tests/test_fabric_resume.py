@@ -376,3 +376,34 @@ async def test_records_of_an_older_release_load_and_their_running_task_is_interr
         assert "input" in {r[1] for r in db.execute("PRAGMA table_info(fabric_tasks)")}
     finally:
         db.close()
+
+
+async def test_a_damaged_stored_input_ends_the_task_interrupted_and_its_record_reads(node_factory):
+    """A running task's stored input that is not bytes of its recorded size (a damaged store)
+    made the whole record unreadable: the task never showed again and, running, its row was
+    never rewritten nor trimmed. Now the record reads and the task ends interrupted; a finished
+    task's input column is not even looked at."""
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("damaged", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    done = await call(node, "tasks_submit", {"module": wasm("wordfreq"), "input": b"x y x", "wait": True})
+    looping = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62,
+                                                "input": b"abc", "timeout_s": 600})
+    await node.stop()
+
+    def damage() -> None:
+        db = sqlite3.connect(node.data_dir / "node.sqlite3")
+        try:
+            with db:
+                db.execute("UPDATE fabric_tasks SET input = 'text, not bytes' WHERE task_id = ?", (done["task_id"],))
+                db.execute("UPDATE fabric_tasks SET input = X'6162' WHERE task_id = ?", (looping["task_id"],))
+        finally:
+            db.close()
+
+    await asyncio.to_thread(damage)
+    again = await node_factory("damaged", cfg)
+    assert again.counters["fabric_task_records_unreadable"] == 0
+    assert (await call(again, "tasks_status", {"task_id": done["task_id"]}))["state"] == "accepted"
+    view = await call(again, "tasks_status", {"task_id": looping["task_id"]})
+    assert view["state"] == "failed" and view["failure"]["reason"] == "interrupted", view
+    assert again.counters["fabric_tasks_resumed"] == 0
