@@ -356,6 +356,7 @@ def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
         print(f"warning: {warning}")
     restart = args.restart == "on-failure"
     all_down = False
+    old_handlers: dict = {}
     try:
         try:
             net.start()
@@ -375,7 +376,7 @@ def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
             os.set_blocking(fd, False)
         old_wakeup_fd = signal.set_wakeup_fd(wake_w)
         old_handlers = {sig: signal.signal(sig, lambda *_: setattr(net, "stop_requested", True))
-                        for sig in (signal.SIGINT, signal.SIGTERM)}
+                        for sig in (signal.SIGINT, signal.SIGTERM)}  # (kept until the peers stopped)
         try:
             print("press Ctrl-C to stop all peers", flush=True)
             while not net.stop_requested:
@@ -390,13 +391,15 @@ def _up(args: argparse.Namespace, workdir: Path, extra: list[str]) -> int:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 512)
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
             signal.set_wakeup_fd(old_wakeup_fd)
             os.close(wake_r)
             os.close(wake_w)
     finally:
+        # a second Ctrl-C while the peers stop only sets the flag again: it cannot cut the stop
+        # short (hung peers left running, the workdir lock released under them)
         codes = net.stop()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         print(f"stopped {len(codes)} peers (exit codes {codes})")
     return EXIT_FAIL if all_down and any(code != 0 for code in codes) else EXIT_OK
 

@@ -1334,6 +1334,9 @@ class Membership:
                         and self._proof_ok(pid, inc, signature):
                     self._keep_proof(member, inc, signature)
                 return
+            if member.state in (MemberState.DEAD, MemberState.LEFT) \
+                    and update.incarnation <= member.alive_claim_incarnation:
+                return  # asked about already: no second signature check, no second Hello
             if signs:
                 # Only the peer raises its own incarnation: a third party's claim must carry
                 # its signature; its own envelope speaks for it (PROTOCOL s10.3).

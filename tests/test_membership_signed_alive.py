@@ -340,3 +340,18 @@ async def test_nodes_sign_their_refutation_and_members_keep_the_signature(node_f
         counters = n.status()["counters"]
         assert "membership_alive_bad_signatures" not in counters
         assert "membership_alive_unsigned" not in counters
+
+
+def test_a_repeated_signed_claim_about_a_dead_member_is_checked_once():
+    """A dead member's row keeps the incarnation it failed at (an alive claim is only asked
+    about), so the "claim we hold" shortcut no longer caught a repeat: every copy of one signed
+    claim in the others' gossip cost an Ed25519 verification."""
+    g = Group()
+    dead, relayer = 2, 3
+    g.gossip(4, MemberUpdate(peer_id=g.pid(dead), state="dead", incarnation=1))
+    assert g.member(dead).state is MemberState.DEAD
+    calls = g.verify.calls
+    for k in range(5):
+        g.gossip(relayer, g.alive(dead, 2, g.proof(dead, 2)), now=1.0 + k)
+    assert g.verify.calls == calls + 1
+    assert g.member(dead).state is MemberState.DEAD and g.member(dead).incarnation == 1
