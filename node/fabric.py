@@ -173,6 +173,7 @@ INTERRUPTED_DETAIL = "the submitting node restarted before the result was agreed
 # attempts from 1 + n * ATTEMPT_BLOCK (a placement uses a few dozen at most: retries, room refusals)
 ATTEMPT_BLOCK = 1 << 20
 MAX_RESUMPTIONS = MAX_ATTEMPT // ATTEMPT_BLOCK - 1  # 2046: the last block still fits the wire's Attempt
+RESUME_RECORD_HANG_S = 60.0  # a resumption whose record write is not durable by then: interrupted
 MAX_RESUME_CANCELS = 64  # a resumed task's earlier attempts told to stop (its latest dispatches)
 # a stored threshold is str(Fraction): "n/d" or "n"; bounded digits, so that parsing a damaged
 # record costs nothing (Fraction("1e10000000") computes a ten-million-digit integer)
@@ -418,7 +419,7 @@ class FabricService:
         for task_id, rec in list(self._resuming.items()):
             saved = rec.saved
             if saved is not None and not saved.done():
-                if now - self._resume_since < self._resume_wait_s + RECORD_WAIT_S:
+                if now - self._resume_since < RESUME_RECORD_HANG_S:
                     continue
                 # a disk that hangs: no attempt was sent, so ending it is safe (its failed record
                 # is queued after the hung write and lands last)

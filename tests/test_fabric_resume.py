@@ -173,7 +173,7 @@ def test_a_task_running_when_the_submitter_is_killed_is_resumed_and_accepted(tmp
 
         net.restart(0)
         view = net.query(0, "tasks_status", {"task_id": task_id})
-        assert view["state"] == "running", view  # not failed/interrupted
+        assert view["state"] == "running", (view.get("failure"), view)  # not failed/interrupted
         first = 1 + ATTEMPT_BLOCK
         assert [r["first_attempt"] for r in view["resumed"]] == [first], view["resumed"]
         assert max(d["attempt"] for d in before["placement"]) < first
