@@ -579,6 +579,17 @@ class Node:
         state = {"peer_failed": "dead", "peer_left": "left", "peer_suspected": "suspect"}.get(
             event.kind, "alive")
         self.store.set_peer_state(event.peer_id, state)
+        if event.kind == "peer_joined":
+            # A member back from dead or left (restarted): our DEALER to it kept reconnecting
+            # with libzmq's backoff (up to RECONNECT_IVL_MAX, 5 s), so our answers to its Hello
+            # waited up to that long and it saw nobody for ~3 s. A fresh DEALER connects at once
+            # (the frames queued while it was gone are stale). A first join has no DEALER yet.
+            route = self.routes.get(event.peer_id)
+            if route is not None:
+                for endpoint in route.addresses:
+                    if (route.transport_key, endpoint) in self.transport.dealers:
+                        self.transport.disconnect(route.transport_key, endpoint)
+                        self.counters["dealers_renewed"] += 1
 
     # ---------------------------------------------------------------- receiving
 
