@@ -76,7 +76,10 @@ def state_of(node: Node, peer_id: str) -> str | None:
 
 
 def drops(node: Node) -> Counter:
-    return Counter({k: v for k, v in node.counters.items() if k.startswith("drop_")})
+    """A's drops of received input. ``drop_unroutable`` is left out: it counts A's own sends to a
+    member it has no route to (a test's preloaded, unreachable member is probed whenever a probe
+    period comes round, which made exact counts flaky on a loaded machine)."""
+    return Counter({k: v for k, v in node.counters.items() if k.startswith("drop_") and k != "drop_unroutable"})
 
 
 class Monitor:
