@@ -264,7 +264,9 @@ def test_suspected_peer_refutes_with_a_signed_alive_claim(mesh):
     for node in (a, b):
         assert wait_until(lambda: node.state_of(peer.peer_id) == ("alive", peer.incarnation), timeout_s=30), \
             f"{node.name}: {node.state_of(peer.peer_id)}, peer at {peer.incarnation}"
-    assert peer.incarnation == inc0 + 1, "suspected again meanwhile"
+    # (on a loaded machine a late ack can get it suspected once more: a second refutation, one
+    # incarnation higher, is the same rule again)
+    assert peer.incarnation >= inc0 + 1
     for n in (a, b):
         assert (n.counter("membership_alive_unsigned"), n.counter("membership_alive_bad_signatures")) \
             == before[n.name]
