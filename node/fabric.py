@@ -173,6 +173,7 @@ INTERRUPTED_DETAIL = "the submitting node restarted before the result was agreed
 # attempts from 1 + n * ATTEMPT_BLOCK (a placement uses a few dozen at most: retries, room refusals)
 ATTEMPT_BLOCK = 1 << 20
 MAX_RESUMPTIONS = MAX_ATTEMPT // ATTEMPT_BLOCK - 1  # 2046: the last block still fits the wire's Attempt
+RESUME_PEERS_WAIT_S = 60.0  # a resumed task waits this long at most for enough capable peers
 RESUME_RECORD_HANG_S = 60.0  # a resumption whose record write is not durable by then: interrupted
 MAX_RESUME_CANCELS = 64  # a resumed task's earlier attempts told to stop (its latest dispatches)
 # a stored threshold is str(Fraction): "n/d" or "n"; bounded digits, so that parsing a damaged
@@ -321,8 +322,10 @@ class FabricService:
         self._resuming: dict[str, _Submitted] = {}
         self._resume_since = time.monotonic()
         # how long a resumed task waits for enough capable peers to advertise before it is placed
-        # with those known (a restarted node hears every alive member within about an interval)
-        self._resume_wait_s = min(60.0, max(5.0, 2 * self.interval_s))
+        # with those known (then unsatisfiable if still too few): a restarted node usually hears
+        # them within an interval or two, but on a loaded machine its members and their adverts
+        # can take seconds, and placing too early fails a task that would have run
+        self._resume_wait_s = RESUME_PEERS_WAIT_S
         self._records = self._open_records()
 
     # ------------------------------------------------------------ set-up
