@@ -61,7 +61,7 @@ module are here: its record is written again with the resumption (attempt number
 from ``1 + n * ATTEMPT_BLOCK`` for its n-th resumption, above every number an
 earlier placement of it can have used, so a late result of a pre-crash attempt is
 ignored), and once that is durable and enough capable peers advertise (or
-``_resume_wait_s`` passed) it is placed again from scratch (counter
+``RESUME_PEERS_WAIT_S`` passed) it is placed again from scratch (counter
 ``fabric_tasks_resumed``, event ``task_resumed``; the replicas re-run it and sign
 the same deterministic digest). Any other one is ``failed`` with reason
 ``interrupted`` (where it was dispatched is kept). Task ids go on from the
@@ -321,11 +321,6 @@ class FabricService:
         # tasks running when this node stopped, to be placed again (_resume_due): task id -> task
         self._resuming: dict[str, _Submitted] = {}
         self._resume_since = time.monotonic()
-        # how long a resumed task waits for enough capable peers to advertise before it is placed
-        # with those known (then unsatisfiable if still too few): a restarted node usually hears
-        # them within an interval or two, but on a loaded machine its members and their adverts
-        # can take seconds, and placing too early fails a task that would have run
-        self._resume_wait_s = RESUME_PEERS_WAIT_S
         self._records = self._open_records()
 
     # ------------------------------------------------------------ set-up
@@ -417,8 +412,11 @@ class FabricService:
 
     def _resume_due(self, now: float) -> None:
         """Place the tasks waiting to be resumed whose record (with the resumption) is durable, once
-        enough peers that could run each advertise, or ``_resume_wait_s`` after the start."""
-        waited = now - self._resume_since >= self._resume_wait_s
+        enough peers that could run each advertise, or :data:`RESUME_PEERS_WAIT_S` after the start
+        (then placed with those known: unsatisfiable if still too few). A restarted node usually
+        hears its members' adverts within an interval or two, but on a loaded machine they can take
+        seconds, and placing too early fails a task that would have run."""
+        waited = now - self._resume_since >= RESUME_PEERS_WAIT_S
         for task_id, rec in list(self._resuming.items()):
             saved = rec.saved
             if saved is not None and not saved.done():
