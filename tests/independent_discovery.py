@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import msgpack
-import zmq
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from tests import independent_peer as ip
@@ -534,44 +533,26 @@ class TrapPeer(ip.IndependentPeer):
         self.senders: Counter = Counter()
         super().__init__(network, host)
 
-    def _receive(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(50):
-                continue
-            try:
-                parts = self._router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-            if len(parts) != 2:
-                with self._lock:
-                    self.stats.drops["malformed"] += 1
-                continue
-            frame = parts[1]
-            try:  # §6.1: recipient is field 3 of the payload array
-                recipient = msgpack.unpackb(frame[:-ip.SIGNATURE_BYTES], raw=False)[3]
-            except Exception:
-                recipient = None
-            own = recipient is None or recipient == self.public_key
-            try:
-                env = ip.open_envelope(frame, self.network_id, self.public_key if own else recipient, ip.now_ms(),
-                                       self.windows if own else {})
-            except ip.ProtocolError as exc:
-                with self._lock:
-                    self.stats.drops[exc.reason] += 1
-                continue
+    def _on_frame(self, frame: bytes) -> None:
+        try:  # §6.1: recipient is field 3 of the payload array
+            recipient = msgpack.unpackb(frame[:-ip.SIGNATURE_BYTES], raw=False)[3]
+        except Exception:
+            recipient = None
+        own = recipient is None or recipient == self.public_key
+        try:
+            env = ip.open_envelope(frame, self.network_id, self.public_key if own else recipient, ip.now_ms(),
+                                   self.windows if own else {})
+        except ip.ProtocolError as exc:
             with self._lock:
-                rid = ip.peer_id_of(recipient) if recipient is not None else "nil"
-                self.addressed[rid] += 1
-                self.addressed_kinds[(rid, env.kind)] += 1
-                self.senders[env.sender_id] += 1
-                self._changed.notify_all()
-                if own:
-                    self.stats.received[env.kind] += 1
+                self.stats.drops[exc.reason] += 1
+            return
+        with self._lock:
+            rid = ip.peer_id_of(recipient) if recipient is not None else "nil"
+            self.addressed[rid] += 1
+            self.addressed_kinds[(rid, env.kind)] += 1
+            self.senders[env.sender_id] += 1
+            self._changed.notify_all()
             if own:
-                try:
-                    self._handle(env, frame)
-                except (KeyError, zmq.ZMQError):
-                    with self._lock:
-                        self.stats.drops["send_error"] += 1
+                self.stats.received[env.kind] += 1
+        if own:
+            self._dispatch(env, frame)

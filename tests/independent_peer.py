@@ -858,19 +858,27 @@ class IndependentPeer:
                 with self._lock:
                     self.stats.drops["malformed"] += 1
                 continue
-            try:
-                env = open_envelope(parts[1], self.network_id, self.public_key, now_ms(), self.windows)
-            except ProtocolError as exc:
-                with self._lock:
-                    self.stats.drops[exc.reason] += 1
-                continue
+            self._on_frame(parts[1])
+
+    def _on_frame(self, frame: bytes) -> None:
+        """One frame from the ROUTER (receive thread): opened (§6), counted, handled. A subclass
+        may look at frames first (the discovery clean room's trap peer)."""
+        try:
+            env = open_envelope(frame, self.network_id, self.public_key, now_ms(), self.windows)
+        except ProtocolError as exc:
             with self._lock:
-                self.stats.received[env.kind] += 1
-            try:
-                self._handle(env, parts[1])
-            except (KeyError, zmq.ZMQError):
-                with self._lock:
-                    self.stats.drops["send_error"] += 1
+                self.stats.drops[exc.reason] += 1
+            return
+        with self._lock:
+            self.stats.received[env.kind] += 1
+        self._dispatch(env, frame)
+
+    def _dispatch(self, env: Envelope, frame: bytes) -> None:
+        try:
+            self._handle(env, frame)
+        except (KeyError, zmq.ZMQError):
+            with self._lock:
+                self.stats.drops["send_error"] += 1
 
     # -- waiting -------------------------------------------------------------------------
 
