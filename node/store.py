@@ -386,15 +386,18 @@ class TaskRecords:
             raise
 
     def load(self, limit: int) -> list[dict]:
-        """The newest ``limit`` records by ``seq``, oldest first (values as SQLite stores them:
-        the caller checks their types).
+        """The newest ``limit`` records by ``seq`` and every ``running`` record older than those
+        (a restart must resume or end each task that was running, however many there were;
+        :meth:`save` never trims them), oldest first (values as SQLite stores them: the caller
+        checks their types).
 
         Raises:
             sqlite3.Error: the table cannot be read.
         """
         rows = self.db.execute(f"SELECT {', '.join(TASK_RECORD_COLUMNS)} FROM fabric_tasks "
-                               "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-        return [dict(zip(TASK_RECORD_COLUMNS, row)) for row in reversed(rows)]
+                               "WHERE task_id IN (SELECT task_id FROM fabric_tasks ORDER BY seq DESC LIMIT ?) "
+                               "OR state = 'running' ORDER BY seq", (limit,)).fetchall()
+        return [dict(zip(TASK_RECORD_COLUMNS, row)) for row in rows]
 
     def max_seq(self) -> int:
         """The highest ``seq`` of every stored record, those :meth:`load` leaves out or the caller

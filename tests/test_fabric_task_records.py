@@ -189,6 +189,9 @@ def test_the_store_keeps_the_newest_finished_records_and_every_running_one(tmp_p
         for k in range(2, 7):
             records.save(_record(f"t{k}", k, "accepted"), keep=3)
         assert [r["task_id"] for r in records.load(10)] == ["stuck", "t5", "t6"]
+        # a running record older than the newest `limit` is loaded too: a restart resumes or ends it
+        assert [r["task_id"] for r in records.load(2)] == ["stuck", "t5", "t6"]
+        assert [r["task_id"] for r in records.load(1)] == ["stuck", "t6"]
         records.save(_record("stuck", 1, "failed"), keep=3)  # its end: now it may go
         records.save(_record("t7", 7, "failed"), keep=3)
         assert [r["task_id"] for r in records.load(10)] == ["t5", "t6", "t7"]
