@@ -377,13 +377,17 @@ def test_task_submit_wait_names_the_task_when_the_node_dies(tmp_path: Path, caps
         waiting = pool.submit(main, ["task", "submit", str(AGENTS / "hostile_loop.wasm"), "--fuel", str(2**62),
                                      "--timeout-s", "600", "--wait", "--wait-s", "600", "--data-dir", d])
         assert wait_until(lambda: net.query(0, "tasks_status", {})["fabric"]["tasks_running"] == 1, timeout_s=60)
+        # the CLI printed the id once the node answered the submission (a loaded machine can
+        # run the task before that answer arrives: a kill then left the CLI no id to name)
+        err: list[str] = []
+        submitted = re.compile(r"^task (t1-[0-9a-f]{8}) submitted; waiting", re.M)
+        assert wait_until(lambda: err.append(capsys.readouterr().err) or submitted.search("".join(err)),
+                          timeout_s=60), err
         net.peers[0].kill()
         assert waiting.result(timeout=60) == 3
-        out = capsys.readouterr()
-        found = re.search(r"^task (t1-[0-9a-f]{8}) submitted; waiting", out.err, re.M)
-        assert found, (out.out, out.err)
-        task_id = found.group(1)
-        error = out.err.splitlines()[-1]
+        out = "".join(err) + capsys.readouterr().err
+        task_id = submitted.search(out).group(1)
+        error = out.splitlines()[-1]
         assert error.startswith("chimera: ") and f"while waiting for task {task_id}" in error, error
         assert f"chimera task status {task_id} --data-dir {d}" in error, error
         net.restart(0)
