@@ -13,9 +13,15 @@ Everything an agent runs goes through one :class:`SandboxEngine` (one
   ticks ahead, so an agent that computes past ``Limits.wall_time_s`` traps with
   :class:`DeadlineExceeded`. The deadline must be set again before each call:
   an expired deadline would trap every later call at once. Precision is one
-  tick (default 5 ms). :meth:`SandboxEngine.close` keeps this working for the
-  calls still running: it advances the epoch past their deadlines, so each
-  ends with :class:`DeadlineExceeded` instead of running on without a ticker.
+  tick (default 5 ms). The store does not trap at once: its deadline is a
+  slice of at most ``CHECK_INTERVAL_S`` (0.1 s), and at each slice's end an
+  epoch-deadline callback (``Store::epoch_deadline_callback``) ends the call
+  when its wall time is up, the engine is closing, or its caller's ``cancel``
+  event is set (:class:`TaskCancelled`: a cancelled task stops within about
+  0.1 s instead of running to its end), else extends it by another slice.
+  :meth:`SandboxEngine.close` keeps this working for the calls still running:
+  it advances the epoch past their deadlines, so each ends with
+  :class:`DeadlineExceeded` instead of running on without a ticker.
   Time spent inside a host function (a WASI read, our
   ``chimera.send``) is not interrupted, which is why every host function here
   is bounded and the clock-based WASI calls (``poll_oneoff`` can sleep) are
@@ -97,6 +103,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import wasmtime
+from wasmtime import _bindings as _ffi  # the C API bindings: the epoch-deadline callback has no wrapper
 
 from .digests import error_digest, result_digest  # noqa: F401 (re-exported)
 from .modules import write_atomic
@@ -173,6 +180,18 @@ SEND_QUOTA = -4         # more than Limits.max_sends_per_call sends in this call
 SEND_FAILED = -5        # the router failed (counted, logged by the host)
 
 _EPOCH_BURST = 4096  # epoch increments per burst while closing (the lock is let go between bursts)
+#: Longest a call runs between two checks of its wall time, the engine's closing and its cancel
+#: event (the epoch-deadline callback's slice, seconds): a cancel takes effect within about this.
+CHECK_INTERVAL_S = 0.1
+# wasmtime_store_epoch_deadline_callback(store, callback, data, finalizer); the callback is
+# (context, data, *delta ticks, *update kind) -> wasmtime_error_t* (NULL: continue, delta more ticks)
+try:
+    _DEADLINE_CALLBACK = _ffi._wasmtime_store_epoch_deadline_callback.argtypes[1]
+    _NO_FINALIZER = ctypes.cast(0, _ffi._wasmtime_store_epoch_deadline_callback.argtypes[3])
+except AttributeError as _exc:  # (every wasmtime-py this project supports has it)
+    raise ImportError(f"this wasmtime-py ({wasmtime.__name__}) lacks wasmtime_store_epoch_deadline_callback, "
+                      "which the sandbox needs") from _exc
+_UPDATE_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 MAX_ADDRESS_BYTES = 160
 
@@ -242,6 +261,14 @@ class DeadlineExceeded(AgentTrap):
     """The call ran past ``Limits.wall_time_s`` (epoch deadline)."""
 
     reason = "deadline_exceeded"
+
+
+class TaskCancelled(AgentTrap):
+    """The caller's ``cancel`` event was set while the call ran (or before it started): it was
+    stopped at its next check (within about :data:`CHECK_INTERVAL_S`). Not a result of the
+    agent: nothing it computed is reported."""
+
+    reason = "cancelled"
 
 
 class MemoryLimitExceeded(AgentTrap):
@@ -461,6 +488,7 @@ class SandboxEngine:
         if not 0.001 <= epoch_tick_s <= 1.0:
             raise ValueError("epoch_tick_s must be in [0.001, 1]")
         self.epoch_tick_s = float(epoch_tick_s)
+        self._check_ticks = max(1, round(CHECK_INTERVAL_S / self.epoch_tick_s))
         self.max_module_bytes = int(max_module_bytes)
         config = wasmtime.Config()
         config.consume_fuel = True
@@ -578,6 +606,24 @@ class SandboxEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _ended_early(self, store: "_Store", limits: Limits, agent: str, export: str) -> FabricError | None:
+        """The error of a call its clock ended (wall time, closing, cancel), or None: the failure
+        was the agent's own. wasmtime reports the callback's refusal as a plain error (not a
+        trap), also during instantiation, so this is asked before any other reading of it."""
+        why = store.clock.ended_by
+        if why is None:
+            return None
+        try:
+            fuel_consumed = limits.fuel - store.get_fuel()
+        except wasmtime.WasmtimeError:
+            fuel_consumed = 0
+        kw = dict(agent=agent, export=export, trap_code=None, fuel_consumed=fuel_consumed)
+        if why == "cancelled":
+            return TaskCancelled(f"{agent}: {export} was cancelled", **kw)
+        if why == "closing":
+            return DeadlineExceeded(f"{agent}: {export} was stopped: the sandbox engine closed", **kw)
+        return DeadlineExceeded(f"{agent}: {export} ran past its {limits.wall_time_s} s deadline", **kw)
+
     def deadline_ticks(self, wall_time_s: float) -> int:
         """Epoch ticks for ``wall_time_s`` (rounded up, plus one for the tick in progress)."""
         return math.ceil(wall_time_s / self.epoch_tick_s) + 1
@@ -685,22 +731,28 @@ class SandboxEngine:
 
     # ---------------------------------------------------------- instantiation
 
-    def _new_store(self, limits: Limits) -> wasmtime.Store:
-        store = wasmtime.Store(self.engine)
+    def _new_store(self, limits: Limits) -> "_Store":
+        store = _Store(self.engine)
         store.set_limits(memory_size=limits.memory_bytes, table_elements=limits.table_elements,
                          instances=4, tables=4, memories=1)
+        store.clock = _CallClock(self)
+        _ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), store.clock.callback, None, _NO_FINALIZER)
         return store
 
-    def _arm(self, store: wasmtime.Store, limits: Limits, token: object | None = None) -> None:
+    def _arm(self, store: "_Store", limits: Limits, token: object | None = None,
+             cancel: threading.Event | None = None) -> None:
         """Refuel and set the epoch deadline: required before *every* call. ``token`` (from
         :meth:`_guest_call`) records the deadline for :meth:`close`; while closing, the deadline
-        is the current epoch, so the call traps at its first epoch check."""
+        is the current epoch, so the call ends at its first epoch check. ``cancel``: an event
+        that ends the call (:class:`TaskCancelled`) at its next check once set."""
         store.set_fuel(limits.fuel)
         ticks = self.deadline_ticks(limits.wall_time_s)
+        clock = store.clock
         with self._lock:
             if self._closing:
                 ticks = 0
-            store.set_epoch_deadline(ticks)
+            clock.end_epoch, clock.cancel, clock.ended_by = self._epoch + ticks, cancel, None
+            store.set_epoch_deadline(min(ticks, self._check_ticks))
             if token is not None and token in self._in_flight:
                 self._in_flight[token] = self._epoch + ticks
 
@@ -726,7 +778,8 @@ class SandboxEngine:
     # -------------------------------------------------------------------- tasks
 
     def run_task(self, compiled: CompiledModule, stdin: bytes, *, limits: Limits = DEFAULT_LIMITS,
-                 grants: Grants = NO_GRANTS, name: str = "task") -> TaskResult:
+                 grants: Grants = NO_GRANTS, name: str = "task",
+                 cancel: threading.Event | None = None) -> TaskResult:
         """Run a WASI command once: ``stdin`` in, stdout/exit status out.
 
         A fresh store and instance per run (nothing survives between runs).
@@ -744,6 +797,8 @@ class SandboxEngine:
             InputTooLarge: ``len(stdin) > limits.max_input_bytes``.
             FuelExhausted, DeadlineExceeded, MemoryLimitExceeded, AgentTrap: the run trapped
                 (DeadlineExceeded also when the engine was closed under it).
+            TaskCancelled: ``cancel`` was set before the run ended (it stops within about
+                :data:`CHECK_INTERVAL_S` of the set, also inside a long computation).
             OutputLimitExceeded: stdout went past ``limits.max_output_bytes``.
             EngineClosed: the engine is closed.
         """
@@ -751,10 +806,10 @@ class SandboxEngine:
         if len(stdin) > limits.max_input_bytes:
             raise InputTooLarge(f"task input is {len(stdin)} bytes; the limit is {limits.max_input_bytes}")
         with self._guest_call() as token:
-            return self._run_task(compiled, stdin, limits, grants, name, token)
+            return self._run_task(compiled, stdin, limits, grants, name, token, cancel)
 
     def _run_task(self, compiled: CompiledModule, stdin: bytes, limits: Limits, grants: Grants, name: str,
-                  token: object) -> TaskResult:
+                  token: object, cancel: threading.Event | None) -> TaskResult:
         self.counters["tasks_run"] += 1
         workdir = Path(tempfile.mkdtemp(dir=self._tmp_root))
         collector: _OutputCollector | None = None
@@ -768,27 +823,30 @@ class SandboxEngine:
             wasi.stdout_file = str(collector.stdout_path)
             wasi.stderr_file = str(collector.stderr_path)
             store.set_wasi(wasi)
-            self._arm(store, limits, token)
+            self._arm(store, limits, token, cancel)
             memory = None
             try:
                 instance = self._base_linker(grants.clock).instantiate(store, compiled.module)
             except wasmtime.Trap as exc:
-                raise _classify(exc, store, None, limits, name, "(start)") from None
+                raise self._ended_early(store, limits, name, "(start)") or _classify(
+                    exc, store, None, limits, name, "(start)") from None
             except wasmtime.WasmtimeError as exc:
-                raise _instantiate_error(exc, compiled, limits) from None
+                raise self._ended_early(store, limits, name, "(start)") or _instantiate_error(
+                    exc, compiled, limits) from None
             exports = instance.exports(store)
             memory = exports.get("memory") if "memory" in compiled.exports else None
             start = exports["_start"]
             if not isinstance(start, wasmtime.Func):
                 raise ModuleRejected(f"task module {compiled.sha256[:12]}: _start is not a function")
-            self._arm(store, limits, token)
+            self._arm(store, limits, token, cancel)
             exit_code = 0
             try:
                 start(store)
             except wasmtime.ExitTrap as exc:
                 exit_code = exc.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-                raise _classify(exc, store, memory, limits, name, "_start") from None
+                raise self._ended_early(store, limits, name, "_start") or _classify(
+                    exc, store, memory, limits, name, "_start") from None
             memory_bytes = memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
             fuel_consumed = limits.fuel - store.get_fuel()
             if exit_code != 0 and memory_bytes + PAGE_BYTES > limits.memory_bytes:
@@ -1060,6 +1118,53 @@ def _deny(*_args: object) -> int:
     return WASI_ERRNO_NOTCAPABLE
 
 
+class _Store(wasmtime.Store):
+    """A store with its :class:`_CallClock` (which must live as long as the store: wasmtime
+    holds a pointer to its callback)."""
+
+    clock: "_CallClock"
+
+
+class _CallClock:
+    """The epoch-deadline callback of one store (wasmtime ``Store::epoch_deadline_callback``).
+
+    wasmtime calls it on the thread running the guest whenever the engine's epoch reaches the
+    store's deadline, which :meth:`SandboxEngine._arm` sets at most ``CHECK_INTERVAL_S`` ahead.
+    It ends the call (a returned error; ``ended_by`` says why: ``deadline``, ``closing`` or
+    ``cancelled``) when the call's wall time is up (``end_epoch``), the engine is closing, or
+    ``cancel`` is set; else it extends the deadline by another slice. It never raises (an
+    exception cannot cross into wasmtime: one would end the call as past its deadline)."""
+
+    __slots__ = ("engine", "end_epoch", "cancel", "ended_by", "callback")
+
+    def __init__(self, engine: SandboxEngine) -> None:
+        self.engine = engine
+        self.end_epoch = 0
+        self.cancel: threading.Event | None = None
+        self.ended_by: str | None = None
+        self.callback = _DEADLINE_CALLBACK(self._on_deadline)
+
+    def _on_deadline(self, _context: object, _data: object, delta: object, kind: object) -> int:
+        try:
+            engine = self.engine
+            epoch = engine._epoch  # (an int read; at most one tick behind the engine's own)
+            if engine._closing:
+                why = "closing"
+            elif self.cancel is not None and self.cancel.is_set():
+                why = "cancelled"
+            elif epoch >= self.end_epoch:
+                why = "deadline"
+            else:
+                delta[0] = min(engine._check_ticks, self.end_epoch - epoch)
+                kind[0] = _UPDATE_DEADLINE_CONTINUE
+                return 0
+        except BaseException:  # noqa: BLE001 - see the class docstring
+            why = "deadline"
+        self.ended_by = why
+        error = _ffi.wasmtime_error_new(f"chimera: call ended ({why})".encode())
+        return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+
 def _instantiate_error(exc: wasmtime.WasmtimeError, compiled: CompiledModule, limits: Limits) -> FabricError:
     text = str(exc)
     if "memory" in text and ("limit" in text or "exceeds" in text):
@@ -1226,9 +1331,11 @@ class ActorInstance:
             try:
                 instance = linker.instantiate(self.store, compiled.module)
             except wasmtime.Trap as exc:
-                raise _classify(exc, self.store, None, limits, name, "(start)") from None
+                raise sandbox._ended_early(self.store, limits, name, "(start)") or _classify(
+                    exc, self.store, None, limits, name, "(start)") from None
             except wasmtime.WasmtimeError as exc:
-                raise _instantiate_error(exc, compiled, limits) from None
+                raise sandbox._ended_early(self.store, limits, name, "(start)") or _instantiate_error(
+                    exc, compiled, limits) from None
         exports = instance.exports(self.store)
         memory, alloc, handle = exports["memory"], exports["alloc"], exports["handle"]
         if not (isinstance(memory, wasmtime.Memory) and isinstance(alloc, wasmtime.Func)
@@ -1343,7 +1450,8 @@ class ActorInstance:
                 return func(store, *args)
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
                 self.alive = False
-                raise _classify(exc, store, self._memory, self.limits, self.name, export) from None
+                raise self.sandbox._ended_early(store, self.limits, self.name, export) or _classify(
+                    exc, store, self._memory, self.limits, self.name, export) from None
 
     def handle(self, sender: str, payload: bytes) -> int:
         """Deliver one message: ``alloc(len(sender) + len(payload))``, copy both in,

@@ -33,7 +33,9 @@ core. The protocol is in docs/PROTOCOL.md §18; in short:
   always find a slot's worth. The
   submitters' cores use no more slots than ``fabric_capacity`` advertised free,
   so the queue holds only what several submitters sent at once; an attempt
-  cancelled while it waits there is dropped unrun (``fabric_cancelled_before_start``).
+  cancelled while it waits there is dropped unrun (``fabric_cancelled_before_start``),
+  one cancelled while it runs is stopped within about 0.1 s (the sandbox's
+  ``cancel`` event, ``fabric_cancelled_running``); neither is answered.
   A module this node lacks
   is fetched from the submitting peer in chunks and verified by SHA-256
   (only ``.wasm`` bytes ever travel; this node compiles them itself); GPU
@@ -203,7 +205,13 @@ class _Run:
     msg: FabricTaskRun
     started_mono: float
     epoch: int = 0  # this node's weight-table epoch when it accepted the run (vote requests: 18.4 step 6)
-    cancelled: bool = False
+    # set by a cancel (the submitter's, or its own core's): stops the sandbox run at its next check
+    cancel: threading.Event = field(default_factory=threading.Event)
+    ran: bool = False  # its worker started the sandbox run (set in the worker thread)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
 
 
 @dataclass
@@ -872,7 +880,7 @@ class FabricService:
             elif isinstance(msg, FabricTaskCancel):
                 run = self.running.get((sender, msg.task_id, msg.attempt))
                 if run is not None:
-                    run.cancelled = True
+                    run.cancel.set()
             elif isinstance(msg, FabricVoteRequest):
                 self._on_vote_request(sender, msg)
             elif isinstance(msg, FabricVote):
@@ -963,7 +971,8 @@ class FabricService:
         def work() -> FabricTaskResult | None:
             if run.cancelled:  # cancelled while it waited for a slot: dropped unrun (PROTOCOL.md 18.2)
                 return None
-            return self._execute(run.msg)
+            run.ran = True
+            return self._execute(run.msg, run.cancel)
 
         fut = self.loop.run_in_executor(self.task_pool, work)
 
@@ -976,16 +985,17 @@ class FabricService:
                                           reason="internal_error", detail=repr(f.exception())[:256])
             else:
                 result = f.result()
-                if result is None:
-                    self.counters["fabric_cancelled_before_start"] += 1
+                if result is None:  # cancelled: unrun, or stopped while it ran
+                    self.counters["fabric_cancelled_running" if run.ran else "fabric_cancelled_before_start"] += 1
             self._finish(key, result)
 
         fut.add_done_callback(done)
 
-    def _execute(self, msg: FabricTaskRun) -> FabricTaskResult:
-        """Run one attempt (worker thread). Never raises for anything the task or its module does."""
+    def _execute(self, msg: FabricTaskRun, cancel: threading.Event | None = None) -> FabricTaskResult | None:
+        """Run one attempt (worker thread); None: ``cancel`` was set and stopped the run (nothing is
+        answered). Never raises for anything the task or its module does."""
         rt = self.runtime()
-        from chimera.fabric.sandbox import DeadlineExceeded, EngineClosed, FabricError, Limits
+        from chimera.fabric.sandbox import DeadlineExceeded, EngineClosed, FabricError, Limits, TaskCancelled
 
         t0 = time.perf_counter()
         common = dict(task_id=msg.task_id, attempt=msg.attempt)
@@ -997,7 +1007,10 @@ class FabricService:
             compiled = rt.sandbox.compile(wasm)
             limits = Limits(fuel=msg.fuel, memory_bytes=msg.memory_bytes, wall_time_s=msg.wall_time_ms / 1000,
                             max_input_bytes=MAX_TASK_INPUT_BYTES, max_output_bytes=MAX_TASK_OUTPUT_BYTES)
-            res = rt.sandbox.run_task(compiled, msg.input, limits=limits, name=f"task {msg.task_id}")
+            res = rt.sandbox.run_task(compiled, msg.input, limits=limits, name=f"task {msg.task_id}",
+                                      cancel=cancel)
+        except TaskCancelled:  # (its submitter no longer wants it: PROTOCOL.md 18.2)
+            return None
         except DeadlineExceeded as exc:  # wall time is not deterministic (and closing ends runs): not a result
             return FabricTaskResult(**common, status="refused", reason=exc.reason, detail=str(exc)[:256],
                                     elapsed_ms=int((time.perf_counter() - t0) * 1000))
@@ -1288,7 +1301,7 @@ class FabricService:
             if a.peer_id == self.peer_id:
                 run = self.running.get((self.peer_id, a.task_id, a.attempt))
                 if run is not None:
-                    run.cancelled = True
+                    run.cancel.set()
             else:
                 self.node.send(a.peer_id, FabricTaskCancel(task_id=a.task_id, attempt=a.attempt,
                                                            reason=a.reason[:64]))

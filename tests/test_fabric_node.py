@@ -492,22 +492,50 @@ async def test_an_attempt_cancelled_while_it_waits_for_a_slot_is_never_run(node_
     sha = await asyncio.to_thread(svc.modules.put, wasm("hostile_loop"))
     started = []
     execute = svc._execute
-    svc._execute = lambda msg: (started.append(msg.task_id), execute(msg))[1]
+    svc._execute = lambda msg, cancel=None: (started.append(msg.task_id), execute(msg, cancel))[1]
     submitter = "peer-that-is-not-here"  # its results are sent nowhere
     for task_id in ("first", "second"):
         svc._on_task_run(submitter, FabricTaskRun(task_id=task_id, attempt=1, module_sha256=sha, input=b"",
                                                   fuel=2**62, memory_bytes=1 << 20, wall_time_ms=1000))
     assert await async_wait_until(lambda: started == ["first"], 30)
-    svc.running[(submitter, "second", 1)].cancelled = True  # what fabric_task_cancel does
+    svc.running[(submitter, "second", 1)].cancel.set()  # what fabric_task_cancel does
     assert await async_wait_until(lambda: not svc.running, 30)  # the first ran out of wall time
     assert started == ["first"] and node.counters["fabric_cancelled_before_start"] == 1
     # a cancel that arrives before the run is handed to a worker is dropped the same way
     svc._on_task_run(submitter, FabricTaskRun(task_id="third", attempt=1, module_sha256="0" * 64, input=b"",
                                               fuel=1, memory_bytes=1 << 20, wall_time_ms=1000))
-    svc.running[(submitter, "third", 1)].cancelled = True  # (it waits for its module)
+    svc.running[(submitter, "third", 1)].cancel.set()  # (it waits for its module)
     svc._start_run((submitter, "third", 1))  # the module came
     assert (submitter, "third", 1) not in svc.running and node.counters["fabric_cancelled_before_start"] == 2
     assert started == ["first"]
+
+
+async def test_an_attempt_cancelled_while_it_runs_is_stopped_and_not_answered(node_factory):
+    """PROTOCOL.md 18.2: a ``fabric_task_cancel`` for an attempt in progress stops its sandbox run
+    (was: it ran on to its wall time, here 10 minutes, holding the slot); nothing is answered,
+    and the freed slot runs the next attempt."""
+    from types import SimpleNamespace
+
+    node = await node_factory("cr", NodeConfig(**FABRIC_FAST, fabric_task_slots=1))
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    svc = node.fabric
+    sha = await asyncio.to_thread(svc.modules.put, wasm("hostile_loop"))
+    submitter = "peer-that-is-not-here"
+    replies = []
+    svc._reply = lambda to, result: replies.append((to, result))
+    svc._on_task_run(submitter, FabricTaskRun(task_id="long", attempt=1, module_sha256=sha, input=b"",
+                                              fuel=2**62, memory_bytes=1 << 20, wall_time_ms=600_000))
+    assert await async_wait_until(lambda: svc.runtime().sandbox.calls_in_flight == 1, 30)
+    await svc.on_envelope(SimpleNamespace(sender=submitter,
+                                          message=FabricTaskCancel(task_id="long", attempt=1, reason="test")))
+    assert await async_wait_until(lambda: not svc.running, 60), "the cancelled run kept its slot"
+    assert node.counters["fabric_cancelled_running"] == 1 and replies == []
+    assert svc.runtime().sandbox.calls_in_flight == 0
+    # the slot is free: the next attempt runs (and, looping, ends by its own short wall time)
+    svc._on_task_run(submitter, FabricTaskRun(task_id="next", attempt=1, module_sha256=sha, input=b"",
+                                              fuel=2**62, memory_bytes=1 << 20, wall_time_ms=300))
+    assert await async_wait_until(lambda: len(replies) == 1, 60)
+    assert replies[0][1].task_id == "next" and replies[0][1].reason == "deadline_exceeded"
 
 
 async def test_a_task_that_loops_fails_deadline_exceeded_and_opens_no_breaker(node_factory):
@@ -667,5 +695,5 @@ async def test_one_submitter_cannot_take_every_place_of_a_replica(node_factory):
     svc._on_task_run(other, run(other, "o1"))
     assert (other, "o1", 1) in svc.running
     for key in list(svc.running):
-        svc.running[key].cancelled = True
+        svc.running[key].cancel.set()
     assert await async_wait_until(lambda: not svc.running, 30)

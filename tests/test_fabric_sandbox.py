@@ -431,3 +431,61 @@ def test_a_process_that_closes_the_engine_under_a_running_task_exits():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "DeadlineExceeded"
+
+
+def test_a_cancel_stops_a_running_task_and_leaves_the_others_running():
+    """A task's ``cancel`` event ends that run (TaskCancelled) at its next check, also inside an
+    endless computation with fuel and wall time to spare; a second task running beside it in the
+    same engine is not touched and still ends by its own deadline. Before, a cancelled attempt
+    ran to its wall time (up to an hour on a replica)."""
+    import threading
+
+    from chimera.fabric.sandbox import TaskCancelled
+
+    engine = SandboxEngine()
+    try:
+        loop = engine.compile(wasm("hostile_loop"))
+        long = Limits(fuel=2**62, wall_time_s=600.0)
+        cancel, never = threading.Event(), threading.Event()
+        outcomes: dict[str, BaseException] = {}
+
+        def run(label, limits, event):
+            try:
+                engine.run_task(loop, b"", limits=limits, cancel=event)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertions
+                outcomes[label] = exc
+
+        cancelled = threading.Thread(target=run, args=("cancelled", long, cancel), daemon=True)
+        other = threading.Thread(target=run, args=("other", Limits(fuel=2**62, wall_time_s=1.5), never),
+                                 daemon=True)
+        cancelled.start()
+        other.start()
+        assert _wait_for(lambda: engine.calls_in_flight == 2)
+        cancel.set()
+        cancelled.join(60)
+        assert not cancelled.is_alive(), "the cancelled task kept running"
+        assert isinstance(outcomes["cancelled"], TaskCancelled), outcomes
+        assert outcomes["cancelled"].reason == "cancelled"
+        other.join(60)
+        assert isinstance(outcomes["other"], DeadlineExceeded), outcomes  # its own wall time, not the cancel
+        # a cancel set before the run starts ends it at the first check; the engine serves on
+        with pytest.raises(TaskCancelled):
+            engine.run_task(loop, b"", limits=long, cancel=cancel)
+        result = engine.run_task(engine.compile(wasm("wordfreq")), SAMPLE, cancel=never)
+        assert result.exit_code == 0 and result.stdout == reference_wordfreq(SAMPLE)
+    finally:
+        engine.close()
+
+
+def test_a_deadline_far_beyond_the_check_interval_is_kept_across_checks(sandbox):
+    """The deadline callback extends a call slice by slice: a run needing many slices ends with
+    its result (not cut at the first check), and a loop ends at its own wall time."""
+    from chimera.fabric.sandbox import CHECK_INTERVAL_S
+
+    text = b"word " * 20000
+    result = sandbox.run_task(sandbox.compile(wasm("wordfreq")), text, limits=Limits(wall_time_s=60.0))
+    assert result.stdout == reference_wordfreq(text)
+    loop = sandbox.compile(wasm("hostile_loop"))
+    with pytest.raises(DeadlineExceeded) as info:
+        sandbox.run_task(loop, b"", limits=Limits(fuel=2**62, wall_time_s=5 * CHECK_INTERVAL_S))
+    assert "deadline" in str(info.value)
