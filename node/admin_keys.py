@@ -60,7 +60,7 @@ COMMAND_ROLES: dict[str, str] = {
     # act
     **dict.fromkeys((
         "propose", "ping", "train_start", "train_export", "agents_deploy", "agents_upgrade",
-        "agents_rollback", "agents_remove", "agents_call", "tasks_submit"), "operator"),
+        "agents_rollback", "agents_remove", "agents_call", "tasks_submit", "tasks_cancel"), "operator"),
     # change membership, keys, config
     **dict.fromkeys((
         "add_contact", "stop", "config_set", "log_level", "admit", "revoke_peer",
@@ -110,6 +110,7 @@ COMMAND_HELP: dict[str, tuple[str, tuple[str, ...]]] = {
     "agents_call": ("call a WASM agent with an input", ("name", "input", "reply_wait_s")),
     "tasks_submit": ("submit a WASM task to the fabric (module=@FILE.wasm or sha256=...)", ("module", "input")),
     "tasks_status": ("status of submitted tasks", ("task_id", "limit")),
+    "tasks_cancel": ("end a running task submitted here (failed: cancelled; its replicas stop it)", ("task_id",)),
     "modules_list": ("stored WASM modules", ()),
 }
 

@@ -229,6 +229,13 @@ def cmd_task_status(args: argparse.Namespace) -> int:
     return cli.EXIT_OK
 
 
+def cmd_task_cancel(args: argparse.Namespace) -> int:
+    cli = _cli()
+    res = cli._call(args, "tasks_cancel", {"task_id": args.task_id})
+    cli._show(args, "tasks_cancel", res)
+    return cli.EXIT_OK
+
+
 def register(sub) -> None:
     """Add ``agent`` and ``task`` to the ``chimera`` subcommands."""
 
@@ -299,3 +306,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=bounded_int(1, MAX_TASKS_KEPT), default=20,
                    help=f"the most recent tasks and observations (1..{MAX_TASKS_KEPT})")
     p.set_defaults(func=cmd_task_status)
+    p = tsub.add_parser("cancel", help="end a running task submitted on this node (its replicas stop it)")
+    common(p)
+    p.add_argument("task_id")
+    p.set_defaults(func=cmd_task_cancel)

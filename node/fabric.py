@@ -1203,6 +1203,34 @@ class FabricService:
 
     # ------------------------------------------------------------ submitting (placement side)
 
+    def cancel(self, task_id: str) -> None:
+        """End the running task ``task_id`` (submitted here) ``failed`` with reason ``cancelled``:
+        every attempt in flight is told to stop (``fabric_task_cancel``: a replica drops a queued
+        one and stops a run in progress), its leases and module pin are released, its record
+        and ``task_completed`` event written as for any end. A task waiting to be resumed after a
+        restart is not placed again (its earlier attempts are told to stop too).
+
+        Raises:
+            KeyError: no task ``task_id`` was submitted here (or it is no longer kept).
+            ValueError: the task already ended (the message names its state).
+        """
+        rec = self.tasks.get(task_id)
+        if rec is None:
+            raise KeyError(task_id)
+        if rec.state != "running":
+            raise ValueError(f"task {task_id} already ended: {rec.state}")
+        if self._resuming.pop(task_id, None) is not None:  # not placed again yet
+            self._cancel_earlier_attempts(rec, rec.resumes[-1]["first_attempt"])
+            rec.resumes.pop()  # (never placed again: as _end_unresumed)
+            self._run_actions([TaskFailed(task_id, "cancelled", "cancelled by the submitter before it was "
+                                                                "placed again after the restart")])
+        else:
+            self._run_actions(self.placement.cancel(task_id, time.monotonic()))
+        if rec.state == "running":  # (the core no longer had it: end it here all the same)
+            self._run_actions([TaskFailed(task_id, "cancelled", "cancelled by the submitter")])
+        self.counters["fabric_tasks_cancelled"] += 1
+        self._wake.set()
+
     def submit(self, module_sha256: str, stdin: bytes, req: TaskRequirements) -> str:
         """Place a task; returns its id. Raises LocalProtocolError for a bad request."""
         check_hash_name(module_sha256)
@@ -1777,6 +1805,27 @@ def admin_handlers(node) -> dict:
                 pass
         return svc.task_view(rec)
 
+    async def tasks_cancel(args: dict) -> dict:
+        """end a running task submitted here (failed: cancelled); its replicas stop their runs"""
+        svc = service()
+        task_id = admin_api.str_arg(args, "task_id", None, max_len=128)
+        if task_id is None:
+            raise admin_api.AdminError("tasks_cancel needs task_id", admin_api.EXIT_USAGE)
+        try:
+            svc.cancel(task_id)
+        except KeyError:
+            raise admin_api.AdminError(f"no task {task_id[:64]!r} was submitted here") from None
+        except ValueError as exc:
+            raise admin_api.AdminError(str(exc)) from None
+        rec = svc.tasks[task_id]
+        saved = rec.saved
+        if saved is not None:  # its end is durable before it is answered (as a submission's record)
+            try:
+                await asyncio.wait_for(asyncio.shield(saved), RECORD_WAIT_S)
+            except Exception:  # noqa: BLE001 - timed out, or refused: counted and logged by _save_record
+                pass
+        return svc.task_view(rec)
+
     async def tasks_status(args: dict) -> Any:
         svc = service()
         task_id = admin_api.str_arg(args, "task_id", None, max_len=128)
@@ -1832,5 +1881,6 @@ def admin_handlers(node) -> dict:
 
     return {"agents_deploy": agents_deploy, "agents_upgrade": agents_upgrade, "agents_rollback": agents_rollback,
             "agents_remove": agents_remove, "agents_call": agents_call, "tasks_submit": tasks_submit,
-            "agents_list": agents_list, "tasks_status": tasks_status, "modules_list": modules_list,
+            "agents_list": agents_list, "tasks_status": tasks_status, "tasks_cancel": tasks_cancel,
+            "modules_list": modules_list,
             "resources": resources}

@@ -632,6 +632,7 @@ VIEWS: dict[str, tuple[Any, Any]] = {
     "agents_remove": (_has("action", "name", "version"), agent_event_text),
     "agents_call": (_has("kind"), agent_call_text),
     "tasks_submit": (_has("task_id", "requirements"), task_text),
+    "tasks_cancel": (_has("task_id", "requirements"), task_text),
     "tasks_status": (lambda r: _has("task_id", "requirements")(r) or _has("tasks", "fabric")(r),
                      lambda r: task_text(r) if "task_id" in r else tasks_text(r)),
     "modules_list": (_has("modules", "total_bytes"), modules_text),

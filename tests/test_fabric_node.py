@@ -538,6 +538,56 @@ async def test_an_attempt_cancelled_while_it_runs_is_stopped_and_not_answered(no
     assert replies[0][1].task_id == "next" and replies[0][1].reason == "deadline_exceeded"
 
 
+async def test_a_task_cancelled_by_its_submitter_ends_cancelled_and_its_replica_stops_running_it(tmp_path, capsys):
+    """``tasks_cancel`` / ``chimera task cancel``: a running task (a loop with 10 minutes of wall
+    time, placed on the other peer because the submitter's memory cap is below its needs) ends
+    ``failed`` with reason ``cancelled``, its end is stored, and the replica stops the run (its
+    sandbox has no call in flight; ``fabric_cancelled_running``) instead of running it to its wall
+    time. Cancelling it again, or an unknown id, is a clear error."""
+    from chimera.node.cli import main
+
+    nodes = await start_nodes(tmp_path, [{"fabric_max_wasm_memory_bytes": 32 << 20}, {}], genesis=False)
+    submitter, replica = nodes
+    try:
+        assert await async_wait_until(lambda: replica.peer_id in submitter.fabric.capacity, 30)
+        sub = await call(submitter, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62,
+                                                     "timeout_s": 600})
+        task_id = sub["task_id"]
+        assert sub["state"] == "running", sub
+        assert await async_wait_until(lambda: replica.fabric._runtime is not None
+                                      and replica.fabric.runtime().sandbox.calls_in_flight == 1, 60)
+        code = await asyncio.to_thread(main, ["task", "cancel", task_id, "--data-dir", str(submitter.data_dir)])
+        shown = capsys.readouterr().out
+        assert code == 0 and f"task {task_id}  failed" in shown and "cancelled" in shown, shown
+        view = await call(submitter, "tasks_status", {"task_id": task_id})
+        assert view["state"] == "failed" and view["failure"]["reason"] == "cancelled", view
+        assert submitter.counters["fabric_tasks_cancelled"] == 1
+        assert await async_wait_until(lambda: replica.fabric.runtime().sandbox.calls_in_flight == 0
+                                      and not replica.fabric.running, 60), "the replica kept running it"
+        assert replica.counters["fabric_cancelled_running"] == 1
+        assert not replica.counters.get("fabric_tasks_refused")  # stopped, not answered
+        with pytest.raises(admin.AdminError, match="already ended: failed"):
+            await call(submitter, "tasks_cancel", {"task_id": task_id})
+        with pytest.raises(admin.AdminError, match="no task 't9-nothere' was submitted here"):
+            await call(submitter, "tasks_cancel", {"task_id": "t9-nothere"})
+    finally:
+        await stop_all(nodes)
+
+    again = await _restarted(submitter)  # the end was stored: it shows the same after a restart
+    try:
+        assert (await call(again, "tasks_status", {"task_id": task_id}))["failure"]["reason"] == "cancelled"
+    finally:
+        await again.stop()
+
+
+async def _restarted(node):
+    from chimera.node.runtime import Node
+
+    again = Node(node.data_dir, node.config.replace(port=node.port), node.network)
+    await again.start()
+    return again
+
+
 async def test_a_task_that_loops_fails_deadline_exceeded_and_opens_no_breaker(node_factory):
     """A module that loops with fuel to spare runs into its epoch deadline: the replica (here the
     node itself) refuses ``deadline_exceeded``. The task fails with that reason, and the peer's
