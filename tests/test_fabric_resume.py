@@ -141,9 +141,6 @@ def test_attempts_of_a_task_placed_again_are_numbered_from_first_attempt():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="flaky, cause not found yet: in 3 of about 12 full-suite runs on the "
-                   "2-core machine the resumed task ended failed (the detail was not printed; the assertion "
-                   "now prints it); passes alone. See the seventeenth session's closing note.")
 def test_a_task_running_when_the_submitter_is_killed_is_resumed_and_accepted(tmp_path: Path, capsys):
     """Three node processes; the submitter (peer 0, whose agent memory cap keeps the task off it)
     places a slow task with --replicas 2 on peers 1 and 2 and is SIGKILLed while they run it.
