@@ -189,8 +189,8 @@ try:
     _DEADLINE_CALLBACK = _ffi._wasmtime_store_epoch_deadline_callback.argtypes[1]
     _NO_FINALIZER = ctypes.cast(0, _ffi._wasmtime_store_epoch_deadline_callback.argtypes[3])
 except AttributeError as _exc:  # (every wasmtime-py this project supports has it)
-    raise ImportError(f"this wasmtime-py ({wasmtime.__name__}) lacks wasmtime_store_epoch_deadline_callback, "
-                      "which the sandbox needs") from _exc
+    raise ImportError("this wasmtime-py lacks wasmtime_store_epoch_deadline_callback, which the sandbox "
+                      "needs (install a current wasmtime)") from _exc
 _UPDATE_DEADLINE_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
 
 MAX_ADDRESS_BYTES = 160

@@ -407,3 +407,29 @@ async def test_a_damaged_stored_input_ends_the_task_interrupted_and_its_record_r
     view = await call(again, "tasks_status", {"task_id": looping["task_id"]})
     assert view["state"] == "failed" and view["failure"]["reason"] == "interrupted", view
     assert again.counters["fabric_tasks_resumed"] == 0
+
+
+async def test_a_task_waiting_to_be_resumed_can_be_cancelled(node_factory):
+    """``tasks_cancel`` on a task that a restart is about to place again (it waits for a capable
+    peer: the restarted node's memory cap is now below the task's needs and no other peer is
+    there) ends it ``failed: cancelled`` without placing it; the end is stored, so the next
+    restart neither resumes nor interrupts it."""
+    cfg = NodeConfig(**FABRIC_FAST)
+    node = await node_factory("rc", cfg)
+    assert await async_wait_until(lambda: node.fabric.own is not None, 30)
+    sub = await call(node, "tasks_submit", {"module": wasm("hostile_loop"), "fuel": 2**62, "timeout_s": 600})
+    task_id = sub["task_id"]
+    await node.stop()
+    small = cfg.replace(fabric_max_wasm_memory_bytes=SMALL_MEMORY_BYTES)
+    again = await node_factory("rc", small)
+    assert task_id in again.fabric._resuming and again.fabric.tasks[task_id].resumes
+    done = await call(again, "tasks_cancel", {"task_id": task_id})
+    assert done["state"] == "failed" and done["failure"]["reason"] == "cancelled", done
+    assert "before it was placed again" in done["failure"]["detail"] and done["resumed"] == []
+    assert task_id not in again.fabric._resuming and again.counters["fabric_tasks_cancelled"] == 1
+    assert not again.counters.get("fabric_tasks_resumed")
+    await again.stop()
+    third = await node_factory("rc", small)
+    view = await call(third, "tasks_status", {"task_id": task_id})
+    assert view["state"] == "failed" and view["failure"]["reason"] == "cancelled", view
+    assert not third.fabric._resuming and not third.counters.get("fabric_tasks_interrupted")
