@@ -456,19 +456,21 @@ class FabricService:
             self._cancel_earlier_attempts(rec, first)
             self._run_actions(actions)  # (its dispatches are written as a submission's retries are)
 
-    def _end_unresumed(self, rec: _Submitted, why: str) -> None:
-        """A task prepared for resumption that cannot be placed after all: ``interrupted`` (its
-        resumption entry goes: it was never placed again)."""
+    def _end_unresumed(self, rec: _Submitted, why: str, reason: str = "interrupted") -> None:
+        """A task prepared for resumption that is not placed after all: failed with ``reason``,
+        ``interrupted`` (``why`` it could not be placed) or ``cancelled`` (by the submitter); its
+        resumption entry goes (it was never placed again)."""
         if rec.resumes:
             rec.resumes.pop()
         rec.state, rec.finished_ms = "failed", _wall_ms()
-        rec.failure = ("interrupted", f"{INTERRUPTED_DETAIL}; {why}")
-        self.counters["fabric_tasks_interrupted"] += 1
-        log.warning("task %s: failed (interrupted: %s)", rec.task_id, why)
+        rec.failure = (reason, f"{INTERRUPTED_DETAIL}; {why}" if reason == "interrupted" else why)
+        if reason == "interrupted":
+            self.counters["fabric_tasks_interrupted"] += 1
+        log.warning("task %s: failed (%s: %s)", rec.task_id, reason, why)
         self._release(rec)
         self._save_record(rec)
         self.node.emit_event("task_completed", self.peer_id, priority="warning", task_id=rec.task_id,
-                             state="failed", reason="interrupted")
+                             state="failed", reason=reason)
         rec.done.set()
 
     def _cancel_earlier_attempts(self, rec: _Submitted, first: int) -> None:
@@ -1221,9 +1223,8 @@ class FabricService:
             raise ValueError(f"task {task_id} already ended: {rec.state}")
         if self._resuming.pop(task_id, None) is not None:  # not placed again yet
             self._cancel_earlier_attempts(rec, rec.resumes[-1]["first_attempt"])
-            rec.resumes.pop()  # (never placed again: as _end_unresumed)
-            self._run_actions([TaskFailed(task_id, "cancelled", "cancelled by the submitter before it was "
-                                                                "placed again after the restart")])
+            self._end_unresumed(rec, "cancelled by the submitter before it was placed again after the restart",
+                                reason="cancelled")
         else:
             self._run_actions(self.placement.cancel(task_id, time.monotonic()))
         if rec.state == "running":  # (the core no longer had it: end it here all the same)
@@ -1766,6 +1767,16 @@ def admin_handlers(node) -> dict:
         history = [event_doc(e) for e in rt.deploy.history()[-50:]]
         return {"agents": rows, "history": history, "runtime_loaded": True}
 
+    async def record_written(rec: _Submitted) -> None:
+        """Wait (``RECORD_WAIT_S`` at most) for the latest write of ``rec``'s record; one that
+        times out or is refused was counted and logged by _save_record (the task goes on in
+        memory either way)."""
+        if rec.saved is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(rec.saved), RECORD_WAIT_S)
+            except Exception:  # noqa: BLE001 - see the docstring
+                pass
+
     async def tasks_submit(args: dict) -> dict:
         svc = service()
         # every argument is checked before the module is stored or anything is submitted
@@ -1792,12 +1803,7 @@ def admin_handlers(node) -> dict:
         except (LocalProtocolError, ValueError, ZeroDivisionError) as exc:
             raise admin_api.AdminError(str(exc)) from None
         rec = svc.tasks[task_id]
-        saved = rec.saved
-        if saved is not None:  # the submission's record is durable before its id is answered
-            try:
-                await asyncio.wait_for(asyncio.shield(saved), RECORD_WAIT_S)
-            except Exception:  # noqa: BLE001 - timed out, or refused: counted and logged by _save_record
-                pass  # (the task runs in memory either way)
+        await record_written(rec)  # the submission's record is durable before its id is answered
         if wait:
             try:
                 await asyncio.wait_for(rec.done.wait(), wait_s)
@@ -1818,12 +1824,7 @@ def admin_handlers(node) -> dict:
         except ValueError as exc:
             raise admin_api.AdminError(str(exc)) from None
         rec = svc.tasks[task_id]
-        saved = rec.saved
-        if saved is not None:  # its end is durable before it is answered (as a submission's record)
-            try:
-                await asyncio.wait_for(asyncio.shield(saved), RECORD_WAIT_S)
-            except Exception:  # noqa: BLE001 - timed out, or refused: counted and logged by _save_record
-                pass
+        await record_written(rec)  # its end is durable before it is answered
         return svc.task_view(rec)
 
     async def tasks_status(args: dict) -> Any:

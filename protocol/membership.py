@@ -1350,9 +1350,9 @@ class Membership:
                 # Someone heard from it; verify ourselves before believing (one Hello per higher
                 # claim). The row keeps the incarnation it failed at: "dead at U.inc" in our
                 # gossip and member lists would kill it at an incarnation nobody saw fail.
-                if update.incarnation > member.alive_claim_incarnation:
-                    member.alive_claim_incarnation = update.incarnation
-                    self._actions.append(Send(pid, self._hello(reply_requested=True)))
+                # (A claim at or below alive_claim_incarnation returned above.)
+                member.alive_claim_incarnation = update.incarnation
+                self._actions.append(Send(pid, self._hello(reply_requested=True)))
             else:
                 self._set_state(member, MemberState.ALIVE, update.incarnation, now)
                 self._queue_gossip(member)
