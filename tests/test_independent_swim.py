@@ -400,7 +400,11 @@ def test_precedence_table_of_section_10_3_on_a_real_node(mesh):
     ids.append(s.ping(a.peer_id, [mu(P, "dead", 7)] * 17))    # 17 updates
     assert wait_until(lambda: counters()["drop_malformed"] >= before + len(ids), timeout_s=30)
     assert counters()["drop_malformed"] == before + len(ids)
-    assert state(p) == ("alive", 4)
+    # None of them applied (each names incarnation 7). P itself may be dead at 4 again by now:
+    # B declared it dead at 4 too, P does not refute, and B's gossip of that (equal incarnation,
+    # dead beats alive, §10.3) can reach A after P's hello revived it there (seen on a loaded
+    # machine), so only the incarnation is P's own.
+    assert state(p)[1] == 4, state(p)
     assert not set(ids) & set(s.acks)
     p2.close()
 
