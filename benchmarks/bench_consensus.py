@@ -10,6 +10,9 @@ validator, full transport, signatures, SQLite with synchronous=FULL), in one run
 * CPU per decision: each peer's process CPU (user + system, all threads) during
   the latency phase, divided by the number of decisions (the stable figure: the
   latencies move by +-20 % between runs on a loaded machine, this much less);
+* disk wait per decision: the wall time a peer's consensus waited on its durable writes
+  (sign-state syncs before its votes leave, the commit store), which lie one after another
+  on every height's commit path;
 * CPU floor: the CPU all peers spend per decision divided by the cores they share
   (``peers x CPU per decision per peer / min(cores, peers)``), a lower bound of the
   one-at-a-time latency on this machine when the peers outnumber its cores (4 peers on
@@ -65,26 +68,36 @@ def validator_network(peers: int, name: str = "bench"):
             net.stop()
 
 
+def _usage(status: dict) -> tuple[float, float, float]:
+    """(process CPU s, sign-state sync wait s, commit store wait s) of one ``status`` answer."""
+    writes = status["consensus"]["durable_writes"]
+    return status["cpu_s"], writes["sign_state"]["total_s"], writes["commit"]["total_s"]
+
+
 def signed_rtts_and_latencies(net, samples: int,
-                              cpu_s: list[float] | None = None) -> tuple[list[float], list[float]]:
+                              usage: list[tuple[float, float, float]] | None = None
+                              ) -> tuple[list[float], list[float]]:
     """200 signed echo round trips peer 0 -> peer 1, then ``samples`` one-at-a-time commit
-    latencies at peer 0 (submission to stored commit), all in seconds. With ``cpu_s`` (a list),
-    it receives each peer's process CPU seconds (user + system, all threads) spent during
-    the latency phase."""
+    latencies at peer 0 (submission to stored commit), all in seconds. With ``usage`` (a
+    list), it receives per peer what the latency phase cost it, in seconds: process CPU
+    (user + system, all threads), then the wall time its consensus waited on sign-state
+    syncs and on commit stores (the ``durable_writes`` of its status)."""
     other = net.peers[1].status["peer_id"]
     rtts = [r for r in net.query(0, "ping", {"peer_id": other, "count": 200})["rtt_s"] if r]
-    before = [net.query(i, "status")["cpu_s"] for i in range(len(net.peers))]
+    before = [_usage(net.query(i, "status")) for i in range(len(net.peers))]
     latencies = [net.query(0, "propose", {"data": f"lat {k}", "timeout_s": 60})["latency_s"]
                  for k in range(samples)]
-    if cpu_s is not None:
-        cpu_s.extend(net.query(i, "status")["cpu_s"] - b for i, b in enumerate(before))
+    if usage is not None:
+        for i, b in enumerate(before):
+            after = _usage(net.query(i, "status"))
+            usage.append(tuple(x - y for x, y in zip(after, b)))
     return rtts, latencies
 
 
 def run(peers: int, samples: int, burst: int) -> dict:
     with validator_network(peers) as net:
-        cpu_s: list[float] = []
-        rtts, latencies = signed_rtts_and_latencies(net, samples, cpu_s)
+        usage: list[tuple[float, float, float]] = []
+        rtts, latencies = signed_rtts_and_latencies(net, samples, usage)
         per_peer = max(2, burst // peers)
 
         def load(i: int) -> dict:
@@ -98,7 +111,9 @@ def run(peers: int, samples: int, burst: int) -> dict:
         blocks = len({h for r in results for h in r["heights"]})
     rtt_p50 = statistics.median(rtts)
     lat = np.array(latencies)
-    cpu_ms = 1000 * statistics.mean(cpu_s) / samples
+    cpu_ms = 1000 * statistics.mean(u[0] for u in usage) / samples
+    sync_ms = 1000 * statistics.mean(u[1] for u in usage) / samples
+    store_ms = 1000 * statistics.mean(u[2] for u in usage) / samples
     cores = len(os.sched_getaffinity(0))
     return {
         "peers": peers,
@@ -110,6 +125,11 @@ def run(peers: int, samples: int, burst: int) -> dict:
         "cpu_ms_per_decision_per_peer": cpu_ms,
         "cores": cores,
         "cpu_floor_ms": peers * cpu_ms / min(cores, peers),
+        # wall time a peer's consensus waits on durable writes per decision: its sign-state
+        # syncs (prevote, precommit; a proposer's proposal shares its prevote's) and the
+        # commit store, one after another on the commit path of every height
+        "sign_state_sync_ms_per_decision": sync_ms,
+        "commit_store_ms_per_decision": store_ms,
         "burst_values": per_peer * peers,
         "burst_blocks": blocks,
         "committed_values_per_s": per_peer * peers / inner_wall,
@@ -129,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'peers':>5}  {'RTT p50 ms':>10}  {'commit p50 ms':>13}  {'p99 ms':>7}  {'x RTT':>6}  "
-          f"{'values/s':>9}  {'values':>6}  {'blocks':>6}  {'CPU ms/decision/peer':>20}  {'CPU floor ms':>12}")
+          f"{'values/s':>9}  {'values':>6}  {'blocks':>6}  {'CPU ms/decision/peer':>20}  {'CPU floor ms':>12}  "
+          f"{'disk wait ms/decision/peer':>26}")
     for r in rows:
         print(f"{r['peers']:>5}  {r['signed_rtt_p50_ms']:>10.3f}  {r['commit_latency_p50_ms']:>13.2f}  "
               f"{r['commit_latency_p99_ms']:>7.2f}  {r['latency_x_rtt']:>6.1f}  "
               f"{r['committed_values_per_s']:>9.0f}  {r['burst_values']:>6}  {r['burst_blocks']:>6}  "
-              f"{r['cpu_ms_per_decision_per_peer']:>20.2f}  {r['cpu_floor_ms']:>12.2f}")
+              f"{r['cpu_ms_per_decision_per_peer']:>20.2f}  {r['cpu_floor_ms']:>12.2f}  "
+              f"{r['sign_state_sync_ms_per_decision'] + r['commit_store_ms_per_decision']:>26.2f}")
     four = next((r for r in rows if r["peers"] == 4), None)
     if four is not None:
         print(f"target p50 commit latency <= {LATENCY_TARGET_X_RTT:.0f}x signed RTT at 4 peers: "
@@ -144,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{4 * four['cpu_ms_per_decision_per_peer']:.1f} ms of CPU, a floor of "
                   f"{four['cpu_floor_ms']:.1f} ms = {four['cpu_floor_ms'] / four['signed_rtt_p50_ms']:.1f}x "
                   f"the round trip on this machine)")
+        disk_ms = four["sign_state_sync_ms_per_decision"] + four["commit_store_ms_per_decision"]
+        print(f"  (durable writes on the commit path of each decision: sign-state syncs "
+              f"{four['sign_state_sync_ms_per_decision']:.2f} ms + commit store "
+              f"{four['commit_store_ms_per_decision']:.2f} ms = {disk_ms:.2f} ms = "
+              f"{disk_ms / four['signed_rtt_p50_ms']:.1f}x the round trip, waited in sequence)")
         print(f"target >= {THROUGHPUT_TARGET:.0f} committed values/s at 4 peers: "
               f"{four['committed_values_per_s']:.0f} -> "
               f"{'met' if four['committed_values_per_s'] >= THROUGHPUT_TARGET else 'NOT met'}")

@@ -88,6 +88,7 @@ from .store import SignStateFile
 log = logging.getLogger("chimera.consensus")
 SIGN_STATE_KEY = "bft_sign_state"  # where releases before 2026-12 kept it (SQLite blobs table)
 SIGN_STATE_FILE = "bft_sign_state.bin"
+SIGN_STATE_SEQ_KEY = "sign_state_seq"  # store meta: the sign-state file's write count at the last commit
 GENESIS_WEIGHT = WeightPolicy().weight_scale  # each genesis validator starts at full weight
 def _pack(obj: object) -> bytes:
     return msgpack.packb(encode_fields(obj), use_bin_type=True)
@@ -131,6 +132,9 @@ class ConsensusService:
         self._soon: set[str] = set()  # steps scheduled for the next loop iteration (call_soon_once)
         self.halted: str | None = None  # why consensus stopped (fail-stop, see _halt)
         self.commit_latency = LatencyHistogram()  # own values: submission -> stored commit
+        # the durable writes each height waits for (wall time, so a slow or busy disk shows)
+        self.sign_state_sync = LatencyHistogram(LatencyHistogram.DISK_BOUNDS_S)
+        self.commit_store = LatencyHistogram(LatencyHistogram.DISK_BOUNDS_S)
         self._submitted_at: OrderedDict[bytes, float] = OrderedDict()
         self.commit_hooks: list = []  # fn(height, outcome) after a commit is stored (training service)
         self._recover()
@@ -153,18 +157,24 @@ class ConsensusService:
             node.emit_event("store_behind_sign_state", node.peer_id, priority="warning",
                             stored_height=height, signed_height=sign_state.height)
         # The reverse: a validator with committed heights but no sign state (the file was lost,
-        # emptied or replaced) cannot know what it signed after its last commit. It signs nothing
-        # at the next height (the others decide it; it follows from the certified commit) and
-        # resumes after it. A validator that never signed (it just joined) loses one height.
+        # emptied or replaced), or an older sign state than the one it held at its last commit
+        # (the file was restored from an old copy: each commit stores the file's write count),
+        # cannot know what it signed after its last commit. It signs nothing at the next height
+        # (the others decide it; it follows from the certified commit) and resumes after it: it
+        # cannot have signed beyond, since it stores each commit before it enters the next
+        # height. A validator that never signed (it just joined) loses one height.
         self.sign_from_height = 1
-        if sign_state is None and height >= 1 and node.peer_id in self.ledger.table.weights:
+        signed_height = None if sign_state is None else sign_state.height
+        older = self.sign_state_file.seq < self.store.get_meta(SIGN_STATE_SEQ_KEY, 0)
+        if (sign_state is None or older) and height >= 1 and node.peer_id in self.ledger.table.weights:
             self.sign_from_height = height + 2
-            log.error("%s holds no sign state but the log is at height %d: what this validator signed "
-                      "at height %d cannot be known, so it signs nothing there and resumes at height %d "
-                      "(restore the file from a backup to avoid this)", self.sign_state_file.path, height,
+            held = "no sign state" if signed_height is None else f"a sign state of height {signed_height}"
+            log.error("%s holds %s but the log is at height %d: what this validator signed at height %d "
+                      "cannot be known, so it signs nothing there and resumes at height %d (restore the "
+                      "file from a recent backup to avoid this)", self.sign_state_file.path, held, height,
                       height + 1, height + 2)
             node.emit_event("sign_state_missing", node.peer_id, priority="warning",
-                            stored_height=height, signs_from_height=height + 2)
+                            stored_height=height, signed_height=signed_height, signs_from_height=height + 2)
         last_hash = self.store.block_hash(height) if height else net.genesis_hash()
         # a decision is valid for a window of epochs: the dedupe of committed values must span it
         config = dataclasses.replace(config, dedupe_heights=max(config.dedupe_heights,
@@ -441,7 +451,9 @@ class ConsensusService:
         node = self.node
         if isinstance(action, PersistVote):
             locked = action.locked_block
+            started = time.perf_counter()
             self.sign_state_file.save(_pack(action.state), None if locked is None else _pack(locked))
+            self.sign_state_sync.observe(time.perf_counter() - started)
         elif isinstance(action, Broadcast):
             node.broadcast(self.core.table.weights, action.message)  # signed once for all validators
             if node.config.test_equivocate and isinstance(action.message, BftVote) \
@@ -512,13 +524,16 @@ class ConsensusService:
             table = outcome.new_table
             new_table = (table.epoch, action.height + 1, msgpack.packb(list(table.weights.items())))
         # Durable before anything below: events, waiters, the next action.
+        started = time.perf_counter()
         self.store.save_commit(
             height=action.height, block_hash=action.block_hash, round_=action.commit.round,
             epoch=block.epoch, proposer=block.proposer, value_count=len(block.values),
             committed_ms=time.time_ns() // 1_000_000, commit_blob=_pack(action.commit),
             decisions=[(d.index, d.author, d.nonce, d.data) for d in outcome.decisions],
-            offenders=outcome.evidence, snapshot=snapshot, new_table=new_table)
+            offenders=outcome.evidence, snapshot=snapshot, new_table=new_table,
+            meta={SIGN_STATE_SEQ_KEY: self.sign_state_file.seq})
         stored_mono = time.monotonic()  # the commit is durable: latencies end here
+        self.commit_store.observe(time.perf_counter() - started)
         self.stored_height = action.height
         self.last_commit_mono = stored_mono
         self.counters["consensus_commits"] += 1
@@ -648,6 +663,10 @@ class ConsensusService:
             "last_commit_s_ago": None if self.last_commit_mono is None
             else round(time.monotonic() - self.last_commit_mono, 3),
             "drops": dict(sorted(self.core.drops.items())),  # the core's counted drops (PROTOCOL §14.13)
+            # durable writes so far: how many, and the wall seconds spent waiting on them
+            "durable_writes": {name: {"count": hist.count, "total_s": round(hist.sum_s, 6)}
+                               for name, hist in (("sign_state", self.sign_state_sync),
+                                                  ("commit", self.commit_store))},
         }
 
     def reputation_rows(self) -> dict:

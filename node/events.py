@@ -28,7 +28,8 @@ EVENT_KINDS: dict[str, str] = {
     "equivocation_detected": "this node saw two conflicting signed votes (peer_id: the offender)",
     "reputation_changed": "an epoch's weight table was committed",
     "consensus_halted": "a durable write failed: this node stopped taking part in consensus until restarted",
-    "sign_state_missing": "the sign state was lost: this validator skips signing at the next height",
+    "sign_state_missing": "the sign state was lost or is older than the log: this validator skips "
+                          "signing at the next height",
     "store_behind_sign_state": "the store lost committed heights this node signed (fetched again from peers)",
     # federated training (node/training_service.py; the node itself)
     "job_committed": "a training job was committed to the log",

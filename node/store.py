@@ -225,11 +225,13 @@ class Store:
     def save_commit(self, *, height: int, block_hash: bytes, round_: int, epoch: int, proposer: str,
                     value_count: int, committed_ms: int, commit_blob: bytes,
                     decisions: list[tuple[int, str, int, bytes]], offenders: list[str],
-                    snapshot: bytes | None, new_table: tuple[int, int, bytes] | None) -> None:
+                    snapshot: bytes | None, new_table: tuple[int, int, bytes] | None,
+                    meta: dict[str, int] | None = None) -> None:
         """Write one committed height and what it changed, atomically.
 
         ``decisions``: (index, author, nonce, data); ``new_table``: (epoch,
-        from_height, msgpack weights) when the height closed an epoch.
+        from_height, msgpack weights) when the height closed an epoch; ``meta``:
+        integer meta values stored in the same transaction (:meth:`get_meta`).
         A height already stored is left as it is (the same block: the log is final).
         """
         with self._transaction():
@@ -249,6 +251,8 @@ class Store:
             if new_table is not None:
                 self.db.execute("INSERT OR REPLACE INTO epochs(epoch, from_height, weights) VALUES(?,?,?)",
                                 new_table)
+            for key, value in (meta or {}).items():
+                self.set_meta(key, value)
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -508,6 +512,12 @@ class SignStateFile:
                                      "restore it or remove it only if this key never signed")
             return 0, None, self._NO_EXTRA, None
         return max(valid, key=lambda slot: slot[0])
+
+    @property
+    def seq(self) -> int:
+        """How many times a payload was saved in this file (0: never; an older copy of the
+        file has a smaller count)."""
+        return self._seq
 
     def load(self) -> bytes | None:
         """The last saved payload, or None when nothing was ever saved."""

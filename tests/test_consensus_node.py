@@ -360,7 +360,15 @@ async def test_a_corrupt_or_lost_store_is_a_clear_error_or_a_reported_gap_never_
     node = Node(data_dir, config, net)
     await node.start()
     try:
-        top = max([(await node.consensus.propose(f"v{k}".encode(), 30))["height"] for k in range(3)])
+        await node.consensus.propose(b"v0", 30)
+    finally:
+        await node.stop()
+    early_sign_state = (data_dir / "bft_sign_state.bin").read_bytes()  # an old backup of it
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        top = max([(await node.consensus.propose(f"v{k}".encode(), 30))["height"] for k in range(1, 3)])
+        assert node.consensus.status()["signs_from_height"] is None  # (a clean restart sits out nothing)
     finally:
         await node.stop()
     db = data_dir / "node.sqlite3"
@@ -426,6 +434,20 @@ async def test_a_corrupt_or_lost_store_is_a_clear_error_or_a_reported_gap_never_
         assert any(e["kind"] == "sign_state_missing" for e in node.events)
         assert await async_wait_until(lambda: node.counters["consensus_events.sign_refused"] >= 1, 30)
         assert node.consensus.core._sign_state is None and node.consensus.height == height
+    finally:
+        await node.stop()
+    # an older copy of the sign state (restored from a backup) is as blind about the next
+    # height as none: the store knows the file's write count at its last commit
+    (data_dir / "bft_sign_state.bin").write_bytes(early_sign_state)
+    node = Node(data_dir, config, net)
+    await node.start()
+    try:
+        height = node.consensus.height
+        assert node.consensus.status()["signs_from_height"] == height + 2
+        event = [e for e in node.events if e["kind"] == "sign_state_missing"][-1]
+        assert event["signed_height"] is not None and event["signed_height"] < height
+        assert await async_wait_until(lambda: node.counters["consensus_events.sign_refused"] >= 1, 30)
+        assert node.consensus.height == height
     finally:
         await node.stop()
 

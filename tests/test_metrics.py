@@ -226,6 +226,16 @@ async def test_consensus_reputation_and_process_metrics_match_the_node(tmp_path)
         assert all(0 < v <= a.consensus.core.drops[reason] for reason, v in drops.items())
         assert a.status()["consensus"]["drops"].keys() >= drops.keys()
         assert families["chimera_consensus_commit_latency_seconds"].type == "histogram"
+        # the durable writes each height waits for: a commit store per stored height, a
+        # sign-state sync before each height's votes left (coalesced per action batch)
+        writes = a.status()["consensus"]["durable_writes"]
+        stores = samples[("chimera_consensus_commit_store_seconds_count", ())]
+        assert a.consensus.height <= stores <= writes["commit"]["count"]
+        assert samples[("chimera_consensus_sign_state_sync_seconds_count", ())] >= 3
+        assert 0 < samples[("chimera_consensus_commit_store_seconds_sum", ())] <= writes["commit"]["total_s"] + 1e-6
+        assert samples[("chimera_consensus_sign_state_sync_seconds_bucket", (("le", "0.0001"),))] <= \
+            samples[("chimera_consensus_sign_state_sync_seconds_bucket", (("le", "+Inf"),))]
+        assert families["chimera_consensus_sign_state_sync_seconds"].type == "histogram"
     finally:
         for node in nodes:
             await node.stop()
@@ -245,7 +255,8 @@ def test_grafana_dashboard_queries_only_exported_metrics():
                 "chimera_training_accuracy", "chimera_fabric_tasks_total",
                 "chimera_fabric_task_latency_seconds_bucket", "chimera_fabric_gpu_utilization_percent",
                 "chimera_process_cpu_seconds_total", "chimera_consensus_events_total",
-                "chimera_consensus_rejected_total", "chimera_consensus_drops_total"}
+                "chimera_consensus_rejected_total", "chimera_consensus_drops_total",
+                "chimera_consensus_sign_state_sync_seconds_bucket", "chimera_consensus_commit_store_seconds_bucket"}
     for expr in exprs:
         names = set(re.findall(r"chimera_[a-z_]+", expr))
         assert names and names <= exported, expr
