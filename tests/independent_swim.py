@@ -203,6 +203,7 @@ class SwimPeer(ip.IndependentPeer):
         self.acks: dict[int, list[tuple[str, str | None, tuple]]] = {}  # untracked probe id -> acks
         self.timer_deaths: list[tuple[float, str, float, int, int]] = []  # (mono s, peer, suspected for s, n, C)
         self.arrivals: list[tuple[str, str]] = []                   # (sender, kind) of each authentic envelope
+        self.last_arrival_s: dict[tuple[str, str], float] = {}      # (sender, kind) -> monotonic s of the last
         self.relayed: list[tuple[float, str, str]] = []             # (mono s, requester, target) answered
         self.probe_results: list[tuple[float, str, str]] = []       # (mono s, target, direct|indirect|failed)
         self.lhm = 0
@@ -443,6 +444,7 @@ class SwimPeer(ip.IndependentPeer):
             if self.has_left:
                 return
             self.arrivals.append((sender, env.kind))
+            self.last_arrival_s[(sender, env.kind)] = now_s
             if env.kind == "hello":
                 self.hellos.append(env)
                 self._changed.notify_all()
