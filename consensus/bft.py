@@ -539,8 +539,8 @@ class ServeCommits:
 @dataclass(frozen=True, slots=True)
 class BftEvent:
     """``kind``: new_height | new_round | round_skip | timeout_propose |
-    timeout_prevote | timeout_precommit | locked | committed | sign_refused | vote_resent
-    (and the driver-visible kinds of PROTOCOL.md §14.13)."""
+    timeout_prevote | timeout_precommit | locked | committed | sign_refused | vote_resent |
+    double_sign_risk | network_heard (and the driver-visible kinds of PROTOCOL.md §14.13)."""
 
     kind: str
     height: int
@@ -605,6 +605,17 @@ class BftConfig:
     # nil after this wait (at most timeout_propose): long enough for a message in
     # flight, short enough that a peer which is behind does not stall the round.
     not_ready_wait_s: float = 0.2
+    # A certified commit carrying a precommit of ours at a height our sign state does not hold
+    # (the sign state was lost with the log, or restored from an old copy, or this key also
+    # signs on another node): we signed there in a life we do not remember, and maybe at later
+    # heights whose certificates happen to lack our precommit. Nothing is signed up to this
+    # many heights past the one after it (CometBFT's double_sign_check_height, applied by
+    # itself; PROTOCOL.md §14.12).
+    double_sign_margin_heights: int = 2
+    # A core started with await_network (no sign state: a fresh validator, or one whose sign
+    # state was lost) asks the validators it has not heard at its height for commits this
+    # often until it has heard enough of them (PROTOCOL.md §14.12).
+    await_network_ask_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BLOCK_VALUES:
@@ -623,6 +634,10 @@ class BftConfig:
                self.commit_poll_delay_s, self.empty_block_interval_s,
                self.not_ready_wait_s) < 0:
             raise LocalProtocolError("deltas and waits must be >= 0")
+        if self.await_network_ask_interval_s <= 0:
+            raise LocalProtocolError("await_network_ask_interval_s must be > 0")
+        if self.double_sign_margin_heights < 0:
+            raise LocalProtocolError("double_sign_margin_heights must be >= 0")
 
     def timeout_s(self, step: str, round_: int) -> float:
         if step == PROPOSE:
@@ -735,7 +750,17 @@ class BftCore:
             (default 1: no floor). A driver whose sign state was lost while its log
             survived passes the last committed height + 2: it may have signed at the
             height after its last commit, so it sits that height out and follows it
-            from the certified commit (PROTOCOL.md §14.12).
+            from the certified commit (PROTOCOL.md §14.12). The core raises it itself
+            when a commit carries a precommit of ours its sign state does not hold
+            (event ``double_sign_risk``; :attr:`BftConfig.double_sign_margin_heights`).
+        await_network: start no round and sign nothing until validators holding more than
+            1/3 of the weight, counting ourselves, were heard at our height (a proposal,
+            a vote or a commit request of that height), asking the others for commits
+            every :attr:`BftConfig.await_network_ask_interval_s` meanwhile (event
+            ``network_heard`` when the wait ends). A driver without a sign state passes
+            True: if the network is ahead, the commits it fetches first carry the
+            precommits of a life it forgot and raise ``sign_from_height`` before it
+            signs anything (PROTOCOL.md §14.12). Default False (the simulator's cores).
         validate_value: pure application check of one value (default: accept all):
             True valid, False invalid (the sender of an invalid value is at fault),
             None "not yet": this peer lacks what the check needs (e.g. a training
@@ -779,7 +804,8 @@ class BftCore:
                  on_commit: Callable[[CertifiedCommit], WeightTable | None] | None = None,
                  choice_key: Callable[[bytes], tuple[bytes, Any] | None] | None = None,
                  proposable: Callable[[bytes, str | None], bool] | None = None,
-                 sign_from_height: int = 1, locked_block: Block | None = None) -> None:
+                 sign_from_height: int = 1, locked_block: Block | None = None,
+                 await_network: bool = False) -> None:
         if not 1 <= table_height <= height:
             raise LocalProtocolError("table_height must be in 1..height")
         if len(last_block_hash) != 32:
@@ -795,6 +821,11 @@ class BftCore:
         # nothing is signed below this height: a driver whose sign state was lost sets it past
         # every height it may have signed at (it follows those heights from certified commits)
         self.sign_from_height = sign_from_height
+        # await_network: validators heard at self.height (reset with the height) until the wait ends
+        self.awaiting_network = await_network
+        self._heard: set[str] = set()
+        self._heard_height = height
+        self._next_network_ask = now
         self._observer_polls = 0
         self.height = height
         self.drops: Counter[str] = Counter()  # reason -> count (duplicates included)
@@ -886,6 +917,8 @@ class BftCore:
     def next_deadline(self) -> float:
         """Monotonic time at which :meth:`tick` must be called next."""
         deadline = self._next_rebroadcast
+        if self.awaiting_network:
+            deadline = min(deadline, self._next_network_ask)
         if self._timers:
             deadline = min(deadline, self._timers[0][0])
         return deadline
@@ -950,6 +983,8 @@ class BftCore:
                 raise LocalProtocolError(f"not a consensus message: {type(msg).__name__}")
         except RemoteProtocolError as exc:
             self._reject(sender, exc.reason, str(exc))
+        if self.awaiting_network:
+            self._hear(sender, msg, now)
         if self._idle_wait and self._wakes(msg):
             if isinstance(msg, BftValues):  # at the next tick: values arriving together share a block
                 self._schedule(now, "idle_end", self.height, 0)
@@ -973,6 +1008,10 @@ class BftCore:
     def tick(self, now: float) -> None:
         """Run every timer due at ``now`` (the rebroadcast first: what the timers
         sign next is new and goes out with its own broadcast)."""
+        if self.awaiting_network and now >= self._next_network_ask and self._network_unheard(now):
+            self._next_network_ask = now + self.config.await_network_ask_interval_s
+            for peer_id in self._after_me(p for p in self.table.weights if p not in self._heard):
+                self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
         if now >= self._next_rebroadcast:
             self._next_rebroadcast = now + self.config.rebroadcast_interval_s
             self._rebroadcast()
@@ -1030,6 +1069,7 @@ class BftCore:
     def _reset_height_state(self) -> None:
         self.step = NEW_HEIGHT
         self._idle_wait = False
+        self._start_held = False  # a "start" timer the await_network wait swallowed
         self.locked_round: int | None = None
         self.locked_hash: bytes | None = None
         self.valid_round: int | None = None
@@ -1234,9 +1274,9 @@ class BftCore:
         """Send ``messages`` to the first :data:`FETCH_DECIDED_FROM` of ``peer_ids`` (in that
         order); returns how many peers were asked."""
         asked = peer_ids[:FETCH_DECIDED_FROM]
-        for message in messages:
+        for msg in messages:
             for peer_id in asked:
-                self._actions.append(Send(peer_id, message))
+                self._actions.append(Send(peer_id, msg))
         return len(asked)
 
     def _fetch_decided(self, digest: bytes, voters: Iterable[str]) -> None:
@@ -1503,6 +1543,11 @@ class BftCore:
         if self.height < self.sign_from_height:
             self._event("sign_refused", f"{step}: nothing is signed below height {self.sign_from_height}")
             return False
+        if self.awaiting_network and self.peer_id in self.table.weights and \
+                not self.table.passes(self._heard | {self.peer_id} if self._heard_height == self.height
+                                      else {self.peer_id}, ONE_THIRD):
+            self._event("sign_refused", f"{step}: the network is not heard yet")
+            return False
         last = self._sign_state
         position = (self.height, round_, _STEP_RANK[step])
         if last is not None:
@@ -1740,6 +1785,9 @@ class BftCore:
     def _on_timer(self, kind: str, round_: int, now: float) -> None:
         if kind == "start":
             if self.step == NEW_HEIGHT and not self._idle_wait:
+                if self._network_unheard(now):
+                    self._start_held = True  # started when the wait ends
+                    return
                 if round_ == 0 and self.config.empty_block_interval_s > 0 and not self._has_values() \
                         and not (self._proposals or self._prevotes or self._precommits):  # (held ones)
                     self._idle_wait = True
@@ -1876,6 +1924,14 @@ class BftCore:
 
     def _apply_commit(self, commit: CertifiedCommit, digest: bytes, now: float, source: str) -> None:
         height = self.height
+        last = self._sign_state
+        if (last is None or last.height < height) and any(v.voter == self.peer_id for v in commit.certificate.votes):
+            # our precommit, which we never persisted: see BftConfig.double_sign_margin_heights
+            floor = height + 2 + self.config.double_sign_margin_heights
+            if floor > self.sign_from_height:
+                self.sign_from_height = floor
+                self._event("double_sign_risk", f"our precommit is in the certificate of height {height} but "
+                            f"not in our sign state: nothing is signed below height {floor}")
         if self._first_vote_at is not None and source == "consensus":
             self._vote_to_commit_s.append(now - self._first_vote_at)
         self._first_vote_at = None
@@ -1914,6 +1970,42 @@ class BftCore:
 
     def _has_values(self) -> bool:
         return any(d not in self._recent for d in self._pool)
+
+    def _network_unheard(self, now: float) -> bool:
+        """True while the await_network wait holds (we are a validator and have not heard
+        validators of more than 1/3 of the weight, ourselves counted, at this height); ends
+        the wait (event ``network_heard``, and the round start it held) the first time it
+        finds otherwise."""
+        if not self.awaiting_network:
+            return False
+        if self._heard_height != self.height:
+            self._heard, self._heard_height = set(), self.height
+        table = self.table
+        if self.peer_id in table.weights and not table.passes(self._heard | {self.peer_id}, ONE_THIRD):
+            return True
+        self.awaiting_network = False
+        self._event("network_heard", f"validators of more than 1/3 of the weight at height {self.height}: "
+                    f"{len(self._heard)} besides us")
+        if self._start_held:
+            self._start_held = False
+            self._schedule(now, "start", self.height, self.round)
+        return False
+
+    def _hear(self, sender: str, msg: object, now: float) -> None:
+        """await_network: count ``sender`` when ``msg`` shows it at our height."""
+        if isinstance(msg, BftVote):
+            height = msg.vote.height
+        elif isinstance(msg, BftProposal):
+            height = msg.height
+        elif isinstance(msg, BftCommitRequest):
+            height = msg.from_height
+        else:
+            return
+        if height == self.height and sender in self.table.weights:
+            if self._heard_height != self.height:
+                self._heard, self._heard_height = set(), self.height
+            self._heard.add(sender)
+            self._network_unheard(now)
 
     def _wakes(self, msg: object) -> bool:
         if isinstance(msg, BftValues):

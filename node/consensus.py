@@ -163,6 +163,7 @@ class ConsensusService:
         # (the others decide it; it follows from the certified commit) and resumes after it: it
         # cannot have signed beyond, since it stores each commit before it enters the next
         # height. A validator that never signed (it just joined) loses one height.
+        self._double_sign_reported = False
         self.sign_from_height = 1
         signed_height = None if sign_state is None else sign_state.height
         older = self.sign_state_file.seq < self.store.get_meta(SIGN_STATE_SEQ_KEY, 0)
@@ -183,6 +184,9 @@ class ConsensusService:
                             height=height + 1, last_block_hash=last_hash,
                             table_height=self.ledger.table_height, sign_state=sign_state,
                             sign_from_height=self.sign_from_height,
+                            # no usable sign state (a fresh validator, or the file was lost): sign
+                            # nothing before hearing where the network is (PROTOCOL.md §14.12)
+                            await_network=sign_state is None or older,
                             locked_block=self._load_locked_block(sign_state, height),
                             validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit,
                             choice_key=self.ledger.choice_key, proposable=self.ledger.proposable)
@@ -482,6 +486,19 @@ class ConsensusService:
             self._serve(action)
         elif isinstance(action, BftEvent):
             self.counters[f"consensus_events.{action.kind}"] += 1
+            if action.kind == "network_heard":
+                log.info("heard validators of more than 1/3 of the weight at height %d: signing from here on "
+                         "(nothing below height %d)", action.height, self.core.sign_from_height)
+            if action.kind == "double_sign_risk" and not self._double_sign_reported:
+                # once per start (a catch-up through a forgotten past may raise it at every
+                # height); status `signs_from_height` follows the floor
+                self._double_sign_reported = True
+                log.error("a certified commit of height %d carries a precommit of this validator that its "
+                          "sign state (%s) does not hold: the sign state was lost or is an old copy, or "
+                          "this key signs on another node too; nothing is signed below height %d",
+                          action.height, self.sign_state_file.path, self.core.sign_from_height)
+                node.emit_event("double_sign_risk", node.peer_id, priority="warning", height=action.height,
+                                signs_from_height=self.core.sign_from_height)
 
     def _equivocate(self, vote: Vote) -> None:
         """TEST HOOK (``test_equivocate``): also sign a conflicting vote. Never in production."""
@@ -655,7 +672,9 @@ class ConsensusService:
             "store_gap": None if self.store_gap is None or self.height >= self.store_gap[1]
             else list(self.store_gap),  # until peers have refilled it (the event stays in `events`)
             # the sign state was missing at start: nothing is signed below this height
-            "signs_from_height": self.sign_from_height if self.core.height < self.sign_from_height else None,
+            "signs_from_height": self.core.sign_from_height if self.core.height < self.core.sign_from_height
+            else None,
+            "awaiting_network": self.core.awaiting_network and self.is_validator,
             "round": self.core.round,
             "step": self.core.step,
             "pool_size": self.core.pool_size,

@@ -30,6 +30,8 @@ EVENT_KINDS: dict[str, str] = {
     "consensus_halted": "a durable write failed: this node stopped taking part in consensus until restarted",
     "sign_state_missing": "the sign state was lost or is older than the log: this validator skips "
                           "signing at the next height",
+    "double_sign_risk": "a commit carries a precommit of this validator its sign state does not hold: "
+                        "it signs nothing for a few heights",
     "store_behind_sign_state": "the store lost committed heights this node signed (fetched again from peers)",
     # federated training (node/training_service.py; the node itself)
     "job_committed": "a training job was committed to the log",

@@ -352,8 +352,12 @@ def _consensus_lines(c: dict | None) -> list[str]:
     if c.get("halted"):
         lines.append(f"CONSENSUS HALTED  {c['halted']} (fix the disk, then restart the node)")
     if c.get("signs_from_height"):
-        lines.append(f"NOT SIGNING  below height {c['signs_from_height']}: the sign state was missing at start "
+        lines.append(f"NOT SIGNING  below height {c['signs_from_height']}: the sign state was missing or old at "
+                     "start, or a certified commit carries a precommit of this node it does not remember "
                      "(restore bft_sign_state.bin to avoid this)")
+    if c.get("awaiting_network"):
+        lines.append("NOT SIGNING YET  no sign state at start: waiting to hear validators of more than 1/3 of "
+                     "the weight at this height (and fetching the commits it missed)")
     if c.get("store_gap"):
         lo, hi = c["store_gap"]
         lines.append(f"STORE GAP    committed heights {lo}..{hi}, which this node signed for, were missing "

@@ -503,6 +503,90 @@ def test_a_core_with_a_sign_floor_signs_nothing_below_it_and_follows_the_others(
     assert refused and all("below height 2" in a.detail for a in refused)
 
 
+def test_a_commit_carrying_a_precommit_we_do_not_remember_raises_the_sign_floor():
+    """A validator that lost its log and its sign state together catches up from certified
+    commits. One whose certificate carries its own precommit proves a signature it does not
+    remember: it signs nothing below that height + 2 + the margin (PROTOCOL.md §14.12), each
+    such commit raising the floor again; certificates without its precommit, and any its sign
+    state holds, change nothing."""
+    cluster = Cluster(4)
+    for core in cluster.cores.values():
+        core.submit(b"value", 0.0)
+    cluster.advance(3.0)
+    me, other = cluster.ids[1], cluster.ids[2]
+    commits = [c.commit for c in cluster.commits[me.peer_id]][:MAX_COMMITS_PER_RESPONSE]
+    assert len(commits) >= 5
+    mine = [c.block.height for c in commits if me.peer_id in c.certificate.voters()]
+    assert mine, "the cluster never counted this validator's precommit"
+    # the same validator, its log and sign state lost: it learns its past from the commits
+    amnesiac = BftCore(me, NET, cluster.table, FAST, cluster.now, validate_value=valid_value)
+    amnesiac.on_message(other.peer_id, roundtrip(BftCommitResponse(commits=tuple(commits),
+                                                                   latest_height=len(commits))), cluster.now)
+    actions = amnesiac.take_actions()
+    assert [a.height for a in actions if isinstance(a, Commit)] == [c.block.height for c in commits]
+    assert amnesiac.sign_from_height == max(mine) + 2 + FAST.double_sign_margin_heights
+    risks = [a for a in actions if isinstance(a, BftEvent) and a.kind == "double_sign_risk"]
+    assert [r.height for r in risks] == mine  # (one per commit that raised the floor)
+    assert not [a for a in actions if isinstance(a, (PersistVote, Broadcast)) and
+                (not isinstance(a, Broadcast) or isinstance(a.message, (BftVote, BftProposal)))]
+    # a validator whose certificates never carry its precommit learns nothing to fear
+    others = [c for c in commits if me.peer_id not in c.certificate.voters()]
+    if others and others[0].block.height == 1:
+        clean = BftCore(me, NET, cluster.table, FAST, cluster.now, validate_value=valid_value)
+        clean.on_message(other.peer_id, BftCommitResponse(commits=(others[0],), latest_height=1), cluster.now)
+        assert clean.sign_from_height == 1
+    # the live validator itself, whose sign state holds its precommits: no floor
+    assert cluster.cores[me.peer_id].sign_from_height == 1
+    with pytest.raises(LocalProtocolError, match="double_sign_margin_heights"):
+        BftConfig(double_sign_margin_heights=-1)
+
+
+def test_a_core_awaiting_the_network_signs_nothing_before_hearing_it():
+    """await_network (a validator without a sign state, PROTOCOL.md §14.12): a fresh network
+    of such cores starts as fast as any (their commit requests of height 1 are heard at
+    once); one whose log and sign state were lost while the others went on signs nothing at
+    its stale height 1: it catches up first, and the certificates carrying its forgotten
+    precommits raise its floor before its first signature."""
+    def first_signatures(actions):
+        return [a.state.height for a in actions if isinstance(a, PersistVote)]
+
+    cluster = Cluster(4)
+    for pid in cluster.cores:
+        cluster.cores[pid] = BftCore(next(i for i in cluster.ids if i.peer_id == pid), NET, cluster.table, FAST,
+                                     0.0, validate_value=valid_value, await_network=True)
+    cluster.advance(1.0)
+    assert all([c.height for c in cs][:3] == [1, 2, 3] for cs in cluster.commits.values())
+    for pid, actions in cluster.log.items():
+        kinds = [a.kind for a in actions if isinstance(a, BftEvent)]
+        assert "network_heard" in kinds and not cluster.cores[pid].awaiting_network
+        first_sign = next(k for k, a in enumerate(actions) if isinstance(a, PersistVote))
+        heard = next(k for k, a in enumerate(actions) if isinstance(a, BftEvent) and a.kind == "network_heard")
+        assert heard < first_sign
+    me = cluster.ids[3]
+    mine = [c.height for c in cluster.commits[me.peer_id] if me.peer_id in c.commit.certificate.voters()]
+    assert mine
+    # its disk replaced: a fresh core at height 1 while the others are far ahead
+    cluster.log[me.peer_id] = []
+    cluster.cores[me.peer_id] = amnesiac = BftCore(me, NET, cluster.table, FAST, cluster.now,
+                                                   validate_value=valid_value, await_network=True)
+    start = cluster.now
+    cluster.advance(start + 3.0)
+    signed = first_signatures(cluster.log[me.peer_id])
+    assert signed, "it never signed again"
+    assert min(signed) >= max(mine) + 2 + FAST.double_sign_margin_heights
+    messages = [a.message for a in cluster.log[me.peer_id] if isinstance(a, (Broadcast, Send))]
+    own = [m.vote.height for m in messages if isinstance(m, BftVote) and m.vote.voter == me.peer_id] + \
+        [m.height for m in messages if isinstance(m, BftProposal) and amnesiac.proposer(m.height, m.round) == me.peer_id]
+    assert own and min(own) >= min(signed)  # what it sent it signed from its floor on (others' are relays)
+    assert amnesiac.height >= cluster.cores[cluster.ids[0].peer_id].height - 1
+    # a lone validator hears itself: no wait
+    lone = BftCore(me, NET, table_of([me]), FAST, 0.0, await_network=True)
+    lone.tick(0.0)
+    assert not lone.awaiting_network and any(isinstance(a, Commit) for a in lone.take_actions())
+    with pytest.raises(LocalProtocolError, match="await_network_ask_interval_s"):
+        BftConfig(await_network_ask_interval_s=0)
+
+
 def test_bad_inputs_are_dropped_and_reported_never_crash():
     core, table, schedule, by_id = _core_and_others(4)
     other = next(by_id[p] for p in table.weights if p != core.peer_id)

@@ -90,6 +90,62 @@ async def test_in_process_validators_commit_identical_logs_and_an_observer_joins
             await node.stop()
 
 
+async def test_a_validator_that_lost_its_log_and_sign_state_sits_out_what_it_may_have_signed(tmp_path: Path):
+    """The disk of a validator is replaced and its key restored (log and sign state gone): it
+    signs nothing at its stale height 1 (it waits to hear the network), catches up from
+    certified commits, finds its own precommits in them and signs nothing up to 2 + the
+    margin heights past the last of them (PROTOCOL.md §14.12, event ``double_sign_risk``),
+    while the other three go on committing; then it signs again."""
+    from chimera.node.runtime import Node
+
+    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(4)]
+    net = Network.create("t", genesis=ids, epoch_length=1000)
+    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    nodes = []
+
+    async def start(i: int) -> Node:
+        node = Node(tmp_path / f"n{i}", config, net)
+        await node.start()
+        if i:
+            node.add_contact_uri(nodes[0].contact_uri, static=True)
+            node.run_membership_actions()
+        return node
+
+    try:
+        for i in range(4):
+            nodes.append(await start(i))
+        for k in range(4):
+            await nodes[k].consensus.propose(f"before {k}".encode(), 60)
+        lost = nodes[3]
+        assert await async_wait_until(lambda: lost.consensus.height >= nodes[0].consensus.height, 30)
+        await lost.stop()
+        stopped_at = max(n.consensus.height for n in nodes[:3])  # later heights: decided without it
+        for name in ("node.sqlite3", "node.sqlite3-wal", "node.sqlite3-shm", "bft_sign_state.bin"):
+            (lost.data_dir / name).unlink(missing_ok=True)
+        nodes[3] = lost = await start(3)
+        assert lost.consensus.height == 0
+        assert await async_wait_until(lambda: any(e["kind"] == "double_sign_risk" for e in lost.events), 60), \
+            [e["kind"] for e in lost.events]
+        floor = lost.consensus.core.sign_from_height
+        assert floor >= 4  # past the first commit of the old life (height 1 or 2) + 2 + the margin
+        # the other three decide meanwhile; it follows from certified commits, then signs again
+        assert await async_wait_until(lambda: lost.consensus.core._sign_state is not None, 60)
+        assert lost.consensus.core._sign_state.height >= floor  # (a certificate may lack its precommit:
+        # the others' are enough and may come first)
+        done = await asyncio.gather(*(nodes[k].consensus.propose(f"after {k}".encode(), 60) for k in range(4)))
+        top = max(r["height"] for r in done)
+        assert await async_wait_until(lambda: all(n.consensus.height >= top for n in nodes), 60)
+        logs = [[(d["height"], d["index"], d["data"]) for d in n.store.decisions(1, 1000)] for n in nodes]
+        assert all(log == logs[0] for log in logs) and len(logs[0]) == 8
+        # no precommit of the new life below the floor: heights decided after its stop carry none
+        for h in range(stopped_at + 1, min(floor, top + 1)):
+            assert lost.peer_id not in [v["voter"] for v in nodes[0].consensus.certificate_doc(h)["precommits"]]
+        assert not any(n.counters["consensus_evidence"] for n in nodes)  # nobody saw it equivocate
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
 async def test_propose_without_genesis_is_a_clear_admin_error(node_factory):
     node = await node_factory("a")
     assert node.consensus is None
