@@ -1010,7 +1010,8 @@ class BftCore:
         sign next is new and goes out with its own broadcast)."""
         if self.awaiting_network and now >= self._next_network_ask and self._network_unheard(now):
             self._next_network_ask = now + self.config.await_network_ask_interval_s
-            for peer_id in self._after_me(p for p in self.table.weights if p not in self._heard):
+            heard = self._heard_here()
+            for peer_id in self._after_me(p for p in self.table.weights if p not in heard):
                 self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
         if now >= self._next_rebroadcast:
             self._next_rebroadcast = now + self.config.rebroadcast_interval_s
@@ -1543,9 +1544,7 @@ class BftCore:
         if self.height < self.sign_from_height:
             self._event("sign_refused", f"{step}: nothing is signed below height {self.sign_from_height}")
             return False
-        if self.awaiting_network and self.peer_id in self.table.weights and \
-                not self.table.passes(self._heard | {self.peer_id} if self._heard_height == self.height
-                                      else {self.peer_id}, ONE_THIRD):
+        if self.awaiting_network and not self._heard_enough():
             self._event("sign_refused", f"{step}: the network is not heard yet")
             return False
         last = self._sign_state
@@ -1978,10 +1977,7 @@ class BftCore:
         finds otherwise."""
         if not self.awaiting_network:
             return False
-        if self._heard_height != self.height:
-            self._heard, self._heard_height = set(), self.height
-        table = self.table
-        if self.peer_id in table.weights and not table.passes(self._heard | {self.peer_id}, ONE_THIRD):
+        if not self._heard_enough():
             return True
         self.awaiting_network = False
         self._event("network_heard", f"validators of more than 1/3 of the weight at height {self.height}: "
@@ -1990,6 +1986,20 @@ class BftCore:
             self._start_held = False
             self._schedule(now, "start", self.height, self.round)
         return False
+
+    def _heard_enough(self) -> bool:
+        """Whether we are no validator, or validators of more than 1/3 of the weight, ourselves
+        counted, were heard at this height."""
+        table = self.table
+        if self.peer_id not in table.weights:
+            return True
+        return table.passes(self._heard_here() | {self.peer_id}, ONE_THIRD)
+
+    def _heard_here(self) -> set[str]:
+        """The validators heard at this height (the set restarts with each height)."""
+        if self._heard_height != self.height:
+            self._heard, self._heard_height = set(), self.height
+        return self._heard
 
     def _hear(self, sender: str, msg: object, now: float) -> None:
         """await_network: count ``sender`` when ``msg`` shows it at our height."""
@@ -2002,9 +2012,7 @@ class BftCore:
         else:
             return
         if height == self.height and sender in self.table.weights:
-            if self._heard_height != self.height:
-                self._heard, self._heard_height = set(), self.height
-            self._heard.add(sender)
+            self._heard_here().add(sender)
             self._network_unheard(now)
 
     def _wakes(self, msg: object) -> bool:
