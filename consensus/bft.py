@@ -101,6 +101,7 @@ import msgpack
 
 from chimera.consensus.quorum import (
     MAX_VOTERS,
+    TWO_THIRDS,
     CertificateError,
     QuorumCertificate,
     SignedVote,
@@ -754,7 +755,8 @@ class BftCore:
             when a commit carries a precommit of ours its sign state does not hold
             (event ``double_sign_risk``; :attr:`BftConfig.double_sign_margin_heights`).
         await_network: start no round and sign nothing until validators holding more than
-            1/3 of the weight, counting ourselves, were heard at our height (a proposal,
+            1/3 of the weight, counting ourselves, were heard at our height, another
+            validator at least unless we hold more than 2/3 alone (a proposal,
             a vote or a commit request of that height), asking the others for commits
             every :attr:`BftConfig.await_network_ask_interval_s` meanwhile (event
             ``network_heard`` when the wait ends). A driver without a sign state passes
@@ -1989,11 +1991,14 @@ class BftCore:
 
     def _heard_enough(self) -> bool:
         """Whether we are no validator, or validators of more than 1/3 of the weight, ourselves
-        counted, were heard at this height."""
+        counted, were heard at this height, at least one of them another than us unless we
+        hold more than 2/3 alone (we then decide with or without the others)."""
         table = self.table
         if self.peer_id not in table.weights:
             return True
-        return table.passes(self._heard_here() | {self.peer_id}, ONE_THIRD)
+        heard = self._heard_here()
+        return table.passes(heard | {self.peer_id}, ONE_THIRD) and \
+            (bool(heard) or table.passes({self.peer_id}, TWO_THIRDS))
 
     def _heard_here(self) -> set[str]:
         """The validators heard at this height (the set restarts with each height)."""

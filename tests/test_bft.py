@@ -579,6 +579,15 @@ def test_a_core_awaiting_the_network_signs_nothing_before_hearing_it():
         [m.height for m in messages if isinstance(m, BftProposal) and amnesiac.proposer(m.height, m.round) == me.peer_id]
     assert own and min(own) >= min(signed)  # what it sent it signed from its floor on (others' are relays)
     assert amnesiac.height >= cluster.cores[cluster.ids[0].peer_id].height - 1
+    # two equal validators: each waits for the other (more than 1/3 alone is not enough: one
+    # other validator at least, unless more than 2/3 alone), and hears its commit request
+    pair = table_of([me, cluster.ids[0]])
+    first, second = (BftCore(i, NET, pair, FAST, 0.0, await_network=True) for i in (me, cluster.ids[0]))
+    first.tick(0.0)
+    asks = [a for a in first.take_actions() if isinstance(a, Send)]
+    assert first.awaiting_network and [(a.peer_id, a.message.from_height) for a in asks] == [(cluster.ids[0].peer_id, 1)]
+    second.on_message(me.peer_id, roundtrip(asks[0].message), 0.0)
+    assert not second.awaiting_network
     # a lone validator hears itself: no wait
     lone = BftCore(me, NET, table_of([me]), FAST, 0.0, await_network=True)
     lone.tick(0.0)
