@@ -487,7 +487,8 @@ class ConsensusService:
         elif isinstance(action, BftEvent):
             self.counters[f"consensus_events.{action.kind}"] += 1
             if action.kind == "network_heard":
-                log.info("heard validators of more than 1/3 of the weight at height %d: signing from here on "
+                # (a fresh network hears itself at height 1: not worth a line each start)
+                (log.info if action.height > 1 else log.debug)("heard validators of more than 1/3 of the weight at height %d: signing from here on "
                          "(nothing below height %d)", action.height, self.core.sign_from_height)
             if action.kind == "double_sign_risk" and not self._double_sign_reported:
                 # once per start (a catch-up through a forgotten past may raise it at every
@@ -671,7 +672,8 @@ class ConsensusService:
             # committed heights missing from this node's store below its last signature (see __init__)
             "store_gap": None if self.store_gap is None or self.height >= self.store_gap[1]
             else list(self.store_gap),  # until peers have refilled it (the event stays in `events`)
-            # the sign state was missing at start: nothing is signed below this height
+            # the sign state was missing or old at start, or a commit carried a precommit of ours it
+            # does not hold: nothing is signed below this height
             "signs_from_height": self.core.sign_from_height if self.core.height < self.core.sign_from_height
             else None,
             "awaiting_network": self.core.awaiting_network and self.is_validator,
