@@ -613,6 +613,10 @@ class BftConfig:
     # many heights past the one after it (CometBFT's double_sign_check_height, applied by
     # itself; PROTOCOL.md §14.12).
     double_sign_margin_heights: int = 2
+    # False: trust that this key signed nothing it does not remember (no floor from
+    # certificates; CometBFT's double_sign_check_height = 0). Only to restart a log that
+    # stopped waiting for this validator to sit a height out (PROTOCOL.md §14.12).
+    double_sign_check: bool = True
     # A core started with await_network (no sign state: a fresh validator, or one whose sign
     # state was lost) asks the validators it has not heard at its height for commits this
     # often until it has heard enough of them (PROTOCOL.md §14.12).
@@ -1926,7 +1930,8 @@ class BftCore:
     def _apply_commit(self, commit: CertifiedCommit, digest: bytes, now: float, source: str) -> None:
         height = self.height
         last = self._sign_state
-        if (last is None or last.height < height) and any(v.voter == self.peer_id for v in commit.certificate.votes):
+        if self.config.double_sign_check and (last is None or last.height < height) \
+                and any(v.voter == self.peer_id for v in commit.certificate.votes):
             # our precommit, which we never persisted: see BftConfig.double_sign_margin_heights
             floor = height + 2 + self.config.double_sign_margin_heights
             if floor > self.sign_from_height:

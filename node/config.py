@@ -71,6 +71,11 @@ class NodeConfig:
     consensus_commit_wait_s: float = 1.0  # pause after a commit (CometBFT timeout_commit)
     consensus_max_batch: int = 64  # values per block
     consensus_empty_block_interval_s: float = 5.0  # idle: one empty block per interval; 0: every height
+    # false: this validator trusts that its key signed nothing it lost with its sign state (or
+    # log): no height sat out, no wait to hear the network, no floor from certificates
+    # (PROTOCOL.md §14.12; CometBFT's double_sign_check_height = 0). Only to restart a log that
+    # stopped because it needs this validator while it sits a height out; wrong, it equivocates.
+    consensus_double_sign_check: bool = True
     test_equivocate: bool = False  # TEST HOOK: sign conflicting votes (tests only)
     # local reputation (consensus/reputation.py; PROTOCOL.md §14.13): what this node's
     # observations weigh; its opinions, and through them the committed weights, follow

@@ -167,7 +167,15 @@ class ConsensusService:
         self.sign_from_height = 1
         signed_height = None if sign_state is None else sign_state.height
         older = self.sign_state_file.seq < self.store.get_meta(SIGN_STATE_SEQ_KEY, 0)
-        if (sign_state is None or older) and height >= 1 and node.peer_id in self.ledger.table.weights:
+        if (sign_state is None or older) and height >= 1 and node.peer_id in self.ledger.table.weights \
+                and not config.double_sign_check:
+            held = "no sign state" if signed_height is None else f"a sign state of height {signed_height}"
+            log.warning("%s holds %s but the log is at height %d, and consensus_double_sign_check is false: "
+                        "this validator signs at height %d as if it had signed nothing there (if it did, "
+                        "it equivocates)", self.sign_state_file.path, held, height, height + 1)
+            node.emit_event("sign_state_missing", node.peer_id, priority="warning",
+                            stored_height=height, signed_height=signed_height, signs_from_height=height + 1)
+        elif (sign_state is None or older) and height >= 1 and node.peer_id in self.ledger.table.weights:
             self.sign_from_height = height + 2
             held = "no sign state" if signed_height is None else f"a sign state of height {signed_height}"
             log.error("%s holds %s but the log is at height %d: what this validator signed at height %d "
@@ -186,7 +194,7 @@ class ConsensusService:
                             sign_from_height=self.sign_from_height,
                             # no usable sign state (a fresh validator, or the file was lost): sign
                             # nothing before hearing where the network is (PROTOCOL.md §14.12)
-                            await_network=sign_state is None or older,
+                            await_network=(sign_state is None or older) and config.double_sign_check,
                             locked_block=self._load_locked_block(sign_state, height),
                             validate_value=self.ledger.validate_value, on_commit=self.ledger.on_commit,
                             choice_key=self.ledger.choice_key, proposable=self.ledger.proposable)

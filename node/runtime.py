@@ -381,6 +381,7 @@ class Node:
                         max_batch=cfg.consensus_max_batch,
                         empty_block_interval_s=cfg.consensus_empty_block_interval_s,
                         rebroadcast_interval_s=max(0.5, 2 * cfg.consensus_vote_timeout_s),
+                        double_sign_check=cfg.consensus_double_sign_check,
                     ))
             except NodeStartError:
                 await self.stop()  # what already runs (sockets, admin) closes again

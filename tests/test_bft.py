@@ -535,6 +535,12 @@ def test_a_commit_carrying_a_precommit_we_do_not_remember_raises_the_sign_floor(
         clean = BftCore(me, NET, cluster.table, FAST, cluster.now, validate_value=valid_value)
         clean.on_message(other.peer_id, BftCommitResponse(commits=(others[0],), latest_height=1), cluster.now)
         assert clean.sign_from_height == 1
+    # the check turned off (the operator vouches that the key signed nothing it lost): no floor
+    trusting = BftCore(me, NET, cluster.table, replace(FAST, double_sign_check=False), cluster.now,
+                       validate_value=valid_value)
+    trusting.on_message(other.peer_id, BftCommitResponse(commits=tuple(commits), latest_height=len(commits)),
+                        cluster.now)
+    assert trusting.height == len(commits) + 1 and trusting.sign_from_height == 1
     # the live validator itself, whose sign state holds its precommits: no floor
     assert cluster.cores[me.peer_id].sign_from_height == 1
     with pytest.raises(LocalProtocolError, match="double_sign_margin_heights"):

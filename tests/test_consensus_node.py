@@ -15,6 +15,7 @@ from chimera.node import admin
 from chimera.node.config import NodeConfig
 from chimera.node.keys import load_or_create_identity
 from chimera.node.launcher import LocalNetwork
+from chimera.protocol.errors import LocalProtocolError
 from chimera.protocol.network import Network
 from tests.conftest import FAST, async_wait_until, wait_until
 
@@ -145,6 +146,56 @@ async def test_a_validator_that_lost_its_log_and_sign_state_sits_out_what_it_may
         for h in range(stopped_at + 1, min(floor, top + 1)):
             assert lost.peer_id not in [v["voter"] for v in nodes[0].consensus.certificate_doc(h)["precommits"]]
         assert not any(n.counters["consensus_evidence"] for n in nodes)  # nobody saw it equivocate
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def test_a_needed_validator_sitting_a_height_out_stops_the_log_until_told_it_signed_nothing(tmp_path: Path):
+    """Three equal validators (every commit needs all three). One loses its sign state (the log
+    survives): it sits the next height out (PROTOCOL.md §14.12), which cannot commit without it,
+    so the log stops and a value proposed meanwhile times out. Restarted with
+    ``consensus_double_sign_check = false`` (its operator knows the key signed nothing it lost),
+    it signs at once: the log goes on, the pooled value commits, the three logs are equal."""
+    from chimera.node.runtime import Node
+
+    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(3)]
+    net = Network.create("t", genesis=ids, epoch_length=1000)
+    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    nodes = []
+
+    async def start(i: int, cfg: NodeConfig = config) -> Node:
+        node = Node(tmp_path / f"n{i}", cfg, net)
+        await node.start()
+        if i:
+            node.add_contact_uri(nodes[0].contact_uri, static=True)
+            node.run_membership_actions()
+        return node
+
+    try:
+        for i in range(3):
+            nodes.append(await start(i))
+        for k in range(3):
+            await nodes[k].consensus.propose(f"before {k}".encode(), 60)
+        await nodes[2].stop()
+        (nodes[2].data_dir / "bft_sign_state.bin").unlink()
+        nodes[2] = await start(2)
+        stored = nodes[2].consensus.height
+        assert nodes[2].consensus.status()["signs_from_height"] == stored + 2
+        assert any(e["kind"] == "sign_state_missing" for e in nodes[2].events)
+        with pytest.raises(LocalProtocolError, match="not committed within"):
+            await nodes[0].consensus.propose(b"while it sits out", 3)
+        assert max(n.consensus.height for n in nodes) <= stored  # (none has the height it sits out)
+        await nodes[2].stop()
+        nodes[2] = await start(2, config.replace(consensus_double_sign_check=False))
+        assert nodes[2].consensus.status()["signs_from_height"] is None
+        assert not nodes[2].consensus.status()["awaiting_network"]
+        done = await nodes[1].consensus.propose(b"after the override", 60)
+        assert await async_wait_until(lambda: all(n.consensus.height >= done["height"] for n in nodes), 60)
+        logs = [[d["data"] for d in n.store.decisions(1, 1000)] for n in nodes]
+        assert all(log == logs[0] for log in logs)
+        assert b"while it sits out" in logs[0]
+        assert not any(n.counters["consensus_evidence"] for n in nodes)
     finally:
         for node in nodes:
             await node.stop()
