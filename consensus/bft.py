@@ -759,8 +759,8 @@ class BftCore:
             when a commit carries a precommit of ours its sign state does not hold
             (event ``double_sign_risk``; :attr:`BftConfig.double_sign_margin_heights`).
         await_network: start no round and sign nothing until validators holding more than
-            1/3 of the weight, counting ourselves, were heard at our height, another
-            validator at least unless we hold more than 2/3 alone (a proposal,
+            1/3 of the weight without us, or more than 2/3 with us, were heard at our
+            height (a proposal,
             a vote or a commit request of that height), asking the others for commits
             every :attr:`BftConfig.await_network_ask_interval_s` meanwhile (event
             ``network_heard`` when the wait ends). A driver without a sign state passes
@@ -1987,23 +1987,22 @@ class BftCore:
         if not self._heard_enough():
             return True
         self.awaiting_network = False
-        self._event("network_heard", f"validators of more than 1/3 of the weight at height {self.height}: "
-                    f"{len(self._heard)} besides us")
+        self._event("network_heard", f"{len(self._heard)} validators heard at height {self.height}")
         if self._start_held:
             self._start_held = False
             self._schedule(now, "start", self.height, self.round)
         return False
 
     def _heard_enough(self) -> bool:
-        """Whether we are no validator, or validators of more than 1/3 of the weight, ourselves
-        counted, were heard at this height, at least one of them another than us unless we
-        hold more than 2/3 alone (we then decide with or without the others)."""
+        """Whether we are no validator, or the validators heard at this height hold more than
+        1/3 of the weight without us (one of them at least is correct) or more than 2/3 with
+        us (a quorum is there: waiting longer could only stop the log). Validators of under
+        1/3 alone, byzantine ones say, never end the wait of one of small weight."""
         table = self.table
         if self.peer_id not in table.weights:
             return True
         heard = self._heard_here()
-        return table.passes(heard | {self.peer_id}, ONE_THIRD) and \
-            (bool(heard) or table.passes({self.peer_id}, TWO_THIRDS))
+        return table.passes(heard, ONE_THIRD) or table.passes(heard | {self.peer_id}, TWO_THIRDS)
 
     def _heard_here(self) -> set[str]:
         """The validators heard at this height (the set restarts with each height)."""

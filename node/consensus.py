@@ -496,8 +496,9 @@ class ConsensusService:
             self.counters[f"consensus_events.{action.kind}"] += 1
             if action.kind == "network_heard":
                 # (a fresh network hears itself at height 1: not worth a line each start)
-                (log.info if action.height > 1 else log.debug)("heard validators of more than 1/3 of the weight at height %d: signing from here on "
-                         "(nothing below height %d)", action.height, self.core.sign_from_height)
+                (log.info if action.height > 1 else log.debug)(
+                    "heard enough validators at height %d: signing from here on (nothing below height %d)",
+                    action.height, self.core.sign_from_height)
             if action.kind == "double_sign_risk" and not self._double_sign_reported:
                 # once per start (a catch-up through a forgotten past may raise it at every
                 # height); status `signs_from_height` follows the floor

@@ -357,7 +357,7 @@ def _consensus_lines(c: dict | None) -> list[str]:
                      "(restore bft_sign_state.bin to avoid this)")
     if c.get("awaiting_network"):
         lines.append("NOT SIGNING YET  no sign state at start: waiting to hear validators of more than 1/3 of "
-                     "the weight at this height (and fetching the commits it missed)")
+                     "the weight (2/3 with this one) at this height, and fetching the commits it missed")
     if c.get("store_gap"):
         lo, hi = c["store_gap"]
         lines.append(f"STORE GAP    committed heights {lo}..{hi}, which this node signed for, were missing "

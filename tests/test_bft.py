@@ -585,8 +585,16 @@ def test_a_core_awaiting_the_network_signs_nothing_before_hearing_it():
         [m.height for m in messages if isinstance(m, BftProposal) and amnesiac.proposer(m.height, m.round) == me.peer_id]
     assert own and min(own) >= min(signed)  # what it sent it signed from its floor on (others' are relays)
     assert amnesiac.height >= cluster.cores[cluster.ids[0].peer_id].height - 1
-    # two equal validators: each waits for the other (more than 1/3 alone is not enough: one
-    # other validator at least, unless more than 2/3 alone), and hears its commit request
+    # one of four equal validators (a byzantine one, say) cannot end the wait alone: 1/4 without
+    # us, 1/2 with us; a second one can (1/2 without us)
+    waiting = BftCore(me, NET, cluster.table, FAST, 0.0, await_network=True)
+    waiting.tick(0.0)
+    waiting.on_message(cluster.ids[0].peer_id, BftCommitRequest(from_height=1), 0.0)
+    assert waiting.awaiting_network and not [a for a in waiting.take_actions() if isinstance(a, PersistVote)]
+    waiting.on_message(cluster.ids[1].peer_id, BftCommitRequest(from_height=1), 0.0)
+    assert not waiting.awaiting_network
+    # two equal validators: each waits for the other (its own 1/2 is not enough), and hears its
+    # commit request
     pair = table_of([me, cluster.ids[0]])
     first, second = (BftCore(i, NET, pair, FAST, 0.0, await_network=True) for i in (me, cluster.ids[0]))
     first.tick(0.0)
