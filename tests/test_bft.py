@@ -1,7 +1,8 @@
 """BFT log core: proposer rotation, locking, certificates, evidence, catch-up,
 and a seeded randomized simulation (delay, loss, duplication, reordering, a
-healing partition, byzantine peers below 1/3 of the weight) checking safety on
-every run and liveness after the heal.
+healing partition, byzantine peers below 1/3 of the weight; on odd seeds every
+core starts waiting to hear the network, as a fresh validator does) checking
+safety on every run and liveness after the heal.
 
 Reproduce one simulation seed: ``BFT_SEED=123 pytest tests/test_bft.py -k simulation``.
 More seeds: ``BFT_SEEDS=1000``.
@@ -905,7 +906,11 @@ class Sim:
                 self.byz[ids[i].peer_id] = rng.choice(self.BYZ_KINDS)
         self.ids = {i.peer_id: i for i in ids}
         self.honest = [p for p in self.table.weights if p not in self.byz]
-        self.cores = {i.peer_id: BftCore(i, NET, self.table, FAST, 0.0, validate_value=valid_value) for i in ids}
+        # odd seeds: every core starts as the reference node starts a fresh validator, waiting to
+        # hear the network (PROTOCOL.md §14.12), which must cost no safety or liveness either
+        self.await_network = seed % 2 == 1
+        self.cores = {i.peer_id: BftCore(i, NET, self.table, FAST, 0.0, validate_value=valid_value,
+                                         await_network=self.await_network) for i in ids}
         self.loss = rng.choice([0.0, 0.05, 0.15])
         self.dup = rng.choice([0.0, 0.05])
         self.max_delay = rng.choice([0.01, 0.05, 0.2])
@@ -1075,6 +1080,7 @@ def _simulate(seed: int) -> Sim:
     assert reached, (f"seed {seed}: LIVENESS: honest heights {heights}, target {target}, "
                      f"missing values {len(sim.submitted - set(sim.honest_values(sim.honest[0])))}, "
                      f"byzantine {sorted(sim.byz.values())}")
+    assert not any(sim.cores[p].awaiting_network for p in sim.honest), f"seed {seed}: still waiting"
     for p in sim.honest:  # no value committed twice, no invalid value committed
         values = sim.honest_values(p)
         assert len(values) == len(set(values)), f"seed {seed}: a value committed twice"
