@@ -762,7 +762,8 @@ class BftCore:
             1/3 of the weight without us, or more than 2/3 with us, were heard at our
             height (a proposal,
             a vote or a commit request of that height), asking the others for commits
-            every :attr:`BftConfig.await_network_ask_interval_s` meanwhile (event
+            after :attr:`BftConfig.await_network_ask_interval_s` meanwhile, the interval
+            doubling up to ``rebroadcast_interval_s`` (event
             ``network_heard`` when the wait ends). A driver without a sign state passes
             True: if the network is ahead, the commits it fetches first carry the
             precommits of a life it forgot and raise ``sign_from_height`` before it
@@ -832,6 +833,7 @@ class BftCore:
         self._heard: set[str] = set()
         self._heard_height = height
         self._next_network_ask = now
+        self._network_ask_interval_s = config.await_network_ask_interval_s  # doubles up to rebroadcast
         self._observer_polls = 0
         self.height = height
         self.drops: Counter[str] = Counter()  # reason -> count (duplicates included)
@@ -1015,7 +1017,12 @@ class BftCore:
         """Run every timer due at ``now`` (the rebroadcast first: what the timers
         sign next is new and goes out with its own broadcast)."""
         if self.awaiting_network and now >= self._next_network_ask and self._network_unheard(now):
-            self._next_network_ask = now + self.config.await_network_ask_interval_s
+            # (doubling up to rebroadcast_interval_s: a validator started long before the others
+            # does not send all of them a request every 0.25 s meanwhile)
+            self._next_network_ask = now + self._network_ask_interval_s
+            self._network_ask_interval_s = min(2 * self._network_ask_interval_s,
+                                               max(self.config.rebroadcast_interval_s,
+                                                   self.config.await_network_ask_interval_s))
             heard = self._heard_here()
             for peer_id in self._after_me(p for p in self.table.weights if p not in heard):
                 self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))

@@ -594,6 +594,14 @@ def test_a_core_awaiting_the_network_signs_nothing_before_hearing_it():
     assert waiting.awaiting_network and not [a for a in waiting.take_actions() if isinstance(a, PersistVote)]
     waiting.on_message(cluster.ids[1].peer_id, BftCommitRequest(from_height=1), 0.0)
     assert not waiting.awaiting_network
+    # unheard, it asks again after 0.25 s, the interval doubling up to rebroadcast_interval_s (1 s)
+    alone, now, asked_at = BftCore(me, NET, cluster.table, FAST, 0.0, await_network=True), 0.0, []
+    while now < 4.0:
+        alone.tick(now)
+        if any(isinstance(a, Send) and isinstance(a.message, BftCommitRequest) for a in alone.take_actions()):
+            asked_at.append(now)
+        now = alone.next_deadline()
+    assert asked_at == [0.0, 0.25, 0.75, 1.75, 2.75, 3.75] and alone.awaiting_network
     # two equal validators: each waits for the other (its own 1/2 is not enough), and hears its
     # commit request
     pair = table_of([me, cluster.ids[0]])
