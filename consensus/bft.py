@@ -379,6 +379,35 @@ class BftCommitResponse:
         return f"commit-response {span} latest {self.latest_height}"
 
 
+MAX_OWN_VOTES = 3  # a bft_own_votes answer: the top prevote, the top precommit, the top block precommit
+
+
+@message("bft_own_votes_request", actor=BFT_ACTOR)
+class BftOwnVotesRequest:
+    """Ask a validator for the votes the *requester* signed at ``height`` that it holds: a
+    validator that lost its log and its sign state recovers what it signed at the height the
+    network is deciding before it signs there again (PROTOCOL.md §14.12). Answered once per
+    (peer, height) with :class:`BftOwnVotes`, by validators at that height."""
+
+    height: Height
+
+    def describe(self) -> str:
+        return f"own-votes-request h={self.height}"
+
+
+@message("bft_own_votes", actor=BFT_ACTOR)
+class BftOwnVotes:
+    """The answer to :class:`BftOwnVotesRequest`: of the requester's votes at ``height`` the
+    sender holds, the prevote of the highest round, the precommit of the highest round and
+    the precommit for a block of the highest round (its lock), each once; maybe none."""
+
+    height: Height
+    votes: Annotated[tuple[Vote, ...], MaxItems(MAX_OWN_VOTES)]
+
+    def describe(self) -> str:
+        return f"own-votes h={self.height} x{len(self.votes)}"
+
+
 # ------------------------------------------------------------------ verifiers
 
 
@@ -541,7 +570,7 @@ class ServeCommits:
 class BftEvent:
     """``kind``: new_height | new_round | round_skip | timeout_propose |
     timeout_prevote | timeout_precommit | locked | committed | sign_refused | vote_resent |
-    double_sign_risk | network_heard (and the driver-visible kinds of PROTOCOL.md §14.13)."""
+    double_sign_risk | network_heard | own_votes_recovered (and the driver-visible kinds of PROTOCOL.md §14.13)."""
 
     kind: str
     height: int
@@ -767,7 +796,11 @@ class BftCore:
             ``network_heard`` when the wait ends). A driver without a sign state passes
             True: if the network is ahead, the commits it fetches first carry the
             precommits of a life it forgot and raise ``sign_from_height`` before it
-            signs anything (PROTOCOL.md §14.12). Default False (the simulator's cores).
+            signs anything. Started at height 1 (no log either), where the wait ends at a
+            height h > 1 below no floor it first asks the validators for the votes of
+            ours they hold at h (:class:`BftOwnVotesRequest`) and adopts the highest as
+            its sign state (event ``own_votes_recovered``; PROTOCOL.md §14.12).
+            Default False (the simulator's cores).
         validate_value: pure application check of one value (default: accept all):
             True valid, False invalid (the sender of an invalid value is at fault),
             None "not yet": this peer lacks what the check needs (e.g. a training
@@ -830,6 +863,15 @@ class BftCore:
         self.sign_from_height = sign_from_height
         # await_network: validators heard at self.height (reset with the height) until the wait ends
         self.awaiting_network = await_network
+        # Started with neither log nor sign state: where the wait ends at a height some
+        # validator reached through commits, we may have signed there in a life we forgot, in
+        # votes no certificate shows yet. We then ask the validators for the votes of ours they
+        # hold (bft_own_votes_request) and sign nothing there until those heard at that height
+        # answered, or the first propose timeout passed (_recovery_height > 0 meanwhile).
+        self._amnesiac = await_network and height == 1
+        self._recovery_height = 0
+        self._recovery_answered: set[str] = set()
+        self._recovered: list[Vote] = []
         self._heard: set[str] = set()
         self._heard_height = height
         self._next_network_ask = now
@@ -987,6 +1029,10 @@ class BftCore:
                 self._on_vote_request(sender, msg, now)
             elif isinstance(msg, BftCommitResponse):
                 self._on_commit_response(sender, msg, now)
+            elif isinstance(msg, BftOwnVotesRequest):
+                self._on_own_votes_request(sender, msg, now)
+            elif isinstance(msg, BftOwnVotes):
+                self._on_own_votes(sender, msg, now)
             else:
                 raise LocalProtocolError(f"not a consensus message: {type(msg).__name__}")
         except RemoteProtocolError as exc:
@@ -1084,6 +1130,7 @@ class BftCore:
         self.step = NEW_HEIGHT
         self._idle_wait = False
         self._start_held = False  # a "start" timer the await_network wait swallowed
+        self._own_votes_served: set[str] = set()  # peers whose bft_own_votes_request we answered
         self.locked_round: int | None = None
         self.locked_hash: bytes | None = None
         self.valid_round: int | None = None
@@ -1560,6 +1607,9 @@ class BftCore:
         if self.awaiting_network and not self._heard_enough():
             self._event("sign_refused", f"{step}: the network is not heard yet")
             return False
+        if self._recovery_height == self.height:
+            self._event("sign_refused", f"{step}: asking for the votes we signed at this height before")
+            return False
         last = self._sign_state
         position = (self.height, round_, _STEP_RANK[step])
         if last is not None:
@@ -1797,8 +1847,8 @@ class BftCore:
     def _on_timer(self, kind: str, round_: int, now: float) -> None:
         if kind == "start":
             if self.step == NEW_HEIGHT and not self._idle_wait:
-                if self._network_unheard(now):
-                    self._start_held = True  # started when the wait ends
+                if self._network_unheard(now) or self._recovery_height == self.height:
+                    self._start_held = True  # started when the wait (and the recovery) ends
                     return
                 if round_ == 0 and self.config.empty_block_interval_s > 0 and not self._has_values() \
                         and not (self._proposals or self._prevotes or self._precommits):  # (held ones)
@@ -1809,6 +1859,9 @@ class BftCore:
             return
         if kind == "idle_end":
             self._end_idle_wait(now)
+            return
+        if kind == "recovery_end":
+            self._finish_recovery(now)
             return
         if kind == "await_end":  # _rule prevotes nil for a proposal still not decidable
             return
@@ -1995,10 +2048,90 @@ class BftCore:
             return True
         self.awaiting_network = False
         self._event("network_heard", f"{len(self._heard)} validators heard at height {self.height}")
-        if self._start_held:
+        if self._amnesiac and self.height > 1 and self.height >= self.sign_from_height and self._sign_state is None:
+            self._start_recovery(now)
+        elif self._start_held:
             self._start_held = False
             self._schedule(now, "start", self.height, self.round)
         return False
+
+    def _start_recovery(self, now: float) -> None:
+        """Ask every validator for the votes of ours it holds at this height (see __init__)."""
+        self._amnesiac = False
+        self._recovery_height, self._recovery_answered, self._recovered = self.height, set(), []
+        for peer_id in self._after_me(self.table.weights):
+            self._actions.append(Send(peer_id, BftOwnVotesRequest(height=self.height)))
+        self._schedule(now + self.config.timeout_s(PROPOSE, 0), "recovery_end", self.height, 0)
+
+    def _on_own_votes_request(self, sender: str, msg: BftOwnVotesRequest, now: float) -> None:
+        """Answer a validator at our height once with the votes of it we hold (BftOwnVotes;
+        relayed votes are proofs: each must verify here, as for a vote request)."""
+        if msg.height != self.height:
+            self._other_height(sender, msg.height, now)
+            return
+        table = self.table
+        if sender not in table.weights or sender in self._own_votes_served:
+            self.drops["own_votes_unanswered"] += 1
+            return
+        self._own_votes_served.add(sender)
+        found = [vs.votes[sender] for sets in (self._prevotes, self._precommits) for vs in sets.values()
+                 if sender in vs.votes]
+        found = [v for v in found if self._signature_ok(v, table)]
+        chosen: list[Vote] = []
+        for pick in (lambda v: v.vote_type == PREVOTE, lambda v: v.vote_type == PRECOMMIT,
+                     lambda v: v.vote_type == PRECOMMIT and v.block_hash is not None):
+            top = max((v for v in found if pick(v)), key=lambda v: v.round, default=None)
+            if top is not None and top not in chosen:
+                chosen.append(top)
+        self._actions.append(Send(sender, BftOwnVotes(height=self.height, votes=tuple(chosen))))
+
+    def _on_own_votes(self, sender: str, msg: BftOwnVotes, now: float) -> None:
+        if self._recovery_height != self.height or msg.height != self.height or sender not in self.table.weights:
+            self.drops["unexpected_own_votes"] += 1
+            return
+        for vote in msg.votes:
+            if vote.voter != self.peer_id or vote.height != self.height:
+                self.drops["invalid_own_votes"] += 1
+            elif not self._signature_ok(vote, self.table):  # a correct peer checks what it relays
+                self._reject(sender, "bad_signature", vote.describe())
+            else:
+                self._recovered.append(vote)  # (whatever its round: see _finish_recovery)
+                self._on_vote(sender, vote, now)  # and counted, as any relayed vote
+        self._recovery_answered.add(sender)
+        if self._heard_here() <= self._recovery_answered:
+            self._finish_recovery(now)
+
+    def _finish_recovery(self, now: float) -> None:
+        """Adopt the highest of our recovered votes as our sign state (persisted before anything
+        else is signed; with the lock of our highest precommit for a block) and start the round
+        the wait held, from the round of that vote."""
+        if self._recovery_height != self.height:
+            return
+        self._recovery_height = 0
+        mine = list({(v.vote_type, v.round, v.block_hash): v for v in self._recovered + [
+            vs.votes[self.peer_id] for sets in (self._prevotes, self._precommits)
+            for vs in sets.values() if self.peer_id in vs.votes]}.values())
+        self._recovered = []
+        if mine:
+            top = max(mine, key=lambda v: (v.round, _STEP_RANK[v.vote_type]))
+            lock = max((v for v in mine if v.vote_type == PRECOMMIT and v.block_hash is not None),
+                       key=lambda v: v.round, default=None)
+            if lock is not None and (self.locked_round is None or lock.round > self.locked_round):
+                self.locked_round, self.locked_hash = lock.round, lock.block_hash
+            for vote in mine:
+                self._own_votes[(vote.vote_type, vote.round)] = vote
+            self.round = max(self.round, top.round)
+            self._sign_state = SignState(height=self.height, round=top.round, step=top.vote_type,
+                                         block_hash=top.block_hash, locked_round=self.locked_round,
+                                         locked_hash=self.locked_hash)
+            locked = None if self.locked_hash is None else self._blocks.get(self.locked_hash)
+            self._actions.append(PersistVote(self._sign_state, locked))
+            self._event("own_votes_recovered", f"{len(mine)} of ours, the last {self._sign_state.describe()}")
+        else:
+            self._event("own_votes_recovered", f"none of ours among {len(self._recovery_answered)} answers")
+        if self._start_held:
+            self._start_held = False
+            self._schedule(now, "start", self.height, self.round)
 
     def _heard_enough(self) -> bool:
         """Whether we are no validator, or the validators heard at this height hold more than
@@ -2025,6 +2158,8 @@ class BftCore:
             height = msg.height
         elif isinstance(msg, BftCommitRequest):
             height = msg.from_height
+        elif isinstance(msg, (BftOwnVotesRequest, BftOwnVotes)):
+            height = msg.height
         else:
             return
         if height == self.height and sender in self.table.weights:

@@ -499,6 +499,10 @@ class ConsensusService:
                 (log.info if action.height > 1 else log.debug)(
                     "heard enough validators at height %d: signing from here on (nothing below height %d)",
                     action.height, self.core.sign_from_height)
+            if action.kind == "own_votes_recovered":
+                log.warning("started without log and sign state at height %d, which the network is still "
+                            "deciding: asked the validators for the votes this validator signed there: %s",
+                            action.height, action.detail)
             if action.kind == "double_sign_risk" and not self._double_sign_reported:
                 # once per start (a catch-up through a forgotten past may raise it at every
                 # height); status `signs_from_height` follows the floor

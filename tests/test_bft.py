@@ -35,6 +35,8 @@ from chimera.consensus.bft import (
     BftCore,
     BftEvent,
     BftProposal,
+    BftOwnVotes,
+    BftOwnVotesRequest,
     BftProposalRequest,
     BftValues,
     BftVote,
@@ -619,6 +621,75 @@ def test_a_core_awaiting_the_network_signs_nothing_before_hearing_it():
         BftConfig(await_network_ask_interval_s=0)
 
 
+def test_an_amnesiac_recovers_the_votes_it_signed_at_the_height_the_network_is_deciding():
+    """A validator whose precommits never made a certificate (they reached nobody) prevotes at
+    the height its network is deciding, crashes and loses its disk; another validator is down,
+    so that height waits for it. Back, it finds no precommit of it in the commits it fetches,
+    yet it prevoted at that height: it asks the validators for the votes of it they hold
+    (bft_own_votes_request, PROTOCOL.md §14.12), adopts that prevote as its sign state before
+    signing anything there, and the height commits with nobody seeing it equivocate."""
+    cluster = Cluster(4)
+    me, gone = cluster.ids[3], cluster.ids[0]
+    other = cluster.cores[cluster.ids[1].peer_id]
+
+    def precommit_of_me(src, action):
+        return src == me.peer_id and isinstance(action, (Broadcast, Send)) and \
+            isinstance(action.message, BftVote) and action.message.vote.vote_type == PRECOMMIT
+
+    cluster.lose = lambda src, dst, action: precommit_of_me(src, action)
+    cluster.advance(1.0)
+    assert not any(me.peer_id in c.commit.certificate.voters() for c in cluster.commits[other.peer_id])
+    cluster.down.add(gone.peer_id)  # from now on every height needs us
+    crashed = []  # our last message before the crash: a prevote at the height the others are at
+
+    def lose(src, dst, action):
+        if src != me.peer_id:
+            return False
+        if crashed:
+            return action is not crashed[0]
+        msg = getattr(action, "message", None)
+        if isinstance(action, Broadcast) and isinstance(msg, BftVote) and msg.vote.vote_type == PREVOTE \
+                and msg.vote.height == other.height:
+            crashed.append(action)
+            return False
+        return precommit_of_me(src, action)
+
+    cluster.lose = lose
+    while not crashed:
+        cluster.advance(cluster.now + 0.01)
+    prevote = crashed[0].message.vote
+    height = prevote.height
+    cluster.advance(cluster.now + 0.5)
+    assert other.height == height  # the height waits for us
+    cluster.lose = None
+    cluster.log[me.peer_id] = []
+    cluster.cores[me.peer_id] = amnesiac = BftCore(me, NET, cluster.table, FAST, cluster.now,
+                                                   validate_value=valid_value, await_network=True)
+    cluster.advance(cluster.now + 5.0)
+    log = cluster.log[me.peer_id]
+    assert amnesiac.sign_from_height == 1  # no certificate betrayed it
+    persisted = [a.state for a in log if isinstance(a, PersistVote)]
+    assert (persisted[0].height, persisted[0].round, persisted[0].step, persisted[0].block_hash) == \
+        (height, prevote.round, PREVOTE, prevote.block_hash)  # adopted before anything was signed
+    recovered = [a for a in log if isinstance(a, BftEvent) and a.kind == "own_votes_recovered"]
+    assert len(recovered) == 1 and recovered[0].height == height
+    asks = [a for a in log if isinstance(a, Send) and isinstance(a.message, BftOwnVotesRequest)]
+    assert {a.peer_id for a in asks} == {i.peer_id for i in cluster.ids} - {me.peer_id}
+    assert other.height > height + 1 and amnesiac.height == other.height
+    assert not any(isinstance(a, Evidence) for actions in cluster.log.values() for a in actions)
+    # a validator answers a request once per height, only a validator, only at its height
+    responder = cluster.cores[cluster.ids[2].peer_id]
+    outsider = SigningIdentity(hashlib.sha256(b"outsider").digest())
+    for sender, height_asked in ((me.peer_id, responder.height), (me.peer_id, responder.height),
+                                 (outsider.peer_id, responder.height)):
+        responder.on_message(sender, BftOwnVotesRequest(height=height_asked), cluster.now)
+    answers = [a for a in responder.take_actions() if isinstance(a, Send) and isinstance(a.message, BftOwnVotes)]
+    assert len(answers) == 1 and responder.drops["own_votes_unanswered"] == 2
+    # an answer nobody asked for is dropped
+    amnesiac.on_message(other.peer_id, BftOwnVotes(height=amnesiac.height, votes=()), cluster.now)
+    assert amnesiac.drops["unexpected_own_votes"] == 1
+
+
 def test_bad_inputs_are_dropped_and_reported_never_crash():
     core, table, schedule, by_id = _core_and_others(4)
     other = next(by_id[p] for p in table.weights if p != core.peer_id)
@@ -653,8 +724,10 @@ def test_messages_roundtrip_and_are_registered():
     cluster, commit = _committed_cluster()
     kinds = {k for k in MESSAGE_TYPES if k.startswith("bft_")}
     assert kinds == {"bft_proposal", "bft_vote", "bft_values", "bft_commit_request", "bft_commit_response",
-                     "bft_proposal_request", "bft_vote_request"}
+                     "bft_proposal_request", "bft_vote_request", "bft_own_votes_request", "bft_own_votes"}
     samples = [BftValues(values=(b"a", b"b")), BftCommitRequest(from_height=3),
+               BftOwnVotesRequest(height=4),
+               BftOwnVotes(height=4, votes=(make_vote(IDS[0], PREVOTE, 4, 0, None).vote,)),
                BftProposalRequest(height=2, round=1),
                BftVoteRequest(height=2, round=1, prevotes=b"\x05\x01", precommits=b"\x00\x00"),
                BftCommitResponse(commits=(commit,), latest_height=1),
@@ -672,7 +745,7 @@ _wire = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
         st.sampled_from(["vote", "signed", "voter", "signature", "height", "round", "block", "values",
                          "commits", "vote_type", "block_hash", "latest_height", "from_height", "prevotes",
-                         "precommits"]) | st.text(max_size=5),
+                         "precommits", "votes"]) | st.text(max_size=5),
         inner, max_size=6),
     max_leaves=20)
 
