@@ -2023,6 +2023,11 @@ class BftCore:
         self._prune_tables()
         self._event("new_height")
         self._schedule(now + self.config.commit_wait_s, "start", self.height, self.round)
+        if self._recovery_height == height and self.peer_id in self.table.weights and self._sign_state is None \
+                and self.height >= self.sign_from_height:
+            # the height committed while we asked for our votes there: our forgotten life may have
+            # entered the next one first (it had the commit): ask again there
+            self._start_recovery(now)
         waiters, self._commit_waiters = self._commit_waiters, {}
         for peer_id, max_count in waiters.items():
             self._last_push[peer_id] = now
@@ -2048,7 +2053,8 @@ class BftCore:
             return True
         self.awaiting_network = False
         self._event("network_heard", f"{len(self._heard)} validators heard at height {self.height}")
-        if self._amnesiac and self.height > 1 and self.height >= self.sign_from_height and self._sign_state is None:
+        if self._amnesiac and self.height > 1 and self.height >= self.sign_from_height and self._sign_state is None \
+                and self.peer_id in self.table.weights:
             self._start_recovery(now)
         elif self._start_held:
             self._start_held = False

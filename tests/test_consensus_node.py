@@ -151,6 +151,48 @@ async def test_a_validator_that_lost_its_log_and_sign_state_sits_out_what_it_may
             await node.stop()
 
 
+async def test_a_genesis_validator_started_late_asks_back_its_votes_finds_none_and_votes(tmp_path: Path):
+    """Three of four genesis validators commit without the fourth; it starts later with an empty
+    data dir (as after a lost disk: it cannot tell). It waits to hear the network, catches up,
+    asks the validators for votes of its own at the height they are deciding
+    (bft_own_votes_request, PROTOCOL.md §14.12; again at the next height if that one commits
+    meanwhile), gets none, and signs with no height sat out."""
+    from chimera.node.runtime import Node
+
+    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(4)]
+    net = Network.create("t", genesis=ids, epoch_length=1000)
+    config = NodeConfig(**FAST, **CONSENSUS_FAST)
+    nodes = []
+
+    async def start(i: int) -> Node:
+        node = Node(tmp_path / f"n{i}", config, net)
+        await node.start()
+        if i:
+            node.add_contact_uri(nodes[0].contact_uri, static=True)
+            node.run_membership_actions()
+        return node
+
+    try:
+        for i in range(3):
+            nodes.append(await start(i))
+        for k in range(3):
+            await nodes[k].consensus.propose(f"without it {k}".encode(), 60)
+        late = await start(3)
+        nodes.append(late)
+        assert await async_wait_until(lambda: late.counters["consensus_events.own_votes_recovered"] >= 1, 60), \
+            str({k: v for k, v in late.counters.items() if k.startswith("consensus")})
+        assert late.consensus.height >= 1 and late.consensus.core.sign_from_height == 1  # no height sat out
+        assert await async_wait_until(lambda: late.consensus.core._sign_state is not None, 60)
+        done = await late.consensus.propose(b"from the late one", 60)
+        assert await async_wait_until(lambda: all(n.consensus.height >= done["height"] for n in nodes), 60)
+        logs = [[d["data"] for d in n.store.decisions(1, 1000)] for n in nodes]
+        assert all(log == logs[0] for log in logs) and b"from the late one" in logs[0]
+        assert not any(n.counters["consensus_evidence"] for n in nodes)
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
 async def test_a_needed_validator_sitting_a_height_out_stops_the_log_until_told_it_signed_nothing(tmp_path: Path):
     """Three equal validators (every commit needs all three). One loses its sign state (the log
     survives): it sits the next height out (PROTOCOL.md §14.12), which cannot commit without it,
