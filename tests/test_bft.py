@@ -1,7 +1,9 @@
 """BFT log core: proposer rotation, locking, certificates, evidence, catch-up,
 and a seeded randomized simulation (delay, loss, duplication, reordering, a
 healing partition, byzantine peers below 1/3 of the weight; on odd seeds every
-core starts waiting to hear the network, as a fresh validator does) checking
+core starts waiting to hear the network, as a fresh validator does, and on
+seeds 3 mod 4 an honest validator loses its log and sign state after the heal
+and comes back, never seen to equivocate where no message is lost) checking
 safety on every run and liveness after the heal.
 
 Reproduce one simulation seed: ``BFT_SEED=123 pytest tests/test_bft.py -k simulation``.
@@ -1009,6 +1011,21 @@ class Sim:
         for k in range(rng.randint(5, 40)):
             value = b"s%d-v%d" % (seed, k)
             self.push(rng.uniform(0.0, self.partition[1] + 2.0), "submit", rng.choice(self.honest), None, value)
+        # Seeds 3 mod 4 (odd: the cores wait to hear the network): one honest validator, of a
+        # weight that keeps the byzantine ones and it under 1/3, crashes after the heal, loses its
+        # log and its sign state, and comes back a second later (PROTOCOL.md §14.12). Its own
+        # random stream: the other seeds' scenarios stay as they were.
+        self.amnesiac: str | None = None
+        self.down: set[str] = set()
+        self.evidence_against: dict[str, int] = {}
+        if seed % 4 == 3:
+            arng = random.Random(seed + 10_000)
+            fit = [p for p in sorted(self.honest) if 3 * (byz_weight + self.table.weights[p]) < total]
+            if fit:
+                self.amnesiac = arng.choice(fit)
+                crash_at = self.partition[1] + arng.uniform(0.2, 1.0)
+                self.push(crash_at, "crash", self.amnesiac, None, None)
+                self.push(crash_at + 1.0, "restart", self.amnesiac, None, None)
         for pid in self.cores:
             self.reschedule(pid)
 
@@ -1043,6 +1060,9 @@ class Sim:
         for action in actions:
             if isinstance(action, Commit):
                 self.on_commit(pid, action)
+            elif isinstance(action, Evidence) and kind is None:
+                offender = action.equivocation.first.voter
+                self.evidence_against[offender] = self.evidence_against.get(offender, 0) + 1
             elif isinstance(action, Broadcast):
                 if kind is None:
                     self.broadcast(pid, action.message)
@@ -1116,6 +1136,19 @@ class Sim:
         while self.heap and self.heap[0][0] <= until:
             at, _, kind, dst, src, payload = heapq.heappop(self.heap)
             self.now = at
+            if kind == "crash":
+                self.down.add(dst)
+                self.tick_at.pop(dst, None)
+                continue
+            if kind == "restart":  # a new disk: no log, no sign state
+                self.down.discard(dst)
+                self.cores[dst] = BftCore(self.ids[dst], NET, self.table, FAST, at, validate_value=valid_value,
+                                          await_network=True)
+                self.chains[dst] = []
+            elif dst in self.down:
+                continue
+            if kind == "submit" and dst == self.amnesiac:  # (a value pending there would die with it)
+                dst = next(p for p in self.honest if p != dst)
             core = self.cores[dst]
             if kind == "tick":
                 if self.tick_at.get(dst) != payload:
@@ -1161,7 +1194,10 @@ def _simulate(seed: int) -> Sim:
     assert reached, (f"seed {seed}: LIVENESS: honest heights {heights}, target {target}, "
                      f"missing values {len(sim.submitted - set(sim.honest_values(sim.honest[0])))}, "
                      f"byzantine {sorted(sim.byz.values())}")
+    sim.run(sim.now + 2.0)  # (an amnesiac that has just caught up hears its new height a moment later)
     assert not any(sim.cores[p].awaiting_network for p in sim.honest), f"seed {seed}: still waiting"
+    if sim.amnesiac is not None and sim.loss == 0:  # (a lost vote may stay unseen: §14.12)
+        assert not sim.evidence_against.get(sim.amnesiac), f"seed {seed}: the amnesiac equivocated"
     for p in sim.honest:  # no value committed twice, no invalid value committed
         values = sim.honest_values(p)
         assert len(values) == len(set(values)), f"seed {seed}: a value committed twice"
