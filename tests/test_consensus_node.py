@@ -95,30 +95,45 @@ async def test_in_process_validators_commit_identical_logs_and_an_observer_joins
             await node.stop()
 
 
+class _Validators:
+    """In-process genesis validators ``n0`` … in ``tmp_path`` (fast timers, epoch length 1000):
+    ``await start(i)`` starts node i (a new one on the same data dir after a stop), joined to
+    node 0; ``nodes`` holds them by index; ``stop_all()`` stops every one started."""
+
+    def __init__(self, tmp_path: Path, count: int):
+        ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(count)]
+        self.tmp_path, self.net = tmp_path, Network.create("t", genesis=ids, epoch_length=1000)
+        self.config = NodeConfig(**FAST, **CONSENSUS_FAST)
+        self.nodes: list = [None] * count
+
+    async def start(self, i: int, config: NodeConfig | None = None):
+        from chimera.node.runtime import Node
+
+        node = Node(self.tmp_path / f"n{i}", config or self.config, self.net)
+        await node.start()
+        if i:
+            node.add_contact_uri(self.nodes[0].contact_uri, static=True)
+            node.run_membership_actions()
+        self.nodes[i] = node
+        return node
+
+    async def stop_all(self) -> None:
+        for node in self.nodes:
+            if node is not None:
+                await node.stop()
+
+
 async def test_a_validator_that_lost_its_log_and_sign_state_sits_out_what_it_may_have_signed(tmp_path: Path):
     """The disk of a validator is replaced and its key restored (log and sign state gone): it
     signs nothing at its stale height 1 (it waits to hear the network), catches up from
     certified commits, finds its own precommits in them and signs nothing up to 2 + the
     margin heights past the last of them (PROTOCOL.md §14.12, event ``double_sign_risk``),
     while the other three go on committing; then it signs again."""
-    from chimera.node.runtime import Node
-
-    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(4)]
-    net = Network.create("t", genesis=ids, epoch_length=1000)
-    config = NodeConfig(**FAST, **CONSENSUS_FAST)
-    nodes = []
-
-    async def start(i: int) -> Node:
-        node = Node(tmp_path / f"n{i}", config, net)
-        await node.start()
-        if i:
-            node.add_contact_uri(nodes[0].contact_uri, static=True)
-            node.run_membership_actions()
-        return node
-
+    validators = _Validators(tmp_path, 4)
+    nodes, start = validators.nodes, validators.start
     try:
         for i in range(4):
-            nodes.append(await start(i))
+            await start(i)
         for k in range(4):
             await nodes[k].consensus.propose(f"before {k}".encode(), 60)
         lost = nodes[3]
@@ -127,7 +142,7 @@ async def test_a_validator_that_lost_its_log_and_sign_state_sits_out_what_it_may
         stopped_at = max(n.consensus.height for n in nodes[:3])  # later heights: decided without it
         for name in ("node.sqlite3", "node.sqlite3-wal", "node.sqlite3-shm", "bft_sign_state.bin"):
             (lost.data_dir / name).unlink(missing_ok=True)
-        nodes[3] = lost = await start(3)
+        lost = await start(3)
         assert lost.consensus.height == 0
         assert await async_wait_until(lambda: any(e["kind"] == "double_sign_risk" for e in lost.events), 60), \
             [e["kind"] for e in lost.events]
@@ -147,8 +162,7 @@ async def test_a_validator_that_lost_its_log_and_sign_state_sits_out_what_it_may
             assert lost.peer_id not in [v["voter"] for v in nodes[0].consensus.certificate_doc(h)["precommits"]]
         assert not any(n.counters["consensus_evidence"] for n in nodes)  # nobody saw it equivocate
     finally:
-        for node in nodes:
-            await node.stop()
+        await validators.stop_all()
 
 
 async def test_a_genesis_validator_started_late_asks_back_its_votes_finds_none_and_votes(tmp_path: Path):
@@ -157,28 +171,14 @@ async def test_a_genesis_validator_started_late_asks_back_its_votes_finds_none_a
     asks the validators for votes of its own at the height they are deciding
     (bft_own_votes_request, PROTOCOL.md §14.12; again at the next height if that one commits
     meanwhile), gets none, and signs with no height sat out."""
-    from chimera.node.runtime import Node
-
-    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(4)]
-    net = Network.create("t", genesis=ids, epoch_length=1000)
-    config = NodeConfig(**FAST, **CONSENSUS_FAST)
-    nodes = []
-
-    async def start(i: int) -> Node:
-        node = Node(tmp_path / f"n{i}", config, net)
-        await node.start()
-        if i:
-            node.add_contact_uri(nodes[0].contact_uri, static=True)
-            node.run_membership_actions()
-        return node
-
+    validators = _Validators(tmp_path, 4)
+    nodes, start = validators.nodes, validators.start
     try:
         for i in range(3):
-            nodes.append(await start(i))
+            await start(i)
         for k in range(3):
             await nodes[k].consensus.propose(f"without it {k}".encode(), 60)
         late = await start(3)
-        nodes.append(late)
         assert await async_wait_until(lambda: late.counters["consensus_events.own_votes_recovered"] >= 1, 60), \
             str({k: v for k, v in late.counters.items() if k.startswith("consensus")})
         assert late.consensus.height >= 1 and late.consensus.core.sign_from_height == 1  # no height sat out
@@ -189,8 +189,7 @@ async def test_a_genesis_validator_started_late_asks_back_its_votes_finds_none_a
         assert all(log == logs[0] for log in logs) and b"from the late one" in logs[0]
         assert not any(n.counters["consensus_evidence"] for n in nodes)
     finally:
-        for node in nodes:
-            await node.stop()
+        await validators.stop_all()
 
 
 async def test_a_needed_validator_sitting_a_height_out_stops_the_log_until_told_it_signed_nothing(tmp_path: Path):
@@ -199,29 +198,16 @@ async def test_a_needed_validator_sitting_a_height_out_stops_the_log_until_told_
     so the log stops and a value proposed meanwhile times out. Restarted with
     ``consensus_double_sign_check = false`` (its operator knows the key signed nothing it lost),
     it signs at once: the log goes on, the pooled value commits, the three logs are equal."""
-    from chimera.node.runtime import Node
-
-    ids = [load_or_create_identity(tmp_path / f"n{i}").peer_id for i in range(3)]
-    net = Network.create("t", genesis=ids, epoch_length=1000)
-    config = NodeConfig(**FAST, **CONSENSUS_FAST)
-    nodes = []
-
-    async def start(i: int, cfg: NodeConfig = config) -> Node:
-        node = Node(tmp_path / f"n{i}", cfg, net)
-        await node.start()
-        if i:
-            node.add_contact_uri(nodes[0].contact_uri, static=True)
-            node.run_membership_actions()
-        return node
-
+    validators = _Validators(tmp_path, 3)
+    nodes, start, config = validators.nodes, validators.start, validators.config
     try:
         for i in range(3):
-            nodes.append(await start(i))
+            await start(i)
         for k in range(3):
             await nodes[k].consensus.propose(f"before {k}".encode(), 60)
         await nodes[2].stop()
         (nodes[2].data_dir / "bft_sign_state.bin").unlink()
-        nodes[2] = await start(2)
+        await start(2)
         stored = nodes[2].consensus.height
         assert nodes[2].consensus.status()["signs_from_height"] == stored + 2
         assert any(e["kind"] == "sign_state_missing" for e in nodes[2].events)
@@ -229,7 +215,7 @@ async def test_a_needed_validator_sitting_a_height_out_stops_the_log_until_told_
             await nodes[0].consensus.propose(b"while it sits out", 3)
         assert max(n.consensus.height for n in nodes) <= stored  # (none has the height it sits out)
         await nodes[2].stop()
-        nodes[2] = await start(2, config.replace(consensus_double_sign_check=False))
+        await start(2, config.replace(consensus_double_sign_check=False))
         assert nodes[2].consensus.status()["signs_from_height"] is None
         assert not nodes[2].consensus.status()["awaiting_network"]
         done = await nodes[1].consensus.propose(b"after the override", 60)
@@ -239,8 +225,7 @@ async def test_a_needed_validator_sitting_a_height_out_stops_the_log_until_told_
         assert b"while it sits out" in logs[0]
         assert not any(n.counters["consensus_evidence"] for n in nodes)
     finally:
-        for node in nodes:
-            await node.stop()
+        await validators.stop_all()
 
 
 async def test_propose_without_genesis_is_a_clear_admin_error(node_factory):
