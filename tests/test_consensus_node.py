@@ -117,6 +117,13 @@ class _Validators:
         self.nodes[i] = node
         return node
 
+    async def start_committing(self, count: int, label: str) -> None:
+        """Start nodes 0 … count - 1; each proposes the value ``f"{label} {i}"`` and waits for its commit."""
+        for i in range(count):
+            await self.start(i)
+        for i in range(count):
+            await self.nodes[i].consensus.propose(f"{label} {i}".encode(), 60)
+
     async def stop_all(self) -> None:
         for node in self.nodes:
             if node is not None:
@@ -132,10 +139,7 @@ async def test_a_validator_that_lost_its_log_and_sign_state_sits_out_what_it_may
     validators = _Validators(tmp_path, 4)
     nodes, start = validators.nodes, validators.start
     try:
-        for i in range(4):
-            await start(i)
-        for k in range(4):
-            await nodes[k].consensus.propose(f"before {k}".encode(), 60)
+        await validators.start_committing(4, "before")
         lost = nodes[3]
         assert await async_wait_until(lambda: lost.consensus.height >= nodes[0].consensus.height, 30)
         await lost.stop()
@@ -174,10 +178,7 @@ async def test_a_genesis_validator_started_late_asks_back_its_votes_finds_none_a
     validators = _Validators(tmp_path, 4)
     nodes, start = validators.nodes, validators.start
     try:
-        for i in range(3):
-            await start(i)
-        for k in range(3):
-            await nodes[k].consensus.propose(f"without it {k}".encode(), 60)
+        await validators.start_committing(3, "without it")
         late = await start(3)
         assert await async_wait_until(lambda: late.counters["consensus_events.own_votes_recovered"] >= 1, 60), \
             str({k: v for k, v in late.counters.items() if k.startswith("consensus")})
@@ -201,10 +202,7 @@ async def test_a_needed_validator_sitting_a_height_out_stops_the_log_until_told_
     validators = _Validators(tmp_path, 3)
     nodes, start, config = validators.nodes, validators.start, validators.config
     try:
-        for i in range(3):
-            await start(i)
-        for k in range(3):
-            await nodes[k].consensus.propose(f"before {k}".encode(), 60)
+        await validators.start_committing(3, "before")
         await nodes[2].stop()
         (nodes[2].data_dir / "bft_sign_state.bin").unlink()
         await start(2)
