@@ -871,6 +871,7 @@ class BftCore:
         self._amnesiac = await_network and height == 1
         self._recovery_height = 0
         self._recovery_answered: set[str] = set()
+        self._recovery_expected: set[str] = set()
         self._recovered: list[Vote] = []
         self._heard: set[str] = set()
         self._heard_height = height
@@ -2065,6 +2066,9 @@ class BftCore:
         """Ask every validator for the votes of ours it holds at this height (see __init__)."""
         self._amnesiac = False
         self._recovery_height, self._recovery_answered, self._recovered = self.height, set(), []
+        # whose answers we wait for: the validators heard where the wait ended (asked again at
+        # the next height, they are the reachable ones still)
+        self._recovery_expected = set(self._heard_here()) or self._recovery_expected
         for peer_id in self._after_me(self.table.weights):
             self._actions.append(Send(peer_id, BftOwnVotesRequest(height=self.height)))
         self._schedule(now + self.config.timeout_s(PROPOSE, 0), "recovery_end", self.height, 0)
@@ -2104,7 +2108,7 @@ class BftCore:
                 self._recovered.append(vote)  # (whatever its round: see _finish_recovery)
                 self._on_vote(sender, vote, now)  # and counted, as any relayed vote
         self._recovery_answered.add(sender)
-        if self._heard_here() <= self._recovery_answered:
+        if self._recovery_expected <= self._recovery_answered:
             self._finish_recovery(now)
 
     def _finish_recovery(self, now: float) -> None:
@@ -2135,7 +2139,7 @@ class BftCore:
             self._event("own_votes_recovered", f"{len(mine)} of ours, the last {self._sign_state.describe()}")
         else:
             self._event("own_votes_recovered", f"none of ours among {len(self._recovery_answered)} answers")
-        if self._start_held:
+        if self.step == NEW_HEIGHT:  # (in the round of our last vote: a pending start names round 0)
             self._start_held = False
             self._schedule(now, "start", self.height, self.round)
 
