@@ -647,8 +647,9 @@ class BftConfig:
     # stopped waiting for this validator to sit a height out (PROTOCOL.md §14.12).
     double_sign_check: bool = True
     # A core started with await_network (no sign state: a fresh validator, or one whose sign
-    # state was lost) asks the validators it has not heard at its height for commits this
-    # often until it has heard enough of them (PROTOCOL.md §14.12).
+    # state was lost) asks every validator for commits of its height after this long, the
+    # interval doubling up to rebroadcast_interval_s, until it has heard enough of them
+    # (PROTOCOL.md §14.12).
     await_network_ask_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
@@ -1070,8 +1071,11 @@ class BftCore:
             self._network_ask_interval_s = min(2 * self._network_ask_interval_s,
                                                max(self.config.rebroadcast_interval_s,
                                                    self.config.await_network_ask_interval_s))
-            heard = self._heard_here()
-            for peer_id in self._after_me(p for p in self.table.weights if p not in heard):
+            # to every validator, heard or not: each must hear us too (asking only the unheard
+            # ones, three validators whose first requests were lost in a ring, A to B, B to C and
+            # C to A, each went on to ask the one validator that had heard it already: none ever
+            # heard a second one, and the network never started)
+            for peer_id in self._after_me(self.table.weights):
                 self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
         if now >= self._next_rebroadcast:
             self._next_rebroadcast = now + self.config.rebroadcast_interval_s

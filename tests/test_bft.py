@@ -606,6 +606,18 @@ def test_a_core_awaiting_the_network_signs_nothing_before_hearing_it():
             asked_at.append(now)
         now = alone.next_deadline()
     assert asked_at == [0.0, 0.25, 0.75, 1.75, 2.75, 3.75] and alone.awaiting_network
+    # three equal validators whose first requests are lost in a ring (A to B, B to C, C to A):
+    # each hears one other at first and needs both; asking every validator again (not only the
+    # unheard ones) gets each heard by all, and the network starts
+    ring = Cluster(3)
+    for ident in ring.ids:
+        ring.cores[ident.peer_id] = BftCore(ident, NET, ring.table, FAST, 0.0, validate_value=valid_value,
+                                            await_network=True)
+    a, b, c = (i.peer_id for i in ring.ids)
+    ring.lose = lambda src, dst, action: ring.now == 0.0 and (src, dst) in ((a, b), (b, c), (c, a))
+    ring.advance(2.0)
+    assert not any(core.awaiting_network for core in ring.cores.values())
+    assert all(len(commits) >= 3 for commits in ring.commits.values())
     # two equal validators: each waits for the other (its own 1/2 is not enough), and hears its
     # commit request
     pair = table_of([me, cluster.ids[0]])
