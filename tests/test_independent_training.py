@@ -453,7 +453,11 @@ def test_round_starts_inclusions_and_certified_hashes_over_a_real_log_match_the_
         job_value = next(v for v in values if hashlib.sha256(v).hexdigest() == job)
         verdicts = it.follow_job(job_value, blocks, tables, network_id, nacl_verify)
         reference = {r["round"]: r["digest"] for r in docs[job][0]["rounds"]}
-        assert all({r["round"]: r["digest"] for r in d["rounds"]} == reference for d in docs[job])
+        # (failed once in a fresh-clone CI run on 2026-12-03, not reproduced in 11 runs since, 8 of
+        # them under CPU load: the rows of every peer are shown when it fails again)
+        assert all({r["round"]: r["digest"] for r in d["rounds"]} == reference for d in docs[job]), \
+            [[(r["round"], r["digest"], r["participants"], r["committed_ms"]) for r in d["rounds"]]
+             for d in docs[job]]
         assert len(reference) == rounds
         assert [(v.round, v.certified_hash.hex() if v.certified_hash else None) for v in verdicts] == \
             sorted(reference.items())
