@@ -2058,6 +2058,12 @@ class BftCore:
             return True
         self.awaiting_network = False
         self._event("network_heard", f"{len(self._heard)} validators heard at height {self.height}")
+        if self.peer_id in self.table.weights:
+            # one more request to every validator, so that those still waiting hear us now and not
+            # only at our first vote (which an idle wait of round 0 can delay by
+            # empty_block_interval_s, and which a validator alone of its kind cannot send earlier)
+            for peer_id in self._after_me(self.table.weights):
+                self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
         if self._amnesiac and self.height > 1 and self.height >= self.sign_from_height and self._sign_state is None \
                 and self.peer_id in self.table.weights:
             self._start_recovery(now)

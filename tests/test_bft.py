@@ -598,6 +598,9 @@ def test_a_core_awaiting_the_network_signs_nothing_before_hearing_it():
     assert waiting.awaiting_network and not [a for a in waiting.take_actions() if isinstance(a, PersistVote)]
     waiting.on_message(cluster.ids[1].peer_id, BftCommitRequest(from_height=1), 0.0)
     assert not waiting.awaiting_network
+    # and it tells every validator at once (those still waiting need not wait for its first vote)
+    told = [a.peer_id for a in waiting.take_actions() if isinstance(a, Send) and isinstance(a.message, BftCommitRequest)]
+    assert sorted(told) == sorted(i.peer_id for i in cluster.ids if i.peer_id != me.peer_id)
     # unheard, it asks again after 0.25 s, the interval doubling up to rebroadcast_interval_s (1 s)
     alone, now, asked_at = BftCore(me, NET, cluster.table, FAST, 0.0, await_network=True), 0.0, []
     while now < 4.0:
