@@ -1075,8 +1075,7 @@ class BftCore:
             # ones, three validators whose first requests were lost in a ring, A to B, B to C and
             # C to A, each went on to ask the one validator that had heard it already: none ever
             # heard a second one, and the network never started)
-            for peer_id in self._after_me(self.table.weights):
-                self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
+            self._tell_every_validator(BftCommitRequest(from_height=self.height))
         if now >= self._next_rebroadcast:
             self._next_rebroadcast = now + self.config.rebroadcast_interval_s
             self._rebroadcast()
@@ -2028,8 +2027,7 @@ class BftCore:
         self._prune_tables()
         self._event("new_height")
         self._schedule(now + self.config.commit_wait_s, "start", self.height, self.round)
-        if self._recovery_height == height and self.peer_id in self.table.weights and self._sign_state is None \
-                and self.height >= self.sign_from_height:
+        if self._recovery_height == height and self._may_have_signed_here():
             # the height committed while we asked for our votes there: our forgotten life may have
             # entered the next one first (it had the commit): ask again there
             self._start_recovery(now)
@@ -2047,11 +2045,27 @@ class BftCore:
     def _has_values(self) -> bool:
         return any(d not in self._recent for d in self._pool)
 
+    def _tell_every_validator(self, msg: object) -> None:
+        for peer_id in self._after_me(self.table.weights):
+            self._actions.append(Send(peer_id, msg))
+
+    def _may_have_signed_here(self) -> bool:
+        """Whether a forgotten life of ours may hold signatures at this height that nothing
+        here bounds (we are a validator, below no floor, with no sign state): the own-vote
+        recovery asks for them."""
+        return self.peer_id in self.table.weights and self._sign_state is None \
+            and self.height >= self.sign_from_height
+
+    def _votes_of(self, voter: str) -> list[Vote]:
+        """``voter``'s first vote of each (type, round) we hold at this height."""
+        return [vs.votes[voter] for sets in (self._prevotes, self._precommits) for vs in sets.values()
+                if voter in vs.votes]
+
     def _network_unheard(self, now: float) -> bool:
-        """True while the await_network wait holds (we are a validator and have not heard
-        validators of more than 1/3 of the weight, ourselves counted, at this height); ends
-        the wait (event ``network_heard``, and the round start it held) the first time it
-        finds otherwise."""
+        """True while the await_network wait holds (we are a validator and :meth:`_heard_enough`
+        is not yet true at this height); ends the wait (event ``network_heard``, a last commit
+        request to every validator, then the own-vote recovery or the round start it held) the
+        first time it finds otherwise."""
         if not self.awaiting_network:
             return False
         if not self._heard_enough():
@@ -2062,10 +2076,8 @@ class BftCore:
             # one more request to every validator, so that those still waiting hear us now and not
             # only at our first vote (which an idle wait of round 0 can delay by
             # empty_block_interval_s, and which a validator alone of its kind cannot send earlier)
-            for peer_id in self._after_me(self.table.weights):
-                self._actions.append(Send(peer_id, BftCommitRequest(from_height=self.height)))
-        if self._amnesiac and self.height > 1 and self.height >= self.sign_from_height and self._sign_state is None \
-                and self.peer_id in self.table.weights:
+            self._tell_every_validator(BftCommitRequest(from_height=self.height))
+        if self._amnesiac and self.height > 1 and self._may_have_signed_here():
             self._start_recovery(now)
         elif self._start_held:
             self._start_held = False
@@ -2079,8 +2091,7 @@ class BftCore:
         # whose answers we wait for: the validators heard where the wait ended (asked again at
         # the next height, they are the reachable ones still)
         self._recovery_expected = set(self._heard_here()) or self._recovery_expected
-        for peer_id in self._after_me(self.table.weights):
-            self._actions.append(Send(peer_id, BftOwnVotesRequest(height=self.height)))
+        self._tell_every_validator(BftOwnVotesRequest(height=self.height))
         self._schedule(now + self.config.timeout_s(PROPOSE, 0), "recovery_end", self.height, 0)
 
     def _on_own_votes_request(self, sender: str, msg: BftOwnVotesRequest, now: float) -> None:
@@ -2094,9 +2105,7 @@ class BftCore:
             self.drops["own_votes_unanswered"] += 1
             return
         self._own_votes_served.add(sender)
-        found = [vs.votes[sender] for sets in (self._prevotes, self._precommits) for vs in sets.values()
-                 if sender in vs.votes]
-        found = [v for v in found if self._signature_ok(v, table)]
+        found = [v for v in self._votes_of(sender) if self._signature_ok(v, table)]
         chosen: list[Vote] = []
         for pick in (lambda v: v.vote_type == PREVOTE, lambda v: v.vote_type == PRECOMMIT,
                      lambda v: v.vote_type == PRECOMMIT and v.block_hash is not None):
@@ -2128,9 +2137,8 @@ class BftCore:
         if self._recovery_height != self.height:
             return
         self._recovery_height = 0
-        mine = list({(v.vote_type, v.round, v.block_hash): v for v in self._recovered + [
-            vs.votes[self.peer_id] for sets in (self._prevotes, self._precommits)
-            for vs in sets.values() if self.peer_id in vs.votes]}.values())
+        mine = list({(v.vote_type, v.round, v.block_hash): v
+                     for v in self._recovered + self._votes_of(self.peer_id)}.values())
         self._recovered = []
         if mine:
             top = max(mine, key=lambda v: (v.round, _STEP_RANK[v.vote_type]))

@@ -167,23 +167,20 @@ class ConsensusService:
         self.sign_from_height = 1
         signed_height = None if sign_state is None else sign_state.height
         older = self.sign_state_file.seq < self.store.get_meta(SIGN_STATE_SEQ_KEY, 0)
-        if (sign_state is None or older) and height >= 1 and node.peer_id in self.ledger.table.weights \
-                and not config.double_sign_check:
+        if (sign_state is None or older) and height >= 1 and node.peer_id in self.ledger.table.weights:
             held = "no sign state" if signed_height is None else f"a sign state of height {signed_height}"
-            log.warning("%s holds %s but the log is at height %d, and consensus_double_sign_check is false: "
-                        "this validator signs at height %d as if it had signed nothing there (if it did, "
-                        "it equivocates)", self.sign_state_file.path, held, height, height + 1)
-            node.emit_event("sign_state_missing", node.peer_id, priority="warning",
-                            stored_height=height, signed_height=signed_height, signs_from_height=height + 1)
-        elif (sign_state is None or older) and height >= 1 and node.peer_id in self.ledger.table.weights:
-            self.sign_from_height = height + 2
-            held = "no sign state" if signed_height is None else f"a sign state of height {signed_height}"
-            log.error("%s holds %s but the log is at height %d: what this validator signed at height %d "
-                      "cannot be known, so it signs nothing there and resumes at height %d (restore the "
-                      "file from a recent backup to avoid this)", self.sign_state_file.path, held, height,
-                      height + 1, height + 2)
-            node.emit_event("sign_state_missing", node.peer_id, priority="warning",
-                            stored_height=height, signed_height=signed_height, signs_from_height=height + 2)
+            if config.double_sign_check:
+                self.sign_from_height = height + 2
+                log.error("%s holds %s but the log is at height %d: what this validator signed at height %d "
+                          "cannot be known, so it signs nothing there and resumes at height %d (restore the "
+                          "file from a recent backup to avoid this)", self.sign_state_file.path, held, height,
+                          height + 1, height + 2)
+            else:
+                log.warning("%s holds %s but the log is at height %d, and consensus_double_sign_check is "
+                            "false: this validator signs at height %d as if it had signed nothing there (if "
+                            "it did, it equivocates)", self.sign_state_file.path, held, height, height + 1)
+            node.emit_event("sign_state_missing", node.peer_id, priority="warning", stored_height=height,
+                            signed_height=signed_height, signs_from_height=max(self.sign_from_height, height + 1))
         last_hash = self.store.block_hash(height) if height else net.genesis_hash()
         # a decision is valid for a window of epochs: the dedupe of committed values must span it
         config = dataclasses.replace(config, dedupe_heights=max(config.dedupe_heights,
